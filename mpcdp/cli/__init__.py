@@ -1,0 +1,1 @@
+"""The ``mpcdp`` command line (typer), one module per command group."""

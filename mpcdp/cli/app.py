@@ -1,0 +1,41 @@
+"""Entry point of the ``mpcdp`` command."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from mpcdp import __version__
+from mpcdp.cli import demo
+
+app = typer.Typer(
+    name="mpcdp",
+    help="Secure multiparty aggregation with distributed differential privacy.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(demo.app, name="demo")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mpcdp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,289 @@
+"""Per-party privacy budget ledger in SQLite (DESIGN.md, "Budget").
+
+Each party owns one ledger file with a budget (epsilon, delta) per dataset and one row per
+charged query. The rules:
+
+- charge before release: a party calls :meth:`BudgetLedger.charge` and only sends its
+  contribution after it returned; once sent, a release is assumed to have happened, so a charge
+  is never refunded.
+- idempotent by query id: charging the same query id again with the same dataset and event is
+  a no-op that returns the original charge; a reused id with another dataset or event is an
+  error.
+- refuse, don't overdraw: a charge that would take the dataset beyond its budget raises
+  :class:`~mpcdp.errors.BudgetExceededError` and writes nothing.
+- exact arithmetic for pure eps: epsilons are stored as "num/den" rationals, so ten charges of
+  0.1 spend exactly 1. RDP events are stored whole (mpcdp.dp.events JSON) and their epsilon is
+  recomputed at the dataset's delta on every check.
+- durable: WAL journal with synchronous=FULL, and each charge one ``BEGIN IMMEDIATE``
+  transaction, so a process killed at any point leaves either the whole charge or none of it,
+  and concurrent processes serialise on the write lock.
+
+Schema (version 1)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)                    -- 'schema_version' -> '1'
+    budgets(dataset TEXT PRIMARY KEY, epsilon TEXT, delta REAL)
+    charges(query_id TEXT PRIMARY KEY, dataset TEXT REFERENCES budgets, event TEXT,
+            created_at REAL)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+from mpcdp.dp import events as ev
+from mpcdp.dp.accountant import compose
+from mpcdp.errors import BudgetExceededError, LedgerError, ParameterError
+
+__all__ = ["BudgetLedger", "BudgetStatus", "Charge"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+_MAX_ID_LEN = 256
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS budgets(
+    dataset TEXT PRIMARY KEY,
+    epsilon TEXT NOT NULL,
+    delta REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS charges(
+    query_id TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL REFERENCES budgets(dataset),
+    event TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charges_by_dataset ON charges(dataset);
+"""
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One charged query. ``new`` is False when the query id had been charged before."""
+
+    query_id: str
+    dataset: str
+    event: ev.Event
+    created_at: float
+    new: bool
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A dataset's budget and what has been spent of it, at the budget's delta."""
+
+    dataset: str
+    budget_epsilon: Fraction
+    delta: float
+    spent_epsilon: float
+    pure_epsilon_spent: Fraction
+    rdp_epsilon_spent: float
+    queries: int
+    exact_releases: int
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return max(0.0, float(self.budget_epsilon) - self.spent_epsilon)
+
+
+def _check_name(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_ID_LEN:
+        raise ParameterError(name, value, f"must be a non-empty string of <= {_MAX_ID_LEN} chars")
+    if not value.isprintable():
+        raise ParameterError(name, value, "must contain printable characters only")
+    return value
+
+
+def _delta(delta: float) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
+        raise ParameterError("delta", delta, "must be in [0, 1)")
+    return float(delta)
+
+
+class BudgetLedger:
+    """A party's ledger file. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(
+            self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._transaction():
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(stmt)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (SCHEMA_VERSION,)
+                )
+            elif row[0] != SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger {self.path} has schema_version={row[0]!r}, expected {SCHEMA_VERSION}"
+                )
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> BudgetLedger:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    def set_budget(self, dataset: str, *, epsilon: float | Fraction | str, delta: float) -> None:
+        """Create or change a dataset's budget (the party owner's decision)."""
+        _check_name("dataset", dataset)
+        eps = ev.exact_epsilon(epsilon, name="epsilon")
+        d = _delta(delta)
+        with self._transaction():
+            old = self._db.execute(
+                "SELECT epsilon, delta FROM budgets WHERE dataset=?", (dataset,)
+            ).fetchone()
+            if old is not None and (Fraction(old[0]), old[1]) == (eps, d):
+                return
+            self._db.execute(
+                "INSERT INTO budgets(dataset, epsilon, delta) VALUES(?, ?, ?) "
+                "ON CONFLICT(dataset) DO UPDATE SET epsilon=excluded.epsilon, delta=excluded.delta",
+                (dataset, str(eps), d),
+            )
+        if old is not None:
+            log.info("budget of dataset %r changed from %s to %s", dataset, old[0], eps)
+
+    def datasets(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT dataset FROM budgets ORDER BY dataset")]
+
+    # -- charges ---------------------------------------------------------------------------
+
+    def _budget(self, dataset: str) -> tuple[Fraction, float]:
+        row = self._db.execute(
+            "SELECT epsilon, delta FROM budgets WHERE dataset=?", (dataset,)
+        ).fetchone()
+        if row is None:
+            raise ParameterError("dataset", dataset, "has no budget in this ledger")
+        return Fraction(row[0]), float(row[1])
+
+    def _events(self, dataset: str) -> list[ev.Event]:
+        return [
+            ev.decode_event(r[0])
+            for r in self._db.execute(
+                "SELECT event FROM charges WHERE dataset=? ORDER BY rowid", (dataset,)
+            )
+        ]
+
+    def _status(self, dataset: str, events: list[ev.Event]) -> BudgetStatus:
+        budget, delta = self._budget(dataset)
+        pure = sum((e.epsilon for e in events if isinstance(e, ev.PureDp)), Fraction(0))
+        rdp_events = [e for e in events if not isinstance(e, ev.PureDp | ev.Exact)]
+        rdp_eps = 0.0
+        if rdp_events:
+            # An RDP release needs delta > 0; a pure-eps-only budget can never pay for it.
+            rdp_eps = compose(rdp_events, delta=delta).rdp_epsilon if delta > 0 else math.inf
+        return BudgetStatus(
+            dataset=dataset,
+            budget_epsilon=budget,
+            delta=delta,
+            spent_epsilon=float(pure) + rdp_eps,
+            pure_epsilon_spent=pure,
+            rdp_epsilon_spent=rdp_eps,
+            queries=len(events),
+            exact_releases=sum(isinstance(e, ev.Exact) for e in events),
+        )
+
+    @staticmethod
+    def _within(status: BudgetStatus) -> bool:
+        """Exact check: the pure part as a rational plus the RDP float converted exactly."""
+        if not math.isfinite(status.rdp_epsilon_spent):
+            return False
+        total = status.pure_epsilon_spent + Fraction(status.rdp_epsilon_spent)
+        return total <= status.budget_epsilon
+
+    def status(self, dataset: str) -> BudgetStatus:
+        """Budget, spend and counts for ``dataset``."""
+        _check_name("dataset", dataset)
+        return self._status(dataset, self._events(dataset))
+
+    def charge(self, *, dataset: str, query_id: str, event: ev.Event) -> Charge:
+        """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring."""
+        _check_name("dataset", dataset)
+        _check_name("query_id", query_id)
+        encoded = ev.encode_event(event)
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT dataset, event, created_at FROM charges WHERE query_id=?", (query_id,)
+            ).fetchone()
+            if row is not None:
+                if (row[0], row[1]) != (dataset, encoded):
+                    raise LedgerError(
+                        f"query_id={query_id!r} was already charged to dataset={row[0]!r} with "
+                        f"another event; query ids must be unique"
+                    )
+                return Charge(query_id, dataset, event, float(row[2]), new=False)
+            events = self._events(dataset)
+            before = self._status(dataset, events)
+            after = self._status(dataset, [*events, event])
+            if not self._within(after):
+                raise BudgetExceededError(
+                    dataset=dataset,
+                    requested=_describe(event, after.delta),
+                    spent=f"{before.spent_epsilon:.6g}",
+                    budget=str(before.budget_epsilon),
+                    delta=after.delta,
+                )
+            now = time.time()
+            self._db.execute(
+                "INSERT INTO charges(query_id, dataset, event, created_at) VALUES(?, ?, ?, ?)",
+                (query_id, dataset, encoded, now),
+            )
+        log.info("charged query %s to dataset %r (%s)", query_id, dataset, event.kind)
+        return Charge(query_id, dataset, event, now, new=True)
+
+    def charges(self, dataset: str) -> list[Charge]:
+        """Every charge of ``dataset``, oldest first."""
+        _check_name("dataset", dataset)
+        return [
+            Charge(r[0], dataset, ev.decode_event(r[1]), float(r[2]), new=False)
+            for r in self._db.execute(
+                "SELECT query_id, event, created_at FROM charges WHERE dataset=? ORDER BY rowid",
+                (dataset,),
+            )
+        ]
+
+
+def _describe(event: ev.Event, delta: float) -> str:
+    if isinstance(event, ev.PureDp):
+        return str(event.epsilon)
+    if isinstance(event, ev.Exact):
+        return "0 (exact)"
+    if delta == 0:
+        return f"{event.kind} (needs delta > 0)"
+    return f"{compose([event], delta=delta).epsilon:.6g}"

@@ -1,0 +1,203 @@
+"""Rényi-DP curves of the mechanisms mpcdp releases with, at integer orders.
+
+Pure functions: each returns eps(alpha) for every alpha in ``orders`` as a float64 array.
+
+- Gaussian, sensitivity 1, noise multiplier z: eps(alpha) = alpha / (2 z^2) (Mironov 2017,
+  Prop. 7).
+- Poisson-subsampled Gaussian, exact at integer alpha: eps(alpha) = log(A_alpha)/(alpha - 1),
+  A_alpha = sum_k C(alpha, k) (1-q)^(alpha-k) q^k exp((k^2 - k) / (2 z^2))
+  (Mironov-Talwar-Zhang 2019, Sec. 3.3; the value dp-accounting's RdpAccountant computes).
+- Skellam with variance mu, sensitivities D1, D2 in integer units (Agarwal-Kairouz-Liu 2021,
+  Cor. 3.6), integer alpha > 1:
+  eps(alpha) <= alpha D2^2 / (2 mu) + min(((2 alpha - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu)).
+- Distributed discrete Gaussian, sum of h shares N_Z(0, s^2) (Kairouz-Liu-Steinke 2021,
+  Thm. 1 and Prop. 14): with tau = 10 sum_{k=1}^{h-1} exp(-2 pi^2 s^2 k/(k+1)),
+  r2 = D2/(sqrt(h) s), r1 = D1/(sqrt(h) s):
+  eps(alpha) = min(alpha r2^2/2 + tau d, alpha (r2^2 + 2 r1 tau + tau^2 d)/2,
+                   alpha (r2 + sqrt(d) tau)^2 / 2).
+- Poisson subsampling of any mechanism with RDP eps(.) at integer orders (Zhu & Wang 2019,
+  "Poisson Subsampled Rényi Differential Privacy", Thm. 5, general upper bound):
+  eps'(alpha) <= 1/(alpha-1) log[(1-q)^(alpha-1)(alpha q - q + 1)
+                 + C(alpha,2) q^2 (1-q)^(alpha-2) e^{eps(2)}
+                 + 3 sum_{l=3}^{alpha} C(alpha,l) (1-q)^(alpha-l) q^l e^{(l-1) eps(l)}].
+- RDP -> (eps, delta): dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mpcdp.errors import ParameterError
+
+__all__ = [
+    "DEFAULT_ORDERS",
+    "distributed_discrete_gaussian",
+    "gaussian",
+    "poisson_subsampled",
+    "skellam",
+    "subsampled_gaussian",
+    "to_epsilon",
+]
+
+#: Integer orders: the closed forms and the subsampling bound hold at integer alpha.
+DEFAULT_ORDERS: tuple[int, ...] = (*range(2, 65), 72, 80, 96, 112, 128, 160, 192, 224, 256)
+
+FloatArray = NDArray[np.float64]
+
+
+def _orders(orders: Sequence[int]) -> list[int]:
+    out = [int(a) for a in orders]
+    if not out or any(a != o or a < 2 for a, o in zip(out, orders, strict=True)):
+        raise ParameterError("orders", list(orders), "must be integers >= 2")
+    return out
+
+
+def _check_rate(sample_rate: float) -> None:
+    if not 0 <= sample_rate <= 1:
+        raise ParameterError("sample_rate", sample_rate, "must be in [0, 1]")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0 or not math.isfinite(value):
+        raise ParameterError(name, value, "must be finite and > 0")
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _logsumexp(terms: list[float]) -> float:
+    m = max(terms)
+    if m == -math.inf:
+        return -math.inf
+    return m + math.log(math.fsum(math.exp(t - m) for t in terms))
+
+
+def gaussian(*, noise_multiplier: float, orders: Sequence[int] = DEFAULT_ORDERS) -> FloatArray:
+    """Gaussian mechanism with sensitivity 1 and std ``noise_multiplier``."""
+    _check_positive("noise_multiplier", noise_multiplier)
+    return np.array([a / (2 * noise_multiplier**2) for a in _orders(orders)])
+
+
+def subsampled_gaussian(
+    *, sample_rate: float, noise_multiplier: float, orders: Sequence[int] = DEFAULT_ORDERS
+) -> FloatArray:
+    """Poisson-subsampled Gaussian, exact at integer orders (Mironov-Talwar-Zhang 2019)."""
+    _check_rate(sample_rate)
+    _check_positive("noise_multiplier", noise_multiplier)
+    q, z2 = sample_rate, noise_multiplier**2
+    if q == 0:
+        return np.zeros(len(orders))
+    if q == 1:
+        return gaussian(noise_multiplier=noise_multiplier, orders=orders)
+    out = []
+    for a in _orders(orders):
+        terms = [
+            _log_comb(a, k)
+            + (a - k) * math.log1p(-q)
+            + k * math.log(q)
+            + (k * k - k) / (2 * z2)
+            for k in range(a + 1)
+        ]
+        out.append(max(_logsumexp(terms), 0.0) / (a - 1))
+    return np.array(out)
+
+
+def skellam(
+    *,
+    mu: float,
+    l1_sensitivity: float,
+    l2_sensitivity: float,
+    orders: Sequence[int] = DEFAULT_ORDERS,
+) -> FloatArray:
+    """Skellam(mu) added to an integer query with the given sensitivities (AKL21 Cor. 3.6)."""
+    _check_positive("mu", mu)
+    if l1_sensitivity < 0 or l2_sensitivity < 0:
+        raise ParameterError(
+            "sensitivity", (l1_sensitivity, l2_sensitivity), "must be >= 0"
+        )
+    d1, d2 = l1_sensitivity, l2_sensitivity
+    return np.array(
+        [
+            a * d2 * d2 / (2 * mu)
+            + min(((2 * a - 1) * d2 * d2 + 6 * d1) / (4 * mu * mu), 3 * d1 / (2 * mu))
+            for a in _orders(orders)
+        ]
+    )
+
+
+def distributed_discrete_gaussian(
+    *,
+    share_sigma: float,
+    honest: int,
+    l1_sensitivity: float,
+    l2_sensitivity: float,
+    dim: int,
+    orders: Sequence[int] = DEFAULT_ORDERS,
+) -> FloatArray:
+    """Sum of ``honest`` shares N_Z(0, share_sigma^2) on a ``dim``-vector (KLS21 Prop. 14)."""
+    _check_positive("share_sigma", share_sigma)
+    if honest < 1:
+        raise ParameterError("honest", honest, "must be >= 1")
+    if dim < 1:
+        raise ParameterError("dim", dim, "must be >= 1")
+    tau = 10 * math.fsum(
+        math.exp(-2 * math.pi**2 * share_sigma**2 * k / (k + 1)) for k in range(1, honest)
+    )
+    central = math.sqrt(honest) * share_sigma
+    r1, r2 = l1_sensitivity / central, l2_sensitivity / central
+    return np.array(
+        [
+            min(
+                a * r2 * r2 / 2 + tau * dim,
+                a * (r2 * r2 + 2 * r1 * tau + tau * tau * dim) / 2,
+                a * (r2 + math.sqrt(dim) * tau) ** 2 / 2,
+            )
+            for a in _orders(orders)
+        ]
+    )
+
+
+def poisson_subsampled(
+    rdp_at: Callable[[int], float],
+    *,
+    sample_rate: float,
+    orders: Sequence[int] = DEFAULT_ORDERS,
+) -> FloatArray:
+    """Zhu-Wang 2019 Thm. 5 bound for Poisson subsampling, capped by the unsampled curve."""
+    _check_rate(sample_rate)
+    q = sample_rate
+    ords = _orders(orders)
+    if q == 0:
+        return np.zeros(len(ords))
+    if q == 1:
+        return np.array([rdp_at(a) for a in ords])
+    log_q, log_1q = math.log(q), math.log1p(-q)
+    out = []
+    for a in ords:
+        terms = [
+            (a - 1) * log_1q + math.log1p(a * q - q),
+            _log_comb(a, 2) + 2 * log_q + (a - 2) * log_1q + rdp_at(2),
+        ]
+        terms += [
+            math.log(3) + _log_comb(a, l) + (a - l) * log_1q + l * log_q + (l - 1) * rdp_at(l)
+            for l in range(3, a + 1)
+        ]
+        out.append(min(max(_logsumexp(terms), 0.0) / (a - 1), rdp_at(a)))
+    return np.array(out)
+
+
+def to_epsilon(
+    *, orders: Sequence[int], rdp: Sequence[float], delta: float
+) -> tuple[float, float]:
+    """(epsilon, optimal order) for an RDP curve at ``delta`` (via dp-accounting)."""
+    if not 0 < delta < 1:
+        raise ParameterError("delta", delta, "must be in (0, 1)")
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    eps, order = compute_epsilon(list(orders), list(rdp), delta)
+    return float(eps), float(order)
