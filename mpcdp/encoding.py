@@ -179,5 +179,9 @@ def check_headroom(
             f"; lower frac_bits or tighten the bounds"
         )
     return Headroom(
-        n_parties=n_parties, max_abs_encoded=max_enc, noise_tail=noise_tail, bound=bound, limit=limit
+        n_parties=n_parties,
+        max_abs_encoded=max_enc,
+        noise_tail=noise_tail,
+        bound=bound,
+        limit=limit,
     )

@@ -22,11 +22,11 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-from numpy.typing import NDArray
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from numpy.typing import NDArray
 
 from mpcdp import PROTOCOL_VERSION, ring
 from mpcdp.errors import ParameterError
@@ -37,9 +37,9 @@ __all__ = [
     "MAX_STREAM_WORDS",
     "PUBLIC_KEY_BYTES",
     "derive_pair_key",
+    "fill_keystream",
     "generate_keypair",
     "public_bytes",
-    "fill_keystream",
     "stream",
     "stream_cipher",
 ]
@@ -103,9 +103,7 @@ def derive_pair_key(
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 
-def stream_cipher(
-    key: bytes, *, round_id: int, tensor_id: int, offset: int = 0
-) -> CipherContext:
+def stream_cipher(key: bytes, *, round_id: int, tensor_id: int, offset: int = 0) -> CipherContext:
     """The AES-256-CTR keystream of (key, round, tensor), positioned at word ``offset``.
 
     ``offset`` must be even (one AES block holds two words).
@@ -142,7 +140,7 @@ def fill_keystream(enc: CipherContext, buf: NDArray[np.uint8], nbytes: int) -> N
     """Write ``nbytes`` of keystream into ``buf`` (uint8, >= nbytes + 15 long), 1 MiB at a time."""
     if len(buf) < nbytes + 15:
         raise ParameterError("buf", f"{len(buf)} bytes", f"needs >= {nbytes + 15} bytes")
-    view = memoryview(buf)
+    view = buf.data
     zeros = memoryview(_ZEROS)
     pos = 0
     while pos < nbytes:

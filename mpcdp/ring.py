@@ -57,7 +57,8 @@ def sub(a: RingVector, b: RingVector, *, out: RingVector | None = None) -> RingV
 
 def neg(a: RingVector) -> RingVector:
     """-a mod 2^64."""
-    return np.subtract(np.uint64(0), a)
+    out: RingVector = np.subtract(np.uint64(0), a)
+    return out
 
 
 def sum_vectors(vectors: Iterable[RingVector]) -> RingVector:
@@ -77,7 +78,8 @@ def sum_vectors(vectors: Iterable[RingVector]) -> RingVector:
 
 def uniform(size: int, *, rng: np.random.Generator) -> RingVector:
     """``size`` independent uniform ring elements."""
-    return rng.integers(0, MODULUS - 1, size=size, dtype=np.uint64, endpoint=True)
+    out: RingVector = rng.integers(0, MODULUS - 1, size=size, dtype=np.uint64, endpoint=True)
+    return out
 
 
 def to_bytes(v: RingVector) -> bytes:

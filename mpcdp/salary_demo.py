@@ -57,15 +57,25 @@ def run(*, workdir: Path, epsilon: float = 1.0, bound: float = DEFAULT_BOUND) ->
         for ledger in ledgers:
             ledger.set_budget(DATASET, epsilon=BUDGET_EPSILON, delta=1e-6)
         exact = simulate_sum(
-            inputs, bound=bound, frac_bits=FRAC_BITS, mechanism=NoNoise(), ledgers=ledgers,
-            dataset=DATASET, query_id="salary-exact-mean",
+            inputs,
+            bound=bound,
+            frac_bits=FRAC_BITS,
+            mechanism=NoNoise(),
+            ledgers=ledgers,
+            dataset=DATASET,
+            query_id="salary-exact-mean",
         )
         table = sharing.share_table(list(RAISES), pair_keys=exact.pair_keys)
         # The sum of raises in [0, bound] changes by at most `bound` when one raise changes.
         mech = DiscreteLaplace(epsilon=epsilon, l1_sensitivity=math.ceil(bound * (1 << FRAC_BITS)))
         noisy = simulate_sum(
-            inputs, bound=bound, frac_bits=FRAC_BITS, mechanism=mech, ledgers=ledgers,
-            dataset=DATASET, query_id="salary-dp-mean",
+            inputs,
+            bound=bound,
+            frac_bits=FRAC_BITS,
+            mechanism=mech,
+            ledgers=ledgers,
+            dataset=DATASET,
+            query_id="salary-dp-mean",
         )
         budgets = tuple(ledger.status(DATASET) for ledger in ledgers)
     finally:
@@ -92,7 +102,9 @@ def run(*, workdir: Path, epsilon: float = 1.0, bound: float = DEFAULT_BOUND) ->
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(
+        "  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows
+    )
 
 
 def render(report: SalaryReport) -> str:
@@ -104,11 +116,21 @@ def render(report: SalaryReport) -> str:
         for i, name in enumerate(NAMES)
     ]
     seeded = [head] + [
-        [name, *(str(v) if j <= i else "-" for j, v in enumerate(report.seeded_table[i])), str(RAISES[i])]
+        [
+            name,
+            *(str(v) if j <= i else "-" for j, v in enumerate(report.seeded_table[i])),
+            str(RAISES[i]),
+        ]
         for i, name in enumerate(NAMES)
     ]
     budgets = [["party", "spent", "left", "queries", "exact releases"]] + [
-        [name, f"{b.spent_epsilon:g}", f"{b.remaining_epsilon:g}", str(b.queries), str(b.exact_releases)]
+        [
+            name,
+            f"{b.spent_epsilon:g}",
+            f"{b.remaining_epsilon:g}",
+            str(b.queries),
+            str(b.exact_releases),
+        ]
         for name, b in zip(NAMES, report.budgets, strict=True)
     ]
     lo, hi = report.dp_interval95

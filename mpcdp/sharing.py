@@ -32,14 +32,18 @@ __all__ = ["mask", "pairwise_mask", "reconstruct", "share_table", "split"]
 _CHUNK_WORDS = 1 << 15
 
 
-def split(x: ring.RingVector, *, n: int, rng: np.random.Generator | None = None) -> NDArray[np.uint64]:
+def split(
+    x: ring.RingVector, *, n: int, rng: np.random.Generator | None = None
+) -> NDArray[np.uint64]:
     """n additive shares of ``x``, shape (n, len(x)): rows 0..n-2 uniform, row n-1 the rest."""
     if not isinstance(n, int) or n < 2:
         raise ParameterError("n", n, "must be an int >= 2")
     vec = ring.as_ring(x)
     gen = ensure_rng(rng)
     shares = np.empty((n, vec.size), dtype=np.uint64)
-    shares[:-1] = gen.integers(0, ring.MODULUS - 1, size=(n - 1, vec.size), dtype=np.uint64, endpoint=True)
+    shares[:-1] = gen.integers(
+        0, ring.MODULUS - 1, size=(n - 1, vec.size), dtype=np.uint64, endpoint=True
+    )
     np.subtract(vec, shares[:-1].sum(axis=0, dtype=np.uint64), out=shares[-1])
     return shares
 
@@ -49,12 +53,15 @@ def reconstruct(shares: NDArray[np.uint64] | Sequence[ring.RingVector]) -> ring.
     arr = np.asarray(shares)
     if arr.dtype != np.uint64 or arr.ndim != 2 or arr.shape[0] < 1:
         raise ParameterError("shares", f"dtype={arr.dtype} shape={arr.shape}", "need uint64 (n, d)")
-    return arr.sum(axis=0, dtype=np.uint64)
+    out: ring.RingVector = arr.sum(axis=0, dtype=np.uint64)
+    return out
 
 
 def _check_keys(party: int, pair_keys: Mapping[int, bytes]) -> list[tuple[int, bytes]]:
     if party in pair_keys:
-        raise ParameterError("pair_keys", f"contains party {party}", "a party has no key with itself")
+        raise ParameterError(
+            "pair_keys", f"contains party {party}", "a party has no key with itself"
+        )
     if not pair_keys:
         raise ParameterError("pair_keys", "{}", "need at least one peer (n >= 2)")
     for peer, key in pair_keys.items():

@@ -45,12 +45,18 @@ def pair_keys_for(n_parties: int, *, session_id: bytes) -> dict[tuple[int, int],
     for i in range(n_parties):
         for j in range(i + 1, n_parties):
             k_ij = prg.derive_pair_key(
-                private_key=private[i], peer_public_key=public[j], session_id=session_id,
-                party=i, peer=j,
+                private_key=private[i],
+                peer_public_key=public[j],
+                session_id=session_id,
+                party=i,
+                peer=j,
             )
             k_ji = prg.derive_pair_key(
-                private_key=private[j], peer_public_key=public[i], session_id=session_id,
-                party=j, peer=i,
+                private_key=private[j],
+                peer_public_key=public[i],
+                session_id=session_id,
+                party=j,
+                peer=i,
             )
             if k_ij != k_ji:  # pragma: no cover - X25519 is symmetric
                 raise RuntimeError("key agreement mismatch")
@@ -86,9 +92,13 @@ def simulate_sum(
     vectors = [np.clip(np.asarray(x, dtype=np.float64).reshape(-1), -bound, bound) for x in inputs]
     size = vectors[0].size
     if any(v.size != size for v in vectors):
-        raise ParameterError("inputs", [v.size for v in vectors], "all vectors must be equally long")
+        raise ParameterError(
+            "inputs", [v.size for v in vectors], "all vectors must be equally long"
+        )
     encoding.check_headroom(
-        n_parties=n, max_abs=bound, frac_bits=frac_bits,
+        n_parties=n,
+        max_abs=bound,
+        frac_bits=frac_bits,
         noise_tail=mechanism.tail_bound(n_parties=n, honest=honest),
     )
     session_id = secrets.token_bytes(16)
@@ -108,7 +118,8 @@ def simulate_sum(
     return SimulatedRound(
         value=encoding.decode_fixed(total, frac_bits=frac_bits),
         uploads=tuple(uploads),
-        noise_variance=mechanism.total_variance(n_parties=n, honest=honest) / float(1 << (2 * frac_bits)),
+        noise_variance=mechanism.total_variance(n_parties=n, honest=honest)
+        / float(1 << (2 * frac_bits)),
         pair_keys=keys,
         session_id=session_id,
         round_id=round_id,

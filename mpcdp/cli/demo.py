@@ -27,7 +27,9 @@ def salary_cmd(
     budget ledgers in a temporary folder that is removed afterwards.
     """
     if not epsilon > 0 or not math.isfinite(epsilon):
-        raise typer.BadParameter(f"epsilon={epsilon!r} must be finite and > 0", param_hint="--epsilon")
+        raise typer.BadParameter(
+            f"epsilon={epsilon!r} must be finite and > 0", param_hint="--epsilon"
+        )
     if not bound > 0 or not math.isfinite(bound):
         raise typer.BadParameter(f"bound={bound!r} must be finite and > 0", param_hint="--bound")
     with tempfile.TemporaryDirectory(prefix="mpcdp-salary-") as tmp:

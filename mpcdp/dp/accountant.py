@@ -56,7 +56,9 @@ def _curve(event: ev.Event, orders: tuple[int, ...]) -> NDArray[np.float64]:
         def at(a: int) -> float:
             return float(
                 rdp.skellam(
-                    mu=e.mu, l1_sensitivity=e.l1_sensitivity, l2_sensitivity=e.l2_sensitivity,
+                    mu=e.mu,
+                    l1_sensitivity=e.l1_sensitivity,
+                    l2_sensitivity=e.l2_sensitivity,
                     orders=(a,),
                 )[0]
             )
@@ -68,15 +70,19 @@ def _curve(event: ev.Event, orders: tuple[int, ...]) -> NDArray[np.float64]:
         def at(a: int) -> float:
             return float(
                 rdp.distributed_discrete_gaussian(
-                    share_sigma=g.share_sigma, honest=g.honest, l1_sensitivity=g.l1_sensitivity,
-                    l2_sensitivity=g.l2_sensitivity, dim=g.dim, orders=(a,),
+                    share_sigma=g.share_sigma,
+                    honest=g.honest,
+                    l1_sensitivity=g.l1_sensitivity,
+                    l2_sensitivity=g.l2_sensitivity,
+                    dim=g.dim,
+                    orders=(a,),
                 )[0]
             )
 
         one = rdp.poisson_subsampled(at, sample_rate=g.sample_rate, orders=orders)
     else:
         raise ParameterError("event", event, "has no RDP curve (pure or exact release)")
-    out = one * event.steps
+    out: NDArray[np.float64] = one * event.steps
     out.setflags(write=False)
     return out
 
@@ -85,7 +91,8 @@ def rdp_curve(
     event: ev.Event, *, orders: Sequence[int] = rdp.DEFAULT_ORDERS
 ) -> NDArray[np.float64]:
     """RDP of an RDP-type event at ``orders`` (already multiplied by its steps)."""
-    return _curve(event, tuple(int(a) for a in orders)).copy()
+    out: NDArray[np.float64] = _curve(event, tuple(int(a) for a in orders)).copy()
+    return out
 
 
 def compose(

@@ -148,7 +148,8 @@ class Exact:
 Event: TypeAlias = PureDp | SubsampledGaussian | Skellam | DistributedDiscreteGaussian | Exact
 
 _KINDS: dict[str, type[Any]] = {
-    cls.kind: cls for cls in (PureDp, SubsampledGaussian, Skellam, DistributedDiscreteGaussian, Exact)
+    cls.kind: cls
+    for cls in (PureDp, SubsampledGaussian, Skellam, DistributedDiscreteGaussian, Exact)
 }
 
 

@@ -21,9 +21,14 @@ charged query. The rules:
 Schema (version 1)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)                    -- 'schema_version' -> '1'
-    budgets(dataset TEXT PRIMARY KEY, epsilon TEXT, delta REAL)
-    charges(query_id TEXT PRIMARY KEY, dataset TEXT REFERENCES budgets, event TEXT,
-            created_at REAL)
+    budgets(dataset TEXT PRIMARY KEY, epsilon TEXT, delta REAL,
+            pure_spent TEXT, queries INTEGER, exact_releases INTEGER)   -- running totals
+    charges(query_id TEXT PRIMARY KEY, dataset TEXT REFERENCES budgets, kind TEXT,
+            event TEXT, created_at REAL)
+
+The running totals are updated in the same transaction as the charge row, so a check costs
+O(1) for pure-eps datasets; RDP events are re-read and composed (they are few: a training run
+is charged as one event).
 """
 
 from __future__ import annotations
@@ -55,11 +60,15 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS budgets(
     dataset TEXT PRIMARY KEY,
     epsilon TEXT NOT NULL,
-    delta REAL NOT NULL
+    delta REAL NOT NULL,
+    pure_spent TEXT NOT NULL DEFAULT '0',
+    queries INTEGER NOT NULL DEFAULT 0,
+    exact_releases INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS charges(
     query_id TEXT PRIMARY KEY,
     dataset TEXT NOT NULL REFERENCES budgets(dataset),
+    kind TEXT NOT NULL,
     event TEXT NOT NULL,
     created_at REAL NOT NULL
 );
@@ -154,7 +163,10 @@ class BudgetLedger:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -184,26 +196,32 @@ class BudgetLedger:
 
     # -- charges ---------------------------------------------------------------------------
 
-    def _budget(self, dataset: str) -> tuple[Fraction, float]:
+    def _status(self, dataset: str, extra: ev.Event | None = None) -> BudgetStatus:
+        """Status from the running totals and the RDP events, plus ``extra`` if given."""
         row = self._db.execute(
-            "SELECT epsilon, delta FROM budgets WHERE dataset=?", (dataset,)
+            "SELECT epsilon, delta, pure_spent, queries, exact_releases FROM budgets "
+            "WHERE dataset=?",
+            (dataset,),
         ).fetchone()
         if row is None:
             raise ParameterError("dataset", dataset, "has no budget in this ledger")
-        return Fraction(row[0]), float(row[1])
-
-    def _events(self, dataset: str) -> list[ev.Event]:
-        return [
+        budget, delta = Fraction(row[0]), float(row[1])
+        pure, queries, exact = Fraction(row[2]), int(row[3]), int(row[4])
+        rdp_events = [
             ev.decode_event(r[0])
             for r in self._db.execute(
-                "SELECT event FROM charges WHERE dataset=? ORDER BY rowid", (dataset,)
+                "SELECT event FROM charges WHERE dataset=? AND kind NOT IN (?, ?) ORDER BY rowid",
+                (dataset, ev.PureDp.kind, ev.Exact.kind),
             )
         ]
-
-    def _status(self, dataset: str, events: list[ev.Event]) -> BudgetStatus:
-        budget, delta = self._budget(dataset)
-        pure = sum((e.epsilon for e in events if isinstance(e, ev.PureDp)), Fraction(0))
-        rdp_events = [e for e in events if not isinstance(e, ev.PureDp | ev.Exact)]
+        if extra is not None:
+            queries += 1
+            if isinstance(extra, ev.PureDp):
+                pure += extra.epsilon
+            elif isinstance(extra, ev.Exact):
+                exact += 1
+            else:
+                rdp_events.append(extra)
         rdp_eps = 0.0
         if rdp_events:
             # An RDP release needs delta > 0; a pure-eps-only budget can never pay for it.
@@ -215,8 +233,8 @@ class BudgetLedger:
             spent_epsilon=float(pure) + rdp_eps,
             pure_epsilon_spent=pure,
             rdp_epsilon_spent=rdp_eps,
-            queries=len(events),
-            exact_releases=sum(isinstance(e, ev.Exact) for e in events),
+            queries=queries,
+            exact_releases=exact,
         )
 
     @staticmethod
@@ -230,7 +248,7 @@ class BudgetLedger:
     def status(self, dataset: str) -> BudgetStatus:
         """Budget, spend and counts for ``dataset``."""
         _check_name("dataset", dataset)
-        return self._status(dataset, self._events(dataset))
+        return self._status(dataset)
 
     def charge(self, *, dataset: str, query_id: str, event: ev.Event) -> Charge:
         """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring."""
@@ -248,9 +266,8 @@ class BudgetLedger:
                         f"another event; query ids must be unique"
                     )
                 return Charge(query_id, dataset, event, float(row[2]), new=False)
-            events = self._events(dataset)
-            before = self._status(dataset, events)
-            after = self._status(dataset, [*events, event])
+            before = self._status(dataset)
+            after = self._status(dataset, event)
             if not self._within(after):
                 raise BudgetExceededError(
                     dataset=dataset,
@@ -261,8 +278,13 @@ class BudgetLedger:
                 )
             now = time.time()
             self._db.execute(
-                "INSERT INTO charges(query_id, dataset, event, created_at) VALUES(?, ?, ?, ?)",
-                (query_id, dataset, encoded, now),
+                "INSERT INTO charges(query_id, dataset, kind, event, created_at) "
+                "VALUES(?, ?, ?, ?, ?)",
+                (query_id, dataset, event.kind, encoded, now),
+            )
+            self._db.execute(
+                "UPDATE budgets SET pure_spent=?, queries=?, exact_releases=? WHERE dataset=?",
+                (str(after.pure_epsilon_spent), after.queries, after.exact_releases, dataset),
             )
         log.info("charged query %s to dataset %r (%s)", query_id, dataset, event.kind)
         return Charge(query_id, dataset, event, now, new=True)

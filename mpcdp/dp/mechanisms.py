@@ -67,7 +67,7 @@ def _check_parties(n_parties: int, honest: int) -> None:
         raise ParameterError("n_parties", n_parties, f"must be an int >= honest={honest}")
 
 
-def _chernoff_tail(log_mgf: "_LogMgf", t_max: float) -> int:
+def _chernoff_tail(log_mgf: _LogMgf, t_max: float) -> int:
     """Smallest k (up to grid resolution) with 2 * min_t exp(log_mgf(t) - t k) <= 2^-64."""
     ts = t_max * np.logspace(-12, 0, 2000, endpoint=False)
     ks = (log_mgf(ts) - (_LOG_TAIL_FAILURE - math.log(2))) / ts
@@ -82,9 +82,14 @@ class _LogMgf(Protocol):
 class Mechanism(Protocol):
     """What the protocol needs from a noise mechanism."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The mechanism's name as users spell it (see MECHANISMS)."""
+        ...
 
-    def share(self, *, size: int, honest: int, rng: np.random.Generator | None = None) -> NDArray[np.int64]:
+    def share(
+        self, *, size: int, honest: int, rng: np.random.Generator | None = None
+    ) -> NDArray[np.int64]:
         """One party's noise share (integers)."""
         ...
 
@@ -126,14 +131,21 @@ class DiscreteLaplace:
         """b = D1 / eps, the matching continuous Laplace scale."""
         return self.l1_sensitivity / float(self.epsilon)
 
-    def share(self, *, size: int, honest: int, rng: np.random.Generator | None = None) -> NDArray[np.int64]:
+    def share(
+        self, *, size: int, honest: int, rng: np.random.Generator | None = None
+    ) -> NDArray[np.int64]:
         return samplers.discrete_laplace_share(a=self.decay, honest=honest, size=size, rng=rng)
 
     def total_variance(self, *, n_parties: int, honest: int) -> float:
         _check_parties(n_parties, honest)
         a = self.decay
         # Var[Polya(r, a)] = r a / (1-a)^2; n shares, each the difference of two, r = 1/h.
-        return 2 * (n_parties / honest) * a / (-math.expm1(-float(self.epsilon) / self.l1_sensitivity)) ** 2
+        return (
+            2
+            * (n_parties / honest)
+            * a
+            / (-math.expm1(-float(self.epsilon) / self.l1_sensitivity)) ** 2
+        )
 
     def tail_bound(self, *, n_parties: int, honest: int) -> int:
         _check_parties(n_parties, honest)
@@ -143,7 +155,8 @@ class DiscreteLaplace:
         def log_mgf(t: NDArray[np.float64]) -> NDArray[np.float64]:
             one = r * (np.log1p(-a) - np.log1p(-a * np.exp(t)))
             two = r * (np.log1p(-a) - np.log1p(-a * np.exp(-t)))
-            return one + two
+            out: NDArray[np.float64] = one + two
+            return out
 
         return _chernoff_tail(log_mgf, t_max)
 
@@ -161,9 +174,13 @@ class Skellam:
     name: str = "skellam"
 
     def __post_init__(self) -> None:
-        ev.Skellam(mu=self.mu, l1_sensitivity=self.l1_sensitivity, l2_sensitivity=self.l2_sensitivity)
+        ev.Skellam(
+            mu=self.mu, l1_sensitivity=self.l1_sensitivity, l2_sensitivity=self.l2_sensitivity
+        )
 
-    def share(self, *, size: int, honest: int, rng: np.random.Generator | None = None) -> NDArray[np.int64]:
+    def share(
+        self, *, size: int, honest: int, rng: np.random.Generator | None = None
+    ) -> NDArray[np.int64]:
         _check_honest(honest)
         return samplers.skellam(mu=self.mu / honest, size=size, rng=rng)
 
@@ -175,7 +192,8 @@ class Skellam:
         m = self.total_variance(n_parties=n_parties, honest=honest)
 
         def log_mgf(t: NDArray[np.float64]) -> NDArray[np.float64]:
-            return m * (np.cosh(t) - 1.0)
+            out: NDArray[np.float64] = m * (np.cosh(t) - 1.0)
+            return out
 
         return _chernoff_tail(log_mgf, t_max=50.0)
 
@@ -213,9 +231,13 @@ class DiscreteGaussian:
     def share_sigma(self) -> float:
         return self.sigma / math.sqrt(self.honest)
 
-    def share(self, *, size: int, honest: int, rng: np.random.Generator | None = None) -> NDArray[np.int64]:
+    def share(
+        self, *, size: int, honest: int, rng: np.random.Generator | None = None
+    ) -> NDArray[np.int64]:
         if honest != self.honest:
-            raise ParameterError("honest", honest, f"this mechanism was sized for honest={self.honest}")
+            raise ParameterError(
+                "honest", honest, f"this mechanism was sized for honest={self.honest}"
+            )
         return samplers.discrete_gaussian(sigma=self.share_sigma, size=size, rng=rng)
 
     def total_variance(self, *, n_parties: int, honest: int) -> float:
@@ -247,7 +269,9 @@ class NoNoise:
     def __post_init__(self) -> None:
         log.warning("mechanism 'none': this release is exact and has no differential privacy")
 
-    def share(self, *, size: int, honest: int, rng: np.random.Generator | None = None) -> NDArray[np.int64]:
+    def share(
+        self, *, size: int, honest: int, rng: np.random.Generator | None = None
+    ) -> NDArray[np.int64]:
         return np.zeros(size, dtype=np.int64)
 
     def total_variance(self, *, n_parties: int, honest: int) -> float:

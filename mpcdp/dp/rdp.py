@@ -97,10 +97,7 @@ def subsampled_gaussian(
     out = []
     for a in _orders(orders):
         terms = [
-            _log_comb(a, k)
-            + (a - k) * math.log1p(-q)
-            + k * math.log(q)
-            + (k * k - k) / (2 * z2)
+            _log_comb(a, k) + (a - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * z2)
             for k in range(a + 1)
         ]
         out.append(max(_logsumexp(terms), 0.0) / (a - 1))
@@ -117,9 +114,7 @@ def skellam(
     """Skellam(mu) added to an integer query with the given sensitivities (AKL21 Cor. 3.6)."""
     _check_positive("mu", mu)
     if l1_sensitivity < 0 or l2_sensitivity < 0:
-        raise ParameterError(
-            "sensitivity", (l1_sensitivity, l2_sensitivity), "must be >= 0"
-        )
+        raise ParameterError("sensitivity", (l1_sensitivity, l2_sensitivity), "must be >= 0")
     d1, d2 = l1_sensitivity, l2_sensitivity
     return np.array(
         [
@@ -177,22 +172,23 @@ def poisson_subsampled(
     if q == 1:
         return np.array([rdp_at(a) for a in ords])
     log_q, log_1q = math.log(q), math.log1p(-q)
+    base = {k: rdp_at(k) for k in range(2, max(ords) + 1)}
     out = []
     for a in ords:
         terms = [
             (a - 1) * log_1q + math.log1p(a * q - q),
-            _log_comb(a, 2) + 2 * log_q + (a - 2) * log_1q + rdp_at(2),
+            _log_comb(a, 2) + 2 * log_q + (a - 2) * log_1q + base[2],
         ]
         terms += [
-            math.log(3) + _log_comb(a, l) + (a - l) * log_1q + l * log_q + (l - 1) * rdp_at(l)
-            for l in range(3, a + 1)
+            math.log(3) + _log_comb(a, k) + (a - k) * log_1q + k * log_q + (k - 1) * base[k]
+            for k in range(3, a + 1)
         ]
-        out.append(min(max(_logsumexp(terms), 0.0) / (a - 1), rdp_at(a)))
+        out.append(min(max(_logsumexp(terms), 0.0) / (a - 1), base[a]))
     return np.array(out)
 
 
 def to_epsilon(
-    *, orders: Sequence[int], rdp: Sequence[float], delta: float
+    *, orders: Sequence[int], rdp: Sequence[float] | FloatArray, delta: float
 ) -> tuple[float, float]:
     """(epsilon, optimal order) for an RDP curve at ``delta`` (via dp-accounting)."""
     if not 0 < delta < 1:

@@ -1,0 +1,3 @@
+from mpcdp.cli.app import main
+
+main()

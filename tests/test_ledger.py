@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from mpcdp.dp import events as ev
+from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.errors import BudgetExceededError, LedgerError, ParameterError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ten_charges_of_a_tenth_fill_a_budget_of_one_exactly(tmp_path: Path) -> None:
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("raises", epsilon=1.0, delta=1e-6)
+        for i in range(10):
+            assert led.charge(dataset="raises", query_id=f"q{i}", event=ev.PureDp(epsilon=0.1)).new
+        st = led.status("raises")
+        assert st.pure_epsilon_spent == Fraction(1) and st.remaining_epsilon == 0
+        with pytest.raises(BudgetExceededError, match=r"dataset='raises'.*requested epsilon=1/10"):
+            led.charge(dataset="raises", query_id="q10", event=ev.PureDp(epsilon=0.1))
+        assert led.status("raises").queries == 10  # nothing written by the refusal
+        assert led.status("raises").spent_epsilon <= 1.0
+
+
+def test_charge_is_idempotent_by_query_id(tmp_path: Path) -> None:
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("d", epsilon=1, delta=1e-6)
+        first = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.4))
+        again = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.4))
+        assert first.new and not again.new and again.created_at == first.created_at
+        assert led.status("d").pure_epsilon_spent == Fraction(2, 5)
+        with pytest.raises(LedgerError, match="query_id='q'"):
+            led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.5))
+        led.set_budget("e", epsilon=1, delta=1e-6)
+        with pytest.raises(LedgerError, match="already charged to dataset='d'"):
+            led.charge(dataset="e", query_id="q", event=ev.PureDp(epsilon=0.4))
+
+
+def test_rdp_charges_and_delta_zero_budgets(tmp_path: Path) -> None:
+    event = ev.Skellam(
+        mu=1e6, l1_sensitivity=1e6, l2_sensitivity=1000.0, sample_rate=0.01, steps=1000
+    )
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("train", epsilon=3, delta=1e-5)
+        led.charge(dataset="train", query_id="epoch1", event=event)
+        st = led.status("train")
+        assert 0 < st.spent_epsilon < 3 and st.rdp_epsilon_spent == st.spent_epsilon
+        led.set_budget("pure", epsilon=100, delta=0)
+        with pytest.raises(BudgetExceededError, match="needs delta > 0"):
+            led.charge(dataset="pure", query_id="x", event=event)
+
+
+def test_exact_releases_are_recorded_not_charged(tmp_path: Path) -> None:
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("d", epsilon=1, delta=1e-6)
+        led.charge(dataset="d", query_id="exact", event=ev.Exact())
+        st = led.status("d")
+        assert st.exact_releases == 1 and st.spent_epsilon == 0
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        with pytest.raises(ParameterError, match="dataset='nope'"):
+            led.charge(dataset="nope", query_id="q", event=ev.PureDp(epsilon=0.1))
+        with pytest.raises(ParameterError, match="delta"):
+            led.set_budget("d", epsilon=1, delta=1.5)
+        with pytest.raises(ParameterError, match="epsilon"):
+            led.set_budget("d", epsilon=-1, delta=0)
+        with pytest.raises(ParameterError, match="query_id"):
+            led.set_budget("d", epsilon=1, delta=0)
+            led.charge(dataset="d", query_id="", event=ev.PureDp(epsilon=0.1))
+
+
+def test_ledger_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    with BudgetLedger(path) as led:
+        led.set_budget("d", epsilon=1, delta=1e-6)
+        led.charge(dataset="d", query_id="q1", event=ev.PureDp(epsilon=0.3))
+    with BudgetLedger(path) as led:
+        assert led.status("d").pure_epsilon_spent == Fraction(3, 10)
+        assert [c.query_id for c in led.charges("d")] == ["q1"]
+
+
+def test_refuses_a_foreign_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    BudgetLedger(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(LedgerError, match="schema_version='99'"):
+        BudgetLedger(path)
+
+
+_CHARGER = textwrap.dedent(
+    """
+    import sys
+    from mpcdp.dp import events as ev
+    from mpcdp.dp.ledger import BudgetLedger
+    path, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    led = BudgetLedger(path)
+    led.set_budget("d", epsilon=1, delta=1e-6)
+    print("ready", flush=True)
+    for i in range(start, start + count):
+        try:
+            led.charge(dataset="d", query_id=f"q{i}", event=ev.PureDp(epsilon="0.001"))
+        except Exception as exc:
+            print(type(exc).__name__, flush=True)
+            break
+    """
+)
+
+
+def _spawn(path: Path, start: int, count: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHARGER, str(path), str(start), str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.slow
+def test_survives_sigkill_mid_charge(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    for attempt in range(6):
+        proc = _spawn(path, 0, 2000)  # the same query ids each time: idempotent re-runs
+        time.sleep(0.05 + 0.04 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with BudgetLedger(path) as led:
+            rows = led.charges("d")
+            # every row whole and decodable, ids a gap-free prefix: charges are atomic and ordered
+            assert [c.query_id for c in rows] == [f"q{i}" for i in range(len(rows))]
+            assert led.status("d").pure_epsilon_spent == Fraction(len(rows), 1000)
+    # a final uninterrupted run completes the same ids and stops exactly at the budget
+    proc = _spawn(path, 0, 1001)
+    out, _ = proc.communicate(timeout=120)
+    assert "BudgetExceededError" in out
+    with BudgetLedger(path) as led:
+        st = led.status("d")
+        assert st.queries == 1000 and st.pure_epsilon_spent == Fraction(1)
+
+
+@pytest.mark.slow
+def test_concurrent_processes_never_overdraw(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    procs = [_spawn(path, k * 10_000, 700) for k in range(3)]  # 2100 requests for 1000 slots
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert sum("BudgetExceededError" in o for o in outs) >= 1
+    with BudgetLedger(path) as led:
+        st = led.status("d")
+        assert st.queries == 1000 and st.pure_epsilon_spent == Fraction(1)
