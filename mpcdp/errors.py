@@ -8,12 +8,20 @@ a noise value, a key) is ever put into an error message.
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "BudgetExceededError",
+    "ConfigError",
+    "DataError",
     "DecodeError",
     "HeadroomError",
     "LedgerError",
     "MpcdpError",
     "ParameterError",
+    "PartyError",
+    "PolicyError",
+    "ProtocolError",
+    "RoundAborted",
+    "SessionError",
 ]
 
 
@@ -59,3 +67,46 @@ class BudgetExceededError(MpcdpError):
             f"but spent={spent} of budget={budget} (delta={delta:g}); the query is refused "
             "and nothing was charged"
         )
+
+
+class DataError(MpcdpError, ValueError):
+    """A party's own data file is malformed (the message names file, row, column, value)."""
+
+
+class PolicyError(MpcdpError):
+    """A party refuses a query because it breaks the party's policy (dataset, bounds, ...)."""
+
+
+class ProtocolError(MpcdpError):
+    """A message that breaks the protocol: wrong version, bad signature, malformed stream."""
+
+
+class SessionError(ProtocolError):
+    """An unknown, expired, replayed or foreign session id."""
+
+
+class AuthError(MpcdpError):
+    """A peer whose certificate is not from the federation's CA or not in the allowed names."""
+
+
+class ConfigError(MpcdpError, ValueError):
+    """A configuration file that cannot be used (the message names file and key)."""
+
+
+class PartyError(MpcdpError):
+    """A party answered with an error; ``party`` names it, ``code`` is the status code name."""
+
+    def __init__(self, party: str, code: str, message: str) -> None:
+        self.party = party
+        self.code = code
+        self.message = message
+        super().__init__(f"party {party!r} refused ({code}): {message}")
+
+
+class RoundAborted(MpcdpError):
+    """A round failed before the reveal: nothing was revealed. ``cause`` says why."""
+
+    def __init__(self, query_id: str, cause: Exception) -> None:
+        self.query_id = query_id
+        self.cause = cause
+        super().__init__(f"query {query_id} aborted, nothing was revealed: {cause}")

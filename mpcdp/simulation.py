@@ -9,6 +9,7 @@ each party in its own process.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from mpcdp import encoding, prg, ring, sharing
 from mpcdp.dp.ledger import BudgetLedger
-from mpcdp.dp.mechanisms import Mechanism
+from mpcdp.dp.mechanisms import Mechanism, NoNoise
 from mpcdp.errors import ParameterError
 
 __all__ = ["SimulatedRound", "pair_keys_for", "simulate_sum"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ def simulate_sum(
         frac_bits=frac_bits,
         noise_tail=mechanism.tail_bound(n_parties=n, honest=honest),
     )
+    if isinstance(mechanism, NoNoise):
+        log.warning("mechanism 'none': this release is exact and has no differential privacy")
     session_id = secrets.token_bytes(16)
     round_id = 0
     keys = pair_keys_for(n, session_id=session_id)

@@ -7,7 +7,7 @@ import logging
 import typer
 
 from mpcdp import __version__
-from mpcdp.cli import demo
+from mpcdp.cli import budget, certs, demo, health, party, query
 
 app = typer.Typer(
     name="mpcdp",
@@ -15,6 +15,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(certs.app, name="certs")
+app.add_typer(party.app, name="party")
+app.add_typer(query.app, name="query")
+app.command("budget")(budget.budget)
+app.command("health")(health.health)
 app.add_typer(demo.app, name="demo")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -29,7 +29,14 @@ from mpcdp.dp import events as ev
 from mpcdp.dp import rdp
 from mpcdp.errors import ParameterError
 
-__all__ = ["Accountant", "PrivacySpent", "compose", "get_noise_multiplier", "rdp_curve"]
+__all__ = [
+    "Accountant",
+    "PrivacySpent",
+    "calibrate",
+    "compose",
+    "get_noise_multiplier",
+    "rdp_curve",
+]
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def compose(
     total = np.zeros(len(ords))
     any_rdp = False
     exact = 0
-    for event in events:
+    for event in ev.flatten(events):
         if isinstance(event, ev.PureDp):
             pure += event.epsilon
         elif isinstance(event, ev.Exact):
@@ -199,18 +206,36 @@ def get_noise_multiplier(
         event = _event_for(mechanism, z, sample_rate, steps, l2_sensitivity, l1)
         return compose([event], delta=target_delta, orders=orders).epsilon
 
-    lo, hi = 0.0, 1.0
-    while eps(hi) > target_epsilon:
+    return calibrate(eps, target_epsilon=target_epsilon, epsilon_tolerance=epsilon_tolerance)
+
+
+def calibrate(
+    epsilon_of: Callable[[float], float],
+    *,
+    target_epsilon: float,
+    epsilon_tolerance: float = 0.005,
+    start: float = 1.0,
+    limit: float = 1e12,
+) -> float:
+    """Smallest noise level x with epsilon_of(x) <= target (epsilon_of decreasing in x).
+
+    Bisection on a bracket found by doubling from ``start``; the answer is on the safe side
+    and within ``epsilon_tolerance`` (relative) of the target.
+    """
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ParameterError("target_epsilon", target_epsilon, "must be finite and > 0")
+    lo, hi = 0.0, start
+    while epsilon_of(hi) > target_epsilon:
         lo, hi = hi, 2 * hi
-        if hi > 1e6:
+        if hi > limit:
             raise ParameterError(
-                "target_epsilon", target_epsilon, "unreachable with noise_multiplier <= 1e6"
+                "target_epsilon", target_epsilon, f"unreachable with noise level <= {limit:g}"
             )
     while True:
         mid = (lo + hi) / 2
-        if eps(mid) > target_epsilon:
+        if epsilon_of(mid) > target_epsilon:
             lo = mid
         else:
             hi = mid
-        if eps(hi) >= target_epsilon * (1 - epsilon_tolerance) or hi - lo < 1e-9:
+        if epsilon_of(hi) >= target_epsilon * (1 - epsilon_tolerance) or hi - lo <= 1e-9 * hi:
             return hi

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, TypeAlias
 from mpcdp.errors import DecodeError, ParameterError
 
 __all__ = [
+    "Composite",
     "DistributedDiscreteGaussian",
     "Event",
     "Exact",
@@ -32,6 +34,7 @@ __all__ = [
     "decode_event",
     "encode_event",
     "exact_epsilon",
+    "flatten",
 ]
 
 
@@ -145,21 +148,61 @@ class Exact:
     kind: ClassVar[str] = "exact"
 
 
-Event: TypeAlias = PureDp | SubsampledGaussian | Skellam | DistributedDiscreteGaussian | Exact
+@dataclass(frozen=True)
+class Composite:
+    """Several releases made together by one query (e.g. a mean's sum and count)."""
+
+    kind: ClassVar[str] = "composite"
+    parts: tuple[Event, ...]
+
+    def __post_init__(self) -> None:
+        parts = tuple(self._flat())
+        if not parts:
+            raise ParameterError("parts", [], "a composite event needs at least one part")
+        object.__setattr__(self, "parts", parts)
+
+    def _flat(self) -> list[Event]:
+        out: list[Event] = []
+        for p in self.parts:
+            out.extend(p._flat() if isinstance(p, Composite) else [p])
+        return out
+
+
+Event: TypeAlias = (
+    PureDp | SubsampledGaussian | Skellam | DistributedDiscreteGaussian | Exact | Composite
+)
+
+
+def flatten(events: Iterable[Event]) -> list[Event]:
+    """The non-composite events, in order."""
+    out: list[Event] = []
+    for e in events:
+        out.extend(e.parts if isinstance(e, Composite) else [e])
+    return out
+
 
 _KINDS: dict[str, type[Any]] = {
     cls.kind: cls
-    for cls in (PureDp, SubsampledGaussian, Skellam, DistributedDiscreteGaussian, Exact)
+    for cls in (PureDp, SubsampledGaussian, Skellam, DistributedDiscreteGaussian, Exact, Composite)
 }
 
 
-def encode_event(event: Event) -> str:
-    """Canonical JSON: {"kind": ..., fields...}, keys sorted; epsilon as "num/den"."""
+def _to_obj(event: Event) -> dict[str, Any]:
     obj: dict[str, Any] = {"kind": event.kind}
     for f in fields(event):
         value = getattr(event, f.name)
-        obj[f.name] = str(value) if isinstance(value, Fraction) else value
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        if isinstance(value, Fraction):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [_to_obj(v) for v in value]
+        obj[f.name] = value
+    return obj
+
+
+def encode_event(event: Event) -> str:
+    """Canonical JSON: {"kind": ..., fields...}, keys sorted; epsilon as "num/den";
+    a composite's parts as a list of such objects."""
+    return json.dumps(_to_obj(event), sort_keys=True, separators=(",", ":"))
 
 
 def decode_event(text: str) -> Event:
@@ -168,6 +211,10 @@ def decode_event(text: str) -> Event:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DecodeError(f"privacy event is not JSON: {exc}") from None
+    return _from_obj(obj, text)
+
+
+def _from_obj(obj: Any, text: str) -> Event:
     if not isinstance(obj, dict) or "kind" not in obj:
         raise DecodeError("privacy event must be a JSON object with a 'kind'")
     cls = _KINDS.get(obj.pop("kind"))
@@ -176,6 +223,10 @@ def decode_event(text: str) -> Event:
     names = {f.name for f in fields(cls)}
     if set(obj) != names:
         raise DecodeError(f"privacy event fields {sorted(obj)} != {sorted(names)} for {cls.kind}")
+    if cls is Composite:
+        if not isinstance(obj["parts"], list):
+            raise DecodeError("composite parts must be a list")
+        obj["parts"] = tuple(_from_obj(p, text) for p in obj["parts"])
     if cls is PureDp:
         if not isinstance(obj["epsilon"], str):
             raise DecodeError("pure epsilon must be a 'num/den' string")

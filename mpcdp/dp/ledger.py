@@ -207,21 +207,24 @@ class BudgetLedger:
             raise ParameterError("dataset", dataset, "has no budget in this ledger")
         budget, delta = Fraction(row[0]), float(row[1])
         pure, queries, exact = Fraction(row[2]), int(row[3]), int(row[4])
-        rdp_events = [
+        stored = [
             ev.decode_event(r[0])
             for r in self._db.execute(
                 "SELECT event FROM charges WHERE dataset=? AND kind NOT IN (?, ?) ORDER BY rowid",
                 (dataset, ev.PureDp.kind, ev.Exact.kind),
             )
         ]
+        # pure and exact parts are in the running totals already
+        rdp_events = [e for e in ev.flatten(stored) if not isinstance(e, ev.PureDp | ev.Exact)]
         if extra is not None:
             queries += 1
-            if isinstance(extra, ev.PureDp):
-                pure += extra.epsilon
-            elif isinstance(extra, ev.Exact):
-                exact += 1
-            else:
-                rdp_events.append(extra)
+            for part in ev.flatten([extra]):
+                if isinstance(part, ev.PureDp):
+                    pure += part.epsilon
+                elif isinstance(part, ev.Exact):
+                    exact += 1
+                else:
+                    rdp_events.append(part)
         rdp_eps = 0.0
         if rdp_events:
             # An RDP release needs delta > 0; a pure-eps-only budget can never pay for it.
@@ -249,6 +252,31 @@ class BudgetLedger:
         """Budget, spend and counts for ``dataset``."""
         _check_name("dataset", dataset)
         return self._status(dataset)
+
+    def check(self, *, dataset: str, query_id: str, event: ev.Event) -> BudgetStatus:
+        """Raise as :meth:`charge` would, without writing; return the status after the charge.
+
+        A query id that was already charged is refused here (LedgerError): a party answers
+        each query id once.
+        """
+        _check_name("dataset", dataset)
+        _check_name("query_id", query_id)
+        row = self._db.execute(
+            "SELECT dataset FROM charges WHERE query_id=?", (query_id,)
+        ).fetchone()
+        if row is not None:
+            raise LedgerError(f"query_id={query_id!r} was already answered; use a new query id")
+        before = self._status(dataset)
+        after = self._status(dataset, event)
+        if not self._within(after):
+            raise BudgetExceededError(
+                dataset=dataset,
+                requested=_describe(event, after.delta),
+                spent=f"{before.spent_epsilon:.6g}",
+                budget=str(before.budget_epsilon),
+                delta=after.delta,
+            )
+        return after
 
     def charge(self, *, dataset: str, query_id: str, event: ev.Event) -> Charge:
         """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring."""
@@ -302,10 +330,10 @@ class BudgetLedger:
 
 
 def _describe(event: ev.Event, delta: float) -> str:
-    if isinstance(event, ev.PureDp):
-        return str(event.epsilon)
-    if isinstance(event, ev.Exact):
-        return "0 (exact)"
+    parts = ev.flatten([event])
+    if all(isinstance(p, ev.PureDp | ev.Exact) for p in parts):
+        pure = sum((p.epsilon for p in parts if isinstance(p, ev.PureDp)), Fraction(0))
+        return str(pure) if pure else "0 (exact)"
     if delta == 0:
         return f"{event.kind} (needs delta > 0)"
     return f"{compose([event], delta=delta).epsilon:.6g}"

@@ -262,12 +262,10 @@ class DiscreteGaussian:
 
 @dataclass(frozen=True)
 class NoNoise:
-    """Exact MPC: no noise, no DP. Only on explicit request; every use is logged as a warning."""
+    """Exact MPC: no noise, no DP. Only on explicit request; whoever releases with it (the
+    party engine, the simulation) logs a warning."""
 
     name: str = "none"
-
-    def __post_init__(self) -> None:
-        log.warning("mechanism 'none': this release is exact and has no differential privacy")
 
     def share(
         self, *, size: int, honest: int, rng: np.random.Generator | None = None

@@ -1,0 +1,154 @@
+"""``mpcdp query {sum,mean,count,histogram}``: ask the federation for a DP statistic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mpcdp.dp.mechanisms import MECHANISMS
+from mpcdp.errors import MpcdpError
+
+app = typer.Typer(help="Query a federation.", no_args_is_help=True)
+
+FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
+DATASET = typer.Option(..., "--dataset", help="Dataset name, as the parties declare it.")
+EPSILON = typer.Option(1.0, "--epsilon", help="Privacy budget this query spends at every party.")
+MECHANISM = typer.Option(
+    "discrete-laplace", "--mechanism", help=f"Noise: one of {', '.join(MECHANISMS)}."
+)
+DELTA = typer.Option(None, "--delta", help="delta for skellam / discrete-gaussian.")
+AS_JSON = typer.Option(False, "--json", help="Print one JSON object.")
+
+
+def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
+    from mpcdp.federation import Federation
+
+    if kw["mechanism"] not in MECHANISMS:
+        raise typer.BadParameter(
+            f"mechanism={kw['mechanism']!r} is not one of {list(MECHANISMS)}",
+            param_hint="--mechanism",
+        )
+    if kw["mechanism"] == "none":
+        typer.echo(
+            "warning: mechanism none releases the exact value (no differential privacy)", err=True
+        )
+    try:
+        with Federation.from_config(federation) as fed:
+            result = fed.query(statistic=statistic, **kw)
+    except MpcdpError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    value = result.value
+    if isinstance(value, dict):
+        shown = ", ".join(f"{k}: {v:g}" for k, v in value.items())
+    elif isinstance(value, float):
+        shown = f"{value:.6g}"
+    else:
+        shown = f"vector of {len(value)} (use --json)"
+    typer.echo(f"{result.statistic} of {result.dataset}.{result.column or '*'} = {shown}")
+    if result.interval95:
+        lo, hi = result.interval95
+        typer.echo(f"  95% interval ~[{lo:.6g}, {hi:.6g}], noise std {result.noise_std:.4g}")
+    typer.echo(
+        f"  mechanism {result.mechanism}, epsilon spent {result.epsilon_spent:g}"
+        + (f", delta {result.delta_spent:g}" if result.delta_spent else "")
+    )
+    for party, left in result.budget_remaining.items():
+        typer.echo(f"  budget left at {party}: {left:g}")
+
+
+@app.command("sum")
+def sum_(
+    federation: Path = FEDERATION,
+    dataset: str = DATASET,
+    column: str = typer.Option("", "--column", help="Column (omit for vector datasets)."),
+    epsilon: float = EPSILON,
+    mechanism: str = MECHANISM,
+    delta: float | None = DELTA,
+    as_json: bool = AS_JSON,
+) -> None:
+    """DP sum of a column (or of parties' vectors)."""
+    _run(
+        "sum",
+        federation,
+        as_json,
+        dataset=dataset,
+        column=column,
+        epsilon=epsilon,
+        mechanism=mechanism,
+        delta=delta,
+    )
+
+
+@app.command("mean")
+def mean(
+    federation: Path = FEDERATION,
+    dataset: str = DATASET,
+    column: str = typer.Option(..., "--column"),
+    epsilon: float = EPSILON,
+    mechanism: str = MECHANISM,
+    delta: float | None = DELTA,
+    as_json: bool = AS_JSON,
+) -> None:
+    """DP mean of a column (sum and count, each with half the budget)."""
+    _run(
+        "mean",
+        federation,
+        as_json,
+        dataset=dataset,
+        column=column,
+        epsilon=epsilon,
+        mechanism=mechanism,
+        delta=delta,
+    )
+
+
+@app.command("count")
+def count(
+    federation: Path = FEDERATION,
+    dataset: str = DATASET,
+    column: str = typer.Option("", "--column", help="Ignored: counts rows."),
+    epsilon: float = EPSILON,
+    mechanism: str = MECHANISM,
+    delta: float | None = DELTA,
+    as_json: bool = AS_JSON,
+) -> None:
+    """DP count of rows."""
+    _run(
+        "count",
+        federation,
+        as_json,
+        dataset=dataset,
+        epsilon=epsilon,
+        mechanism=mechanism,
+        delta=delta,
+    )
+
+
+@app.command("histogram")
+def histogram(
+    federation: Path = FEDERATION,
+    dataset: str = DATASET,
+    column: str = typer.Option(..., "--column"),
+    epsilon: float = EPSILON,
+    mechanism: str = MECHANISM,
+    delta: float | None = DELTA,
+    as_json: bool = AS_JSON,
+) -> None:
+    """DP histogram of a categorical column."""
+    _run(
+        "histogram",
+        federation,
+        as_json,
+        dataset=dataset,
+        column=column,
+        epsilon=epsilon,
+        mechanism=mechanism,
+        delta=delta,
+    )

@@ -1,0 +1,144 @@
+"""A party's own data: CSV tables and .npy vectors, validated against declared bounds.
+
+The party owns its data and is the only one who reads it. Loading is strict: every problem
+(missing column, a value that is not a number, NaN or inf, a value outside the declared public
+bounds, an unknown category) is an error naming the file, the row and the column, unless the
+party's config says ``out_of_bounds = "clip"`` for a numeric column, in which case values are
+clipped to the bounds (as DP requires) and counted in the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mpcdp.errors import DataError
+
+__all__ = ["ColumnSpec", "Table", "Vector", "load_table", "load_vector"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """A column's public declaration: numeric bounds, or categories."""
+
+    name: str
+    lower: float = 0.0
+    upper: float = 0.0
+    categories: tuple[str, ...] = ()
+    out_of_bounds: str = "error"  # or "clip"
+
+    @property
+    def categorical(self) -> bool:
+        return bool(self.categories)
+
+
+@dataclass(frozen=True)
+class Table:
+    path: Path
+    rows: int
+    numeric: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    categorical: dict[str, NDArray[np.int64]] = field(default_factory=dict)  # category indices
+
+
+@dataclass(frozen=True)
+class Vector:
+    path: Path
+    values: NDArray[np.float64]
+
+
+def load_table(path: Path, columns: Sequence[ColumnSpec]) -> Table:
+    """Read a CSV with a header row and validate the declared ``columns``."""
+    try:
+        fh = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open: {exc.strerror}") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c.name for c in columns if c.name not in header]
+        if missing:
+            raise DataError(f"{path}: missing declared column(s) {missing}; header is {header}")
+        raw: dict[str, list[str]] = {c.name: [] for c in columns}
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}: row {reader.line_num} has more fields than the header")
+            for c in columns:
+                value = row[c.name]
+                if value is None:
+                    raise DataError(f"{path}: row {reader.line_num} column {c.name!r} is missing")
+                raw[c.name].append(value)
+    rows = len(next(iter(raw.values()))) if raw else 0
+    numeric: dict[str, NDArray[np.float64]] = {}
+    categorical: dict[str, NDArray[np.int64]] = {}
+    for c in columns:
+        if c.categorical:
+            categorical[c.name] = _categories(path, c, raw[c.name])
+        else:
+            numeric[c.name] = _numbers(path, c, raw[c.name])
+    return Table(path=path, rows=rows, numeric=numeric, categorical=categorical)
+
+
+def _numbers(path: Path, c: ColumnSpec, values: list[str]) -> NDArray[np.float64]:
+    out = np.empty(len(values), dtype=np.float64)
+    clipped = 0
+    for i, text in enumerate(values):
+        line = i + 2  # header is line 1
+        try:
+            x = float(text)
+        except ValueError:
+            raise DataError(
+                f"{path}: row {line} column {c.name!r}: {text!r} is not a number"
+            ) from None
+        if not math.isfinite(x):
+            raise DataError(f"{path}: row {line} column {c.name!r}: {text!r} is not finite")
+        if not c.lower <= x <= c.upper:
+            if c.out_of_bounds != "clip":
+                raise DataError(
+                    f"{path}: row {line} column {c.name!r}: {x:g} is outside the declared "
+                    f"bounds [{c.lower:g}, {c.upper:g}]"
+                )
+            x = min(max(x, c.lower), c.upper)
+            clipped += 1
+        out[i] = x
+    if clipped:
+        log.info("%s: clipped %d value(s) of column %r to its bounds", path, clipped, c.name)
+    return out
+
+
+def _categories(path: Path, c: ColumnSpec, values: list[str]) -> NDArray[np.int64]:
+    index = {cat: k for k, cat in enumerate(c.categories)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, text in enumerate(values):
+        k = index.get(text.strip())
+        if k is None:
+            raise DataError(
+                f"{path}: row {i + 2} column {c.name!r}: {text!r} is not one of the declared "
+                f"categories {list(c.categories)}"
+            )
+        out[i] = k
+    return out
+
+
+def load_vector(path: Path) -> Vector:
+    """Read a 1-D float vector from a .npy file (no pickles), refusing NaN and inf."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read a .npy vector: {exc}") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: expected a 1-D numeric vector, got shape {arr.shape} {arr.dtype}")
+    values = arr.astype(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: element {i} is {values[i]!r}, not finite")
+    return Vector(path=path, values=values)

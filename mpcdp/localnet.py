@@ -1,0 +1,180 @@
+"""A federation of party-node processes on loopback, with fresh certificates.
+
+Used by ``mpcdp demo salary``, the integration tests and the benchmarks: every party is a
+separate ``mpcdp party serve`` process with its own mTLS certificate, ledger and data, exactly
+as in a deployment, only all on 127.0.0.1. :meth:`LocalFederation.stop` (also on Ctrl-C, via
+the context manager) terminates every process.
+
+Layout under ``workdir``::
+
+    certs/            ca.pem, NAME.pem, NAME.key
+    NAME/party.toml   listen 127.0.0.1:0; the bound port is written to NAME/port
+    NAME/...          the party's data files and ledger
+    federation.toml   the coordinator's view
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpcdp.certs import init_federation
+from mpcdp.errors import MpcdpError
+
+__all__ = ["LocalFederation", "launch"]
+
+
+@dataclass
+class LocalFederation:
+    workdir: Path
+    federation_config: Path
+    party_configs: dict[str, Path]
+    ports: dict[str, int]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def log(self, party: str) -> str:
+        return (self.workdir / party / "node.log").read_text(errors="replace")
+
+    def kill(self, party: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one party's process (fault injection)."""
+        proc = self.processes[party]
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def restart(self, party: str, *, timeout_s: float = 30.0) -> None:
+        """Start a stopped party again on the same port, with the same ledger."""
+        if self.processes[party].poll() is None:
+            raise MpcdpError(f"party {party!r} is still running")
+        self.processes[party] = _spawn(self.workdir / party, self.party_configs[party])
+        _wait_port(self.workdir / party, self.processes[party], timeout_s)
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _party_toml(party: str, peers: Sequence[str], coordinator: str, datasets_toml: str) -> str:
+    return (
+        f'id = "{party}"\n'
+        'listen = "127.0.0.1:0"\n'
+        f'ledger = "ledger.sqlite"\n'
+        "[tls]\n"
+        'ca = "../certs/ca.pem"\n'
+        f'cert = "../certs/{party}.pem"\n'
+        f'key = "../certs/{party}.key"\n'
+        f"coordinators = {json.dumps([coordinator])}\n"
+        f"peers = {json.dumps(list(peers))}\n"
+        f"{datasets_toml}\n"
+    )
+
+
+def _spawn(folder: Path, config: Path) -> subprocess.Popen[bytes]:
+    port_file = folder / "port"
+    port_file.unlink(missing_ok=True)
+    log = (folder / "node.log").open("ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpcdp.cli",
+        "party",
+        "serve",
+        "--config",
+        str(config),
+        "--port-file",
+        str(port_file),
+    ]
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+    finally:
+        log.close()
+
+
+def _wait_port(folder: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    port_file = folder / "port"
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            return int(port_file.read_text())
+        if proc.poll() is not None:
+            log = (folder / "node.log").read_text(errors="replace")
+            raise MpcdpError(
+                f"party node in {folder} exited with {proc.returncode}:\n{log[-2000:]}"
+            )
+        time.sleep(0.05)
+    raise MpcdpError(f"party node in {folder} did not start within {timeout_s:g} s")
+
+
+def launch(
+    *,
+    workdir: Path,
+    datasets_toml: Mapping[str, str],
+    coordinator: str = "analyst",
+    colluders: int = 1,
+    deadline_s: float = 30.0,
+    startup_timeout_s: float = 60.0,
+) -> LocalFederation:
+    """Start one party process per key of ``datasets_toml`` (its ``[datasets...]`` TOML).
+
+    Data files named in that TOML are relative to ``workdir/PARTY/``; write them first.
+    """
+    parties = list(datasets_toml)
+    init_federation(out=workdir / "certs", parties=parties, coordinators=[coordinator])
+    fed = LocalFederation(
+        workdir=workdir, federation_config=workdir / "federation.toml", party_configs={}, ports={}
+    )
+    try:
+        for p in parties:
+            folder = workdir / p
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg = folder / "party.toml"
+            peers = [q for q in parties if q != p]
+            cfg.write_text(_party_toml(p, peers, coordinator, datasets_toml[p]))
+            fed.party_configs[p] = cfg
+            fed.processes[p] = _spawn(folder, cfg)
+        for p in parties:
+            fed.ports[p] = _wait_port(workdir / p, fed.processes[p], startup_timeout_s)
+            # pin the port so a restart binds the same one
+            cfg = fed.party_configs[p]
+            cfg.write_text(
+                cfg.read_text().replace(
+                    'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed.ports[p]}"'
+                )
+            )
+    except BaseException:
+        fed.stop()
+        raise
+    fed.federation_config.write_text(
+        f'coordinator = "{coordinator}"\n'
+        f"colluders = {colluders}\n"
+        f"deadline_s = {deadline_s}\n"
+        "[tls]\n"
+        'ca = "certs/ca.pem"\n'
+        f'cert = "certs/{coordinator}.pem"\n'
+        f'key = "certs/{coordinator}.key"\n'
+        + "".join(
+            f'[[parties]]\nid = "{p}"\naddress = "127.0.0.1:{fed.ports[p]}"\n' for p in parties
+        )
+    )
+    return fed

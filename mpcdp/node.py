@@ -1,0 +1,133 @@
+"""A party node: config -> ledger, datasets, engine, mTLS gRPC server.
+
+``mpcdp party serve --config party.toml`` runs :func:`serve`. At start the node sets each
+dataset's budget in its ledger from the config (the owner's decision), loads and validates
+every dataset (a dataset that fails validation stays unavailable: queries on it are refused
+with the validation error, the others keep working), and serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from mpcdp.config import PartyConfig, load_party_config
+from mpcdp.datasets import Vector, load_table, load_vector
+from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.errors import ConfigError, DataError
+from mpcdp.proto import party_pb2 as pb
+from mpcdp.protocol.party import DatasetView, PartyEngine
+from mpcdp.transport import server as srv
+from mpcdp.transport import tls
+
+__all__ = ["PartyNode", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
+    views = {}
+    for name, ds in cfg.datasets.items():
+        try:
+            data = load_vector(ds.path) if ds.kind == "vector" else load_table(ds.path, ds.columns)
+            views[name] = DatasetView(config=ds, data=data)
+        except DataError as exc:
+            log.error("dataset %r is unavailable: %s", name, exc)
+            views[name] = DatasetView(config=ds, data=None, error=str(exc))
+    return views
+
+
+class PartyNode:
+    """One running party. Use :meth:`start` and :meth:`stop`, or :func:`serve`."""
+
+    def __init__(self, config: PartyConfig) -> None:
+        self.config = config
+        self.creds = tls.load_credentials(config.tls)
+        name = self.creds.cert.subject.rfc4514_string()
+        if f"CN={config.id}" not in name.split(","):
+            raise ConfigError(
+                f"tls.cert {config.tls.cert} is for {name}, not for party {config.id!r}"
+            )
+        self.ledger = BudgetLedger(config.ledger)
+        for ds in config.datasets.values():
+            self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
+        self.views = _load(config)
+        self.engine = PartyEngine(
+            party_id=config.id,
+            datasets=self.views,
+            ledger=self.ledger,
+            ca=self.creds.ca,
+            certificate=self.creds.cert,
+            signing_key=self.creds.key,
+            peers=config.peers,
+        )
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+
+    def describe(self) -> list[pb.DatasetInfo]:
+        out = []
+        for name, view in sorted(self.views.items()):
+            cfg = view.config
+            status = self.ledger.status(name)
+            length = view.data.values.size if isinstance(view.data, Vector) else 0
+            out.append(
+                pb.DatasetInfo(
+                    name=name,
+                    kind=cfg.kind,
+                    length=length,
+                    l2_bound=cfg.l2_bound,
+                    budget_epsilon=float(status.budget_epsilon),
+                    remaining_epsilon=status.remaining_epsilon,
+                    delta=cfg.delta,
+                    allow_exact=cfg.allow_exact,
+                    columns=[
+                        pb.ColumnInfo(
+                            name=c.name, lower=c.lower, upper=c.upper, categories=list(c.categories)
+                        )
+                        for c in cfg.columns
+                    ],
+                )
+            )
+        return out
+
+    def start(self) -> int:
+        servicer = srv.PartyServicer(
+            self.engine, coordinators=frozenset(self.config.coordinators), describe=self.describe
+        )
+        self._server, self.port = srv.start_server(
+            servicer, listen=self.config.listen, creds=self.creds
+        )
+        log.info("party %s serving on port %d", self.config.id, self.port)
+        return self.port
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+            self._server = None
+        self.ledger.close()
+
+
+def serve(config_path: str | Path, *, port_file: Path | None = None) -> None:
+    """Run a party node until SIGINT or SIGTERM."""
+    node = PartyNode(load_party_config(config_path))
+    port = node.start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(port_file.suffix + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(port_file)  # atomic: readers never see a partial file
+    done = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        done.wait()
+    finally:
+        node.stop()

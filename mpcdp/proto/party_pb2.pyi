@@ -1,0 +1,185 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Statistic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STATISTIC_UNSPECIFIED: _ClassVar[Statistic]
+    SUM: _ClassVar[Statistic]
+    MEAN: _ClassVar[Statistic]
+    COUNT: _ClassVar[Statistic]
+    HISTOGRAM: _ClassVar[Statistic]
+STATISTIC_UNSPECIFIED: Statistic
+SUM: Statistic
+MEAN: Statistic
+COUNT: Statistic
+HISTOGRAM: Statistic
+
+class QuerySpec(_message.Message):
+    __slots__ = ("query_id", "dataset", "column", "statistic", "mechanism", "epsilon", "delta", "frac_bits", "parties", "colluders", "lower", "upper", "categories", "max_rows", "l2_bound")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
+    PARTIES_FIELD_NUMBER: _ClassVar[int]
+    COLLUDERS_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    L2_BOUND_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    dataset: str
+    column: str
+    statistic: Statistic
+    mechanism: str
+    epsilon: str
+    delta: float
+    frac_bits: int
+    parties: _containers.RepeatedScalarFieldContainer[str]
+    colluders: int
+    lower: float
+    upper: float
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    max_rows: int
+    l2_bound: float
+    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., column: _Optional[str] = ..., statistic: _Optional[_Union[Statistic, str]] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[str] = ..., delta: _Optional[float] = ..., frac_bits: _Optional[int] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ..., max_rows: _Optional[int] = ..., l2_bound: _Optional[float] = ...) -> None: ...
+
+class ProposeRequest(_message.Message):
+    __slots__ = ("version", "session_id", "spec")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    spec: QuerySpec
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., spec: _Optional[_Union[QuerySpec, _Mapping]] = ...) -> None: ...
+
+class ProposeResponse(_message.Message):
+    __slots__ = ("version", "session_id", "party_id", "public_key", "signature", "certificate", "length")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    party_id: str
+    public_key: bytes
+    signature: bytes
+    certificate: bytes
+    length: int
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., party_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ContributeRequest(_message.Message):
+    __slots__ = ("version", "session_id", "keys", "chunk_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    keys: _containers.RepeatedCompositeFieldContainer[ProposeResponse]
+    chunk_bytes: int
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[_Union[ProposeResponse, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class ContributionHeader(_message.Message):
+    __slots__ = ("party_id", "length", "epsilon_spent", "budget_remaining")
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    party_id: str
+    length: int
+    epsilon_spent: str
+    budget_remaining: float
+    def __init__(self, party_id: _Optional[str] = ..., length: _Optional[int] = ..., epsilon_spent: _Optional[str] = ..., budget_remaining: _Optional[float] = ...) -> None: ...
+
+class ContributeChunk(_message.Message):
+    __slots__ = ("version", "session_id", "header", "data")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    header: ContributionHeader
+    data: bytes
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., header: _Optional[_Union[ContributionHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ColumnInfo(_message.Message):
+    __slots__ = ("name", "lower", "upper", "categories")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lower: float
+    upper: float
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DatasetInfo(_message.Message):
+    __slots__ = ("name", "kind", "columns", "length", "l2_bound", "budget_epsilon", "remaining_epsilon", "delta", "allow_exact")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    L2_BOUND_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EXACT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    columns: _containers.RepeatedCompositeFieldContainer[ColumnInfo]
+    length: int
+    l2_bound: float
+    budget_epsilon: float
+    remaining_epsilon: float
+    delta: float
+    allow_exact: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnInfo, _Mapping]]] = ..., length: _Optional[int] = ..., l2_bound: _Optional[float] = ..., budget_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., allow_exact: _Optional[bool] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("version", "party_id", "datasets")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    party_id: str
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
+    def __init__(self, version: _Optional[int] = ..., party_id: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("version", "session_id", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...

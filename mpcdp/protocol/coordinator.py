@@ -1,0 +1,175 @@
+"""The coordinator's side of a round: propose all -> contribute all -> reveal.
+
+The coordinator is also the aggregator. It talks to parties through :class:`PartyClient`
+objects (gRPC in mpcdp.transport.client, direct calls in tests) and never sees anything but
+signed public keys and masked uploads. Uploads are summed chunk by chunk as they stream in,
+so the coordinator holds one vector, whatever the number of parties.
+
+Failure rule (DESIGN.md): any party that fails before the reveal aborts the round. The
+coordinator tells every party to forget the session and raises :class:`RoundAborted`;
+partial sums are discarded (without every party's upload the masks do not cancel, so they
+are uniformly random anyway). A retry is a new query with a new session and fresh keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mpcdp import encoding, ring
+from mpcdp.errors import ProtocolError, RoundAborted
+from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.party import SESSION_ID_BYTES, Proposal
+from mpcdp.protocol.plan import ReleasePlan, plan
+from mpcdp.protocol.spec import QuerySpec
+
+__all__ = ["ContributionStream", "PartyClient", "RoundOutcome", "run_round"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ContributionStream:
+    """A party's answer to contribute: a header, then the upload in chunks of words."""
+
+    party_id: str
+    length: int
+    epsilon_spent: str
+    budget_remaining: float
+    chunks: Iterator[ring.RingVector]
+
+
+class PartyClient(Protocol):
+    """How the coordinator reaches one party."""
+
+    @property
+    def party_id(self) -> str: ...
+
+    def propose(self, *, session_id: bytes, spec: QuerySpec) -> Proposal: ...
+
+    def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream: ...
+
+    def abort(self, *, session_id: bytes, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """The revealed aggregate, decoded per tensor of the plan."""
+
+    spec: QuerySpec
+    plan: ReleasePlan
+    tensors: dict[str, NDArray[np.float64]]
+    budget_remaining: dict[str, float]
+    session_id: bytes
+
+
+#: Called with (party id, chunk) for every chunk received: lets a demo show what the
+#: coordinator sees (masked words). Never called with anything unmasked.
+Observer = Callable[[str, ring.RingVector], None]
+
+
+def _accumulate(
+    stream: ContributionStream,
+    total: ring.RingVector,
+    lock: threading.Lock,
+    expected: str,
+    observe: Observer | None,
+) -> float:
+    if stream.party_id != expected:
+        raise ProtocolError(f"contribution from {stream.party_id!r} on the channel of {expected!r}")
+    if stream.length != total.size:
+        raise ProtocolError(
+            f"party {expected!r} announced {stream.length} words, the round has {total.size}"
+        )
+    offset = 0
+    for chunk in stream.chunks:
+        n = chunk.size
+        if offset + n > total.size:
+            raise ProtocolError(f"party {expected!r} sent more than {total.size} words")
+        if observe is not None:
+            observe(expected, chunk)
+        with lock:
+            seg = total[offset : offset + n]
+            np.add(seg, chunk, out=seg)
+        offset += n
+    if offset != total.size:
+        raise ProtocolError(
+            f"party {expected!r} sent {offset} of {total.size} words (truncated stream)"
+        )
+    return stream.budget_remaining
+
+
+def run_round(
+    *,
+    spec: QuerySpec,
+    clients: Sequence[PartyClient],
+    max_workers: int | None = None,
+    observe: Observer | None = None,
+) -> RoundOutcome:
+    """Run one round of ``spec`` over ``clients`` (one per spec party, any order)."""
+    by_id = {c.party_id: c for c in clients}
+    if set(by_id) != set(spec.parties) or len(by_id) != len(clients):
+        raise ProtocolError(
+            f"clients {sorted(by_id)} do not match the query's parties {list(spec.parties)}"
+        )
+    ordered = [by_id[p] for p in spec.parties]
+    session_id = secrets.token_bytes(SESSION_ID_BYTES)
+    pool = ThreadPoolExecutor(max_workers=max_workers or len(ordered), thread_name_prefix="round")
+    try:
+        try:
+            proposals = list(
+                pool.map(lambda c: c.propose(session_id=session_id, spec=spec), ordered)
+            )
+            lengths = {p.length for p in proposals}
+            if len(lengths) != 1:
+                raise ProtocolError(f"parties disagree on the vector length: {sorted(lengths)}")
+            length = lengths.pop()
+            release = plan(spec, vector_length=length)
+            if release.length != length:
+                raise ProtocolError(
+                    f"parties announced {length} words, the plan has {release.length}"
+                )
+            keys = [p.key for p in proposals]
+            for p, pid in zip(proposals, spec.parties, strict=True):
+                if p.key.party_id != pid:
+                    raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
+            total = np.zeros(length, dtype=np.uint64)
+            lock = threading.Lock()
+
+            def contribute(client: PartyClient) -> float:
+                stream = client.contribute(session_id=session_id, keys=keys)
+                return _accumulate(stream, total, lock, client.party_id, observe)
+
+            remaining = list(pool.map(contribute, ordered))
+        except Exception as exc:
+            reason = str(exc)
+            for c in ordered:
+                try:
+                    c.abort(session_id=session_id, reason=reason[:500])
+                except Exception:  # a dead party cannot be told; nothing to undo there
+                    log.debug("abort of session %s at %s failed", session_id.hex(), c.party_id)
+            raise RoundAborted(spec.query_id, exc) from exc
+    finally:
+        pool.shutdown(wait=True)
+    tensors: dict[str, NDArray[np.float64]] = {}
+    offset = 0
+    for t in release.tensors:
+        tensors[t.name] = encoding.decode_fixed(
+            total[offset : offset + t.length], frac_bits=t.frac_bits
+        )
+        offset += t.length
+    return RoundOutcome(
+        spec=spec,
+        plan=release,
+        tensors=tensors,
+        budget_remaining=dict(zip(spec.parties, remaining, strict=True)),
+        session_id=session_id,
+    )

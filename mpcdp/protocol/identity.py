@@ -1,0 +1,142 @@
+"""Signed ephemeral keys (DESIGN.md, threat model: "Ephemeral key-agreement keys are signed").
+
+A party signs its X25519 public key with its certificate's ECDSA P-256 key over
+
+    SIGNATURE_LABEL || u16 len(session_id) || session_id || digest(spec)
+                    || u16 len(party_id) || party_id || public_key
+
+Every other party verifies, before deriving pair keys: the certificate chains to the
+federation CA (signature, validity period, not a CA), its common name is the claimed party id,
+and the signature is valid. A coordinator relaying the keys can therefore neither substitute
+its own key nor replay a key from another session or another query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mpcdp.errors import AuthError, ProtocolError
+
+__all__ = [
+    "SIGNATURE_LABEL",
+    "SignedKey",
+    "common_name",
+    "sign_key",
+    "verify_certificate",
+    "verify_key",
+]
+
+SIGNATURE_LABEL = b"mpcdp ephemeral key v1"
+
+
+@dataclass(frozen=True)
+class SignedKey:
+    """A party's signed ephemeral key, as relayed by the coordinator."""
+
+    party_id: str
+    public_key: bytes
+    signature: bytes
+    certificate: bytes  # DER
+
+
+def _message(session_id: bytes, spec_digest: bytes, party_id: str, public_key: bytes) -> bytes:
+    pid = party_id.encode()
+    return (
+        SIGNATURE_LABEL
+        + struct.pack(">H", len(session_id))
+        + session_id
+        + spec_digest
+        + struct.pack(">H", len(pid))
+        + pid
+        + public_key
+    )
+
+
+def sign_key(
+    *,
+    signing_key: ec.EllipticCurvePrivateKey,
+    certificate: x509.Certificate,
+    session_id: bytes,
+    spec_digest: bytes,
+    party_id: str,
+    public_key: bytes,
+) -> SignedKey:
+    from cryptography.hazmat.primitives import serialization
+
+    sig = signing_key.sign(
+        _message(session_id, spec_digest, party_id, public_key), ec.ECDSA(hashes.SHA256())
+    )
+    return SignedKey(
+        party_id=party_id,
+        public_key=public_key,
+        signature=sig,
+        certificate=certificate.public_bytes(serialization.Encoding.DER),
+    )
+
+
+def common_name(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(attrs) != 1:
+        raise AuthError("certificate must have exactly one common name")
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode()
+
+
+def verify_certificate(cert: x509.Certificate, *, ca: x509.Certificate) -> str:
+    """Check ``cert`` was issued by ``ca`` and is valid now; return its common name."""
+    if cert.issuer != ca.subject:
+        raise AuthError(f"certificate of {common_name(cert)!r} was not issued by the federation CA")
+    ca_key = ca.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey) or cert.signature_hash_algorithm is None:
+        raise AuthError("unsupported CA key or certificate signature")
+    try:
+        ca_key.verify(
+            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+        )
+    except InvalidSignature:
+        raise AuthError(
+            f"certificate of {common_name(cert)!r} has a signature the federation CA did not make"
+        ) from None
+    now = dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise AuthError(f"certificate of {common_name(cert)!r} is expired or not yet valid")
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise AuthError(f"certificate of {common_name(cert)!r} is a CA certificate")
+    except x509.ExtensionNotFound:
+        pass
+    return common_name(cert)
+
+
+def verify_key(
+    key: SignedKey, *, ca: x509.Certificate, session_id: bytes, spec_digest: bytes
+) -> None:
+    """Raise ProtocolError/AuthError unless ``key`` is a valid signed key for this round."""
+    try:
+        cert = x509.load_der_x509_certificate(key.certificate)
+    except ValueError:
+        raise ProtocolError(f"signed key of {key.party_id!r}: certificate is not DER") from None
+    name = verify_certificate(cert, ca=ca)
+    if name != key.party_id:
+        raise AuthError(f"signed key claims party {key.party_id!r} but its certificate is {name!r}")
+    pub = cert.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise AuthError(f"certificate of {name!r} does not hold an EC key")
+    try:
+        pub.verify(
+            key.signature,
+            _message(session_id, spec_digest, key.party_id, key.public_key),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature:
+        raise ProtocolError(
+            f"signed key of {key.party_id!r} does not verify for this session and query"
+        ) from None

@@ -1,0 +1,351 @@
+"""A party's side of a round: propose -> contribute (DESIGN.md, "Round protocol").
+
+:class:`PartyEngine` is the party's state machine, independent of any transport. It enforces
+the party's own policy; it trusts nothing the coordinator computed.
+
+propose(session, spec) from coordinator C:
+  refuse unless: the session id is new; every party in the spec is a configured peer (or this
+  party); the dataset, column, bounds, categories and L2 bound are exactly the declared ones;
+  the mechanism is allowed (``none`` only with allow_exact; epsilon <= max_epsilon_per_query);
+  the round has headroom; the budget would cover the charge and the query id is new. Then
+  compute the local statistic and the noise share *now* (off the contribute path), make an
+  ephemeral X25519 key and sign it over the spec digest.
+contribute(session, keys) from the same coordinator C:
+  refuse unless the session is pending (not unknown, expired, foreign or already used) and
+  ``keys`` holds exactly one valid signed key per spec party, ours unchanged. Then derive the
+  pair keys, charge the ledger (charge before release), mask, and return the upload.
+abort(session): forget the session.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from mpcdp import encoding, prg, ring, sharing
+from mpcdp.config import DatasetConfig
+from mpcdp.datasets import Table, Vector
+from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.errors import (
+    AuthError,
+    DataError,
+    ParameterError,
+    PolicyError,
+    ProtocolError,
+    SessionError,
+)
+from mpcdp.protocol import identity
+from mpcdp.protocol.local import local_words
+from mpcdp.protocol.plan import ReleasePlan, plan
+from mpcdp.protocol.spec import QuerySpec, Statistic, digest
+
+__all__ = ["SESSION_ID_BYTES", "Contribution", "DatasetView", "PartyEngine", "Proposal"]
+
+log = logging.getLogger(__name__)
+
+SESSION_ID_BYTES = 16
+
+
+@dataclass(frozen=True)
+class DatasetView:
+    """A dataset as the engine sees it: the owner's declaration and the loaded data.
+
+    ``data`` is None when the file failed validation; ``error`` then says why, and every
+    query on the dataset is refused with that message.
+    """
+
+    config: DatasetConfig
+    data: Table | Vector | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    key: identity.SignedKey
+    length: int
+
+
+@dataclass(frozen=True)
+class Contribution:
+    party_id: str
+    epsilon_spent: str
+    budget_remaining: float
+    words: ring.RingVector
+
+
+@dataclass
+class _Session:
+    coordinator: str
+    spec: QuerySpec
+    plan: ReleasePlan
+    private_key: X25519PrivateKey
+    public: identity.SignedKey
+    noisy: ring.RingVector  # local statistic + noise share, unmasked: never leaves unmasked
+    expires: float
+
+
+class PartyEngine:
+    """One party's sessions. Thread-safe: each session is used by one call at a time."""
+
+    def __init__(
+        self,
+        *,
+        party_id: str,
+        datasets: Mapping[str, DatasetView],
+        ledger: BudgetLedger,
+        ca: x509.Certificate,
+        certificate: x509.Certificate,
+        signing_key: ec.EllipticCurvePrivateKey,
+        peers: Sequence[str],
+        session_ttl_s: float = 300.0,
+        rng: np.random.Generator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.party_id = party_id
+        self.datasets = dict(datasets)
+        self.ledger = ledger
+        self._ca = ca
+        self._cert = certificate
+        self._signing_key = signing_key
+        self._peers = frozenset(peers) | {party_id}
+        self._ttl = session_ttl_s
+        self._rng = rng
+        self._clock = clock
+        self._sessions: dict[bytes, _Session] = {}
+        self._used: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._ledger_lock = threading.Lock()
+
+    # -- propose -------------------------------------------------------------------------
+
+    def _check_spec(self, spec: QuerySpec) -> tuple[DatasetView, ReleasePlan]:
+        if self.party_id not in spec.parties:
+            raise PolicyError(
+                f"the query's parties {list(spec.parties)} do not include {self.party_id!r}"
+            )
+        unknown = [p for p in spec.parties if p not in self._peers]
+        if unknown:
+            raise PolicyError(
+                f"unknown party {unknown[0]!r}: not a configured peer of {self.party_id!r}"
+            )
+        view = self.datasets.get(spec.dataset)
+        if view is None:
+            raise PolicyError(
+                f"unknown dataset {spec.dataset!r} (this party has {sorted(self.datasets)})"
+            )
+        cfg = view.config
+        if view.data is None:
+            raise DataError(f"dataset {cfg.name!r} is unavailable: {view.error}")
+        if isinstance(view.data, Vector):
+            if spec.statistic is not Statistic.SUM or spec.column:
+                raise PolicyError(f"dataset {cfg.name!r} is a vector: only 'sum' without a column")
+            if spec.l2_bound != cfg.l2_bound:
+                raise PolicyError(
+                    f"l2_bound={spec.l2_bound:g} differs from the declared {cfg.l2_bound:g} "
+                    f"of dataset {cfg.name!r}"
+                )
+            length = view.data.values.size
+        else:
+            length = 0
+            if spec.statistic is not Statistic.COUNT or spec.column:
+                try:
+                    col = cfg.column(spec.column)
+                except ParameterError:
+                    raise PolicyError(
+                        f"unknown column {spec.column!r} of dataset {cfg.name!r} "
+                        f"(declared: {[c.name for c in cfg.columns]})"
+                    ) from None
+                if spec.statistic is Statistic.HISTOGRAM:
+                    if not col.categorical or tuple(spec.categories) != col.categories:
+                        raise PolicyError(
+                            f"categories {list(spec.categories)} differ from the declared "
+                            f"{list(col.categories)} of column {col.name!r}"
+                        )
+                else:
+                    if col.categorical:
+                        raise PolicyError(f"column {col.name!r} is categorical: use a histogram")
+                    if (spec.lower, spec.upper) != (col.lower, col.upper):
+                        raise PolicyError(
+                            f"bounds [{spec.lower:g}, {spec.upper:g}] differ from the declared "
+                            f"[{col.lower:g}, {col.upper:g}] of column {col.name!r}"
+                        )
+            if view.data.rows > spec.max_rows:
+                raise PolicyError(
+                    f"dataset {cfg.name!r} has more rows than max_rows={spec.max_rows}"
+                )
+        if spec.mechanism == "none":
+            if not cfg.allow_exact:
+                raise PolicyError(
+                    f"dataset {cfg.name!r} does not allow exact (mechanism none) releases"
+                )
+        elif (
+            cfg.max_epsilon_per_query is not None
+            and float(Fraction(spec.epsilon)) > cfg.max_epsilon_per_query
+        ):
+            raise PolicyError(
+                f"epsilon={spec.epsilon} exceeds max_epsilon_per_query="
+                f"{cfg.max_epsilon_per_query:g} of dataset {cfg.name!r}"
+            )
+        release = plan(spec, vector_length=length or None)
+        release.check_headroom()
+        return view, release
+
+    def propose(self, *, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
+        if len(session_id) != SESSION_ID_BYTES:
+            raise SessionError(
+                f"session_id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}"
+            )
+        with self._lock:
+            self._expire()
+            if session_id in self._sessions or session_id in self._used:
+                raise SessionError(f"session {session_id.hex()} was already used")
+        view, release = self._check_spec(spec)
+        with self._ledger_lock:
+            self.ledger.check(dataset=spec.dataset, query_id=spec.query_id, event=release.event)
+        if spec.mechanism == "none":
+            log.warning(
+                "exact release (mechanism none, no differential privacy) of dataset %r "
+                "requested by %s",
+                spec.dataset,
+                coordinator,
+            )
+        assert view.data is not None  # checked in _check_spec
+        words = local_words(release, view.data)
+        noise = np.concatenate(
+            [
+                t.mechanism.share(size=t.length, honest=spec.honest, rng=self._rng)
+                for t in release.tensors
+            ]
+        )
+        noisy = ring.add(words, encoding.encode_int(noise))
+        del noise
+        private_key = prg.generate_keypair()
+        signed = identity.sign_key(
+            signing_key=self._signing_key,
+            certificate=self._cert,
+            session_id=session_id,
+            spec_digest=digest(spec),
+            party_id=self.party_id,
+            public_key=prg.public_bytes(private_key),
+        )
+        session = _Session(
+            coordinator=coordinator,
+            spec=spec,
+            plan=release,
+            private_key=private_key,
+            public=signed,
+            noisy=noisy,
+            expires=self._clock() + self._ttl,
+        )
+        with self._lock:
+            if session_id in self._sessions or session_id in self._used:
+                raise SessionError(f"session {session_id.hex()} was already used")
+            self._sessions[session_id] = session
+        log.info(
+            "session %s: accepted query %s (%s)",
+            session_id.hex(),
+            spec.query_id,
+            spec.statistic.value,
+        )
+        return Proposal(key=signed, length=release.length)
+
+    # -- contribute ----------------------------------------------------------------------
+
+    def _take(self, session_id: bytes, coordinator: str) -> _Session:
+        with self._lock:
+            self._expire()
+            session = self._sessions.get(session_id)
+            if session is None:
+                if session_id in self._used:
+                    raise SessionError(f"session {session_id.hex()} was already used (replay)")
+                raise SessionError(f"unknown or expired session {session_id.hex()}")
+            if session.coordinator != coordinator:
+                raise SessionError(
+                    f"session {session_id.hex()} belongs to coordinator {session.coordinator!r}, "
+                    f"not {coordinator!r}"
+                )
+            del self._sessions[session_id]
+            self._used.add(session_id)
+            return session
+
+    def contribute(
+        self, *, session_id: bytes, keys: Sequence[identity.SignedKey], coordinator: str
+    ) -> Contribution:
+        session = self._take(session_id, coordinator)
+        spec = session.spec
+        by_party: dict[str, identity.SignedKey] = {}
+        for k in keys:
+            if k.party_id in by_party:
+                raise ProtocolError(f"two signed keys for party {k.party_id!r}")
+            by_party[k.party_id] = k
+        if set(by_party) != set(spec.parties):
+            missing = sorted(set(spec.parties) - set(by_party))
+            extra = sorted(set(by_party) - set(spec.parties))
+            raise ProtocolError(
+                f"signed keys do not match the query's parties: missing {missing}, extra {extra}"
+            )
+        mine = by_party[self.party_id]
+        if (
+            not hmac.compare_digest(mine.public_key, session.public.public_key)
+            or mine.signature != session.public.signature
+        ):
+            raise AuthError("the relayed key of this party is not the one it signed")
+        spec_digest = digest(spec)
+        for k in keys:
+            identity.verify_key(k, ca=self._ca, session_id=session_id, spec_digest=spec_digest)
+        me = spec.index_of(self.party_id)
+        pair_keys = {
+            spec.index_of(pid): prg.derive_pair_key(
+                private_key=session.private_key,
+                peer_public_key=k.public_key,
+                session_id=session_id,
+                party=me,
+                peer=spec.index_of(pid),
+            )
+            for pid, k in by_party.items()
+            if pid != self.party_id
+        }
+        with self._ledger_lock:
+            self.ledger.charge(
+                dataset=spec.dataset, query_id=spec.query_id, event=session.plan.event
+            )
+            status = self.ledger.status(spec.dataset)
+        upload = sharing.pairwise_mask(
+            party=me,
+            pair_keys=pair_keys,
+            round_id=0,
+            tensor_id=0,
+            size=session.noisy.size,
+            out=session.noisy,
+        )
+        log.info("session %s: contributed %d words", session_id.hex(), upload.size)
+        return Contribution(
+            party_id=self.party_id,
+            epsilon_spent=spec.epsilon,
+            budget_remaining=status.remaining_epsilon,
+            words=upload,
+        )
+
+    def abort(self, *, session_id: bytes, coordinator: str) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.coordinator == coordinator:
+                del self._sessions[session_id]
+                self._used.add(session_id)
+                log.info("session %s: aborted by %s", session_id.hex(), coordinator)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for sid in [s for s, v in self._sessions.items() if v.expires < now]:
+            del self._sessions[sid]
+            self._used.add(sid)

@@ -1,0 +1,198 @@
+"""What a query releases: tensors, fixed point, sensitivities and calibrated noise.
+
+Party and coordinator compute the same :class:`ReleasePlan` from the same spec, so they agree
+on every noise parameter without sending any. Adjacency is add/remove of one row at one party
+(for vector datasets: of the party's whole vector). Sensitivities are in ring units:
+
+| statistic | tensors (frac_bits)                 | L1 sensitivity per tensor                    |
+| count     | count (0)                           | 1                                            |
+| sum       | sum (f)                             | ceil(max(|lo|,|hi|) 2^f) + 1                 |
+| mean      | centered sum (f), count (0)         | ceil((hi-lo)/2 2^f) + 1, 1; eps, delta split |
+| histogram | one count per category (0)          | 1 (L2 1)                                     |
+| vector    | clipped vector (f)                  | L2: B 2^f + sqrt(d)/2, L1: sqrt(d) L2        |
+
+(+1 and sqrt(d)/2: each party rounds its local aggregate to the nearest ring element once.)
+The mean is mid + S/C with S the sum of (x - mid), mid = (lo + hi)/2, which halves the
+sum's sensitivity compared with a plain sum.
+
+Noise per tensor: discrete Laplace with a = exp(-eps_t/D1); Skellam with mu calibrated so
+that the RDP bound gives (eps_t, delta_t); distributed discrete Gaussian with sigma calibrated
+by the KLS21 bound for h honest shares (share std at least 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from mpcdp import encoding
+from mpcdp.dp import accountant, events, rdp
+from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Mechanism, NoNoise, Skellam
+from mpcdp.errors import ParameterError
+from mpcdp.protocol.spec import QuerySpec, Statistic
+
+__all__ = ["ReleasePlan", "TensorPlan", "plan"]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One released tensor."""
+
+    name: str
+    length: int
+    frac_bits: int
+    mechanism: Mechanism
+    max_abs: float  # per party, real units (for the headroom check)
+
+    def noise_std(self, *, n_parties: int, honest: int) -> float:
+        """Std of the total noise per coordinate, in real units."""
+        var = self.mechanism.total_variance(n_parties=n_parties, honest=honest)
+        return math.sqrt(var) / float(1 << self.frac_bits)
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    spec: QuerySpec
+    tensors: tuple[TensorPlan, ...]
+    event: events.Event
+
+    @property
+    def length(self) -> int:
+        return sum(t.length for t in self.tensors)
+
+    def check_headroom(self) -> None:
+        n, h = len(self.spec.parties), self.spec.honest
+        for t in self.tensors:
+            encoding.check_headroom(
+                n_parties=n,
+                max_abs=t.max_abs,
+                frac_bits=t.frac_bits,
+                noise_tail=t.mechanism.tail_bound(n_parties=n, honest=h),
+            )
+
+
+def _mechanism(
+    spec: QuerySpec, *, epsilon: float, delta: float, l1: float, l2: float, dim: int
+) -> Mechanism:
+    if spec.mechanism == "none":
+        return NoNoise()
+    if spec.mechanism == "discrete-laplace":
+        return DiscreteLaplace(epsilon=epsilon, l1_sensitivity=math.ceil(l1))
+    if spec.mechanism == "skellam":
+        mu = _skellam_mu(epsilon, delta, l1, l2)
+        return Skellam(mu=mu, l1_sensitivity=l1, l2_sensitivity=l2)
+    sigma = _ddg_sigma(epsilon, delta, l1, l2, dim, spec.honest)
+    return DiscreteGaussian(
+        sigma=sigma, l1_sensitivity=l1, l2_sensitivity=l2, dim=dim, honest=spec.honest
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _skellam_mu(epsilon: float, delta: float, l1: float, l2: float) -> float:
+    z = accountant.get_noise_multiplier(
+        target_epsilon=epsilon,
+        target_delta=delta,
+        sample_rate=1.0,
+        steps=1,
+        mechanism="skellam",
+        l2_sensitivity=l2,
+        l1_sensitivity=l1,
+    )
+    return (z * l2) ** 2
+
+
+@functools.lru_cache(maxsize=256)
+def _ddg_sigma(epsilon: float, delta: float, l1: float, l2: float, dim: int, honest: int) -> float:
+    floor = 2.0 * math.sqrt(honest)  # share std >= 2
+
+    def eps(sigma: float) -> float:
+        curve = rdp.distributed_discrete_gaussian(
+            share_sigma=sigma / math.sqrt(honest),
+            honest=honest,
+            l1_sensitivity=l1,
+            l2_sensitivity=l2,
+            dim=dim,
+        )
+        return rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=curve, delta=delta)[0]
+
+    if eps(floor) <= epsilon:
+        return floor
+    return accountant.calibrate(eps, target_epsilon=epsilon, start=max(floor, l2))
+
+
+def plan(spec: QuerySpec, *, vector_length: int | None = None) -> ReleasePlan:
+    """The release plan of ``spec``; ``vector_length`` is needed for vector datasets."""
+    eps_total = float(Fraction(spec.epsilon))
+    f = spec.frac_bits
+    bound = max(abs(spec.lower), abs(spec.upper))
+    st = spec.statistic
+    tensors: list[tuple[str, int, int, float, float, float]] = []  # name, len, fb, l1, l2, max
+    if st is Statistic.COUNT:
+        tensors.append(("count", 1, 0, 1.0, 1.0, float(spec.max_rows)))
+    elif st is Statistic.SUM and not spec.column:
+        if not vector_length or vector_length < 1:
+            raise ParameterError("vector_length", vector_length, "vector sums need the length")
+        if spec.l2_bound <= 0:
+            raise ParameterError("l2_bound", spec.l2_bound, "vector sums need an L2 bound > 0")
+        l2 = spec.l2_bound * (1 << f) + math.sqrt(vector_length) / 2
+        l1 = math.sqrt(vector_length) * l2
+        tensors.append(("vector", vector_length, f, l1, l2, spec.l2_bound))
+    elif st is Statistic.SUM:
+        d1 = math.ceil(bound * (1 << f)) + 1
+        tensors.append(("sum", 1, f, d1, d1, bound * spec.max_rows))
+    elif st is Statistic.MEAN:
+        half = (spec.upper - spec.lower) / 2
+        d1 = math.ceil(half * (1 << f)) + 1
+        tensors.append(("centered_sum", 1, f, d1, d1, half * spec.max_rows))
+        tensors.append(("count", 1, 0, 1.0, 1.0, float(spec.max_rows)))
+    elif st is Statistic.HISTOGRAM:
+        tensors.append(("histogram", len(spec.categories), 0, 1.0, 1.0, float(spec.max_rows)))
+    else:  # pragma: no cover - Statistic is closed
+        raise ParameterError("statistic", st, "unsupported")
+    k = len(tensors)
+    eps_t, delta_t = eps_total / k, spec.delta / k
+    built = tuple(
+        TensorPlan(
+            name=name,
+            length=length,
+            frac_bits=fb,
+            mechanism=_mechanism(spec, epsilon=eps_t, delta=delta_t, l1=l1, l2=l2, dim=length),
+            max_abs=max_abs,
+        )
+        for name, length, fb, l1, l2, max_abs in tensors
+    )
+    if spec.mechanism == "discrete-laplace":
+        # the parts' exact epsilons add up to the spec's exactly
+        event: events.Event = events.PureDp(epsilon=events.exact_epsilon(spec.epsilon))
+    else:
+        event = events.Composite(parts=tuple(t.mechanism.event() for t in built))
+    return ReleasePlan(spec=spec, tensors=built, event=event)
+
+
+#: Keep the total noise std below 2^26 ring units: plenty of resolution for the noise, and
+#: the samplers' parameters stay far inside their exact range (Poisson lambda <= 1e18).
+MAX_NOISE_STD_RING = float(1 << 26)
+
+
+def choose_frac_bits(
+    spec: QuerySpec, *, vector_length: int | None = None, max_frac_bits: int | None = None
+) -> int:
+    """The largest frac_bits <= max (default: spec.frac_bits) whose noise fits the ring well.
+
+    More fractional bits than the noise can resolve only cost headroom: at eps = 1 and
+    bounds [0, 5000] the noise std is thousands, so 2^-16 resolution is meaningless.
+    """
+    from dataclasses import replace
+
+    top = spec.frac_bits if max_frac_bits is None else max_frac_bits
+    n, h = len(spec.parties), spec.honest
+    for f in range(top, -1, -1):
+        candidate = plan(replace(spec, frac_bits=f), vector_length=vector_length)
+        worst = max(
+            math.sqrt(t.mechanism.total_variance(n_parties=n, honest=h)) for t in candidate.tensors
+        )
+        if worst <= MAX_NOISE_STD_RING:
+            return f
+    return 0

@@ -1,0 +1,140 @@
+"""The query specification and its canonical digest.
+
+A :class:`QuerySpec` is what the analyst asks every party. Parties sign their ephemeral keys
+over ``digest(spec)``, so a coordinator that shows different parties different queries is
+caught when the signed keys are relayed (each party checks the others' signatures against the
+digest of the spec *it* received).
+
+Canonical encoding for the digest (version 1): the JSON object of all fields with sorted keys,
+no whitespace, floats as ``repr`` strings, UTF-8; digest = SHA-256 of
+``b"mpcdp query spec v1\\n" + that``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from mpcdp.certs import check_identity
+from mpcdp.dp.events import exact_epsilon
+from mpcdp.dp.mechanisms import MECHANISMS
+from mpcdp.encoding import MAX_FRAC_BITS
+from mpcdp.errors import ParameterError
+
+__all__ = ["DEFAULT_FRAC_BITS", "DEFAULT_MAX_ROWS", "QuerySpec", "Statistic", "digest"]
+
+DEFAULT_FRAC_BITS = 16
+DEFAULT_MAX_ROWS = 10**9
+_SPEC_LABEL = b"mpcdp query spec v1\n"
+
+
+class Statistic(str, Enum):
+    SUM = "sum"
+    MEAN = "mean"
+    COUNT = "count"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """One query. ``parties`` fixes the party indices; ``colluders`` is t."""
+
+    query_id: str
+    dataset: str
+    statistic: Statistic
+    mechanism: str
+    epsilon: str
+    parties: tuple[str, ...]
+    column: str = ""
+    delta: float = 0.0
+    frac_bits: int = DEFAULT_FRAC_BITS
+    colluders: int = 1
+    lower: float = 0.0
+    upper: float = 0.0
+    categories: tuple[str, ...] = field(default_factory=tuple)
+    max_rows: int = DEFAULT_MAX_ROWS
+    l2_bound: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.query_id, str) or not 1 <= len(self.query_id) <= 128:
+            raise ParameterError("query_id", self.query_id, "must be 1..128 characters")
+        if not self.query_id.isprintable():
+            raise ParameterError("query_id", self.query_id, "must be printable")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ParameterError("dataset", self.dataset, "must be a non-empty string")
+        try:
+            object.__setattr__(self, "statistic", Statistic(self.statistic))
+        except ValueError:
+            raise ParameterError(
+                "statistic", self.statistic, f"must be one of {[s.value for s in Statistic]}"
+            ) from None
+        if self.mechanism not in MECHANISMS:
+            raise ParameterError("mechanism", self.mechanism, f"must be one of {list(MECHANISMS)}")
+        if self.mechanism == "none":
+            if self.epsilon not in ("", "0"):
+                raise ParameterError("epsilon", self.epsilon, "must be 0 with mechanism none")
+            object.__setattr__(self, "epsilon", "0")
+        else:
+            object.__setattr__(self, "epsilon", str(exact_epsilon(self.epsilon)))
+        needs_delta = self.mechanism in ("skellam", "discrete-gaussian")
+        if needs_delta and not 0 < self.delta < 1:
+            raise ParameterError("delta", self.delta, f"must be in (0, 1) for {self.mechanism}")
+        if not needs_delta and self.delta != 0:
+            raise ParameterError("delta", self.delta, f"must be 0 for {self.mechanism}")
+        parties = tuple(self.parties)
+        object.__setattr__(self, "parties", parties)
+        for p in parties:
+            check_identity(p, what="parties")
+        if len(parties) < 2 or len(set(parties)) != len(parties):
+            raise ParameterError("parties", list(parties), "need >= 2 distinct parties")
+        if not isinstance(self.colluders, int) or not 0 <= self.colluders < len(parties):
+            raise ParameterError("colluders", self.colluders, f"must be in [0, {len(parties) - 1}]")
+        if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= MAX_FRAC_BITS:
+            raise ParameterError("frac_bits", self.frac_bits, f"must be in [0, {MAX_FRAC_BITS}]")
+        for name in ("lower", "upper", "l2_bound"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v):
+                raise ParameterError(name, v, "must be a finite number")
+            object.__setattr__(self, name, float(v))
+        if self.lower > self.upper:
+            raise ParameterError("lower", self.lower, f"must be <= upper={self.upper}")
+        if self.l2_bound < 0:
+            raise ParameterError("l2_bound", self.l2_bound, "must be >= 0")
+        object.__setattr__(self, "categories", tuple(self.categories))
+        if self.statistic is Statistic.HISTOGRAM and not self.categories:
+            raise ParameterError("categories", [], "a histogram needs its categories")
+        if len(set(self.categories)) != len(self.categories):
+            raise ParameterError("categories", list(self.categories), "must be distinct")
+        if not isinstance(self.max_rows, int) or not 1 <= self.max_rows < 2**63:
+            raise ParameterError("max_rows", self.max_rows, "must be an int in [1, 2^63)")
+
+    @property
+    def honest(self) -> int:
+        return len(self.parties) - self.colluders
+
+    def index_of(self, party: str) -> int:
+        try:
+            return self.parties.index(party)
+        except ValueError:
+            raise ParameterError(
+                "parties", list(self.parties), f"does not include {party!r}"
+            ) from None
+
+
+def canonical_json(spec: QuerySpec) -> bytes:
+    obj = asdict(spec)
+    obj["statistic"] = spec.statistic.value
+    for k, v in obj.items():
+        if isinstance(v, float):
+            obj[k] = repr(v)
+        elif isinstance(v, tuple):
+            obj[k] = list(v)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest(spec: QuerySpec) -> bytes:
+    """SHA-256 over the canonical encoding (module docstring)."""
+    return hashlib.sha256(_SPEC_LABEL + canonical_json(spec)).digest()

@@ -1,0 +1,197 @@
+"""Conversions between protobuf messages (mpcdp/proto/party.proto) and protocol objects.
+
+Decoding is strict: a wrong protocol version, a session id of the wrong size, a statistic the
+spec does not know, a data chunk that is not a whole number of 8-byte words or a stream that
+does not start with its header are refused with ProtocolError.
+
+Upload stream: one ``ContributeChunk{header}``, then ``ContributeChunk{data}`` messages each
+holding ``chunk_bytes`` (the last one fewer) of little-endian uint64 words, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from mpcdp import PROTOCOL_VERSION, ring
+from mpcdp.errors import DecodeError, ParameterError, ProtocolError
+from mpcdp.proto import party_pb2 as pb
+from mpcdp.protocol.coordinator import ContributionStream
+from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.party import SESSION_ID_BYTES, Contribution, Proposal
+from mpcdp.protocol.spec import QuerySpec, Statistic
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "check_version",
+    "decode_chunks",
+    "encode_chunks",
+    "key_from_pb",
+    "key_to_pb",
+    "spec_from_pb",
+    "spec_to_pb",
+]
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+MAX_CHUNK_BYTES = 8 << 20
+
+_STAT_TO_PB = {
+    Statistic.SUM: pb.SUM,
+    Statistic.MEAN: pb.MEAN,
+    Statistic.COUNT: pb.COUNT,
+    Statistic.HISTOGRAM: pb.HISTOGRAM,
+}
+_STAT_FROM_PB = {v: k for k, v in _STAT_TO_PB.items()}
+
+
+def check_version(version: int, *, what: str) -> None:
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{what}: protocol version {version} is not supported (this node speaks "
+            f"{PROTOCOL_VERSION})"
+        )
+
+
+def check_session(session_id: bytes) -> bytes:
+    if len(session_id) != SESSION_ID_BYTES:
+        raise ProtocolError(f"session_id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}")
+    return session_id
+
+
+def spec_to_pb(spec: QuerySpec) -> pb.QuerySpec:
+    return pb.QuerySpec(
+        query_id=spec.query_id,
+        dataset=spec.dataset,
+        column=spec.column,
+        statistic=_STAT_TO_PB[spec.statistic],
+        mechanism=spec.mechanism,
+        epsilon=spec.epsilon,
+        delta=spec.delta,
+        frac_bits=spec.frac_bits,
+        parties=list(spec.parties),
+        colluders=spec.colluders,
+        lower=spec.lower,
+        upper=spec.upper,
+        categories=list(spec.categories),
+        max_rows=spec.max_rows,
+        l2_bound=spec.l2_bound,
+    )
+
+
+def spec_from_pb(msg: pb.QuerySpec) -> QuerySpec:
+    if msg.statistic not in _STAT_FROM_PB:
+        raise ProtocolError(f"unknown statistic {msg.statistic}")
+    try:
+        return QuerySpec(
+            query_id=msg.query_id,
+            dataset=msg.dataset,
+            column=msg.column,
+            statistic=_STAT_FROM_PB[msg.statistic],
+            mechanism=msg.mechanism,
+            epsilon=msg.epsilon,
+            delta=msg.delta,
+            frac_bits=msg.frac_bits,
+            parties=tuple(msg.parties),
+            colluders=msg.colluders,
+            lower=msg.lower,
+            upper=msg.upper,
+            categories=tuple(msg.categories),
+            max_rows=msg.max_rows,
+            l2_bound=msg.l2_bound,
+        )
+    except ParameterError as exc:
+        raise ProtocolError(f"invalid query: {exc}") from None
+
+
+def key_to_pb(session_id: bytes, proposal: Proposal) -> pb.ProposeResponse:
+    k = proposal.key
+    return pb.ProposeResponse(
+        version=PROTOCOL_VERSION,
+        session_id=session_id,
+        party_id=k.party_id,
+        public_key=k.public_key,
+        signature=k.signature,
+        certificate=k.certificate,
+        length=proposal.length,
+    )
+
+
+def key_from_pb(msg: pb.ProposeResponse, *, session_id: bytes) -> Proposal:
+    check_version(msg.version, what="ProposeResponse")
+    if msg.session_id != session_id:
+        raise ProtocolError("ProposeResponse for another session")
+    return Proposal(
+        key=SignedKey(
+            party_id=msg.party_id,
+            public_key=msg.public_key,
+            signature=msg.signature,
+            certificate=msg.certificate,
+        ),
+        length=msg.length,
+    )
+
+
+def encode_chunks(
+    session_id: bytes, contribution: Contribution, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.ContributeChunk]:
+    """The upload stream: header, then ``chunk_bytes`` of words per message."""
+    if chunk_bytes <= 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
+        raise ParameterError(
+            "chunk_bytes", chunk_bytes, f"must be a positive multiple of 8, <= {MAX_CHUNK_BYTES}"
+        )
+    words = contribution.words
+    yield pb.ContributeChunk(
+        version=PROTOCOL_VERSION,
+        session_id=session_id,
+        header=pb.ContributionHeader(
+            party_id=contribution.party_id,
+            length=words.size,
+            epsilon_spent=contribution.epsilon_spent,
+            budget_remaining=contribution.budget_remaining,
+        ),
+    )
+    data = np.ascontiguousarray(words, dtype=ring.DTYPE).view(np.uint8).data
+    for start in range(0, len(data), chunk_bytes):
+        yield pb.ContributeChunk(
+            version=PROTOCOL_VERSION,
+            session_id=session_id,
+            data=bytes(data[start : start + chunk_bytes]),
+        )
+
+
+def decode_chunks(
+    messages: Iterable[pb.ContributeChunk], *, session_id: bytes
+) -> ContributionStream:
+    """Strictly decode an upload stream; chunks are decoded lazily as they arrive."""
+    it = iter(messages)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ProtocolError("empty contribution stream (no header)") from None
+    check_version(first.version, what="ContributeChunk")
+    if first.session_id != session_id:
+        raise ProtocolError("contribution stream for another session")
+    if first.WhichOneof("body") != "header":
+        raise ProtocolError("contribution stream does not start with its header")
+    h = first.header
+
+    def chunks() -> Iterator[ring.RingVector]:
+        for msg in it:
+            check_version(msg.version, what="ContributeChunk")
+            if msg.session_id != session_id:
+                raise ProtocolError("contribution chunk for another session")
+            if msg.WhichOneof("body") != "data":
+                raise ProtocolError("a second header in the contribution stream")
+            try:
+                yield ring.from_bytes(msg.data)
+            except DecodeError as exc:
+                raise ProtocolError(f"malformed chunk from {h.party_id!r}: {exc}") from None
+
+    return ContributionStream(
+        party_id=h.party_id,
+        length=h.length,
+        epsilon_spent=h.epsilon_spent,
+        budget_remaining=h.budget_remaining,
+        chunks=chunks(),
+    )

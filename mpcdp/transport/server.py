@@ -1,0 +1,181 @@
+"""The Party gRPC servicer: thin, with every domain error mapped to a status code here.
+
+| error                                  | status code          |
+| AuthError (caller not a coordinator)   | PERMISSION_DENIED    |
+| PolicyError, DataError                 | FAILED_PRECONDITION  |
+| SessionError                           | FAILED_PRECONDITION  |
+| ProtocolError, ParameterError          | INVALID_ARGUMENT     |
+| BudgetExceededError                    | RESOURCE_EXHAUSTED   |
+| LedgerError (query id already answered)| ALREADY_EXISTS       |
+| HeadroomError                          | OUT_OF_RANGE         |
+| anything else                          | INTERNAL (details only in the party's log) |
+
+Messages carry the domain error's text, which names parameters and values but never a share,
+a key or a noise value.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from mpcdp import PROTOCOL_VERSION
+from mpcdp.errors import (
+    AuthError,
+    BudgetExceededError,
+    DataError,
+    HeadroomError,
+    LedgerError,
+    ParameterError,
+    PolicyError,
+    ProtocolError,
+    SessionError,
+)
+from mpcdp.proto import party_pb2 as pb
+from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.party import PartyEngine
+from mpcdp.transport import codec, tls
+
+__all__ = ["PartyServicer", "start_server", "status_for"]
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (AuthError, grpc.StatusCode.PERMISSION_DENIED),
+    (SessionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PolicyError, grpc.StatusCode.FAILED_PRECONDITION),
+    (DataError, grpc.StatusCode.FAILED_PRECONDITION),
+    (BudgetExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LedgerError, grpc.StatusCode.ALREADY_EXISTS),
+    (HeadroomError, grpc.StatusCode.OUT_OF_RANGE),
+    (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ParameterError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the party's log"
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    else:
+        log.warning("%s refused: %s", method, message)
+    context.abort(code, message)
+
+
+def _unary(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: PartyServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # mapped to a status code in one place
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _streaming(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: PartyServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class PartyServicer(pb_grpc.PartyServicer):
+    def __init__(
+        self,
+        engine: PartyEngine,
+        *,
+        coordinators: frozenset[str],
+        describe: Callable[[], list[pb.DatasetInfo]],
+    ) -> None:
+        self._engine = engine
+        self._coordinators = coordinators
+        self._describe = describe
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        name = tls.peer_name(context)
+        if name not in self._coordinators:
+            raise AuthError(
+                f"certificate {name!r} is not a configured coordinator of party "
+                f"{self._engine.party_id!r}"
+            )
+        return name
+
+    @_unary
+    def Describe(
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeResponse:
+        self._caller(context)
+        codec.check_version(request.version, what="DescribeRequest")
+        return pb.DescribeResponse(
+            version=PROTOCOL_VERSION, party_id=self._engine.party_id, datasets=self._describe()
+        )
+
+    @_unary
+    def Propose(
+        self, request: pb.ProposeRequest, context: grpc.ServicerContext
+    ) -> pb.ProposeResponse:
+        caller = self._caller(context)
+        codec.check_version(request.version, what="ProposeRequest")
+        session_id = codec.check_session(request.session_id)
+        spec = codec.spec_from_pb(request.spec)
+        proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
+        return codec.key_to_pb(session_id, proposal)
+
+    @_streaming
+    def Contribute(
+        self, request: pb.ContributeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ContributeChunk]:
+        caller = self._caller(context)
+        codec.check_version(request.version, what="ContributeRequest")
+        session_id = codec.check_session(request.session_id)
+        keys = [codec.key_from_pb(k, session_id=session_id).key for k in request.keys]
+        contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
+        chunk = request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
+        yield from codec.encode_chunks(session_id, contribution, chunk_bytes=chunk)
+
+    @_unary
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
+        caller = self._caller(context)
+        codec.check_version(request.version, what="AbortRequest")
+        self._engine.abort(session_id=codec.check_session(request.session_id), coordinator=caller)
+        return pb.AbortResponse(version=PROTOCOL_VERSION)
+
+
+def start_server(
+    servicer: PartyServicer, *, listen: str, creds: tls.Credentials, max_workers: int = 8
+) -> tuple[grpc.Server, int]:
+    """Start the mTLS server with the Party and health services; return it and its port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="party"),
+        options=tls.GRPC_OPTIONS,
+    )
+    pb_grpc.add_PartyServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_secure_port(listen, tls.server_credentials(creds))
+    if port == 0:
+        raise ParameterError("listen", listen, "could not bind this address")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("mpcdp.proto.Party", health_pb2.HealthCheckResponse.SERVING)
+    return server, port

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Regenerates mpcdp/proto/*_pb2*.py from protos/mpcdp/proto/*.proto (run from the repo root).
+# CI runs this and fails on any diff (tests/test_proto.py), so commit the output.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-.}"
+python -m grpc_tools.protoc -Iprotos --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+  protos/mpcdp/proto/*.proto
