@@ -80,8 +80,9 @@ build_one() {  # name dockerfile tag requirement...
   pip_q download --dest "$ctx/wheels" "${pip_target[@]}" "$@"
   log "$name: $(ls "$ctx/wheels" | wc -l) wheels, $(du -sh "$ctx/wheels" | cut -f1), in $(($(now) - t))s"
   t=$(now)
-  docker build --quiet --file "$HERE/$dockerfile" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    --tag "$tag" "$ctx" >/dev/null
+  docker build --file "$HERE/$dockerfile" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    --tag "$tag" "$ctx" >"$ctx.log" 2>&1 \
+    || { tail -n 40 "$ctx.log" >&2; log "$name: docker build failed (whole log: $ctx.log)"; exit 1; }
   log "$name: built $tag in $(($(now) - t))s ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
 }
 
@@ -89,5 +90,5 @@ if [ "$party" = 1 ]; then
   build_one party Dockerfile "$MPCDP_IMAGE" "$WHEEL"
 fi
 if [ "$train" = 1 ]; then
-  build_one train Dockerfile.train "$MPCDP_TRAIN_IMAGE" "$WHEEL[train]" "torch==$TORCH_VERSION"
+  build_one train Dockerfile.train "$MPCDP_TRAIN_IMAGE" "${WHEEL}[train]" "torch==$TORCH_VERSION"
 fi

@@ -9,6 +9,7 @@ with the validation error, the others keep working), and serves until SIGINT/SIG
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -112,14 +113,18 @@ class PartyNode:
         self.ledger.close()
 
 
+#: After SIGTERM/SIGINT the node must be gone within this many seconds, even if a gRPC
+#: worker thread is stuck (e.g. on a client that stopped reading).
+SHUTDOWN_DEADLINE_S = 15.0
+
+
+def _force_exit() -> None:
+    log.error("shutdown took longer than %.0f s; exiting hard", SHUTDOWN_DEADLINE_S)
+    os._exit(1)
+
+
 def serve(config_path: str | Path, *, port_file: Path | None = None) -> None:
     """Run a party node until SIGINT or SIGTERM."""
-    node = PartyNode(load_party_config(config_path))
-    port = node.start()
-    if port_file is not None:
-        tmp = port_file.with_suffix(port_file.suffix + ".tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(port_file)  # atomic: readers never see a partial file
     done = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -127,7 +132,18 @@ def serve(config_path: str | Path, *, port_file: Path | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    node = PartyNode(load_party_config(config_path))
+    port = node.start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(port_file.suffix + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(port_file)  # atomic: readers never see a partial file
     try:
-        done.wait()
+        while not done.wait(timeout=1.0):
+            pass
     finally:
+        watchdog = threading.Timer(SHUTDOWN_DEADLINE_S, _force_exit)
+        watchdog.daemon = True
+        watchdog.start()
         node.stop()
+        log.info("party %s stopped", node.config.id)

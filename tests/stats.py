@@ -53,3 +53,15 @@ def discrete_gaussian_pmf(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
     span = np.arange(-int(40 * sigma) - 40, int(40 * sigma) + 41)
     z = np.exp(-(span.astype(float) ** 2) / (2 * sigma**2)).sum()
     return lambda k: np.exp(-(k.astype(float) ** 2) / (2 * sigma**2)) / z
+
+
+def assert_uniform_words(words: np.ndarray) -> None:
+    n = words.size
+    bits = np.unpackbits(words.view(np.uint8)).reshape(n, 64)
+    ones = bits.sum(axis=0)
+    # per-bit frequency: two-sided binomial test, Bonferroni over 64 bits
+    z = (ones - n / 2) / np.sqrt(n / 4)
+    p_bits = 2 * stats.norm.sf(np.abs(z))
+    assert p_bits.min() > ALPHA / 64, p_bits.min()
+    counts = np.bincount(words.view(np.uint8), minlength=256)
+    assert stats.chisquare(counts).pvalue > ALPHA

@@ -10,14 +10,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from scipy import stats
 
 from mpcdp import PROTOCOL_VERSION, encoding, prg, ring, sharing
 from mpcdp.dp.mechanisms import Skellam
 from mpcdp.errors import ParameterError
 from mpcdp.rng import csprng
 from mpcdp.simulation import pair_keys_for, simulate_sum
-from tests.stats import ALPHA
+from tests.stats import assert_uniform_words
 
 # ---------------------------------------------------------------- known-answer vectors
 
@@ -227,18 +226,6 @@ def test_share_table_columns_are_uploads_and_rows_are_inputs() -> None:
 # ---------------------------------------------------------------- uniformity of uploads
 
 
-def _assert_uniform_words(words: np.ndarray) -> None:
-    n = words.size
-    bits = np.unpackbits(words.view(np.uint8)).reshape(n, 64)
-    ones = bits.sum(axis=0)
-    # per-bit frequency: two-sided binomial test, Bonferroni over 64 bits
-    z = (ones - n / 2) / np.sqrt(n / 4)
-    p_bits = 2 * stats.norm.sf(np.abs(z))
-    assert p_bits.min() > ALPHA / 64, p_bits.min()
-    counts = np.bincount(words.view(np.uint8), minlength=256)
-    assert stats.chisquare(counts).pvalue > ALPHA
-
-
 @pytest.mark.parametrize("party", [0, 2, 4])
 def test_upload_of_all_zero_input_is_uniform(party: int) -> None:
     n, size = 5, 1 << 17
@@ -247,7 +234,7 @@ def test_upload_of_all_zero_input_is_uniform(party: int) -> None:
     up = sharing.mask(
         np.zeros(size, dtype=np.uint64), party=party, pair_keys=mine, round_id=0, tensor_id=0
     )
-    _assert_uniform_words(up)
+    assert_uniform_words(up)
 
 
 def test_uploads_with_noise_are_uniform_and_an_unmasked_vector_is_not() -> None:
@@ -259,10 +246,10 @@ def test_uploads_with_noise_are_uniform_and_an_unmasked_vector_is_not() -> None:
         rng=csprng(key=bytes(16)),
     )
     for up in rnd.uploads:
-        _assert_uniform_words(up)
+        assert_uniform_words(up)
     # the test has power: a noisy but unmasked share is far from uniform
     noisy = encoding.encode_int(
         Skellam(mu=1e4, l1_sensitivity=1.0, l2_sensitivity=1.0).share(size=1 << 16, honest=2)
     )
     with pytest.raises(AssertionError):
-        _assert_uniform_words(noisy)
+        assert_uniform_words(noisy)

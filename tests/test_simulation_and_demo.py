@@ -82,13 +82,49 @@ def _mpcdp() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "mpcdp.cli"]
 
 
-def test_cli_demo_salary_json() -> None:
+def test_cli_demo_salary_json_runs_four_party_processes() -> None:
     out = subprocess.run(
         [*_mpcdp(), "demo", "salary", "--json"], check=True, capture_output=True, text=True
     )
     report = json.loads(out.stdout)
+    assert report["exact_mean"] == pytest.approx(3171.5)
+    assert report["budget_remaining"] == {"alice": 1.0, "bob": 1.0, "carlos": 1.0, "david": 1.0}
+    assert set(report["observed_words"]) == {"alice", "bob", "carlos", "david"}
+
+
+def test_cli_demo_salary_local_json() -> None:
+    out = subprocess.run(
+        [*_mpcdp(), "demo", "salary", "--local", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(out.stdout)
     assert report["exact_mean"] == 3171.5
     assert set(report["budget_remaining"]) == {"Alice", "Bob", "Carlos", "David"}
+
+
+def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    env = dict(__import__("os").environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [*_mpcdp(), "demo", "salary"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(tmp_path.glob("mpcdp-salary-*/*/port")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130)
+    assert not list(tmp_path.glob("mpcdp-salary-*")), "temporary folder left behind"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps, "party processes left behind"
 
 
 def test_cli_demo_salary_text_and_bad_epsilon() -> None:

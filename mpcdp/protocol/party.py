@@ -122,7 +122,7 @@ class PartyEngine:
         self._rng = rng
         self._clock = clock
         self._sessions: dict[bytes, _Session] = {}
-        self._used: set[bytes] = set()
+        self._closed: dict[bytes, str] = {}  # session id -> why it is closed
         self._lock = threading.Lock()
         self._ledger_lock = threading.Lock()
 
@@ -207,7 +207,7 @@ class PartyEngine:
             )
         with self._lock:
             self._expire()
-            if session_id in self._sessions or session_id in self._used:
+            if session_id in self._sessions or session_id in self._closed:
                 raise SessionError(f"session {session_id.hex()} was already used")
         view, release = self._check_spec(spec)
         with self._ledger_lock:
@@ -248,7 +248,7 @@ class PartyEngine:
             expires=self._clock() + self._ttl,
         )
         with self._lock:
-            if session_id in self._sessions or session_id in self._used:
+            if session_id in self._sessions or session_id in self._closed:
                 raise SessionError(f"session {session_id.hex()} was already used")
             self._sessions[session_id] = session
         log.info(
@@ -266,8 +266,11 @@ class PartyEngine:
             self._expire()
             session = self._sessions.get(session_id)
             if session is None:
-                if session_id in self._used:
+                why = self._closed.get(session_id)
+                if why == "used":
                     raise SessionError(f"session {session_id.hex()} was already used (replay)")
+                if why is not None:
+                    raise SessionError(f"session {session_id.hex()} is closed ({why})")
                 raise SessionError(f"unknown or expired session {session_id.hex()}")
             if session.coordinator != coordinator:
                 raise SessionError(
@@ -275,7 +278,7 @@ class PartyEngine:
                     f"not {coordinator!r}"
                 )
             del self._sessions[session_id]
-            self._used.add(session_id)
+            self._closed[session_id] = "used"
             return session
 
     def contribute(
@@ -341,11 +344,11 @@ class PartyEngine:
             session = self._sessions.get(session_id)
             if session is not None and session.coordinator == coordinator:
                 del self._sessions[session_id]
-                self._used.add(session_id)
+                self._closed[session_id] = "aborted"
                 log.info("session %s: aborted by %s", session_id.hex(), coordinator)
 
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now]:
             del self._sessions[sid]
-            self._used.add(sid)
+            self._closed[sid] = "expired"

@@ -1,0 +1,128 @@
+"""Fixtures: real party nodes (in-process gRPC servers with mTLS) and their certificates."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mpcdp.certs import init_federation
+from mpcdp.config import load_party_config
+from mpcdp.node import PartyNode
+
+PARTIES = ("alice", "bob", "carlos")
+ROWS = {"alice": [3800.0, 100.0], "bob": [2514.0], "carlos": [2982.0, 3390.0]}
+DEPTS = {"alice": ["eng", "ops"], "bob": ["ops"], "carlos": ["eng", "eng"]}
+
+
+@dataclass
+class Net:
+    root: Path
+    nodes: dict[str, PartyNode]
+    federation: Path
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            n.stop(0)
+
+
+def party_toml(
+    p: str,
+    parties: tuple[str, ...],
+    *,
+    budget: float = 3.0,
+    extra: str = "",
+    allow_exact: bool = True,
+    cap: float | None = None,
+) -> str:
+    peers = [q for q in parties if q != p]
+    return (
+        textwrap.dedent(
+            f"""
+        id = "{p}"
+        listen = "127.0.0.1:0"
+        ledger = "{p}.sqlite"
+        [tls]
+        ca = "certs/ca.pem"
+        cert = "certs/{p}.pem"
+        key = "certs/{p}.key"
+        coordinators = ["analyst", "other"]
+        peers = {json.dumps(peers)}
+        [datasets.raises]
+        path = "{p}.csv"
+        epsilon = {budget}
+        delta = 1e-6
+        allow_exact = {str(allow_exact).lower()}
+        {"" if cap is None else f"max_epsilon_per_query = {cap}"}
+        [datasets.raises.columns.raise]
+        lower = 0
+        upper = 5000
+        [datasets.raises.columns.dept]
+        categories = ["eng", "ops"]
+        """
+        )
+        + extra
+    )
+
+
+def write_federation(
+    root: Path, ports: dict[str, int], *, coordinator: str = "analyst", deadline: float = 20
+) -> Path:
+    path = root / f"federation-{coordinator}.toml"
+    path.write_text(
+        f'coordinator = "{coordinator}"\ncolluders = 1\ndeadline_s = {deadline}\n[tls]\n'
+        f'ca = "certs/ca.pem"\ncert = "certs/{coordinator}.pem"\nkey = "certs/{coordinator}.key"\n'
+        + "".join(
+            f'[[parties]]\nid = "{p}"\naddress = "127.0.0.1:{port}"\n' for p, port in ports.items()
+        )
+    )
+    return path
+
+
+def build_net(
+    root: Path,
+    *,
+    budgets: dict[str, float] | None = None,
+    extra: dict[str, str] | None = None,
+    csv_override: dict[str, str] | None = None,
+    allow_exact: dict[str, bool] | None = None,
+    cap: dict[str, float] | None = None,
+    start: bool = True,
+) -> Net:
+    init_federation(out=root / "certs", parties=list(PARTIES), coordinators=["analyst", "other"])
+    nodes = {}
+    for p in PARTIES:
+        text = "raise,dept\n" + "".join(
+            f"{r},{d}\n" for r, d in zip(ROWS[p], DEPTS[p], strict=True)
+        )
+        (root / f"{p}.csv").write_text((csv_override or {}).get(p, text))
+        cfg = root / f"{p}.toml"
+        cfg.write_text(
+            party_toml(
+                p,
+                PARTIES,
+                budget=(budgets or {}).get(p, 3.0),
+                extra=(extra or {}).get(p, ""),
+                allow_exact=(allow_exact or {}).get(p, True),
+                cap=(cap or {}).get(p),
+            )
+        )
+        node = PartyNode(load_party_config(cfg))
+        if start:
+            node.start()
+        nodes[p] = node
+    ports = {p: n.port or 0 for p, n in nodes.items()}
+    return Net(root=root, nodes=nodes, federation=write_federation(root, ports))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Net]:
+    n = build_net(tmp_path)
+    try:
+        yield n
+    finally:
+        n.stop()

@@ -1,0 +1,285 @@
+"""The round protocol without a network: party engines and the coordinator, called directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpcdp import encoding, prg
+from mpcdp.errors import (
+    AuthError,
+    BudgetExceededError,
+    HeadroomError,
+    LedgerError,
+    PolicyError,
+    ProtocolError,
+    RoundAborted,
+    SessionError,
+)
+from mpcdp.protocol.coordinator import ContributionStream, run_round
+from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.party import PartyEngine, Proposal
+from mpcdp.protocol.spec import QuerySpec, Statistic, digest
+from tests.conftest import PARTIES, ROWS, Net, build_net
+from tests.stats import assert_uniform_words
+
+
+class Direct:
+    """A PartyClient that calls a PartyEngine in-process (the in-memory transport)."""
+
+    def __init__(self, engine: PartyEngine, coordinator: str = "analyst") -> None:
+        self.engine, self.coordinator = engine, coordinator
+
+    @property
+    def party_id(self) -> str:
+        return self.engine.party_id
+
+    def propose(self, *, session_id: bytes, spec: QuerySpec) -> Proposal:
+        return self.engine.propose(session_id=session_id, spec=spec, coordinator=self.coordinator)
+
+    def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
+        c = self.engine.contribute(session_id=session_id, keys=keys, coordinator=self.coordinator)
+
+        def chunks() -> Iterator[np.ndarray]:
+            for i in range(0, c.words.size, 7):
+                yield c.words[i : i + 7]
+
+        return ContributionStream(
+            c.party_id, c.words.size, c.epsilon_spent, c.budget_remaining, chunks()
+        )
+
+    def abort(self, *, session_id: bytes, reason: str) -> None:
+        self.engine.abort(session_id=session_id, coordinator=self.coordinator)
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[dict[str, PartyEngine]]:
+    n: Net = build_net(tmp_path, start=False)
+    try:
+        yield {p: node.engine for p, node in n.nodes.items()}
+    finally:
+        n.stop()
+
+
+def spec(**kw: object) -> QuerySpec:
+    base: dict[str, object] = dict(
+        query_id=f"q-{secrets.token_hex(4)}",
+        dataset="raises",
+        column="raise",
+        statistic=Statistic.SUM,
+        mechanism="discrete-laplace",
+        epsilon="0.5",
+        parties=PARTIES,
+        lower=0,
+        upper=5000,
+        frac_bits=8,
+    )
+    base.update(kw)
+    return QuerySpec(**base)  # type: ignore[arg-type]
+
+
+def test_round_over_the_in_memory_transport(engines: dict[str, PartyEngine]) -> None:
+    out = run_round(
+        spec=spec(mechanism="none", epsilon="0"), clients=[Direct(e) for e in engines.values()]
+    )
+    assert out.tensors["sum"][0] == pytest.approx(sum(sum(r) for r in ROWS.values()), abs=0.01)
+
+
+def _propose_all(engines: dict[str, PartyEngine], s: QuerySpec, sid: bytes) -> list[SignedKey]:
+    return [
+        engines[p].propose(session_id=sid, spec=s, coordinator="analyst").key for p in s.parties
+    ]
+
+
+def test_coordinator_that_shows_parties_different_queries_is_caught(
+    engines: dict[str, PartyEngine],
+) -> None:
+    sid = secrets.token_bytes(16)
+    honest = spec()
+    other = dataclasses.replace(honest, epsilon="1")
+    keys = [engines["alice"].propose(session_id=sid, spec=honest, coordinator="analyst").key]
+    keys += [
+        engines[p].propose(session_id=sid, spec=other, coordinator="analyst").key
+        for p in ("bob", "carlos")
+    ]
+    with pytest.raises(ProtocolError, match="does not verify"):
+        engines["alice"].contribute(session_id=sid, keys=keys, coordinator="analyst")
+    assert engines["alice"].ledger.status("raises").queries == 0
+
+
+def test_substituted_ephemeral_key_is_caught(engines: dict[str, PartyEngine]) -> None:
+    sid = secrets.token_bytes(16)
+    keys = _propose_all(engines, spec(), sid)
+    evil = prg.public_bytes(prg.generate_keypair())
+    keys[1] = dataclasses.replace(keys[1], public_key=evil)  # the coordinator's own key for bob
+    with pytest.raises(ProtocolError, match="signed key of 'bob' does not verify"):
+        engines["alice"].contribute(session_id=sid, keys=keys, coordinator="analyst")
+    # a key signed by bob but presented as carlos'
+    keys = _propose_all(engines, spec(), sid2 := secrets.token_bytes(16))
+    keys[2] = dataclasses.replace(keys[1], party_id="carlos")
+    with pytest.raises(AuthError, match="certificate is 'bob'"):
+        engines["alice"].contribute(session_id=sid2, keys=keys, coordinator="analyst")
+
+
+def test_missing_or_extra_keys(engines: dict[str, PartyEngine]) -> None:
+    sid = secrets.token_bytes(16)
+    keys = _propose_all(engines, spec(), sid)
+    with pytest.raises(ProtocolError, match=r"missing \['carlos'\]"):
+        engines["alice"].contribute(session_id=sid, keys=keys[:2], coordinator="analyst")
+
+
+def test_replayed_foreign_and_expired_sessions(engines: dict[str, PartyEngine]) -> None:
+    alice = engines["alice"]
+    sid = secrets.token_bytes(16)
+    keys = _propose_all(engines, spec(), sid)
+    with pytest.raises(SessionError, match="belongs to coordinator 'analyst', not 'other'"):
+        alice.contribute(session_id=sid, keys=keys, coordinator="other")
+    # the foreign attempt does not burn the session for its owner; then a replay is refused
+    alice.contribute(session_id=sid, keys=keys, coordinator="analyst")
+    with pytest.raises(SessionError, match="already used"):
+        alice.contribute(session_id=sid, keys=keys, coordinator="analyst")
+    with pytest.raises(SessionError, match="already used"):
+        alice.propose(session_id=sid, spec=spec(), coordinator="analyst")
+    with pytest.raises(SessionError, match="unknown or expired"):
+        alice.contribute(session_id=secrets.token_bytes(16), keys=keys, coordinator="analyst")
+
+
+def test_session_expiry(engines: dict[str, PartyEngine]) -> None:
+    alice = engines["alice"]
+    now = [0.0]
+    alice._clock = lambda: now[0]  # type: ignore[method-assign]
+    sid = secrets.token_bytes(16)
+    keys = _propose_all(engines, spec(), sid)
+    now[0] = 10_000.0
+    with pytest.raises(SessionError, match="is closed \\(expired\\)"):
+        alice.contribute(session_id=sid, keys=keys, coordinator="analyst")
+
+
+def test_a_query_id_is_answered_once(engines: dict[str, PartyEngine]) -> None:
+    s = spec()
+    run_round(spec=s, clients=[Direct(e) for e in engines.values()])
+    with pytest.raises(RoundAborted) as info:
+        run_round(spec=s, clients=[Direct(e) for e in engines.values()])
+    assert isinstance(info.value.cause, LedgerError) and "already answered" in str(info.value.cause)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "needle"),
+    [
+        (dict(dataset="salaries"), PolicyError, "unknown dataset 'salaries'"),
+        (dict(column="bonus"), PolicyError, "unknown column 'bonus'"),
+        (dict(upper=6000.0), PolicyError, "differ from the declared [0, 5000]"),
+        (
+            dict(statistic=Statistic.HISTOGRAM, column="dept", categories=("eng",)),
+            PolicyError,
+            "categories",
+        ),
+        (dict(statistic=Statistic.SUM, column="dept"), PolicyError, "categorical"),
+        (dict(epsilon="5"), BudgetExceededError, "budget exceeded"),
+        (dict(max_rows=1), PolicyError, "more rows than max_rows=1"),
+        (dict(frac_bits=40, max_rows=10**9), HeadroomError, "overflow the ring"),
+    ],
+)
+def test_policy_refusals(
+    engines: dict[str, PartyEngine], change: dict[str, object], error: type, needle: str
+) -> None:
+    with pytest.raises(error) as info:
+        engines["alice"].propose(
+            session_id=secrets.token_bytes(16), spec=spec(**change), coordinator="analyst"
+        )
+    assert needle in str(info.value)
+    assert engines["alice"].ledger.status("raises").queries == 0
+
+
+def test_max_epsilon_per_query(tmp_path: Path) -> None:
+    n = build_net(tmp_path, start=False, cap={"alice": 0.2})
+    try:
+        with pytest.raises(PolicyError, match=r"exceeds max_epsilon_per_query=0\.2"):
+            n.nodes["alice"].engine.propose(
+                session_id=secrets.token_bytes(16), spec=spec(epsilon="0.3"), coordinator="analyst"
+            )
+    finally:
+        n.stop()
+
+
+def test_what_the_coordinator_receives_from_a_party_is_uniform(tmp_path: Path) -> None:
+    zeros = np.zeros(1 << 16)
+    extra = {}
+    for p in PARTIES:
+        np.save(tmp_path / f"{p}-z.npy", zeros)
+        extra[p] = (
+            f'\n[datasets.z]\npath = "{p}-z.npy"\nepsilon = 50.0\ndelta = 1e-5\n'
+            "allow_exact = true\nl2_bound = 1.0\n"
+        )
+    n = build_net(tmp_path, start=False, extra=extra)
+    try:
+        engines = {p: node.engine for p, node in n.nodes.items()}
+        for mechanism, eps in (("none", "0"), ("skellam", "1")):
+            s = spec(
+                dataset="z",
+                column="",
+                mechanism=mechanism,
+                epsilon=eps,
+                delta=1e-6 if eps != "0" else 0.0,
+                l2_bound=1.0,
+                lower=0,
+                upper=0,
+            )
+            sid = secrets.token_bytes(16)
+            keys = _propose_all(engines, s, sid)
+            for p in PARTIES:
+                words = (
+                    engines[p].contribute(session_id=sid, keys=keys, coordinator="analyst").words
+                )
+                assert_uniform_words(words)
+    finally:
+        n.stop()
+
+
+def test_truncated_or_overlong_streams_abort_the_round(engines: dict[str, PartyEngine]) -> None:
+    class Truncating(Direct):
+        def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
+            good = super().contribute(session_id=session_id, keys=keys)
+            return dataclasses.replace(good, chunks=iter([]))
+
+    class Overlong(Direct):
+        def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
+            good = super().contribute(session_id=session_id, keys=keys)
+            return dataclasses.replace(
+                good, chunks=iter([*good.chunks, np.zeros(1, dtype=np.uint64)])
+            )
+
+    for cls, needle in ((Truncating, "truncated"), (Overlong, "more than")):
+        clients = [Direct(engines["alice"]), Direct(engines["bob"]), cls(engines["carlos"])]
+        with pytest.raises(RoundAborted, match=needle):
+            run_round(spec=spec(), clients=clients)
+
+
+def test_spec_validation_and_digest() -> None:
+    s = spec()
+    assert digest(s) == digest(dataclasses.replace(s))
+    assert digest(s) != digest(dataclasses.replace(s, epsilon="0.25"))
+    for bad, needle in [
+        (dict(mechanism="laplace"), "mechanism"),
+        (dict(parties=("alice",)), "parties"),
+        (dict(parties=("alice", "alice")), "parties"),
+        (dict(colluders=3), "colluders"),
+        (dict(mechanism="skellam"), "delta"),
+        (dict(epsilon="-1"), "epsilon"),
+        (dict(lower=10.0, upper=1.0), "lower"),
+        (dict(statistic=Statistic.HISTOGRAM, categories=()), "categories"),
+        (dict(query_id=""), "query_id"),
+        (dict(lower=float("nan")), "lower"),
+    ]:
+        with pytest.raises(Exception, match=needle):
+            spec(**bad)
+
+
+def test_headroom_is_checked_against_all_parties(engines: dict[str, PartyEngine]) -> None:
+    with pytest.raises(HeadroomError):
+        encoding.check_headroom(n_parties=3, max_abs=5000 * 10**9, frac_bits=30, noise_tail=0)
