@@ -39,7 +39,7 @@ def test_mypy_strict() -> None:
 
 def test_readme_python_example_runs(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    code = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    code = re.findall(r"```python core-example\n(.*?)```", readme, flags=re.S)[0]
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
     assert (tmp_path / "party-a.sqlite").exists()
 
