@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -31,6 +31,7 @@ __all__ = [
     "encode_int",
     "randomized_round",
     "rounded_l2_bound",
+    "to_ring",
 ]
 
 MAX_FRAC_BITS = 52
@@ -72,8 +73,17 @@ def encode_int(x: ArrayLike, *, name: str = "x") -> ring.RingVector:
     return arr.astype(np.int64).reshape(-1).view(np.uint64)
 
 
-def decode_int(v: ring.RingVector) -> NDArray[np.int64]:
-    """Ring words -> signed integers; words >= 2^63 are negative."""
+def to_ring(ints: NDArray[np.int64], *, ring_bits: int = ring.BITS) -> Any:
+    """int64 values -> words of Z_{2^ring_bits} (mod 2^bits; a view when bits = 64)."""
+    if ring_bits == 64:
+        return ints.view(np.uint64)
+    return ints.astype(ring.dtype_for(ring_bits).newbyteorder("="))
+
+
+def decode_int(v: ring.AnyRingVector) -> NDArray[np.int64]:
+    """Ring words -> signed integers; words >= 2^(bits-1) are negative."""
+    if ring.bits_of(v) == 32:
+        return v.reshape(-1).view(np.int32).astype(np.int64)
     return ring.as_ring(v, name="v").view(np.int64)
 
 
@@ -83,7 +93,8 @@ def encode_fixed(
     frac_bits: int,
     rounding: Literal["nearest", "randomized"] = "nearest",
     rng: np.random.Generator | None = None,
-) -> ring.RingVector:
+    ring_bits: int = ring.BITS,
+) -> Any:
     """Reals -> fixed point words with ``frac_bits`` fractional bits.
 
     NaN/inf and values whose encoding leaves the signed 64-bit range are refused with an error
@@ -92,13 +103,15 @@ def encode_fixed(
     _check_frac_bits(frac_bits)
     arr = _finite_float(x, "x")
     scaled = arr * float(1 << frac_bits)
-    too_big = np.abs(scaled) >= float(_SIGNED_LIMIT) / 2
+    ring.dtype_for(ring_bits)
+    too_big = np.abs(scaled) >= float(1 << (ring_bits - 2))
     if too_big.any():
         i = int(np.flatnonzero(too_big)[0])
         raise ParameterError(
             f"x[{i}]",
             float(arr[i]),
-            f"too large for fixed point with frac_bits={frac_bits} (|x|*2^frac_bits >= 2^62)",
+            f"too large for fixed point with frac_bits={frac_bits} "
+            f"(|x|*2^frac_bits >= 2^{ring_bits - 2})",
         )
     if rounding == "nearest":
         ints = np.rint(scaled).astype(np.int64)
@@ -106,13 +119,16 @@ def encode_fixed(
         ints = randomized_round(scaled, rng=rng)
     else:
         raise ParameterError("rounding", rounding, "must be 'nearest' or 'randomized'")
-    return ints.view(np.uint64)
+    return to_ring(ints, ring_bits=ring_bits)
 
 
-def decode_fixed(v: ring.RingVector, *, frac_bits: int) -> NDArray[np.float64]:
+def decode_fixed(v: ring.AnyRingVector, *, frac_bits: int) -> NDArray[np.float64]:
     """Fixed point words -> float64 (two's complement, so words >= 2^63 are negative)."""
     _check_frac_bits(frac_bits)
-    return decode_int(v).astype(np.float64) / float(1 << frac_bits)
+    signed = v.reshape(-1).view(np.int32 if ring.bits_of(v) == 32 else np.int64)
+    out = signed.astype(np.float64)
+    out *= 1.0 / float(1 << frac_bits)  # exact: a power of two
+    return out
 
 
 def rounded_l2_bound(*, l2: float, dim: int, beta: float = math.exp(-0.5)) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from mpcdp.config import FederationConfig, load_federation_config
 from mpcdp.errors import ParameterError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.coordinator import Observer, RoundOutcome, run_round
-from mpcdp.protocol.plan import choose_frac_bits
+from mpcdp.protocol.plan import fit
 from mpcdp.protocol.spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
@@ -191,6 +191,7 @@ class Federation:
         mechanism: str = "discrete-laplace",
         delta: float | None = None,
         frac_bits: int | None = None,
+        ring_bits: int | None = None,
         lower: float | None = None,
         upper: float | None = None,
         categories: Sequence[str] | None = None,
@@ -223,9 +224,8 @@ class Federation:
             categories=tuple(categories or ()) if stat is Statistic.HISTOGRAM else (),
             l2_bound=info.l2_bound if info.kind == "vector" else 0.0,
         )
-        if frac_bits is None:
-            length = int(info.length) if info.kind == "vector" else None
-            spec = replace(spec, frac_bits=choose_frac_bits(spec, vector_length=length))
+        length = int(info.length) if info.kind == "vector" else None
+        spec = fit(spec, vector_length=length, frac_bits=frac_bits, ring_bits=ring_bits)
         return _result(run_round(spec=spec, clients=self._clients, observe=observe))
 
     def sum(

@@ -110,6 +110,7 @@ class PartyNode:
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
+        self.engine.close()
         self.ledger.close()
 
 

@@ -18,6 +18,7 @@ y_i (or any set of them missing at least one honest pair) is uniformly random.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -77,32 +78,41 @@ def pairwise_mask(
     round_id: int,
     tensor_id: int,
     size: int,
-    out: ring.RingVector | None = None,
-) -> ring.RingVector:
+    out: ring.AnyRingVector | None = None,
+    ring_bits: int = ring.BITS,
+) -> Any:
     """sum_{j > party} PRG(k_ij) - sum_{j < party} PRG(k_ij) for (round, tensor).
 
     Keystream is produced 256 KiB at a time into a scratch buffer and added into ``out``, so
     memory is one vector plus the scratch, whatever the number of peers. When ``out`` is given,
-    the mask is added to it in place (``out`` becomes out + mask) and returned.
+    the mask is added to it in place (``out`` becomes out + mask) and returned. Over
+    Z_{2^32} (``ring_bits=32``, or a uint32 ``out``) the same keystream is read as 4-byte
+    words.
     """
     keys = _check_keys(party, pair_keys)
     if size < 0 or size > prg.MAX_STREAM_WORDS:
         raise ParameterError("size", size, "must be in [0, 2^33]")
-    acc = np.zeros(size, dtype=np.uint64) if out is None else ring.as_ring(out, name="out")
+    if out is None:
+        acc = np.zeros(size, dtype=ring.dtype_for(ring_bits).newbyteorder("="))
+    else:
+        ring.bits_of(out)
+        acc = out.reshape(-1)
     if acc.size != size:
         raise ParameterError("out", f"len={acc.size}", f"expected len {size}")
+    word = acc.dtype.itemsize
     ciphers = [
         (peer > party, prg.stream_cipher(key, round_id=round_id, tensor_id=tensor_id))
         for peer, key in keys
     ]
-    scratch = np.empty(_CHUNK_WORDS + 2, dtype=np.uint64)
+    chunk = _CHUNK_WORDS * 8 // word
+    scratch = np.empty(chunk + 16 // word, dtype=acc.dtype)
     scratch_bytes = scratch.view(np.uint8)
-    for start in range(0, size, _CHUNK_WORDS):
-        stop = min(start + _CHUNK_WORDS, size)
+    for start in range(0, size, chunk):
+        stop = min(start + chunk, size)
         n = stop - start
         seg = acc[start:stop]
         for positive, enc in ciphers:
-            prg.fill_keystream(enc, scratch_bytes, 8 * n)
+            prg.fill_keystream(enc, scratch_bytes, word * n)
             if positive:
                 np.add(seg, scratch[:n], out=seg)
             else:
@@ -120,7 +130,7 @@ def mask(
 ) -> ring.RingVector:
     """y = x + pairwise_mask(...): what party ``party`` uploads (a new array; x is untouched)."""
     vec = ring.as_ring(x)
-    return pairwise_mask(
+    out: ring.RingVector = pairwise_mask(
         party=party,
         pair_keys=pair_keys,
         round_id=round_id,
@@ -128,6 +138,7 @@ def mask(
         size=vec.size,
         out=vec.copy(),
     )
+    return out
 
 
 def share_table(

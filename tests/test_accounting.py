@@ -205,3 +205,18 @@ def test_epsilon_must_be_positive_finite(bad: object) -> None:
 def test_float_epsilons_become_their_decimal_value() -> None:
     assert events.exact_epsilon(0.1) == Fraction(1, 10)
     assert events.exact_epsilon("0.3") == Fraction(3, 10)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1e-5, 1e-9])
+def test_rdp_to_epsilon_matches_dp_accounting(delta: float) -> None:
+    ours_orders = list(ORDERS)
+    for curve in (
+        rdp.subsampled_gaussian(sample_rate=0.01, noise_multiplier=1.1) * 1000,
+        rdp.skellam(mu=1e4, l1_sensitivity=300.0, l2_sensitivity=100.0),
+        rdp.gaussian(noise_multiplier=50.0),  # tiny RDP: the KL branch gives 0
+        np.full(len(ORDERS), 1e6),
+    ):
+        ours = rdp.to_epsilon(orders=ours_orders, rdp=curve, delta=delta)
+        theirs = dpa.compute_epsilon(ours_orders, list(curve), delta)
+        assert ours[0] == pytest.approx(float(theirs[0]), rel=1e-12, abs=1e-12)
+        assert ours[1] == theirs[1]

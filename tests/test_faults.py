@@ -104,9 +104,11 @@ def _spec(**kw: object) -> QuerySpec:
 
 def test_party_killed_before_contribute(table_net: LocalFederation) -> None:
     class KillFirst(GrpcPartyClient):
-        def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
+        def contribute(
+            self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+        ) -> ContributionStream:
             table_net.kill("alice")  # dies after Propose, before Contribute
-            return super().contribute(session_id=session_id, keys=keys)
+            return super().contribute(session_id=session_id, keys=keys, ring_bits=ring_bits)
 
     with pytest.raises(RoundAborted) as info:
         run_round(spec=_spec(), clients=_clients(table_net, special={"alice": KillFirst}))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mpcdp.dp import events as ev
+from mpcdp.dp.accountant import compose
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import BudgetExceededError, LedgerError, ParameterError
 
@@ -163,3 +164,18 @@ def test_concurrent_processes_never_overdraw(tmp_path: Path) -> None:
     with BudgetLedger(path) as led:
         st = led.status("d")
         assert st.queries == 1000 and st.pure_epsilon_spent == Fraction(1)
+
+
+def test_rdp_totals_see_charges_made_through_another_connection(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    event = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=10)
+    with BudgetLedger(path) as a, BudgetLedger(path) as b:
+        a.set_budget("d", epsilon=50, delta=1e-6)
+        a.charge(dataset="d", query_id="a1", event=event)
+        first = a.status("d").spent_epsilon  # a caches its RDP total here
+        b.charge(dataset="d", query_id="b1", event=event)
+        b.charge(dataset="d", query_id="b2", event=ev.PureDp(epsilon="0.5"))
+        both = a.status("d")
+        expected = compose([event, event], delta=1e-6).epsilon + 0.5
+        assert both.spent_epsilon == pytest.approx(expected) and both.spent_epsilon > first + 0.5
+        assert both.queries == 3

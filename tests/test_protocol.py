@@ -42,7 +42,9 @@ class Direct:
     def propose(self, *, session_id: bytes, spec: QuerySpec) -> Proposal:
         return self.engine.propose(session_id=session_id, spec=spec, coordinator=self.coordinator)
 
-    def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
+    def contribute(
+        self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+    ) -> ContributionStream:
         c = self.engine.contribute(session_id=session_id, keys=keys, coordinator=self.coordinator)
 
         def chunks() -> Iterator[np.ndarray]:
@@ -243,13 +245,17 @@ def test_what_the_coordinator_receives_from_a_party_is_uniform(tmp_path: Path) -
 
 def test_truncated_or_overlong_streams_abort_the_round(engines: dict[str, PartyEngine]) -> None:
     class Truncating(Direct):
-        def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
-            good = super().contribute(session_id=session_id, keys=keys)
+        def contribute(
+            self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+        ) -> ContributionStream:
+            good = super().contribute(session_id=session_id, keys=keys, ring_bits=ring_bits)
             return dataclasses.replace(good, chunks=iter([]))
 
     class Overlong(Direct):
-        def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
-            good = super().contribute(session_id=session_id, keys=keys)
+        def contribute(
+            self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+        ) -> ContributionStream:
+            good = super().contribute(session_id=session_id, keys=keys, ring_bits=ring_bits)
             return dataclasses.replace(
                 good, chunks=iter([*good.chunks, np.zeros(1, dtype=np.uint64)])
             )

@@ -44,8 +44,12 @@ from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+from numpy.typing import NDArray
+
 from mpcdp.dp import events as ev
-from mpcdp.dp.accountant import compose
+from mpcdp.dp import rdp
+from mpcdp.dp.accountant import compose, rdp_curve
 from mpcdp.errors import BudgetExceededError, LedgerError, ParameterError
 
 __all__ = ["BudgetLedger", "BudgetStatus", "Charge"]
@@ -130,6 +134,7 @@ class BudgetLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._rdp_cache: dict[str, tuple[int, NDArray[np.float64], int]] = {}
         with self._transaction():
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(stmt)
@@ -207,15 +212,7 @@ class BudgetLedger:
             raise ParameterError("dataset", dataset, "has no budget in this ledger")
         budget, delta = Fraction(row[0]), float(row[1])
         pure, queries, exact = Fraction(row[2]), int(row[3]), int(row[4])
-        stored = [
-            ev.decode_event(r[0])
-            for r in self._db.execute(
-                "SELECT event FROM charges WHERE dataset=? AND kind NOT IN (?, ?) ORDER BY rowid",
-                (dataset, ev.PureDp.kind, ev.Exact.kind),
-            )
-        ]
-        # pure and exact parts are in the running totals already
-        rdp_events = [e for e in ev.flatten(stored) if not isinstance(e, ev.PureDp | ev.Exact)]
+        curve, count = self._rdp_total(dataset)
         if extra is not None:
             queries += 1
             for part in ev.flatten([extra]):
@@ -224,11 +221,16 @@ class BudgetLedger:
                 elif isinstance(part, ev.Exact):
                     exact += 1
                 else:
-                    rdp_events.append(part)
+                    curve = curve + rdp_curve(part, orders=rdp.DEFAULT_ORDERS)
+                    count += 1
         rdp_eps = 0.0
-        if rdp_events:
+        if count:
             # An RDP release needs delta > 0; a pure-eps-only budget can never pay for it.
-            rdp_eps = compose(rdp_events, delta=delta).rdp_epsilon if delta > 0 else math.inf
+            rdp_eps = (
+                rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=curve, delta=delta)[0]
+                if delta > 0
+                else math.inf
+            )
         return BudgetStatus(
             dataset=dataset,
             budget_epsilon=budget,
@@ -239,6 +241,26 @@ class BudgetLedger:
             queries=queries,
             exact_releases=exact,
         )
+
+    def _rdp_total(self, dataset: str) -> tuple[NDArray[np.float64], int]:
+        """Sum of the RDP curves of the dataset's committed RDP charges, and their number.
+
+        Rows are only ever appended, so the sum is cached and extended with the rows added
+        since (by this or any other process): a check costs O(new rows), not O(all rows).
+        """
+        last, total, count = self._rdp_cache.get(dataset, (0, np.zeros(len(rdp.DEFAULT_ORDERS)), 0))
+        for rowid, text in self._db.execute(
+            "SELECT rowid, event FROM charges WHERE dataset=? AND kind NOT IN (?, ?) "
+            "AND rowid > ? ORDER BY rowid",
+            (dataset, ev.PureDp.kind, ev.Exact.kind, last),
+        ):
+            for part in ev.flatten([ev.decode_event(text)]):
+                if not isinstance(part, ev.PureDp | ev.Exact):
+                    total = total + rdp_curve(part, orders=rdp.DEFAULT_ORDERS)
+                    count += 1
+            last = rowid
+        self._rdp_cache[dataset] = (last, total, count)
+        return total, count
 
     @staticmethod
     def _within(status: BudgetStatus) -> bool:

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mpcdp/proto/party.proto\x12\x0bmpcdp.proto\"\xa9\x02\n\tQuerySpec\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12)\n\tstatistic\x18\x04 \x01(\x0e\x32\x16.mpcdp.proto.Statistic\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x11\n\tfrac_bits\x18\x08 \x01(\r\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x11\n\tcolluders\x18\n \x01(\r\x12\r\n\x05lower\x18\x0b \x01(\x01\x12\r\n\x05upper\x18\x0c \x01(\x01\x12\x12\n\ncategories\x18\r \x03(\t\x12\x10\n\x08max_rows\x18\x0e \x01(\x04\x12\x10\n\x08l2_bound\x18\x0f \x01(\x01\"[\n\x0eProposeRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12$\n\x04spec\x18\x03 \x01(\x0b\x32\x16.mpcdp.proto.QuerySpec\"\x94\x01\n\x0fProposeResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x10\n\x08party_id\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x06 \x01(\x0c\x12\x0e\n\x06length\x18\x07 \x01(\x04\"y\n\x11\x43ontributeRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12*\n\x04keys\x18\x03 \x03(\x0b\x32\x1c.mpcdp.proto.ProposeResponse\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"g\n\x12\x43ontributionHeader\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x15\n\repsilon_spent\x18\x03 \x01(\t\x12\x18\n\x10\x62udget_remaining\x18\x04 \x01(\x01\"\x81\x01\n\x0f\x43ontributeChunk\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x31\n\x06header\x18\x03 \x01(\x0b\x32\x1f.mpcdp.proto.ContributionHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\"\n\x0f\x44\x65scribeRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\"L\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\x01\x12\r\n\x05upper\x18\x03 \x01(\x01\x12\x12\n\ncategories\x18\x04 \x03(\t\"\xcc\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x17.mpcdp.proto.ColumnInfo\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x10\n\x08l2_bound\x18\x05 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x06 \x01(\x01\x12\x19\n\x11remaining_epsilon\x18\x07 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x08 \x01(\x01\x12\x13\n\x0b\x61llow_exact\x18\t \x01(\x08\"a\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x08party_id\x18\x02 \x01(\t\x12*\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x18.mpcdp.proto.DatasetInfo\"C\n\x0c\x41\x62ortRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x0e\n\x06reason\x18\x03 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07version\x18\x01 \x01(\r*S\n\tStatistic\x12\x19\n\x15STATISTIC_UNSPECIFIED\x10\x00\x12\x07\n\x03SUM\x10\x01\x12\x08\n\x04MEAN\x10\x02\x12\t\n\x05\x43OUNT\x10\x03\x12\r\n\tHISTOGRAM\x10\x04\x32\xa4\x02\n\x05Party\x12G\n\x08\x44\x65scribe\x12\x1c.mpcdp.proto.DescribeRequest\x1a\x1d.mpcdp.proto.DescribeResponse\x12\x44\n\x07Propose\x12\x1b.mpcdp.proto.ProposeRequest\x1a\x1c.mpcdp.proto.ProposeResponse\x12L\n\nContribute\x12\x1e.mpcdp.proto.ContributeRequest\x1a\x1c.mpcdp.proto.ContributeChunk0\x01\x12>\n\x05\x41\x62ort\x12\x19.mpcdp.proto.AbortRequest\x1a\x1a.mpcdp.proto.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mpcdp/proto/party.proto\x12\x0bmpcdp.proto\"\xbc\x02\n\tQuerySpec\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12)\n\tstatistic\x18\x04 \x01(\x0e\x32\x16.mpcdp.proto.Statistic\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x11\n\tfrac_bits\x18\x08 \x01(\r\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x11\n\tcolluders\x18\n \x01(\r\x12\r\n\x05lower\x18\x0b \x01(\x01\x12\r\n\x05upper\x18\x0c \x01(\x01\x12\x12\n\ncategories\x18\r \x03(\t\x12\x10\n\x08max_rows\x18\x0e \x01(\x04\x12\x10\n\x08l2_bound\x18\x0f \x01(\x01\x12\x11\n\tring_bits\x18\x10 \x01(\r\"[\n\x0eProposeRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12$\n\x04spec\x18\x03 \x01(\x0b\x32\x16.mpcdp.proto.QuerySpec\"\x94\x01\n\x0fProposeResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x10\n\x08party_id\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x06 \x01(\x0c\x12\x0e\n\x06length\x18\x07 \x01(\x04\"y\n\x11\x43ontributeRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12*\n\x04keys\x18\x03 \x03(\x0b\x32\x1c.mpcdp.proto.ProposeResponse\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"g\n\x12\x43ontributionHeader\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x15\n\repsilon_spent\x18\x03 \x01(\t\x12\x18\n\x10\x62udget_remaining\x18\x04 \x01(\x01\"\x81\x01\n\x0f\x43ontributeChunk\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x31\n\x06header\x18\x03 \x01(\x0b\x32\x1f.mpcdp.proto.ContributionHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\"\n\x0f\x44\x65scribeRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\"L\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\x01\x12\r\n\x05upper\x18\x03 \x01(\x01\x12\x12\n\ncategories\x18\x04 \x03(\t\"\xcc\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x17.mpcdp.proto.ColumnInfo\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x10\n\x08l2_bound\x18\x05 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x06 \x01(\x01\x12\x19\n\x11remaining_epsilon\x18\x07 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x08 \x01(\x01\x12\x13\n\x0b\x61llow_exact\x18\t \x01(\x08\"a\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x08party_id\x18\x02 \x01(\t\x12*\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x18.mpcdp.proto.DatasetInfo\"C\n\x0c\x41\x62ortRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x0e\n\x06reason\x18\x03 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07version\x18\x01 \x01(\r*S\n\tStatistic\x12\x19\n\x15STATISTIC_UNSPECIFIED\x10\x00\x12\x07\n\x03SUM\x10\x01\x12\x08\n\x04MEAN\x10\x02\x12\t\n\x05\x43OUNT\x10\x03\x12\r\n\tHISTOGRAM\x10\x04\x32\xa4\x02\n\x05Party\x12G\n\x08\x44\x65scribe\x12\x1c.mpcdp.proto.DescribeRequest\x1a\x1d.mpcdp.proto.DescribeResponse\x12\x44\n\x07Propose\x12\x1b.mpcdp.proto.ProposeRequest\x1a\x1c.mpcdp.proto.ProposeResponse\x12L\n\nContribute\x12\x1e.mpcdp.proto.ContributeRequest\x1a\x1c.mpcdp.proto.ContributeChunk0\x01\x12>\n\x05\x41\x62ort\x12\x19.mpcdp.proto.AbortRequest\x1a\x1a.mpcdp.proto.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mpcdp.proto.party_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATISTIC']._serialized_start=1467
-  _globals['_STATISTIC']._serialized_end=1550
+  _globals['_STATISTIC']._serialized_start=1486
+  _globals['_STATISTIC']._serialized_end=1569
   _globals['_QUERYSPEC']._serialized_start=41
-  _globals['_QUERYSPEC']._serialized_end=338
-  _globals['_PROPOSEREQUEST']._serialized_start=340
-  _globals['_PROPOSEREQUEST']._serialized_end=431
-  _globals['_PROPOSERESPONSE']._serialized_start=434
-  _globals['_PROPOSERESPONSE']._serialized_end=582
-  _globals['_CONTRIBUTEREQUEST']._serialized_start=584
-  _globals['_CONTRIBUTEREQUEST']._serialized_end=705
-  _globals['_CONTRIBUTIONHEADER']._serialized_start=707
-  _globals['_CONTRIBUTIONHEADER']._serialized_end=810
-  _globals['_CONTRIBUTECHUNK']._serialized_start=813
-  _globals['_CONTRIBUTECHUNK']._serialized_end=942
-  _globals['_DESCRIBEREQUEST']._serialized_start=944
-  _globals['_DESCRIBEREQUEST']._serialized_end=978
-  _globals['_COLUMNINFO']._serialized_start=980
-  _globals['_COLUMNINFO']._serialized_end=1056
-  _globals['_DATASETINFO']._serialized_start=1059
-  _globals['_DATASETINFO']._serialized_end=1263
-  _globals['_DESCRIBERESPONSE']._serialized_start=1265
-  _globals['_DESCRIBERESPONSE']._serialized_end=1362
-  _globals['_ABORTREQUEST']._serialized_start=1364
-  _globals['_ABORTREQUEST']._serialized_end=1431
-  _globals['_ABORTRESPONSE']._serialized_start=1433
-  _globals['_ABORTRESPONSE']._serialized_end=1465
-  _globals['_PARTY']._serialized_start=1553
-  _globals['_PARTY']._serialized_end=1845
+  _globals['_QUERYSPEC']._serialized_end=357
+  _globals['_PROPOSEREQUEST']._serialized_start=359
+  _globals['_PROPOSEREQUEST']._serialized_end=450
+  _globals['_PROPOSERESPONSE']._serialized_start=453
+  _globals['_PROPOSERESPONSE']._serialized_end=601
+  _globals['_CONTRIBUTEREQUEST']._serialized_start=603
+  _globals['_CONTRIBUTEREQUEST']._serialized_end=724
+  _globals['_CONTRIBUTIONHEADER']._serialized_start=726
+  _globals['_CONTRIBUTIONHEADER']._serialized_end=829
+  _globals['_CONTRIBUTECHUNK']._serialized_start=832
+  _globals['_CONTRIBUTECHUNK']._serialized_end=961
+  _globals['_DESCRIBEREQUEST']._serialized_start=963
+  _globals['_DESCRIBEREQUEST']._serialized_end=997
+  _globals['_COLUMNINFO']._serialized_start=999
+  _globals['_COLUMNINFO']._serialized_end=1075
+  _globals['_DATASETINFO']._serialized_start=1078
+  _globals['_DATASETINFO']._serialized_end=1282
+  _globals['_DESCRIBERESPONSE']._serialized_start=1284
+  _globals['_DESCRIBERESPONSE']._serialized_end=1381
+  _globals['_ABORTREQUEST']._serialized_start=1383
+  _globals['_ABORTREQUEST']._serialized_end=1450
+  _globals['_ABORTRESPONSE']._serialized_start=1452
+  _globals['_ABORTRESPONSE']._serialized_end=1484
+  _globals['_PARTY']._serialized_start=1572
+  _globals['_PARTY']._serialized_end=1864
 # @@protoc_insertion_point(module_scope)

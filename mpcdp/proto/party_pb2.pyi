@@ -21,7 +21,7 @@ COUNT: Statistic
 HISTOGRAM: Statistic
 
 class QuerySpec(_message.Message):
-    __slots__ = ("query_id", "dataset", "column", "statistic", "mechanism", "epsilon", "delta", "frac_bits", "parties", "colluders", "lower", "upper", "categories", "max_rows", "l2_bound")
+    __slots__ = ("query_id", "dataset", "column", "statistic", "mechanism", "epsilon", "delta", "frac_bits", "parties", "colluders", "lower", "upper", "categories", "max_rows", "l2_bound", "ring_bits")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class QuerySpec(_message.Message):
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     L2_BOUND_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     dataset: str
     column: str
@@ -52,7 +53,8 @@ class QuerySpec(_message.Message):
     categories: _containers.RepeatedScalarFieldContainer[str]
     max_rows: int
     l2_bound: float
-    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., column: _Optional[str] = ..., statistic: _Optional[_Union[Statistic, str]] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[str] = ..., delta: _Optional[float] = ..., frac_bits: _Optional[int] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ..., max_rows: _Optional[int] = ..., l2_bound: _Optional[float] = ...) -> None: ...
+    ring_bits: int
+    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., column: _Optional[str] = ..., statistic: _Optional[_Union[Statistic, str]] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[str] = ..., delta: _Optional[float] = ..., frac_bits: _Optional[int] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ..., max_rows: _Optional[int] = ..., l2_bound: _Optional[float] = ..., ring_bits: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("version", "session_id", "spec")

@@ -44,7 +44,7 @@ class ContributionStream:
     length: int
     epsilon_spent: str
     budget_remaining: float
-    chunks: Iterator[ring.RingVector]
+    chunks: Iterator[ring.AnyRingVector]
 
 
 class PartyClient(Protocol):
@@ -55,7 +55,9 @@ class PartyClient(Protocol):
 
     def propose(self, *, session_id: bytes, spec: QuerySpec) -> Proposal: ...
 
-    def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream: ...
+    def contribute(
+        self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+    ) -> ContributionStream: ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
 
@@ -73,12 +75,12 @@ class RoundOutcome:
 
 #: Called with (party id, chunk) for every chunk received: lets a demo show what the
 #: coordinator sees (masked words). Never called with anything unmasked.
-Observer = Callable[[str, ring.RingVector], None]
+Observer = Callable[[str, ring.AnyRingVector], None]
 
 
 def _accumulate(
     stream: ContributionStream,
-    total: ring.RingVector,
+    total: ring.AnyRingVector,
     lock: threading.Lock,
     expected: str,
     observe: Observer | None,
@@ -141,11 +143,13 @@ def run_round(
             for p, pid in zip(proposals, spec.parties, strict=True):
                 if p.key.party_id != pid:
                     raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
-            total = np.zeros(length, dtype=np.uint64)
+            total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
             lock = threading.Lock()
 
             def contribute(client: PartyClient) -> float:
-                stream = client.contribute(session_id=session_id, keys=keys)
+                stream = client.contribute(
+                    session_id=session_id, keys=keys, ring_bits=spec.ring_bits
+                )
                 return _accumulate(stream, total, lock, client.party_id, observe)
 
             remaining = list(pool.map(contribute, ordered))

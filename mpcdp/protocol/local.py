@@ -18,7 +18,10 @@ from mpcdp.errors import ParameterError
 from mpcdp.protocol.plan import ReleasePlan
 from mpcdp.protocol.spec import Statistic
 
-__all__ = ["clip_l2", "local_words"]
+__all__ = ["add_local_words", "clip_l2", "local_words"]
+
+# Encode in slices of this many values: temporaries stay small whatever the vector length.
+_SLICE = 1 << 20
 
 
 def clip_l2(x: NDArray[np.float64], bound: float) -> NDArray[np.float64]:
@@ -46,10 +49,31 @@ def _values(plan: ReleasePlan, data: Table | Vector) -> list[NDArray[np.float64]
     return [np.array([(col - mid).sum()]), np.array([float(data.rows)])]
 
 
-def local_words(plan: ReleasePlan, data: Table | Vector) -> ring.RingVector:
+def local_words(plan: ReleasePlan, data: Table | Vector) -> ring.AnyRingVector:
     """The party's encoded local tensors, concatenated in plan order."""
-    parts = [
-        encoding.encode_fixed(v, frac_bits=t.frac_bits)
-        for v, t in zip(_values(plan, data), plan.tensors, strict=True)
-    ]
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    out = np.zeros(plan.length, dtype=ring.dtype_for(plan.spec.ring_bits).newbyteorder("="))
+    add_local_words(plan, data, out)
+    return out
+
+
+def add_local_words(plan: ReleasePlan, data: Table | Vector, out: ring.AnyRingVector) -> None:
+    """out += the party's encoded local tensors (in place, slice by slice, mod 2^64)."""
+    if out.size != plan.length:
+        raise ParameterError("out", f"len={out.size}", f"expected {plan.length}")
+    if isinstance(data, Vector):
+        # clip and encode in one pass: x * (clip factor * 2^f), rounded to nearest
+        x = data.values
+        norm = float(np.linalg.norm(x))
+        factor = 1.0 if norm <= plan.spec.l2_bound else plan.spec.l2_bound / norm
+        scale = factor * float(1 << plan.tensors[0].frac_bits)
+        for start in range(0, x.size, _SLICE):
+            seg = out[start : start + _SLICE]
+            enc = np.rint(x[start : start + _SLICE] * scale).astype(np.int64).astype(out.dtype)
+            np.add(seg, enc, out=seg)
+        return
+    offset = 0
+    for v, t in zip(_values(plan, data), plan.tensors, strict=True):
+        seg = out[offset : offset + t.length]
+        enc = encoding.encode_fixed(v, frac_bits=t.frac_bits, ring_bits=plan.spec.ring_bits)
+        np.add(seg, enc, out=seg)
+        offset += t.length

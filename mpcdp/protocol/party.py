@@ -24,8 +24,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 from cryptography import x509
@@ -45,7 +46,8 @@ from mpcdp.errors import (
     SessionError,
 )
 from mpcdp.protocol import identity
-from mpcdp.protocol.local import local_words
+from mpcdp.protocol.local import add_local_words
+from mpcdp.protocol.noise_pool import NoisePool
 from mpcdp.protocol.plan import ReleasePlan, plan
 from mpcdp.protocol.spec import QuerySpec, Statistic, digest
 
@@ -54,6 +56,7 @@ __all__ = ["SESSION_ID_BYTES", "Contribution", "DatasetView", "PartyEngine", "Pr
 log = logging.getLogger(__name__)
 
 SESSION_ID_BYTES = 16
+_NOISE_SLICE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,36 @@ class Contribution:
     party_id: str
     epsilon_spent: str
     budget_remaining: float
-    words: ring.RingVector
+    words: ring.AnyRingVector
+
+
+def _pool_key(spec: QuerySpec) -> QuerySpec:
+    """Everything that determines a party's noisy vector: the spec without its query id."""
+    return replace(spec, query_id="*")
+
+
+def _builder(release: ReleasePlan, data: Table | Vector) -> Callable[[np.random.Generator], Any]:
+    """noise share + encoded local statistic, in the ring of the query."""
+
+    spec = release.spec
+    dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
+
+    def build(rng: np.random.Generator) -> Any:
+        noisy = np.empty(release.length, dtype=dtype)
+        offset = 0
+        for t in release.tensors:
+            # i.i.d. coordinates: drawing in slices keeps the temporaries small
+            for start in range(0, t.length, _NOISE_SLICE):
+                n = min(_NOISE_SLICE, t.length - start)
+                share = t.mechanism.share(size=n, honest=spec.honest, rng=rng)
+                noisy[offset + start : offset + start + n] = encoding.to_ring(
+                    share, ring_bits=spec.ring_bits
+                )
+            offset += t.length
+        add_local_words(release, data, noisy)
+        return noisy
+
+    return build
 
 
 @dataclass
@@ -90,7 +122,7 @@ class _Session:
     plan: ReleasePlan
     private_key: X25519PrivateKey
     public: identity.SignedKey
-    noisy: ring.RingVector  # local statistic + noise share, unmasked: never leaves unmasked
+    noisy: ring.AnyRingVector  # local statistic + noise share; never leaves unmasked
     expires: float
 
 
@@ -119,10 +151,11 @@ class PartyEngine:
         self._signing_key = signing_key
         self._peers = frozenset(peers) | {party_id}
         self._ttl = session_ttl_s
-        self._rng = rng
         self._clock = clock
+        self._noise = NoisePool(rng=rng)
         self._sessions: dict[bytes, _Session] = {}
         self._closed: dict[bytes, str] = {}  # session id -> why it is closed
+        self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         self._lock = threading.Lock()
         self._ledger_lock = threading.Lock()
 
@@ -220,15 +253,7 @@ class PartyEngine:
                 coordinator,
             )
         assert view.data is not None  # checked in _check_spec
-        words = local_words(release, view.data)
-        noise = np.concatenate(
-            [
-                t.mechanism.share(size=t.length, honest=spec.honest, rng=self._rng)
-                for t in release.tensors
-            ]
-        )
-        noisy = ring.add(words, encoding.encode_int(noise))
-        del noise
+        noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
         private_key = prg.generate_keypair()
         signed = identity.sign_key(
             signing_key=self._signing_key,
@@ -331,6 +356,10 @@ class PartyEngine:
             size=session.noisy.size,
             out=session.noisy,
         )
+        with self._lock:
+            self._finished[session_id] = session.plan
+            while len(self._finished) > 64:  # uploads that never reported back
+                self._finished.pop(next(iter(self._finished)))
         log.info("session %s: contributed %d words", session_id.hex(), upload.size)
         return Contribution(
             party_id=self.party_id,
@@ -338,6 +367,22 @@ class PartyEngine:
             budget_remaining=status.remaining_epsilon,
             words=upload,
         )
+
+    def round_finished(self, *, session_id: bytes) -> None:
+        """Called by the transport once the upload of ``session_id`` has been sent: build the
+        noisy vector for a next round with the same parameters, off the request path."""
+        with self._lock:
+            release = self._finished.pop(session_id, None)
+        view = self.datasets.get(release.spec.dataset) if release is not None else None
+        if release is not None and view is not None and view.data is not None:
+            nbytes = release.length * release.spec.ring_bits // 8
+            self._noise.prepare(
+                _pool_key(release.spec), _builder(release, view.data), nbytes=nbytes
+            )
+
+    def close(self) -> None:
+        """Stop the background noise generation."""
+        self._noise.close()
 
     def abort(self, *, session_id: bytes, coordinator: str) -> None:
         with self._lock:

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from mpcdp import encoding
 from mpcdp.dp import accountant, events, rdp
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Mechanism, NoNoise, Skellam
-from mpcdp.errors import ParameterError
+from mpcdp.errors import HeadroomError, ParameterError
 from mpcdp.protocol.spec import QuerySpec, Statistic
 
-__all__ = ["ReleasePlan", "TensorPlan", "plan"]
+__all__ = ["ReleasePlan", "TensorPlan", "choose_frac_bits", "fit", "plan"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class ReleasePlan:
                 max_abs=t.max_abs,
                 frac_bits=t.frac_bits,
                 noise_tail=t.mechanism.tail_bound(n_parties=n, honest=h),
+                ring_bits=self.spec.ring_bits,
             )
 
 
@@ -179,20 +180,54 @@ MAX_NOISE_STD_RING = float(1 << 26)
 def choose_frac_bits(
     spec: QuerySpec, *, vector_length: int | None = None, max_frac_bits: int | None = None
 ) -> int:
-    """The largest frac_bits <= max (default: spec.frac_bits) whose noise fits the ring well.
+    """The largest frac_bits <= max (default: spec.frac_bits) whose round fits the ring.
 
-    More fractional bits than the noise can resolve only cost headroom: at eps = 1 and
-    bounds [0, 5000] the noise std is thousands, so 2^-16 resolution is meaningless.
+    "Fits" means the headroom check passes in spec.ring_bits and the total noise std stays
+    below MAX_NOISE_STD_RING. More fractional bits than the noise can resolve only cost
+    headroom: at eps = 1 and bounds [0, 5000] the noise std is thousands, so 2^-16 resolution
+    is meaningless. Raises HeadroomError when not even frac_bits = 0 fits.
     """
-    from dataclasses import replace
 
     top = spec.frac_bits if max_frac_bits is None else max_frac_bits
     n, h = len(spec.parties), spec.honest
+    last: Exception | None = None
     for f in range(top, -1, -1):
         candidate = plan(replace(spec, frac_bits=f), vector_length=vector_length)
         worst = max(
             math.sqrt(t.mechanism.total_variance(n_parties=n, honest=h)) for t in candidate.tensors
         )
-        if worst <= MAX_NOISE_STD_RING:
-            return f
-    return 0
+        if worst > MAX_NOISE_STD_RING:
+            continue
+        try:
+            candidate.check_headroom()
+        except HeadroomError as exc:
+            last = exc
+            continue
+        return f
+    raise last or HeadroomError(f"no frac_bits in [0, {top}] fits the ring for {spec.query_id}")
+
+
+#: Vector sums use Z_2^32 (half the bytes) when at least this many fractional bits fit.
+MIN_FRAC_BITS_32 = 8
+
+
+def fit(
+    spec: QuerySpec, *, vector_length: int | None, frac_bits: int | None, ring_bits: int | None
+) -> QuerySpec:
+    """Choose the ring and the fixed point: explicit values win; otherwise vector sums try
+    Z_2^32 first, everything else uses Z_2^64, and frac_bits is the largest that fits."""
+    candidates = [ring_bits] if ring_bits is not None else ([32, 64] if vector_length else [64])
+    last: Exception | None = None
+    for bits in candidates:
+        trial = replace(spec, ring_bits=bits)
+        if frac_bits is not None:
+            return replace(trial, frac_bits=frac_bits)
+        try:
+            f = choose_frac_bits(trial, vector_length=vector_length)
+        except HeadroomError as exc:
+            last = exc
+            continue
+        if bits == 32 and ring_bits is None and f < MIN_FRAC_BITS_32:
+            continue
+        return replace(trial, frac_bits=f)
+    raise last or HeadroomError(f"query {spec.query_id} does not fit the ring")

@@ -57,6 +57,7 @@ class QuerySpec:
     categories: tuple[str, ...] = field(default_factory=tuple)
     max_rows: int = DEFAULT_MAX_ROWS
     l2_bound: float = 0.0
+    ring_bits: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.query_id, str) or not 1 <= len(self.query_id) <= 128:
@@ -108,6 +109,8 @@ class QuerySpec:
             raise ParameterError("categories", [], "a histogram needs its categories")
         if len(set(self.categories)) != len(self.categories):
             raise ParameterError("categories", list(self.categories), "must be distinct")
+        if self.ring_bits not in (32, 64):
+            raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
         if not isinstance(self.max_rows, int) or not 1 <= self.max_rows < 2**63:
             raise ParameterError("max_rows", self.max_rows, "must be an int in [1, 2^63)")
 

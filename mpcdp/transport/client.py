@@ -78,7 +78,9 @@ class GrpcPartyClient:
         )
         return codec.key_from_pb(self._call(self._stub.Propose, req), session_id=session_id)
 
-    def contribute(self, *, session_id: bytes, keys: Sequence[SignedKey]) -> ContributionStream:
+    def contribute(
+        self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+    ) -> ContributionStream:
         req = pb.ContributeRequest(
             version=PROTOCOL_VERSION,
             session_id=session_id,
@@ -103,7 +105,7 @@ class GrpcPartyClient:
             except grpc.RpcError as err:
                 raise self._error(err) from None
 
-        return codec.decode_chunks(guarded(), session_id=session_id)
+        return codec.decode_chunks(guarded(), session_id=session_id, ring_bits=ring_bits)
 
     def abort(self, *, session_id: bytes, reason: str) -> None:
         req = pb.AbortRequest(version=PROTOCOL_VERSION, session_id=session_id, reason=reason)

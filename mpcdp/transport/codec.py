@@ -5,7 +5,8 @@ spec does not know, a data chunk that is not a whole number of 8-byte words or a
 does not start with its header are refused with ProtocolError.
 
 Upload stream: one ``ContributeChunk{header}``, then ``ContributeChunk{data}`` messages each
-holding ``chunk_bytes`` (the last one fewer) of little-endian uint64 words, in order.
+holding ``chunk_bytes`` (the last one fewer) of little-endian words, in order: uint64, or
+uint32 for queries over Z_{2^32}.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def spec_to_pb(spec: QuerySpec) -> pb.QuerySpec:
         categories=list(spec.categories),
         max_rows=spec.max_rows,
         l2_bound=spec.l2_bound,
+        ring_bits=spec.ring_bits,
     )
 
 
@@ -99,6 +101,7 @@ def spec_from_pb(msg: pb.QuerySpec) -> QuerySpec:
             categories=tuple(msg.categories),
             max_rows=msg.max_rows,
             l2_bound=msg.l2_bound,
+            ring_bits=msg.ring_bits or 64,
         )
     except ParameterError as exc:
         raise ProtocolError(f"invalid query: {exc}") from None
@@ -151,7 +154,9 @@ def encode_chunks(
             budget_remaining=contribution.budget_remaining,
         ),
     )
-    data = np.ascontiguousarray(words, dtype=ring.DTYPE).view(np.uint8).data
+    data = (
+        np.ascontiguousarray(words, dtype=ring.dtype_for(ring.bits_of(words))).view(np.uint8).data
+    )
     for start in range(0, len(data), chunk_bytes):
         yield pb.ContributeChunk(
             version=PROTOCOL_VERSION,
@@ -161,7 +166,7 @@ def encode_chunks(
 
 
 def decode_chunks(
-    messages: Iterable[pb.ContributeChunk], *, session_id: bytes
+    messages: Iterable[pb.ContributeChunk], *, session_id: bytes, ring_bits: int = 64
 ) -> ContributionStream:
     """Strictly decode an upload stream; chunks are decoded lazily as they arrive."""
     it = iter(messages)
@@ -184,7 +189,7 @@ def decode_chunks(
             if msg.WhichOneof("body") != "data":
                 raise ProtocolError("a second header in the contribution stream")
             try:
-                yield ring.from_bytes(msg.data)
+                yield ring.from_bytes(msg.data, copy=False, bits=ring_bits)
             except DecodeError as exc:
                 raise ProtocolError(f"malformed chunk from {h.party_id!r}: {exc}") from None
 

@@ -152,6 +152,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
         chunk = request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         yield from codec.encode_chunks(session_id, contribution, chunk_bytes=chunk)
+        self._engine.round_finished(session_id=session_id)
 
     @_unary
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:

@@ -1,0 +1,90 @@
+"""Noisy local vectors built ahead of time, off the request path (DESIGN.md, "Distributed
+noise": "generate noise ahead of the request path").
+
+What a party uploads is ``mask + (noise share + local statistic)``. The part in parentheses
+depends only on the party's (static) data and the query's parameters, so the party keeps at
+most one ready vector per parameter set: a round takes the ready vector (or, on a miss,
+builds one synchronously), and once the round's upload has been sent, :meth:`prepare` builds
+the next one in a background thread, so that a later round with the same parameters
+(a repeated dashboard query, training rounds with a fixed plan) finds it ready and does not
+compete with it for the CPU.
+
+Each vector holds a fresh noise share, is handed to exactly one round and is never kept or
+reused after that. Memory is bounded by ``max_entries`` and ``max_bytes``; the least
+recently used parameters are dropped first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from mpcdp.rng import csprng, ensure_rng
+
+__all__ = ["Builder", "NoisePool"]
+
+log = logging.getLogger(__name__)
+
+#: Builds one vector from a CSPRNG; called in the foreground (miss) or the background.
+Builder = Callable[[np.random.Generator], np.ndarray]
+
+
+class NoisePool:
+    def __init__(
+        self,
+        *,
+        rng: np.random.Generator | None = None,
+        max_entries: int = 4,
+        max_bytes: int = 1 << 30,
+    ) -> None:
+        # the foreground and the background thread never share a Generator
+        self._rng = ensure_rng(rng)
+        self._bg_rng = csprng() if rng is None else ensure_rng(rng)
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._ready: OrderedDict[Hashable, tuple[int, Future[np.ndarray]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, key: Hashable, build: Builder) -> np.ndarray:
+        """A fresh vector for ``key``: the ready one, or one built now."""
+        with self._lock:
+            entry = self._ready.pop(key, None)
+        if entry is not None:
+            try:
+                vec = entry[1].result()
+                self.hits += 1
+                return vec
+            except Exception:  # a failed background build: build in the foreground instead
+                log.exception("background build failed")
+        self.misses += 1
+        return build(self._rng)
+
+    def prepare(self, key: Hashable, build: Builder, *, nbytes: int) -> None:
+        """Build a vector for ``key`` in the background (no-op when one is ready)."""
+        if nbytes > self._max_bytes:
+            return
+        with self._lock:
+            if key in self._ready:
+                self._ready.move_to_end(key)
+                return
+            self._ready[key] = (nbytes, self._executor.submit(build, self._bg_rng))
+            while len(self._ready) > self._max_entries or (
+                sum(n for n, _ in self._ready.values()) > self._max_bytes
+            ):
+                _, (_, fut) = self._ready.popitem(last=False)
+                fut.cancel()
+
+    def close(self) -> None:
+        with self._lock:
+            for _, fut in self._ready.values():
+                fut.cancel()
+            self._ready.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
