@@ -1,0 +1,294 @@
+"""Secure sum, side by side: mpcdp vs a plaintext sum over the same transport vs MPyC.
+
+Run:  python -m benchmarks.secure_sum [--parties 3 5 10] [--sizes 1000 100000 1000000 10000000]
+                                      [--repeat 3] [--mpyc-max-work 3000000] [--json out.json]
+
+For each (n, d), in the same run:
+- mpcdp: n party nodes as separate processes (`mpcdp party serve`), real mTLS gRPC on
+  loopback; a full round (propose, contribute, reveal) of a vector sum with Skellam noise
+  (epsilon 5, delta 1e-5; noise shares sized for n - 1 honest). The first round is reported
+  as "cold"; the next rounds, whose noise the parties generated off the request path after
+  the previous round, as "warm" (best of --repeat).
+- plaintext: n processes with the same data, certificates and gRPC service, each sending its
+  float32 vector in the clear; the coordinator adds (benchmarks/plaintext_party.py).
+- MPyC: n MPyC parties as processes on loopback computing the same secure sum of fixed-point
+  vectors (benchmarks/mpyc_sum.py; needs the `bench` extra), where n * d <= --mpyc-max-work.
+Reported: wall time, bytes received per party per coordinate, peak RSS per party process
+(VmHWM) relative to the size of the party's own float64 vector (8 d bytes): "RSS/vec" is the
+whole process (interpreter, libraries, the loaded data and the rounds), "+round" what the
+rounds added on top of the process right after start-up (data loaded); and the ratios
+mpcdp/plaintext and MPyC/mpcdp. Absolute times are for this machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpcdp import PROTOCOL_VERSION
+from mpcdp.config import load_federation_config
+from mpcdp.localnet import LocalFederation, launch
+from mpcdp.proto import party_pb2 as pb
+from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.coordinator import run_round
+from mpcdp.protocol.plan import fit
+from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.transport import tls
+from mpcdp.transport.client import GrpcPartyClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _write_vectors(workdir: Path, parties: list[str], d: int) -> dict[str, str]:
+    toml = {}
+    for i, p in enumerate(parties):
+        (workdir / p).mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(i)  # benchmark data only
+        np.save(workdir / p / "v.npy", rng.uniform(-1, 1, size=d) / np.sqrt(d))
+        toml[p] = (
+            '[datasets.v]\npath = "v.npy"\nepsilon = 1000000.0\ndelta = 1e-5\n'
+            "allow_exact = true\nl2_bound = 1.0\n"
+        )
+    return toml
+
+
+@dataclass
+class Measure:
+    cold_s: float = 0.0
+    warm_s: float = float("inf")
+    bytes_per_party: int = 0
+    peak_rss: int = 0
+    idle_rss: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _spec(parties: list[str], d: int, k: int) -> QuerySpec:
+    spec = QuerySpec(
+        query_id=f"bench-{time.time_ns()}-{k}",
+        dataset="v",
+        column="",
+        statistic=Statistic.SUM,
+        mechanism="skellam",
+        epsilon="5",
+        delta=1e-5,
+        parties=tuple(parties),
+        l2_bound=1.0,
+    )
+    return fit(spec, vector_length=d, frac_bits=None, ring_bits=None)
+
+
+def bench_mpcdp(net: LocalFederation, parties: list[str], d: int, repeat: int) -> Measure:
+    cfg = load_federation_config(net.federation_config)
+    creds = tls.load_credentials(cfg.tls)
+    clients = [
+        GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=600)
+        for p in cfg.parties
+    ]
+    m = Measure()
+    m.idle_rss = max(_rss(proc.pid)["VmHWM"] for proc in net.processes.values())
+    received: dict[str, int] = {}
+
+    def observe(party: str, chunk: np.ndarray) -> None:
+        received[party] = received.get(party, 0) + chunk.nbytes
+
+    for k in range(repeat + 1):
+        spec = _spec(parties, d, k)
+        received.clear()
+        t0 = time.perf_counter()
+        out = run_round(spec=spec, clients=clients, observe=observe)
+        dt = time.perf_counter() - t0
+        assert out.tensors["vector"].size == d
+        if k == 0:
+            m.cold_s = dt
+        else:
+            m.warm_s = min(m.warm_s, dt)
+        time.sleep(min(3.0, 0.5 + d / 2e6))  # let the parties refill their noise off the clock
+    m.bytes_per_party = max(received.values())
+    m.peak_rss = max(_rss(proc.pid)["VmHWM"] for proc in net.processes.values())
+    for c in clients:
+        c.close()
+    return m
+
+
+def bench_plaintext(net: LocalFederation, parties: list[str], d: int, repeat: int) -> Measure:
+    procs, ports = {}, {}
+    try:
+        for p in parties:
+            pf = net.workdir / p / "plain-port"
+            pf.unlink(missing_ok=True)
+            procs[p] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.plaintext_party",
+                    "--config",
+                    str(net.party_configs[p]),
+                    "--port-file",
+                    str(pf),
+                ],
+                cwd=ROOT,
+            )
+        for p in parties:
+            pf = net.workdir / p / "plain-port"
+            while not pf.exists():
+                time.sleep(0.05)
+            ports[p] = int(pf.read_text())
+        cfg = load_federation_config(net.federation_config)
+        creds = tls.load_credentials(cfg.tls)
+        channels = {
+            p: tls.channel(f"127.0.0.1:{ports[p]}", creds=creds, server_name=p) for p in parties
+        }
+        stubs = {p: pb_grpc.PartyStub(ch) for p, ch in channels.items()}
+        m = Measure()
+        m.idle_rss = max(_rss(pr.pid)["VmHWM"] for pr in procs.values())
+        nbytes: dict[str, int] = {}
+        request = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=b"p" * 16)
+
+        def one(p: str, total: np.ndarray) -> None:
+            off = 0
+            for msg in stubs[p].Contribute(request, timeout=600):
+                if msg.WhichOneof("body") == "data":
+                    x = np.frombuffer(msg.data, dtype=np.float32)
+                    total[off : off + x.size] += x
+                    off += x.size
+                    nbytes[p] = nbytes.get(p, 0) + len(msg.data)
+
+        for k in range(repeat + 1):
+            total = np.zeros(d, dtype=np.float64)
+            nbytes.clear()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(len(parties)) as pool:
+                list(pool.map(one, parties, [total] * len(parties)))
+            dt = time.perf_counter() - t0
+            if k == 0:
+                m.cold_s = dt
+            else:
+                m.warm_s = min(m.warm_s, dt)
+        m.bytes_per_party = max(nbytes.values())
+        m.peak_rss = max(_rss(pr.pid)["VmHWM"] for pr in procs.values())
+        for ch in channels.values():
+            ch.close()
+        return m
+    finally:
+        for pr in procs.values():
+            pr.terminate()
+            pr.wait(timeout=30)
+
+
+def bench_mpyc(n: int, d: int, timeout: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.mpyc_sum",
+            "--parties",
+            str(n),
+            "--size",
+            str(d),
+            "--timeout",
+            str(timeout),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+    if not lines:
+        return {"ok": False, "error": (proc.stderr or "no output")[-300:]}
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parties", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000, 10_000_000]
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--mpyc-max-work",
+        type=int,
+        default=3_000_000,
+        help="run MPyC only where parties * size <= this (it is ~100x slower)",
+    )
+    parser.add_argument("--mpyc-timeout", type=int, default=600)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    print(
+        f"{'n':>3} {'d':>10} | {'mpcdp warm s':>12} {'cold s':>8} {'B/coord':>7} {'RSS/vec':>7} "
+        f"{'+round':>6} | "
+        f"{'plain s':>8} {'B/coord':>7} | {'mpcdp/plain':>11} | {'MPyC s':>8} {'MPyC/mpcdp':>10}"
+    )
+    for n in args.parties:
+        for d in args.sizes:
+            parties = [f"p{i}" for i in range(n)]
+            with tempfile.TemporaryDirectory(prefix="mpcdp-bench-") as tmp:
+                work = Path(tmp)
+                net = launch(
+                    workdir=work, datasets_toml=_write_vectors(work, parties, d), deadline_s=600
+                )
+                with net:
+                    ours = bench_mpcdp(net, parties, d, args.repeat)
+                    plain = bench_plaintext(net, parties, d, args.repeat)
+            mp: dict[str, Any] = {"ok": False, "error": "skipped"}
+            if n * d <= args.mpyc_max_work:
+                mp = bench_mpyc(n, d, args.mpyc_timeout)
+            mp_s = mp.get("wall_s") if mp.get("ok") else None
+            row = {
+                "parties": n,
+                "size": d,
+                "mpcdp_warm_s": ours.warm_s,
+                "mpcdp_cold_s": ours.cold_s,
+                "mpcdp_bytes_per_coord": ours.bytes_per_party / d,
+                "mpcdp_peak_rss_mb": ours.peak_rss / 2**20,
+                "mpcdp_peak_rss_over_vector": ours.peak_rss / (8 * d),
+                "mpcdp_idle_rss_mb": ours.idle_rss / 2**20,
+                "mpcdp_round_rss_over_vector": (ours.peak_rss - ours.idle_rss) / (8 * d),
+                "plain_s": plain.warm_s,
+                "plain_bytes_per_coord": plain.bytes_per_party / d,
+                "plain_peak_rss_mb": plain.peak_rss / 2**20,
+                "ratio_mpcdp_over_plain": ours.warm_s / plain.warm_s,
+                "mpyc_s": mp_s,
+                "mpyc": mp,
+                "ratio_mpyc_over_mpcdp": (mp_s / ours.warm_s) if mp_s else None,
+            }
+            rows.append(row)
+            mps = f"{mp_s:8.3f}" if mp_s else f"{'n/a':>8}"
+            mpr = f"{mp_s / ours.warm_s:10.1f}" if mp_s else f"{'':>10}"
+            ours_cols = (
+                f"{ours.warm_s:12.4f} {ours.cold_s:8.3f} {ours.bytes_per_party / d:7.2f} "
+                f"{ours.peak_rss / (8 * d):7.2f} {(ours.peak_rss - ours.idle_rss) / (8 * d):6.2f}"
+            )
+            plain_cols = f"{plain.warm_s:8.4f} {plain.bytes_per_party / d:7.2f}"
+            ratio = ours.warm_s / plain.warm_s
+            print(
+                f"{n:3d} {d:10,d} | {ours_cols} | {plain_cols} | {ratio:11.2f} | {mps} {mpr}",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
