@@ -289,3 +289,60 @@ def test_spec_validation_and_digest() -> None:
 def test_headroom_is_checked_against_all_parties(engines: dict[str, PartyEngine]) -> None:
     with pytest.raises(HeadroomError):
         encoding.check_headroom(n_parties=3, max_abs=5000 * 10**9, frac_bits=30, noise_tail=0)
+
+
+def test_fit_chooses_the_ring_and_fixed_point() -> None:
+    from mpcdp.protocol.plan import fit
+
+    vec = spec(
+        dataset="v",
+        column="",
+        mechanism="skellam",
+        epsilon="5",
+        delta=1e-5,
+        l2_bound=1.0,
+        lower=0,
+        upper=0,
+    )
+    auto = fit(vec, vector_length=10**6, frac_bits=None, ring_bits=None)
+    assert auto.ring_bits == 32 and 8 <= auto.frac_bits <= 16
+    assert fit(vec, vector_length=10**6, frac_bits=None, ring_bits=64).ring_bits == 64
+    scalar = fit(spec(), vector_length=None, frac_bits=None, ring_bits=None)
+    assert scalar.ring_bits == 64
+    # very coarse noise no longer fits 32 bits with 8 fractional bits: falls back to 64
+    coarse = fit(
+        dataclasses.replace(vec, epsilon="0.001"),
+        vector_length=10**6,
+        frac_bits=None,
+        ring_bits=None,
+    )
+    assert coarse.ring_bits == 64
+
+
+def test_round_in_the_32_bit_ring_is_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)  # test data only
+    vecs = {p: rng.normal(size=5000) * 0.001 for p in PARTIES}
+    extra = {}
+    for p, v in vecs.items():
+        np.save(tmp_path / f"{p}-w.npy", v)
+        extra[p] = (
+            f'\n[datasets.w]\npath = "{p}-w.npy"\nepsilon = 5.0\ndelta = 1e-5\n'
+            "allow_exact = true\nl2_bound = 1.0\n"
+        )
+    n = build_net(tmp_path, start=False, extra=extra)
+    try:
+        s = spec(
+            dataset="w",
+            column="",
+            mechanism="none",
+            epsilon="0",
+            l2_bound=1.0,
+            lower=0,
+            upper=0,
+            ring_bits=32,
+            frac_bits=20,
+        )
+        out = run_round(spec=s, clients=[Direct(node.engine) for node in n.nodes.values()])
+        assert np.allclose(out.tensors["vector"], sum(vecs.values()), atol=3 * 2.0**-20)
+    finally:
+        n.stop()

@@ -164,3 +164,26 @@ def test_keyed_csprng_is_reproducible(key: bytes) -> None:
     assert np.array_equal(
         ring.uniform(8, rng=csprng(key=key)), ring.uniform(8, rng=csprng(key=key))
     )
+
+
+@given(
+    hnp.arrays(np.float64, st.integers(1, 30), elements=st.floats(-1000, 1000)),
+    st.integers(0, 16),
+)
+def test_fixed_point_in_the_32_bit_ring(x: np.ndarray, frac_bits: int) -> None:
+    enc = encoding.encode_fixed(x, frac_bits=frac_bits, ring_bits=32)
+    assert enc.dtype == np.uint32
+    back = encoding.decode_fixed(enc, frac_bits=frac_bits)
+    assert np.all(np.abs(back - x) <= 2.0 ** -(frac_bits + 1) + 1e-9)
+    assert ring.from_bytes(enc.tobytes(), bits=32, length=x.size).tolist() == enc.tolist()
+
+
+def test_32_bit_encoding_refuses_what_does_not_fit() -> None:
+    with pytest.raises(ParameterError, match=r"2\^30"):
+        encoding.encode_fixed([2.0**20], frac_bits=12, ring_bits=32)
+    with pytest.raises(HeadroomError, match="2\\^31"):
+        encoding.check_headroom(
+            n_parties=3, max_abs=1.0, frac_bits=16, noise_tail=2**31, ring_bits=32
+        )
+    with pytest.raises(DecodeError, match="4-byte words"):
+        ring.from_bytes(b"\x00" * 6, bits=32)

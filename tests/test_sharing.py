@@ -253,3 +253,21 @@ def test_uploads_with_noise_are_uniform_and_an_unmasked_vector_is_not() -> None:
     )
     with pytest.raises(AssertionError):
         assert_uniform_words(noisy)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_masks_cancel_in_the_32_bit_ring(n: int) -> None:
+    size = (1 << 16) + 5
+    keys = pair_keys_for(n, session_id=b"cancel32")
+    total = np.zeros(size, dtype=np.uint32)
+    ups = []
+    for i in range(n):
+        mine = {j: keys[(min(i, j), max(i, j))] for j in range(n) if j != i}
+        up = sharing.pairwise_mask(
+            party=i, pair_keys=mine, round_id=1, tensor_id=0, size=size, ring_bits=32
+        )
+        assert up.dtype == np.uint32
+        ups.append(up)
+        total += up
+    assert not total.any()
+    assert_uniform_words(ups[0][: 1 << 16].view(np.uint64))

@@ -71,9 +71,16 @@ def sum_(
     epsilon: float = EPSILON,
     mechanism: str = MECHANISM,
     delta: float | None = DELTA,
+    ring_bits: int | None = typer.Option(
+        None, "--ring-bits", help="32 or 64; default: 32 for vectors when it fits, else 64."
+    ),
     as_json: bool = AS_JSON,
 ) -> None:
     """DP sum of a column (or of parties' vectors)."""
+    if ring_bits not in (None, 32, 64):
+        raise typer.BadParameter(
+            f"ring_bits={ring_bits} must be 32 or 64", param_hint="--ring-bits"
+        )
     _run(
         "sum",
         federation,
@@ -83,6 +90,7 @@ def sum_(
         epsilon=epsilon,
         mechanism=mechanism,
         delta=delta,
+        ring_bits=ring_bits,
     )
 
 
