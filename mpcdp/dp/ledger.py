@@ -262,6 +262,20 @@ class BudgetLedger:
         self._rdp_cache[dataset] = (last, total, count)
         return total, count
 
+    def _require_budget(self, dataset: str, event: ev.Event) -> BudgetStatus:
+        """The status after charging ``event``; BudgetExceededError if it would overdraw."""
+        before = self._status(dataset)
+        after = self._status(dataset, event)
+        if not self._within(after):
+            raise BudgetExceededError(
+                dataset=dataset,
+                requested=_describe(event, after.delta),
+                spent=f"{before.spent_epsilon:.6g}",
+                budget=str(before.budget_epsilon),
+                delta=after.delta,
+            )
+        return after
+
     @staticmethod
     def _within(status: BudgetStatus) -> bool:
         """Exact check: the pure part as a rational plus the RDP float converted exactly."""
@@ -288,17 +302,7 @@ class BudgetLedger:
         ).fetchone()
         if row is not None:
             raise LedgerError(f"query_id={query_id!r} was already answered; use a new query id")
-        before = self._status(dataset)
-        after = self._status(dataset, event)
-        if not self._within(after):
-            raise BudgetExceededError(
-                dataset=dataset,
-                requested=_describe(event, after.delta),
-                spent=f"{before.spent_epsilon:.6g}",
-                budget=str(before.budget_epsilon),
-                delta=after.delta,
-            )
-        return after
+        return self._require_budget(dataset, event)
 
     def charge(self, *, dataset: str, query_id: str, event: ev.Event) -> Charge:
         """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring."""
@@ -316,16 +320,7 @@ class BudgetLedger:
                         f"another event; query ids must be unique"
                     )
                 return Charge(query_id, dataset, event, float(row[2]), new=False)
-            before = self._status(dataset)
-            after = self._status(dataset, event)
-            if not self._within(after):
-                raise BudgetExceededError(
-                    dataset=dataset,
-                    requested=_describe(event, after.delta),
-                    spent=f"{before.spent_epsilon:.6g}",
-                    budget=str(before.budget_epsilon),
-                    delta=after.delta,
-                )
+            after = self._require_budget(dataset, event)
             now = time.time()
             self._db.execute(
                 "INSERT INTO charges(query_id, dataset, kind, event, created_at) "

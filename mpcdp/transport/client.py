@@ -84,17 +84,7 @@ class GrpcPartyClient:
         req = pb.ContributeRequest(
             version=PROTOCOL_VERSION,
             session_id=session_id,
-            keys=[
-                pb.ProposeResponse(
-                    version=PROTOCOL_VERSION,
-                    session_id=session_id,
-                    party_id=k.party_id,
-                    public_key=k.public_key,
-                    signature=k.signature,
-                    certificate=k.certificate,
-                )
-                for k in keys
-            ],
+            keys=[codec.key_to_pb(session_id, k) for k in keys],
             chunk_bytes=self._chunk_bytes,
         )
         responses = self._stub.Contribute(req, timeout=self._deadline)

@@ -107,16 +107,16 @@ def spec_from_pb(msg: pb.QuerySpec) -> QuerySpec:
         raise ProtocolError(f"invalid query: {exc}") from None
 
 
-def key_to_pb(session_id: bytes, proposal: Proposal) -> pb.ProposeResponse:
-    k = proposal.key
+def key_to_pb(session_id: bytes, key: SignedKey, *, length: int = 0) -> pb.ProposeResponse:
+    """A signed key as sent in ProposeResponse (and relayed unchanged in ContributeRequest)."""
     return pb.ProposeResponse(
         version=PROTOCOL_VERSION,
         session_id=session_id,
-        party_id=k.party_id,
-        public_key=k.public_key,
-        signature=k.signature,
-        certificate=k.certificate,
-        length=proposal.length,
+        party_id=key.party_id,
+        public_key=key.public_key,
+        signature=key.signature,
+        certificate=key.certificate,
+        length=length,
     )
 
 

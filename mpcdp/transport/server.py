@@ -139,7 +139,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         session_id = codec.check_session(request.session_id)
         spec = codec.spec_from_pb(request.spec)
         proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
-        return codec.key_to_pb(session_id, proposal)
+        return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
     @_streaming
     def Contribute(
