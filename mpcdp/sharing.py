@@ -27,7 +27,7 @@ from mpcdp import prg, ring
 from mpcdp.errors import ParameterError
 from mpcdp.rng import ensure_rng
 
-__all__ = ["mask", "pairwise_mask", "reconstruct", "share_table", "split"]
+__all__ = ["MaskStream", "mask", "pairwise_mask", "reconstruct", "share_table", "split"]
 
 # Words of keystream per AES call: 256 KiB scratch stays in L2 while it is added in.
 _CHUNK_WORDS = 1 << 15
@@ -89,7 +89,6 @@ def pairwise_mask(
     Z_{2^32} (``ring_bits=32``, or a uint32 ``out``) the same keystream is read as 4-byte
     words.
     """
-    keys = _check_keys(party, pair_keys)
     if size < 0 or size > prg.MAX_STREAM_WORDS:
         raise ParameterError("size", size, "must be in [0, 2^33]")
     if out is None:
@@ -99,25 +98,61 @@ def pairwise_mask(
         acc = out.reshape(-1)
     if acc.size != size:
         raise ParameterError("out", f"len={acc.size}", f"expected len {size}")
-    word = acc.dtype.itemsize
-    ciphers = [
-        (peer > party, prg.stream_cipher(key, round_id=round_id, tensor_id=tensor_id))
-        for peer, key in keys
-    ]
-    chunk = _CHUNK_WORDS * 8 // word
-    scratch = np.empty(chunk + 16 // word, dtype=acc.dtype)
-    scratch_bytes = scratch.view(np.uint8)
-    for start in range(0, size, chunk):
-        stop = min(start + chunk, size)
-        n = stop - start
-        seg = acc[start:stop]
-        for positive, enc in ciphers:
-            prg.fill_keystream(enc, scratch_bytes, word * n)
-            if positive:
-                np.add(seg, scratch[:n], out=seg)
-            else:
-                np.subtract(seg, scratch[:n], out=seg)
+    MaskStream(
+        party=party,
+        pair_keys=pair_keys,
+        round_id=round_id,
+        tensor_id=tensor_id,
+        ring_bits=ring.bits_of(acc),
+    ).apply(acc)
     return acc
+
+
+class MaskStream:
+    """The pairwise mask of one (round, tensor), applied to consecutive slices in order.
+
+    ``apply(seg)`` adds the next ``len(seg)`` words of the mask to ``seg`` in place, so a
+    party can mask each chunk of its upload just before sending it: the first bytes leave
+    sooner and no masked copy of the whole vector is ever needed. Slices must be applied in
+    order and each word exactly once (the AES-CTR streams advance with every call).
+    """
+
+    def __init__(
+        self,
+        *,
+        party: int,
+        pair_keys: Mapping[int, bytes],
+        round_id: int,
+        tensor_id: int,
+        ring_bits: int = ring.BITS,
+    ) -> None:
+        keys = _check_keys(party, pair_keys)
+        self._dtype = ring.dtype_for(ring_bits).newbyteorder("=")
+        self._word = self._dtype.itemsize
+        self._ciphers = [
+            (peer > party, prg.stream_cipher(key, round_id=round_id, tensor_id=tensor_id))
+            for peer, key in keys
+        ]
+        self._chunk = _CHUNK_WORDS * 8 // self._word
+        self._scratch = np.empty(self._chunk + 16 // self._word, dtype=self._dtype)
+        self.words_done = 0
+
+    def apply(self, seg: ring.AnyRingVector) -> None:
+        if seg.dtype != self._dtype:
+            raise ParameterError("seg", f"dtype={seg.dtype}", f"expected {self._dtype}")
+        if self.words_done + seg.size > prg.MAX_STREAM_WORDS:
+            raise ParameterError("seg", seg.size, "the mask stream is exhausted (2^33 words)")
+        scratch, scratch_bytes = self._scratch, self._scratch.view(np.uint8)
+        for start in range(0, seg.size, self._chunk):
+            part = seg[start : start + self._chunk]
+            n = part.size
+            for positive, enc in self._ciphers:
+                prg.fill_keystream(enc, scratch_bytes, self._word * n)
+                if positive:
+                    np.add(part, scratch[:n], out=part)
+                else:
+                    np.subtract(part, scratch[:n], out=part)
+        self.words_done += seg.size
 
 
 def mask(

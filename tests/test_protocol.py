@@ -48,11 +48,11 @@ class Direct:
         c = self.engine.contribute(session_id=session_id, keys=keys, coordinator=self.coordinator)
 
         def chunks() -> Iterator[np.ndarray]:
-            for i in range(0, c.words.size, 7):
-                yield c.words[i : i + 7]
+            for seg in c.chunks(7):
+                yield seg.copy()
 
         return ContributionStream(
-            c.party_id, c.words.size, c.epsilon_spent, c.budget_remaining, chunks()
+            c.party_id, c.length, c.epsilon_spent, c.budget_remaining, chunks()
         )
 
     def abort(self, *, session_id: bytes, reason: str) -> None:
@@ -236,7 +236,7 @@ def test_what_the_coordinator_receives_from_a_party_is_uniform(tmp_path: Path) -
             keys = _propose_all(engines, s, sid)
             for p in PARTIES:
                 words = (
-                    engines[p].contribute(session_id=sid, keys=keys, coordinator="analyst").words
+                    engines[p].contribute(session_id=sid, keys=keys, coordinator="analyst").masked()
                 )
                 assert_uniform_words(words)
     finally:
@@ -346,3 +346,15 @@ def test_round_in_the_32_bit_ring_is_exact(tmp_path: Path) -> None:
         assert np.allclose(out.tensors["vector"], sum(vecs.values()), atol=3 * 2.0**-20)
     finally:
         n.stop()
+
+
+def test_a_contribution_is_masked_as_it_is_read_and_read_once(
+    engines: dict[str, PartyEngine],
+) -> None:
+    sid = secrets.token_bytes(16)
+    keys = _propose_all(engines, spec(), sid)
+    c = engines["alice"].contribute(session_id=sid, keys=keys, coordinator="analyst")
+    first = np.concatenate(list(c.chunks(1)))
+    assert first.size == c.length == 1
+    with pytest.raises(ProtocolError, match="already read"):
+        list(c.chunks(1))

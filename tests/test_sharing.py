@@ -271,3 +271,21 @@ def test_masks_cancel_in_the_32_bit_ring(n: int) -> None:
         total += up
     assert not total.any()
     assert_uniform_words(ups[0][: 1 << 16].view(np.uint64))
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_mask_stream_in_uneven_slices_equals_the_whole_mask(bits: int) -> None:
+    keys = pair_keys_for(4, session_id=b"stream")
+    mine = {j: keys[(min(2, j), max(2, j))] for j in range(4) if j != 2}
+    size = 100_003
+    whole = sharing.pairwise_mask(
+        party=2, pair_keys=mine, round_id=3, tensor_id=1, size=size, ring_bits=bits
+    )
+    dtype = np.uint32 if bits == 32 else np.uint64
+    buf = np.zeros(size, dtype=dtype)
+    stream = sharing.MaskStream(party=2, pair_keys=mine, round_id=3, tensor_id=1, ring_bits=bits)
+    for start, stop in [(0, 1), (1, 17), (17, 70_000), (70_000, size)]:
+        stream.apply(buf[start:stop])
+    assert np.array_equal(buf, whole) and stream.words_done == size
+    with pytest.raises(ParameterError, match="dtype"):
+        stream.apply(np.zeros(3, dtype=np.uint64 if bits == 32 else np.uint32))

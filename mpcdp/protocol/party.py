@@ -23,7 +23,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -80,10 +80,41 @@ class Proposal:
 
 @dataclass(frozen=True)
 class Contribution:
+    """A party's upload, masked slice by slice as it is read (see :meth:`chunks`).
+
+    The unmasked vector is private to this object; nothing but masked words comes out.
+    """
+
     party_id: str
     epsilon_spent: str
     budget_remaining: float
-    words: ring.AnyRingVector
+    length: int
+    _noisy: ring.AnyRingVector
+    _mask: sharing.MaskStream
+
+    @property
+    def ring_bits(self) -> int:
+        return ring.bits_of(self._noisy)
+
+    def chunks(self, words_per_chunk: int) -> Iterator[ring.AnyRingVector]:
+        """The masked upload in order; each slice is masked just before it is yielded.
+
+        Single use: the mask streams advance as they are read.
+        """
+        if words_per_chunk < 1:
+            raise ParameterError("words_per_chunk", words_per_chunk, "must be >= 1")
+        if self._mask.words_done:
+            raise ProtocolError("this contribution was already read")
+        for start in range(0, self.length, words_per_chunk):
+            seg = self._noisy[start : start + words_per_chunk]
+            self._mask.apply(seg)
+            yield seg
+
+    def masked(self) -> ring.AnyRingVector:
+        """The whole masked upload at once (for in-process use and tests)."""
+        for _ in self.chunks(1 << 20):
+            pass
+        return self._noisy
 
 
 def _pool_key(spec: QuerySpec) -> QuerySpec:
@@ -348,24 +379,21 @@ class PartyEngine:
                 dataset=spec.dataset, query_id=spec.query_id, event=session.plan.event
             )
             status = self.ledger.status(spec.dataset)
-        upload = sharing.pairwise_mask(
-            party=me,
-            pair_keys=pair_keys,
-            round_id=0,
-            tensor_id=0,
-            size=session.noisy.size,
-            out=session.noisy,
+        stream = sharing.MaskStream(
+            party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
         )
         with self._lock:
             self._finished[session_id] = session.plan
             while len(self._finished) > 64:  # uploads that never reported back
                 self._finished.pop(next(iter(self._finished)))
-        log.info("session %s: contributed %d words", session_id.hex(), upload.size)
+        log.info("session %s: contributing %d words", session_id.hex(), session.noisy.size)
         return Contribution(
             party_id=self.party_id,
             epsilon_spent=spec.epsilon,
             budget_remaining=status.remaining_epsilon,
-            words=upload,
+            length=session.noisy.size,
+            _noisy=session.noisy,
+            _mask=stream,
         )
 
     def round_finished(self, *, session_id: bytes) -> None:

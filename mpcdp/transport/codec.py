@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import numpy as np
-
 from mpcdp import PROTOCOL_VERSION, ring
 from mpcdp.errors import DecodeError, ParameterError, ProtocolError
 from mpcdp.proto import party_pb2 as pb
@@ -143,25 +141,22 @@ def encode_chunks(
         raise ParameterError(
             "chunk_bytes", chunk_bytes, f"must be a positive multiple of 8, <= {MAX_CHUNK_BYTES}"
         )
-    words = contribution.words
     yield pb.ContributeChunk(
         version=PROTOCOL_VERSION,
         session_id=session_id,
         header=pb.ContributionHeader(
             party_id=contribution.party_id,
-            length=words.size,
+            length=contribution.length,
             epsilon_spent=contribution.epsilon_spent,
             budget_remaining=contribution.budget_remaining,
         ),
     )
-    data = (
-        np.ascontiguousarray(words, dtype=ring.dtype_for(ring.bits_of(words))).view(np.uint8).data
-    )
-    for start in range(0, len(data), chunk_bytes):
+    wire = ring.dtype_for(contribution.ring_bits)  # little-endian words
+    for seg in contribution.chunks(chunk_bytes // wire.itemsize):
         yield pb.ContributeChunk(
             version=PROTOCOL_VERSION,
             session_id=session_id,
-            data=bytes(data[start : start + chunk_bytes]),
+            data=seg.astype(wire, copy=False).tobytes(),
         )
 
 
