@@ -43,7 +43,7 @@ class PlaintextParty(pb_grpc.PartyServicer):
             header=pb.ContributionHeader(party_id=self.party_id, length=data.size),
         )
         raw = data.view(np.uint8).data
-        step = codec.DEFAULT_CHUNK_BYTES
+        step = request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         for start in range(0, len(raw), step):
             yield pb.ContributeChunk(
                 version=PROTOCOL_VERSION,

@@ -1,7 +1,8 @@
 """Secure sum, side by side: mpcdp vs a plaintext sum over the same transport vs MPyC.
 
 Run:  python -m benchmarks.secure_sum [--parties 3 5 10] [--sizes 1000 100000 1000000 10000000]
-                                      [--repeat 3] [--mpyc-max-work 3000000] [--json out.json]
+                                      [--repeat 3] [--mpyc-max-work 3000000] [--chunk-bytes 1048576]
+                                      [--json out.json]
 
 For each (n, d), in the same run:
 - mpcdp: n party nodes as separate processes (`mpcdp party serve`), real mTLS gRPC on
@@ -13,6 +14,8 @@ For each (n, d), in the same run:
   float32 vector in the clear; the coordinator adds (benchmarks/plaintext_party.py).
 - MPyC: n MPyC parties as processes on loopback computing the same secure sum of fixed-point
   vectors (benchmarks/mpyc_sum.py; needs the `bench` extra), where n * d <= --mpyc-max-work.
+Both mpcdp and the plaintext baseline stream their uploads in --chunk-bytes chunks (1 MiB
+here, so that party and coordinator overlap; the protocol's default is 4 MiB).
 Reported: wall time, bytes received per party per coordinate, peak RSS per party process
 (VmHWM) relative to the size of the party's own float64 vector (8 d bytes): "RSS/vec" is the
 whole process (interpreter, libraries, the loaded data and the rounds), "+round" what the
@@ -96,11 +99,15 @@ def _spec(parties: list[str], d: int, k: int) -> QuerySpec:
     return fit(spec, vector_length=d, frac_bits=None, ring_bits=None)
 
 
-def bench_mpcdp(net: LocalFederation, parties: list[str], d: int, repeat: int) -> Measure:
+def bench_mpcdp(
+    net: LocalFederation, parties: list[str], d: int, repeat: int, chunk_bytes: int
+) -> Measure:
     cfg = load_federation_config(net.federation_config)
     creds = tls.load_credentials(cfg.tls)
     clients = [
-        GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=600)
+        GrpcPartyClient(
+            party_id=p.id, address=p.address, creds=creds, deadline_s=600, chunk_bytes=chunk_bytes
+        )
         for p in cfg.parties
     ]
     m = Measure()
@@ -129,7 +136,9 @@ def bench_mpcdp(net: LocalFederation, parties: list[str], d: int, repeat: int) -
     return m
 
 
-def bench_plaintext(net: LocalFederation, parties: list[str], d: int, repeat: int) -> Measure:
+def bench_plaintext(
+    net: LocalFederation, parties: list[str], d: int, repeat: int, chunk_bytes: int
+) -> Measure:
     procs, ports = {}, {}
     try:
         for p in parties:
@@ -161,7 +170,9 @@ def bench_plaintext(net: LocalFederation, parties: list[str], d: int, repeat: in
         m = Measure()
         m.idle_rss = max(_rss(pr.pid)["VmHWM"] for pr in procs.values())
         nbytes: dict[str, int] = {}
-        request = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=b"p" * 16)
+        request = pb.ContributeRequest(
+            version=PROTOCOL_VERSION, session_id=b"p" * 16, chunk_bytes=chunk_bytes
+        )
 
         def one(p: str, total: np.ndarray) -> None:
             off = 0
@@ -232,6 +243,12 @@ def main() -> None:
         help="run MPyC only where parties * size <= this (it is ~100x slower)",
     )
     parser.add_argument("--mpyc-timeout", type=int, default=600)
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=1 << 20,
+        help="upload chunk size for both mpcdp and the plaintext baseline (protocol default 4 MiB)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -249,8 +266,8 @@ def main() -> None:
                     workdir=work, datasets_toml=_write_vectors(work, parties, d), deadline_s=600
                 )
                 with net:
-                    ours = bench_mpcdp(net, parties, d, args.repeat)
-                    plain = bench_plaintext(net, parties, d, args.repeat)
+                    ours = bench_mpcdp(net, parties, d, args.repeat, args.chunk_bytes)
+                    plain = bench_plaintext(net, parties, d, args.repeat, args.chunk_bytes)
             mp: dict[str, Any] = {"ok": False, "error": "skipped"}
             if n * d <= args.mpyc_max_work:
                 mp = bench_mpyc(n, d, args.mpyc_timeout)
