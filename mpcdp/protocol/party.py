@@ -23,6 +23,7 @@ import hmac
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -56,6 +57,7 @@ __all__ = ["SESSION_ID_BYTES", "Contribution", "DatasetView", "PartyEngine", "Pr
 log = logging.getLogger(__name__)
 
 SESSION_ID_BYTES = 16
+_MAX_CLOSED = 1 << 16
 _NOISE_SLICE = 1 << 20
 
 
@@ -185,7 +187,9 @@ class PartyEngine:
         self._clock = clock
         self._noise = NoisePool(rng=rng)
         self._sessions: dict[bytes, _Session] = {}
-        self._closed: dict[bytes, str] = {}  # session id -> why it is closed
+        # session id -> why it is closed; bounded: an id older than that is simply unknown,
+        # which is refused just the same
+        self._closed: OrderedDict[bytes, str] = OrderedDict()
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         self._lock = threading.Lock()
         self._ledger_lock = threading.Lock()
@@ -334,7 +338,7 @@ class PartyEngine:
                     f"not {coordinator!r}"
                 )
             del self._sessions[session_id]
-            self._closed[session_id] = "used"
+            self._close(session_id, "used")
             return session
 
     def contribute(
@@ -417,11 +421,17 @@ class PartyEngine:
             session = self._sessions.get(session_id)
             if session is not None and session.coordinator == coordinator:
                 del self._sessions[session_id]
-                self._closed[session_id] = "aborted"
+                self._close(session_id, "aborted")
                 log.info("session %s: aborted by %s", session_id.hex(), coordinator)
+
+    def _close(self, session_id: bytes, why: str) -> None:
+        """Remember why a session is closed (caller holds self._lock)."""
+        self._closed[session_id] = why
+        while len(self._closed) > _MAX_CLOSED:
+            self._closed.popitem(last=False)
 
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now]:
             del self._sessions[sid]
-            self._closed[sid] = "expired"
+            self._close(sid, "expired")
