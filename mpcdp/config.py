@@ -5,6 +5,7 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     id = "alice"
     listen = "127.0.0.1:50051"
     ledger = "alice-ledger.sqlite"
+    min_colluders = 1                 # refuse queries that size noise for fewer colluders
     [tls]
     ca = "certs/ca.pem"
     cert = "certs/alice.pem"
@@ -106,6 +107,9 @@ class PartyConfig:
     coordinators: tuple[str, ...]
     peers: tuple[str, ...]
     datasets: dict[str, DatasetConfig]
+    #: the least t (colluders) this party accepts: its noise share is sized for h = n - t,
+    #: so a coordinator asking for t = 0 would shrink every party's noise
+    min_colluders: int = 1
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
 def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
     r = _Reader(p, _load(p))
-    r.unknown({"id", "listen", "ledger", "tls", "datasets"})
+    r.unknown({"id", "listen", "ledger", "min_colluders", "tls", "datasets"})
     tls = r.table("tls")
     tls.unknown({"ca", "cert", "key", "coordinators", "peers"})
     ds = r.table("datasets")
@@ -272,7 +276,15 @@ def load_party_config(path: str | Path) -> PartyConfig:
         coordinators=coordinators,
         peers=tls.identities("peers"),
         datasets=datasets,
+        min_colluders=_min_colluders(r),
     )
+
+
+def _min_colluders(r: _Reader) -> int:
+    t = r.get("min_colluders", int, 1)
+    if t < 0:
+        raise r._err("min_colluders", f"must be >= 0, got {t}")
+    return int(t)
 
 
 def load_federation_config(path: str | Path) -> FederationConfig:

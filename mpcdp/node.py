@@ -66,6 +66,7 @@ class PartyNode:
             certificate=self.creds.cert,
             signing_key=self.creds.key,
             peers=config.peers,
+            min_colluders=config.min_colluders,
         )
         self._server: grpc.Server | None = None
         self.port: int | None = None

@@ -358,3 +358,23 @@ def test_a_contribution_is_masked_as_it_is_read_and_read_once(
     assert first.size == c.length == 1
     with pytest.raises(ProtocolError, match="already read"):
         list(c.chunks(1))
+
+
+def test_two_sessions_of_one_query_get_one_answer(engines: dict[str, PartyEngine]) -> None:
+    s = spec()
+    sid1, sid2 = secrets.token_bytes(16), secrets.token_bytes(16)
+    keys1 = _propose_all(engines, s, sid1)
+    keys2 = _propose_all(engines, s, sid2)  # both pass the budget check: nothing charged yet
+    engines["alice"].contribute(session_id=sid1, keys=keys1, coordinator="analyst").masked()
+    with pytest.raises(LedgerError, match="already answered"):
+        engines["alice"].contribute(session_id=sid2, keys=keys2, coordinator="analyst")
+    assert engines["alice"].ledger.status("raises").queries == 1
+
+
+def test_party_refuses_noise_sized_for_fewer_colluders_than_its_policy(
+    engines: dict[str, PartyEngine],
+) -> None:
+    with pytest.raises(PolicyError, match="colluders=0 is below this party's min_colluders=1"):
+        engines["bob"].propose(
+            session_id=secrets.token_bytes(16), spec=spec(colluders=0), coordinator="analyst"
+        )

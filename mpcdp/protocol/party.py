@@ -41,6 +41,7 @@ from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import (
     AuthError,
     DataError,
+    LedgerError,
     ParameterError,
     PolicyError,
     ProtocolError,
@@ -172,6 +173,7 @@ class PartyEngine:
         certificate: x509.Certificate,
         signing_key: ec.EllipticCurvePrivateKey,
         peers: Sequence[str],
+        min_colluders: int = 1,
         session_ttl_s: float = 300.0,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -184,6 +186,7 @@ class PartyEngine:
         self._signing_key = signing_key
         self._peers = frozenset(peers) | {party_id}
         self._ttl = session_ttl_s
+        self._min_colluders = min_colluders
         self._clock = clock
         self._noise = NoisePool(rng=rng)
         self._sessions: dict[bytes, _Session] = {}
@@ -205,6 +208,11 @@ class PartyEngine:
         if unknown:
             raise PolicyError(
                 f"unknown party {unknown[0]!r}: not a configured peer of {self.party_id!r}"
+            )
+        if spec.colluders < self._min_colluders:
+            raise PolicyError(
+                f"colluders={spec.colluders} is below this party's min_colluders="
+                f"{self._min_colluders}: its noise share would be too small"
             )
         view = self.datasets.get(spec.dataset)
         if view is None:
@@ -379,9 +387,15 @@ class PartyEngine:
             if pid != self.party_id
         }
         with self._ledger_lock:
-            self.ledger.charge(
+            charge = self.ledger.charge(
                 dataset=spec.dataset, query_id=spec.query_id, event=session.plan.event
             )
+            if not charge.new:
+                # Two sessions of one query: a second answer with fresh noise would let the
+                # coordinator average the noise away, so each query id is answered once.
+                raise LedgerError(
+                    f"query_id={spec.query_id!r} was already answered; use a new query id"
+                )
             status = self.ledger.status(spec.dataset)
         stream = sharing.MaskStream(
             party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
