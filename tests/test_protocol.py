@@ -378,3 +378,12 @@ def test_party_refuses_noise_sized_for_fewer_colluders_than_its_policy(
         engines["bob"].propose(
             session_id=secrets.token_bytes(16), spec=spec(colluders=0), coordinator="analyst"
         )
+
+
+def test_pending_sessions_are_bounded(engines: dict[str, PartyEngine]) -> None:
+    alice = engines["alice"]
+    alice._max_pending = 2
+    for _ in range(2):
+        alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")
+    with pytest.raises(PolicyError, match="max_pending=2"):
+        alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")

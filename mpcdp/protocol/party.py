@@ -175,6 +175,7 @@ class PartyEngine:
         peers: Sequence[str],
         min_colluders: int = 1,
         session_ttl_s: float = 300.0,
+        max_pending: int = 16,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -187,6 +188,8 @@ class PartyEngine:
         self._peers = frozenset(peers) | {party_id}
         self._ttl = session_ttl_s
         self._min_colluders = min_colluders
+        # each pending session holds a noisy vector: bound the memory a coordinator can pin
+        self._max_pending = max_pending
         self._clock = clock
         self._noise = NoisePool(rng=rng)
         self._sessions: dict[bytes, _Session] = {}
@@ -285,6 +288,11 @@ class PartyEngine:
             self._expire()
             if session_id in self._sessions or session_id in self._closed:
                 raise SessionError(f"session {session_id.hex()} was already used")
+            if len(self._sessions) >= self._max_pending:
+                raise PolicyError(
+                    f"{len(self._sessions)} sessions are already pending at "
+                    f"{self.party_id!r} (max_pending={self._max_pending}); retry later"
+                )
         view, release = self._check_spec(spec)
         with self._ledger_lock:
             self.ledger.check(dataset=spec.dataset, query_id=spec.query_id, event=release.event)
