@@ -387,3 +387,23 @@ def test_pending_sessions_are_bounded(engines: dict[str, PartyEngine]) -> None:
         alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")
     with pytest.raises(PolicyError, match="max_pending=2"):
         alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")
+
+
+def test_each_party_clips_its_vector_to_the_declared_l2_bound(tmp_path: Path) -> None:
+    big = np.full(400, 0.5)  # L2 norm 10 > bound 1
+    extra = {}
+    for p in PARTIES:
+        np.save(tmp_path / f"{p}-b.npy", big)
+        extra[p] = (
+            f'\n[datasets.b]\npath = "{p}-b.npy"\nepsilon = 5.0\ndelta = 1e-5\n'
+            "allow_exact = true\nl2_bound = 1.0\n"
+        )
+    n = build_net(tmp_path, start=False, extra=extra)
+    try:
+        s = spec(
+            dataset="b", column="", mechanism="none", epsilon="0", l2_bound=1.0, lower=0, upper=0
+        )
+        out = run_round(spec=s, clients=[Direct(node.engine) for node in n.nodes.values()])
+        assert np.allclose(out.tensors["vector"], 3 * big / 10, atol=1e-3)
+    finally:
+        n.stop()

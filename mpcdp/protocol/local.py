@@ -18,25 +18,21 @@ from mpcdp.errors import ParameterError
 from mpcdp.protocol.plan import ReleasePlan
 from mpcdp.protocol.spec import Statistic
 
-__all__ = ["add_local_words", "clip_l2", "local_words"]
+__all__ = ["add_local_words", "l2_clip_factor"]
 
 # Encode in slices of this many values: temporaries stay small whatever the vector length.
 _SLICE = 1 << 20
 
 
-def clip_l2(x: NDArray[np.float64], bound: float) -> NDArray[np.float64]:
-    """x scaled down to L2 norm <= bound (unchanged when already inside)."""
+def l2_clip_factor(x: NDArray[np.float64], bound: float) -> float:
+    """The factor that scales x down to L2 norm <= bound (1 when already inside)."""
     norm = float(np.linalg.norm(x))
-    return x if norm <= bound else x * (bound / norm)
+    return 1.0 if norm <= bound else bound / norm
 
 
-def _values(plan: ReleasePlan, data: Table | Vector) -> list[NDArray[np.float64]]:
+def _values(plan: ReleasePlan, data: Table) -> list[NDArray[np.float64]]:
     spec = plan.spec
     st = spec.statistic
-    if isinstance(data, Vector):
-        if st is not Statistic.SUM or spec.column:
-            raise ParameterError("statistic", st.value, "vector datasets support sum only")
-        return [clip_l2(data.values, spec.l2_bound)]
     if st is Statistic.COUNT:
         return [np.array([float(data.rows)])]
     if st is Statistic.HISTOGRAM:
@@ -49,23 +45,16 @@ def _values(plan: ReleasePlan, data: Table | Vector) -> list[NDArray[np.float64]
     return [np.array([(col - mid).sum()]), np.array([float(data.rows)])]
 
 
-def local_words(plan: ReleasePlan, data: Table | Vector) -> ring.AnyRingVector:
-    """The party's encoded local tensors, concatenated in plan order."""
-    out = np.zeros(plan.length, dtype=ring.dtype_for(plan.spec.ring_bits).newbyteorder("="))
-    add_local_words(plan, data, out)
-    return out
-
-
 def add_local_words(plan: ReleasePlan, data: Table | Vector, out: ring.AnyRingVector) -> None:
     """out += the party's encoded local tensors (in place, slice by slice, mod 2^64)."""
     if out.size != plan.length:
         raise ParameterError("out", f"len={out.size}", f"expected {plan.length}")
     if isinstance(data, Vector):
+        if plan.spec.statistic is not Statistic.SUM or plan.spec.column:
+            raise ParameterError("statistic", plan.spec.statistic.value, "vectors support sum only")
         # clip and encode in one pass: x * (clip factor * 2^f), rounded to nearest
         x = data.values
-        norm = float(np.linalg.norm(x))
-        factor = 1.0 if norm <= plan.spec.l2_bound else plan.spec.l2_bound / norm
-        scale = factor * float(1 << plan.tensors[0].frac_bits)
+        scale = l2_clip_factor(x, plan.spec.l2_bound) * float(1 << plan.tensors[0].frac_bits)
         for start in range(0, x.size, _SLICE):
             seg = out[start : start + _SLICE]
             enc = np.rint(x[start : start + _SLICE] * scale).astype(np.int64).astype(out.dtype)
