@@ -113,6 +113,7 @@ def bench_mpcdp(
     m = Measure()
     m.idle_rss = max(_rss(proc.pid)["VmHWM"] for proc in net.processes.values())
     received: dict[str, int] = {}
+    pool = ThreadPoolExecutor(len(parties))
 
     def observe(party: str, chunk: np.ndarray) -> None:
         received[party] = received.get(party, 0) + chunk.nbytes
@@ -121,7 +122,7 @@ def bench_mpcdp(
         spec = _spec(parties, d, k)
         received.clear()
         t0 = time.perf_counter()
-        out = run_round(spec=spec, clients=clients, observe=observe)
+        out = run_round(spec=spec, clients=clients, observe=observe, executor=pool)
         dt = time.perf_counter() - t0
         assert out.tensors["vector"].size == d
         if k == 0:
@@ -131,6 +132,7 @@ def bench_mpcdp(
         time.sleep(min(3.0, 0.5 + d / 2e6))  # let the parties refill their noise off the clock
     m.bytes_per_party = max(received.values())
     m.peak_rss = max(_rss(proc.pid)["VmHWM"] for proc in net.processes.values())
+    pool.shutdown()
     for c in clients:
         c.close()
     return m

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -125,6 +126,9 @@ class Federation:
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
         self._creds = tls.load_credentials(config.tls)
+        self._pool = ThreadPoolExecutor(
+            max_workers=len(config.parties), thread_name_prefix="federation"
+        )
         self._clients = [
             GrpcPartyClient(
                 party_id=p.id, address=p.address, creds=self._creds, deadline_s=config.deadline_s
@@ -141,6 +145,7 @@ class Federation:
         return tuple(c.party_id for c in self._clients)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         for c in self._clients:
             c.close()
 
@@ -226,7 +231,9 @@ class Federation:
         )
         length = int(info.length) if info.kind == "vector" else None
         spec = fit(spec, vector_length=length, frac_bits=frac_bits, ring_bits=ring_bits)
-        return _result(run_round(spec=spec, clients=self._clients, observe=observe))
+        return _result(
+            run_round(spec=spec, clients=self._clients, observe=observe, executor=self._pool)
+        )
 
     def sum(
         self,

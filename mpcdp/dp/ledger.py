@@ -89,6 +89,8 @@ class Charge:
     event: ev.Event
     created_at: float
     new: bool
+    #: the dataset's status right after this charge (None for a repeated query id)
+    status: BudgetStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,7 @@ class BudgetLedger:
                 (str(after.pure_epsilon_spent), after.queries, after.exact_releases, dataset),
             )
         log.info("charged query %s to dataset %r (%s)", query_id, dataset, event.kind)
-        return Charge(query_id, dataset, event, now, new=True)
+        return Charge(query_id, dataset, event, now, new=True, status=after)
 
     def charges(self, dataset: str) -> list[Charge]:
         """Every charge of ``dataset``, oldest first."""

@@ -113,7 +113,7 @@ def run_round(
     *,
     spec: QuerySpec,
     clients: Sequence[PartyClient],
-    max_workers: int | None = None,
+    executor: ThreadPoolExecutor | None = None,
     observe: Observer | None = None,
 ) -> RoundOutcome:
     """Run one round of ``spec`` over ``clients`` (one per spec party, any order)."""
@@ -124,7 +124,8 @@ def run_round(
         )
     ordered = [by_id[p] for p in spec.parties]
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
-    pool = ThreadPoolExecutor(max_workers=max_workers or len(ordered), thread_name_prefix="round")
+    # one thread per party; a caller running many rounds passes its own pool (no start-up)
+    pool = executor or ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="round")
     try:
         try:
             proposals = list(
@@ -162,7 +163,8 @@ def run_round(
                     log.debug("abort of session %s at %s failed", session_id.hex(), c.party_id)
             raise RoundAborted(spec.query_id, exc) from exc
     finally:
-        pool.shutdown(wait=True)
+        if executor is None:
+            pool.shutdown(wait=True)
     tensors: dict[str, NDArray[np.float64]] = {}
     offset = 0
     for t in release.tensors:

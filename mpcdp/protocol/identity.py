@@ -27,6 +27,7 @@ from mpcdp.errors import AuthError, ProtocolError
 
 __all__ = [
     "SIGNATURE_LABEL",
+    "CertificateCache",
     "SignedKey",
     "common_name",
     "sign_key",
@@ -116,20 +117,54 @@ def verify_certificate(cert: x509.Certificate, *, ca: x509.Certificate) -> str:
     return common_name(cert)
 
 
+class CertificateCache:
+    """Certificates already verified against the CA, by their DER bytes.
+
+    A party sees the same few peer certificates every round; re-checking the CA signature
+    each time is wasted work. An entry is used only while the certificate is still valid.
+    """
+
+    def __init__(self, *, ca: x509.Certificate, max_entries: int = 1024) -> None:
+        self.ca = ca
+        self._max = max_entries
+        self._entries: dict[bytes, tuple[str, ec.EllipticCurvePublicKey, dt.datetime]] = {}
+
+    def get(self, der: bytes, *, claimed: str) -> ec.EllipticCurvePublicKey:
+        """The verified public key of ``der``, whose common name must be ``claimed``."""
+        entry = self._entries.get(der)
+        now = dt.datetime.now(dt.timezone.utc)
+        if entry is None or now > entry[2]:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+            except ValueError:
+                raise ProtocolError(f"signed key of {claimed!r}: certificate is not DER") from None
+            name = verify_certificate(cert, ca=self.ca)
+            pub = cert.public_key()
+            if not isinstance(pub, ec.EllipticCurvePublicKey):
+                raise AuthError(f"certificate of {name!r} does not hold an EC key")
+            entry = (name, pub, cert.not_valid_after_utc)
+            if len(self._entries) >= self._max:
+                self._entries.clear()
+            self._entries[der] = entry
+        name, pub, _ = entry
+        if name != claimed:
+            raise AuthError(f"signed key claims party {claimed!r} but its certificate is {name!r}")
+        return pub
+
+
 def verify_key(
-    key: SignedKey, *, ca: x509.Certificate, session_id: bytes, spec_digest: bytes
+    key: SignedKey,
+    *,
+    ca: x509.Certificate,
+    session_id: bytes,
+    spec_digest: bytes,
+    certificates: CertificateCache | None = None,
 ) -> None:
     """Raise ProtocolError/AuthError unless ``key`` is a valid signed key for this round."""
-    try:
-        cert = x509.load_der_x509_certificate(key.certificate)
-    except ValueError:
-        raise ProtocolError(f"signed key of {key.party_id!r}: certificate is not DER") from None
-    name = verify_certificate(cert, ca=ca)
-    if name != key.party_id:
-        raise AuthError(f"signed key claims party {key.party_id!r} but its certificate is {name!r}")
-    pub = cert.public_key()
-    if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise AuthError(f"certificate of {name!r} does not hold an EC key")
+    cache = certificates if certificates is not None else CertificateCache(ca=ca)
+    if cache.ca != ca:
+        raise AuthError("certificate cache belongs to another CA")
+    pub = cache.get(key.certificate, claimed=key.party_id)
     try:
         pub.verify(
             key.signature,

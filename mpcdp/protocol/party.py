@@ -183,6 +183,7 @@ class PartyEngine:
         self.datasets = dict(datasets)
         self.ledger = ledger
         self._ca = ca
+        self._certificates = identity.CertificateCache(ca=ca)
         self._cert = certificate
         self._signing_key = signing_key
         self._peers = frozenset(peers) | {party_id}
@@ -381,7 +382,14 @@ class PartyEngine:
             raise AuthError("the relayed key of this party is not the one it signed")
         spec_digest = digest(spec)
         for k in keys:
-            identity.verify_key(k, ca=self._ca, session_id=session_id, spec_digest=spec_digest)
+            if k.party_id != self.party_id:  # our own key was compared with what we signed
+                identity.verify_key(
+                    k,
+                    ca=self._ca,
+                    session_id=session_id,
+                    spec_digest=spec_digest,
+                    certificates=self._certificates,
+                )
         me = spec.index_of(self.party_id)
         pair_keys = {
             spec.index_of(pid): prg.derive_pair_key(
@@ -404,7 +412,8 @@ class PartyEngine:
                 raise LedgerError(
                     f"query_id={spec.query_id!r} was already answered; use a new query id"
                 )
-            status = self.ledger.status(spec.dataset)
+            assert charge.status is not None  # a new charge carries its status
+            status = charge.status
         stream = sharing.MaskStream(
             party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
         )
