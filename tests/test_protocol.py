@@ -408,3 +408,25 @@ def test_each_party_clips_its_vector_to_the_declared_l2_bound(tmp_path: Path) ->
         assert np.allclose(out.tensors["vector"], 3 * big / 10, atol=3 * 2.0**-9)
     finally:
         n.stop()
+
+
+def test_certificate_cache_checks_ca_and_name(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from mpcdp.certs import issue, make_ca
+    from mpcdp.errors import AuthError
+    from mpcdp.protocol.identity import CertificateCache
+
+    ca_key, ca = make_ca()
+    other_key, other_ca = make_ca(name="someone-else")
+    _, bob = issue(name="bob", ca_key=ca_key, ca_cert=ca)
+    _, evil = issue(name="bob", ca_key=other_key, ca_cert=other_ca)
+    cache = CertificateCache(ca=ca)
+    der = bob.public_bytes(serialization.Encoding.DER)
+    assert cache.get(der, claimed="bob") is cache.get(der, claimed="bob")  # cached
+    with pytest.raises(AuthError, match="certificate is 'bob'"):
+        cache.get(der, claimed="carlos")  # the cache still checks the name
+    with pytest.raises(AuthError, match="not issued by the federation CA"):
+        cache.get(evil.public_bytes(serialization.Encoding.DER), claimed="bob")
+    with pytest.raises(ProtocolError, match="not DER"):
+        cache.get(b"junk", claimed="bob")
