@@ -157,7 +157,8 @@ class Federation:
 
     def describe(self) -> dict[str, pb.DescribeResponse]:
         """Every party's public dataset metadata (bounds, categories, budget left)."""
-        return {c.party_id: c.describe() for c in self._clients}
+        answers = self._pool.map(lambda c: c.describe(), self._clients)  # in parallel
+        return dict(zip(self.parties, answers, strict=True))
 
     def _public(self, dataset: str, column: str) -> tuple[pb.DatasetInfo, pb.ColumnInfo | None]:
         seen: dict[str, tuple[Any, ...]] = {}
