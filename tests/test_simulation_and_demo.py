@@ -144,3 +144,9 @@ def test_demo_script_runs() -> None:
         text=True,
     )
     assert "3171.5" in out.stdout
+
+
+def test_cli_demo_default_bound_matches_the_demo() -> None:
+    from mpcdp.cli import demo
+
+    assert demo.DEFAULT_BOUND == salary_demo.DEFAULT_BOUND

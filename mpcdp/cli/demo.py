@@ -11,16 +11,19 @@ from types import FrameType
 
 import typer
 
-from mpcdp import salary_demo as salary
 from mpcdp.errors import MpcdpError
 
 app = typer.Typer(help="Demonstrations.", no_args_is_help=True)
+
+#: Public upper bound of a raise in the demo (mpcdp.salary_demo.DEFAULT_BOUND; repeated here
+#: so that `mpcdp --help` and `mpcdp health` need not import the demo's dependencies).
+DEFAULT_BOUND = 5_000.0
 
 
 @app.command("salary")
 def salary_cmd(
     epsilon: float = typer.Option(1.0, help="Privacy budget of the DP mean."),
-    bound: float = typer.Option(salary.DEFAULT_BOUND, help="Public upper bound of a raise."),
+    bound: float = typer.Option(DEFAULT_BOUND, help="Public upper bound of a raise."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     local: bool = typer.Option(
         False, "--local", help="All four parties in this process (shows the seeded share table)."
@@ -38,6 +41,8 @@ def salary_cmd(
         )
     if not bound > 0 or not math.isfinite(bound):
         raise typer.BadParameter(f"bound={bound!r} must be finite and > 0", param_hint="--bound")
+    from mpcdp import salary_demo as salary
+
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="mpcdp-salary-") as tmp:
