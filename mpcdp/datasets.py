@@ -140,5 +140,5 @@ def load_vector(path: Path) -> Vector:
     bad = ~np.isfinite(values)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: element {i} is {values[i]!r}, not finite")
+        raise DataError(f"{path}: element {i} is {float(values[i])!r}, not finite")
     return Vector(path=path, values=values)

@@ -1,0 +1,137 @@
+"""Party/federation config files and the party's own data files: bad input, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpcdp.config import load_federation_config, load_party_config
+from mpcdp.datasets import ColumnSpec, load_table, load_vector
+from mpcdp.errors import ConfigError, DataError
+
+BASE = """
+id = "alice"
+listen = "127.0.0.1:0"
+ledger = "l.sqlite"
+[tls]
+ca = "ca.pem"
+cert = "alice.pem"
+key = "alice.key"
+coordinators = ["analyst"]
+peers = ["bob"]
+[datasets.raises]
+path = "raises.csv"
+epsilon = 1.0
+[datasets.raises.columns.raise]
+lower = 0
+upper = 5000
+"""
+
+
+def _party(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "party.toml"
+    p.write_text(text)
+    return p
+
+
+def test_party_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
+    cfg = load_party_config(_party(tmp_path, BASE))
+    assert cfg.ledger == tmp_path / "l.sqlite" and cfg.tls.ca == tmp_path / "ca.pem"
+    ds = cfg.datasets["raises"]
+    assert ds.delta == 0 and not ds.allow_exact and ds.kind == "table"
+    assert cfg.min_colluders == 1 and cfg.coordinators == ("analyst",)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (("epsilon = 1.0", "epsilon = -1.0"), "datasets.raises.epsilon: must be > 0"),
+        (("epsilon = 1.0", 'epsilon = "lots"'), "datasets.raises.epsilon: has the wrong type"),
+        (("upper = 5000", "upper = -1"), "lower: 0 is above upper=-1"),
+        (('id = "alice"', 'id = "Alice!"'), "id: must be lowercase"),
+        (('coordinators = ["analyst"]', "coordinators = []"), "must name at least one coordinator"),
+        (('path = "raises.csv"', 'path = "raises.xlsx"'), "must be a .csv table or a .npy vector"),
+        (("epsilon = 1.0", "epsilon = 1.0\ncolour = 1"), "colour: unknown key"),
+        (
+            ('ledger = "l.sqlite"', 'ledger = "l.sqlite"\nmin_colluders = -1'),
+            "min_colluders: must be >= 0",
+        ),
+    ],
+)
+def test_party_config_errors_name_file_and_key(
+    tmp_path: Path, change: tuple[str, str], needle: str
+) -> None:
+    path = _party(tmp_path, BASE.replace(*change))
+    with pytest.raises(ConfigError) as info:
+        load_party_config(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_vector_dataset_needs_an_l2_bound(tmp_path: Path) -> None:
+    text = BASE.replace('path = "raises.csv"', 'path = "g.npy"').split("[datasets.raises.columns")[
+        0
+    ]
+    with pytest.raises(ConfigError, match="needs l2_bound > 0"):
+        load_party_config(_party(tmp_path, text))
+
+
+def test_federation_config_errors(tmp_path: Path) -> None:
+    good = (
+        'coordinator = "analyst"\n[tls]\nca = "ca.pem"\ncert = "a.pem"\nkey = "a.key"\n'
+        '[[parties]]\nid = "alice"\naddress = "h:1"\n[[parties]]\nid = "bob"\naddress = "h:2"\n'
+    )
+    p = tmp_path / "f.toml"
+    p.write_text(good)
+    cfg = load_federation_config(p)
+    assert cfg.colluders == 1 and [q.id for q in cfg.parties] == ["alice", "bob"]
+    p.write_text(good.replace('id = "bob"', 'id = "alice"'))
+    with pytest.raises(ConfigError, match="distinct ids"):
+        load_federation_config(p)
+    p.write_text(good.replace('coordinator = "analyst"', 'coordinator = "analyst"\ncolluders = 2'))
+    with pytest.raises(ConfigError, match=r"colluders: must be in \[0, 1\]"):
+        load_federation_config(p)
+
+
+def test_out_of_bounds_values_are_clipped_when_the_party_says_so(tmp_path: Path) -> None:
+    csv = tmp_path / "r.csv"
+    csv.write_text("raise\n9000\n-5\n100\n")
+    with pytest.raises(DataError, match="9000 is outside the declared bounds"):
+        load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000)])
+    table = load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000, out_of_bounds="clip")])
+    assert table.numeric["raise"].tolist() == [5000.0, 0.0, 100.0] and table.rows == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("salary\n1\n", "missing declared column(s) ['raise']"),
+        ("raise\n1,2\n", "more fields than the header"),
+        ("raise\n\n", None),  # an empty line is skipped by csv: zero rows is fine
+    ],
+)
+def test_malformed_csv(tmp_path: Path, text: str, needle: str | None) -> None:
+    csv = tmp_path / "r.csv"
+    csv.write_text(text)
+    cols = [ColumnSpec(name="raise", lower=0, upper=10)]
+    if needle is None:
+        assert load_table(csv, cols).rows == 0
+    else:
+        with pytest.raises(DataError) as info:
+            load_table(csv, cols)
+        assert needle in str(info.value) and str(csv) in str(info.value)
+
+
+def test_missing_file_and_bad_vectors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cannot open"):
+        load_table(tmp_path / "nope.csv", [ColumnSpec(name="x", lower=0, upper=1)])
+    np.save(tmp_path / "m.npy", np.zeros((2, 2)))
+    with pytest.raises(DataError, match="1-D numeric vector"):
+        load_vector(tmp_path / "m.npy")
+    np.save(tmp_path / "n.npy", np.array([1.0, np.nan]))
+    with pytest.raises(DataError, match="element 1 is nan"):
+        load_vector(tmp_path / "n.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match=r"cannot read a \.npy vector"):
+        load_vector(tmp_path / "junk.npy")
