@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mpcdp.certs import init_federation
@@ -67,6 +68,20 @@ def party_toml(
         )
         + extra
     )
+
+
+def vector_datasets(
+    root: Path, name: str, vectors: dict[str, np.ndarray], *, epsilon: float = 5.0
+) -> dict[str, str]:
+    """Save each party's vector as ROOT/PARTY-NAME.npy; return the `extra` TOML for build_net."""
+    extra = {}
+    for p, v in vectors.items():
+        np.save(root / f"{p}-{name}.npy", v)
+        extra[p] = (
+            f'\n[datasets.{name}]\npath = "{p}-{name}.npy"\nepsilon = {epsilon}\n'
+            "delta = 1e-5\nallow_exact = true\nl2_bound = 1.0\n"
+        )
+    return extra
 
 
 def write_federation(

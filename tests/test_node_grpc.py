@@ -17,7 +17,7 @@ from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient, check_health
-from tests.conftest import DEPTS, ROWS, Net, build_net
+from tests.conftest import DEPTS, ROWS, Net, build_net, vector_datasets
 
 TRUE_MEAN = sum(sum(r) for r in ROWS.values()) / sum(len(r) for r in ROWS.values())
 
@@ -282,13 +282,7 @@ def test_exact_release_needs_the_partys_consent(tmp_path: Path) -> None:
 def test_vector_dataset_sum(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)  # test data only
     vecs = {p: rng.normal(size=1000) * 0.01 for p in ("alice", "bob", "carlos")}
-    extra = {}
-    for p, v in vecs.items():
-        np.save(tmp_path / f"{p}-grad.npy", v)
-        extra[p] = (
-            f'\n[datasets.grad]\npath = "{p}-grad.npy"\nepsilon = 5.0\ndelta = 1e-5\n'
-            "allow_exact = true\nl2_bound = 1.0\n"
-        )
+    extra = vector_datasets(tmp_path, "grad", vecs)
     n = build_net(tmp_path, extra=extra)
     try:
         with Federation.from_config(n.federation) as fed:

@@ -25,7 +25,7 @@ from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import PartyEngine, Proposal
 from mpcdp.protocol.spec import QuerySpec, Statistic, digest
-from tests.conftest import PARTIES, ROWS, Net, build_net
+from tests.conftest import PARTIES, ROWS, Net, build_net, vector_datasets
 from tests.stats import assert_uniform_words
 
 
@@ -211,13 +211,7 @@ def test_max_epsilon_per_query(tmp_path: Path) -> None:
 
 def test_what_the_coordinator_receives_from_a_party_is_uniform(tmp_path: Path) -> None:
     zeros = np.zeros(1 << 16)
-    extra = {}
-    for p in PARTIES:
-        np.save(tmp_path / f"{p}-z.npy", zeros)
-        extra[p] = (
-            f'\n[datasets.z]\npath = "{p}-z.npy"\nepsilon = 50.0\ndelta = 1e-5\n'
-            "allow_exact = true\nl2_bound = 1.0\n"
-        )
+    extra = vector_datasets(tmp_path, "z", dict.fromkeys(PARTIES, zeros), epsilon=50.0)
     n = build_net(tmp_path, start=False, extra=extra)
     try:
         engines = {p: node.engine for p, node in n.nodes.items()}
@@ -322,13 +316,7 @@ def test_fit_chooses_the_ring_and_fixed_point() -> None:
 def test_round_in_the_32_bit_ring_is_exact(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)  # test data only
     vecs = {p: rng.normal(size=5000) * 0.001 for p in PARTIES}
-    extra = {}
-    for p, v in vecs.items():
-        np.save(tmp_path / f"{p}-w.npy", v)
-        extra[p] = (
-            f'\n[datasets.w]\npath = "{p}-w.npy"\nepsilon = 5.0\ndelta = 1e-5\n'
-            "allow_exact = true\nl2_bound = 1.0\n"
-        )
+    extra = vector_datasets(tmp_path, "w", vecs)
     n = build_net(tmp_path, start=False, extra=extra)
     try:
         s = spec(
@@ -391,13 +379,7 @@ def test_pending_sessions_are_bounded(engines: dict[str, PartyEngine]) -> None:
 
 def test_each_party_clips_its_vector_to_the_declared_l2_bound(tmp_path: Path) -> None:
     big = np.full(400, 0.5)  # L2 norm 10 > bound 1
-    extra = {}
-    for p in PARTIES:
-        np.save(tmp_path / f"{p}-b.npy", big)
-        extra[p] = (
-            f'\n[datasets.b]\npath = "{p}-b.npy"\nepsilon = 5.0\ndelta = 1e-5\n'
-            "allow_exact = true\nl2_bound = 1.0\n"
-        )
+    extra = vector_datasets(tmp_path, "b", dict.fromkeys(PARTIES, big))
     n = build_net(tmp_path, start=False, extra=extra)
     try:
         s = spec(
