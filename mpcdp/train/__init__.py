@@ -1,0 +1,1 @@
+"""Federated DP-SGD training and its empirical privacy audit."""
