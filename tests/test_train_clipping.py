@@ -1,0 +1,527 @@
+"""Per-sample clipping by book-keeping against a torch.func reference, and its error paths."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mpcdp.errors import ParameterError  # noqa: E402
+from mpcdp.train import clipping  # noqa: E402
+from mpcdp.train.clipping import (  # noqa: E402
+    ClippedBatch,
+    PerSampleClipper,
+    per_sample_gradients_reference,
+)
+from mpcdp.train.layers import DPMultiheadAttention, replace_multihead_attention  # noqa: E402
+
+# torch.func has no batching rule for the CPU flash-attention kernel of the reference
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+B = 8
+NUM_CLASSES = 3
+
+
+def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross entropy; sequence outputs (B, T, K) are averaged over T first."""
+    if out.dim() > 2:
+        out = out.reshape(out.shape[0], -1, out.shape[-1]).mean(dim=1)
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def reference_clipped(
+    per_sample: torch.Tensor, c_norm: float, mode: str, stability: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = per_sample.norm(dim=1)
+    if mode == "flat":
+        factors = (c_norm / (norms + 1e-6)).clamp(max=1.0)
+    else:
+        factors = c_norm / (norms + stability)
+    return (per_sample * factors[:, None]).sum(dim=0), factors
+
+
+def check_against_reference(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mode: str,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ce,
+    bias_only: bool = False,
+) -> PerSampleClipper:
+    """BK clipped sum == sum of clipped torch.func per-sample gradients (float64 model)."""
+    model = model.double()
+    if x.is_floating_point():
+        x = x.double()
+    if bias_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("bias"))
+    per_sample = per_sample_gradients_reference(model, inputs=x, targets=y, loss_fn=loss_fn)
+    norms = per_sample.norm(dim=1)
+    c_norm = float(norms.median())  # clipping active for some samples, inactive for others
+    assert bool((norms > c_norm * 1.01).any()) and bool((norms < c_norm * 0.99).any())
+    expected, factors = reference_clipped(per_sample, c_norm, mode)
+    # every clipped per-sample gradient has norm <= C
+    assert bool(((norms * factors) <= c_norm * (1 + 1e-9)).all())
+
+    clipper = PerSampleClipper(model, max_grad_norm=c_norm, clipping=mode, bias_only=bias_only)
+    assert clipper.num_params == per_sample.shape[1]
+    result = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=loss_fn)
+    assert isinstance(result, ClippedBatch)
+    assert result.batch_size == x.shape[0]
+    assert result.grad_sum.dtype == torch.float32
+    assert result.grad_sum.shape == (clipper.num_params,)
+    torch.testing.assert_close(
+        result.grad_sum.double(),
+        expected,
+        rtol=1e-5,
+        atol=1e-5 * float(expected.abs().max()),
+    )
+    assert result.mean_norm == pytest.approx(float(norms.mean()), rel=1e-6)
+    with torch.no_grad():
+        assert result.loss_sum == pytest.approx(float(loss_fn(model(x), y).sum()), rel=1e-9)
+    for _, p in clipper.named_parameters():
+        assert p.grad is None  # BK never writes .grad
+    for m in model.modules():
+        assert not m._forward_hooks
+    return clipper
+
+
+def labels(n: int = B) -> torch.Tensor:
+    return torch.randint(0, NUM_CLASSES, (n,))
+
+
+MODES = ["flat", "automatic"]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)
+
+
+# -- layer types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_2d_with_inplace_activation(mode: str) -> None:
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, NUM_CLASSES))
+    check_against_reference(model, torch.randn(B, 10), labels(), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("t", "d", "p"), [(3, 10, 12), (9, 4, 5)])
+def test_linear_3d_ghost_and_instantiate(mode: str, t: int, d: int, p: int) -> None:
+    # (3, 10, 12): 2 T^2 = 18 <= p d = 120, ghost norm; (9, 4, 5): 162 > 20, instantiated
+    assert clipping._use_ghost(t, p, d) == (t == 3)
+    model = nn.Sequential(nn.Linear(d, p), nn.Tanh(), nn.Linear(p, NUM_CLASSES))
+    check_against_reference(model, torch.randn(B, t, d), labels(), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_4d_input(mode: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, NUM_CLASSES))
+    check_against_reference(model, torch.randn(B, 2, 3, 4), labels(), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv2d_ghost_instantiate_and_grouped_fallback(mode: str) -> None:
+    model = nn.Sequential(
+        # 8x8 input, T = 64, D = 27, p = 4: instantiated
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        # stride 2, dilation 2: T = 9 (3x3), D = 36, p = 6: ghost
+        nn.Conv2d(4, 6, 3, stride=3, padding=2, dilation=2),
+        nn.Tanh(),
+        nn.Conv2d(6, 4, 3, padding="same", bias=False),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1, groups=2),  # grouped: torch.func fallback
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, NUM_CLASSES),
+    )
+    assert not clipping._use_ghost(64, 4, 27)
+    assert clipping._use_ghost(9, 6, 36)
+    clipper = check_against_reference(model, torch.randn(B, 3, 8, 8), labels(), mode)
+    kinds = [layer.kind for layer in clipper._layers]
+    assert kinds == ["conv2d", "conv2d", "conv2d", "fallback", "linear"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("vocab", "dim"), [(50, 8), (4, 2)])
+def test_embedding_with_padding_idx(mode: str, vocab: int, dim: int) -> None:
+    # T = 6: (50, 8) ghost (72 <= 400); (4, 2) instantiated (72 > 8)
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim, padding_idx=1)
+            self.head = nn.Linear(dim, NUM_CLASSES)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.emb(idx)).mean(dim=1))
+
+    tokens = torch.randint(0, min(vocab, 5), (B, 6))  # repeated tokens and padding
+    tokens[0, :3] = 1
+    model = Bag()
+    check_against_reference(model, tokens, labels(), mode)
+    # the padding row gets no gradient
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    g = clipper.clipped_grad_sum(inputs=tokens, targets=labels(), loss_fn=ce).grad_sum
+    emb = g[: vocab * dim].view(vocab, dim)
+    assert bool((emb[1] == 0).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layernorm_and_groupnorm(mode: str) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Flatten(start_dim=2),  # (B, 4, 16)
+        nn.LayerNorm(16),
+        nn.Linear(16, 5),
+        nn.LayerNorm([4, 5], bias=False),
+        nn.Flatten(),
+        nn.Linear(20, NUM_CLASSES),
+    )
+    clipper = check_against_reference(model, torch.randn(B, 2, 4, 4), labels(), mode)
+    kinds = [layer.kind for layer in clipper._layers]
+    assert kinds == ["conv2d", "groupnorm", "layernorm", "linear", "layernorm", "linear"]
+
+
+class Gated(nn.Module):
+    """Owns a parameter used in a non-linear way, plus a Linear child: fallback + child."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(d))
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x) * torch.sigmoid(self.gate) * scale, torch.tanh(x * self.gate)
+
+
+class WithGated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Gated(6)
+        self.head = nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.block(x, scale=0.5)
+        return self.head(a + b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_custom_parameter_fallback(mode: str) -> None:
+    clipper = check_against_reference(WithGated(), torch.randn(B, 6), labels(), mode)
+    assert [layer.kind for layer in clipper._layers] == ["fallback", "linear", "linear"]
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, d)
+        self.attn = DPMultiheadAttention(d, heads)
+        self.norm1 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d))
+        self.norm2 = nn.LayerNorm(d)
+        self.head = nn.Linear(d, NUM_CLASSES)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        pad = idx == 0
+        a, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+        h = self.norm1(h + a)
+        h = self.norm2(h + self.ff(h))
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dp_multihead_attention_block(mode: str) -> None:
+    tokens = torch.randint(1, 11, (B, 5))
+    tokens[:, -1] = 0  # padded key
+    check_against_reference(TinyBlock(), tokens, labels(), mode)
+
+
+def test_replace_multihead_attention_in_transformer_layer() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 8, NUM_CLASSES)).double()
+    x = torch.randn(B, 4, 8, dtype=torch.float64)
+    with pytest.raises(ParameterError, match=r"0\.self_attn.*replace_multihead_attention"):
+        PerSampleClipper(model, max_grad_norm=1.0)
+    before = model(x)
+    mask = torch.zeros(4, 4, dtype=torch.bool).triu(1)
+    before_masked = layer(x, src_mask=mask)
+    assert replace_multihead_attention(model) is model
+    assert isinstance(layer.self_attn, DPMultiheadAttention)
+    torch.testing.assert_close(model(x), before)
+    torch.testing.assert_close(layer(x, src_mask=mask), before_masked)
+    model.eval()  # no fused fast path for DPMultiheadAttention, same results
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+    model.train()
+    check_against_reference(model, x, labels(), "flat")
+
+
+def test_dp_attention_matches_torch_attention_weights_and_masks() -> None:
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=5).double()
+    dp = replace_multihead_attention(mha)
+    assert isinstance(dp, DPMultiheadAttention)
+    q = torch.randn(3, 4, 8, dtype=torch.float64)
+    k = torch.randn(3, 7, 6, dtype=torch.float64)
+    v = torch.randn(3, 7, 5, dtype=torch.float64)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[:, -2:] = True
+    kpm_float = torch.zeros(3, 7, dtype=torch.float64).masked_fill(kpm, -math.inf)
+    am = torch.randn(4, 7, dtype=torch.float64)
+    for kwargs in (
+        {},
+        {"key_padding_mask": kpm},
+        {"attn_mask": am, "key_padding_mask": kpm_float},
+        {"attn_mask": am > 1.0, "key_padding_mask": kpm},
+        {"need_weights": False, "attn_mask": am > 1.0},
+        {"average_attn_weights": False},
+    ):
+        out_t, w_t = mha(q, k, v, **kwargs)
+        out_d, w_d = dp(q, k, v, **kwargs)
+        torch.testing.assert_close(out_d, out_t)
+        if w_t is None:
+            assert w_d is None
+        else:
+            assert w_d is not None
+            torch.testing.assert_close(w_d, w_t)
+    with pytest.raises(ParameterError, match="batch_first"):
+        replace_multihead_attention(nn.MultiheadAttention(8, 2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_reused_in_one_forward(mode: str) -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(5, 7)
+            self.shared = nn.Linear(7, 7)
+            self.norm = nn.LayerNorm(7)
+            self.head = nn.Linear(7, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.inp(x))
+            h = torch.tanh(self.shared(h))
+            h = self.norm(h)
+            h = torch.tanh(self.shared(h))  # second call of the same layers
+            return self.head(self.norm(h))
+
+    check_against_reference(Twice(), torch.randn(B, 5), labels(), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bias_only(mode: str) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.GroupNorm(1, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4, 6),
+        nn.Tanh(),
+        nn.LayerNorm(6),
+        nn.Linear(6, NUM_CLASSES),
+    )
+    clipper = check_against_reference(
+        model, torch.randn(B, 2, 4, 4), labels(), mode, bias_only=True
+    )
+    names = [n for n, _ in clipper.named_parameters()]
+    assert names == ["0.bias", "1.bias", "4.bias", "6.bias", "7.bias"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("weight"))
+    for layer in clipper._layers:
+        assert not layer.needs_input  # DP-BiTFiT: no activations stored
+
+
+def test_bias_only_freezes_weights_itself() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    clipper = PerSampleClipper(model, max_grad_norm=1.0, bias_only=True)
+    assert [n for n, _ in clipper.named_parameters()] == ["0.bias", "1.bias"]
+    assert clipper.num_params == 6
+    assert not model[0].weight.requires_grad
+
+
+# -- API contract and errors -------------------------------------------------------------------
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, NUM_CLASSES))
+
+
+def test_empty_batch_returns_zeros() -> None:
+    clipper = PerSampleClipper(mlp(), max_grad_norm=1.0)
+    out = clipper.clipped_grad_sum(
+        inputs=torch.zeros(0, 4), targets=torch.zeros(0, dtype=torch.long), loss_fn=ce
+    )
+    assert out.batch_size == 0
+    assert out.loss_sum == 0.0
+    assert out.mean_norm == 0.0
+    assert out.grad_sum.shape == (clipper.num_params,)
+    assert bool((out.grad_sum == 0).all())
+
+
+def test_flat_parameters_round_trip() -> None:
+    model = mlp()
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    flat = clipper.flat_parameters()
+    assert flat.shape == (clipper.num_params,) == (4 * 5 + 5 + 5 * 3 + 3,)
+    torch.testing.assert_close(flat[:20], model[0].weight.detach().reshape(-1))
+    clipper.load_flat_parameters(flat + 1.0)
+    torch.testing.assert_close(model[2].bias.detach(), flat[-3:] + 1.0)
+    with pytest.raises(ParameterError, match="flat"):
+        clipper.load_flat_parameters(flat[:-1])
+
+
+def test_batchnorm_refused_with_module_path() -> None:
+    features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2))
+    model = nn.Sequential()
+    model.add_module("features", features)
+    with pytest.raises(ParameterError, match=r"module 'features\.3' is BatchNorm2d"):
+        PerSampleClipper(model, max_grad_norm=1.0)
+    # a frozen BatchNorm in eval mode is a per-sample affine map: accepted, until train()
+    features[3].eval()
+    features[3].requires_grad_(False)
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    features[3].train()
+    with pytest.raises(ParameterError, match=r"features\.3"):
+        clipper.clipped_grad_sum(
+            inputs=torch.randn(2, 1, 6, 6),
+            targets=torch.zeros(2),
+            loss_fn=lambda o, y: o.sum((1, 2, 3)),
+        )
+    for m in model.modules():
+        assert not m._forward_hooks
+
+
+def test_torch_multihead_attention_refused() -> None:
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x)[0]
+
+    with pytest.raises(ParameterError, match=r"'mha'.*replace_multihead_attention"):
+        PerSampleClipper(Attn(), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, "1", True])
+def test_bad_max_grad_norm(bad: object) -> None:
+    with pytest.raises(ParameterError, match="max_grad_norm") as info:
+        PerSampleClipper(mlp(), max_grad_norm=bad)  # type: ignore[arg-type]
+    assert info.value.name == "max_grad_norm"
+
+
+def test_bad_clipping_and_stability() -> None:
+    with pytest.raises(ParameterError, match="clipping") as info:
+        PerSampleClipper(mlp(), max_grad_norm=1.0, clipping="per_layer")  # type: ignore[arg-type]
+    assert info.value.name == "clipping"
+    with pytest.raises(ParameterError, match="stability"):
+        PerSampleClipper(mlp(), max_grad_norm=1.0, clipping="automatic", stability=0.0)
+
+
+def test_nan_input_and_bad_loss_shape() -> None:
+    model = mlp()
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    x = torch.randn(3, 4)
+    x[1, 2] = math.nan
+    with pytest.raises(ParameterError, match="inputs") as info:
+        clipper.clipped_grad_sum(inputs=x, targets=labels(3), loss_fn=ce)
+    assert info.value.name == "inputs"
+    with pytest.raises(ParameterError, match="loss_fn") as info:
+        clipper.clipped_grad_sum(
+            inputs=torch.randn(3, 4),
+            targets=labels(3),
+            loss_fn=lambda o, y: F.cross_entropy(o, y),  # mean, not per-sample
+        )
+    assert info.value.name == "loss_fn"
+    with pytest.raises(ParameterError, match="targets"):
+        clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(2), loss_fn=ce)
+    for m in model.modules():  # hooks are removed even when the call fails
+        assert not m._forward_hooks
+
+
+def test_hooks_removed_and_module_usable() -> None:
+    model = mlp()
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(3), loss_fn=ce)
+    for m in model.modules():
+        assert not m._forward_hooks
+    model(torch.randn(2, 4)).sum().backward()  # ordinary training still works
+    assert model[0].weight.grad is not None
+    for layer in clipper._layers:
+        assert not layer.calls
+    with clipper:
+        pass
+    with pytest.raises(Exception, match="closed"):
+        clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(3), loss_fn=ce)
+
+
+def test_no_trainable_parameters_and_weight_tying_refused() -> None:
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ParameterError, match="no trainable parameter"):
+        PerSampleClipper(frozen, max_grad_norm=1.0)
+    emb = nn.Embedding(5, 4)
+    head = nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(ParameterError, match="tying"):
+        PerSampleClipper(nn.Sequential(emb, head), max_grad_norm=1.0)
+    with pytest.raises(ParameterError, match="max_norm"):
+        PerSampleClipper(nn.Embedding(5, 4, max_norm=1.0), max_grad_norm=1.0)
+
+
+def test_layer_not_batch_first_refused() -> None:
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.transpose(0, 1)).mean(dim=0)  # (T, B, d) into the layer
+
+    clipper = PerSampleClipper(SeqFirst(), max_grad_norm=1.0)
+    with pytest.raises(ParameterError, match=r"'lin'.*batch"):
+        clipper.clipped_grad_sum(inputs=torch.randn(3, 5, 4), targets=labels(3), loss_fn=ce)
+
+
+def test_unused_layer_gets_zero_gradient() -> None:
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, NUM_CLASSES)
+            self.unused = nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.unused(x)  # output not in the loss
+            return self.used(x)
+
+    model = Partial().double()
+    clipper = check_against_reference(model, torch.randn(B, 4), labels(), "flat")
+    out = clipper.clipped_grad_sum(
+        inputs=torch.randn(B, 4, dtype=torch.float64), targets=labels(), loss_fn=ce
+    )
+    assert bool((out.grad_sum[15:] == 0).all())
+
+
+def test_fallback_failure_names_module() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(x * self.scale, p=0.5, training=True)  # random inside vmap
+
+    model = nn.Sequential(Noisy(), nn.Linear(4, NUM_CLASSES))
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    with pytest.raises(ParameterError, match=r"module '0' \(Noisy\).*torch\.func"):
+        clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(3), loss_fn=ce)
