@@ -19,6 +19,11 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     allow_exact = false               # answer mechanism "none" (exact MPC, no DP)?
     max_epsilon_per_query = 1.0       # optional
     l2_bound = 1.0                    # .npy vectors: L2 clipping bound
+    [datasets.digits]                 # .npz examples (arrays x, y) to train on
+    path = "digits.npz"
+    num_classes = 10                  # labels are 0..num_classes-1
+    epsilon = 3.0
+    delta = 1e-5                      # training (RDP) needs delta > 0
     [datasets.raises.columns.raise]
     lower = 0
     upper = 5000
@@ -85,10 +90,11 @@ class DatasetConfig:
     allow_exact: bool = False
     max_epsilon_per_query: float | None = None
     l2_bound: float = 0.0
+    num_classes: int = 0
 
     @property
     def kind(self) -> str:
-        return "vector" if self.path.suffix == ".npy" else "table"
+        return {".npy": "vector", ".npz": "examples"}.get(self.path.suffix, "table")
 
     def column(self, name: str) -> ColumnSpec:
         for c in self.columns:
@@ -225,7 +231,16 @@ def _column(r: _Reader, name: str) -> ColumnSpec:
 
 def _dataset(r: _Reader, name: str) -> DatasetConfig:
     r.unknown(
-        {"path", "epsilon", "delta", "allow_exact", "max_epsilon_per_query", "l2_bound", "columns"}
+        {
+            "path",
+            "epsilon",
+            "delta",
+            "allow_exact",
+            "max_epsilon_per_query",
+            "l2_bound",
+            "columns",
+            "num_classes",
+        }
     )
     eps = r.number("epsilon")
     if eps <= 0:
@@ -236,8 +251,18 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
     cols = r.table("columns") if "columns" in r.data else _Reader(r.path, {}, r.prefix + "columns.")
     columns = tuple(_column(cols.table(c), c) for c in cols.data)
     path = r.path_of("path")
-    if path.suffix not in (".csv", ".npy"):
-        raise r._err("path", f"must be a .csv table or a .npy vector, got {path.name!r}")
+    if path.suffix not in (".csv", ".npy", ".npz"):
+        raise r._err(
+            "path", f"must be a .csv table, a .npy vector or .npz examples, got {path.name!r}"
+        )
+    num_classes = r.get("num_classes", int, 0)
+    if path.suffix == ".npz":
+        if not 2 <= num_classes <= 1 << 20:
+            raise r._err(
+                "num_classes", f"an .npz example dataset needs num_classes >= 2, got {num_classes}"
+            )
+        if not delta > 0:
+            raise r._err("delta", "an .npz example dataset (DP-SGD) needs delta > 0")
     l2 = r.number("l2_bound", 0.0)
     if path.suffix == ".npy" and not l2 > 0:
         raise r._err("l2_bound", "a .npy vector dataset needs l2_bound > 0")
@@ -253,6 +278,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
         allow_exact=r.get("allow_exact", bool, False),
         max_epsilon_per_query=None if cap is None else float(cap),
         l2_bound=float(l2),
+        num_classes=num_classes,
     )
 
 

@@ -21,7 +21,15 @@ from numpy.typing import NDArray
 
 from mpcdp.errors import DataError
 
-__all__ = ["ColumnSpec", "Table", "Vector", "load_table", "load_vector"]
+__all__ = [
+    "ColumnSpec",
+    "Examples",
+    "Table",
+    "Vector",
+    "load_examples",
+    "load_table",
+    "load_vector",
+]
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +150,55 @@ def load_vector(path: Path) -> Vector:
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: element {i} is {float(values[i])!r}, not finite")
     return Vector(path=path, values=values)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Labelled examples for training: features ``x`` (float32, one row per example) and
+    integer labels ``y`` in [0, num_classes)."""
+
+    path: Path
+    x: NDArray[np.float32]
+    y: NDArray[np.int64]
+    num_classes: int
+
+    @property
+    def count(self) -> int:
+        return int(self.y.size)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.x.shape[1:])
+
+
+def load_examples(path: Path, *, num_classes: int) -> Examples:
+    """Read an .npz with exactly the arrays ``x`` (numeric, shape (N, ...)) and ``y``
+    (integers, shape (N,)); refuse NaN/inf features and labels outside [0, num_classes)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = sorted(npz.files)
+            if names != ["x", "y"]:
+                raise DataError(f"{path}: expected exactly the arrays ['x', 'y'], found {names}")
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read an .npz of examples: {exc}") from None
+    if x.ndim < 2 or x.dtype.kind not in "fiu":
+        raise DataError(f"{path}: x must be numeric with shape (N, ...), got {x.shape} {x.dtype}")
+    if y.ndim != 1 or y.dtype.kind not in "iu" or y.size != x.shape[0]:
+        raise DataError(
+            f"{path}: y must be {x.shape[0]} integer labels, got shape {y.shape} {y.dtype}"
+        )
+    feats = x.astype(np.float32)
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(len(feats), -1).any(axis=1))[0])
+        raise DataError(f"{path}: example {i} has a non-finite feature")
+    labels = y.astype(np.int64)
+    out = (labels < 0) | (labels >= num_classes)
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        raise DataError(
+            f"{path}: example {i} has label {int(labels[i])}, outside [0, num_classes="
+            f"{num_classes})"
+        )
+    return Examples(path=path, x=feats, y=labels, num_classes=num_classes)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +31,9 @@ from mpcdp.protocol.plan import fit
 from mpcdp.protocol.spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
+
+if TYPE_CHECKING:
+    from mpcdp.train.federated import TrainingResult
 
 __all__ = ["Federation", "QueryResult"]
 
@@ -159,6 +162,36 @@ class Federation:
         """Every party's public dataset metadata (bounds, categories, budget left)."""
         answers = self._pool.map(lambda c: c.describe(), self._clients)  # in parallel
         return dict(zip(self.parties, answers, strict=True))
+
+    def examples(self, dataset: str) -> dict[str, int]:
+        """Each site's number of examples of the example dataset ``dataset`` (public)."""
+        out: dict[str, int] = {}
+        for party, resp in self.describe().items():
+            ds = next((d for d in resp.datasets if d.name == dataset), None)
+            if ds is None or ds.kind != "examples":
+                raise ParameterError(
+                    "dataset", dataset, f"is not an example dataset of party {party!r}"
+                )
+            out[party] = int(ds.length)
+        return out
+
+    def train(self, *, dataset: str, model: str, **options: Any) -> TrainingResult:
+        """Federated DP-SGD on every party's example dataset ``dataset`` (needs the
+        ``train`` extra). ``options`` are those of :func:`mpcdp.train.federated.train`:
+        ``target_epsilon``, ``target_delta``, ``epochs``, ``max_grad_norm``,
+        ``batch_size``, ``learning_rate``, ``clipping``, ``bias_only``, ``eval_data``,
+        ``public_data``, ``checkpoint``, ``on_step``, ...; ``colluders`` defaults to the
+        federation's."""
+        from mpcdp.train.federated import train
+
+        options.setdefault("colluders", self.config.colluders)
+        return train(
+            clients=self._clients,
+            dataset=dataset,
+            model=model,
+            examples=self.examples(dataset),
+            **options,
+        )
 
     def _public(self, dataset: str, column: str) -> tuple[pb.DatasetInfo, pb.ColumnInfo | None]:
         seen: dict[str, tuple[Any, ...]] = {}

@@ -8,6 +8,7 @@ with the validation error, the others keep working), and serves until SIGINT/SIG
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -18,11 +19,12 @@ from types import FrameType
 import grpc
 
 from mpcdp.config import PartyConfig, load_party_config
-from mpcdp.datasets import Vector, load_table, load_vector
+from mpcdp.datasets import Examples, Vector, load_examples, load_table, load_vector
 from mpcdp.dp.ledger import BudgetLedger
-from mpcdp.errors import ConfigError, DataError
+from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.party import DatasetView, PartyEngine
+from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
     views = {}
     for name, ds in cfg.datasets.items():
+        if ds.kind == "examples":
+            continue  # training data: see _tasks
         try:
             data = load_vector(ds.path) if ds.kind == "vector" else load_table(ds.path, ds.columns)
             views[name] = DatasetView(config=ds, data=data)
@@ -43,10 +47,44 @@ def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
     return views
 
 
+def _tasks(cfg: PartyConfig, device: str) -> dict[str, TrainingTask]:
+    tasks = {}
+    for name, ds in cfg.datasets.items():
+        if ds.kind != "examples":
+            continue
+        try:
+            examples = load_examples(ds.path, num_classes=ds.num_classes)
+        except DataError as exc:
+            log.error("dataset %r is unavailable: %s", name, exc)
+            tasks[name] = TrainingTask(config=ds, examples=0, error=str(exc))
+            continue
+        tasks[name] = TrainingTask(
+            config=ds,
+            examples=examples.count,
+            feature_shape=examples.feature_shape,
+            num_classes=examples.num_classes,
+            make_source=functools.partial(_torch_source, examples=examples, device=device),
+        )
+    return tasks
+
+
+def _torch_source(spec: TrainSpec, *, examples: Examples, device: str) -> GradientSource:
+    try:  # torch is the `train` extra: imported only when a site trains
+        from mpcdp.train.models import build_model
+        from mpcdp.train.site import TorchGradientSource
+    except ImportError as exc:
+        raise PolicyError(
+            f"this party cannot train: {exc} (install mpcdp[train] on the party)"
+        ) from None
+    return TorchGradientSource(
+        model=build_model(spec.model), examples=examples, spec=spec, device=device
+    )
+
+
 class PartyNode:
     """One running party. Use :meth:`start` and :meth:`stop`, or :func:`serve`."""
 
-    def __init__(self, config: PartyConfig) -> None:
+    def __init__(self, config: PartyConfig, *, device: str = "auto") -> None:
         self.config = config
         self.creds = tls.load_credentials(config.tls)
         name = self.creds.cert.subject.rfc4514_string()
@@ -58,7 +96,10 @@ class PartyNode:
         for ds in config.datasets.values():
             self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
         self.views = _load(config)
+        self.tasks = _tasks(config, device)
+        ledger_lock = threading.Lock()
         self.engine = PartyEngine(
+            ledger_lock=ledger_lock,
             party_id=config.id,
             datasets=self.views,
             ledger=self.ledger,
@@ -68,11 +109,38 @@ class PartyNode:
             peers=config.peers,
             min_colluders=config.min_colluders,
         )
+        self.training: TrainingEngine | None = None
+        if self.tasks:
+            self.training = TrainingEngine(
+                party_id=config.id,
+                tasks=self.tasks,
+                ledger=self.ledger,
+                ledger_lock=ledger_lock,
+                ca=self.creds.ca,
+                certificate=self.creds.cert,
+                signing_key=self.creds.key,
+                peers=config.peers,
+                min_colluders=config.min_colluders,
+            )
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
     def describe(self) -> list[pb.DatasetInfo]:
         out = []
+        for name, task in sorted(self.tasks.items()):
+            status = self.ledger.status(name)
+            out.append(
+                pb.DatasetInfo(
+                    name=name,
+                    kind="examples",
+                    length=task.examples,
+                    budget_epsilon=float(status.budget_epsilon),
+                    remaining_epsilon=status.remaining_epsilon,
+                    delta=task.config.delta,
+                    feature_shape=list(task.feature_shape),
+                    num_classes=task.num_classes,
+                )
+            )
         for name, view in sorted(self.views.items()):
             cfg = view.config
             status = self.ledger.status(name)
@@ -99,7 +167,10 @@ class PartyNode:
 
     def start(self) -> int:
         servicer = srv.PartyServicer(
-            self.engine, coordinators=frozenset(self.config.coordinators), describe=self.describe
+            self.engine,
+            coordinators=frozenset(self.config.coordinators),
+            describe=self.describe,
+            training=self.training,
         )
         self._server, self.port = srv.start_server(
             servicer, listen=self.config.listen, creds=self.creds
@@ -112,6 +183,8 @@ class PartyNode:
             self._server.stop(grace_s).wait()
             self._server = None
         self.engine.close()
+        if self.training is not None:
+            self.training.close()
         self.ledger.close()
 
 

@@ -56,12 +56,14 @@ def discrete_gaussian_pmf(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def assert_uniform_words(words: np.ndarray) -> None:
-    n = words.size
-    bits = np.unpackbits(words.view(np.uint8)).reshape(n, 64)
+    """Every bit position of the words is a fair coin and the bytes are uniform (64- or
+    32-bit words)."""
+    n, width = words.size, words.dtype.itemsize * 8
+    bits = np.unpackbits(words.view(np.uint8)).reshape(n, width)
     ones = bits.sum(axis=0)
-    # per-bit frequency: two-sided binomial test, Bonferroni over 64 bits
+    # per-bit frequency: two-sided binomial test, Bonferroni over the bits
     z = (ones - n / 2) / np.sqrt(n / 4)
     p_bits = 2 * stats.norm.sf(np.abs(z))
-    assert p_bits.min() > ALPHA / 64, p_bits.min()
+    assert p_bits.min() > ALPHA / width, p_bits.min()
     counts = np.bincount(words.view(np.uint8), minlength=256)
     assert stats.chisquare(counts).pvalue > ALPHA

@@ -52,7 +52,10 @@ def test_party_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
         (("upper = 5000", "upper = -1"), "lower: 0 is above upper=-1"),
         (('id = "alice"', 'id = "Alice!"'), "id: must be lowercase"),
         (('coordinators = ["analyst"]', "coordinators = []"), "must name at least one coordinator"),
-        (('path = "raises.csv"', 'path = "raises.xlsx"'), "must be a .csv table or a .npy vector"),
+        (
+            ('path = "raises.csv"', 'path = "raises.xlsx"'),
+            "must be a .csv table, a .npy vector or .npz examples",
+        ),
         (("epsilon = 1.0", "epsilon = 1.0\ncolour = 1"), "colour: unknown key"),
         (
             ('ledger = "l.sqlite"', 'ledger = "l.sqlite"\nmin_colluders = -1'),

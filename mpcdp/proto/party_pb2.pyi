@@ -139,7 +139,7 @@ class ColumnInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "kind", "columns", "length", "l2_bound", "budget_epsilon", "remaining_epsilon", "delta", "allow_exact")
+    __slots__ = ("name", "kind", "columns", "length", "l2_bound", "budget_epsilon", "remaining_epsilon", "delta", "allow_exact", "feature_shape", "num_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,8 @@ class DatasetInfo(_message.Message):
     REMAINING_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     ALLOW_EXACT_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     columns: _containers.RepeatedCompositeFieldContainer[ColumnInfo]
@@ -158,7 +160,9 @@ class DatasetInfo(_message.Message):
     remaining_epsilon: float
     delta: float
     allow_exact: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnInfo, _Mapping]]] = ..., length: _Optional[int] = ..., l2_bound: _Optional[float] = ..., budget_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., allow_exact: _Optional[bool] = ...) -> None: ...
+    feature_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnInfo, _Mapping]]] = ..., length: _Optional[int] = ..., l2_bound: _Optional[float] = ..., budget_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., allow_exact: _Optional[bool] = ..., feature_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("version", "party_id", "datasets")
@@ -185,3 +189,75 @@ class AbortResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class TrainSpec(_message.Message):
+    __slots__ = ("run_id", "dataset", "model", "parties", "colluders", "sample_rate", "steps", "start_step", "steps_per_charge", "max_grad_norm", "clipping", "bias_only", "scale_bits", "mu", "num_params", "ring_bits")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARTIES_FIELD_NUMBER: _ClassVar[int]
+    COLLUDERS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_CHARGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    BIAS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    MU_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    dataset: str
+    model: str
+    parties: _containers.RepeatedScalarFieldContainer[str]
+    colluders: int
+    sample_rate: float
+    steps: int
+    start_step: int
+    steps_per_charge: int
+    max_grad_norm: float
+    clipping: str
+    bias_only: bool
+    scale_bits: int
+    mu: float
+    num_params: int
+    ring_bits: int
+    def __init__(self, run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., start_step: _Optional[int] = ..., steps_per_charge: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., clipping: _Optional[str] = ..., bias_only: _Optional[bool] = ..., scale_bits: _Optional[int] = ..., mu: _Optional[float] = ..., num_params: _Optional[int] = ..., ring_bits: _Optional[int] = ...) -> None: ...
+
+class TrainOpenRequest(_message.Message):
+    __slots__ = ("version", "session_id", "spec")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    spec: TrainSpec
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., spec: _Optional[_Union[TrainSpec, _Mapping]] = ...) -> None: ...
+
+class TrainStepHeader(_message.Message):
+    __slots__ = ("step", "keys", "full", "parameter_count", "chunk_bytes")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    keys: _containers.RepeatedCompositeFieldContainer[ProposeResponse]
+    full: bool
+    parameter_count: int
+    chunk_bytes: int
+    def __init__(self, step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[ProposeResponse, _Mapping]]] = ..., full: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("version", "session_id", "header", "parameters")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    session_id: bytes
+    header: TrainStepHeader
+    parameters: bytes
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., header: _Optional[_Union[TrainStepHeader, _Mapping]] = ..., parameters: _Optional[bytes] = ...) -> None: ...

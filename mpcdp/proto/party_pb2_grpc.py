@@ -54,6 +54,16 @@ class PartyStub:
                 request_serializer=mpcdp_dot_proto_dot_party__pb2.AbortRequest.SerializeToString,
                 response_deserializer=mpcdp_dot_proto_dot_party__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.TrainOpen = channel.unary_unary(
+                '/mpcdp.proto.Party/TrainOpen',
+                request_serializer=mpcdp_dot_proto_dot_party__pb2.TrainOpenRequest.SerializeToString,
+                response_deserializer=mpcdp_dot_proto_dot_party__pb2.ProposeResponse.FromString,
+                _registered_method=True)
+        self.TrainStep = channel.stream_stream(
+                '/mpcdp.proto.Party/TrainStep',
+                request_serializer=mpcdp_dot_proto_dot_party__pb2.TrainStepRequest.SerializeToString,
+                response_deserializer=mpcdp_dot_proto_dot_party__pb2.ContributeChunk.FromString,
+                _registered_method=True)
 
 
 class PartyServicer:
@@ -83,6 +93,19 @@ class PartyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainOpen(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainStep(self, request_iterator, context):
+        """answers with the masked noisy quantized clipped gradient sum (ContributeChunk stream)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +128,16 @@ def add_PartyServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=mpcdp_dot_proto_dot_party__pb2.AbortRequest.FromString,
                     response_serializer=mpcdp_dot_proto_dot_party__pb2.AbortResponse.SerializeToString,
+            ),
+            'TrainOpen': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainOpen,
+                    request_deserializer=mpcdp_dot_proto_dot_party__pb2.TrainOpenRequest.FromString,
+                    response_serializer=mpcdp_dot_proto_dot_party__pb2.ProposeResponse.SerializeToString,
+            ),
+            'TrainStep': grpc.stream_stream_rpc_method_handler(
+                    servicer.TrainStep,
+                    request_deserializer=mpcdp_dot_proto_dot_party__pb2.TrainStepRequest.FromString,
+                    response_serializer=mpcdp_dot_proto_dot_party__pb2.ContributeChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +248,60 @@ class Party:
             '/mpcdp.proto.Party/Abort',
             mpcdp_dot_proto_dot_party__pb2.AbortRequest.SerializeToString,
             mpcdp_dot_proto_dot_party__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainOpen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpcdp.proto.Party/TrainOpen',
+            mpcdp_dot_proto_dot_party__pb2.TrainOpenRequest.SerializeToString,
+            mpcdp_dot_proto_dot_party__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStep(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mpcdp.proto.Party/TrainStep',
+            mpcdp_dot_proto_dot_party__pb2.TrainStepRequest.SerializeToString,
+            mpcdp_dot_proto_dot_party__pb2.ContributeChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,13 @@ from mpcdp.protocol.party import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.plan import ReleasePlan, plan
 from mpcdp.protocol.spec import QuerySpec
 
-__all__ = ["ContributionStream", "PartyClient", "RoundOutcome", "run_round"]
+__all__ = [
+    "ContributionStream",
+    "PartyClient",
+    "RoundOutcome",
+    "accumulate",
+    "run_round",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +84,14 @@ class RoundOutcome:
 Observer = Callable[[str, ring.AnyRingVector], None]
 
 
-def _accumulate(
+def accumulate(
     stream: ContributionStream,
     total: ring.AnyRingVector,
     lock: threading.Lock,
     expected: str,
     observe: Observer | None,
 ) -> float:
+    """Add ``stream``'s chunks into ``total`` (strict: length, order, sender)."""
     if stream.party_id != expected:
         raise ProtocolError(f"contribution from {stream.party_id!r} on the channel of {expected!r}")
     if stream.length != total.size:
@@ -151,7 +158,7 @@ def run_round(
                 stream = client.contribute(
                     session_id=session_id, keys=keys, ring_bits=spec.ring_bits
                 )
-                return _accumulate(stream, total, lock, client.party_id, observe)
+                return accumulate(stream, total, lock, client.party_id, observe)
 
             remaining = list(pool.map(contribute, ordered))
         except Exception as exc:

@@ -53,7 +53,14 @@ from mpcdp.protocol.noise_pool import NoisePool
 from mpcdp.protocol.plan import ReleasePlan, plan
 from mpcdp.protocol.spec import QuerySpec, Statistic, digest
 
-__all__ = ["SESSION_ID_BYTES", "Contribution", "DatasetView", "PartyEngine", "Proposal"]
+__all__ = [
+    "SESSION_ID_BYTES",
+    "Contribution",
+    "DatasetView",
+    "PartyEngine",
+    "Proposal",
+    "session_pair_keys",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,7 @@ class Contribution:
     budget_remaining: float
     length: int
     _noisy: ring.AnyRingVector
-    _mask: sharing.MaskStream
+    _mask: sharing.MaskStream | None  # None: ``_noisy`` is already masked (training steps)
 
     @property
     def ring_bits(self) -> int:
@@ -106,11 +113,13 @@ class Contribution:
         """
         if words_per_chunk < 1:
             raise ParameterError("words_per_chunk", words_per_chunk, "must be >= 1")
-        if self._mask.words_done:
+        mask = self._mask
+        if mask is not None and mask.words_done:
             raise ProtocolError("this contribution was already read")
         for start in range(0, self.length, words_per_chunk):
             seg = self._noisy[start : start + words_per_chunk]
-            self._mask.apply(seg)
+            if mask is not None:
+                mask.apply(seg)
             yield seg
 
     def masked(self) -> ring.AnyRingVector:
@@ -149,6 +158,58 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Callable[[np.random.
     return build
 
 
+def session_pair_keys(
+    *,
+    party_id: str,
+    parties: Sequence[str],
+    keys: Sequence[identity.SignedKey],
+    own: identity.SignedKey,
+    private_key: X25519PrivateKey,
+    session_id: bytes,
+    spec_digest: bytes,
+    ca: x509.Certificate,
+    certificates: identity.CertificateCache,
+) -> dict[int, bytes]:
+    """Check the relayed signed keys and derive this party's pair keys (index -> key).
+
+    ``keys`` must hold exactly one key per party in ``parties``, this party's unchanged from
+    what it signed (``own``), every other one validly signed over ``spec_digest`` by a
+    certificate of ``ca`` for the party it names.
+    """
+    by_party: dict[str, identity.SignedKey] = {}
+    for k in keys:
+        if k.party_id in by_party:
+            raise ProtocolError(f"two signed keys for party {k.party_id!r}")
+        by_party[k.party_id] = k
+    if set(by_party) != set(parties):
+        missing = sorted(set(parties) - set(by_party))
+        extra = sorted(set(by_party) - set(parties))
+        raise ProtocolError(
+            f"signed keys do not match the parties: missing {missing}, extra {extra}"
+        )
+    mine = by_party[party_id]
+    if not hmac.compare_digest(mine.public_key, own.public_key) or mine.signature != own.signature:
+        raise AuthError("the relayed key of this party is not the one it signed")
+    for k in keys:
+        if k.party_id != party_id:  # our own key was compared with what we signed
+            identity.verify_key(
+                k, ca=ca, session_id=session_id, spec_digest=spec_digest, certificates=certificates
+            )
+    index = {p: i for i, p in enumerate(parties)}
+    me = index[party_id]
+    return {
+        index[pid]: prg.derive_pair_key(
+            private_key=private_key,
+            peer_public_key=k.public_key,
+            session_id=session_id,
+            party=me,
+            peer=index[pid],
+        )
+        for pid, k in by_party.items()
+        if pid != party_id
+    }
+
+
 @dataclass
 class _Session:
     coordinator: str
@@ -178,6 +239,7 @@ class PartyEngine:
         max_pending: int = 16,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ledger_lock: threading.Lock | None = None,
     ) -> None:
         self.party_id = party_id
         self.datasets = dict(datasets)
@@ -199,7 +261,8 @@ class PartyEngine:
         self._closed: OrderedDict[bytes, str] = OrderedDict()
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         self._lock = threading.Lock()
-        self._ledger_lock = threading.Lock()
+        # shared with a TrainingEngine on the same ledger
+        self._ledger_lock = ledger_lock or threading.Lock()
 
     # -- propose -------------------------------------------------------------------------
 
@@ -363,45 +426,18 @@ class PartyEngine:
     ) -> Contribution:
         session = self._take(session_id, coordinator)
         spec = session.spec
-        by_party: dict[str, identity.SignedKey] = {}
-        for k in keys:
-            if k.party_id in by_party:
-                raise ProtocolError(f"two signed keys for party {k.party_id!r}")
-            by_party[k.party_id] = k
-        if set(by_party) != set(spec.parties):
-            missing = sorted(set(spec.parties) - set(by_party))
-            extra = sorted(set(by_party) - set(spec.parties))
-            raise ProtocolError(
-                f"signed keys do not match the query's parties: missing {missing}, extra {extra}"
-            )
-        mine = by_party[self.party_id]
-        if (
-            not hmac.compare_digest(mine.public_key, session.public.public_key)
-            or mine.signature != session.public.signature
-        ):
-            raise AuthError("the relayed key of this party is not the one it signed")
-        spec_digest = digest(spec)
-        for k in keys:
-            if k.party_id != self.party_id:  # our own key was compared with what we signed
-                identity.verify_key(
-                    k,
-                    ca=self._ca,
-                    session_id=session_id,
-                    spec_digest=spec_digest,
-                    certificates=self._certificates,
-                )
+        pair_keys = session_pair_keys(
+            party_id=self.party_id,
+            parties=spec.parties,
+            keys=keys,
+            own=session.public,
+            private_key=session.private_key,
+            session_id=session_id,
+            spec_digest=digest(spec),
+            ca=self._ca,
+            certificates=self._certificates,
+        )
         me = spec.index_of(self.party_id)
-        pair_keys = {
-            spec.index_of(pid): prg.derive_pair_key(
-                private_key=session.private_key,
-                peer_public_key=k.public_key,
-                session_id=session_id,
-                party=me,
-                peer=spec.index_of(pid),
-            )
-            for pid, k in by_party.items()
-            if pid != self.party_id
-        }
         with self._ledger_lock:
             charge = self.ledger.charge(
                 dataset=spec.dataset, query_id=spec.query_id, event=session.plan.event

@@ -11,7 +11,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from numpy.typing import NDArray
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import PartyError
@@ -21,6 +23,7 @@ from mpcdp.protocol.coordinator import ContributionStream
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import Proposal
 from mpcdp.protocol.spec import QuerySpec
+from mpcdp.protocol.training import TrainSpec
 from mpcdp.transport import codec, tls
 
 __all__ = ["GrpcPartyClient", "check_health"]
@@ -88,6 +91,40 @@ class GrpcPartyClient:
             chunk_bytes=self._chunk_bytes,
         )
         responses = self._stub.Contribute(req, timeout=self._deadline)
+
+        def guarded() -> Iterator[pb.ContributeChunk]:
+            try:
+                yield from responses
+            except grpc.RpcError as err:
+                raise self._error(err) from None
+
+        return codec.decode_chunks(guarded(), session_id=session_id, ring_bits=ring_bits)
+
+    def train_open(self, *, session_id: bytes, spec: TrainSpec) -> Proposal:
+        req = pb.TrainOpenRequest(
+            version=PROTOCOL_VERSION, session_id=session_id, spec=codec.train_spec_to_pb(spec)
+        )
+        return codec.key_from_pb(self._call(self._stub.TrainOpen, req), session_id=session_id)
+
+    def train_step(
+        self,
+        *,
+        session_id: bytes,
+        step: int,
+        keys: Sequence[SignedKey],
+        parameters: NDArray[np.float32],
+        full: bool,
+        ring_bits: int,
+    ) -> ContributionStream:
+        requests = codec.encode_step_requests(
+            session_id=session_id,
+            step=step,
+            keys=keys,
+            parameters=parameters,
+            full=full,
+            chunk_bytes=self._chunk_bytes,
+        )
+        responses = self._stub.TrainStep(requests, timeout=self._deadline)
 
         def guarded() -> Iterator[pb.ContributeChunk]:
             try:

@@ -11,7 +11,10 @@ uint32 for queries over Z_{2^32}.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from numpy.typing import NDArray
 
 from mpcdp import PROTOCOL_VERSION, ring
 from mpcdp.errors import DecodeError, ParameterError, ProtocolError
@@ -20,16 +23,21 @@ from mpcdp.protocol.coordinator import ContributionStream
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import SESSION_ID_BYTES, Contribution, Proposal
 from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.training import TrainSpec
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "check_version",
     "decode_chunks",
+    "decode_step_requests",
     "encode_chunks",
+    "encode_step_requests",
     "key_from_pb",
     "key_to_pb",
     "spec_from_pb",
     "spec_to_pb",
+    "train_spec_from_pb",
+    "train_spec_to_pb",
 ]
 
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -195,3 +203,112 @@ def decode_chunks(
         budget_remaining=h.budget_remaining,
         chunks=chunks(),
     )
+
+
+# -- training (TrainOpen / TrainStep) -----------------------------------------------------------
+#
+# TrainStep request stream: one TrainStepRequest{header}, then TrainStepRequest{parameters}
+# messages of at most MAX_CHUNK_BYTES of little-endian float32 values, in order, adding up to
+# exactly header.parameter_count values. The answer is an upload stream as above.
+
+_TRAIN_FIELDS = (
+    "run_id",
+    "dataset",
+    "model",
+    "sample_rate",
+    "steps",
+    "start_step",
+    "steps_per_charge",
+    "max_grad_norm",
+    "clipping",
+    "bias_only",
+    "scale_bits",
+    "mu",
+    "num_params",
+    "ring_bits",
+    "colluders",
+)
+
+
+def train_spec_to_pb(spec: TrainSpec) -> pb.TrainSpec:
+    msg = pb.TrainSpec(parties=list(spec.parties))
+    for name in _TRAIN_FIELDS:
+        setattr(msg, name, getattr(spec, name))
+    return msg
+
+
+def train_spec_from_pb(msg: pb.TrainSpec) -> TrainSpec:
+    try:
+        return TrainSpec(parties=tuple(msg.parties), **{n: getattr(msg, n) for n in _TRAIN_FIELDS})
+    except ParameterError as exc:
+        raise ProtocolError(f"invalid training spec: {exc}") from None
+
+
+def encode_step_requests(
+    *,
+    session_id: bytes,
+    step: int,
+    keys: Iterable[SignedKey],
+    parameters: NDArray[np.float32],
+    full: bool,
+    chunk_bytes: int = 0,
+) -> Iterator[pb.TrainStepRequest]:
+    """Header, then the parameters in chunks (see above)."""
+    values = np.ascontiguousarray(parameters, dtype="<f4").reshape(-1)
+    yield pb.TrainStepRequest(
+        version=PROTOCOL_VERSION,
+        session_id=session_id,
+        header=pb.TrainStepHeader(
+            step=step,
+            keys=[key_to_pb(session_id, k) for k in keys],
+            full=full,
+            parameter_count=values.size,
+            chunk_bytes=chunk_bytes,
+        ),
+    )
+    per = DEFAULT_CHUNK_BYTES // 4
+    for start in range(0, values.size, per):
+        yield pb.TrainStepRequest(
+            version=PROTOCOL_VERSION,
+            session_id=session_id,
+            parameters=values[start : start + per].tobytes(),
+        )
+
+
+def decode_step_requests(
+    messages: Iterable[pb.TrainStepRequest], *, max_values: Callable[[bytes], int]
+) -> tuple[bytes, pb.TrainStepHeader, list[SignedKey], NDArray[np.float32]]:
+    """Strictly decode a TrainStep request stream: (session id, header, keys, parameters)."""
+    it = iter(messages)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ProtocolError("empty TrainStep stream (no header)") from None
+    check_version(first.version, what="TrainStepRequest")
+    session_id = check_session(first.session_id)
+    if first.WhichOneof("body") != "header":
+        raise ProtocolError("TrainStep stream does not start with its header")
+    h = first.header
+    limit = max_values(session_id)  # also refuses an unknown session before any payload
+    if h.parameter_count > limit:
+        raise ProtocolError(f"parameter_count={h.parameter_count} exceeds this session's {limit}")
+    values = np.empty(h.parameter_count, dtype=np.float32)
+    offset = 0
+    for msg in it:
+        check_version(msg.version, what="TrainStepRequest")
+        if msg.session_id != session_id:
+            raise ProtocolError("TrainStep chunk for another session")
+        if msg.WhichOneof("body") != "parameters":
+            raise ProtocolError("a second header in the TrainStep stream")
+        data = msg.parameters
+        if len(data) % 4:
+            raise ProtocolError(f"parameters chunk of {len(data)} bytes is not whole float32s")
+        n = len(data) // 4
+        if offset + n > values.size:
+            raise ProtocolError(f"more than parameter_count={h.parameter_count} values")
+        values[offset : offset + n] = np.frombuffer(data, dtype="<f4")
+        offset += n
+    if offset != values.size:
+        raise ProtocolError(f"{offset} of parameter_count={h.parameter_count} values arrived")
+    keys = [key_from_pb(k, session_id=session_id).key for k in h.keys]
+    return session_id, h, keys, values

@@ -40,6 +40,7 @@ from mpcdp.errors import (
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.party import PartyEngine
+from mpcdp.protocol.training import TrainingEngine
 from mpcdp.transport import codec, tls
 
 __all__ = ["PartyServicer", "start_server", "status_for"]
@@ -106,8 +107,10 @@ class PartyServicer(pb_grpc.PartyServicer):
         *,
         coordinators: frozenset[str],
         describe: Callable[[], list[pb.DatasetInfo]],
+        training: TrainingEngine | None = None,
     ) -> None:
         self._engine = engine
+        self._training = training
         self._coordinators = coordinators
         self._describe = describe
 
@@ -158,8 +161,51 @@ class PartyServicer(pb_grpc.PartyServicer):
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
         caller = self._caller(context)
         codec.check_version(request.version, what="AbortRequest")
-        self._engine.abort(session_id=codec.check_session(request.session_id), coordinator=caller)
+        session_id = codec.check_session(request.session_id)
+        if self._training is None or not self._training.abort(
+            session_id=session_id, coordinator=caller
+        ):
+            self._engine.abort(session_id=session_id, coordinator=caller)
         return pb.AbortResponse(version=PROTOCOL_VERSION)
+
+    def _trainer(self) -> TrainingEngine:
+        if self._training is None:
+            raise PolicyError(
+                f"party {self._engine.party_id!r} has no example datasets to train on"
+            )
+        return self._training
+
+    @_unary
+    def TrainOpen(
+        self, request: pb.TrainOpenRequest, context: grpc.ServicerContext
+    ) -> pb.ProposeResponse:
+        caller = self._caller(context)
+        codec.check_version(request.version, what="TrainOpenRequest")
+        session_id = codec.check_session(request.session_id)
+        spec = codec.train_spec_from_pb(request.spec)
+        proposal = self._trainer().open(session_id=session_id, spec=spec, coordinator=caller)
+        return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
+
+    @_streaming
+    def TrainStep(
+        self, request_iterator: Iterator[pb.TrainStepRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ContributeChunk]:
+        caller = self._caller(context)
+        trainer = self._trainer()
+        session_id, header, keys, values = codec.decode_step_requests(
+            request_iterator, max_values=trainer.max_parameters
+        )
+        upload = trainer.step(
+            session_id=session_id,
+            step=header.step,
+            keys=keys,
+            parameters=values,
+            full=header.full,
+            coordinator=caller,
+        )
+        chunk = header.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
+        yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
+        trainer.step_finished(session_id=session_id)
 
 
 def start_server(

@@ -1,0 +1,788 @@
+"""Federated DP-SGD over one secure-aggregation session (DESIGN.md: "Training reuses one
+session's keys for many rounds"; "Arithmetic": clip -> scale -> randomized rounding -> noise
+share -> mask).
+
+A training session is one key agreement and many steps. Step s of a session:
+
+1. the coordinator sends every site the model's parameters (all of them on the session's first
+   step, the trainable ones after that);
+2. each site Poisson-samples its own examples with rate q (secret CSPRNG), computes the sum
+   of per-example clipped gradients (L2 norm <= C each), encodes it as
+   ``round(g * 2^scale_bits)`` with unbiased randomized rounding, adds its Skellam noise share
+   (sized for h = n - t honest sites) and its pairwise mask for round id s, and uploads it;
+3. the coordinator adds the uploads: masks cancel, what is left is
+   ``sum_sites round(g_i * 2^k) + Skellam(>= mu)``, which it decodes, divides by 2^k and by the
+   expected batch size, and hands to its optimizer. The next step's parameters go back out.
+
+Privacy, per site and per example (the site's own guarantee; it trusts nothing the coordinator
+computed): adding or removing one example changes the site's clipped sum by a vector v with
+``||v||_2 <= C``. Randomized rounding of a vector x is ``floor(x + u)`` for a uniform dither
+u; for any fixed u each coordinate of the difference is ``floor`` or ``ceil`` of
+``|v_k| 2^k``, so, for *every* u,
+
+    Delta_2 <= C 2^k + sqrt(d),      Delta_1 <= sqrt(d) C 2^k + d
+
+(worst case over the dither, hence valid for the mixture; it plays the role of the
+Kairouz-Liu-Steinke 2021 inflated bound, with no failure probability). With the total noise
+Skellam(mu), one step is an RDP release with those sensitivities (Agarwal-Kairouz-Liu 2021,
+Cor. 3.6); Poisson subsampling amplifies it (Zhu-Wang 2019, Thm. 5), and steps compose. The
+site charges its ledger with :class:`~mpcdp.dp.events.Skellam` events of
+``steps_per_charge`` steps before the first step of each block leaves it (charge before
+release), under the query id ``run_id/session/block``: a resumed run in a new session pays
+again for the steps it redoes, because they are new releases.
+
+The site checks, before it signs its key: the dataset, the peers, t >= its min_colluders, the
+clipping mode, the number of parameters of the architecture, the headroom of the ring, and
+that the whole session fits its budget (and its max_epsilon_per_query).
+
+Every step uploads ``num_params`` ring words; the noise share and the mask of step s + 1 are
+built in a background thread while the coordinator sums step s (they do not depend on data),
+so the critical path of a site is its gradient plus one vector addition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from numpy.typing import NDArray
+
+from mpcdp import encoding, prg, ring, sharing
+from mpcdp.certs import check_identity
+from mpcdp.config import DatasetConfig
+from mpcdp.dp import accountant
+from mpcdp.dp import events as ev
+from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.dp.mechanisms import Skellam
+from mpcdp.errors import (
+    DataError,
+    HeadroomError,
+    LedgerError,
+    ParameterError,
+    PolicyError,
+    ProtocolError,
+    RoundAborted,
+    SessionError,
+)
+from mpcdp.protocol import identity
+from mpcdp.protocol.coordinator import ContributionStream, accumulate
+from mpcdp.protocol.noise_pool import NoisePool
+from mpcdp.protocol.party import SESSION_ID_BYTES, Contribution, Proposal, session_pair_keys
+
+__all__ = [
+    "CLIPPING_MODES",
+    "GradientSource",
+    "TrainSpec",
+    "TrainingClient",
+    "TrainingEngine",
+    "TrainingSession",
+    "TrainingTask",
+    "choose_scale_bits",
+    "digest",
+    "max_batch_size",
+    "mechanism",
+    "run_event",
+    "sensitivities",
+    "step_event",
+]
+
+log = logging.getLogger(__name__)
+
+CLIPPING_MODES = ("flat", "automatic")
+_SPEC_LABEL = b"mpcdp train spec v1\n"
+#: rounding inflation is negligible once C * 2^k is this large (sqrt(d)/(C 2^k) tiny)
+_MAX_SCALE = float(1 << 24)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training session, as every site receives and checks it (see the proto)."""
+
+    run_id: str
+    dataset: str
+    model: str
+    parties: tuple[str, ...]
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    scale_bits: int
+    mu: float
+    num_params: int
+    colluders: int = 1
+    start_step: int = 0
+    steps_per_charge: int = 1
+    clipping: str = "flat"
+    bias_only: bool = False
+    ring_bits: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("run_id", "dataset", "model"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not 1 <= len(v) <= 128 or not v.isprintable():
+                raise ParameterError(name, v, "must be 1..128 printable characters")
+        parties = tuple(self.parties)
+        object.__setattr__(self, "parties", parties)
+        for p in parties:
+            check_identity(p, what="parties")
+        if len(parties) < 2 or len(set(parties)) != len(parties):
+            raise ParameterError("parties", list(parties), "need >= 2 distinct parties")
+        _int(self.colluders, "colluders", 0, len(parties) - 1)
+        if not isinstance(self.sample_rate, int | float) or not 0 < self.sample_rate <= 1:
+            raise ParameterError("sample_rate", self.sample_rate, "must be in (0, 1]")
+        _int(self.steps, "steps", 1, 2**40)
+        _int(self.start_step, "start_step", 0, 2**40)
+        _int(self.steps_per_charge, "steps_per_charge", 1, 2**40)
+        _int(self.num_params, "num_params", 1, 2**40)
+        _int(self.scale_bits, "scale_bits", 0, 40)
+        for name in ("max_grad_norm", "mu"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ParameterError(name, v, "must be a number")
+            if not math.isfinite(v) or not v > 0:
+                raise ParameterError(name, v, "must be finite and > 0")
+            object.__setattr__(self, name, float(v))
+        object.__setattr__(self, "sample_rate", float(self.sample_rate))
+        if self.clipping not in CLIPPING_MODES:
+            raise ParameterError("clipping", self.clipping, f"must be one of {CLIPPING_MODES}")
+        if not isinstance(self.bias_only, bool):
+            raise ParameterError("bias_only", self.bias_only, "must be a bool")
+        if self.ring_bits not in (32, 64):
+            raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
+
+    @property
+    def honest(self) -> int:
+        return len(self.parties) - self.colluders
+
+    @property
+    def end_step(self) -> int:
+        """One past the session's last step."""
+        return self.start_step + self.steps
+
+    def index_of(self, party: str) -> int:
+        try:
+            return self.parties.index(party)
+        except ValueError:
+            raise ParameterError(
+                "parties", list(self.parties), f"does not include {party!r}"
+            ) from None
+
+
+def _int(v: object, name: str, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ParameterError(name, v, f"must be an int in [{lo}, {hi}]")
+
+
+def digest(spec: TrainSpec) -> bytes:
+    """SHA-256 of ``b"mpcdp train spec v1\\n"`` + the canonical JSON of the spec (sorted
+    keys, floats as ``repr`` strings); the label keeps it apart from query-spec digests."""
+    obj: dict[str, Any] = asdict(spec)
+    for k, v in obj.items():
+        if isinstance(v, float):
+            obj[k] = repr(v)
+        elif isinstance(v, tuple):
+            obj[k] = list(v)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(_SPEC_LABEL + text.encode()).digest()
+
+
+# -- the maths of one step (pure) ------------------------------------------------------------
+
+
+def sensitivities(*, max_grad_norm: float, scale_bits: int, num_params: int) -> tuple[float, float]:
+    """(Delta_2, Delta_1) in integer units of one example's change to a site's rounded sum:
+    ``C 2^k + sqrt(d)`` and ``sqrt(d) C 2^k + d`` (module docstring)."""
+    if not max_grad_norm > 0 or not math.isfinite(max_grad_norm):
+        raise ParameterError("max_grad_norm", max_grad_norm, "must be finite and > 0")
+    if num_params < 1:
+        raise ParameterError("num_params", num_params, "must be >= 1")
+    scaled = max_grad_norm * 2.0**scale_bits
+    root = math.sqrt(num_params)
+    return scaled + root, root * scaled + num_params
+
+
+def step_event(spec: TrainSpec, *, steps: int) -> ev.Skellam:
+    """The privacy event of ``steps`` steps of ``spec`` (for one site's examples)."""
+    l2, l1 = sensitivities(
+        max_grad_norm=spec.max_grad_norm, scale_bits=spec.scale_bits, num_params=spec.num_params
+    )
+    return ev.Skellam(
+        mu=spec.mu, l1_sensitivity=l1, l2_sensitivity=l2, sample_rate=spec.sample_rate, steps=steps
+    )
+
+
+def mechanism(spec: TrainSpec) -> Skellam:
+    """The noise of every step: Skellam(mu) in the honest sum, shares sized for h."""
+    l2, l1 = sensitivities(
+        max_grad_norm=spec.max_grad_norm, scale_bits=spec.scale_bits, num_params=spec.num_params
+    )
+    return Skellam(mu=spec.mu, l1_sensitivity=l1, l2_sensitivity=l2)
+
+
+def run_event(spec: TrainSpec) -> ev.Skellam:
+    """The privacy event of the whole session."""
+    return step_event(spec, steps=spec.steps)
+
+
+def max_batch_size(*, examples: int, sample_rate: float) -> int:
+    """A bound on a Poisson(q) batch of ``examples`` that fails with probability < 1e-15
+    (Chernoff); a larger draw is cut to it (see the site's source)."""
+    mean = examples * sample_rate
+    return min(examples, math.ceil(mean + 8.5 * math.sqrt(mean) + 40))
+
+
+def choose_scale_bits(
+    *,
+    max_grad_norm: float,
+    num_params: int,
+    max_total_batch: int,
+    n_parties: int,
+    honest: int,
+    noise_multiplier: float,
+    ring_bits: int = 32,
+) -> int:
+    """The largest k with ``C 2^k <= 2^24`` whose round cannot wrap the ring:
+    ``max_total_batch * C 2^k + n + tail(Skellam(mu(k))) < 2^(ring_bits - 1)``, where
+    mu(k) = (noise_multiplier * Delta_2(k))^2. Raises HeadroomError when even k = 0 overflows.
+    """
+    for k in range(40, -1, -1):
+        if max_grad_norm * 2.0**k > _MAX_SCALE:
+            continue
+        l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
+        mu = (noise_multiplier * l2) ** 2
+        tail = Skellam(mu=mu, l1_sensitivity=l1, l2_sensitivity=l2).tail_bound(
+            n_parties=n_parties, honest=honest
+        )
+        bound = max_total_batch * math.ceil(max_grad_norm * 2.0**k) + n_parties + tail
+        if bound < 1 << (ring_bits - 1):
+            return k
+    raise HeadroomError(
+        f"no gradient scale fits the ring: max_total_batch={max_total_batch}, "
+        f"max_grad_norm={max_grad_norm:g}, noise_multiplier={noise_multiplier:g}, "
+        f"ring_bits={ring_bits}; use ring_bits=64 or a smaller batch"
+    )
+
+
+# -- the site ---------------------------------------------------------------------------------
+
+
+class GradientSource(Protocol):
+    """A site's model and data, as the engine drives them (torch lives behind this; see
+    mpcdp.train.site). Built per session from the spec."""
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters: the words of one upload."""
+        ...
+
+    @property
+    def total_params(self) -> int:
+        """All parameters of the model (a session's first step carries all of them)."""
+        ...
+
+    def load_parameters(self, values: NDArray[np.float32], *, full: bool) -> None: ...
+
+    def quantized_gradient(self, *, rng: np.random.Generator) -> NDArray[np.int64]:
+        """Poisson-sample a batch, clip, sum, scale by 2^scale_bits, round (unbiased)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainingTask:
+    """An example dataset a site trains on: its declaration and a source factory.
+
+    ``make_source`` is None when the data failed validation; ``error`` says why.
+    """
+
+    config: DatasetConfig
+    examples: int
+    feature_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    make_source: Callable[[TrainSpec], GradientSource] | None = None
+    error: str | None = None
+
+
+@dataclass
+class _SiteSession:
+    coordinator: str
+    spec: TrainSpec
+    source: GradientSource
+    private_key: X25519PrivateKey
+    public: identity.SignedKey
+    expires: float
+    next_step: int
+    pair_keys: dict[int, bytes] | None = None
+    charged_block: int = -1
+    busy: bool = False
+    last_status: float = 0.0
+    last_epsilon: str = "0"  # the dataset's epsilon spent after the session's last charge
+
+
+class TrainingEngine:
+    """One site's training sessions (the training twin of PartyEngine, sharing its ledger)."""
+
+    def __init__(
+        self,
+        *,
+        party_id: str,
+        tasks: Mapping[str, TrainingTask],
+        ledger: BudgetLedger,
+        ledger_lock: threading.Lock,
+        ca: x509.Certificate,
+        certificate: x509.Certificate,
+        signing_key: ec.EllipticCurvePrivateKey,
+        peers: Sequence[str],
+        min_colluders: int = 1,
+        idle_ttl_s: float = 600.0,
+        max_sessions: int = 4,
+        rng: np.random.Generator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from mpcdp.rng import ensure_rng
+
+        self.party_id = party_id
+        self.tasks = dict(tasks)
+        self.ledger = ledger
+        self._ledger_lock = ledger_lock
+        self._ca = ca
+        self._certificates = identity.CertificateCache(ca=ca)
+        self._cert = certificate
+        self._signing_key = signing_key
+        self._peers = frozenset(peers) | {party_id}
+        self._min_colluders = min_colluders
+        self._ttl = idle_ttl_s
+        self._max_sessions = max_sessions
+        self._clock = clock
+        self._rng = ensure_rng(rng)  # batch sampling: must stay secret
+        self._pads = NoisePool(rng=rng, max_entries=2)
+        self._sessions: dict[bytes, _SiteSession] = {}
+        self._closed: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def has_session(self, session_id: bytes) -> bool:
+        with self._lock:
+            return session_id in self._sessions or session_id in self._closed
+
+    def max_parameters(self, session_id: bytes) -> int:
+        """How many parameter values a step of this open session may carry."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                why = self._closed.get(session_id, "unknown or expired")
+                raise SessionError(f"training session {session_id.hex()}: {why}")
+            return session.source.total_params
+
+    # -- open -------------------------------------------------------------------------------
+
+    def open(self, *, session_id: bytes, spec: TrainSpec, coordinator: str) -> Proposal:
+        if len(session_id) != SESSION_ID_BYTES:
+            raise SessionError(
+                f"session_id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}"
+            )
+        with self._lock:
+            self._expire()
+            if session_id in self._sessions or session_id in self._closed:
+                raise SessionError(f"session {session_id.hex()} was already used")
+            if len(self._sessions) >= self._max_sessions:
+                raise PolicyError(
+                    f"{len(self._sessions)} training sessions are open at {self.party_id!r} "
+                    f"(max {self._max_sessions}); retry later"
+                )
+        if self.party_id not in spec.parties:
+            raise PolicyError(f"the run's parties {list(spec.parties)} omit {self.party_id!r}")
+        unknown = [p for p in spec.parties if p not in self._peers]
+        if unknown:
+            raise PolicyError(
+                f"unknown party {unknown[0]!r}: not a configured peer of {self.party_id!r}"
+            )
+        if spec.colluders < self._min_colluders:
+            raise PolicyError(
+                f"colluders={spec.colluders} is below this party's min_colluders="
+                f"{self._min_colluders}: its noise share would be too small"
+            )
+        task = self.tasks.get(spec.dataset)
+        if task is None:
+            raise PolicyError(
+                f"unknown example dataset {spec.dataset!r} (this party trains on "
+                f"{sorted(self.tasks)})"
+            )
+        if task.make_source is None:
+            raise DataError(f"dataset {spec.dataset!r} is unavailable: {task.error}")
+        cfg = task.config
+        source = task.make_source(spec)
+        if source.num_params != spec.num_params:
+            raise PolicyError(
+                f"num_params={spec.num_params} but model {spec.model!r} has "
+                f"{source.num_params} trainable parameters here"
+            )
+        self._check_headroom(spec, task.examples)
+        event = run_event(spec)
+        if cfg.max_epsilon_per_query is not None:
+            eps = accountant.compose([event], delta=cfg.delta).epsilon
+            if eps > cfg.max_epsilon_per_query:
+                raise PolicyError(
+                    f"the session's epsilon {eps:.4g} (delta={cfg.delta:g}) exceeds "
+                    f"max_epsilon_per_query={cfg.max_epsilon_per_query:g} of {cfg.name!r}"
+                )
+        with self._ledger_lock:
+            self.ledger.check(
+                dataset=cfg.name, query_id=_charge_id(spec, session_id, 0), event=event
+            )
+        private_key = prg.generate_keypair()
+        signed = identity.sign_key(
+            signing_key=self._signing_key,
+            certificate=self._cert,
+            session_id=session_id,
+            spec_digest=digest(spec),
+            party_id=self.party_id,
+            public_key=prg.public_bytes(private_key),
+        )
+        session = _SiteSession(
+            coordinator=coordinator,
+            spec=spec,
+            source=source,
+            private_key=private_key,
+            public=signed,
+            expires=self._clock() + self._ttl,
+            next_step=spec.start_step,
+        )
+        with self._lock:
+            if session_id in self._sessions or session_id in self._closed:
+                raise SessionError(f"session {session_id.hex()} was already used")
+            self._sessions[session_id] = session
+        log.info(
+            "training session %s: run %s, %d steps from %d, %d parameters",
+            session_id.hex(),
+            spec.run_id,
+            spec.steps,
+            spec.start_step,
+            spec.num_params,
+        )
+        return Proposal(key=signed, length=spec.num_params)
+
+    def _check_headroom(self, spec: TrainSpec, examples: int) -> None:
+        batch = max_batch_size(examples=examples, sample_rate=spec.sample_rate)
+        per_site = batch * math.ceil(spec.max_grad_norm * 2.0**spec.scale_bits) + 1
+        n = len(spec.parties)
+        tail = mechanism(spec).tail_bound(n_parties=n, honest=spec.honest)
+        encoding_bound = n * per_site + tail
+        if encoding_bound >= 1 << (spec.ring_bits - 1):
+            raise HeadroomError(
+                f"training step could overflow the ring: {n} sites * (batch {batch} * "
+                f"max_grad_norm={spec.max_grad_norm:g} * 2^scale_bits={spec.scale_bits}) + "
+                f"noise tail {tail} >= 2^{spec.ring_bits - 1}; lower scale_bits"
+            )
+
+    # -- step -------------------------------------------------------------------------------
+
+    def _acquire(self, session_id: bytes, coordinator: str) -> _SiteSession:
+        with self._lock:
+            self._expire()
+            session = self._sessions.get(session_id)
+            if session is None:
+                why = self._closed.get(session_id)
+                if why is not None:
+                    raise SessionError(f"training session {session_id.hex()} is closed ({why})")
+                raise SessionError(f"unknown or expired training session {session_id.hex()}")
+            if session.coordinator != coordinator:
+                raise SessionError(
+                    f"session {session_id.hex()} belongs to coordinator "
+                    f"{session.coordinator!r}, not {coordinator!r}"
+                )
+            if session.busy:
+                raise SessionError(f"session {session_id.hex()} is already running a step")
+            session.busy = True
+            return session
+
+    def step(
+        self,
+        *,
+        session_id: bytes,
+        step: int,
+        keys: Sequence[identity.SignedKey],
+        parameters: NDArray[np.float32],
+        full: bool,
+        coordinator: str,
+    ) -> Contribution:
+        """Run step ``step`` of the session: the masked noisy quantized gradient sum."""
+        session = self._acquire(session_id, coordinator)
+        try:
+            return self._step(session_id, session, step, keys, parameters, full)
+        except Exception as exc:
+            # any failure ends the session: a step is never answered twice
+            self._end(session_id, f"failed at step {step}: {type(exc).__name__}")
+            raise
+        finally:
+            session.busy = False
+
+    def _step(
+        self,
+        session_id: bytes,
+        session: _SiteSession,
+        step: int,
+        keys: Sequence[identity.SignedKey],
+        parameters: NDArray[np.float32],
+        full: bool,
+    ) -> Contribution:
+        spec = session.spec
+        if step != session.next_step:
+            raise ProtocolError(
+                f"step={step} but session {session_id.hex()} expects step {session.next_step}"
+            )
+        if session.pair_keys is None:
+            if not keys:
+                raise ProtocolError("the first step of a session must relay every signed key")
+            if not full:
+                raise ProtocolError("the first step of a session must carry all parameters")
+            session.pair_keys = session_pair_keys(
+                party_id=self.party_id,
+                parties=spec.parties,
+                keys=keys,
+                own=session.public,
+                private_key=session.private_key,
+                session_id=session_id,
+                spec_digest=digest(spec),
+                ca=self._ca,
+                certificates=self._certificates,
+            )
+        elif keys:
+            raise ProtocolError("signed keys are relayed on a session's first step only")
+        expected = session.source.total_params if full else session.source.num_params
+        if parameters.shape != (expected,):
+            raise ProtocolError(
+                f"parameters carry {parameters.size} values, expected {expected} "
+                f"({'all' if full else 'trainable'} parameters of {spec.model!r})"
+            )
+        if not np.all(np.isfinite(parameters)):
+            raise ParameterError("parameters", "non-finite", "must be finite float32 values")
+        block = (step - spec.start_step) // spec.steps_per_charge
+        if block > session.charged_block:
+            first = spec.start_step + block * spec.steps_per_charge
+            n_steps = min(spec.steps_per_charge, spec.end_step - first)
+            with self._ledger_lock:
+                charge = self.ledger.charge(
+                    dataset=spec.dataset,
+                    query_id=_charge_id(spec, session_id, block),
+                    event=step_event(spec, steps=n_steps),
+                )
+            if not charge.new:
+                raise LedgerError(f"block {block} of session {session_id.hex()} was charged")
+            session.charged_block = block
+            assert charge.status is not None
+            session.last_status = charge.status.remaining_epsilon
+            session.last_epsilon = f"{charge.status.spent_epsilon:.6g}"
+        session.source.load_parameters(parameters, full=full)
+        grad = session.source.quantized_gradient(rng=self._rng)
+        if grad.shape != (spec.num_params,):
+            raise ProtocolError(f"gradient has shape {grad.shape}, expected ({spec.num_params},)")
+        upload = self._pads.take((session_id, step), self._pad_builder(session, step))
+        words = encoding.to_ring(grad, ring_bits=spec.ring_bits)
+        np.add(upload, words, out=upload)
+        session.next_step = step + 1
+        session.expires = self._clock() + self._ttl
+        if session.next_step >= spec.end_step:
+            self._end(session_id, "finished")
+        return Contribution(
+            party_id=self.party_id,
+            epsilon_spent=session.last_epsilon,
+            budget_remaining=session.last_status,
+            length=upload.size,
+            _noisy=upload,
+            _mask=None,
+        )
+
+    def step_finished(self, *, session_id: bytes) -> None:
+        """After a step's upload is sent: build the next step's noise share + mask (they do
+        not depend on data) in the background."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None or session.next_step >= session.spec.end_step:
+            return
+        nbytes = session.spec.num_params * session.spec.ring_bits // 8
+        self._pads.prepare(
+            (session_id, session.next_step),
+            self._pad_builder(session, session.next_step),
+            nbytes=nbytes,
+        )
+
+    def _pad_builder(
+        self, session: _SiteSession, step: int
+    ) -> Callable[[np.random.Generator], np.ndarray]:
+        spec = session.spec
+        pair_keys = session.pair_keys
+        assert pair_keys is not None
+        me = spec.index_of(self.party_id)
+        noise = mechanism(spec)
+
+        def build(rng: np.random.Generator) -> np.ndarray:
+            pad: np.ndarray = encoding.to_ring(
+                noise.share(size=spec.num_params, honest=spec.honest, rng=rng),
+                ring_bits=spec.ring_bits,
+            )
+            sharing.MaskStream(
+                party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, ring_bits=spec.ring_bits
+            ).apply(pad)
+            return pad
+
+        return build
+
+    def abort(self, *, session_id: bytes, coordinator: str) -> bool:
+        """Forget a session; True when it was one of this engine's."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.coordinator != coordinator:
+                return False
+        self._end(session_id, "aborted")
+        log.info("training session %s: aborted by %s", session_id.hex(), coordinator)
+        return True
+
+    def close(self) -> None:
+        self._pads.close()
+
+    def _end(self, session_id: bytes, why: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            self._closed[session_id] = why
+            while len(self._closed) > 4096:
+                self._closed.popitem(last=False)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for sid in [s for s, v in self._sessions.items() if v.expires < now and not v.busy]:
+            del self._sessions[sid]
+            self._closed[sid] = "expired"
+
+
+def _charge_id(spec: TrainSpec, session_id: bytes, block: int) -> str:
+    return f"{spec.run_id}/{session_id.hex()}/{block}"
+
+
+# -- the coordinator --------------------------------------------------------------------------
+
+
+class TrainingClient(Protocol):
+    """How the coordinator reaches one site for training."""
+
+    @property
+    def party_id(self) -> str: ...
+
+    def train_open(self, *, session_id: bytes, spec: TrainSpec) -> Proposal: ...
+
+    def train_step(
+        self,
+        *,
+        session_id: bytes,
+        step: int,
+        keys: Sequence[identity.SignedKey],
+        parameters: NDArray[np.float32],
+        full: bool,
+        ring_bits: int,
+    ) -> ContributionStream: ...
+
+    def abort(self, *, session_id: bytes, reason: str) -> None: ...
+
+
+@dataclass
+class TrainingSession:
+    """The coordinator's side of one training session over ``clients`` (one per site)."""
+
+    spec: TrainSpec
+    clients: Sequence[TrainingClient]
+    session_id: bytes = field(default_factory=lambda: secrets.token_bytes(SESSION_ID_BYTES))
+    _keys: list[identity.SignedKey] = field(default_factory=list)
+    _next: int = -1
+    _pool: ThreadPoolExecutor | None = None
+    budget_remaining: dict[str, float] = field(default_factory=dict)
+
+    def open(self) -> None:
+        by_id = {c.party_id: c for c in self.clients}
+        if set(by_id) != set(self.spec.parties) or len(by_id) != len(self.clients):
+            raise ProtocolError(
+                f"clients {sorted(by_id)} do not match the run's parties {list(self.spec.parties)}"
+            )
+        self.clients = [by_id[p] for p in self.spec.parties]
+        self._pool = ThreadPoolExecutor(
+            max_workers=len(self.clients), thread_name_prefix="train-step"
+        )
+        try:
+            proposals = list(
+                self._pool.map(
+                    lambda c: c.train_open(session_id=self.session_id, spec=self.spec),
+                    self.clients,
+                )
+            )
+            for p, pid in zip(proposals, self.spec.parties, strict=True):
+                if p.key.party_id != pid:
+                    raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
+                if p.length != self.spec.num_params:
+                    raise ProtocolError(
+                        f"party {pid!r} announced {p.length} words, the run has "
+                        f"{self.spec.num_params}"
+                    )
+        except Exception as exc:
+            self._abort(str(exc))
+            raise RoundAborted(self.spec.run_id, exc) from exc
+        self._keys = [p.key for p in proposals]
+        self._next = self.spec.start_step
+
+    def step(self, *, parameters: NDArray[np.float32], full: bool) -> NDArray[np.int64]:
+        """Run the next step; returns the decoded sum (integer units, signed)."""
+        if self._pool is None or self._next < 0:
+            raise ProtocolError("open the training session first")
+        if self._next >= self.spec.end_step:
+            raise ProtocolError(f"the session's {self.spec.steps} steps are done")
+        step = self._next
+        first = step == self.spec.start_step
+        keys = self._keys if first else []
+        dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
+        total = np.zeros(self.spec.num_params, dtype=dtype)
+        lock = threading.Lock()
+        params = np.ascontiguousarray(parameters, dtype=np.float32)
+
+        def one(client: TrainingClient) -> float:
+            stream = client.train_step(
+                session_id=self.session_id,
+                step=step,
+                keys=keys,
+                parameters=params,
+                full=full,
+                ring_bits=self.spec.ring_bits,
+            )
+            return accumulate(stream, total, lock, client.party_id, None)
+
+        try:
+            remaining = list(self._pool.map(one, self.clients))
+        except Exception as exc:
+            self._abort(str(exc))
+            raise RoundAborted(f"{self.spec.run_id} step {step}", exc) from exc
+        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
+        self._next = step + 1
+        return encoding.decode_int(total)
+
+    def _abort(self, reason: str) -> None:
+        for c in self.clients:
+            try:
+                c.abort(session_id=self.session_id, reason=reason[:500])
+            except Exception:  # a dead site cannot be told
+                log.debug("abort of session %s at %s failed", self.session_id.hex(), c.party_id)
+
+    def close(self) -> None:
+        """End the session (tells sites to forget it when steps remain)."""
+        if self._pool is not None:
+            if 0 <= self._next < self.spec.end_step:
+                self._abort("closed by the coordinator")
+            self._pool.shutdown(wait=True)
+            self._pool = None

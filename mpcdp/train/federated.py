@@ -1,0 +1,575 @@
+"""Federated DP-SGD, the coordinator's loop: plan, calibrate, step, evaluate, checkpoint.
+
+One call trains a model across sites (see :func:`train`). The coordinator holds the replica
+that counts: it applies the optimizer to the revealed noisy sum and sends the new parameters
+with the next step, so every site's replica is bit-identical to it whatever the sites' devices
+(a departure from "every site applies the update", written up in the README; the bytes on the
+wire are the same as broadcasting the aggregate).
+
+Privacy, per site and per example, by one accountant (mpcdp.dp.accountant): each of T steps
+Poisson-samples every site's examples with rate q, and the sum of all sites' clipped, rounded
+gradients gets Skellam(mu) noise from the h = n - t honest sites; :func:`plan_training`
+calibrates mu for (target_epsilon, target_delta) with the quantization sensitivity included
+(protocol.training.sensitivities). The update is ``noisy_sum / (2^k * q * N)``: the noisy
+sum divided by the expected batch size, as in DP-SGD with Poisson sampling
+(Abadi et al. 2016; Opacus' "expected batch size").
+
+Warm start (AdaMix-style public pre-training, reference/adamix_public_private_mixing.txt):
+given ``public_data``, the coordinator first trains non-privately on it, then DP on the sites.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from mpcdp.dp import accountant, rdp
+from mpcdp.errors import ParameterError
+from mpcdp.protocol.training import (
+    TrainingClient,
+    TrainingSession,
+    TrainSpec,
+    choose_scale_bits,
+    max_batch_size,
+    sensitivities,
+    step_event,
+)
+from mpcdp.train.clipping import PerSampleClipper
+from mpcdp.train.models import build_model, check_model_spec
+
+__all__ = [
+    "EpochRecord",
+    "StepInfo",
+    "TrainingPlan",
+    "TrainingResult",
+    "plan_training",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything fixed before the first step; stored in checkpoints (resume must match)."""
+
+    dataset: str
+    model: str
+    parties: tuple[str, ...]
+    examples: tuple[int, ...]  # per site, in party order
+    colluders: int
+    sample_rate: float
+    steps: int
+    steps_per_epoch: int
+    max_grad_norm: float
+    clipping: str
+    bias_only: bool
+    noise_multiplier: float  # Skellam std / Delta_2 (in integer units)
+    scale_bits: int
+    mu: float
+    num_params: int
+    target_epsilon: float
+    target_delta: float
+    ring_bits: int = 32
+
+    @property
+    def total_examples(self) -> int:
+        return sum(self.examples)
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.total_examples
+
+    @property
+    def honest(self) -> int:
+        return len(self.parties) - self.colluders
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the total noise in gradient units when every site adds its share."""
+        n = len(self.parties)
+        return math.sqrt(self.mu * n / self.honest) / 2.0**self.scale_bits
+
+    def spec(self, *, run_id: str, start_step: int, steps: int) -> TrainSpec:
+        return TrainSpec(
+            run_id=run_id,
+            dataset=self.dataset,
+            model=self.model,
+            parties=self.parties,
+            colluders=self.colluders,
+            sample_rate=self.sample_rate,
+            steps=steps,
+            start_step=start_step,
+            steps_per_charge=self.steps_per_epoch,
+            max_grad_norm=self.max_grad_norm,
+            clipping=self.clipping,
+            bias_only=self.bias_only,
+            scale_bits=self.scale_bits,
+            mu=self.mu,
+            num_params=self.num_params,
+            ring_bits=self.ring_bits,
+        )
+
+    def epsilon_after(self, steps: int) -> float:
+        """The accountant's epsilon (at target_delta) after ``steps`` steps."""
+        if steps <= 0:
+            return 0.0
+        event = step_event(self.spec(run_id="plan", start_step=0, steps=1), steps=1)
+        one = accountant.rdp_curve(event)
+        eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=one * steps, delta=self.target_delta)
+        return eps
+
+
+def plan_training(
+    *,
+    dataset: str,
+    model: str,
+    parties: Sequence[str],
+    examples: Sequence[int],
+    num_params: int,
+    target_epsilon: float,
+    target_delta: float,
+    epochs: float,
+    batch_size: int,
+    max_grad_norm: float,
+    colluders: int = 1,
+    clipping: str = "flat",
+    bias_only: bool = False,
+    ring_bits: int = 32,
+) -> TrainingPlan:
+    """Sampling rate, steps, gradient scale and Skellam mu for a target (eps, delta).
+
+    q = batch_size / N (N = all sites' examples), T = ceil(epochs / q). The noise multiplier
+    z is the smallest with eps(Skellam((z Delta_2)^2), q, T) <= target; Delta_2 depends on
+    the scale 2^k, which the ring's headroom bounds given z, so the two are solved together.
+    """
+    check_model_spec(model)
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ParameterError("target_epsilon", target_epsilon, "must be finite and > 0")
+    if not 0 < target_delta < 1:
+        raise ParameterError("target_delta", target_delta, "must be in (0, 1)")
+    if not epochs > 0 or not math.isfinite(epochs):
+        raise ParameterError("epochs", epochs, "must be finite and > 0")
+    if not max_grad_norm > 0 or not math.isfinite(max_grad_norm):
+        raise ParameterError("max_grad_norm", max_grad_norm, "must be finite and > 0")
+    if len(examples) != len(parties) or any(e < 1 for e in examples):
+        raise ParameterError("examples", list(examples), "need >= 1 example at every site")
+    total = sum(examples)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size:
+        raise ParameterError("batch_size", batch_size, "must be an int >= 1")
+    if batch_size > total:
+        raise ParameterError("batch_size", batch_size, f"exceeds the {total} examples")
+    q = batch_size / total
+    steps = max(1, math.ceil(epochs / q))
+    steps_per_epoch = max(1, round(1 / q))
+    n, h = len(parties), len(parties) - colluders
+    max_total = sum(max_batch_size(examples=e, sample_rate=q) for e in examples)
+
+    def z_for(k: int) -> float:
+        l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
+        return accountant.get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=q,
+            steps=steps,
+            mechanism="skellam",
+            l2_sensitivity=l2,
+            l1_sensitivity=l1,
+        )
+
+    z = accountant.get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q, steps=steps
+    )
+    k = choose_scale_bits(
+        max_grad_norm=max_grad_norm,
+        num_params=num_params,
+        max_total_batch=max_total,
+        n_parties=n,
+        honest=h,
+        noise_multiplier=1.25 * z,
+        ring_bits=ring_bits,
+    )
+    z = z_for(k)
+    while k > 0:  # the Skellam z is a little above the Gaussian one: recheck the headroom
+        fits = choose_scale_bits(
+            max_grad_norm=max_grad_norm,
+            num_params=num_params,
+            max_total_batch=max_total,
+            n_parties=n,
+            honest=h,
+            noise_multiplier=z,
+            ring_bits=ring_bits,
+        )
+        if fits >= k:
+            break
+        k = fits
+        z = z_for(k)
+    l2, _ = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
+    return TrainingPlan(
+        dataset=dataset,
+        model=model,
+        parties=tuple(parties),
+        examples=tuple(int(e) for e in examples),
+        colluders=colluders,
+        sample_rate=q,
+        steps=steps,
+        steps_per_epoch=steps_per_epoch,
+        max_grad_norm=float(max_grad_norm),
+        clipping=clipping,
+        bias_only=bias_only,
+        noise_multiplier=z,
+        scale_bits=k,
+        mu=(z * l2) ** 2,
+        num_params=num_params,
+        target_epsilon=float(target_epsilon),
+        target_delta=float(target_delta),
+        ring_bits=ring_bits,
+    )
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress after one step (for progress bars)."""
+
+    step: int
+    steps: int
+    epsilon: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    step: int
+    epsilon: float
+    test_accuracy: float | None
+    test_loss: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    plan: TrainingPlan
+    run_id: str
+    steps_done: int
+    epsilon: float
+    delta: float
+    history: tuple[EpochRecord, ...]
+    final_accuracy: float | None
+    public_accuracy: float | None  # after the warm start, before DP (None without one)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "plan": {**asdict(self.plan), "noise_std": self.plan.noise_std},
+            "steps_done": self.steps_done,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "final_accuracy": self.final_accuracy,
+            "public_accuracy": self.public_accuracy,
+            "history": [asdict(r) for r in self.history],
+        }
+
+
+Arrays = tuple[NDArray[Any], NDArray[Any]]
+
+
+def evaluate(
+    model: torch.nn.Module, data: Arrays, *, batch_size: int = 2048
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``data`` = (x, y)."""
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(data[0], dtype=np.float32))
+    y = torch.as_tensor(np.asarray(data[1], dtype=np.int64))
+    was = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for s in range(0, len(y), batch_size):
+            out = model(x[s : s + batch_size].to(device))
+            t = y[s : s + batch_size].to(device)
+            loss += float(F.cross_entropy(out, t, reduction="sum"))
+            correct += int((out.argmax(dim=1) == t).sum())
+    model.train(was)
+    n = max(len(y), 1)
+    return correct / n, loss / n
+
+
+def pretrain_public(
+    model: torch.nn.Module,
+    data: Arrays,
+    *,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Non-private SGD (momentum 0.9) on public examples: the warm start."""
+    x = torch.as_tensor(np.asarray(data[0], dtype=np.float32))
+    y = torch.as_tensor(np.asarray(data[1], dtype=np.int64))
+    opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=generator)
+        for s in range(0, len(y), batch_size):
+            i = perm[s : s + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+
+
+def _make_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, momentum: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ParameterError("optimizer", name, "must be 'sgd' or 'adam'")
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
+
+
+def train(
+    *,
+    clients: Sequence[TrainingClient],
+    dataset: str,
+    model: str,
+    examples: Mapping[str, int],
+    target_epsilon: float,
+    target_delta: float,
+    epochs: float,
+    max_grad_norm: float = 1.0,
+    batch_size: int = 256,
+    learning_rate: float = 0.5,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    momentum: float = 0.9,
+    clipping: Literal["flat", "automatic"] = "flat",
+    bias_only: bool = False,
+    colluders: int = 1,
+    eval_data: Arrays | None = None,
+    public_data: Arrays | None = None,
+    public_epochs: int = 0,
+    public_learning_rate: float = 0.05,
+    checkpoint: Path | None = None,
+    run_id: str | None = None,
+    seed: int | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainingResult:
+    """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
+
+    ``examples`` maps each site (in federation order) to its number of examples (public
+    metadata from Describe). ``batch_size`` is the expected total batch per step. With
+    ``checkpoint``, the run saves after every epoch and, when the file exists, resumes from
+    it (same plan required). ``stop_after`` stops after that many steps in this call (for
+    interruption tests and demos); the checkpoint then holds the progress.
+    """
+    parties = tuple(examples)
+    if set(parties) != {c.party_id for c in clients}:
+        raise ParameterError(
+            "examples", sorted(parties), f"must name the clients {[c.party_id for c in clients]}"
+        )
+    gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        net = build_model(model)
+    clipper = PerSampleClipper(
+        net, max_grad_norm=max_grad_norm, clipping=clipping, bias_only=bias_only
+    )
+    trainable = [p for _, p in clipper.named_parameters()]
+    everything = list(net.parameters())
+    plan = plan_training(
+        dataset=dataset,
+        model=model,
+        parties=parties,
+        examples=[examples[p] for p in parties],
+        num_params=clipper.num_params,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_grad_norm=max_grad_norm,
+        colluders=colluders,
+        clipping=clipping,
+        bias_only=bias_only,
+    )
+    opt = _make_optimizer(optimizer, trainable, learning_rate, momentum)
+    history: list[EpochRecord] = []
+    start = 0
+    public_accuracy: float | None = None
+    run = run_id or f"train-{secrets.token_hex(6)}"
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ParameterError("checkpoint", str(checkpoint), "is not an mpcdp checkpoint")
+        saved = _plan_from(state["plan"])
+        if saved != plan:
+            diff = [k for k in asdict(plan) if asdict(plan)[k] != asdict(saved)[k]]
+            raise ParameterError(
+                "checkpoint", str(checkpoint), f"was made with a different plan (differs in {diff})"
+            )
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        history = [EpochRecord(**r) for r in state["history"]]
+        run = state["run_id"]
+        public_accuracy = state.get("public_accuracy")
+        log.info("resuming run %s at step %d of %d", run, start, plan.steps)
+    elif public_data is not None and public_epochs > 0:
+        pretrain_public(
+            net,
+            public_data,
+            epochs=public_epochs,
+            learning_rate=public_learning_rate,
+            generator=gen,
+        )
+        if eval_data is not None:
+            public_accuracy, _ = evaluate(net, eval_data)
+    end = plan.steps if stop_after is None else min(plan.steps, start + stop_after)
+    t0 = time.perf_counter()
+    if start < end:
+        session = TrainingSession(
+            spec=plan.spec(run_id=run, start_step=start, steps=plan.steps - start),
+            clients=clients,
+        )
+        session.open()
+        try:
+            full = True
+            for step in range(start, end):
+                flat = torch.nn.utils.parameters_to_vector(everything if full else trainable)
+                total = session.step(parameters=flat.detach().numpy(), full=full)
+                full = False
+                grad = torch.from_numpy(total.astype(np.float64) / 2.0**plan.scale_bits)
+                grad = grad / plan.expected_batch_size
+                offset = 0
+                for p in trainable:
+                    n = p.numel()
+                    p.grad = grad[offset : offset + n].view_as(p).to(p.dtype)
+                    offset += n
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                if on_step is not None:
+                    on_step(
+                        StepInfo(
+                            step=done,
+                            steps=plan.steps,
+                            epsilon=plan.epsilon_after(done),
+                            seconds=time.perf_counter() - t0,
+                        )
+                    )
+                if done % plan.steps_per_epoch == 0 or done == plan.steps or done == end:
+                    acc, loss = evaluate(net, eval_data) if eval_data is not None else (None, None)
+                    rec = EpochRecord(
+                        epoch=math.ceil(done / plan.steps_per_epoch),
+                        step=done,
+                        epsilon=plan.epsilon_after(done),
+                        test_accuracy=acc,
+                        test_loss=loss,
+                        seconds=time.perf_counter() - t0,
+                    )
+                    if history and history[-1].step == done:
+                        history[-1] = rec
+                    else:
+                        history.append(rec)
+                    if on_epoch is not None:
+                        on_epoch(rec)
+                    if checkpoint is not None:
+                        _save(
+                            checkpoint,
+                            {
+                                "format": CHECKPOINT_FORMAT,
+                                "plan": asdict(plan),
+                                "model": net.state_dict(),
+                                "model_spec": model,
+                                "optimizer": opt.state_dict(),
+                                "step": done,
+                                "run_id": run,
+                                "history": [asdict(r) for r in history],
+                                "public_accuracy": public_accuracy,
+                            },
+                        )
+        finally:
+            session.close()
+    done = max(start, end)
+    final = history[-1].test_accuracy if history else None
+    return TrainingResult(
+        plan=plan,
+        run_id=run,
+        steps_done=done,
+        epsilon=plan.epsilon_after(done),
+        delta=plan.target_delta,
+        history=tuple(history),
+        final_accuracy=final,
+        public_accuracy=public_accuracy,
+        state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+    )
+
+
+def load_checkpoint(path: Path) -> tuple[torch.nn.Module, TrainingPlan, int]:
+    """(model with the checkpoint's parameters, its plan, steps done)."""
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ParameterError("checkpoint", str(path), f"cannot be read: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ParameterError("checkpoint", str(path), "is not an mpcdp checkpoint")
+    plan = _plan_from(state["plan"])
+    net = build_model(plan.model)
+    net.load_state_dict(state["model"])
+    return net, plan, int(state["step"])
+
+
+def _plan_from(obj: dict[str, Any]) -> TrainingPlan:
+    return TrainingPlan(
+        **{**obj, "parties": tuple(obj["parties"]), "examples": tuple(obj["examples"])}
+    )
+
+
+def write_metrics(result: TrainingResult, *, json_path: Path, plot_path: Path | None) -> None:
+    """The metrics JSON and, with matplotlib installed, a PNG of accuracy and epsilon
+    against steps."""
+    json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if plot_path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.step for r in result.history]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    acc = [r.test_accuracy if r.test_accuracy is not None else float("nan") for r in result.history]
+    ax.plot(steps, acc, "o-", color="tab:blue", label="test accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy", color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r.epsilon for r in result.history], "s--", color="tab:red", label="epsilon")
+    ax2.set_ylabel(f"epsilon (delta={result.delta:g})", color="tab:red")
+    ax.set_title(f"{result.plan.model} on {len(result.plan.parties)} sites")
+    fig.tight_layout()
+    fig.savefig(plot_path)
+    plt.close(fig)

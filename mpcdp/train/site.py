@@ -1,0 +1,121 @@
+"""A site's gradient source: its model and examples in torch (protocol.training.GradientSource).
+
+Per step: Poisson-sample the site's examples with rate q from the engine's CSPRNG (the batch
+must stay secret for subsampling to amplify privacy), compute the sum of per-example clipped
+gradients by book-keeping (mpcdp.train.clipping, one forward and one backward, physical
+micro-batches of at most ``max_physical_batch``), scale by 2^scale_bits in float64 and round
+with an unbiased dither (``floor(x + u)``) on the model's device. The dither may come from
+torch's generator: the site's privacy bound holds for every dither (protocol.training).
+
+A draw larger than ``max_batch_size`` (probability < 1e-15) is cut to a uniformly random
+subset of that size, so the ring's headroom check holds for every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from mpcdp.datasets import Examples
+from mpcdp.errors import ParameterError
+from mpcdp.protocol.training import TrainSpec, max_batch_size
+from mpcdp.train.clipping import PerSampleClipper
+
+__all__ = ["TorchGradientSource", "cross_entropy_per_example", "pick_device"]
+
+log = logging.getLogger(__name__)
+
+
+def cross_entropy_per_example(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ParameterError("device", device, "is not a torch device") from None
+
+
+class TorchGradientSource:
+    """Implements protocol.training.GradientSource for one session."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        examples: Examples,
+        spec: TrainSpec,
+        device: torch.device | str = "auto",
+        max_physical_batch: int = 1024,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_example,
+    ) -> None:
+        self._device = pick_device(device) if isinstance(device, str) else device
+        self.model = model.to(self._device)
+        self.model.train()
+        self.clipper = PerSampleClipper(
+            self.model,
+            max_grad_norm=spec.max_grad_norm,
+            clipping=spec.clipping,  # type: ignore[arg-type]  # checked by TrainSpec
+            bias_only=spec.bias_only,
+        )
+        self._all = list(self.model.parameters())
+        self._x = torch.from_numpy(examples.x).to(self._device)
+        self._y = torch.from_numpy(examples.y).to(self._device)
+        self._n = examples.count
+        self._q = spec.sample_rate
+        self._scale = float(2.0**spec.scale_bits)
+        self._max_batch = max_batch_size(examples=self._n, sample_rate=self._q)
+        self._physical = max_physical_batch
+        self._loss_fn = loss_fn
+        self._gen: torch.Generator | None = None
+        self.last_batch_size = 0
+
+    @property
+    def num_params(self) -> int:
+        return self.clipper.num_params
+
+    @property
+    def total_params(self) -> int:
+        return int(sum(p.numel() for p in self._all))
+
+    def load_parameters(self, values: NDArray[np.float32], *, full: bool) -> None:
+        flat = torch.from_numpy(values).to(self._device)
+        if full:
+            torch.nn.utils.vector_to_parameters(flat, self._all)
+        else:
+            self.clipper.load_flat_parameters(flat)
+
+    def quantized_gradient(self, *, rng: np.random.Generator) -> NDArray[np.int64]:
+        idx = np.flatnonzero(rng.random(self._n) < self._q)
+        if idx.size > self._max_batch:
+            log.warning("Poisson batch of %d cut to %d", idx.size, self._max_batch)
+            idx = np.sort(rng.choice(idx, size=self._max_batch, replace=False))
+        if self._gen is None:
+            self._gen = torch.Generator(device=self._device)
+            self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
+        total = torch.zeros(self.num_params, dtype=torch.float32, device=self._device)
+        index = torch.from_numpy(idx).to(self._device)
+        for start in range(0, idx.size, self._physical):
+            part = index[start : start + self._physical]
+            batch = self.clipper.clipped_grad_sum(
+                inputs=self._x[part], targets=self._y[part], loss_fn=self._loss_fn
+            )
+            total += batch.grad_sum
+        self.last_batch_size = int(idx.size)
+        scaled = total.to(torch.float64) * self._scale
+        dither = torch.rand(
+            scaled.shape, dtype=torch.float64, device=self._device, generator=self._gen
+        )
+        rounded = torch.floor(scaled + dither).to(torch.int64)
+        out: NDArray[np.int64] = rounded.cpu().numpy()
+        return out
