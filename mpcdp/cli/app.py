@@ -7,7 +7,7 @@ import logging
 import typer
 
 from mpcdp import __version__
-from mpcdp.cli import budget, certs, demo, health, party, query
+from mpcdp.cli import budget, certs, demo, health, party, query, train
 
 app = typer.Typer(
     name="mpcdp",
@@ -20,6 +20,8 @@ app.add_typer(party.app, name="party")
 app.add_typer(query.app, name="query")
 app.command("budget")(budget.budget)
 app.command("health")(health.health)
+app.command("train")(train.train)
+app.command("audit")(train.audit)
 app.add_typer(demo.app, name="demo")
 
 
