@@ -643,3 +643,18 @@ def test_a_killed_site_aborts_the_run_and_the_checkpoint_survives(
             )
     assert ckpt.exists()  # saved at the first epoch boundary (step 10)
     assert torch.load(ckpt, weights_only=False)["step"] == 10
+
+
+def test_an_empty_poisson_batch_still_sends_a_noise_share(sites: Net) -> None:
+    engines = engines_of(sites)
+    clients = [Direct(e) for e in engines.values()]
+    s = tspec(sample_rate=1e-9, steps=2)
+    session = TrainingSession(spec=s, clients=clients)
+    session.open()
+    total = session.step(parameters=initial(s), full=True)
+    session.close()
+    # no example was sampled anywhere: what is revealed is pure noise, with its variance
+    noise_std = math.sqrt(s.mu * 3 / 2)
+    assert np.any(total != 0)
+    assert np.std(total) == pytest.approx(noise_std, rel=0.35)
+    assert all(c.uploads and c.uploads[0].size == NUM_PARAMS for c in clients)

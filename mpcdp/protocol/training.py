@@ -46,6 +46,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -82,6 +83,7 @@ from mpcdp.protocol import identity
 from mpcdp.protocol.coordinator import ContributionStream, accumulate
 from mpcdp.protocol.noise_pool import NoisePool
 from mpcdp.protocol.party import SESSION_ID_BYTES, Contribution, Proposal, session_pair_keys
+from mpcdp.rng import csprng
 
 __all__ = [
     "CLIPPING_MODES",
@@ -104,6 +106,8 @@ log = logging.getLogger(__name__)
 
 CLIPPING_MODES = ("flat", "automatic")
 _SPEC_LABEL = b"mpcdp train spec v1\n"
+#: noise is drawn in slices of this many coordinates, in parallel
+_NOISE_SLICE = 1 << 20
 #: rounding inflation is negligible once C * 2^k is this large (sqrt(d)/(C 2^k) tiny)
 _MAX_SCALE = float(1 << 24)
 
@@ -348,6 +352,7 @@ class TrainingEngine:
         min_colluders: int = 1,
         idle_ttl_s: float = 600.0,
         max_sessions: int = 4,
+        noise_threads: int = 0,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -368,6 +373,9 @@ class TrainingEngine:
         self._clock = clock
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
         self._pads = NoisePool(rng=rng, max_entries=2)
+        self._workers = ThreadPoolExecutor(
+            max_workers=noise_threads or min(8, os.cpu_count() or 1), thread_name_prefix="noise"
+        )
         self._sessions: dict[bytes, _SiteSession] = {}
         self._closed: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -626,12 +634,25 @@ class TrainingEngine:
         assert pair_keys is not None
         me = spec.index_of(self.party_id)
         noise = mechanism(spec)
+        dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
+        size = spec.num_params
+        bounds = [(a, min(size, a + _NOISE_SLICE)) for a in range(0, size, _NOISE_SLICE)]
 
         def build(rng: np.random.Generator) -> np.ndarray:
-            pad: np.ndarray = encoding.to_ring(
-                noise.share(size=spec.num_params, honest=spec.honest, rng=rng),
-                ring_bits=spec.ring_bits,
-            )
+            pad = np.empty(size, dtype=dtype)
+            # one CSPRNG per slice, keyed from ``rng``: slices are drawn in parallel (numpy's
+            # samplers release the GIL), which matters for 10^7-parameter models
+            keys = [rng.bytes(16) for _ in bounds]
+
+            def fill(i: int) -> None:
+                a, b = bounds[i]
+                share = noise.share(size=b - a, honest=spec.honest, rng=csprng(key=keys[i]))
+                pad[a:b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
+
+            if len(bounds) > 1:
+                list(self._workers.map(fill, range(len(bounds))))
+            else:
+                fill(0)
             sharing.MaskStream(
                 party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, ring_bits=spec.ring_bits
             ).apply(pad)
@@ -651,6 +672,7 @@ class TrainingEngine:
 
     def close(self) -> None:
         self._pads.close()
+        self._workers.shutdown(wait=True, cancel_futures=True)
 
     def _end(self, session_id: bytes, why: str) -> None:
         with self._lock:
