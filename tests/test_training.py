@@ -658,3 +658,19 @@ def test_an_empty_poisson_batch_still_sends_a_noise_share(sites: Net) -> None:
     assert np.any(total != 0)
     assert np.std(total) == pytest.approx(noise_std, rel=0.35)
     assert all(c.uploads and c.uploads[0].size == NUM_PARAMS for c in clients)
+
+
+def test_public_warm_start_then_bias_only_dp_fine_tuning(grpc_sites: Net) -> None:
+    """AdaMix-style warm start on public data (all parameters), then DP-BiTFiT: the sites
+    train and upload only the biases."""
+    public = example_data(9, n=120)
+    eval_data = example_data(7, n=90)
+    with Federation.from_config(grpc_sites.federation) as fed:
+        warm = fed.train(
+            dataset="ex", model=MODEL, target_epsilon=4.0, target_delta=1e-5, epochs=2,
+            batch_size=30, learning_rate=0.05, eval_data=eval_data, public_data=public,
+            public_epochs=20, bias_only=True, seed=5,
+        )  # fmt: skip
+    assert warm.plan.num_params == 6 + 3  # biases of the two Linear layers
+    assert warm.public_accuracy is not None and warm.public_accuracy > 0.6
+    assert warm.final_accuracy is not None and warm.final_accuracy > 0.6

@@ -320,18 +320,28 @@ def pretrain_public(
     batch_size: int = 64,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Non-private SGD (momentum 0.9) on public examples: the warm start."""
+    """Non-private SGD (momentum 0.9) on public examples: the warm start. Every parameter
+    trains here, also those a bias-only DP phase keeps frozen afterwards."""
     x = torch.as_tensor(np.asarray(data[0], dtype=np.float32))
     y = torch.as_tensor(np.asarray(data[1], dtype=np.int64))
-    opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    params = list(model.parameters())
+    frozen = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
     model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=generator)
-        for s in range(0, len(y), batch_size):
-            i = perm[s : s + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(x[i]), y[i]).backward()  # type: ignore[no-untyped-call]
-            opt.step()
+    try:
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=generator)
+            for s in range(0, len(y), batch_size):
+                i = perm[s : s + batch_size]
+                opt.zero_grad()
+                F.cross_entropy(model(x[i]), y[i]).backward()  # type: ignore[no-untyped-call]
+                opt.step()
+    finally:
+        for p, flag in zip(params, frozen, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 def _make_optimizer(
