@@ -386,6 +386,9 @@ def test_batchnorm_refused_with_module_path() -> None:
     model.add_module("features", features)
     with pytest.raises(ParameterError, match=r"module 'features\.3' is BatchNorm2d"):
         PerSampleClipper(model, max_grad_norm=1.0)
+    with pytest.raises(ParameterError, match=r"features\.3"):
+        PerSampleClipper(model, max_grad_norm=1.0, bias_only=True)
+    assert features[0].weight.requires_grad  # a refused model is left as it was
     # a frozen BatchNorm in eval mode is a per-sample affine map: accepted, until train()
     features[3].eval()
     features[3].requires_grad_(False)
@@ -524,4 +527,58 @@ def test_fallback_failure_names_module() -> None:
     model = nn.Sequential(Noisy(), nn.Linear(4, NUM_CLASSES))
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
     with pytest.raises(ParameterError, match=r"module '0' \(Noisy\).*torch\.func"):
+        clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(3), loss_fn=ce)
+
+
+def test_float32_model_matches_float64_reference() -> None:
+    """float32 parameters: sums are written in place into grad_sum (the mm out= path)."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)  # T = 5: ghost
+            self.conv = nn.Conv2d(1, 4, 3, stride=2)  # T = 4, D = 9, p = 4: ghost
+            self.seq = nn.Linear(6, 12)  # T = 5: ghost (50 <= 72)
+            self.norm = nn.LayerNorm(12)
+            self.head = nn.Linear(12 + 4 * 2 * 2, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            idx = x[:, :5].long().clamp(0, 19)
+            img = x[:, 5:].reshape(-1, 1, 5, 5)
+            h = self.norm(torch.tanh(self.seq(self.emb(idx)))).mean(dim=1)
+            c = torch.relu(self.conv(img)).flatten(1)
+            return self.head(torch.cat([h, c], dim=1))
+
+    model32 = Mixed()
+    x = torch.cat([torch.randint(0, 20, (B, 5)).float(), torch.randn(B, 25)], dim=1)
+    y = labels()
+    model64 = Mixed()
+    model64.load_state_dict(model32.state_dict())
+    model64.double()
+    per_sample = per_sample_gradients_reference(model64, inputs=x.double(), targets=y, loss_fn=ce)
+    c_norm = float(per_sample.norm(dim=1).median())
+    for mode in MODES:
+        expected, _ = reference_clipped(per_sample, c_norm, mode)
+        clipper = PerSampleClipper(model32, max_grad_norm=c_norm, clipping=mode)
+        got = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+        torch.testing.assert_close(
+            got.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+        )
+
+
+def test_input_modified_in_place_after_layer_refused() -> None:
+    class Clobber(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x * 2.0
+            out = self.lin(h)
+            h.mul_(3.0)  # the recorded input of self.lin changes afterwards
+            return self.head(out + h)
+
+    clipper = PerSampleClipper(Clobber(), max_grad_norm=1.0)
+    with pytest.raises(ParameterError, match=r"'lin'.*in place"):
         clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(3), loss_fn=ce)

@@ -4,9 +4,9 @@ DP-SGD (Abadi et al. 2016, "Deep learning with differential privacy", CCS, Algor
 the sum over a batch of per-sample gradients, each clipped to norm at most ``C``. Computing
 every per-sample gradient (Opacus) costs memory ``batch x params``; ghost clipping (Li,
 Tramer, Liang, Hashimoto 2022, "Large language models can be strong differentially private
-learners", ICLR, Section 4) avoids that but needs a second backward pass. This module
-implements book-keeping (BK) of Bu, Mao, Zha, Karypis 2023, "Differentially private
-optimization on large model at small cost" (ICML; the fastDP library), which needs neither:
+learners", ICLR) avoids that but needs a second backward pass. This module implements
+book-keeping (BK) of Bu, Wang, Zha, Karypis 2023, "Differentially private optimization on
+large model at small cost" (ICML; the fastDP library), which needs neither:
 
 1. A forward pass with hooks on every trainable layer (a module that directly owns
    parameters with ``requires_grad=True``) records the layer input ``A`` (detached) and the
@@ -22,8 +22,8 @@ optimization on large model at small cost" (ICML; the fastDP library), which nee
    computations", arXiv:1510.01799, for ``T = 1``; Li et al. 2022 for sequences) costs
    ``B T^2 (p + d)`` while instantiating per-sample gradients ``G_j^T A_j`` costs
    ``B T p d``; the layerwise choice (ghost when ``2 T^2 <= p d``) is the mixed ghost norm of
-   Bu, Mao, Zha, Karypis 2022, "Scalable and efficient training of large convolutional
-   neural networks with differential privacy" (NeurIPS). LayerNorm and GroupNorm per-sample
+   Bu, Mao, Xu 2022, "Scalable and efficient training of large convolutional neural networks
+   with differential privacy" (NeurIPS). LayerNorm and GroupNorm per-sample
    gradients are small and are instantiated from the normalised input. Any other layer owning
    parameters falls back to ``torch.func`` (``vmap`` of a ``vjp`` of that module alone), which
    materialises ``batch x params`` for that module only and re-runs its forward once.
@@ -33,11 +33,12 @@ optimization on large model at small cost" (ICML; the fastDP library), which nee
    stronger", NeurIPS) ``c_j = C / (||g_j|| + stability)``, which normalises every
    per-sample gradient to norm below ``C``.
 5. The clipped sum per layer directly from ``A``, ``G`` and ``c`` (``sum_j c_j G_j^T A_j``,
-   one matmul shaped like the non-private weight gradient), or from the per-sample
+   one matmul shaped like the non-private weight gradient; for a Conv2d on the ghost branch,
+   the native weight-gradient kernel applied to ``c``-scaled ``G``), or from the per-sample
    gradients where step 3 instantiated them; no second backward.
 
 ``bias_only=True`` is DP-BiTFiT (Bu, Wang, Zha, Karypis 2022, "Differentially private
-bias-term only fine-tuning of foundation models", arXiv:2210.00036): only biases are trained,
+bias-term only fine-tuning of foundation models"): only biases are trained,
 and the bias gradients of Linear and Conv2d layers need the output gradients only, so layer
 inputs are not even stored. See also Dupuy et al. 2022, "An efficient DP-SGD mechanism for
 large scale NLU models" (ICASSP), for the cost of per-sample clipping in practice.
@@ -48,7 +49,11 @@ the forward pass. BatchNorm, which mixes the examples of a batch, is refused, an
 ``nn.MultiheadAttention``, whose forward bypasses its sub-modules (use
 :func:`mpcdp.train.layers.replace_multihead_attention`). A parameter that is used outside the
 forward of the module that owns it (read as ``module.weight`` by another module) gets a wrong
-gradient and cannot be detected; parameters shared between modules are refused.
+gradient and cannot be detected; parameters shared between modules are refused. A layer input
+modified in place after the layer read it is detected and refused. Fallback modules must be
+deterministic and work under ``torch.func.vmap`` with a batch of one; torch's fused RNNs
+(``nn.LSTM``, ``nn.GRU``) do not, so such a model is refused when first called (build the
+recurrence from ``nn.Linear`` cells: a layer called at every step is handled).
 
 Nothing happens at import time beyond defining names.
 """
@@ -86,8 +91,9 @@ _MODES: tuple[str, ...] = ("flat", "automatic")
 _FLAT_EPS = 1e-6
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# A layer's clipped-sum step: clip factors (B,) -> {local parameter name: summed gradient}.
-_SumFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+# A layer's clipped-sum step: (clip factors (B,), {local parameter name: destination view of
+# grad_sum, shaped like the parameter}) -> None; it writes every trainable parameter's sum.
+_SumFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,19 @@ class _Call:
     # index into the flattened outputs of each edge (fallback layers), and the G's later
     leaf_index: list[int]
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    # version counters of the stored input tensors when recorded (in-place changes detection)
+    versions: list[int] = field(default_factory=list)
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        values = [*self.inputs, *self.kwargs.values()]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+    def record_versions(self) -> _Call:
+        self.versions = [t._version for t in self.stored_tensors()]
+        return self
+
+    def inputs_modified(self) -> bool:
+        return [t._version for t in self.stored_tensors()] != self.versions
 
 
 @dataclass
@@ -243,11 +262,22 @@ class PerSampleClipper:
         self.module = module
         self._closed = False
 
+        flags = [(p, p.requires_grad) for p in module.parameters()]
         if self.bias_only:
             for name, p in module.named_parameters():
                 if not name.endswith("bias"):
                     p.requires_grad_(False)
+        try:
+            self._setup()
+        except Exception:
+            for p, flag in flags:  # a refused model is left as it was
+                p.requires_grad_(flag)
+            raise
 
+    # -- construction ----------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        module = self.module
         self._check_modules(for_call=False)
         self._params = _trainable_named_parameters(module)
         if not self._params:
@@ -285,8 +315,6 @@ class PerSampleClipper:
             len(self._layers),
             ", ".join(f"{layer.path or '<root>'}:{layer.kind}" for layer in self._layers),
         )
-
-    # -- construction ----------------------------------------------------------------------
 
     def _check_modules(self, *, for_call: bool) -> None:
         for path, m in self.module.named_modules():
@@ -443,6 +471,14 @@ class PerSampleClipper:
                 "inputs must be finite (NaN or inf found)",
             )
         self._check_modules(for_call=True)
+        frozen = [name for name, p in self._params if not p.requires_grad]
+        if frozen:
+            raise ParameterError(
+                "module",
+                frozen[0],
+                "a parameter was frozen after the PerSampleClipper was built; the trainable "
+                "set is fixed at construction: build a new PerSampleClipper",
+            )
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
 
@@ -481,7 +517,7 @@ class PerSampleClipper:
                         kwargs=detached_kwargs,
                         edges=[get_gradient_edge(leaves[i]) for i in idx],
                         leaf_index=idx,
-                    )
+                    ).record_versions()
                 )
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -497,7 +533,9 @@ class PerSampleClipper:
                 raise self._batch_error(layer, "its input", tuple(x.shape), batch)
             stored = (x.detach(),) if layer.needs_input else ()
             layer.calls.append(
-                _Call(inputs=stored, kwargs={}, edges=[get_gradient_edge(output)], leaf_index=[0])
+                _Call(
+                    inputs=stored, kwargs={}, edges=[get_gradient_edge(output)], leaf_index=[0]
+                ).record_versions()
             )
 
         return hook
@@ -554,6 +592,10 @@ class PerSampleClipper:
             for h in handles:
                 h.remove()
 
+    def _slot(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+        offset, n = self._layout[id(p)]
+        return flat[offset : offset + n].view(p.shape)
+
     def _clip_and_sum(self, batch: int, loss_sum: torch.Tensor, grads_ok: bool) -> ClippedBatch:
         dt = self._dtype
         norm2 = torch.zeros(batch, dtype=dt, device=self.device)
@@ -563,6 +605,14 @@ class PerSampleClipper:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if not calls:
                     continue
+                if any(c.inputs_modified() for c in calls):
+                    raise ParameterError(
+                        "module",
+                        layer.path,
+                        f"the input of {_where(layer.path)} was modified in place after the "
+                        "layer read it (e.g. `x += ...` or an inplace activation on its input); "
+                        "per-sample gradients need the input as the layer saw it",
+                    )
                 layer_norm2, finish = _LAYER_RULES[layer.kind](layer, calls, batch)
                 norm2 += layer_norm2.to(dt)
                 finishers.append((layer, finish))
@@ -572,16 +622,16 @@ class PerSampleClipper:
         else:
             factors = self.max_grad_norm / (norms + self.stability)
 
-        pieces: dict[int, torch.Tensor] = {}
+        # the clipped sums are written straight into grad_sum (no concatenation copy)
+        grad_sum = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
+        filled: set[int] = set()
         for layer, finish in finishers:
-            for name, value in finish(factors).items():
-                pieces[id(layer.params[name])] = value.reshape(-1).to(torch.float32)
-        grad_sum = torch.cat(
-            [
-                pieces.get(id(p), torch.zeros(p.numel(), dtype=torch.float32, device=self.device))
-                for _, p in self._params
-            ]
-        )
+            dests = {name: self._slot(grad_sum, p) for name, p in layer.params.items()}
+            finish(factors, dests)
+            filled.update(id(p) for p in layer.params.values())
+        for _, p in self._params:
+            if id(p) not in filled:  # a layer not called, or whose output missed the loss
+                self._slot(grad_sum, p).zero_()
         loss_value, mean_norm = torch.stack([loss_sum.to(dt), norms.mean()]).tolist()
         return ClippedBatch(
             grad_sum=grad_sum, batch_size=batch, loss_sum=loss_value, mean_norm=mean_norm
@@ -591,11 +641,9 @@ class PerSampleClipper:
 # -- per-layer rules: (layer, calls, batch) -> (squared norms (B,), clipped-sum step) ---------
 
 
-def _grad(call: _Call, like: torch.Tensor | None = None) -> torch.Tensor:
+def _grad(call: _Call) -> torch.Tensor:
     g = call.grads[0]
-    if g is None:  # pragma: no cover - calls without any gradient are filtered out
-        assert like is not None
-        return torch.zeros_like(like)
+    assert g is not None  # calls whose output missed the loss are filtered out
     return g
 
 
@@ -604,6 +652,14 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     norms: torch.Tensor = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=acc)
     return norms.square()
+
+
+def _mm_into(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:
+    """dest = x @ y, computed in place when dest has x's dtype (dest is a contiguous view)."""
+    if dest.dtype == x.dtype:
+        torch.mm(x, y, out=dest)
+    else:
+        dest.copy_(torch.mm(x, y))
 
 
 def _cat1(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -616,7 +672,6 @@ def _matmul_rule(
     g: torch.Tensor,
     has_weight: bool,
     has_bias: bool,
-    weight_shape: tuple[int, ...],
     ghost_weight_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, _SumFn]:
     """Linear-type layer with A (B, T, d) and G (B, T, p): weight grad sum_t g_t a_t^T.
@@ -628,8 +683,9 @@ def _matmul_rule(
     batch, t, p = g.shape
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     norm2 = torch.zeros(batch, dtype=acc, device=g.device)
-    weight_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    bias_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # weight_fn(c, dest): write the clipped weight sum into dest, viewed as (p, d)
+    weight_fn: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    gb: torch.Tensor | None = None
     if has_weight:
         assert a is not None
         a = a.to(g.dtype)
@@ -639,11 +695,12 @@ def _matmul_rule(
             a1, g1 = a[:, 0], g[:, 0]
             norm2 += _sq_norms(a1) * _sq_norms(g1)
 
-            def weight_fn(c: torch.Tensor) -> torch.Tensor:
+            def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
                 # scale the narrower factor by c: one small multiply, then one matmul
                 if p <= d:
-                    return (g1 * c[:, None]).t().mm(a1)
-                return g1.t().mm(a1 * c[:, None])
+                    _mm_into((g1 * c[:, None]).t(), a1, dest)
+                else:
+                    _mm_into(g1.t(), a1 * c[:, None], dest)
 
         elif _use_ghost(t, p, d):
             # ghost norm <A A^T, G G^T>, never forming the (B, p, d) per-sample gradients
@@ -651,35 +708,35 @@ def _matmul_rule(
             gg = torch.bmm(g, g.transpose(1, 2))
             norm2 += torch.linalg.vecdot(aa.reshape(batch, -1), gg.reshape(batch, -1)).to(acc)
             if ghost_weight_sum is not None:
-                weight_fn = ghost_weight_sum
+                ghost_sum = ghost_weight_sum
+
+                def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                    dest.copy_(ghost_sum(c).reshape(dest.shape))
+
             else:
                 a_flat = a.reshape(batch * t, d)
 
-                def weight_fn(c: torch.Tensor) -> torch.Tensor:
-                    return (g * c[:, None, None]).reshape(batch * t, p).t().mm(a_flat)
+                def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                    _mm_into((g * c[:, None, None]).reshape(batch * t, p).t(), a_flat, dest)
 
         else:
             per_sample = torch.bmm(g.transpose(1, 2), a)  # (B, p, d)
             norm2 += _sq_norms(per_sample)
 
-            def weight_fn(c: torch.Tensor) -> torch.Tensor:
-                return (c @ per_sample.reshape(batch, p * d)).view(p, d)
+            def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                _mm_into(c[None], per_sample.reshape(batch, p * d), dest.view(1, p * d))
 
     if has_bias:
         gb = g[:, 0] if t == 1 else g.sum(dim=1)  # (B, p)
         norm2 += _sq_norms(gb)
 
-        def bias_fn(c: torch.Tensor) -> torch.Tensor:
-            return c @ gb
-
-    def finish(c: torch.Tensor) -> dict[str, torch.Tensor]:
+    def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
         c = c.to(g.dtype)
-        out: dict[str, torch.Tensor] = {}
         if weight_fn is not None:
-            out["weight"] = weight_fn(c).reshape(weight_shape)
-        if bias_fn is not None:
-            out["bias"] = bias_fn(c)
-        return out
+            dest = dests["weight"]
+            weight_fn(c, dest.view(dest.shape[0], -1))
+        if gb is not None:
+            _mm_into(c[None], gb, dests["bias"].view(1, -1))
 
     return norm2, finish
 
@@ -696,7 +753,7 @@ def _linear_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.T
     has_w, has_b = "weight" in layer.params, "bias" in layer.params
     g = _cat1([_grad(c).reshape(batch, -1, p) for c in calls], dim=1)
     a = _cat1([c.inputs[0].reshape(batch, -1, d) for c in calls], dim=1) if has_w else None
-    return _matmul_rule(a, g, has_w, has_b, (p, d))
+    return _matmul_rule(a, g, has_w, has_b)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int, int, int] | tuple[int, int]:
@@ -742,14 +799,14 @@ def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.T
         for call in calls:
             x, pad = _padded(m, call.inputs[0])
             gc = _grad(call) * c.to(x.dtype)[:, None, None, None]
-            w = conv2d_weight(
+            w = conv2d_weight(  # type: ignore[no-untyped-call]
                 x, weight_shape, gc, stride=m.stride, padding=pad, dilation=m.dilation
             )
             total = w if total is None else total + w
         assert total is not None
         return total
 
-    return _matmul_rule(a, g, has_w, has_b, weight_shape, ghost_weight_sum)
+    return _matmul_rule(a, g, has_w, has_b, ghost_weight_sum)
 
 
 def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
@@ -770,10 +827,14 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
         )
         flat_idx = idx.reshape(-1)
 
-        def finish(c: torch.Tensor) -> dict[str, torch.Tensor]:
+        def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
             rows = (g * c.to(g.dtype)[:, None, None]).reshape(-1, dim)
-            out = torch.zeros(vocab, dim, dtype=g.dtype, device=g.device)
-            return {"weight": out.index_add_(0, flat_idx, rows)}
+            dest = dests["weight"]
+            if dest.dtype == rows.dtype:
+                dest.zero_().index_add_(0, flat_idx, rows)
+            else:
+                out = torch.zeros(vocab, dim, dtype=g.dtype, device=g.device)
+                dest.copy_(out.index_add_(0, flat_idx, rows))
 
         return norm2, finish
     per_sample = torch.zeros(batch, vocab, dim, dtype=g.dtype, device=g.device)
@@ -789,8 +850,9 @@ def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _S
         norm2 = n2 if norm2 is None else norm2 + n2
     assert norm2 is not None
 
-    def finish(c: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: torch.tensordot(c.to(v.dtype), v, dims=1) for n, v in per_sample.items()}
+    def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
+        for n, v in per_sample.items():
+            _mm_into(c.to(v.dtype)[None], v.reshape(v.shape[0], -1), dests[n].view(1, -1))
 
     return norm2, finish
 
