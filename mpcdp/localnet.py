@@ -52,7 +52,9 @@ class LocalFederation:
         """Start a stopped party again on the same port, with the same ledger."""
         if self.processes[party].poll() is None:
             raise MpcdpError(f"party {party!r} is still running")
-        self.processes[party] = _spawn(self.workdir / party, self.party_configs[party])
+        self.processes[party] = _spawn(
+            self.workdir / party, self.party_configs[party], _threads(len(self.party_configs))
+        )
         _wait_port(self.workdir / party, self.processes[party], timeout_s)
 
     def stop(self) -> None:
@@ -89,11 +91,14 @@ def _party_toml(party: str, peers: Sequence[str], coordinator: str, datasets_tom
     )
 
 
-def _spawn(folder: Path, config: Path) -> subprocess.Popen[bytes]:
+def _spawn(folder: Path, config: Path, threads: int) -> subprocess.Popen[bytes]:
     port_file = folder / "port"
     port_file.unlink(missing_ok=True)
     log = (folder / "node.log").open("ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # all parties share this machine's cores: without a cap, each one's torch/BLAS pool would
+    # take every core and the pools would thrash (4x slower training steps on 2 cores)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     cmd = [
         sys.executable,
         "-m",
@@ -109,6 +114,10 @@ def _spawn(folder: Path, config: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
     finally:
         log.close()
+
+
+def _threads(n_parties: int) -> int:
+    return max(1, (os.cpu_count() or 1) // n_parties)
 
 
 def _wait_port(folder: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> int:
@@ -152,7 +161,7 @@ def launch(
             peers = [q for q in parties if q != p]
             cfg.write_text(_party_toml(p, peers, coordinator, datasets_toml[p]))
             fed.party_configs[p] = cfg
-            fed.processes[p] = _spawn(folder, cfg)
+            fed.processes[p] = _spawn(folder, cfg, _threads(len(parties)))
         for p in parties:
             fed.ports[p] = _wait_port(workdir / p, fed.processes[p], startup_timeout_s)
             # pin the port so a restart binds the same one
