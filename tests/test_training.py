@@ -254,7 +254,7 @@ def test_plan_meets_the_target_epsilon_and_matches_dp_accounting() -> None:
     )
     # At this scale Skellam(mu) is a Gaussian of std sqrt(mu) per Delta_2 = z. dp-accounting
     # knows the Gaussian: without subsampling the two accountants agree to 0.5%; with Poisson
-    # subsampling ours applies Zhu-Wang's bound for a general mechanism, so it may only be
+    # subsampling ours applies a bound for a general mechanism (mpcdp.dp.rdp), so it may only be
     # above dp-accounting's exact subsampled-Gaussian value (never below: that would be a bug).
     l2, _ = sensitivities(max_grad_norm=1.0, scale_bits=plan.scale_bits, num_params=9610)
     z = math.sqrt(plan.mu) / l2

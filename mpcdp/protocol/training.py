@@ -25,8 +25,8 @@ u; for any fixed u each coordinate of the difference is ``floor`` or ``ceil`` of
 (worst case over the dither, hence valid for the mixture; it plays the role of the
 Kairouz-Liu-Steinke 2021 inflated bound, with no failure probability). With the total noise
 Skellam(mu), one step is an RDP release with those sensitivities (Agarwal-Kairouz-Liu 2021,
-Cor. 3.6); Poisson subsampling amplifies it (Zhu-Wang 2019, Thm. 5), and steps compose. The
-site charges its ledger with :class:`~mpcdp.dp.events.Skellam` events of
+Cor. 3.6); Poisson subsampling amplifies it (mpcdp.dp.rdp.poisson_subsampled), and steps
+compose. The site charges its ledger with :class:`~mpcdp.dp.events.Skellam` events of
 ``steps_per_charge`` steps before the first step of each block leaves it (charge before
 release), under the query id ``run_id/session/block``: a resumed run in a new session pays
 again for the steps it redoes, because they are new releases.
