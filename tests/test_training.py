@@ -674,3 +674,15 @@ def test_public_warm_start_then_bias_only_dp_fine_tuning(grpc_sites: Net) -> Non
     assert warm.plan.num_params == 6 + 3  # biases of the two Linear layers
     assert warm.public_accuracy is not None and warm.public_accuracy > 0.6
     assert warm.final_accuracy is not None and warm.final_accuracy > 0.6
+
+
+def test_bad_public_mixing_is_refused_before_any_site_is_asked(grpc_sites: Net) -> None:
+    with Federation.from_config(grpc_sites.federation) as fed:
+        with pytest.raises(ParameterError, match="public_mixing"):
+            fed.train(
+                dataset="ex", model=MODEL, target_epsilon=4.0, target_delta=1e-5, epochs=1,
+                batch_size=30, public_data=example_data(9, n=30), public_epochs=1,
+                public_mixing=float("nan"),
+            )  # fmt: skip
+    for node in grpc_sites.nodes.values():
+        assert node.ledger.charges("ex") == []

@@ -45,6 +45,9 @@ def train(
         None, "--public", help="Public .npz (x, y) for a non-private warm start."
     ),
     public_epochs: int = typer.Option(30, "--public-epochs", help="Warm-start epochs."),
+    public_mixing: float = typer.Option(
+        1.0, "--public-mixing", help="Weight of a public batch's gradient in every DP step."
+    ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Saved every epoch; an existing one is resumed."
     ),
@@ -98,6 +101,7 @@ def train(
                     eval_data=ev,
                     public_data=pub,
                     public_epochs=public_epochs if pub is not None else 0,
+                    public_mixing=public_mixing,
                     checkpoint=checkpoint,
                     seed=seed,
                     on_step=on_step,

@@ -381,6 +381,8 @@ def train(
     public_data: Arrays | None = None,
     public_epochs: int = 0,
     public_learning_rate: float = 0.05,
+    public_mixing: float = 1.0,
+    public_batch_size: int = 64,
     checkpoint: Path | None = None,
     run_id: str | None = None,
     seed: int | None = None,
@@ -395,6 +397,11 @@ def train(
     ``checkpoint``, the run saves after every epoch and, when the file exists, resumes from
     it (same plan required). ``stop_after`` stops after that many steps in this call (for
     interruption tests and demos); the checkpoint then holds the progress.
+
+    With ``public_data``: a non-private warm start of ``public_epochs`` on it, then every DP
+    step adds ``public_mixing`` times the gradient of a random public batch to the revealed
+    private gradient (AdaMix's second phase trains on public and private data jointly; the
+    public term is computed by the coordinator, on public data, at no privacy cost).
     """
     parties = tuple(examples)
     if set(parties) != {c.party_id for c in clients}:
@@ -457,6 +464,14 @@ def train(
         )
         if eval_data is not None:
             public_accuracy, _ = evaluate(net, eval_data)
+    if not public_mixing >= 0 or not math.isfinite(public_mixing):
+        raise ParameterError("public_mixing", public_mixing, "must be finite and >= 0")
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    if public_data is not None and public_mixing > 0:
+        mix = (
+            torch.as_tensor(np.asarray(public_data[0], dtype=np.float32)),
+            torch.as_tensor(np.asarray(public_data[1], dtype=np.int64)),
+        )
     end = plan.steps if stop_after is None else min(plan.steps, start + stop_after)
     t0 = time.perf_counter()
     if start < end:
@@ -478,6 +493,16 @@ def train(
                     n = p.numel()
                     p.grad = grad[offset : offset + n].view_as(p).to(p.dtype)
                     offset += n
+                if mix is not None:
+                    pick = torch.randint(
+                        0, len(mix[1]), (min(public_batch_size, len(mix[1])),), generator=gen
+                    )
+                    public_loss = F.cross_entropy(net(mix[0][pick]), mix[1][pick])
+                    for p, g in zip(
+                        trainable, torch.autograd.grad(public_loss, trainable), strict=True
+                    ):
+                        assert p.grad is not None
+                        p.grad.add_(g, alpha=public_mixing)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 done = step + 1
