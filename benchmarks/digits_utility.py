@@ -418,7 +418,7 @@ def main() -> None:
                 f"{f(n.get('mean_grad_noise_ratio_mpcdp_over_opacus'), 24)}"
             )
         print(
-            "Skellam z: mpcdp's accountant (subsampled Skellam, Zhu-Wang general bound) for the "
+            "Skellam z: mpcdp's accountant (subsampled Skellam, mpcdp.dp.rdp) for the "
             "2 honest sites' noise;\nquant: Delta_2 / (C 2^k), the rounding's sensitivity "
             "overhead; Gauss z: mpcdp's subsampled-Gaussian RDP\naccountant at the same sample "
             "rate and steps; Opacus RDP / PRV z: Opacus' accountants at the same rate and steps;"

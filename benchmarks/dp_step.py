@@ -12,6 +12,9 @@ same initial weights (one copy of the model per variant), in the same run:
   by book-keeping, C = 1: one forward, one backward), plus Gaussian noise of std 1.0 * C on
   the sum, divided by the batch size, set as ``.grad``, ``optimizer.step()``. This is the
   local compute of a step; the secure aggregation of the sum across sites is not included;
+- mpcdp-client: what a federated site does on a step's critical path: the same clipped sum,
+  scaled by 2^16 and rounded with a dither, then the SGD update (a site's Skellam share and
+  masks are built in the background, protocol/training.py, so no noise is drawn here);
 - Opacus (if installed): ``PrivacyEngine.make_private`` on its own copy, noise multiplier
   1.0, C = 1, ``poisson_sampling=False`` (the same fixed batch): forward, backward,
   ``DPOptimizer.step()`` (clip, noise, step), ``zero_grad``. ``--opacus-modes``: ``hooks``
@@ -218,6 +221,34 @@ def mpcdp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
     return step
 
 
+def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """What a federated site does on a step's critical path: the clipped sum, scaled by 2^k
+    and rounded with a dither (its noise share and masks are built in the background), and
+    the update the coordinator sends back applied with SGD."""
+    clipper = PerSampleClipper(model, max_grad_norm=MAX_GRAD_NORM)
+    params = [p for _, p in clipper.named_parameters()]
+    opt = torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9)
+    batch = x.shape[0]
+    scale = 2.0**16
+
+    def step() -> None:
+        g = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_per_example_ce).grad_sum
+        scaled = g.mul_(scale)  # the site's exact float32 rounding (mpcdp/train/site.py)
+        low = torch.floor(scaled)
+        frac = scaled.sub_(low)
+        rounded = low.add_(torch.rand_like(frac).lt_(frac).to(low.dtype))
+        g = rounded.div_(scale * batch)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = g[offset : offset + n].view_as(p)
+            offset += n
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def opacus_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -337,7 +368,7 @@ def _reported(row: Row, device: torch.device) -> Iterator[None]:
             warnings.simplefilter("ignore")  # Opacus: secure_mode off, and the like
             yield
     except Exception as exc:
-        if row.variant in ("non-private", "mpcdp"):
+        if row.variant in ("non-private", "mpcdp", "mpcdp-client"):
             raise
         row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         row.step_s = row.peak_bytes = None
@@ -359,6 +390,7 @@ def bench_model(
     makers: dict[str, Callable[[nn.Module], Step]] = {
         "non-private": lambda m: nonprivate_step(m, x, y),
         "mpcdp": lambda m: mpcdp_step(m, x, y),
+        "mpcdp-client": lambda m: client_step(m, x, y),
     }
     for mode in opacus_modes:
         makers[f"opacus-{mode}"] = functools.partial(opacus_step, x=x, y=y, mode=mode)

@@ -86,3 +86,14 @@ def test_digits_utility_quick(tmp_path: Path) -> None:
         assert "eps=3" in data["summary"]["gaps_pp"]
     else:
         assert "Opacus rows are skipped" in stdout
+
+
+def test_federation_overhead_tiny(tmp_path: Path) -> None:
+    report = tmp_path / "overhead.json"
+    stdout = _run(
+        "federation_overhead",
+        *("--model", "mlp:8,6,3", "--examples", "40", "--batch-size", "12"),
+        *("--steps", "2", "--warmup", "1", "--repeat", "1", "--json", str(report)),
+    )
+    assert "ratio federated/local" in stdout
+    assert json.loads(report.read_text())["num_params"] == 8 * 6 + 6 + 6 * 3 + 3

@@ -3,9 +3,10 @@
 Per step: Poisson-sample the site's examples with rate q from the engine's CSPRNG (the batch
 must stay secret for subsampling to amplify privacy), compute the sum of per-example clipped
 gradients by book-keeping (mpcdp.train.clipping, one forward and one backward, physical
-micro-batches of at most ``max_physical_batch``), scale by 2^scale_bits in float64 and round
-with an unbiased dither (``floor(x + u)``) on the model's device. The dither may come from
-torch's generator: the site's privacy bound holds for every dither (protocol.training).
+micro-batches of at most ``max_physical_batch``), scale by 2^scale_bits and round to
+floor(x) + [u < frac(x)] (unbiased; every step exact in float32) on the model's device. The
+dither u may come from torch's generator: the site's privacy bound holds for every dither
+(protocol.training).
 
 A draw larger than ``max_batch_size`` (probability < 1e-15) is cut to a uniformly random
 subset of that size, so the ring's headroom check holds for every step.
@@ -112,10 +113,13 @@ class TorchGradientSource:
             )
             total += batch.grad_sum
         self.last_batch_size = int(idx.size)
-        scaled = total.to(torch.float64) * self._scale
-        dither = torch.rand(
-            scaled.shape, dtype=torch.float64, device=self._device, generator=self._gen
-        )
-        rounded = torch.floor(scaled + dither).to(torch.int64)
+        # randomized rounding in float32, exactly: scaling by a power of two, floor and
+        # x - floor(x) are exact, so the result is floor(x) or floor(x) + 1 with
+        # P(+1) = frac(x) (no float64 copy of a 10^7-vector on the critical path)
+        scaled = total.mul_(self._scale)
+        low = torch.floor(scaled)
+        frac = scaled.sub_(low)
+        up = torch.rand(frac.shape, dtype=frac.dtype, device=self._device, generator=self._gen)
+        rounded = low.to(torch.int64).add_(up.lt_(frac).to(torch.int64))
         out: NDArray[np.int64] = rounded.cpu().numpy()
         return out
