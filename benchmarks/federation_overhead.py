@@ -68,8 +68,10 @@ def local_step_time(model: str, batch: int, repeat: int) -> tuple[float, int]:
         out = clipper.clipped_grad_sum(
             inputs=xt, targets=yt, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none")
         )
-        g = torch.floor(out.grad_sum.double() * 2.0**10 + torch.rand(out.grad_sum.shape))
-        g = (g / 2.0**10 / batch).float()
+        scaled = out.grad_sum.mul_(2.0**16)  # the site's exact float32 rounding
+        low = torch.floor(scaled)
+        frac = scaled.sub_(low)
+        g = low.add_(torch.rand_like(frac).lt_(frac).to(low.dtype)).div_(2.0**16 * batch)
         offset = 0
         for p in params:
             p.grad = g[offset : offset + p.numel()].view_as(p)
