@@ -59,6 +59,8 @@ __all__ = [
     "DatasetView",
     "PartyEngine",
     "Proposal",
+    "check_parties",
+    "new_signed_key",
     "session_pair_keys",
 ]
 
@@ -156,6 +158,49 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Callable[[np.random.
         return noisy
 
     return build
+
+
+def check_parties(
+    *,
+    party_id: str,
+    parties: Sequence[str],
+    peers: frozenset[str],
+    colluders: int,
+    min_colluders: int,
+) -> None:
+    """A party's policy on who takes part: it is one of them, every other one is a configured
+    peer, and noise shares are sized for at least its own min_colluders."""
+    if party_id not in parties:
+        raise PolicyError(f"the parties {list(parties)} do not include {party_id!r}")
+    unknown = [p for p in parties if p not in peers]
+    if unknown:
+        raise PolicyError(f"unknown party {unknown[0]!r}: not a configured peer of {party_id!r}")
+    if colluders < min_colluders:
+        raise PolicyError(
+            f"colluders={colluders} is below this party's min_colluders={min_colluders}: "
+            "its noise share would be too small"
+        )
+
+
+def new_signed_key(
+    *,
+    signing_key: ec.EllipticCurvePrivateKey,
+    certificate: x509.Certificate,
+    session_id: bytes,
+    spec_digest: bytes,
+    party_id: str,
+) -> tuple[X25519PrivateKey, identity.SignedKey]:
+    """A fresh ephemeral X25519 key for a session and its signature over the spec digest."""
+    private_key = prg.generate_keypair()
+    signed = identity.sign_key(
+        signing_key=signing_key,
+        certificate=certificate,
+        session_id=session_id,
+        spec_digest=spec_digest,
+        party_id=party_id,
+        public_key=prg.public_bytes(private_key),
+    )
+    return private_key, signed
 
 
 def session_pair_keys(
@@ -267,20 +312,13 @@ class PartyEngine:
     # -- propose -------------------------------------------------------------------------
 
     def _check_spec(self, spec: QuerySpec) -> tuple[DatasetView, ReleasePlan]:
-        if self.party_id not in spec.parties:
-            raise PolicyError(
-                f"the query's parties {list(spec.parties)} do not include {self.party_id!r}"
-            )
-        unknown = [p for p in spec.parties if p not in self._peers]
-        if unknown:
-            raise PolicyError(
-                f"unknown party {unknown[0]!r}: not a configured peer of {self.party_id!r}"
-            )
-        if spec.colluders < self._min_colluders:
-            raise PolicyError(
-                f"colluders={spec.colluders} is below this party's min_colluders="
-                f"{self._min_colluders}: its noise share would be too small"
-            )
+        check_parties(
+            party_id=self.party_id,
+            parties=spec.parties,
+            peers=self._peers,
+            colluders=spec.colluders,
+            min_colluders=self._min_colluders,
+        )
         view = self.datasets.get(spec.dataset)
         if view is None:
             raise PolicyError(
@@ -369,14 +407,12 @@ class PartyEngine:
             )
         assert view.data is not None  # checked in _check_spec
         noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
-        private_key = prg.generate_keypair()
-        signed = identity.sign_key(
+        private_key, signed = new_signed_key(
             signing_key=self._signing_key,
             certificate=self._cert,
             session_id=session_id,
             spec_digest=digest(spec),
             party_id=self.party_id,
-            public_key=prg.public_bytes(private_key),
         )
         session = _Session(
             coordinator=coordinator,

@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
-from mpcdp import encoding, prg, ring, sharing
+from mpcdp import encoding, ring, sharing
 from mpcdp.certs import check_identity
 from mpcdp.config import DatasetConfig
 from mpcdp.dp import accountant
@@ -82,7 +82,14 @@ from mpcdp.errors import (
 from mpcdp.protocol import identity
 from mpcdp.protocol.coordinator import ContributionStream, accumulate
 from mpcdp.protocol.noise_pool import NoisePool
-from mpcdp.protocol.party import SESSION_ID_BYTES, Contribution, Proposal, session_pair_keys
+from mpcdp.protocol.party import (
+    SESSION_ID_BYTES,
+    Contribution,
+    Proposal,
+    check_parties,
+    new_signed_key,
+    session_pair_keys,
+)
 from mpcdp.rng import csprng
 
 __all__ = [
@@ -409,18 +416,13 @@ class TrainingEngine:
                     f"{len(self._sessions)} training sessions are open at {self.party_id!r} "
                     f"(max {self._max_sessions}); retry later"
                 )
-        if self.party_id not in spec.parties:
-            raise PolicyError(f"the run's parties {list(spec.parties)} omit {self.party_id!r}")
-        unknown = [p for p in spec.parties if p not in self._peers]
-        if unknown:
-            raise PolicyError(
-                f"unknown party {unknown[0]!r}: not a configured peer of {self.party_id!r}"
-            )
-        if spec.colluders < self._min_colluders:
-            raise PolicyError(
-                f"colluders={spec.colluders} is below this party's min_colluders="
-                f"{self._min_colluders}: its noise share would be too small"
-            )
+        check_parties(
+            party_id=self.party_id,
+            parties=spec.parties,
+            peers=self._peers,
+            colluders=spec.colluders,
+            min_colluders=self._min_colluders,
+        )
         task = self.tasks.get(spec.dataset)
         if task is None:
             raise PolicyError(
@@ -449,14 +451,12 @@ class TrainingEngine:
             self.ledger.check(
                 dataset=cfg.name, query_id=_charge_id(spec, session_id, 0), event=event
             )
-        private_key = prg.generate_keypair()
-        signed = identity.sign_key(
+        private_key, signed = new_signed_key(
             signing_key=self._signing_key,
             certificate=self._cert,
             session_id=session_id,
             spec_digest=digest(spec),
             party_id=self.party_id,
-            public_key=prg.public_bytes(private_key),
         )
         session = _SiteSession(
             coordinator=coordinator,
