@@ -13,8 +13,10 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 
@@ -47,7 +49,14 @@ def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
     return views
 
 
-def _tasks(cfg: PartyConfig, device: str) -> dict[str, TrainingTask]:
+#: Builds a site's torch module from the architecture name a training run names (``Any``:
+#: torch is an optional dependency, imported only when a site trains).
+ModelFactory = Callable[[str], Any]
+
+
+def _tasks(
+    cfg: PartyConfig, device: str, model_factory: ModelFactory | None
+) -> dict[str, TrainingTask]:
     tasks = {}
     for name, ds in cfg.datasets.items():
         if ds.kind != "examples":
@@ -63,12 +72,16 @@ def _tasks(cfg: PartyConfig, device: str) -> dict[str, TrainingTask]:
             examples=examples.count,
             feature_shape=examples.feature_shape,
             num_classes=examples.num_classes,
-            make_source=functools.partial(_torch_source, examples=examples, device=device),
+            make_source=functools.partial(
+                _torch_source, examples=examples, device=device, model_factory=model_factory
+            ),
         )
     return tasks
 
 
-def _torch_source(spec: TrainSpec, *, examples: Examples, device: str) -> GradientSource:
+def _torch_source(
+    spec: TrainSpec, *, examples: Examples, device: str, model_factory: ModelFactory | None
+) -> GradientSource:
     try:  # torch is the `train` extra: imported only when a site trains
         from mpcdp.train.models import build_model
         from mpcdp.train.site import TorchGradientSource
@@ -77,14 +90,26 @@ def _torch_source(spec: TrainSpec, *, examples: Examples, device: str) -> Gradie
             f"this party cannot train: {exc} (install mpcdp[train] on the party)"
         ) from None
     return TorchGradientSource(
-        model=build_model(spec.model), examples=examples, spec=spec, device=device
+        model=(model_factory or build_model)(spec.model),
+        examples=examples,
+        spec=spec,
+        device=device,
     )
 
 
 class PartyNode:
     """One running party. Use :meth:`start` and :meth:`stop`, or :func:`serve`."""
 
-    def __init__(self, config: PartyConfig, *, device: str = "auto") -> None:
+    def __init__(
+        self,
+        config: PartyConfig,
+        *,
+        device: str = "auto",
+        model_factory: ModelFactory | None = None,
+    ) -> None:
+        """``device``: where a site trains ("auto": its first GPU, else the CPU).
+        ``model_factory``: the site's own modules by architecture name (default:
+        mpcdp.train.models.build_model); it must build what the coordinator builds."""
         self.config = config
         self.creds = tls.load_credentials(config.tls)
         name = self.creds.cert.subject.rfc4514_string()
@@ -96,7 +121,7 @@ class PartyNode:
         for ds in config.datasets.values():
             self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
         self.views = _load(config)
-        self.tasks = _tasks(config, device)
+        self.tasks = _tasks(config, device, model_factory)
         ledger_lock = threading.Lock()
         self.engine = PartyEngine(
             ledger_lock=ledger_lock,

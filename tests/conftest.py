@@ -7,6 +7,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,6 +108,7 @@ def build_net(
     allow_exact: dict[str, bool] | None = None,
     cap: dict[str, float] | None = None,
     start: bool = True,
+    model_factory: Any = None,
 ) -> Net:
     init_federation(out=root / "certs", parties=list(PARTIES), coordinators=["analyst", "other"])
     nodes = {}
@@ -126,7 +128,7 @@ def build_net(
                 cap=(cap or {}).get(p),
             )
         )
-        node = PartyNode(load_party_config(cfg))
+        node = PartyNode(load_party_config(cfg), model_factory=model_factory)
         if start:
             node.start()
         nodes[p] = node

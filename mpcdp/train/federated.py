@@ -48,7 +48,7 @@ from mpcdp.protocol.training import (
     step_event,
 )
 from mpcdp.train.clipping import PerSampleClipper
-from mpcdp.train.models import build_model, check_model_spec
+from mpcdp.train.models import build_model
 
 __all__ = [
     "EpochRecord",
@@ -158,7 +158,6 @@ def plan_training(
     z is the smallest with eps(Skellam((z Delta_2)^2), q, T) <= target; Delta_2 depends on
     the scale 2^k, which the ring's headroom bounds given z, so the two are solved together.
     """
-    check_model_spec(model)
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ParameterError("target_epsilon", target_epsilon, "must be finite and > 0")
     if not 0 < target_delta < 1:
@@ -389,6 +388,7 @@ def train(
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     stop_after: int | None = None,
+    model_factory: Callable[[str], torch.nn.Module] = build_model,
 ) -> TrainingResult:
     """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
 
@@ -397,6 +397,8 @@ def train(
     ``checkpoint``, the run saves after every epoch and, when the file exists, resumes from
     it (same plan required). ``stop_after`` stops after that many steps in this call (for
     interruption tests and demos); the checkpoint then holds the progress.
+    ``model_factory`` builds the module from ``model`` (default: the registry of
+    mpcdp.train.models); the sites must build the same (PartyNode's ``model_factory``).
 
     With ``public_data``: a non-private warm start of ``public_epochs`` on it, then every DP
     step adds ``public_mixing`` times the gradient of a random public batch to the revealed
@@ -411,7 +413,7 @@ def train(
     gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        net = build_model(model)
+        net = model_factory(model)
     clipper = PerSampleClipper(
         net, max_grad_norm=max_grad_norm, clipping=clipping, bias_only=bias_only
     )
