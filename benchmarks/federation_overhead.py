@@ -129,7 +129,7 @@ def federated_step_time(
                 )  # fmt: skip
                 session = TrainingSession(
                     spec=plan.spec(run_id="bench", start_step=0, steps=plan.steps),
-                    clients=fed._clients,
+                    clients=fed.clients,
                 )
                 session.open()
                 params = [p for _, p in clipper.named_parameters()]

@@ -147,6 +147,12 @@ class Federation:
     def parties(self) -> tuple[str, ...]:
         return tuple(c.party_id for c in self._clients)
 
+    @property
+    def clients(self) -> tuple[GrpcPartyClient, ...]:
+        """One mTLS gRPC client per party, in federation order (for the protocol-level APIs:
+        protocol.coordinator.run_round, protocol.training.TrainingSession, train.train)."""
+        return tuple(self._clients)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         for c in self._clients:

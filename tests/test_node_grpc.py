@@ -114,7 +114,7 @@ def test_unknown_party_in_query_is_refused(tmp_path: Path) -> None:
                 upper=5000,
             )
             with pytest.raises(PartyError, match="unknown party 'mallory'"):
-                fed._clients[0].propose(session_id=b"s" * 16, spec=spec)
+                fed.clients[0].propose(session_id=b"s" * 16, spec=spec)
     finally:
         n.stop()
 

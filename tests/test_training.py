@@ -629,7 +629,7 @@ def test_a_killed_site_aborts_the_run_and_the_checkpoint_survives(
     with Federation.from_config(grpc_sites.federation) as fed:
         with pytest.raises(RoundAborted, match="step 12"):
             train(
-                clients=fed._clients,
+                clients=fed.clients,
                 dataset="ex",
                 model=MODEL,
                 examples=dict.fromkeys(PARTIES, 40),
