@@ -10,7 +10,8 @@
 #   2. builds the base image mpcdp-base:bookworm (docker/build-base.sh, debootstrap), unless
 #      BASE_IMAGE names another one (e.g. BASE_IMAGE=python:3.11-slim with a registry);
 #   3. builds the wheels and the images mpcdp:latest and mpcdp-train:latest
-#      (docker/build-images.sh; --no-train skips the torch image);
+#      (docker/build-images.sh; --no-train skips the torch image) and trains one epoch of
+#      the federated digits demo (three site processes) inside the training image;
 #   4. makes the certificates (the compose `certs` job), starts alice, bob and carlos and
 #      waits until each reports SERVING over mTLS;
 #   5. runs an exact query (--mechanism none) and a DP query (epsilon 1) from the analyst
@@ -102,6 +103,15 @@ else
     "$HERE/build-images.sh" --no-party --train --base "$BASE_IMAGE"
     docker run --rm --entrypoint python "$MPCDP_TRAIN_IMAGE" -c \
       'import torch, mpcdp; x = torch.ones(3); print("[smoke] train image: torch", torch.__version__, "mpcdp", mpcdp.__version__, "sum", float(x.sum()))' >&2
+    # one epoch of federated DP-SGD: three site processes inside the training image
+    digits="$(docker run --rm --entrypoint mpcdp "$MPCDP_TRAIN_IMAGE" \
+      demo digits --epochs 1 --out /tmp/digits --json 2>/dev/null | tail -n 1)"
+    python3 - "$digits" <<'PY' || die "federated digits run in $MPCDP_TRAIN_IMAGE failed"
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["epsilon"] <= 3.0 and r["final_accuracy"] > 0.2, r
+print(f"[smoke] train image: digits, 1 epoch, accuracy {r['final_accuracy']:.3f} at epsilon {r['epsilon']:.2f}", file=sys.stderr)
+PY
     done_step
   fi
 fi
