@@ -35,7 +35,7 @@ for arg in "$@"; do
   case "$arg" in
     --no-train) train=0 ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$HERE/smoke.sh"; exit 0 ;;
     *) echo "smoke: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
