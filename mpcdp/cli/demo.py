@@ -90,10 +90,12 @@ def digits_cmd(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
 ) -> None:
-    """Three sites (party-node processes with their own slice of scikit-learn's digits)
-    train an MLP 64-128-10 with federated DP-SGD; the coordinator reports test accuracy per
-    epoch, checkpoints every epoch (an existing OUT/checkpoint.pt is resumed), writes
-    metrics.json and metrics.png, and audits the model by membership inference."""
+    """Three sites train an MLP on scikit-learn's digits with federated DP-SGD.
+
+    Each site is a party-node process with its own slice of the data. The coordinator
+    reports test accuracy per epoch, checkpoints every epoch (an existing OUT/checkpoint.pt
+    is resumed), writes metrics.json and metrics.png, and audits the model by membership
+    inference."""
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise typer.BadParameter(f"{target_epsilon!r} must be > 0", param_hint="--target-epsilon")
     if not 0 <= public_fraction < 1:

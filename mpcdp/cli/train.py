@@ -56,8 +56,10 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    """Train a model on every site's examples with federated DP-SGD (secure aggregation of
-    clipped, quantized, Skellam-noised gradient sums every step)."""
+    """Train a model on every site's examples with federated DP-SGD.
+
+    Every step is a secure aggregation of the sites' clipped, quantized, Skellam-noised
+    gradient sums; the noise is calibrated for the target epsilon by the accountant."""
     for name, value in (("--target-epsilon", target_epsilon), ("--epochs", epochs)):
         if not value > 0 or not math.isfinite(value):
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
@@ -132,8 +134,9 @@ def audit(
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the bound."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Membership-inference audit: an empirical lower bound on epsilon next to the
-    accountant's epsilon (a bound above the accountant's would mean a bug)."""
+    """Membership-inference audit: an empirical lower bound on epsilon.
+
+    Printed next to the accountant's epsilon; a bound above it would mean a bug."""
     try:
         import torch
 
