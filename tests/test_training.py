@@ -724,3 +724,22 @@ def test_sites_and_coordinator_train_their_own_module(tmp_path: Path) -> None:
                 )  # fmt: skip
     finally:
         n.stop()
+
+
+def test_checkpoints_are_loaded_without_unpickling_code(tmp_path: Path) -> None:
+    import pickle
+
+    from mpcdp.train.federated import load_checkpoint
+
+    class Boom:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": 1, "x": Boom()}, protocol=2))
+    with pytest.raises(ParameterError, match="nothing else is unpickled"):
+        load_checkpoint(evil)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ParameterError, match="checkpoint"):
+        load_checkpoint(text)

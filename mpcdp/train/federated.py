@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -440,9 +441,7 @@ def train(
     public_accuracy: float | None = None
     run = run_id or f"train-{secrets.token_hex(6)}"
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ParameterError("checkpoint", str(checkpoint), "is not an mpcdp checkpoint")
+        state = _read_checkpoint(checkpoint)
         saved = _plan_from(state["plan"])
         if saved != plan:
             diff = [k for k in asdict(plan) if asdict(plan)[k] != asdict(saved)[k]]
@@ -567,16 +566,30 @@ def train(
 
 def load_checkpoint(path: Path) -> tuple[torch.nn.Module, TrainingPlan, int]:
     """(model with the checkpoint's parameters, its plan, steps done)."""
-    try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ParameterError("checkpoint", str(path), f"cannot be read: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ParameterError("checkpoint", str(path), "is not an mpcdp checkpoint")
+    state = _read_checkpoint(path)
     plan = _plan_from(state["plan"])
     net = build_model(plan.model)
     net.load_state_dict(state["model"])
     return net, plan, int(state["step"])
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, unpickled with torch's weights-only loader (tensors, numbers,
+    strings and containers only: a file from elsewhere cannot run code)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ParameterError(
+            "checkpoint",
+            str(path),
+            "is not a file of tensors and plain values (nothing else is unpickled)",
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ParameterError("checkpoint", str(path), f"cannot be read: {first}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ParameterError("checkpoint", str(path), "is not an mpcdp checkpoint")
+    return state
 
 
 def _plan_from(obj: dict[str, Any]) -> TrainingPlan:
