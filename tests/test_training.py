@@ -205,16 +205,14 @@ def test_sensitivities_include_the_rounding() -> None:
     assert l1 == pytest.approx(10 * 0.5 * 1024 + 100)
 
 
-def test_scale_is_the_largest_that_fits_the_ring() -> None:
-    k = choose_scale_bits(
-        max_grad_norm=1.0,
-        num_params=10_000,
-        max_total_batch=2000,
-        n_parties=3,
-        honest=2,
-        noise_multiplier=1.0,
-    )
-    assert 2000 * 2.0**k < 2**31 <= 2000 * 2.0 ** (k + 2)
+def test_scale_is_the_smallest_with_1_percent_rounding_that_fits_the_ring() -> None:
+    kw = dict(num_params=10_000, n_parties=3, honest=2, noise_multiplier=1.0)
+    # enough headroom: the smallest k with sqrt(d) / (C 2^k) <= 1%
+    k = choose_scale_bits(max_grad_norm=0.5, max_total_batch=2000, **kw)  # type: ignore[arg-type]
+    assert 100 / (0.5 * 2**k) <= 0.01 < 100 / (0.5 * 2 ** (k - 1))
+    # a huge batch: the largest k that cannot wrap Z_2^32
+    k = choose_scale_bits(max_grad_norm=1.0, max_total_batch=2**20, **kw)  # type: ignore[arg-type]
+    assert 2**20 * 2.0**k < 2**31 <= 2**20 * 2.0 ** (k + 2)
     with pytest.raises(HeadroomError, match="max_total_batch"):
         choose_scale_bits(
             max_grad_norm=1.0,

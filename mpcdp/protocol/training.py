@@ -115,8 +115,10 @@ CLIPPING_MODES = ("flat", "automatic")
 _SPEC_LABEL = b"mpcdp train spec v1\n"
 #: noise is drawn in slices of this many coordinates, in parallel
 _NOISE_SLICE = 1 << 20
-#: rounding inflation is negligible once C * 2^k is this large (sqrt(d)/(C 2^k) tiny)
+#: the largest scale C * 2^k ever used
 _MAX_SCALE = float(1 << 24)
+#: the scale is chosen so that rounding adds at most this to Delta_2: sqrt(d) / (C 2^k)
+_MAX_INFLATION = 0.01
 
 
 @dataclass(frozen=True)
@@ -265,11 +267,19 @@ def choose_scale_bits(
     noise_multiplier: float,
     ring_bits: int = 32,
 ) -> int:
-    """The largest k with ``C 2^k <= 2^24`` whose round cannot wrap the ring:
-    ``max_total_batch * C 2^k + n + tail(Skellam(mu(k))) < 2^(ring_bits - 1)``, where
+    """The gradient scale 2^k: the smallest k with ``sqrt(d) / (C 2^k) <= 1%`` (rounding
+    adds at most 1% to Delta_2), or, when the ring's headroom does not allow that, the largest
+    k whose round cannot wrap it:
+    ``max_total_batch * C 2^k + n + tail(Skellam(mu(k))) < 2^(ring_bits - 1)`` with
     mu(k) = (noise_multiplier * Delta_2(k))^2. Raises HeadroomError when even k = 0 overflows.
+
+    Not larger than needed: mu grows as 4^k, and the samplers evaluate Poisson
+    log-probabilities in float64, whose absolute error grows with the Poisson parameter
+    (about 1e-16 * lambda log lambda); a small scale keeps that error negligible (the
+    floating-point concern of Mironov 2012).
     """
-    for k in range(40, -1, -1):
+    target = max(0, math.ceil(math.log2(math.sqrt(num_params) / (_MAX_INFLATION * max_grad_norm))))
+    for k in range(min(40, target), -1, -1):
         if max_grad_norm * 2.0**k > _MAX_SCALE:
             continue
         l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
