@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,8 +35,11 @@ __all__ = [
     "ContributionStream",
     "PartyClient",
     "RoundOutcome",
+    "abort_all",
     "accumulate",
+    "order_clients",
     "run_round",
+    "signed_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,44 @@ class PartyClient(Protocol):
     ) -> ContributionStream: ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
+
+
+class _HasPartyId(Protocol):
+    @property
+    def party_id(self) -> str: ...
+
+
+class _Abortable(_HasPartyId, Protocol):
+    def abort(self, *, session_id: bytes, reason: str) -> None: ...
+
+
+_C = TypeVar("_C", bound=_HasPartyId)
+
+
+def order_clients(clients: Sequence[_C], parties: Sequence[str]) -> list[_C]:
+    """``clients`` in the order of ``parties`` (index = position); exactly one each."""
+    by_id = {c.party_id: c for c in clients}
+    if set(by_id) != set(parties) or len(by_id) != len(clients):
+        raise ProtocolError(f"clients {sorted(by_id)} do not match the parties {list(parties)}")
+    return [by_id[p] for p in parties]
+
+
+def signed_keys(proposals: Sequence[Proposal], parties: Sequence[str]) -> list[SignedKey]:
+    """The keys of the parties' answers, each checked to be for the party that sent it."""
+    for p, pid in zip(proposals, parties, strict=True):
+        if p.key.party_id != pid:
+            raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
+    return [p.key for p in proposals]
+
+
+def abort_all(clients: Sequence[_Abortable], *, session_id: bytes, reason: str) -> None:
+    """Tell every party to forget the session; a party that cannot be reached is skipped
+    (a dead party has nothing to undo)."""
+    for c in clients:
+        try:
+            c.abort(session_id=session_id, reason=reason[:500])
+        except Exception:
+            log.debug("abort of session %s at %s failed", session_id.hex(), c.party_id)
 
 
 @dataclass(frozen=True)
@@ -124,12 +165,7 @@ def run_round(
     observe: Observer | None = None,
 ) -> RoundOutcome:
     """Run one round of ``spec`` over ``clients`` (one per spec party, any order)."""
-    by_id = {c.party_id: c for c in clients}
-    if set(by_id) != set(spec.parties) or len(by_id) != len(clients):
-        raise ProtocolError(
-            f"clients {sorted(by_id)} do not match the query's parties {list(spec.parties)}"
-        )
-    ordered = [by_id[p] for p in spec.parties]
+    ordered = order_clients(clients, spec.parties)
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
     # one thread per party; a caller running many rounds passes its own pool (no start-up)
     pool = executor or ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="round")
@@ -147,10 +183,7 @@ def run_round(
                 raise ProtocolError(
                     f"parties announced {length} words, the plan has {release.length}"
                 )
-            keys = [p.key for p in proposals]
-            for p, pid in zip(proposals, spec.parties, strict=True):
-                if p.key.party_id != pid:
-                    raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
+            keys = signed_keys(proposals, spec.parties)
             total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
             lock = threading.Lock()
 
@@ -162,12 +195,7 @@ def run_round(
 
             remaining = list(pool.map(contribute, ordered))
         except Exception as exc:
-            reason = str(exc)
-            for c in ordered:
-                try:
-                    c.abort(session_id=session_id, reason=reason[:500])
-                except Exception:  # a dead party cannot be told; nothing to undo there
-                    log.debug("abort of session %s at %s failed", session_id.hex(), c.party_id)
+            abort_all(ordered, session_id=session_id, reason=str(exc))
             raise RoundAborted(spec.query_id, exc) from exc
     finally:
         if executor is None:

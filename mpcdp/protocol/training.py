@@ -80,7 +80,13 @@ from mpcdp.errors import (
     SessionError,
 )
 from mpcdp.protocol import identity
-from mpcdp.protocol.coordinator import ContributionStream, accumulate
+from mpcdp.protocol.coordinator import (
+    ContributionStream,
+    abort_all,
+    accumulate,
+    order_clients,
+    signed_keys,
+)
 from mpcdp.protocol.noise_pool import NoisePool
 from mpcdp.protocol.party import (
     SESSION_ID_BYTES,
@@ -740,12 +746,7 @@ class TrainingSession:
     budget_remaining: dict[str, float] = field(default_factory=dict)
 
     def open(self) -> None:
-        by_id = {c.party_id: c for c in self.clients}
-        if set(by_id) != set(self.spec.parties) or len(by_id) != len(self.clients):
-            raise ProtocolError(
-                f"clients {sorted(by_id)} do not match the run's parties {list(self.spec.parties)}"
-            )
-        self.clients = [by_id[p] for p in self.spec.parties]
+        self.clients = order_clients(self.clients, self.spec.parties)
         self._pool = ThreadPoolExecutor(
             max_workers=len(self.clients), thread_name_prefix="train-step"
         )
@@ -756,9 +757,8 @@ class TrainingSession:
                     self.clients,
                 )
             )
+            keys = signed_keys(proposals, self.spec.parties)
             for p, pid in zip(proposals, self.spec.parties, strict=True):
-                if p.key.party_id != pid:
-                    raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
                 if p.length != self.spec.num_params:
                     raise ProtocolError(
                         f"party {pid!r} announced {p.length} words, the run has "
@@ -767,7 +767,7 @@ class TrainingSession:
         except Exception as exc:
             self._abort(str(exc))
             raise RoundAborted(self.spec.run_id, exc) from exc
-        self._keys = [p.key for p in proposals]
+        self._keys = keys
         self._next = self.spec.start_step
 
     def step(self, *, parameters: NDArray[np.float32], full: bool) -> NDArray[np.int64]:
@@ -805,11 +805,7 @@ class TrainingSession:
         return encoding.decode_int(total)
 
     def _abort(self, reason: str) -> None:
-        for c in self.clients:
-            try:
-                c.abort(session_id=self.session_id, reason=reason[:500])
-            except Exception:  # a dead site cannot be told
-                log.debug("abort of session %s at %s failed", self.session_id.hex(), c.party_id)
+        abort_all(self.clients, session_id=self.session_id, reason=reason)
 
     def close(self) -> None:
         """End the session (tells sites to forget it when steps remain)."""
