@@ -7,7 +7,7 @@ analyst intact ("party 'bob' refused (RESOURCE_EXHAUSTED): privacy budget exceed
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -91,14 +91,7 @@ class GrpcPartyClient:
             chunk_bytes=self._chunk_bytes,
         )
         responses = self._stub.Contribute(req, timeout=self._deadline)
-
-        def guarded() -> Iterator[pb.ContributeChunk]:
-            try:
-                yield from responses
-            except grpc.RpcError as err:
-                raise self._error(err) from None
-
-        return codec.decode_chunks(guarded(), session_id=session_id, ring_bits=ring_bits)
+        return self._upload(responses, session_id=session_id, ring_bits=ring_bits)
 
     def train_open(self, *, session_id: bytes, spec: TrainSpec) -> Proposal:
         req = pb.TrainOpenRequest(
@@ -125,6 +118,12 @@ class GrpcPartyClient:
             chunk_bytes=self._chunk_bytes,
         )
         responses = self._stub.TrainStep(requests, timeout=self._deadline)
+        return self._upload(responses, session_id=session_id, ring_bits=ring_bits)
+
+    def _upload(
+        self, responses: Iterable[pb.ContributeChunk], *, session_id: bytes, ring_bits: int
+    ) -> ContributionStream:
+        """Decode a party's upload stream; gRPC failures while reading become PartyError."""
 
         def guarded() -> Iterator[pb.ContributeChunk]:
             try:
