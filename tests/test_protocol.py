@@ -269,6 +269,7 @@ def test_spec_validation_and_digest() -> None:
         (dict(parties=("alice",)), "parties"),
         (dict(parties=("alice", "alice")), "parties"),
         (dict(colluders=3), "colluders"),
+        (dict(colluders=True), "colluders"),
         (dict(mechanism="skellam"), "delta"),
         (dict(epsilon="-1"), "epsilon"),
         (dict(lower=10.0, upper=1.0), "lower"),

@@ -172,6 +172,7 @@ def initial(spec: TrainSpec) -> np.ndarray:
         ("clipping", "median"),
         ("ring_bits", 16),
         ("colluders", 3),
+        ("colluders", True),
         ("parties", ("alice",)),
         ("run_id", ""),
         ("scale_bits", 41),

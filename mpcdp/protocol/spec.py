@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -24,7 +25,14 @@ from mpcdp.dp.mechanisms import MECHANISMS
 from mpcdp.encoding import MAX_FRAC_BITS
 from mpcdp.errors import ParameterError
 
-__all__ = ["DEFAULT_FRAC_BITS", "DEFAULT_MAX_ROWS", "QuerySpec", "Statistic", "digest"]
+__all__ = [
+    "DEFAULT_FRAC_BITS",
+    "DEFAULT_MAX_ROWS",
+    "QuerySpec",
+    "Statistic",
+    "digest",
+    "validate_parties",
+]
 
 DEFAULT_FRAC_BITS = 16
 DEFAULT_MAX_ROWS = 10**9
@@ -85,14 +93,7 @@ class QuerySpec:
             raise ParameterError("delta", self.delta, f"must be in (0, 1) for {self.mechanism}")
         if not needs_delta and self.delta != 0:
             raise ParameterError("delta", self.delta, f"must be 0 for {self.mechanism}")
-        parties = tuple(self.parties)
-        object.__setattr__(self, "parties", parties)
-        for p in parties:
-            check_identity(p, what="parties")
-        if len(parties) < 2 or len(set(parties)) != len(parties):
-            raise ParameterError("parties", list(parties), "need >= 2 distinct parties")
-        if not isinstance(self.colluders, int) or not 0 <= self.colluders < len(parties):
-            raise ParameterError("colluders", self.colluders, f"must be in [0, {len(parties) - 1}]")
+        object.__setattr__(self, "parties", validate_parties(self.parties, self.colluders))
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= MAX_FRAC_BITS:
             raise ParameterError("frac_bits", self.frac_bits, f"must be in [0, {MAX_FRAC_BITS}]")
         for name in ("lower", "upper", "l2_bound"):
@@ -125,6 +126,21 @@ class QuerySpec:
             raise ParameterError(
                 "parties", list(self.parties), f"does not include {party!r}"
             ) from None
+
+
+def validate_parties(parties: Sequence[str], colluders: int) -> tuple[str, ...]:
+    """The parties of a round or a training session: >= 2 distinct valid identities, and
+    t = colluders in [0, n - 1]. Returns them as a tuple."""
+    out = tuple(parties)
+    for p in out:
+        check_identity(p, what="parties")
+    if len(out) < 2 or len(set(out)) != len(out):
+        raise ParameterError("parties", list(out), "need >= 2 distinct parties")
+    if isinstance(colluders, bool) or not isinstance(colluders, int):
+        raise ParameterError("colluders", colluders, "must be an int")
+    if not 0 <= colluders < len(out):
+        raise ParameterError("colluders", colluders, f"must be in [0, {len(out) - 1}]")
+    return out
 
 
 def canonical_json(spec: QuerySpec) -> bytes:

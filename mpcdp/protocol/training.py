@@ -63,7 +63,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from mpcdp import encoding, ring, sharing
-from mpcdp.certs import check_identity
 from mpcdp.config import DatasetConfig
 from mpcdp.dp import accountant
 from mpcdp.dp import events as ev
@@ -96,6 +95,7 @@ from mpcdp.protocol.party import (
     new_signed_key,
     session_pair_keys,
 )
+from mpcdp.protocol.spec import validate_parties
 from mpcdp.rng import csprng
 
 __all__ = [
@@ -153,13 +153,7 @@ class TrainSpec:
             v = getattr(self, name)
             if not isinstance(v, str) or not 1 <= len(v) <= 128 or not v.isprintable():
                 raise ParameterError(name, v, "must be 1..128 printable characters")
-        parties = tuple(self.parties)
-        object.__setattr__(self, "parties", parties)
-        for p in parties:
-            check_identity(p, what="parties")
-        if len(parties) < 2 or len(set(parties)) != len(parties):
-            raise ParameterError("parties", list(parties), "need >= 2 distinct parties")
-        _int(self.colluders, "colluders", 0, len(parties) - 1)
+        object.__setattr__(self, "parties", validate_parties(self.parties, self.colluders))
         if not isinstance(self.sample_rate, int | float) or not 0 < self.sample_rate <= 1:
             raise ParameterError("sample_rate", self.sample_rate, "must be in (0, 1]")
         _int(self.steps, "steps", 1, 2**40)
