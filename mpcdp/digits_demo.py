@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from mpcdp.localnet import launch
 
-__all__ = ["DigitsSplit", "load_digits_split", "run"]
+__all__ = ["DigitsSplit", "load_digits_split", "run", "write_sites"]
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,24 @@ def load_digits_split(
     )
 
 
-def _dataset_toml(budget: float, delta: float) -> str:
-    return (
-        "[datasets.digits]\n"
-        'path = "digits.npz"\n'
-        "num_classes = 10\n"
-        f"epsilon = {budget!r}\n"
-        f"delta = {delta!r}\n"
-    )
+def write_sites(
+    workdir: Path, split: DigitsSplit, *, budget: float, delta: float
+) -> dict[str, str]:
+    """Save each site's examples as WORKDIR/SITE/digits.npz; return each site's
+    ``[datasets.digits]`` TOML (budget ``budget`` at ``delta``) for localnet.launch."""
+    toml = {}
+    for name, (x, y) in split.sites.items():
+        folder = workdir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "digits.npz", x=x, y=y)
+        toml[name] = (
+            "[datasets.digits]\n"
+            'path = "digits.npz"\n'
+            "num_classes = 10\n"
+            f"epsilon = {budget!r}\n"
+            f"delta = {delta!r}\n"
+        )
+    return toml
 
 
 def run(
@@ -102,11 +112,7 @@ def run(
 
     split = load_digits_split(public_fraction=public_fraction)
     budget = site_budget if site_budget is not None else max(2 * target_epsilon, 10.0)
-    for name, (x, y) in split.sites.items():
-        folder = workdir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "digits.npz", x=x, y=y)
-    toml = {name: _dataset_toml(budget, target_delta) for name in split.sites}
+    toml = write_sites(workdir, split, budget=budget, delta=target_delta)
     with launch(workdir=workdir, datasets_toml=toml, deadline_s=120.0) as net:
         with Federation.from_config(net.federation_config) as fed:
             return fed.train(

@@ -31,14 +31,7 @@ def mpcdp(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def digits_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     root = tmp_path_factory.mktemp("digits")
     split = digits_demo.load_digits_split()
-    toml = {}
-    for name, (x, y) in split.sites.items():
-        (root / name).mkdir()
-        np.savez(root / name / "digits.npz", x=x, y=y)
-        toml[name] = (
-            '[datasets.digits]\npath = "digits.npz"\nnum_classes = 10\nepsilon = 30.0\n'
-            "delta = 1e-5\n"
-        )
+    toml = digits_demo.write_sites(root, split, budget=30.0, delta=1e-5)
     np.savez(root / "test.npz", x=split.test[0], y=split.test[1])
     np.savez(root / "members.npz", x=split.train[0], y=split.train[1])
     with launch(workdir=root, datasets_toml=toml) as net:
