@@ -397,10 +397,6 @@ class TrainingEngine:
         self._closed: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def has_session(self, session_id: bytes) -> bool:
-        with self._lock:
-            return session_id in self._sessions or session_id in self._closed
-
     def max_parameters(self, session_id: bytes) -> int:
         """How many parameter values a step of this open session may carry."""
         with self._lock:

@@ -539,7 +539,6 @@ def train(
                                 "format": CHECKPOINT_FORMAT,
                                 "plan": asdict(plan),
                                 "model": net.state_dict(),
-                                "model_spec": model,
                                 "optimizer": opt.state_dict(),
                                 "step": done,
                                 "run_id": run,

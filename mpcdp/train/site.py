@@ -79,7 +79,6 @@ class TorchGradientSource:
         self._physical = max_physical_batch
         self._loss_fn = loss_fn
         self._gen: torch.Generator | None = None
-        self.last_batch_size = 0
 
     @property
     def num_params(self) -> int:
@@ -112,7 +111,6 @@ class TorchGradientSource:
                 inputs=self._x[part], targets=self._y[part], loss_fn=self._loss_fn
             )
             total += batch.grad_sum
-        self.last_batch_size = int(idx.size)
         # randomized rounding in float32, exactly: scaling by a power of two, floor and
         # x - floor(x) are exact, so the result is floor(x) or floor(x) + 1 with
         # P(+1) = frac(x) (no float64 copy of a 10^7-vector on the critical path)
