@@ -99,3 +99,14 @@ def test_digits_demo_trains_to_the_expected_accuracy(tmp_path: Path) -> None:
     assert obj["audit"]["empirical_epsilon_lower_bound"] <= obj["epsilon"]
     for name in ("checkpoint.pt", "metrics.json", "metrics.png"):
         assert (tmp_path / "run" / name).exists()
+
+
+def test_party_processes_share_the_machine_s_cores(digits_net: LocalFederation) -> None:
+    """localnet caps each party's torch/OpenMP pool at cores / parties (an explicit
+    OMP_NUM_THREADS in the caller's environment is kept)."""
+    import os
+
+    expected = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 3)))
+    for proc in digits_net.processes.values():
+        env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert f"OMP_NUM_THREADS={expected}".encode() in env

@@ -742,3 +742,22 @@ def test_checkpoints_are_loaded_without_unpickling_code(tmp_path: Path) -> None:
     text.write_text("not a checkpoint\n")
     with pytest.raises(ParameterError, match="checkpoint"):
         load_checkpoint(text)
+
+
+def test_public_mixing_adds_the_public_gradient_to_every_step(grpc_sites: Net) -> None:
+    """Public examples all labelled 0, no warm start: with a large mixing weight the public
+    term dominates every update and the model predicts 0; with weight 0 it does not."""
+    x, _ = example_data(11, n=60)
+    public = (x, np.zeros(60, dtype=np.int64))
+    probe = (example_data(12, n=90)[0], np.zeros(90, dtype=np.int64))
+    kw = dict(
+        dataset="ex", model=MODEL, target_epsilon=8.0, target_delta=1e-5, epochs=2,
+        batch_size=30, learning_rate=0.1, public_data=public, public_epochs=0,
+        eval_data=probe, seed=4,
+    )  # fmt: skip
+    with Federation.from_config(grpc_sites.federation) as fed:
+        mixed = fed.train(public_mixing=20.0, **kw)
+        plain = fed.train(public_mixing=0.0, **kw)
+    assert mixed.public_accuracy is None  # no warm start ran
+    assert mixed.final_accuracy is not None and mixed.final_accuracy > 0.95
+    assert plain.final_accuracy is not None and plain.final_accuracy < 0.8
