@@ -95,5 +95,9 @@ def test_federation_overhead_tiny(tmp_path: Path) -> None:
         *("--model", "mlp:8,6,3", "--examples", "40", "--batch-size", "12"),
         *("--steps", "2", "--warmup", "1", "--repeat", "1", "--json", str(report)),
     )
-    assert "ratio federated/local" in stdout
-    assert json.loads(report.read_text())["num_params"] == 8 * 6 + 6 + 6 * 3 + 3
+    assert "ratio federated back to back / local" in stdout
+    assert "ratio federated with pads ready / 3 local at once" in stdout
+    data = json.loads(report.read_text())
+    assert data["num_params"] == 8 * 6 + 6 + 6 * 3 + 3
+    assert len(data["federated_steps_s"]) == 3 and len(data["federated_ready_steps_s"]) == 2
+    assert data["local_together_s"] > 0 and data["settle_s"] >= 0.2
