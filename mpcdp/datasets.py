@@ -136,6 +136,10 @@ def _categories(path: Path, c: ColumnSpec, values: list[str]) -> NDArray[np.int6
     return out
 
 
+#: Elements checked per pass when validating a vector (bounds the temporaries to ~1 MiB).
+_CHECK_SLICE = 1 << 20
+
+
 def load_vector(path: Path) -> Vector:
     """Read a 1-D float vector from a .npy file (no pickles), refusing NaN and inf."""
     try:
@@ -144,11 +148,12 @@ def load_vector(path: Path) -> Vector:
         raise DataError(f"{path}: cannot read a .npy vector: {exc}") from None
     if arr.ndim != 1 or arr.dtype.kind not in "fiu":
         raise DataError(f"{path}: expected a 1-D numeric vector, got shape {arr.shape} {arr.dtype}")
-    values = arr.astype(np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: element {i} is {float(values[i])!r}, not finite")
+    values = np.asarray(arr, dtype=np.float64)  # no second copy when the file is float64
+    for start in range(0, values.size, _CHECK_SLICE):  # small temporaries, whatever the size
+        bad = ~np.isfinite(values[start : start + _CHECK_SLICE])
+        if bad.any():
+            i = start + int(np.flatnonzero(bad)[0])
+            raise DataError(f"{path}: element {i} is {float(values[i])!r}, not finite")
     return Vector(path=path, values=values)
 
 

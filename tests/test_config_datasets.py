@@ -135,6 +135,15 @@ def test_missing_file_and_bad_vectors(tmp_path: Path) -> None:
     np.save(tmp_path / "n.npy", np.array([1.0, np.nan]))
     with pytest.raises(DataError, match="element 1 is nan"):
         load_vector(tmp_path / "n.npy")
+    big = np.zeros((1 << 20) + 5, dtype=np.float32)  # checked slice by slice: past the first
+    big[(1 << 20) + 3] = np.inf
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(DataError, match=f"element {(1 << 20) + 3} is inf"):
+        load_vector(tmp_path / "big.npy")
+    big[(1 << 20) + 3] = 2.5
+    np.save(tmp_path / "big.npy", big)
+    loaded = load_vector(tmp_path / "big.npy").values
+    assert loaded.dtype == np.float64 and loaded[(1 << 20) + 3] == 2.5
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     with pytest.raises(DataError, match=r"cannot read a \.npy vector"):
         load_vector(tmp_path / "junk.npy")

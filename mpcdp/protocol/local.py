@@ -21,7 +21,7 @@ from mpcdp.protocol.spec import Statistic
 __all__ = ["add_local_words", "l2_clip_factor"]
 
 # Encode in slices of this many values: temporaries stay small whatever the vector length.
-_SLICE = 1 << 20
+_SLICE = 1 << 18
 
 
 def l2_clip_factor(x: NDArray[np.float64], bound: float) -> float:

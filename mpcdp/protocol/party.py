@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 SESSION_ID_BYTES = 16
 _MAX_CLOSED = 1 << 16
-_NOISE_SLICE = 1 << 20
+_NOISE_SLICE = 1 << 18
 
 
 @dataclass(frozen=True)

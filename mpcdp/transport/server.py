@@ -155,6 +155,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
         chunk = request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         yield from codec.encode_chunks(session_id, contribution, chunk_bytes=chunk)
+        del contribution  # its vector is sent: free it before the next one is built
         self._engine.round_finished(session_id=session_id)
 
     @_unary
@@ -205,6 +206,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         )
         chunk = header.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
+        del upload  # sent: free it before the next step's pad is built
         trainer.step_finished(session_id=session_id)
 
 
