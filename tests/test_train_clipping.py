@@ -582,3 +582,92 @@ def test_input_modified_in_place_after_layer_refused() -> None:
     clipper = PerSampleClipper(Clobber(), max_grad_norm=1.0)
     with pytest.raises(ParameterError, match=r"'lin'.*in place"):
         clipper.clipped_grad_sum(inputs=torch.randn(3, 4), targets=labels(3), loss_fn=ce)
+
+
+# -- floating point: the clip factor must come from an upper bound of the true norm ----------
+
+
+def _cancelling(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """One sample whose two positions' gradient terms almost cancel in <AA^T, GG^T>."""
+    layer: nn.Module
+    if kind == "conv":
+        layer = nn.Conv2d(8, 1, 1, bias=False)
+        x = torch.zeros(1, 8, 1, 2)
+        x[0, 0, 0] = torch.tensor([1.0, 1.0 + 2**-20])
+    else:
+        layer = nn.Linear(8, 1, bias=False)
+        x = torch.zeros(1, 2, 8)
+        x[0, :, 0] = torch.tensor([1.0, 1.0 + 2**-20])
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight.view(-1)[0] = 1.0
+    return nn.Sequential(layer, nn.Flatten()), x
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_ghost_norm_cancellation_still_clips(kind: str) -> None:
+    # output gradients +1e9 / -1e9 on the two positions: the true per-sample norm is ~960,
+    # but the float32 ghost norm cancels to ~0; without its error bound the sample was not
+    # clipped at all (contribution 960 with C = 1)
+    model, x = _cancelling(kind)
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 1e9 * (out[:, 0] - out[:, 1])
+
+    y = torch.zeros(1)
+    ref = per_sample_gradients_reference(model, inputs=x, targets=y, loss_fn=loss)
+    assert float(ref.norm()) > 900
+    for mode in ("flat", "automatic"):
+        out = PerSampleClipper(model, max_grad_norm=1.0, clipping=mode).clipped_grad_sum(
+            inputs=x, targets=y, loss_fn=loss
+        )
+        assert float(out.grad_sum.norm()) <= 1.0
+        assert out.mean_norm >= float(ref.norm())  # the norm used is an upper bound
+
+
+def test_ghost_norm_bound_costs_little_on_ordinary_data() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
+    x, y = torch.randn(B, 6, 16), torch.randint(0, NUM_CLASSES, (B,))
+    ref = per_sample_gradients_reference(model, inputs=x, targets=y, loss_fn=ce)
+    out = PerSampleClipper(model, max_grad_norm=1e6).clipped_grad_sum(
+        inputs=x, targets=y, loss_fn=ce
+    )
+    true_mean = float(ref.norm(dim=1).mean())
+    assert true_mean <= out.mean_norm <= true_mean * (1 + 1e-3)
+
+
+def test_sample_with_overflowing_gradient_contributes_zero() -> None:
+    # finite but huge weights: example 1's forward overflows, example 0's does not
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1e20)
+        model[1].weight.fill_(1e20)
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1])
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    both = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+    alone = clipper.clipped_grad_sum(inputs=x[:1], targets=y[:1], loss_fn=ce)
+    assert bool(torch.isfinite(both.grad_sum).all())
+    assert torch.equal(both.grad_sum, alone.grad_sum) and both.batch_size == 2
+    everything = clipper.clipped_grad_sum(inputs=x[1:], targets=y[1:], loss_fn=ce)
+    assert not bool(everything.grad_sum.any())  # every sample non-finite: the sum is 0
+
+
+def test_reduced_precision_matmul_and_autocast() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
+    x, y = torch.randn(B, 5, 16), torch.randint(0, NUM_CLASSES, (B,))
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    plain = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # norms and sums stay float32
+        cast = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+    assert cast.dtype == torch.float32 and bool(torch.isfinite(cast).all())
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        with pytest.raises(ParameterError, match=r"mkldnn\.matmul\.fp32_precision.*'bf16'"):
+            clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+    assert torch.equal(clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum, plain)

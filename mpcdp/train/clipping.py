@@ -60,6 +60,7 @@ Nothing happens at import time beyond defining names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -484,11 +485,27 @@ class PerSampleClipper:
 
         try:
             loss_sum, grads_ok = self._forward_backward(inputs, targets, loss_fn, batch)
-            with torch.no_grad():
+            with torch.no_grad(), _ieee_float32(self.device):
                 return self._clip_and_sum(batch, loss_sum, grads_ok)
+        except _NonFiniteSamples as exc:
+            skipped: _NonFiniteSamples = exc
         finally:
             for layer in self._layers:
                 layer.calls.clear()
+        # A sample whose gradient overflowed (e.g. huge weights) has no finite clip factor;
+        # it contributes 0 (norm 0 <= C) instead of turning the whole sum into NaN. Examples
+        # do not interact, so the others' gradients are the same without it.
+        _log.warning(
+            "%d of %d samples had a non-finite gradient: they contribute 0", *skipped.counts
+        )
+        keep = ~skipped.bad
+        rest = self.clipped_grad_sum(inputs=inputs[keep], targets=targets[keep], loss_fn=loss_fn)
+        return ClippedBatch(
+            grad_sum=rest.grad_sum,
+            batch_size=batch,
+            loss_sum=rest.loss_sum,
+            mean_norm=rest.mean_norm,
+        )
 
     # -- the BK steps ----------------------------------------------------------------------
 
@@ -616,6 +633,9 @@ class PerSampleClipper:
                 layer_norm2, finish = _LAYER_RULES[layer.kind](layer, calls, batch)
                 norm2 += layer_norm2.to(dt)
                 finishers.append((layer, finish))
+        bad = ~torch.isfinite(norm2)
+        if bool(bad.any()):
+            raise _NonFiniteSamples(bad)
         norms = norm2.clamp_min(0.0).sqrt()
         if self.clipping == "flat":
             factors = (self.max_grad_norm / (norms + _FLAT_EPS)).clamp(max=1.0)
@@ -636,6 +656,62 @@ class PerSampleClipper:
         return ClippedBatch(
             grad_sum=grad_sum, batch_size=batch, loss_sum=loss_value, mean_norm=mean_norm
         )
+
+
+class _NonFiniteSamples(Exception):
+    """Raised inside a step when some samples' gradient norms are not finite."""
+
+    def __init__(self, bad: torch.Tensor) -> None:
+        super().__init__("non-finite per-sample gradients")
+        self.bad = bad
+        self.counts = (int(bad.sum()), int(bad.numel()))
+
+
+def _fp32_precision(backend: Any) -> str:
+    value = getattr(backend, "fp32_precision", "none")
+    return value if isinstance(value, str) else "none"
+
+
+@contextlib.contextmanager
+def _ieee_float32(device: torch.device) -> Iterator[None]:
+    """Clip factors and clipped sums in IEEE float32: autocast off, and no TF32 (CUDA) or
+    bf16 (oneDNN) in float32 matmuls and convolutions.
+
+    The ghost-norm error bound (:func:`_ghost_slack`) assumes float32 arithmetic, and a
+    Conv2d's clipped sum (cuDNN's weight-gradient kernel, TF32 by default on Ampere and
+    later) must be computed at the precision of the norm that scaled it: with 10-bit
+    mantissas a crafted sample contributes far more than C.
+    """
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    for name, backend in (
+        ("torch.backends.mkldnn.matmul", getattr(mkldnn, "matmul", None)),
+        ("torch.backends.mkldnn.conv", getattr(mkldnn, "conv", None)),
+    ):
+        value = _fp32_precision(backend)
+        if value not in ("ieee", "none"):
+            raise ParameterError(
+                f"{name}.fp32_precision",
+                value,
+                "per-sample clipping needs IEEE float32 matmuls ('ieee')",
+            )
+    with torch.autocast(device_type=device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        cudnn = torch.backends.cudnn
+        matmul = torch.backends.cuda.matmul
+        tf32 = matmul.allow_tf32
+        with cudnn.flags(
+            enabled=cudnn.enabled,
+            benchmark=cudnn.benchmark,
+            deterministic=cudnn.deterministic,
+            allow_tf32=False,
+        ):
+            matmul.allow_tf32 = False
+            try:
+                yield
+            finally:
+                matmul.allow_tf32 = tf32
 
 
 # -- per-layer rules: (layer, calls, batch) -> (squared norms (B,), clipped-sum step) ---------
@@ -703,10 +779,14 @@ def _matmul_rule(
                     _mm_into(g1.t(), a1 * c[:, None], dest)
 
         elif _use_ghost(t, p, d):
-            # ghost norm <A A^T, G G^T>, never forming the (B, p, d) per-sample gradients
+            # ghost norm <A A^T, G G^T>, never forming the (B, p, d) per-sample gradients;
+            # plus its rounding-error bound, so that cancellation cannot hide a large norm
             aa = torch.bmm(a, a.transpose(1, 2))
             gg = torch.bmm(g, g.transpose(1, 2))
-            norm2 += torch.linalg.vecdot(aa.reshape(batch, -1), gg.reshape(batch, -1)).to(acc)
+            ghost = (aa * gg).reshape(batch, -1).sum(dim=1, dtype=torch.float64)
+            u = (torch.linalg.vector_norm(a, dim=2) * torch.linalg.vector_norm(g, dim=2)).sum(1)
+            slack = _ghost_slack(dot_lengths=(d, p), terms=t * t, dtype=g.dtype)
+            norm2 += (ghost.clamp_min(0) + slack * u.to(torch.float64).square()).to(acc)
             if ghost_weight_sum is not None:
                 ghost_sum = ghost_weight_sum
 
@@ -739,6 +819,27 @@ def _matmul_rule(
             _mm_into(c[None], gb, dests["bias"].view(1, -1))
 
     return norm2, finish
+
+
+def _ghost_slack(*, dot_lengths: tuple[int, ...], terms: int, dtype: torch.dtype) -> float:
+    """Bound on the floating-point error of a ghost norm, relative to ``u_j^2``.
+
+    The ghost norm sum_{t,t'} <a_t, a_t'> <g_t, g_t'> is computed from dot products of the
+    given lengths in ``dtype`` and a sum of ``terms`` products in float64. A dot product of
+    length n in any summation order is within gamma_n = n u / (1 - n u) of its value
+    relative to the sum of its absolute terms (Higham 2002, "Accuracy and stability of
+    numerical algorithms", Sec. 3.1), and sum_{t,t'} |a_t||a_t'||g_t||g_t'| = u_j^2 with
+    u_j = sum_t |a_t| |g_t| >= ||sum_t g_t a_t^T||. So the true squared norm is at most the
+    computed one plus this factor times u_j^2 (each gamma_n is taken as n * eps, twice the
+    bound, to cover the products and the float64 terms). Without it, cancellation in a
+    sequence layer can make a per-sample norm of several hundred come out as ~0, i.e. not
+    clipped at all. For T = 1 the branch above has no cancellation (a product of sums of
+    squares).
+    """
+    eps = torch.finfo(dtype).eps
+    return float(
+        sum(n + 2 for n in dot_lengths) * eps + (terms + 2) * torch.finfo(torch.float64).eps
+    )
 
 
 def _use_ghost(t: int, p: int, d: int) -> bool:
@@ -822,9 +923,11 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
         # ghost norm: sum_{t,t'} [idx_t == idx_t'] <g_t, g_t'>
         gg = torch.bmm(g, g.transpose(1, 2))
         same = idx.unsqueeze(2) == idx.unsqueeze(1)
-        norm2 = (gg * same).sum(
-            dim=(1, 2), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32
-        )
+        ghost = (gg * same).sum(dim=(1, 2), dtype=torch.float64)
+        u = torch.linalg.vector_norm(g, dim=2).sum(1).to(torch.float64)  # one-hot inputs
+        slack = _ghost_slack(dot_lengths=(dim,), terms=t * t, dtype=g.dtype)
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        norm2 = (ghost.clamp_min(0) + slack * u.square()).to(acc)
         flat_idx = idx.reshape(-1)
 
         def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
