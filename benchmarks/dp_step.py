@@ -233,11 +233,14 @@ def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 
     def step() -> None:
         g = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_per_example_ce).grad_sum
+        assert bool(torch.isfinite(g).all())  # the site's check before release
         scaled = g.mul_(scale)  # the site's exact float32 rounding (mpcdp/train/site.py)
         low = torch.floor(scaled)
         frac = scaled.sub_(low)
-        rounded = low.add_(torch.rand_like(frac).lt_(frac).to(low.dtype))
-        g = rounded.div_(scale * batch)
+        up = torch.rand_like(frac).lt_(frac)
+        words = low.to(torch.int64).add_(up.to(torch.int64)).cpu()  # handed to the protocol
+        g = low.add_(up.to(low.dtype)).div_(scale * batch)
+        del words
         offset = 0
         for p in params:
             n = p.numel()

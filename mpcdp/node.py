@@ -111,6 +111,14 @@ class PartyNode:
         ``model_factory``: the site's own modules by architecture name (default:
         mpcdp.train.models.build_model); it must build what the coordinator builds."""
         self.config = config
+        trains = any(ds.kind == "examples" for ds in config.datasets.values())
+        if trains and device != "auto":
+            try:  # a wrong device fails at start-up, not at the first training step
+                from mpcdp.train.site import pick_device
+            except ImportError:
+                pass  # no torch here: a training run is refused with that reason
+            else:
+                pick_device(device)
         self.creds = tls.load_credentials(config.tls)
         name = self.creds.cert.subject.rfc4514_string()
         if f"CN={config.id}" not in name.split(","):

@@ -761,3 +761,21 @@ def test_public_mixing_adds_the_public_gradient_to_every_step(grpc_sites: Net) -
     assert mixed.public_accuracy is None  # no warm start ran
     assert mixed.final_accuracy is not None and mixed.final_accuracy > 0.95
     assert plain.final_accuracy is not None and plain.final_accuracy < 0.8
+
+
+@pytest.mark.parametrize(
+    ("device", "error"),
+    [("cuda:7", "CUDA device"), ("tpu", "not a torch device"), ("meta", "'cpu' or 'cuda")],
+)
+def test_a_wrong_training_device_fails_at_start_up(tmp_path: Path, device: str, error: str) -> None:
+    from mpcdp.config import load_party_config
+    from mpcdp.node import PartyNode
+    from mpcdp.train.site import pick_device
+
+    with pytest.raises(ParameterError, match=error):
+        pick_device(device)
+    net = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
+    net.stop()
+    with pytest.raises(ParameterError, match=error):
+        PartyNode(load_party_config(tmp_path / f"{PARTIES[0]}.toml"), device=device)
+    assert pick_device("cpu").type == "cpu"

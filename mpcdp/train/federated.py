@@ -414,7 +414,7 @@ def train(
     gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        net = model_factory(model)
+        net = model_factory(model).cpu()  # the coordinator's replica lives on the CPU
     clipper = PerSampleClipper(
         net, max_grad_norm=max_grad_norm, clipping=clipping, bias_only=bias_only
     )

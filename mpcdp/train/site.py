@@ -38,13 +38,21 @@ def cross_entropy_per_example(output: torch.Tensor, target: torch.Tensor) -> tor
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: the first CUDA GPU when there is one, else the CPU."""
+    """``auto``: the first CUDA GPU when there is one, else the CPU. A named device must
+    exist here (checked now, not at the first training step)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise ParameterError("device", device, "is not a torch device") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ParameterError("device", device, f"this machine has {count} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ParameterError("device", device, "must be 'auto', 'cpu' or 'cuda[:index]'")
+    return dev
 
 
 class TorchGradientSource:
@@ -111,6 +119,8 @@ class TorchGradientSource:
                 inputs=self._x[part], targets=self._y[part], loss_fn=self._loss_fn
             )
             total += batch.grad_sum
+        if not bool(torch.isfinite(total).all()):  # the clipper drops such samples: unreachable
+            raise ParameterError("gradient", "non-finite", "refusing to release this step")
         # randomized rounding in float32, exactly: scaling by a power of two, floor and
         # x - floor(x) are exact, so the result is floor(x) or floor(x) + 1 with
         # P(+1) = frac(x) (no float64 copy of a 10^7-vector on the critical path)
