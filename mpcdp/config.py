@@ -6,6 +6,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     listen = "127.0.0.1:50051"
     ledger = "alice-ledger.sqlite"
     min_colluders = 1                 # refuse queries that size noise for fewer colluders
+    device = "auto"                   # where the party trains: auto (first GPU, else CPU),
+                                      # cpu, cuda or cuda:N
     [tls]
     ca = "certs/ca.pem"
     cert = "certs/alice.pem"
@@ -48,6 +50,7 @@ federation.toml (the analyst's)::
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +119,8 @@ class PartyConfig:
     #: the least t (colluders) this party accepts: its noise share is sized for h = n - t,
     #: so a coordinator asking for t = 0 would shrink every party's noise
     min_colluders: int = 1
+    #: where the party computes training gradients: "auto", "cpu", "cuda" or "cuda:N"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -285,7 +290,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
 def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
     r = _Reader(p, _load(p))
-    r.unknown({"id", "listen", "ledger", "min_colluders", "tls", "datasets"})
+    r.unknown({"id", "listen", "ledger", "min_colluders", "device", "tls", "datasets"})
     tls = r.table("tls")
     tls.unknown({"ca", "cert", "key", "coordinators", "peers"})
     ds = r.table("datasets")
@@ -303,7 +308,15 @@ def load_party_config(path: str | Path) -> PartyConfig:
         peers=tls.identities("peers"),
         datasets=datasets,
         min_colluders=_min_colluders(r),
+        device=_device(r),
     )
+
+
+def _device(r: _Reader) -> str:
+    value = r.get("device", str, "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise r._err("device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return str(value)
 
 
 def _min_colluders(r: _Reader) -> int:

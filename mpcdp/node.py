@@ -104,13 +104,15 @@ class PartyNode:
         self,
         config: PartyConfig,
         *,
-        device: str = "auto",
+        device: str | None = None,
         model_factory: ModelFactory | None = None,
     ) -> None:
-        """``device``: where a site trains ("auto": its first GPU, else the CPU).
-        ``model_factory``: the site's own modules by architecture name (default:
-        mpcdp.train.models.build_model); it must build what the coordinator builds."""
+        """``device``: where a site trains (default: the config's ``device``, "auto": its
+        first GPU, else the CPU). ``model_factory``: the site's own modules by architecture
+        name (default: mpcdp.train.models.build_model); it must build what the coordinator
+        builds."""
         self.config = config
+        device = config.device if device is None else device
         trains = any(ds.kind == "examples" for ds in config.datasets.values())
         if trains and device != "auto":
             try:  # a wrong device fails at start-up, not at the first training step

@@ -42,6 +42,9 @@ def test_party_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
     ds = cfg.datasets["raises"]
     assert ds.delta == 0 and not ds.allow_exact and ds.kind == "table"
     assert cfg.min_colluders == 1 and cfg.coordinators == ("analyst",)
+    assert cfg.device == "auto"
+    gpu = BASE.replace('ledger = "l.sqlite"', 'ledger = "l.sqlite"\ndevice = "cuda:1"')
+    assert load_party_config(_party(tmp_path, gpu)).device == "cuda:1"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,10 @@ def test_party_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
         (
             ('ledger = "l.sqlite"', 'ledger = "l.sqlite"\nmin_colluders = -1'),
             "min_colluders: must be >= 0",
+        ),
+        (
+            ('ledger = "l.sqlite"', 'ledger = "l.sqlite"\ndevice = "gpu0"'),
+            "device: must be auto, cpu, cuda or cuda:N, got 'gpu0'",
         ),
     ],
 )

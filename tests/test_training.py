@@ -779,3 +779,7 @@ def test_a_wrong_training_device_fails_at_start_up(tmp_path: Path, device: str, 
     with pytest.raises(ParameterError, match=error):
         PartyNode(load_party_config(tmp_path / f"{PARTIES[0]}.toml"), device=device)
     assert pick_device("cpu").type == "cpu"
+    if device == "cuda:7":  # the same from party.toml's `device`
+        cfg = load_party_config(tmp_path / f"{PARTIES[0]}.toml")
+        with pytest.raises(ParameterError, match=error):
+            PartyNode(dataclasses.replace(cfg, device=device))
