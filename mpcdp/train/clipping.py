@@ -426,7 +426,12 @@ class PerSampleClipper:
         self.close()
 
     def clipped_grad_sum(
-        self, *, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
+        self,
+        *,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        check_inputs: bool = True,
     ) -> ClippedBatch:
         """Forward ``inputs``, and sum the clipped per-sample gradients of the losses.
 
@@ -434,7 +439,9 @@ class PerSampleClipper:
         ``lambda out, y: F.cross_entropy(out, y, reduction="none")``. ``inputs`` and
         ``targets`` are moved to the parameters' device. The module's train/eval mode is left
         as it is. Forward hooks are registered for this call only. The parameters' ``.grad``
-        is not touched.
+        is not touched. A sample whose gradient is not finite contributes 0.
+        ``check_inputs=False`` skips the finiteness check of ``inputs`` (one GPU-to-host
+        synchronisation) for data already validated.
 
         Raises:
             ParameterError: non-finite ``inputs``, ``targets`` of another batch size, a
@@ -462,8 +469,10 @@ class PerSampleClipper:
         if batch == 0:
             zeros = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
             return ClippedBatch(grad_sum=zeros, batch_size=0, loss_sum=0.0, mean_norm=0.0)
-        if (inputs.is_floating_point() or inputs.is_complex()) and not bool(
-            torch.isfinite(inputs).all()
+        if (
+            check_inputs
+            and (inputs.is_floating_point() or inputs.is_complex())
+            and not bool(torch.isfinite(inputs).all())
         ):
             bad = int((~torch.isfinite(inputs)).sum())
             raise ParameterError(
@@ -499,7 +508,9 @@ class PerSampleClipper:
             "%d of %d samples had a non-finite gradient: they contribute 0", *skipped.counts
         )
         keep = ~skipped.bad
-        rest = self.clipped_grad_sum(inputs=inputs[keep], targets=targets[keep], loss_fn=loss_fn)
+        rest = self.clipped_grad_sum(
+            inputs=inputs[keep], targets=targets[keep], loss_fn=loss_fn, check_inputs=False
+        )
         return ClippedBatch(
             grad_sum=rest.grad_sum,
             batch_size=batch,
@@ -633,9 +644,7 @@ class PerSampleClipper:
                 layer_norm2, finish = _LAYER_RULES[layer.kind](layer, calls, batch)
                 norm2 += layer_norm2.to(dt)
                 finishers.append((layer, finish))
-        bad = ~torch.isfinite(norm2)
-        if bool(bad.any()):
-            raise _NonFiniteSamples(bad)
+        bad = ~torch.isfinite(norm2)  # checked below, with the statistics (one host sync)
         norms = norm2.clamp_min(0.0).sqrt()
         if self.clipping == "flat":
             factors = (self.max_grad_norm / (norms + _FLAT_EPS)).clamp(max=1.0)
@@ -652,7 +661,11 @@ class PerSampleClipper:
         for _, p in self._params:
             if id(p) not in filled:  # a layer not called, or whose output missed the loss
                 self._slot(grad_sum, p).zero_()
-        loss_value, mean_norm = torch.stack([loss_sum.to(dt), norms.mean()]).tolist()
+        n_bad, loss_value, mean_norm = torch.stack(
+            [bad.sum().to(dt), loss_sum.to(dt), norms.mean()]
+        ).tolist()
+        if n_bad:  # their NaN clip factors spoiled this sum: the caller reruns without them
+            raise _NonFiniteSamples(bad)
         return ClippedBatch(
             grad_sum=grad_sum, batch_size=batch, loss_sum=loss_value, mean_norm=mean_norm
         )
