@@ -487,8 +487,8 @@ def train(
                 flat = torch.nn.utils.parameters_to_vector(everything if full else trainable)
                 total = session.step(parameters=flat.detach().numpy(), full=full)
                 full = False
-                # integer units -> the averaged gradient, in one float32 pass (|total| < 2^31,
-                # so float32 rounds it by at most 2^-24 relative: post-processing)
+                # integer units -> the averaged gradient, in one float32 pass (float32 rounds
+                # each value by at most 2^-24 relative: post-processing of the release)
                 scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
                 grad = torch.from_numpy(total).to(torch.float32).mul_(scale)
                 offset = 0
