@@ -151,3 +151,41 @@ def test_tail_bounds_cover_the_simulated_total() -> None:
         assert abs(total.std() / sd - 1) < 0.02
         # 2^-64 tails are some 9-10 standard deviations out; the bound must not be absurd
         assert tail < 40 * sd
+
+
+def test_shares_drawn_in_parallel_slices_keep_the_law_and_do_not_depend_on_scheduling() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mpcdp.protocol.noise_pool import fill_in_slices
+
+    mu, h = 300.0, 3
+    mech = mechanisms.Skellam(mu=mu, l1_sensitivity=10.0, l2_sensitivity=10.0)
+
+    def share(g: np.random.Generator, workers: ThreadPoolExecutor | None) -> np.ndarray:
+        out = np.empty(N, dtype=np.int64)
+
+        def fill(a: int, b: int, gen: np.random.Generator) -> None:
+            out[a:b] = mech.share(size=b - a, honest=h, rng=gen)
+
+        fill_in_slices(size=N, slice_size=N // 7 + 1, rng=g, fill=fill, workers=workers)
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        parallel = [share(rng(7 + i), pool) for i in range(h)]
+    serial = [share(rng(7 + i), None) for i in range(h)]
+    assert all(np.array_equal(p, s) for p, s in zip(parallel, serial, strict=True))
+    total = sum(parallel)
+    assert chi_square_pvalue(total, lambda k: stats.skellam.pmf(k, mu / 2, mu / 2)) > ALPHA
+    # the slices are independent streams, not copies of one
+    assert not np.array_equal(parallel[0][: N // 7], parallel[0][N // 7 + 1 : 2 * (N // 7) + 1])
+
+
+def test_noise_threads_follow_the_cores_and_omp_num_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mpcdp.protocol.noise_pool import default_noise_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_noise_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= default_noise_threads() <= 8

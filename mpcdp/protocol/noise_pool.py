@@ -17,21 +17,67 @@ recently used parameters are dropped first.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numpy as np
 
 from mpcdp.rng import csprng, ensure_rng
 
-__all__ = ["Builder", "NoisePool"]
+__all__ = ["Builder", "NoisePool", "default_noise_threads", "fill_in_slices"]
 
 log = logging.getLogger(__name__)
 
 #: Builds one vector from a CSPRNG; called in the foreground (miss) or the background.
 Builder = Callable[[np.random.Generator], np.ndarray]
+
+#: Per-slice CSPRNG keys (AES-128) drawn from the caller's generator.
+_SLICE_KEY_BYTES = 16
+
+
+def default_noise_threads() -> int:
+    """Threads for drawing noise: the cores this process may run on, at most 8, and at most
+    OMP_NUM_THREADS when that is set (mpcdp.localnet sets it so that parties sharing one
+    machine split its cores instead of oversubscribing them)."""
+    if hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0))
+    else:  # pragma: no cover - macOS, Windows
+        n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return max(1, min(8, n))
+
+
+def fill_in_slices(
+    *,
+    size: int,
+    slice_size: int,
+    rng: np.random.Generator,
+    fill: Callable[[int, int, np.random.Generator], None],
+    workers: Executor | None = None,
+) -> None:
+    """Call ``fill(start, stop, gen)`` for consecutive slices of ``range(size)``.
+
+    Each slice gets its own AES-CTR CSPRNG keyed with 16 bytes drawn from ``rng`` (so the
+    result is a function of ``rng`` alone, whatever the scheduling), and the slices run on
+    ``workers`` when given: numpy's samplers release the GIL, so a party draws a noise share
+    on all its cores. Small slices also keep the temporaries small.
+    """
+    bounds = [(a, min(size, a + slice_size)) for a in range(0, size, slice_size)]
+    keys = [rng.bytes(_SLICE_KEY_BYTES) for _ in bounds]
+
+    def one(i: int) -> None:
+        fill(bounds[i][0], bounds[i][1], csprng(key=keys[i]))
+
+    if workers is None or len(bounds) < 2:
+        for i in range(len(bounds)):
+            one(i)
+    else:
+        list(workers.map(one, range(len(bounds))))
 
 
 class NoisePool:

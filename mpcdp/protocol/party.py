@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -49,7 +50,7 @@ from mpcdp.errors import (
 )
 from mpcdp.protocol import identity
 from mpcdp.protocol.local import add_local_words
-from mpcdp.protocol.noise_pool import NoisePool
+from mpcdp.protocol.noise_pool import NoisePool, default_noise_threads, fill_in_slices
 from mpcdp.protocol.plan import ReleasePlan, plan
 from mpcdp.protocol.spec import QuerySpec, Statistic, digest
 
@@ -136,8 +137,11 @@ def _pool_key(spec: QuerySpec) -> QuerySpec:
     return replace(spec, query_id="*")
 
 
-def _builder(release: ReleasePlan, data: Table | Vector) -> Callable[[np.random.Generator], Any]:
-    """noise share + encoded local statistic, in the ring of the query."""
+def _builder(
+    release: ReleasePlan, data: Table | Vector, workers: Executor | None = None
+) -> Callable[[np.random.Generator], Any]:
+    """noise share + encoded local statistic, in the ring of the query (the share drawn in
+    slices, on ``workers`` when given)."""
 
     spec = release.spec
     dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
@@ -146,13 +150,17 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Callable[[np.random.
         noisy = np.empty(release.length, dtype=dtype)
         offset = 0
         for t in release.tensors:
-            # i.i.d. coordinates: drawing in slices keeps the temporaries small
-            for start in range(0, t.length, _NOISE_SLICE):
-                n = min(_NOISE_SLICE, t.length - start)
-                share = t.mechanism.share(size=n, honest=spec.honest, rng=rng)
-                noisy[offset + start : offset + start + n] = encoding.to_ring(
-                    share, ring_bits=spec.ring_bits
-                )
+
+            def fill(
+                a: int, b: int, gen: np.random.Generator, off: int = offset, t: Any = t
+            ) -> None:
+                share = t.mechanism.share(size=b - a, honest=spec.honest, rng=gen)
+                noisy[off + a : off + b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
+
+            # i.i.d. coordinates: any slicing gives the same law
+            fill_in_slices(
+                size=t.length, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=workers
+            )
             offset += t.length
         add_local_words(release, data, noisy)
         return noisy
@@ -285,6 +293,7 @@ class PartyEngine:
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
         ledger_lock: threading.Lock | None = None,
+        noise_threads: int | None = None,
     ) -> None:
         self.party_id = party_id
         self.datasets = dict(datasets)
@@ -300,6 +309,10 @@ class PartyEngine:
         self._max_pending = max_pending
         self._clock = clock
         self._noise = NoisePool(rng=rng)
+        self._workers = ThreadPoolExecutor(
+            max_workers=noise_threads or default_noise_threads(),
+            thread_name_prefix="noise-slice",
+        )
         self._sessions: dict[bytes, _Session] = {}
         # session id -> why it is closed; bounded: an id older than that is simply unknown,
         # which is refused just the same
@@ -406,7 +419,7 @@ class PartyEngine:
                 coordinator,
             )
         assert view.data is not None  # checked in _check_spec
-        noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
+        noisy = self._noise.take(_pool_key(spec), _builder(release, view.data, self._workers))
         private_key, signed = new_signed_key(
             signing_key=self._signing_key,
             certificate=self._cert,
@@ -512,12 +525,13 @@ class PartyEngine:
         if release is not None and view is not None and view.data is not None:
             nbytes = release.length * release.spec.ring_bits // 8
             self._noise.prepare(
-                _pool_key(release.spec), _builder(release, view.data), nbytes=nbytes
+                _pool_key(release.spec), _builder(release, view.data, self._workers), nbytes=nbytes
             )
 
     def close(self) -> None:
         """Stop the background noise generation."""
         self._noise.close()
+        self._workers.shutdown(wait=True, cancel_futures=True)
 
     def abort(self, *, session_id: bytes, coordinator: str) -> None:
         with self._lock:

@@ -46,7 +46,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -86,7 +85,7 @@ from mpcdp.protocol.coordinator import (
     order_clients,
     signed_keys,
 )
-from mpcdp.protocol.noise_pool import NoisePool
+from mpcdp.protocol.noise_pool import NoisePool, default_noise_threads, fill_in_slices
 from mpcdp.protocol.party import (
     SESSION_ID_BYTES,
     Contribution,
@@ -96,7 +95,6 @@ from mpcdp.protocol.party import (
     session_pair_keys,
 )
 from mpcdp.protocol.spec import validate_parties
-from mpcdp.rng import csprng
 
 __all__ = [
     "CLIPPING_MODES",
@@ -391,7 +389,7 @@ class TrainingEngine:
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
         self._pads = NoisePool(rng=rng, max_entries=2)
         self._workers = ThreadPoolExecutor(
-            max_workers=noise_threads or min(8, os.cpu_count() or 1), thread_name_prefix="noise"
+            max_workers=noise_threads or default_noise_threads(), thread_name_prefix="noise"
         )
         self._sessions: dict[bytes, _SiteSession] = {}
         self._closed: OrderedDict[bytes, str] = OrderedDict()
@@ -642,23 +640,18 @@ class TrainingEngine:
         noise = mechanism(spec)
         dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
         size = spec.num_params
-        bounds = [(a, min(size, a + _NOISE_SLICE)) for a in range(0, size, _NOISE_SLICE)]
 
         def build(rng: np.random.Generator) -> np.ndarray:
             pad = np.empty(size, dtype=dtype)
-            # one CSPRNG per slice, keyed from ``rng``: slices are drawn in parallel (numpy's
-            # samplers release the GIL), which matters for 10^7-parameter models
-            keys = [rng.bytes(16) for _ in bounds]
 
-            def fill(i: int) -> None:
-                a, b = bounds[i]
-                share = noise.share(size=b - a, honest=spec.honest, rng=csprng(key=keys[i]))
+            def fill(a: int, b: int, gen: np.random.Generator) -> None:
+                share = noise.share(size=b - a, honest=spec.honest, rng=gen)
                 pad[a:b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
 
-            if len(bounds) > 1:
-                list(self._workers.map(fill, range(len(bounds))))
-            else:
-                fill(0)
+            # in parallel slices: matters for 10^7-parameter models
+            fill_in_slices(
+                size=size, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=self._workers
+            )
             sharing.MaskStream(
                 party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, ring_bits=spec.ring_bits
             ).apply(pad)
