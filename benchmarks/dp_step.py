@@ -238,8 +238,10 @@ def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
         low = torch.floor(scaled)
         frac = scaled.sub_(low)
         up = torch.rand_like(frac).lt_(frac)
-        words = low.to(torch.int64).add_(up.to(torch.int64)).cpu()  # handed to the protocol
-        g = low.add_(up.to(low.dtype)).div_(scale * batch)
+        words = low.to(torch.int32)  # Z_2^32 words, handed to the protocol
+        words.add_(up.to(torch.int32))
+        words = words.cpu()
+        g = low.add_(up).div_(scale * batch)
         del words
         offset = 0
         for p in params:

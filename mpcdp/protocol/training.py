@@ -314,8 +314,11 @@ class GradientSource(Protocol):
 
     def load_parameters(self, values: NDArray[np.float32], *, full: bool) -> None: ...
 
-    def quantized_gradient(self, *, rng: np.random.Generator) -> NDArray[np.int64]:
-        """Poisson-sample a batch, clip, sum, scale by 2^scale_bits, round (unbiased)."""
+    def quantized_gradient(
+        self, *, rng: np.random.Generator
+    ) -> NDArray[np.int32] | NDArray[np.int64]:
+        """Poisson-sample a batch, clip, sum, scale by 2^scale_bits, round (unbiased); int32
+        when the session's ring is Z_2^32 (the plan keeps every value inside it)."""
         ...
 
 
@@ -601,7 +604,10 @@ class TrainingEngine:
         if grad.shape != (spec.num_params,):
             raise ProtocolError(f"gradient has shape {grad.shape}, expected ({spec.num_params},)")
         upload = self._pads.take((session_id, step), self._pad_builder(session, step))
-        words = encoding.to_ring(grad, ring_bits=spec.ring_bits)
+        if grad.dtype == np.int32 and spec.ring_bits == 32:
+            words = grad.view(np.uint32)  # two's complement: the same words mod 2^32
+        else:
+            words = encoding.to_ring(grad.astype(np.int64, copy=False), ring_bits=spec.ring_bits)
         np.add(upload, words, out=upload)
         session.next_step = step + 1
         session.expires = self._clock() + self._ttl

@@ -390,8 +390,9 @@ class PerSampleClipper:
         with torch.no_grad():
             return torch.cat([p.detach().reshape(-1).to(torch.float32) for _, p in self._params])
 
-    def load_flat_parameters(self, flat: torch.Tensor) -> None:
-        """Copy a 1-D vector (as from :meth:`flat_parameters`) into the trainable parameters."""
+    def load_flat_parameters(self, flat: torch.Tensor, *, check: bool = True) -> None:
+        """Copy a 1-D vector (as from :meth:`flat_parameters`) into the trainable parameters.
+        ``check=False`` skips the finiteness check (one pass) for values already checked."""
         if not isinstance(flat, torch.Tensor) or flat.dim() != 1:
             shape = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
             raise ParameterError("flat", shape, "must be a 1-D tensor")
@@ -401,7 +402,7 @@ class PerSampleClipper:
                 f"length {flat.numel()}",
                 f"must have length num_params={self._num_params}",
             )
-        if not bool(torch.isfinite(flat).all()):
+        if check and not bool(torch.isfinite(flat).all()):
             raise ParameterError("flat", "non-finite values", "parameters must be finite")
         with torch.no_grad():
             for _, p in self._params:
