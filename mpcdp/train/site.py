@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -88,6 +89,10 @@ class TorchGradientSource:
         self._physical = max_physical_batch
         self._loss_fn = loss_fn
         self._gen: torch.Generator | None = None
+        # the next step's rounding dither, drawn in the background: it does not depend on
+        # the data, and on a CPU site it is the largest single pass of the step
+        self._dither: Future[torch.Tensor] | None = None
+        self._dither_thread: ThreadPoolExecutor | None = None
 
     @property
     def num_params(self) -> int:
@@ -114,7 +119,9 @@ class TorchGradientSource:
         if self._gen is None:
             self._gen = torch.Generator(device=self._device)
             self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
-        total = torch.zeros(self.num_params, dtype=torch.float32, device=self._device)
+            self._dither_thread = ThreadPoolExecutor(1, thread_name_prefix="dither")
+            self._dither = self._dither_thread.submit(self._draw_dither)
+        total: torch.Tensor | None = None
         index = torch.from_numpy(idx).to(self._device)
         for start in range(0, idx.size, self._physical):
             part = index[start : start + self._physical]
@@ -124,7 +131,9 @@ class TorchGradientSource:
                 loss_fn=self._loss_fn,
                 check_inputs=False,  # validated when the dataset was loaded
             )
-            total += batch.grad_sum
+            total = batch.grad_sum if total is None else total.add_(batch.grad_sum)
+        if total is None:  # an empty Poisson batch still sends its noise share
+            total = torch.zeros(self.num_params, dtype=torch.float32, device=self._device)
         # one reduction: a NaN or inf anywhere makes the sum non-finite (the clipper drops
         # such samples, so this is defence in depth)
         if not bool(torch.isfinite(total.sum())):
@@ -137,8 +146,16 @@ class TorchGradientSource:
         scaled = total.mul_(self._scale)
         low = torch.floor(scaled)
         frac = scaled.sub_(low)
-        up = torch.rand(frac.shape, dtype=frac.dtype, device=self._device, generator=self._gen)
+        assert self._dither is not None and self._dither_thread is not None
+        up = self._dither.result()
+        self._dither = self._dither_thread.submit(self._draw_dither)
         rounded = low.to(self._int)
         rounded.add_(torch.lt(up, frac))
         out: NDArray[np.int32] | NDArray[np.int64] = rounded.cpu().numpy()
         return out
+
+    def _draw_dither(self) -> torch.Tensor:
+        """Uniforms on [0, 1) for one step's rounding (any dither keeps the privacy bound)."""
+        return torch.rand(
+            self.num_params, dtype=torch.float32, device=self._device, generator=self._gen
+        )
