@@ -38,10 +38,13 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +53,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._timing import best_of
+from mpcdp.config import load_federation_config
 from mpcdp.federation import Federation
-from mpcdp.localnet import launch
+from mpcdp.localnet import LocalFederation, launch
+from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.training import TrainingSession
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.federated import plan_training
 from mpcdp.train.models import build_model, check_model_spec
+from mpcdp.transport import codec, tls
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -155,11 +163,96 @@ def pad_time(num_params: int, repeat: int) -> float:
     return best_of(build, repeat=repeat)
 
 
+def plaintext_step_times(
+    net: LocalFederation, model: str, sample_rate: float, batch: int, steps: int
+) -> list[float]:
+    """Plaintext federated DP-SGD over the same transport: the same three sites' examples,
+    each served by benchmarks/plaintext_party.py (clipped gradient sums in the clear, float32,
+    no rounding, noise share or mask); the coordinator adds central Gaussian noise (std C:
+    its cost, not its value, matters here) and applies SGD."""
+    cfg = load_federation_config(net.federation_config)
+    creds = tls.load_credentials(cfg.tls)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // len(SITES))))
+    procs, stubs, channels = [], {}, []
+    try:
+        for site in SITES:
+            port_file = net.workdir / site / "plain-port"
+            port_file.unlink(missing_ok=True)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.plaintext_party",
+                        *("--config", str(net.party_configs[site])),
+                        *("--port-file", str(port_file)),
+                        *("--train-model", model, "--sample-rate", str(sample_rate)),
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                )
+            )
+        for site in SITES:
+            port_file = net.workdir / site / "plain-port"
+            while not port_file.exists() or not port_file.read_text().strip():
+                time.sleep(0.05)
+            ch = tls.channel(
+                f"127.0.0.1:{int(port_file.read_text())}", creds=creds, server_name=site
+            )
+            channels.append(ch)
+            stubs[site] = pb_grpc.PartyStub(ch)  # type: ignore[no-untyped-call]
+        module = build_model(model)
+        params = list(module.parameters())
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        times = []
+        with ThreadPoolExecutor(len(SITES)) as pool:
+            for k in range(steps):
+                t0 = time.perf_counter()
+                flat = torch.nn.utils.parameters_to_vector(params).detach().numpy()
+                total = np.zeros(flat.size, dtype=np.float32)
+                lock = threading.Lock()
+
+                def one(
+                    site: str,
+                    step: int = k,
+                    values: np.ndarray = flat,
+                    total: np.ndarray = total,
+                    lock: threading.Lock = lock,
+                ) -> None:
+                    requests = codec.encode_step_requests(
+                        session_id=b"p" * 16, step=step, keys=[], parameters=values,
+                        full=step == 0,
+                    )  # fmt: skip
+                    offset = 0
+                    for msg in stubs[site].TrainStep(requests, timeout=600):
+                        if msg.WhichOneof("body") == "data":
+                            x = np.frombuffer(msg.data, dtype=np.float32)
+                            with lock:
+                                total[offset : offset + x.size] += x
+                            offset += x.size
+
+                list(pool.map(one, SITES))
+                g = torch.from_numpy(total).add_(torch.randn(total.size)).div_(float(batch))
+                offset = 0
+                for p in params:
+                    p.grad = g[offset : offset + p.numel()].view_as(p)
+                    offset += p.numel()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        for ch in channels:
+            ch.close()
+        for pr in procs:
+            pr.terminate()
+            pr.wait(timeout=30)
+
+
 def federated_step_time(
     model: str, examples: int, batch: int, steps: int, warmup: int, settle: float
-) -> tuple[float, float, list[float], list[float]]:
+) -> tuple[float, float, list[float], list[float], list[float]]:
     """Median step time back to back and with pads ready (``settle`` s untimed before each
-    step), and every step's time of both phases."""
+    step), every step's time of both phases, and the plaintext federated steps' times."""
     _, widths = check_model_spec(model)
     with tempfile.TemporaryDirectory(prefix="mpcdp-bench-") as tmp:
         root = Path(tmp)
@@ -199,15 +292,17 @@ def federated_step_time(
                     flat = torch.nn.utils.parameters_to_vector(params).detach().numpy()
                     total = session.step(parameters=flat, full=full)
                     full = False
-                    g = torch.from_numpy(total / 2.0**plan.scale_bits / plan.expected_batch_size)
+                    scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
+                    g = torch.from_numpy(total).to(torch.float32).mul_(scale)  # as train()
                     offset = 0
                     for p in params:
-                        p.grad = g[offset : offset + p.numel()].view_as(p).float()
+                        p.grad = g[offset : offset + p.numel()].view_as(p)
                         offset += p.numel()
                     opt.step()
                     (back if k < steps + warmup else ready).append(time.perf_counter() - t0)
                 session.close()
-    return statistics.median(back[warmup:]), statistics.median(ready), back, ready
+            plain = plaintext_step_times(net, model, plan.sample_rate, batch, steps + warmup)
+    return statistics.median(back[warmup:]), statistics.median(ready), back, ready, plain
 
 
 def main() -> None:
@@ -231,9 +326,10 @@ def main() -> None:
     pad = pad_time(num_params, args.repeat)
     cores = os.cpu_count() or 1
     settle = max(0.2, 2 * pad * len(SITES) / cores) if args.settle == "auto" else float(args.settle)
-    fed, fed_ready, back, ready = federated_step_time(
+    fed, fed_ready, back, ready, plain_steps = federated_step_time(
         args.model, args.examples, args.batch_size, args.steps, args.warmup, settle
     )
+    plain = statistics.median(plain_steps[args.warmup :])
     per_site = max(1, round(args.batch_size / len(SITES)))
     threads = max(1, cores // len(SITES))
     print(f"model {args.model}: {num_params:,} parameters, expected batch {args.batch_size}")
@@ -248,6 +344,7 @@ def main() -> None:
         ("federated, back to back", fed, "median after warm-up"),
         ("federated, pads ready", fed_ready, f"median; {settle:.2f} s untimed before each"),
         ("one site pad (off path)", pad, "noise share + masks, one core"),
+        ("plaintext federated", plain, "same sites and transport, sums in the clear"),
     ]
     for name, value, note in rows:
         print(f"{name:>28}: {value * 1e3:9.1f} ms  ({note})")
@@ -255,6 +352,10 @@ def main() -> None:
     print(
         f"ratio federated with pads ready / 3 local at once: {fed_ready / together:.2f}x "
         "(target <= 1.15)"
+    )
+    print(
+        f"ratio federated with pads ready / plaintext federated: {fed_ready / plain:.2f}x "
+        "(what secure aggregation and distributed noise add to federated DP-SGD)"
     )
     if args.json:
         out: dict[str, Any] = {
@@ -272,6 +373,9 @@ def main() -> None:
             "pad_s": pad,
             "ratio": fed / local,
             "ratio_ready_over_together": fed_ready / together,
+            "plaintext_s": plain,
+            "plaintext_steps_s": plain_steps,
+            "ratio_ready_over_plaintext": fed_ready / plain,
             "torch_threads": torch.get_num_threads(),
             "python": sys.version.split()[0],
         }

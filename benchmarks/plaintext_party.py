@@ -7,6 +7,13 @@ It reads the same party.toml (mTLS certificates, the vector dataset) and serves 
 Party gRPC service over the same mTLS channel, but Contribute streams the party's float32
 vector in the clear: what a plaintext federated average sends. Benchmark use only: it reveals
 the party's data to the coordinator by design.
+
+With ``--train-model`` (benchmarks/federation_overhead.py) it also serves TrainStep for the
+party's example dataset, in the clear: it loads the parameters the coordinator sends,
+Poisson-samples its examples at ``--sample-rate``, sums the per-example gradients clipped to
+``--max-grad-norm`` with the same book-keeping clipper, and streams that float32 sum back, with
+no rounding, noise share or mask: plaintext federated DP-SGD with the noise added centrally,
+over the same transport.
 """
 
 from __future__ import annotations
@@ -24,30 +31,88 @@ import numpy as np
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config import load_party_config
-from mpcdp.datasets import load_vector
+from mpcdp.datasets import load_examples, load_vector
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import codec, tls
 
 
+class _ClearSite:
+    """A site's clipped gradient sums, in the clear (benchmark only)."""
+
+    def __init__(self, *, model: str, examples: Any, sample_rate: float, max_grad_norm: float):
+        import torch
+
+        from mpcdp.train.clipping import PerSampleClipper
+        from mpcdp.train.models import build_model
+
+        self.torch = torch
+        self.net = build_model(model)
+        self.clipper = PerSampleClipper(self.net, max_grad_norm=max_grad_norm)
+        self.all = list(self.net.parameters())
+        self.x = torch.from_numpy(examples.x)
+        self.y = torch.from_numpy(examples.y)
+        self.q = sample_rate
+        self.rng = np.random.default_rng()  # benchmark only: the batch is not secret here
+
+    @property
+    def total_params(self) -> int:
+        return int(sum(p.numel() for p in self.all))
+
+    def step(self, values: np.ndarray, *, full: bool) -> np.ndarray:
+        torch = self.torch
+        flat = torch.from_numpy(values)
+        if full:
+            torch.nn.utils.vector_to_parameters(flat, self.all)
+        else:
+            self.clipper.load_flat_parameters(flat)
+        idx = torch.from_numpy(np.flatnonzero(self.rng.random(len(self.y)) < self.q))
+        out = self.clipper.clipped_grad_sum(
+            inputs=self.x[idx],
+            targets=self.y[idx],
+            loss_fn=lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none"),
+            check_inputs=False,
+        )
+        result: np.ndarray = out.grad_sum.numpy()
+        return result
+
+
 class PlaintextParty(pb_grpc.PartyServicer):
-    def __init__(self, party_id: str, vector: np.ndarray) -> None:
+    def __init__(
+        self, party_id: str, vector: np.ndarray | None, site: _ClearSite | None = None
+    ) -> None:
         self.party_id = party_id
         self.vector = vector
+        self.site = site
+
+    def TrainStep(self, request_iterator: Any, context: Any) -> Iterator[pb.ContributeChunk]:
+        assert self.site is not None
+        site = self.site
+        session_id, header, _, values = codec.decode_step_requests(
+            request_iterator, max_values=lambda _sid: site.total_params
+        )
+        grad = site.step(values, full=header.full)
+        yield from self._stream(session_id, grad, header.chunk_bytes)
 
     def Contribute(self, request: Any, context: Any) -> Iterator[pb.ContributeChunk]:
+        assert self.vector is not None
         data = self.vector.astype(np.float32)  # the baseline sends float32
+        yield from self._stream(request.session_id, data, request.chunk_bytes)
+
+    def _stream(
+        self, session_id: bytes, data: np.ndarray, chunk_bytes: int
+    ) -> Iterator[pb.ContributeChunk]:
         yield pb.ContributeChunk(
             version=PROTOCOL_VERSION,
-            session_id=request.session_id,
+            session_id=session_id,
             header=pb.ContributionHeader(party_id=self.party_id, length=data.size),
         )
         raw = data.view(np.uint8).data
-        step = request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
+        step = chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         for start in range(0, len(raw), step):
             yield pb.ContributeChunk(
                 version=PROTOCOL_VERSION,
-                session_id=request.session_id,
+                session_id=session_id,
                 data=bytes(raw[start : start + step]),
             )
 
@@ -56,13 +121,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--train-model", default=None, help="serve TrainStep for this model")
+    parser.add_argument("--sample-rate", type=float, default=0.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
     args = parser.parse_args()
     cfg = load_party_config(args.config)
-    dataset = next(d for d in cfg.datasets.values() if d.kind == "vector")
+    vector = next((d for d in cfg.datasets.values() if d.kind == "vector"), None)
+    site = None
+    if args.train_model:
+        ds = next(d for d in cfg.datasets.values() if d.kind == "examples")
+        site = _ClearSite(
+            model=args.train_model,
+            examples=load_examples(ds.path, num_classes=ds.num_classes),
+            sample_rate=args.sample_rate,
+            max_grad_norm=args.max_grad_norm,
+        )
     creds = tls.load_credentials(cfg.tls)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=tls.GRPC_OPTIONS)
     pb_grpc.add_PartyServicer_to_server(
-        PlaintextParty(cfg.id, load_vector(dataset.path).values), server
+        PlaintextParty(
+            cfg.id, load_vector(vector.path).values if vector is not None else None, site
+        ),
+        server,
     )
     port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(creds))
     server.start()

@@ -31,6 +31,7 @@ __all__ = [
     "encode_int",
     "randomized_round",
     "rounded_l2_bound",
+    "signed_view",
     "to_ring",
 ]
 
@@ -85,6 +86,15 @@ def decode_int(v: ring.AnyRingVector) -> NDArray[np.int64]:
     if ring.bits_of(v) == 32:
         return v.reshape(-1).view(np.int32).astype(np.int64)
     return ring.as_ring(v, name="v").view(np.int64)
+
+
+def signed_view(v: ring.AnyRingVector) -> NDArray[np.int32] | NDArray[np.int64]:
+    """Ring words as signed integers without a copy: int32 for Z_2^32, int64 for Z_2^64."""
+    if ring.bits_of(v) == 32:
+        out32: NDArray[np.int32] = v.reshape(-1).view(np.int32)
+        return out32
+    out64: NDArray[np.int64] = ring.as_ring(v, name="v").view(np.int64)
+    return out64
 
 
 def encode_fixed(

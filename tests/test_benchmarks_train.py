@@ -97,7 +97,9 @@ def test_federation_overhead_tiny(tmp_path: Path) -> None:
     )
     assert "ratio federated back to back / local" in stdout
     assert "ratio federated with pads ready / 3 local at once" in stdout
+    assert "ratio federated with pads ready / plaintext federated" in stdout
     data = json.loads(report.read_text())
     assert data["num_params"] == 8 * 6 + 6 + 6 * 3 + 3
     assert len(data["federated_steps_s"]) == 3 and len(data["federated_ready_steps_s"]) == 2
     assert data["local_together_s"] > 0 and data["settle_s"] >= 0.2
+    assert len(data["plaintext_steps_s"]) == 3 and data["plaintext_s"] > 0

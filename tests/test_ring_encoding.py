@@ -187,3 +187,15 @@ def test_32_bit_encoding_refuses_what_does_not_fit() -> None:
         )
     with pytest.raises(DecodeError, match="4-byte words"):
         ring.from_bytes(b"\x00" * 6, bits=32)
+
+
+def test_signed_view_is_decode_int_without_a_copy() -> None:
+    for bits, dtype in ((32, np.uint32), (64, np.uint64)):
+        words = np.array([0, 1, 2 ** (bits - 1) - 1, 2 ** (bits - 1), 2**bits - 1], dtype=dtype)
+        view = encoding.signed_view(words)
+        assert np.shares_memory(view, words)
+        assert (
+            view.tolist()
+            == encoding.decode_int(words).tolist()
+            == [0, 1, 2 ** (bits - 1) - 1, -(2 ** (bits - 1)), -1]
+        )

@@ -759,8 +759,11 @@ class TrainingSession:
         self._keys = keys
         self._next = self.spec.start_step
 
-    def step(self, *, parameters: NDArray[np.float32], full: bool) -> NDArray[np.int64]:
-        """Run the next step; returns the decoded sum (integer units, signed)."""
+    def step(
+        self, *, parameters: NDArray[np.float32], full: bool
+    ) -> NDArray[np.int32] | NDArray[np.int64]:
+        """Run the next step; returns the decoded sum (integer units, signed; int32 in
+        Z_2^32, a view of the summed words)."""
         if self._pool is None or self._next < 0:
             raise ProtocolError("open the training session first")
         if self._next >= self.spec.end_step:
@@ -791,7 +794,7 @@ class TrainingSession:
             raise RoundAborted(f"{self.spec.run_id} step {step}", exc) from exc
         self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
         self._next = step + 1
-        return encoding.decode_int(total)
+        return encoding.signed_view(total)
 
     def _abort(self, reason: str) -> None:
         abort_all(self.clients, session_id=self.session_id, reason=reason)
