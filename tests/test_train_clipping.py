@@ -671,3 +671,17 @@ def test_reduced_precision_matmul_and_autocast() -> None:
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = previous
     assert torch.equal(clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum, plain)
+
+
+def test_scale_is_folded_into_the_clip_factors_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, NUM_CLASSES))
+    x, y = torch.randn(B, 1, 6, 6), torch.randint(0, NUM_CLASSES, (B,))
+    for mode in ("flat", "automatic"):
+        clipper = PerSampleClipper(model, max_grad_norm=0.5, clipping=mode)
+        plain = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+        scaled = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce, scale=2.0**19)
+        assert torch.equal(scaled.grad_sum, plain * 2.0**19)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ParameterError, match="scale"):
+            clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce, scale=bad)

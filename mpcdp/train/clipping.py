@@ -433,6 +433,7 @@ class PerSampleClipper:
         targets: torch.Tensor,
         loss_fn: LossFn,
         check_inputs: bool = True,
+        scale: float = 1.0,
     ) -> ClippedBatch:
         """Forward ``inputs``, and sum the clipped per-sample gradients of the losses.
 
@@ -442,7 +443,9 @@ class PerSampleClipper:
         as it is. Forward hooks are registered for this call only. The parameters' ``.grad``
         is not touched. A sample whose gradient is not finite contributes 0.
         ``check_inputs=False`` skips the finiteness check of ``inputs`` (one GPU-to-host
-        synchronisation) for data already validated.
+        synchronisation) for data already validated. ``scale`` multiplies the clip factors,
+        so ``grad_sum`` is ``scale`` times the clipped sum without a pass over it; for a
+        power of two the result is exactly that product (a site's 2^k before rounding).
 
         Raises:
             ParameterError: non-finite ``inputs``, ``targets`` of another batch size, a
@@ -452,6 +455,8 @@ class PerSampleClipper:
         """
         if self._closed:
             raise MpcdpError("PerSampleClipper is closed")
+        if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+            raise ParameterError("scale", scale, "must be a finite number > 0")
         if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
             raise ParameterError(
                 "inputs", type(inputs).__name__, "must be a tensor with a batch dimension 0"
@@ -496,7 +501,7 @@ class PerSampleClipper:
         try:
             loss_sum, grads_ok = self._forward_backward(inputs, targets, loss_fn, batch)
             with torch.no_grad(), _ieee_float32(self.device):
-                return self._clip_and_sum(batch, loss_sum, grads_ok)
+                return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale))
         except _NonFiniteSamples as exc:
             skipped: _NonFiniteSamples = exc
         finally:
@@ -510,7 +515,11 @@ class PerSampleClipper:
         )
         keep = ~skipped.bad
         rest = self.clipped_grad_sum(
-            inputs=inputs[keep], targets=targets[keep], loss_fn=loss_fn, check_inputs=False
+            inputs=inputs[keep],
+            targets=targets[keep],
+            loss_fn=loss_fn,
+            check_inputs=False,
+            scale=scale,
         )
         return ClippedBatch(
             grad_sum=rest.grad_sum,
@@ -625,7 +634,9 @@ class PerSampleClipper:
         offset, n = self._layout[id(p)]
         return flat[offset : offset + n].view(p.shape)
 
-    def _clip_and_sum(self, batch: int, loss_sum: torch.Tensor, grads_ok: bool) -> ClippedBatch:
+    def _clip_and_sum(
+        self, batch: int, loss_sum: torch.Tensor, grads_ok: bool, scale: float
+    ) -> ClippedBatch:
         dt = self._dtype
         norm2 = torch.zeros(batch, dtype=dt, device=self.device)
         finishers: list[tuple[_Layer, _SumFn]] = []
@@ -651,13 +662,14 @@ class PerSampleClipper:
             factors = (self.max_grad_norm / (norms + _FLAT_EPS)).clamp(max=1.0)
         else:
             factors = self.max_grad_norm / (norms + self.stability)
+        scaled = factors * scale if scale != 1.0 else factors
 
         # the clipped sums are written straight into grad_sum (no concatenation copy)
         grad_sum = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
         filled: set[int] = set()
         for layer, finish in finishers:
             dests = {name: self._slot(grad_sum, p) for name, p in layer.params.items()}
-            finish(factors, dests)
+            finish(scaled, dests)
             filled.update(id(p) for p in layer.params.values())
         for _, p in self._params:
             if id(p) not in filled:  # a layer not called, or whose output missed the loss
