@@ -2,6 +2,9 @@
 
 Run:  python -m benchmarks.noise_sampling [--size 1000000] [--repeat 5]
 
+A last line compares a Skellam share drawn in slices on one thread with the same on all the
+cores a party would use (noise_pool.default_noise_threads), the baseline being one thread.
+
 Baseline, measured in the same run: the same distribution drawn with numpy's default
 generator (PCG64, not cryptographically secure, so mpcdp never uses it for noise). The ratio
 mpcdp / baseline is the price of a secure stream; the absolute times are for this machine only.
@@ -11,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from benchmarks._timing import best_of
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Skellam
+from mpcdp.protocol.noise_pool import default_noise_threads, fill_in_slices
 from mpcdp.rng import csprng
 
 
@@ -67,6 +72,25 @@ def main() -> None:
             f"{name:48s} {t_ours:9.4f} {t_base:9.4f} {t_ours / t_base:7.2f} {d / t_ours / 1e6:9.1f}"
         )
     print("baseline for the Gaussian row is a rounded continuous Gaussian (not a discrete one)")
+    # a party draws a share in 256K-coordinate slices on its cores (noise_pool.fill_in_slices)
+    skellam = Skellam(mu=mu, l1_sensitivity=1.0, l2_sensitivity=1.0)
+    out = np.empty(d, dtype=np.int64)
+
+    def fill(a: int, b: int, gen: np.random.Generator) -> None:
+        out[a:b] = skellam.share(size=b - a, honest=h, rng=gen)
+
+    threads = default_noise_threads()
+    with ThreadPoolExecutor(threads) as pool:
+
+        def sliced(workers: ThreadPoolExecutor | None) -> None:
+            fill_in_slices(size=d, slice_size=1 << 18, rng=secure, fill=fill, workers=workers)
+
+        t_one = best_of(lambda: sliced(None), repeat=args.repeat)
+        t_all = best_of(lambda: sliced(pool), repeat=args.repeat)
+    print(
+        f"Skellam share in 256K slices: one thread {t_one:.4f} s, {threads} threads "
+        f"{t_all:.4f} s, speed-up {t_one / t_all:.2f}x"
+    )
 
 
 if __name__ == "__main__":
