@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -165,7 +166,9 @@ def bench_mpcdp(
             m.cold_s = dt
         elif dt < m.warm_s:
             m.warm_s, m.propose_s = dt, max(proposed) - t0
-        time.sleep(min(3.0, 0.5 + d / 2e6))  # let the parties refill their noise off the clock
+        # let the parties refill their noise off the clock: each draws d Skellam coordinates
+        # (~120 ns each on one core here), all n of them on this machine's cores
+        time.sleep(min(20.0, 0.5 + 2 * len(parties) * d * 120e-9 / (os.cpu_count() or 1)))
     m.bytes_per_party = max(received.values())
     m.peak_rss = max(_rss(proc.pid)["VmHWM"] for proc in net.processes.values())
     pool.shutdown()
