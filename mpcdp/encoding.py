@@ -74,18 +74,19 @@ def encode_int(x: ArrayLike, *, name: str = "x") -> ring.RingVector:
     return arr.astype(np.int64).reshape(-1).view(np.uint64)
 
 
-def to_ring(ints: NDArray[np.int64], *, ring_bits: int = ring.BITS) -> Any:
-    """int64 values -> words of Z_{2^ring_bits} (mod 2^bits; a view when bits = 64)."""
-    if ring_bits == 64:
-        return ints.view(np.uint64)
-    return ints.astype(ring.dtype_for(ring_bits).newbyteorder("="))
+def to_ring(ints: NDArray[np.int32] | NDArray[np.int64], *, ring_bits: int = ring.BITS) -> Any:
+    """Signed integers -> words of Z_{2^ring_bits} (mod 2^bits, two's complement; a view,
+    not a copy, when the integers already have the words' width: int64 for Z_2^64, int32
+    for Z_2^32)."""
+    words = ring.dtype_for(ring_bits).newbyteorder("=")
+    if ints.dtype.itemsize == words.itemsize:
+        return ints.view(words)
+    return ints.astype(words)
 
 
 def decode_int(v: ring.AnyRingVector) -> NDArray[np.int64]:
     """Ring words -> signed integers; words >= 2^(bits-1) are negative."""
-    if ring.bits_of(v) == 32:
-        return v.reshape(-1).view(np.int32).astype(np.int64)
-    return ring.as_ring(v, name="v").view(np.int64)
+    return signed_view(v).astype(np.int64, copy=False)
 
 
 def signed_view(v: ring.AnyRingVector) -> NDArray[np.int32] | NDArray[np.int64]:

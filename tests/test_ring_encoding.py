@@ -199,3 +199,16 @@ def test_signed_view_is_decode_int_without_a_copy() -> None:
             == encoding.decode_int(words).tolist()
             == [0, 1, 2 ** (bits - 1) - 1, -(2 ** (bits - 1)), -1]
         )
+
+
+def test_to_ring_takes_int32_and_int64_and_views_when_the_width_matches() -> None:
+    i32 = np.array([-(2**31), -1, 0, 5, 2**31 - 1], dtype=np.int32)
+    i64 = i32.astype(np.int64)
+    w32 = encoding.to_ring(i32, ring_bits=32)
+    assert np.shares_memory(w32, i32) and w32.dtype == np.uint32
+    assert w32.tolist() == encoding.to_ring(i64, ring_bits=32).tolist()
+    assert w32.tolist() == [2**31, 2**32 - 1, 0, 5, 2**31 - 1]
+    w64 = encoding.to_ring(i32, ring_bits=64)  # sign-extended, not reinterpreted
+    assert w64.tolist() == encoding.to_ring(i64, ring_bits=64).tolist()
+    assert np.shares_memory(encoding.to_ring(i64, ring_bits=64), i64)
+    assert encoding.decode_int(w64).tolist() == i64.tolist()

@@ -604,11 +604,7 @@ class TrainingEngine:
         if grad.shape != (spec.num_params,):
             raise ProtocolError(f"gradient has shape {grad.shape}, expected ({spec.num_params},)")
         upload = self._pads.take((session_id, step), self._pad_builder(session, step))
-        if grad.dtype == np.int32 and spec.ring_bits == 32:
-            words = grad.view(np.uint32)  # two's complement: the same words mod 2^32
-        else:
-            words = encoding.to_ring(grad.astype(np.int64, copy=False), ring_bits=spec.ring_bits)
-        np.add(upload, words, out=upload)
+        np.add(upload, encoding.to_ring(grad, ring_bits=spec.ring_bits), out=upload)
         session.next_step = step + 1
         session.expires = self._clock() + self._ttl
         if session.next_step >= spec.end_step:

@@ -511,7 +511,9 @@ class PerSampleClipper:
         # it contributes 0 (norm 0 <= C) instead of turning the whole sum into NaN. Examples
         # do not interact, so the others' gradients are the same without it.
         _log.warning(
-            "%d of %d samples had a non-finite gradient: they contribute 0", *skipped.counts
+            "%d of %d samples had a non-finite gradient: they contribute 0",
+            int(skipped.bad.sum()),
+            batch,
         )
         keep = ~skipped.bad
         rest = self.clipped_grad_sum(
@@ -690,7 +692,6 @@ class _NonFiniteSamples(Exception):
     def __init__(self, bad: torch.Tensor) -> None:
         super().__init__("non-finite per-sample gradients")
         self.bad = bad
-        self.counts = (int(bad.sum()), int(bad.numel()))
 
 
 def _fp32_precision(backend: Any) -> str:
