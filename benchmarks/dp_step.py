@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcdp.train.clipping import PerSampleClipper
+from mpcdp.train.federated import set_flat_gradients
 
 CLASSES = 10
 NOISE_MULTIPLIER = 1.0
@@ -210,11 +211,7 @@ def mpcdp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
     def step() -> None:
         g = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_per_example_ce).grad_sum
         g.add_(torch.randn_like(g), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = g[offset : offset + n].view_as(p)
-            offset += n
+        set_flat_gradients(params, g)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -247,11 +244,7 @@ def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
         words = words.cpu()
         g = low.add_(up).div_(scale * batch)
         del words
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = g[offset : offset + n].view_as(p)
-            offset += n
+        set_flat_gradients(params, g)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -59,7 +59,7 @@ from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.training import TrainingSession
 from mpcdp.train.clipping import PerSampleClipper
-from mpcdp.train.federated import plan_training
+from mpcdp.train.federated import plan_training, set_flat_gradients
 from mpcdp.train.models import build_model, check_model_spec
 from mpcdp.transport import codec, tls
 
@@ -92,10 +92,7 @@ def _local_step(model: str, batch: int, seed: int) -> tuple[Callable[[], None], 
         low = torch.floor(scaled)
         frac = scaled.sub_(low)
         g = low.add_(torch.rand_like(frac).lt_(frac).to(low.dtype)).div_(2.0**16 * batch)
-        offset = 0
-        for p in params:
-            p.grad = g[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        set_flat_gradients(params, g)
         opt.step()
 
     return step, clipper.num_params
@@ -233,10 +230,7 @@ def plaintext_step_times(
 
                 list(pool.map(one, SITES))
                 g = torch.from_numpy(total).add_(torch.randn(total.size)).div_(float(batch))
-                offset = 0
-                for p in params:
-                    p.grad = g[offset : offset + p.numel()].view_as(p)
-                    offset += p.numel()
+                set_flat_gradients(params, g)
                 opt.step()
                 times.append(time.perf_counter() - t0)
         return times
@@ -294,10 +288,7 @@ def federated_step_time(
                     full = False
                     scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
                     g = torch.from_numpy(total).to(torch.float32).mul_(scale)  # as train()
-                    offset = 0
-                    for p in params:
-                        p.grad = g[offset : offset + p.numel()].view_as(p)
-                        offset += p.numel()
+                    set_flat_gradients(params, g)
                     opt.step()
                     (back if k < steps + warmup else ready).append(time.perf_counter() - t0)
                 session.close()

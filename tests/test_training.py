@@ -783,3 +783,18 @@ def test_a_wrong_training_device_fails_at_start_up(tmp_path: Path, device: str, 
         cfg = load_party_config(tmp_path / f"{PARTIES[0]}.toml")
         with pytest.raises(ParameterError, match=error):
             PartyNode(dataclasses.replace(cfg, device=device))
+
+
+def test_set_flat_gradients_slices_in_order_and_refuses_a_wrong_length() -> None:
+    from mpcdp.train.federated import set_flat_gradients
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1).double())
+    params = list(net.parameters())
+    flat = torch.arange(11, dtype=torch.float32)
+    set_flat_gradients(params, flat)
+    assert [p.grad.dtype for p in params] == [p.dtype for p in params]
+    assert torch.equal(params[0].grad, flat[:6].view(2, 3))
+    assert params[3].grad.item() == 10.0 and params[3].grad.dtype == torch.float64
+    for bad in (torch.zeros(10), torch.zeros(11, 1)):
+        with pytest.raises(ParameterError, match="must be 1-D with 11 values"):
+            set_flat_gradients(params, bad)

@@ -57,6 +57,7 @@ __all__ = [
     "TrainingPlan",
     "TrainingResult",
     "plan_training",
+    "set_flat_gradients",
     "train",
 ]
 
@@ -311,6 +312,21 @@ def evaluate(
     return correct / n, loss / n
 
 
+def set_flat_gradients(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    """Give each parameter, in order, its slice of the 1-D ``flat`` as ``.grad`` (a view,
+    cast to the parameter's dtype only where it differs)."""
+    total = sum(p.numel() for p in params)
+    if flat.dim() != 1 or flat.numel() != total:
+        raise ParameterError(
+            "flat", f"shape {tuple(flat.shape)}", f"must be 1-D with {total} values"
+        )
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
 def pretrain_public(
     model: torch.nn.Module,
     data: Arrays,
@@ -490,12 +506,7 @@ def train(
                 # integer units -> the averaged gradient, in one float32 pass (float32 rounds
                 # each value by at most 2^-24 relative: post-processing of the release)
                 scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
-                grad = torch.from_numpy(total).to(torch.float32).mul_(scale)
-                offset = 0
-                for p in trainable:
-                    n = p.numel()
-                    p.grad = grad[offset : offset + n].view_as(p).to(p.dtype)
-                    offset += n
+                set_flat_gradients(trainable, torch.from_numpy(total).to(torch.float32).mul_(scale))
                 if mix is not None:
                     pick = torch.randint(
                         0, len(mix[1]), (min(public_batch_size, len(mix[1])),), generator=gen
