@@ -38,7 +38,6 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,18 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks import plaintext_party
 from benchmarks._timing import best_of
-from mpcdp.config import load_federation_config
 from mpcdp.federation import Federation
 from mpcdp.localnet import LocalFederation, launch
-from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.training import TrainingSession
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.federated import plan_training, set_flat_gradients
 from mpcdp.train.models import build_model, check_model_spec
-from mpcdp.transport import codec, tls
-
-ROOT = Path(__file__).resolve().parents[1]
+from mpcdp.transport import codec
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -167,37 +163,10 @@ def plaintext_step_times(
     each served by benchmarks/plaintext_party.py (clipped gradient sums in the clear, float32,
     no rounding, noise share or mask); the coordinator adds central Gaussian noise (std C:
     its cost, not its value, matters here) and applies SGD."""
-    cfg = load_federation_config(net.federation_config)
-    creds = tls.load_credentials(cfg.tls)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // len(SITES))))
-    procs, stubs, channels = [], {}, []
-    try:
-        for site in SITES:
-            port_file = net.workdir / site / "plain-port"
-            port_file.unlink(missing_ok=True)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.plaintext_party",
-                        *("--config", str(net.party_configs[site])),
-                        *("--port-file", str(port_file)),
-                        *("--train-model", model, "--sample-rate", str(sample_rate)),
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                )
-            )
-        for site in SITES:
-            port_file = net.workdir / site / "plain-port"
-            while not port_file.exists() or not port_file.read_text().strip():
-                time.sleep(0.05)
-            ch = tls.channel(
-                f"127.0.0.1:{int(port_file.read_text())}", creds=creds, server_name=site
-            )
-            channels.append(ch)
-            stubs[site] = pb_grpc.PartyStub(ch)  # type: ignore[no-untyped-call]
+    threads = max(1, (os.cpu_count() or 1) // len(SITES))  # as localnet's party processes
+    args = ("--train-model", model, "--sample-rate", str(sample_rate))
+    with plaintext_party.running(net, SITES, *args, threads=threads) as plain:
+        stubs = plain.stubs
         module = build_model(model)
         params = list(module.parameters())
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
@@ -234,12 +203,6 @@ def plaintext_step_times(
                 opt.step()
                 times.append(time.perf_counter() - t0)
         return times
-    finally:
-        for ch in channels:
-            ch.close()
-        for pr in procs:
-            pr.terminate()
-            pr.wait(timeout=30)
 
 
 def federated_step_time(

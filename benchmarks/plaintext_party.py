@@ -19,10 +19,16 @@ over the same transport.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +36,67 @@ import grpc
 import numpy as np
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config import load_party_config
+from mpcdp.config import load_federation_config, load_party_config
 from mpcdp.datasets import load_examples, load_vector
+from mpcdp.localnet import LocalFederation
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import codec, tls
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Running:
+    """Plaintext parties started by :func:`running`: a stub and a pid per party."""
+
+    stubs: dict[str, pb_grpc.PartyStub]
+    pids: dict[str, int]
+
+
+@contextlib.contextmanager
+def running(
+    net: LocalFederation, parties: Sequence[str], *args: str, threads: int | None = None
+) -> Iterator[Running]:
+    """One plaintext party process per party of ``net`` (its party.toml, certificates and
+    data), with extra command-line ``args`` and, when given, OMP_NUM_THREADS=``threads``;
+    connected over the same mTLS as the analyst; stopped on exit."""
+    env = dict(os.environ) if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    channels: list[grpc.Channel] = []
+    try:
+        for p in parties:
+            port_file = net.workdir / p / "plain-port"
+            port_file.unlink(missing_ok=True)
+            procs[p] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.plaintext_party",
+                    *("--config", str(net.party_configs[p])),
+                    *("--port-file", str(port_file)),
+                    *args,
+                ],
+                cwd=ROOT,
+                env=env,
+            )
+        creds = tls.load_credentials(load_federation_config(net.federation_config).tls)
+        stubs = {}
+        for p in parties:
+            port_file = net.workdir / p / "plain-port"
+            while not port_file.exists() or not port_file.read_text().strip():
+                time.sleep(0.05)
+            channels.append(
+                tls.channel(f"127.0.0.1:{int(port_file.read_text())}", creds=creds, server_name=p)
+            )
+            stubs[p] = pb_grpc.PartyStub(channels[-1])  # type: ignore[no-untyped-call]
+        yield Running(stubs=stubs, pids={p: pr.pid for p, pr in procs.items()})
+    finally:
+        for ch in channels:
+            ch.close()
+        for pr in procs.values():
+            pr.terminate()
+            pr.wait(timeout=30)
 
 
 class _ClearSite:

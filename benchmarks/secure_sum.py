@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import plaintext_party
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config import load_federation_config
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import Proposal
@@ -180,36 +180,10 @@ def bench_mpcdp(
 def bench_plaintext(
     net: LocalFederation, parties: list[str], d: int, repeat: int, chunk_bytes: int
 ) -> Measure:
-    procs, ports = {}, {}
-    try:
-        for p in parties:
-            pf = net.workdir / p / "plain-port"
-            pf.unlink(missing_ok=True)
-            procs[p] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.plaintext_party",
-                    "--config",
-                    str(net.party_configs[p]),
-                    "--port-file",
-                    str(pf),
-                ],
-                cwd=ROOT,
-            )
-        for p in parties:
-            pf = net.workdir / p / "plain-port"
-            while not pf.exists():
-                time.sleep(0.05)
-            ports[p] = int(pf.read_text())
-        cfg = load_federation_config(net.federation_config)
-        creds = tls.load_credentials(cfg.tls)
-        channels = {
-            p: tls.channel(f"127.0.0.1:{ports[p]}", creds=creds, server_name=p) for p in parties
-        }
-        stubs = {p: pb_grpc.PartyStub(ch) for p, ch in channels.items()}
+    with plaintext_party.running(net, parties) as plain:
+        stubs = plain.stubs
         m = Measure()
-        m.idle_rss = max(_rss(pr.pid)["VmHWM"] for pr in procs.values())
+        m.idle_rss = max(_rss(pid)["VmHWM"] for pid in plain.pids.values())
         nbytes: dict[str, int] = {}
         request = pb.ContributeRequest(
             version=PROTOCOL_VERSION, session_id=b"p" * 16, chunk_bytes=chunk_bytes
@@ -236,14 +210,8 @@ def bench_plaintext(
             else:
                 m.warm_s = min(m.warm_s, dt)
         m.bytes_per_party = max(nbytes.values())
-        m.peak_rss = max(_rss(pr.pid)["VmHWM"] for pr in procs.values())
-        for ch in channels.values():
-            ch.close()
+        m.peak_rss = max(_rss(pid)["VmHWM"] for pid in plain.pids.values())
         return m
-    finally:
-        for pr in procs.values():
-            pr.terminate()
-            pr.wait(timeout=30)
 
 
 def bench_mpyc(n: int, d: int, timeout: int) -> dict[str, Any]:
