@@ -66,6 +66,7 @@ from torch import nn
 
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.federated import set_flat_gradients
+from mpcdp.train.rounding import randomized_round_
 
 CLASSES = 10
 NOISE_MULTIPLIER = 1.0
@@ -219,31 +220,32 @@ def mpcdp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 
 def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-    """What a federated site does on a step's critical path: the clipped sum, scaled by 2^k
-    and rounded with a dither (its noise share and masks are built in the background), and
-    the update the coordinator sends back applied with SGD."""
+    """What a federated site does on a step's critical path (mpcdp/train/site.py): the
+    clipped sum, scaled by 2^k and rounded with a dither into buffers allocated once (its
+    noise share and masks are built in the background), and the update the coordinator sends
+    back applied with SGD."""
     clipper = PerSampleClipper(model, max_grad_norm=MAX_GRAD_NORM)
     params = [p for _, p in clipper.named_parameters()]
     opt = torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9)
     batch = x.shape[0]
     scale = 2.0**16
+    n, dev = clipper.num_params, clipper.device
+    total, low, dither = (torch.empty(n, device=dev) for _ in range(3))
+    words = torch.empty(n, dtype=torch.int32, device=dev)
+    host = words if dev.type == "cpu" else torch.empty(n, dtype=torch.int32, pin_memory=True)
 
     def step() -> None:
-        # the site's path (mpcdp/train/site.py): 2^k folded into the clip factors, one
-        # finiteness reduction, exact float32 rounding to int32 words (its dither is drawn
-        # in the background there; here it is timed)
-        scaled = clipper.clipped_grad_sum(
-            inputs=x, targets=y, loss_fn=_per_example_ce, check_inputs=False, scale=scale
-        ).grad_sum
-        assert bool(torch.isfinite(scaled.sum()))
-        low = torch.floor(scaled)
-        frac = scaled.sub_(low)
-        up = torch.rand_like(frac).lt_(frac)
-        words = low.to(torch.int32)  # Z_2^32 words, handed to the protocol
-        words.add_(up.to(torch.int32))
-        words = words.cpu()
-        g = low.add_(up).div_(scale * batch)
-        del words
+        # 2^k folded into the clip factors, one finiteness reduction, exact float32 rounding
+        # to int32 words (the site draws its dither in the background; here it is timed)
+        clipper.clipped_grad_sum(
+            inputs=x, targets=y, loss_fn=_per_example_ce, check_inputs=False, scale=scale,
+            out=total,
+        )  # fmt: skip
+        assert bool(torch.isfinite(total.sum()))
+        torch.rand(n, out=dither)
+        randomized_round_(total, dither=dither, low=low, out=words)
+        host.copy_(words)  # Z_2^32 words, handed to the protocol
+        g = low.copy_(words).div_(scale * batch)
         set_flat_gradients(params, g)
         opt.step()
         opt.zero_grad(set_to_none=True)

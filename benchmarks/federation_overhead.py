@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks import plaintext_party
 from benchmarks._timing import best_of
+from benchmarks.dp_step import client_step
 from mpcdp.federation import Federation
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.protocol.training import TrainingSession
@@ -70,28 +70,13 @@ def _data(n: int, features: int, classes: int, seed: int) -> tuple[np.ndarray, n
 
 
 def _local_step(model: str, batch: int, seed: int) -> tuple[Callable[[], None], int]:
-    """One local DP-SGD step of ``model`` on ``batch`` random examples (a site's own work),
-    and the number of parameters it trains."""
+    """One local DP-SGD step of ``model`` on ``batch`` random examples (a site's own work:
+    benchmarks.dp_step's client step), and the number of parameters it trains."""
     _, widths = check_model_spec(model)
     net = build_model(model)
-    clipper = PerSampleClipper(net, max_grad_norm=1.0)
-    params = [p for _, p in clipper.named_parameters()]
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     x, y = _data(batch, widths[0], widths[-1], seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step() -> None:
-        out = clipper.clipped_grad_sum(
-            inputs=xt, targets=yt, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none")
-        )
-        scaled = out.grad_sum.mul_(2.0**16)  # the site's exact float32 rounding
-        low = torch.floor(scaled)
-        frac = scaled.sub_(low)
-        g = low.add_(torch.rand_like(frac).lt_(frac).to(low.dtype)).div_(2.0**16 * batch)
-        set_flat_gradients(params, g)
-        opt.step()
-
-    return step, clipper.num_params
+    step = client_step(net, torch.from_numpy(x), torch.from_numpy(y))
+    return step, sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 def local_step_time(model: str, batch: int, repeat: int) -> tuple[float, int]:

@@ -685,3 +685,50 @@ def test_scale_is_folded_into_the_clip_factors_exactly() -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ParameterError, match="scale"):
             clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce, scale=bad)
+
+
+def test_out_receives_the_sum_also_when_empty_or_rerun() -> None:
+    torch.manual_seed(0)
+    clipper = PerSampleClipper(mlp(), max_grad_norm=1.0)
+    x, y = torch.randn(B, 4), torch.randint(0, NUM_CLASSES, (B,))
+    fresh = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+    buf = torch.full((clipper.num_params,), float("nan"))
+    got = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce, out=buf).grad_sum
+    assert got is buf and torch.equal(buf, fresh)
+    empty = clipper.clipped_grad_sum(
+        inputs=x[:0], targets=y[:0], loss_fn=ce, out=buf
+    ).grad_sum  # fmt: skip
+    assert empty is buf and not bool(buf.any())
+    # the rerun without non-finite samples writes into the same buffer
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1e20)
+        model[1].weight.fill_(1e20)
+    big = PerSampleClipper(model, max_grad_norm=1.0)
+    xs, ys = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 1])
+    alone = big.clipped_grad_sum(inputs=xs[:1], targets=ys[:1], loss_fn=ce).grad_sum
+    buf2 = torch.full((big.num_params,), float("nan"))
+    both = big.clipped_grad_sum(inputs=xs, targets=ys, loss_fn=ce, out=buf2).grad_sum
+    assert both is buf2 and torch.equal(buf2, alone)
+
+
+@pytest.mark.parametrize(
+    ("out", "error"),
+    [
+        (torch.zeros(3), r"out.*shape \(3,\)"),
+        ("grads", "out.*str"),
+        (None, r"out.*torch\.float64"),
+        (None, "out.*contiguous"),
+    ],
+)
+def test_bad_out_is_refused_naming_it(out: object, error: str) -> None:
+    clipper = PerSampleClipper(mlp(), max_grad_norm=1.0)
+    n = clipper.num_params
+    if out is None and "float64" in error:
+        out = torch.zeros(n, dtype=torch.float64)
+    elif out is None:
+        out = torch.zeros(2 * n)[::2]  # right shape and dtype, not contiguous
+    with pytest.raises(ParameterError, match=error):
+        clipper.clipped_grad_sum(
+            inputs=torch.randn(2, 4), targets=torch.tensor([0, 1]), loss_fn=ce, out=out
+        )  # type: ignore[arg-type]

@@ -318,7 +318,8 @@ class GradientSource(Protocol):
         self, *, rng: np.random.Generator
     ) -> NDArray[np.int32] | NDArray[np.int64]:
         """Poisson-sample a batch, clip, sum, scale by 2^scale_bits, round (unbiased); int32
-        when the session's ring is Z_2^32 (the plan keeps every value inside it)."""
+        when the session's ring is Z_2^32 (the plan keeps every value inside it). The array
+        may be a buffer the source reuses: it is valid until the next call."""
         ...
 
 

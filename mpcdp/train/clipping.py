@@ -434,6 +434,7 @@ class PerSampleClipper:
         loss_fn: LossFn,
         check_inputs: bool = True,
         scale: float = 1.0,
+        out: torch.Tensor | None = None,
     ) -> ClippedBatch:
         """Forward ``inputs``, and sum the clipped per-sample gradients of the losses.
 
@@ -446,6 +447,10 @@ class PerSampleClipper:
         synchronisation) for data already validated. ``scale`` multiplies the clip factors,
         so ``grad_sum`` is ``scale`` times the clipped sum without a pass over it; for a
         power of two the result is exactly that product (a site's 2^k before rounding).
+        ``out``: a contiguous 1-D float32 tensor of ``num_params`` values on the module's
+        device that receives the sum (returned as ``grad_sum``) instead of a new tensor; a
+        caller that reuses one buffer per step saves an allocation of the model's size,
+        which on a CPU costs more than the pass that fills it (fresh pages).
 
         Raises:
             ParameterError: non-finite ``inputs``, ``targets`` of another batch size, a
@@ -472,8 +477,13 @@ class PerSampleClipper:
                 f"batch size {targets.shape[0]}",
                 f"must have the batch size of inputs ({batch})",
             )
+        if out is not None:
+            self._check_out(out)
         if batch == 0:
-            zeros = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
+            if out is None:
+                zeros = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
+            else:
+                zeros = out.zero_()
             return ClippedBatch(grad_sum=zeros, batch_size=0, loss_sum=0.0, mean_norm=0.0)
         if (
             check_inputs
@@ -501,7 +511,7 @@ class PerSampleClipper:
         try:
             loss_sum, grads_ok = self._forward_backward(inputs, targets, loss_fn, batch)
             with torch.no_grad(), _ieee_float32(self.device):
-                return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale))
+                return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale), out)
         except _NonFiniteSamples as exc:
             skipped: _NonFiniteSamples = exc
         finally:
@@ -522,6 +532,7 @@ class PerSampleClipper:
             loss_fn=loss_fn,
             check_inputs=False,
             scale=scale,
+            out=out,
         )
         return ClippedBatch(
             grad_sum=rest.grad_sum,
@@ -636,8 +647,26 @@ class PerSampleClipper:
         offset, n = self._layout[id(p)]
         return flat[offset : offset + n].view(p.shape)
 
+    def _check_out(self, out: object) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise ParameterError("out", type(out).__name__, "must be a torch.Tensor")
+        want = (self._num_params,)
+        if out.dtype != torch.float32 or tuple(out.shape) != want or not out.is_contiguous():
+            raise ParameterError(
+                "out",
+                f"{out.dtype} of shape {tuple(out.shape)}",
+                f"must be a contiguous float32 tensor of shape {want}",
+            )
+        if out.device != self.device:
+            raise ParameterError("out", str(out.device), f"must be on {self.device}")
+
     def _clip_and_sum(
-        self, batch: int, loss_sum: torch.Tensor, grads_ok: bool, scale: float
+        self,
+        batch: int,
+        loss_sum: torch.Tensor,
+        grads_ok: bool,
+        scale: float,
+        out: torch.Tensor | None,
     ) -> ClippedBatch:
         dt = self._dtype
         norm2 = torch.zeros(batch, dtype=dt, device=self.device)
@@ -667,7 +696,10 @@ class PerSampleClipper:
         scaled = factors * scale if scale != 1.0 else factors
 
         # the clipped sums are written straight into grad_sum (no concatenation copy)
-        grad_sum = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
+        if out is None:
+            grad_sum = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
+        else:
+            grad_sum = out
         filled: set[int] = set()
         for layer, finish in finishers:
             dests = {name: self._slot(grad_sum, p) for name, p in layer.params.items()}

@@ -4,9 +4,12 @@ Per step: Poisson-sample the site's examples with rate q from the engine's CSPRN
 must stay secret for subsampling to amplify privacy), compute the sum of per-example clipped
 gradients by book-keeping (mpcdp.train.clipping, one forward and one backward, physical
 micro-batches of at most ``max_physical_batch``), scale by 2^scale_bits and round to
-floor(x) + [u < frac(x)] (unbiased; every step exact in float32) on the model's device. The
-dither u may come from torch's generator: the site's privacy bound holds for every dither
-(protocol.training).
+floor(x) + [u < frac(x)] (unbiased, in float32 without rounding error: mpcdp.train.rounding)
+on the model's device. The dither u may come from torch's generator: the site's privacy
+bound holds for every dither (protocol.training). The sum, the rounding and the words live
+in buffers allocated once per session, and the next step's dither is drawn in the
+background into the second of two buffers: on a CPU a fresh tensor of the model's size
+costs more (page faults) than the pass that fills it.
 
 A draw larger than ``max_batch_size`` (probability < 1e-15) is cut to a uniformly random
 subset of that size, so the ring's headroom check holds for every step.
@@ -28,6 +31,7 @@ from mpcdp.datasets import Examples
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import TrainSpec, max_batch_size
 from mpcdp.train.clipping import PerSampleClipper
+from mpcdp.train.rounding import randomized_round_
 
 __all__ = ["TorchGradientSource", "cross_entropy_per_example", "pick_device"]
 
@@ -93,6 +97,15 @@ class TorchGradientSource:
         # the data, and on a CPU site it is the largest single pass of the step
         self._dither: Future[torch.Tensor] | None = None
         self._dither_thread: ThreadPoolExecutor | None = None
+        # per-session buffers (allocated at the first step): two dithers (one in use, one
+        # being drawn), the sum, a micro-batch's part, floor(x), the words on the device
+        # and, for a GPU, their host copy
+        self._dithers: list[torch.Tensor] = []
+        self._sum: torch.Tensor | None = None
+        self._part: torch.Tensor | None = None
+        self._low: torch.Tensor | None = None
+        self._words: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None
 
     @property
     def num_params(self) -> int:
@@ -117,46 +130,57 @@ class TorchGradientSource:
             log.warning("Poisson batch of %d cut to %d", idx.size, self._max_batch)
             idx = np.sort(rng.choice(idx, size=self._max_batch, replace=False))
         if self._gen is None:
-            self._gen = torch.Generator(device=self._device)
-            self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
-            self._dither_thread = ThreadPoolExecutor(1, thread_name_prefix="dither")
-            self._dither = self._dither_thread.submit(self._draw_dither)
-        total: torch.Tensor | None = None
+            self._start(rng)
+        assert self._sum is not None and self._low is not None and self._words is not None
+        assert self._dither is not None and self._dither_thread is not None
         index = torch.from_numpy(idx).to(self._device)
         for start in range(0, idx.size, self._physical):
             part = index[start : start + self._physical]
+            first = start == 0
+            if not first and self._part is None:
+                self._part = torch.empty_like(self._sum)
             batch = self.clipper.clipped_grad_sum(
                 inputs=self._x[part],
                 targets=self._y[part],
                 loss_fn=self._loss_fn,
                 check_inputs=False,  # validated when the dataset was loaded
                 scale=self._scale,  # 2^k folded into the clip factors: exact, no extra pass
+                out=self._sum if first else self._part,
             )
-            total = batch.grad_sum if total is None else total.add_(batch.grad_sum)
-        if total is None:  # an empty Poisson batch still sends its noise share
-            total = torch.zeros(self.num_params, dtype=torch.float32, device=self._device)
+            if not first:
+                self._sum.add_(batch.grad_sum)
+        if idx.size == 0:  # an empty Poisson batch still sends its noise share
+            self._sum.zero_()
         # one reduction: a NaN or inf anywhere makes the sum non-finite (the clipper drops
         # such samples, so this is defence in depth)
-        if not bool(torch.isfinite(total.sum())):
+        if not bool(torch.isfinite(self._sum.sum())):
             raise ParameterError("gradient", "non-finite", "refusing to release this step")
-        # randomized rounding in float32, exactly: scaling by a power of two, floor and
-        # x - floor(x) are exact, so the result is floor(x) or floor(x) + 1 with
-        # P(+1) = frac(x) (no float64 copy of a 10^7-vector on the critical path). The sum
-        # is at most max_batch C 2^k per coordinate, which the plan keeps inside the ring,
-        # so int32 holds it exactly in Z_2^32 (half the memory traffic and device copy).
-        scaled = total  # already times 2^k
-        low = torch.floor(scaled)
-        frac = scaled.sub_(low)
-        assert self._dither is not None and self._dither_thread is not None
+        # The sum is at most max_batch C 2^k per coordinate, which the plan keeps inside the
+        # ring, so int32 holds the rounded words exactly in Z_2^32.
         up = self._dither.result()
-        self._dither = self._dither_thread.submit(self._draw_dither)
-        rounded = low.to(self._int)
-        rounded.add_(torch.lt(up, frac))
-        out: NDArray[np.int32] | NDArray[np.int64] = rounded.cpu().numpy()
+        # the other buffer is free: the step that used it is over
+        spare = self._dithers[1] if up is self._dithers[0] else self._dithers[0]
+        self._dither = self._dither_thread.submit(self._draw_dither, spare)
+        words = randomized_round_(self._sum, dither=up, low=self._low, out=self._words)
+        if self._host is not None:
+            words = self._host.copy_(words)
+        out: NDArray[np.int32] | NDArray[np.int64] = words.numpy()
         return out
 
-    def _draw_dither(self) -> torch.Tensor:
+    def _start(self, rng: np.random.Generator) -> None:
+        """Allocate the session's buffers and start drawing the first dither."""
+        n, dev = self.num_params, self._device
+        self._gen = torch.Generator(device=dev)
+        self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
+        self._dithers = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
+        self._sum = torch.empty(n, dtype=torch.float32, device=dev)
+        self._low = torch.empty(n, dtype=torch.float32, device=dev)
+        self._words = torch.empty(n, dtype=self._int, device=dev)
+        if dev.type != "cpu":
+            self._host = torch.empty(n, dtype=self._int, pin_memory=True)
+        self._dither_thread = ThreadPoolExecutor(1, thread_name_prefix="dither")
+        self._dither = self._dither_thread.submit(self._draw_dither, self._dithers[0])
+
+    def _draw_dither(self, buffer: torch.Tensor) -> torch.Tensor:
         """Uniforms on [0, 1) for one step's rounding (any dither keeps the privacy bound)."""
-        return torch.rand(
-            self.num_params, dtype=torch.float32, device=self._device, generator=self._gen
-        )
+        return torch.rand(buffer.shape, generator=self._gen, out=buffer)
