@@ -378,6 +378,12 @@ def test_flat_parameters_round_trip() -> None:
     torch.testing.assert_close(model[2].bias.detach(), flat[-3:] + 1.0)
     with pytest.raises(ParameterError, match="flat"):
         clipper.load_flat_parameters(flat[:-1])
+    for bad in (math.nan, math.inf, -math.inf):
+        spoiled = flat.clone()
+        spoiled[7] = bad
+        with pytest.raises(ParameterError, match=r"flat.*non-finite"):
+            clipper.load_flat_parameters(spoiled)
+    torch.testing.assert_close(model[2].bias.detach(), flat[-3:] + 1.0)  # nothing loaded
 
 
 def test_batchnorm_refused_with_module_path() -> None:
@@ -437,6 +443,12 @@ def test_nan_input_and_bad_loss_shape() -> None:
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
     x = torch.randn(3, 4)
     x[1, 2] = math.nan
+    for bad in (math.inf, -math.inf):
+        y2 = x.clone()
+        y2[1, 2] = bad
+        with pytest.raises(ParameterError, match="inputs"):
+            clipper.clipped_grad_sum(inputs=y2, targets=torch.zeros(3, dtype=torch.long),
+                                     loss_fn=ce)  # fmt: skip
     with pytest.raises(ParameterError, match="inputs") as info:
         clipper.clipped_grad_sum(inputs=x, targets=labels(3), loss_fn=ce)
     assert info.value.name == "inputs"
