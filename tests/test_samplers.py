@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -189,3 +190,39 @@ def test_noise_threads_follow_the_cores_and_omp_num_threads(
     assert default_noise_threads() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert 1 <= default_noise_threads() <= 8
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_background_builds_run_at_lower_priority_and_misses_do_not() -> None:
+    """What a pool builds ahead runs below the request path (module docstring of
+    noise_pool); a miss, built for a waiting request, does not."""
+    import os
+    import threading
+    from concurrent.futures import Executor
+
+    from mpcdp.protocol.noise_pool import BACKGROUND_NICE, NoisePool
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice()
+    seen: dict[str, list[int]] = {"bg": [], "fg": []}
+
+    def builder(label: str) -> object:
+        def build(g: np.random.Generator, workers: Executor) -> np.ndarray:
+            seen[label].append(nice())
+            seen[label].extend(workers.map(lambda _: nice(), range(4)))
+            return np.zeros(4, dtype=np.uint64)
+
+        return build
+
+    pool = NoisePool(rng=rng(1), threads=2)
+    try:
+        pool.prepare("k", builder("bg"), nbytes=32)  # type: ignore[arg-type]
+        assert pool.take("k", builder("unused")).size == 4  # type: ignore[arg-type]
+        assert pool.take("other", builder("fg")).size == 4  # type: ignore[arg-type]
+    finally:
+        pool.close()
+    assert pool.hits == 1 and pool.misses == 1
+    assert seen["bg"] == [min(19, base + BACKGROUND_NICE)] * 5
+    assert seen["fg"] == [base] * 5

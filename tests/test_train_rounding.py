@@ -130,7 +130,11 @@ def test_the_site_rounds_its_clipped_sum_and_reuses_its_buffers(physical: int) -
         model=model, examples=ex, spec=spec, device="cpu", max_physical_batch=physical
     )
     rng = np.random.default_rng(5)
-    steps = [source.quantized_gradient(rng=rng) for _ in range(200)]
+    steps = []
+    for k in range(200):
+        steps.append(source.quantized_gradient(rng=rng))
+        if k % 2:  # the dither drawn ahead in the background, or not
+            source.prepare_next()
     assert all(s.dtype == np.int32 for s in steps)
     assert all(np.shares_memory(steps[0], s) for s in steps[1:])  # one buffer
     words = []
@@ -141,3 +145,8 @@ def test_the_site_rounds_its_clipped_sum_and_reuses_its_buffers(physical: int) -
     mean = np.mean(words, axis=0)  # each word: +-1/2 around its mean, so sd <= 0.5/sqrt(200)
     assert np.all(np.abs(mean - exact) <= 6 * 0.5 / math.sqrt(200) + tol)
     assert np.any(np.abs(exact - np.round(exact)) > 0.1)  # the test rounds something
+    source.prepare_next()
+    source.close()
+    assert source._dither_thread is None
+    source.prepare_next()  # closed: nothing starts, and a step still works
+    assert source._dither_thread is None and source.quantized_gradient(rng=rng).size

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -149,6 +151,16 @@ def engines_of(net: Net) -> dict[str, TrainingEngine]:
         assert node.training is not None
         out[p] = node.training
     return out
+
+
+def dither_threads(wait_s: float = 5.0) -> list[str]:
+    """Names of live site dither threads, after giving stopped ones ``wait_s`` to exit."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        names = [t.name for t in threading.enumerate() if t.name.startswith("dither")]
+        if not names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.01)
 
 
 def initial(spec: TrainSpec) -> np.ndarray:
@@ -319,9 +331,12 @@ def test_steps_reveal_the_noisy_sum_of_clipped_gradients(sites: Net) -> None:
     session.open()
     params = initial(s)
     totals = [session.step(parameters=params, full=True)]
+    sources = [e._sessions[session.session_id].source for e in engines.values()]
     trainable = params  # no bias_only: trainable == all
     totals += [session.step(parameters=trainable, full=False) for _ in range(2)]
     session.close()
+    assert not dither_threads()  # finished sessions stopped their sources' threads
+    assert len(sources) == 3  # held until here: only close() could stop them
     # the exact sum of every site's clipped gradients (q = 1: every example, every step)
     from mpcdp.train.clipping import PerSampleClipper
     from mpcdp.train.site import cross_entropy_per_example
@@ -512,9 +527,14 @@ def test_a_site_failing_mid_run_aborts_the_step_and_reveals_nothing(sites: Net) 
     def dead(**kw: object) -> ContributionStream:
         raise ConnectionError("site-c is gone")
 
+    assert dither_threads()  # sites draw their next dither in the background
+    # held here, so that only close() (not garbage collection) can stop their threads
+    sources = [e._sessions[session.session_id].source for e in engines.values()]
     clients[2].train_step = dead  # type: ignore[method-assign]
     with pytest.raises(RoundAborted, match="step 1"):
         session.step(parameters=params, full=False)
+    assert not dither_threads()  # the aborted sessions stopped their sources' threads
+    assert len(sources) == 3
     # the others forgot the session
     with pytest.raises(SessionError):
         engines["alice"].step(

@@ -9,6 +9,11 @@ the next one in a background thread, so that a later round with the same paramet
 (a repeated dashboard query, training rounds with a fixed plan) finds it ready and does not
 compete with it for the CPU.
 
+Background builds run at a lower scheduling priority (Linux: nice + 10 for those threads
+only): when the party's cores are busy with a request (a training step's gradients, the
+coordinator's update on a shared machine), the request runs first and the noise fills the
+idle time. A build in the foreground (a miss) runs at normal priority on its own workers.
+
 Each vector holds a fresh noise share, is handed to exactly one round and is never kept or
 reused after that. Memory is bounded by ``max_entries`` and ``max_bytes``; the least
 recently used parameters are dropped first.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -27,12 +33,22 @@ import numpy as np
 
 from mpcdp.rng import csprng, ensure_rng
 
-__all__ = ["Builder", "NoisePool", "default_noise_threads", "fill_in_slices"]
+__all__ = [
+    "Builder",
+    "NoisePool",
+    "background_executor",
+    "default_noise_threads",
+    "fill_in_slices",
+]
 
 log = logging.getLogger(__name__)
 
-#: Builds one vector from a CSPRNG; called in the foreground (miss) or the background.
-Builder = Callable[[np.random.Generator], np.ndarray]
+#: Builds one vector from a CSPRNG, drawing slices on the given workers; called in the
+#: foreground (a miss, normal priority) or the background (low priority).
+Builder = Callable[[np.random.Generator, Executor], np.ndarray]
+
+#: How much lower background threads run (Linux nice increment, 0..19).
+BACKGROUND_NICE = 10
 
 #: Per-slice CSPRNG keys (AES-128) drawn from the caller's generator.
 _SLICE_KEY_BYTES = 16
@@ -50,6 +66,30 @@ def default_noise_threads() -> int:
     if omp.isdigit() and int(omp) > 0:
         n = min(n, int(omp))
     return max(1, min(8, n))
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's priority (Linux gives every thread its own nice value;
+    elsewhere PRIO_PROCESS would renice the whole process, so nothing is done)."""
+    if sys.platform != "linux":  # pragma: no cover - macOS, Windows
+        return
+    tid = threading.get_native_id()
+    try:
+        # relative to the main thread's (a thread started by a background thread inherits
+        # the lower value already)
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + BACKGROUND_NICE)
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as exc:  # pragma: no cover - e.g. a seccomp profile refusing it
+        log.debug("could not lower the priority of a background thread: %s", exc)
+
+
+def background_executor(max_workers: int, *, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads run at a lower priority (see the module docstring), for
+    work that does not depend on data and must not slow a request down."""
+    return ThreadPoolExecutor(
+        max_workers=max_workers, thread_name_prefix=name, initializer=_lower_priority
+    )
 
 
 def fill_in_slices(
@@ -81,12 +121,18 @@ def fill_in_slices(
 
 
 class NoisePool:
+    """Ready vectors per key (module docstring). ``threads`` workers draw the slices of a
+    build: one pool at normal priority for foreground builds, one at low priority for
+    background builds (default: :func:`default_noise_threads`)."""
+
     def __init__(
         self,
         *,
         rng: np.random.Generator | None = None,
         max_entries: int = 4,
         max_bytes: int = 1 << 30,
+        threads: int | None = None,
+        name: str = "noise",
     ) -> None:
         # the foreground and the background thread never share a Generator
         self._rng = ensure_rng(rng)
@@ -95,7 +141,10 @@ class NoisePool:
         self._max_bytes = max_bytes
         self._ready: OrderedDict[Hashable, tuple[int, Future[np.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+        n = threads or default_noise_threads()
+        self._executor = background_executor(1, name=f"{name}-bg")
+        self._bg_workers = background_executor(n, name=f"{name}-bg-slice")
+        self._fg_workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"{name}-slice")
         self.hits = 0
         self.misses = 0
 
@@ -111,7 +160,7 @@ class NoisePool:
             except Exception:  # a failed background build: build in the foreground instead
                 log.exception("background build failed")
         self.misses += 1
-        return build(self._rng)
+        return build(self._rng, self._fg_workers)
 
     def prepare(self, key: Hashable, build: Builder, *, nbytes: int) -> None:
         """Build a vector for ``key`` in the background (no-op when one is ready)."""
@@ -121,7 +170,10 @@ class NoisePool:
             if key in self._ready:
                 self._ready.move_to_end(key)
                 return
-            self._ready[key] = (nbytes, self._executor.submit(build, self._bg_rng))
+            self._ready[key] = (
+                nbytes,
+                self._executor.submit(build, self._bg_rng, self._bg_workers),
+            )
             while len(self._ready) > self._max_entries or (
                 sum(n for n, _ in self._ready.values()) > self._max_bytes
             ):
@@ -134,3 +186,5 @@ class NoisePool:
                 fut.cancel()
             self._ready.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._bg_workers.shutdown(wait=True, cancel_futures=True)
+        self._fg_workers.shutdown(wait=True, cancel_futures=True)

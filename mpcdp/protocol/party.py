@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -50,7 +50,7 @@ from mpcdp.errors import (
 )
 from mpcdp.protocol import identity
 from mpcdp.protocol.local import add_local_words
-from mpcdp.protocol.noise_pool import NoisePool, default_noise_threads, fill_in_slices
+from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
 from mpcdp.protocol.plan import ReleasePlan, plan
 from mpcdp.protocol.spec import QuerySpec, Statistic, digest
 
@@ -137,16 +137,14 @@ def _pool_key(spec: QuerySpec) -> QuerySpec:
     return replace(spec, query_id="*")
 
 
-def _builder(
-    release: ReleasePlan, data: Table | Vector, workers: Executor | None = None
-) -> Callable[[np.random.Generator], Any]:
+def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
     """noise share + encoded local statistic, in the ring of the query (the share drawn in
-    slices, on ``workers`` when given)."""
+    slices, on the pool's workers)."""
 
     spec = release.spec
     dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
 
-    def build(rng: np.random.Generator) -> Any:
+    def build(rng: np.random.Generator, workers: Executor) -> Any:
         noisy = np.empty(release.length, dtype=dtype)
         offset = 0
         for t in release.tensors:
@@ -308,11 +306,7 @@ class PartyEngine:
         # each pending session holds a noisy vector: bound the memory a coordinator can pin
         self._max_pending = max_pending
         self._clock = clock
-        self._noise = NoisePool(rng=rng)
-        self._workers = ThreadPoolExecutor(
-            max_workers=noise_threads or default_noise_threads(),
-            thread_name_prefix="noise-slice",
-        )
+        self._noise = NoisePool(rng=rng, threads=noise_threads)
         self._sessions: dict[bytes, _Session] = {}
         # session id -> why it is closed; bounded: an id older than that is simply unknown,
         # which is refused just the same
@@ -419,7 +413,7 @@ class PartyEngine:
                 coordinator,
             )
         assert view.data is not None  # checked in _check_spec
-        noisy = self._noise.take(_pool_key(spec), _builder(release, view.data, self._workers))
+        noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
         private_key, signed = new_signed_key(
             signing_key=self._signing_key,
             certificate=self._cert,
@@ -525,13 +519,12 @@ class PartyEngine:
         if release is not None and view is not None and view.data is not None:
             nbytes = release.length * release.spec.ring_bits // 8
             self._noise.prepare(
-                _pool_key(release.spec), _builder(release, view.data, self._workers), nbytes=nbytes
+                _pool_key(release.spec), _builder(release, view.data), nbytes=nbytes
             )
 
     def close(self) -> None:
         """Stop the background noise generation."""
         self._noise.close()
-        self._workers.shutdown(wait=True, cancel_futures=True)
 
     def abort(self, *, session_id: bytes, coordinator: str) -> None:
         with self._lock:

@@ -51,7 +51,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -85,7 +85,7 @@ from mpcdp.protocol.coordinator import (
     order_clients,
     signed_keys,
 )
-from mpcdp.protocol.noise_pool import NoisePool, default_noise_threads, fill_in_slices
+from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
 from mpcdp.protocol.party import (
     SESSION_ID_BYTES,
     Contribution,
@@ -322,6 +322,15 @@ class GradientSource(Protocol):
         may be a buffer the source reuses: it is valid until the next call."""
         ...
 
+    def prepare_next(self) -> None:
+        """Prepare the next step's data-independent work (e.g. its rounding dither) in the
+        background; called after a step's upload is sent."""
+        ...
+
+    def close(self) -> None:
+        """Release what the session holds (threads); called once when it ends."""
+        ...
+
 
 @dataclass(frozen=True)
 class TrainingTask:
@@ -391,10 +400,7 @@ class TrainingEngine:
         self._max_sessions = max_sessions
         self._clock = clock
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
-        self._pads = NoisePool(rng=rng, max_entries=2)
-        self._workers = ThreadPoolExecutor(
-            max_workers=noise_threads or default_noise_threads(), thread_name_prefix="noise"
-        )
+        self._pads = NoisePool(rng=rng, max_entries=2, threads=noise_threads, name="pad")
         self._sessions: dict[bytes, _SiteSession] = {}
         self._closed: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -626,6 +632,7 @@ class TrainingEngine:
             session = self._sessions.get(session_id)
         if session is None or session.next_step >= session.spec.end_step:
             return
+        session.source.prepare_next()
         nbytes = session.spec.num_params * session.spec.ring_bits // 8
         self._pads.prepare(
             (session_id, session.next_step),
@@ -633,9 +640,7 @@ class TrainingEngine:
             nbytes=nbytes,
         )
 
-    def _pad_builder(
-        self, session: _SiteSession, step: int
-    ) -> Callable[[np.random.Generator], np.ndarray]:
+    def _pad_builder(self, session: _SiteSession, step: int) -> Builder:
         spec = session.spec
         pair_keys = session.pair_keys
         assert pair_keys is not None
@@ -644,7 +649,7 @@ class TrainingEngine:
         dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
         size = spec.num_params
 
-        def build(rng: np.random.Generator) -> np.ndarray:
+        def build(rng: np.random.Generator, workers: Executor) -> np.ndarray:
             pad = np.empty(size, dtype=dtype)
 
             def fill(a: int, b: int, gen: np.random.Generator) -> None:
@@ -652,9 +657,7 @@ class TrainingEngine:
                 pad[a:b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
 
             # in parallel slices: matters for 10^7-parameter models
-            fill_in_slices(
-                size=size, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=self._workers
-            )
+            fill_in_slices(size=size, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=workers)
             sharing.MaskStream(
                 party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, ring_bits=spec.ring_bits
             ).apply(pad)
@@ -673,20 +676,25 @@ class TrainingEngine:
         return True
 
     def close(self) -> None:
+        with self._lock:
+            open_sessions = list(self._sessions)
+        for sid in open_sessions:
+            self._end(sid, "the party is shutting down")
         self._pads.close()
-        self._workers.shutdown(wait=True, cancel_futures=True)
 
     def _end(self, session_id: bytes, why: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
             self._closed[session_id] = why
             while len(self._closed) > 4096:
                 self._closed.popitem(last=False)
+        if session is not None:
+            session.source.close()
 
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now and not v.busy]:
-            del self._sessions[sid]
+            self._sessions.pop(sid).source.close()
             self._closed[sid] = "expired"
 
 

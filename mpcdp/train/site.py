@@ -29,6 +29,7 @@ from torch import nn
 
 from mpcdp.datasets import Examples
 from mpcdp.errors import ParameterError
+from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.rounding import randomized_round_
@@ -93,14 +94,16 @@ class TorchGradientSource:
         self._physical = max_physical_batch
         self._loss_fn = loss_fn
         self._gen: torch.Generator | None = None
-        # the next step's rounding dither, drawn in the background: it does not depend on
-        # the data, and on a CPU site it is the largest single pass of the step
+        # the next step's rounding dither, drawn in the background (prepare_next): it does
+        # not depend on the data, and on a CPU site it is the largest single pass of the step
         self._dither: Future[torch.Tensor] | None = None
         self._dither_thread: ThreadPoolExecutor | None = None
+        self._closed = False
         # per-session buffers (allocated at the first step): two dithers (one in use, one
         # being drawn), the sum, a micro-batch's part, floor(x), the words on the device
         # and, for a GPU, their host copy
         self._dithers: list[torch.Tensor] = []
+        self._in_use: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._part: torch.Tensor | None = None
         self._low: torch.Tensor | None = None
@@ -129,10 +132,9 @@ class TorchGradientSource:
         if idx.size > self._max_batch:
             log.warning("Poisson batch of %d cut to %d", idx.size, self._max_batch)
             idx = np.sort(rng.choice(idx, size=self._max_batch, replace=False))
-        if self._gen is None:
-            self._start(rng)
+        if self._sum is None:
+            self._allocate(rng)
         assert self._sum is not None and self._low is not None and self._words is not None
-        assert self._dither is not None and self._dither_thread is not None
         index = torch.from_numpy(idx).to(self._device)
         for start in range(0, idx.size, self._physical):
             part = index[start : start + self._physical]
@@ -157,18 +159,42 @@ class TorchGradientSource:
             raise ParameterError("gradient", "non-finite", "refusing to release this step")
         # The sum is at most max_batch C 2^k per coordinate, which the plan keeps inside the
         # ring, so int32 holds the rounded words exactly in Z_2^32.
-        up = self._dither.result()
-        # the other buffer is free: the step that used it is over
-        spare = self._dithers[1] if up is self._dithers[0] else self._dithers[0]
-        self._dither = self._dither_thread.submit(self._draw_dither, spare)
+        if self._dither is None:  # not drawn ahead (first step, or prepare_next not called)
+            up = self._draw_dither(self._spare())
+        else:
+            up = self._dither.result()
+            self._dither = None
+        self._in_use = up
         words = randomized_round_(self._sum, dither=up, low=self._low, out=self._words)
         if self._host is not None:
             words = self._host.copy_(words)
         out: NDArray[np.int32] | NDArray[np.int64] = words.numpy()
         return out
 
-    def _start(self, rng: np.random.Generator) -> None:
-        """Allocate the session's buffers and start drawing the first dither."""
+    def prepare_next(self) -> None:
+        """Start drawing the next step's dither in the background (the engine calls this
+        once a step's upload is sent, with the noise share and masks)."""
+        if self._closed or self._sum is None or self._dither is not None:
+            return
+        if self._dither_thread is None:
+            self._dither_thread = background_executor(1, name="dither")
+        self._dither = self._dither_thread.submit(self._draw_dither, self._spare())
+
+    def close(self) -> None:
+        """Stop the background thread (the engine calls this when the session ends); does
+        not wait for a draw in progress. Idempotent."""
+        self._closed = True
+        if self._dither_thread is not None:
+            self._dither_thread.shutdown(wait=False, cancel_futures=True)
+            self._dither_thread = None
+        self._dither = None
+
+    def _spare(self) -> torch.Tensor:
+        """The dither buffer the last step did not use."""
+        return self._dithers[1] if self._in_use is self._dithers[0] else self._dithers[0]
+
+    def _allocate(self, rng: np.random.Generator) -> None:
+        """The session's buffers and dither generator, at its first step."""
         n, dev = self.num_params, self._device
         self._gen = torch.Generator(device=dev)
         self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
@@ -178,8 +204,6 @@ class TorchGradientSource:
         self._words = torch.empty(n, dtype=self._int, device=dev)
         if dev.type != "cpu":
             self._host = torch.empty(n, dtype=self._int, pin_memory=True)
-        self._dither_thread = ThreadPoolExecutor(1, thread_name_prefix="dither")
-        self._dither = self._dither_thread.submit(self._draw_dither, self._dithers[0])
 
     def _draw_dither(self, buffer: torch.Tensor) -> torch.Tensor:
         """Uniforms on [0, 1) for one step's rounding (any dither keeps the privacy bound)."""
