@@ -156,11 +156,14 @@ def plaintext_step_times(
         params = list(module.parameters())
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
         times = []
+        n = sum(p.numel() for p in params)
+        sent, noise = torch.empty(n), torch.empty(n)  # reused, as the federated loop does
+        total = np.empty(n, dtype=np.float32)
         with ThreadPoolExecutor(len(SITES)) as pool:
             for k in range(steps):
                 t0 = time.perf_counter()
-                flat = torch.nn.utils.parameters_to_vector(params).detach().numpy()
-                total = np.zeros(flat.size, dtype=np.float32)
+                flat = torch.cat([p.detach().reshape(-1) for p in params], out=sent).numpy()
+                total.fill(0)
                 lock = threading.Lock()
 
                 def one(
@@ -183,7 +186,7 @@ def plaintext_step_times(
                             offset += x.size
 
                 list(pool.map(one, SITES))
-                g = torch.from_numpy(total).add_(torch.randn(total.size)).div_(float(batch))
+                g = torch.from_numpy(total).add_(torch.randn(n, out=noise)).div_(float(batch))
                 set_flat_gradients(params, g)
                 opt.step()
                 times.append(time.perf_counter() - t0)
@@ -227,16 +230,19 @@ def federated_step_time(
                 opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
                 back, ready = [], []
                 full = True
+                # the buffers mpcdp.train.federated.train reuses
+                sent = torch.empty(clipper.num_params)
+                words = np.empty(clipper.num_params, dtype=np.uint32)
+                grad = torch.empty(clipper.num_params)
+                scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
                 for k in range(min(plan.steps, 2 * steps + warmup)):
                     if k >= steps + warmup:
                         time.sleep(settle)  # let every site finish its pad (not timed)
                     t0 = time.perf_counter()
-                    flat = torch.nn.utils.parameters_to_vector(params).detach().numpy()
-                    total = session.step(parameters=flat, full=full)
+                    torch.cat([p.detach().reshape(-1) for p in params], out=sent)
+                    total = session.step(parameters=sent.numpy(), full=full, out=words)
                     full = False
-                    scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
-                    g = torch.from_numpy(total).to(torch.float32).mul_(scale)  # as train()
-                    set_flat_gradients(params, g)
+                    set_flat_gradients(params, grad.copy_(torch.from_numpy(total)).mul_(scale))
                     opt.step()
                     (back if k < steps + warmup else ready).append(time.perf_counter() - t0)
                 session.close()

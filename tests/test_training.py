@@ -364,6 +364,33 @@ def test_steps_reveal_the_noisy_sum_of_clipped_gradients(sites: Net) -> None:
         assert np.std(diff) == pytest.approx(noise_std / scale, rel=0.35)
 
 
+def test_a_step_sums_into_the_callers_buffer_and_a_bad_one_loses_nothing(sites: Net) -> None:
+    engines = engines_of(sites)
+    clients = [Direct(e) for e in engines.values()]
+    s = tspec(sample_rate=1.0, steps=2, steps_per_charge=2)
+    session = TrainingSession(spec=s, clients=clients)
+    session.open()
+    params = initial(s)
+    for bad, error in [
+        (np.zeros(NUM_PARAMS, dtype=np.int32), "out.*int32"),
+        (np.zeros(NUM_PARAMS + 1, dtype=np.uint32), r"out.*\(76,\)"),
+        (np.zeros(2 * NUM_PARAMS, dtype=np.uint32)[::2], "out.*C-contiguous"),
+        ([0] * NUM_PARAMS, "out.*list"),
+    ]:
+        with pytest.raises(ParameterError, match=error):
+            session.step(parameters=params, full=True, out=bad)  # type: ignore[arg-type]
+    assert all(not c.uploads for c in clients)  # refused before any site was asked
+    buf = np.full(NUM_PARAMS, 0xDEADBEEF, dtype=np.uint32)  # overwritten, not added to
+    total = session.step(parameters=params, full=True, out=buf)
+    assert np.shares_memory(total, buf) and total.dtype == np.int32
+    noise_std = math.sqrt(s.mu * 3 / 2)
+    # the clipped sums (norm <= 3 * 40 examples * C 2^k) are small against 0xDEADBEEF
+    assert np.all(np.abs(total.astype(np.float64)) <= 6 * noise_std + 120 * 2**s.scale_bits)
+    again = session.step(parameters=params, full=False, out=buf)  # reused: the next step
+    assert np.shares_memory(again, buf)
+    session.close()
+
+
 def test_what_the_coordinator_receives_from_a_site_is_uniform(sites: Net) -> None:
     """Zero parameters: every site's gradient is the same small vector, the uploads must
     still be indistinguishable from uniform words (bits and bytes)."""

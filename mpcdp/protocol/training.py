@@ -765,19 +765,44 @@ class TrainingSession:
         self._next = self.spec.start_step
 
     def step(
-        self, *, parameters: NDArray[np.float32], full: bool
+        self, *, parameters: NDArray[np.float32], full: bool, out: np.ndarray | None = None
     ) -> NDArray[np.int32] | NDArray[np.int64]:
         """Run the next step; returns the decoded sum (integer units, signed; int32 in
-        Z_2^32, a view of the summed words)."""
+        Z_2^32, a view of the summed words). ``out``: a C-contiguous array of
+        ``num_params`` ring words (uint32 for Z_2^32, uint64 for Z_2^64) to sum into instead
+        of a new one (a loop that reuses one saves an allocation of the model's size per
+        step); its contents are overwritten."""
         if self._pool is None or self._next < 0:
             raise ProtocolError("open the training session first")
         if self._next >= self.spec.end_step:
             raise ProtocolError(f"the session's {self.spec.steps} steps are done")
+        dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
+        if out is None:
+            total = np.zeros(self.spec.num_params, dtype=dtype)
+        else:
+            if (
+                not isinstance(out, np.ndarray)
+                or out.dtype != dtype
+                or out.shape != (self.spec.num_params,)
+                or not out.flags.c_contiguous
+                or not out.flags.writeable
+            ):
+                what = (
+                    f"{out.dtype} of shape {out.shape}"
+                    if isinstance(out, np.ndarray)
+                    else type(out).__name__
+                )
+                raise ParameterError(
+                    "out",
+                    what,
+                    f"must be a writeable C-contiguous {dtype} array of shape "
+                    f"({self.spec.num_params},)",
+                )
+            total = out
+            total.fill(0)
         step = self._next
         first = step == self.spec.start_step
         keys = self._keys if first else []
-        dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
-        total = np.zeros(self.spec.num_params, dtype=dtype)
         lock = threading.Lock()
         params = np.ascontiguousarray(parameters, dtype=np.float32)
 

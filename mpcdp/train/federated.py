@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
+from mpcdp import ring
 from mpcdp.dp import accountant, rdp
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import (
@@ -499,14 +500,24 @@ def train(
         session.open()
         try:
             full = True
+            # one buffer each for the parameters sent, the summed words and the gradient
+            # (a fresh 10^7-vector per step costs more in page faults than the pass over it)
+            n = sum(p.numel() for p in trainable)
+            same = all(p.dtype == torch.float32 and p.device.type == "cpu" for p in trainable)
+            sent = torch.empty(n, dtype=torch.float32) if same else None
+            words = np.empty(n, dtype=ring.dtype_for(plan.ring_bits))
+            grad = torch.empty(n, dtype=torch.float32)
+            scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
             for step in range(start, end):
-                flat = torch.nn.utils.parameters_to_vector(everything if full else trainable)
-                total = session.step(parameters=flat.detach().numpy(), full=full)
+                if full or sent is None:
+                    flat = torch.nn.utils.parameters_to_vector(everything if full else trainable)
+                else:
+                    flat = torch.cat([p.detach().reshape(-1) for p in trainable], out=sent)
+                total = session.step(parameters=flat.detach().numpy(), full=full, out=words)
                 full = False
                 # integer units -> the averaged gradient, in one float32 pass (float32 rounds
                 # each value by at most 2^-24 relative: post-processing of the release)
-                scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
-                set_flat_gradients(trainable, torch.from_numpy(total).to(torch.float32).mul_(scale))
+                set_flat_gradients(trainable, grad.copy_(torch.from_numpy(total)).mul_(scale))
                 if mix is not None:
                     pick = torch.randint(
                         0, len(mix[1]), (min(public_batch_size, len(mix[1])),), generator=gen
