@@ -28,9 +28,12 @@ around each step on a GPU). Memory, measured on a separate step: on CUDA the pea
 step's transient memory: activations, gradients, per-sample state, noise); on the CPU the
 increase of the process' peak resident set (VmHWM, reset through /proc/self/clear_refs after
 ``malloc_trim``) over the resident set before the step: an approximation, "n/a" where the
-kernel does not allow the reset. Ratios: each variant over the non-private step ("ratio/np")
-and over the mpcdp step ("ratio/ours"; for Opacus that is Opacus / mpcdp). Absolute times and
-megabytes are for this machine only.
+kernel does not allow the reset. "held": what the variant keeps between steps beyond its
+model (allocated memory, or resident set after ``malloc_trim``, after the warm-up steps minus
+before the variant was built: optimizer momentum, Opacus' wrappers, mpcdp's reused
+buffers); the memory ratio is (held + step) over the non-private step's. Ratios: each
+variant over the non-private step ("ratio/np") and over the mpcdp step ("ratio/ours"; for
+Opacus that is Opacus / mpcdp). Absolute times and megabytes are for this machine only.
 
 Models (``--models``): ``mlp`` (flattened 3x32x32 input, Linear 3072-2048-1536-512-10 with
 ReLUs by default (``--mlp-widths``): 10,232,842 parameters), ``cnn`` (3 x [Conv2d 3x3,
@@ -208,10 +211,15 @@ def mpcdp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
     params = [p for _, p in clipper.named_parameters()]
     opt = torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9)
     batch = x.shape[0]
+    n, dev = clipper.num_params, clipper.device
+    total, noise = torch.empty(n, device=dev), torch.empty(n, device=dev)  # reused
 
     def step() -> None:
-        g = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_per_example_ce).grad_sum
-        g.add_(torch.randn_like(g), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch)
+        g = clipper.clipped_grad_sum(
+            inputs=x, targets=y, loss_fn=_per_example_ce, out=total
+        ).grad_sum  # fmt: skip
+        torch.randn(n, out=noise)
+        g.add_(noise, alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch)
         set_flat_gradients(params, g)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -346,6 +354,20 @@ def _cuda_peak_bytes(step: Step, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def held_bytes(device: torch.device) -> int | None:
+    """What the process holds now: CUDA memory allocated, or the resident set after a GC
+    and ``malloc_trim`` on the CPU (None where /proc is missing)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+    _malloc_trim()
+    try:
+        return _proc_status_kb("VmRSS") * 1024
+    except (OSError, KeyError):
+        return None
+
+
 def peak_bytes(step: Step, device: torch.device) -> int | None:
     return _cuda_peak_bytes(step, device) if device.type == "cuda" else _cpu_peak_bytes(step)
 
@@ -358,6 +380,7 @@ class Row:
     variant: str
     step_s: float | None = None
     peak_bytes: int | None = None
+    held_bytes: int | None = None
     ratio_nonprivate: float | None = None
     ratio_ours: float | None = None
     mem_ratio_nonprivate: float | None = None
@@ -403,10 +426,16 @@ def bench_model(
     steps: dict[str, Step] = {}
     for variant, make in makers.items():
         with _reported(rows[variant], device):
-            step = make(copy.deepcopy(base).to(device))
+            model = copy.deepcopy(base).to(device)
+            before = held_bytes(device)
+            step = make(model)
             for _ in range(args.warmup):
                 step()
             steps[variant] = step
+            after = held_bytes(device)
+            if before is not None and after is not None:
+                # state kept between steps: optimizer buffers, hooks' state, reused buffers
+                rows[variant].held_bytes = max(0, after - before)
     best = {v: math.inf for v in steps}
     for _ in range(args.repeat):  # interleaved: drift hits every variant alike
         for variant, step in steps.items():
@@ -421,15 +450,23 @@ def bench_model(
     steps.clear()
     base_t, ours_t = rows["non-private"].step_s, rows["mpcdp"].step_s
     assert base_t is not None and ours_t is not None
-    base_m = rows["non-private"].peak_bytes
+    base_m = _total_bytes(rows["non-private"])
     for row in rows.values():
         if row.step_s is None:
             continue
         row.ratio_nonprivate = row.step_s / base_t
         row.ratio_ours = row.step_s / ours_t
-        if row.peak_bytes is not None and base_m:
-            row.mem_ratio_nonprivate = row.peak_bytes / base_m
+        total = _total_bytes(row)
+        if total is not None and base_m:
+            row.mem_ratio_nonprivate = total / base_m
     return list(rows.values())
+
+
+def _total_bytes(row: Row) -> int | None:
+    """Held between steps + the step's own peak: what the variant needs beyond the model."""
+    if row.peak_bytes is None or row.held_bytes is None:
+        return None
+    return row.peak_bytes + row.held_bytes
 
 
 def _fmt(value: float | None, spec: str, width: int) -> str:
@@ -483,10 +520,14 @@ def main() -> None:
         f"best of {args.repeat} after {args.warmup} warm-up steps"
     )
     mem_what = "CUDA peak alloc" if device.type == "cuda" else "peak RSS growth"
-    print(f"memory: the step's {mem_what} over what was held before it")
+    print(
+        f"memory: held MB = state kept between steps beyond the model (optimizer, hooks, "
+        f"buffers); step MB = the step's {mem_what} over what was held before it; "
+        f"mem/np = (held + step) over the non-private step's"
+    )
     header = (
         f"{'model':<12} {'params':>11} {'batch':>5}  {'variant':<14} {'step ms':>9} "
-        f"{'ratio/np':>8} {'ratio/ours':>10} {'step MB':>9} {'mem/np':>7}"
+        f"{'ratio/np':>8} {'ratio/ours':>10} {'held MB':>8} {'step MB':>9} {'mem/np':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -501,9 +542,10 @@ def main() -> None:
                 continue
             ms = None if r.step_s is None else r.step_s * 1e3
             mb = None if r.peak_bytes is None else r.peak_bytes / 2**20
+            held = None if r.held_bytes is None else r.held_bytes / 2**20
             print(
                 f"{lead} {_fmt(ms, '.2f', 9)} {_fmt(r.ratio_nonprivate, '.2f', 8)} "
-                f"{_fmt(r.ratio_ours, '.2f', 10)} {_fmt(mb, '.1f', 9)} "
+                f"{_fmt(r.ratio_ours, '.2f', 10)} {_fmt(held, '.1f', 8)} {_fmt(mb, '.1f', 9)} "
                 f"{_fmt(r.mem_ratio_nonprivate, '.2f', 7)}",
                 flush=True,
             )
