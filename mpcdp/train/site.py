@@ -4,8 +4,9 @@ Per step: Poisson-sample the site's examples with rate q from the engine's CSPRN
 must stay secret for subsampling to amplify privacy), compute the sum of per-example clipped
 gradients by book-keeping (mpcdp.train.clipping, one forward and one backward, physical
 micro-batches of at most ``max_physical_batch``), scale by 2^scale_bits and round to
-floor(x) + [u < frac(x)] (unbiased, in float32 without rounding error: mpcdp.train.rounding)
-on the model's device. The dither u may come from torch's generator: the site's privacy
+floor(x) + [u < frac(x)] on the model's device (in float32: always floor or floor + 1, and
+P(+1) = frac(x) exactly but for x in (-1, 0), where it is within 2^-25:
+mpcdp.train.rounding). The dither u may come from torch's generator: the site's privacy
 bound holds for every dither (protocol.training). The sum, the rounding and the words live
 in buffers allocated once per session, and the next step's dither is drawn in the
 background into the second of two buffers: on a CPU a fresh tensor of the model's size
@@ -18,6 +19,7 @@ subset of that size, so the ring's headroom check holds for every step.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -99,6 +101,9 @@ class TorchGradientSource:
         self._dither: Future[torch.Tensor] | None = None
         self._dither_thread: ThreadPoolExecutor | None = None
         self._closed = False
+        # prepare_next (after step s's upload) may run while step s + 1 starts (the
+        # coordinator can send it before the server thread resumes): one dither at a time
+        self._dither_lock = threading.Lock()
         # per-session buffers (allocated at the first step): two dithers (one in use, one
         # being drawn), the sum, a micro-batch's part, floor(x), the words on the device
         # and, for a GPU, their host copy
@@ -159,12 +164,13 @@ class TorchGradientSource:
             raise ParameterError("gradient", "non-finite", "refusing to release this step")
         # The sum is at most max_batch C 2^k per coordinate, which the plan keeps inside the
         # ring, so int32 holds the rounded words exactly in Z_2^32.
-        if self._dither is None:  # not drawn ahead (first step, or prepare_next not called)
-            up = self._draw_dither(self._spare())
-        else:
-            up = self._dither.result()
-            self._dither = None
-        self._in_use = up
+        with self._dither_lock:
+            if self._dither is None:  # not drawn ahead (first step, or prepare_next late)
+                up = self._draw_dither(self._spare())
+            else:
+                up = self._dither.result()
+                self._dither = None
+            self._in_use = up
         words = randomized_round_(self._sum, dither=up, low=self._low, out=self._words)
         if self._host is not None:
             words = self._host.copy_(words)
@@ -174,20 +180,22 @@ class TorchGradientSource:
     def prepare_next(self) -> None:
         """Start drawing the next step's dither in the background (the engine calls this
         once a step's upload is sent, with the noise share and masks)."""
-        if self._closed or self._sum is None or self._dither is not None:
-            return
-        if self._dither_thread is None:
-            self._dither_thread = background_executor(1, name="dither")
-        self._dither = self._dither_thread.submit(self._draw_dither, self._spare())
+        with self._dither_lock:
+            if self._closed or self._sum is None or self._dither is not None:
+                return
+            if self._dither_thread is None:
+                self._dither_thread = background_executor(1, name="dither")
+            self._dither = self._dither_thread.submit(self._draw_dither, self._spare())
 
     def close(self) -> None:
         """Stop the background thread (the engine calls this when the session ends); does
         not wait for a draw in progress. Idempotent."""
-        self._closed = True
-        if self._dither_thread is not None:
-            self._dither_thread.shutdown(wait=False, cancel_futures=True)
-            self._dither_thread = None
-        self._dither = None
+        with self._dither_lock:
+            self._closed = True
+            if self._dither_thread is not None:
+                self._dither_thread.shutdown(wait=False, cancel_futures=True)
+                self._dither_thread = None
+            self._dither = None
 
     def _spare(self) -> torch.Tensor:
         """The dither buffer the last step did not use."""
