@@ -413,3 +413,15 @@ def test_certificate_cache_checks_ca_and_name(tmp_path: Path) -> None:
         cache.get(evil.public_bytes(serialization.Encoding.DER), claimed="bob")
     with pytest.raises(ProtocolError, match="not DER"):
         cache.get(b"junk", claimed="bob")
+
+
+def test_closed_sessions_are_remembered_up_to_a_bound() -> None:
+    from mpcdp.protocol.party import ClosedSessions
+
+    closed = ClosedSessions(limit=3)
+    for i in range(5):
+        closed.add(bytes([i]) * 16, f"why {i}")
+    assert bytes([0]) * 16 not in closed and closed.get(bytes([1]) * 16) is None
+    assert bytes([4]) * 16 in closed and closed.get(bytes([2]) * 16) == "why 2"
+    closed.add(bytes([2]) * 16, "again")  # a newer reason replaces the older
+    assert closed.get(bytes([2]) * 16) == "again"

@@ -56,6 +56,7 @@ from mpcdp.protocol.spec import QuerySpec, Statistic, digest
 
 __all__ = [
     "SESSION_ID_BYTES",
+    "ClosedSessions",
     "Contribution",
     "DatasetView",
     "PartyEngine",
@@ -164,6 +165,26 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
         return noisy
 
     return build
+
+
+class ClosedSessions:
+    """Why each recently closed session was closed: a bounded map, oldest forgotten first
+    (an id older than that is simply unknown, which is refused just the same)."""
+
+    def __init__(self, limit: int = _MAX_CLOSED) -> None:
+        self._why: OrderedDict[bytes, str] = OrderedDict()
+        self._limit = limit
+
+    def add(self, session_id: bytes, why: str) -> None:
+        self._why[session_id] = why
+        while len(self._why) > self._limit:
+            self._why.popitem(last=False)
+
+    def get(self, session_id: bytes) -> str | None:
+        return self._why.get(session_id)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._why
 
 
 def check_parties(
@@ -310,7 +331,7 @@ class PartyEngine:
         self._sessions: dict[bytes, _Session] = {}
         # session id -> why it is closed; bounded: an id older than that is simply unknown,
         # which is refused just the same
-        self._closed: OrderedDict[bytes, str] = OrderedDict()
+        self._closed = ClosedSessions()
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         self._lock = threading.Lock()
         # shared with a TrainingEngine on the same ledger
@@ -536,9 +557,7 @@ class PartyEngine:
 
     def _close(self, session_id: bytes, why: str) -> None:
         """Remember why a session is closed (caller holds self._lock)."""
-        self._closed[session_id] = why
-        while len(self._closed) > _MAX_CLOSED:
-            self._closed.popitem(last=False)
+        self._closed.add(session_id, why)
 
     def _expire(self) -> None:
         now = self._clock()

@@ -49,7 +49,6 @@ import math
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -88,6 +87,7 @@ from mpcdp.protocol.coordinator import (
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
 from mpcdp.protocol.party import (
     SESSION_ID_BYTES,
+    ClosedSessions,
     Contribution,
     Proposal,
     check_parties,
@@ -402,7 +402,7 @@ class TrainingEngine:
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
         self._pads = NoisePool(rng=rng, max_entries=2, threads=noise_threads, name="pad")
         self._sessions: dict[bytes, _SiteSession] = {}
-        self._closed: OrderedDict[bytes, str] = OrderedDict()
+        self._closed = ClosedSessions(limit=4096)
         self._lock = threading.Lock()
 
     def max_parameters(self, session_id: bytes) -> int:
@@ -410,7 +410,7 @@ class TrainingEngine:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
-                why = self._closed.get(session_id, "unknown or expired")
+                why = self._closed.get(session_id) or "unknown or expired"
                 raise SessionError(f"training session {session_id.hex()}: {why}")
             return session.source.total_params
 
@@ -685,9 +685,7 @@ class TrainingEngine:
     def _end(self, session_id: bytes, why: str) -> None:
         with self._lock:
             session = self._sessions.pop(session_id, None)
-            self._closed[session_id] = why
-            while len(self._closed) > 4096:
-                self._closed.popitem(last=False)
+            self._closed.add(session_id, why)
         if session is not None:
             session.source.close()
 
@@ -695,7 +693,7 @@ class TrainingEngine:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now and not v.busy]:
             self._sessions.pop(sid).source.close()
-            self._closed[sid] = "expired"
+            self._closed.add(sid, "expired")
 
 
 def _charge_id(spec: TrainSpec, session_id: bytes, block: int) -> str:
