@@ -25,7 +25,11 @@ In the same run, on this machine:
   share and masks are built, which is what a site with spare cores (or a GPU doing the
   gradients) gets; the wait is not timed;
 - pad: the time one site needs to build the noise share + masks of one step for this model
-  (one core; it runs off the critical path, in parallel 1M-coordinate slices).
+  (one core; it runs off the critical path, in parallel 1M-coordinate slices);
+- plaintext federated: the same sites' examples served by benchmarks/plaintext_party.py over
+  the same mTLS gRPC, clipped sums in the clear, central noise at the coordinator; and
+  transport only: the same, but the sites send zeros without computing a gradient (what
+  moving parameters down and sums up costs, with the coordinator's loop).
 Ratios: federated back to back / local, and federated with pads ready / 3 local at once:
 what the federation adds to the same gradient work on the same cores (issue 5's target is
 <= 1.15 for the federation overhead). BENCHMARKS.md says which machine produced each number.
@@ -142,14 +146,23 @@ def pad_time(num_params: int, repeat: int) -> float:
 
 
 def plaintext_step_times(
-    net: LocalFederation, model: str, sample_rate: float, batch: int, steps: int
+    net: LocalFederation,
+    model: str,
+    sample_rate: float,
+    batch: int,
+    steps: int,
+    *,
+    transport_only: bool = False,
 ) -> list[float]:
     """Plaintext federated DP-SGD over the same transport: the same three sites' examples,
     each served by benchmarks/plaintext_party.py (clipped gradient sums in the clear, float32,
     no rounding, noise share or mask); the coordinator adds central Gaussian noise (std C:
-    its cost, not its value, matters here) and applies SGD."""
+    its cost, not its value, matters here) and applies SGD. ``transport_only``: the sites
+    send zeros instead of computing a gradient (the transport and the coordinator's loop)."""
     threads = max(1, (os.cpu_count() or 1) // len(SITES))  # as localnet's party processes
-    args = ("--train-model", model, "--sample-rate", str(sample_rate))
+    args: tuple[str, ...] = ("--train-model", model, "--sample-rate", str(sample_rate))
+    if transport_only:
+        args += ("--transport-only",)
     with plaintext_party.running(net, SITES, *args, threads=threads) as plain:
         stubs = plain.stubs
         module = build_model(model)
@@ -195,9 +208,10 @@ def plaintext_step_times(
 
 def federated_step_time(
     model: str, examples: int, batch: int, steps: int, warmup: int, settle: float
-) -> tuple[float, float, list[float], list[float], list[float]]:
+) -> tuple[float, float, list[float], list[float], list[float], list[float]]:
     """Median step time back to back and with pads ready (``settle`` s untimed before each
-    step), every step's time of both phases, and the plaintext federated steps' times."""
+    step), every step's time of both phases, the plaintext federated steps' times and the
+    transport-only steps' times."""
     _, widths = check_model_spec(model)
     with tempfile.TemporaryDirectory(prefix="mpcdp-bench-") as tmp:
         root = Path(tmp)
@@ -247,7 +261,10 @@ def federated_step_time(
                     (back if k < steps + warmup else ready).append(time.perf_counter() - t0)
                 session.close()
             plain = plaintext_step_times(net, model, plan.sample_rate, batch, steps + warmup)
-    return statistics.median(back[warmup:]), statistics.median(ready), back, ready, plain
+            wire = plaintext_step_times(
+                net, model, plan.sample_rate, batch, steps + warmup, transport_only=True
+            )
+    return statistics.median(back[warmup:]), statistics.median(ready), back, ready, plain, wire
 
 
 def main() -> None:
@@ -271,10 +288,11 @@ def main() -> None:
     pad = pad_time(num_params, args.repeat)
     cores = os.cpu_count() or 1
     settle = max(0.2, 2 * pad * len(SITES) / cores) if args.settle == "auto" else float(args.settle)
-    fed, fed_ready, back, ready, plain_steps = federated_step_time(
+    fed, fed_ready, back, ready, plain_steps, wire_steps = federated_step_time(
         args.model, args.examples, args.batch_size, args.steps, args.warmup, settle
     )
     plain = statistics.median(plain_steps[args.warmup :])
+    wire = statistics.median(wire_steps[args.warmup :])
     per_site = max(1, round(args.batch_size / len(SITES)))
     threads = max(1, cores // len(SITES))
     print(f"model {args.model}: {num_params:,} parameters, expected batch {args.batch_size}")
@@ -290,6 +308,7 @@ def main() -> None:
         ("federated, pads ready", fed_ready, f"median; {settle:.2f} s untimed before each"),
         ("one site pad (off path)", pad, "noise share + masks, one core"),
         ("plaintext federated", plain, "same sites and transport, sums in the clear"),
+        ("transport only", wire, "the same, sites send zeros instead of a gradient"),
     ]
     for name, value, note in rows:
         print(f"{name:>28}: {value * 1e3:9.1f} ms  ({note})")
@@ -301,6 +320,10 @@ def main() -> None:
     print(
         f"ratio federated with pads ready / plaintext federated: {fed_ready / plain:.2f}x "
         "(what secure aggregation and distributed noise add to federated DP-SGD)"
+    )
+    print(
+        f"transport only / federated with pads ready: {wire / fed_ready:.0%} of the step is "
+        "moving parameters and sums (and the coordinator's loop)"
     )
     if args.json:
         out: dict[str, Any] = {
@@ -321,6 +344,8 @@ def main() -> None:
             "plaintext_s": plain,
             "plaintext_steps_s": plain_steps,
             "ratio_ready_over_plaintext": fed_ready / plain,
+            "transport_only_s": wire,
+            "transport_only_steps_s": wire_steps,
             "torch_threads": torch.get_num_threads(),
             "python": sys.version.split()[0],
         }

@@ -13,7 +13,9 @@ party's example dataset, in the clear: it loads the parameters the coordinator s
 Poisson-samples its examples at ``--sample-rate``, sums the per-example gradients clipped to
 ``--max-grad-norm`` with the same book-keeping clipper, and streams that float32 sum back, with
 no rounding, noise share or mask: plaintext federated DP-SGD with the noise added centrally,
-over the same transport.
+over the same transport. With ``--transport-only`` as well, TrainStep skips the gradient
+(the parameters are received and decoded, zeros of the same length are sent back): what the
+transport and the coordinator's loop cost alone.
 """
 
 from __future__ import annotations
@@ -102,7 +104,15 @@ def running(
 class _ClearSite:
     """A site's clipped gradient sums, in the clear (benchmark only)."""
 
-    def __init__(self, *, model: str, examples: Any, sample_rate: float, max_grad_norm: float):
+    def __init__(
+        self,
+        *,
+        model: str,
+        examples: Any,
+        sample_rate: float,
+        max_grad_norm: float,
+        transport_only: bool = False,
+    ):
         import torch
 
         from mpcdp.train.clipping import PerSampleClipper
@@ -117,7 +127,8 @@ class _ClearSite:
         self.q = sample_rate
         self.rng = np.random.default_rng()  # benchmark only: the batch is not secret here
         # one sum buffer, as mpcdp's site keeps (no page faults for a fresh 10^7-vector)
-        self.total = torch.empty(self.clipper.num_params, dtype=torch.float32)
+        self.total = torch.zeros(self.clipper.num_params, dtype=torch.float32)
+        self.transport_only = transport_only
 
     @property
     def total_params(self) -> int:
@@ -125,6 +136,9 @@ class _ClearSite:
 
     def step(self, values: np.ndarray, *, full: bool) -> np.ndarray:
         torch = self.torch
+        if self.transport_only:
+            zeros: np.ndarray = self.total.numpy()
+            return zeros
         flat = torch.from_numpy(values)
         if full:
             torch.nn.utils.vector_to_parameters(flat, self.all)
@@ -189,6 +203,7 @@ def main() -> None:
     parser.add_argument("--train-model", default=None, help="serve TrainStep for this model")
     parser.add_argument("--sample-rate", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--transport-only", action="store_true", help="TrainStep sends zeros")
     args = parser.parse_args()
     cfg = load_party_config(args.config)
     vector = next((d for d in cfg.datasets.values() if d.kind == "vector"), None)
@@ -200,6 +215,7 @@ def main() -> None:
             examples=load_examples(ds.path, num_classes=ds.num_classes),
             sample_rate=args.sample_rate,
             max_grad_norm=args.max_grad_norm,
+            transport_only=args.transport_only,
         )
     creds = tls.load_credentials(cfg.tls)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=tls.GRPC_OPTIONS)

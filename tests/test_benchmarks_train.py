@@ -103,3 +103,5 @@ def test_federation_overhead_tiny(tmp_path: Path) -> None:
     assert len(data["federated_steps_s"]) == 3 and len(data["federated_ready_steps_s"]) == 2
     assert data["local_together_s"] > 0 and data["settle_s"] >= 0.2
     assert len(data["plaintext_steps_s"]) == 3 and data["plaintext_s"] > 0
+    assert len(data["transport_only_steps_s"]) == 3 and data["transport_only_s"] > 0
+    assert "transport only" in stdout
