@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 5's GPU measurements as one script, for a GPU machine that has CUDA PyTorch but not
+# mpcdp's other dependencies and no network (the workplace's device tool).
+#
+# Here, once (wheels for the device's CPython 3.12, kept out of git by .git/info/exclude):
+#     bash benchmarks/gpu_check.sh --fetch-wheels
+# Then on the GPU machine, from the repository root, with .whl carried along:
+#     bash benchmarks/gpu_check.sh            # dp_step (all models) + federation_overhead
+#     bash benchmarks/gpu_check.sh --quick    # the same, small: checks the CUDA paths run
+# Output: dp_step.json, overhead.json and their logs in $OUT (./gpu-out when OUT is unset).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    mkdir -p .whl
+    # the versions the CPU development environment runs; --no-deps: the device image has
+    # numpy, scipy, torch, click, rich, shellingham, opt-einsum
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 randomgen==2.5.1 grpcio==1.85.3 \
+        grpcio-health-checking==1.85.1 protobuf==7.36.2 opacus==1.6.0 typer==0.29.2 \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 annotated-doc==0.0.7 \
+        typing-inspection==0.4.5
+    du -sh .whl
+    exit 0
+fi
+
+out="${OUT:-gpu-out}"
+mkdir -p "$out"
+if ! python3 -c 'import cryptography, randomgen, grpc, opacus, typer' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/mpcdp-site .whl/*.whl
+    export PYTHONPATH="/tmp/mpcdp-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+(nvidia-smi -L || true) | tee "$out/device.log"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' \
+    | tee -a "$out/device.log"
+
+if [[ "${1:-}" == "--quick" ]]; then
+    dp=(--models cnn transformer --batch-size 32 --repeat 2 --warmup 1 --layers 1)
+    fo=(--model mlp:256,256,10 --examples 64 --batch-size 24 --steps 2 --warmup 1 --repeat 1)
+else
+    dp=()
+    fo=()
+fi
+python3 -m benchmarks.dp_step "${dp[@]}" --json "$out/dp_step.json" 2>&1 | tee "$out/dp_step.log"
+python3 -m benchmarks.federation_overhead "${fo[@]}" --json "$out/overhead.json" 2>&1 \
+    | tee "$out/overhead.log"
