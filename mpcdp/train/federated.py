@@ -500,20 +500,20 @@ def train(
         session.open()
         try:
             full = True
-            # one buffer each for the parameters sent, the summed words and the gradient
-            # (a fresh 10^7-vector per step costs more in page faults than the pass over it)
+            # one buffer each for the parameters sent (float32 on the wire: cat casts into
+            # it), the summed words and the gradient (a fresh 10^7-vector per step costs more
+            # in page faults than the pass over it)
             n = sum(p.numel() for p in trainable)
-            same = all(p.dtype == torch.float32 and p.device.type == "cpu" for p in trainable)
-            sent = torch.empty(n, dtype=torch.float32) if same else None
+            sent = torch.empty(n, dtype=torch.float32)
             words = np.empty(n, dtype=ring.dtype_for(plan.ring_bits))
             grad = torch.empty(n, dtype=torch.float32)
             scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
             for step in range(start, end):
-                if full or sent is None:
-                    flat = torch.nn.utils.parameters_to_vector(everything if full else trainable)
+                if full:  # the first step carries every parameter, frozen ones too
+                    flat = torch.nn.utils.parameters_to_vector(everything).detach()
                 else:
                     flat = torch.cat([p.detach().reshape(-1) for p in trainable], out=sent)
-                total = session.step(parameters=flat.detach().numpy(), full=full, out=words)
+                total = session.step(parameters=flat.numpy(), full=full, out=words)
                 full = False
                 # integer units -> the averaged gradient, in one float32 pass (float32 rounds
                 # each value by at most 2^-24 relative: post-processing of the release)
