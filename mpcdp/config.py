@@ -3,8 +3,9 @@
 party.toml (one per party; relative paths resolve against the file's folder)::
 
     id = "alice"
-    listen = "127.0.0.1:50051"
-    ledger = "alice-ledger.sqlite"
+    listen = "127.0.0.1:50051"        # HOST:PORT, HOST an IPv4 address, a host name or
+                                      # [IPv6]; port 0 binds any free port
+    ledger = "alice-ledger.sqlite"    # its folder must exist (none is created)
     min_colluders = 1                 # refuse queries that size noise for fewer colluders
     device = "auto"                   # where the party trains: auto (first GPU, else CPU),
                                       # cpu, cuda or cuda:N
@@ -37,18 +38,22 @@ federation.toml (the analyst's)::
 
     coordinator = "analyst"
     colluders = 1
-    deadline_s = 30
+    deadline_s = 30                   # per call, at most a week
     [tls]
     ca = "certs/ca.pem"
     cert = "certs/analyst.pem"
     key = "certs/analyst.key"
     [[parties]]
     id = "alice"
-    address = "127.0.0.1:50051"
+    address = "127.0.0.1:50051"       # HOST:PORT as for listen, PORT 1..65535
+
+Numbers must be finite (TOML's nan and inf are refused), and epsilon, max_epsilon_per_query
+and deadline_s > 0; every error names the file, the key and the value.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import sys
@@ -160,7 +165,9 @@ class _Reader:
             return default
         value = self.data[key]
         if isinstance(value, bool) and kind is not bool:
-            raise self._err(key, f"must be {kind}, got {value!r}")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self._err(key, f"must be {names}, got {value!r}")
         if not isinstance(value, kind):
             raise self._err(key, f"has the wrong type ({type(value).__name__}: {value!r})")
         return value
@@ -171,9 +178,43 @@ class _Reader:
             raise self._err(key, f"must be finite, got {v!r}")
         return v  # type: ignore[no-any-return]
 
+    def positive(self, key: str, default: Any = ...) -> float:
+        """A finite number > 0 (a missing key with ``default=None`` gives None)."""
+        v = self.number(key, default)
+        if v is not None and not v > 0:
+            raise self._err(key, f"must be > 0, got {v!r}")
+        return v
+
     def path_of(self, key: str) -> Path:
         p = Path(self.get(key, str))
         return p if p.is_absolute() else (self.path.parent / p)
+
+    def file_path(self, key: str) -> Path:
+        """A path to a file the program creates or opens: its folder must already exist."""
+        p = self.path_of(key)
+        if p.is_dir():
+            raise self._err(key, f"{str(p)!r} is a directory; give a file path inside it")
+        if not p.parent.is_dir():
+            raise self._err(
+                key,
+                f"the folder of {str(p)!r} does not exist ({str(p.parent)!r}); "
+                "create it first (folders are not created for you)",
+            )
+        return p
+
+    def address(self, key: str, *, any_port: bool) -> str:
+        """``host:port`` (IPv4, ``[IPv6]`` or host name); port 0 only when ``any_port``."""
+        value = self.get(key, str)
+        low = 0 if any_port else 1
+        reason = _address_problem(value, low_port=low)
+        if reason is not None:
+            raise self._err(
+                key,
+                f"{value!r} {reason}; expected HOST:PORT with PORT in {low}..65535 and HOST an "
+                "IPv4 address, a host name or [IPv6], e.g. '0.0.0.0:50051', "
+                "'localhost:50051', 'party-a:50051' or '[::1]:50051'",
+            )
+        return str(value)
 
     def table(self, key: str) -> _Reader:
         return _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.")
@@ -200,6 +241,47 @@ class _Reader:
         extra = set(self.data) - allowed
         if extra:
             raise self._err(sorted(extra)[0], f"unknown key (allowed: {sorted(allowed)})")
+
+
+#: the longest per-call deadline federation.toml accepts (seconds)
+_MAX_DEADLINE_S = 7 * 24 * 3600
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _address_problem(value: str, *, low_port: int) -> str | None:
+    """Why ``value`` is not a ``host:port`` address, or None when it is one."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            return "is not [IPv6]:PORT"
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"has {host!r}, not an IPv6 address, in brackets"
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            return "has no ':PORT'"
+        if not host:
+            return "has no host"
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                return f"has {host!r}, not a host name"
+            return "has an IPv6 host without brackets (write [IPv6]:PORT)"
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                return f"has {host!r}, not an IPv4 address"
+        else:
+            name = host[:-1] if host.endswith(".") else host
+            if len(name) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in name.split(".")):
+                return f"has {host!r}, not a host name"
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not low_port <= int(port) <= 65535:
+        return f"has port {port!r}, not a number in {low_port}..65535"
+    return None
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -247,9 +329,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
             "num_classes",
         }
     )
-    eps = r.number("epsilon")
-    if eps <= 0:
-        raise r._err("epsilon", f"must be > 0, got {eps}")
+    eps = r.positive("epsilon")
     delta = r.number("delta", 0.0)
     if not 0 <= delta < 1:
         raise r._err("delta", f"must be in [0, 1), got {delta}")
@@ -261,6 +341,8 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
             "path", f"must be a .csv table, a .npy vector or .npz examples, got {path.name!r}"
         )
     num_classes = r.get("num_classes", int, 0)
+    if num_classes < 0:
+        raise r._err("num_classes", f"must be >= 0, got {num_classes}")
     if path.suffix == ".npz":
         if not 2 <= num_classes <= 1 << 20:
             raise r._err(
@@ -269,11 +351,14 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
         if not delta > 0:
             raise r._err("delta", "an .npz example dataset (DP-SGD) needs delta > 0")
     l2 = r.number("l2_bound", 0.0)
+    if l2 < 0:
+        raise r._err("l2_bound", f"must be >= 0, got {l2}")
     if path.suffix == ".npy" and not l2 > 0:
         raise r._err("l2_bound", "a .npy vector dataset needs l2_bound > 0")
     if path.suffix == ".csv" and not columns:
         raise r._err("columns", "a .csv dataset needs at least one declared column")
-    cap = r.get("max_epsilon_per_query", (int, float), None)
+    # a nan cap would compare False with every request: the cap would silently vanish
+    cap = r.positive("max_epsilon_per_query", None)
     return DatasetConfig(
         name=name,
         path=path,
@@ -301,8 +386,8 @@ def load_party_config(path: str | Path) -> PartyConfig:
     return PartyConfig(
         path=p,
         id=r.identity("id"),
-        listen=r.get("listen", str),
-        ledger=r.path_of("ledger"),
+        listen=r.address("listen", any_port=True),
+        ledger=r.file_path("ledger"),
         tls=_tls(r),
         coordinators=coordinators,
         peers=tls.identities("peers"),
@@ -337,16 +422,19 @@ def load_federation_config(path: str | Path) -> FederationConfig:
             raise r._err(f"parties[{i}]", "must be a table with id and address")
         pr = _Reader(p, e, f"parties[{i}].")
         pr.unknown({"id", "address"})
-        parties.append(PartyAddress(id=pr.identity("id"), address=pr.get("address", str)))
+        parties.append(
+            PartyAddress(id=pr.identity("id"), address=pr.address("address", any_port=False))
+        )
     ids = [q.id for q in parties]
     if len(ids) < 2 or len(set(ids)) != len(ids):
         raise r._err("parties", f"need >= 2 parties with distinct ids, got {ids}")
     colluders = r.get("colluders", int, 1)
     if not 0 <= colluders < len(parties):
         raise r._err("colluders", f"must be in [0, {len(parties) - 1}], got {colluders}")
-    deadline = r.number("deadline_s", 30.0)
-    if deadline <= 0:
-        raise r._err("deadline_s", f"must be > 0, got {deadline}")
+    deadline = r.positive("deadline_s", 30.0)
+    if deadline > _MAX_DEADLINE_S:
+        # gRPC turns a deadline ~1e10 s away into an immediate DEADLINE_EXCEEDED on every call
+        raise r._err("deadline_s", f"must be at most {_MAX_DEADLINE_S} (a week), got {deadline!r}")
     return FederationConfig(
         path=p,
         coordinator=r.identity("coordinator"),
