@@ -10,6 +10,9 @@ There is no insecure mode.
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from mpcdp.config import TlsConfig
 from mpcdp.errors import AuthError, ConfigError
 
 __all__ = ["Credentials", "channel", "load_credentials", "peer_name", "server_credentials"]
+
+_log = logging.getLogger(__name__)
 
 #: Upload chunks are up to 8 MiB; leave room for framing.
 MAX_MESSAGE_BYTES = 16 << 20
@@ -41,18 +46,32 @@ class Credentials:
     key: ec.EllipticCurvePrivateKey
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, *, private: bool = False) -> bytes:
+    """The file's bytes; a ``private`` file readable by group or others logs a warning."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            data = fh.read()
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read: {exc.strerror}") from None
+    if private and os.name == "posix" and mode & 0o077:
+        # the mode of the file actually read (a symlink is followed), never its contents
+        _log.warning(
+            "%s %s has mode %04o: the private key is open to its group or to others; "
+            "restrict it with `chmod 600 %s`",
+            what,
+            path,
+            mode,
+            path,
+        )
+    return data
 
 
 def load_credentials(tls: TlsConfig) -> Credentials:
     ca_pem, cert_pem, key_pem = (
         _read(tls.ca, "tls.ca"),
         _read(tls.cert, "tls.cert"),
-        _read(tls.key, "tls.key"),
+        _read(tls.key, "tls.key", private=True),
     )
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
