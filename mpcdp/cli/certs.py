@@ -47,6 +47,11 @@ def init(
             overwrite=force,
         )
     except ParameterError as exc:
+        if exc.name == "overwrite":  # the library's advice names its argument, not the flag
+            raise typer.BadParameter(
+                f"{out} already holds a CA (ca.pem); pass --force to replace it",
+                param_hint="--out",
+            ) from None
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"CA: {files.ca_cert} (keep {files.ca_key} offline)")
     for name, path in files.certs.items():
