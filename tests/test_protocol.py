@@ -16,6 +16,7 @@ from mpcdp.errors import (
     BudgetExceededError,
     HeadroomError,
     LedgerError,
+    ParameterError,
     PolicyError,
     ProtocolError,
     RoundAborted,
@@ -184,7 +185,8 @@ def test_a_query_id_is_answered_once(engines: dict[str, PartyEngine]) -> None:
         (dict(statistic=Statistic.SUM, column="dept"), PolicyError, "categorical"),
         (dict(epsilon="5"), BudgetExceededError, "budget exceeded"),
         (dict(max_rows=1), PolicyError, "more rows than max_rows=1"),
-        (dict(frac_bits=40, max_rows=10**9), HeadroomError, "overflow the ring"),
+        (dict(frac_bits=20, max_rows=10**9), HeadroomError, "overflow the ring"),
+        (dict(frac_bits=40, max_rows=10**9), ParameterError, "exact range"),
     ],
 )
 def test_policy_refusals(
@@ -298,20 +300,24 @@ def test_fit_chooses_the_ring_and_fixed_point() -> None:
         l2_bound=1.0,
         lower=0,
         upper=0,
+        frac_bits=16,
     )
     auto = fit(vec, vector_length=10**6, frac_bits=None, ring_bits=None)
     assert auto.ring_bits == 32 and 8 <= auto.frac_bits <= 16
     assert fit(vec, vector_length=10**6, frac_bits=None, ring_bits=64).ring_bits == 64
     scalar = fit(spec(), vector_length=None, frac_bits=None, ring_bits=None)
     assert scalar.ring_bits == 64
-    # very coarse noise no longer fits 32 bits with 8 fractional bits: falls back to 64
-    coarse = fit(
-        dataclasses.replace(vec, epsilon="0.001"),
-        vector_length=10**6,
-        frac_bits=None,
-        ring_bits=None,
-    )
-    assert coarse.ring_bits == 64
+    # the planner's fixed point: rounding adds <= 1% to the sensitivity, no more bits
+    assert auto.frac_bits == 16  # ceil(log2(sqrt(1e6) / 2 / 0.01)) = 16
+    assert fit(dataclasses.replace(vec, l2_bound=64.0), vector_length=10**6, frac_bits=None,
+               ring_bits=None).frac_bits == 10  # fmt: skip
+    # an explicit frac_bits that does not fit 32 bits falls back to 64
+    exact = dataclasses.replace(vec, mechanism="none", epsilon="0", delta=0.0)
+    assert fit(exact, vector_length=10**6, frac_bits=30, ring_bits=None).ring_bits == 64
+    # noise that no fixed point keeps inside the samplers' range is refused with the reason
+    with pytest.raises(ParameterError, match="exact range"):
+        fit(dataclasses.replace(vec, epsilon="0.001"), vector_length=10**6, frac_bits=None,
+            ring_bits=None)  # fmt: skip
 
 
 def test_round_in_the_32_bit_ring_is_exact(tmp_path: Path) -> None:

@@ -22,32 +22,40 @@ def rng(tag: int) -> np.random.Generator:
     return csprng(key=tag.to_bytes(16, "little"))
 
 
-@pytest.mark.parametrize("a", [0.3, 0.8, math.exp(-1 / 20)])
-def test_discrete_laplace(a: float) -> None:
-    x = samplers.discrete_laplace(a=a, size=N, rng=rng(1))
-    assert chi_square_pvalue(x, dlap_pmf(a)) > ALPHA
+def decay(scale: float) -> float:
+    return math.exp(-1 / scale)
 
 
-@pytest.mark.parametrize(("r", "a"), [(1.0, 0.5), (1 / 3, 0.9), (0.2, 0.99)])
-def test_polya_is_negative_binomial(r: float, a: float) -> None:
-    x = samplers.polya(r=r, a=a, size=N, rng=rng(2))
-    assert chi_square_pvalue(x, lambda k: stats.nbinom.pmf(k, r, 1 - a)) > ALPHA
+@pytest.mark.parametrize("scale", [1 / math.log(1 / 0.3), 1 / math.log(1 / 0.8), 20.0])
+def test_discrete_laplace(scale: float) -> None:
+    x = samplers.discrete_laplace(scale=scale, size=N, rng=rng(1))
+    assert chi_square_pvalue(x, dlap_pmf(decay(scale))) > ALPHA
+
+
+@pytest.mark.parametrize(("r", "scale"), [(1.0, 1 / math.log(2)), (1 / 3, 9.49), (0.2, 99.5)])
+def test_polya_is_negative_binomial(r: float, scale: float) -> None:
+    x = samplers.polya(r=r, scale=scale, size=N, rng=rng(2))
+    p = -math.expm1(-1 / scale)
+    assert chi_square_pvalue(x, lambda k: stats.nbinom.pmf(k, r, p)) > ALPHA
 
 
 @pytest.mark.parametrize("h", [1, 2, 3, 5])
-@pytest.mark.parametrize("a", [0.5, math.exp(-1 / 10)])
-def test_sum_of_h_polya_shares_is_discrete_laplace(h: int, a: float) -> None:
+@pytest.mark.parametrize("scale", [1 / math.log(2), 10.0])
+def test_sum_of_h_polya_shares_is_discrete_laplace(h: int, scale: float) -> None:
     g = rng(3)
-    total = sum(samplers.discrete_laplace_share(a=a, honest=h, size=N, rng=g) for _ in range(h))
-    assert chi_square_pvalue(total, dlap_pmf(a)) > ALPHA
+    total = sum(
+        samplers.discrete_laplace_share(scale=scale, honest=h, size=N, rng=g) for _ in range(h)
+    )
+    assert chi_square_pvalue(total, dlap_pmf(decay(scale))) > ALPHA
 
 
 def test_distribution_test_has_power_against_shares_sized_for_n() -> None:
     """Shares sized for n = 5 instead of h = 3: three of them must fail the DLap test."""
     g = rng(4)
-    a = math.exp(-1 / 10)
-    total = sum(samplers.discrete_laplace_share(a=a, honest=5, size=N, rng=g) for _ in range(3))
-    assert chi_square_pvalue(total, dlap_pmf(a)) < ALPHA
+    total = sum(
+        samplers.discrete_laplace_share(scale=10.0, honest=5, size=N, rng=g) for _ in range(3)
+    )
+    assert chi_square_pvalue(total, dlap_pmf(decay(10.0))) < ALPHA
 
 
 @pytest.mark.parametrize("mu", [0.5, 10.0, 400.0])
@@ -122,12 +130,16 @@ def test_randomized_response_matches_article_and_debiases() -> None:
     [
         lambda: samplers.skellam(mu=-1.0, size=3),
         lambda: samplers.skellam(mu=math.nan, size=3),
-        lambda: samplers.discrete_laplace(a=1.0, size=3),
-        lambda: samplers.polya(r=0.0, a=0.5, size=3),
+        lambda: samplers.discrete_laplace(scale=math.inf, size=3),
+        lambda: samplers.discrete_laplace(scale=2.0**21, size=3),
+        lambda: samplers.polya(r=0.0, scale=1.0, size=3),
+        lambda: samplers.polya(r=0.5, scale=2.0**41, size=3),
+        lambda: samplers.skellam(mu=2.0**48, size=3),
+        lambda: samplers.discrete_gaussian(sigma=2.0**21, size=3),
         lambda: samplers.discrete_gaussian(sigma=0.0, size=3),
         lambda: samplers.discrete_gaussian_exact(sigma2=0),
         lambda: samplers.skellam(mu=1.0, size=-1),
-        lambda: samplers.discrete_laplace_share(a=0.5, honest=0, size=3),
+        lambda: samplers.discrete_laplace_share(scale=1.0, honest=0, size=3),
     ],
 )
 def test_sampler_parameter_errors(call) -> None:  # type: ignore[no-untyped-def]

@@ -12,9 +12,11 @@ noise from more honest parties only helps privacy).
 | none                | 0 (warned: exact MPC, no DP)          | 0                      | none      |
 
 All quantities are in integer (ring) units: the caller encodes its query with fixed point and
-passes the sensitivities of the encoded query. ``tail_bound`` bounds |sum of n shares| except
-with probability 2^-64 (Chernoff bounds on the moment generating functions), which is what
-mpcdp.encoding.check_headroom needs.
+passes the sensitivities of the encoded query. :meth:`Mechanism.check_range` refuses a
+mechanism whose one-party share would leave its sampler's exact range (mpcdp.dp.samplers),
+so a party can refuse a query before any charge instead of releasing inexact noise.
+``tail_bound`` bounds |sum of n shares| except with probability 2^-64 (Chernoff bounds on
+the moment generating functions), which is what mpcdp.encoding.check_headroom needs.
 """
 
 from __future__ import annotations
@@ -101,6 +103,11 @@ class Mechanism(Protocol):
         """|sum of n shares| <= this, except with probability 2^-64."""
         ...
 
+    def check_range(self, *, honest: int) -> None:
+        """Raise ParameterError if one share (sized for ``honest``) would leave the exact
+        range of its sampler."""
+        ...
+
     def event(self) -> ev.Event:
         """The privacy event one release with this mechanism costs."""
         ...
@@ -128,33 +135,33 @@ class DiscreteLaplace:
 
     @property
     def scale(self) -> float:
-        """b = D1 / eps, the matching continuous Laplace scale."""
+        """b = D1 / eps: the pmf of the honest sum is proportional to exp(-|k| / b)."""
         return self.l1_sensitivity / float(self.epsilon)
 
     def share(
         self, *, size: int, honest: int, rng: np.random.Generator | None = None
     ) -> NDArray[np.int64]:
-        return samplers.discrete_laplace_share(a=self.decay, honest=honest, size=size, rng=rng)
+        return samplers.discrete_laplace_share(scale=self.scale, honest=honest, size=size, rng=rng)
+
+    def check_range(self, *, honest: int) -> None:
+        _check_honest(honest)
+        samplers.check_dlap_share_scale(self.scale)
 
     def total_variance(self, *, n_parties: int, honest: int) -> float:
         _check_parties(n_parties, honest)
-        a = self.decay
+        s = float(self.epsilon) / self.l1_sensitivity
         # Var[Polya(r, a)] = r a / (1-a)^2; n shares, each the difference of two, r = 1/h.
-        return (
-            2
-            * (n_parties / honest)
-            * a
-            / (-math.expm1(-float(self.epsilon) / self.l1_sensitivity)) ** 2
-        )
+        return 2 * (n_parties / honest) * math.exp(-s) / math.expm1(-s) ** 2
 
     def tail_bound(self, *, n_parties: int, honest: int) -> int:
         _check_parties(n_parties, honest)
-        a, r = self.decay, n_parties / honest
-        t_max = -math.log(a)  # the MGF of Polya(r, a) is finite for t < -log a
+        s, r = float(self.epsilon) / self.l1_sensitivity, n_parties / honest
+        t_max = s  # the MGF of Polya(r, a) is finite for t < -log a = s
+        log_1ma = math.log(-math.expm1(-s))  # log(1 - a), without cancellation
 
         def log_mgf(t: NDArray[np.float64]) -> NDArray[np.float64]:
-            one = r * (np.log1p(-a) - np.log1p(-a * np.exp(t)))
-            two = r * (np.log1p(-a) - np.log1p(-a * np.exp(-t)))
+            one = r * (log_1ma - np.log(-np.expm1(t - s)))
+            two = r * (log_1ma - np.log1p(-np.exp(-t - s)))
             out: NDArray[np.float64] = one + two
             return out
 
@@ -183,6 +190,10 @@ class Skellam:
     ) -> NDArray[np.int64]:
         _check_honest(honest)
         return samplers.skellam(mu=self.mu / honest, size=size, rng=rng)
+
+    def check_range(self, *, honest: int) -> None:
+        _check_honest(honest)
+        samplers.check_skellam_mu(self.mu / honest, name="mu/h")
 
     def total_variance(self, *, n_parties: int, honest: int) -> float:
         _check_parties(n_parties, honest)
@@ -240,6 +251,19 @@ class DiscreteGaussian:
             )
         return samplers.discrete_gaussian(sigma=self.share_sigma, size=size, rng=rng)
 
+    def check_range(self, *, honest: int) -> None:
+        if honest != self.honest:
+            raise ParameterError(
+                "honest", honest, f"this mechanism was sized for honest={self.honest}"
+            )
+        if not self.share_sigma < samplers.DGAUSS_MAX_SIGMA:
+            raise ParameterError(
+                "sigma/sqrt(h)",
+                self.share_sigma,
+                f"is outside the discrete Gaussian sampler's range (0, "
+                f"{samplers.DGAUSS_MAX_SIGMA:.6g})",
+            )
+
     def total_variance(self, *, n_parties: int, honest: int) -> float:
         _check_parties(n_parties, honest)
         # The variance of N_Z(0, s^2) is at most s^2 (CKS20, Cor. 9).
@@ -271,6 +295,9 @@ class NoNoise:
         self, *, size: int, honest: int, rng: np.random.Generator | None = None
     ) -> NDArray[np.int64]:
         return np.zeros(size, dtype=np.int64)
+
+    def check_range(self, *, honest: int) -> None:
+        return None
 
     def total_variance(self, *, n_parties: int, honest: int) -> float:
         return 0.0

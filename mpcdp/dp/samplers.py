@@ -1,8 +1,33 @@
-"""Integer noise samplers over a cryptographically secure stream.
+"""Integer noise samplers over a cryptographically secure stream, each with a stated range.
 
 All samplers take an injected ``numpy.random.Generator`` (see mpcdp.rng; a fresh AES-CTR
-CSPRNG when None) and return int64 arrays. Vectorised paths use numpy's C samplers, which
-draw their uniform bits from that secure bit generator.
+CSPRNG when None) and return int64 arrays. Vectorised paths use numpy's C samplers for
+uniforms, exponentials and gammas, which draw their bits from that secure bit generator, and
+mpcdp.dp.poisson for every Poisson draw.
+
+Discrete Laplace laws are given by their scale t: pmf proportional to exp(-|k| / t), i.e.
+decay a = exp(-1/t). Code that needs 1 - a or a / (1 - a) computes them as -expm1(-1/t) and
+1 / expm1(1/t): with ``1.0 - a`` a scale of 2^41 would round a to 1 - 2^-53 and the noise to
+half its claimed width.
+
+| sampler                               | law                                | exact range      |
+| polya(r, scale)                       | Poisson(Gamma(r, 1 / expm1(1/t)))  | 0 < r <= 1,      |
+|                                       |                                    | 0 < t <= 2^40    |
+| discrete_laplace_share(scale, honest) | Polya(1/h, a) - Polya(1/h, a)      | as polya         |
+| discrete_laplace(scale)               | Geometric - Geometric              | 0 < t <= 2^20    |
+| skellam(mu)                           | Poisson(mu/2) - Poisson(mu/2)      | 0 <= mu <= 2^47  |
+| discrete_gaussian(sigma)              | N_Z(0, sigma^2), CKS20 in float64  | 0 < sigma < 2^20 |
+| discrete_gaussian_exact(sigma2)       | N_Z(0, sigma2), rational, exact    | any sigma2 > 0   |
+
+(DLAP_SHARE_MAX_SCALE, DLAP_MAX_SCALE, SKELLAM_MAX_MU, DGAUSS_MAX_SIGMA.) Outside its range
+a sampler refuses with a ParameterError before drawing anything.
+
+Why these ranges: Poisson draws are exact to float64 rounding up to rate 2^46
+(mpcdp.dp.poisson); a Polya share's Poisson rate is Gamma(r) / expm1(1/t), which exceeds
+2^46 = 64 * 2^40 only when Gamma(r <= 1) > 64, probability < 2^-90 (the draw then fails with a
+ParameterError rather than leave the range). numpy's geometric sampler inverts a float64
+exponential, so the mass of each integer k is off by a relative ~k 2^-53: below 2^-28 for
+the k < 2^25 that a scale below 2^20 produces.
 
 - Polya(r, a): negative binomial with pmf C(k+r-1, k) a^k (1-a)^r. The difference of two
   Polya(1/h, a) is the 1/h-th root of the discrete Laplace law (infinite divisibility), so the
@@ -23,10 +48,17 @@ from fractions import Fraction
 import numpy as np
 from numpy.typing import NDArray
 
+from mpcdp.dp.poisson import POISSON_SPLIT_MAX_LAM, poisson
 from mpcdp.errors import ParameterError
 from mpcdp.rng import ensure_rng
 
 __all__ = [
+    "DGAUSS_MAX_SIGMA",
+    "DLAP_MAX_SCALE",
+    "DLAP_SHARE_MAX_SCALE",
+    "SKELLAM_MAX_MU",
+    "check_dlap_share_scale",
+    "check_skellam_mu",
     "discrete_gaussian",
     "discrete_gaussian_exact",
     "discrete_laplace",
@@ -37,64 +69,102 @@ __all__ = [
 
 IntArray = NDArray[np.int64]
 
-# numpy's Poisson sampler refuses lam above about 9.2e18.
-_MAX_POISSON_LAM = 1e18
+#: Largest discrete Laplace scale t of a Polya share (2^40).
+DLAP_SHARE_MAX_SCALE = float(1 << 40)
+#: Largest scale of the geometric-difference sampler (2^20).
+DLAP_MAX_SCALE = float(1 << 20)
+#: Largest Skellam variance: two Poisson draws of rate mu/2 <= 2^46.
+SKELLAM_MAX_MU = 2.0 * POISSON_SPLIT_MAX_LAM
+#: The vector discrete Gaussian sampler's proposal has scale floor(sigma) + 1 <= 2^20.
+DGAUSS_MAX_SIGMA = float(1 << 20)
 
 
 def _check_size(size: int) -> None:
-    if not isinstance(size, int | np.integer) or size < 0:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0:
         raise ParameterError("size", size, "must be an int >= 0")
 
 
-def _check_decay(a: float) -> None:
-    if not (isinstance(a, float | int) and 0 < a < 1):
-        raise ParameterError("a", a, "decay must be in (0, 1)")
+def _check_scale(scale: float, top: float, what: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise ParameterError("scale", scale, "must be a number")
+    t = float(scale)
+    if not (math.isfinite(t) and 0 < t <= top):
+        raise ParameterError(
+            "scale", t, f"is outside the exact range (0, {top:.6g}] of the {what} sampler"
+        )
+    return t
 
 
-def polya(*, r: float, a: float, size: int, rng: np.random.Generator | None = None) -> IntArray:
-    """Polya(r, a) draws: failures before ``r`` successes of probability 1 - a."""
+def check_dlap_share_scale(scale: float) -> float:
+    """``scale`` if a Polya share of DLap(scale) is inside its exact range, else a
+    ParameterError naming it and the range."""
+    return _check_scale(scale, DLAP_SHARE_MAX_SCALE, "Polya (discrete Laplace share)")
+
+
+def check_skellam_mu(mu: float, *, name: str = "mu") -> float:
+    """``mu`` if Skellam(mu) is inside its exact range [0, SKELLAM_MAX_MU], else a
+    ParameterError naming ``name``, the value and the range."""
+    if isinstance(mu, bool) or not isinstance(mu, int | float):
+        raise ParameterError(name, mu, "must be a number")
+    if not (math.isfinite(mu) and 0 <= mu <= SKELLAM_MAX_MU):
+        raise ParameterError(
+            name,
+            mu,
+            f"is outside the Skellam sampler's exact range [0, {SKELLAM_MAX_MU:.6g}] (2^47: "
+            "two Poisson draws of rate mu/2 <= 2^46)",
+        )
+    return float(mu)
+
+
+def polya(*, r: float, scale: float, size: int, rng: np.random.Generator | None = None) -> IntArray:
+    """Polya(r, a) draws, a = exp(-1/scale): failures before ``r`` successes of probability
+    1 - a, drawn as Poisson(Gamma(r, a / (1 - a)))."""
     _check_size(size)
-    _check_decay(a)
-    if not r > 0 or not math.isfinite(r):
-        raise ParameterError("r", r, "must be finite and > 0")
-    if r * a / (1 - a) > _MAX_POISSON_LAM:
-        raise ParameterError("a", a, "noise scale too large for this sampler")
+    t = check_dlap_share_scale(scale)
+    if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1:
+        raise ParameterError("r", r, "must be in (0, 1]")
     gen = ensure_rng(rng)
-    return gen.negative_binomial(r, 1.0 - a, size=size).astype(np.int64)
+    odds = 1.0 / math.expm1(1.0 / t)  # a / (1 - a), without cancellation
+    if odds == 0.0:  # a underflows: the law is the point mass at 0
+        return np.zeros(size, dtype=np.int64)
+    rates = gen.gamma(float(r), odds, size=size)
+    return poisson(lam=rates, size=size, rng=gen)
 
 
 def discrete_laplace_share(
-    *, a: float, honest: int, size: int, rng: np.random.Generator | None = None
+    *, scale: float, honest: int, size: int, rng: np.random.Generator | None = None
 ) -> IntArray:
-    """One party's share: Polya(1/h, a) - Polya(1/h, a); h shares sum to DLap(a)."""
-    if not isinstance(honest, int) or honest < 1:
+    """One party's share: Polya(1/h, a) - Polya(1/h, a); h shares sum to DLap(scale)."""
+    if isinstance(honest, bool) or not isinstance(honest, int) or honest < 1:
         raise ParameterError("honest", honest, "must be an int >= 1")
     gen = ensure_rng(rng)
     r = 1.0 / honest
-    return polya(r=r, a=a, size=size, rng=gen) - polya(r=r, a=a, size=size, rng=gen)
+    out = polya(r=r, scale=scale, size=size, rng=gen)
+    out -= polya(r=r, scale=scale, size=size, rng=gen)
+    return out
 
 
-def discrete_laplace(*, a: float, size: int, rng: np.random.Generator | None = None) -> IntArray:
-    """DLap(a): pmf (1-a)/(1+a) * a^|k|, as a difference of two geometric variables."""
+def discrete_laplace(
+    *, scale: float, size: int, rng: np.random.Generator | None = None
+) -> IntArray:
+    """DLap(scale): pmf proportional to exp(-|k| / scale), as a difference of two geometric
+    variables."""
     _check_size(size)
-    _check_decay(a)
+    t = _check_scale(scale, DLAP_MAX_SCALE, "discrete Laplace")
     gen = ensure_rng(rng)
-    p = 1.0 - a
-    return gen.geometric(p, size=size).astype(np.int64) - gen.geometric(p, size=size).astype(
-        np.int64
-    )
+    p = -math.expm1(-1.0 / t)  # 1 - a, without cancellation
+    out = gen.geometric(p, size=size).astype(np.int64)
+    out -= gen.geometric(p, size=size)
+    return out
 
 
 def skellam(*, mu: float, size: int, rng: np.random.Generator | None = None) -> IntArray:
     """Skellam(mu): Poisson(mu/2) - Poisson(mu/2), variance mu."""
     _check_size(size)
-    if not mu >= 0 or not math.isfinite(mu) or mu / 2 > _MAX_POISSON_LAM:
-        raise ParameterError("mu", mu, "must be finite, >= 0 and <= 2e18")
+    half = check_skellam_mu(mu) / 2.0
     gen = ensure_rng(rng)
-    half = mu / 2.0
-    # numpy's Poisson sampler yields int64 already; one buffer, subtract in place.
-    out = gen.poisson(half, size=size)
-    out -= gen.poisson(half, size=size)
+    out = poisson(lam=half, size=size, rng=gen)
+    out -= poisson(lam=half, size=size, rng=gen)
     return out
 
 
@@ -103,15 +173,21 @@ def discrete_gaussian(
 ) -> IntArray:
     """N_Z(0, sigma^2) vectorised: CKS20 Algorithm 3 in float64, rejected entries redrawn."""
     _check_size(size)
-    if not sigma > 0 or not math.isfinite(sigma):
-        raise ParameterError("sigma", sigma, "must be finite and > 0")
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float):
+        raise ParameterError("sigma", sigma, "must be a number")
+    if not (math.isfinite(sigma) and 0 < sigma < DGAUSS_MAX_SIGMA):
+        raise ParameterError(
+            "sigma",
+            sigma,
+            f"is outside the vector discrete Gaussian sampler's range (0, {DGAUSS_MAX_SIGMA:.6g})",
+        )
     gen = ensure_rng(rng)
     s2 = sigma * sigma
     t = math.floor(sigma) + 1
     out = np.empty(size, dtype=np.int64)
     todo = np.arange(size)
     while todo.size:
-        y = discrete_laplace(a=math.exp(-1.0 / t), size=todo.size, rng=gen)
+        y = discrete_laplace(scale=float(t), size=todo.size, rng=gen)
         accept = gen.random(todo.size) < np.exp(-((np.abs(y) - s2 / t) ** 2) / (2.0 * s2))
         out[todo[accept]] = y[accept]
         todo = todo[~accept]

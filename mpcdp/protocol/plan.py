@@ -33,7 +33,15 @@ from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Mechanism, No
 from mpcdp.errors import HeadroomError, ParameterError
 from mpcdp.protocol.spec import QuerySpec, Statistic
 
-__all__ = ["ReleasePlan", "TensorPlan", "choose_frac_bits", "fit", "plan"]
+__all__ = [
+    "MAX_ROUNDING_INFLATION",
+    "ReleasePlan",
+    "TensorPlan",
+    "choose_frac_bits",
+    "fit",
+    "needed_frac_bits",
+    "plan",
+]
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,8 @@ def plan(spec: QuerySpec, *, vector_length: int | None = None) -> ReleasePlan:
         )
         for name, length, fb, l1, l2, max_abs in tensors
     )
+    for t in built:
+        _check_sampler_range(spec, t)
     if spec.mechanism == "discrete-laplace":
         # the parts' exact epsilons add up to the spec's exactly
         event: events.Event = events.PureDp(epsilon=events.exact_epsilon(spec.epsilon))
@@ -172,62 +182,106 @@ def plan(spec: QuerySpec, *, vector_length: int | None = None) -> ReleasePlan:
     return ReleasePlan(spec=spec, tensors=built, event=event)
 
 
-#: Keep the total noise std below 2^26 ring units: plenty of resolution for the noise, and
-#: the samplers' parameters stay far inside their exact range (Poisson lambda <= 1e18).
-MAX_NOISE_STD_RING = float(1 << 26)
+def _check_sampler_range(spec: QuerySpec, t: TensorPlan) -> None:
+    """Refuse a tensor whose noise share would leave its sampler's exact range (the party's
+    check before any charge; the planner's reason to choose fewer fractional bits)."""
+    try:
+        t.mechanism.check_range(honest=spec.honest)
+    except ParameterError as exc:
+        raise ParameterError(
+            exc.name,
+            exc.value,
+            f"{exc.reason}. The {spec.mechanism} noise of {t.name!r} follows from "
+            f"epsilon={spec.epsilon}, delta={spec.delta:g}, the bounds, colluders and "
+            f"frac_bits={t.frac_bits}: use fewer fractional bits (or leave frac_bits to the "
+            "planner) or a larger epsilon",
+        ) from None
+
+
+#: The planner's fixed point: the fewest fractional bits with which rounding adds at most 1%
+#: to the sensitivity (the +1 of a scalar, the sqrt(d)/2 of a vector, relative to the clipped
+#: part B 2^f). More bits add nothing the noise could resolve; they only grow the noise's
+#: integer parameters towards the samplers' limits and cost headroom.
+MAX_ROUNDING_INFLATION = 0.01
+
+
+def _clipped_bound(spec: QuerySpec, vector_length: int | None) -> tuple[float, float]:
+    """(B, rounding part): the per-party bound of the fixed-point tensor in real units and
+    the sensitivity that rounding adds to it, in ring units."""
+    if spec.statistic is Statistic.SUM and not spec.column:
+        return spec.l2_bound, math.sqrt(vector_length or 1) / 2
+    if spec.statistic is Statistic.MEAN:
+        return (spec.upper - spec.lower) / 2, 1.0
+    return max(abs(spec.lower), abs(spec.upper)), 1.0
+
+
+def needed_frac_bits(spec: QuerySpec, *, vector_length: int | None = None) -> int:
+    """The fewest fractional bits f >= 0 with rounding part <= 1% of B 2^f (see
+    MAX_ROUNDING_INFLATION); 0 for counts, histograms and bounds of 0."""
+    if spec.statistic in (Statistic.COUNT, Statistic.HISTOGRAM):
+        return 0
+    bound, rounding = _clipped_bound(spec, vector_length)
+    if not bound > 0:
+        return 0
+    return max(0, math.ceil(math.log2(rounding / (MAX_ROUNDING_INFLATION * bound))))
 
 
 def choose_frac_bits(
     spec: QuerySpec, *, vector_length: int | None = None, max_frac_bits: int | None = None
 ) -> int:
-    """The largest frac_bits <= max (default: spec.frac_bits) whose round fits the ring.
+    """The planner's frac_bits: :func:`needed_frac_bits` (``max_frac_bits`` for exact
+    releases), at most ``max_frac_bits`` (default: spec.frac_bits), lowered while the round
+    does not fit.
 
-    "Fits" means the headroom check passes in spec.ring_bits and the total noise std stays
-    below MAX_NOISE_STD_RING. More fractional bits than the noise can resolve only cost
-    headroom: at eps = 1 and bounds [0, 5000] the noise std is thousands, so 2^-16 resolution
-    is meaningless. Raises HeadroomError when not even frac_bits = 0 fits.
+    "Fits" means the headroom check passes in spec.ring_bits and every noise share is inside
+    its sampler's exact range. Raises HeadroomError or ParameterError (with the reason of
+    the last candidate) when not even frac_bits = 0 fits.
     """
 
     top = spec.frac_bits if max_frac_bits is None else max_frac_bits
-    n, h = len(spec.parties), spec.honest
+    # exact releases (mechanism none) have no noise to size against: as precise as they fit
+    need = top if spec.mechanism == "none" else needed_frac_bits(spec, vector_length=vector_length)
+    start = min(top, need)
     last: Exception | None = None
-    for f in range(top, -1, -1):
-        candidate = plan(replace(spec, frac_bits=f), vector_length=vector_length)
-        worst = max(
-            math.sqrt(t.mechanism.total_variance(n_parties=n, honest=h)) for t in candidate.tensors
-        )
-        if worst > MAX_NOISE_STD_RING:
-            continue
+    for f in range(start, -1, -1):
         try:
-            candidate.check_headroom()
-        except HeadroomError as exc:
+            plan(replace(spec, frac_bits=f), vector_length=vector_length).check_headroom()
+        except (HeadroomError, ParameterError) as exc:
             last = exc
             continue
         return f
-    raise last or HeadroomError(f"no frac_bits in [0, {top}] fits the ring for {spec.query_id}")
+    raise last or HeadroomError(f"no frac_bits in [0, {start}] fits the ring for {spec.query_id}")
 
 
-#: Vector sums use Z_2^32 (half the bytes) when at least this many fractional bits fit.
-MIN_FRAC_BITS_32 = 8
+#: Vector sums use Z_2^32 (half the bytes) when the planner's frac_bits fit it unchanged.
 
 
 def fit(
     spec: QuerySpec, *, vector_length: int | None, frac_bits: int | None, ring_bits: int | None
 ) -> QuerySpec:
-    """Choose the ring and the fixed point: explicit values win; otherwise vector sums try
-    Z_2^32 first, everything else uses Z_2^64, and frac_bits is the largest that fits."""
+    """Choose the ring and the fixed point: explicit values win (and are checked here, so an
+    analyst learns before any party is asked); otherwise vector sums use Z_2^32 when it holds
+    the planner's frac_bits (:func:`choose_frac_bits` in Z_2^64) and Z_2^64 else; everything
+    else uses Z_2^64."""
     candidates = [ring_bits] if ring_bits is not None else ([32, 64] if vector_length else [64])
+    wanted: int | None = None
     last: Exception | None = None
     for bits in candidates:
         trial = replace(spec, ring_bits=bits)
-        if frac_bits is not None:
-            return replace(trial, frac_bits=frac_bits)
         try:
-            f = choose_frac_bits(trial, vector_length=vector_length)
-        except HeadroomError as exc:
+            if frac_bits is not None:
+                f = frac_bits
+                plan(replace(trial, frac_bits=f), vector_length=vector_length).check_headroom()
+            else:
+                f = choose_frac_bits(trial, vector_length=vector_length)
+                if bits == 32 and ring_bits is None:
+                    wanted = choose_frac_bits(
+                        replace(spec, ring_bits=64), vector_length=vector_length
+                    )
+                    if f < wanted:  # Z_2^32 would cost precision: use Z_2^64
+                        continue
+        except (HeadroomError, ParameterError) as exc:
             last = exc
-            continue
-        if bits == 32 and ring_bits is None and f < MIN_FRAC_BITS_32:
             continue
         return replace(trial, frac_bits=f)
     raise last or HeadroomError(f"query {spec.query_id} does not fit the ring")

@@ -271,10 +271,8 @@ def choose_scale_bits(
     ``max_total_batch * C 2^k + n + tail(Skellam(mu(k))) < 2^(ring_bits - 1)`` with
     mu(k) = (noise_multiplier * Delta_2(k))^2. Raises HeadroomError when even k = 0 overflows.
 
-    Not larger than needed: mu grows as 4^k, and the samplers evaluate Poisson
-    log-probabilities in float64, whose absolute error grows with the Poisson parameter
-    (about 1e-16 * lambda log lambda); a small scale keeps that error negligible (the
-    floating-point concern of Mironov 2012).
+    Not larger than needed: mu grows as 4^k, and a scale whose shares would leave the
+    Skellam sampler's exact range (mu / h <= 2^47, mpcdp.dp.samplers) is skipped.
     """
     target = max(0, math.ceil(math.log2(math.sqrt(num_params) / (_MAX_INFLATION * max_grad_norm))))
     for k in range(min(40, target), -1, -1):
@@ -282,16 +280,20 @@ def choose_scale_bits(
             continue
         l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
         mu = (noise_multiplier * l2) ** 2
-        tail = Skellam(mu=mu, l1_sensitivity=l1, l2_sensitivity=l2).tail_bound(
-            n_parties=n_parties, honest=honest
-        )
+        noise = Skellam(mu=mu, l1_sensitivity=l1, l2_sensitivity=l2)
+        try:
+            noise.check_range(honest=honest)
+        except ParameterError:
+            continue  # a smaller scale: more rounding noise, but shares the sites can draw
+        tail = noise.tail_bound(n_parties=n_parties, honest=honest)
         bound = max_total_batch * math.ceil(max_grad_norm * 2.0**k) + n_parties + tail
         if bound < 1 << (ring_bits - 1):
             return k
     raise HeadroomError(
-        f"no gradient scale fits the ring: max_total_batch={max_total_batch}, "
-        f"max_grad_norm={max_grad_norm:g}, noise_multiplier={noise_multiplier:g}, "
-        f"ring_bits={ring_bits}; use ring_bits=64 or a smaller batch"
+        f"no gradient scale fits the ring and the Skellam sampler's range: "
+        f"max_total_batch={max_total_batch}, max_grad_norm={max_grad_norm:g}, "
+        f"noise_multiplier={noise_multiplier:g}, num_params={num_params}, "
+        f"ring_bits={ring_bits}; use ring_bits=64, a smaller batch or a larger epsilon"
     )
 
 
@@ -437,6 +439,8 @@ class TrainingEngine:
             colluders=spec.colluders,
             min_colluders=self._min_colluders,
         )
+        # every parameter that decides this site's noise is in its samplers' exact range
+        mechanism(spec).check_range(honest=spec.honest)
         task = self.tasks.get(spec.dataset)
         if task is None:
             raise PolicyError(
