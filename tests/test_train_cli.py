@@ -94,8 +94,9 @@ def test_digits_demo_trains_to_the_expected_accuracy(tmp_path: Path) -> None:
     out = mpcdp("demo", "digits", "--out", str(tmp_path / "run"), "--json")
     obj = json.loads(out.stdout.strip().splitlines()[-1])
     assert obj["epsilon"] <= 3.0
-    # 91-92% in BENCHMARKS.md; the noise is fresh every run, so leave room
-    assert obj["final_accuracy"] >= 0.85
+    # 92.17 +- 1.24% over 8 seeds (BENCHMARKS.md); the noise is fresh every run, so the
+    # threshold sits 9 std below the mean
+    assert obj["final_accuracy"] >= 0.80
     assert obj["audit"]["empirical_epsilon_lower_bound"] <= obj["epsilon"]
     for name in ("checkpoint.pt", "metrics.json", "metrics.png"):
         assert (tmp_path / "run" / name).exists()
