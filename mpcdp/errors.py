@@ -22,6 +22,7 @@ __all__ = [
     "ProtocolError",
     "RoundAborted",
     "SessionError",
+    "short_repr",
 ]
 
 
@@ -36,7 +37,19 @@ class ParameterError(MpcdpError, ValueError):
         self.name = name
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid {name}={value!r}: {reason}")
+        super().__init__(f"invalid {name}={short_repr(value)}: {reason}")
+
+
+#: Longest echo of a value in an error message (a request can carry megabytes).
+MAX_ECHO = 200
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)``, cut to MAX_ECHO characters (with the full length said)."""
+    text = repr(value)
+    if len(text) <= MAX_ECHO:
+        return text
+    return f"{text[:MAX_ECHO]}... ({len(text)} characters)"
 
 
 class DecodeError(MpcdpError, ValueError):

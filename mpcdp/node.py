@@ -30,7 +30,7 @@ from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
 
-__all__ = ["PartyNode", "serve"]
+__all__ = ["PartyNode", "check_datasets", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,19 @@ def _torch_source(
         spec=spec,
         device=device,
     )
+
+
+def check_datasets(cfg: PartyConfig) -> dict[str, str | None]:
+    """Load and validate every dataset of ``cfg`` as the node would at start: dataset name ->
+    None when usable, else the validation error (with file, row, column and value: for the
+    owner's eyes; a coordinator only hears that the dataset is unavailable)."""
+    views = _load(cfg)
+    tasks = _tasks(cfg, "cpu", None)
+    out: dict[str, str | None] = {}
+    for name in cfg.datasets:
+        item = views.get(name) or tasks.get(name)
+        out[name] = item.error if item is not None else "not loaded"
+    return out
 
 
 class PartyNode:

@@ -13,6 +13,7 @@ from mpcdp.certs import init_federation
 from mpcdp.config import TlsConfig, load_federation_config
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.federation import Federation
+from mpcdp.node import check_datasets
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import tls
@@ -248,9 +249,11 @@ def test_health_service_over_mtls(net: Net) -> None:
         ("raise,dept\n100,hr\n", "'hr' is not one of the declared categories"),
     ],
 )
-def test_bad_csv_values_make_the_dataset_unavailable_with_a_clear_error(
-    tmp_path: Path, bad: str, needle: str
+def test_bad_csv_values_make_the_dataset_unavailable_without_telling_the_coordinator_why(
+    tmp_path: Path, bad: str, needle: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The offending cell, its value and the file's path are the party's private business:
+    the coordinator hears "unavailable", the owner's log and `mpcdp party check` say why."""
     n = build_net(tmp_path, csv_override={"bob": bad})
     try:
         with Federation.from_config(n.federation) as fed, pytest.raises(RoundAborted) as info:
@@ -261,9 +264,18 @@ def test_bad_csv_values_make_the_dataset_unavailable_with_a_clear_error(
             and cause.party == "bob"
             and cause.code == "FAILED_PRECONDITION"
         )
-        assert needle in cause.message and "bob.csv" in cause.message
+        assert "dataset 'raises' is unavailable at party 'bob'" in cause.message
+        assert "mpcdp party check" in cause.message
+        shown = str(info.value)
+        for secret in (needle, "bob.csv", str(tmp_path), "row "):
+            assert secret not in shown
         for node in n.nodes.values():
             assert node.ledger.status("raises").queries == 0
+        assert any(needle in r.getMessage() for r in caplog.records)  # the owner's own log
+        problems = check_datasets(n.nodes["bob"].config)
+        assert problems["raises"] is not None and needle in problems["raises"]
+        assert "bob.csv" in problems["raises"]
+        assert check_datasets(n.nodes["alice"].config) == {"raises": None}
     finally:
         n.stop()
 

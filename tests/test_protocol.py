@@ -184,7 +184,6 @@ def test_a_query_id_is_answered_once(engines: dict[str, PartyEngine]) -> None:
         ),
         (dict(statistic=Statistic.SUM, column="dept"), PolicyError, "categorical"),
         (dict(epsilon="5"), BudgetExceededError, "budget exceeded"),
-        (dict(max_rows=1), PolicyError, "more rows than max_rows=1"),
         (dict(frac_bits=20, max_rows=10**9), HeadroomError, "overflow the ring"),
         (dict(frac_bits=40, max_rows=10**9), ParameterError, "exact range"),
     ],
@@ -281,6 +280,35 @@ def test_spec_validation_and_digest() -> None:
     ]:
         with pytest.raises(Exception, match=needle):
             spec(**bad)
+
+
+def test_max_rows_below_a_row_count_is_clamped_not_refused(
+    engines: dict[str, PartyEngine],
+) -> None:
+    """A refusal would tell the coordinator the row count (a binary search over max_rows
+    finds it in ~30 free proposals): every max_rows is accepted alike, and each party's
+    aggregate is clamped to the query's public bound instead."""
+    alice = engines["alice"]
+    for max_rows in (1, 2, 3, 10**9):
+        sid = secrets.token_bytes(16)
+        prop = alice.propose(
+            session_id=sid, spec=spec(statistic=Statistic.COUNT, column="", max_rows=max_rows),
+            coordinator="analyst",
+        )  # fmt: skip
+        assert prop.length == 1
+        alice.abort(session_id=sid, coordinator="analyst")
+    assert alice.ledger.status("raises").queries == 0  # proposes charge nothing
+    clients = [Direct(e) for e in engines.values()]
+    count = run_round(
+        spec=spec(statistic=Statistic.COUNT, column="", mechanism="none", epsilon="0",
+                  max_rows=1),
+        clients=clients,
+    )  # fmt: skip
+    assert count.tensors["count"][0] == 3  # alice's and carlos's 2 rows count as 1 each
+    total = run_round(
+        spec=spec(mechanism="none", epsilon="0", max_rows=1), clients=clients
+    ).tensors["sum"][0]
+    assert total == sum(min(sum(r), 5000) for r in ROWS.values())  # each local sum <= 5000
 
 
 def test_headroom_is_checked_against_all_parties(engines: dict[str, PartyEngine]) -> None:

@@ -26,3 +26,27 @@ def serve(
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("check")
+def check(
+    config: Path = typer.Option(..., "--config", help="The party's party.toml."),
+) -> None:
+    """Validate this party's config and datasets locally, as `serve` would load them.
+
+    Prints each dataset's problem in full (file, row, column, value): a coordinator is only
+    ever told that a dataset is unavailable. Exits 1 when a dataset cannot be used.
+    """
+    from mpcdp.config import load_party_config
+    from mpcdp.node import check_datasets
+
+    try:
+        cfg = load_party_config(config)
+        results = check_datasets(cfg)
+    except MpcdpError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name, problem in results.items():
+        typer.echo(f"{name}: {'ok' if problem is None else 'UNAVAILABLE: ' + problem}")
+    if any(p is not None for p in results.values()):
+        raise typer.Exit(1)

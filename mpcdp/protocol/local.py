@@ -5,9 +5,17 @@ Each party computes its own share of the aggregate from its own rows only, alrea
 datasets are clipped here to the declared L2 bound. Tensors are encoded with
 round-to-nearest fixed point (the plan's sensitivities include the rounding) and concatenated
 in plan order.
+
+A table with more rows than the query's public ``max_rows`` is not refused (a refusal would
+tell the coordinator the row count, and ~30 free proposals would find it exactly): every
+local aggregate is clamped to the plan's per-party bound ``max_abs`` (bound * max_rows for a
+sum, max_rows for a count or a histogram cell). Clamping is 1-Lipschitz, so one row still
+moves each aggregate by at most its sensitivity; the owner is warned in its own log.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,6 +27,8 @@ from mpcdp.protocol.plan import ReleasePlan
 from mpcdp.protocol.spec import Statistic
 
 __all__ = ["add_local_words", "l2_clip_factor"]
+
+log = logging.getLogger(__name__)
 
 # Encode in slices of this many values: temporaries stay small whatever the vector length.
 _SLICE = 1 << 18
@@ -62,6 +72,17 @@ def add_local_words(plan: ReleasePlan, data: Table | Vector, out: ring.AnyRingVe
         return
     offset = 0
     for v, t in zip(_values(plan, data), plan.tensors, strict=True):
+        clamped = np.clip(v, -t.max_abs, t.max_abs)
+        if not np.array_equal(clamped, v):
+            log.warning(
+                "dataset %s has more rows than max_rows=%d of query %s: its local %s is "
+                "clamped to the query's public bound",
+                data.path.name,
+                plan.spec.max_rows,
+                plan.spec.query_id,
+                t.name,
+            )
+        v = clamped
         seg = out[offset : offset + t.length]
         enc = encoding.encode_fixed(v, frac_bits=t.frac_bits, ring_bits=plan.spec.ring_bits)
         np.add(seg, enc, out=seg)

@@ -64,6 +64,7 @@ __all__ = [
     "check_parties",
     "new_signed_key",
     "session_pair_keys",
+    "unavailable",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ _NOISE_SLICE = 1 << 18
 class DatasetView:
     """A dataset as the engine sees it: the owner's declaration and the loaded data.
 
-    ``data`` is None when the file failed validation; ``error`` then says why, and every
-    query on the dataset is refused with that message.
+    ``data`` is None when the file failed validation; ``error`` then says why (in the
+    party's own log and ``mpcdp party check`` only: a coordinator is told that the dataset is
+    unavailable, never which cell, value or path).
     """
 
     config: DatasetConfig
@@ -165,6 +167,15 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
         return noisy
 
     return build
+
+
+def unavailable(dataset: str, party_id: str) -> str:
+    """What a coordinator hears about a dataset that failed validation: nothing about the
+    data (the details name cells, values and paths; they stay in the party's log)."""
+    return (
+        f"dataset {dataset!r} is unavailable at party {party_id!r}: it failed validation; "
+        "the party's owner can see why in its log or with `mpcdp party check`"
+    )
 
 
 class ClosedSessions:
@@ -354,7 +365,7 @@ class PartyEngine:
             )
         cfg = view.config
         if view.data is None:
-            raise DataError(f"dataset {cfg.name!r} is unavailable: {view.error}")
+            raise DataError(unavailable(cfg.name, self.party_id))
         if isinstance(view.data, Vector):
             if spec.statistic is not Statistic.SUM or spec.column:
                 raise PolicyError(f"dataset {cfg.name!r} is a vector: only 'sum' without a column")
@@ -388,10 +399,6 @@ class PartyEngine:
                             f"bounds [{spec.lower:g}, {spec.upper:g}] differ from the declared "
                             f"[{col.lower:g}, {col.upper:g}] of column {col.name!r}"
                         )
-            if view.data.rows > spec.max_rows:
-                raise PolicyError(
-                    f"dataset {cfg.name!r} has more rows than max_rows={spec.max_rows}"
-                )
         if spec.mechanism == "none":
             if not cfg.allow_exact:
                 raise PolicyError(

@@ -93,6 +93,7 @@ from mpcdp.protocol.party import (
     check_parties,
     new_signed_key,
     session_pair_keys,
+    unavailable,
 )
 from mpcdp.protocol.spec import validate_parties
 
@@ -448,7 +449,7 @@ class TrainingEngine:
                 f"{sorted(self.tasks)})"
             )
         if task.make_source is None:
-            raise DataError(f"dataset {spec.dataset!r} is unavailable: {task.error}")
+            raise DataError(unavailable(spec.dataset, self.party_id))
         cfg = task.config
         source = task.make_source(spec)
         if source.num_params != spec.num_params:
