@@ -28,6 +28,8 @@ from mpcdp.errors import ParameterError
 __all__ = [
     "DEFAULT_FRAC_BITS",
     "DEFAULT_MAX_ROWS",
+    "MAX_QUERY_EPSILON",
+    "MIN_DELTA",
     "QuerySpec",
     "Statistic",
     "digest",
@@ -36,6 +38,10 @@ __all__ = [
 
 DEFAULT_FRAC_BITS = 16
 DEFAULT_MAX_ROWS = 10**9
+#: One query spends at most this epsilon (beyond it a release protects nothing).
+MAX_QUERY_EPSILON = 100
+#: The smallest delta a query may ask for (the calibration's RDP orders reach no further).
+MIN_DELTA = 1e-30
 _SPEC_LABEL = b"mpcdp query spec v1\n"
 
 
@@ -87,10 +93,19 @@ class QuerySpec:
                 raise ParameterError("epsilon", self.epsilon, "must be 0 with mechanism none")
             object.__setattr__(self, "epsilon", "0")
         else:
-            object.__setattr__(self, "epsilon", str(exact_epsilon(self.epsilon)))
+            eps = exact_epsilon(self.epsilon)
+            if eps > MAX_QUERY_EPSILON:
+                raise ParameterError(
+                    "epsilon", self.epsilon, f"must be <= {MAX_QUERY_EPSILON} for one query"
+                )
+            object.__setattr__(self, "epsilon", str(eps))
         needs_delta = self.mechanism in ("skellam", "discrete-gaussian")
-        if needs_delta and not 0 < self.delta < 1:
-            raise ParameterError("delta", self.delta, f"must be in (0, 1) for {self.mechanism}")
+        if needs_delta and not (
+            isinstance(self.delta, int | float) and MIN_DELTA <= self.delta < 1
+        ):
+            raise ParameterError(
+                "delta", self.delta, f"must be in [{MIN_DELTA:g}, 1) for {self.mechanism}"
+            )
         if not needs_delta and self.delta != 0:
             raise ParameterError("delta", self.delta, f"must be 0 for {self.mechanism}")
         object.__setattr__(self, "parties", validate_parties(self.parties, self.colluders))

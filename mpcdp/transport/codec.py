@@ -4,6 +4,10 @@ Decoding is strict: a wrong protocol version, a session id of the wrong size, a 
 spec does not know, a data chunk that is not a whole number of 8-byte words or a stream that
 does not start with its header are refused with ProtocolError.
 
+Every string, bytes and repeated field a party receives is capped before it is used (see
+LIMITS: a request may not make a party echo or log megabytes): a longer one is refused with
+a ProtocolError that names the field and its length, never its contents.
+
 Upload stream: one ``ContributeChunk{header}``, then ``ContributeChunk{data}`` messages each
 holding ``chunk_bytes`` (the last one fewer) of little-endian words, in order: uint64, or
 uint32 for queries over Z_{2^32}.
@@ -11,7 +15,7 @@ uint32 for queries over Z_{2^32}.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,6 +31,8 @@ from mpcdp.protocol.training import TrainSpec
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "LIMITS",
+    "check_chunk_bytes",
     "check_version",
     "decode_chunks",
     "decode_step_requests",
@@ -34,6 +40,7 @@ __all__ = [
     "encode_step_requests",
     "key_from_pb",
     "key_to_pb",
+    "keys_from_pb",
     "spec_from_pb",
     "spec_to_pb",
     "train_spec_from_pb",
@@ -42,6 +49,54 @@ __all__ = [
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_BYTES = 8 << 20
+
+#: Caps on the variable-length fields of requests (characters, bytes or entries).
+LIMITS: dict[str, int] = {
+    "query_id": 128,
+    "dataset": 128,
+    "column": 128,
+    "mechanism": 32,
+    "epsilon": 64,
+    "parties": 64,  # entries; each a checked identity of <= 63 characters
+    "party": 63,
+    "categories": 1024,  # entries
+    "category": 128,
+    "run_id": 128,
+    "model": 128,
+    "clipping": 32,
+    "reason": 512,
+    "keys": 64,  # signed keys relayed in one request
+    "public_key": 32,
+    "signature": 128,
+    "certificate": 8192,
+}
+
+
+def _cap(name: str, value: str | bytes) -> None:
+    if len(value) > LIMITS[name]:
+        raise ProtocolError(
+            f"{name} has {len(value)} {'bytes' if isinstance(value, bytes) else 'characters'}; "
+            f"the limit is {LIMITS[name]}"
+        )
+
+
+def _cap_list(name: str, item: str, values: Sequence[str]) -> None:
+    if len(values) > LIMITS[name]:
+        raise ProtocolError(f"{name} has {len(values)} entries; the limit is {LIMITS[name]}")
+    for v in values:
+        _cap(item, v)
+
+
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    """A requested upload chunk size (0: the default), checked before anything is charged."""
+    if chunk_bytes == 0:
+        return DEFAULT_CHUNK_BYTES
+    if chunk_bytes < 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
+        raise ParameterError(
+            "chunk_bytes", chunk_bytes, f"must be a positive multiple of 8, <= {MAX_CHUNK_BYTES}"
+        )
+    return chunk_bytes
+
 
 _STAT_TO_PB = {
     Statistic.SUM: pb.SUM,
@@ -88,6 +143,10 @@ def spec_to_pb(spec: QuerySpec) -> pb.QuerySpec:
 
 
 def spec_from_pb(msg: pb.QuerySpec) -> QuerySpec:
+    for name in ("query_id", "dataset", "column", "mechanism", "epsilon"):
+        _cap(name, getattr(msg, name))
+    _cap_list("parties", "party", msg.parties)
+    _cap_list("categories", "category", msg.categories)
     if msg.statistic not in _STAT_FROM_PB:
         raise ProtocolError(f"unknown statistic {msg.statistic}")
     try:
@@ -128,6 +187,9 @@ def key_to_pb(session_id: bytes, key: SignedKey, *, length: int = 0) -> pb.Propo
 
 def key_from_pb(msg: pb.ProposeResponse, *, session_id: bytes) -> Proposal:
     check_version(msg.version, what="ProposeResponse")
+    _cap("party", msg.party_id)
+    for name in ("public_key", "signature", "certificate"):
+        _cap(name, getattr(msg, name))
     if msg.session_id != session_id:
         raise ProtocolError("ProposeResponse for another session")
     return Proposal(
@@ -141,14 +203,20 @@ def key_from_pb(msg: pb.ProposeResponse, *, session_id: bytes) -> Proposal:
     )
 
 
+def keys_from_pb(msgs: Sequence[pb.ProposeResponse], *, session_id: bytes) -> list[SignedKey]:
+    """The signed keys relayed in a request (at most LIMITS["keys"])."""
+    if len(msgs) > LIMITS["keys"]:
+        raise ProtocolError(f"keys has {len(msgs)} entries; the limit is {LIMITS['keys']}")
+    return [key_from_pb(k, session_id=session_id).key for k in msgs]
+
+
 def encode_chunks(
     session_id: bytes, contribution: Contribution, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.ContributeChunk]:
     """The upload stream: header, then ``chunk_bytes`` of words per message."""
-    if chunk_bytes <= 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
-        raise ParameterError(
-            "chunk_bytes", chunk_bytes, f"must be a positive multiple of 8, <= {MAX_CHUNK_BYTES}"
-        )
+    if chunk_bytes <= 0:
+        raise ParameterError("chunk_bytes", chunk_bytes, "must be > 0")
+    check_chunk_bytes(chunk_bytes)
     yield pb.ContributeChunk(
         version=PROTOCOL_VERSION,
         session_id=session_id,
@@ -238,6 +306,9 @@ def train_spec_to_pb(spec: TrainSpec) -> pb.TrainSpec:
 
 
 def train_spec_from_pb(msg: pb.TrainSpec) -> TrainSpec:
+    for name in ("run_id", "dataset", "model", "clipping"):
+        _cap(name, getattr(msg, name))
+    _cap_list("parties", "party", msg.parties)
     try:
         return TrainSpec(parties=tuple(msg.parties), **{n: getattr(msg, n) for n in _TRAIN_FIELDS})
     except ParameterError as exc:
@@ -310,5 +381,4 @@ def decode_step_requests(
         offset += n
     if offset != values.size:
         raise ProtocolError(f"{offset} of parameter_count={h.parameter_count} values arrived")
-    keys = [key_from_pb(k, session_id=session_id).key for k in h.keys]
-    return session_id, h, keys, values
+    return session_id, h, keys_from_pb(h.keys, session_id=session_id), values
