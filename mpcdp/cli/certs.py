@@ -48,10 +48,10 @@ def init(
         )
     except ParameterError as exc:
         if exc.name == "overwrite":  # the library's advice names its argument, not the flag
-            raise typer.BadParameter(
-                f"{out} already holds a CA (ca.pem); pass --force to replace it",
-                param_hint="--out",
-            ) from None
+            # one plain line (a rich box would wrap a long path mid-sentence)
+            typer.echo(f"error: {out} already holds a CA (ca.pem); pass --force to replace it",
+                       err=True)  # fmt: skip
+            raise typer.Exit(2) from None
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"CA: {files.ca_cert} (keep {files.ca_key} offline)")
     for name, path in files.certs.items():
