@@ -7,6 +7,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
                                       # [IPv6]; port 0 binds any free port
     ledger = "alice-ledger.sqlite"    # its folder must exist (none is created)
     min_colluders = 1                 # refuse queries that size noise for fewer colluders
+    max_model_params = 100000000      # refuse training runs of larger models (checked
+                                      # before the model is built)
     device = "auto"                   # where the party trains: auto (first GPU, else CPU),
                                       # cpu, cuda or cuda:N
     [tls]
@@ -126,6 +128,8 @@ class PartyConfig:
     min_colluders: int = 1
     #: where the party computes training gradients: "auto", "cpu", "cuda" or "cuda:N"
     device: str = "auto"
+    #: the largest model (parameters) a site agrees to train; checked before it is built
+    max_model_params: int = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -375,7 +379,9 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
 def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
     r = _Reader(p, _load(p))
-    r.unknown({"id", "listen", "ledger", "min_colluders", "device", "tls", "datasets"})
+    r.unknown(
+        {"id", "listen", "ledger", "min_colluders", "device", "max_model_params", "tls", "datasets"}
+    )
     tls = r.table("tls")
     tls.unknown({"ca", "cert", "key", "coordinators", "peers"})
     ds = r.table("datasets")
@@ -394,6 +400,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
         datasets=datasets,
         min_colluders=_min_colluders(r),
         device=_device(r),
+        max_model_params=_max_model_params(r),
     )
 
 
@@ -402,6 +409,13 @@ def _device(r: _Reader) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise r._err("device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")
     return str(value)
+
+
+def _max_model_params(r: _Reader) -> int:
+    n = r.get("max_model_params", int, 100_000_000)
+    if not 1 <= n <= 1 << 40:
+        raise r._err("max_model_params", f"must be in [1, 2^40], got {n}")
+    return int(n)
 
 
 def _min_colluders(r: _Reader) -> int:

@@ -75,8 +75,20 @@ def _tasks(
             make_source=functools.partial(
                 _torch_source, examples=examples, device=device, model_factory=model_factory
             ),
+            count_params=functools.partial(_count_params, model_factory=model_factory),
         )
     return tasks
+
+
+def _count_params(spec: TrainSpec, *, model_factory: ModelFactory | None) -> tuple[int, int]:
+    try:
+        from mpcdp.train.models import build_model
+        from mpcdp.train.site import count_parameters
+    except ImportError as exc:
+        raise PolicyError(
+            f"this party cannot train: {exc} (install mpcdp[train] on the party)"
+        ) from None
+    return count_parameters(model_factory or build_model, spec.model, bias_only=spec.bias_only)
 
 
 def _torch_source(
@@ -140,14 +152,12 @@ class PartyNode:
             raise ConfigError(
                 f"tls.cert {config.tls.cert} is for {name}, not for party {config.id!r}"
             )
-        self.ledger = BudgetLedger(config.ledger)
+        self.ledger = BudgetLedger(config.ledger, owner=True)  # one process per ledger
         for ds in config.datasets.values():
             self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
         self.views = _load(config)
         self.tasks = _tasks(config, device, model_factory)
-        ledger_lock = threading.Lock()
         self.engine = PartyEngine(
-            ledger_lock=ledger_lock,
             party_id=config.id,
             datasets=self.views,
             ledger=self.ledger,
@@ -163,12 +173,12 @@ class PartyNode:
                 party_id=config.id,
                 tasks=self.tasks,
                 ledger=self.ledger,
-                ledger_lock=ledger_lock,
                 ca=self.creds.ca,
                 certificate=self.creds.cert,
                 signing_key=self.creds.key,
                 peers=config.peers,
                 min_colluders=config.min_colluders,
+                max_params=config.max_model_params,
             )
         self._server: grpc.Server | None = None
         self.port: int | None = None

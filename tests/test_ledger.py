@@ -179,3 +179,72 @@ def test_rdp_totals_see_charges_made_through_another_connection(tmp_path: Path) 
         expected = compose([event, event], delta=1e-6).epsilon + 0.5
         assert both.spent_epsilon == pytest.approx(expected) and both.spent_epsilon > first + 0.5
         assert both.queries == 3
+
+
+def test_reservations_count_as_spent_until_charged_or_released(tmp_path: Path) -> None:
+    pure = ev.PureDp(epsilon="0.1")
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("d", epsilon="0.15", delta=0.0)
+        led.reserve(dataset="d", key="a", event=pure)
+        with pytest.raises(BudgetExceededError, match="reserved by rounds in flight"):
+            led.reserve(dataset="d", key="b", event=pure)
+        with pytest.raises(BudgetExceededError):  # an unreserved charge cannot take it either
+            led.charge(dataset="d", query_id="c", event=pure)
+        with pytest.raises(LedgerError, match="already reserved"):
+            led.reserve(dataset="d", key="a", event=pure)
+        assert led.reserved_epsilon("d") == pytest.approx(0.1)
+        assert led.status("d").queries == 0  # a reservation is not a charge
+        assert led.release("a") and not led.release("a")
+        led.reserve(dataset="d", key="b", event=pure)
+        charge = led.charge(dataset="d", query_id="b", event=pure, reservation="b")
+        led.release("b")
+        assert charge.new and led.status("d").pure_epsilon_spent == Fraction(1, 10)
+        with pytest.raises(LedgerError, match="already answered"):
+            led.reserve(dataset="d", key="b", event=pure)
+        assert led.reserved_epsilon("d") == 0.0
+
+
+def test_a_reservation_shrinks_as_a_training_session_charges_its_blocks(tmp_path: Path) -> None:
+    block = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=5)
+    run = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=10)
+    with BudgetLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("d", epsilon=50, delta=1e-6)
+        led.reserve(dataset="d", key="run/*", event=run, query_id="run/0")
+        total = compose([run], delta=1e-6).epsilon
+        assert led.reserved_epsilon("d") == pytest.approx(total)
+        led.charge(dataset="d", query_id="run/0", event=block, reservation="run/*")
+        led.rereserve(key="run/*", event=block)
+        spent = led.status("d").spent_epsilon
+        assert spent + led.reserved_epsilon("d") == pytest.approx(total, rel=1e-9)
+        with pytest.raises(LedgerError, match="holds no reservation"):
+            led.rereserve(key="nope", event=block)
+
+
+def test_one_process_owns_a_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    owner = BudgetLedger(path, owner=True)
+    try:
+        with pytest.raises(LedgerError, match="in use by another process"):
+            BudgetLedger(path, owner=True)
+        probe = subprocess.run(
+            [sys.executable, "-c", f"from mpcdp.dp.ledger import BudgetLedger; "
+             f"BudgetLedger({str(path)!r}, owner=True)"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "in use by another process" in probe.stderr
+        with BudgetLedger(path) as reader:  # readers (mpcdp budget) need no ownership
+            assert reader.datasets() == []
+    finally:
+        owner.close()
+    BudgetLedger(path, owner=True).close()  # closing gives the ledger up
+
+
+def test_a_file_that_is_not_a_ledger_is_a_clear_error(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.sqlite"
+    junk.write_text("these are my notes, not a database\n" * 100)
+    with pytest.raises(LedgerError, match="cannot be used as an SQLite ledger"):
+        BudgetLedger(junk, owner=True)
+    with pytest.raises(LedgerError, match=r"notes\.sqlite"):
+        BudgetLedger(junk)
+    with pytest.raises(LedgerError):
+        BudgetLedger(tmp_path, owner=False)  # a directory

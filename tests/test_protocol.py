@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ from mpcdp.errors import (
 )
 from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.party import PartyEngine, Proposal
+from mpcdp.protocol.party import PartyEngine, Proposal, SessionSlots
 from mpcdp.protocol.spec import QuerySpec, Statistic, digest
 from tests.conftest import PARTIES, ROWS, Net, build_net, vector_datasets
 from tests.stats import assert_uniform_words
@@ -387,10 +390,11 @@ def test_two_sessions_of_one_query_get_one_answer(engines: dict[str, PartyEngine
     s = spec()
     sid1, sid2 = secrets.token_bytes(16), secrets.token_bytes(16)
     keys1 = _propose_all(engines, s, sid1)
-    keys2 = _propose_all(engines, s, sid2)  # both pass the budget check: nothing charged yet
+    with pytest.raises(LedgerError, match="already reserved by a round in flight"):
+        engines["alice"].propose(session_id=sid2, spec=s, coordinator="analyst")
     engines["alice"].contribute(session_id=sid1, keys=keys1, coordinator="analyst").masked()
     with pytest.raises(LedgerError, match="already answered"):
-        engines["alice"].contribute(session_id=sid2, keys=keys2, coordinator="analyst")
+        engines["alice"].propose(session_id=sid2, spec=s, coordinator="analyst")
     assert engines["alice"].ledger.status("raises").queries == 1
 
 
@@ -403,13 +407,50 @@ def test_party_refuses_noise_sized_for_fewer_colluders_than_its_policy(
         )
 
 
-def test_pending_sessions_are_bounded(engines: dict[str, PartyEngine]) -> None:
+def test_pending_sessions_are_bounded_per_coordinator_and_in_total(
+    engines: dict[str, PartyEngine],
+) -> None:
     alice = engines["alice"]
-    alice._max_pending = 2
-    for _ in range(2):
+    alice._slots = SessionSlots(per_coordinator=2, total=3)
+    held = [secrets.token_bytes(16) for _ in range(2)]
+    for sid in held:
+        alice.propose(session_id=sid, spec=spec(), coordinator="analyst")
+    with pytest.raises(PolicyError, match="coordinator 'analyst' already has 2 sessions"):
         alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")
-    with pytest.raises(PolicyError, match="max_pending=2"):
-        alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")
+    # another coordinator is not locked out by the first one's sessions
+    alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="other")
+    with pytest.raises(PolicyError, match="3 sessions are already open"):
+        alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="other")
+    alice.abort(session_id=held[0], coordinator="analyst")  # an abort frees its slot
+    alice.propose(session_id=secrets.token_bytes(16), spec=spec(), coordinator="analyst")
+
+
+def test_the_pending_bound_is_strict_under_concurrent_proposals(
+    engines: dict[str, PartyEngine],
+) -> None:
+    """300 proposals at once from 3 coordinators' threads: exactly max_pending are accepted
+    per coordinator (the bound used to be checked before the session was built, so 17
+    of 16 got in)."""
+    alice = engines["alice"]
+    alice._slots = SessionSlots(per_coordinator=5, total=64)
+    accepted: dict[str, int] = {"analyst": 0, "other": 0}
+    lock = threading.Lock()
+
+    def one(coordinator: str) -> None:
+        try:
+            alice.propose(
+                session_id=secrets.token_bytes(16),
+                spec=spec(epsilon="0.1"),
+                coordinator=coordinator,
+            )
+        except PolicyError:
+            return
+        with lock:
+            accepted[coordinator] += 1
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(one, ["analyst", "other"] * 150))
+    assert accepted == {"analyst": 5, "other": 5}
 
 
 def test_each_party_clips_its_vector_to_the_declared_l2_bound(tmp_path: Path) -> None:
@@ -459,3 +500,60 @@ def test_closed_sessions_are_remembered_up_to_a_bound() -> None:
     assert bytes([4]) * 16 in closed and closed.get(bytes([2]) * 16) == "why 2"
     closed.add(bytes([2]) * 16, "again")  # a newer reason replaces the older
     assert closed.get(bytes([2]) * 16) == "again"
+
+
+def test_rounds_near_the_end_of_a_budget_charge_nobody_when_they_cannot_be_revealed(
+    tmp_path: Path,
+) -> None:
+    """The review's deterministic form: budget 0.15, rounds A and B of 0.1 proposed in
+    different orders at different parties. Reservations at Propose make the parties refuse
+    the round that no longer fits; neither round can be revealed, so after the aborts nobody
+    has been charged and the ledgers agree (before: all three were charged)."""
+    n = build_net(tmp_path, start=False, budgets=dict.fromkeys(PARTIES, 0.15))
+    try:
+        eng = {p: node.engine for p, node in n.nodes.items()}
+        a, b = spec(epsilon="0.1"), spec(epsilon="0.1")
+        sa, sb = secrets.token_bytes(16), secrets.token_bytes(16)
+        for p in ("alice", "bob"):
+            eng[p].propose(session_id=sa, spec=a, coordinator="analyst")
+        eng["carlos"].propose(session_id=sb, spec=b, coordinator="analyst")
+        for p in ("alice", "bob"):
+            with pytest.raises(BudgetExceededError, match="reserved by rounds in flight"):
+                eng[p].propose(session_id=sb, spec=b, coordinator="analyst")
+        with pytest.raises(BudgetExceededError, match="reserved by rounds in flight"):
+            eng["carlos"].propose(session_id=sa, spec=a, coordinator="analyst")
+        for e in eng.values():  # the coordinator aborts both rounds everywhere
+            e.abort(session_id=sa, coordinator="analyst")
+            e.abort(session_id=sb, coordinator="analyst")
+        for e in eng.values():
+            assert e.ledger.status("raises").queries == 0
+            assert e.ledger.reserved_epsilon("raises") == 0.0
+        # the budget is whole again: a round proposed everywhere in one order is revealed
+        out = run_round(spec=spec(epsilon="0.1"), clients=[Direct(e) for e in eng.values()])
+        assert set(out.budget_remaining) == set(PARTIES)
+        for e in eng.values():
+            assert e.ledger.status("raises").pure_epsilon_spent == Fraction(1, 10)
+    finally:
+        n.stop()
+
+
+def test_expired_and_failed_sessions_release_their_reservation(
+    engines: dict[str, PartyEngine],
+) -> None:
+    alice = engines["alice"]
+    clock = [0.0]
+    alice._clock = lambda: clock[0]
+    sid = secrets.token_bytes(16)
+    alice.propose(session_id=sid, spec=spec(), coordinator="analyst")
+    assert alice.ledger.reserved_epsilon("raises") == pytest.approx(0.5)
+    clock[0] = 10_000.0  # past the session's ttl: the next call expires it
+    alice.propose(session_id=secrets.token_bytes(16), spec=spec(epsilon="1"), coordinator="analyst")
+    assert alice.ledger.reserved_epsilon("raises") == pytest.approx(1.0)
+    # a contribute with bad keys uses the session up and releases its reservation
+    sid2 = secrets.token_bytes(16)
+    s2 = spec()
+    alice.propose(session_id=sid2, spec=s2, coordinator="analyst")
+    with pytest.raises(ProtocolError):
+        alice.contribute(session_id=sid2, keys=[], coordinator="analyst")
+    assert alice.ledger.reserved_epsilon("raises") == pytest.approx(1.0)
+    assert alice.ledger.status("raises").queries == 0

@@ -17,6 +17,17 @@ charged query. The rules:
 - durable: WAL journal with synchronous=FULL, and each charge one ``BEGIN IMMEDIATE``
   transaction, so a process killed at any point leaves either the whole charge or none of it,
   and concurrent processes serialise on the write lock.
+- reserve, then charge: a party reserves a query's event when it accepts the query
+  (:meth:`BudgetLedger.reserve`, at Propose / TrainOpen), and every later check counts what
+  is reserved as spent. Contribute turns the reservation into a charge (``charge(...,
+  reservation=key)``); Abort or expiry releases it (:meth:`release`). So parties that see
+  the same rounds in different orders accept or refuse the same rounds, and nobody is
+  charged for a round that cannot be revealed. Reservations live in the owning process's
+  memory: they belong to sessions, which die with it.
+- one owner: the party node opens its ledger with ``owner=True``, which takes an exclusive
+  advisory lock (flock) on the file for the ledger's lifetime; a second party process on the
+  same ledger fails at start instead of enforcing the budget a second time. Read-only users
+  (``mpcdp budget``) open it without the lock.
 
 Schema (version 1)::
 
@@ -35,9 +46,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -125,30 +138,83 @@ def _delta(delta: float) -> float:
     return float(delta)
 
 
-class BudgetLedger:
-    """A party's ledger file. Use as a context manager, or call :meth:`close`."""
+@dataclass(frozen=True)
+class _Reservation:
+    dataset: str
+    event: ev.Event
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 30.0) -> None:
+
+def _lock_file(path: Path) -> int:
+    """An exclusive, non-blocking flock on ``path`` (created if missing); the descriptor
+    holds it until closed."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LedgerError(
+            f"ledger {path} is in use by another process (is another `mpcdp party serve` "
+            "running with this party.toml?); one process owns a ledger at a time"
+        ) from None
+    return fd
+
+
+class BudgetLedger:
+    """A party's ledger file. Use as a context manager, or call :meth:`close`.
+
+    ``owner=True`` (the party node) holds an exclusive lock on the file while open (module
+    docstring). Thread-safe: every call runs under one lock.
+    """
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 30.0, owner: bool = False) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(
-            self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._rdp_cache: dict[str, tuple[int, NDArray[np.float64], int]] = {}
-        with self._transaction():
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                self._db.execute(stmt)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (SCHEMA_VERSION,)
-                )
-            elif row[0] != SCHEMA_VERSION:
-                raise LedgerError(
-                    f"ledger {self.path} has schema_version={row[0]!r}, expected {SCHEMA_VERSION}"
-                )
+        self._lock = threading.RLock()
+        self._reserved: dict[str, _Reservation] = {}
+        self._owner_fd: int | None = None
+        try:
+            if owner:
+                self._owner_fd = _lock_file(self.path)
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._rdp_cache: dict[str, tuple[int, NDArray[np.float64], int]] = {}
+            with self._transaction():
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(stmt)
+                row = self._db.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'"
+                ).fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO meta(key, value) VALUES('schema_version', ?)",
+                        (SCHEMA_VERSION,),
+                    )
+                elif row[0] != SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"ledger {self.path} has schema_version={row[0]!r}, "
+                        f"expected {SCHEMA_VERSION}"
+                    )
+        except sqlite3.Error as exc:
+            self._release_owner()
+            raise LedgerError(
+                f"ledger {self.path} cannot be used as an SQLite ledger: {exc}"
+            ) from None
+        except OSError as exc:
+            self._release_owner()
+            raise LedgerError(f"ledger {self.path}: {exc.strerror}") from None
+        except BaseException:
+            self._release_owner()
+            raise
+
+    def _release_owner(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # closing the descriptor drops the flock
+            self._owner_fd = None
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -164,7 +230,10 @@ class BudgetLedger:
             self._db.execute("COMMIT")
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+            self._reserved.clear()
+            self._release_owner()
 
     def __enter__(self) -> BudgetLedger:
         return self
@@ -184,7 +253,7 @@ class BudgetLedger:
         _check_name("dataset", dataset)
         eps = ev.exact_epsilon(epsilon, name="epsilon")
         d = _delta(delta)
-        with self._transaction():
+        with self._lock, self._transaction():
             old = self._db.execute(
                 "SELECT epsilon, delta FROM budgets WHERE dataset=?", (dataset,)
             ).fetchone()
@@ -199,12 +268,14 @@ class BudgetLedger:
             log.info("budget of dataset %r changed from %s to %s", dataset, old[0], eps)
 
     def datasets(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT dataset FROM budgets ORDER BY dataset")]
+        with self._lock:
+            rows = self._db.execute("SELECT dataset FROM budgets ORDER BY dataset").fetchall()
+        return [r[0] for r in rows]
 
     # -- charges ---------------------------------------------------------------------------
 
-    def _status(self, dataset: str, extra: ev.Event | None = None) -> BudgetStatus:
-        """Status from the running totals and the RDP events, plus ``extra`` if given."""
+    def _status(self, dataset: str, extra: Sequence[ev.Event] = ()) -> BudgetStatus:
+        """Status from the running totals and the RDP events, plus the ``extra`` events."""
         row = self._db.execute(
             "SELECT epsilon, delta, pure_spent, queries, exact_releases FROM budgets "
             "WHERE dataset=?",
@@ -215,9 +286,9 @@ class BudgetLedger:
         budget, delta = Fraction(row[0]), float(row[1])
         pure, queries, exact = Fraction(row[2]), int(row[3]), int(row[4])
         curve, count = self._rdp_total(dataset)
-        if extra is not None:
+        for event in extra:
             queries += 1
-            for part in ev.flatten([extra]):
+            for part in ev.flatten([event]):
                 if isinstance(part, ev.PureDp):
                     pure += part.epsilon
                 elif isinstance(part, ev.Exact):
@@ -264,19 +335,26 @@ class BudgetLedger:
         self._rdp_cache[dataset] = (last, total, count)
         return total, count
 
-    def _require_budget(self, dataset: str, event: ev.Event) -> BudgetStatus:
-        """The status after charging ``event``; BudgetExceededError if it would overdraw."""
-        before = self._status(dataset)
-        after = self._status(dataset, event)
-        if not self._within(after):
+    def _require_budget(
+        self, dataset: str, event: ev.Event, *, reservation: str | None = None
+    ) -> BudgetStatus:
+        """The status after charging ``event``; BudgetExceededError if it, plus every
+        reservation on the dataset but ``reservation``, would overdraw."""
+        held = [
+            r.event for k, r in self._reserved.items() if r.dataset == dataset and k != reservation
+        ]
+        if not self._within(self._status(dataset, [*held, event])):
+            before = self._status(dataset)
+            reserved = self._status(dataset, held).spent_epsilon - before.spent_epsilon
             raise BudgetExceededError(
                 dataset=dataset,
-                requested=_describe(event, after.delta),
-                spent=f"{before.spent_epsilon:.6g}",
+                requested=_describe(event, before.delta),
+                spent=f"{before.spent_epsilon:.6g}"
+                + (f" (+{reserved:.6g} reserved by rounds in flight)" if held else ""),
                 budget=str(before.budget_epsilon),
-                delta=after.delta,
+                delta=before.delta,
             )
-        return after
+        return self._status(dataset, [event])
 
     @staticmethod
     def _within(status: BudgetStatus) -> bool:
@@ -287,31 +365,83 @@ class BudgetLedger:
         return total <= status.budget_epsilon
 
     def status(self, dataset: str) -> BudgetStatus:
-        """Budget, spend and counts for ``dataset``."""
+        """Budget, spend and counts for ``dataset`` (charges only, not reservations)."""
         _check_name("dataset", dataset)
-        return self._status(dataset)
+        with self._lock:
+            return self._status(dataset)
+
+    def reserved_epsilon(self, dataset: str) -> float:
+        """Epsilon (at the dataset's delta) that the reservations on ``dataset`` add."""
+        _check_name("dataset", dataset)
+        with self._lock:
+            held = [r.event for r in self._reserved.values() if r.dataset == dataset]
+            base = self._status(dataset)
+            return self._status(dataset, held).spent_epsilon - base.spent_epsilon if held else 0.0
 
     def check(self, *, dataset: str, query_id: str, event: ev.Event) -> BudgetStatus:
         """Raise as :meth:`charge` would, without writing; return the status after the charge.
 
         A query id that was already charged is refused here (LedgerError): a party answers
-        each query id once.
+        each query id once. Reservations count as spent.
         """
         _check_name("dataset", dataset)
         _check_name("query_id", query_id)
+        with self._lock:
+            self._refuse_answered(query_id)
+            return self._require_budget(dataset, event)
+
+    def _refuse_answered(self, query_id: str) -> None:
         row = self._db.execute(
             "SELECT dataset FROM charges WHERE query_id=?", (query_id,)
         ).fetchone()
         if row is not None:
             raise LedgerError(f"query_id={query_id!r} was already answered; use a new query id")
-        return self._require_budget(dataset, event)
 
-    def charge(self, *, dataset: str, query_id: str, event: ev.Event) -> Charge:
-        """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring."""
+    def reserve(
+        self, *, dataset: str, key: str, event: ev.Event, query_id: str | None = None
+    ) -> BudgetStatus:
+        """Hold ``event`` against ``dataset``'s budget under ``key`` until it is charged or
+        released (module docstring). Refuses (writing nothing) what :meth:`check` refuses,
+        counting the other reservations as spent, and a ``key`` that is already held.
+        ``query_id`` (default: ``key``) must not have been charged yet."""
+        _check_name("dataset", dataset)
+        _check_name("key", key)
+        with self._lock:
+            if key in self._reserved:
+                raise LedgerError(
+                    f"{key!r} is already reserved by a round in flight; use a new query id"
+                )
+            self._refuse_answered(query_id or key)
+            after = self._require_budget(dataset, event)
+            self._reserved[key] = _Reservation(dataset=dataset, event=event)
+            return after
+
+    def rereserve(self, *, key: str, event: ev.Event) -> None:
+        """Replace what ``key`` holds by a smaller ``event`` (a training session after a
+        block was charged: what its remaining steps will cost)."""
+        with self._lock:
+            held = self._reserved.get(key)
+            if held is None:
+                raise LedgerError(f"{key!r} holds no reservation")
+            self._reserved[key] = _Reservation(dataset=held.dataset, event=event)
+
+    def release(self, key: str) -> bool:
+        """Drop ``key``'s reservation (nothing was released under it); True if it held one."""
+        with self._lock:
+            return self._reserved.pop(key, None) is not None
+
+    def charge(
+        self, *, dataset: str, query_id: str, event: ev.Event, reservation: str | None = None
+    ) -> Charge:
+        """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring.
+
+        ``reservation``: the key whose reservation covers this charge (its budget is not
+        counted against it); the caller releases or shrinks it afterwards.
+        """
         _check_name("dataset", dataset)
         _check_name("query_id", query_id)
         encoded = ev.encode_event(event)
-        with self._transaction():
+        with self._lock, self._transaction():
             row = self._db.execute(
                 "SELECT dataset, event, created_at FROM charges WHERE query_id=?", (query_id,)
             ).fetchone()
@@ -322,7 +452,7 @@ class BudgetLedger:
                         f"another event; query ids must be unique"
                     )
                 return Charge(query_id, dataset, event, float(row[2]), new=False)
-            after = self._require_budget(dataset, event)
+            after = self._require_budget(dataset, event, reservation=reservation)
             now = time.time()
             self._db.execute(
                 "INSERT INTO charges(query_id, dataset, kind, event, created_at) "
@@ -339,6 +469,10 @@ class BudgetLedger:
     def charges(self, dataset: str) -> list[Charge]:
         """Every charge of ``dataset``, oldest first."""
         _check_name("dataset", dataset)
+        with self._lock:
+            return self._charges(dataset)
+
+    def _charges(self, dataset: str) -> list[Charge]:
         return [
             Charge(r[0], dataset, ev.decode_event(r[1]), float(r[2]), new=False)
             for r in self._db.execute(

@@ -61,6 +61,7 @@ __all__ = [
     "DatasetView",
     "PartyEngine",
     "Proposal",
+    "SessionSlots",
     "check_parties",
     "new_signed_key",
     "session_pair_keys",
@@ -167,6 +168,41 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
         return noisy
 
     return build
+
+
+class SessionSlots:
+    """How many sessions each coordinator holds open at a party, bounded per coordinator
+    and in total. A slot is taken before a session is built and given back when it ends, so
+    the bounds are strict under any concurrency (the caller serialises calls)."""
+
+    def __init__(self, *, per_coordinator: int, total: int) -> None:
+        self._per = per_coordinator
+        self._total = total
+        self._held: dict[str, int] = {}
+
+    def take(self, coordinator: str, *, party_id: str) -> None:
+        mine = self._held.get(coordinator, 0)
+        if mine >= self._per:
+            raise PolicyError(
+                f"coordinator {coordinator!r} already has {mine} sessions open at "
+                f"{party_id!r} (its limit is {self._per}); retry later"
+            )
+        if sum(self._held.values()) >= self._total:
+            raise PolicyError(
+                f"{self._total} sessions are already open at {party_id!r} (its limit for all "
+                "coordinators together); retry later"
+            )
+        self._held[coordinator] = mine + 1
+
+    def give_back(self, coordinator: str) -> None:
+        left = self._held.get(coordinator, 0) - 1
+        if left > 0:
+            self._held[coordinator] = left
+        else:
+            self._held.pop(coordinator, None)
+
+    def held(self, coordinator: str) -> int:
+        return self._held.get(coordinator, 0)
 
 
 def unavailable(dataset: str, party_id: str) -> str:
@@ -320,9 +356,9 @@ class PartyEngine:
         min_colluders: int = 1,
         session_ttl_s: float = 300.0,
         max_pending: int = 16,
+        max_pending_total: int = 64,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
-        ledger_lock: threading.Lock | None = None,
         noise_threads: int | None = None,
     ) -> None:
         self.party_id = party_id
@@ -335,8 +371,9 @@ class PartyEngine:
         self._peers = frozenset(peers) | {party_id}
         self._ttl = session_ttl_s
         self._min_colluders = min_colluders
-        # each pending session holds a noisy vector: bound the memory a coordinator can pin
-        self._max_pending = max_pending
+        # each pending session holds a noisy vector: bound what one coordinator, and all of
+        # them together, can pin (strictly: a slot is taken before the session is built)
+        self._slots = SessionSlots(per_coordinator=max_pending, total=max_pending_total)
         self._clock = clock
         self._noise = NoisePool(rng=rng, threads=noise_threads)
         self._sessions: dict[bytes, _Session] = {}
@@ -345,8 +382,6 @@ class PartyEngine:
         self._closed = ClosedSessions()
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         self._lock = threading.Lock()
-        # shared with a TrainingEngine on the same ledger
-        self._ledger_lock = ledger_lock or threading.Lock()
 
     # -- propose -------------------------------------------------------------------------
 
@@ -425,14 +460,33 @@ class PartyEngine:
             self._expire()
             if session_id in self._sessions or session_id in self._closed:
                 raise SessionError(f"session {session_id.hex()} was already used")
-            if len(self._sessions) >= self._max_pending:
-                raise PolicyError(
-                    f"{len(self._sessions)} sessions are already pending at "
-                    f"{self.party_id!r} (max_pending={self._max_pending}); retry later"
-                )
+            self._slots.take(coordinator, party_id=self.party_id)
+        try:
+            return self._propose(session_id, spec, coordinator)
+        except BaseException:
+            with self._lock:
+                self._slots.give_back(coordinator)
+            raise
+
+    def _propose(self, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
         view, release = self._check_spec(spec)
-        with self._ledger_lock:
-            self.ledger.check(dataset=spec.dataset, query_id=spec.query_id, event=release.event)
+        # reserve, not just check: rounds in flight count as spent, so every party accepts or
+        # refuses the same rounds whatever order their proposals arrive in
+        self.ledger.reserve(dataset=spec.dataset, key=spec.query_id, event=release.event)
+        try:
+            return self._accept(session_id, spec, coordinator, view, release)
+        except BaseException:
+            self.ledger.release(spec.query_id)
+            raise
+
+    def _accept(
+        self,
+        session_id: bytes,
+        spec: QuerySpec,
+        coordinator: str,
+        view: DatasetView,
+        release: ReleasePlan,
+    ) -> Proposal:
         if spec.mechanism == "none":
             log.warning(
                 "exact release (mechanism none, no differential privacy) of dataset %r "
@@ -488,8 +542,7 @@ class PartyEngine:
                     f"session {session_id.hex()} belongs to coordinator {session.coordinator!r}, "
                     f"not {coordinator!r}"
                 )
-            del self._sessions[session_id]
-            self._close(session_id, "used")
+            self._remove(session_id, "used")
             return session
 
     def contribute(
@@ -497,30 +550,36 @@ class PartyEngine:
     ) -> Contribution:
         session = self._take(session_id, coordinator)
         spec = session.spec
-        pair_keys = session_pair_keys(
-            party_id=self.party_id,
-            parties=spec.parties,
-            keys=keys,
-            own=session.public,
-            private_key=session.private_key,
-            session_id=session_id,
-            spec_digest=digest(spec),
-            ca=self._ca,
-            certificates=self._certificates,
-        )
-        me = spec.index_of(self.party_id)
-        with self._ledger_lock:
-            charge = self.ledger.charge(
-                dataset=spec.dataset, query_id=spec.query_id, event=session.plan.event
+        try:
+            pair_keys = session_pair_keys(
+                party_id=self.party_id,
+                parties=spec.parties,
+                keys=keys,
+                own=session.public,
+                private_key=session.private_key,
+                session_id=session_id,
+                spec_digest=digest(spec),
+                ca=self._ca,
+                certificates=self._certificates,
             )
-            if not charge.new:
-                # Two sessions of one query: a second answer with fresh noise would let the
-                # coordinator average the noise away, so each query id is answered once.
-                raise LedgerError(
-                    f"query_id={spec.query_id!r} was already answered; use a new query id"
-                )
-            assert charge.status is not None  # a new charge carries its status
-            status = charge.status
+            # the reservation made at propose becomes the charge (charge before release)
+            charge = self.ledger.charge(
+                dataset=spec.dataset,
+                query_id=spec.query_id,
+                event=session.plan.event,
+                reservation=spec.query_id,
+            )
+        finally:
+            self.ledger.release(spec.query_id)
+        if not charge.new:
+            # Two sessions of one query: a second answer with fresh noise would let the
+            # coordinator average the noise away, so each query id is answered once.
+            raise LedgerError(
+                f"query_id={spec.query_id!r} was already answered; use a new query id"
+            )
+        assert charge.status is not None  # a new charge carries its status
+        status = charge.status
+        me = spec.index_of(self.party_id)
         stream = sharing.MaskStream(
             party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
         )
@@ -558,16 +617,20 @@ class PartyEngine:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is not None and session.coordinator == coordinator:
-                del self._sessions[session_id]
-                self._close(session_id, "aborted")
+                self._remove(session_id, "aborted")
+                self.ledger.release(session.spec.query_id)
                 log.info("session %s: aborted by %s", session_id.hex(), coordinator)
 
-    def _close(self, session_id: bytes, why: str) -> None:
-        """Remember why a session is closed (caller holds self._lock)."""
+    def _remove(self, session_id: bytes, why: str) -> None:
+        """Forget a pending session and remember why it is closed; its coordinator's slot
+        is free again (caller holds self._lock)."""
+        session = self._sessions.pop(session_id)
+        self._slots.give_back(session.coordinator)
         self._closed.add(session_id, why)
 
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now]:
-            del self._sessions[sid]
-            self._close(sid, "expired")
+            query_id = self._sessions[sid].spec.query_id
+            self._remove(sid, "expired")
+            self.ledger.release(query_id)

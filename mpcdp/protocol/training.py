@@ -90,6 +90,7 @@ from mpcdp.protocol.party import (
     ClosedSessions,
     Contribution,
     Proposal,
+    SessionSlots,
     check_parties,
     new_signed_key,
     session_pair_keys,
@@ -340,6 +341,9 @@ class TrainingTask:
     """An example dataset a site trains on: its declaration and a source factory.
 
     ``make_source`` is None when the data failed validation; ``error`` says why.
+    ``count_params`` gives (trainable, total) parameters of the spec's model without building
+    it (e.g. on torch's meta device), so a site refuses an oversized model before it
+    allocates anything.
     """
 
     config: DatasetConfig
@@ -348,6 +352,7 @@ class TrainingTask:
     num_classes: int = 0
     make_source: Callable[[TrainSpec], GradientSource] | None = None
     error: str | None = None
+    count_params: Callable[[TrainSpec], tuple[int, int]] | None = None
 
 
 @dataclass
@@ -375,7 +380,6 @@ class TrainingEngine:
         party_id: str,
         tasks: Mapping[str, TrainingTask],
         ledger: BudgetLedger,
-        ledger_lock: threading.Lock,
         ca: x509.Certificate,
         certificate: x509.Certificate,
         signing_key: ec.EllipticCurvePrivateKey,
@@ -383,6 +387,8 @@ class TrainingEngine:
         min_colluders: int = 1,
         idle_ttl_s: float = 600.0,
         max_sessions: int = 4,
+        max_sessions_total: int = 8,
+        max_params: int = 100_000_000,
         noise_threads: int = 0,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -392,7 +398,6 @@ class TrainingEngine:
         self.party_id = party_id
         self.tasks = dict(tasks)
         self.ledger = ledger
-        self._ledger_lock = ledger_lock
         self._ca = ca
         self._certificates = identity.CertificateCache(ca=ca)
         self._cert = certificate
@@ -400,7 +405,8 @@ class TrainingEngine:
         self._peers = frozenset(peers) | {party_id}
         self._min_colluders = min_colluders
         self._ttl = idle_ttl_s
-        self._max_sessions = max_sessions
+        self._slots = SessionSlots(per_coordinator=max_sessions, total=max_sessions_total)
+        self._max_params = max_params
         self._clock = clock
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
         self._pads = NoisePool(rng=rng, max_entries=2, threads=noise_threads, name="pad")
@@ -428,11 +434,15 @@ class TrainingEngine:
             self._expire()
             if session_id in self._sessions or session_id in self._closed:
                 raise SessionError(f"session {session_id.hex()} was already used")
-            if len(self._sessions) >= self._max_sessions:
-                raise PolicyError(
-                    f"{len(self._sessions)} training sessions are open at {self.party_id!r} "
-                    f"(max {self._max_sessions}); retry later"
-                )
+            self._slots.take(coordinator, party_id=self.party_id)
+        try:
+            return self._open(session_id, spec, coordinator)
+        except BaseException:
+            with self._lock:
+                self._slots.give_back(coordinator)
+            raise
+
+    def _open(self, session_id: bytes, spec: TrainSpec, coordinator: str) -> Proposal:
         check_parties(
             party_id=self.party_id,
             parties=spec.parties,
@@ -451,12 +461,19 @@ class TrainingEngine:
         if task.make_source is None:
             raise DataError(unavailable(spec.dataset, self.party_id))
         cfg = task.config
-        source = task.make_source(spec)
-        if source.num_params != spec.num_params:
+        if spec.num_params > self._max_params:
             raise PolicyError(
-                f"num_params={spec.num_params} but model {spec.model!r} has "
-                f"{source.num_params} trainable parameters here"
+                f"num_params={spec.num_params} exceeds this site's max_model_params="
+                f"{self._max_params}"
             )
+        if task.count_params is not None:  # the model's size before it is built
+            trainable, total = task.count_params(spec)
+            if total > self._max_params:
+                raise PolicyError(
+                    f"model {spec.model!r} has {total} parameters, more than this site's "
+                    f"max_model_params={self._max_params}"
+                )
+            _check_num_params(spec, trainable)
         self._check_headroom(spec, task.examples)
         event = run_event(spec)
         if cfg.max_epsilon_per_query is not None:
@@ -466,10 +483,28 @@ class TrainingEngine:
                     f"the session's epsilon {eps:.4g} (delta={cfg.delta:g}) exceeds "
                     f"max_epsilon_per_query={cfg.max_epsilon_per_query:g} of {cfg.name!r}"
                 )
-        with self._ledger_lock:
-            self.ledger.check(
-                dataset=cfg.name, query_id=_charge_id(spec, session_id, 0), event=event
-            )
+        # the whole session is reserved now; each block's charge draws on the reservation,
+        # and what is left is released when the session ends early
+        key = _reservation(spec, session_id)
+        self.ledger.reserve(
+            dataset=cfg.name, key=key, event=event, query_id=_charge_id(spec, session_id, 0)
+        )
+        try:
+            source = task.make_source(spec)
+        except BaseException:
+            self.ledger.release(key)
+            raise
+        try:
+            _check_num_params(spec, source.num_params)
+            return self._accept(session_id, spec, coordinator, source)
+        except BaseException:
+            source.close()
+            self.ledger.release(key)
+            raise
+
+    def _accept(
+        self, session_id: bytes, spec: TrainSpec, coordinator: str, source: GradientSource
+    ) -> Proposal:
         private_key, signed = new_signed_key(
             signing_key=self._signing_key,
             certificate=self._cert,
@@ -599,12 +634,18 @@ class TrainingEngine:
         if block > session.charged_block:
             first = spec.start_step + block * spec.steps_per_charge
             n_steps = min(spec.steps_per_charge, spec.end_step - first)
-            with self._ledger_lock:
-                charge = self.ledger.charge(
-                    dataset=spec.dataset,
-                    query_id=_charge_id(spec, session_id, block),
-                    event=step_event(spec, steps=n_steps),
-                )
+            key = _reservation(spec, session_id)
+            charge = self.ledger.charge(
+                dataset=spec.dataset,
+                query_id=_charge_id(spec, session_id, block),
+                event=step_event(spec, steps=n_steps),
+                reservation=key,
+            )
+            left = spec.end_step - first - n_steps
+            if left > 0:  # the reservation now covers the remaining steps only
+                self.ledger.rereserve(key=key, event=step_event(spec, steps=left))
+            else:
+                self.ledger.release(key)
             if not charge.new:
                 raise LedgerError(f"block {block} of session {session_id.hex()} was charged")
             session.charged_block = block
@@ -691,18 +732,37 @@ class TrainingEngine:
         with self._lock:
             session = self._sessions.pop(session_id, None)
             self._closed.add(session_id, why)
+            if session is not None:
+                self._slots.give_back(session.coordinator)
         if session is not None:
+            self.ledger.release(_reservation(session.spec, session_id))
             session.source.close()
 
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now and not v.busy]:
-            self._sessions.pop(sid).source.close()
+            session = self._sessions.pop(sid)
+            self._slots.give_back(session.coordinator)
+            self.ledger.release(_reservation(session.spec, sid))
+            session.source.close()
             self._closed.add(sid, "expired")
+
+
+def _check_num_params(spec: TrainSpec, trainable: int) -> None:
+    if trainable != spec.num_params:
+        raise PolicyError(
+            f"num_params={spec.num_params} but model {spec.model!r} has {trainable} trainable "
+            "parameters here"
+        )
 
 
 def _charge_id(spec: TrainSpec, session_id: bytes, block: int) -> str:
     return f"{spec.run_id}/{session_id.hex()}/{block}"
+
+
+def _reservation(spec: TrainSpec, session_id: bytes) -> str:
+    """The ledger reservation of a session's steps not yet charged."""
+    return f"{spec.run_id}/{session_id.hex()}/*"
 
 
 # -- the coordinator --------------------------------------------------------------------------

@@ -36,7 +36,12 @@ from mpcdp.protocol.training import TrainSpec, max_batch_size
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.rounding import randomized_round_
 
-__all__ = ["TorchGradientSource", "cross_entropy_per_example", "pick_device"]
+__all__ = [
+    "TorchGradientSource",
+    "count_parameters",
+    "cross_entropy_per_example",
+    "pick_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,23 @@ def pick_device(device: str = "auto") -> torch.device:
     elif dev.type != "cpu":
         raise ParameterError("device", device, "must be 'auto', 'cpu' or 'cuda[:index]'")
     return dev
+
+
+def count_parameters(
+    model_factory: Callable[[str], nn.Module], name: str, *, bias_only: bool
+) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model_factory(name)``, built on torch's meta device
+    (no memory, no initialisation): a site knows a model's size before it allocates it.
+    Trainable follows PerSampleClipper: floating-point parameters that require a gradient,
+    only the ones ending in 'bias' with ``bias_only``."""
+    with torch.device("meta"):
+        model = model_factory(name)
+    total = trainable = 0
+    for pname, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad and p.is_floating_point() and (not bias_only or pname.endswith("bias")):
+            trainable += p.numel()
+    return trainable, total
 
 
 class TorchGradientSource:
