@@ -256,3 +256,25 @@ def test_party_serve_refuses_a_broken_config(tmp_path: Path) -> None:
     cfg.write_text("id = [")
     out = mpcdp("party", "serve", "--config", str(cfg), check=False)
     assert out.returncode == 1 and "not valid TOML" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--epsilon", "1e-300"], "exact range"),
+        (["--epsilon", "1e9"], "must be <= 100"),
+        (["--mechanism", "skellam", "--epsilon", "1e-300"], "exact range"),
+    ],
+)
+def test_query_parameters_outside_the_samplers_range_are_clear_errors(
+    fed: LocalFederation, extra: list[str], needle: str
+) -> None:
+    """Refused at the analyst, before any party is asked (was a ZeroDivisionError
+    traceback for 1e-300)."""
+    f = str(fed.federation_config)
+    out = mpcdp(
+        "query", "sum", "--federation", f, "--dataset", "t", "--column", "raise", *extra,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr

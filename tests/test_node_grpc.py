@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import grpc
@@ -11,14 +12,17 @@ import pytest
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.certs import init_federation
 from mpcdp.config import TlsConfig, load_federation_config
-from mpcdp.errors import PartyError, RoundAborted
+from mpcdp.dp.poisson import POISSON_MAX_LAM
+from mpcdp.errors import ParameterError, PartyError, RoundAborted
 from mpcdp.federation import Federation
 from mpcdp.node import check_datasets
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.plan import fit, plan
+from mpcdp.protocol.spec import QuerySpec
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient, check_health
-from tests.conftest import DEPTS, ROWS, Net, build_net, vector_datasets
+from tests.conftest import DEPTS, PARTIES, ROWS, Net, build_net, vector_datasets
 
 TRUE_MEAN = sum(sum(r) for r in ROWS.values()) / sum(len(r) for r in ROWS.values())
 
@@ -305,3 +309,27 @@ def test_vector_dataset_sum(tmp_path: Path) -> None:
             assert abs(err.std() / noisy.noise_std - 1) < 0.15
     finally:
         n.stop()
+
+
+def test_explicit_fixed_point_outside_the_samplers_range_is_refused_before_any_round(
+    net: Net,
+) -> None:
+    """fed.sum(..., mechanism="skellam", epsilon=1, frac_bits=16) released a lattice (every
+    share's noise had >= 6 trailing zero bits). Now the analyst's own plan refuses it, and
+    the planner's default uses the fixed point the noise needs."""
+    with Federation.from_config(net.federation) as fed:
+        with pytest.raises(ParameterError, match="exact range"):
+            fed.sum(dataset="raises", column="raise", mechanism="skellam", epsilon=1.0,
+                    frac_bits=16)  # fmt: skip
+        for node in net.nodes.values():
+            assert node.ledger.status("raises").queries == 0
+        res = fed.sum(dataset="raises", column="raise", mechanism="skellam", epsilon=1.0)
+    # default plan: frac_bits 0 for bounds [0, 5000]; each Poisson rate mu/(2h) ~ 1e8
+    spec = QuerySpec(query_id="x", dataset="raises", column="raise", statistic="sum",
+                     mechanism="skellam", epsilon="1", delta=1e-6, parties=PARTIES,
+                     upper=5000)  # type: ignore[arg-type]  # fmt: skip
+    fitted = fit(spec, vector_length=None, frac_bits=None, ring_bits=None)
+    assert fitted.frac_bits == 0
+    mu = plan(fitted).tensors[0].mechanism.mu  # type: ignore[attr-defined]
+    assert mu / 2 / 2 < POISSON_MAX_LAM
+    assert res.noise_std == pytest.approx(math.sqrt(mu * 3 / 2), rel=1e-9)
