@@ -151,9 +151,9 @@ class PartyServicer(pb_grpc.PartyServicer):
         caller = self._caller(context)
         codec.check_version(request.version, what="ContributeRequest")
         session_id = codec.check_session(request.session_id)
-        keys = [codec.key_from_pb(k, session_id=session_id).key for k in request.keys]
+        keys = codec.keys_from_pb(request.keys, session_id=session_id)
+        chunk = codec.check_chunk_bytes(request.chunk_bytes)  # before the ledger is charged
         contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
-        chunk = request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         yield from codec.encode_chunks(session_id, contribution, chunk_bytes=chunk)
         del contribution  # its vector is sent: free it before the next one is built
         self._engine.round_finished(session_id=session_id)
@@ -196,6 +196,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         session_id, header, keys, values = codec.decode_step_requests(
             request_iterator, max_values=trainer.max_parameters
         )
+        chunk = codec.check_chunk_bytes(header.chunk_bytes)  # before the ledger is charged
         upload = trainer.step(
             session_id=session_id,
             step=header.step,
@@ -204,7 +205,6 @@ class PartyServicer(pb_grpc.PartyServicer):
             full=header.full,
             coordinator=caller,
         )
-        chunk = header.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
         del upload  # sent: free it before the next step's pad is built
         trainer.step_finished(session_id=session_id)

@@ -1,0 +1,163 @@
+"""A party survives a hostile coordinator: an invalid chunk size is refused before anything
+is charged (real mTLS gRPC on loopback)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mpcdp import PROTOCOL_VERSION
+from mpcdp.config import TlsConfig
+from mpcdp.proto import party_pb2 as pb
+from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.transport import codec, tls
+from mpcdp.transport.client import GrpcPartyClient
+from tests.conftest import PARTIES, Net, build_net, vector_datasets
+
+
+def _creds(root: Path, name: str) -> tls.Credentials:
+    return tls.load_credentials(
+        TlsConfig(
+            ca=root / "certs/ca.pem",
+            cert=root / f"certs/{name}.pem",
+            key=root / f"certs/{name}.key",
+        )
+    )
+
+
+def _stub(root: Path, coordinator: str, port: int) -> tuple[pb_grpc.PartyStub, grpc.Channel]:
+    ch = tls.channel(f"127.0.0.1:{port}", creds=_creds(root, coordinator), server_name="alice")
+    return pb_grpc.PartyStub(ch), ch
+
+
+def _examples(root: Path) -> dict[str, str]:
+    """An example dataset 'ex' at every party (a site can be asked to train)."""
+    extra = {}
+    rng = np.random.default_rng(0)  # test data only
+    for p in PARTIES:
+        y = rng.integers(0, 3, size=40)
+        x = rng.normal(size=(40, 8)).astype(np.float32) + y[:, None]
+        np.savez(root / f"{p}-ex.npz", x=x, y=y)
+        extra[p] = (
+            f'\n[datasets.ex]\npath = "{p}-ex.npz"\nnum_classes = 3\nepsilon = 20.0\ndelta = 1e-5\n'
+        )
+    return extra
+
+
+def _vector_spec(query_id: str = "q1") -> QuerySpec:
+    return QuerySpec(
+        query_id=query_id,
+        dataset="v",
+        column="",
+        statistic=Statistic.SUM,
+        mechanism="none",
+        epsilon="0",
+        parties=PARTIES,
+        l2_bound=1.0,
+        lower=0,
+        upper=0,
+    )
+
+
+def _proposed(
+    net: Net, root: Path, ports: dict[str, int], spec: QuerySpec
+) -> tuple[bytes, list[pb.ProposeResponse]]:
+    """A session proposed at every party; its id and the keys a ContributeRequest relays."""
+    creds = _creds(root, "analyst")
+    session_id = secrets.token_bytes(16)
+    keys = []
+    for p in PARTIES:
+        with GrpcPartyClient(
+            party_id=p, address=f"127.0.0.1:{ports[p]}", creds=creds, deadline_s=30
+        ) as client:
+            proposal = client.propose(session_id=session_id, spec=spec)
+        keys.append(codec.key_to_pb(session_id, proposal.key))
+    return session_id, keys
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, codec.MAX_CHUNK_BYTES + 8])
+def test_invalid_chunk_bytes_is_refused_before_the_ledger_is_charged(
+    tmp_path: Path, chunk_bytes: int
+) -> None:
+    rng = np.random.default_rng(1)  # test data only
+    extra = vector_datasets(tmp_path, "v", {p: rng.normal(size=100) * 0.01 for p in PARTIES})
+    net = build_net(tmp_path, extra=extra)
+    ports = {p: n.port or 0 for p, n in net.nodes.items()}
+    analyst, ch = _stub(tmp_path, "analyst", ports["alice"])
+    try:
+        session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
+        bad = pb.ContributeRequest(
+            version=PROTOCOL_VERSION, session_id=session_id, keys=keys, chunk_bytes=chunk_bytes
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(analyst.Contribute(bad, timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"invalid chunk_bytes={chunk_bytes}" in info.value.details()
+        assert net.nodes["alice"].ledger.status("v").queries == 0
+        # the session is untouched: a valid request for it is answered (and charged)
+        good = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=session_id, keys=keys)
+        assert len(list(analyst.Contribute(good, timeout=10))) >= 2
+        assert net.nodes["alice"].ledger.status("v").queries == 1
+    finally:
+        ch.close()
+        net.stop()
+
+
+def test_invalid_chunk_bytes_in_a_train_step_is_refused_before_the_ledger_is_charged(
+    tmp_path: Path,
+) -> None:
+    torch = pytest.importorskip("torch")
+    from mpcdp.protocol.training import TrainSpec
+    from mpcdp.train.models import build_model
+
+    model = "mlp:8,6,3"
+    num_params = 8 * 6 + 6 + 6 * 3 + 3
+    spec = TrainSpec(
+        run_id="run-1",
+        dataset="ex",
+        model=model,
+        parties=PARTIES,
+        sample_rate=0.25,
+        steps=2,
+        max_grad_norm=1.0,
+        scale_bits=16,
+        mu=(2.0 * (2**16 + num_params**0.5)) ** 2,
+        num_params=num_params,
+        steps_per_charge=1,
+    )
+    net = build_net(tmp_path, extra=_examples(tmp_path))
+    ports = {p: n.port or 0 for p, n in net.nodes.items()}
+    creds = _creds(tmp_path, "analyst")
+    session_id = secrets.token_bytes(16)
+    analyst, ch = _stub(tmp_path, "analyst", ports["alice"])
+    try:
+        keys = []
+        for p in PARTIES:
+            with GrpcPartyClient(
+                party_id=p, address=f"127.0.0.1:{ports[p]}", creds=creds, deadline_s=30
+            ) as client:
+                keys.append(client.train_open(session_id=session_id, spec=spec).key)
+        torch.manual_seed(0)
+        params = torch.nn.utils.parameters_to_vector(build_model(model).parameters())
+        requests = codec.encode_step_requests(
+            session_id=session_id,
+            step=0,
+            keys=keys,
+            parameters=params.detach().numpy(),
+            full=True,
+            chunk_bytes=3,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(analyst.TrainStep(requests, timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid chunk_bytes=3" in info.value.details()
+        status = net.nodes["alice"].ledger.status("ex")
+        assert status.queries == 0 and status.spent_epsilon == 0
+    finally:
+        ch.close()
+        net.stop()
