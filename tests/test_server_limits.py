@@ -1,9 +1,10 @@
 """A party survives a hostile coordinator: an invalid chunk size is refused before anything
-is charged (real mTLS gRPC on loopback)."""
+is charged, a second node on an address in use fails to start (real mTLS gRPC on loopback)."""
 
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 
 import grpc
@@ -12,10 +13,12 @@ import pytest
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config import TlsConfig
+from mpcdp.errors import ParameterError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.spec import QuerySpec, Statistic
 from mpcdp.transport import codec, tls
+from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient
 from tests.conftest import PARTIES, Net, build_net, vector_datasets
 
@@ -160,4 +163,29 @@ def test_invalid_chunk_bytes_in_a_train_step_is_refused_before_the_ledger_is_cha
         assert status.queries == 0 and status.spent_epsilon == 0
     finally:
         ch.close()
+        net.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_second_server_on_an_address_in_use_fails_to_start(tmp_path: Path) -> None:
+    net = build_net(tmp_path, start=False)
+    node = net.nodes["alice"]
+    listen = f"127.0.0.1:{_free_port()}"
+    servicer = srv.PartyServicer(
+        node.engine, coordinators=frozenset(node.config.coordinators), describe=node.describe
+    )
+    first, _ = srv.start_server(servicer, listen=listen, creds=node.creds)
+    try:
+        with pytest.raises(ParameterError) as info:
+            srv.start_server(servicer, listen=listen, creds=node.creds)
+        assert info.value.name == "listen" and info.value.value == listen
+        assert "address already in use" in str(info.value)
+        assert listen in str(info.value)
+    finally:
+        first.stop(0)
         net.stop()

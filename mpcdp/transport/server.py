@@ -12,12 +12,17 @@
 
 Messages carry the domain error's text, which names parameters and values but never a share,
 a key or a noise value.
+
+The port is bound exclusively (no SO_REUSEPORT): a second node on an address in use fails to
+start instead of sharing the connections.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
@@ -43,9 +48,16 @@ from mpcdp.protocol.party import PartyEngine
 from mpcdp.protocol.training import TrainingEngine
 from mpcdp.transport import codec, tls
 
-__all__ = ["PartyServicer", "start_server", "status_for"]
+__all__ = ["SERVER_OPTIONS", "PartyServicer", "start_server", "status_for"]
 
 log = logging.getLogger(__name__)
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    *tls.GRPC_OPTIONS,
+    # bind exclusively: with SO_REUSEPORT (gRPC's default) a second node on the same address
+    # would start without error and take half of the connections
+    ("grpc.so_reuseport", 0),
+]
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (AuthError, grpc.StatusCode.PERMISSION_DENIED),
@@ -210,20 +222,49 @@ class PartyServicer(pb_grpc.PartyServicer):
         trainer.step_finished(session_id=session_id)
 
 
+def _bind_problem(listen: str) -> str:
+    """Why ``listen`` could not be bound, as far as a plain socket can tell."""
+    host, _, port = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None,
+            int(port),
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+    except (OSError, ValueError) as exc:
+        return f"could not bind this address ({exc})"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "address already in use (is another party node running on it?)"
+                return f"could not bind this address ({exc.strerror})"
+    return "could not bind this address"
+
+
 def start_server(
     servicer: PartyServicer, *, listen: str, creds: tls.Credentials, max_workers: int = 8
 ) -> tuple[grpc.Server, int]:
-    """Start the mTLS server with the Party and health services; return it and its port."""
+    """Start the mTLS server with the Party and health services; return it and its port.
+
+    An address already in use is refused (ParameterError naming ``listen``)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="party"),
-        options=tls.GRPC_OPTIONS,
+        options=SERVER_OPTIONS,
     )
     pb_grpc.add_PartyServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(listen, tls.server_credentials(creds))
+    try:
+        port = server.add_secure_port(listen, tls.server_credentials(creds))
+    except RuntimeError:  # gRPC 1.85 raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise ParameterError("listen", listen, "could not bind this address")
+        raise ParameterError("listen", listen, _bind_problem(listen))
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("mpcdp.proto.Party", health_pb2.HealthCheckResponse.SERVING)
