@@ -1,10 +1,13 @@
-"""A party survives a hostile coordinator: an invalid chunk size is refused before anything
-is charged, a second node on an address in use fails to start (real mTLS gRPC on loopback)."""
+"""A party survives a hostile coordinator: silent or unread long calls, too many long calls,
+invalid chunk sizes, a second node on an address in use (real mTLS gRPC on loopback)."""
 
 from __future__ import annotations
 
 import secrets
 import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -14,12 +17,13 @@ import pytest
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config import TlsConfig
 from mpcdp.errors import ParameterError
+from mpcdp.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.spec import QuerySpec, Statistic
 from mpcdp.transport import codec, tls
 from mpcdp.transport import server as srv
-from mpcdp.transport.client import GrpcPartyClient
+from mpcdp.transport.client import GrpcPartyClient, check_health
 from tests.conftest import PARTIES, Net, build_net, vector_datasets
 
 
@@ -52,6 +56,121 @@ def _examples(root: Path) -> dict[str, str]:
     return extra
 
 
+def _serve(node: PartyNode, **limits: float) -> tuple[grpc.Server, int]:
+    """Serve ``node``'s engines with their own servicer limits (node.start() uses defaults)."""
+    servicer = srv.PartyServicer(
+        node.engine,
+        coordinators=frozenset(node.config.coordinators),
+        describe=node.describe,
+        training=node.training,
+        **limits,  # type: ignore[arg-type]
+    )
+    return srv.start_server(servicer, listen="127.0.0.1:0", creds=node.creds)
+
+
+def _silent(release: threading.Event) -> Iterator[pb.TrainStepRequest]:
+    """A TrainStep request stream that sends nothing until ``release`` is set."""
+    release.wait(60)
+    yield from ()
+
+
+def _until(what: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_silent_train_streams_do_not_freeze_a_party(tmp_path: Path) -> None:
+    # the node as `mpcdp party serve` starts it: default limits
+    net = build_net(tmp_path, extra=_examples(tmp_path))
+    port = net.nodes["alice"].port
+    assert port
+    analyst, analyst_ch = _stub(tmp_path, "analyst", port)
+    other, other_ch = _stub(tmp_path, "other", port)
+    release = threading.Event()
+    # more silent streams than the old pool had workers (8), all from one coordinator
+    calls = [analyst.TrainStep(_silent(release), timeout=60) for _ in range(12)]
+    try:
+        # the streams beyond the coordinator's limit are refused at once, not queued
+        _until(lambda: sum(c.done() for c in calls) >= 8, 5)
+        # another coordinator's short calls still find a worker
+        described = other.Describe(pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=5)
+        assert described.party_id == "alice"
+        assert check_health(
+            address=f"127.0.0.1:{port}",
+            creds=_creds(tmp_path, "other"),
+            party_id="alice",
+            timeout_s=5,
+        )
+        # and so do the analyst's own
+        assert analyst.Describe(pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=5).datasets
+        limit = srv.DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == len(calls) - limit
+        for c in refused:
+            assert c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "coordinator 'analyst'" in c.details()
+            assert f"max_long_calls_per_coordinator is {limit}" in c.details()
+        assert not any(c.done() for c in calls if c not in refused)  # still silent, still open
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        analyst_ch.close()
+        other_ch.close()
+        net.stop()
+
+
+def test_silent_streams_are_ended_after_the_silence_limit(tmp_path: Path) -> None:
+    net = build_net(tmp_path, start=False, extra=_examples(tmp_path))
+    server, port = _serve(
+        net.nodes["alice"], max_long_calls=6, max_long_calls_per_coordinator=4, stream_silence_s=1.0
+    )
+    analyst, analyst_ch = _stub(tmp_path, "analyst", port)
+    other, other_ch = _stub(tmp_path, "other", port)
+    release = threading.Event()
+    try:
+        t0 = time.monotonic()
+        calls = [analyst.TrainStep(_silent(release), timeout=60) for _ in range(4)]
+        calls += [other.TrainStep(_silent(release), timeout=60) for _ in range(3)]
+        # 7 long calls, 6 in total allowed: one is refused by the party-wide limit
+        assert _until(lambda: any(c.done() for c in calls), 10)
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 1
+        assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the limit max_long_calls is 6" in refused[0].details()
+        # the silent ones are ended by the party after the silence limit, long before the
+        # client's own 60 s deadline
+        assert _until(lambda: all(c.done() for c in calls), 30)
+        elapsed = time.monotonic() - t0
+        for c in calls:
+            if c is not refused[0]:
+                assert c.code() == grpc.StatusCode.CANCELLED
+        assert 0.9 <= elapsed < 30
+        # their slots are free again: a new long call is heard (and refused on its merits)
+        header = pb.TrainStepRequest(
+            version=PROTOCOL_VERSION,
+            session_id=secrets.token_bytes(16),
+            header=pb.TrainStepHeader(step=0, parameter_count=1),
+        )
+
+        def heard() -> bool:
+            with pytest.raises(grpc.RpcError) as info:
+                list(analyst.TrainStep(iter([header]), timeout=5))
+            return info.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        assert _until(heard, 5)
+    finally:
+        release.set()
+        analyst_ch.close()
+        other_ch.close()
+        server.stop(0)
+        net.stop()
+
+
 def _vector_spec(query_id: str = "q1") -> QuerySpec:
     return QuerySpec(
         query_id=query_id,
@@ -81,6 +200,48 @@ def _proposed(
             proposal = client.propose(session_id=session_id, spec=spec)
         keys.append(codec.key_to_pb(session_id, proposal.key))
     return session_id, keys
+
+
+def test_an_unread_upload_is_cancelled_after_the_silence_limit(tmp_path: Path) -> None:
+    d = 4_000_000  # 32 MB of words: more than the transport buffers on loopback
+    extra = vector_datasets(tmp_path, "v", {p: np.zeros(d) for p in PARTIES})
+    net = build_net(tmp_path, extra=extra, start=False)
+    for p in ("bob", "carlos"):
+        net.nodes[p].start()
+    server, port = _serve(
+        net.nodes["alice"], max_long_calls_per_coordinator=1, stream_silence_s=1.0
+    )
+    ports = {
+        "alice": port,
+        "bob": net.nodes["bob"].port or 0,
+        "carlos": net.nodes["carlos"].port or 0,
+    }
+    analyst, ch = _stub(tmp_path, "analyst", port)
+    try:
+        session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
+        req = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=session_id, keys=keys)
+        call = analyst.Contribute(req, timeout=120)
+        assert next(call).WhichOneof("body") == "header"  # ...and nothing more is read
+        other = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16))
+        # while the upload waits on the analyst, its one long call is taken...
+        with pytest.raises(grpc.RpcError) as info:
+            list(analyst.Contribute(other, timeout=5))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        # ...until the party cancels the unread upload and frees it
+        def freed() -> bool:
+            with pytest.raises(grpc.RpcError) as info:
+                list(analyst.Contribute(other, timeout=5))
+            return info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # unknown session
+
+        assert _until(freed, 30)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    finally:
+        ch.close()
+        server.stop(0)
+        net.stop()
 
 
 @pytest.mark.parametrize("chunk_bytes", [3, codec.MAX_CHUNK_BYTES + 8])
@@ -188,4 +349,43 @@ def test_a_second_server_on_an_address_in_use_fails_to_start(tmp_path: Path) -> 
         assert listen in str(info.value)
     finally:
         first.stop(0)
+        net.stop()
+
+
+@pytest.mark.parametrize(
+    ("limits", "name"),
+    [
+        ({"max_long_calls": 0}, "max_long_calls"),
+        ({"max_long_calls": True}, "max_long_calls"),
+        (
+            {"max_long_calls": 2, "max_long_calls_per_coordinator": 3},
+            "max_long_calls_per_coordinator",
+        ),
+        ({"stream_silence_s": 0.0}, "stream_silence_s"),
+        ({"stream_silence_s": float("nan")}, "stream_silence_s"),
+    ],
+)
+def test_servicer_limits_are_checked(tmp_path: Path, limits: dict[str, float], name: str) -> None:
+    net = build_net(tmp_path, start=False)
+    node = net.nodes["alice"]
+    try:
+        with pytest.raises(ParameterError) as info:
+            srv.PartyServicer(
+                node.engine,
+                coordinators=frozenset(node.config.coordinators),
+                describe=node.describe,
+                **limits,  # type: ignore[arg-type]
+            )
+        assert info.value.name == name
+        servicer = srv.PartyServicer(
+            node.engine, coordinators=frozenset(node.config.coordinators), describe=node.describe
+        )
+        with pytest.raises(ParameterError, match="max_workers=8: must be more than max_long_calls"):
+            srv.start_server(
+                servicer,
+                listen="127.0.0.1:0",
+                creds=node.creds,
+                max_workers=servicer.max_long_calls,
+            )
+    finally:
         net.stop()

@@ -8,23 +8,40 @@
 | BudgetExceededError                    | RESOURCE_EXHAUSTED   |
 | LedgerError (query id already answered)| ALREADY_EXISTS       |
 | HeadroomError                          | OUT_OF_RANGE         |
+| too many long calls (see below)        | RESOURCE_EXHAUSTED   |
 | anything else                          | INTERNAL (details only in the party's log) |
 
 Messages carry the domain error's text, which names parameters and values but never a share,
 a key or a noise value.
 
-The port is bound exclusively (no SO_REUSEPORT): a second node on an address in use fails to
-start instead of sharing the connections.
+A party survives a hostile coordinator:
+
+* Long calls (Contribute, TrainStep) are limited per coordinator and in total; one beyond a
+  limit is refused at once (RESOURCE_EXHAUSTED, naming the coordinator and the limit)
+  instead of waiting for a worker, and the worker pool has more threads than the limit, so
+  health checks, Describe and the other short calls always find one.
+* A long call that waits on its coordinator for longer than ``stream_silence_s`` (for its
+  next request message, or for it to take the next upload message) is cancelled; the time
+  the party itself works is not counted.
+* HTTP/2 keepalive pings find connections whose peer has gone.
+* The port is bound exclusively (no SO_REUSEPORT): a second node on an address in use fails
+  to start instead of sharing the connections.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
+import math
 import socket
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -48,18 +65,54 @@ from mpcdp.protocol.party import PartyEngine
 from mpcdp.protocol.training import TrainingEngine
 from mpcdp.transport import codec, tls
 
-__all__ = ["SERVER_OPTIONS", "PartyServicer", "start_server", "status_for"]
+__all__ = [
+    "DEFAULT_MAX_LONG_CALLS",
+    "DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR",
+    "DEFAULT_STREAM_SILENCE_S",
+    "SERVER_OPTIONS",
+    "SHORT_CALL_WORKERS",
+    "PartyServicer",
+    "start_server",
+    "status_for",
+]
 
 log = logging.getLogger(__name__)
+
+#: Long calls (Contribute, TrainStep) a party runs at once, in total and per coordinator.
+DEFAULT_MAX_LONG_CALLS = 8
+DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR = 4
+#: Seconds a long call may wait on its coordinator before the party cancels it.
+DEFAULT_STREAM_SILENCE_S = 30.0
+#: Worker threads beyond the long-call limit: always free for the short calls.
+SHORT_CALL_WORKERS = 8
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     *tls.GRPC_OPTIONS,
     # bind exclusively: with SO_REUSEPORT (gRPC's default) a second node on the same address
     # would start without error and take half of the connections
     ("grpc.so_reuseport", 0),
+    # ping a connection after a minute without traffic and close it when no answer comes
+    # within 20 s: a coordinator that vanished (host down, network cut) frees its calls
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection
+    # a client may ping at most every 10 s; more often counts as abuse (GOAWAY after 2)
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
 ]
 
+
+class _TooBusy(Exception):
+    """A long call beyond a limit of :class:`_LongCalls`."""
+
+
+class _Silent(Exception):
+    """A request stream that ended because the watchdog cancelled its call."""
+
+
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (_TooBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AuthError, grpc.StatusCode.PERMISSION_DENIED),
     (SessionError, grpc.StatusCode.FAILED_PRECONDITION),
     (PolicyError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -101,15 +154,207 @@ def _unary(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _streaming(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(self: PartyServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from fn(self, request, context)
-        except Exception as exc:
-            _abort(context, exc, fn.__name__)
+class _LongCalls:
+    """Counts the running long calls; refuses one beyond the limits at once."""
 
-    return wrapper  # type: ignore[return-value]
+    def __init__(self, *, party_id: str, total: int, per_coordinator: int) -> None:
+        self._party_id = party_id
+        self._total = total
+        self._per_coordinator = per_coordinator
+        self._lock = threading.Lock()
+        self._running: Counter[str] = Counter()
+
+    def enter(self, coordinator: str, method: str) -> Callable[[], None]:
+        """Count one call of ``coordinator``; returns its release (idempotent)."""
+        refused = f"party {self._party_id!r} refused {method} from coordinator {coordinator!r}"
+        with self._lock:
+            mine = self._running[coordinator]
+            if mine >= self._per_coordinator:
+                raise _TooBusy(
+                    f"{refused}: {mine} long calls (Contribute, TrainStep) of this coordinator "
+                    f"are already running, the limit max_long_calls_per_coordinator is "
+                    f"{self._per_coordinator}; retry when one has finished"
+                )
+            running = sum(self._running.values())
+            if running >= self._total:
+                raise _TooBusy(
+                    f"{refused}: {running} long calls (Contribute, TrainStep) are already "
+                    f"running, the limit max_long_calls is {self._total}; retry when one has "
+                    "finished"
+                )
+            self._running[coordinator] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self._running[coordinator] -= 1
+                    if not self._running[coordinator]:
+                        del self._running[coordinator]
+
+        return release
+
+
+class _Watchdog:
+    """One thread that runs each armed callback once its time has come, unless disarmed
+    first; the thread runs only while something is armed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._ids = itertools.count()
+        self._running = False
+        self._wake_at = math.inf
+
+    def arm(self, after_s: float, callback: Callable[[], None]) -> int:
+        at = time.monotonic() + after_s
+        with self._cond:
+            token = next(self._ids)
+            self._armed[token] = (at, callback)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="party-watchdog", daemon=True).start()
+            elif at < self._wake_at:
+                self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [t for t, (at, _) in self._armed.items() if at <= now]
+                callbacks = [self._armed.pop(t)[1] for t in due]
+                if not callbacks:
+                    if not self._armed:
+                        self._running = False
+                        self._wake_at = math.inf
+                        return
+                    self._wake_at = min(at for at, _ in self._armed.values())
+                    self._cond.wait(self._wake_at - now)
+                    continue
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("watchdog callback failed")
+
+
+class _CallWatch:
+    """Cancels one long call that waits on its coordinator for longer than ``limit_s``."""
+
+    def __init__(
+        self,
+        watchdog: _Watchdog,
+        context: grpc.ServicerContext,
+        *,
+        limit_s: float,
+        party_id: str,
+        method: str,
+        coordinator: str,
+    ) -> None:
+        self._watchdog = watchdog
+        self._context = context
+        self._limit_s = limit_s
+        self._party_id = party_id
+        self._method = method
+        self._coordinator = coordinator
+        #: what the call waited for when the watchdog cancelled it
+        self.fired: str | None = None
+
+    @contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """The block waits on the coordinator (for ``what``)."""
+        token = self._watchdog.arm(self._limit_s, functools.partial(self._fire, what))
+        try:
+            yield
+        finally:
+            self._watchdog.disarm(token)
+
+    def _fire(self, what: str) -> None:
+        self.fired = what
+        log.warning(
+            "party %s cancelled %s from coordinator %s: it waited %g s for %s "
+            "(stream_silence_s=%g)",
+            self._party_id,
+            self._method,
+            self._coordinator,
+            self._limit_s,
+            what,
+            self._limit_s,
+        )
+        self._context.cancel()
+
+    def requests(self, messages: Iterator[Any]) -> Iterator[Any]:
+        """``messages`` (a request stream), each wait for the next one watched."""
+        while True:
+            with self.waiting("its next request message"):
+                try:
+                    message = next(messages)
+                except StopIteration:
+                    break
+            yield message
+        if self.fired is not None:  # a cancelled call's request stream just ends
+            raise _Silent()
+
+
+def _long_call(*, streamed_requests: bool) -> Callable[[F], F]:
+    """A long call (server-streaming answer): counted against the limits, watched for
+    silence, every domain error mapped to a status code."""
+
+    def decorate(fn: F) -> F:
+        method = fn.__name__
+
+        @functools.wraps(fn)
+        def wrapper(
+            self: PartyServicer, request: Any, context: grpc.ServicerContext
+        ) -> Iterator[Any]:
+            release: Callable[[], None] | None = None
+            watch: _CallWatch | None = None
+            try:
+                caller = self._caller(context)
+                release = self._long_calls.enter(caller, method)
+                context.add_callback(release)  # also when gRPC drops this generator
+                watch = _CallWatch(
+                    self._watchdog,
+                    context,
+                    limit_s=self._silence_s,
+                    party_id=self._engine.party_id,
+                    method=method,
+                    coordinator=caller,
+                )
+                if streamed_requests:
+                    request = watch.requests(request)
+                for message in fn(self, request, context):
+                    # gRPC resumes this generator once the message is sent: a coordinator
+                    # that stops reading stops it here
+                    with watch.waiting("it to take the next upload message"):
+                        yield message
+            except Exception as exc:
+                if watch is not None and watch.fired is not None:
+                    return  # cancelled by the watchdog, which logged why
+                if isinstance(exc, grpc.RpcError):  # the request stream broke off
+                    log.info("%s: the coordinator ended the call", method)
+                    return
+                _abort(context, exc, method)
+            finally:
+                if release is not None:
+                    release()
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(name, value, "must be an integer >= 1")
+    return value
 
 
 class PartyServicer(pb_grpc.PartyServicer):
@@ -120,11 +365,43 @@ class PartyServicer(pb_grpc.PartyServicer):
         coordinators: frozenset[str],
         describe: Callable[[], list[pb.DatasetInfo]],
         training: TrainingEngine | None = None,
+        max_long_calls: int = DEFAULT_MAX_LONG_CALLS,
+        max_long_calls_per_coordinator: int = DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR,
+        stream_silence_s: float = DEFAULT_STREAM_SILENCE_S,
     ) -> None:
+        """``max_long_calls``: Contribute and TrainStep calls run at once (more are refused
+        with RESOURCE_EXHAUSTED); ``max_long_calls_per_coordinator``: of those, by one
+        coordinator; ``stream_silence_s``: how long such a call may wait on its coordinator
+        (for a request message, or for it to take an upload message) before it is
+        cancelled."""
+        self.max_long_calls = _positive_int("max_long_calls", max_long_calls)
+        _positive_int("max_long_calls_per_coordinator", max_long_calls_per_coordinator)
+        if max_long_calls_per_coordinator > max_long_calls:
+            raise ParameterError(
+                "max_long_calls_per_coordinator",
+                max_long_calls_per_coordinator,
+                f"must be <= max_long_calls={max_long_calls}",
+            )
+        if (
+            isinstance(stream_silence_s, bool)
+            or not isinstance(stream_silence_s, int | float)
+            or not math.isfinite(stream_silence_s)
+            or stream_silence_s <= 0
+        ):
+            raise ParameterError(
+                "stream_silence_s", stream_silence_s, "must be a finite number of seconds > 0"
+            )
         self._engine = engine
         self._training = training
         self._coordinators = coordinators
         self._describe = describe
+        self._long_calls = _LongCalls(
+            party_id=engine.party_id,
+            total=max_long_calls,
+            per_coordinator=max_long_calls_per_coordinator,
+        )
+        self._silence_s = float(stream_silence_s)
+        self._watchdog = _Watchdog()
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         name = tls.peer_name(context)
@@ -156,7 +433,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
-    @_streaming
+    @_long_call(streamed_requests=False)
     def Contribute(
         self, request: pb.ContributeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ContributeChunk]:
@@ -199,7 +476,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         proposal = self._trainer().open(session_id=session_id, spec=spec, coordinator=caller)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
-    @_streaming
+    @_long_call(streamed_requests=True)
     def TrainStep(
         self, request_iterator: Iterator[pb.TrainStepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ContributeChunk]:
@@ -247,11 +524,28 @@ def _bind_problem(listen: str) -> str:
 
 
 def start_server(
-    servicer: PartyServicer, *, listen: str, creds: tls.Credentials, max_workers: int = 8
+    servicer: PartyServicer,
+    *,
+    listen: str,
+    creds: tls.Credentials,
+    max_workers: int | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start the mTLS server with the Party and health services; return it and its port.
 
-    An address already in use is refused (ParameterError naming ``listen``)."""
+    ``max_workers``: threads serving calls, more than the servicer's ``max_long_calls`` so
+    that short calls always find one (default: that limit plus SHORT_CALL_WORKERS). An
+    address already in use is refused (ParameterError naming ``listen``)."""
+    if max_workers is None:
+        max_workers = servicer.max_long_calls + SHORT_CALL_WORKERS
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise ParameterError("max_workers", max_workers, "must be an integer")
+    if max_workers <= servicer.max_long_calls:
+        raise ParameterError(
+            "max_workers",
+            max_workers,
+            f"must be more than max_long_calls={servicer.max_long_calls}, so that health "
+            "checks and Describe always find a worker",
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="party"),
         options=SERVER_OPTIONS,
