@@ -7,6 +7,8 @@ a noise value, a key) is ever put into an error message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "AuthError",
     "BudgetExceededError",
@@ -107,19 +109,38 @@ class ConfigError(MpcdpError, ValueError):
 
 
 class PartyError(MpcdpError):
-    """A party answered with an error; ``party`` names it, ``code`` is the status code name."""
+    """A call to a party failed; ``party`` names it, ``code`` is the status code name.
 
-    def __init__(self, party: str, code: str, message: str) -> None:
+    ``outcome`` says what happened: "refused" (the default) when the party answered with an
+    error, or e.g. "did not answer within 30 s" or "is unreachable at HOST:PORT" when no
+    answer came.
+    """
+
+    def __init__(self, party: str, code: str, message: str, *, outcome: str = "refused") -> None:
         self.party = party
         self.code = code
         self.message = message
-        super().__init__(f"party {party!r} refused ({code}): {message}")
+        self.outcome = outcome
+        super().__init__(f"party {party!r} {outcome} ({code}): {message}")
 
 
 class RoundAborted(MpcdpError):
-    """A round failed before the reveal: nothing was revealed. ``cause`` says why."""
+    """A round failed before the reveal: nothing was revealed. ``cause`` says why.
+    ``abort_failures`` maps each party the abort did not reach to why."""
 
-    def __init__(self, query_id: str, cause: Exception) -> None:
+    def __init__(
+        self,
+        query_id: str,
+        cause: Exception,
+        *,
+        abort_failures: Mapping[str, str] | None = None,
+    ) -> None:
         self.query_id = query_id
         self.cause = cause
-        super().__init__(f"query {query_id} aborted, nothing was revealed: {cause}")
+        self.abort_failures = dict(abort_failures or {})
+        text = f"query {query_id} aborted, nothing was revealed: {cause}"
+        if self.abort_failures:
+            text += "; the abort did not reach: " + ", ".join(
+                f"{p} ({why})" for p, why in self.abort_failures.items()
+            )
+        super().__init__(text)

@@ -6,7 +6,8 @@ signed public keys and masked uploads. Uploads are summed chunk by chunk as they
 so the coordinator holds one vector, whatever the number of parties.
 
 Failure rule (DESIGN.md): any party that fails before the reveal aborts the round. The
-coordinator tells every party to forget the session and raises :class:`RoundAborted`;
+coordinator tells every party to forget the session (all in parallel) and raises
+:class:`RoundAborted`;
 partial sums are discarded (without every party's upload the masks do not cancel, so they
 are uniformly random anyway). A retry is a new query with a new session and fresh keys.
 """
@@ -25,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp import encoding, ring
-from mpcdp.errors import ProtocolError, RoundAborted
+from mpcdp.errors import MpcdpError, ProtocolError, RoundAborted
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.plan import ReleasePlan, plan
@@ -99,14 +100,31 @@ def signed_keys(proposals: Sequence[Proposal], parties: Sequence[str]) -> list[S
     return [p.key for p in proposals]
 
 
-def abort_all(clients: Sequence[_Abortable], *, session_id: bytes, reason: str) -> None:
-    """Tell every party to forget the session; a party that cannot be reached is skipped
-    (a dead party has nothing to undo)."""
-    for c in clients:
+def abort_all(
+    clients: Sequence[_Abortable], *, session_id: bytes, reason: str
+) -> dict[str, str | None]:
+    """Tell every party to forget the session, all at once (each abort has the client's own,
+    short, deadline, so a party that stopped answering costs one abort deadline, not one per
+    party). Returns party id -> None when the abort was delivered, else why not; a party
+    that cannot be reached is skipped (a dead party has nothing to undo)."""
+    if not clients:
+        return {}
+
+    def one(c: _Abortable) -> str | None:
         try:
             c.abort(session_id=session_id, reason=reason[:500])
-        except Exception:
-            log.debug("abort of session %s at %s failed", session_id.hex(), c.party_id)
+        except Exception as exc:
+            return str(exc) if isinstance(exc, MpcdpError) else type(exc).__name__
+        return None
+
+    with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="abort") as pool:
+        outcomes = dict(zip((c.party_id for c in clients), pool.map(one, clients), strict=True))
+    for party, failure in outcomes.items():
+        if failure is None:
+            log.info("session %s aborted at %s", session_id.hex(), party)
+        else:
+            log.warning("abort of session %s at %s failed: %s", session_id.hex(), party, failure)
+    return outcomes
 
 
 @dataclass(frozen=True)
@@ -195,8 +213,12 @@ def run_round(
 
             remaining = list(pool.map(contribute, ordered))
         except Exception as exc:
-            abort_all(ordered, session_id=session_id, reason=str(exc))
-            raise RoundAborted(spec.query_id, exc) from exc
+            aborts = abort_all(ordered, session_id=session_id, reason=str(exc))
+            raise RoundAborted(
+                spec.query_id,
+                exc,
+                abort_failures={p: why for p, why in aborts.items() if why is not None},
+            ) from exc
     finally:
         if executor is None:
             pool.shutdown(wait=True)

@@ -3,10 +3,13 @@
 Every call has a deadline. gRPC failures become :class:`~mpcdp.errors.PartyError` carrying
 the party id, the status code name and the party's own message, so a refusal reaches the
 analyst intact ("party 'bob' refused (RESOURCE_EXHAUSTED): privacy budget exceeded ...").
+A call that got no answer says so instead: "party 'bob' did not answer within 30 s
+(DEADLINE_EXCEEDED)", "party 'bob' is unreachable at HOST:PORT (UNAVAILABLE)".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -16,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.errors import PartyError
+from mpcdp.errors import ParameterError, PartyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.coordinator import ContributionStream
@@ -26,7 +29,12 @@ from mpcdp.protocol.spec import QuerySpec
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.transport import codec, tls
 
-__all__ = ["GrpcPartyClient", "check_health"]
+__all__ = ["DEFAULT_ABORT_DEADLINE_S", "GrpcPartyClient", "check_health"]
+
+#: Abort is a courtesy (an unused session also expires at the party): it gets a short
+#: deadline of its own, so a party that stopped answering does not cost a round a second
+#: full deadline.
+DEFAULT_ABORT_DEADLINE_S = 5.0
 
 
 class GrpcPartyClient:
@@ -38,10 +46,17 @@ class GrpcPartyClient:
         creds: tls.Credentials,
         deadline_s: float = 30.0,
         chunk_bytes: int = 0,
+        abort_deadline_s: float = DEFAULT_ABORT_DEADLINE_S,
     ) -> None:
+        """``deadline_s``: the deadline of every call (a whole upload stream included);
+        ``abort_deadline_s``: that of Abort (at most ``deadline_s``)."""
+        for name, value in (("deadline_s", deadline_s), ("abort_deadline_s", abort_deadline_s)):
+            if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ParameterError(name, value, "must be a finite number of seconds > 0")
         self._party_id = party_id
         self.address = address
         self._deadline = deadline_s
+        self._abort_deadline = min(abort_deadline_s, deadline_s)
         self._chunk_bytes = chunk_bytes
         self._channel = tls.channel(address, creds=creds, server_name=party_id)
         self._stub = pb_grpc.PartyStub(self._channel)
@@ -59,16 +74,37 @@ class GrpcPartyClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _error(self, err: grpc.RpcError) -> PartyError:
+    def _error(
+        self, err: grpc.RpcError, *, deadline_s: float, answered: bool = False
+    ) -> PartyError:
+        """``err`` as a PartyError that says what happened: a refusal, or no answer within
+        ``deadline_s`` (``answered``: part of a streamed answer had arrived), or no
+        connection at all."""
         code = err.code() if hasattr(err, "code") else None
         details = err.details() if hasattr(err, "details") else str(err)
-        return PartyError(self._party_id, code.name if code else "UNKNOWN", details or "no details")
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            outcome = (
+                f"did not finish its answer within {deadline_s:g} s"
+                if answered
+                else f"did not answer within {deadline_s:g} s"
+            )
+        elif code is grpc.StatusCode.UNAVAILABLE:
+            outcome = f"is unreachable at {self.address}"
+        else:
+            outcome = "refused"
+        return PartyError(
+            self._party_id,
+            code.name if code else "UNKNOWN",
+            details or "no details",
+            outcome=outcome,
+        )
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, *, deadline_s: float | None = None) -> Any:
+        timeout = self._deadline if deadline_s is None else deadline_s
         try:
-            return method(request, timeout=self._deadline)
+            return method(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise self._error(err, deadline_s=timeout) from None
 
     def describe(self) -> pb.DescribeResponse:
         resp = self._call(self._stub.Describe, pb.DescribeRequest(version=PROTOCOL_VERSION))
@@ -126,16 +162,19 @@ class GrpcPartyClient:
         """Decode a party's upload stream; gRPC failures while reading become PartyError."""
 
         def guarded() -> Iterator[pb.ContributeChunk]:
+            answered = False
             try:
-                yield from responses
+                for msg in responses:
+                    answered = True
+                    yield msg
             except grpc.RpcError as err:
-                raise self._error(err) from None
+                raise self._error(err, deadline_s=self._deadline, answered=answered) from None
 
         return codec.decode_chunks(guarded(), session_id=session_id, ring_bits=ring_bits)
 
     def abort(self, *, session_id: bytes, reason: str) -> None:
         req = pb.AbortRequest(version=PROTOCOL_VERSION, session_id=session_id, reason=reason)
-        self._call(self._stub.Abort, req)
+        self._call(self._stub.Abort, req, deadline_s=self._abort_deadline)
 
 
 def check_health(
