@@ -7,7 +7,7 @@ a noise value, a key) is ever put into an error message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "AuthError",
@@ -126,19 +126,50 @@ class PartyError(MpcdpError):
 
 class RoundAborted(MpcdpError):
     """A round failed before the reveal: nothing was revealed. ``cause`` says why.
-    ``abort_failures`` maps each party the abort did not reach to why."""
+
+    When the coordinator can tell what was charged (``charged`` is not None), the message
+    says it: ``charged`` maps each party whose upload header arrived (so it charged its
+    ledger) to the epsilon it reported in that header; ``not_charged`` lists the parties that
+    refused before charging or were never asked to contribute; ``unknown`` the parties that
+    failed without an answer (a time-out, a lost connection), whose own ledger is the only
+    record of whether they charged. ``abort_failures`` maps each party the abort did not
+    reach to why.
+    """
 
     def __init__(
         self,
         query_id: str,
         cause: Exception,
         *,
+        charged: Mapping[str, str] | None = None,
+        not_charged: Sequence[str] = (),
+        unknown: Sequence[str] = (),
         abort_failures: Mapping[str, str] | None = None,
     ) -> None:
         self.query_id = query_id
         self.cause = cause
+        self.charged = None if charged is None else dict(charged)
+        self.not_charged = tuple(not_charged)
+        self.unknown = tuple(unknown)
         self.abort_failures = dict(abort_failures or {})
         text = f"query {query_id} aborted, nothing was revealed: {cause}"
+        if charged is not None:
+            if not charged and not unknown:
+                text += "; nothing was charged"
+            else:
+                parts = []
+                if charged:
+                    parts.append(
+                        "charged: " + ", ".join(f"{p} (epsilon={e})" for p, e in charged.items())
+                    )
+                if not_charged:
+                    parts.append("not charged: " + ", ".join(not_charged))
+                if unknown:
+                    parts.append(
+                        "not known whether charged (no answer; see the party's ledger): "
+                        + ", ".join(unknown)
+                    )
+                text += "; " + "; ".join(parts)
         if self.abort_failures:
             text += "; the abort did not reach: " + ", ".join(
                 f"{p} ({why})" for p, why in self.abort_failures.items()

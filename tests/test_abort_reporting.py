@@ -1,24 +1,26 @@
-"""A failed round: every party is told at once, and a time-out is not called a refusal (real
-party processes on loopback)."""
+"""A failed round: every party is told at once, a time-out is not called a refusal, and the
+error says exactly which parties charged their ledger (real mTLS gRPC nodes on loopback)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from mpcdp.config import load_federation_config
+from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.localnet import LocalFederation, launch
-from mpcdp.protocol.coordinator import abort_all, run_round
+from mpcdp.protocol.coordinator import ContributionStream, abort_all, run_round
+from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.spec import QuerySpec, Statistic
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
-from tests.conftest import PARTIES
+from tests.conftest import PARTIES, Net, build_net
 
 
 def _spec(query_id: str = "q-1") -> QuerySpec:
@@ -123,5 +125,122 @@ def test_parties_that_never_answer_cost_one_deadline_not_two(table_net: LocalFed
     assert f"did not answer within {deadline:g} s" in str(cause)
     text = str(info.value)
     assert "refused" not in text
+    assert "nothing was charged" in text
     assert "the abort did not reach: bob (party 'bob' did not answer within 1 s" in text
     assert info.value.abort_failures.keys() == set(stopped)
+
+
+# -- what was charged where ---------------------------------------------------------------------
+
+
+class _Reporting(GrpcPartyClient):
+    """Signals once its party's upload header (so its charge) has arrived."""
+
+    def __init__(self, arrived: threading.Event, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.arrived = arrived
+
+    def contribute(
+        self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+    ) -> ContributionStream:
+        stream = super().contribute(session_id=session_id, keys=keys, ring_bits=ring_bits)
+        self.arrived.set()
+        return stream
+
+
+class _Last(GrpcPartyClient):
+    """Contributes only after the others' headers arrived, first running ``before``."""
+
+    def __init__(self, others: Sequence[threading.Event], before: object, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.others, self.before = others, before
+
+    def contribute(
+        self, *, session_id: bytes, keys: Sequence[SignedKey], ring_bits: int = 64
+    ) -> ContributionStream:
+        for e in self.others:
+            assert e.wait(30)
+        self.before()  # type: ignore[operator]
+        return super().contribute(session_id=session_id, keys=keys, ring_bits=ring_bits)
+
+
+def _round_with_carlos_last(net: Net, *, before: object, chunk_bytes: int = 0) -> RoundAborted:
+    cfg = load_federation_config(net.federation)
+    creds = tls.load_credentials(cfg.tls)
+    addr = {p.id: p.address for p in cfg.parties}
+    arrived = {p: threading.Event() for p in ("alice", "bob")}
+    special: dict[str, GrpcPartyClient] = {
+        p: _Reporting(arrived[p], party_id=p, address=addr[p], creds=creds, deadline_s=20)
+        for p in arrived
+    }
+    special["carlos"] = _Last(
+        list(arrived.values()),
+        before,
+        party_id="carlos",
+        address=addr["carlos"],
+        creds=creds,
+        deadline_s=20,
+        chunk_bytes=chunk_bytes,
+    )
+    with pytest.raises(RoundAborted) as info:
+        run_round(spec=_spec(), clients=_clients(net.federation, special=special))
+    return info.value
+
+
+def test_round_aborted_at_contribute_says_who_charged_and_who_refused(tmp_path: Path) -> None:
+    net = build_net(tmp_path)
+    try:
+        # carlos refuses its Contribute (a chunk size it does not accept) after alice and
+        # bob have charged and sent their headers
+        err = _round_with_carlos_last(net, before=lambda: None, chunk_bytes=3)
+        assert isinstance(err.cause, PartyError) and err.cause.party == "carlos"
+        assert err.cause.code == "INVALID_ARGUMENT"
+        eps = _spec().epsilon  # as each party reports it in its header
+        assert f"charged: alice (epsilon={eps}), bob (epsilon={eps}); not charged: carlos" in str(
+            err
+        )
+        assert err.charged == {"alice": eps, "bob": eps} and err.not_charged == ("carlos",)
+        # ...and the ledgers agree
+        assert {p: n.ledger.status("raises").queries for p, n in net.nodes.items()} == {
+            "alice": 1,
+            "bob": 1,
+            "carlos": 0,
+        }
+    finally:
+        net.stop()
+
+
+def test_round_aborted_by_a_party_gone_at_contribute_says_its_charge_is_unknown(
+    tmp_path: Path,
+) -> None:
+    net = build_net(tmp_path)
+    try:
+        err = _round_with_carlos_last(net, before=lambda: net.nodes["carlos"].stop(0))
+        assert isinstance(err.cause, PartyError) and err.cause.code == "UNAVAILABLE"
+        assert str(err.cause).startswith("party 'carlos' is unreachable at 127.0.0.1:")
+        text = str(err)
+        eps = _spec().epsilon
+        assert f"charged: alice (epsilon={eps}), bob (epsilon={eps})" in text
+        assert "not known whether charged (no answer; see the party's ledger): carlos" in text
+        assert err.unknown == ("carlos",)
+        assert "nothing was charged" not in text
+        with BudgetLedger(net.nodes["carlos"].config.ledger) as ledger:
+            assert ledger.status("raises").queries == 0
+    finally:
+        for p in ("alice", "bob"):
+            net.nodes[p].stop(0)
+
+
+def test_round_aborted_before_contribute_says_nothing_was_charged(tmp_path: Path) -> None:
+    net = build_net(tmp_path, budgets={"alice": 3.0, "bob": 0.1, "carlos": 3.0})
+    try:
+        with pytest.raises(RoundAborted) as info:
+            run_round(spec=_spec(), clients=_clients(net.federation))
+        cause = info.value.cause
+        assert isinstance(cause, PartyError) and cause.code == "RESOURCE_EXHAUSTED"
+        assert str(info.value).endswith("; nothing was charged")
+        assert info.value.charged == {}
+        for node in net.nodes.values():
+            assert node.ledger.status("raises").queries == 0
+    finally:
+        net.stop()

@@ -7,7 +7,8 @@ so the coordinator holds one vector, whatever the number of parties.
 
 Failure rule (DESIGN.md): any party that fails before the reveal aborts the round. The
 coordinator tells every party to forget the session (all in parallel) and raises
-:class:`RoundAborted`;
+:class:`RoundAborted`, whose message says which parties charged their ledger (their upload
+header arrived), with the epsilon each reported, which did not, and which gave no answer;
 partial sums are discarded (without every party's upload the masks do not cancel, so they
 are uniformly random anyway). A retry is a new query with a new session and fresh keys.
 """
@@ -18,15 +19,15 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp import encoding, ring
-from mpcdp.errors import MpcdpError, ProtocolError, RoundAborted
+from mpcdp.errors import MpcdpError, PartyError, ProtocolError, RoundAborted, SessionError
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.plan import ReleasePlan, plan
@@ -127,6 +128,41 @@ def abort_all(
     return outcomes
 
 
+#: Status codes with which a party refuses a call before it charges anything (its servicer
+#: maps its domain errors to these; see mpcdp.transport.server).
+_REFUSAL_CODES = frozenset(
+    {
+        "PERMISSION_DENIED",
+        "FAILED_PRECONDITION",
+        "INVALID_ARGUMENT",
+        "RESOURCE_EXHAUSTED",
+        "ALREADY_EXISTS",
+        "OUT_OF_RANGE",
+    }
+)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Did ``exc``, raised before a party's upload header arrived, come from a party that
+    refused (so charged nothing)? False when no answer came (a time-out, a lost
+    connection, an internal error, a malformed answer): then only its ledger knows."""
+    if isinstance(exc, PartyError):
+        return exc.code in _REFUSAL_CODES
+    # an in-process party raises its domain errors directly; a ProtocolError other than a
+    # session refusal may also be a malformed answer decoded here
+    return isinstance(exc, MpcdpError) and (
+        isinstance(exc, SessionError) or not isinstance(exc, ProtocolError)
+    )
+
+
+def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
+    """The exception of the first failed future, in party order."""
+    for f in futures:
+        if f.done() and not f.cancelled() and f.exception() is not None:
+            return f.exception()
+    return None
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     """The revealed aggregate, decoded per tensor of the plan."""
@@ -187,11 +223,17 @@ def run_round(
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
     # one thread per party; a caller running many rounds passes its own pool (no start-up)
     pool = executor or ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="round")
+    # what each party reported in its upload header (it charged its ledger before sending it)
+    charged: dict[str, str] = {}
+    contributions: list[Future[float]] = []
     try:
         try:
-            proposals = list(
-                pool.map(lambda c: c.propose(session_id=session_id, spec=spec), ordered)
-            )
+            asked = [pool.submit(c.propose, session_id=session_id, spec=spec) for c in ordered]
+            wait(asked)  # every answer is in before any abort (an abort must follow its Propose)
+            failure = _first_failure(asked)
+            if failure is not None:
+                raise failure
+            proposals = [f.result() for f in asked]
             lengths = {p.length for p in proposals}
             if len(lengths) != 1:
                 raise ProtocolError(f"parties disagree on the vector length: {sorted(lengths)}")
@@ -209,16 +251,22 @@ def run_round(
                 stream = client.contribute(
                     session_id=session_id, keys=keys, ring_bits=spec.ring_bits
                 )
+                with lock:
+                    charged[client.party_id] = stream.epsilon_spent
                 return accumulate(stream, total, lock, client.party_id, observe)
 
-            remaining = list(pool.map(contribute, ordered))
+            contributions = [pool.submit(contribute, c) for c in ordered]
+            wait(contributions, return_when=FIRST_EXCEPTION)
+            failure = _first_failure(contributions)
+            if failure is not None:
+                raise failure
+            remaining = [f.result() for f in contributions]
         except Exception as exc:
             aborts = abort_all(ordered, session_id=session_id, reason=str(exc))
-            raise RoundAborted(
-                spec.query_id,
-                exc,
-                abort_failures={p: why for p, why in aborts.items() if why is not None},
-            ) from exc
+            # the uploads still running finish or fail on their own deadline: only then is
+            # it known what every party charged
+            wait(contributions)
+            raise _aborted(spec, exc, ordered, contributions, charged, aborts) from exc
     finally:
         if executor is None:
             pool.shutdown(wait=True)
@@ -235,4 +283,37 @@ def run_round(
         tensors=tensors,
         budget_remaining=dict(zip(spec.parties, remaining, strict=True)),
         session_id=session_id,
+    )
+
+
+def _aborted(
+    spec: QuerySpec,
+    cause: Exception,
+    ordered: Sequence[PartyClient],
+    contributions: Sequence[Future[float]],
+    charged: dict[str, str],
+    aborts: dict[str, str | None],
+) -> RoundAborted:
+    """The RoundAborted of a failed round, saying what each party charged."""
+    not_charged: list[str] = []
+    unknown: list[str] = []
+    for i, client in enumerate(ordered):
+        pid = client.party_id
+        if pid in charged:
+            continue
+        if i >= len(contributions):  # never asked to contribute
+            not_charged.append(pid)
+            continue
+        exc = contributions[i].exception()
+        if exc is not None and _refused(exc):
+            not_charged.append(pid)
+        else:
+            unknown.append(pid)
+    return RoundAborted(
+        spec.query_id,
+        cause,
+        charged={p.party_id: charged[p.party_id] for p in ordered if p.party_id in charged},
+        not_charged=not_charged,
+        unknown=unknown,
+        abort_failures={p: why for p, why in aborts.items() if why is not None},
     )
