@@ -19,11 +19,11 @@ charged query. The rules:
   and concurrent processes serialise on the write lock.
 - reserve, then charge: a party reserves a query's event when it accepts the query
   (:meth:`BudgetLedger.reserve`, at Propose / TrainOpen), and every later check counts what
-  is reserved as spent. Contribute turns the reservation into a charge (``charge(...,
-  reservation=key)``); Abort or expiry releases it (:meth:`release`). So parties that see
-  the same rounds in different orders accept or refuse the same rounds, and nobody is
-  charged for a round that cannot be revealed. Reservations live in the owning process's
-  memory: they belong to sessions, which die with it.
+  is reserved as spent. Contribute turns the reservation into a charge in one step
+  (``charge(..., reservation=key)``); Abort or expiry releases it (:meth:`release`). So
+  parties that see the same rounds in different orders accept or refuse the same rounds,
+  and nobody is charged for a round that cannot be revealed. Reservations live in the
+  owning process's memory: they belong to sessions, which die with it.
 - one owner: the party node opens its ledger with ``owner=True``, which takes an exclusive
   advisory lock (flock) on the file for the ledger's lifetime; a second party process on the
   same ledger fails at start instead of enforcing the budget a second time. Read-only users
@@ -416,53 +416,59 @@ class BudgetLedger:
             self._reserved[key] = _Reservation(dataset=dataset, event=event)
             return after
 
-    def rereserve(self, *, key: str, event: ev.Event) -> None:
-        """Replace what ``key`` holds by a smaller ``event`` (a training session after a
-        block was charged: what its remaining steps will cost)."""
-        with self._lock:
-            held = self._reserved.get(key)
-            if held is None:
-                raise LedgerError(f"{key!r} holds no reservation")
-            self._reserved[key] = _Reservation(dataset=held.dataset, event=event)
-
     def release(self, key: str) -> bool:
         """Drop ``key``'s reservation (nothing was released under it); True if it held one."""
         with self._lock:
             return self._reserved.pop(key, None) is not None
 
     def charge(
-        self, *, dataset: str, query_id: str, event: ev.Event, reservation: str | None = None
+        self,
+        *,
+        dataset: str,
+        query_id: str,
+        event: ev.Event,
+        reservation: str | None = None,
+        keep: ev.Event | None = None,
     ) -> Charge:
         """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring.
 
-        ``reservation``: the key whose reservation covers this charge (its budget is not
-        counted against it); the caller releases or shrinks it afterwards.
+        ``reservation``: the key whose reservation covers this charge. Its budget is not
+        counted against the charge, and the charge consumes it in the same step (a
+        reservation released only after the charge would count twice for a moment and make
+        a concurrent charge refuse); with ``keep`` the reservation then holds ``keep``
+        instead (a training session: what its remaining steps cost).
         """
         _check_name("dataset", dataset)
         _check_name("query_id", query_id)
         encoded = ev.encode_event(event)
-        with self._lock, self._transaction():
-            row = self._db.execute(
-                "SELECT dataset, event, created_at FROM charges WHERE query_id=?", (query_id,)
-            ).fetchone()
-            if row is not None:
-                if (row[0], row[1]) != (dataset, encoded):
-                    raise LedgerError(
-                        f"query_id={query_id!r} was already charged to dataset={row[0]!r} with "
-                        f"another event; query ids must be unique"
-                    )
-                return Charge(query_id, dataset, event, float(row[2]), new=False)
-            after = self._require_budget(dataset, event, reservation=reservation)
-            now = time.time()
-            self._db.execute(
-                "INSERT INTO charges(query_id, dataset, kind, event, created_at) "
-                "VALUES(?, ?, ?, ?, ?)",
-                (query_id, dataset, event.kind, encoded, now),
-            )
-            self._db.execute(
-                "UPDATE budgets SET pure_spent=?, queries=?, exact_releases=? WHERE dataset=?",
-                (str(after.pure_epsilon_spent), after.queries, after.exact_releases, dataset),
-            )
+        with self._lock:
+            with self._transaction():
+                row = self._db.execute(
+                    "SELECT dataset, event, created_at FROM charges WHERE query_id=?", (query_id,)
+                ).fetchone()
+                if row is not None:
+                    if (row[0], row[1]) != (dataset, encoded):
+                        raise LedgerError(
+                            f"query_id={query_id!r} was already charged to dataset={row[0]!r} "
+                            "with another event; query ids must be unique"
+                        )
+                    return Charge(query_id, dataset, event, float(row[2]), new=False)
+                after = self._require_budget(dataset, event, reservation=reservation)
+                now = time.time()
+                self._db.execute(
+                    "INSERT INTO charges(query_id, dataset, kind, event, created_at) "
+                    "VALUES(?, ?, ?, ?, ?)",
+                    (query_id, dataset, event.kind, encoded, now),
+                )
+                self._db.execute(
+                    "UPDATE budgets SET pure_spent=?, queries=?, exact_releases=? WHERE dataset=?",
+                    (str(after.pure_epsilon_spent), after.queries, after.exact_releases, dataset),
+                )
+            if reservation is not None:  # committed: the reservation becomes the charge
+                if keep is None:
+                    self._reserved.pop(reservation, None)
+                else:
+                    self._reserved[reservation] = _Reservation(dataset=dataset, event=keep)
         log.info("charged query %s to dataset %r (%s)", query_id, dataset, event.kind)
         return Charge(query_id, dataset, event, now, new=True, status=after)
 

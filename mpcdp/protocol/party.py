@@ -356,7 +356,7 @@ class PartyEngine:
         min_colluders: int = 1,
         session_ttl_s: float = 300.0,
         max_pending: int = 16,
-        max_pending_total: int = 64,
+        max_pending_total: int = 32,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
         noise_threads: int | None = None,
@@ -374,6 +374,7 @@ class PartyEngine:
         # each pending session holds a noisy vector: bound what one coordinator, and all of
         # them together, can pin (strictly: a slot is taken before the session is built)
         self._slots = SessionSlots(per_coordinator=max_pending, total=max_pending_total)
+        self.max_pending_total = max_pending_total
         self._clock = clock
         self._noise = NoisePool(rng=rng, threads=noise_threads)
         self._sessions: dict[bytes, _Session] = {}
@@ -569,8 +570,9 @@ class PartyEngine:
                 event=session.plan.event,
                 reservation=spec.query_id,
             )
-        finally:
-            self.ledger.release(spec.query_id)
+        except BaseException:
+            self.ledger.release(spec.query_id)  # nothing leaves: the budget is free again
+            raise
         if not charge.new:
             # Two sessions of one query: a second answer with fresh noise would let the
             # coordinator average the noise away, so each query id is answered once.

@@ -634,18 +634,15 @@ class TrainingEngine:
         if block > session.charged_block:
             first = spec.start_step + block * spec.steps_per_charge
             n_steps = min(spec.steps_per_charge, spec.end_step - first)
-            key = _reservation(spec, session_id)
+            left = spec.end_step - first - n_steps
             charge = self.ledger.charge(
                 dataset=spec.dataset,
                 query_id=_charge_id(spec, session_id, block),
                 event=step_event(spec, steps=n_steps),
-                reservation=key,
+                reservation=_reservation(spec, session_id),
+                # the reservation now covers the remaining steps only
+                keep=step_event(spec, steps=left) if left > 0 else None,
             )
-            left = spec.end_step - first - n_steps
-            if left > 0:  # the reservation now covers the remaining steps only
-                self.ledger.rereserve(key=key, event=step_event(spec, steps=left))
-            else:
-                self.ledger.release(key)
             if not charge.new:
                 raise LedgerError(f"block {block} of session {session_id.hex()} was charged")
             session.charged_block = block
