@@ -17,6 +17,7 @@ import pytest
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config import TlsConfig
 from mpcdp.errors import ParameterError
+from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
@@ -202,15 +203,15 @@ def _proposed(
     return session_id, keys
 
 
-def test_an_unread_upload_is_cancelled_after_the_silence_limit(tmp_path: Path) -> None:
+def test_an_unread_upload_is_cancelled_after_the_silence_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     d = 4_000_000  # 32 MB of words: more than the transport buffers on loopback
     extra = vector_datasets(tmp_path, "v", {p: np.zeros(d) for p in PARTIES})
     net = build_net(tmp_path, extra=extra, start=False)
     for p in ("bob", "carlos"):
         net.nodes[p].start()
-    server, port = _serve(
-        net.nodes["alice"], max_long_calls_per_coordinator=1, stream_silence_s=1.0
-    )
+    server, port = _serve(net.nodes["alice"], stream_silence_s=1.0)
     ports = {
         "alice": port,
         "bob": net.nodes["bob"].port or 0,
@@ -222,19 +223,16 @@ def test_an_unread_upload_is_cancelled_after_the_silence_limit(tmp_path: Path) -
         req = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=session_id, keys=keys)
         call = analyst.Contribute(req, timeout=120)
         assert next(call).WhichOneof("body") == "header"  # ...and nothing more is read
+        # while the upload waits on the analyst, other calls are answered at once (a
+        # Contribute of an unknown session is refused before it waits on anything)
         other = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16))
-        # while the upload waits on the analyst, its one long call is taken...
         with pytest.raises(grpc.RpcError) as info:
             list(analyst.Contribute(other, timeout=5))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-
-        # ...until the party cancels the unread upload and frees it
-        def freed() -> bool:
-            with pytest.raises(grpc.RpcError) as info:
-                list(analyst.Contribute(other, timeout=5))
-            return info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # unknown session
-
-        assert _until(freed, 30)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # and the party cancels the unread upload after the silence limit
+        assert _until(
+            lambda: any("cancelled Contribute" in r.getMessage() for r in caplog.records), 30
+        )
         with pytest.raises(grpc.RpcError) as info:
             list(call)
         assert info.value.code() == grpc.StatusCode.CANCELLED
@@ -361,6 +359,11 @@ def test_a_second_server_on_an_address_in_use_fails_to_start(tmp_path: Path) -> 
             {"max_long_calls": 2, "max_long_calls_per_coordinator": 3},
             "max_long_calls_per_coordinator",
         ),
+        ({"max_setup_calls": 0}, "max_setup_calls"),
+        (
+            {"max_setup_calls": 2, "max_setup_calls_per_coordinator": 3},
+            "max_setup_calls_per_coordinator",
+        ),
         ({"stream_silence_s": 0.0}, "stream_silence_s"),
         ({"stream_silence_s": float("nan")}, "stream_silence_s"),
     ],
@@ -380,12 +383,83 @@ def test_servicer_limits_are_checked(tmp_path: Path, limits: dict[str, float], n
         servicer = srv.PartyServicer(
             node.engine, coordinators=frozenset(node.config.coordinators), describe=node.describe
         )
-        with pytest.raises(ParameterError, match="max_workers=8: must be more than max_long_calls"):
+        with pytest.raises(ParameterError, match="must be more than the 56 workers"):
             srv.start_server(
                 servicer,
                 listen="127.0.0.1:0",
                 creds=node.creds,
-                max_workers=servicer.max_long_calls,
+                max_workers=servicer.reserved_workers,
             )
     finally:
         net.stop()
+
+
+def test_many_rounds_of_one_coordinator_contribute_at_once(tmp_path: Path) -> None:
+    """Contribute is the call that charges: a party that refused it for being busy after the
+    others charged would make the ledgers disagree (seen under load with 32 rounds in
+    flight). Twelve rounds of one coordinator contribute at once, none refused."""
+    net = build_net(tmp_path)
+    try:
+        with Federation.from_config(net.federation) as fed:
+            errors: list[Exception] = []
+
+            def one(i: int) -> None:
+                try:
+                    fed.sum(dataset="raises", column="raise", epsilon=0.1, query_id=f"c-{i}")
+                except Exception as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert not errors, errors[0]
+        for node in net.nodes.values():
+            assert node.ledger.status("raises").queries == 12
+    finally:
+        net.stop()
+
+
+def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
+    tmp_path: Path,
+) -> None:
+    d = 2_000_000  # a Propose that builds 2e6 coordinates of noise takes a while
+    extra = vector_datasets(tmp_path, "v", {p: np.zeros(d) for p in PARTIES})
+    net = build_net(tmp_path, extra=extra, start=False)
+    server, port = _serve(net.nodes["alice"], max_setup_calls=2, max_setup_calls_per_coordinator=1)
+    analyst, ch = _stub(tmp_path, "analyst", port)
+    try:
+        spec = codec.spec_to_pb(_vector_spec())
+        calls = [
+            analyst.Propose.future(
+                pb.ProposeRequest(
+                    version=PROTOCOL_VERSION,
+                    session_id=secrets.token_bytes(16),
+                    spec=pb.QuerySpec(**{**_fields(spec), "query_id": f"s-{i}"}),
+                ),
+                timeout=60,
+            )
+            for i in range(4)
+        ]
+        codes = []
+        for c in calls:
+            try:
+                c.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "max_setup_calls_per_coordinator is 1" in exc.details()
+        assert codes.count(grpc.StatusCode.OK) >= 1
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert net.nodes["alice"].ledger.status("v").queries == 0
+    finally:
+        ch.close()
+        server.stop(0)
+        net.stop()
+
+
+def _fields(msg: pb.QuerySpec) -> dict[str, object]:
+    return {f.name: getattr(msg, f.name) for f in pb.QuerySpec.DESCRIPTOR.fields}

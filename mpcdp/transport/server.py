@@ -8,7 +8,7 @@
 | BudgetExceededError                    | RESOURCE_EXHAUSTED   |
 | LedgerError (query id already answered)| ALREADY_EXISTS       |
 | HeadroomError                          | OUT_OF_RANGE         |
-| too many long calls (see below)        | RESOURCE_EXHAUSTED   |
+| too many long or setup calls (below)   | RESOURCE_EXHAUSTED   |
 | anything else                          | INTERNAL (details only in the party's log) |
 
 Messages carry the domain error's text, which names parameters and values but never a share,
@@ -16,10 +16,16 @@ a key or a noise value.
 
 A party survives a hostile coordinator:
 
-* Long calls (Contribute, TrainStep) are limited per coordinator and in total; one beyond a
-  limit is refused at once (RESOURCE_EXHAUSTED, naming the coordinator and the limit)
-  instead of waiting for a worker, and the worker pool has more threads than the limit, so
-  health checks, Describe and the other short calls always find one.
+* Calls that can hold a worker are bounded, per coordinator and in total, and the worker
+  pool has threads for all of them plus SHORT_CALL_WORKERS, so health checks, Describe and
+  Abort always find one:
+  - TrainStep streams (``max_long_calls``): one beyond a limit is refused at once
+    (RESOURCE_EXHAUSTED, naming the coordinator and the limit);
+  - Propose and TrainOpen, which build noise or a model (``max_setup_calls``): the same;
+  - Contribute is never refused for being busy: it is the call that charges, and a party
+    that refused it after others charged would make the ledgers disagree. Its number is
+    bounded by the engine's pending sessions (a slot per session, taken at Propose), and a
+    Contribute for an unknown session is refused before it waits on anything.
 * A long call that waits on its coordinator for longer than ``stream_silence_s`` (for its
   next request message, or for it to take the next upload message) is cancelled; the time
   the party itself works is not counted.
@@ -68,6 +74,8 @@ from mpcdp.transport import codec, tls
 __all__ = [
     "DEFAULT_MAX_LONG_CALLS",
     "DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR",
+    "DEFAULT_MAX_SETUP_CALLS",
+    "DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR",
     "DEFAULT_STREAM_SILENCE_S",
     "SERVER_OPTIONS",
     "SHORT_CALL_WORKERS",
@@ -78,9 +86,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Long calls (Contribute, TrainStep) a party runs at once, in total and per coordinator.
+#: TrainStep streams a party runs at once, in total and per coordinator.
 DEFAULT_MAX_LONG_CALLS = 8
 DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR = 4
+#: Propose and TrainOpen calls a party runs at once, in total and per coordinator.
+DEFAULT_MAX_SETUP_CALLS = 16
+DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR = 8
 #: Seconds a long call may wait on its coordinator before the party cancels it.
 DEFAULT_STREAM_SILENCE_S = 30.0
 #: Worker threads beyond the long-call limit: always free for the short calls.
@@ -104,7 +115,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 class _TooBusy(Exception):
-    """A long call beyond a limit of :class:`_LongCalls`."""
+    """A call beyond a limit of :class:`_CallLimit`."""
 
 
 class _Silent(Exception):
@@ -154,13 +165,18 @@ def _unary(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class _LongCalls:
-    """Counts the running long calls; refuses one beyond the limits at once."""
+class _CallLimit:
+    """Counts the running calls of one kind; refuses one beyond the limits at once.
+    ``what`` names the kind and ``setting`` the keyword of its limits in messages."""
 
-    def __init__(self, *, party_id: str, total: int, per_coordinator: int) -> None:
+    def __init__(
+        self, *, party_id: str, total: int, per_coordinator: int, what: str, setting: str
+    ) -> None:
         self._party_id = party_id
         self._total = total
         self._per_coordinator = per_coordinator
+        self._what = what
+        self._setting = setting
         self._lock = threading.Lock()
         self._running: Counter[str] = Counter()
 
@@ -171,16 +187,15 @@ class _LongCalls:
             mine = self._running[coordinator]
             if mine >= self._per_coordinator:
                 raise _TooBusy(
-                    f"{refused}: {mine} long calls (Contribute, TrainStep) of this coordinator "
-                    f"are already running, the limit max_long_calls_per_coordinator is "
-                    f"{self._per_coordinator}; retry when one has finished"
+                    f"{refused}: {mine} {self._what} of this coordinator are already running, "
+                    f"the limit {self._setting}_per_coordinator is {self._per_coordinator}; "
+                    "retry when one has finished"
                 )
             running = sum(self._running.values())
             if running >= self._total:
                 raise _TooBusy(
-                    f"{refused}: {running} long calls (Contribute, TrainStep) are already "
-                    f"running, the limit max_long_calls is {self._total}; retry when one has "
-                    "finished"
+                    f"{refused}: {running} {self._what} are already running, the limit "
+                    f"{self._setting} is {self._total}; retry when one has finished"
                 )
             self._running[coordinator] += 1
         released = False
@@ -303,9 +318,9 @@ class _CallWatch:
             raise _Silent()
 
 
-def _long_call(*, streamed_requests: bool) -> Callable[[F], F]:
-    """A long call (server-streaming answer): counted against the limits, watched for
-    silence, every domain error mapped to a status code."""
+def _long_call(*, streamed_requests: bool, limited: bool) -> Callable[[F], F]:
+    """A long call (server-streaming answer): counted against ``max_long_calls`` when
+    ``limited``, watched for silence, every domain error mapped to a status code."""
 
     def decorate(fn: F) -> F:
         method = fn.__name__
@@ -318,8 +333,9 @@ def _long_call(*, streamed_requests: bool) -> Callable[[F], F]:
             watch: _CallWatch | None = None
             try:
                 caller = self._caller(context)
-                release = self._long_calls.enter(caller, method)
-                context.add_callback(release)  # also when gRPC drops this generator
+                if limited:
+                    release = self._long_calls.enter(caller, method)
+                    context.add_callback(release)  # also when gRPC drops this generator
                 watch = _CallWatch(
                     self._watchdog,
                     context,
@@ -357,6 +373,36 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def _limits(name: str, total: int, per_coordinator: int) -> int:
+    """A (total, per coordinator) pair of limits, checked; returns the total."""
+    _positive_int(name, total)
+    _positive_int(f"{name}_per_coordinator", per_coordinator)
+    if per_coordinator > total:
+        raise ParameterError(
+            f"{name}_per_coordinator", per_coordinator, f"must be <= {name}={total}"
+        )
+    return total
+
+
+def _setup_call(fn: F) -> F:
+    """Propose / TrainOpen: a unary call that builds something, counted against
+    ``max_setup_calls``; every domain error mapped to a status code."""
+
+    @functools.wraps(fn)
+    def wrapper(self: PartyServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        release: Callable[[], None] | None = None
+        try:
+            release = self._setup_calls.enter(self._caller(context), fn.__name__)
+            return fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, fn.__name__)
+        finally:
+            if release is not None:
+                release()
+
+    return wrapper  # type: ignore[return-value]
+
+
 class PartyServicer(pb_grpc.PartyServicer):
     def __init__(
         self,
@@ -367,21 +413,23 @@ class PartyServicer(pb_grpc.PartyServicer):
         training: TrainingEngine | None = None,
         max_long_calls: int = DEFAULT_MAX_LONG_CALLS,
         max_long_calls_per_coordinator: int = DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR,
+        max_setup_calls: int = DEFAULT_MAX_SETUP_CALLS,
+        max_setup_calls_per_coordinator: int = DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR,
         stream_silence_s: float = DEFAULT_STREAM_SILENCE_S,
     ) -> None:
-        """``max_long_calls``: Contribute and TrainStep calls run at once (more are refused
-        with RESOURCE_EXHAUSTED); ``max_long_calls_per_coordinator``: of those, by one
-        coordinator; ``stream_silence_s``: how long such a call may wait on its coordinator
-        (for a request message, or for it to take an upload message) before it is
-        cancelled."""
-        self.max_long_calls = _positive_int("max_long_calls", max_long_calls)
-        _positive_int("max_long_calls_per_coordinator", max_long_calls_per_coordinator)
-        if max_long_calls_per_coordinator > max_long_calls:
-            raise ParameterError(
-                "max_long_calls_per_coordinator",
-                max_long_calls_per_coordinator,
-                f"must be <= max_long_calls={max_long_calls}",
-            )
+        """``max_long_calls``: TrainStep streams run at once (more are refused with
+        RESOURCE_EXHAUSTED); ``max_long_calls_per_coordinator``: of those, by one
+        coordinator; ``max_setup_calls`` and ``max_setup_calls_per_coordinator``: the same
+        for Propose and TrainOpen; ``stream_silence_s``: how long a TrainStep or Contribute
+        may wait on its coordinator (for a request message, or for it to take an upload
+        message) before it is cancelled. Contribute is bounded by the engine's pending
+        sessions (module docstring)."""
+        self.max_long_calls = _limits(
+            "max_long_calls", max_long_calls, max_long_calls_per_coordinator
+        )
+        self.max_setup_calls = _limits(
+            "max_setup_calls", max_setup_calls, max_setup_calls_per_coordinator
+        )
         if (
             isinstance(stream_silence_s, bool)
             or not isinstance(stream_silence_s, int | float)
@@ -395,10 +443,19 @@ class PartyServicer(pb_grpc.PartyServicer):
         self._training = training
         self._coordinators = coordinators
         self._describe = describe
-        self._long_calls = _LongCalls(
+        self._long_calls = _CallLimit(
             party_id=engine.party_id,
             total=max_long_calls,
             per_coordinator=max_long_calls_per_coordinator,
+            what="long calls (TrainStep)",
+            setting="max_long_calls",
+        )
+        self._setup_calls = _CallLimit(
+            party_id=engine.party_id,
+            total=max_setup_calls,
+            per_coordinator=max_setup_calls_per_coordinator,
+            what="setup calls (Propose, TrainOpen)",
+            setting="max_setup_calls",
         )
         self._silence_s = float(stream_silence_s)
         self._watchdog = _Watchdog()
@@ -422,7 +479,7 @@ class PartyServicer(pb_grpc.PartyServicer):
             version=PROTOCOL_VERSION, party_id=self._engine.party_id, datasets=self._describe()
         )
 
-    @_unary
+    @_setup_call
     def Propose(
         self, request: pb.ProposeRequest, context: grpc.ServicerContext
     ) -> pb.ProposeResponse:
@@ -433,7 +490,13 @@ class PartyServicer(pb_grpc.PartyServicer):
         proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
-    @_long_call(streamed_requests=False)
+    @property
+    def reserved_workers(self) -> int:
+        """Workers that bounded calls may hold at once: TrainStep streams, setup calls and
+        one Contribute per pending session the engine allows."""
+        return self.max_long_calls + self.max_setup_calls + self._engine.max_pending_total
+
+    @_long_call(streamed_requests=False, limited=False)
     def Contribute(
         self, request: pb.ContributeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ContributeChunk]:
@@ -465,7 +528,7 @@ class PartyServicer(pb_grpc.PartyServicer):
             )
         return self._training
 
-    @_unary
+    @_setup_call
     def TrainOpen(
         self, request: pb.TrainOpenRequest, context: grpc.ServicerContext
     ) -> pb.ProposeResponse:
@@ -476,7 +539,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         proposal = self._trainer().open(session_id=session_id, spec=spec, coordinator=caller)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
-    @_long_call(streamed_requests=True)
+    @_long_call(streamed_requests=True, limited=True)
     def TrainStep(
         self, request_iterator: Iterator[pb.TrainStepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ContributeChunk]:
@@ -532,19 +595,21 @@ def start_server(
 ) -> tuple[grpc.Server, int]:
     """Start the mTLS server with the Party and health services; return it and its port.
 
-    ``max_workers``: threads serving calls, more than the servicer's ``max_long_calls`` so
-    that short calls always find one (default: that limit plus SHORT_CALL_WORKERS). An
-    address already in use is refused (ParameterError naming ``listen``)."""
+    ``max_workers``: threads serving calls, more than the servicer's ``reserved_workers``
+    (TrainStep, setup calls and Contributes together) so that short calls always find one
+    (default: that plus SHORT_CALL_WORKERS). An address already in use is refused
+    (ParameterError naming ``listen``)."""
     if max_workers is None:
-        max_workers = servicer.max_long_calls + SHORT_CALL_WORKERS
+        max_workers = servicer.reserved_workers + SHORT_CALL_WORKERS
     if isinstance(max_workers, bool) or not isinstance(max_workers, int):
         raise ParameterError("max_workers", max_workers, "must be an integer")
-    if max_workers <= servicer.max_long_calls:
+    if max_workers <= servicer.reserved_workers:
         raise ParameterError(
             "max_workers",
             max_workers,
-            f"must be more than max_long_calls={servicer.max_long_calls}, so that health "
-            "checks and Describe always find a worker",
+            f"must be more than the {servicer.reserved_workers} workers that TrainStep, "
+            "Propose/TrainOpen and Contribute calls may hold, so that health checks and "
+            "Describe always find one",
         )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="party"),
