@@ -6,8 +6,10 @@ A last line compares a Skellam share drawn in slices on one thread with the same
 cores a party would use (noise_pool.default_noise_threads), the baseline being one thread.
 
 Baseline, measured in the same run: the same distribution drawn with numpy's default
-generator (PCG64, not cryptographically secure, so mpcdp never uses it for noise). The ratio
-mpcdp / baseline is the price of a secure stream; the absolute times are for this machine only.
+generator (PCG64, not cryptographically secure, so mpcdp never uses it for noise) and numpy's
+own samplers (whose Poisson is not exact at large rates, mpcdp.dp.poisson). The ratio
+mpcdp / baseline is the price of a secure stream and of exact Poisson draws; the absolute
+times are for this machine only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from benchmarks._timing import best_of
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Skellam
+from mpcdp.dp.poisson import poisson
 from mpcdp.protocol.noise_pool import default_noise_threads, fill_in_slices
 from mpcdp.rng import csprng
 
@@ -56,6 +59,16 @@ def main() -> None:
                 sigma=sigma, l1_sensitivity=1, l2_sensitivity=1, dim=d, honest=h
             ).share(size=d, honest=h, rng=secure),
             lambda: np.rint(pcg.normal(0, sigma / math.sqrt(h), d)).astype(np.int64),
+        ),
+        (
+            "Poisson, rate 1e11 (one draw; numpy inexact here)",
+            lambda: poisson(lam=1e11, size=d, rng=secure),
+            lambda: pcg.poisson(1e11, d),
+        ),
+        (
+            "Poisson, rate 4e12 (4 summed draws; numpy inexact)",
+            lambda: poisson(lam=4e12, size=d, rng=secure),
+            lambda: pcg.poisson(4e12, d),
         ),
         (
             "uniform uint64 words",
