@@ -35,6 +35,16 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     out_of_bounds = "error"           # or "clip"
     [datasets.raises.columns.dept]
     categories = ["eng", "ops"]
+    [limits]                          # optional; the defaults shown
+    pending_sessions = 32             # query sessions open at once, all coordinators
+    pending_sessions_per_coordinator = 16
+    training_sessions = 8
+    training_sessions_per_coordinator = 4
+    setup_calls = 16                  # Propose / TrainOpen running at once
+    setup_calls_per_coordinator = 8
+    long_calls = 8                    # TrainStep streams running at once
+    long_calls_per_coordinator = 4
+    stream_silence_s = 30             # a call waiting this long on its coordinator ends
 
 federation.toml (the analyst's)::
 
@@ -55,6 +65,7 @@ and deadline_s > 0; every error names the file, the key and the value.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
@@ -75,6 +86,7 @@ else:  # pragma: no cover
 __all__ = [
     "DatasetConfig",
     "FederationConfig",
+    "LimitsConfig",
     "PartyAddress",
     "PartyConfig",
     "TlsConfig",
@@ -114,6 +126,22 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """How much of a party one coordinator, and all of them together, may hold at once
+    (party.toml ``[limits]``; see mpcdp.transport.server and mpcdp.protocol.party)."""
+
+    pending_sessions: int = 32
+    pending_sessions_per_coordinator: int = 16
+    training_sessions: int = 8
+    training_sessions_per_coordinator: int = 4
+    setup_calls: int = 16
+    setup_calls_per_coordinator: int = 8
+    long_calls: int = 8
+    long_calls_per_coordinator: int = 4
+    stream_silence_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class PartyConfig:
     path: Path
     id: str
@@ -130,6 +158,7 @@ class PartyConfig:
     device: str = "auto"
     #: the largest model (parameters) a site agrees to train; checked before it is built
     max_model_params: int = 100_000_000
+    limits: LimitsConfig = LimitsConfig()
 
 
 @dataclass(frozen=True)
@@ -380,7 +409,17 @@ def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
     r = _Reader(p, _load(p))
     r.unknown(
-        {"id", "listen", "ledger", "min_colluders", "device", "max_model_params", "tls", "datasets"}
+        {
+            "id",
+            "listen",
+            "ledger",
+            "min_colluders",
+            "device",
+            "max_model_params",
+            "tls",
+            "datasets",
+            "limits",
+        }
     )
     tls = r.table("tls")
     tls.unknown({"ca", "cert", "key", "coordinators", "peers"})
@@ -401,6 +440,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
         min_colluders=_min_colluders(r),
         device=_device(r),
         max_model_params=_max_model_params(r),
+        limits=_limits(r.table("limits")) if "limits" in r.data else LimitsConfig(),
     )
 
 
@@ -409,6 +449,31 @@ def _device(r: _Reader) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise r._err("device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")
     return str(value)
+
+
+def _limits(r: _Reader) -> LimitsConfig:
+    defaults = LimitsConfig()
+    names = [f.name for f in dataclasses.fields(LimitsConfig)]
+    r.unknown(set(names))
+    values: dict[str, Any] = {}
+    for name in names:
+        if name == "stream_silence_s":
+            v = r.number(name, defaults.stream_silence_s)
+            if not 0 < v <= 3600:
+                raise r._err(name, f"must be in (0, 3600] seconds, got {v!r}")
+            values[name] = float(v)
+            continue
+        n = r.get(name, int, getattr(defaults, name))
+        if not 1 <= n <= 4096:
+            raise r._err(name, f"must be an integer in [1, 4096], got {n!r}")
+        values[name] = int(n)
+    for total in ("pending_sessions", "training_sessions", "setup_calls", "long_calls"):
+        if values[f"{total}_per_coordinator"] > values[total]:
+            raise r._err(
+                f"{total}_per_coordinator",
+                f"{values[f'{total}_per_coordinator']} is more than {total}={values[total]}",
+            )
+    return LimitsConfig(**values)
 
 
 def _max_model_params(r: _Reader) -> int:

@@ -166,6 +166,8 @@ class PartyNode:
             signing_key=self.creds.key,
             peers=config.peers,
             min_colluders=config.min_colluders,
+            max_pending=config.limits.pending_sessions_per_coordinator,
+            max_pending_total=config.limits.pending_sessions,
         )
         self.training: TrainingEngine | None = None
         if self.tasks:
@@ -179,6 +181,8 @@ class PartyNode:
                 peers=config.peers,
                 min_colluders=config.min_colluders,
                 max_params=config.max_model_params,
+                max_sessions=config.limits.training_sessions_per_coordinator,
+                max_sessions_total=config.limits.training_sessions,
             )
         self._server: grpc.Server | None = None
         self.port: int | None = None
@@ -229,6 +233,11 @@ class PartyNode:
             coordinators=frozenset(self.config.coordinators),
             describe=self.describe,
             training=self.training,
+            max_long_calls=self.config.limits.long_calls,
+            max_long_calls_per_coordinator=self.config.limits.long_calls_per_coordinator,
+            max_setup_calls=self.config.limits.setup_calls,
+            max_setup_calls_per_coordinator=self.config.limits.setup_calls_per_coordinator,
+            stream_silence_s=self.config.limits.stream_silence_s,
         )
         self._server, self.port = srv.start_server(
             servicer, listen=self.config.listen, creds=self.creds

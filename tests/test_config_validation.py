@@ -291,3 +291,32 @@ def test_federation_deadline_bounds(tmp_path: Path) -> None:
     assert load_federation_config(_write(tmp_path, week, "f.toml")).deadline_s == 604800.0
     small = FEDERATION.replace("deadline_s = 30", "deadline_s = 0.5")
     assert load_federation_config(_write(tmp_path, small, "f.toml")).deadline_s == 0.5
+
+
+def test_limits_load_and_reach_the_node(tmp_path: Path) -> None:
+    from mpcdp.config import LimitsConfig
+
+    assert load_party_config(_write(tmp_path, PARTY)).limits == LimitsConfig()
+    text = PARTY + (
+        "[limits]\npending_sessions = 6\npending_sessions_per_coordinator = 2\n"
+        "long_calls = 3\nlong_calls_per_coordinator = 1\nstream_silence_s = 2.5\n"
+    )
+    limits = load_party_config(_write(tmp_path, text)).limits
+    assert (limits.pending_sessions, limits.pending_sessions_per_coordinator) == (6, 2)
+    assert (limits.long_calls, limits.long_calls_per_coordinator) == (3, 1)
+    assert limits.stream_silence_s == 2.5 and limits.setup_calls == 16
+
+
+@pytest.mark.parametrize(
+    ("limits", "needle"),
+    [
+        ("long_calls = 0", "limits.long_calls: must be an integer in [1, 4096], got 0"),
+        ("setup_calls = 1.5", "limits.setup_calls"),
+        ("pending_sessions_per_coordinator = 40", "is more than pending_sessions=32"),
+        ("stream_silence_s = nan", "limits.stream_silence_s"),
+        ("stream_silence_s = 0", "limits.stream_silence_s: must be in (0, 3600]"),
+        ("workers = 4", "limits.workers: unknown key"),
+    ],
+)
+def test_bad_limits_are_refused(tmp_path: Path, limits: str, needle: str) -> None:
+    assert needle in _party_error(tmp_path, PARTY + f"[limits]\n{limits}\n")

@@ -426,9 +426,10 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
 ) -> None:
     d = 2_000_000  # a Propose that builds 2e6 coordinates of noise takes a while
     extra = vector_datasets(tmp_path, "v", {p: np.zeros(d) for p in PARTIES})
-    net = build_net(tmp_path, extra=extra, start=False)
-    server, port = _serve(net.nodes["alice"], max_setup_calls=2, max_setup_calls_per_coordinator=1)
-    analyst, ch = _stub(tmp_path, "analyst", port)
+    # the limits come from party.toml's [limits]
+    extra["alice"] += "\n[limits]\nsetup_calls = 2\nsetup_calls_per_coordinator = 1\n"
+    net = build_net(tmp_path, extra=extra)
+    analyst, ch = _stub(tmp_path, "analyst", net.nodes["alice"].port or 0)
     try:
         spec = codec.spec_to_pb(_vector_spec())
         calls = [
@@ -457,7 +458,6 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
         assert net.nodes["alice"].ledger.status("v").queries == 0
     finally:
         ch.close()
-        server.stop(0)
         net.stop()
 
 
