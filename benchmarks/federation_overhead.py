@@ -25,7 +25,8 @@ In the same run, on this machine:
   share and masks are built, which is what a site with spare cores (or a GPU doing the
   gradients) gets; the wait is not timed;
 - pad: the time one site needs to build the noise share + masks of one step for this model
-  (one core; it runs off the critical path, in parallel 1M-coordinate slices);
+  at the mu of a realistic plan (epsilon 3, 20 epochs; one core; it runs off the critical
+  path, in parallel 1M-coordinate slices);
 - plaintext federated: the same sites' examples served by benchmarks/plaintext_party.py over
   the same mTLS gRPC, clipped sums in the clear, central noise at the coordinator; and
   transport only: the same, but the sites send zeros without computing a gradient (what
@@ -126,13 +127,24 @@ def concurrent_local_step_time(model: str, batch: int, sites: int, steps: int) -
     return statistics.median(max(r[k] for r in runs) for k in range(steps))
 
 
-def pad_time(num_params: int, repeat: int) -> float:
+def pad_mu(num_params: int, examples: int, batch: int) -> float:
+    """The Skellam mu of a realistic plan for this model: epsilon 3, delta 1e-5, 20 epochs
+    over the three sites' examples (the digits demo's budget and length)."""
+    plan = plan_training(
+        dataset="ex", model="m", parties=SITES, examples=[examples] * len(SITES),
+        num_params=num_params, target_epsilon=3.0, target_delta=1e-5, epochs=20,
+        batch_size=batch, max_grad_norm=1.0,
+    )  # fmt: skip
+    return plan.mu
+
+
+def pad_time(num_params: int, mu: float, repeat: int) -> float:
     """One site's noise share + masks for one step (what the background thread builds)."""
     from mpcdp import encoding, sharing
     from mpcdp.dp.mechanisms import Skellam
     from mpcdp.rng import csprng
 
-    noise = Skellam(mu=1e13, l1_sensitivity=1.0, l2_sensitivity=1.0)
+    noise = Skellam(mu=mu, l1_sensitivity=1.0, l2_sensitivity=1.0)
     keys = {1: bytes(32), 2: bytes(range(32))}
     rng = csprng()
 
@@ -285,7 +297,8 @@ def main() -> None:
     args = ap.parse_args()
     local, num_params = local_step_time(args.model, args.batch_size, args.repeat)
     together = concurrent_local_step_time(args.model, args.batch_size, len(SITES), args.steps)
-    pad = pad_time(num_params, args.repeat)
+    mu = pad_mu(num_params, args.examples, args.batch_size)
+    pad = pad_time(num_params, mu, args.repeat)
     cores = os.cpu_count() or 1
     settle = max(0.2, 2 * pad * len(SITES) / cores) if args.settle == "auto" else float(args.settle)
     fed, fed_ready, back, ready, plain_steps, wire_steps = federated_step_time(
@@ -306,7 +319,12 @@ def main() -> None:
         ),
         ("federated, back to back", fed, "median after warm-up"),
         ("federated, pads ready", fed_ready, f"median; {settle:.2f} s untimed before each"),
-        ("one site pad (off path)", pad, "noise share + masks, one core"),
+        (
+            "one site pad (off path)",
+            pad,
+            f"noise share + masks, one core; mu {mu:.3g} (epsilon 3, 20 epochs), "
+            f"Poisson rate {mu / 4:.3g}",
+        ),
         ("plaintext federated", plain, "same sites and transport, sums in the clear"),
         ("transport only", wire, "the same, sites send zeros instead of a gradient"),
     ]
@@ -339,6 +357,7 @@ def main() -> None:
             "federated_steps_s": back,
             "federated_ready_steps_s": ready,
             "pad_s": pad,
+            "pad_mu": mu,
             "ratio": fed / local,
             "ratio_ready_over_together": fed_ready / together,
             "plaintext_s": plain,

@@ -16,7 +16,7 @@ import pytest
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config import TlsConfig
-from mpcdp.errors import ParameterError
+from mpcdp.errors import ParameterError, PartyError
 from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
@@ -463,3 +463,28 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
 
 def _fields(msg: pb.QuerySpec) -> dict[str, object]:
     return {f.name: getattr(msg, f.name) for f in pb.QuerySpec.DESCRIPTOR.fields}
+
+
+def test_the_coordinator_is_told_that_the_party_cancelled_a_silent_call(tmp_path: Path) -> None:
+    d = 4_000_000
+    extra = vector_datasets(tmp_path, "v", {p: np.zeros(d) for p in PARTIES})
+    extra["alice"] += "\n[limits]\nstream_silence_s = 1\n"
+    net = build_net(tmp_path, extra=extra)
+    ports = {p: n.port or 0 for p, n in net.nodes.items()}
+    try:
+        session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
+        with GrpcPartyClient(
+            party_id="alice", address=f"127.0.0.1:{ports['alice']}",
+            creds=_creds(tmp_path, "analyst"), deadline_s=60,
+        ) as client:  # fmt: skip
+            stream = client.contribute(
+                session_id=session_id, keys=[codec.key_from_pb(k, session_id=session_id).key
+                                             for k in keys], ring_bits=64,
+            )  # fmt: skip
+            time.sleep(3)  # a coordinator that stops reading: the party cancels the upload
+            with pytest.raises(PartyError) as info:
+                for _ in stream.chunks:
+                    pass
+        assert "cancelled the call" in str(info.value) and "refused" not in str(info.value)
+    finally:
+        net.stop()

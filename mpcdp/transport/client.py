@@ -90,6 +90,10 @@ class GrpcPartyClient:
             )
         elif code is grpc.StatusCode.UNAVAILABLE:
             outcome = f"is unreachable at {self.address}"
+        elif code is grpc.StatusCode.CANCELLED:
+            # the party cancels a call that waited too long on the coordinator (its
+            # stream_silence_s); gRPC cannot carry a message on a cancelled call
+            outcome = "cancelled the call (see its log: e.g. it waited too long for us)"
         else:
             outcome = "refused"
         return PartyError(
