@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -61,6 +62,7 @@ __all__ = [
     "DatasetView",
     "PartyEngine",
     "Proposal",
+    "SessionHost",
     "SessionSlots",
     "check_parties",
     "new_signed_key",
@@ -72,7 +74,7 @@ log = logging.getLogger(__name__)
 
 SESSION_ID_BYTES = 16
 _MAX_CLOSED = 1 << 16
-_NOISE_SLICE = 1 << 18
+_NOISE_SLICE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,40 @@ class SessionSlots:
 
     def held(self, coordinator: str) -> int:
         return self._held.get(coordinator, 0)
+
+
+class SessionHost:
+    """What the query engine and the training engine share: a lock, open sessions, the
+    closed ones, per-coordinator slots. :meth:`_claiming` is how both start a session."""
+
+    party_id: str
+    _lock: threading.Lock
+    _sessions: dict[bytes, Any]
+    _closed: ClosedSessions
+    _slots: SessionSlots
+
+    def _expire(self) -> None:  # pragma: no cover - each engine has its own
+        raise NotImplementedError
+
+    @contextmanager
+    def _claiming(self, session_id: bytes, coordinator: str) -> Iterator[None]:
+        """A new session id and a slot of ``coordinator``'s, held while the block runs and
+        given back if it fails (the block registers the session on success)."""
+        if len(session_id) != SESSION_ID_BYTES:
+            raise SessionError(
+                f"session_id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}"
+            )
+        with self._lock:
+            self._expire()
+            if session_id in self._sessions or session_id in self._closed:
+                raise SessionError(f"session {session_id.hex()} was already used")
+            self._slots.take(coordinator, party_id=self.party_id)
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._slots.give_back(coordinator)
+            raise
 
 
 def unavailable(dataset: str, party_id: str) -> str:
@@ -340,7 +376,7 @@ class _Session:
     expires: float
 
 
-class PartyEngine:
+class PartyEngine(SessionHost):
     """One party's sessions. Thread-safe: each session is used by one call at a time."""
 
     def __init__(
@@ -453,21 +489,8 @@ class PartyEngine:
         return view, release
 
     def propose(self, *, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
-        if len(session_id) != SESSION_ID_BYTES:
-            raise SessionError(
-                f"session_id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}"
-            )
-        with self._lock:
-            self._expire()
-            if session_id in self._sessions or session_id in self._closed:
-                raise SessionError(f"session {session_id.hex()} was already used")
-            self._slots.take(coordinator, party_id=self.party_id)
-        try:
+        with self._claiming(session_id, coordinator):
             return self._propose(session_id, spec, coordinator)
-        except BaseException:
-            with self._lock:
-                self._slots.give_back(coordinator)
-            raise
 
     def _propose(self, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
         view, release = self._check_spec(spec)
