@@ -102,6 +102,13 @@ def propose(s: pb_grpc.PartyStub, spec: pb.QuerySpec) -> tuple[bytes, pb.Propose
     return sid, resp
 
 
+def train_open(s: pb_grpc.PartyStub, spec: pb.TrainSpec) -> pb.ProposeResponse:
+    req = pb.TrainOpenRequest(
+        version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16), spec=spec
+    )
+    return s.TrainOpen(req, timeout=20)
+
+
 def refusal(call: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()  # type: ignore[operator]
@@ -145,14 +152,7 @@ def test_a_training_spec_outside_the_sampler_range_is_refused_before_any_charge(
     )  # fmt: skip
     s, ch = stub(fed)
     with ch:
-        err = refusal(
-            lambda: s.TrainOpen(
-                pb.TrainOpenRequest(
-                    version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16), spec=spec
-                ),
-                timeout=20,
-            )
-        )
+        err = refusal(lambda: train_open(s, spec))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "exact range" in err.details()
     assert charged(fed, "alice", "ex") == 0
 
@@ -168,14 +168,7 @@ def test_an_oversized_model_is_refused_before_it_is_built(fed: LocalFederation) 
     )  # fmt: skip
     s, ch = stub(fed)
     with ch:
-        err = refusal(
-            lambda: s.TrainOpen(
-                pb.TrainOpenRequest(
-                    version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16), spec=spec
-                ),
-                timeout=20,
-            )
-        )
+        err = refusal(lambda: train_open(s, spec))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "max_model_params=100000000" in err.details()
     assert fed.processes["alice"].poll() is None  # still serving

@@ -278,3 +278,20 @@ def test_query_parameters_outside_the_samplers_range_are_clear_errors(
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_party_check_shows_the_owner_what_the_coordinator_is_not_told(tmp_path: Path) -> None:
+    from tests.conftest import build_net
+
+    net = build_net(tmp_path, start=False, csv_override={"bob": "raise,dept\n9000,eng\n"})
+    net.stop()
+    good = mpcdp("party", "check", "--config", str(tmp_path / "alice.toml"))
+    assert good.returncode == 0 and "raises: ok" in good.stdout
+    bad = mpcdp("party", "check", "--config", str(tmp_path / "bob.toml"), check=False)
+    assert bad.returncode == 1
+    assert (
+        "raises: UNAVAILABLE" in bad.stdout and "9000 is outside the declared bounds" in bad.stdout
+    )
+    assert "bob.csv" in bad.stdout
+    broken = mpcdp("party", "check", "--config", str(tmp_path / "nope.toml"), check=False)
+    assert broken.returncode == 1 and "cannot read" in broken.stderr
