@@ -117,11 +117,18 @@ def poisson(
         parts = np.ceil(rates[idx] / POISSON_MAX_LAM).astype(np.int64)
         for m in np.unique(parts):
             sel = idx[parts == m]
-            share = rates[sel] / float(m)
-            total = _ptrs(share, sel.size, gen)
-            for _ in range(int(m) - 1):
-                total += _ptrs(share, sel.size, gen)
-            out[sel] = total
+            out[sel] = _summed(rates[sel], int(m), sel.size, gen)
+    return out
+
+
+def _summed(
+    lam: float | NDArray[np.float64], parts: int, size: int, gen: np.random.Generator
+) -> NDArray[np.int64]:
+    """Poisson(lam) as the sum of ``parts`` independent Poisson(lam / parts) PTRS draws."""
+    share = lam / parts
+    out = _ptrs(share, size, gen)
+    for _ in range(parts - 1):
+        out += _ptrs(share, size, gen)
     return out
 
 
@@ -132,12 +139,7 @@ def _poisson_scalar(lam: float, size: int, gen: np.random.Generator) -> NDArray[
         return _inversion(lam, size, gen)
     if lam <= POISSON_MAX_LAM:
         return _ptrs(lam, size, gen)
-    parts = math.ceil(lam / POISSON_MAX_LAM)
-    part = lam / parts
-    out = _ptrs(part, size, gen)
-    for _ in range(parts - 1):
-        out += _ptrs(part, size, gen)
-    return out
+    return _summed(lam, math.ceil(lam / POISSON_MAX_LAM), size, gen)
 
 
 def _inversion(
