@@ -12,6 +12,8 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -25,6 +27,7 @@ from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import tls
+from mpcdp.transport.client import check_health
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
             '[datasets.raises]\npath = "raises.csv"\nepsilon = 3.0\ndelta = 1e-6\n'
             "[datasets.raises.columns.raise]\nlower = 0\nupper = 5000\n"
             '[datasets.ex]\npath = "ex.npz"\nnum_classes = 3\nepsilon = 20.0\ndelta = 1e-5\n'
+            "[limits]\nstream_silence_s = 2\n"
         )
     net = launch(workdir=root, datasets_toml=toml, deadline_s=20)
     try:
@@ -222,3 +226,43 @@ def test_a_second_process_cannot_serve_the_same_party(fed: LocalFederation) -> N
         assert out.returncode != 0
         assert "in use" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert fed.processes["alice"].poll() is None
+
+
+def test_silent_streams_neither_freeze_the_party_nor_stay_open(fed: LocalFederation) -> None:
+    """Twelve TrainStep streams that never send a message (the old pool had 8 workers, all
+    frozen): the coordinator's streams beyond its limit are refused at once, Describe and
+    the health check still answer, and the silent ones are ended after stream_silence_s."""
+    s, ch = stub(fed, "bob")
+    release = threading.Event()
+
+    def silent() -> Iterator[pb.TrainStepRequest]:
+        release.wait(60)
+        yield from ()
+
+    calls = [s.TrainStep(silent(), timeout=60) for _ in range(12)]
+    try:
+        deadline = time.monotonic() + 10
+        while sum(c.done() for c in calls) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 8
+        assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
+        assert s.Describe(pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=5).datasets
+        creds = tls.load_credentials(
+            TlsConfig(
+                ca=fed.workdir / "certs/ca.pem",
+                cert=fed.workdir / "certs/analyst.pem",
+                key=fed.workdir / "certs/analyst.key",
+            )
+        )
+        assert check_health(
+            address=f"127.0.0.1:{fed.ports['bob']}", creds=creds, party_id="bob", timeout_s=5
+        )
+        deadline = time.monotonic() + 30
+        while not all(c.done() for c in calls) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(c.code() == grpc.StatusCode.CANCELLED for c in calls if c not in refused)
+        assert "cancelled TrainStep from coordinator analyst" in fed.log("bob")
+    finally:
+        release.set()
+        ch.close()
