@@ -2,6 +2,7 @@
 
 Run:  python -m benchmarks.dp_step [--models mlp cnn transformer] [--batch-size B]
                                    [--repeat 5] [--warmup 2] [--device cpu|cuda]
+                                   [--autocast none|bf16]
                                    [--threads N] [--opacus-modes hooks ghost] [--json out.json]
 
 For every model, on the same device, with the same batch (random data, fixed seed) and the
@@ -428,7 +429,7 @@ def bench_model(
         with _reported(rows[variant], device):
             model = copy.deepcopy(base).to(device)
             before = held_bytes(device)
-            step = make(model)
+            step = _under_autocast(make(model), device, args.autocast)
             for _ in range(args.warmup):
                 step()
             steps[variant] = step
@@ -460,6 +461,19 @@ def bench_model(
         if total is not None and base_m:
             row.mem_ratio_nonprivate = total / base_m
     return list(rows.values())
+
+
+def _under_autocast(step: Step, device: torch.device, autocast: str) -> Step:
+    """``step`` run under torch.autocast in bfloat16 when ``autocast`` is "bf16" (how GPU
+    users train): every variant alike, the non-private baseline included."""
+    if autocast == "none":
+        return step
+
+    def wrapped() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            step()
+
+    return wrapped
 
 
 def _total_bytes(row: Row) -> int | None:
@@ -497,6 +511,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument(
+        "--autocast",
+        choices=["none", "bf16"],
+        default="none",
+        help="run every variant's step under bf16 autocast (mpcdp still clips in float32)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -55,6 +55,11 @@ deterministic and work under ``torch.func.vmap`` with a batch of one; torch's fu
 (``nn.LSTM``, ``nn.GRU``) do not, so such a model is refused when first called (build the
 recurrence from ``nn.Linear`` cells: a layer called at every step is handled).
 
+Precision: whatever the model's dtype or autocast, norms and clipped sums are computed in
+IEEE float32 (float64 for a float64 model): half-precision layer inputs, output gradients
+and per-sample gradients are upcast first (:func:`_work`), so the terms summed are exactly
+those whose norms set the clip factors.
+
 Nothing happens at import time beyond defining names.
 """
 
@@ -787,10 +792,21 @@ def _ieee_float32(device: torch.device) -> Iterator[None]:
 # -- per-layer rules: (layer, calls, batch) -> (squared norms (B,), clipped-sum step) ---------
 
 
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision norms and sums are computed in: at least IEEE float32.
+
+    A bf16/fp16 model, or autocast in or around its forward, leaves layer inputs and output
+    gradients in half precision; norms and clipped sums computed there would round the
+    batch sum by ~2^-9 of its size (several C for a batch of aligned gradients), far more
+    than one example's bound. Upcast, every per-sample term is exactly the product of the
+    values the norm was taken of, and the sum rounds at float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _grad(call: _Call) -> torch.Tensor:
     g = call.grads[0]
     assert g is not None  # calls whose output missed the loss are filtered out
-    return g
+    return _work(g)
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
@@ -968,8 +984,8 @@ def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.T
     def ghost_weight_sum(c: torch.Tensor) -> torch.Tensor:
         total: torch.Tensor | None = None
         for call in calls:
-            x, pad = _padded(m, call.inputs[0])
-            gc = _grad(call) * c.to(x.dtype)[:, None, None, None]
+            x, pad = _padded(m, _work(call.inputs[0]).to(c.dtype))
+            gc = _grad(call).to(c.dtype) * c[:, None, None, None]
             w = conv2d_weight(  # type: ignore[no-untyped-call]
                 x, weight_shape, gc, stride=m.stride, padding=pad, dilation=m.dilation
             )
@@ -1017,6 +1033,7 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
 
 def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _SumFn]:
     """Norms and clipped sum from per-sample gradients {name: (B, *shape)}."""
+    per_sample = {n: _work(v) for n, v in per_sample.items()}
     norm2: torch.Tensor | None = None
     for v in per_sample.values():
         n2 = _sq_norms(v)
@@ -1047,7 +1064,7 @@ def _norm_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Ten
             assert isinstance(m, nn.GroupNorm)
             dims = tuple(range(2, g.dim()))
         if "weight" in layer.params:
-            x = call.inputs[0]
+            x = _work(call.inputs[0])
             if isinstance(m, nn.LayerNorm):
                 xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
             else:
