@@ -676,13 +676,55 @@ def test_reduced_precision_matmul_and_autocast() -> None:
         cast = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
     assert cast.dtype == torch.float32 and bool(torch.isfinite(cast).all())
     previous = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
-        with pytest.raises(ParameterError, match=r"mkldnn\.matmul\.fp32_precision.*'bf16'"):
-            clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+        # a reduced-precision setting (bf16 oneDNN, or set_float32_matmul_precision("high"))
+        # is switched to IEEE for the clipping step and restored afterwards
+        for setting in ("bf16", "tf32"):
+            torch.backends.mkldnn.matmul.fp32_precision = setting
+            again = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+            assert torch.equal(again, plain)
+            assert torch.backends.mkldnn.matmul.fp32_precision == setting
+        torch.set_float32_matmul_precision("high")
+        again = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
+        assert torch.equal(again, plain)
+        assert torch.get_float32_matmul_precision() == "high"
     finally:
+        torch.set_float32_matmul_precision("highest")
         torch.backends.mkldnn.matmul.fp32_precision = previous
     assert torch.equal(clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum, plain)
+
+
+def test_the_precision_guard_is_process_wide_and_reference_counted() -> None:
+    """Two sessions' clipping steps overlap: the first one out must not switch reduced
+    precision back on under the second, and the last one out restores the user's setting."""
+    import threading
+
+    mm = torch.backends.mkldnn.matmul
+    previous = mm.fp32_precision
+    mm.fp32_precision = "tf32"
+    inside = threading.Event()
+    leave_first = threading.Event()
+    seen: list[str] = []
+
+    def first() -> None:
+        with clipping._ieee_float32(torch.device("cpu")):
+            inside.set()
+            leave_first.wait(10)
+
+    try:
+        t = threading.Thread(target=first)
+        t.start()
+        assert inside.wait(10)
+        with clipping._ieee_float32(torch.device("cpu")):
+            seen.append(mm.fp32_precision)
+            leave_first.set()
+            t.join(10)
+            seen.append(mm.fp32_precision)  # the first guard has left; this one has not
+        seen.append(mm.fp32_precision)
+    finally:
+        leave_first.set()
+        mm.fp32_precision = previous
+    assert seen == ["ieee", "ieee", "tf32"]
 
 
 def test_scale_is_folded_into_the_clip_factors_exactly() -> None:

@@ -68,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -742,51 +743,74 @@ class _NonFiniteSamples(Exception):
         self.bad = bad
 
 
-def _fp32_precision(backend: Any) -> str:
-    value = getattr(backend, "fp32_precision", "none")
-    return value if isinstance(value, str) else "none"
+#: One process-wide guard (module docstring of :func:`_ieee_float32`): how many clipping
+#: steps are inside it, and the settings it found when the first one entered.
+_GUARD_LOCK = threading.Lock()
+_guard_users = 0
+_guard_saved: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+
+
+def _precision_switches(device: torch.device) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, IEEE value) for every switch that lets float32 matmuls or
+    convolutions run at reduced precision on ``device``'s backends.
+
+    torch's ``fp32_precision`` API is used where it exists (mixing it with the legacy
+    ``allow_tf32`` flags raises in recent torch); the legacy flags otherwise.
+    ``torch.set_float32_matmul_precision("high")`` sets the former to "tf32" (oneDNN on the
+    CPU, cuBLAS on CUDA)."""
+    switches: list[tuple[Any, str, Any]] = []
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    for backend in (getattr(mkldnn, "matmul", None), getattr(mkldnn, "conv", None)):
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            switches.append((backend, "fp32_precision", "ieee"))
+    if device.type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):
+            switches.append((matmul, "fp32_precision", "ieee"))
+        else:  # pragma: no cover - torch before the fp32_precision API
+            switches.append((matmul, "allow_tf32", False))
+        cudnn = torch.backends.cudnn
+        for backend in (getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)):
+            if backend is not None and hasattr(backend, "fp32_precision"):
+                switches.append((backend, "fp32_precision", "ieee"))
+        if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # pragma: no cover
+            switches.append((cudnn, "allow_tf32", False))
+    return switches
 
 
 @contextlib.contextmanager
 def _ieee_float32(device: torch.device) -> Iterator[None]:
-    """Clip factors and clipped sums in IEEE float32: autocast off, and no TF32 (CUDA) or
-    bf16 (oneDNN) in float32 matmuls and convolutions.
+    """Clip factors and clipped sums in IEEE float32: autocast off, and TF32 / bf16 off for
+    float32 matmuls and convolutions (oneDNN, cuBLAS, cuDNN) while a step is inside.
 
     The ghost-norm error bound (:func:`_ghost_slack`) assumes float32 arithmetic, and a
     Conv2d's clipped sum (cuDNN's weight-gradient kernel, TF32 by default on Ampere and
     later) must be computed at the precision of the norm that scaled it: with 10-bit
     mantissas a crafted sample contributes far more than C.
+
+    The precision switches are process-wide, and a party runs several sessions at once, so
+    the guard is process-wide and reference-counted: the first step in saves every switch
+    and sets it to IEEE, the last one out restores exactly what it found (the user's own
+    ``set_float32_matmul_precision`` included). While any step is inside, float32 matmuls
+    elsewhere in the process run at IEEE precision too: slower, never less accurate.
     """
-    mkldnn = getattr(torch.backends, "mkldnn", None)
-    for name, backend in (
-        ("torch.backends.mkldnn.matmul", getattr(mkldnn, "matmul", None)),
-        ("torch.backends.mkldnn.conv", getattr(mkldnn, "conv", None)),
-    ):
-        value = _fp32_precision(backend)
-        if value not in ("ieee", "none"):
-            raise ParameterError(
-                f"{name}.fp32_precision",
-                value,
-                "per-sample clipping needs IEEE float32 matmuls ('ieee')",
-            )
-    with torch.autocast(device_type=device.type, enabled=False):
-        if device.type != "cuda":
+    global _guard_users
+    with _GUARD_LOCK:
+        for obj, attr, ieee in _precision_switches(device):
+            # saved the first time any step in touches it (a CUDA step may join CPU ones)
+            _guard_saved.setdefault((id(obj), attr), (obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, ieee)
+        _guard_users += 1
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
             yield
-            return
-        cudnn = torch.backends.cudnn
-        matmul = torch.backends.cuda.matmul
-        tf32 = matmul.allow_tf32
-        with cudnn.flags(
-            enabled=cudnn.enabled,
-            benchmark=cudnn.benchmark,
-            deterministic=cudnn.deterministic,
-            allow_tf32=False,
-        ):
-            matmul.allow_tf32 = False
-            try:
-                yield
-            finally:
-                matmul.allow_tf32 = tf32
+    finally:
+        with _GUARD_LOCK:
+            _guard_users -= 1
+            if _guard_users == 0:
+                for obj, attr, value in _guard_saved.values():
+                    setattr(obj, attr, value)
+                _guard_saved.clear()
 
 
 # -- per-layer rules: (layer, calls, batch) -> (squared norms (B,), clipped-sum step) ---------
