@@ -786,3 +786,42 @@ def test_bad_out_is_refused_naming_it(out: object, error: str) -> None:
         clipper.clipped_grad_sum(
             inputs=torch.randn(2, 4), targets=torch.tensor([0, 1]), loss_fn=ce, out=out
         )  # type: ignore[arg-type]
+
+
+class LstmCellLoop(nn.Module):
+    """A recurrence from nn.LSTMCell: its (h, c) state is a tuple argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(4, 6)
+        self.head = nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 6)
+        c = x.new_zeros(x.shape[0], 6)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        out: torch.Tensor = self.head(h)
+        return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lstm_cell_with_a_tuple_state_matches_the_reference(mode: str) -> None:
+    check_against_reference(LstmCellLoop(), torch.randn(B, 5, 4), labels(), mode)
+
+
+@pytest.mark.parametrize(("rnn", "cell"), [(nn.LSTM, "nn.LSTMCell"), (nn.GRU, "nn.GRUCell")])
+def test_fused_rnns_are_refused_with_the_cell_to_use(rnn: type[nn.Module], cell: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = rnn(4, 6, batch_first=True)
+            self.head = nn.Linear(6, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.head(self.rnn(x)[0][:, -1])
+            return out
+
+    clipper = PerSampleClipper(Net(), max_grad_norm=1.0)
+    with pytest.raises(ParameterError, match=f"fused recurrent kernel.*{cell}"):
+        clipper.clipped_grad_sum(inputs=torch.randn(B, 5, 4), targets=labels(), loss_fn=ce)

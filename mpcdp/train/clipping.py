@@ -52,8 +52,10 @@ forward of the module that owns it (read as ``module.weight`` by another module)
 gradient and cannot be detected; parameters shared between modules are refused. A layer input
 modified in place after the layer read it is detected and refused. Fallback modules must be
 deterministic and work under ``torch.func.vmap`` with a batch of one; torch's fused RNNs
-(``nn.LSTM``, ``nn.GRU``) do not, so such a model is refused when first called (build the
-recurrence from ``nn.Linear`` cells: a layer called at every step is handled).
+(``nn.LSTM``, ``nn.GRU``) do not, so such a model is refused when first called, with the
+advice to build the recurrence from ``nn.LSTMCell`` / ``nn.GRUCell`` (a cell called at
+every step is handled: tensors inside tuple arguments, such as the cell's ``(h, c)``, are
+split by example too).
 
 Precision: whatever the model's dtype or autocast, norms and clipped sums are computed in
 IEEE float32 (float64 for a float64 model): half-precision layer inputs, output gradients
@@ -80,7 +82,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.grad import conv2d_weight
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import MpcdpError, ParameterError
 
@@ -552,16 +554,23 @@ class PerSampleClipper:
     def _hook(self, layer: _Layer, batch: int) -> Callable[..., None]:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
+        ) -> Any:
             if layer.kind == "fallback":
-                leaves, _ = tree_flatten(output)
+                leaves, out_spec = tree_flatten(output)
                 idx = [
                     i
                     for i, t in enumerate(leaves)
                     if isinstance(t, torch.Tensor) and t.requires_grad
                 ]
                 if not idx:
-                    return
+                    return None
+                # Each output is handed on as a view of itself, and its gradient is read at
+                # the view: what flows in from outside the module only. At the output
+                # itself autograd would add the module's own internal paths (an LSTMCell's
+                # c feeds its h), and the vjp below would count them twice.
+                leaves = list(leaves)
+                for i in idx:
+                    leaves[i] = leaves[i].view_as(leaves[i])
                 detached_args = tuple(
                     a.detach() if isinstance(a, torch.Tensor) else a for a in args
                 )
@@ -576,9 +585,9 @@ class PerSampleClipper:
                         leaf_index=idx,
                     ).record_versions()
                 )
-                return
+                return tree_unflatten(leaves, out_spec)
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
+                return None
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 raise ParameterError(
@@ -594,6 +603,7 @@ class PerSampleClipper:
                     inputs=stored, kwargs={}, edges=[get_gradient_edge(output)], leaf_index=[0]
                 ).record_versions()
             )
+            return None
 
         return hook
 
@@ -1114,10 +1124,9 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
         for g in cotangents:
             if g.dim() == 0 or g.shape[0] != batch:
                 raise PerSampleClipper._batch_error(layer, "an output", tuple(g.shape), batch)
-        # batched tensors: positional and keyword tensors whose dimension 0 is the batch
-        values: list[Any] = [*call.inputs, *call.kwargs.values()]
-        keys = list(call.kwargs)
-        n_args = len(call.inputs)
+        # batched tensors: the tensors, anywhere in the positional and keyword arguments
+        # (an LSTMCell's (h, c) tuple included), whose dimension 0 is the batch
+        values, arg_spec = tree_flatten((call.inputs, call.kwargs))
         batched = [
             i
             for i, v in enumerate(values)
@@ -1129,15 +1138,13 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
             cots: tuple[torch.Tensor, ...],
             values: list[Any] = values,
             batched: list[int] = batched,
-            keys: list[str] = keys,
-            n_args: int = n_args,
+            arg_spec: Any = arg_spec,
             leaf_index: list[int] = leaf_index,
         ) -> dict[str, torch.Tensor]:
             full = list(values)
             for i, v in zip(batched, batched_values, strict=True):
                 full[i] = v.unsqueeze(0)  # the module sees a batch of one
-            args = tuple(full[:n_args])
-            kwargs = dict(zip(keys, full[n_args:], strict=True))
+            args, kwargs = tree_unflatten(full, arg_spec)
 
             def f(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
                 out = torch.func.functional_call(module, p, args, kwargs)
@@ -1153,6 +1160,18 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
         try:
             per = torch.func.vmap(per_sample)(batched_values, cotangents)
         except RuntimeError as exc:
+            if isinstance(module, nn.RNNBase):
+                cell = {"LSTM": "nn.LSTMCell", "GRU": "nn.GRUCell"}.get(
+                    type(module).__name__, "nn.RNNCell"
+                )
+                raise ParameterError(
+                    "module",
+                    layer.path,
+                    f"{_where(layer.path)} ({type(module).__name__}) runs torch's fused "
+                    "recurrent kernel, which per-sample clipping cannot split by example; "
+                    f"build the recurrence from {cell} called at every step (a cell called "
+                    "in a loop is handled)",
+                ) from exc
             raise ParameterError(
                 "module",
                 layer.path,
