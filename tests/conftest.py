@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from mpcdp.certs import init_federation
-from mpcdp.config import load_party_config
+from mpcdp.config import TlsConfig, load_party_config
 from mpcdp.node import PartyNode
+from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.transport import tls
 
 PARTIES = ("alice", "bob", "carlos")
 ROWS = {"alice": [3800.0, 100.0], "bob": [2514.0], "carlos": [2982.0, 3390.0]}
@@ -83,6 +86,27 @@ def vector_datasets(
             "delta = 1e-5\nallow_exact = true\nl2_bound = 1.0\n"
         )
     return extra
+
+
+def coordinator_creds(root: Path, name: str = "analyst") -> tls.Credentials:
+    """The mTLS credentials of coordinator ``name`` from ROOT/certs."""
+    return tls.load_credentials(
+        TlsConfig(
+            ca=root / "certs/ca.pem",
+            cert=root / f"certs/{name}.pem",
+            key=root / f"certs/{name}.key",
+        )
+    )
+
+
+def raw_stub(
+    root: Path, port: int, *, party: str = "alice", coordinator: str = "analyst"
+) -> tuple[pb_grpc.PartyStub, grpc.Channel]:
+    """A Party stub over mTLS as ``coordinator``, for tests that speak the proto directly."""
+    ch = tls.channel(
+        f"127.0.0.1:{port}", creds=coordinator_creds(root, coordinator), server_name=party
+    )
+    return pb_grpc.PartyStub(ch), ch
 
 
 def write_federation(

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config import TlsConfig
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.transport import tls
 from mpcdp.transport.client import check_health
+from tests.conftest import coordinator_creds, raw_stub
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +59,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 
 
 def stub(net: LocalFederation, party: str = "alice") -> tuple[pb_grpc.PartyStub, grpc.Channel]:
-    root = net.workdir
-    creds = tls.load_credentials(
-        TlsConfig(
-            ca=root / "certs/ca.pem",
-            cert=root / "certs/analyst.pem",
-            key=root / "certs/analyst.key",
-        )
-    )
-    ch = tls.channel(f"127.0.0.1:{net.ports[party]}", creds=creds, server_name=party)
-    return pb_grpc.PartyStub(ch), ch
+    return raw_stub(net.workdir, net.ports[party], party=party)
 
 
 def charged(net: LocalFederation, party: str, dataset: str) -> int:
@@ -248,15 +238,11 @@ def test_silent_streams_neither_freeze_the_party_nor_stay_open(fed: LocalFederat
         assert len(refused) == 8
         assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
         assert s.Describe(pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=5).datasets
-        creds = tls.load_credentials(
-            TlsConfig(
-                ca=fed.workdir / "certs/ca.pem",
-                cert=fed.workdir / "certs/analyst.pem",
-                key=fed.workdir / "certs/analyst.key",
-            )
-        )
         assert check_health(
-            address=f"127.0.0.1:{fed.ports['bob']}", creds=creds, party_id="bob", timeout_s=5
+            address=f"127.0.0.1:{fed.ports['bob']}",
+            creds=coordinator_creds(fed.workdir),
+            party_id="bob",
+            timeout_s=5,
         )
         deadline = time.monotonic() + 30
         while not all(c.done() for c in calls) and time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from mpcdp.protocol.plan import fit, plan
 from mpcdp.protocol.spec import QuerySpec
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient, check_health
-from tests.conftest import DEPTS, PARTIES, ROWS, Net, build_net, vector_datasets
+from tests.conftest import DEPTS, PARTIES, ROWS, Net, build_net, raw_stub, vector_datasets
 
 TRUE_MEAN = sum(sum(r) for r in ROWS.values()) / sum(len(r) for r in ROWS.values())
 
@@ -175,16 +175,7 @@ def test_coordinator_refuses_a_server_with_another_partys_certificate(net: Net) 
 
 
 def _raw_stub(net: Net, party: str = "alice") -> tuple[pb_grpc.PartyStub, grpc.Channel]:
-    root = net.root
-    creds = tls.load_credentials(
-        TlsConfig(
-            ca=root / "certs/ca.pem",
-            cert=root / "certs/analyst.pem",
-            key=root / "certs/analyst.key",
-        )
-    )
-    ch = tls.channel(f"127.0.0.1:{net.nodes[party].port}", creds=creds, server_name=party)
-    return pb_grpc.PartyStub(ch), ch
+    return raw_stub(net.root, net.nodes[party].port or 0, party=party)
 
 
 def test_wrong_protocol_version_and_malformed_requests(net: Net) -> None:

@@ -15,32 +15,22 @@ import numpy as np
 import pytest
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config import TlsConfig
 from mpcdp.errors import ParameterError, PartyError
 from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.spec import QuerySpec, Statistic
-from mpcdp.transport import codec, tls
+from mpcdp.transport import codec
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient, check_health
-from tests.conftest import PARTIES, Net, build_net, vector_datasets
-
-
-def _creds(root: Path, name: str) -> tls.Credentials:
-    return tls.load_credentials(
-        TlsConfig(
-            ca=root / "certs/ca.pem",
-            cert=root / f"certs/{name}.pem",
-            key=root / f"certs/{name}.key",
-        )
-    )
-
-
-def _stub(root: Path, coordinator: str, port: int) -> tuple[pb_grpc.PartyStub, grpc.Channel]:
-    ch = tls.channel(f"127.0.0.1:{port}", creds=_creds(root, coordinator), server_name="alice")
-    return pb_grpc.PartyStub(ch), ch
+from tests.conftest import (
+    PARTIES,
+    Net,
+    build_net,
+    coordinator_creds,
+    raw_stub,
+    vector_datasets,
+)
 
 
 def _examples(root: Path) -> dict[str, str]:
@@ -89,8 +79,8 @@ def test_silent_train_streams_do_not_freeze_a_party(tmp_path: Path) -> None:
     net = build_net(tmp_path, extra=_examples(tmp_path))
     port = net.nodes["alice"].port
     assert port
-    analyst, analyst_ch = _stub(tmp_path, "analyst", port)
-    other, other_ch = _stub(tmp_path, "other", port)
+    analyst, analyst_ch = raw_stub(tmp_path, port, coordinator="analyst")
+    other, other_ch = raw_stub(tmp_path, port, coordinator="other")
     release = threading.Event()
     # more silent streams than the old pool had workers (8), all from one coordinator
     calls = [analyst.TrainStep(_silent(release), timeout=60) for _ in range(12)]
@@ -102,7 +92,7 @@ def test_silent_train_streams_do_not_freeze_a_party(tmp_path: Path) -> None:
         assert described.party_id == "alice"
         assert check_health(
             address=f"127.0.0.1:{port}",
-            creds=_creds(tmp_path, "other"),
+            creds=coordinator_creds(tmp_path, "other"),
             party_id="alice",
             timeout_s=5,
         )
@@ -130,8 +120,8 @@ def test_silent_streams_are_ended_after_the_silence_limit(tmp_path: Path) -> Non
     server, port = _serve(
         net.nodes["alice"], max_long_calls=6, max_long_calls_per_coordinator=4, stream_silence_s=1.0
     )
-    analyst, analyst_ch = _stub(tmp_path, "analyst", port)
-    other, other_ch = _stub(tmp_path, "other", port)
+    analyst, analyst_ch = raw_stub(tmp_path, port, coordinator="analyst")
+    other, other_ch = raw_stub(tmp_path, port, coordinator="other")
     release = threading.Event()
     try:
         t0 = time.monotonic()
@@ -191,7 +181,7 @@ def _proposed(
     net: Net, root: Path, ports: dict[str, int], spec: QuerySpec
 ) -> tuple[bytes, list[pb.ProposeResponse]]:
     """A session proposed at every party; its id and the keys a ContributeRequest relays."""
-    creds = _creds(root, "analyst")
+    creds = coordinator_creds(root, "analyst")
     session_id = secrets.token_bytes(16)
     keys = []
     for p in PARTIES:
@@ -217,7 +207,7 @@ def test_an_unread_upload_is_cancelled_after_the_silence_limit(
         "bob": net.nodes["bob"].port or 0,
         "carlos": net.nodes["carlos"].port or 0,
     }
-    analyst, ch = _stub(tmp_path, "analyst", port)
+    analyst, ch = raw_stub(tmp_path, port, coordinator="analyst")
     try:
         session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
         req = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=session_id, keys=keys)
@@ -250,7 +240,7 @@ def test_invalid_chunk_bytes_is_refused_before_the_ledger_is_charged(
     extra = vector_datasets(tmp_path, "v", {p: rng.normal(size=100) * 0.01 for p in PARTIES})
     net = build_net(tmp_path, extra=extra)
     ports = {p: n.port or 0 for p, n in net.nodes.items()}
-    analyst, ch = _stub(tmp_path, "analyst", ports["alice"])
+    analyst, ch = raw_stub(tmp_path, ports["alice"], coordinator="analyst")
     try:
         session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
         bad = pb.ContributeRequest(
@@ -294,9 +284,9 @@ def test_invalid_chunk_bytes_in_a_train_step_is_refused_before_the_ledger_is_cha
     )
     net = build_net(tmp_path, extra=_examples(tmp_path))
     ports = {p: n.port or 0 for p, n in net.nodes.items()}
-    creds = _creds(tmp_path, "analyst")
+    creds = coordinator_creds(tmp_path, "analyst")
     session_id = secrets.token_bytes(16)
-    analyst, ch = _stub(tmp_path, "analyst", ports["alice"])
+    analyst, ch = raw_stub(tmp_path, ports["alice"], coordinator="analyst")
     try:
         keys = []
         for p in PARTIES:
@@ -429,7 +419,7 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
     # the limits come from party.toml's [limits]
     extra["alice"] += "\n[limits]\nsetup_calls = 2\nsetup_calls_per_coordinator = 1\n"
     net = build_net(tmp_path, extra=extra)
-    analyst, ch = _stub(tmp_path, "analyst", net.nodes["alice"].port or 0)
+    analyst, ch = raw_stub(tmp_path, net.nodes["alice"].port or 0, coordinator="analyst")
     try:
         spec = codec.spec_to_pb(_vector_spec())
         calls = [
@@ -475,7 +465,7 @@ def test_the_coordinator_is_told_that_the_party_cancelled_a_silent_call(tmp_path
         session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
         with GrpcPartyClient(
             party_id="alice", address=f"127.0.0.1:{ports['alice']}",
-            creds=_creds(tmp_path, "analyst"), deadline_s=60,
+            creds=coordinator_creds(tmp_path, "analyst"), deadline_s=60,
         ) as client:  # fmt: skip
             stream = client.contribute(
                 session_id=session_id, keys=[codec.key_from_pb(k, session_id=session_id).key
