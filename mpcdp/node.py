@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 import grpc
@@ -80,33 +80,37 @@ def _tasks(
     return tasks
 
 
-def _count_params(spec: TrainSpec, *, model_factory: ModelFactory | None) -> tuple[int, int]:
+def _train_modules() -> tuple[ModuleType, ModuleType]:
+    """mpcdp.train.models and mpcdp.train.site: torch is the `train` extra, imported only
+    when a site trains."""
     try:
-        from mpcdp.train.models import build_model
-        from mpcdp.train.site import count_parameters
+        from mpcdp.train import models, site
     except ImportError as exc:
         raise PolicyError(
             f"this party cannot train: {exc} (install mpcdp[train] on the party)"
         ) from None
-    return count_parameters(model_factory or build_model, spec.model, bias_only=spec.bias_only)
+    return models, site
+
+
+def _count_params(spec: TrainSpec, *, model_factory: ModelFactory | None) -> tuple[int, int]:
+    models, site = _train_modules()
+    counts: tuple[int, int] = site.count_parameters(
+        model_factory or models.build_model, spec.model, bias_only=spec.bias_only
+    )
+    return counts
 
 
 def _torch_source(
     spec: TrainSpec, *, examples: Examples, device: str, model_factory: ModelFactory | None
 ) -> GradientSource:
-    try:  # torch is the `train` extra: imported only when a site trains
-        from mpcdp.train.models import build_model
-        from mpcdp.train.site import TorchGradientSource
-    except ImportError as exc:
-        raise PolicyError(
-            f"this party cannot train: {exc} (install mpcdp[train] on the party)"
-        ) from None
-    return TorchGradientSource(
-        model=(model_factory or build_model)(spec.model),
+    models, site = _train_modules()
+    source: GradientSource = site.TorchGradientSource(
+        model=(model_factory or models.build_model)(spec.model),
         examples=examples,
         spec=spec,
         device=device,
     )
+    return source
 
 
 def check_datasets(cfg: PartyConfig) -> dict[str, str | None]:
