@@ -378,18 +378,6 @@ class BudgetLedger:
             base = self._status(dataset)
             return self._status(dataset, held).spent_epsilon - base.spent_epsilon if held else 0.0
 
-    def check(self, *, dataset: str, query_id: str, event: ev.Event) -> BudgetStatus:
-        """Raise as :meth:`charge` would, without writing; return the status after the charge.
-
-        A query id that was already charged is refused here (LedgerError): a party answers
-        each query id once. Reservations count as spent.
-        """
-        _check_name("dataset", dataset)
-        _check_name("query_id", query_id)
-        with self._lock:
-            self._refuse_answered(query_id)
-            return self._require_budget(dataset, event)
-
     def _refuse_answered(self, query_id: str) -> None:
         row = self._db.execute(
             "SELECT dataset FROM charges WHERE query_id=?", (query_id,)
@@ -401,9 +389,10 @@ class BudgetLedger:
         self, *, dataset: str, key: str, event: ev.Event, query_id: str | None = None
     ) -> BudgetStatus:
         """Hold ``event`` against ``dataset``'s budget under ``key`` until it is charged or
-        released (module docstring). Refuses (writing nothing) what :meth:`check` refuses,
-        counting the other reservations as spent, and a ``key`` that is already held.
-        ``query_id`` (default: ``key``) must not have been charged yet."""
+        released (module docstring). Refuses, writing nothing, what :meth:`charge` would
+        refuse (BudgetExceededError), counting the other reservations as spent; a ``key``
+        that is already held; and a ``query_id`` (default: ``key``) that was already
+        charged (LedgerError: a party answers each query id once)."""
         _check_name("dataset", dataset)
         _check_name("key", key)
         with self._lock:

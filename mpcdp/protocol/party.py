@@ -203,8 +203,10 @@ class SessionSlots:
         else:
             self._held.pop(coordinator, None)
 
-    def held(self, coordinator: str) -> int:
-        return self._held.get(coordinator, 0)
+    @property
+    def total(self) -> int:
+        """The bound for all coordinators together."""
+        return self._total
 
 
 class SessionHost:
@@ -410,7 +412,6 @@ class PartyEngine(SessionHost):
         # each pending session holds a noisy vector: bound what one coordinator, and all of
         # them together, can pin (strictly: a slot is taken before the session is built)
         self._slots = SessionSlots(per_coordinator=max_pending, total=max_pending_total)
-        self.max_pending_total = max_pending_total
         self._clock = clock
         self._noise = NoisePool(rng=rng, threads=noise_threads)
         self._sessions: dict[bytes, _Session] = {}
@@ -419,6 +420,11 @@ class PartyEngine(SessionHost):
         self._closed = ClosedSessions()
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         self._lock = threading.Lock()
+
+    @property
+    def max_pending_total(self) -> int:
+        """Sessions all coordinators together may hold open (each one Contribute at most)."""
+        return self._slots.total
 
     # -- propose -------------------------------------------------------------------------
 
