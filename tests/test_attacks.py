@@ -198,6 +198,12 @@ def test_oversized_strings_are_refused_without_being_echoed_or_logged(
             err = refusal(lambda change=change: propose(s, query(**change)))  # type: ignore[misc]
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
             assert "the limit is" in err.details() and len(err.details()) < 300
+        abort = pb.AbortRequest(
+            version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16), reason=huge
+        )
+        err = refusal(lambda: s.Abort(abort, timeout=20))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reason has 1048576 characters; the limit is 512" in err.details()
     assert len(fed.log("alice")) - log_before < 20_000
     assert charged(fed, "alice", "raises") == 0
 

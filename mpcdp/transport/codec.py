@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "LIMITS",
     "check_chunk_bytes",
+    "check_reason",
     "check_version",
     "decode_chunks",
     "decode_step_requests",
@@ -85,6 +86,12 @@ def _cap_list(name: str, item: str, values: Sequence[str]) -> None:
         raise ProtocolError(f"{name} has {len(values)} entries; the limit is {LIMITS[name]}")
     for v in values:
         _cap(item, v)
+
+
+def check_reason(reason: str) -> str:
+    """An Abort's reason, capped like every other string a party receives."""
+    _cap("reason", reason)
+    return reason
 
 
 def check_chunk_bytes(chunk_bytes: int) -> int:

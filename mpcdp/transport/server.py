@@ -515,6 +515,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         caller = self._caller(context)
         codec.check_version(request.version, what="AbortRequest")
         session_id = codec.check_session(request.session_id)
+        codec.check_reason(request.reason)
         if self._training is None or not self._training.abort(
             session_id=session_id, coordinator=caller
         ):
