@@ -13,11 +13,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mpcdp.errors import ParameterError  # noqa: E402
-from mpcdp.train import clipping  # noqa: E402
 from mpcdp.train.clipping import (  # noqa: E402
     ClippedBatch,
     PerSampleClipper,
     per_sample_gradients_reference,
+    precision,
+    rules,
 )
 from mpcdp.train.layers import DPMultiheadAttention, replace_multihead_attention  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_linear_2d_with_inplace_activation(mode: str) -> None:
 @pytest.mark.parametrize(("t", "d", "p"), [(3, 10, 12), (9, 4, 5)])
 def test_linear_3d_ghost_and_instantiate(mode: str, t: int, d: int, p: int) -> None:
     # (3, 10, 12): 2 T^2 = 18 <= p d = 120, ghost norm; (9, 4, 5): 162 > 20, instantiated
-    assert clipping._use_ghost(t, p, d) == (t == 3)
+    assert rules._use_ghost(t, p, d) == (t == 3)
     model = nn.Sequential(nn.Linear(d, p), nn.Tanh(), nn.Linear(p, NUM_CLASSES))
     check_against_reference(model, torch.randn(B, t, d), labels(), mode)
 
@@ -144,8 +145,8 @@ def test_conv2d_ghost_instantiate_and_grouped_fallback(mode: str) -> None:
         nn.Flatten(),
         nn.Linear(4 * 3 * 3, NUM_CLASSES),
     )
-    assert not clipping._use_ghost(64, 4, 27)
-    assert clipping._use_ghost(9, 6, 36)
+    assert not rules._use_ghost(64, 4, 27)
+    assert rules._use_ghost(9, 6, 36)
     clipper = check_against_reference(model, torch.randn(B, 3, 8, 8), labels(), mode)
     kinds = [layer.kind for layer in clipper._layers]
     assert kinds == ["conv2d", "conv2d", "conv2d", "fallback", "linear"]
@@ -707,7 +708,7 @@ def test_the_precision_guard_is_process_wide_and_reference_counted() -> None:
     seen: list[str] = []
 
     def first() -> None:
-        with clipping._ieee_float32(torch.device("cpu")):
+        with precision._ieee_float32(torch.device("cpu")):
             inside.set()
             leave_first.wait(10)
 
@@ -715,7 +716,7 @@ def test_the_precision_guard_is_process_wide_and_reference_counted() -> None:
         t = threading.Thread(target=first)
         t.start()
         assert inside.wait(10)
-        with clipping._ieee_float32(torch.device("cpu")):
+        with precision._ieee_float32(torch.device("cpu")):
             seen.append(mm.fp32_precision)
             leave_first.set()
             t.join(10)

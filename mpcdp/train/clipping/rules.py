@@ -1,0 +1,464 @@
+"""Per-layer rules of book-keeping clipping: what a forward hook records for a layer and,
+from it and the layer's output gradients, squared per-sample gradient norms and the
+clipped-sum step (see the package docstring for the method and its references).
+
+Each rule maps ``(layer, calls, batch)`` to ``(squared norms (B,), finish)``, where
+``finish(c, dests)`` writes ``sum_j c_j g_j`` for every trainable parameter of the layer.
+Nothing happens at import time beyond defining names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import GradientEdge
+from torch.nn.grad import conv2d_weight
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from mpcdp.errors import ParameterError
+from mpcdp.train.clipping.precision import _cat1, _mm_into, _sq_norms, _work
+
+# A layer's clipped-sum step: (clip factors (B,), {local parameter name: destination view of
+# grad_sum, shaped like the parameter}) -> None; it writes every trainable parameter's sum.
+_SumFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
+
+
+@dataclass
+class _Call:
+    """What the forward hook recorded for one call of a layer."""
+
+    inputs: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    edges: list[GradientEdge]
+    # index into the flattened outputs of each edge (fallback layers), and the G's later
+    leaf_index: list[int]
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+    # version counters of the stored input tensors when recorded (in-place changes detection)
+    versions: list[int] = field(default_factory=list)
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        values = [*self.inputs, *self.kwargs.values()]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+    def record_versions(self) -> _Call:
+        self.versions = [t._version for t in self.stored_tensors()]
+        return self
+
+    def inputs_modified(self) -> bool:
+        return [t._version for t in self.stored_tensors()] != self.versions
+
+
+@dataclass
+class _Layer:
+    """A module that owns trainable parameters, with how its gradients are computed."""
+
+    path: str
+    module: nn.Module
+    kind: str  # "linear", "conv2d", "embedding", "layernorm", "groupnorm", "fallback"
+    params: dict[str, nn.Parameter]  # local name -> trainable parameter
+    calls: list[_Call] = field(default_factory=list)
+
+    @property
+    def needs_input(self) -> bool:
+        # Linear/Conv2d bias gradients and norm-layer bias gradients need only G (DP-BiTFiT).
+        if self.kind in ("linear", "conv2d", "layernorm", "groupnorm"):
+            return "weight" in self.params
+        return True
+
+
+def _where(path: str) -> str:
+    return f"module {path!r}" if path else "the root module"
+
+
+def _same_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def _classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str:
+    names = set(own)
+    if _same_forward(module, nn.Linear) and names <= {"weight", "bias"}:
+        return "linear"
+    if (
+        _same_forward(module, nn.Conv2d)
+        and names <= {"weight", "bias"}
+        and isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+    ):
+        return "conv2d"
+    if _same_forward(module, nn.Embedding) and names == {"weight"}:
+        assert isinstance(module, nn.Embedding)
+        if module.max_norm is not None:
+            raise ParameterError(
+                "module",
+                path,
+                f"{_where(path)} is nn.Embedding with max_norm={module.max_norm}: it "
+                "renormalises its weight in place during the forward, which per-sample "
+                "clipping does not support; use max_norm=None",
+            )
+        if module.scale_grad_by_freq:
+            raise ParameterError(
+                "module",
+                path,
+                f"{_where(path)} is nn.Embedding with scale_grad_by_freq=True: it scales "
+                "gradients by token counts over the whole batch, which mixes examples; "
+                "use scale_grad_by_freq=False",
+            )
+        return "embedding"
+    if _same_forward(module, nn.LayerNorm) and names <= {"weight", "bias"}:
+        return "layernorm"
+    if _same_forward(module, nn.GroupNorm) and names <= {"weight", "bias"}:
+        return "groupnorm"
+    return "fallback"
+
+
+def _batch_error(layer: _Layer, what: str, shape: tuple[int, ...], batch: int) -> Exception:
+    return ParameterError(
+        "module",
+        layer.path,
+        f"{_where(layer.path)} ({type(layer.module).__name__}) was called with {what} "
+        f"of shape {shape}, whose dimension 0 is not the batch size {batch}: per-sample "
+        "clipping needs batch-first layers",
+    )
+
+
+def _grad(call: _Call) -> torch.Tensor:
+    g = call.grads[0]
+    assert g is not None  # calls whose output missed the loss are filtered out
+    return _work(g)
+
+
+def _matmul_rule(
+    a: torch.Tensor | None,
+    g: torch.Tensor,
+    has_weight: bool,
+    has_bias: bool,
+    ghost_weight_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, _SumFn]:
+    """Linear-type layer with A (B, T, d) and G (B, T, p): weight grad sum_t g_t a_t^T.
+
+    ``ghost_weight_sum(c)``, if given, computes the clipped weight sum in the ghost branch
+    without ``A`` (Conv2d: the native weight-gradient kernel on c-scaled G), so ``A`` is
+    freed after the norms.
+    """
+    batch, t, p = g.shape
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    norm2 = torch.zeros(batch, dtype=acc, device=g.device)
+    # weight_fn(c, dest): write the clipped weight sum into dest, viewed as (p, d)
+    weight_fn: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    gb: torch.Tensor | None = None
+    if has_weight:
+        assert a is not None
+        a = a.to(g.dtype)
+        d = a.shape[2]
+        if t == 1:
+            # ||g a^T||_F^2 = ||a||^2 ||g||^2 (Goodfellow 2015)
+            a1, g1 = a[:, 0], g[:, 0]
+            norm2 += _sq_norms(a1) * _sq_norms(g1)
+
+            def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                # scale the narrower factor by c: one small multiply, then one matmul
+                if p <= d:
+                    _mm_into((g1 * c[:, None]).t(), a1, dest)
+                else:
+                    _mm_into(g1.t(), a1 * c[:, None], dest)
+
+        elif _use_ghost(t, p, d):
+            # ghost norm <A A^T, G G^T>, never forming the (B, p, d) per-sample gradients;
+            # plus its rounding-error bound, so that cancellation cannot hide a large norm
+            aa = torch.bmm(a, a.transpose(1, 2))
+            gg = torch.bmm(g, g.transpose(1, 2))
+            ghost = (aa * gg).reshape(batch, -1).sum(dim=1, dtype=torch.float64)
+            u = (torch.linalg.vector_norm(a, dim=2) * torch.linalg.vector_norm(g, dim=2)).sum(1)
+            slack = _ghost_slack(dot_lengths=(d, p), terms=t * t, dtype=g.dtype)
+            norm2 += (ghost.clamp_min(0) + slack * u.to(torch.float64).square()).to(acc)
+            if ghost_weight_sum is not None:
+                ghost_sum = ghost_weight_sum
+
+                def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                    dest.copy_(ghost_sum(c).reshape(dest.shape))
+
+            else:
+                a_flat = a.reshape(batch * t, d)
+
+                def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                    _mm_into((g * c[:, None, None]).reshape(batch * t, p).t(), a_flat, dest)
+
+        else:
+            per_sample = torch.bmm(g.transpose(1, 2), a)  # (B, p, d)
+            norm2 += _sq_norms(per_sample)
+
+            def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
+                _mm_into(c[None], per_sample.reshape(batch, p * d), dest.view(1, p * d))
+
+    if has_bias:
+        gb = g[:, 0] if t == 1 else g.sum(dim=1)  # (B, p)
+        norm2 += _sq_norms(gb)
+
+    def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
+        c = c.to(g.dtype)
+        if weight_fn is not None:
+            dest = dests["weight"]
+            weight_fn(c, dest.view(dest.shape[0], -1))
+        if gb is not None:
+            _mm_into(c[None], gb, dests["bias"].view(1, -1))
+
+    return norm2, finish
+
+
+def _ghost_slack(*, dot_lengths: tuple[int, ...], terms: int, dtype: torch.dtype) -> float:
+    """Bound on the floating-point error of a ghost norm, relative to ``u_j^2``.
+
+    The ghost norm sum_{t,t'} <a_t, a_t'> <g_t, g_t'> is computed from dot products of the
+    given lengths in ``dtype`` and a sum of ``terms`` products in float64. A dot product of
+    length n in any summation order is within gamma_n = n u / (1 - n u) of its value
+    relative to the sum of its absolute terms (Higham 2002, "Accuracy and stability of
+    numerical algorithms", Sec. 3.1), and sum_{t,t'} |a_t||a_t'||g_t||g_t'| = u_j^2 with
+    u_j = sum_t |a_t| |g_t| >= ||sum_t g_t a_t^T||. So the true squared norm is at most the
+    computed one plus this factor times u_j^2 (each gamma_n is taken as n * eps, twice the
+    bound, to cover the products and the float64 terms). Without it, cancellation in a
+    sequence layer can make a per-sample norm of several hundred come out as ~0, i.e. not
+    clipped at all. For T = 1 the branch above has no cancellation (a product of sums of
+    squares).
+    """
+    eps = torch.finfo(dtype).eps
+    return float(
+        sum(n + 2 for n in dot_lengths) * eps + (terms + 2) * torch.finfo(torch.float64).eps
+    )
+
+
+def _use_ghost(t: int, p: int, d: int) -> bool:
+    """Ghost norm (cost B T^2 (p + d)) rather than instantiation (B T p d) iff 2 T^2 <= p d."""
+    return 2 * t * t <= p * d
+
+
+def _linear_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+    m = layer.module
+    assert isinstance(m, nn.Linear)
+    p, d = m.out_features, m.in_features
+    has_w, has_b = "weight" in layer.params, "bias" in layer.params
+    g = _cat1([_grad(c).reshape(batch, -1, p) for c in calls], dim=1)
+    a = _cat1([c.inputs[0].reshape(batch, -1, d) for c in calls], dim=1) if has_w else None
+    return _matmul_rule(a, g, has_w, has_b)
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int, int, int] | tuple[int, int]:
+    """Explicit padding of a Conv2d: (left, right, top, bottom) for 'same', else (ph, pw)."""
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        pads: list[int] = []
+        for k, dil in zip(reversed(m.kernel_size), reversed(m.dilation), strict=True):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+    ph, pw = m.padding
+    return (int(ph), int(pw))
+
+
+def _padded(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The input with any asymmetric ('same') padding applied, and the remaining padding."""
+    pad = _conv_padding(m)
+    if len(pad) == 4:
+        return F.pad(x, pad), (0, 0)
+    return x, (pad[0], pad[1])
+
+
+def _unfold(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Input patches (B, T, C kh kw) of a Conv2d, in the order of weight.reshape(p, -1)."""
+    x, pad = _padded(m, x)
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+    return cols.transpose(1, 2)
+
+
+def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+    m = layer.module
+    assert isinstance(m, nn.Conv2d)
+    p = m.out_channels
+    has_w, has_b = "weight" in layer.params, "bias" in layer.params
+    g = _cat1([_grad(c).reshape(batch, p, -1).transpose(1, 2) for c in calls], dim=1)
+    a = _cat1([_unfold(m, c.inputs[0]) for c in calls], dim=1) if has_w else None
+    weight_shape = tuple(m.weight.shape)
+
+    def ghost_weight_sum(c: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for call in calls:
+            x, pad = _padded(m, _work(call.inputs[0]).to(c.dtype))
+            gc = _grad(call).to(c.dtype) * c[:, None, None, None]
+            w = conv2d_weight(  # type: ignore[no-untyped-call]
+                x, weight_shape, gc, stride=m.stride, padding=pad, dilation=m.dilation
+            )
+            total = w if total is None else total + w
+        assert total is not None
+        return total
+
+    return _matmul_rule(a, g, has_w, has_b, ghost_weight_sum)
+
+
+def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+    m = layer.module
+    assert isinstance(m, nn.Embedding)
+    vocab, dim = m.num_embeddings, m.embedding_dim
+    idx = _cat1([c.inputs[0].reshape(batch, -1) for c in calls], dim=1)  # (B, T)
+    g = _cat1([_grad(c).reshape(batch, -1, dim) for c in calls], dim=1)  # (B, T, E)
+    if m.padding_idx is not None:
+        g = g.masked_fill((idx == m.padding_idx).unsqueeze(-1), 0.0)
+    t = idx.shape[1]
+    if _use_ghost(t, dim, vocab):
+        # ghost norm: sum_{t,t'} [idx_t == idx_t'] <g_t, g_t'>
+        gg = torch.bmm(g, g.transpose(1, 2))
+        same = idx.unsqueeze(2) == idx.unsqueeze(1)
+        ghost = (gg * same).sum(dim=(1, 2), dtype=torch.float64)
+        u = torch.linalg.vector_norm(g, dim=2).sum(1).to(torch.float64)  # one-hot inputs
+        slack = _ghost_slack(dot_lengths=(dim,), terms=t * t, dtype=g.dtype)
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        norm2 = (ghost.clamp_min(0) + slack * u.square()).to(acc)
+        flat_idx = idx.reshape(-1)
+
+        def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
+            rows = (g * c.to(g.dtype)[:, None, None]).reshape(-1, dim)
+            dest = dests["weight"]
+            if dest.dtype == rows.dtype:
+                dest.zero_().index_add_(0, flat_idx, rows)
+            else:
+                out = torch.zeros(vocab, dim, dtype=g.dtype, device=g.device)
+                dest.copy_(out.index_add_(0, flat_idx, rows))
+
+        return norm2, finish
+    per_sample = torch.zeros(batch, vocab, dim, dtype=g.dtype, device=g.device)
+    per_sample.scatter_add_(1, idx.unsqueeze(-1).expand(batch, t, dim), g)
+    return _instantiated({"weight": per_sample})
+
+
+def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _SumFn]:
+    """Norms and clipped sum from per-sample gradients {name: (B, *shape)}."""
+    per_sample = {n: _work(v) for n, v in per_sample.items()}
+    norm2: torch.Tensor | None = None
+    for v in per_sample.values():
+        n2 = _sq_norms(v)
+        norm2 = n2 if norm2 is None else norm2 + n2
+    assert norm2 is not None
+
+    def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
+        for n, v in per_sample.items():
+            _mm_into(c.to(v.dtype)[None], v.reshape(v.shape[0], -1), dests[n].view(1, -1))
+
+    return norm2, finish
+
+
+def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    acc[name] = value if name not in acc else acc[name] + value
+
+
+def _norm_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+    """LayerNorm / GroupNorm: per-sample (B, C) gradients from G and the normalised input."""
+    m = layer.module
+    acc: dict[str, torch.Tensor] = {}
+    for call in calls:
+        g = _grad(call)
+        if isinstance(m, nn.LayerNorm):
+            n_norm = len(m.normalized_shape)
+            dims = tuple(range(1, g.dim() - n_norm))
+        else:
+            assert isinstance(m, nn.GroupNorm)
+            dims = tuple(range(2, g.dim()))
+        if "weight" in layer.params:
+            x = _work(call.inputs[0])
+            if isinstance(m, nn.LayerNorm):
+                xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+            else:
+                assert isinstance(m, nn.GroupNorm)
+                xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
+            gx = g * xhat.to(g.dtype)
+            _add(acc, "weight", gx.sum(dim=dims) if dims else gx)
+        if "bias" in layer.params:
+            _add(acc, "bias", g.sum(dim=dims) if dims else g)
+    return _instantiated(acc)
+
+
+def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+    """Per-sample gradients of the module's own parameters with torch.func (vmap of vjp)."""
+    module = layer.module
+    params = {n: p.detach() for n, p in layer.params.items()}
+    acc: dict[str, torch.Tensor] = {}
+    for call in calls:
+        # outputs that reach the loss (an unused output, e.g. an LSTM's h_n, is dropped)
+        used = [k for k, g in enumerate(call.grads) if g is not None]
+        leaf_index = [call.leaf_index[k] for k in used]
+        cotangents = tuple(g for g in call.grads if g is not None)
+        for g in cotangents:
+            if g.dim() == 0 or g.shape[0] != batch:
+                raise _batch_error(layer, "an output", tuple(g.shape), batch)
+        # batched tensors: the tensors, anywhere in the positional and keyword arguments
+        # (an LSTMCell's (h, c) tuple included), whose dimension 0 is the batch
+        values, arg_spec = tree_flatten((call.inputs, call.kwargs))
+        batched = [
+            i
+            for i, v in enumerate(values)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+        ]
+
+        def per_sample(
+            batched_values: tuple[torch.Tensor, ...],
+            cots: tuple[torch.Tensor, ...],
+            values: list[Any] = values,
+            batched: list[int] = batched,
+            arg_spec: Any = arg_spec,
+            leaf_index: list[int] = leaf_index,
+        ) -> dict[str, torch.Tensor]:
+            full = list(values)
+            for i, v in zip(batched, batched_values, strict=True):
+                full[i] = v.unsqueeze(0)  # the module sees a batch of one
+            args, kwargs = tree_unflatten(full, arg_spec)
+
+            def f(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                out = torch.func.functional_call(module, p, args, kwargs)
+                leaves, _ = tree_flatten(out)
+                return tuple(leaves[i] for i in leaf_index)
+
+            vjp_fn = torch.func.vjp(f, params)[1]
+            (grads,) = vjp_fn(tuple(c.unsqueeze(0) for c in cots))
+            result: dict[str, torch.Tensor] = grads
+            return result
+
+        batched_values = tuple(values[i] for i in batched)
+        try:
+            per = torch.func.vmap(per_sample)(batched_values, cotangents)
+        except RuntimeError as exc:
+            if isinstance(module, nn.RNNBase):
+                cell = {"LSTM": "nn.LSTMCell", "GRU": "nn.GRUCell"}.get(
+                    type(module).__name__, "nn.RNNCell"
+                )
+                raise ParameterError(
+                    "module",
+                    layer.path,
+                    f"{_where(layer.path)} ({type(module).__name__}) runs torch's fused "
+                    "recurrent kernel, which per-sample clipping cannot split by example; "
+                    f"build the recurrence from {cell} called at every step (a cell called "
+                    "in a loop is handled)",
+                ) from exc
+            raise ParameterError(
+                "module",
+                layer.path,
+                f"{_where(layer.path)} ({type(module).__name__}) has no closed-form per-sample "
+                "rule and its torch.func fallback (vmap over the batch of a vjp of the "
+                f"module alone) failed; it must be batch-first and deterministic: {exc}",
+            ) from exc
+        for n, v in per.items():
+            _add(acc, n, v)
+    return _instantiated(acc)
+
+
+_LAYER_RULES: dict[str, Callable[[_Layer, list[_Call], int], tuple[torch.Tensor, _SumFn]]] = {
+    "linear": _linear_rule,
+    "conv2d": _conv2d_rule,
+    "embedding": _embedding_rule,
+    "layernorm": _norm_rule,
+    "groupnorm": _norm_rule,
+    "fallback": _fallback_rule,
+}
