@@ -37,13 +37,20 @@ def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def reference_clipped(
-    per_sample: torch.Tensor, c_norm: float, mode: str, stability: float = 0.01
+    per_sample: torch.Tensor,
+    c_norm: float,
+    mode: str,
+    stability: float = 0.01,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped sum as the clipper defines it, for a model of ``dtype``: factors aim at
+    C (1 - kappa), kappa covering the rounding of norms computed in that precision."""
     norms = per_sample.norm(dim=1)
+    target = c_norm * (1 - precision.norm_margin(dtype))
     if mode == "flat":
-        factors = (c_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = (target / norms).clamp(max=1.0)
     else:
-        factors = c_norm / (norms + stability)
+        factors = target / (norms + stability)
     return (per_sample * factors[:, None]).sum(dim=0), factors
 
 
@@ -571,7 +578,7 @@ def test_float32_model_matches_float64_reference() -> None:
     per_sample = per_sample_gradients_reference(model64, inputs=x.double(), targets=y, loss_fn=ce)
     c_norm = float(per_sample.norm(dim=1).median())
     for mode in MODES:
-        expected, _ = reference_clipped(per_sample, c_norm, mode)
+        expected, _ = reference_clipped(per_sample, c_norm, mode, dtype=torch.float32)
         clipper = PerSampleClipper(model32, max_grad_norm=c_norm, clipping=mode)
         got = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
         torch.testing.assert_close(

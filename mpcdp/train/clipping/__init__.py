@@ -28,10 +28,12 @@ large model at small cost" (ICML; the fastDP library), which needs neither:
    parameters falls back to ``torch.func`` (``vmap`` of a ``vjp`` of that module alone), which
    materialises ``batch x params`` for that module only and re-runs its forward once.
 4. Clip factors from the total norm over all trainable parameters: flat clipping
-   ``c_j = min(1, C / (||g_j|| + 1e-6))``, or automatic clipping (Bu, Wang, Zha, Karypis
+   ``c_j = min(1, C' / ||g_j||)``, or automatic clipping (Bu, Wang, Zha, Karypis
    2023, "Automatic clipping: differentially private deep learning made easier and
-   stronger", NeurIPS) ``c_j = C / (||g_j|| + stability)``, which normalises every
-   per-sample gradient to norm below ``C``.
+   stronger", NeurIPS) ``c_j = C' / (||g_j|| + stability)``, which normalises every
+   per-sample gradient to norm below ``C``. ``C' = C (1 - 2^-12)``: the relative margin
+   covers the float32 rounding of the norms (:func:`.precision.norm_margin`), so the
+   bound is strict; an absolute one is not for norms above ~10.
 5. The clipped sum per layer directly from ``A``, ``G`` and ``c`` (``sum_j c_j G_j^T A_j``,
    one matmul shaped like the non-private weight gradient; for a Conv2d on the ghost branch,
    the native weight-gradient kernel applied to ``c``-scaled ``G``), or from the per-sample

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import MpcdpError, ParameterError
-from mpcdp.train.clipping.precision import _all_finite, _ieee_float32
+from mpcdp.train.clipping.precision import _all_finite, _ieee_float32, norm_margin
 from mpcdp.train.clipping.rules import (
     _LAYER_RULES,
     _batch_error,
@@ -41,7 +41,6 @@ _log = logging.getLogger(__name__)
 
 ClippingMode = Literal["flat", "automatic"]
 _MODES: tuple[str, ...] = ("flat", "automatic")
-_FLAT_EPS = 1e-6
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -90,8 +89,10 @@ class PerSampleClipper:
             ``requires_grad=False`` on every parameter whose name does not end in ``"bias"``
             (this modifies ``module``).
         max_grad_norm: the clipping norm ``C`` (finite, > 0).
-        clipping: ``"flat"`` (``min(1, C / (||g|| + 1e-6))``) or ``"automatic"``
-            (``C / (||g|| + stability)``).
+        clipping: ``"flat"`` (``min(1, C' / ||g||)``) or ``"automatic"``
+            (``C' / (||g|| + stability)``), where ``C' = C (1 - 2^-12)`` keeps every
+            example strictly inside ``C`` despite float32 rounding of its norm
+            (:func:`~mpcdp.train.clipping.precision.norm_margin`).
         stability: the stability constant of automatic clipping (finite, > 0).
         bias_only: DP-BiTFiT, train biases only.
 
@@ -162,6 +163,13 @@ class PerSampleClipper:
             if any(p.dtype == torch.float64 for _, p in self._params)
             else torch.float32
         )
+        # clip factors aim strictly inside C, by the error of the least precise layer's norms
+        least = (
+            torch.float64
+            if all(p.dtype == torch.float64 for _, p in self._params)
+            else torch.float32
+        )
+        self._target = self.max_grad_norm * (1.0 - norm_margin(least))
         # flat layout: id(parameter) -> (offset, numel)
         self._layout: dict[int, tuple[int, int]] = {}
         offset = 0
@@ -548,9 +556,9 @@ class PerSampleClipper:
         bad = ~torch.isfinite(norm2)  # checked below, with the statistics (one host sync)
         norms = norm2.clamp_min(0.0).sqrt()
         if self.clipping == "flat":
-            factors = (self.max_grad_norm / (norms + _FLAT_EPS)).clamp(max=1.0)
+            factors = (self._target / norms).clamp(max=1.0)  # norm 0: inf -> 1
         else:
-            factors = self.max_grad_norm / (norms + self.stability)
+            factors = self._target / (norms + self.stability)
         scaled = factors * scale if scale != 1.0 else factors
 
         # the clipped sums are written straight into grad_sum (no concatenation copy)

@@ -109,11 +109,44 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+#: Squared norms are reduced in blocks of this many values, in the working precision, and
+#: the block sums are added in float64 (:func:`_sq_norms`).
+_NORM_BLOCK = 2048
+
+
+def norm_margin(dtype: torch.dtype) -> float:
+    """Relative margin ``kappa`` of the clip factors for norms computed in ``dtype``.
+
+    A sum of n non-negative terms in any order is within ``gamma_n = n u / (1 - n u)`` of its
+    value relatively (Higham 2002, "Accuracy and stability of numerical algorithms", Sec.
+    4.2), u the unit roundoff. A squared norm here is a float64 sum of blocks of at most
+    :data:`_NORM_BLOCK` squares each reduced in ``dtype`` (``gamma_2048 < 2^-13`` in float32);
+    the T = 1 branch multiplies two such sums and layers add at most a few thousand terms in
+    float32, so a computed norm is below the norm of the values it was taken of by less than
+    ``2^-13`` relatively (half the squared norm's error, plus a few u for the square root and
+    the products ``c_j g_j``). Clip factors aim at ``C (1 - kappa)`` with ``kappa = 2^-12``,
+    so every example's contribution stays strictly inside ``C``; an absolute margin (``+1e-6``
+    in the denominator) does not, for norms above ~10. Float64: ``kappa = 2^-40``.
+    """
+    return 2.0**-40 if dtype == torch.float64 else 2.0**-12
+
+
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each x[j] (one reduction pass, no squared copy of x), >= float32."""
+    """Squared norm of each x[j] (no squared copy of x), to the error :func:`norm_margin`
+    allows: blocks of :data:`_NORM_BLOCK` values reduced in x's precision (>= float32), block
+    sums added in float64. The result is float32 (float64 for float64 x)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    norms: torch.Tensor = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=acc)
-    return norms.square()
+    rows = x.reshape(x.shape[0], -1)
+    n = rows.shape[1]
+    if n <= _NORM_BLOCK:
+        return torch.linalg.vector_norm(rows, dim=1, dtype=acc).square()
+    full = n - n % _NORM_BLOCK
+    blocks = rows[:, :full].reshape(rows.shape[0], -1, _NORM_BLOCK)
+    parts = torch.linalg.vector_norm(blocks, dim=2, dtype=acc).to(torch.float64).square().sum(1)
+    if full < n:
+        tail = torch.linalg.vector_norm(rows[:, full:], dim=1, dtype=acc).to(torch.float64)
+        parts = parts + tail.square()
+    return parts.to(acc)
 
 
 def _mm_into(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:
