@@ -139,10 +139,12 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(x.shape[0], -1)
     n = rows.shape[1]
     if n <= _NORM_BLOCK:
-        return torch.linalg.vector_norm(rows, dim=1, dtype=acc).square()
+        whole: torch.Tensor = torch.linalg.vector_norm(rows, dim=1, dtype=acc)
+        return whole.square()
     full = n - n % _NORM_BLOCK
     blocks = rows[:, :full].reshape(rows.shape[0], -1, _NORM_BLOCK)
-    parts = torch.linalg.vector_norm(blocks, dim=2, dtype=acc).to(torch.float64).square().sum(1)
+    block_norms: torch.Tensor = torch.linalg.vector_norm(blocks, dim=2, dtype=acc)
+    parts = block_norms.to(torch.float64).square().sum(1)
     if full < n:
         tail = torch.linalg.vector_norm(rows[:, full:], dim=1, dtype=acc).to(torch.float64)
         parts = parts + tail.square()
