@@ -1,0 +1,221 @@
+"""The one-run audit's bound (mpcdp.audit.bound): known answers, monotonicity, validity and
+power on simulated eps-randomized-response canaries, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mpcdp.audit import bound
+from mpcdp.audit.canaries import pack_inclusion, unpack_inclusion
+from mpcdp.errors import ParameterError, ProtocolError
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+def reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The paper's p-value with scipy's binomial (an independent implementation)."""
+    p = 1 / (1 + math.exp(-eps))
+    tail = float(scipy_stats.binom.sf(v - 1, r, p))
+    worst = 0.0
+    for i in range(1, v + 1):
+        mass = float(scipy_stats.binom.cdf(v - 1, r, p) - scipy_stats.binom.cdf(v - i - 1, r, p))
+        worst = max(worst, mass / i)
+    return min(1.0, tail + 2 * m * delta * worst)
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "v", "eps", "delta"),
+    [
+        (1000, 100, 90, 1.0, 0.0),
+        (1000, 100, 90, 1.0, 1e-5),
+        (1000, 200, 180, 2.5, 1e-4),
+        (50, 10, 10, 0.3, 1e-3),
+        (5000, 1000, 600, 0.2, 1e-6),
+    ],
+)
+def test_p_value_matches_scipy(m: int, r: int, v: int, eps: float, delta: float) -> None:
+    ours = bound.p_value(m=m, guesses=r, correct=v, epsilon=eps, delta=delta)
+    assert ours == pytest.approx(reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-300)
+
+
+def test_delta_zero_is_the_binomial_bound() -> None:
+    """delta = 0: the bound is the eps where P[Binom(r, p) >= v] = 1 - confidence."""
+    r, v, beta = 500, 400, 0.05
+    eps = bound.epsilon_lower_bound(m=1000, guesses=r, correct=v, delta=0.0, confidence=1 - beta)
+    p = 1 / (1 + math.exp(-eps))
+    assert float(scipy_stats.binom.sf(v - 1, r, p)) == pytest.approx(beta, rel=1e-6)
+
+
+@pytest.mark.parametrize(("r", "beta"), [(10, 0.05), (100, 0.05), (1000, 1e-7)])
+def test_all_correct_guesses_give_the_closed_form(r: int, beta: float) -> None:
+    """r of r correct with delta = 0: p^r <= beta, so eps = log(p / (1 - p)), p = beta^(1/r)."""
+    p = beta ** (1 / r)
+    expected = math.log(p / (1 - p))
+    got = bound.epsilon_lower_bound(m=2 * r, guesses=r, correct=r, delta=0.0, confidence=1 - beta)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_bound_is_monotone() -> None:
+    base = dict(m=2000, guesses=400, delta=1e-5, confidence=0.95)
+    by_correct = [bound.epsilon_lower_bound(correct=v, **base) for v in range(200, 401, 20)]  # type: ignore[arg-type]
+    assert by_correct == sorted(by_correct) and by_correct[0] == 0.0 and by_correct[-1] > 0
+    by_conf = [
+        bound.epsilon_lower_bound(m=2000, guesses=400, correct=350, delta=1e-5, confidence=c)
+        for c in (0.5, 0.9, 0.99, 0.9999)
+    ]
+    assert by_conf == sorted(by_conf, reverse=True)
+    by_delta = [
+        bound.epsilon_lower_bound(m=2000, guesses=400, correct=350, delta=d, confidence=0.95)
+        for d in (0.0, 1e-6, 1e-4, 1e-3)
+    ]
+    assert by_delta == sorted(by_delta, reverse=True)
+    eps = [0.0, 0.5, 1.0, 2.0, 4.0]
+    pv = [bound.p_value(m=2000, guesses=400, correct=350, epsilon=e, delta=1e-5) for e in eps]
+    assert pv == sorted(pv)
+
+
+def test_no_evidence_gives_zero() -> None:
+    assert bound.epsilon_lower_bound(m=10, guesses=0, correct=0, delta=0, confidence=0.95) == 0
+    assert bound.epsilon_lower_bound(m=100, guesses=50, correct=25, delta=0, confidence=0.95) == 0
+
+
+def randomized_response(
+    rng: np.random.Generator, m: int, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """S_i uniform; the score is S_i flipped with probability 1 / (1 + e^eps): an eps-DP
+    release of each canary's bit (and nothing more private is possible at that accuracy)."""
+    s = rng.integers(0, 2, size=m) == 1
+    flip = rng.random(m) < 1 / (1 + math.exp(eps))
+    return np.where(s ^ flip, 1.0, -1.0), s
+
+
+@pytest.mark.parametrize("eps", [1.0, 3.0])
+def test_bound_is_valid_and_powerful_on_randomized_response(eps: float) -> None:
+    """N = 40 runs at confidence 1 - 1e-8 with fixed guesses (k+ = k- = m/4): each run's
+    bound exceeds eps with probability <= 1e-8 (the bound's statement), so a chance failure
+    of this test is <= 40 * 1e-8 = 4e-7 per eps. Power: with r = 50,000 guesses the bound
+    reaches 0.85 eps (expected ~0.94 at eps 1, ~0.96 at eps 3: 5.6 binomial std below the
+    mean accuracy; 0.85 is over 20 std from the mean of the bound)."""
+    rng = np.random.default_rng(20261130 + int(eps))
+    m, runs = 100_000, 40
+    for _ in range(runs):
+        scores, included = randomized_response(rng, m, eps)
+        res = bound.audit(
+            scores=scores,
+            included=included,
+            delta=0.0,
+            confidence=1 - 1e-8,
+            k_plus=m // 4,
+            k_minus=m // 4,
+            claimed_epsilon=eps,
+        )
+        assert res.epsilon_lower_bound <= eps
+        assert res.epsilon_lower_bound >= 0.85 * eps
+        assert res.guesses == m // 2 and res.m == m and res.candidates == 1
+        assert res.fraction_reached == pytest.approx(res.epsilon_lower_bound / eps)
+
+
+def test_grid_search_is_bonferroni_corrected_and_valid() -> None:
+    """Choosing (k+, k-) after seeing the bits: each of G candidates at (1 - c) / G. 20 runs
+    at confidence 1 - 1e-8 (chance failure <= 2e-7); the bound is below the fixed-guess one
+    at the same accuracy only by the correction."""
+    rng = np.random.default_rng(7)
+    eps, m = 2.0, 20_000
+    for _ in range(20):
+        scores, included = randomized_response(rng, m, eps)
+        scores = scores + rng.random(m) * 1e-3  # break ties: a continuous score
+        res = bound.audit(scores=scores, included=included, delta=1e-12, confidence=1 - 1e-8)
+        assert res.candidates > 1
+        assert 0.5 * eps < res.epsilon_lower_bound <= eps
+
+
+def test_the_delta_term_floors_the_p_value() -> None:
+    """max over i includes i = v: the p-value is at least 2 m delta P[Binom < v] / v, so a
+    small 1 - confidence needs a small audited delta (the audit's ``delta`` option)."""
+    m, r, v, delta = 20_000, 10_000, 9_000, 1e-5
+    below = float(scipy_stats.binom.cdf(v - 1, r, 1 / (1 + math.exp(-1.0))))
+    floor = 2 * m * delta / v * below
+    assert floor > 4e-5
+    assert bound.p_value(m=m, guesses=r, correct=v, epsilon=1.0, delta=delta) >= floor
+    assert bound.epsilon_lower_bound(
+        m=m, guesses=r, correct=v, delta=delta, confidence=1 - floor / 2
+    ) == pytest.approx(0.0)
+    assert bound.epsilon_lower_bound(m=m, guesses=r, correct=v, delta=1e-15, confidence=0.99) > 2
+
+
+def test_a_leaky_release_is_caught() -> None:
+    """A release that is eps = 6 randomized response, audited against a claim of 1."""
+    rng = np.random.default_rng(3)
+    scores, included = randomized_response(rng, 2000, 6.0)
+    res = bound.audit(
+        scores=scores, included=included, delta=1e-12, confidence=1 - 1e-7, claimed_epsilon=1.0
+    )
+    assert res.epsilon_lower_bound > 2.0 and res.fraction_reached is not None
+    assert res.fraction_reached > 2.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(m=0, guesses=0, correct=0), "m"),
+        (dict(m=10, guesses=11, correct=0), "guesses"),
+        (dict(m=10, guesses=5, correct=6), "correct"),
+        (dict(m=10, guesses=5, correct=True), "correct"),
+        (dict(m=10, guesses=5, correct=3, delta=1.0), "delta"),
+        (dict(m=10, guesses=5, correct=3, delta=-0.1), "delta"),
+        (dict(m=10, guesses=5, correct=3, confidence=1.0), "confidence"),
+        (dict(m=10, guesses=5, correct=3, confidence=0), "confidence"),
+    ],
+)
+def test_bound_refuses_bad_counts(kwargs: dict[str, object], name: str) -> None:
+    args: dict[str, object] = dict(delta=0.0, confidence=0.95)
+    args.update(kwargs)
+    with pytest.raises(ParameterError, match=name):
+        bound.epsilon_lower_bound(**args)  # type: ignore[arg-type]
+
+
+def test_p_value_refuses_bad_epsilon() -> None:
+    with pytest.raises(ParameterError, match="epsilon"):
+        bound.p_value(m=10, guesses=5, correct=3, epsilon=-1.0, delta=0.0)
+    with pytest.raises(ParameterError, match="epsilon"):
+        bound.p_value(m=10, guesses=5, correct=3, epsilon=math.inf, delta=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(scores=[]), "scores"),
+        (dict(scores=[1.0, math.nan]), "scores"),
+        (dict(scores=[[1.0]], included=[[True]]), "scores"),
+        (dict(included=[1, 0]), "included"),
+        (dict(included=[True]), "included"),
+        (dict(k_plus=1), "k_minus"),
+        (dict(k_plus=-1, k_minus=0), "k_plus"),
+        (dict(k_plus=2, k_minus=1), "k_plus"),
+        (dict(k_plus=0, k_minus=1.5), "k_minus"),
+        (dict(grid=[]), "grid"),
+        (dict(grid=[0]), "grid"),
+        (dict(claimed_epsilon=-1.0), "claimed_epsilon"),
+        (dict(delta=2.0), "delta"),
+        (dict(confidence=1.5), "confidence"),
+    ],
+)
+def test_audit_refuses_bad_inputs(kwargs: dict[str, object], name: str) -> None:
+    args: dict[str, object] = dict(scores=[1.0, 0.0], included=[True, False], delta=0.0)
+    args.update(kwargs)
+    with pytest.raises(ParameterError, match=name):
+        bound.audit(**args)  # type: ignore[arg-type]
+
+
+def test_inclusion_bits_round_trip_strictly() -> None:
+    bits = np.array([True, False, True, True, False, False, False, True, True])
+    data = pack_inclusion(bits)
+    assert len(data) == 2
+    assert np.array_equal(unpack_inclusion(data, count=9, party="a"), bits)
+    with pytest.raises(ProtocolError, match="expected 2"):
+        unpack_inclusion(data + b"\0", count=9, party="a")
+    with pytest.raises(ProtocolError, match="padding"):
+        unpack_inclusion(bytes([data[0], 0xFF]), count=9, party="a")
