@@ -59,3 +59,228 @@ def test_no_example_contributes_more_than_the_bound(mode: str, case: int) -> Non
             worst = max(worst, got / c)
     assert worst <= 1.0, f"{name}: an example contributed {worst!r} C"
     assert worst > 1 - 1e-3  # and the margin costs almost nothing
+
+
+# -- section 2: a batch dimension by coincidence ---------------------------------------------
+
+B = 8
+
+
+def _refused(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=ce) -> ParameterError:  # type: ignore[no-untyped-def]
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    with pytest.raises(ParameterError) as info:
+        clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=loss_fn)
+    return info.value
+
+
+class SequenceFirst(nn.Module):
+    """Runs its Linear on (T, B, F): correct only if the clipper knew dim 1 is the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, F)
+        h = self.proj(x.transpose(0, 1))  # (T, B, F)
+        return self.head(torch.tanh(h).mean(dim=0))
+
+
+class Positional(nn.Module):
+    """A positional table indexed by arange(T): shared by every example."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.t = t
+        self.pos = nn.Embedding(t, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 4)
+        p = self.pos(torch.arange(self.t))  # (T, 4): dim 0 is T, not the batch
+        return self.head((x + p).mean(dim=1))
+
+
+class SharedArgument(nn.Module):
+    """A fallback module called with a tensor shared across the batch."""
+
+    class Mix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            return x * self.w + table.sum(0)
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.mix = self.Mix()
+        self.register_buffer("table", torch.randn(rows, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(x, self.table))
+
+
+def test_sequence_first_linear_with_t_equal_to_b_is_refused() -> None:
+    err = _refused(SequenceFirst(), torch.randn(B, B, 4), torch.randint(0, 3, (B,)))
+    assert err.value == "proj" and "coincidence" in str(err)
+    # T != B was refused before and still is
+    err = _refused(SequenceFirst(), torch.randn(B, 5, 4), torch.randint(0, 3, (B,)))
+    assert err.value == "proj" and "not the batch size" in str(err)
+
+
+def test_positional_embedding_of_arange_b_is_refused() -> None:
+    err = _refused(Positional(B), torch.randn(B, B, 4), torch.randint(0, 3, (B,)))
+    assert err.value == "pos" and "coincidence" in str(err)
+
+
+def test_fallback_with_a_shared_argument_of_length_b_is_refused() -> None:
+    err = _refused(SharedArgument(B), torch.randn(B, 4), torch.randint(0, 3, (B,)))
+    assert err.value == "mix" and "coincidence" in str(err)
+
+
+# -- section 3: examples that interact -------------------------------------------------------
+
+
+class Centred(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.head(torch.tanh(h - h.mean(dim=0)))  # centring by the batch mean
+
+
+class FunctionalBatchNorm(Centred):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.batch_norm(self.body(x), None, None, training=True)
+        return self.head(torch.tanh(h))
+
+
+class BatchStats(nn.Module):
+    """A custom layer that standardises by batch statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(0)) / (x.std(0) + 1e-3)
+
+
+class Branch(Centred):
+    """Amplifies everything when any example of the batch is large."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(torch.tanh(self.body(x)))
+        return out * 100 if bool(x.abs().max() > 5) else out
+
+
+def info_nce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    z = F.normalize(out, dim=1)
+    return -F.log_softmax(z @ z.t() / 0.1, dim=1).diagonal()
+
+
+def relative_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    losses = ce(out, y)
+    return losses / losses.mean().detach()
+
+
+def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize(
+    ("model", "where"),
+    [
+        (Centred(), ""),
+        (FunctionalBatchNorm(), ""),
+        (nn.Sequential(nn.Linear(6, 8), BatchStats(), nn.Linear(8, 3)), "1"),
+    ],
+    ids=["centred", "functional-batch-norm", "batch-stats-layer"],
+)
+def test_examples_interacting_in_the_forward_are_refused(model: nn.Module, where: str) -> None:
+    x, y = _data()
+    err = _refused(model, x, y)
+    assert "examples interact" in str(err)
+    if where:
+        assert err.value == where
+
+
+def test_a_branch_on_the_batch_is_refused_on_the_batch_that_triggers_it() -> None:
+    x, y = _data()
+    x[11] = 9.0  # one crafted example flips the branch for its whole batch
+    err = _refused(Branch(), x, y)
+    assert "examples interact" in str(err) or "other modules" in str(err)
+
+
+@pytest.mark.parametrize("loss_fn", [info_nce, relative_loss])
+def test_losses_that_mix_examples_are_refused(loss_fn) -> None:  # type: ignore[no-untyped-def]
+    x, y = _data()
+    err = _refused(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), x, y, loss_fn)
+    assert err.name == "loss_fn" and loss_fn.__name__ in str(err)
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+def test_independent_examples_pass_once_with_dropout_and_frozen_batchnorm() -> None:
+    """An honest model in training mode (nn.Dropout on, a frozen BatchNorm in eval mode) is
+    checked once, on its first batch of two or more (full batch + two halves), not after."""
+    model = Counting()
+    model.train()
+    bn = nn.BatchNorm1d(6).eval()
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    full = nn.Sequential(bn, model)
+    clipper = PerSampleClipper(full, max_grad_norm=1.0)
+    x, y = _data()
+    clipper.clipped_grad_sum(inputs=x[:1], targets=y[:1], loss_fn=ce)
+    assert model.calls == 1  # a batch of one cannot interact: nothing to check yet
+    clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+    assert model.calls == 1 + 4
+    clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+    assert model.calls == 1 + 4 + 1
+    assert model.net[1].training  # dropout is back on
+
+
+# -- section 4: parameters used outside their module -----------------------------------------
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mid(self.emb(idx)))
+        return F.linear(h, self.emb.weight)  # decoder tied to the embedding, outside it
+
+
+class ParentReads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x @ self.fc.weight.t()  # the parent reads its child's weight
+
+
+def test_a_tied_weight_used_outside_its_module_is_refused() -> None:
+    idx = torch.randint(0, 10, (B,))
+    err = _refused(Tied(), idx, torch.randint(0, 10, (B,)))
+    assert err.value == "emb" and "'emb.weight' is used outside" in str(err)
+
+
+def test_a_parent_reading_a_childs_weight_is_refused() -> None:
+    x, y = _data(B)
+    err = _refused(ParentReads(), x, y)
+    assert err.value == "fc" and "'fc.weight' is used outside" in str(err)

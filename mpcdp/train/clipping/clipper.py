@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import MpcdpError, ParameterError
+from mpcdp.train.clipping.checks import check_examples_independent, check_parameter_uses
 from mpcdp.train.clipping.precision import _all_finite, _ieee_float32, norm_margin
 from mpcdp.train.clipping.rules import (
     _LAYER_RULES,
@@ -123,6 +124,9 @@ class PerSampleClipper:
         self.bias_only = bool(bias_only)
         self.module = module
         self._closed = False
+        # the first-use checks (mpcdp.train.clipping.checks) have passed on a batch of >= 2
+        self._checked = False
+        self._record_frontier = False
 
         flags = [(p, p.requires_grad) for p in module.parameters()]
         if self.bias_only:
@@ -376,13 +380,26 @@ class PerSampleClipper:
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
 
+        first_use = not self._checked and batch >= 2
+        if first_use:
+            with _ieee_float32(self.device):
+                check_examples_independent(
+                    module=self.module,
+                    layers=self._layers,
+                    inputs=inputs,
+                    targets=targets,
+                    loss_fn=loss_fn,
+                )
         try:
+            self._record_frontier = first_use
             loss_sum, grads_ok = self._forward_backward(inputs, targets, loss_fn, batch)
+            self._checked = self._checked or first_use
             with torch.no_grad(), _ieee_float32(self.device):
                 return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale), out)
         except _NonFiniteSamples as exc:
             skipped: _NonFiniteSamples = exc
         finally:
+            self._record_frontier = False
             for layer in self._layers:
                 layer.calls.clear()
         # A sample whose gradient overflowed (e.g. huge weights) has no finite clip factor;
@@ -443,6 +460,7 @@ class PerSampleClipper:
                         kwargs=detached_kwargs,
                         edges=[get_gradient_edge(leaves[i]) for i in idx],
                         leaf_index=idx,
+                        frontier=self._frontier((args, kwargs)),
                     ).record_versions()
                 )
                 return tree_unflatten(leaves, out_spec)
@@ -460,12 +478,27 @@ class PerSampleClipper:
             stored = (x.detach(),) if layer.needs_input else ()
             layer.calls.append(
                 _Call(
-                    inputs=stored, kwargs={}, edges=[get_gradient_edge(output)], leaf_index=[0]
+                    inputs=stored,
+                    kwargs={},
+                    edges=[get_gradient_edge(output)],
+                    leaf_index=[0],
+                    frontier=self._frontier(x),
                 ).record_versions()
             )
             return None
 
         return hook
+
+    def _frontier(self, args: Any) -> list[Node]:
+        """The autograd nodes of the tensors in ``args`` (first use only: the graph check)."""
+        if not self._record_frontier:
+            return []
+        leaves, _ = tree_flatten(args)
+        return [
+            get_gradient_edge(t).node
+            for t in leaves
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
 
     def _forward_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, batch: int
@@ -491,6 +524,8 @@ class PerSampleClipper:
                         "F.cross_entropy(out, y, reduction='none')",
                     )
                 loss_sum = losses.sum()
+                if self._record_frontier:
+                    check_parameter_uses(loss=loss_sum, layers=self._layers)
                 edges: list[GradientEdge] = []
                 slots: list[tuple[_Call, int]] = []
                 for layer in self._layers:

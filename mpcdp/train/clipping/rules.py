@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, Node
 from torch.nn.grad import conv2d_weight
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -40,6 +40,8 @@ class _Call:
     grads: list[torch.Tensor | None] = field(default_factory=list)
     # version counters of the stored input tensors when recorded (in-place changes detection)
     versions: list[int] = field(default_factory=list)
+    # autograd nodes of the tensor arguments as the layer received them (first-use check)
+    frontier: list[Node] = field(default_factory=list)
 
     def stored_tensors(self) -> list[torch.Tensor]:
         values = [*self.inputs, *self.kwargs.values()]
