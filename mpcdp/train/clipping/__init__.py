@@ -46,12 +46,14 @@ inputs are not even stored. See also Dupuy et al. 2022, "An efficient DP-SGD mec
 large scale NLU models" (ICASSP), for the cost of per-sample clipping in practice.
 
 Requirements on the model, which the BK method shares with every per-sample method: the batch
-is dimension 0 of every trainable layer's input and output, and examples do not interact in
-the forward pass. BatchNorm, which mixes the examples of a batch, is refused, and so is
+is dimension 0 of every trainable layer's input and output, examples do not interact in the
+forward pass or the loss, and each parameter is used only by its own module's forward.
+:mod:`.checks` tests all three on the first batch of two or more examples and refuses a model
+that breaks them (halves of the batch against the whole, and a walk of the autograd graph).
+BatchNorm, which mixes the examples of a batch, is refused, and so is
 ``nn.MultiheadAttention``, whose forward bypasses its sub-modules (use
-:func:`mpcdp.train.layers.replace_multihead_attention`). A parameter that is used outside the
-forward of the module that owns it (read as ``module.weight`` by another module) gets a wrong
-gradient and cannot be detected; parameters shared between modules are refused. A layer input
+:func:`mpcdp.train.layers.replace_multihead_attention`); parameters shared between modules
+are refused. A layer input
 modified in place after the layer read it is detected and refused. Fallback modules must be
 deterministic and work under ``torch.func.vmap`` with a batch of one; torch's fused RNNs
 (``nn.LSTM``, ``nn.GRU``) do not, so such a model is refused when first called, with the
@@ -61,8 +63,11 @@ split by example too).
 
 Precision: whatever the model's dtype or autocast, norms and clipped sums are computed in
 IEEE float32 (float64 for a float64 model): half-precision layer inputs, output gradients
-and per-sample gradients are upcast first (:func:`_work`), so the terms summed are exactly
-those whose norms set the clip factors.
+and per-sample gradients are upcast first (:func:`.precision._work`), so the terms summed
+are exactly those whose norms set the clip factors.
+
+Modules: :mod:`.precision` (upcast, IEEE guard, bounded-error norms), :mod:`.rules` (the
+per-layer book-keeping), :mod:`.checks` (first-use checks), :mod:`.clipper` (the class).
 
 Nothing happens at import time beyond defining names.
 """
