@@ -284,3 +284,30 @@ def test_a_parent_reading_a_childs_weight_is_refused() -> None:
     x, y = _data(B)
     err = _refused(ParentReads(), x, y)
     assert err.value == "fc" and "'fc.weight' is used outside" in str(err)
+
+
+# -- the checks on a synthetic batch, before any private data is seen -------------------------
+
+
+def test_check_model_runs_the_checks_without_private_data_and_only_once() -> None:
+    """A site checks the model at session open on a synthetic batch: a refusal then depends
+    on no private data, and real batches are not checked again."""
+    model = Counting()
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    synthetic = torch.randn(16, 6)
+    clipper.check_model(inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce)
+    assert model.calls == 3 + 1  # whole batch and halves without grad, one forward for the graph
+    x, y = _data()
+    clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+    assert model.calls == 5
+    with pytest.raises(ParameterError, match="examples interact"):
+        PerSampleClipper(Centred(), max_grad_norm=1.0).check_model(
+            inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce
+        )
+    with pytest.raises(ParameterError, match=r"'emb\.weight' is used outside"):
+        PerSampleClipper(Tied(), max_grad_norm=1.0).check_model(
+            inputs=torch.randint(0, 10, (4,)), targets=torch.zeros(4, dtype=torch.long), loss_fn=ce
+        )
+    with pytest.raises(ParameterError, match="at least 2") as info:
+        clipper.check_model(inputs=synthetic[:1], targets=y[:1], loss_fn=ce)
+    assert info.value.name == "inputs"

@@ -334,21 +334,7 @@ class PerSampleClipper:
             raise MpcdpError("PerSampleClipper is closed")
         if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
             raise ParameterError("scale", scale, "must be a finite number > 0")
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-            raise ParameterError(
-                "inputs", type(inputs).__name__, "must be a tensor with a batch dimension 0"
-            )
-        if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
-            raise ParameterError(
-                "targets", type(targets).__name__, "must be a tensor with a batch dimension 0"
-            )
-        batch = int(inputs.shape[0])
-        if int(targets.shape[0]) != batch:
-            raise ParameterError(
-                "targets",
-                f"batch size {targets.shape[0]}",
-                f"must have the batch size of inputs ({batch})",
-            )
+        batch = _batch_size(inputs, targets)
         if out is not None:
             self._check_out(out)
         if batch == 0:
@@ -368,28 +354,13 @@ class PerSampleClipper:
                 f"{bad} non-finite of {inputs.numel()} values",
                 "inputs must be finite (NaN or inf found)",
             )
-        self._check_modules(for_call=True)
-        frozen = [name for name, p in self._params if not p.requires_grad]
-        if frozen:
-            raise ParameterError(
-                "module",
-                frozen[0],
-                "a parameter was frozen after the PerSampleClipper was built; the trainable "
-                "set is fixed at construction: build a new PerSampleClipper",
-            )
+        self._check_unchanged()
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
 
         first_use = not self._checked and batch >= 2
         if first_use:
-            with _ieee_float32(self.device):
-                check_examples_independent(
-                    module=self.module,
-                    layers=self._layers,
-                    inputs=inputs,
-                    targets=targets,
-                    loss_fn=loss_fn,
-                )
+            self._check_independent(inputs, targets, loss_fn)
         try:
             self._record_frontier = first_use
             loss_sum, grads_ok = self._forward_backward(inputs, targets, loss_fn, batch)
@@ -425,6 +396,60 @@ class PerSampleClipper:
             loss_sum=rest.loss_sum,
             mean_norm=rest.mean_norm,
         )
+
+    def check_model(self, *, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> None:
+        """Run the first-use checks (:mod:`mpcdp.train.clipping.checks`) on this batch now,
+        without computing a gradient, so that later batches are not checked again.
+
+        A site calls this when a training session opens, on a synthetic batch of the
+        dataset's shape: the checks then see no private data, and whether they pass says
+        nothing about it. ``inputs`` needs at least two examples.
+
+        Raises:
+            ParameterError: as :meth:`clipped_grad_sum` (its input checks), a batch of fewer
+                than two examples, or a model or loss that the checks refuse.
+        """
+        if self._closed:
+            raise MpcdpError("PerSampleClipper is closed")
+        batch = _batch_size(inputs, targets)
+        if batch < 2:
+            raise ParameterError("inputs", f"batch size {batch}", "must have at least 2 examples")
+        self._check_unchanged()
+        inputs = inputs.to(self.device)
+        targets = targets.to(self.device)
+        self._check_independent(inputs, targets, loss_fn)
+        try:
+            self._record_frontier = True
+            self._forward_backward(inputs, targets, loss_fn, batch, backward=False)
+            self._checked = True
+        finally:
+            self._record_frontier = False
+            for layer in self._layers:
+                layer.calls.clear()
+
+    def _check_unchanged(self) -> None:
+        """What may change between calls: BatchNorm modes, parameters frozen later."""
+        self._check_modules(for_call=True)
+        frozen = [name for name, p in self._params if not p.requires_grad]
+        if frozen:
+            raise ParameterError(
+                "module",
+                frozen[0],
+                "a parameter was frozen after the PerSampleClipper was built; the trainable "
+                "set is fixed at construction: build a new PerSampleClipper",
+            )
+
+    def _check_independent(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
+    ) -> None:
+        with _ieee_float32(self.device):
+            check_examples_independent(
+                module=self.module,
+                layers=self._layers,
+                inputs=inputs,
+                targets=targets,
+                loss_fn=loss_fn,
+            )
 
     # -- the BK steps ----------------------------------------------------------------------
 
@@ -501,7 +526,13 @@ class PerSampleClipper:
         ]
 
     def _forward_backward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, batch: int
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        batch: int,
+        *,
+        backward: bool = True,
     ) -> tuple[torch.Tensor, bool]:
         handles = [
             layer.module.register_forward_hook(self._hook(layer, batch), with_kwargs=True)
@@ -526,6 +557,8 @@ class PerSampleClipper:
                 loss_sum = losses.sum()
                 if self._record_frontier:
                     check_parameter_uses(loss=loss_sum, layers=self._layers)
+                if not backward:
+                    return loss_sum.detach(), False
                 edges: list[GradientEdge] = []
                 slots: list[tuple[_Call, int]] = []
                 for layer in self._layers:
@@ -617,6 +650,26 @@ class PerSampleClipper:
         return ClippedBatch(
             grad_sum=grad_sum, batch_size=batch, loss_sum=loss_value, mean_norm=mean_norm
         )
+
+
+def _batch_size(inputs: object, targets: object) -> int:
+    """The batch size shared by ``inputs`` and ``targets`` (their dimension 0)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        raise ParameterError(
+            "inputs", type(inputs).__name__, "must be a tensor with a batch dimension 0"
+        )
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+        raise ParameterError(
+            "targets", type(targets).__name__, "must be a tensor with a batch dimension 0"
+        )
+    batch = int(inputs.shape[0])
+    if int(targets.shape[0]) != batch:
+        raise ParameterError(
+            "targets",
+            f"batch size {targets.shape[0]}",
+            f"must have the batch size of inputs ({batch})",
+        )
+    return batch
 
 
 class _NonFiniteSamples(Exception):
