@@ -2,6 +2,7 @@
 
 Run:  python -m benchmarks.first_use_checks [--models mlp cnn transformer] [--batch-size B]
                                             [--repeat 5] [--device cpu|cuda] [--threads N]
+                                            [--autocast none|bf16]
 
 On its first batch of two or more examples, :class:`mpcdp.train.clipping.PerSampleClipper`
 checks that examples do not interact (the whole batch and its two halves forwarded without
@@ -11,12 +12,15 @@ this once per training session. For each model of ``benchmarks.dp_step`` (same d
 and defaults), in the same run: a new clipper's first ``clipped_grad_sum`` and the same
 clipper's second one on the same batch, best of ``--repeat`` rounds. Printed: both times,
 their ratio, and the extra time in steps (first - next) / next. Absolute times are for this
-machine only; the ratio is what carries over.
+machine only; the ratio is what carries over. ``--autocast bf16`` runs every call under bf16
+autocast: on a GPU this is also the check that honest models pass the comparison at
+half-precision tolerance (a refusal would stop the run with its message).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -35,6 +39,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _autocast(kind: str, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    if kind == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
     model, inputs = build(name, args)
     model = model.to(device)
@@ -47,7 +57,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> tuple[
         for _ in range(2):
             _sync(device)
             t0 = time.perf_counter()
-            clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_ce)
+            with _autocast(args.autocast, device):
+                clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_ce)
             _sync(device)
             times.append(time.perf_counter() - t0)
         first.append(times[0])
@@ -62,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     args = parser.parse_args()
     # the model sizes of benchmarks.dp_step's defaults
     args.mlp_widths, args.vocab, args.seq_len, args.dim, args.layers = (
@@ -76,7 +88,9 @@ def main() -> None:
         args.batch_size = 256 if device.type == "cuda" else 64
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"device {device}, batch {args.batch_size}, best of {args.repeat}")
+    print(
+        f"device {device}, batch {args.batch_size}, best of {args.repeat}, autocast {args.autocast}"
+    )
     print(f"{'model':<12} {'first ms':>9} {'next ms':>9} {'ratio':>7} {'extra steps':>12}")
     for name in args.models:
         first, after = measure(name, args, device)

@@ -6,6 +6,7 @@
 #     bash benchmarks/gpu_check.sh --fetch-wheels
 # Then on the GPU machine, from the repository root, with .whl carried along:
 #     bash benchmarks/gpu_check.sh            # dp_step (all models) + federation_overhead
+#                                             # + bf16 dp_step + first_use_checks
 #     bash benchmarks/gpu_check.sh --quick    # the same, small: checks the CUDA paths run
 # Output: dp_step.json, overhead.json and their logs in $OUT (./gpu-out when OUT is unset).
 set -euo pipefail
@@ -49,3 +50,11 @@ fi
 python3 -m benchmarks.dp_step "${dp[@]}" --json "$out/dp_step.json" 2>&1 | tee "$out/dp_step.log"
 python3 -m benchmarks.federation_overhead "${fo[@]}" --json "$out/overhead.json" 2>&1 \
     | tee "$out/overhead.log"
+# issue 13: the cost of float32 clipping under bf16 autocast, and of the first-use checks
+# (with autocast, also that honest models pass them at half-precision tolerance on the GPU)
+python3 -m benchmarks.dp_step "${dp[@]}" --autocast bf16 --json "$out/dp_step_bf16.json" 2>&1 \
+    | tee "$out/dp_step_bf16.log"
+for ac in none bf16; do
+    python3 -m benchmarks.first_use_checks --repeat 3 --autocast "$ac" 2>&1 \
+        | tee "$out/first_use_checks_$ac.log"
+done
