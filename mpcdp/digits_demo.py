@@ -106,8 +106,12 @@ def run(
     on_epoch: Callable[[Any], None] | None = None,
     stop_after: int | None = None,
     site_budget: float | None = None,
+    audit_canaries: int = 0,
+    audit_kind: str = "white-box",
+    audit_confidence: float = 0.95,
 ) -> Any:
-    """Start the three sites, train, stop them; returns the TrainingResult."""
+    """Start the three sites, train, stop them; returns the TrainingResult. With
+    ``audit_canaries`` > 0 the run is a one-run audit run (mpcdp.train.audit)."""
     from mpcdp.federation import Federation
 
     split = load_digits_split(public_fraction=public_fraction)
@@ -133,4 +137,7 @@ def run(
                 on_step=on_step,
                 on_epoch=on_epoch,
                 stop_after=stop_after,
+                audit_canaries=audit_canaries,
+                audit_kind=audit_kind,
+                audit_confidence=audit_confidence,
             )

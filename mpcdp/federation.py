@@ -186,11 +186,26 @@ class Federation:
         ``train`` extra). ``options`` are those of :func:`mpcdp.train.federated.train`:
         ``target_epsilon``, ``target_delta``, ``epochs``, ``max_grad_norm``,
         ``batch_size``, ``learning_rate``, ``clipping``, ``bias_only``, ``eval_data``,
-        ``public_data``, ``checkpoint``, ``on_step``, ...; ``colluders`` defaults to the
-        federation's."""
+        ``public_data``, ``checkpoint``, ``on_step``, ``audit_canaries``, ``audit_kind``,
+        ...; ``colluders`` defaults to the federation's."""
         from mpcdp.train.federated import train
 
         options.setdefault("colluders", self.config.colluders)
+        if options.get("audit_canaries") and options.get("audit_kind") == "black-box":
+            # input canaries take the shape and classes every site declares (public)
+            shapes = {
+                (tuple(d.feature_shape), int(d.num_classes))
+                for resp in self.describe().values()
+                for d in resp.datasets
+                if d.name == dataset
+            }
+            if len(shapes) != 1:
+                raise ParameterError(
+                    "dataset", dataset, f"sites declare different shapes/classes: {shapes}"
+                )
+            shape, classes = shapes.pop()
+            options.setdefault("feature_shape", shape)
+            options.setdefault("num_classes", classes)
         return train(
             clients=self._clients,
             dataset=dataset,

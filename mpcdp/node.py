@@ -135,11 +135,14 @@ class PartyNode:
         *,
         device: str | None = None,
         model_factory: ModelFactory | None = None,
+        test_only_noise_divisor: float = 1.0,
     ) -> None:
         """``device``: where a site trains (default: the config's ``device``, "auto": its
         first GPU, else the CPU). ``model_factory``: the site's own modules by architecture
         name (default: mpcdp.train.models.build_model); it must build what the coordinator
-        builds."""
+        builds. ``test_only_noise_divisor``: FOR TESTS AND BENCHMARKS ONLY, breaks the
+        site's training noise (mpcdp.protocol.training.TrainingEngine); :func:`serve` never
+        sets it and party.toml cannot."""
         self.config = config
         device = config.device if device is None else device
         trains = any(ds.kind == "examples" for ds in config.datasets.values())
@@ -187,6 +190,7 @@ class PartyNode:
                 max_params=config.max_model_params,
                 max_sessions=config.limits.training_sessions_per_coordinator,
                 max_sessions_total=config.limits.training_sessions,
+                test_only_noise_divisor=test_only_noise_divisor,
             )
         self._server: grpc.Server | None = None
         self.port: int | None = None

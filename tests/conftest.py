@@ -133,6 +133,7 @@ def build_net(
     cap: dict[str, float] | None = None,
     start: bool = True,
     model_factory: Any = None,
+    node_options: dict[str, Any] | None = None,
 ) -> Net:
     init_federation(out=root / "certs", parties=list(PARTIES), coordinators=["analyst", "other"])
     nodes = {}
@@ -152,7 +153,9 @@ def build_net(
                 cap=(cap or {}).get(p),
             )
         )
-        node = PartyNode(load_party_config(cfg), model_factory=model_factory)
+        node = PartyNode(
+            load_party_config(cfg), model_factory=model_factory, **(node_options or {})
+        )
         if start:
             node.start()
         nodes[p] = node

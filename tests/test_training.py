@@ -111,7 +111,7 @@ class Direct:
             yield from np.array_split(words, 3)
 
         return ContributionStream(
-            c.party_id, c.length, c.epsilon_spent, c.budget_remaining, chunks()
+            c.party_id, c.length, c.epsilon_spent, c.budget_remaining, chunks(), c.audit_inclusion
         )
 
     def abort(self, *, session_id: bytes, reason: str) -> None:

@@ -89,13 +89,17 @@ def digits_cmd(
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    audit_canaries: int = typer.Option(
+        0, "--audit-canaries", help="Canaries per site: make the run a one-run audit run."
+    ),
 ) -> None:
     """Three sites train an MLP on scikit-learn's digits with federated DP-SGD.
 
     Each site is a party-node process with its own slice of the data. The coordinator
     reports test accuracy per epoch, checkpoints every epoch (an existing OUT/checkpoint.pt
-    is resumed), writes metrics.json and metrics.png, and audits the model by membership
-    inference."""
+    is resumed), writes metrics.json and metrics.png. With --audit-canaries N the run is a
+    one-run privacy audit (white-box gradient canaries; not resumable) and the audit's lower
+    bound is printed next to the accountant's epsilon."""
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise typer.BadParameter(f"{target_epsilon!r} must be > 0", param_hint="--target-epsilon")
     if not 0 <= public_fraction < 1:
@@ -105,11 +109,9 @@ def digits_cmd(
     if clipping not in ("flat", "automatic"):
         raise typer.BadParameter(f"{clipping!r} is not flat or automatic", param_hint="--clipping")
     try:
-        import torch
-
         from mpcdp import digits_demo
-        from mpcdp.train.audit import audit_model
-        from mpcdp.train.federated import StepInfo, load_checkpoint, write_metrics
+        from mpcdp.cli.train import audit_report
+        from mpcdp.train.federated import StepInfo, write_metrics
     except ImportError as exc:
         typer.echo(
             f"error: the digits demo needs the train extra (pip install mpcdp[train]): {exc}"
@@ -145,6 +147,7 @@ def digits_cmd(
                 checkpoint=ckpt,
                 seed=seed,
                 on_step=on_step,
+                audit_canaries=audit_canaries,
             )
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: sites stopped; rerun to resume from {ckpt}", err=True)
@@ -153,21 +156,7 @@ def digits_cmd(
         typer.echo(f"\nerror: {exc}", err=True)
         raise typer.Exit(1) from None
     write_metrics(result, json_path=out / "metrics.json", plot_path=out / "metrics.png")
-    split = digits_demo.load_digits_split(public_fraction=public_fraction)
-    net, plan, _ = load_checkpoint(ckpt)
-    report = audit_model(
-        model=net,
-        members=(torch.from_numpy(split.train[0]), torch.from_numpy(split.train[1])),
-        non_members=(torch.from_numpy(split.test[0]), torch.from_numpy(split.test[1])),
-        delta=plan.target_delta,
-    )
     obj = result.to_json()
-    obj["audit"] = {
-        "empirical_epsilon_lower_bound": report.epsilon_lower_bound,
-        "accountant_epsilon": result.epsilon,
-        "confidence": report.confidence,
-    }
-    (out / "metrics.json").write_text(json.dumps(obj, indent=2) + "\n")
     if as_json:
         typer.echo(json.dumps(obj))
         return
@@ -183,7 +172,6 @@ def digits_cmd(
         f"final test accuracy {result.final_accuracy:.4f} at epsilon {result.epsilon:.3f} "
         f"(delta {result.delta:g}); noise multiplier {result.plan.noise_multiplier:.3f}, "
         f"sites {', '.join(result.plan.parties)} (t={result.plan.colluders})\n"
-        f"membership-inference audit: empirical epsilon >= {report.epsilon_lower_bound:.3f} "
-        f"(95% confidence) vs the accountant's {result.epsilon:.3f}\n"
-        f"wrote {out / 'checkpoint.pt'}, {out / 'metrics.json'}, {out / 'metrics.png'}"
+        + (audit_report(result) + "\n" if result.audit is not None else "")
+        + f"wrote {out / 'checkpoint.pt'}, {out / 'metrics.json'}, {out / 'metrics.png'}"
     )

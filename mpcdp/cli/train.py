@@ -1,6 +1,9 @@
-"""``mpcdp train`` and ``mpcdp audit``: federated DP-SGD and its empirical privacy audit.
+"""``mpcdp train`` and ``mpcdp audit``: federated DP-SGD and its one-run privacy audit.
 
-Both need the ``train`` extra (torch); they import it only when they run.
+``mpcdp audit`` runs an audit run (a training run of its own, charged like any other, with
+canaries at every site: mpcdp.train.audit) and prints the accountant's epsilon next to the
+audit's lower bound; ``mpcdp train --audit-canaries N`` does the same for a run whose model
+is also wanted. Both need the ``train`` extra (torch); they import it only when they run.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from mpcdp.errors import MpcdpError, ParameterError
+from mpcdp.errors import MpcdpError
 
 
 def _npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +58,20 @@ def train(
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of accuracy/epsilon."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    audit_canaries: int = typer.Option(
+        0, "--audit-canaries", help="Canaries per site: makes this a one-run audit run."
+    ),
+    audit_kind: str = typer.Option("white-box", "--audit-kind", help="white-box or black-box."),
+    audit_confidence: float = typer.Option(0.95, "--audit-confidence", help="In (0, 1)."),
+    audit_delta: float | None = typer.Option(
+        None, "--audit-delta", help="delta audited (default: --target-delta)."
+    ),
 ) -> None:
     """Train a model on every site's examples with federated DP-SGD.
 
     Every step is a secure aggregation of the sites' clipped, quantized, Skellam-noised
     gradient sums; the noise is calibrated for the target epsilon by the accountant."""
+    _check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
     for name, value in (("--target-epsilon", target_epsilon), ("--epochs", epochs)):
         if not value > 0 or not math.isfinite(value):
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
@@ -107,6 +119,10 @@ def train(
                     checkpoint=checkpoint,
                     seed=seed,
                     on_step=on_step,
+                    audit_canaries=audit_canaries,
+                    audit_kind=audit_kind,
+                    audit_confidence=audit_confidence,
+                    audit_delta=audit_delta,
                 )
         except MpcdpError as exc:
             typer.echo(f"\nerror: {exc}", err=True)
@@ -125,59 +141,108 @@ def train(
         f" noise multiplier {p.noise_multiplier:.3f}, sample rate {p.sample_rate:.4f},"
         f" {len(p.parties)} sites, t={p.colluders}"
     )
+    if result.audit is not None:
+        typer.echo(audit_report(result))
+
+
+def _check_audit_options(
+    canaries: int,
+    kind: str,
+    confidence: float,
+    delta: float | None,
+    hints: tuple[str, str, str] = ("--audit-canaries", "--audit-kind", "--audit-confidence"),
+) -> None:
+    if canaries < 0:
+        raise typer.BadParameter(f"{canaries!r} must be >= 0", param_hint=hints[0])
+    if kind not in ("white-box", "black-box"):
+        raise typer.BadParameter(f"{kind!r} is not white-box or black-box", param_hint=hints[1])
+    if not 0 < confidence < 1:
+        raise typer.BadParameter(f"{confidence!r} not in (0, 1)", param_hint=hints[2])
+    if delta is not None and not 0 < delta < 1:
+        raise typer.BadParameter(f"{delta!r} not in (0, 1)", param_hint="--audit-delta")
+
+
+def audit_report(result: Any) -> str:
+    """The audit's lines: claimed epsilon, lower bound, fraction, confidence, m, guesses."""
+    a = result.audit
+    fraction = a.fraction_reached
+    return (
+        f"one-run audit ({result.plan.audit_kind}, Steinke-Nasr-Jagielski 2023):\n"
+        f"  claimed epsilon (accountant)  {a.claimed_epsilon:.4f} (delta {a.delta:g})\n"
+        f"  audit lower bound             {a.epsilon_lower_bound:.4f}\n"
+        f"  fraction reached              "
+        f"{'n/a' if fraction is None else f'{fraction:.1%}'}\n"
+        f"  confidence                    {a.confidence:g}\n"
+        f"  canaries m                    {a.m}\n"
+        f"  guesses (in/out), correct     {a.guesses} ({a.k_plus}/{a.k_minus}), {a.correct}"
+    )
 
 
 def audit(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint of mpcdp train."),
-    members: Path = typer.Option(..., "--members", help=".npz of training examples."),
-    non_members: Path = typer.Option(..., "--non-members", help=".npz of held-out examples."),
+    federation: Path = typer.Option(..., "--federation", help="The analyst's federation.toml."),
+    dataset: str = typer.Option(..., "--dataset", help="Example dataset (.npz) at every site."),
+    model: str = typer.Option("mlp:64,128,10", "--model", help="Architecture, e.g. mlp:64,128,10."),
+    target_epsilon: float = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run."),
+    target_delta: float = typer.Option(1e-5, "--target-delta", help="delta of the run."),
+    epochs: float = typer.Option(20.0, "--epochs", help="Passes over all sites' examples."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Expected examples per step."),
+    learning_rate: float = typer.Option(0.03, "--lr", help="Learning rate."),
+    canaries: int = typer.Option(1000, "--canaries", help="Canaries per site (>= 1)."),
+    kind: str = typer.Option("white-box", "--kind", help="white-box or black-box."),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the bound."),
+    audit_delta: float | None = typer.Option(
+        None, "--audit-delta", help="delta audited (default: --target-delta)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Membership-inference audit: an empirical lower bound on epsilon.
+    """One-run privacy audit: an audit run with canaries at every site, and a statistically
+    valid lower bound on its epsilon next to the accountant's.
 
-    Printed next to the accountant's epsilon; a bound above it would mean a bug."""
+    The run is declared to every site, checked and charged like any training run. Each site
+    includes each of its canaries with probability 1/2 (its secret until the run ends); the
+    bound holds with the given confidence over those coin flips. A bound above the claimed
+    epsilon means the implementation releases more than it claims. No site data is needed."""
+    if canaries < 1:
+        raise typer.BadParameter(f"{canaries!r} must be >= 1", param_hint="--canaries")
+    _check_audit_options(
+        canaries, kind, confidence, audit_delta, ("--canaries", "--kind", "--confidence")
+    )
+    for name, value in (("--target-epsilon", target_epsilon), ("--epochs", epochs)):
+        if not value > 0 or not math.isfinite(value):
+            raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
     try:
-        import torch
-
-        from mpcdp.train.audit import audit_model
-        from mpcdp.train.federated import load_checkpoint
+        import mpcdp.train.federated  # noqa: F401
     except ImportError as exc:
         typer.echo(f"error: the audit needs the train extra (pip install mpcdp[train]): {exc}")
         raise typer.Exit(1) from None
+    from mpcdp.federation import Federation
+
     try:
-        net, plan, steps = load_checkpoint(checkpoint)
-        mx, my = _npz(members, "--members")
-        nx, ny = _npz(non_members, "--non-members")
-        result = audit_model(
-            model=net,
-            members=(torch.from_numpy(mx), torch.from_numpy(my)),
-            non_members=(torch.from_numpy(nx), torch.from_numpy(ny)),
-            delta=plan.target_delta,
-            confidence=confidence,
-        )
-    except (MpcdpError, ParameterError) as exc:
+        with Federation.from_config(federation) as fed:
+            result = fed.train(
+                dataset=dataset,
+                model=model,
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                epochs=epochs,
+                max_grad_norm=max_grad_norm,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                seed=seed,
+                audit_canaries=canaries,
+                audit_kind=kind,
+                audit_confidence=confidence,
+                audit_delta=audit_delta,
+            )
+    except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    accountant_eps = plan.epsilon_after(steps)
-    obj = {
-        "empirical_epsilon_lower_bound": result.epsilon_lower_bound,
-        "accountant_epsilon": accountant_eps,
-        "delta": plan.target_delta,
-        "confidence": confidence,
-        "tpr": result.tpr,
-        "fpr": result.fpr,
-        "members": result.members,
-        "non_members": result.non_members,
-        "steps": steps,
-    }
+    if result.audit is None:  # pragma: no cover - a finished audit run always has one
+        typer.echo("error: the audit run revealed no canaries", err=True)
+        raise typer.Exit(1)
     if as_json:
-        typer.echo(json.dumps(obj))
+        typer.echo(json.dumps(result.to_json()["audit"]))
         return
-    typer.echo(
-        f"empirical epsilon lower bound {result.epsilon_lower_bound:.3f} "
-        f"({confidence:.0%} confidence, loss-threshold attack, {result.members} members / "
-        f"{result.non_members} non-members evaluated)\n"
-        f"accountant's epsilon          {accountant_eps:.3f} (delta {plan.target_delta:g}, "
-        f"{steps} steps)"
-    )
+    typer.echo(audit_report(result))

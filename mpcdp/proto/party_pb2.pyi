@@ -97,16 +97,18 @@ class ContributeRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[_Union[ProposeResponse, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class ContributionHeader(_message.Message):
-    __slots__ = ("party_id", "length", "epsilon_spent", "budget_remaining")
+    __slots__ = ("party_id", "length", "epsilon_spent", "budget_remaining", "audit_inclusion")
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_INCLUSION_FIELD_NUMBER: _ClassVar[int]
     party_id: str
     length: int
     epsilon_spent: str
     budget_remaining: float
-    def __init__(self, party_id: _Optional[str] = ..., length: _Optional[int] = ..., epsilon_spent: _Optional[str] = ..., budget_remaining: _Optional[float] = ...) -> None: ...
+    audit_inclusion: bytes
+    def __init__(self, party_id: _Optional[str] = ..., length: _Optional[int] = ..., epsilon_spent: _Optional[str] = ..., budget_remaining: _Optional[float] = ..., audit_inclusion: _Optional[bytes] = ...) -> None: ...
 
 class ContributeChunk(_message.Message):
     __slots__ = ("version", "session_id", "header", "data")
@@ -191,7 +193,7 @@ class AbortResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("run_id", "dataset", "model", "parties", "colluders", "sample_rate", "steps", "start_step", "steps_per_charge", "max_grad_norm", "clipping", "bias_only", "scale_bits", "mu", "num_params", "ring_bits")
+    __slots__ = ("run_id", "dataset", "model", "parties", "colluders", "sample_rate", "steps", "start_step", "steps_per_charge", "max_grad_norm", "clipping", "bias_only", "scale_bits", "mu", "num_params", "ring_bits", "audit_canaries", "audit_kind")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +210,8 @@ class TrainSpec(_message.Message):
     MU_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CANARIES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_KIND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     dataset: str
     model: str
@@ -224,7 +228,9 @@ class TrainSpec(_message.Message):
     mu: float
     num_params: int
     ring_bits: int
-    def __init__(self, run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., start_step: _Optional[int] = ..., steps_per_charge: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., clipping: _Optional[str] = ..., bias_only: _Optional[bool] = ..., scale_bits: _Optional[int] = ..., mu: _Optional[float] = ..., num_params: _Optional[int] = ..., ring_bits: _Optional[int] = ...) -> None: ...
+    audit_canaries: int
+    audit_kind: str
+    def __init__(self, run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., start_step: _Optional[int] = ..., steps_per_charge: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., clipping: _Optional[str] = ..., bias_only: _Optional[bool] = ..., scale_bits: _Optional[int] = ..., mu: _Optional[float] = ..., num_params: _Optional[int] = ..., ring_bits: _Optional[int] = ..., audit_canaries: _Optional[int] = ..., audit_kind: _Optional[str] = ...) -> None: ...
 
 class TrainOpenRequest(_message.Message):
     __slots__ = ("version", "session_id", "spec")

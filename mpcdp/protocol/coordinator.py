@@ -56,6 +56,8 @@ class ContributionStream:
     epsilon_spent: str
     budget_remaining: float
     chunks: Iterator[ring.AnyRingVector]
+    #: training, last step of an audit run: the site's packed canary inclusion bits
+    audit_inclusion: bytes = b""
 
 
 class PartyClient(Protocol):

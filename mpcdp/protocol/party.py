@@ -110,6 +110,8 @@ class Contribution:
     length: int
     _noisy: ring.AnyRingVector
     _mask: sharing.MaskStream | None  # None: ``_noisy`` is already masked (training steps)
+    #: training, last step of an audit run: the canary inclusion bits (mpcdp.audit)
+    audit_inclusion: bytes = b""
 
     @property
     def ring_bits(self) -> int:

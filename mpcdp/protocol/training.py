@@ -61,6 +61,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from mpcdp import encoding, ring, sharing
+from mpcdp.audit.canaries import (
+    AUDIT_KINDS,
+    MAX_CANARIES,
+    draw_inclusion,
+    gradient_coordinates,
+    input_canaries,
+    pack_inclusion,
+    unpack_inclusion,
+)
 from mpcdp.config import DatasetConfig
 from mpcdp.dp import accountant
 from mpcdp.dp import events as ev
@@ -149,6 +158,10 @@ class TrainSpec:
     clipping: str = "flat"
     bias_only: bool = False
     ring_bits: int = 32
+    #: one-run audit (mpcdp.audit.canaries): canaries per site, 0 when not an audit run
+    audit_canaries: int = 0
+    #: "white-box" or "black-box" with canaries, "" without
+    audit_kind: str = ""
 
     def __post_init__(self) -> None:
         for name in ("run_id", "dataset", "model"):
@@ -177,6 +190,25 @@ class TrainSpec:
             raise ParameterError("bias_only", self.bias_only, "must be a bool")
         if self.ring_bits not in (32, 64):
             raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
+        _int(self.audit_canaries, "audit_canaries", 0, MAX_CANARIES)
+        if self.audit_canaries == 0:
+            if self.audit_kind != "":
+                raise ParameterError("audit_kind", self.audit_kind, "must be '' without canaries")
+        elif self.audit_kind not in AUDIT_KINDS:
+            raise ParameterError("audit_kind", self.audit_kind, f"must be one of {AUDIT_KINDS}")
+        elif self.start_step != 0:
+            # the inclusion bits belong to one session: an audit run is never resumed
+            raise ParameterError("start_step", self.start_step, "must be 0 in an audit run")
+        elif (
+            self.audit_kind == "white-box"
+            and len(self.parties) * self.audit_canaries > self.num_params
+        ):
+            raise ParameterError(
+                "audit_canaries",
+                self.audit_canaries,
+                f"{len(self.parties)} sites x {self.audit_canaries} gradient canaries need "
+                f"distinct coordinates; the model has {self.num_params} trainable parameters",
+            )
 
     @property
     def honest(self) -> int:
@@ -333,6 +365,11 @@ class GradientSource(Protocol):
         background; called after a step's upload is sent."""
         ...
 
+    def add_examples(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
+        """Append examples to the session's data before its first step (the included input
+        canaries of a black-box audit run); they are sampled like every other example."""
+        ...
+
     def close(self) -> None:
         """Release what the session holds (threads); called once when it ends."""
         ...
@@ -371,6 +408,10 @@ class _SiteSession:
     busy: bool = False
     last_status: float = 0.0
     last_epsilon: str = "0"  # the dataset's epsilon spent after the session's last charge
+    #: audit runs: this site's canary inclusion bits (secret until the last step's upload)
+    canaries_in: NDArray[np.bool_] | None = None
+    #: white-box audit runs: the coordinates of this site's included gradient canaries
+    canary_coordinates: NDArray[np.int64] | None = None
 
 
 class TrainingEngine(SessionHost):
@@ -394,8 +435,30 @@ class TrainingEngine(SessionHost):
         noise_threads: int = 0,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
+        test_only_noise_divisor: float = 1.0,
     ) -> None:
+        """``test_only_noise_divisor``: FOR TESTS AND BENCHMARKS ONLY. Divides the std of
+        this site's noise shares (inf: no noise at all), to show that the one-run audit
+        (mpcdp.audit) catches a release less private than claimed. It is a constructor
+        argument only: nothing in party.toml or on the wire reaches it."""
         from mpcdp.rng import ensure_rng
+
+        if (
+            isinstance(test_only_noise_divisor, bool)
+            or not isinstance(test_only_noise_divisor, int | float)
+            or not test_only_noise_divisor >= 1
+        ):
+            raise ParameterError(
+                "test_only_noise_divisor", test_only_noise_divisor, "must be a number >= 1"
+            )
+        self._noise_divisor = float(test_only_noise_divisor)
+        if self._noise_divisor != 1.0:
+            log.warning(
+                "TEST ONLY: party %s divides its training noise std by %g; its releases are "
+                "NOT differentially private as claimed",
+                party_id,
+                self._noise_divisor,
+            )
 
         self.party_id = party_id
         self.tasks = dict(tasks)
@@ -463,7 +526,8 @@ class TrainingEngine(SessionHost):
                     f"max_model_params={self._max_params}"
                 )
             _check_num_params(spec, trainable)
-        self._check_headroom(spec, task.examples)
+        # an audit run's included canaries are examples of this site for the session
+        self._check_headroom(spec, task.examples + spec.audit_canaries)
         event = run_event(spec)
         if cfg.max_epsilon_per_query is not None:
             eps = accountant.compose([event], delta=cfg.delta).epsilon
@@ -485,14 +549,54 @@ class TrainingEngine(SessionHost):
             raise
         try:
             _check_num_params(spec, source.num_params)
-            return self._accept(session_id, spec, coordinator, source)
+            canaries = self._canaries(spec, task, source)
+            return self._accept(session_id, spec, coordinator, source, canaries)
         except BaseException:
             source.close()
             self.ledger.release(key)
             raise
 
+    def _canaries(
+        self, spec: TrainSpec, task: TrainingTask, source: GradientSource
+    ) -> tuple[NDArray[np.bool_] | None, NDArray[np.int64] | None]:
+        """An audit run's inclusion bits (from this site's CSPRNG) and, for white-box
+        canaries, the included ones' coordinates; black-box canaries that are included join
+        the source's examples. (None, None) for an ordinary run."""
+        if spec.audit_canaries == 0:
+            return None, None
+        me = spec.index_of(self.party_id)
+        bits = draw_inclusion(count=spec.audit_canaries, rng=self._rng)
+        if spec.audit_kind == "white-box":
+            coords = gradient_coordinates(
+                run_id=spec.run_id,
+                num_params=spec.num_params,
+                sites=len(spec.parties),
+                per_site=spec.audit_canaries,
+            )[me]
+            return bits, coords[bits]
+        if not task.feature_shape or task.num_classes < 2:
+            raise PolicyError(
+                f"dataset {spec.dataset!r} declares no feature shape and classes for input "
+                "canaries; use audit_kind='white-box'"
+            )
+        x, y = input_canaries(
+            run_id=spec.run_id,
+            site_index=me,
+            count=spec.audit_canaries,
+            feature_shape=task.feature_shape,
+            num_classes=task.num_classes,
+        )
+        if bits.any():
+            source.add_examples(x[bits], y[bits])
+        return bits, None
+
     def _accept(
-        self, session_id: bytes, spec: TrainSpec, coordinator: str, source: GradientSource
+        self,
+        session_id: bytes,
+        spec: TrainSpec,
+        coordinator: str,
+        source: GradientSource,
+        canaries: tuple[NDArray[np.bool_] | None, NDArray[np.int64] | None],
     ) -> Proposal:
         private_key, signed = new_signed_key(
             signing_key=self._signing_key,
@@ -509,6 +613,8 @@ class TrainingEngine(SessionHost):
             public=signed,
             expires=self._clock() + self._ttl,
             next_step=spec.start_step,
+            canaries_in=canaries[0],
+            canary_coordinates=canaries[1],
         )
         with self._lock:
             if session_id in self._sessions or session_id in self._closed:
@@ -642,11 +748,17 @@ class TrainingEngine(SessionHost):
         grad = session.source.quantized_gradient(rng=self._rng)
         if grad.shape != (spec.num_params,):
             raise ProtocolError(f"gradient has shape {grad.shape}, expected ({spec.num_params},)")
+        if session.canary_coordinates is not None:
+            self._add_gradient_canaries(spec, session.canary_coordinates, grad)
         upload = self._pads.take((session_id, step), self._pad_builder(session, step))
         np.add(upload, encoding.to_ring(grad, ring_bits=spec.ring_bits), out=upload)
         session.next_step = step + 1
         session.expires = self._clock() + self._ttl
+        reveal = b""
         if session.next_step >= spec.end_step:
+            if session.canaries_in is not None:
+                # the run's releases are all made: the audit may see which canaries were in
+                reveal = pack_inclusion(session.canaries_in)
             self._end(session_id, "finished")
         return Contribution(
             party_id=self.party_id,
@@ -655,7 +767,25 @@ class TrainingEngine(SessionHost):
             length=upload.size,
             _noisy=upload,
             _mask=None,
+            audit_inclusion=reveal,
         )
+
+    def _add_gradient_canaries(
+        self, spec: TrainSpec, coordinates: NDArray[np.int64], grad: np.ndarray
+    ) -> None:
+        """A white-box audit step: each included Dirac canary is Poisson-sampled like an
+        example (rate q, this site's secret CSPRNG) and, when sampled, adds its clipped
+        gradient C e_c, scaled by 2^k, to the site's rounded sum, before noise and mask. Its
+        value C 2^k is itself randomly rounded (exact when it is an integer, as for C = 1):
+        at most ceil(C 2^k) on one coordinate, within the sensitivity C 2^k + sqrt(d) that
+        the site charges for every example."""
+        sampled = coordinates[self._rng.random(coordinates.size) < spec.sample_rate]
+        if sampled.size == 0:
+            return
+        units = spec.max_grad_norm * 2.0**spec.scale_bits
+        low = math.floor(units)
+        values = low + (self._rng.random(sampled.size) < units - low)
+        grad[sampled] += values.astype(grad.dtype)
 
     def step_finished(self, *, session_id: bytes) -> None:
         """After a step's upload is sent: build the next step's noise share + mask (they do
@@ -677,7 +807,18 @@ class TrainingEngine(SessionHost):
         pair_keys = session.pair_keys
         assert pair_keys is not None
         me = spec.index_of(self.party_id)
-        noise = mechanism(spec)
+        noise: Skellam | None = mechanism(spec)
+        if self._noise_divisor != 1.0:  # TEST ONLY (constructor docstring)
+            assert noise is not None
+            noise = (
+                None
+                if math.isinf(self._noise_divisor)
+                else Skellam(
+                    mu=spec.mu / self._noise_divisor**2,
+                    l1_sensitivity=noise.l1_sensitivity,
+                    l2_sensitivity=noise.l2_sensitivity,
+                )
+            )
         dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
         size = spec.num_params
 
@@ -685,6 +826,9 @@ class TrainingEngine(SessionHost):
             pad = np.empty(size, dtype=dtype)
 
             def fill(a: int, b: int, gen: np.random.Generator) -> None:
+                if noise is None:
+                    pad[a:b] = 0
+                    return
                 share = noise.share(size=b - a, honest=spec.honest, rng=gen)
                 pad[a:b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
 
@@ -787,6 +931,9 @@ class TrainingSession:
     _next: int = -1
     _pool: ThreadPoolExecutor | None = None
     budget_remaining: dict[str, float] = field(default_factory=dict)
+    #: audit runs, after the last step: every site's canary inclusion bits, in party order
+    #: of ``spec.parties`` (mpcdp.audit.canaries)
+    audit_inclusion: dict[str, NDArray[np.bool_]] = field(default_factory=dict)
 
     def open(self) -> None:
         self.clients = order_clients(self.clients, self.spec.parties)
@@ -855,6 +1002,9 @@ class TrainingSession:
         lock = threading.Lock()
         params = np.ascontiguousarray(parameters, dtype=np.float32)
 
+        last = step + 1 == self.spec.end_step
+        reveals: dict[str, bytes] = {}
+
         def one(client: TrainingClient) -> float:
             stream = client.train_step(
                 session_id=self.session_id,
@@ -864,16 +1014,32 @@ class TrainingSession:
                 full=full,
                 ring_bits=self.spec.ring_bits,
             )
+            reveals[client.party_id] = stream.audit_inclusion
             return accumulate(stream, total, lock, client.party_id, None)
 
         try:
             remaining = list(self._pool.map(one, self.clients))
+            self._check_reveals(reveals, last=last)
         except Exception as exc:
             self._abort(str(exc))
             raise RoundAborted(f"{self.spec.run_id} step {step}", exc) from exc
         self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
         self._next = step + 1
         return encoding.signed_view(total)
+
+    def _check_reveals(self, reveals: Mapping[str, bytes], *, last: bool) -> None:
+        """Inclusion bits come with the last step of an audit run, from every site, and
+        never otherwise."""
+        wanted = last and self.spec.audit_canaries > 0
+        for party in self.spec.parties:
+            data = reveals.get(party, b"")
+            if not wanted:
+                if data:
+                    raise ProtocolError(f"party {party!r} revealed canary bits out of place")
+                continue
+            self.audit_inclusion[party] = unpack_inclusion(
+                data, count=self.spec.audit_canaries, party=party
+            )
 
     def _abort(self, reason: str) -> None:
         abort_all(self.clients, session_id=self.session_id, reason=reason)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from mpcdp import ring
+from mpcdp.audit.bound import OneRunAudit
+from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.dp import accountant, rdp
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import (
@@ -49,6 +51,7 @@ from mpcdp.protocol.training import (
     sensitivities,
     step_event,
 )
+from mpcdp.train.audit import black_box_scores, finish, white_box_scorer
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.models import build_model
 
@@ -89,6 +92,8 @@ class TrainingPlan:
     target_epsilon: float
     target_delta: float
     ring_bits: int = 32
+    audit_canaries: int = 0  # per site; an audit run (mpcdp.train.audit) when > 0
+    audit_kind: str = ""
 
     @property
     def total_examples(self) -> int:
@@ -126,15 +131,20 @@ class TrainingPlan:
             mu=self.mu,
             num_params=self.num_params,
             ring_bits=self.ring_bits,
+            audit_canaries=self.audit_canaries,
+            audit_kind=self.audit_kind,
         )
 
-    def epsilon_after(self, steps: int) -> float:
-        """The accountant's epsilon (at target_delta) after ``steps`` steps."""
+    def epsilon_after(self, steps: int, *, delta: float | None = None) -> float:
+        """The accountant's epsilon (at ``delta``, default target_delta) after ``steps``
+        steps."""
         if steps <= 0:
             return 0.0
-        event = step_event(self.spec(run_id="plan", start_step=0, steps=1), steps=1)
+        ordinary = TrainingPlan(**{**asdict(self), "audit_canaries": 0, "audit_kind": ""})
+        event = step_event(ordinary.spec(run_id="plan", start_step=0, steps=1), steps=1)
         one = accountant.rdp_curve(event)
-        eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=one * steps, delta=self.target_delta)
+        at = self.target_delta if delta is None else delta
+        eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=one * steps, delta=at)
         return eps
 
 
@@ -154,12 +164,15 @@ def plan_training(
     clipping: str = "flat",
     bias_only: bool = False,
     ring_bits: int = 32,
+    audit_canaries: int = 0,
+    audit_kind: str = "",
 ) -> TrainingPlan:
     """Sampling rate, steps, gradient scale and Skellam mu for a target (eps, delta).
 
     q = batch_size / N (N = all sites' examples), T = ceil(epochs / q). The noise multiplier
     z is the smallest with eps(Skellam((z Delta_2)^2), q, T) <= target; Delta_2 depends on
     the scale 2^k, which the ring's headroom bounds given z, so the two are solved together.
+    With ``audit_canaries`` per site, every site's batch bound counts them as examples.
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ParameterError("target_epsilon", target_epsilon, "must be finite and > 0")
@@ -180,7 +193,7 @@ def plan_training(
     steps = max(1, math.ceil(epochs / q))
     steps_per_epoch = max(1, round(1 / q))
     n, h = len(parties), len(parties) - colluders
-    max_total = sum(max_batch_size(examples=e, sample_rate=q) for e in examples)
+    max_total = sum(max_batch_size(examples=e + audit_canaries, sample_rate=q) for e in examples)
 
     def z_for(k: int) -> float:
         l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
@@ -241,6 +254,8 @@ def plan_training(
         target_epsilon=float(target_epsilon),
         target_delta=float(target_delta),
         ring_bits=ring_bits,
+        audit_canaries=audit_canaries,
+        audit_kind=audit_kind,
     )
 
 
@@ -275,9 +290,18 @@ class TrainingResult:
     final_accuracy: float | None
     public_accuracy: float | None  # after the warm start, before DP (None without one)
     state_dict: dict[str, torch.Tensor] = field(repr=False)
+    audit: OneRunAudit | None = None  # an audit run's bound (mpcdp.train.audit)
 
     def to_json(self) -> dict[str, Any]:
+        audit = None
+        if self.audit is not None:
+            audit = {
+                **asdict(self.audit),
+                "kind": self.plan.audit_kind,
+                "fraction_reached": self.audit.fraction_reached,
+            }
         return {
+            "audit": audit,
             "run_id": self.run_id,
             "plan": {**asdict(self.plan), "noise_std": self.plan.noise_std},
             "steps_done": self.steps_done,
@@ -407,6 +431,12 @@ def train(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     stop_after: int | None = None,
     model_factory: Callable[[str], torch.nn.Module] = build_model,
+    audit_canaries: int = 0,
+    audit_kind: Literal["white-box", "black-box"] = "white-box",
+    audit_confidence: float = 0.95,
+    audit_delta: float | None = None,
+    feature_shape: tuple[int, ...] = (),
+    num_classes: int = 0,
 ) -> TrainingResult:
     """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
 
@@ -422,8 +452,25 @@ def train(
     step adds ``public_mixing`` times the gradient of a random public batch to the revealed
     private gradient (AdaMix's second phase trains on public and private data jointly; the
     public term is computed by the coordinator, on public data, at no privacy cost).
+
+    With ``audit_canaries`` > 0 the run is a one-run audit (mpcdp.train.audit): each site
+    takes that many canaries of ``audit_kind``, the result's ``audit`` holds the bound at
+    ``audit_confidence`` for ``audit_delta`` (default target_delta) next to the accountant's
+    epsilon at that delta. An audit run is one session: it is never resumed from a
+    checkpoint, and ``stop_after`` is refused. Black-box canaries need the sites'
+    ``feature_shape`` and ``num_classes`` (Describe; Federation.train fills them in).
     """
     parties = tuple(examples)
+    _check_audit(
+        audit_canaries=audit_canaries,
+        audit_kind=audit_kind,
+        audit_confidence=audit_confidence,
+        audit_delta=audit_delta,
+        feature_shape=feature_shape,
+        num_classes=num_classes,
+        stop_after=stop_after,
+        checkpoint=checkpoint,
+    )
     if set(parties) != {c.party_id for c in clients}:
         raise ParameterError(
             "examples", sorted(parties), f"must name the clients {[c.party_id for c in clients]}"
@@ -451,6 +498,8 @@ def train(
         colluders=colluders,
         clipping=clipping,
         bias_only=bias_only,
+        audit_canaries=audit_canaries,
+        audit_kind=audit_kind if audit_canaries else "",
     )
     opt = _make_optimizer(optimizer, trainable, learning_rate, momentum)
     history: list[EpochRecord] = []
@@ -492,11 +541,13 @@ def train(
         )
     end = plan.steps if stop_after is None else min(plan.steps, start + stop_after)
     t0 = time.perf_counter()
+    revealed: dict[str, NDArray[np.bool_]] = {}
+    scorer = None
     if start < end:
-        session = TrainingSession(
-            spec=plan.spec(run_id=run, start_step=start, steps=plan.steps - start),
-            clients=clients,
-        )
+        spec = plan.spec(run_id=run, start_step=start, steps=plan.steps - start)
+        if plan.audit_kind == "white-box":
+            scorer = white_box_scorer(spec=spec)
+        session = TrainingSession(spec=spec, clients=clients)
         session.open()
         try:
             full = True
@@ -515,6 +566,8 @@ def train(
                     flat = torch.cat([p.detach().reshape(-1) for p in trainable], out=sent)
                 total = session.step(parameters=flat.numpy(), full=full, out=words)
                 full = False
+                if scorer is not None:
+                    scorer.update(total)
                 # integer units -> the averaged gradient, in one float32 pass (float32 rounds
                 # each value by at most 2^-24 relative: post-processing of the release)
                 set_flat_gradients(trainable, grad.copy_(torch.from_numpy(total)).mul_(scale))
@@ -570,10 +623,29 @@ def train(
                                 "public_accuracy": public_accuracy,
                             },
                         )
+            revealed = session.audit_inclusion
         finally:
             session.close()
     done = max(start, end)
     final = history[-1].test_accuracy if history else None
+    report = None
+    if plan.audit_canaries and revealed:
+        scores = (
+            scorer.scores
+            if scorer is not None
+            else black_box_scores(
+                model=net, spec=spec, feature_shape=feature_shape, num_classes=num_classes
+            )
+        )
+        at = plan.target_delta if audit_delta is None else audit_delta
+        report = finish(
+            scores=scores,
+            included=revealed,
+            spec=spec,
+            delta=at,
+            confidence=audit_confidence,
+            claimed_epsilon=plan.epsilon_after(done, delta=at),
+        )
     return TrainingResult(
         plan=plan,
         run_id=run,
@@ -584,7 +656,47 @@ def train(
         final_accuracy=final,
         public_accuracy=public_accuracy,
         state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+        audit=report,
     )
+
+
+def _check_audit(
+    *,
+    audit_canaries: int,
+    audit_kind: str,
+    audit_confidence: float,
+    audit_delta: float | None,
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    stop_after: int | None,
+    checkpoint: Path | None,
+) -> None:
+    if (
+        isinstance(audit_canaries, bool)
+        or not isinstance(audit_canaries, int)
+        or not 0 <= audit_canaries <= MAX_CANARIES
+    ):
+        raise ParameterError(
+            "audit_canaries", audit_canaries, f"must be an int in [0, {MAX_CANARIES}]"
+        )
+    if audit_kind not in AUDIT_KINDS:
+        raise ParameterError("audit_kind", audit_kind, f"must be one of {AUDIT_KINDS}")
+    if not isinstance(audit_confidence, float | int) or not 0 < audit_confidence < 1:
+        raise ParameterError("audit_confidence", audit_confidence, "must be in (0, 1)")
+    if audit_delta is not None and (
+        not isinstance(audit_delta, float | int) or not 0 < audit_delta < 1
+    ):
+        raise ParameterError("audit_delta", audit_delta, "must be in (0, 1)")
+    if audit_canaries == 0:
+        return
+    if stop_after is not None:
+        raise ParameterError("stop_after", stop_after, "an audit run is never stopped early")
+    if checkpoint is not None and checkpoint.exists():
+        raise ParameterError("checkpoint", str(checkpoint), "exists: an audit run is never resumed")
+    if audit_kind == "black-box" and (not feature_shape or num_classes < 2):
+        raise ParameterError(
+            "feature_shape", feature_shape, "and num_classes >= 2 are needed for input canaries"
+        )
 
 
 def load_checkpoint(path: Path) -> tuple[torch.nn.Module, TrainingPlan, int]:

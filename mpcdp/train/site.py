@@ -199,6 +199,22 @@ class TorchGradientSource:
         out: NDArray[np.int32] | NDArray[np.int64] = words.numpy()
         return out
 
+    def add_examples(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
+        """Append examples (an audit run's included input canaries) before the first step;
+        they are Poisson-sampled with the rest."""
+        if self._sum is not None:
+            raise ParameterError("x", f"{len(x)} examples", "must be added before the first step")
+        if x.shape[1:] != tuple(self._x.shape[1:]) or y.shape != (x.shape[0],):
+            raise ParameterError(
+                "x", f"shape {x.shape}", f"must be (n, {tuple(self._x.shape[1:])}) with n labels"
+            )
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self._device, self._x.dtype)
+        yt = torch.from_numpy(np.ascontiguousarray(y)).to(self._device, self._y.dtype)
+        self._x = torch.cat([self._x, xt])
+        self._y = torch.cat([self._y, yt])
+        self._n += int(x.shape[0])
+        self._max_batch = max_batch_size(examples=self._n, sample_rate=self._q)
+
     def prepare_next(self) -> None:
         """Start drawing the next step's dither in the background (the engine calls this
         once a step's upload is sent, with the noise share and masks)."""

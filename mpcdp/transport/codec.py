@@ -70,6 +70,9 @@ LIMITS: dict[str, int] = {
     "public_key": 32,
     "signature": 128,
     "certificate": 8192,
+    "audit_kind": 16,
+    # bytes: the packed inclusion bits of at most mpcdp.audit.canaries.MAX_CANARIES canaries
+    "audit_inclusion": 1 << 17,
 }
 
 
@@ -232,6 +235,7 @@ def encode_chunks(
             length=contribution.length,
             epsilon_spent=contribution.epsilon_spent,
             budget_remaining=contribution.budget_remaining,
+            audit_inclusion=contribution.audit_inclusion,
         ),
     )
     wire = ring.dtype_for(contribution.ring_bits)  # little-endian words
@@ -258,6 +262,7 @@ def decode_chunks(
     if first.WhichOneof("body") != "header":
         raise ProtocolError("contribution stream does not start with its header")
     h = first.header
+    _cap("audit_inclusion", h.audit_inclusion)
 
     def chunks() -> Iterator[ring.RingVector]:
         for msg in it:
@@ -277,6 +282,7 @@ def decode_chunks(
         epsilon_spent=h.epsilon_spent,
         budget_remaining=h.budget_remaining,
         chunks=chunks(),
+        audit_inclusion=h.audit_inclusion,
     )
 
 
@@ -302,6 +308,8 @@ _TRAIN_FIELDS = (
     "num_params",
     "ring_bits",
     "colluders",
+    "audit_canaries",
+    "audit_kind",
 )
 
 
@@ -313,7 +321,7 @@ def train_spec_to_pb(spec: TrainSpec) -> pb.TrainSpec:
 
 
 def train_spec_from_pb(msg: pb.TrainSpec) -> TrainSpec:
-    for name in ("run_id", "dataset", "model", "clipping"):
+    for name in ("run_id", "dataset", "model", "clipping", "audit_kind"):
         _cap(name, getattr(msg, name))
     _cap_list("parties", "party", msg.parties)
     try:
