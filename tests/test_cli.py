@@ -17,10 +17,28 @@ from mpcdp.localnet import LocalFederation, launch
 pytestmark = pytest.mark.slow
 
 
+#: the installed console script, as a user runs it (pip install -e . puts it beside python)
+MPCDP = str(Path(sys.executable).parent / "mpcdp")
+
+
 def mpcdp(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mpcdp.cli", *args], capture_output=True, text=True, check=check
+    return subprocess.run([MPCDP, *args], capture_output=True, text=True, check=check)
+
+
+def test_the_command_and_python_m_mpcdp_and_plain_help() -> None:
+    assert mpcdp("--version").stdout.startswith("mpcdp ")
+    as_module = subprocess.run(
+        [sys.executable, "-m", "mpcdp", "--version"], capture_output=True, text=True, check=True
     )
+    assert as_module.stdout.startswith("mpcdp ")
+    for cmd in (["query", "mean"], ["budget"], ["health"], ["certs", "init"], ["party", "serve"]):
+        help_text = mpcdp(*cmd, "--help").stdout
+        assert "<bool>" not in help_text, cmd  # flags take no value
+        assert "--help" in help_text
+    health_help = mpcdp("health", "--help").stdout
+    for flag in ("--ca", "--cert", "--key", "--timeout"):
+        line = next(li for li in health_help.splitlines() if li.strip().startswith(flag))
+        assert len(line.split()) > 2, line  # each has a help text
 
 
 def test_certs_init(tmp_path: Path) -> None:
@@ -52,6 +70,7 @@ def test_certs_init(tmp_path: Path) -> None:
         check=False,
     )
     assert again.returncode == 2 and "already holds a CA" in again.stderr
+    assert "--force" in again.stderr
     bad = mpcdp(
         "certs",
         "init",
@@ -191,61 +210,81 @@ def test_query_errors_are_clear(fed: LocalFederation) -> None:
         str(fed.workdir / "nope.toml"),
         "--dataset",
         "t",
+        "--epsilon",
+        "1",
         check=False,
     )
     assert missing.returncode == 1 and "nope.toml: cannot read" in missing.stderr
+    # a query never spends a budget the analyst did not name
+    unnamed = mpcdp(
+        "query", "mean", "--federation", f, "--dataset", "t", "--column", "raise", check=False
+    )  # fmt: skip
+    assert unnamed.returncode == 2 and "--epsilon" in unnamed.stderr
+    assert "is required" in unnamed.stderr
 
 
 def test_budget_and_health_commands(fed: LocalFederation) -> None:
-    mpcdp(
-        "query",
-        "sum",
-        "--federation",
-        str(fed.federation_config),
-        "--dataset",
-        "t",
-        "--column",
-        "raise",
-        "--epsilon",
-        "0.25",
-    )
+    f = str(fed.federation_config)
+    for _ in range(3):
+        mpcdp("query", "sum", "--federation", f, "--dataset", "t", "--column", "raise",
+              "--epsilon", "0.1")  # fmt: skip
+    mpcdp("query", "mean", "--federation", f, "--dataset", "t", "--column", "raise",
+          "--mechanism", "none")  # fmt: skip
+    for _ in range(2):
+        mpcdp("query", "sum", "--federation", f, "--dataset", "t", "--column", "raise",
+              "--mechanism", "skellam", "--epsilon", "0.5")  # fmt: skip
     out = json.loads(mpcdp("budget", "--config", str(fed.party_configs["alice"]), "--json").stdout)
-    assert out["party"] == "alice" and out["datasets"]["t"]["spent_epsilon"] == 0.25
+    t = out["party"] == "alice" and out["datasets"]["t"]
+    assert t["pure_epsilon_spent"] == "0.3"  # three 0.1s, exactly
+    assert t["queries"] == 6 and t["exact_queries"] == 1  # the exact mean is one query
+    entries = t["entries"]
+    assert [e["mechanism"] for e in entries] == ["pure DP"] * 3 + ["exact (no DP)"] + [
+        "skellam"
+    ] * 2
+    s1, s2 = entries[4], entries[5]
+    assert s2["rdp_total_after"] < s1["rdp_epsilon_alone"] + s2["rdp_epsilon_alone"]
+    assert t["spent_epsilon"] == pytest.approx(0.3 + s2["rdp_total_after"], rel=1e-9)
     text = mpcdp("budget", "--config", str(fed.party_configs["alice"])).stdout
-    assert "spent 0.25 of 2" in text
+    assert "6 queries (1 exact, no DP)" in text and "epsilon 0.1" in text
+    assert "RDP charges compose" in text and "0.30000000000000004" not in text
     certs = fed.workdir / "certs"
-    ok = mpcdp(
-        "health",
-        "--address",
-        f"127.0.0.1:{fed.ports['bob']}",
-        "--name",
-        "bob",
-        "--ca",
-        str(certs / "ca.pem"),
-        "--cert",
-        str(certs / "analyst.pem"),
-        "--key",
-        str(certs / "analyst.key"),
+    mpcdp("certs", "init", "--out", str(fed.workdir / "other"), "--parties", "bob",
+          "--coordinators", "analyst")  # fmt: skip
+    other = fed.workdir / "other"
+
+    def health(port: int, name: str, ca: Path, mine: Path) -> subprocess.CompletedProcess[str]:
+        return mpcdp(
+            "health", "--address", f"127.0.0.1:{port}", "--name", name, "--ca", str(ca),
+            "--cert", str(mine / "analyst.pem"), "--key", str(mine / "analyst.key"),
+            "--timeout", "5", check=False,
+        )  # fmt: skip
+
+    bob = fed.ports["bob"]
+    ok = health(bob, "bob", certs / "ca.pem", certs)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
+    wrong_name = health(bob, "carlos", certs / "ca.pem", certs)
+    assert wrong_name.returncode == 1 and "NOT SERVING (NAME)" in wrong_name.stdout
+    assert "not 'carlos''s" in wrong_name.stdout
+    their_ca = health(bob, "bob", other / "ca.pem", other)
+    assert their_ca.returncode == 1 and "NOT SERVING (TLS)" in their_ca.stdout
+    assert "not signed by your CA" in their_ca.stdout
+    our_cert = health(bob, "bob", certs / "ca.pem", other)
+    assert our_cert.returncode == 1 and "did not accept your certificate" in our_cert.stdout
+    # an analyst whose certificate comes from another CA is told so, not "Socket closed"
+    stranger = fed.workdir / "stranger.toml"
+    stranger.write_text(
+        fed.federation_config.read_text()
+        .replace('"certs/analyst.', '"other/analyst.')
+        .replace("'certs/analyst.", "'other/analyst.")
     )
-    assert ok.stdout.strip() == "SERVING"
+    refused = mpcdp("query", "sum", "--federation", str(stranger), "--dataset", "t",
+                    "--column", "raise", "--epsilon", "0.1", check=False)  # fmt: skip
+    assert refused.returncode == 1 and "TLS handshake" in refused.stderr, refused.stderr
+    assert "did not accept your certificate" in refused.stderr
     fed.kill("bob")
-    down = mpcdp(
-        "health",
-        "--address",
-        f"127.0.0.1:{fed.ports['bob']}",
-        "--name",
-        "bob",
-        "--ca",
-        str(certs / "ca.pem"),
-        "--cert",
-        str(certs / "analyst.pem"),
-        "--key",
-        str(certs / "analyst.key"),
-        "--timeout",
-        "2",
-        check=False,
-    )
-    assert down.returncode == 1
+    down = health(bob, "bob", certs / "ca.pem", certs)
+    assert down.returncode == 1 and "NOT SERVING (REFUSED)" in down.stdout
+    assert "nothing listens" in down.stdout
 
 
 def test_party_serve_refuses_a_broken_config(tmp_path: Path) -> None:

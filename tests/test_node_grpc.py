@@ -231,7 +231,9 @@ def test_health_service_over_mtls(net: Net) -> None:
             key=root / "certs/analyst.key",
         )
     )
-    assert check_health(address=f"127.0.0.1:{net.nodes['bob'].port}", creds=creds, party_id="bob")
+    assert check_health(
+        address=f"127.0.0.1:{net.nodes['bob'].port}", creds=creds, party_id="bob"
+    ).serving
 
 
 @pytest.mark.parametrize(

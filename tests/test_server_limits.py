@@ -95,7 +95,7 @@ def test_silent_train_streams_do_not_freeze_a_party(tmp_path: Path) -> None:
             creds=coordinator_creds(tmp_path, "other"),
             party_id="alice",
             timeout_s=5,
-        )
+        ).serving
         # and so do the analyst's own
         assert analyst.Describe(pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=5).datasets
         limit = srv.DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR

@@ -14,6 +14,8 @@ app = typer.Typer(
     help="Secure multiparty aggregation with distributed differential privacy.",
     no_args_is_help=True,
     add_completion=False,
+    # click's plain help: flags without a "<bool>" metavar, paths never wrapped in a box
+    rich_markup_mode=None,
 )
 app.add_typer(certs.app, name="certs")
 app.add_typer(party.app, name="party")

@@ -7,53 +7,114 @@ from pathlib import Path
 
 import typer
 
+from mpcdp.dp.ledger_report import RDP_NOTE, DatasetReport, Entry, exact_decimal
 from mpcdp.errors import MpcdpError
+
+
+def _num(x: float | None) -> float | None:
+    """A float without binary noise (0.10000000000000009 -> 0.1): 12 significant digits."""
+    return None if x is None else float(f"{x:.12g}")
+
+
+def _eps_text(e: Entry) -> str:
+    if e.kind == "training":
+        what = f"training {e.run_id} block {e.block}" + (f" ({e.steps} steps)" if e.steps else "")
+    else:
+        what = f"query {e.query_id}"
+    spent = []
+    if e.pure_epsilon is not None:
+        spent.append(f"epsilon {exact_decimal(e.pure_epsilon)}")
+    if e.rdp_epsilon_alone is not None:
+        spent.append(
+            f"epsilon {e.rdp_epsilon_alone:.6g} alone, RDP total {e.rdp_total_after:.6g} after it"
+        )
+    if e.exact:
+        spent.append("exact release, no DP (epsilon 0)")
+    return f"    {e.at}  {what:<40} {e.mechanism:<16} {'; '.join(spent)}"
 
 
 def budget(
     config: Path = typer.Option(..., "--config", help="The party's party.toml."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Budget, spend and queries per dataset of this party."""
+    """Budget, spend and every charge (query or training block) per dataset of this party.
+
+    Reads the ledger locally; nothing is sent anywhere."""
     from mpcdp.config import load_party_config
     from mpcdp.dp.ledger import BudgetLedger
+    from mpcdp.dp.ledger_report import report
 
     try:
         cfg = load_party_config(config)
         if not cfg.ledger.exists():
             raise MpcdpError(f"ledger {cfg.ledger} does not exist yet (the node creates it)")
         with BudgetLedger(cfg.ledger) as ledger:
-            statuses = {name: ledger.status(name) for name in ledger.datasets()}
-            charges = {name: ledger.charges(name) for name in statuses}
+            reports = [
+                report(status=ledger.status(name), charges=ledger.charges(name))
+                for name in ledger.datasets()
+            ]
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    obj = {
-        "party": cfg.id,
-        "ledger": str(cfg.ledger),
-        "datasets": {
-            name: {
-                "budget_epsilon": float(s.budget_epsilon),
-                "delta": s.delta,
-                "spent_epsilon": s.spent_epsilon,
-                "remaining_epsilon": s.remaining_epsilon,
-                "queries": s.queries,
-                "exact_releases": s.exact_releases,
-                "charges": [
-                    {"query_id": c.query_id, "kind": c.event.kind, "at": c.created_at}
-                    for c in charges[name]
-                ],
-            }
-            for name, s in statuses.items()
-        },
-    }
     if as_json:
-        typer.echo(json.dumps(obj))
+        typer.echo(json.dumps(_to_json(cfg.id, str(cfg.ledger), reports)))
         return
     typer.echo(f"party {cfg.id}, ledger {cfg.ledger}")
-    for name, d in obj["datasets"].items():  # type: ignore[attr-defined]
+    any_rdp = False
+    for r in reports:
         typer.echo(
-            f"  {name}: spent {d['spent_epsilon']:g} of {d['budget_epsilon']:g} "
-            f"(left {d['remaining_epsilon']:g}, delta {d['delta']:g}), {d['queries']} queries, "
-            f"{d['exact_releases']} exact releases"
+            f"  {r.dataset}: spent {r.spent:.6g} of {exact_decimal(r.budget_epsilon)} "
+            f"(left {r.remaining:.6g}; pure {exact_decimal(r.pure_spent)} + RDP "
+            f"{r.rdp_spent:.6g} at delta {r.delta:g})"
         )
+        runs = ", ".join(f"{run}: {n} blocks" for run, n in r.training_blocks.items())
+        typer.echo(
+            f"    {r.queries} queries ({r.exact_queries} exact, no DP)"
+            + (f"; training {runs}" if runs else "")
+        )
+        for e in r.entries:
+            typer.echo(_eps_text(e))
+            any_rdp = any_rdp or e.rdp_epsilon_alone is not None
+    if any_rdp:
+        typer.echo(f"  note: {RDP_NOTE}")
+
+
+def _to_json(party: str, ledger: str, reports: list[DatasetReport]) -> dict[str, object]:
+    return {
+        "party": party,
+        "ledger": ledger,
+        "note": RDP_NOTE,
+        "datasets": {
+            r.dataset: {
+                "budget_epsilon": _num(float(r.budget_epsilon)),
+                "budget_epsilon_exact": exact_decimal(r.budget_epsilon),
+                "delta": r.delta,
+                "spent_epsilon": _num(r.spent),
+                "pure_epsilon_spent": exact_decimal(r.pure_spent),
+                "rdp_epsilon_spent": _num(r.rdp_spent),
+                "remaining_epsilon": _num(r.remaining),
+                "queries": r.queries,
+                "exact_queries": r.exact_queries,
+                "training_blocks": r.training_blocks,
+                "entries": [
+                    {
+                        "kind": e.kind,
+                        "query_id": e.query_id,
+                        "run_id": e.run_id,
+                        "block": e.block,
+                        "at": e.at,
+                        "mechanism": e.mechanism,
+                        "pure_epsilon": (
+                            None if e.pure_epsilon is None else exact_decimal(e.pure_epsilon)
+                        ),
+                        "exact": e.exact,
+                        "rdp_epsilon_alone": _num(e.rdp_epsilon_alone),
+                        "rdp_total_after": _num(e.rdp_total_after),
+                        "steps": e.steps,
+                    }
+                    for e in r.entries
+                ],
+            }
+            for r in reports
+        },
+    }

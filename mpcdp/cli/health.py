@@ -10,12 +10,15 @@ import typer
 def health(
     address: str = typer.Option(..., "--address", help="HOST:PORT of the party."),
     name: str = typer.Option(..., "--name", help="The party id its certificate must carry."),
-    ca: Path = typer.Option(..., "--ca"),
-    cert: Path = typer.Option(..., "--cert"),
-    key: Path = typer.Option(..., "--key"),
-    timeout: float = typer.Option(5.0, "--timeout"),
+    ca: Path = typer.Option(..., "--ca", help="The federation's CA certificate (ca.pem)."),
+    cert: Path = typer.Option(..., "--cert", help="Your certificate (e.g. analyst.pem)."),
+    key: Path = typer.Option(..., "--key", help="Your private key (e.g. analyst.key)."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the answer."),
 ) -> None:
-    """Check a party's health service over mutual TLS."""
+    """Check a party's health service over mutual TLS.
+
+    Prints SERVING (exit 0), or what went wrong and what to check (exit 1): nothing listening,
+    a TLS handshake refused by either side, a certificate for another name, no answer."""
     from mpcdp.config import TlsConfig
     from mpcdp.errors import MpcdpError
     from mpcdp.transport import tls
@@ -26,6 +29,9 @@ def health(
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    ok = check_health(address=address, creds=creds, party_id=name, timeout_s=timeout)
-    typer.echo("SERVING" if ok else "NOT SERVING")
-    raise typer.Exit(0 if ok else 1)
+    result = check_health(address=address, creds=creds, party_id=name, timeout_s=timeout)
+    if result.serving:
+        typer.echo("SERVING")
+        raise typer.Exit(0)
+    typer.echo(f"NOT SERVING ({result.status}): {result.reason}")
+    raise typer.Exit(1)

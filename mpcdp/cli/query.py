@@ -15,7 +15,12 @@ app = typer.Typer(help="Query a federation.", no_args_is_help=True)
 
 FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
 DATASET = typer.Option(..., "--dataset", help="Dataset name, as the parties declare it.")
-EPSILON = typer.Option(1.0, "--epsilon", help="Privacy budget this query spends at every party.")
+EPSILON = typer.Option(
+    None,
+    "--epsilon",
+    help="Privacy budget this query spends at every party (required, except with "
+    "--mechanism none).",
+)
 MECHANISM = typer.Option(
     "discrete-laplace", "--mechanism", help=f"Noise: one of {', '.join(MECHANISMS)}."
 )
@@ -31,7 +36,14 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
             f"mechanism={kw['mechanism']!r} is not one of {list(MECHANISMS)}",
             param_hint="--mechanism",
         )
+    if kw["mechanism"] != "none" and kw["epsilon"] is None:
+        raise typer.BadParameter(
+            "is required: the privacy budget this query spends at every party "
+            "(e.g. --epsilon 1); only --mechanism none (exact, no DP) spends none",
+            param_hint="--epsilon",
+        )
     if kw["mechanism"] == "none":
+        kw["epsilon"] = 0.0
         typer.echo(
             "warning: mechanism none releases the exact value (no differential privacy)", err=True
         )
@@ -68,7 +80,7 @@ def sum_(
     federation: Path = FEDERATION,
     dataset: str = DATASET,
     column: str = typer.Option("", "--column", help="Column (omit for vector datasets)."),
-    epsilon: float = EPSILON,
+    epsilon: float | None = EPSILON,
     mechanism: str = MECHANISM,
     delta: float | None = DELTA,
     ring_bits: int | None = typer.Option(
@@ -98,8 +110,8 @@ def sum_(
 def mean(
     federation: Path = FEDERATION,
     dataset: str = DATASET,
-    column: str = typer.Option(..., "--column"),
-    epsilon: float = EPSILON,
+    column: str = typer.Option(..., "--column", help="Column name, as the parties declare it."),
+    epsilon: float | None = EPSILON,
     mechanism: str = MECHANISM,
     delta: float | None = DELTA,
     as_json: bool = AS_JSON,
@@ -122,7 +134,7 @@ def count(
     federation: Path = FEDERATION,
     dataset: str = DATASET,
     column: str = typer.Option("", "--column", help="Ignored: counts rows."),
-    epsilon: float = EPSILON,
+    epsilon: float | None = EPSILON,
     mechanism: str = MECHANISM,
     delta: float | None = DELTA,
     as_json: bool = AS_JSON,
@@ -143,8 +155,8 @@ def count(
 def histogram(
     federation: Path = FEDERATION,
     dataset: str = DATASET,
-    column: str = typer.Option(..., "--column"),
-    epsilon: float = EPSILON,
+    column: str = typer.Option(..., "--column", help="Column name, as the parties declare it."),
+    epsilon: float | None = EPSILON,
     mechanism: str = MECHANISM,
     delta: float | None = DELTA,
     as_json: bool = AS_JSON,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,7 +30,13 @@ from mpcdp.protocol.spec import QuerySpec
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.transport import codec, tls
 
-__all__ = ["DEFAULT_ABORT_DEADLINE_S", "GrpcPartyClient", "check_health"]
+__all__ = [
+    "DEFAULT_ABORT_DEADLINE_S",
+    "GrpcPartyClient",
+    "Health",
+    "check_health",
+    "explain_unavailable",
+]
 
 #: Abort is a courtesy (an unused session also expires at the party): it gets a short
 #: deadline of its own, so a party that stopped answering does not cost a round a second
@@ -90,6 +97,9 @@ class GrpcPartyClient:
             )
         elif code is grpc.StatusCode.UNAVAILABLE:
             outcome = f"is unreachable at {self.address}"
+            details = explain_unavailable(
+                details or "", address=self.address, party_id=self._party_id
+            )
         elif code is grpc.StatusCode.CANCELLED:
             # the party cancels a call that waited too long on the coordinator (its
             # stream_silence_s); gRPC cannot carry a message on a cancelled call
@@ -181,14 +191,92 @@ class GrpcPartyClient:
         self._call(self._stub.Abort, req, deadline_s=self._abort_deadline)
 
 
+@dataclass(frozen=True)
+class Health:
+    """What ``mpcdp health`` found: ``serving`` when the party answered SERVING over mTLS,
+    else ``status`` (a short word: NOT_SERVING, REFUSED, TLS, NAME, TIMEOUT, UNAVAILABLE) and
+    ``reason``, a sentence saying what to check."""
+
+    serving: bool
+    status: str
+    reason: str
+
+
+def explain_unavailable(details: str, *, address: str, party_id: str) -> str:
+    """gRPC's UNAVAILABLE details as what happened and what to check.
+
+    gRPC reports a dead port, a certificate from another CA on either side and a party
+    certificate for another name alike as UNAVAILABLE; its details tell them apart (the
+    strings of grpc 1.6x-1.8x, matched loosely, with the original kept at the end)."""
+    low = details.lower()
+    if "hostname verification" in low or "peer name" in low:
+        what = (
+            f"the certificate presented at {address} is not {party_id!r}'s: check the "
+            "party id (--name, or the id in federation.toml) and that the address is that "
+            "party's"
+        )
+    elif "certificate_verify_failed" in low or "certificate verify failed" in low:
+        what = (
+            f"TLS handshake with {address} failed: the party's certificate is not signed by "
+            "your CA (--ca / [tls] ca): both sides must use the same federation's ca.pem"
+        )
+    elif "socket closed" in low or "handshake" in low or "ssl" in low:
+        what = (
+            f"TLS handshake with {address} failed: the party closed the connection, so it "
+            "did not accept your certificate: check that your --cert/--key ([tls] cert, key) "
+            "come from the party's federation CA, or that the address is a party at all"
+        )
+    elif "connection refused" in low:
+        what = f"nothing listens at {address}: is the party running, on this port?"
+    elif "deadline" in low or "timeout" in low or "timed out" in low:
+        what = f"no answer from {address}: a firewall, or a host that is down?"
+    else:
+        what = f"cannot connect to {address}"
+    return f"{what} (gRPC: {details})" if details else what
+
+
+def _health_status(reason: str) -> str:
+    if reason.startswith("TLS handshake"):
+        return "TLS"
+    if reason.startswith("the certificate presented"):
+        return "NAME"
+    if reason.startswith("nothing listens"):
+        return "REFUSED"
+    if reason.startswith("no answer"):
+        return "TIMEOUT"
+    return "UNAVAILABLE"
+
+
 def check_health(
     *, address: str, creds: tls.Credentials, party_id: str, timeout_s: float = 5.0
-) -> bool:
-    """True when the party at ``address`` answers SERVING over mTLS."""
+) -> Health:
+    """Ask the party at ``address`` (whose certificate must name ``party_id``) for its
+    health over mTLS, and say why when it does not answer SERVING."""
     with tls.channel(address, creds=creds, server_name=party_id) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            details = (err.details() if hasattr(err, "details") else None) or ""
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return Health(
+                    serving=False,
+                    status="TIMEOUT",
+                    reason=f"no answer from {address} within {timeout_s:g} s: a firewall, a "
+                    "host that is down, or a party still starting?",
+                )
+            if code is grpc.StatusCode.UNAVAILABLE:
+                reason = explain_unavailable(details, address=address, party_id=party_id)
+                return Health(serving=False, status=_health_status(reason), reason=reason)
+            name = code.name if code else "UNKNOWN"
+            return Health(
+                serving=False, status=name, reason=f"the party answered {name}: {details}"
+            )
+        if resp.status == health_pb2.HealthCheckResponse.SERVING:
+            return Health(serving=True, status="SERVING", reason="")
+        return Health(
+            serving=False,
+            status="NOT_SERVING",
+            reason=f"{party_id!r} at {address} answered but is not serving (shutting down?)",
+        )

@@ -1,0 +1,5 @@
+"""``python -m mpcdp``: the ``mpcdp`` command."""
+
+from mpcdp.cli.app import main
+
+main()
