@@ -778,6 +778,41 @@ def test_sites_and_coordinator_train_their_own_module(tmp_path: Path) -> None:
         n.stop()
 
 
+class BatchCentred(torch.nn.Module):
+    """Centres a hidden layer by the batch mean: one example moves every other's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 4)
+        self.b = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        out: torch.Tensor = self.b(torch.tanh(h - h.mean(dim=0)))
+        return out
+
+
+def test_a_model_whose_examples_interact_is_refused_at_open_with_nothing_charged(
+    tmp_path: Path,
+) -> None:
+    """The sites check the model on a synthetic batch when the session opens: the refusal
+    names the module, depends on no private data, and comes before any charge."""
+    n = build_net(tmp_path, extra=examples_toml(tmp_path), model_factory=lambda _: BatchCentred())
+    try:
+        with Federation.from_config(n.federation) as fed:
+            with pytest.raises(RoundAborted, match="examples interact") as info:
+                fed.train(
+                    dataset="ex", model="centred", model_factory=lambda _: BatchCentred(),
+                    target_epsilon=8.0, target_delta=1e-5, epochs=1, batch_size=30,
+                )  # fmt: skip
+        assert "module 'b'" in str(info.value)
+        for node in n.nodes.values():
+            assert node.ledger.charges("ex") == []
+            assert node.ledger.reserved_epsilon("ex") == 0
+    finally:
+        n.stop()
+
+
 def test_checkpoints_are_loaded_without_unpickling_code(tmp_path: Path) -> None:
     import pickle
 

@@ -45,6 +45,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: examples in the synthetic batch the model is checked on at session open
+_CHECK_BATCH = 16
+
 
 def cross_entropy_per_example(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, target, reduction="none")
@@ -108,6 +111,8 @@ class TorchGradientSource:
             bias_only=spec.bias_only,
         )
         self._all = list(self.model.parameters())
+        self._loss_fn = loss_fn
+        self._check_model(examples.feature_shape, examples.num_classes)
         self._x = torch.from_numpy(examples.x).to(self._device)
         self._y = torch.from_numpy(examples.y).to(self._device)
         self._n = examples.count
@@ -116,7 +121,6 @@ class TorchGradientSource:
         self._int = torch.int32 if spec.ring_bits == 32 else torch.int64
         self._max_batch = max_batch_size(examples=self._n, sample_rate=self._q)
         self._physical = max_physical_batch
-        self._loss_fn = loss_fn
         self._gen: torch.Generator | None = None
         # the next step's rounding dither, drawn in the background (prepare_next): it does
         # not depend on the data, and on a CPU site it is the largest single pass of the step
@@ -136,6 +140,29 @@ class TorchGradientSource:
         self._low: torch.Tensor | None = None
         self._words: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
+
+    def _check_model(self, feature_shape: tuple[int, ...], num_classes: int) -> None:
+        """The clipper's first-use checks (examples independent, batch dimension real,
+        parameters used in their own module) on a synthetic batch, when the session opens:
+        a refusal then depends on no private data and comes before any step. The batch is
+        public and fixed (uniform [0, 1) features, labels 0, 1, ...): it must carry nothing
+        about this site. A model that cannot run on it is checked on its first real batch
+        instead (mpcdp.train.clipping.checks), where a refusal would depend on that batch."""
+        gen = torch.Generator().manual_seed(0)
+        size = _CHECK_BATCH
+        x = torch.rand((size, *feature_shape), generator=gen).to(self._device)
+        y = (torch.arange(size) % max(num_classes, 1)).to(self._device)
+        try:
+            self.clipper.check_model(inputs=x, targets=y, loss_fn=self._loss_fn)
+        except ParameterError:
+            raise
+        except Exception as exc:  # any failure of the user's model on synthetic inputs
+            log.warning(
+                "the model cannot run on a synthetic batch (%s: %s); its first real batch "
+                "is checked instead",
+                type(exc).__name__,
+                str(exc)[:200],
+            )
 
     @property
     def num_params(self) -> int:
