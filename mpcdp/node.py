@@ -195,6 +195,13 @@ class PartyNode:
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
+    def dataset_states(self) -> dict[str, str | None]:
+        """Dataset name -> None when it can be used, else its validation error (for the
+        owner's eyes only)."""
+        out: dict[str, str | None] = {name: v.error for name, v in self.views.items()}
+        out.update({name: t.error for name, t in self.tasks.items()})
+        return dict(sorted(out.items()))
+
     def describe(self) -> list[pb.DatasetInfo]:
         out = []
         for name, task in sorted(self.tasks.items()):
@@ -273,8 +280,14 @@ def _force_exit() -> None:
     os._exit(1)
 
 
-def serve(config_path: str | Path, *, port_file: Path | None = None) -> None:
-    """Run a party node until SIGINT or SIGTERM."""
+def serve(
+    config_path: str | Path,
+    *,
+    port_file: Path | None = None,
+    on_ready: Callable[[PartyNode], None] | None = None,
+) -> None:
+    """Run a party node until SIGINT or SIGTERM. ``on_ready(node)`` is called once it
+    serves (the command line prints where, and what)."""
     done = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -288,6 +301,8 @@ def serve(config_path: str | Path, *, port_file: Path | None = None) -> None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")
         tmp.write_text(f"{port}\n")
         tmp.replace(port_file)  # atomic: readers never see a partial file
+    if on_ready is not None:
+        on_ready(node)
     try:
         while not done.wait(timeout=1.0):
             pass

@@ -334,3 +334,29 @@ def test_party_check_shows_the_owner_what_the_coordinator_is_not_told(tmp_path: 
     assert "bob.csv" in bad.stdout
     broken = mpcdp("party", "check", "--config", str(tmp_path / "nope.toml"), check=False)
     assert broken.returncode == 1 and "cannot read" in broken.stderr
+
+
+def test_party_serve_says_where_it_serves(tmp_path: Path) -> None:
+    from tests.conftest import build_net
+
+    net = build_net(tmp_path, start=False, csv_override={"bob": "raise,dept\n9000,eng\n"})
+    net.stop()
+    port_file = tmp_path / "bob.port"
+    proc = subprocess.Popen(
+        [MPCDP, "party", "serve", "--config", str(tmp_path / "bob.toml"),
+         "--port-file", str(port_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        port = port_file.read_text().strip()
+        assert first.startswith(f"party bob serving on 127.0.0.1:{port} (mutual TLS)"), first
+        rest = [proc.stdout.readline() for _ in range(2)]
+        assert "ledger" in rest[0] and "analyst" in rest[0]
+        # the owner sees that a dataset is unusable; the details stay in the log (stderr)
+        assert "dataset raises: UNAVAILABLE" in rest[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0

@@ -21,8 +21,17 @@ def serve(
     """Serve this party's datasets to the federation's coordinators until SIGINT/SIGTERM."""
     from mpcdp import node
 
+    def ready(party: node.PartyNode) -> None:
+        cfg = party.config
+        host = cfg.listen.rsplit(":", 1)[0]
+        typer.echo(f"party {cfg.id} serving on {host}:{party.port} (mutual TLS); Ctrl-C stops it")
+        typer.echo(f"  ledger {cfg.ledger}; coordinators allowed: {', '.join(cfg.coordinators)}")
+        for name, problem in party.dataset_states().items():
+            state = "ok" if problem is None else "UNAVAILABLE (see the log above)"
+            typer.echo(f"  dataset {name}: {state}")
+
     try:
-        node.serve(config, port_file=port_file)
+        node.serve(config, port_file=port_file, on_ready=ready)
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
