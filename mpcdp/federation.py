@@ -266,6 +266,13 @@ class Federation:
             lower = col.lower if lower is None else lower
             upper = col.upper if upper is None else upper
             categories = tuple(col.categories) if categories is None else categories
+            if stat is Statistic.HISTOGRAM and not categories:
+                raise ParameterError(
+                    "column",
+                    column,
+                    f"is numeric (bounds [{col.lower:g}, {col.upper:g}]), not categorical: a "
+                    "histogram needs a column the parties declare with categories = [...]",
+                )
         if mechanism in ("skellam", "discrete-gaussian") and delta is None:
             delta = info.delta if info.delta > 0 else DEFAULT_DELTA
         spec = QuerySpec(

@@ -215,6 +215,10 @@ def test_query_errors_are_clear(fed: LocalFederation) -> None:
         check=False,
     )
     assert missing.returncode == 1 and "nope.toml: cannot read" in missing.stderr
+    numeric = mpcdp("query", "histogram", "--federation", f, "--dataset", "t", "--column",
+                    "raise", "--epsilon", "0.5", check=False)  # fmt: skip
+    assert numeric.returncode == 1 and "is numeric" in numeric.stderr
+    assert "not categorical" in numeric.stderr
     # a query never spends a budget the analyst did not name
     unnamed = mpcdp(
         "query", "mean", "--federation", f, "--dataset", "t", "--column", "raise", check=False

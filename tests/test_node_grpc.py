@@ -283,6 +283,7 @@ def test_exact_release_needs_the_partys_consent(tmp_path: Path) -> None:
         with Federation.from_config(n.federation) as fed, pytest.raises(RoundAborted) as info:
             fed.mean(dataset="raises", column="raise", mechanism="none")
         assert "dataset 'raises' does not allow exact" in str(info.value)
+        assert "allow_exact = false" in str(info.value)
         assert n.nodes["alice"].ledger.status("raises").queries == 0
     finally:
         n.stop()

@@ -482,7 +482,8 @@ class PartyEngine(SessionHost):
         if spec.mechanism == "none":
             if not cfg.allow_exact:
                 raise PolicyError(
-                    f"dataset {cfg.name!r} does not allow exact (mechanism none) releases"
+                    f"dataset {cfg.name!r} does not allow exact (mechanism none) releases: "
+                    f"its party.toml has allow_exact = false under [datasets.{cfg.name}]"
                 )
         elif (
             cfg.max_epsilon_per_query is not None
