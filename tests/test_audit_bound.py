@@ -189,7 +189,7 @@ def test_p_value_refuses_bad_epsilon() -> None:
     [
         (dict(scores=[]), "scores"),
         (dict(scores=[1.0, math.nan]), "scores"),
-        (dict(scores=[[1.0]], included=[[True]]), "scores"),
+        (dict(scores=[[[1.0]]], included=[True]), "scores"),
         (dict(included=[1, 0]), "included"),
         (dict(included=[True]), "included"),
         (dict(k_plus=1), "k_minus"),
@@ -219,3 +219,20 @@ def test_inclusion_bits_round_trip_strictly() -> None:
         unpack_inclusion(data + b"\0", count=9, party="a")
     with pytest.raises(ProtocolError, match="padding"):
         unpack_inclusion(bytes([data[0], 0xFF]), count=9, party="a")
+
+
+def test_several_score_sets_are_tried_and_paid_for() -> None:
+    """Two score sets, one useless: the bound uses the informative one and twice as many
+    Bonferroni candidates as one set alone."""
+    rng = np.random.default_rng(11)
+    scores, included = randomized_response(rng, 4000, 3.0)
+    scores = scores + rng.random(4000) * 1e-3
+    noise = rng.random(4000)
+    one = bound.audit(scores=scores, included=included, delta=1e-9, confidence=0.99)
+    both = bound.audit(
+        scores=np.stack([noise, scores]), included=included, delta=1e-9, confidence=0.99
+    )
+    assert both.score_set == 1 and both.candidates == 2 * one.candidates
+    assert 0 < both.epsilon_lower_bound <= one.epsilon_lower_bound
+    with pytest.raises(ParameterError, match="included"):
+        bound.audit(scores=np.zeros((2, 3)), included=[True, False], delta=0.0)

@@ -30,6 +30,30 @@ def test_white_box_score_is_the_per_step_likelihood_ratio() -> None:
     one = np.log(0.9 + 0.1 * np.exp((4 * x - 8) / 4))
     np.testing.assert_allclose(scorer.scores, 2 * one, rtol=1e-12)
     assert scorer.steps == 2
+    # the detrended score: the same value twice leaves residuals 0 at both steps
+    np.testing.assert_allclose(scorer.detrended_scores, 2 * np.log(0.9 + 0.1 * np.exp(-2.0)))
+    assert scorer.score_sets().shape == (2, 3)
+
+
+def test_detrended_score_ignores_a_slow_drift() -> None:
+    """Every coordinate carries a large constant gradient of its own and no noise: the
+    plain score ranks by the drift, the detrended one by the canary's spikes."""
+    rng = np.random.default_rng(2)
+    m, a = 200, 10.0
+    included = rng.random(m) < 0.5
+    drift = rng.normal(0, 3 * a, m)
+    scorer = WhiteBoxScorer(
+        coordinates=np.arange(m), canary_units=a, noise_std=5 * a, sample_rate=0.1
+    )
+    for _ in range(300):
+        hit = included & (rng.random(m) < 0.1)
+        scorer.update(np.round(drift + hit * a).astype(np.int64))
+
+    def accuracy(scores: np.ndarray) -> float:
+        top = np.argsort(-scores)[: m // 4]
+        return float(included[top].mean())
+
+    assert accuracy(scorer.detrended_scores) > 0.95 > 0.8 > accuracy(scorer.scores)
 
 
 def test_white_box_score_separates_canaries_and_is_finite_without_noise() -> None:

@@ -79,8 +79,10 @@ class OneRunAudit:
         k_minus: canaries guessed "out" (the lowest scores).
         confidence: the statement's confidence (Bonferroni over ``candidates`` included).
         delta: the audited delta.
-        candidates: (k_plus, k_minus) pairs tried (1 when the caller fixed them).
+        candidates: (score set, k_plus, k_minus) combinations tried, each at
+            ``(1 - confidence) / candidates``.
         claimed_epsilon: the accountant's epsilon when given, else None.
+        score_set: which row of a 2-D ``scores`` gave the bound (0 for 1-D scores).
     """
 
     epsilon_lower_bound: float
@@ -93,6 +95,7 @@ class OneRunAudit:
     delta: float
     candidates: int = 1
     claimed_epsilon: float | None = None
+    score_set: int = 0
 
     @property
     def fraction_reached(self) -> float | None:
@@ -249,7 +252,9 @@ def audit(
 ) -> OneRunAudit:
     """The one-run audit's lower bound from canary scores and their inclusion bits.
 
-    Higher scores mean "more likely included". With ``k_plus`` and ``k_minus`` both given,
+    Higher scores mean "more likely included". ``scores`` may be 2-D, shape (S, m): S
+    different scores of the same canaries, all tried, each combination of a score set and a
+    guess pair counting as one Bonferroni candidate. With ``k_plus`` and ``k_minus`` both given,
     those guesses are made and the bound is the plain one at ``confidence``. With neither
     given, every pair of :data:`DEFAULT_GRID` (or ``grid``) that fits m is tried (k, k) and
     (k, 0), each at level ``(1 - confidence) / G`` for G pairs (Bonferroni), and the best
@@ -257,7 +262,7 @@ def audit(
     correction is what keeps the reported bound valid at ``confidence``.
 
     Args:
-        scores: one finite score per canary (m >= 1).
+        scores: one finite score per canary (m >= 1), or S rows of them.
         included: the canaries' inclusion bits, in the same order.
         delta: the audited delta, in [0, 1).
         confidence: in (0, 1).
@@ -272,14 +277,18 @@ def audit(
         s = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ParameterError("scores", type(scores).__name__, "must be numbers") from exc
-    if s.ndim != 1 or s.size < 1:
-        raise ParameterError("scores", f"shape {s.shape}", "must be a non-empty 1-D array")
+    if s.ndim == 1:
+        s = s[None, :]
+    if s.ndim != 2 or s.size < 1:
+        raise ParameterError("scores", f"shape {s.shape}", "must be a non-empty 1-D or 2-D array")
     if not np.all(np.isfinite(s)):
         raise ParameterError("scores", "non-finite", "every score must be finite")
     inc = np.asarray(included)
-    if inc.dtype != np.bool_ or inc.shape != s.shape:
+    if inc.dtype != np.bool_ or inc.shape != s.shape[1:]:
         raise ParameterError(
-            "included", f"{inc.dtype} of shape {inc.shape}", f"must be bools of shape {s.shape}"
+            "included",
+            f"{inc.dtype} of shape {inc.shape}",
+            f"must be bools of shape {s.shape[1:]}",
         )
     delta = _check_delta(delta)
     confidence = _check_confidence(confidence)
@@ -287,7 +296,7 @@ def audit(
         not _is_real(claimed_epsilon) or not 0 <= float(claimed_epsilon) < math.inf
     ):
         raise ParameterError("claimed_epsilon", claimed_epsilon, "must be a finite number >= 0")
-    m = int(s.size)
+    m = int(s.shape[1])
     if (k_plus is None) != (k_minus is None):
         raise ParameterError(
             "k_minus" if k_minus is None else "k_plus", None, "give both or neither"
@@ -308,11 +317,12 @@ def audit(
         ):
             raise ParameterError("grid", grid, "must be a non-empty sequence of ints >= 1")
         pairs = _grid(m, grid)
-    alpha = (1.0 - confidence) / len(pairs)
+    trials = [(row, kp, km) for row in range(s.shape[0]) for kp, km in pairs]
+    alpha = (1.0 - confidence) / len(trials)
     best: OneRunAudit | None = None
     binoms: dict[int, _Binomial] = {}
-    for kp, km in pairs:
-        v = count_correct(scores=s, included=inc, k_plus=kp, k_minus=km)
+    for row, kp, km in trials:
+        v = count_correct(scores=s[row], included=inc, k_plus=kp, k_minus=km)
         r = kp + km
         binom = binoms.setdefault(r, _Binomial(r))
         bound = _lower_bound(binom, m, v, delta, alpha)
@@ -326,8 +336,9 @@ def audit(
                 k_minus=km,
                 confidence=confidence,
                 delta=delta,
-                candidates=len(pairs),
+                candidates=len(trials),
                 claimed_epsilon=None if claimed_epsilon is None else float(claimed_epsilon),
+                score_set=row,
             )
     assert best is not None
     log.info(

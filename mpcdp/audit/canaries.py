@@ -30,6 +30,15 @@ powerful per-step test of the two hypotheses (Neyman-Pearson), where a plain sum
 projections weighs the many steps where the canary was not sampled as much as the few where
 it was. The score only orders canaries: a wrong s (for instance noise that is broken) changes
 the power, never the validity of the bound (mpcdp.audit.bound).
+
+The real gradients also land on the canaries' coordinates, and unlike the noise they are
+correlated from step to step (a weight's gradient drifts slowly); when the noise is small
+they, not the noise, hide the canaries. So a second score applies the same ratio to the
+step's value minus an exponential moving average of the coordinate's earlier values
+(decay :data:`DETREND_DECAY`, started at the first step's value): it removes the drift and keeps the spikes a sampled canary
+makes. It is weaker when the noise is as claimed (it adds a little noise) and much stronger
+when it is not (measured on digits with the noise removed: 1.9 -> 3.3). The audit tries both
+and pays for the choice in its Bonferroni correction (mpcdp.audit.bound.audit).
 """
 
 from __future__ import annotations
@@ -59,6 +68,9 @@ AUDIT_KINDS = ("white-box", "black-box")
 #: the most canaries one site takes in one run
 MAX_CANARIES = 1 << 20
 _LABEL = b"mpcdp audit canaries v1\n"
+#: weight of the past in the white-box score's moving average (about 20 steps)
+DETREND_DECAY = 0.95
+FloatArray = NDArray[np.float64]
 
 
 def public_generator(*, run_id: str, what: str) -> np.random.Generator:
@@ -174,11 +186,25 @@ class WhiteBoxScorer:
         self._log_q = math.log(sample_rate)
         self._log_not_q = math.log1p(-sample_rate) if sample_rate < 1 else -math.inf
         self.scores = np.zeros(coords.size, dtype=np.float64)
+        self.detrended_scores = np.zeros(coords.size, dtype=np.float64)
+        self._trend = np.zeros(coords.size, dtype=np.float64)
         self.steps = 0
+
+    def _llr(self, x: FloatArray) -> FloatArray:
+        present = self._log_q + (self._a * x - 0.5 * self._a * self._a) * self._inv_var
+        return np.asarray(np.logaddexp(self._log_not_q, present), dtype=np.float64)
 
     def update(self, step_sum: NDArray[np.integer]) -> None:
         """Add one released step sum (signed integer units, the whole vector)."""
         x = step_sum[self.coordinates].astype(np.float64)
-        present = self._log_q + (self._a * x - 0.5 * self._a * self._a) * self._inv_var
-        self.scores += np.logaddexp(self._log_not_q, present)
+        self.scores += self._llr(x)
+        if self.steps == 0:  # the average starts at the first value (its residual is 0)
+            self._trend[:] = x
+        self.detrended_scores += self._llr(x - self._trend)
+        self._trend *= DETREND_DECAY
+        self._trend += (1.0 - DETREND_DECAY) * x
         self.steps += 1
+
+    def score_sets(self) -> FloatArray:
+        """Both scores, shape (2, m): the plain and the detrended likelihood ratios."""
+        return np.stack([self.scores, self.detrended_scores])

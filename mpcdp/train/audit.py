@@ -104,10 +104,11 @@ def finish(
     confidence: float,
     claimed_epsilon: float,
 ) -> bound.OneRunAudit:
-    """The bound from the canaries' scores and the sites' revealed bits (guess counts chosen
-    over mpcdp.audit.bound's grid, Bonferroni-corrected)."""
+    """The bound from the canaries' scores (1-D, or one row per score set) and the sites'
+    revealed bits (score set and guess counts chosen over mpcdp.audit.bound's grid,
+    Bonferroni-corrected)."""
     bits = np.concatenate([included[p] for p in spec.parties])
-    if bits.shape != scores.shape:
+    if bits.shape != scores.shape[-1:]:
         raise ParameterError(
             "scores", f"{scores.size} scores", f"need one per canary ({bits.size})"
         )

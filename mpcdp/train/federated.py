@@ -631,7 +631,7 @@ def train(
     report = None
     if plan.audit_canaries and revealed:
         scores = (
-            scorer.scores
+            scorer.score_sets()
             if scorer is not None
             else black_box_scores(
                 model=net, spec=spec, feature_shape=feature_shape, num_classes=num_classes
