@@ -105,3 +105,19 @@ def test_federation_overhead_tiny(tmp_path: Path) -> None:
     assert len(data["plaintext_steps_s"]) == 3 and data["plaintext_s"] > 0
     assert len(data["transport_only_steps_s"]) == 3 and data["transport_only_s"] > 0
     assert "transport only" in stdout
+
+
+def test_one_run_audit_tiny(tmp_path: Path) -> None:
+    report = tmp_path / "audit.json"
+    stdout = _run(
+        "one_run_audit",
+        *("--canaries", "50", "--epsilons", "3", "--broken", "inf", "--epochs", "1"),
+        # the script exits 1 when an honest bound exceeds its claim: at confidence 1 - 1e-7
+        # that happens with probability <= 1e-7
+        *("--confidence", "0.9999999", "--json", str(report)),
+    )
+    assert "audit lb" in stdout and "honest rows below their claim: True" in stdout
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["noise"] for r in rows] == ["honest", "none"]
+    assert all(r["m"] == 150 for r in rows)
+    assert rows[0]["lower_bound"] <= rows[0]["claimed_epsilon"]

@@ -1,0 +1,207 @@
+"""One-run privacy audit of federated DP-SGD on digits (issue 13, section 7).
+
+Run:  python -m benchmarks.one_run_audit [--canaries 1000] [--epsilons 1 3 8]
+                                         [--broken inf 10] [--broken-epsilon 1]
+                                         [--kind white-box] [--confidence 0.95] [--seed 0]
+                                         [--repeats 1] [--epochs 20] [--json out.json]
+
+Three party nodes (in-process gRPC servers, each with its own mTLS certificate, ledger and a
+third of scikit-learn's digits training split: mpcdp.digits_demo) train ``mlp:64,128,10``
+with federated DP-SGD exactly as ``mpcdp demo digits`` does (expected batch 64, 20 epochs,
+lr 0.03, C = 1, delta 1e-5, t = 1 of 3), each run an audit run with ``--canaries`` canaries
+per site (Steinke, Nasr, Jagielski 2023; mpcdp.train.audit). In-process nodes rather than
+processes because the broken-noise rows need the test-only hook
+(``PartyNode(test_only_noise_divisor=...)``), which nothing outside Python code can set.
+
+Rows: one honest run per ``--epsilons`` value, then one run per ``--broken`` divisor of the
+sites' noise std (inf: no noise) at ``--broken-epsilon``. Printed per row: the accountant's
+claimed epsilon, the audit's lower bound (confidence ``--confidence``, delta 1e-5, guess
+counts chosen over mpcdp.audit.bound's grid with Bonferroni), the fraction reached, m,
+guesses, correct, test accuracy and wall time; with ``--repeats`` each configuration runs
+that many times (seeds --seed, --seed + 1, ...; the sites' noise and coins are fresh every
+run) and a summary gives the mean, min and max bound. An honest row must stay below its
+claim (exit 1 otherwise); a broken row should be far above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mpcdp import digits_demo
+from mpcdp.certs import init_federation
+from mpcdp.config import load_party_config
+from mpcdp.federation import Federation
+from mpcdp.node import PartyNode
+
+DELTA = 1e-5
+
+
+@dataclass(frozen=True)
+class Row:
+    noise: str
+    claimed_epsilon: float
+    lower_bound: float
+    fraction: float
+    confidence: float
+    m: int
+    guesses: int
+    correct: int
+    accuracy: float | None
+    seconds: float
+
+
+def _sites(root: Path, divisor: float) -> tuple[list[PartyNode], Path]:
+    sites = digits_demo.SITES
+    init_federation(out=root / "certs", parties=list(sites), coordinators=["analyst"])
+    split = digits_demo.load_digits_split()
+    toml = digits_demo.write_sites(root, split, budget=1000.0, delta=DELTA)
+    nodes = []
+    for name in sites:
+        peers = [p for p in sites if p != name]
+        cfg = root / name / "party.toml"
+        cfg.write_text(
+            f'id = "{name}"\nlisten = "127.0.0.1:0"\nledger = "ledger.sqlite"\n[tls]\n'
+            f'ca = "../certs/ca.pem"\ncert = "../certs/{name}.pem"\nkey = "../certs/{name}.key"\n'
+            f'coordinators = ["analyst"]\npeers = {json.dumps(peers)}\n{toml[name]}\n'
+        )
+        node = PartyNode(load_party_config(cfg), test_only_noise_divisor=divisor)
+        node.start()
+        nodes.append(node)
+    fed = root / "federation.toml"
+    fed.write_text(
+        'coordinator = "analyst"\ncolluders = 1\ndeadline_s = 120\n[tls]\n'
+        'ca = "certs/ca.pem"\ncert = "certs/analyst.pem"\nkey = "certs/analyst.key"\n'
+        + "".join(
+            f'[[parties]]\nid = "{n}"\naddress = "127.0.0.1:{node.port}"\n'
+            for n, node in zip(sites, nodes, strict=True)
+        )
+    )
+    return nodes, fed
+
+
+def one_run(
+    *,
+    epsilon: float,
+    divisor: float,
+    canaries: int,
+    kind: str,
+    confidence: float,
+    seed: int,
+    epochs: float = 20.0,
+) -> Row:
+    split = digits_demo.load_digits_split()
+    with tempfile.TemporaryDirectory(prefix="mpcdp-audit-") as tmp:
+        nodes, fed_path = _sites(Path(tmp), divisor)
+        try:
+            t0 = time.perf_counter()
+            with Federation.from_config(fed_path) as fed:
+                result = fed.train(
+                    dataset="digits",
+                    model="mlp:64,128,10",
+                    target_epsilon=epsilon,
+                    target_delta=DELTA,
+                    epochs=epochs,
+                    batch_size=64,
+                    learning_rate=0.03,
+                    max_grad_norm=1.0,
+                    eval_data=split.test,
+                    seed=seed,
+                    audit_canaries=canaries,
+                    audit_kind=kind,
+                    audit_confidence=confidence,
+                )
+            seconds = time.perf_counter() - t0
+        finally:
+            for node in nodes:
+                node.stop(0)
+    a = result.audit
+    assert a is not None and a.claimed_epsilon is not None
+    return Row(
+        noise="honest" if divisor == 1 else ("none" if math.isinf(divisor) else f"std/{divisor:g}"),
+        claimed_epsilon=a.claimed_epsilon,
+        lower_bound=a.epsilon_lower_bound,
+        fraction=a.epsilon_lower_bound / a.claimed_epsilon,
+        confidence=a.confidence,
+        m=a.m,
+        guesses=a.guesses,
+        correct=a.correct,
+        accuracy=result.final_accuracy,
+        seconds=seconds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--canaries", type=int, default=1000, help="per site")
+    ap.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 3.0, 8.0])
+    ap.add_argument("--broken", type=float, nargs="*", default=[math.inf, 10.0])
+    ap.add_argument("--broken-epsilon", type=float, default=1.0)
+    ap.add_argument("--kind", default="white-box", choices=["white-box", "black-box"])
+    ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--epochs", type=float, default=20.0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    runs = [(e, 1.0) for e in args.epsilons] + [(args.broken_epsilon, d) for d in args.broken]
+    rows: list[Row] = []
+    print(
+        f"{args.kind} one-run audit on digits, {args.canaries} canaries per site x 3 sites, "
+        f"delta {DELTA:g}, confidence {args.confidence:g}"
+    )
+    print(
+        f"{'noise':>8} {'claimed eps':>11} {'audit lb':>9} {'fraction':>8} {'m':>5} "
+        f"{'guesses':>7} {'correct':>7} {'test acc':>8} {'seconds':>7}"
+    )
+    groups: list[list[Row]] = []
+    for eps, divisor in runs:
+        group = []
+        for rep in range(args.repeats):
+            row = one_run(
+                epsilon=eps,
+                divisor=divisor,
+                canaries=args.canaries,
+                kind=args.kind,
+                confidence=args.confidence,
+                seed=args.seed + rep,
+                epochs=args.epochs,
+            )
+            group.append(row)
+            acc = f"{row.accuracy:.4f}" if row.accuracy is not None else "n/a"
+            print(
+                f"{row.noise:>8} {row.claimed_epsilon:11.3f} {row.lower_bound:9.3f} "
+                f"{row.fraction:8.1%} {row.m:5d} {row.guesses:7d} {row.correct:7d} {acc:>8} "
+                f"{row.seconds:7.1f}",
+                flush=True,
+            )
+        rows.extend(group)
+        groups.append(group)
+    if args.repeats > 1:
+        print(f"\nover {args.repeats} runs each: audit lower bound mean [min, max], fraction")
+        for group in groups:
+            lbs = [r.lower_bound for r in group]
+            mean = sum(lbs) / len(lbs)
+            claim = group[0].claimed_epsilon
+            print(
+                f"{group[0].noise:>8} claimed {claim:6.3f}: {mean:6.3f} "
+                f"[{min(lbs):.3f}, {max(lbs):.3f}]  {mean / claim:6.1%}"
+            )
+    honest_ok = all(r.lower_bound <= r.claimed_epsilon for r in rows if r.noise == "honest")
+    print(f"honest rows below their claim: {honest_ok}")
+    if args.json is not None:
+        out: dict[str, Any] = {"args": vars(args) | {"json": str(args.json)}}
+        out["rows"] = [asdict(r) for r in rows]
+        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0 if honest_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
