@@ -225,12 +225,12 @@ def test_white_box_audit_of_an_honest_run_stays_below_the_claim(tmp_path: Path) 
 @pytest.mark.slow
 def test_white_box_audit_catches_broken_noise(tmp_path: Path) -> None:
     """The sites add no noise (test-only hook) while the accountant claims epsilon 1 (at
-    delta 1e-12): the bound must exceed 1. Measured in three runs: 376, 380 and 381 of 400
-    guesses correct, bounds 1.69-1.84. The bound exceeds 1 from 345 correct of 400 on (at
-    confidence 1 - 1e-7 over 26 candidates). The errors are included canaries that the
-    Poisson sampling picked rarely or never (0.9^50 = 0.5% never) and real gradients on the
-    canaries' coordinates, about 22 of 400 (5.5%): 56 errors would be 7 binomial standard
-    deviations away (Chernoff: P < 1e-9), so a chance failure is far below 1e-6."""
+    delta 1e-12): the bound must exceed 1. Measured in three runs: 395, 397 and 397 of 400
+    guesses correct (the spike-count score), bounds 2.48-2.63. The bound exceeds 1 from 345
+    correct of 400 on (confidence 1 - 1e-7 over 26 candidates). The errors are included
+    canaries the Poisson sampling never picked (0.9^50 = 0.5%) and real-gradient jumps on
+    the canaries' coordinates, about 4 of 400 (1%): 56 errors would be more than 25 binomial
+    standard deviations away, so a chance failure is far below 1e-6."""
     result = audit_run(tmp_path, divisor=math.inf)
     a = result.audit
     assert a is not None and a.claimed_epsilon is not None and a.claimed_epsilon <= 1.0

@@ -30,14 +30,16 @@ def test_white_box_score_is_the_per_step_likelihood_ratio() -> None:
     one = np.log(0.9 + 0.1 * np.exp((4 * x - 8) / 4))
     np.testing.assert_allclose(scorer.scores, 2 * one, rtol=1e-12)
     assert scorer.steps == 2
-    # the detrended score: the same value twice leaves residuals 0 at both steps
-    np.testing.assert_allclose(scorer.detrended_scores, 2 * np.log(0.9 + 0.1 * np.exp(-2.0)))
+    # the same value twice: no spike above the moving average
+    assert scorer.spikes.tolist() == [0, 0, 0]
+    sets = scorer.score_sets()
+    np.testing.assert_allclose(sets[1], 0.5 / (1 + np.exp(-2 * one)))
     assert scorer.score_sets().shape == (2, 3)
 
 
-def test_detrended_score_ignores_a_slow_drift() -> None:
+def test_spike_count_ignores_a_slow_drift() -> None:
     """Every coordinate carries a large constant gradient of its own and no noise: the
-    plain score ranks by the drift, the detrended one by the canary's spikes."""
+    likelihood ratio ranks by the drift, the spike count by the canary's spikes."""
     rng = np.random.default_rng(2)
     m, a = 200, 10.0
     included = rng.random(m) < 0.5
@@ -53,7 +55,7 @@ def test_detrended_score_ignores_a_slow_drift() -> None:
         top = np.argsort(-scores)[: m // 4]
         return float(included[top].mean())
 
-    assert accuracy(scorer.detrended_scores) > 0.95 > 0.8 > accuracy(scorer.scores)
+    assert accuracy(scorer.score_sets()[1]) > 0.95 > 0.8 > accuracy(scorer.scores)
 
 
 def test_white_box_score_separates_canaries_and_is_finite_without_noise() -> None:

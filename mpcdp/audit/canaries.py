@@ -32,13 +32,15 @@ it was. The score only orders canaries: a wrong s (for instance noise that is br
 the power, never the validity of the bound (mpcdp.audit.bound).
 
 The real gradients also land on the canaries' coordinates, and unlike the noise they are
-correlated from step to step (a weight's gradient drifts slowly); when the noise is small
-they, not the noise, hide the canaries. So a second score applies the same ratio to the
-step's value minus an exponential moving average of the coordinate's earlier values
-(decay :data:`DETREND_DECAY`, started at the first step's value): it removes the drift and keeps the spikes a sampled canary
-makes. It is weaker when the noise is as claimed (it adds a little noise) and much stronger
-when it is not (measured on digits with the noise removed: 1.9 -> 3.3). The audit tries both
-and pays for the choice in its Bonferroni correction (mpcdp.audit.bound.audit).
+correlated from step to step (a weight's gradient drifts slowly); when the noise is smaller
+than claimed they, not the noise, hide the canaries, and the ratio computed with the claimed
+noise is nearly a plain sum that adds the drift up. So a second score counts the spikes: the
+steps where the coordinate's value exceeds an exponential moving average of its earlier
+values (decay :data:`DETREND_DECAY`, started at the first step's value) by more than a / 2,
+the value a sampled canary adds. It is weaker when the noise is as claimed and much stronger
+when it is not (measured on digits with the noise removed: a bound of 1.9 with the ratio
+alone, 4.0 with both). The audit tries both and pays for the choice in its Bonferroni
+correction (mpcdp.audit.bound.audit).
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class WhiteBoxScorer:
         self._log_q = math.log(sample_rate)
         self._log_not_q = math.log1p(-sample_rate) if sample_rate < 1 else -math.inf
         self.scores = np.zeros(coords.size, dtype=np.float64)
-        self.detrended_scores = np.zeros(coords.size, dtype=np.float64)
+        self.spikes = np.zeros(coords.size, dtype=np.int64)
         self._trend = np.zeros(coords.size, dtype=np.float64)
         self.steps = 0
 
@@ -200,11 +202,13 @@ class WhiteBoxScorer:
         self.scores += self._llr(x)
         if self.steps == 0:  # the average starts at the first value (its residual is 0)
             self._trend[:] = x
-        self.detrended_scores += self._llr(x - self._trend)
+        self.spikes += (x - self._trend) > 0.5 * self._a
         self._trend *= DETREND_DECAY
         self._trend += (1.0 - DETREND_DECAY) * x
         self.steps += 1
 
     def score_sets(self) -> FloatArray:
-        """Both scores, shape (2, m): the plain and the detrended likelihood ratios."""
-        return np.stack([self.scores, self.detrended_scores])
+        """Both scores, shape (2, m): the likelihood ratio, and the spike count with ties
+        ordered by the likelihood ratio (a term in (0, 0.5) that never overrides a count)."""
+        tie = 0.5 / (1.0 + np.exp(-np.clip(self.scores, -700, 700)))
+        return np.stack([self.scores, self.spikes + tie])
