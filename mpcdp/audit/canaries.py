@@ -39,7 +39,7 @@ steps where the coordinate's value exceeds an exponential moving average of its 
 values (decay :data:`DETREND_DECAY`, started at the first step's value) by more than a / 2,
 the value a sampled canary adds. It is weaker when the noise is as claimed and much stronger
 when it is not (measured on digits with the noise removed: a bound of 1.9 with the ratio
-alone, 4.0 with both). The audit tries both and pays for the choice in its Bonferroni
+alone, 3.8-3.9 with both). The audit tries both and pays for the choice in its Bonferroni
 correction (mpcdp.audit.bound.audit).
 """
 
