@@ -11,6 +11,7 @@ and session; a failed round raises :class:`~mpcdp.errors.RoundAborted` and revea
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Sequence
@@ -24,10 +25,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp.config import FederationConfig, load_federation_config
+from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.coordinator import Observer, RoundOutcome, run_round
-from mpcdp.protocol.plan import fit
+from mpcdp.protocol.plan import ReleasePlan, fit
 from mpcdp.protocol.spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
@@ -98,15 +100,78 @@ def _result(outcome: RoundOutcome) -> QueryResult:
     elif "vector" in t:
         value = t["vector"]
     elif spec.statistic is Statistic.MEAN:
-        count = max(float(t["count"][0]), 1.0)
-        mid = (spec.lower + spec.upper) / 2
-        value = min(max(mid + float(t["centered_sum"][0]) / count, spec.lower), spec.upper)
-        std = std / count
+        return _mean_result(outcome)
     else:
         value = float(t[release.tensors[0].name][0])
     if isinstance(value, float):
         half = _half_width(std, spec.mechanism)
         interval = (value - half, value + half)
+    return QueryResult(
+        statistic=spec.statistic.value,
+        dataset=spec.dataset,
+        column=spec.column,
+        value=value,
+        noise_std=std,
+        interval95=interval,
+        mechanism=spec.mechanism,
+        epsilon_spent=float(Fraction(spec.epsilon)),
+        delta_spent=spec.delta,
+        budget_remaining=outcome.budget_remaining,
+        parties=spec.parties,
+        query_id=spec.query_id,
+    )
+
+
+def mean_release(
+    *,
+    spec: QuerySpec,
+    plan: ReleasePlan,
+    centered_sum: float,
+    count: float,
+) -> tuple[float, float, tuple[float, float]]:
+    """The released mean, its std and its 95% interval (mpcdp.dp.intervals), from the two
+    revealed tensors and public quantities only."""
+    n, h = len(spec.parties), spec.honest
+    # the simulations are public post-processing: seeded by the query id, reproducible
+    seed = int.from_bytes(hashlib.sha256(spec.query_id.encode()).digest()[:8], "big")
+    rng = np.random.default_rng(seed)
+    laws = {
+        tp.name: intervals.noise_law(
+            tp.mechanism, n_parties=n, honest=h, frac_bits=tp.frac_bits, seed=seed
+        )
+        for tp in plan.tensors
+    }
+    value = intervals.released_mean(
+        centered_sum=centered_sum, count=count, lower=spec.lower, upper=spec.upper
+    )
+    interval = intervals.mean_interval(
+        centered_sum=centered_sum,
+        count=count,
+        sum_tail=laws["centered_sum"].tail,
+        count_tail=laws["count"].tail,
+        lower=spec.lower,
+        upper=spec.upper,
+    )
+    std = intervals.simulated_mean_std(
+        mean=value,
+        count=count,
+        sum_noise=laws["centered_sum"],
+        count_noise=laws["count"],
+        lower=spec.lower,
+        upper=spec.upper,
+        rng=rng,
+    )
+    return value, std, interval
+
+
+def _mean_result(outcome: RoundOutcome) -> QueryResult:
+    spec, t = outcome.spec, outcome.tensors
+    value, std, interval = mean_release(
+        spec=spec,
+        plan=outcome.plan,
+        centered_sum=float(t["centered_sum"][0]),
+        count=float(t["count"][0]),
+    )
     return QueryResult(
         statistic=spec.statistic.value,
         dataset=spec.dataset,

@@ -22,8 +22,10 @@ import numpy as np
 
 from mpcdp import encoding, sharing
 from mpcdp.dp.ledger import BudgetLedger, BudgetStatus
-from mpcdp.dp.mechanisms import DiscreteLaplace, NoNoise
-from mpcdp.federation import QueryResult
+from mpcdp.dp.mechanisms import NoNoise
+from mpcdp.federation import QueryResult, mean_release
+from mpcdp.protocol.plan import fit, plan
+from mpcdp.protocol.spec import QuerySpec, Statistic
 from mpcdp.simulation import simulate_sum
 
 __all__ = [
@@ -31,11 +33,13 @@ __all__ = [
     "RAISES",
     "NetworkReport",
     "SalaryReport",
+    "network_json",
     "render",
     "render_networked",
     "report_json",
     "run",
     "run_networked",
+    "summary_json",
 ]
 
 NAMES = ("Alice", "Bob", "Carlos", "David")
@@ -56,9 +60,8 @@ class SalaryReport:
     true_mean: float
     epsilon: float
     bound: float
-    dp_mean: float
-    dp_noise_std: float
-    dp_interval95: tuple[float, float]
+    #: the DP mean as the networked demo releases it (the same plan, noise and result)
+    dp: QueryResult
     budgets: tuple[BudgetStatus, ...]
 
 
@@ -81,25 +84,11 @@ def run(*, workdir: Path, epsilon: float = 1.0, bound: float = DEFAULT_BOUND) ->
             query_id="salary-exact-mean",
         )
         table = sharing.share_table(list(RAISES), pair_keys=exact.pair_keys)
-        # The sum of raises in [0, bound] changes by at most `bound` when one raise changes.
-        mech = DiscreteLaplace(epsilon=epsilon, l1_sensitivity=math.ceil(bound * (1 << FRAC_BITS)))
-        noisy = simulate_sum(
-            inputs,
-            bound=bound,
-            frac_bits=FRAC_BITS,
-            mechanism=mech,
-            ledgers=ledgers,
-            dataset=DATASET,
-            query_id="salary-dp-mean",
-        )
+        dp = _local_dp_mean(ledgers=ledgers, epsilon=epsilon, bound=bound)
         budgets = tuple(ledger.status(DATASET) for ledger in ledgers)
     finally:
         for ledger in ledgers:
             ledger.close()
-    std = math.sqrt(noisy.noise_variance) / n
-    # Laplace with the same variance: P(|X| > b ln 20) = 5%.
-    half = std / math.sqrt(2) * math.log(20)
-    dp_mean = float(noisy.value[0]) / n
     return SalaryReport(
         textbook_shares=tuple(tuple(int(v) for v in row) for row in textbook.T.view(np.int64)),
         seeded_table=tuple(tuple(int(v) for v in row) for row in table),
@@ -108,11 +97,92 @@ def run(*, workdir: Path, epsilon: float = 1.0, bound: float = DEFAULT_BOUND) ->
         true_mean=sum(RAISES) / n,
         epsilon=epsilon,
         bound=bound,
-        dp_mean=dp_mean,
-        dp_noise_std=std,
-        dp_interval95=(dp_mean - half, dp_mean + half),
+        dp=dp,
         budgets=budgets,
     )
+
+
+def _local_dp_mean(*, ledgers: list[BudgetLedger], epsilon: float, bound: float) -> QueryResult:
+    """The DP mean as a federation releases it (protocol/plan.py: a centred sum and a count,
+    each with half the budget, distributed discrete Laplace), all four parties in this
+    process: one charge per party for the query, one secure sum per tensor."""
+    parties = tuple(name.lower() for name in NAMES)
+    spec = fit(
+        QuerySpec(
+            query_id="salary-dp-mean",
+            dataset=DATASET,
+            statistic=Statistic.MEAN,
+            mechanism="discrete-laplace",
+            epsilon=str(epsilon),
+            parties=parties,
+            column="raise",
+            lower=0.0,
+            upper=bound,
+        ),
+        vector_length=None,
+        frac_bits=None,
+        ring_bits=None,
+    )
+    release = plan(spec)
+    for ledger in ledgers:
+        ledger.charge(dataset=DATASET, query_id=spec.query_id, event=release.event)
+    mid = (spec.lower + spec.upper) / 2
+    local = {
+        "centered_sum": [np.array([float(r) - mid]) for r in RAISES],
+        "count": [np.array([1.0]) for _ in RAISES],
+    }
+    revealed = {}
+    for tp in release.tensors:
+        revealed[tp.name] = float(
+            simulate_sum(
+                local[tp.name], bound=tp.max_abs, frac_bits=tp.frac_bits, mechanism=tp.mechanism
+            ).value[0]
+        )
+    value, std, interval = mean_release(
+        spec=spec, plan=release, centered_sum=revealed["centered_sum"], count=revealed["count"]
+    )
+    return QueryResult(
+        statistic=spec.statistic.value,
+        dataset=DATASET,
+        column=spec.column,
+        value=value,
+        noise_std=std,
+        interval95=interval,
+        mechanism=spec.mechanism,
+        epsilon_spent=epsilon,
+        delta_spent=0.0,
+        budget_remaining={
+            p: ledger.status(DATASET).remaining_epsilon
+            for p, ledger in zip(parties, ledgers, strict=True)
+        },
+        parties=parties,
+        query_id=spec.query_id,
+    )
+
+
+def _dp_lines(dp: QueryResult, true_mean: float) -> list[str]:
+    """The DP mean as both variants print it."""
+    lo, hi = dp.interval95 or (math.nan, math.nan)
+    value = float(dp.value)  # type: ignore[arg-type]  # a mean is a float
+    return [
+        f"   {value:.2f}  error {value - true_mean:+.2f}  noise std {dp.noise_std:.1f}"
+        f"  95% interval [{lo:.1f}, {hi:.1f}]",
+        "   (the std and the interval are those of the released mean, noisy count and the",
+        "   public bounds included; the interval covers the true mean in at least 95% of runs)",
+    ]
+
+
+def summary_json(
+    *, exact_mean: float, true_mean: float, dp: QueryResult, observed: dict[str, str]
+) -> dict[str, Any]:
+    """One JSON object, the same for ``--local`` and the networked run."""
+    return {
+        "exact_mean": exact_mean,
+        "true_mean": true_mean,
+        "dp": dp.to_json(),
+        "observed_words": observed,
+        "budget_remaining": dp.budget_remaining,
+    }
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -148,7 +218,6 @@ def render(report: SalaryReport) -> str:
         ]
         for name, b in zip(NAMES, report.budgets, strict=True)
     ]
-    lo, hi = report.dp_interval95
     lines = [
         "mpcdp salary demo: four engineers, one average, nobody's raise revealed",
         "",
@@ -168,8 +237,7 @@ def render(report: SalaryReport) -> str:
         "",
         f"4. DP mean at epsilon={report.epsilon:g} (distributed discrete Laplace, raises bounded "
         f"by {report.bound:g}; noise shares sized for {n - 1} honest of {n}):",
-        f"   {report.dp_mean:.2f}  error {report.dp_mean - report.true_mean:+.2f}  "
-        f"noise std {report.dp_noise_std:.1f}  95% interval ~[{lo:.1f}, {hi:.1f}]",
+        *_dp_lines(report.dp, report.true_mean),
         "   With four people the noise must hide any one raise of up to the bound, so it is of",
         "   that order: DP pays off with many contributors (and exact MPC reveals the rest).",
         "",
@@ -181,19 +249,23 @@ def render(report: SalaryReport) -> str:
 
 
 def report_json(report: SalaryReport) -> dict[str, Any]:
-    """The report as one JSON-ready object."""
-    return {
-        "exact_mean": report.exact_mean,
-        "true_mean": report.true_mean,
-        "dp_mean": report.dp_mean,
-        "epsilon": report.epsilon,
-        "noise_std": report.dp_noise_std,
-        "interval95": list(report.dp_interval95),
-        "uploads_hex": list(report.uploads_hex),
-        "budget_remaining": {
-            name: b.remaining_epsilon for name, b in zip(NAMES, report.budgets, strict=True)
-        },
-    }
+    """The local report as one JSON-ready object (the networked run's schema)."""
+    return summary_json(
+        exact_mean=report.exact_mean,
+        true_mean=report.true_mean,
+        dp=report.dp,
+        observed={name.lower(): h[:16] for name, h in zip(NAMES, report.uploads_hex, strict=True)},
+    )
+
+
+def network_json(report: NetworkReport) -> dict[str, Any]:
+    """The networked report as one JSON-ready object."""
+    return summary_json(
+        exact_mean=float(report.exact.value),  # type: ignore[arg-type]  # a mean is a float
+        true_mean=report.true_mean,
+        dp=report.dp,
+        observed=report.observed,
+    )
 
 
 # ------------------------------------------------------------------------------ networked
@@ -265,7 +337,6 @@ def render_networked(report: NetworkReport) -> str:
     budgets = [["party", "port", "budget left"]] + [
         [p, str(report.ports[p]), f"{left:g}"] for p, left in report.dp.budget_remaining.items()
     ]
-    lo, hi = report.dp.interval95 or (math.nan, math.nan)
     return "\n".join(
         [
             "mpcdp salary demo: four party nodes (separate processes, mTLS gRPC on loopback)",
@@ -283,8 +354,7 @@ def render_networked(report: NetworkReport) -> str:
             "",
             f"4. DP mean at epsilon={report.dp.epsilon_spent:g} (distributed discrete Laplace,"
             f" shares sized for {len(NAMES) - 1} honest of {len(NAMES)}):",
-            f"   {report.dp.value:.2f}  error {float(report.dp.value) - report.true_mean:+.2f}  "  # type: ignore[arg-type]
-            f"noise std {report.dp.noise_std:.1f}  95% interval ~[{lo:.1f}, {hi:.1f}]",
+            *_dp_lines(report.dp, report.true_mean),
             "   With four people the noise must hide any one raise up to the public bound, so it",
             "   is of that order: DP pays off with many contributors.",
             "",

@@ -74,7 +74,14 @@ def test_salary_demo_python_api(tmp_path: Path) -> None:
     assert report.exact_mean == 3171.5
     assert sum(report.textbook_shares[0]) % 2**64 == 3800 % 2**64
     assert [b.remaining_epsilon for b in report.budgets] == [1.0] * 4
-    assert abs(report.dp_mean - 3171.5) < 60 * report.dp_noise_std
+    dp = report.dp
+    assert dp.statistic == "mean" and dp.parties == ("alice", "bob", "carlos", "david")
+    assert dp.interval95 is not None
+    lo, hi = dp.interval95
+    assert 0 <= lo <= dp.value <= hi <= 5000  # inside the public bounds  # type: ignore[operator]
+    assert dp.budget_remaining == {"alice": 1.0, "bob": 1.0, "carlos": 1.0, "david": 1.0}
+    # one ledger entry per query: the exact mean and the DP mean (not one per tensor)
+    assert [b.queries for b in report.budgets] == [2] * 4
 
 
 def _mpcdp() -> list[str]:
@@ -90,6 +97,26 @@ def test_cli_demo_salary_json_runs_four_party_processes() -> None:
     assert report["exact_mean"] == pytest.approx(3171.5)
     assert report["budget_remaining"] == {"alice": 1.0, "bob": 1.0, "carlos": 1.0, "david": 1.0}
     assert set(report["observed_words"]) == {"alice", "bob", "carlos", "david"}
+    _check_dp_mean(report["dp"])
+    local = subprocess.run(
+        [*_mpcdp(), "demo", "salary", "--local", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    # both variants emit one schema: the same keys at every level
+    local_report = json.loads(local.stdout)
+    assert set(local_report) == set(report)
+    assert set(local_report["dp"]) == set(report["dp"])
+    assert set(local_report["budget_remaining"]) == set(report["budget_remaining"])
+    assert set(local_report["observed_words"]) == set(report["observed_words"])
+
+
+def _check_dp_mean(dp: dict[str, object]) -> None:
+    lo, hi = dp["interval95"]  # type: ignore[misc]
+    assert dp["statistic"] == "mean" and dp["mechanism"] == "discrete-laplace"
+    assert 0 <= lo <= dp["value"] <= hi <= 5000  # type: ignore[operator]
+    assert dp["noise_std"] > 0  # type: ignore[operator]
 
 
 def test_cli_demo_salary_local_json() -> None:
@@ -101,7 +128,8 @@ def test_cli_demo_salary_local_json() -> None:
     )
     report = json.loads(out.stdout)
     assert report["exact_mean"] == 3171.5
-    assert set(report["budget_remaining"]) == {"Alice", "Bob", "Carlos", "David"}
+    assert set(report["budget_remaining"]) == {"alice", "bob", "carlos", "david"}
+    _check_dp_mean(report["dp"])
 
 
 def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:

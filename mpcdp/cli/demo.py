@@ -52,14 +52,7 @@ def salary_cmd(
                 text, obj = salary.render(report), salary.report_json(report)
             else:
                 net = salary.run_networked(workdir=Path(tmp), epsilon=epsilon, bound=bound)
-                text = salary.render_networked(net)
-                obj = {
-                    "exact_mean": net.exact.value,
-                    "true_mean": net.true_mean,
-                    "dp": net.dp.to_json(),
-                    "observed_words": net.observed,
-                    "budget_remaining": net.dp.budget_remaining,
-                }
+                text, obj = salary.render_networked(net), salary.network_json(net)
     except KeyboardInterrupt:
         typer.echo("interrupted: party processes stopped, temporary files removed", err=True)
         raise typer.Exit(130) from None

@@ -69,10 +69,16 @@ def _check_parties(n_parties: int, honest: int) -> None:
         raise ParameterError("n_parties", n_parties, f"must be an int >= honest={honest}")
 
 
-def _chernoff_tail(log_mgf: _LogMgf, t_max: float) -> int:
-    """Smallest k (up to grid resolution) with 2 * min_t exp(log_mgf(t) - t k) <= 2^-64."""
+def _log_failure(failure: float) -> float:
+    if isinstance(failure, bool) or not isinstance(failure, int | float) or not 0 < failure < 1:
+        raise ParameterError("failure", failure, "must be a probability in (0, 1)")
+    return math.log(failure)
+
+
+def _chernoff_tail(log_mgf: _LogMgf, t_max: float, log_failure: float = _LOG_TAIL_FAILURE) -> int:
+    """Smallest k (up to grid resolution) with 2 * min_t exp(log_mgf(t) - t k) <= failure."""
     ts = t_max * np.logspace(-12, 0, 2000, endpoint=False)
-    ks = (log_mgf(ts) - (_LOG_TAIL_FAILURE - math.log(2))) / ts
+    ks = (log_mgf(ts) - (log_failure - math.log(2))) / ts
     return math.ceil(float(np.min(ks)))
 
 
@@ -99,8 +105,9 @@ class Mechanism(Protocol):
         """Variance of the sum of all n parties' shares (when all follow the protocol)."""
         ...
 
-    def tail_bound(self, *, n_parties: int, honest: int) -> int:
-        """|sum of n shares| <= this, except with probability 2^-64."""
+    def tail_bound(self, *, n_parties: int, honest: int, failure: float = 2.0**-64) -> int:
+        """|sum of n shares| <= this, except with probability ``failure`` (a Chernoff bound:
+        the true probability is at most that)."""
         ...
 
     def check_range(self, *, honest: int) -> None:
@@ -153,8 +160,9 @@ class DiscreteLaplace:
         # Var[Polya(r, a)] = r a / (1-a)^2; n shares, each the difference of two, r = 1/h.
         return 2 * (n_parties / honest) * math.exp(-s) / math.expm1(-s) ** 2
 
-    def tail_bound(self, *, n_parties: int, honest: int) -> int:
+    def tail_bound(self, *, n_parties: int, honest: int, failure: float = 2.0**-64) -> int:
         _check_parties(n_parties, honest)
+        log_failure = _log_failure(failure)
         s, r = float(self.epsilon) / self.l1_sensitivity, n_parties / honest
         t_max = s  # the MGF of Polya(r, a) is finite for t < -log a = s
         log_1ma = math.log(-math.expm1(-s))  # log(1 - a), without cancellation
@@ -165,7 +173,7 @@ class DiscreteLaplace:
             out: NDArray[np.float64] = one + two
             return out
 
-        return _chernoff_tail(log_mgf, t_max)
+        return _chernoff_tail(log_mgf, t_max, log_failure)
 
     def event(self) -> ev.Event:
         return ev.PureDp(epsilon=ev.exact_epsilon(self.epsilon))
@@ -199,14 +207,15 @@ class Skellam:
         _check_parties(n_parties, honest)
         return self.mu * n_parties / honest
 
-    def tail_bound(self, *, n_parties: int, honest: int) -> int:
+    def tail_bound(self, *, n_parties: int, honest: int, failure: float = 2.0**-64) -> int:
+        log_failure = _log_failure(failure)
         m = self.total_variance(n_parties=n_parties, honest=honest)
 
         def log_mgf(t: NDArray[np.float64]) -> NDArray[np.float64]:
             out: NDArray[np.float64] = m * (np.cosh(t) - 1.0)
             return out
 
-        return _chernoff_tail(log_mgf, t_max=50.0)
+        return _chernoff_tail(log_mgf, 50.0, log_failure)
 
     def event(self) -> ev.Event:
         return ev.Skellam(
@@ -269,10 +278,11 @@ class DiscreteGaussian:
         # The variance of N_Z(0, s^2) is at most s^2 (CKS20, Cor. 9).
         return n_parties * self.share_sigma**2
 
-    def tail_bound(self, *, n_parties: int, honest: int) -> int:
+    def tail_bound(self, *, n_parties: int, honest: int, failure: float = 2.0**-64) -> int:
         # N_Z(0, s^2) is s-subgaussian (CKS20, Cor. 9), so the sum of n is sqrt(n) s-subgaussian.
+        log_failure = _log_failure(failure)
         v = self.total_variance(n_parties=n_parties, honest=honest)
-        return math.ceil(math.sqrt(2 * v * (-_LOG_TAIL_FAILURE + math.log(2))))
+        return math.ceil(math.sqrt(2 * v * (-log_failure + math.log(2))))
 
     def event(self) -> ev.Event:
         return ev.DistributedDiscreteGaussian(
@@ -302,7 +312,8 @@ class NoNoise:
     def total_variance(self, *, n_parties: int, honest: int) -> float:
         return 0.0
 
-    def tail_bound(self, *, n_parties: int, honest: int) -> int:
+    def tail_bound(self, *, n_parties: int, honest: int, failure: float = 2.0**-64) -> int:
+        _log_failure(failure)
         return 0
 
     def event(self) -> ev.Event:
