@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mpcdp.audit import bound
+from mpcdp.audit import bound, canaries
 from mpcdp.audit.canaries import pack_inclusion, unpack_inclusion
 from mpcdp.errors import ParameterError, ProtocolError
 
@@ -236,3 +236,43 @@ def test_several_score_sets_are_tried_and_paid_for() -> None:
     assert 0 < both.epsilon_lower_bound <= one.epsilon_lower_bound
     with pytest.raises(ParameterError, match="included"):
         bound.audit(scores=np.zeros((2, 3)), included=[True, False], delta=0.0)
+
+
+GRAD = dict(run_id="r", num_params=100, sites=1, per_site=1)
+INPUT = dict(run_id="r", site_index=0, count=1, feature_shape=(2,), num_classes=2)
+
+
+@pytest.mark.parametrize(
+    ("function", "base", "bad", "name"),
+    [
+        ("gradient_coordinates", GRAD, dict(sites=0), "sites"),
+        ("gradient_coordinates", GRAD, dict(per_site=0), "per_site"),
+        ("gradient_coordinates", GRAD, dict(num_params=0), "num_params"),
+        ("input_canaries", INPUT, dict(site_index=-1), "site_index"),
+        ("input_canaries", INPUT, dict(count=0), "count"),
+        ("input_canaries", INPUT, dict(feature_shape=(0,)), "feature_shape"),
+        ("input_canaries", INPUT, dict(num_classes=1), "num_classes"),
+        ("draw_inclusion", dict(count=1, rng=np.random.default_rng(0)), dict(count=0), "count"),
+        ("draw_inclusion", dict(count=1, rng=np.random.default_rng(0)), dict(rng=3), "rng"),
+    ],
+)
+def test_canary_helpers_refuse_bad_inputs(
+    function: str, base: dict[str, object], bad: dict[str, object], name: str
+) -> None:
+    with pytest.raises(ParameterError, match=name):
+        getattr(canaries, function)(**{**base, **bad})
+
+
+def test_audit_report_prints_every_number() -> None:
+    pytest.importorskip("typer")
+    from types import SimpleNamespace
+
+    from mpcdp.cli.train import audit_report
+
+    a = bound.OneRunAudit(
+        epsilon_lower_bound=0.5, m=300, guesses=40, correct=33, k_plus=20, k_minus=20,
+        confidence=0.95, delta=1e-5, candidates=26, claimed_epsilon=2.0,
+    )  # fmt: skip
+    text = audit_report(SimpleNamespace(audit=a, plan=SimpleNamespace(audit_kind="white-box")))
+    for part in ("2.0000", "0.5000", "25.0%", "0.95", "300", "40 (20/20), 33", "white-box"):
+        assert part in text
