@@ -250,6 +250,7 @@ def test_budget_and_health_commands(fed: LocalFederation) -> None:
     assert t["spent_epsilon"] == pytest.approx(0.3 + s2["rdp_total_after"], rel=1e-9)
     text = mpcdp("budget", "--config", str(fed.party_configs["alice"])).stdout
     assert "6 queries (1 exact, no DP)" in text and "epsilon 0.1" in text
+    assert "sum of raise (discrete-laplace)" in text and "mean of raise (none)" in text
     assert "RDP charges compose" in text and "0.30000000000000004" not in text
     certs = fed.workdir / "certs"
     mpcdp("certs", "init", "--out", str(fed.workdir / "other"), "--parties", "bob",

@@ -102,6 +102,37 @@ def test_refuses_a_foreign_schema_version(tmp_path: Path) -> None:
         BudgetLedger(path)
 
 
+def test_a_version_1_ledger_gains_notes_and_keeps_its_charges(tmp_path: Path) -> None:
+    """Ledgers written before charges had a note (schema 1) open as schema 2: every charge
+    kept, the budget unchanged, new charges say what they paid for."""
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES('schema_version', '1');
+            CREATE TABLE budgets(dataset TEXT PRIMARY KEY, epsilon TEXT NOT NULL,
+                delta REAL NOT NULL, pure_spent TEXT NOT NULL DEFAULT '0',
+                queries INTEGER NOT NULL DEFAULT 0, exact_releases INTEGER NOT NULL DEFAULT 0);
+            CREATE TABLE charges(query_id TEXT PRIMARY KEY,
+                dataset TEXT NOT NULL REFERENCES budgets(dataset), kind TEXT NOT NULL,
+                event TEXT NOT NULL, created_at REAL NOT NULL);
+            INSERT INTO budgets VALUES('d', '2', 1e-6, '1/2', 1, 0);
+            """
+        )
+        db.execute(
+            "INSERT INTO charges VALUES('old', 'd', 'pure', ?, 1.0)",
+            (ev.encode_event(ev.PureDp(epsilon=Fraction(1, 2))),),
+        )
+    with BudgetLedger(path) as led:
+        assert [(c.query_id, c.note) for c in led.charges("d")] == [("old", "")]
+        assert led.status("d").pure_epsilon_spent == Fraction(1, 2)
+        led.charge(dataset="d", query_id="new", event=ev.PureDp(epsilon=0.25), note="mean of x")
+        assert [c.note for c in led.charges("d")] == ["", "mean of x"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+
+
 _CHARGER = textwrap.dedent(
     """
     import sys

@@ -17,10 +17,12 @@ def _num(x: float | None) -> float | None:
 
 
 def _eps_text(e: Entry) -> str:
-    if e.kind == "training":
+    if e.note:
+        what = e.note if e.kind == "training" else f"{e.note} [{e.query_id}]"
+    elif e.kind == "training":
         what = f"training {e.run_id} block {e.block}" + (f" ({e.steps} steps)" if e.steps else "")
     else:
-        what = f"query {e.query_id}"
+        what = f"query {e.query_id} ({e.mechanism})"
     spent = []
     if e.pure_epsilon is not None:
         spent.append(f"epsilon {exact_decimal(e.pure_epsilon)}")
@@ -30,7 +32,7 @@ def _eps_text(e: Entry) -> str:
         )
     if e.exact:
         spent.append("exact release, no DP (epsilon 0)")
-    return f"    {e.at}  {what:<40} {e.mechanism:<16} {'; '.join(spent)}"
+    return f"    {e.at}  {what:<52} {'; '.join(spent)}"
 
 
 def budget(
@@ -68,8 +70,9 @@ def budget(
             f"{r.rdp_spent:.6g} at delta {r.delta:g})"
         )
         runs = ", ".join(f"{run}: {n} blocks" for run, n in r.training_blocks.items())
+        queries = f"{r.queries} {'query' if r.queries == 1 else 'queries'}"
         typer.echo(
-            f"    {r.queries} queries ({r.exact_queries} exact, no DP)"
+            f"    {queries} ({r.exact_queries} exact, no DP)"
             + (f"; training {runs}" if runs else "")
         )
         for e in r.entries:
@@ -111,6 +114,7 @@ def _to_json(party: str, ledger: str, reports: list[DatasetReport]) -> dict[str,
                         "rdp_epsilon_alone": _num(e.rdp_epsilon_alone),
                         "rdp_total_after": _num(e.rdp_total_after),
                         "steps": e.steps,
+                        "note": e.note,
                     }
                     for e in r.entries
                 ],

@@ -29,13 +29,16 @@ charged query. The rules:
   same ledger fails at start instead of enforcing the budget a second time. Read-only users
   (``mpcdp budget``) open it without the lock.
 
-Schema (version 1)::
+Schema (version 2)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)                    -- 'schema_version' -> '1'
+    meta(key TEXT PRIMARY KEY, value TEXT)                    -- 'schema_version' -> '2'
     budgets(dataset TEXT PRIMARY KEY, epsilon TEXT, delta REAL,
             pure_spent TEXT, queries INTEGER, exact_releases INTEGER)   -- running totals
     charges(query_id TEXT PRIMARY KEY, dataset TEXT REFERENCES budgets, kind TEXT,
-            event TEXT, created_at REAL)
+            event TEXT, created_at REAL, note TEXT)
+
+``note`` (version 2) says what a charge paid for ("mean of raise (discrete-laplace)",
+"training run-7 steps 30-39"); a version-1 ledger gains the column (empty) when opened.
 
 The running totals are updated in the same transaction as the charge row, so a check costs
 O(1) for pure-eps datasets; RDP events are re-read and composed (they are few: a training run
@@ -69,7 +72,7 @@ __all__ = ["BudgetLedger", "BudgetStatus", "Charge"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _MAX_ID_LEN = 256
 
 _SCHEMA = """
@@ -87,7 +90,8 @@ CREATE TABLE IF NOT EXISTS charges(
     dataset TEXT NOT NULL REFERENCES budgets(dataset),
     kind TEXT NOT NULL,
     event TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS charges_by_dataset ON charges(dataset);
 """
@@ -104,6 +108,8 @@ class Charge:
     new: bool
     #: the dataset's status right after this charge (None for a repeated query id)
     status: BudgetStatus | None = None
+    #: what the charge paid for, in words (for people reading the ledger)
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,11 @@ class BudgetLedger:
                     self._db.execute(
                         "INSERT INTO meta(key, value) VALUES('schema_version', ?)",
                         (SCHEMA_VERSION,),
+                    )
+                elif row[0] == "1":  # version 2 added charges.note
+                    self._db.execute("ALTER TABLE charges ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+                    self._db.execute(
+                        "UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,)
                     )
                 elif row[0] != SCHEMA_VERSION:
                     raise LedgerError(
@@ -418,6 +429,7 @@ class BudgetLedger:
         event: ev.Event,
         reservation: str | None = None,
         keep: ev.Event | None = None,
+        note: str = "",
     ) -> Charge:
         """Charge ``event`` to ``dataset`` under ``query_id``; see the module docstring.
 
@@ -425,7 +437,8 @@ class BudgetLedger:
         counted against the charge, and the charge consumes it in the same step (a
         reservation released only after the charge would count twice for a moment and make
         a concurrent charge refuse); with ``keep`` the reservation then holds ``keep``
-        instead (a training session: what its remaining steps cost).
+        instead (a training session: what its remaining steps cost). ``note``: what the
+        charge pays for, in words (at most 200 characters kept).
         """
         _check_name("dataset", dataset)
         _check_name("query_id", query_id)
@@ -445,9 +458,9 @@ class BudgetLedger:
                 after = self._require_budget(dataset, event, reservation=reservation)
                 now = time.time()
                 self._db.execute(
-                    "INSERT INTO charges(query_id, dataset, kind, event, created_at) "
-                    "VALUES(?, ?, ?, ?, ?)",
-                    (query_id, dataset, event.kind, encoded, now),
+                    "INSERT INTO charges(query_id, dataset, kind, event, created_at, note) "
+                    "VALUES(?, ?, ?, ?, ?, ?)",
+                    (query_id, dataset, event.kind, encoded, now, str(note)[:200]),
                 )
                 self._db.execute(
                     "UPDATE budgets SET pure_spent=?, queries=?, exact_releases=? WHERE dataset=?",
@@ -459,7 +472,7 @@ class BudgetLedger:
                 else:
                     self._reserved[reservation] = _Reservation(dataset=dataset, event=keep)
         log.info("charged query %s to dataset %r (%s)", query_id, dataset, event.kind)
-        return Charge(query_id, dataset, event, now, new=True, status=after)
+        return Charge(query_id, dataset, event, now, new=True, status=after, note=str(note)[:200])
 
     def charges(self, dataset: str) -> list[Charge]:
         """Every charge of ``dataset``, oldest first."""
@@ -469,9 +482,10 @@ class BudgetLedger:
 
     def _charges(self, dataset: str) -> list[Charge]:
         return [
-            Charge(r[0], dataset, ev.decode_event(r[1]), float(r[2]), new=False)
+            Charge(r[0], dataset, ev.decode_event(r[1]), float(r[2]), new=False, note=r[3])
             for r in self._db.execute(
-                "SELECT query_id, event, created_at FROM charges WHERE dataset=? ORDER BY rowid",
+                "SELECT query_id, event, created_at, note FROM charges WHERE dataset=? "
+                "ORDER BY rowid",
                 (dataset,),
             )
         ]

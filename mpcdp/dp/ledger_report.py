@@ -74,6 +74,7 @@ class Entry:
     rdp_epsilon_alone: float | None  # the RDP part's epsilon on its own, at the delta
     rdp_total_after: float | None  # all RDP charges up to this one, composed
     steps: int | None  # training steps in the block
+    note: str = ""  # what the charge paid for, as the party recorded it
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def report(*, status: BudgetStatus, charges: Sequence[Charge]) -> DatasetReport:
                 rdp_epsilon_alone=alone,
                 rdp_total_after=total,
                 steps=steps if match else None,
+                note=c.note,
             )
         )
     return DatasetReport(

@@ -601,6 +601,9 @@ class PartyEngine(SessionHost):
                 query_id=spec.query_id,
                 event=session.plan.event,
                 reservation=spec.query_id,
+                note=f"{spec.statistic.value}"
+                + (f" of {spec.column}" if spec.column else "")
+                + f" ({spec.mechanism})",
             )
         except BaseException:
             self.ledger.release(spec.query_id)  # nothing leaves: the budget is free again

@@ -737,6 +737,8 @@ class TrainingEngine(SessionHost):
                 reservation=_reservation(spec, session_id),
                 # the reservation now covers the remaining steps only
                 keep=step_event(spec, steps=left) if left > 0 else None,
+                note=f"training {spec.run_id} ({spec.model}) steps {first}-{first + n_steps - 1}"
+                + (" (audit run)" if spec.audit_canaries else ""),
             )
             if not charge.new:
                 raise LedgerError(f"block {block} of session {session_id.hex()} was charged")
