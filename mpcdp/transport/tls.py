@@ -52,6 +52,11 @@ def _read(path: Path, what: str, *, private: bool = False) -> bytes:
         with path.open("rb") as fh:
             mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
             data = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{what} {path}: no such file (a relative path in party.toml or federation.toml "
+            "resolves against that file's folder, not the current directory)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read: {exc.strerror}") from None
     if private and os.name == "posix" and mode & 0o077:
