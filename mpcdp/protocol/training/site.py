@@ -1,58 +1,19 @@
-"""Federated DP-SGD over one secure-aggregation session (DESIGN.md: "Training reuses one
-session's keys for many rounds"; "Arithmetic": clip -> scale -> randomized rounding -> noise
-share -> mask).
-
-A training session is one key agreement and many steps. Step s of a session:
-
-1. the coordinator sends every site the model's parameters (all of them on the session's first
-   step, the trainable ones after that);
-2. each site Poisson-samples its own examples with rate q (secret CSPRNG), computes the sum
-   of per-example clipped gradients (L2 norm <= C each), encodes it as
-   ``round(g * 2^scale_bits)`` with unbiased randomized rounding, adds its Skellam noise share
-   (sized for h = n - t honest sites) and its pairwise mask for round id s, and uploads it;
-3. the coordinator adds the uploads: masks cancel, what is left is
-   ``sum_sites round(g_i * 2^k) + Skellam(>= mu)``, which it decodes, divides by 2^k and by the
-   expected batch size, and hands to its optimizer. The next step's parameters go back out.
-
-Privacy, per site and per example (the site's own guarantee; it trusts nothing the coordinator
-computed): adding or removing one example changes the site's clipped sum by a vector v with
-``||v||_2 <= C``. Randomized rounding of a vector x is ``floor(x + u)`` for a uniform dither
-u; for any fixed u each coordinate of the difference is ``floor`` or ``ceil`` of
-``|v_k| 2^k``, so, for *every* u,
-
-    Delta_2 <= C 2^k + sqrt(d),      Delta_1 <= sqrt(d) C 2^k + d
-
-(worst case over the dither, hence valid for the mixture; it plays the role of the
-Kairouz-Liu-Steinke 2021 inflated bound, with no failure probability). With the total noise
-Skellam(mu), one step is an RDP release with those sensitivities (Agarwal-Kairouz-Liu 2021,
-Cor. 3.6); Poisson subsampling amplifies it (mpcdp.dp.rdp.poisson_subsampled), and steps
-compose. The site charges its ledger with :class:`~mpcdp.dp.events.Skellam` events of
-``steps_per_charge`` steps before the first step of each block leaves it (charge before
-release), under the query id ``run_id/session/block``: a resumed run in a new session pays
-again for the steps it redoes, because they are new releases.
-
-The site checks, before it signs its key: the dataset, the peers, t >= its min_colluders, the
-clipping mode, the number of parameters of the architecture, the headroom of the ring, and
-that the whole session fits its budget (and its max_epsilon_per_query).
-
-Every step uploads ``num_params`` ring words; the noise share and the mask of step s + 1 are
-built in a background thread while the coordinator sums step s (they do not depend on data),
-so the critical path of a site is its gradient plus one vector addition.
+"""The site's half of federated DP-SGD: :class:`TrainingEngine` opens sessions (checks the
+spec, reserves the run's budget, builds the gradient source), and per step charges the block,
+computes the clipped, rounded gradient sum, adds its noise share and masks (see the package
+docstring). Nothing happens at import time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from cryptography import x509
@@ -62,17 +23,13 @@ from numpy.typing import NDArray
 
 from mpcdp import encoding, ring, sharing
 from mpcdp.audit.canaries import (
-    AUDIT_KINDS,
-    MAX_CANARIES,
     draw_inclusion,
     gradient_coordinates,
     input_canaries,
     pack_inclusion,
-    unpack_inclusion,
 )
 from mpcdp.config import DatasetConfig
 from mpcdp.dp import accountant
-from mpcdp.dp import events as ev
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.dp.mechanisms import Skellam
 from mpcdp.errors import (
@@ -82,20 +39,11 @@ from mpcdp.errors import (
     ParameterError,
     PolicyError,
     ProtocolError,
-    RoundAborted,
     SessionError,
 )
 from mpcdp.protocol import identity
-from mpcdp.protocol.coordinator import (
-    ContributionStream,
-    abort_all,
-    accumulate,
-    order_clients,
-    signed_keys,
-)
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
 from mpcdp.protocol.party import (
-    SESSION_ID_BYTES,
     ClosedSessions,
     Contribution,
     Proposal,
@@ -106,234 +54,17 @@ from mpcdp.protocol.party import (
     session_pair_keys,
     unavailable,
 )
-from mpcdp.protocol.spec import validate_parties
-
-__all__ = [
-    "CLIPPING_MODES",
-    "GradientSource",
-    "TrainSpec",
-    "TrainingClient",
-    "TrainingEngine",
-    "TrainingSession",
-    "TrainingTask",
-    "choose_scale_bits",
-    "digest",
-    "max_batch_size",
-    "mechanism",
-    "run_event",
-    "sensitivities",
-    "step_event",
-]
+from mpcdp.protocol.training.spec import (
+    _NOISE_SLICE,
+    TrainSpec,
+    digest,
+    max_batch_size,
+    mechanism,
+    run_event,
+    step_event,
+)
 
 log = logging.getLogger(__name__)
-
-CLIPPING_MODES = ("flat", "automatic")
-_SPEC_LABEL = b"mpcdp train spec v1\n"
-#: noise is drawn in slices of this many coordinates, in parallel (64K: the Poisson
-#: sampler's temporaries stay in cache; 1M slices took 1.7x as long)
-_NOISE_SLICE = 1 << 16
-#: the largest scale C * 2^k ever used
-_MAX_SCALE = float(1 << 24)
-#: the scale is chosen so that rounding adds at most this to Delta_2: sqrt(d) / (C 2^k)
-_MAX_INFLATION = 0.01
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """One training session, as every site receives and checks it (see the proto)."""
-
-    run_id: str
-    dataset: str
-    model: str
-    parties: tuple[str, ...]
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    scale_bits: int
-    mu: float
-    num_params: int
-    colluders: int = 1
-    start_step: int = 0
-    steps_per_charge: int = 1
-    clipping: str = "flat"
-    bias_only: bool = False
-    ring_bits: int = 32
-    #: one-run audit (mpcdp.audit.canaries): canaries per site, 0 when not an audit run
-    audit_canaries: int = 0
-    #: "white-box" or "black-box" with canaries, "" without
-    audit_kind: str = ""
-
-    def __post_init__(self) -> None:
-        for name in ("run_id", "dataset", "model"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not 1 <= len(v) <= 128 or not v.isprintable():
-                raise ParameterError(name, v, "must be 1..128 printable characters")
-        object.__setattr__(self, "parties", validate_parties(self.parties, self.colluders))
-        if not isinstance(self.sample_rate, int | float) or not 0 < self.sample_rate <= 1:
-            raise ParameterError("sample_rate", self.sample_rate, "must be in (0, 1]")
-        _int(self.steps, "steps", 1, 2**40)
-        _int(self.start_step, "start_step", 0, 2**40)
-        _int(self.steps_per_charge, "steps_per_charge", 1, 2**40)
-        _int(self.num_params, "num_params", 1, 2**40)
-        _int(self.scale_bits, "scale_bits", 0, 40)
-        for name in ("max_grad_norm", "mu"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ParameterError(name, v, "must be a number")
-            if not math.isfinite(v) or not v > 0:
-                raise ParameterError(name, v, "must be finite and > 0")
-            object.__setattr__(self, name, float(v))
-        object.__setattr__(self, "sample_rate", float(self.sample_rate))
-        if self.clipping not in CLIPPING_MODES:
-            raise ParameterError("clipping", self.clipping, f"must be one of {CLIPPING_MODES}")
-        if not isinstance(self.bias_only, bool):
-            raise ParameterError("bias_only", self.bias_only, "must be a bool")
-        if self.ring_bits not in (32, 64):
-            raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
-        _int(self.audit_canaries, "audit_canaries", 0, MAX_CANARIES)
-        if self.audit_canaries == 0:
-            if self.audit_kind != "":
-                raise ParameterError("audit_kind", self.audit_kind, "must be '' without canaries")
-        elif self.audit_kind not in AUDIT_KINDS:
-            raise ParameterError("audit_kind", self.audit_kind, f"must be one of {AUDIT_KINDS}")
-        elif self.start_step != 0:
-            # the inclusion bits belong to one session: an audit run is never resumed
-            raise ParameterError("start_step", self.start_step, "must be 0 in an audit run")
-        elif (
-            self.audit_kind == "white-box"
-            and len(self.parties) * self.audit_canaries > self.num_params
-        ):
-            raise ParameterError(
-                "audit_canaries",
-                self.audit_canaries,
-                f"{len(self.parties)} sites x {self.audit_canaries} gradient canaries need "
-                f"distinct coordinates; the model has {self.num_params} trainable parameters",
-            )
-
-    @property
-    def honest(self) -> int:
-        return len(self.parties) - self.colluders
-
-    @property
-    def end_step(self) -> int:
-        """One past the session's last step."""
-        return self.start_step + self.steps
-
-    def index_of(self, party: str) -> int:
-        try:
-            return self.parties.index(party)
-        except ValueError:
-            raise ParameterError(
-                "parties", list(self.parties), f"does not include {party!r}"
-            ) from None
-
-
-def _int(v: object, name: str, lo: int, hi: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ParameterError(name, v, f"must be an int in [{lo}, {hi}]")
-
-
-def digest(spec: TrainSpec) -> bytes:
-    """SHA-256 of ``b"mpcdp train spec v1\\n"`` + the canonical JSON of the spec (sorted
-    keys, floats as ``repr`` strings); the label keeps it apart from query-spec digests."""
-    obj: dict[str, Any] = asdict(spec)
-    for k, v in obj.items():
-        if isinstance(v, float):
-            obj[k] = repr(v)
-        elif isinstance(v, tuple):
-            obj[k] = list(v)
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(_SPEC_LABEL + text.encode()).digest()
-
-
-# -- the maths of one step (pure) ------------------------------------------------------------
-
-
-def sensitivities(*, max_grad_norm: float, scale_bits: int, num_params: int) -> tuple[float, float]:
-    """(Delta_2, Delta_1) in integer units of one example's change to a site's rounded sum:
-    ``C 2^k + sqrt(d)`` and ``sqrt(d) C 2^k + d`` (module docstring)."""
-    if not max_grad_norm > 0 or not math.isfinite(max_grad_norm):
-        raise ParameterError("max_grad_norm", max_grad_norm, "must be finite and > 0")
-    if num_params < 1:
-        raise ParameterError("num_params", num_params, "must be >= 1")
-    scaled = max_grad_norm * 2.0**scale_bits
-    root = math.sqrt(num_params)
-    return scaled + root, root * scaled + num_params
-
-
-def step_event(spec: TrainSpec, *, steps: int) -> ev.Skellam:
-    """The privacy event of ``steps`` steps of ``spec`` (for one site's examples)."""
-    l2, l1 = sensitivities(
-        max_grad_norm=spec.max_grad_norm, scale_bits=spec.scale_bits, num_params=spec.num_params
-    )
-    return ev.Skellam(
-        mu=spec.mu, l1_sensitivity=l1, l2_sensitivity=l2, sample_rate=spec.sample_rate, steps=steps
-    )
-
-
-def mechanism(spec: TrainSpec) -> Skellam:
-    """The noise of every step: Skellam(mu) in the honest sum, shares sized for h."""
-    l2, l1 = sensitivities(
-        max_grad_norm=spec.max_grad_norm, scale_bits=spec.scale_bits, num_params=spec.num_params
-    )
-    return Skellam(mu=spec.mu, l1_sensitivity=l1, l2_sensitivity=l2)
-
-
-def run_event(spec: TrainSpec) -> ev.Skellam:
-    """The privacy event of the whole session."""
-    return step_event(spec, steps=spec.steps)
-
-
-def max_batch_size(*, examples: int, sample_rate: float) -> int:
-    """A bound on a Poisson(q) batch of ``examples`` that fails with probability < 1e-15
-    (Chernoff); a larger draw is cut to it (see the site's source)."""
-    mean = examples * sample_rate
-    return min(examples, math.ceil(mean + 8.5 * math.sqrt(mean) + 40))
-
-
-def choose_scale_bits(
-    *,
-    max_grad_norm: float,
-    num_params: int,
-    max_total_batch: int,
-    n_parties: int,
-    honest: int,
-    noise_multiplier: float,
-    ring_bits: int = 32,
-) -> int:
-    """The gradient scale 2^k: the smallest k with ``sqrt(d) / (C 2^k) <= 1%`` (rounding
-    adds at most 1% to Delta_2), or, when the ring's headroom does not allow that, the largest
-    k whose round cannot wrap it:
-    ``max_total_batch * C 2^k + n + tail(Skellam(mu(k))) < 2^(ring_bits - 1)`` with
-    mu(k) = (noise_multiplier * Delta_2(k))^2. Raises HeadroomError when even k = 0 overflows.
-
-    Not larger than needed: mu grows as 4^k, and a scale whose shares would leave the
-    Skellam sampler's exact range (mu / h <= 2^47, mpcdp.dp.samplers) is skipped.
-    """
-    target = max(0, math.ceil(math.log2(math.sqrt(num_params) / (_MAX_INFLATION * max_grad_norm))))
-    for k in range(min(40, target), -1, -1):
-        if max_grad_norm * 2.0**k > _MAX_SCALE:
-            continue
-        l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
-        mu = (noise_multiplier * l2) ** 2
-        noise = Skellam(mu=mu, l1_sensitivity=l1, l2_sensitivity=l2)
-        try:
-            noise.check_range(honest=honest)
-        except ParameterError:
-            continue  # a smaller scale: more rounding noise, but shares the sites can draw
-        tail = noise.tail_bound(n_parties=n_parties, honest=honest)
-        bound = max_total_batch * math.ceil(max_grad_norm * 2.0**k) + n_parties + tail
-        if bound < 1 << (ring_bits - 1):
-            return k
-    raise HeadroomError(
-        f"no gradient scale fits the ring and the Skellam sampler's range: "
-        f"max_total_batch={max_total_batch}, max_grad_norm={max_grad_norm:g}, "
-        f"noise_multiplier={noise_multiplier:g}, num_params={num_params}, "
-        f"ring_bits={ring_bits}; use ring_bits=64, a smaller batch or a larger epsilon"
-    )
-
-
-# -- the site ---------------------------------------------------------------------------------
 
 
 class GradientSource(Protocol):
@@ -898,158 +629,3 @@ def _reservation(spec: TrainSpec, session_id: bytes) -> str:
 
 
 # -- the coordinator --------------------------------------------------------------------------
-
-
-class TrainingClient(Protocol):
-    """How the coordinator reaches one site for training."""
-
-    @property
-    def party_id(self) -> str: ...
-
-    def train_open(self, *, session_id: bytes, spec: TrainSpec) -> Proposal: ...
-
-    def train_step(
-        self,
-        *,
-        session_id: bytes,
-        step: int,
-        keys: Sequence[identity.SignedKey],
-        parameters: NDArray[np.float32],
-        full: bool,
-        ring_bits: int,
-    ) -> ContributionStream: ...
-
-    def abort(self, *, session_id: bytes, reason: str) -> None: ...
-
-
-@dataclass
-class TrainingSession:
-    """The coordinator's side of one training session over ``clients`` (one per site)."""
-
-    spec: TrainSpec
-    clients: Sequence[TrainingClient]
-    session_id: bytes = field(default_factory=lambda: secrets.token_bytes(SESSION_ID_BYTES))
-    _keys: list[identity.SignedKey] = field(default_factory=list)
-    _next: int = -1
-    _pool: ThreadPoolExecutor | None = None
-    budget_remaining: dict[str, float] = field(default_factory=dict)
-    #: audit runs, after the last step: every site's canary inclusion bits, in party order
-    #: of ``spec.parties`` (mpcdp.audit.canaries)
-    audit_inclusion: dict[str, NDArray[np.bool_]] = field(default_factory=dict)
-
-    def open(self) -> None:
-        self.clients = order_clients(self.clients, self.spec.parties)
-        self._pool = ThreadPoolExecutor(
-            max_workers=len(self.clients), thread_name_prefix="train-step"
-        )
-        try:
-            proposals = list(
-                self._pool.map(
-                    lambda c: c.train_open(session_id=self.session_id, spec=self.spec),
-                    self.clients,
-                )
-            )
-            keys = signed_keys(proposals, self.spec.parties)
-            for p, pid in zip(proposals, self.spec.parties, strict=True):
-                if p.length != self.spec.num_params:
-                    raise ProtocolError(
-                        f"party {pid!r} announced {p.length} words, the run has "
-                        f"{self.spec.num_params}"
-                    )
-        except Exception as exc:
-            self._abort(str(exc))
-            raise RoundAborted(self.spec.run_id, exc) from exc
-        self._keys = keys
-        self._next = self.spec.start_step
-
-    def step(
-        self, *, parameters: NDArray[np.float32], full: bool, out: np.ndarray | None = None
-    ) -> NDArray[np.int32] | NDArray[np.int64]:
-        """Run the next step; returns the decoded sum (integer units, signed; int32 in
-        Z_2^32, a view of the summed words). ``out``: a C-contiguous array of
-        ``num_params`` ring words (uint32 for Z_2^32, uint64 for Z_2^64) to sum into instead
-        of a new one (a loop that reuses one saves an allocation of the model's size per
-        step); its contents are overwritten."""
-        if self._pool is None or self._next < 0:
-            raise ProtocolError("open the training session first")
-        if self._next >= self.spec.end_step:
-            raise ProtocolError(f"the session's {self.spec.steps} steps are done")
-        dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
-        if out is None:
-            total = np.zeros(self.spec.num_params, dtype=dtype)
-        else:
-            if (
-                not isinstance(out, np.ndarray)
-                or out.dtype != dtype
-                or out.shape != (self.spec.num_params,)
-                or not out.flags.c_contiguous
-                or not out.flags.writeable
-            ):
-                what = (
-                    f"{out.dtype} of shape {out.shape}"
-                    if isinstance(out, np.ndarray)
-                    else type(out).__name__
-                )
-                raise ParameterError(
-                    "out",
-                    what,
-                    f"must be a writeable C-contiguous {dtype} array of shape "
-                    f"({self.spec.num_params},)",
-                )
-            total = out
-            total.fill(0)
-        step = self._next
-        first = step == self.spec.start_step
-        keys = self._keys if first else []
-        lock = threading.Lock()
-        params = np.ascontiguousarray(parameters, dtype=np.float32)
-
-        last = step + 1 == self.spec.end_step
-        reveals: dict[str, bytes] = {}
-
-        def one(client: TrainingClient) -> float:
-            stream = client.train_step(
-                session_id=self.session_id,
-                step=step,
-                keys=keys,
-                parameters=params,
-                full=full,
-                ring_bits=self.spec.ring_bits,
-            )
-            reveals[client.party_id] = stream.audit_inclusion
-            return accumulate(stream, total, lock, client.party_id, None)
-
-        try:
-            remaining = list(self._pool.map(one, self.clients))
-            self._check_reveals(reveals, last=last)
-        except Exception as exc:
-            self._abort(str(exc))
-            raise RoundAborted(f"{self.spec.run_id} step {step}", exc) from exc
-        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
-        self._next = step + 1
-        return encoding.signed_view(total)
-
-    def _check_reveals(self, reveals: Mapping[str, bytes], *, last: bool) -> None:
-        """Inclusion bits come with the last step of an audit run, from every site, and
-        never otherwise."""
-        wanted = last and self.spec.audit_canaries > 0
-        for party in self.spec.parties:
-            data = reveals.get(party, b"")
-            if not wanted:
-                if data:
-                    raise ProtocolError(f"party {party!r} revealed canary bits out of place")
-                continue
-            self.audit_inclusion[party] = unpack_inclusion(
-                data, count=self.spec.audit_canaries, party=party
-            )
-
-    def _abort(self, reason: str) -> None:
-        abort_all(self.clients, session_id=self.session_id, reason=reason)
-
-    def close(self) -> None:
-        """End the session (tells sites to forget it when steps remain)."""
-        if self._pool is not None:
-            if 0 <= self._next < self.spec.end_step:
-                self._abort("closed by the coordinator")
-            self._pool.shutdown(wait=True)
-            self._pool = None
