@@ -2,7 +2,7 @@
 
 Run:  python demos/salary_average.py [--epsilon 1.0] [--local]
 
-Four engineers (Alice, Bob, Carlos, David; reference/mpc_and_dp.txt) each run a party node
+Four engineers (Alice, Bob, Carlos, David; docs/salary_example.md) each run a party node
 (`mpcdp party serve`, a separate process with its own certificate, CSV file and SQLite
 ledger) on loopback. The analyst computes their average raise with secure aggregation over
 mutually authenticated gRPC: first exactly (mechanism none, 3171.5), then with distributed

@@ -1,6 +1,6 @@
 """Signed fixed point in Z_{2^64}, randomized rounding, and the headroom check.
 
-DESIGN.md, "Arithmetic". A real x is encoded as the integer round(x * 2^frac_bits) in two's
+docs/design.md, "Arithmetic". A real x is encoded as the integer round(x * 2^frac_bits) in two's
 complement: words >= 2^63 decode as negative. Sums of encodings are encodings of sums as long
 as no partial sum leaves [-2^63, 2^63); :func:`check_headroom` refuses a round before it could.
 

@@ -1,4 +1,4 @@
-"""Pairwise key agreement and AES-CTR share streams (DESIGN.md, "Secure sum").
+"""Pairwise key agreement and AES-CTR share streams (docs/design.md, "Secure sum").
 
 Key agreement (per session): each party makes an ephemeral X25519 key pair (RFC 7748). For the
 pair (i, j), both sides compute the same

@@ -1,4 +1,4 @@
-"""The ring Z_{2^64} as numpy uint64 vectors (DESIGN.md, "Arithmetic"), and Z_{2^32}.
+"""The ring Z_{2^64} as numpy uint64 vectors (docs/design.md, "Arithmetic"), and Z_{2^32}.
 
 Addition, subtraction and negation wrap around modulo 2^64 for free in numpy's unsigned
 arithmetic, vectorised. Elements travel as raw little-endian 8-byte words; the decoder is

@@ -1,4 +1,4 @@
-"""The four engineers' average raise (reference/mpc_and_dp.txt), exact and with DP.
+"""The four engineers' average raise (docs/salary_example.md), exact and with DP.
 
 Alice, Bob, Carlos and David (raises 3800, 2514, 2982, 3390) want their average raise
 (3171.5) without anyone learning another's raise.

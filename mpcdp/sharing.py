@@ -1,10 +1,10 @@
 """Additive secret sharing over Z_{2^64}: the textbook n-share view and the seeded view.
 
-Textbook (reference/mpc_and_dp.txt, the salary example): a party splits x into n uniformly
+Textbook (docs/salary_example.md, the salary example): a party splits x into n uniformly
 random shares that sum to x mod 2^64 and sends one to each other party; n - 1 shares reveal
 nothing about x. :func:`split` / :func:`reconstruct`.
 
-Seeded (DESIGN.md, "Secure sum: seed-compressed additive sharing"): for each pair i < j the
+Seeded (docs/design.md, "Secure sum"): for each pair i < j the
 share that party j hands party i is PRG(k_ij), expanded locally from the pair key of
 mpcdp.prg, so nothing but the key agreement crosses the wire. Party i then uploads
 

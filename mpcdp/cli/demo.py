@@ -30,7 +30,7 @@ def salary_cmd(
         False, "--local", help="All four parties in this process (shows the seeded share table)."
     ),
 ) -> None:
-    """The four engineers' average raise (reference/mpc_and_dp.txt), exact and with DP.
+    """The four engineers' average raise (docs/salary_example.md), exact and with DP.
 
     Starts four party nodes (Alice, Bob, Carlos, David) as separate processes on loopback
     with fresh certificates, runs the exact MPC mean and a DP mean, and stops them again;

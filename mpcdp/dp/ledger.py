@@ -1,4 +1,4 @@
-"""Per-party privacy budget ledger in SQLite (DESIGN.md, "Budget").
+"""Per-party privacy budget ledger in SQLite (docs/design.md, "Budget").
 
 Each party owns one ledger file with a budget (epsilon, delta) per dataset and one row per
 charged query. The rules:

@@ -1,4 +1,4 @@
-"""Release mechanisms with distributed noise (DESIGN.md, "Distributed noise").
+"""Release mechanisms with distributed noise (docs/design.md, "Distributed noise").
 
 Each mechanism describes the noise that the *honest* parties' shares must add up to, and sizes
 one party's share for h = n - t honest parties: a party that colludes knows its own share and

@@ -1,4 +1,4 @@
-"""Randomized response: the poll of reference/mpc_and_dp.txt, with its debiased estimator.
+"""Randomized response: the poll of docs/salary_example.md, with its debiased estimator.
 
 Each respondent with bit x tells the truth with probability q and otherwise reports a fair
 coin: P[report = x] = (1 + q)/2, P[report != x] = (1 - q)/2, so each report is

@@ -1,4 +1,4 @@
-"""The round protocol, transport-agnostic (DESIGN.md, "Round protocol").
+"""The round protocol, transport-agnostic (docs/design.md, "Round protocol").
 
 - ``spec``: the query an analyst asks and its canonical digest.
 - ``identity``: signing and verifying ephemeral keys with the parties' certificates.

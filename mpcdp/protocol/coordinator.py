@@ -5,7 +5,7 @@ objects (gRPC in mpcdp.transport.client, direct calls in tests) and never sees a
 signed public keys and masked uploads. Uploads are summed chunk by chunk as they stream in,
 so the coordinator holds one vector, whatever the number of parties.
 
-Failure rule (DESIGN.md): any party that fails before the reveal aborts the round. The
+Failure rule (docs/design.md): any party that fails before the reveal aborts the round. The
 coordinator tells every party to forget the session (all in parallel) and raises
 :class:`RoundAborted`, whose message says which parties charged their ledger (their upload
 header arrived), with the epsilon each reported, which did not, and which gave no answer;

@@ -1,4 +1,4 @@
-"""Signed ephemeral keys (DESIGN.md, threat model: "Ephemeral key-agreement keys are signed").
+"""Signed ephemeral keys (docs/design.md, "Threat model": ephemeral keys are signed).
 
 A party signs its X25519 public key with its certificate's ECDSA P-256 key over
 

@@ -1,4 +1,4 @@
-"""Noisy local vectors built ahead of time, off the request path (DESIGN.md, "Distributed
+"""Noisy local vectors built ahead of time, off the request path (docs/design.md, "Distributed
 noise": "generate noise ahead of the request path").
 
 What a party uploads is ``mask + (noise share + local statistic)``. The part in parentheses

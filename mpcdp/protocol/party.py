@@ -1,4 +1,4 @@
-"""A party's side of a round: propose -> contribute (DESIGN.md, "Round protocol").
+"""A party's side of a round: propose -> contribute (docs/design.md, "Round protocol").
 
 :class:`PartyEngine` is the party's state machine, independent of any transport. It enforces
 the party's own policy; it trusts nothing the coordinator computed.

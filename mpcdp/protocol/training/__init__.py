@@ -1,5 +1,5 @@
-"""Federated DP-SGD over one secure-aggregation session (DESIGN.md: "Training reuses one
-session's keys for many rounds"; "Arithmetic": clip -> scale -> randomized rounding -> noise
+"""Federated DP-SGD over one secure-aggregation session (docs/design.md, "Training": one
+session's keys serve many rounds; "Arithmetic": clip -> scale -> randomized rounding -> noise
 share -> mask).
 
 A training session is one key agreement and many steps. Step s of a session:
