@@ -14,8 +14,9 @@ calibrates mu for (target_epsilon, target_delta) with the quantization sensitivi
 sum divided by the expected batch size, as in DP-SGD with Poisson sampling
 (Abadi et al. 2016; Opacus' "expected batch size").
 
-Warm start (AdaMix-style public pre-training, Zhang et al. 2023, AdaMix):
-given ``public_data``, the coordinator first trains non-privately on it, then DP on the sites.
+Warm start (AdaMix-style public pre-training; Golatkar et al. 2022, "Mixed differential
+privacy in computer vision", CVPR): given ``public_data``, the coordinator first trains
+non-privately on it, then DP on the sites.
 """
 
 from __future__ import annotations
