@@ -7,7 +7,7 @@ import logging
 import typer
 
 from mpcdp import __version__
-from mpcdp.cli import budget, certs, demo, health, party, query, train
+from mpcdp.cli import budget, certs, check_model, demo, health, party, query, train
 
 app = typer.Typer(
     name="mpcdp",
@@ -24,6 +24,7 @@ app.command("budget")(budget.budget)
 app.command("health")(health.health)
 app.command("train")(train.train)
 app.command("audit")(train.audit)
+app.command("check-model")(check_model.check_model)
 app.add_typer(demo.app, name="demo")
 
 

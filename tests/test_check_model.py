@@ -1,0 +1,411 @@
+"""`mpcdp check-model` and mpcdp.train.model_check: what the clipper does with each layer, the
+fixes, the memory estimate, the import-path loading and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from mpcdp.cli.app import app  # noqa: E402
+from mpcdp.errors import ParameterError  # noqa: E402
+from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference  # noqa: E402
+from mpcdp.train.clipping.rules import _use_ghost  # noqa: E402
+from mpcdp.train.model_check import (  # noqa: E402
+    ModelReport,
+    check_model,
+    default_loss,
+    fix_model,
+    load_model,
+    synthetic_batch,
+)
+
+
+def report_of(model: nn.Module, shape: tuple[int, ...], **kw: object) -> ModelReport:
+    inputs, targets = synthetic_batch(
+        input_shape=shape,
+        num_classes=10,
+        input_dtype=kw.pop("input_dtype", torch.float32),  # type: ignore[arg-type]
+        vocab=kw.pop("vocab", None),  # type: ignore[arg-type]
+    )
+    return check_model(model, inputs=inputs, targets=targets, **kw)  # type: ignore[arg-type]
+
+
+def methods(report: ModelReport) -> dict[str, str]:
+    return {r.path: r.method for r in report.layers}
+
+
+def clipper_accepts(model: nn.Module, shape: tuple[int, ...], **kw: object) -> bool:
+    inputs, targets = synthetic_batch(input_shape=shape, num_classes=10, batch=6, seed=3, **kw)  # type: ignore[arg-type]
+    with PerSampleClipper(model, max_grad_norm=1.0) as clipper:
+        out = clipper.clipped_grad_sum(inputs=inputs, targets=targets, loss_fn=default_loss)
+    return bool(torch.isfinite(out.grad_sum).all())
+
+
+def cnn(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),  # 8x8: T=64, pd=72 -> instantiated
+        norm,
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),  # 4x4: T=16, pd=1152 -> ghost
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),  # T=1 -> ghost
+    )
+
+
+class Centre(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=0, keepdim=True)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(dim=1))
+
+
+class Scale(nn.Module):
+    """A custom layer with parameters of its own: the torch.func fallback."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+        self.b = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w + self.b)
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h, _ = self.att(h, h, h)
+        return self.head(h.mean(dim=1))
+
+
+class Lstm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+# -- what the clipper does with each layer -------------------------------------------------
+
+
+def test_mlp_is_all_ghost_and_accepted() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    report = report_of(model, (64,))
+    assert report.ok and report.refusal is None
+    assert methods(report) == {"1": "ghost", "3": "ghost"}
+    assert all(r.positions == 1 for r in report.layers)
+    assert report.trainable_params == report.total_params == 64 * 32 + 32 + 32 * 10 + 10
+    assert report.to_json()["ok"] is True and report.to_json()["memory"]["estimate"] is True
+
+
+def test_cnn_with_groupnorm_mixes_ghost_and_instantiated() -> None:
+    report = report_of(cnn(nn.GroupNorm(4, 8)), (1, 8, 8))
+    assert report.ok, report.refusal
+    assert methods(report) == {
+        "0": "instantiated",
+        "1": "closed-form",
+        "3": "ghost",
+        "6": "ghost",
+    }
+    by = {r.path: r for r in report.layers}
+    assert (by["0"].positions, by["0"].p, by["0"].d) == (64, 8, 9)
+    assert (by["3"].positions, by["3"].p, by["3"].d) == (16, 16, 72)
+    for r in report.layers:  # the clipper's own rule on the measured T, p, d
+        if r.kind == "conv2d":
+            assert r.positions is not None and r.p is not None and r.d is not None
+            assert (r.method == "ghost") == _use_ghost(r.positions, r.p, r.d)
+
+
+def test_batchnorm_is_refused_and_fix_model_makes_it_pass() -> None:
+    model = cnn(nn.BatchNorm2d(8))
+    report = report_of(model, (1, 8, 8))
+    assert not report.ok and report.refused_module == "1"
+    assert "BatchNorm2d" in (report.refusal or "") and methods(report)["1"] == "refused"
+    assert [(f.path, f.after, f.applied) for f in report.fixes] == [("1", "GroupNorm(8, 8)", True)]
+    assert isinstance(model[1], nn.BatchNorm2d)  # the check changed nothing
+    with torch.no_grad():
+        model[1].weight.fill_(2.0)
+    fixed, changes = fix_model(model)
+    assert fixed is model and len(changes) == 1
+    gn = model[1]
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 8
+    assert torch.equal(gn.weight, torch.full((8,), 2.0))  # affine weights kept
+    assert report_of(model, (1, 8, 8)).ok
+    assert clipper_accepts(model, (1, 8, 8))
+
+
+def test_batchnorm1d_fix_keeps_two_channels_per_group() -> None:
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Linear(12, 10))
+    fixed, changes = fix_model(model)
+    assert changes[0].after == "GroupNorm(6, 12)"
+    assert clipper_accepts(fixed, (6,))
+    root, root_changes = fix_model(nn.BatchNorm2d(48))
+    assert isinstance(root, nn.GroupNorm) and root.num_groups == 24 and root_changes[0].path == ""
+
+
+def test_multihead_attention_is_refused_then_replaced() -> None:
+    model = Attention().eval()
+    report = report_of(model, (12,), input_dtype=torch.long, vocab=30)
+    assert not report.ok and report.refused_module == "att"
+    assert methods(report)["att"] == "refused" and methods(report)["att.out_proj"] == "refused"
+    assert [f.after for f in report.fixes] == ["DPMultiheadAttention(16, 2)"]
+    x = torch.randint(0, 30, (3, 12), generator=torch.Generator().manual_seed(1))
+    before = model(x)
+    fix_model(model)
+    assert torch.allclose(model(x), before, atol=1e-6)
+    after = report_of(model.train(), (12,), input_dtype=torch.long, vocab=30)
+    assert after.ok, after.refusal
+    assert {methods(after)[f"att.{n}_proj"] for n in "qkv"} <= {"ghost", "instantiated"}
+
+
+def test_centring_by_the_batch_mean_is_refused_naming_the_module() -> None:
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(5, 5))
+    model.add_module("centre", Centre())
+    model.add_module("head", nn.Linear(5, 10))
+    report = report_of(model, (5,))
+    assert not report.ok and report.refused_module == "centre"
+    assert "examples interact" in (report.refusal or "")
+    assert report.fixes == ()
+
+
+def test_tied_weights_are_refused() -> None:
+    report = report_of(Tied(), (7,), input_dtype=torch.long, vocab=20)
+    assert not report.ok and "weight tying" in (report.refusal or "")
+    assert methods(report) == {"emb": "ghost", "head": "refused"}
+    assert report.trainable_params == 20 * 8  # counted once
+
+
+def test_custom_module_uses_the_fallback_and_it_works() -> None:
+    model = nn.Sequential(nn.Linear(6, 6), Scale(6), nn.Linear(6, 10))
+    report = report_of(model, (6,))
+    assert report.ok, report.refusal
+    assert methods(report)["1"] == "fallback" and "works" in report.layers[1].note
+    assert report.layers[1].per_example_bytes == 12 * 4
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_fused_lstm_is_refused_with_the_cell_advice() -> None:
+    report = report_of(Lstm(), (5, 4))
+    assert not report.ok and report.refused_module == "rnn"
+    assert "nn.LSTMCell" in (report.refusal or "")
+
+
+def test_bias_only_reports_bias_rules() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10))
+    report = report_of(model, (8,), bias_only=True)
+    assert report.ok and methods(report) == {"0": "bias", "2": "bias"}
+    assert report.trainable_params == 18 and report.total_params == 8 * 8 + 8 + 8 * 10 + 10
+    assert all(p.requires_grad for p in model.parameters())  # the user's model is untouched
+
+
+# -- the memory estimate -------------------------------------------------------------------
+
+
+def _saved_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
+    """What autograd saves in a forward at this batch, measured."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs)
+    return sum(seen.values())
+
+
+def test_activation_estimate_matches_a_measured_forward_at_the_batch() -> None:
+    model = cnn(nn.GroupNorm(4, 8))
+    report = report_of(model, (1, 8, 8), batch_size=32)
+    assert report.memory is not None
+    measured = _saved_bytes(model, torch.randn(32, 1, 8, 8))
+    assert 0.5 * measured <= report.memory.activations <= 2.0 * measured
+
+
+def test_instantiated_layers_dominate_where_expected() -> None:
+    class Seq(nn.Module):  # Linear(64, 64) over T=128 positions: 2 T^2 > p d
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.relu(self.mix(x)).mean(dim=1))
+
+    model = Seq()
+    report = report_of(model, (128, 64), batch_size=16)
+    assert methods(report) == {"mix": "instantiated", "head": "ghost"}
+    memory = report.memory
+    assert memory is not None
+    # measured: the per-sample gradients of the instantiated layer, as the reference forms them
+    x, y = synthetic_batch(input_shape=(128, 64), num_classes=10, batch=16)
+    ref = per_sample_gradients_reference(model, inputs=x, targets=y, loss_fn=default_loss)
+    mix_bytes = ref[:, : 64 * 64 + 64].numel() * ref.element_size()
+    assert mix_bytes <= memory.per_sample_grads <= 1.1 * mix_bytes
+    assert memory.per_sample_grads > max(memory.transient, memory.parameters)
+    assert memory.total > memory.per_sample_grads + memory.activations
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def write_module(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+NETS = """
+    from torch import nn
+
+    def build(name):
+        if name == "mlp":
+            return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        if name == "bn":
+            return nn.Sequential(
+                nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+            )
+        raise ValueError(f"no model called {name!r}")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    instance = Net()
+    number = 3
+    def not_a_module(name):
+        return 42
+"""
+
+
+@pytest.fixture
+def user_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> tuple[Path, str]:
+    """A folder with a model module of a name unique to the test; sys.path restored after."""
+    name = f"nets_{request.node.name.replace('[', '_').replace(']', '_').replace('-', '_')}"
+    write_module(tmp_path / "code", name, NETS)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return tmp_path / "code", name
+
+
+def test_load_model_accepts_factories_classes_and_instances(user_code: tuple[Path, str]) -> None:
+    folder, mod = user_code
+    mlp = load_model(f"{mod}:build", name="mlp", python_path=[folder])
+    assert isinstance(mlp, nn.Sequential)
+    assert isinstance(load_model(f"{mod}:Net"), nn.Module)
+    assert isinstance(load_model(f"{mod}:instance"), nn.Module)
+
+
+@pytest.mark.parametrize(
+    ("target", "name", "words"),
+    [
+        ("no_colon", None, "must be an import path"),
+        ("surely_missing_pkg_xyz:build", None, "'surely_missing_pkg_xyz' was not found"),
+        ("{mod}:missing", None, "has no attribute 'missing'"),
+        ("{mod}:build", "resnet", "build('resnet') raised ValueError: no model called 'resnet'"),
+        ("{mod}:number", None, "is a int, not a factory"),
+        ("{mod}:not_a_module", "x", "returned a int, not a torch.nn.Module"),
+    ],
+)
+def test_load_model_errors_name_the_value(
+    user_code: tuple[Path, str], target: str, name: str | None, words: str
+) -> None:
+    folder, mod = user_code
+    target = target.format(mod=mod)
+    with pytest.raises(ParameterError) as err:
+        load_model(target, name=name, python_path=[folder])
+    assert err.value.name == "model" and err.value.value == target
+    assert words in str(err.value)
+
+
+def test_load_model_refuses_a_python_path_that_is_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(ParameterError, match=r"python_path.*is not a directory"):
+        load_model("x:y", python_path=[tmp_path / "nowhere"])
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def test_command_reports_ok_and_usage_errors(user_code: tuple[Path, str]) -> None:
+    folder, mod = user_code
+    runner = CliRunner()
+    common = ["check-model", "--python-path", str(folder)]
+    ok = runner.invoke(app, [*common, f"{mod}:build", "--name", "mlp"])
+    assert ok.exit_code == 0, ok.output
+    assert "ghost" in ok.output and "accepts" in ok.output and "an estimate" in ok.output
+    raising = runner.invoke(app, [*common, f"{mod}:build", "--name", "vgg"])
+    assert raising.exit_code == 2 and "build('vgg') raised ValueError" in raising.output
+    missing = runner.invoke(app, [*common, f"{mod}:nothing"])
+    assert missing.exit_code == 2 and "has no attribute 'nothing'" in missing.output
+    shape = runner.invoke(app, [*common, f"{mod}:build", "--name", "mlp", "--input-shape", "3"])
+    assert shape.exit_code == 2 and "--input-shape" not in shape.output
+    assert "forward failed on the synthetic batch" in shape.output
+    conv = runner.invoke(app, [*common, f"{mod}:build", "--name", "bn"])
+    assert conv.exit_code == 2 and "--input-shape" in conv.output
+    bad = runner.invoke(app, [*common, f"{mod}:build", "--input-shape", "1,x"])
+    assert bad.exit_code == 2 and "1,x" in bad.output
+
+
+def test_installed_command_refuses_batchnorm_and_writes_the_fixed_factory(
+    user_code: tuple[Path, str],
+) -> None:
+    folder, mod = user_code
+    exe = Path(sys.executable).parent / "mpcdp"
+    fixed_py = folder / f"fixed_{mod}.py"
+    args = [
+        str(exe), "check-model", f"{mod}:build", "--name", "bn", "--python-path", str(folder),
+        "--input-shape", "1,6,6", "--batch-size", "32", "--fix-out", str(fixed_py), "--json",
+    ]  # fmt: skip
+    run = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=folder.parent)
+    assert run.returncode == 1, run.stderr
+    out = json.loads(run.stdout)
+    assert out["ok"] is False and out["report"]["refused_module"] == "1"
+    assert out["report"]["fixes"][0]["after"] == "GroupNorm(4, 4)"
+    assert out["fixed"]["ok"] is True and out["report"]["memory"]["batch_size"] == 32
+    # the written factory applies the fix: the model it builds is accepted
+    again = CliRunner().invoke(
+        app,
+        ["check-model", f"fixed_{mod}:build", "--name", "bn", "--python-path", str(folder),
+         "--input-shape", "1,6,6"],
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "GroupNorm" in again.output and "closed-form" in again.output
