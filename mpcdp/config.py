@@ -29,6 +29,20 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     num_classes = 10                  # labels are 0..num_classes-1
     epsilon = 3.0
     delta = 1e-5                      # training (RDP) needs delta > 0
+    [datasets.scans]                  # a training task declared by import paths
+    python_path = "code"              # folder prepended to sys.path (relative: to this file)
+    model = "mysite.models:make"      # make(name) or make(name, **model_options) -> nn.Module
+    data = "mysite.data:scans"        # scans(**data_options) -> map-style torch Dataset of (x, y)
+    loss = "cross_entropy"            # or "mse" (float targets) or "pkg.module:fn" (per example)
+    collate = "mysite.data:collate"   # optional collate_fn of the DataLoader
+    num_classes = 4                   # optional for data = ... (0: not a classification task)
+    max_physical_batch = 1024         # examples per forward/backward on the device
+    num_workers = 0                   # DataLoader worker processes
+    pin_memory = true                 # default: true when the party trains on a GPU
+    epsilon = 3.0
+    delta = 1e-5
+    [datasets.scans.model_options]    # optional keyword arguments of the factories
+    width = 64
     [datasets.raises.columns.raise]
     lower = 0
     upper = 5000
@@ -77,6 +91,12 @@ from typing import Any
 from mpcdp.certs import check_identity
 from mpcdp.datasets import ColumnSpec
 from mpcdp.errors import ConfigError, ParameterError
+from mpcdp.training_config import (
+    TRAINING_KEYS,
+    TrainingDeclaration,
+    is_import_path,
+    read_training,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,6 +110,8 @@ __all__ = [
     "PartyAddress",
     "PartyConfig",
     "TlsConfig",
+    "TrainingDeclaration",
+    "is_import_path",
     "load_federation_config",
     "load_party_config",
 ]
@@ -113,9 +135,13 @@ class DatasetConfig:
     max_epsilon_per_query: float | None = None
     l2_bound: float = 0.0
     num_classes: int = 0
+    #: a training task's declarations (mpcdp.train.declared); see the module docstring
+    training: TrainingDeclaration | None = None
 
     @property
     def kind(self) -> str:
+        if self.training is not None and self.training.data:
+            return "examples"
         return {".npy": "vector", ".npz": "examples"}.get(self.path.suffix, "table")
 
     def column(self, name: str) -> ColumnSpec:
@@ -360,6 +386,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
             "l2_bound",
             "columns",
             "num_classes",
+            *TRAINING_KEYS,
         }
     )
     eps = r.positive("epsilon")
@@ -368,7 +395,34 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
         raise r._err("delta", f"must be in [0, 1), got {delta}")
     cols = r.table("columns") if "columns" in r.data else _Reader(r.path, {}, r.prefix + "columns.")
     columns = tuple(_column(cols.table(c), c) for c in cols.data)
+    training = read_training(r)
+    if training is not None and training.data:
+        if "path" in r.data:
+            raise r._err("path", "give either path (an .npz) or data (an import path), not both")
+        if not delta > 0:
+            raise r._err("delta", "a training dataset (DP-SGD) needs delta > 0")
+        num_classes = r.get("num_classes", int, 0)
+        if not (num_classes == 0 or 2 <= num_classes <= 1 << 20):
+            raise r._err("num_classes", f"must be 0 or in [2, 2^20], got {num_classes}")
+        if training.loss == "mse" and num_classes:
+            raise r._err("num_classes", "must be 0 (or absent) with loss = 'mse'")
+        return DatasetConfig(
+            name=name,
+            path=r.path.parent,
+            epsilon=float(eps),
+            delta=float(delta),
+            columns=(),
+            max_epsilon_per_query=_cap_of(r),
+            num_classes=num_classes,
+            training=training,
+        )
     path = r.path_of("path")
+    if training is not None and path.suffix != ".npz":
+        key = next(k for k in TRAINING_KEYS if k in r.data)
+        raise r._err(key, f"is a training key; {path.name!r} is not an .npz of examples")
+    for key in ("collate", "num_workers", "pin_memory", "data_options"):
+        if key in r.data and path.suffix == ".npz":
+            raise r._err(key, "applies to data = ... (a Dataset), not to an .npz")
     if path.suffix not in (".csv", ".npy", ".npz"):
         raise r._err(
             "path", f"must be a .csv table, a .npy vector or .npz examples, got {path.name!r}"
@@ -376,8 +430,11 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
     num_classes = r.get("num_classes", int, 0)
     if num_classes < 0:
         raise r._err("num_classes", f"must be >= 0, got {num_classes}")
+    classifies = training is None or training.loss != "mse"
     if path.suffix == ".npz":
-        if not 2 <= num_classes <= 1 << 20:
+        if not classifies and num_classes != 0:
+            raise r._err("num_classes", "must be 0 (or absent) with loss = 'mse'")
+        if classifies and not 2 <= num_classes <= 1 << 20:
             raise r._err(
                 "num_classes", f"an .npz example dataset needs num_classes >= 2, got {num_classes}"
             )
@@ -390,8 +447,6 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
         raise r._err("l2_bound", "a .npy vector dataset needs l2_bound > 0")
     if path.suffix == ".csv" and not columns:
         raise r._err("columns", "a .csv dataset needs at least one declared column")
-    # a nan cap would compare False with every request: the cap would silently vanish
-    cap = r.positive("max_epsilon_per_query", None)
     return DatasetConfig(
         name=name,
         path=path,
@@ -399,10 +454,17 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
         delta=float(delta),
         columns=columns,
         allow_exact=r.get("allow_exact", bool, False),
-        max_epsilon_per_query=None if cap is None else float(cap),
+        max_epsilon_per_query=_cap_of(r),
         l2_bound=float(l2),
         num_classes=num_classes,
+        training=training,
     )
+
+
+def _cap_of(r: _Reader) -> float | None:
+    # a nan cap would compare False with every request: the cap would silently vanish
+    cap = r.positive("max_epsilon_per_query", None)
+    return None if cap is None else float(cap)
 
 
 def load_party_config(path: str | Path) -> PartyConfig:

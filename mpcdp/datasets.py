@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -160,11 +161,12 @@ def load_vector(path: Path) -> Vector:
 @dataclass(frozen=True)
 class Examples:
     """Labelled examples for training: features ``x`` (float32, one row per example) and
-    integer labels ``y`` in [0, num_classes)."""
+    integer labels ``y`` in [0, num_classes), or, for regression (``num_classes`` 0), float32
+    targets ``y`` of shape (N,) or (N, ...)."""
 
     path: Path
     x: NDArray[np.float32]
-    y: NDArray[np.int64]
+    y: NDArray[np.int64] | NDArray[np.float32]
     num_classes: int
 
     @property
@@ -176,9 +178,10 @@ class Examples:
         return tuple(int(s) for s in self.x.shape[1:])
 
 
-def load_examples(path: Path, *, num_classes: int) -> Examples:
+def load_examples(path: Path, *, num_classes: int, regression: bool = False) -> Examples:
     """Read an .npz with exactly the arrays ``x`` (numeric, shape (N, ...)) and ``y``
-    (integers, shape (N,)); refuse NaN/inf features and labels outside [0, num_classes)."""
+    (integers, shape (N,)); refuse NaN/inf features and labels outside [0, num_classes).
+    With ``regression``, ``y`` holds finite numeric targets of shape (N, ...) instead."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = sorted(npz.files)
@@ -189,15 +192,13 @@ def load_examples(path: Path, *, num_classes: int) -> Examples:
         raise DataError(f"{path}: cannot read an .npz of examples: {exc}") from None
     if x.ndim < 2 or x.dtype.kind not in "fiu":
         raise DataError(f"{path}: x must be numeric with shape (N, ...), got {x.shape} {x.dtype}")
+    if regression:
+        return _regression(path, x, y)
     if y.ndim != 1 or y.dtype.kind not in "iu" or y.size != x.shape[0]:
         raise DataError(
             f"{path}: y must be {x.shape[0]} integer labels, got shape {y.shape} {y.dtype}"
         )
-    feats = x.astype(np.float32)
-    bad = ~np.isfinite(feats)
-    if bad.any():
-        i = int(np.flatnonzero(bad.reshape(len(feats), -1).any(axis=1))[0])
-        raise DataError(f"{path}: example {i} has a non-finite feature")
+    feats = _features(path, x)
     labels = y.astype(np.int64)
     out = (labels < 0) | (labels >= num_classes)
     if out.any():
@@ -207,3 +208,24 @@ def load_examples(path: Path, *, num_classes: int) -> Examples:
             f"{num_classes})"
         )
     return Examples(path=path, x=feats, y=labels, num_classes=num_classes)
+
+
+def _features(path: Path, x: NDArray[Any]) -> NDArray[np.float32]:
+    feats = x.astype(np.float32)
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(len(feats), -1).any(axis=1))[0])
+        raise DataError(f"{path}: example {i} has a non-finite feature")
+    return feats
+
+
+def _regression(path: Path, x: NDArray[Any], y: NDArray[Any]) -> Examples:
+    if y.ndim < 1 or y.dtype.kind not in "fiu" or y.shape[0] != x.shape[0]:
+        raise DataError(
+            f"{path}: y must be {x.shape[0]} numeric targets, got shape {y.shape} {y.dtype}"
+        )
+    targets = y.astype(np.float32)
+    bad = ~np.isfinite(targets.reshape(len(targets), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: example {int(np.flatnonzero(bad)[0])} has a non-finite target")
+    return Examples(path=path, x=_features(path, x), y=targets, num_classes=0)

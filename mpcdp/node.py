@@ -20,13 +20,14 @@ from typing import Any
 
 import grpc
 
-from mpcdp.config import PartyConfig, load_party_config
-from mpcdp.datasets import Examples, Vector, load_examples, load_table, load_vector
+from mpcdp.config import DatasetConfig, PartyConfig, load_party_config
+from mpcdp.datasets import Vector, load_examples, load_table, load_vector
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.party import DatasetView, PartyEngine
 from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
+from mpcdp.training_config import TrainingDeclaration, is_import_path
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
 
@@ -55,60 +56,159 @@ ModelFactory = Callable[[str], Any]
 
 
 def _tasks(
-    cfg: PartyConfig, device: str, model_factory: ModelFactory | None
+    cfg: PartyConfig,
+    device: str,
+    model_factory: ModelFactory | None,
+    *,
+    probe: int | None = 16,
 ) -> dict[str, TrainingTask]:
+    """Every training dataset of ``cfg``, loaded and checked; one that fails is unavailable
+    (its error goes to the owner's log and ``mpcdp party check``). ``probe``: items of a
+    declared Dataset read now (None: all)."""
     tasks = {}
     for name, ds in cfg.datasets.items():
         if ds.kind != "examples":
             continue
         try:
-            examples = load_examples(ds.path, num_classes=ds.num_classes)
-        except DataError as exc:
+            tasks[name] = _task(cfg, ds, device, model_factory, probe)
+        except (DataError, ConfigError, PolicyError) as exc:
             log.error("dataset %r is unavailable: %s", name, exc)
             tasks[name] = TrainingTask(config=ds, examples=0, error=str(exc))
-            continue
-        tasks[name] = TrainingTask(
-            config=ds,
-            examples=examples.count,
-            feature_shape=examples.feature_shape,
-            num_classes=examples.num_classes,
-            make_source=functools.partial(
-                _torch_source, examples=examples, device=device, model_factory=model_factory
-            ),
-            count_params=functools.partial(_count_params, model_factory=model_factory),
-        )
     return tasks
 
 
-def _train_modules() -> tuple[ModuleType, ModuleType]:
-    """mpcdp.train.models and mpcdp.train.site: torch is the `train` extra, imported only
-    when a site trains."""
+def _task(
+    cfg: PartyConfig,
+    ds: DatasetConfig,
+    device: str,
+    model_factory: ModelFactory | None,
+    probe: int | None,
+) -> TrainingTask:
+    decl = ds.training or TrainingDeclaration()
+    where = f"site {cfg.id!r}: datasets.{ds.name}"
+    declared = None
+    if decl.data or decl.model or decl.loss != "cross_entropy":
+        declared = _train_modules()[2]  # the site's own code needs torch now
+    data: Any = None
+    if decl.data:
+        assert declared is not None
+        data = declared.load_data(decl, where=where, num_classes=ds.num_classes, probe=probe)
+        count, shape, classes = data.count, data.feature_shape, ds.num_classes
+    else:
+        data = load_examples(ds.path, num_classes=ds.num_classes, regression=decl.loss == "mse")
+        count, shape, classes = data.count, data.feature_shape, data.num_classes
+    factory = model_factory
+    if decl.model:
+        assert declared is not None
+        factory = declared.model_factory(
+            decl.model,
+            options=decl.model_options,
+            python_path=decl.python_path,
+            where=f"{where}.model",
+        )
+        _probe_model(factory, decl.model)
+    loss_fn = None
+    if declared is not None:
+        loss_fn = declared.resolve_loss(
+            decl.loss, python_path=decl.python_path, where=f"{where}.loss"
+        )
+    build = functools.partial(
+        _site_model, factory=factory, declared=decl.model, dataset=ds.name, site=cfg.id
+    )
+    return TrainingTask(
+        config=ds,
+        examples=count,
+        feature_shape=shape,
+        num_classes=classes,
+        make_source=functools.partial(
+            _torch_source, data=data, device=device, build=build, decl=decl, loss_fn=loss_fn
+        ),
+        count_params=functools.partial(_count_params, build=build),
+        architecture=functools.partial(_architecture, build=build),
+        loss=decl.loss,
+    )
+
+
+def _train_modules() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """mpcdp.train.models, mpcdp.train.site and mpcdp.train.declared: torch is the `train`
+    extra, imported only when a site trains (or declares its own model or data)."""
     try:
-        from mpcdp.train import models, site
+        from mpcdp.train import declared, models, site
     except ImportError as exc:
         raise PolicyError(
             f"this party cannot train: {exc} (install mpcdp[train] on the party)"
         ) from None
-    return models, site
+    return models, site, declared
 
 
-def _count_params(spec: TrainSpec, *, model_factory: ModelFactory | None) -> tuple[int, int]:
-    models, site = _train_modules()
-    counts: tuple[int, int] = site.count_parameters(
-        model_factory or models.build_model, spec.model, bias_only=spec.bias_only
-    )
+def _probe_model(factory: ModelFactory, name: str) -> None:
+    """Build the declared model once at start (on torch's meta device: no memory), so a
+    factory that raises makes the task unavailable now rather than at a coordinator's
+    request."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            factory(name)
+    except ConfigError:
+        factory(name)  # some factories need real tensors; this raises if it fails too
+
+
+def _site_model(
+    name: str, *, factory: ModelFactory | None, declared: str, dataset: str, site: str
+) -> Any:
+    """The module a run names, as this site builds it: a dataset that declares ``model``
+    trains that model only; the others use the node's factory or the built-in names."""
+    models = _train_modules()[0]
+    if declared and name != declared:
+        raise PolicyError(
+            f"site {site!r}: dataset {dataset!r} trains model {declared!r} here; the run "
+            f"names {name!r}"
+        )
+    if factory is None and is_import_path(name):
+        raise PolicyError(
+            f"site {site!r}: model {name!r} is an import path, but dataset {dataset!r} "
+            f"declares no model = {name!r} in this site's party.toml"
+        )
+    return (factory or models.build_model)(name)
+
+
+def _count_params(spec: TrainSpec, *, build: ModelFactory) -> tuple[int, int]:
+    site = _train_modules()[1]
+    counts: tuple[int, int] = site.count_parameters(build, spec.model, bias_only=spec.bias_only)
     return counts
 
 
+def _architecture(spec: TrainSpec, *, build: ModelFactory) -> tuple[str, ...]:
+    import torch
+
+    from mpcdp.train.architecture import describe_architecture
+
+    with torch.device("meta"):
+        model = build(spec.model)
+    return describe_architecture(model)
+
+
 def _torch_source(
-    spec: TrainSpec, *, examples: Examples, device: str, model_factory: ModelFactory | None
+    spec: TrainSpec,
+    *,
+    data: Any,
+    device: str,
+    build: ModelFactory,
+    decl: TrainingDeclaration,
+    loss_fn: Any,
 ) -> GradientSource:
-    models, site = _train_modules()
+    site = _train_modules()[1]
     source: GradientSource = site.TorchGradientSource(
-        model=(model_factory or models.build_model)(spec.model),
-        examples=examples,
+        model=build(spec.model),
         spec=spec,
+        examples=None if decl.data else data,
+        data=data if decl.data else None,
         device=device,
+        max_physical_batch=decl.max_physical_batch,
+        num_workers=decl.num_workers,
+        pin_memory=decl.pin_memory,
+        **({} if loss_fn is None else {"loss_fn": loss_fn}),
     )
     return source
 
@@ -116,9 +216,10 @@ def _torch_source(
 def check_datasets(cfg: PartyConfig) -> dict[str, str | None]:
     """Load and validate every dataset of ``cfg`` as the node would at start: dataset name ->
     None when usable, else the validation error (with file, row, column and value: for the
-    owner's eyes; a coordinator only hears that the dataset is unavailable)."""
+    owner's eyes; a coordinator only hears that the dataset is unavailable). Every item of
+    a declared Dataset is read (a node reads a few when it starts)."""
     views = _load(cfg)
-    tasks = _tasks(cfg, "cpu", None)
+    tasks = _tasks(cfg, "cpu", None, probe=None)
     out: dict[str, str | None] = {}
     for name in cfg.datasets:
         item = views.get(name) or tasks.get(name)

@@ -193,7 +193,7 @@ class AbortResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("run_id", "dataset", "model", "parties", "colluders", "sample_rate", "steps", "start_step", "steps_per_charge", "max_grad_norm", "clipping", "bias_only", "scale_bits", "mu", "num_params", "ring_bits", "audit_canaries", "audit_kind")
+    __slots__ = ("run_id", "dataset", "model", "parties", "colluders", "sample_rate", "steps", "start_step", "steps_per_charge", "max_grad_norm", "clipping", "bias_only", "scale_bits", "mu", "num_params", "ring_bits", "audit_canaries", "audit_kind", "loss", "architecture", "fingerprint")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,9 @@ class TrainSpec(_message.Message):
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_CANARIES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_KIND_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     dataset: str
     model: str
@@ -230,7 +233,10 @@ class TrainSpec(_message.Message):
     ring_bits: int
     audit_canaries: int
     audit_kind: str
-    def __init__(self, run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., start_step: _Optional[int] = ..., steps_per_charge: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., clipping: _Optional[str] = ..., bias_only: _Optional[bool] = ..., scale_bits: _Optional[int] = ..., mu: _Optional[float] = ..., num_params: _Optional[int] = ..., ring_bits: _Optional[int] = ..., audit_canaries: _Optional[int] = ..., audit_kind: _Optional[str] = ...) -> None: ...
+    loss: str
+    architecture: _containers.RepeatedScalarFieldContainer[str]
+    fingerprint: str
+    def __init__(self, run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., parties: _Optional[_Iterable[str]] = ..., colluders: _Optional[int] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., start_step: _Optional[int] = ..., steps_per_charge: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., clipping: _Optional[str] = ..., bias_only: _Optional[bool] = ..., scale_bits: _Optional[int] = ..., mu: _Optional[float] = ..., num_params: _Optional[int] = ..., ring_bits: _Optional[int] = ..., audit_canaries: _Optional[int] = ..., audit_kind: _Optional[str] = ..., loss: _Optional[str] = ..., architecture: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class TrainOpenRequest(_message.Message):
     __slots__ = ("version", "session_id", "spec")

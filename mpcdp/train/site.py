@@ -14,6 +14,9 @@ costs more (page faults) than the pass that fills it.
 
 A draw larger than ``max_batch_size`` (probability < 1e-15) is cut to a uniformly random
 subset of that size, so the ring's headroom check holds for every step.
+
+The examples are an ``.npz`` held on the device, or a declared Dataset read through a
+DataLoader, only the sampled items, one physical micro-batch at a time (mpcdp.train.data).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from mpcdp.datasets import Examples
-from mpcdp.errors import ParameterError
+from mpcdp.errors import DataError, ParameterError
 from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size
+from mpcdp.train.architecture import changed_buffer
 from mpcdp.train.clipping import PerSampleClipper
+from mpcdp.train.data import LoaderBatches, TensorBatches, poisson_indices
+from mpcdp.train.declared import DeclaredData
 from mpcdp.train.rounding import randomized_round_
 
 __all__ = [
@@ -95,12 +101,22 @@ class TorchGradientSource:
         self,
         *,
         model: nn.Module,
-        examples: Examples,
         spec: TrainSpec,
+        examples: Examples | None = None,
+        data: DeclaredData | None = None,
         device: torch.device | str = "auto",
         max_physical_batch: int = 1024,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_example,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
     ) -> None:
+        """Exactly one of ``examples`` (in memory, copied to the device once) and ``data``
+        (a declared Dataset: read per micro-batch through a DataLoader with
+        ``num_workers`` and ``pin_memory``, default pinned on a GPU)."""
+        if (examples is None) == (data is None):
+            raise ParameterError("examples", "and data", "give exactly one of them")
+        if isinstance(max_physical_batch, bool) or not 1 <= max_physical_batch <= 1 << 20:
+            raise ParameterError("max_physical_batch", max_physical_batch, "must be in [1, 2^20]")
         self._device = pick_device(device) if isinstance(device, str) else device
         self.model = model.to(self._device)
         self.model.train()
@@ -112,10 +128,33 @@ class TorchGradientSource:
         )
         self._all = list(self.model.parameters())
         self._loss_fn = loss_fn
-        self._check_model(examples.feature_shape, examples.num_classes)
-        self._x = torch.from_numpy(examples.x).to(self._device)
-        self._y = torch.from_numpy(examples.y).to(self._device)
-        self._n = examples.count
+        self._data: TensorBatches | LoaderBatches
+        if examples is not None:
+            self._check_model(
+                examples.feature_shape,
+                num_classes=examples.num_classes,
+                target_shape=tuple(examples.y.shape[1:]),
+                integer_targets=examples.y.dtype.kind in "iu",
+            )
+            self._data = TensorBatches(examples.x, examples.y, self._device)
+        else:
+            assert data is not None
+            self._check_model(
+                data.feature_shape,
+                num_classes=data.num_classes,
+                target_shape=data.target_shape,
+                integer_targets=data.integer_targets,
+                integer_features=data.integer_features,
+            )
+            self._data = LoaderBatches(
+                data.dataset,
+                device=self._device,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                collate=data.collate,
+            )
+        self._checks_inputs = data is not None  # an .npz was validated when it was loaded
+        self._n = self._data.count
         self._q = spec.sample_rate
         self._scale = float(2.0**spec.scale_bits)
         self._int = torch.int32 if spec.ring_bits == 32 else torch.int64
@@ -141,7 +180,15 @@ class TorchGradientSource:
         self._words: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
 
-    def _check_model(self, feature_shape: tuple[int, ...], num_classes: int) -> None:
+    def _check_model(
+        self,
+        feature_shape: tuple[int, ...],
+        *,
+        num_classes: int,
+        target_shape: tuple[int, ...] = (),
+        integer_targets: bool = True,
+        integer_features: bool = False,
+    ) -> None:
         """The clipper's first-use checks (examples independent, batch dimension real,
         parameters used in their own module) on a synthetic batch, when the session opens:
         a refusal then depends on no private data and comes before any step. The batch is
@@ -150,10 +197,26 @@ class TorchGradientSource:
         instead (mpcdp.train.clipping.checks), where a refusal would depend on that batch."""
         gen = torch.Generator().manual_seed(0)
         size = _CHECK_BATCH
-        x = torch.rand((size, *feature_shape), generator=gen).to(self._device)
-        y = (torch.arange(size) % max(num_classes, 1)).to(self._device)
+        if integer_features:  # e.g. token ids
+            x = torch.zeros((size, *feature_shape), dtype=torch.int64, device=self._device)
+        else:
+            x = torch.rand((size, *feature_shape), generator=gen).to(self._device)
+        if integer_targets:
+            y = (torch.arange(size) % max(num_classes, 1)).reshape(size, *([1] * len(target_shape)))
+            y = y.expand(size, *target_shape).to(self._device)
+        else:
+            y = torch.rand((size, *target_shape), generator=gen).to(self._device)
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         try:
             self.clipper.check_model(inputs=x, targets=y, loss_fn=self._loss_fn)
+            changed = changed_buffer(buffers, self.model)
+            if changed is not None:
+                raise ParameterError(
+                    "model",
+                    f"buffer {changed!r}",
+                    "changed in a forward pass; buffers are not aggregated, so training "
+                    "must not change them",
+                )
         except ParameterError:
             raise
         except Exception as exc:  # any failure of the user's model on synthetic inputs
@@ -182,24 +245,24 @@ class TorchGradientSource:
     def quantized_gradient(
         self, *, rng: np.random.Generator
     ) -> NDArray[np.int32] | NDArray[np.int64]:
-        idx = np.flatnonzero(rng.random(self._n) < self._q)
+        idx = poisson_indices(count=self._n, rate=self._q, rng=rng)
         if idx.size > self._max_batch:
             log.warning("Poisson batch of %d cut to %d", idx.size, self._max_batch)
             idx = np.sort(rng.choice(idx, size=self._max_batch, replace=False))
         if self._sum is None:
             self._allocate(rng)
         assert self._sum is not None and self._low is not None and self._words is not None
-        index = torch.from_numpy(idx).to(self._device)
-        for start in range(0, idx.size, self._physical):
-            part = index[start : start + self._physical]
-            first = start == 0
+        for k, (inputs, targets) in enumerate(self._data.batches(idx, self._physical)):
+            first = k == 0
             if not first and self._part is None:
                 self._part = torch.empty_like(self._sum)
             batch = self.clipper.clipped_grad_sum(
-                inputs=self._x[part],
-                targets=self._y[part],
+                inputs=inputs,
+                targets=targets,
                 loss_fn=self._loss_fn,
-                check_inputs=False,  # validated when the dataset was loaded
+                # an .npz was validated when it was loaded; a Dataset's items are checked
+                # here (a sample with a non-finite input contributes 0)
+                check_inputs=self._checks_inputs,
                 scale=self._scale,  # 2^k folded into the clip factors: exact, no extra pass
                 out=self._sum if first else self._part,
             )
@@ -231,15 +294,11 @@ class TorchGradientSource:
         they are Poisson-sampled with the rest."""
         if self._sum is not None:
             raise ParameterError("x", f"{len(x)} examples", "must be added before the first step")
-        if x.shape[1:] != tuple(self._x.shape[1:]) or y.shape != (x.shape[0],):
-            raise ParameterError(
-                "x", f"shape {x.shape}", f"must be (n, {tuple(self._x.shape[1:])}) with n labels"
-            )
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self._device, self._x.dtype)
-        yt = torch.from_numpy(np.ascontiguousarray(y)).to(self._device, self._y.dtype)
-        self._x = torch.cat([self._x, xt])
-        self._y = torch.cat([self._y, yt])
-        self._n += int(x.shape[0])
+        try:
+            self._data.add(x, y)
+        except DataError as exc:
+            raise ParameterError("x", f"shape {x.shape}", str(exc)) from None
+        self._n = self._data.count
         self._max_batch = max_batch_size(examples=self._n, sample_rate=self._q)
 
     def prepare_next(self) -> None:
@@ -255,6 +314,7 @@ class TorchGradientSource:
     def close(self) -> None:
         """Stop the background thread (the engine calls this when the session ends); does
         not wait for a draw in progress. Idempotent."""
+        self._data.close()
         with self._dither_lock:
             self._closed = True
             if self._dither_thread is not None:

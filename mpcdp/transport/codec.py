@@ -71,6 +71,10 @@ LIMITS: dict[str, int] = {
     "signature": 128,
     "certificate": 8192,
     "audit_kind": 16,
+    "loss": 128,
+    "fingerprint": 64,
+    "architecture": 1 << 14,  # entries (mpcdp.protocol.training.fingerprint.MAX_ENTRIES)
+    "architecture_entry": 512,
     # bytes: the packed inclusion bits of at most mpcdp.audit.canaries.MAX_CANARIES canaries
     "audit_inclusion": 1 << 17,
 }
@@ -310,22 +314,30 @@ _TRAIN_FIELDS = (
     "colluders",
     "audit_canaries",
     "audit_kind",
+    "loss",
+    "fingerprint",
 )
 
 
 def train_spec_to_pb(spec: TrainSpec) -> pb.TrainSpec:
-    msg = pb.TrainSpec(parties=list(spec.parties))
+    msg = pb.TrainSpec(parties=list(spec.parties), architecture=list(spec.architecture))
     for name in _TRAIN_FIELDS:
         setattr(msg, name, getattr(spec, name))
     return msg
 
 
 def train_spec_from_pb(msg: pb.TrainSpec) -> TrainSpec:
-    for name in ("run_id", "dataset", "model", "clipping", "audit_kind"):
+    for name in ("run_id", "dataset", "model", "clipping", "audit_kind", "loss", "fingerprint"):
         _cap(name, getattr(msg, name))
     _cap_list("parties", "party", msg.parties)
+    _cap_list("architecture", "architecture_entry", msg.architecture)
     try:
-        return TrainSpec(parties=tuple(msg.parties), **{n: getattr(msg, n) for n in _TRAIN_FIELDS})
+        return TrainSpec(
+            parties=tuple(msg.parties),
+            architecture=tuple(msg.architecture),
+            **{n: getattr(msg, n) for n in _TRAIN_FIELDS if n != "loss"},
+            loss=msg.loss or "cross_entropy",  # proto3: unset is ""
+        )
     except ParameterError as exc:
         raise ProtocolError(f"invalid training spec: {exc}") from None
 

@@ -41,7 +41,8 @@ so the critical path of a site is its gradient plus one vector addition.
 """
 
 from mpcdp.protocol.training.coordinator import TrainingClient, TrainingSession
-from mpcdp.protocol.training.site import GradientSource, TrainingEngine, TrainingTask
+from mpcdp.protocol.training.site import TrainingEngine
+from mpcdp.protocol.training.source import GradientSource, TrainingTask
 from mpcdp.protocol.training.spec import (
     CLIPPING_MODES,
     TrainSpec,

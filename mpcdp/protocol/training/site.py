@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from cryptography import x509
@@ -28,7 +27,6 @@ from mpcdp.audit.canaries import (
     input_canaries,
     pack_inclusion,
 )
-from mpcdp.config import DatasetConfig
 from mpcdp.dp import accountant
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.dp.mechanisms import Skellam
@@ -54,6 +52,8 @@ from mpcdp.protocol.party import (
     session_pair_keys,
     unavailable,
 )
+from mpcdp.protocol.training.fingerprint import check_architecture
+from mpcdp.protocol.training.source import GradientSource, TrainingTask
 from mpcdp.protocol.training.spec import (
     _NOISE_SLICE,
     TrainSpec,
@@ -65,64 +65,6 @@ from mpcdp.protocol.training.spec import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class GradientSource(Protocol):
-    """A site's model and data, as the engine drives them (torch lives behind this; see
-    mpcdp.train.site). Built per session from the spec."""
-
-    @property
-    def num_params(self) -> int:
-        """Trainable parameters: the words of one upload."""
-        ...
-
-    @property
-    def total_params(self) -> int:
-        """All parameters of the model (a session's first step carries all of them)."""
-        ...
-
-    def load_parameters(self, values: NDArray[np.float32], *, full: bool) -> None: ...
-
-    def quantized_gradient(
-        self, *, rng: np.random.Generator
-    ) -> NDArray[np.int32] | NDArray[np.int64]:
-        """Poisson-sample a batch, clip, sum, scale by 2^scale_bits, round (unbiased); int32
-        when the session's ring is Z_2^32 (the plan keeps every value inside it). The array
-        may be a buffer the source reuses: it is valid until the next call."""
-        ...
-
-    def prepare_next(self) -> None:
-        """Prepare the next step's data-independent work (e.g. its rounding dither) in the
-        background; called after a step's upload is sent."""
-        ...
-
-    def add_examples(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
-        """Append examples to the session's data before its first step (the included input
-        canaries of a black-box audit run); they are sampled like every other example."""
-        ...
-
-    def close(self) -> None:
-        """Release what the session holds (threads); called once when it ends."""
-        ...
-
-
-@dataclass(frozen=True)
-class TrainingTask:
-    """An example dataset a site trains on: its declaration and a source factory.
-
-    ``make_source`` is None when the data failed validation; ``error`` says why.
-    ``count_params`` gives (trainable, total) parameters of the spec's model without building
-    it (e.g. on torch's meta device), so a site refuses an oversized model before it
-    allocates anything.
-    """
-
-    config: DatasetConfig
-    examples: int
-    feature_shape: tuple[int, ...] = ()
-    num_classes: int = 0
-    make_source: Callable[[TrainSpec], GradientSource] | None = None
-    error: str | None = None
-    count_params: Callable[[TrainSpec], tuple[int, int]] | None = None
 
 
 @dataclass
@@ -257,6 +199,7 @@ class TrainingEngine(SessionHost):
                     f"max_model_params={self._max_params}"
                 )
             _check_num_params(spec, trainable)
+        self._check_architecture(spec, task)
         # an audit run's included canaries are examples of this site for the session
         self._check_headroom(spec, task.examples + spec.audit_canaries)
         event = run_event(spec)
@@ -360,6 +303,28 @@ class TrainingEngine(SessionHost):
             spec.num_params,
         )
         return Proposal(key=signed, length=spec.num_params)
+
+    def _check_architecture(self, spec: TrainSpec, task: TrainingTask) -> None:
+        """The run's loss and model are the ones this site declared and builds (before
+        anything is reserved)."""
+        if spec.loss != task.loss:
+            raise PolicyError(
+                f"site {self.party_id!r}: dataset {spec.dataset!r} is trained with loss "
+                f"{task.loss!r} here; the run names {spec.loss!r}"
+            )
+        if not spec.fingerprint:
+            log.warning(
+                "run %s names no architecture fingerprint: only the parameter count is checked",
+                spec.run_id,
+            )
+        elif task.architecture is not None:
+            check_architecture(
+                here=task.architecture(spec),
+                there=spec.architecture,
+                fp=spec.fingerprint,
+                model=spec.model,
+                site=self.party_id,
+            )
 
     def _check_headroom(self, spec: TrainSpec, examples: int) -> None:
         batch = max_batch_size(examples=examples, sample_rate=spec.sample_rate)

@@ -23,6 +23,7 @@ from mpcdp.errors import (
     ParameterError,
 )
 from mpcdp.protocol.spec import validate_parties
+from mpcdp.protocol.training.fingerprint import check_entries
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ class TrainSpec:
     audit_canaries: int = 0
     #: "white-box" or "black-box" with canaries, "" without
     audit_kind: str = ""
+    #: the per-example loss every site must have declared: "cross_entropy", "mse" or an
+    #: import path (mpcdp.train.declared)
+    loss: str = "cross_entropy"
+    #: the coordinator's model, parameter by parameter and buffer by buffer, and its SHA-256
+    #: (mpcdp.protocol.training.fingerprint); both empty: no architecture check (a site
+    #: then checks the trainable parameter count only)
+    architecture: tuple[str, ...] = ()
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         for name in ("run_id", "dataset", "model"):
@@ -87,6 +96,10 @@ class TrainSpec:
             raise ParameterError("clipping", self.clipping, f"must be one of {CLIPPING_MODES}")
         if not isinstance(self.bias_only, bool):
             raise ParameterError("bias_only", self.bias_only, "must be a bool")
+        if not isinstance(self.loss, str) or not 1 <= len(self.loss) <= 128:
+            raise ParameterError("loss", self.loss, "must be 1..128 characters")
+        object.__setattr__(self, "architecture", tuple(self.architecture))
+        check_entries(self.architecture, self.fingerprint)
         if self.ring_bits not in (32, 64):
             raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
         _int(self.audit_canaries, "audit_canaries", 0, MAX_CANARIES)
