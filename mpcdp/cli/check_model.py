@@ -109,7 +109,9 @@ def check_model(
         None, "--input-shape", help="Per-example input shape, e.g. 1,28,28 or 32 (tokens)."
     ),
     input_dtype: str = typer.Option("float", "--input-dtype", help="float or long (tokens)."),
-    vocab: int | None = typer.Option(None, "--vocab", help="Token ids below this (long)."),
+    vocab: int | None = typer.Option(
+        None, "--vocab", help="Token ids below this (long; default: the first Embedding's)."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch of the memory estimate."),
     num_classes: int | None = typer.Option(
         None, "--num-classes", help="Classes of the synthetic targets (default: output size)."
@@ -160,6 +162,11 @@ def check_model(
                 )
             shape, dtype, guessed_vocab = guess
             vocab = vocab if vocab is not None else guessed_vocab
+        if dtype == torch.long and vocab is None:
+            vocab = next(
+                (m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)),
+                None,
+            )
         if dtype == torch.long and vocab is None:
             raise ParameterError("--vocab", None, "is needed with --input-dtype long")
         inputs, _ = mc.synthetic_batch(input_shape=shape, input_dtype=dtype, vocab=vocab)

@@ -593,6 +593,8 @@ def check_model(
     if probe < 2:
         raise ParameterError("inputs", tuple(inputs.shape), "needs a batch of at least 2 examples")
     work = copy.deepcopy(model)
+    device = next(work.parameters(), torch.empty(0)).device
+    inputs, targets = inputs.to(device), targets.to(device)
     if bias_only:
         for n, p in work.named_parameters():
             if not n.endswith("bias"):
