@@ -179,6 +179,7 @@ def test_multihead_attention_is_refused_then_replaced() -> None:
     assert not report.ok and report.refused_module == "att"
     assert methods(report)["att"] == "refused" and methods(report)["att.out_proj"] == "refused"
     assert [f.after for f in report.fixes] == ["DPMultiheadAttention(16, 2)"]
+    assert "set its dropout" not in report.fixes[0].advice
     x = torch.randint(0, 30, (3, 12), generator=torch.Generator().manual_seed(1))
     before = model(x)
     fix_model(model)
@@ -186,6 +187,20 @@ def test_multihead_attention_is_refused_then_replaced() -> None:
     after = report_of(model.train(), (12,), input_dtype=torch.long, vocab=30)
     assert after.ok, after.refusal
     assert {methods(after)[f"att.{n}_proj"] for n in "qkv"} <= {"ghost", "instantiated"}
+
+
+def test_transformer_layer_fix_drops_functional_attention_dropout() -> None:
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True), nn.Linear(16, 10)
+    )
+    report = report_of(model, (6, 16))
+    assert not report.ok and report.refused_module == "0.self_attn"
+    fixed, changes = fix_model(model)
+    assert changes[0].after == "DPMultiheadAttention(16, 2, dropout=0.0)"
+    assert "dropout=0.1 to 0" in changes[0].advice
+    after = report_of(fixed, (6, 16))
+    assert after.ok, after.refusal  # nn.Dropout layers elsewhere are kept and accepted
+    assert isinstance(fixed[0].dropout1, nn.Dropout) and fixed[0].dropout1.p == 0.1
 
 
 def test_centring_by_the_batch_mean_is_refused_naming_the_module() -> None:
