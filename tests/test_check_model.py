@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,8 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mpcdp.cli.app import app  # noqa: E402
@@ -272,16 +276,7 @@ def test_activation_estimate_matches_a_measured_forward_at_the_batch() -> None:
 
 
 def test_instantiated_layers_dominate_where_expected() -> None:
-    class Seq(nn.Module):  # Linear(64, 64) over T=128 positions: 2 T^2 > p d
-        def __init__(self) -> None:
-            super().__init__()
-            self.mix = nn.Linear(64, 64)
-            self.head = nn.Linear(64, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(F.relu(self.mix(x)).mean(dim=1))
-
-    model = Seq()
+    model = SeqMix()
     report = report_of(model, (128, 64), batch_size=16)
     assert methods(report) == {"mix": "instantiated", "head": "ghost"}
     memory = report.memory
@@ -293,6 +288,69 @@ def test_instantiated_layers_dominate_where_expected() -> None:
     assert mix_bytes <= memory.per_sample_grads <= 1.1 * mix_bytes
     assert memory.per_sample_grads > max(memory.transient, memory.parameters)
     assert memory.total > memory.per_sample_grads + memory.activations
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that ops create while the mode is on, measured:
+    a storage counts from its first tensor until its last one is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage pointer -> [bytes, live tensors]
+        self.now = self.peak = 0
+
+    def _free(self, ptr: int) -> None:
+        entry = self.refs[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr == 0:
+                    continue
+                if ptr not in self.refs:
+                    self.refs[ptr] = [storage.nbytes(), 0]
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                self.refs[ptr][1] += 1
+                weakref.finalize(t, self._free, ptr)
+        return out
+
+
+class SeqMix(nn.Module):
+    """Linear(64, 64) over T=128 positions: 2 T^2 > p d, so instantiated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.mix(x)).mean(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"), [(cnn(nn.GroupNorm(4, 8)), (1, 8, 8)), (SeqMix(), (128, 64))]
+)
+def test_memory_estimate_is_near_the_measured_peak_of_a_step(
+    model: nn.Module, shape: tuple[int, ...]
+) -> None:
+    batch = 32
+    memory = report_of(model, shape, batch_size=batch).memory
+    assert memory is not None
+    x, y = synthetic_batch(input_shape=shape, num_classes=10, batch=batch)
+    with PerSampleClipper(model, max_grad_norm=1.0) as clipper:
+        clipper.check_model(inputs=x, targets=y, loss_fn=default_loss)
+        with LiveBytes() as live:
+            clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=default_loss)
+    measured = live.peak + memory.parameters  # the parameters existed before the step
+    assert 0.5 * measured <= memory.total <= 2.0 * measured
 
 
 # -- loading -------------------------------------------------------------------------------
