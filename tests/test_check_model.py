@@ -207,6 +207,14 @@ def test_transformer_layer_fix_drops_functional_attention_dropout() -> None:
     assert isinstance(fixed[0].dropout1, nn.Dropout) and fixed[0].dropout1.p == 0.1
 
 
+def test_sequence_first_attention_cannot_be_fixed_and_says_why() -> None:
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))  # batch_first=False
+    fixed, changes = fix_model(model)
+    assert isinstance(fixed[0], nn.MultiheadAttention)
+    assert [(c.path, c.applied) for c in changes] == [("0", False)]
+    assert "batch_first=True" in changes[0].advice
+
+
 def test_centring_by_the_batch_mean_is_refused_naming_the_module() -> None:
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(5, 5))

@@ -98,15 +98,20 @@ def {attr}(name: str):
 
 
 def check_model(
-    target: str = typer.Argument(..., help="The model: package.module:factory (or a class)."),
+    target: str = typer.Argument(
+        ..., metavar="MODULE:ATTR", help="The model: package.module:factory (or a class)."
+    ),
     name: str | None = typer.Option(
         None, "--name", help="Model name passed to the factory (default: the import path)."
     ),
     python_path: list[Path] = typer.Option(
-        [], "--python-path", help="Folder put first on sys.path (repeatable)."
+        [], "--python-path", metavar="DIR", help="Folder put first on sys.path (repeatable)."
     ),
     input_shape: str | None = typer.Option(
-        None, "--input-shape", help="Per-example input shape, e.g. 1,28,28 or 32 (tokens)."
+        None,
+        "--input-shape",
+        metavar="SIZES",
+        help="Per-example input shape, e.g. 1,28,28 or 32 (tokens).",
     ),
     input_dtype: str = typer.Option("float", "--input-dtype", help="float or long (tokens)."),
     vocab: int | None = typer.Option(
@@ -119,7 +124,10 @@ def check_model(
     bias_only: bool = typer.Option(False, "--bias-only", help="DP-BiTFiT: biases only."),
     fix: bool = typer.Option(False, "--fix", help="Apply the fixes and check the result."),
     fix_out: Path | None = typer.Option(
-        None, "--fix-out", help="Write a factory module that applies the fixes (implies --fix)."
+        None,
+        "--fix-out",
+        metavar="OUT.py",
+        help="Write a factory module that applies the fixes (implies --fix).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
