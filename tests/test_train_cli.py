@@ -135,3 +135,52 @@ def test_party_processes_share_the_machine_s_cores(digits_net: LocalFederation) 
     for proc in digits_net.processes.values():
         env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         assert f"OMP_NUM_THREADS={expected}".encode() in env
+
+
+def test_results_a_user_keeps(digits_net: LocalFederation, tmp_path: Path) -> None:
+    """Exactly the epochs asked; --plot on its own; the weights as a plain state_dict; a
+    resume that says so; Ctrl-C that names the checkpoint (issue 14, section 4)."""
+    import signal
+
+    import torch
+
+    from mpcdp.train.models import build_model
+
+    exe = str(Path(sys.executable).parent / "mpcdp")
+    root = digits_net.workdir
+    base = [
+        exe, "train", "--federation", str(digits_net.federation_config), "--dataset", "digits",
+        "--model", "mlp:64,32,10", "--target-epsilon", "2", "--batch-size", "128",
+        "--eval", str(root / "test.npz"), "--seed", "3",
+    ]  # fmt: skip
+    run = subprocess.run(
+        [*base, "--epochs", "3", "--plot", str(tmp_path / "p.png"), "--save-model",
+         str(tmp_path / "w.pt"), "--checkpoint", str(tmp_path / "c.pt")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    epochs = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("epoch")]
+    assert epochs == ["1", "2", "3"]  # no 4th epoch of a leftover step
+    assert run.stderr.count("epoch   1") == 1  # printed live, as the epoch ended
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    net = build_model("mlp:64,32,10")
+    net.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    again = subprocess.run(
+        [*base, "--epochs", "3", "--checkpoint", str(tmp_path / "c.pt")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "resuming run train-" in again.stderr and "at step" in again.stderr
+    proc = subprocess.Popen(
+        [*base, "--epochs", "40", "--checkpoint", str(tmp_path / "long.pt")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = ""
+    while "epoch   1" not in seen:
+        chunk = proc.stderr.read(1)
+        assert chunk, f"training ended early: {seen}"
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted at step" in err and str(tmp_path / "long.pt") in err
+    assert (tmp_path / "long.pt").exists()

@@ -55,7 +55,15 @@ def train(
         None, "--checkpoint", help="Saved every epoch; an existing one is resumed."
     ),
     metrics: Path | None = typer.Option(None, "--metrics", help="Write the metrics JSON here."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of accuracy/epsilon."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write a PNG of test accuracy (or loss) and epsilon per epoch."
+    ),
+    save_model: Path | None = typer.Option(
+        None,
+        "--save-model",
+        help="Write the trained weights here as a plain state_dict "
+        "(torch.load + model.load_state_dict).",
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     audit_canaries: int = typer.Option(
@@ -80,7 +88,7 @@ def train(
     if clipping not in ("flat", "automatic"):
         raise typer.BadParameter(f"{clipping!r} is not flat or automatic", param_hint="--clipping")
     try:
-        from mpcdp.train.federated import StepInfo, write_metrics
+        from mpcdp.train.federated import EpochRecord, StepInfo, write_metrics
     except ImportError as exc:
         typer.echo(f"error: training needs the train extra (pip install mpcdp[train]): {exc}")
         raise typer.Exit(1) from None
@@ -89,14 +97,22 @@ def train(
     ev = _npz(eval_data, "--eval") if eval_data else None
     pub = _npz(public_data, "--public") if public_data else None
     with typer.progressbar(length=1, label="training", file=sys.stderr) as bar:
-        state: dict[str, Any] = {"shown": 0}
+        state: dict[str, Any] = {"shown": 0, "step": 0}
 
         def on_step(info: StepInfo) -> None:
             if bar.length != info.steps:
                 bar.length = info.steps
             bar.label = f"step {info.step}/{info.steps}  eps {info.epsilon:.2f}"
             bar.update(info.step - state["shown"])
-            state["shown"] = info.step
+            state["shown"] = state["step"] = info.step
+
+        def on_epoch(record: EpochRecord) -> None:
+            # live, above the bar (both on stderr; stdout keeps the final report)
+            typer.echo(f"\r{_epoch_line(record)}", err=True)
+
+        def on_resume(run: str, step: int, steps: int) -> None:
+            state["shown"] = step
+            typer.echo(f"resuming run {run} from {checkpoint} at step {step} of {steps}", err=True)
 
         try:
             with Federation.from_config(federation) as fed:
@@ -119,6 +135,8 @@ def train(
                     checkpoint=checkpoint,
                     seed=seed,
                     on_step=on_step,
+                    on_epoch=on_epoch,
+                    on_resume=on_resume,
                     audit_canaries=audit_canaries,
                     audit_kind=audit_kind,
                     audit_confidence=audit_confidence,
@@ -127,22 +145,44 @@ def train(
         except MpcdpError as exc:
             typer.echo(f"\nerror: {exc}", err=True)
             raise typer.Exit(1) from None
-    if metrics is not None:
+        except KeyboardInterrupt:
+            where = (
+                f"progress up to the last finished epoch is in {checkpoint}; run the same "
+                "command again to resume"
+                if checkpoint is not None
+                else "no --checkpoint was given, so the progress is lost"
+            )
+            typer.echo(f"\ninterrupted at step {state['step']}: {where}", err=True)
+            raise typer.Exit(130) from None
+    if metrics is not None or plot is not None:
         write_metrics(result, json_path=metrics, plot_path=plot)
+    if save_model is not None:
+        import torch
+
+        torch.save(result.state_dict, save_model)
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
     for r in result.history:
-        acc = f"{r.test_accuracy:.4f}" if r.test_accuracy is not None else "n/a"
-        typer.echo(f"epoch {r.epoch:3d}  step {r.step:5d}  eps {r.epsilon:6.3f}  acc {acc}")
+        typer.echo(_epoch_line(r))
     p = result.plan
     typer.echo(
         f"done: {result.steps_done} steps, epsilon {result.epsilon:.3f} (delta {result.delta:g}),"
         f" noise multiplier {p.noise_multiplier:.3f}, sample rate {p.sample_rate:.4f},"
         f" {len(p.parties)} sites, t={p.colluders}"
     )
+    if save_model is not None:
+        typer.echo(
+            f"weights: {save_model} (model.load_state_dict(torch.load({str(save_model)!r})))"
+        )
     if result.audit is not None:
         typer.echo(audit_report(result))
+
+
+def _epoch_line(r: Any) -> str:
+    acc = f"acc {r.test_accuracy:.4f}" if r.test_accuracy is not None else ""
+    loss = f"test loss {r.test_loss:.4f}" if r.test_loss is not None else ""
+    return f"epoch {r.epoch:3d}  step {r.step:5d}  eps {r.epsilon:6.3f}  {acc}  {loss}".rstrip()
 
 
 def _check_audit_options(

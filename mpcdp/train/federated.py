@@ -170,7 +170,8 @@ def plan_training(
 ) -> TrainingPlan:
     """Sampling rate, steps, gradient scale and Skellam mu for a target (eps, delta).
 
-    q = batch_size / N (N = all sites' examples), T = ceil(epochs / q). The noise multiplier
+    q = batch_size / N (N = all sites' examples), an epoch is round(1 / q) steps and
+    T = round(epochs * round(1 / q)), so the run ends on the epoch asked. The noise multiplier
     z is the smallest with eps(Skellam((z Delta_2)^2), q, T) <= target; Delta_2 depends on
     the scale 2^k, which the ring's headroom bounds given z, so the two are solved together.
     With ``audit_canaries`` per site, every site's batch bound counts them as examples.
@@ -191,8 +192,10 @@ def plan_training(
     if batch_size > total:
         raise ParameterError("batch_size", batch_size, f"exceeds the {total} examples")
     q = batch_size / total
-    steps = max(1, math.ceil(epochs / q))
+    # an epoch is round(1/q) steps, and the run is exactly the epochs asked: 20 epochs end at
+    # epoch 20 (ceil(epochs / q) made a 21st epoch of a step or two)
     steps_per_epoch = max(1, round(1 / q))
+    steps = max(1, round(epochs * steps_per_epoch))
     n, h = len(parties), len(parties) - colluders
     max_total = sum(max_batch_size(examples=e + audit_canaries, sample_rate=q) for e in examples)
 
@@ -430,6 +433,7 @@ def train(
     seed: int | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_resume: Callable[[str, int, int], None] | None = None,
     stop_after: int | None = None,
     model_factory: Callable[[str], torch.nn.Module] = build_model,
     audit_canaries: int = 0,
@@ -445,7 +449,9 @@ def train(
     metadata from Describe). ``batch_size`` is the expected total batch per step. With
     ``checkpoint``, the run saves after every epoch and, when the file exists, resumes from
     it (same plan required). ``stop_after`` stops after that many steps in this call (for
-    interruption tests and demos); the checkpoint then holds the progress.
+    interruption tests and demos); the checkpoint then holds the progress. ``on_step`` is
+    called after every step, ``on_epoch`` after every epoch (with its evaluation), and
+    ``on_resume(run_id, step, steps)`` once when the run resumes from ``checkpoint``.
     ``model_factory`` builds the module from ``model`` (default: the registry of
     mpcdp.train.models); the sites must build the same (PartyNode's ``model_factory``).
 
@@ -522,6 +528,8 @@ def train(
         run = state["run_id"]
         public_accuracy = state.get("public_accuracy")
         log.info("resuming run %s at step %d of %d", run, start, plan.steps)
+        if on_resume is not None:
+            on_resume(run, start, plan.steps)
     elif public_data is not None and public_epochs > 0:
         pretrain_public(
             net,
@@ -608,9 +616,7 @@ def train(
                         history[-1] = rec
                     else:
                         history.append(rec)
-                    if on_epoch is not None:
-                        on_epoch(rec)
-                    if checkpoint is not None:
+                    if checkpoint is not None:  # saved before it is reported
                         _save(
                             checkpoint,
                             {
@@ -624,6 +630,8 @@ def train(
                                 "public_accuracy": public_accuracy,
                             },
                         )
+                    if on_epoch is not None:
+                        on_epoch(rec)
             revealed = session.audit_inclusion
         finally:
             session.close()
@@ -734,10 +742,14 @@ def _plan_from(obj: dict[str, Any]) -> TrainingPlan:
     )
 
 
-def write_metrics(result: TrainingResult, *, json_path: Path, plot_path: Path | None) -> None:
-    """The metrics JSON and, with matplotlib installed, a PNG of accuracy and epsilon
-    against steps."""
-    json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+def write_metrics(
+    result: TrainingResult, *, json_path: Path | None = None, plot_path: Path | None = None
+) -> None:
+    """The metrics JSON (``json_path``) and/or a PNG (``plot_path``, needs matplotlib): test
+    accuracy (or loss) and epsilon against the epoch, with a legend, the target epsilon as
+    a line, and both axes from 0."""
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if plot_path is None:
         return
     import matplotlib
@@ -745,16 +757,34 @@ def write_metrics(result: TrainingResult, *, json_path: Path, plot_path: Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r.step for r in result.history]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    acc = [r.test_accuracy if r.test_accuracy is not None else float("nan") for r in result.history]
-    ax.plot(steps, acc, "o-", color="tab:blue", label="test accuracy")
-    ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy", color="tab:blue")
-    ax.set_ylim(0, 1)
+    epochs = [r.step / result.plan.steps_per_epoch for r in result.history]
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
+    acc = [r.test_accuracy for r in result.history]
+    lines = []
+    if any(a is not None for a in acc):
+        values = [a if a is not None else float("nan") for a in acc]
+        lines += ax.plot(epochs, values, "o-", color="tab:blue", label="test accuracy")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)
+    else:
+        loss = [r.test_loss if r.test_loss is not None else float("nan") for r in result.history]
+        lines += ax.plot(epochs, loss, "o-", color="tab:blue", label="test loss")
+        ax.set_ylabel("test loss")
+        ax.set_ylim(bottom=0)
+    ax.set_xlabel("epoch")
+    ax.set_xlim(left=0)
     ax2 = ax.twinx()
-    ax2.plot(steps, [r.epsilon for r in result.history], "s--", color="tab:red", label="epsilon")
-    ax2.set_ylabel(f"epsilon (delta={result.delta:g})", color="tab:red")
+    lines += ax2.plot(
+        epochs, [r.epsilon for r in result.history], "s--", color="tab:red", label="epsilon spent"
+    )
+    lines.append(
+        ax2.axhline(
+            result.plan.target_epsilon, color="tab:red", linestyle=":", label="target epsilon"
+        )
+    )
+    ax2.set_ylabel(f"epsilon (delta = {result.delta:g})")
+    ax2.set_ylim(0, 1.1 * max(result.plan.target_epsilon, *(r.epsilon for r in result.history)))
+    ax.legend(lines, [str(li.get_label()) for li in lines], loc="lower right")
     ax.set_title(f"{result.plan.model} on {len(result.plan.parties)} sites")
     fig.tight_layout()
     fig.savefig(plot_path)
