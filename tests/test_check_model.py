@@ -391,6 +391,8 @@ NETS = """
             return self.fc(x)
 
     instance = Net()
+    def needs_dep(name):
+        import surely_missing_dep_xyz  # noqa: F401
     number = 3
     def not_a_module(name):
         return 42
@@ -404,6 +406,7 @@ def user_code(
     """A folder with a model module of a name unique to the test; sys.path restored after."""
     name = f"nets_{request.node.name.replace('[', '_').replace(']', '_').replace('-', '_')}"
     write_module(tmp_path / "code", name, NETS)
+    write_module(tmp_path / "code", f"{name}_dep", "import surely_missing_dep_xyz\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
     return tmp_path / "code", name
 
@@ -424,6 +427,8 @@ def test_load_model_accepts_factories_classes_and_instances(user_code: tuple[Pat
         ("{mod}:missing", None, "has no attribute 'missing'"),
         ("{mod}:build", "resnet", "build('resnet') raised ValueError: no model called 'resnet'"),
         ("{mod}:number", None, "is a int, not a factory"),
+        ("{mod}:needs_dep", "x", "needs_dep('x') raised ModuleNotFoundError"),
+        ("{mod}_dep:f", None, "it imports 'surely_missing_dep_xyz', which was not found"),
         ("{mod}:not_a_module", "x", "returned a int, not a torch.nn.Module"),
     ],
 )
@@ -466,6 +471,7 @@ def test_command_reports_ok_and_usage_errors(user_code: tuple[Path, str]) -> Non
     assert bad.exit_code == 2 and "1,x" in bad.output
 
 
+@pytest.mark.slow
 def test_installed_command_refuses_batchnorm_and_writes_the_fixed_factory(
     user_code: tuple[Path, str],
 ) -> None:

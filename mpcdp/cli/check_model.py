@@ -178,7 +178,7 @@ def check_model(
         if dtype == torch.long and vocab is None:
             raise ParameterError("--vocab", None, "is needed with --input-dtype long")
         inputs, _ = mc.synthetic_batch(input_shape=shape, input_dtype=dtype, vocab=vocab)
-        classes = num_classes or mc.infer_num_classes(model, inputs)
+        classes = num_classes or mc.infer_num_classes(model, inputs=inputs)
         inputs, targets = mc.synthetic_batch(
             input_shape=shape, input_dtype=dtype, vocab=vocab, num_classes=classes
         )

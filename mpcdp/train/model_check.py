@@ -296,7 +296,7 @@ def _forward_failed(inputs: torch.Tensor, exc: Exception) -> ParameterError:
     )
 
 
-def infer_num_classes(model: nn.Module, inputs: torch.Tensor) -> int:
+def infer_num_classes(model: nn.Module, *, inputs: torch.Tensor) -> int:
     """The size of the last dimension of the model's output on ``inputs`` (a no-grad forward
     of a copy), or 2 when the output is not a tensor of rank >= 2. Raises ParameterError
     naming the input shape when the forward fails."""
