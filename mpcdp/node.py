@@ -180,13 +180,9 @@ def _count_params(spec: TrainSpec, *, build: ModelFactory) -> tuple[int, int]:
 
 
 def _architecture(spec: TrainSpec, *, build: ModelFactory) -> tuple[str, ...]:
-    import torch
+    from mpcdp.train.architecture import describe_factory
 
-    from mpcdp.train.architecture import describe_architecture
-
-    with torch.device("meta"):
-        model = build(spec.model)
-    return describe_architecture(model)
+    return describe_factory(build, spec.model)
 
 
 def _torch_source(

@@ -30,10 +30,34 @@ def _npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     return ex.x, ex.y
 
 
+def _eval_npz(path: Path, loss: str) -> tuple[np.ndarray, np.ndarray]:
+    """--eval: labels for a classification loss, float targets for loss mse."""
+    if loss != "mse":
+        return _npz(path, "--eval")
+    from mpcdp.datasets import load_examples
+
+    try:
+        ex = load_examples(path, num_classes=0, regression=True)
+    except MpcdpError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--eval") from None
+    return ex.x, ex.y
+
+
 def train(
     federation: Path = typer.Option(..., "--federation", help="The analyst's federation.toml."),
     dataset: str = typer.Option(..., "--dataset", help="Example dataset (.npz) at every site."),
-    model: str = typer.Option("mlp:64,128,10", "--model", help="Architecture, e.g. mlp:64,128,10."),
+    model: str = typer.Option(
+        "mlp:64,128,10",
+        "--model",
+        help="Architecture: mlp:64,128,10 (built in) or the import path of a model factory, "
+        "pkg.module:factory, which every site declares in party.toml.",
+    ),
+    python_path: list[Path] = typer.Option(
+        [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
+    ),
+    loss: str = typer.Option(
+        "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
+    ),
     target_epsilon: float = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run."),
     target_delta: float = typer.Option(1e-5, "--target-delta", help="delta of the run."),
     epochs: float = typer.Option(20.0, "--epochs", help="Passes over all sites' examples."),
@@ -94,7 +118,7 @@ def train(
         raise typer.Exit(1) from None
     from mpcdp.federation import Federation
 
-    ev = _npz(eval_data, "--eval") if eval_data else None
+    ev = _eval_npz(eval_data, loss) if eval_data else None
     pub = _npz(public_data, "--public") if public_data else None
     with typer.progressbar(length=1, label="training", file=sys.stderr) as bar:
         state: dict[str, Any] = {"shown": 0, "step": 0}
@@ -129,6 +153,8 @@ def train(
                     clipping=clipping,
                     bias_only=bias_only,
                     eval_data=ev,
+                    loss=loss,
+                    python_path=python_path,
                     public_data=pub,
                     public_epochs=public_epochs if pub is not None else 0,
                     public_mixing=public_mixing,

@@ -9,12 +9,14 @@ synthetic check batch (mpcdp.train.site). Nothing happens at import time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from mpcdp.errors import ParameterError
 
-__all__ = ["changed_buffer", "describe_architecture"]
+__all__ = ["changed_buffer", "describe_architecture", "describe_factory"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -46,6 +48,20 @@ def describe_architecture(model: nn.Module) -> tuple[str, ...]:
     ]
     out += [f"buffer {n} shape={_shape(b)} dtype={_dtype(b)}" for n, b in model.named_buffers()]
     return tuple(out)
+
+
+def describe_factory(factory: Callable[[str], nn.Module], name: str) -> tuple[str, ...]:
+    """The entries of ``factory(name)``, built on torch's meta device (no memory, no
+    initialisation; before anything freezes a parameter), or on the CPU for a factory that
+    cannot build there."""
+    try:
+        with torch.device("meta"):
+            model = factory(name)
+    except ParameterError:
+        raise
+    except Exception:  # e.g. a factory that reads a tensor's value while building
+        model = factory(name)
+    return describe_architecture(model)
 
 
 def changed_buffer(before: dict[str, torch.Tensor], model: nn.Module) -> str | None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from torch.utils.data import Dataset
 
 from mpcdp import ring
 from mpcdp.audit.bound import OneRunAudit
@@ -55,6 +56,7 @@ from mpcdp.protocol.training import (
 from mpcdp.train.audit import black_box_scores, finish, white_box_scorer
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.models import build_model
+from mpcdp.train.run_model import evaluate_any, model_factory_for, with_declared_model
 
 __all__ = [
     "EpochRecord",
@@ -422,7 +424,7 @@ def train(
     clipping: Literal["flat", "automatic"] = "flat",
     bias_only: bool = False,
     colluders: int = 1,
-    eval_data: Arrays | None = None,
+    eval_data: Arrays | Dataset[Any] | None = None,
     public_data: Arrays | None = None,
     public_epochs: int = 0,
     public_learning_rate: float = 0.05,
@@ -436,6 +438,9 @@ def train(
     on_resume: Callable[[str, int, int], None] | None = None,
     stop_after: int | None = None,
     model_factory: Callable[[str], torch.nn.Module] = build_model,
+    loss: str = "cross_entropy",
+    python_path: str | Path | Sequence[str | Path] = (),
+    model_options: Mapping[str, Any] | None = None,
     audit_canaries: int = 0,
     audit_kind: Literal["white-box", "black-box"] = "white-box",
     audit_confidence: float = 0.95,
@@ -454,6 +459,12 @@ def train(
     ``on_resume(run_id, step, steps)`` once when the run resumes from ``checkpoint``.
     ``model_factory`` builds the module from ``model`` (default: the registry of
     mpcdp.train.models); the sites must build the same (PartyNode's ``model_factory``).
+    A ``model`` that is an import path ``package.module:factory`` is imported (from the
+    ``python_path`` folders first) and called as ``factory(model, **model_options)``: the
+    sites declare the same path in party.toml, and each refuses a model whose architecture
+    fingerprint differs from this one's. ``loss`` ("cross_entropy", "mse" or an import
+    path) must be the sites' declared loss; ``eval_data`` (arrays or a Dataset of (x, y))
+    reports accuracy for cross-entropy, the mean loss always (mpcdp.train.run_model).
 
     With ``public_data``: a non-private warm start of ``public_epochs`` on it, then every DP
     step adds ``public_mixing`` times the gradient of a random public batch to the revealed
@@ -482,6 +493,11 @@ def train(
         raise ParameterError(
             "examples", sorted(parties), f"must name the clients {[c.party_id for c in clients]}"
         )
+    model_factory = model_factory_for(
+        model, default=model_factory, python_path=python_path, model_options=model_options
+    )
+    if public_data is not None and loss != "cross_entropy":
+        raise ParameterError("public_data", "given", f"needs loss='cross_entropy', not {loss!r}")
     gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
@@ -539,7 +555,7 @@ def train(
             generator=gen,
         )
         if eval_data is not None:
-            public_accuracy, _ = evaluate(net, eval_data)
+            public_accuracy, _ = evaluate_any(net, eval_data, loss=loss, python_path=python_path)
     if not public_mixing >= 0 or not math.isfinite(public_mixing):
         raise ParameterError("public_mixing", public_mixing, "must be finite and >= 0")
     mix: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -554,6 +570,7 @@ def train(
     scorer = None
     if start < end:
         spec = plan.spec(run_id=run, start_step=start, steps=plan.steps - start)
+        spec = with_declared_model(spec, factory=model_factory, loss=loss)
         if plan.audit_kind == "white-box":
             scorer = white_box_scorer(spec=spec)
         session = TrainingSession(spec=spec, clients=clients)
@@ -603,13 +620,17 @@ def train(
                         )
                     )
                 if done % plan.steps_per_epoch == 0 or done == plan.steps or done == end:
-                    acc, loss = evaluate(net, eval_data) if eval_data is not None else (None, None)
+                    acc, test_loss = (
+                        evaluate_any(net, eval_data, loss=loss, python_path=python_path)
+                        if eval_data is not None
+                        else (None, None)
+                    )
                     rec = EpochRecord(
                         epoch=math.ceil(done / plan.steps_per_epoch),
                         step=done,
                         epsilon=plan.epsilon_after(done),
                         test_accuracy=acc,
-                        test_loss=loss,
+                        test_loss=test_loss,
                         seconds=time.perf_counter() - t0,
                     )
                     if history and history[-1].step == done:

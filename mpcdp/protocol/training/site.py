@@ -198,8 +198,10 @@ class TrainingEngine(SessionHost):
                     f"model {spec.model!r} has {total} parameters, more than this site's "
                     f"max_model_params={self._max_params}"
                 )
+            self._check_architecture(spec, task)  # names the first difference
             _check_num_params(spec, trainable)
-        self._check_architecture(spec, task)
+        else:
+            self._check_architecture(spec, task)
         # an audit run's included canaries are examples of this site for the session
         self._check_headroom(spec, task.examples + spec.audit_canaries)
         event = run_event(spec)

@@ -1,0 +1,457 @@
+"""Training tasks declared in party.toml (issue 14, s1-3): model, data, loss and collate by
+import path, loaded when the node starts; the architecture fingerprint every site checks at
+TrainOpen; and the DataLoader path's Poisson sampling. Real party nodes over loopback mTLS,
+real SQLite ledgers, real torch on the CPU; the user's code is tests/fixtures/usercode,
+copied into each test's folder and reached through python_path."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from scipy import stats  # noqa: E402
+
+from mpcdp.config import load_party_config  # noqa: E402
+from mpcdp.errors import ConfigError, ParameterError, RoundAborted  # noqa: E402
+from mpcdp.federation import Federation  # noqa: E402
+from mpcdp.node import check_datasets  # noqa: E402
+from mpcdp.protocol.training import TrainSpec  # noqa: E402
+from mpcdp.protocol.training.fingerprint import (  # noqa: E402
+    fingerprint,
+    first_difference,
+)
+from mpcdp.train.declared import load_data  # noqa: E402
+from mpcdp.train.federated import train  # noqa: E402
+from mpcdp.train.site import TorchGradientSource  # noqa: E402
+from tests.conftest import PARTIES, Net, build_net  # noqa: E402
+from tests.stats import chi_square_pvalue  # noqa: E402
+
+USERCODE = Path(__file__).parent / "fixtures" / "usercode"
+MODELS = "mpcdp_fixture_models"
+DATA = "mpcdp_fixture_data"
+
+
+def user_code(root: Path) -> Path:
+    """The user's project folder next to the party.toml files (python_path = "code")."""
+    code = root / "code"
+    if not code.exists():
+        shutil.copytree(USERCODE, code, ignore=shutil.ignore_patterns("__pycache__"))
+    return code
+
+
+def dataset_toml(name: str, body: str, *, tables: str = "", epsilon: float = 50.0) -> str:
+    """``[datasets.NAME]`` with ``body``'s keys, python_path, a budget, then ``tables``."""
+    return (
+        f'\n[datasets.{name}]\npython_path = "code"\n{body}\nepsilon = {epsilon}\n'
+        f"delta = 1e-5\n{tables}\n"
+    )
+
+
+def party_file(root: Path, datasets: str) -> Path:
+    """A standalone party.toml of alice (no certificates needed to check datasets)."""
+    user_code(root)
+    cfg = root / "alice.toml"
+    cfg.write_text(
+        'id = "alice"\nlisten = "127.0.0.1:0"\nledger = "alice.sqlite"\n'
+        '[tls]\nca = "ca.pem"\ncert = "alice.pem"\nkey = "alice.key"\n'
+        'coordinators = ["analyst"]\npeers = ["bob"]\n' + datasets
+    )
+    return cfg
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+GOOD = f'model = "{MODELS}:make"\ndata = "{DATA}:blobs"\nnum_classes = 3'
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "value", "problem"),
+    [
+        ('model = "nope_pkg.models:make"\ndata = "{D}:blobs"', "model", "nope_pkg.models:make",
+         "cannot import module 'nope_pkg.models'"),
+        ('model = "{M}:missing"\ndata = "{D}:blobs"', "model", "{M}:missing", "has no 'missing'"),
+        ('model = "{M}:raising"\ndata = "{D}:blobs"', "model", "{M}:raising",
+         "the factory raised RuntimeError: boom"),
+        ('model = "{M}:not_a_module"\ndata = "{D}:blobs"', "model", "{M}:not_a_module",
+         "returned int, not a torch.nn.Module"),
+        ('model = "{M}:make"\ndata = "{D}:raising"', "data", "{D}:raising",
+         "the factory raised OSError: the scans folder is not mounted"),
+        ('model = "{M}:make"\ndata = "{D}:not_a_dataset"', "data", "{D}:not_a_dataset",
+         "not a map-style Dataset"),
+        ('model = "{M}:make"\ndata = "{D}:singles"', "data", "{D}:singles",
+         "not a (features, target) pair"),
+        ('model = "{M}:make"\ndata = "{D}:ragged"', "data", "{D}:ragged",
+         "item 3 has features (9,) and target (); item 0 has (8,)"),
+        ('model = "{M}:make"\ndata = "{D}:with_nan"', "data", "{D}:with_nan",
+         "item 0 has a non-finite feature"),
+        ('model = "{M}:make"\ndata = "{D}:word_labels"', "data", "{D}:word_labels",
+         "target is str, not a number"),
+        ('model = "{M}:make"\ndata = "{D}:big_labels"\nnum_classes = 3', "data",
+         "{D}:big_labels", "label 7, outside [0, num_classes=3)"),
+        ('model = "{M}:make"\ndata = "{D}:empty"', "data", "{D}:empty", "the Dataset is empty"),
+        ('model = "{M}:make"\ndata = "{D}:blobs"\nloss = "{M}:no_loss"', "loss", "{M}:no_loss",
+         "has no 'no_loss'"),
+        ('model = "{M}:make"\ndata = "{D}:blobs"\ncollate = "{D}:nothing"', "collate",
+         "{D}:nothing", "has no 'nothing'"),
+    ],
+)  # fmt: skip
+def test_a_bad_declaration_makes_the_task_unavailable_naming_site_key_and_value(
+    tmp_path: Path, body: str, key: str, value: str, problem: str
+) -> None:
+    fill = {"M": MODELS, "D": DATA}
+    cfg = party_file(
+        tmp_path,
+        dataset_toml("good", GOOD) + dataset_toml("bad", body.format(**fill)),
+    )
+    states = check_datasets(load_party_config(cfg))
+    assert states["good"] is None
+    error = states["bad"]
+    assert error is not None
+    assert f"site 'alice': datasets.bad.{key} = {value.format(**fill)!r}" in error
+    assert problem in error
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('model = "not an import path"\ndata = "d:x"', "datasets.t.model: 'not an import path' "
+         "is not an import path"),
+        ('data = "d:x"\nloss = "hinge"', "datasets.t.loss: must be 'cross_entropy', 'mse'"),
+        ('data = "d:x"\npython_path = "nowhere"', "datasets.t.python_path: "),
+        ('data = "d:x"\npath = "a.npz"', "datasets.t.path: give either path"),
+        ('path = "a.npz"\nnum_classes = 3\ncollate = "d:c"', "datasets.t.collate: applies to data"),
+        ('data = "d:x"\nloss = "mse"\nnum_classes = 3', "datasets.t.num_classes: must be 0"),
+        ('data = "d:x"\nmax_physical_batch = 0', "datasets.t.max_physical_batch: must be in"),
+        ('data = "d:x"\nnum_workers = -1', "datasets.t.num_workers: must be in [0, 256]"),
+        ('data = "d:x"\npin_memory = "yes"', "datasets.t.pin_memory: has the wrong type"),
+        ('path = "a.csv"\nmodel = "m:f"', "datasets.t.model: is a training key"),
+    ],
+)  # fmt: skip
+def test_party_toml_refuses_malformed_training_keys(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    cfg = party_file(tmp_path, f"\n[datasets.t]\n{body}\nepsilon = 1.0\ndelta = 1e-5\n")
+    with pytest.raises(ConfigError) as exc:
+        load_party_config(cfg)
+    assert message in str(exc.value)
+
+
+def test_a_declared_dataset_is_probed_at_start_and_read_whole_by_party_check(
+    tmp_path: Path,
+) -> None:
+    """The node reads 16 items spread over the Dataset; `mpcdp party check` reads every one
+    (a NaN at an item the probe skips shows only there)."""
+    code = user_code(tmp_path)
+    (code / "late_nan.py").write_text(
+        "import numpy as np\n"
+        "def make():\n"
+        "    x = np.zeros((100, 8), np.float32)\n"
+        "    x[37, 2] = float('nan')\n"
+        "    return [(x[i], i % 3) for i in range(100)]\n"
+    )
+    cfg = load_party_config(party_file(tmp_path, dataset_toml("t", 'data = "late_nan:make"')))
+    decl = cfg.datasets["t"].training
+    assert decl is not None
+    loaded = load_data(decl, where="site 'alice': datasets.t", num_classes=0)
+    assert loaded.count == 100 and loaded.feature_shape == (8,) and loaded.integer_targets
+    error = check_datasets(cfg)["t"]
+    assert error is not None and "item 37 has a non-finite feature" in error
+
+
+# -- fingerprint ----------------------------------------------------------------------------
+
+
+def test_first_difference_names_the_parameter_and_the_attribute() -> None:
+    a = ("parameter fc.weight shape=(10,64) dtype=float32 requires_grad=True",)
+    b = ("parameter fc.weight shape=(10,32) dtype=float32 requires_grad=True",)
+    assert first_difference(a, b) == (
+        "parameter 'fc.weight' has shape (10,64) here, (10,32) at the coordinator"
+    )
+    c = ("parameter head.weight shape=(10,64) dtype=float32 requires_grad=True",)
+    assert first_difference(a, c) == (
+        "entry 0 is parameter 'fc.weight' here, parameter 'head.weight' at the coordinator"
+    )
+    extra = (*a, "buffer pos shape=(4,) dtype=float32")
+    assert first_difference(extra, a) == "buffer 'pos' exists here only (entry 1)"
+    assert first_difference(a, extra) == "buffer 'pos' exists at the coordinator only (entry 1)"
+    assert first_difference(a, a) == ""
+
+
+def test_a_spec_s_fingerprint_must_hash_its_architecture() -> None:
+    entries = ("parameter w shape=(3,) dtype=float32 requires_grad=True",)
+    base = dict(
+        run_id="r", dataset="d", model="m", parties=PARTIES, sample_rate=0.1, steps=1,
+        max_grad_norm=1.0, scale_bits=8, mu=100.0, num_params=3,
+    )  # fmt: skip
+    TrainSpec(**base, architecture=entries, fingerprint=fingerprint(entries))  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match="fingerprint"):
+        TrainSpec(**base, architecture=entries, fingerprint="0" * 64)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match="architecture"):
+        TrainSpec(**base, architecture=("a\nb",), fingerprint=fingerprint(("a\nb",)))  # type: ignore[arg-type]
+
+
+def blobs_extra(model: str = "make", options: dict[str, str] | None = None) -> dict[str, str]:
+    """Each site's [datasets.ex]: ``model``, 40 blobs of its own seed."""
+    out = {}
+    for i, p in enumerate(PARTIES):
+        tables = f"[datasets.ex.data_options]\nseed = {i}\n"
+        if options and p in options:
+            tables += f"[datasets.ex.model_options]\n{options[p]}\n"
+        body = f'model = "{MODELS}:{model}"\ndata = "{DATA}:blobs"\nnum_classes = 3'
+        out[p] = dataset_toml("ex", body, tables=tables)
+    return out
+
+
+@pytest.fixture
+def blobs_net(tmp_path: Path) -> Iterator[Net]:
+    user_code(tmp_path)
+    net = build_net(tmp_path, extra=blobs_extra(options={"carlos": "width = 5"}))
+    try:
+        yield net
+    finally:
+        net.stop()
+
+
+def spent(net: Net) -> dict[str, float]:
+    return {p: float(n.ledger.status("ex").spent_epsilon) for p, n in net.nodes.items()}
+
+
+def test_a_different_architecture_is_refused_naming_the_difference_and_nothing_is_charged(
+    blobs_net: Net,
+) -> None:
+    """carlos declares the same factory with width = 5: same kind of model, other shapes."""
+    with Federation.from_config(blobs_net.federation) as fed:
+        with pytest.raises(RoundAborted) as exc:
+            fed.train(
+                dataset="ex",
+                model=f"{MODELS}:make",
+                python_path=blobs_net.root / "code",
+                target_epsilon=5.0,
+                target_delta=1e-5,
+                epochs=1,
+                batch_size=10,
+                seed=1,
+            )
+    text = str(exc.value)
+    assert "site 'carlos'" in text
+    assert "parameter '0.weight' has shape (5,8) here, (6,8) at the coordinator" in text
+    assert spent(blobs_net) == {p: 0.0 for p in PARTIES}
+    # and a run naming another model than the one a site declared is refused before any charge
+    with Federation.from_config(blobs_net.federation) as fed:
+        with pytest.raises(RoundAborted, match="trains model 'mpcdp_fixture_models:make' here"):
+            fed.train(
+                dataset="ex",
+                model="mlp:8,6,3",
+                target_epsilon=5.0,
+                target_delta=1e-5,
+                epochs=1,
+                batch_size=10,
+            )
+    assert spent(blobs_net) == {p: 0.0 for p in PARTIES}
+
+
+def test_models_whose_buffers_training_changes_are_refused(tmp_path: Path) -> None:
+    """A buffer changed by the forward pass is refused by every site at TrainOpen (nothing
+    charged); BatchNorm's running statistics are refused by the fingerprint's description
+    (and already by the coordinator's clipper)."""
+    from mpcdp.train.architecture import describe_architecture
+    from mpcdp.train.declared import import_object
+
+    code = user_code(tmp_path)
+    batchnorm = import_object(f"{MODELS}:batchnorm", python_path=[code], where="test")
+    with pytest.raises(ParameterError, match="updates its running statistics"):
+        describe_architecture(batchnorm("x"))
+    net = build_net(tmp_path, extra=blobs_extra(model="counting"))
+    try:
+        with Federation.from_config(net.federation) as fed:
+            with pytest.raises(RoundAborted, match=r"buffer 'calls'.*changed in a forward pass"):
+                fed.train(
+                    dataset="ex",
+                    model=f"{MODELS}:counting",
+                    python_path=net.root / "code",
+                    target_epsilon=5.0,
+                    target_delta=1e-5,
+                    epochs=1,
+                    batch_size=10,
+                )
+        assert spent(net) == {p: 0.0 for p in PARTIES}
+    finally:
+        net.stop()
+
+
+def test_an_unavailable_declared_task_tells_the_coordinator_nothing_more(tmp_path: Path) -> None:
+    user_code(tmp_path)
+    extra = blobs_extra()
+    extra["bob"] = extra["bob"].replace(f"{MODELS}:make", f"{MODELS}:raising")
+    net = build_net(tmp_path, extra=extra)
+    try:
+        assert "the factory raised RuntimeError" in (net.nodes["bob"].dataset_states()["ex"] or "")
+        with Federation.from_config(net.federation) as fed:
+            assert fed.examples("ex")["bob"] == 0  # Describe says no more
+            with pytest.raises(RoundAborted) as exc:
+                train(
+                    clients=fed.clients,
+                    dataset="ex",
+                    model=f"{MODELS}:make",
+                    examples={p: 40 for p in PARTIES},
+                    python_path=net.root / "code",
+                    target_epsilon=5.0,
+                    target_delta=1e-5,
+                    epochs=1,
+                    batch_size=10,
+                )
+        assert "'ex' is unavailable at party 'bob'" in str(exc.value)
+        assert "boom" not in str(exc.value) and "raising" not in str(exc.value)
+    finally:
+        net.stop()
+
+
+# -- regression -----------------------------------------------------------------------------
+
+
+def test_regression_with_mse_trains_across_three_sites_and_reports_loss(tmp_path: Path) -> None:
+    user_code(tmp_path)
+    extra = {}
+    for i, p in enumerate(PARTIES):
+        extra[p] = dataset_toml(
+            "reg",
+            f'model = "{MODELS}:regressor"\ndata = "{DATA}:regression"\nloss = "mse"\n'
+            "max_physical_batch = 16",
+            tables=f"[datasets.reg.data_options]\nseed = {i}\nn = 120",
+        )
+    net = build_net(tmp_path, extra=extra)
+    import sys
+
+    sys.path.insert(0, str(net.root / "code"))
+    try:
+        from mpcdp_fixture_data import regression
+
+        test = regression(seed=99, n=200)
+        with Federation.from_config(net.federation) as fed:
+            result = fed.train(
+                dataset="reg",
+                model=f"{MODELS}:regressor",
+                python_path=[net.root / "code"],
+                loss="mse",
+                target_epsilon=20.0,
+                target_delta=1e-5,
+                epochs=8,
+                batch_size=36,
+                learning_rate=0.05,
+                max_grad_norm=5.0,
+                eval_data=test,
+                seed=3,
+            )
+    finally:
+        sys.path.remove(str(net.root / "code"))
+        net.stop()
+    losses = [r.test_loss for r in result.history]
+    assert all(r.test_accuracy is None for r in result.history)
+    assert all(v is not None for v in losses)
+    baseline = float(np.mean(test.y**2))  # predicting 0: about 31.25
+    assert losses[0] is not None and losses[-1] is not None
+    assert losses[-1] < losses[0] and losses[-1] < 0.1 * baseline
+    assert result.epsilon <= 20.0
+
+
+# -- the DataLoader path's Poisson sampling -------------------------------------------------
+
+
+def _source(
+    tmp_path: Path, *, n: int, q: float, physical: int, workers: int = 0
+) -> tuple[TorchGradientSource, object]:
+    code = user_code(tmp_path)
+    (code / "recording_data.py").write_text(
+        "from mpcdp_fixture_data import Recording\n"
+        f"DATASET = Recording({n})\n"
+        "def make():\n    return DATASET\n"
+    )
+    cfg = load_party_config(
+        party_file(tmp_path, dataset_toml("t", 'data = "recording_data:make"\nnum_classes = 3'))
+    )
+    decl = cfg.datasets["t"].training
+    assert decl is not None
+    data = load_data(decl, where="t", num_classes=3)
+    model = torch.nn.Linear(8, 3)
+    spec = TrainSpec(
+        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=q, steps=1,
+        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
+    )  # fmt: skip
+    source = TorchGradientSource(
+        model=model, spec=spec, data=data, device="cpu", max_physical_batch=physical,
+        num_workers=workers,
+    )  # fmt: skip
+    return source, data.dataset
+
+
+def test_the_dataloader_path_samples_each_item_independently_with_rate_q(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """400 steps over 400 items at q = 0.05: every step's batch size is Binomial(400, q)
+    (chi-square), every item's count over the steps Binomial(400, q) (chi-square over the
+    items), each at alpha 1e-7; micro-batches hold at most max_physical_batch items, only
+    the sampled items are read, and no sampled index is logged."""
+    n, q, steps, physical = 400, 0.05, 400, 7
+    source, dataset = _source(tmp_path, n=n, q=q, physical=physical)
+    sizes_seen: list[int] = []
+    source.model.register_forward_hook(lambda m, i, o: sizes_seen.append(int(i[0].shape[0])))
+    rng = np.random.default_rng(2024)
+    sizes = np.empty(steps, dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    with caplog.at_level(logging.DEBUG):
+        for s in range(steps):
+            dataset.reads.clear()  # type: ignore[attr-defined]
+            source.quantized_gradient(rng=rng)
+            reads = np.asarray(dataset.reads, dtype=np.int64)  # type: ignore[attr-defined]
+            assert np.unique(reads).size == reads.size  # each sampled item read once
+            sizes[s] = reads.size
+            counts[reads] += 1
+    source.close()
+    p_sizes = chi_square_pvalue(sizes, lambda k: stats.binom.pmf(k, n, q))
+    assert p_sizes > 1e-7, p_sizes
+    expected = steps * q
+    chi2 = float(((counts - expected) ** 2 / (expected * (1 - q))).sum())
+    assert stats.chi2.sf(chi2, df=n) > 1e-7 and stats.chi2.cdf(chi2, df=n) > 1e-7, chi2
+    assert sizes_seen and max(sizes_seen) <= physical
+    assert sum(sizes_seen) >= sizes.sum()  # (the hook came after the check batch at open)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    numbers = {int(t) for t in re.findall(r"\d+", text)}
+    assert not numbers & {int(i) for i in np.flatnonzero(counts) if i >= 100}
+
+
+def test_dataloader_workers_give_the_same_gradients(tmp_path: Path) -> None:
+    """Two worker processes read the same sampled items as the site's own process: the same
+    rng gives bit-identical words."""
+    a, _ = _source(tmp_path / "a", n=60, q=0.3, physical=5)
+    b, _ = _source(tmp_path / "b", n=60, q=0.3, physical=5, workers=2)
+    b.model.load_state_dict(a.model.state_dict())
+    try:
+        for seed in range(3):
+            wa = a.quantized_gradient(rng=np.random.default_rng(seed)).copy()
+            wb = b.quantized_gradient(rng=np.random.default_rng(seed)).copy()
+            assert np.array_equal(wa, wb)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_dataloader_source_refuses_bad_arguments(tmp_path: Path) -> None:
+    source, _ = _source(tmp_path, n=10, q=0.5, physical=4)
+    source.close()
+    spec = TrainSpec(
+        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=0.5, steps=1,
+        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
+    )  # fmt: skip
+    with pytest.raises(ParameterError, match="exactly one"):
+        TorchGradientSource(model=torch.nn.Linear(8, 3), spec=spec, device="cpu")
+    with pytest.raises(ParameterError, match="max_physical_batch"):
+        _source(tmp_path / "b", n=10, q=0.5, physical=0)
