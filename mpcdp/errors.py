@@ -22,6 +22,7 @@ __all__ = [
     "PartyError",
     "PolicyError",
     "ProtocolError",
+    "RankFailure",
     "RoundAborted",
     "SessionError",
     "short_repr",
@@ -175,3 +176,9 @@ class RoundAborted(MpcdpError):
                 f"{p} ({why})" for p, why in self.abort_failures.items()
             )
         super().__init__(text)
+
+
+class RankFailure(MpcdpError):
+    """A worker rank of a site on several processes (mpcdp.train.ranks) failed or stopped
+    answering: the step is refused and the site must restart its ranks. Says nothing about
+    data: the coordinator is told."""

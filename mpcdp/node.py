@@ -61,6 +61,7 @@ def _tasks(
     model_factory: ModelFactory | None,
     *,
     probe: int | None = 16,
+    ranks: Any = None,
 ) -> dict[str, TrainingTask]:
     """Every training dataset of ``cfg``, loaded and checked; one that fails is unavailable
     (its error goes to the owner's log and ``mpcdp party check``). ``probe``: items of a
@@ -70,7 +71,7 @@ def _tasks(
         if ds.kind != "examples":
             continue
         try:
-            tasks[name] = _task(cfg, ds, device, model_factory, probe)
+            tasks[name] = _task(cfg, ds, device, model_factory, probe, ranks)
         except (DataError, ConfigError, PolicyError) as exc:
             log.error("dataset %r is unavailable: %s", name, exc)
             tasks[name] = TrainingTask(config=ds, examples=0, error=str(exc))
@@ -83,6 +84,7 @@ def _task(
     device: str,
     model_factory: ModelFactory | None,
     probe: int | None,
+    ranks: Any = None,
 ) -> TrainingTask:
     decl = ds.training or TrainingDeclaration()
     where = f"site {cfg.id!r}: datasets.{ds.name}"
@@ -121,7 +123,13 @@ def _task(
         feature_shape=shape,
         num_classes=classes,
         make_source=functools.partial(
-            _torch_source, data=data, device=device, build=build, decl=decl, loss_fn=loss_fn
+            _torch_source,
+            data=data,
+            device=device,
+            build=build,
+            decl=decl,
+            loss_fn=loss_fn,
+            ranks=ranks,
         ),
         count_params=functools.partial(_count_params, build=build),
         architecture=functools.partial(_architecture, build=build),
@@ -193,6 +201,7 @@ def _torch_source(
     build: ModelFactory,
     decl: TrainingDeclaration,
     loss_fn: Any,
+    ranks: Any = None,
 ) -> GradientSource:
     site = _train_modules()[1]
     source: GradientSource = site.TorchGradientSource(
@@ -204,6 +213,7 @@ def _torch_source(
         max_physical_batch=decl.max_physical_batch,
         num_workers=decl.num_workers,
         pin_memory=decl.pin_memory,
+        ranks=ranks,
         **({} if loss_fn is None else {"loss_fn": loss_fn}),
     )
     return source
@@ -233,8 +243,11 @@ class PartyNode:
         device: str | None = None,
         model_factory: ModelFactory | None = None,
         test_only_noise_divisor: float = 1.0,
+        ranks: Any = None,
     ) -> None:
-        """``device``: where a site trains (default: the config's ``device``, "auto": its
+        """``ranks``: this site's worker ranks (an mpcdp.train.ranks.RankGroup, when
+        torchrun started the site on several processes; rank 0 is this node).
+        ``device``: where a site trains (default: the config's ``device``, "auto": its
         first GPU, else the CPU). ``model_factory``: the site's own modules by architecture
         name (default: mpcdp.train.models.build_model); it must build what the coordinator
         builds. ``test_only_noise_divisor``: FOR TESTS AND BENCHMARKS ONLY, breaks the
@@ -260,7 +273,7 @@ class PartyNode:
         for ds in config.datasets.values():
             self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
         self.views = _load(config)
-        self.tasks = _tasks(config, device, model_factory)
+        self.tasks = _tasks(config, device, model_factory, ranks=ranks)
         self.engine = PartyEngine(
             party_id=config.id,
             datasets=self.views,
@@ -377,14 +390,67 @@ def _force_exit() -> None:
     os._exit(1)
 
 
-def serve(
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when torchrun started this process with more than one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    return int(os.environ.get("RANK", "0") or 0), world
+
+
+def serve_site_rank(
     config_path: str | Path,
     *,
     port_file: Path | None = None,
     on_ready: Callable[[PartyNode], None] | None = None,
 ) -> None:
+    """A site started by torchrun (issue 16): rank 0 serves as the party node and leads,
+    the other ranks follow it as workers (mpcdp.train.ranks), each with its own copy of the
+    site's config and data, on its own GPU (LOCAL_RANK) when the site has GPUs."""
+    from mpcdp.train.ranks import RankGroup, serve_worker
+
+    found = torchrun_rank()
+    assert found is not None
+    rank, _ = found
+    if rank == 0:
+        group = RankGroup.from_env()
+        try:
+            serve(config_path, port_file=port_file, on_ready=on_ready, ranks=group)
+        finally:
+            group.stop()
+        return
+    import torch
+
+    cfg = load_party_config(config_path)
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    tasks = _tasks(cfg, device, None)
+
+    def build(description: dict[str, Any]) -> Any:
+        task = tasks.get(description["dataset"])
+        if task is None or task.make_source is None:
+            raise PolicyError(
+                f"worker rank {rank}: dataset {description['dataset']!r} is not usable here "
+                f"({task.error if task is not None else 'not declared'})"
+            )
+        return task.make_source(description["spec"])
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops the workers
+    serve_worker(build=build, device=torch.device(device))
+
+
+def serve(
+    config_path: str | Path,
+    *,
+    port_file: Path | None = None,
+    on_ready: Callable[[PartyNode], None] | None = None,
+    ranks: Any = None,
+) -> None:
     """Run a party node until SIGINT or SIGTERM. ``on_ready(node)`` is called once it
-    serves (the command line prints where, and what)."""
+    serves (the command line prints where, and what). ``ranks``: the site's worker ranks
+    (:func:`serve_site_rank` when torchrun started it)."""
     done = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -392,7 +458,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    node = PartyNode(load_party_config(config_path))
+    node = PartyNode(load_party_config(config_path), ranks=ranks)
     port = node.start()
     if port_file is not None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")

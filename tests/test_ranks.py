@@ -29,7 +29,8 @@ COMMON = textwrap.dedent(
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from mpcdp.train.ranks import ExampleSource, RankFailure, RankGroup, serve_worker
+    from mpcdp.errors import RankFailure
+    from mpcdp.train.ranks import ExampleSource, RankGroup, serve_worker
 
     torch.manual_seed(0)
     X = torch.randn(300, 12, generator=torch.Generator().manual_seed(1))

@@ -18,7 +18,10 @@ def serve(
         None, "--port-file", help="Write the bound port here once serving (for scripts)."
     ),
 ) -> None:
-    """Serve this party's datasets to the federation's coordinators until SIGINT/SIGTERM."""
+    """Serve this party's datasets to the federation's coordinators until SIGINT/SIGTERM.
+
+    Under torchrun (WORLD_SIZE > 1), rank 0 is the party node and the other ranks train its
+    steps with it: `torchrun --nproc-per-node 2 -m mpcdp party serve --config party.toml`."""
     from mpcdp import node
 
     def ready(party: node.PartyNode) -> None:
@@ -31,7 +34,10 @@ def serve(
             typer.echo(f"  dataset {name}: {state}")
 
     try:
-        node.serve(config, port_file=port_file, on_ready=ready)
+        if node.torchrun_rank() is not None:  # a site on several ranks (torchrun)
+            node.serve_site_rank(config, port_file=port_file, on_ready=ready)
+        else:
+            node.serve(config, port_file=port_file, on_ready=ready)
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from numpy.typing import NDArray
 
-from mpcdp.errors import MpcdpError, ParameterError
+from mpcdp.errors import ParameterError, RankFailure
 
 __all__ = [
     "ExampleSource",
@@ -56,10 +56,6 @@ log = logging.getLogger(__name__)
 
 #: how long a collective waits for the other ranks before rank 0 gives the step up
 DEFAULT_TIMEOUT_S = 60.0
-
-
-class RankFailure(MpcdpError):
-    """A worker rank failed or stopped answering: the step is refused, the group is broken."""
 
 
 def deal(indices: NDArray[np.int64], *, world_size: int) -> list[NDArray[np.int64]]:

@@ -22,6 +22,7 @@ DataLoader, only the sampled items, one physical micro-batch at a time (mpcdp.tr
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,13 +34,14 @@ from numpy.typing import NDArray
 from torch import nn
 
 from mpcdp.datasets import Examples
-from mpcdp.errors import DataError, ParameterError
+from mpcdp.errors import DataError, ParameterError, RankFailure
 from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size
 from mpcdp.train.architecture import changed_buffer
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.data import LoaderBatches, TensorBatches, poisson_indices
 from mpcdp.train.declared import DeclaredData
+from mpcdp.train.ranks import RankGroup
 from mpcdp.train.rounding import randomized_round_
 
 __all__ = [
@@ -109,10 +111,13 @@ class TorchGradientSource:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_example,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        ranks: RankGroup | None = None,
     ) -> None:
         """Exactly one of ``examples`` (in memory, copied to the device once) and ``data``
         (a declared Dataset: read per micro-batch through a DataLoader with
-        ``num_workers`` and ``pin_memory``, default pinned on a GPU)."""
+        ``num_workers`` and ``pin_memory``, default pinned on a GPU). ``ranks``: this
+        site's worker ranks (mpcdp.train.ranks; rank 0 is this process): each step's
+        Poisson sample is dealt across them and their clipped sums are added here."""
         if (examples is None) == (data is None):
             raise ParameterError("examples", "and data", "give exactly one of them")
         if isinstance(max_physical_batch, bool) or not 1 <= max_physical_batch <= 1 << 20:
@@ -179,6 +184,12 @@ class TorchGradientSource:
         self._low: torch.Tensor | None = None
         self._words: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
+        self._ranks = ranks
+        self._key = secrets.token_hex(8)
+        if ranks is not None:
+            # every worker builds this session's source from its own copy of the site's
+            # config and data (what it receives is the spec: nothing private)
+            ranks.open(key=self._key, description={"dataset": spec.dataset, "spec": spec})
 
     def _check_model(
         self,
@@ -237,10 +248,38 @@ class TorchGradientSource:
 
     def load_parameters(self, values: NDArray[np.float32], *, full: bool) -> None:
         flat = torch.from_numpy(values).to(self._device)
+        self.load_flat(flat, full=full)
+        if self._ranks is not None:
+            self._ranks.load(key=self._key, flat=flat, full=full)
+
+    def load_flat(self, flat: torch.Tensor, *, full: bool) -> None:
+        """This process's copy of the parameters (mpcdp.train.ranks.WorkerSource)."""
         if full:
             torch.nn.utils.vector_to_parameters(flat, self._all)
         else:
             self.clipper.load_flat_parameters(flat, check=False)  # the engine checked them
+
+    def clipped_sum(self, indices: NDArray[np.int64], *, scale: float, out: torch.Tensor) -> None:
+        """The sum of these examples' clipped gradients times ``scale`` into ``out``
+        (mpcdp.train.ranks.WorkerSource: this rank's part of a step)."""
+        for k, (inputs, targets) in enumerate(self._data.batches(indices, self._physical)):
+            first = k == 0
+            if not first and self._part is None:
+                self._part = torch.empty_like(out)
+            batch = self.clipper.clipped_grad_sum(
+                inputs=inputs,
+                targets=targets,
+                loss_fn=self._loss_fn,
+                # an .npz was validated when it was loaded; a Dataset's items are checked
+                # here (a sample with a non-finite input contributes 0)
+                check_inputs=self._checks_inputs,
+                scale=scale,  # 2^k folded into the clip factors: exact, no extra pass
+                out=out if first else self._part,
+            )
+            if not first:
+                out.add_(batch.grad_sum)
+        if indices.size == 0:  # an empty Poisson batch still sends its noise share
+            out.zero_()
 
     def quantized_gradient(
         self, *, rng: np.random.Generator
@@ -252,24 +291,12 @@ class TorchGradientSource:
         if self._sum is None:
             self._allocate(rng)
         assert self._sum is not None and self._low is not None and self._words is not None
-        for k, (inputs, targets) in enumerate(self._data.batches(idx, self._physical)):
-            first = k == 0
-            if not first and self._part is None:
-                self._part = torch.empty_like(self._sum)
-            batch = self.clipper.clipped_grad_sum(
-                inputs=inputs,
-                targets=targets,
-                loss_fn=self._loss_fn,
-                # an .npz was validated when it was loaded; a Dataset's items are checked
-                # here (a sample with a non-finite input contributes 0)
-                check_inputs=self._checks_inputs,
-                scale=self._scale,  # 2^k folded into the clip factors: exact, no extra pass
-                out=self._sum if first else self._part,
+        if self._ranks is not None:
+            self._ranks.clipped_sum(
+                key=self._key, indices=idx, scale=self._scale, own=self, out=self._sum
             )
-            if not first:
-                self._sum.add_(batch.grad_sum)
-        if idx.size == 0:  # an empty Poisson batch still sends its noise share
-            self._sum.zero_()
+        else:
+            self.clipped_sum(idx, scale=self._scale, out=self._sum)
         # one reduction: a NaN or inf anywhere makes the sum non-finite (the clipper drops
         # such samples, so this is defence in depth)
         if not bool(torch.isfinite(self._sum.sum())):
@@ -294,6 +321,13 @@ class TorchGradientSource:
         they are Poisson-sampled with the rest."""
         if self._sum is not None:
             raise ParameterError("x", f"{len(x)} examples", "must be added before the first step")
+        if self._ranks is not None:
+            raise ParameterError(
+                "audit_kind",
+                "black-box",
+                "input canaries need a single-rank site (the worker ranks hold only the "
+                "site's own examples); use a white-box audit",
+            )
         try:
             self._data.add(x, y)
         except DataError as exc:
@@ -315,6 +349,11 @@ class TorchGradientSource:
         """Stop the background thread (the engine calls this when the session ends); does
         not wait for a draw in progress. Idempotent."""
         self._data.close()
+        if self._ranks is not None and not self._closed:
+            try:
+                self._ranks.close(key=self._key)
+            except RankFailure:
+                log.warning("the worker ranks could not drop session %s", self._key)
         with self._dither_lock:
             self._closed = True
             if self._dither_thread is not None:

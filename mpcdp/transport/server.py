@@ -63,6 +63,7 @@ from mpcdp.errors import (
     ParameterError,
     PolicyError,
     ProtocolError,
+    RankFailure,
     SessionError,
 )
 from mpcdp.proto import party_pb2 as pb
@@ -133,6 +134,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (HeadroomError, grpc.StatusCode.OUT_OF_RANGE),
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (ParameterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RankFailure, grpc.StatusCode.ABORTED),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
