@@ -455,3 +455,86 @@ def test_the_dataloader_source_refuses_bad_arguments(tmp_path: Path) -> None:
         TorchGradientSource(model=torch.nn.Linear(8, 3), spec=spec, device="cpu")
     with pytest.raises(ParameterError, match="max_physical_batch"):
         _source(tmp_path / "b", n=10, q=0.5, physical=0)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mpcdp_train_trains_a_model_named_by_import_path(blobs_net_same: Net) -> None:
+    """The installed `mpcdp train --model pkg.mod:factory --python-path DIR` against three
+    party nodes that declare the same factory in party.toml."""
+    import json
+    import subprocess
+    import sys
+
+    from mpcdp_fixture_data import blobs  # type: ignore[import-not-found]
+
+    root = blobs_net_same.root
+    test = blobs(seed=99, n=300)
+    np.savez(root / "test.npz", x=test.x, y=test.y)
+    exe = Path(sys.executable).parent / "mpcdp"
+    args = [
+        str(exe), "train", "--federation", str(blobs_net_same.federation), "--dataset", "ex",
+        "--model", f"{MODELS}:make", "--python-path", str(root / "code"),
+        "--target-epsilon", "40", "--epochs", "4", "--batch-size", "12", "--lr", "0.1",
+        "--eval", str(root / "test.npz"), "--metrics", str(root / "m.json"), "--seed", "4",
+    ]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "done:" in out.stdout
+    metrics = json.loads((root / "m.json").read_text())
+    assert metrics["plan"]["model"] == f"{MODELS}:make"
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3, 4]
+    assert metrics["final_accuracy"] is not None
+    # chance is 1/3; the noise at epsilon 40 is small against 120 examples
+    assert max(r["test_accuracy"] for r in metrics["history"]) > 0.5
+    assert all(v > 0 for v in spent(blobs_net_same).values())
+    # the same command without the factory's folder says what is missing
+    bad = subprocess.run(args[:8] + args[10:], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert f"model = '{MODELS}:make': cannot import module '{MODELS}'" in bad.stderr
+
+
+@pytest.fixture
+def blobs_net_same(tmp_path: Path) -> Iterator[Net]:
+    code = user_code(tmp_path)
+    net = build_net(tmp_path, extra=blobs_extra())
+    sys_path_added = str(code)
+    import sys
+
+    sys.path.insert(0, sys_path_added)
+    try:
+        yield net
+    finally:
+        sys.path.remove(sys_path_added)
+        net.stop()
+
+
+def test_a_site_without_a_declared_model_says_so_for_an_import_path(tmp_path: Path) -> None:
+    """A site whose dataset is an .npz with no `model = ...` refuses a run naming an import
+    path, with the hint, before any charge."""
+    user_code(tmp_path)
+    extra = {}
+    for i, p in enumerate(PARTIES):
+        x = np.random.default_rng(i).normal(size=(30, 8)).astype(np.float32)
+        np.savez(tmp_path / f"{p}-ex.npz", x=x, y=np.arange(30) % 3)
+        extra[p] = (
+            f'\n[datasets.ex]\npath = "{p}-ex.npz"\nnum_classes = 3\nepsilon = 9.0\ndelta = 1e-5\n'
+        )
+    net = build_net(tmp_path, extra=extra)
+    try:
+        with Federation.from_config(net.federation) as fed:
+            with pytest.raises(RoundAborted, match="declares no model = 'mpcdp_fixture_models"):
+                fed.train(
+                    dataset="ex",
+                    model=f"{MODELS}:make",
+                    python_path=net.root / "code",
+                    target_epsilon=5.0,
+                    target_delta=1e-5,
+                    epochs=1,
+                    batch_size=10,
+                )
+        assert spent(net) == {p: 0.0 for p in PARTIES}
+    finally:
+        net.stop()
