@@ -311,3 +311,19 @@ def test_check_model_runs_the_checks_without_private_data_and_only_once() -> Non
     with pytest.raises(ParameterError, match="at least 2") as info:
         clipper.check_model(inputs=synthetic[:1], targets=y[:1], loss_fn=ce)
     assert info.value.name == "inputs"
+
+
+def test_a_transformer_layer_with_attention_dropout_trains_in_training_mode() -> None:
+    """torch's TransformerEncoderLayer (dropout 0.1 by default) after
+    replace_multihead_attention: attention dropout is an nn.Dropout module, so the first-use
+    check switches it off and accepts the model (functional dropout was refused as random)."""
+    from mpcdp.train.layers import replace_multihead_attention
+
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 5, 3))
+    replace_multihead_attention(model)
+    model.train()
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    out = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
+    assert out.batch_size == 6 and bool(torch.isfinite(out.grad_sum).all())

@@ -85,6 +85,9 @@ class DPMultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, device=device, dtype=dtype)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, device=device, dtype=dtype)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+        # a module, not F.dropout: per-sample clipping's first-use check switches nn.Dropout
+        # off to compare outputs across batch sizes, and refuses any other randomness
+        self.attn_dropout = nn.Dropout(dropout)
 
     @property
     def in_proj_weight(self) -> torch.Tensor:
@@ -152,21 +155,20 @@ class DPMultiheadAttention(nn.Module):
             mask = kpm if mask is None else mask + kpm
 
         weights: torch.Tensor | None = None
-        if need_weights:
+        if need_weights or dropout_p > 0.0:
             scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             if use_causal_flag:
                 causal = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1)
                 scores = scores.masked_fill(causal, float("-inf"))
             if mask is not None:
                 scores = scores + mask
-            attn = torch.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
-                attn = F.dropout(attn, p=dropout_p)
+            attn = self.attn_dropout(torch.softmax(scores, dim=-1))
             out = torch.matmul(attn, v)
-            weights = attn.mean(dim=1) if average_attn_weights else attn
+            if need_weights:
+                weights = attn.mean(dim=1) if average_attn_weights else attn
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal_flag
+                q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=use_causal_flag
             )
         out = out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)
         return self.out_proj(out), weights

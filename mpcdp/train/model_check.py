@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mpcdp.errors import ParameterError
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.clipping.rules import _classify, _use_ghost
-from mpcdp.train.layers import DPMultiheadAttention, replace_multihead_attention
+from mpcdp.train.layers import replace_multihead_attention
 
 __all__ = [
     "Fix",
@@ -370,9 +370,8 @@ def fix_model(model: nn.Module) -> tuple[nn.Module, tuple[Fix, ...]]:
     ``nn.GroupNorm(G, C)`` with the same ``eps`` and affine weights (``G``: the largest
     divisor of ``C`` up to 32; for ``BatchNorm1d`` with at least two channels per group, as
     its input may be ``(B, C)``); every ``nn.MultiheadAttention`` becomes a
-    :class:`~mpcdp.train.layers.DPMultiheadAttention` computing the same function, except
-    that attention dropout is set to 0 (it is functional there, and the clipper refuses a
-    random forward other than through ``nn.Dropout`` modules). Running
+    :class:`~mpcdp.train.layers.DPMultiheadAttention` computing the same function (its
+    attention dropout is an ``nn.Dropout`` module, which the clipper's checks accept). Running
     statistics are dropped, so a trained BatchNorm model computes another function (train
     it again). Returns the model (a new object only when the root itself was replaced) and
     the changes, including those that could not be made (``applied=False``, with why).
@@ -411,16 +410,8 @@ def fix_model(model: nn.Module) -> tuple[nn.Module, tuple[Fix, ...]]:
                 "the model (or build it with DPMultiheadAttention)"
             )
             after = f"DPMultiheadAttention({m.embed_dim}, {m.num_heads})"
-            if isinstance(new, DPMultiheadAttention) and new.dropout > 0:
-                # its attention dropout is functional, which the clipper's determinism check
-                # refuses (only nn.Dropout modules are switched off for the check)
-                advice += (
-                    f", and set its dropout={m.dropout} to 0: DPMultiheadAttention applies "
-                    "attention dropout functionally, which the clipper refuses as a random "
-                    "forward (dropout elsewhere through nn.Dropout modules is fine)"
-                )
-                after = f"DPMultiheadAttention({m.embed_dim}, {m.num_heads}, dropout=0.0)"
-                new.dropout = 0.0
+            if m.dropout > 0:
+                after = f"DPMultiheadAttention({m.embed_dim}, {m.num_heads}, dropout={m.dropout})"
             fixes.append(
                 Fix(
                     path=path,
