@@ -538,3 +538,48 @@ def test_a_site_without_a_declared_model_says_so_for_an_import_path(tmp_path: Pa
         assert spent(net) == {p: 0.0 for p in PARTIES}
     finally:
         net.stop()
+
+
+def test_a_sampled_item_with_nan_features_contributes_zero_and_the_step_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 37 is NaN, past the probe at start: when sampled it is dropped from its batch
+    (only a count in the site's log), so the step's words equal those of the same batch
+    without it, and nothing fails where a coordinator could see it."""
+    code = user_code(tmp_path)
+    (code / "nan_at_37.py").write_text(
+        "import numpy as np\n"
+        "def make(bad: bool = True):\n"
+        "    x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)\n"
+        "    if bad:\n"
+        "        x[37, 2] = float('nan')\n"
+        "    return [(x[i], i % 3) for i in range(60)] if bad else "
+        "[(x[i], i % 3) for i in range(60) if i != 37]\n"
+    )
+    spec = TrainSpec(
+        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
+        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
+    )  # fmt: skip
+    words = []
+    for bad in ("true", "false"):
+        cfg = load_party_config(
+            party_file(
+                tmp_path,
+                dataset_toml(
+                    "t", 'data = "nan_at_37:make"', tables=f"[datasets.t.data_options]\nbad = {bad}"
+                ),
+            )
+        )
+        decl = cfg.datasets["t"].training
+        assert decl is not None
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 3)
+        source = TorchGradientSource(
+            model=model, spec=spec, data=load_data(decl, where="t", num_classes=3), device="cpu"
+        )
+        with caplog.at_level(logging.WARNING):
+            words.append(source.quantized_gradient(rng=np.random.default_rng(1)).copy())
+        source.close()
+    assert "1 sampled item(s) with non-finite features contribute 0" in caplog.text
+    # the same rounding dither (same rng), the same 59 finite items: within one unit
+    assert np.abs(words[0].astype(np.int64) - words[1].astype(np.int64)).max() <= 1

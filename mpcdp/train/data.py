@@ -48,6 +48,23 @@ def poisson_indices(*, count: int, rate: float, rng: np.random.Generator) -> NDA
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
+def _finite_only(x: torch.Tensor, y: torch.Tensor) -> Batch:
+    """The items of a batch whose features are finite: an item with NaN or inf features
+    contributes 0, like an item whose gradient is not finite (mpcdp.train.clipping). Only
+    their count is logged, in the site's own log; the step goes on, so what a coordinator
+    sees does not depend on them (``mpcdp party check`` names the items)."""
+    if not x.is_floating_point() or x.shape[0] == 0:
+        return x, y
+    ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if bool(ok.all()):
+        return x, y
+    log.warning(
+        "%d sampled item(s) with non-finite features contribute 0 (mpcdp party check names them)",
+        int((~ok).sum()),
+    )
+    return x[ok], y[ok]
+
+
 class TensorBatches:
     """In-memory examples on the device (features float32, targets as given)."""
 
@@ -150,7 +167,7 @@ class LoaderBatches:
                         "a sampled batch of the Dataset could not be read (the site's log "
                         "says how; mpcdp party check reads every item)"
                     ) from None
-                yield self._to_device(batch)
+                yield _finite_only(*self._to_device(batch))
         finally:
             self._sampler.batches = []
 
