@@ -247,7 +247,18 @@ def audit_report(result: Any) -> str:
 def audit(
     federation: Path = typer.Option(..., "--federation", help="The analyst's federation.toml."),
     dataset: str = typer.Option(..., "--dataset", help="Example dataset (.npz) at every site."),
-    model: str = typer.Option("mlp:64,128,10", "--model", help="Architecture, e.g. mlp:64,128,10."),
+    model: str = typer.Option(
+        "mlp:64,128,10",
+        "--model",
+        help="Architecture: mlp:64,128,10 (built in) or a model factory's import path, "
+        "pkg.module:factory, which every site declares in party.toml.",
+    ),
+    python_path: list[Path] = typer.Option(
+        [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
+    ),
+    loss: str = typer.Option(
+        "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
+    ),
     target_epsilon: float = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run."),
     target_delta: float = typer.Option(1e-5, "--target-delta", help="delta of the run."),
     epochs: float = typer.Option(20.0, "--epochs", help="Passes over all sites' examples."),
@@ -290,6 +301,8 @@ def audit(
             result = fed.train(
                 dataset=dataset,
                 model=model,
+                python_path=python_path,
+                loss=loss,
                 target_epsilon=target_epsilon,
                 target_delta=target_delta,
                 epochs=epochs,
