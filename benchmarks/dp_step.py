@@ -41,8 +41,10 @@ ReLUs by default (``--mlp-widths``): 10,232,842 parameters), ``cnn`` (3 x [Conv2
 GroupNorm, ReLU, MaxPool], Linear, ReLU, Linear on 3x32x32: 357,258), ``transformer``
 (Embedding of tokens and of positions, ``--layers`` pre-norm blocks of LayerNorm + attention
 from four Linear projections + LayerNorm + MLP, mean pool, Linear: 3,696,138 at the
-defaults). All classify into 10 classes with cross-entropy. The defaults follow the device
-(``cuda`` when available, batch 256 there, 64 on the CPU); on a GPU machine
+defaults), ``torch-transformer`` (the same shape from torch's own ``nn.TransformerEncoder``
+with dropout 0.1, made clippable by ``replace_multihead_attention``: the user-model path).
+All classify into 10 classes with cross-entropy. The defaults follow the device (``cuda``
+when available, batch 256 there, 64 on the CPU); on a GPU machine
 ``python -m benchmarks.dp_step --json out.json`` runs everything there.
 """
 
@@ -76,7 +78,7 @@ CLASSES = 10
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 LEARNING_RATE = 0.01
-MODEL_NAMES = ("mlp", "cnn", "transformer")
+MODEL_NAMES = ("mlp", "cnn", "transformer", "torch-transformer")
 
 Step = Callable[[], None]
 
@@ -173,6 +175,33 @@ class TinyTransformer(nn.Module):
         return out
 
 
+class TorchTransformer(nn.Module):
+    """What a user writes: torch's own nn.TransformerEncoder (pre-norm, dropout 0.1, GELU),
+    made trainable with per-sample clipping by
+    :func:`mpcdp.train.layers.replace_multihead_attention` (the user-model path)."""
+
+    def __init__(self, *, vocab: int, seq_len: int, dim: int, heads: int, layers: int) -> None:
+        super().__init__()
+        from mpcdp.train.layers import replace_multihead_attention
+
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq_len, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, CLASSES)
+        replace_multihead_attention(self)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t).contiguous()
+        x = self.encoder(self.tok(tokens) + self.pos(positions))
+        out: torch.Tensor = self.head(self.ln(x).mean(dim=1))
+        return out
+
+
 def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
     """The model and a function batch_size -> random inputs (on the CPU)."""
     gen = torch.Generator().manual_seed(1)
@@ -183,6 +212,11 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[int
         return cnn(), lambda b: torch.randn(b, 3, 32, 32, generator=gen)
     if name == "transformer":
         model = TinyTransformer(
+            vocab=args.vocab, seq_len=args.seq_len, dim=args.dim, heads=4, layers=args.layers
+        )
+        return model, lambda b: torch.randint(0, args.vocab, (b, args.seq_len), generator=gen)
+    if name == "torch-transformer":
+        model = TorchTransformer(
             vocab=args.vocab, seq_len=args.seq_len, dim=args.dim, heads=4, layers=args.layers
         )
         return model, lambda b: torch.randint(0, args.vocab, (b, args.seq_len), generator=gen)

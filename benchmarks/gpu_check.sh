@@ -58,3 +58,25 @@ for ac in none bf16; do
     python3 -m benchmarks.first_use_checks --repeat 3 --autocast "$ac" 2>&1 \
         | tee "$out/first_use_checks_$ac.log"
 done
+# issue 14: the user-model path (demos/federated_cnn) as a real federated run with site-a on
+# the GPU (needs scikit-learn and pillow on the machine; skipped otherwise). dp_step above
+# already covers torch's nn.TransformerEncoder made clippable (model torch-transformer).
+if python3 -c 'import sklearn, PIL' 2>/dev/null; then
+    demo="$(mktemp -d)/cnn"
+    cp -r demos/federated_cnn "$demo"
+    sed -i 's/^id = "site-a"$/id = "site-a"\ndevice = "cuda"/' "$demo/site-a/party.toml"
+    (
+        cd "$demo" && python3 prepare.py >/dev/null
+        python3 -m mpcdp certs init --out certs --parties site-a,site-b,site-c \
+            --coordinators analyst >/dev/null
+        for s in a b c; do (cd "site-$s" && exec python3 -m mpcdp party serve --config party.toml \
+            >"serve.log" 2>&1) & done
+        sleep 10
+        /usr/bin/time -v python3 -m mpcdp train --federation federation.toml --dataset digits \
+            --model mynet:build --python-path code --target-epsilon 3 --target-delta 1e-5 \
+            --epochs 20 --batch-size 128 --lr 0.1 --max-grad-norm 0.5 --eval test.npz
+        kill $(jobs -p) 2>/dev/null || true
+    ) 2>&1 | tee "$out/cnn_demo_gpu_site.log"
+else
+    echo "cnn demo: scikit-learn or pillow missing, skipped" | tee "$out/cnn_demo_gpu_site.log"
+fi
