@@ -583,3 +583,99 @@ def test_a_sampled_item_with_nan_features_contributes_zero_and_the_step_goes_on(
     assert "1 sampled item(s) with non-finite features contribute 0" in caplog.text
     # the same rounding dither (same rng), the same 59 finite items: within one unit
     assert np.abs(words[0].astype(np.int64) - words[1].astype(np.int64)).max() <= 1
+
+
+def test_an_npz_task_with_a_declared_model_and_a_loss_by_import_path(tmp_path: Path) -> None:
+    """`model` and `loss` also apply to the .npz form; the coordinator evaluates with the same
+    loss (no accuracy for a loss other than cross-entropy)."""
+    user_code(tmp_path)
+    extra = {}
+    for i, p in enumerate(PARTIES):
+        rng = np.random.default_rng(i)
+        y = np.arange(30) % 3
+        np.savez(tmp_path / f"{p}.npz", x=rng.normal(size=(30, 8)).astype(np.float32), y=y)
+        extra[p] = dataset_toml(
+            "ex",
+            f'path = "{p}.npz"\nnum_classes = 3\nmodel = "{MODELS}:make"\n'
+            f'loss = "{MODELS}:abs_error"',
+        )
+    net = build_net(tmp_path, extra=extra)
+    try:
+        x = np.random.default_rng(5).normal(size=(20, 8)).astype(np.float32)
+        with Federation.from_config(net.federation) as fed:
+            result = fed.train(
+                dataset="ex",
+                model=f"{MODELS}:make",
+                python_path=net.root / "code",
+                loss=f"{MODELS}:abs_error",
+                target_epsilon=5.0,
+                target_delta=1e-5,
+                epochs=1,
+                batch_size=10,
+                eval_data=(x, np.arange(20) % 3),
+            )
+            assert result.history[-1].test_accuracy is None
+            assert result.history[-1].test_loss is not None
+            with pytest.raises(RoundAborted, match="is trained with loss 'mpcdp_fixture_models"):
+                fed.train(
+                    dataset="ex",
+                    model=f"{MODELS}:make",
+                    python_path=net.root / "code",
+                    target_epsilon=5.0,
+                    target_delta=1e-5,
+                    epochs=1,
+                    batch_size=10,
+                )
+    finally:
+        net.stop()
+
+
+def test_the_declared_collate_builds_the_batches(tmp_path: Path) -> None:
+    code = user_code(tmp_path)
+    cfg = load_party_config(
+        party_file(
+            tmp_path,
+            dataset_toml(
+                "t", f'data = "{DATA}:blobs"\ncollate = "{DATA}:counting_collate"\nnum_classes = 3'
+            ),
+        )
+    )
+    decl = cfg.datasets["t"].training
+    assert decl is not None
+    data = load_data(decl, where="t", num_classes=3)
+    from mpcdp.train.declared import import_object
+
+    collated = import_object(f"{DATA}:COLLATED", python_path=[code], where="t")
+    spec = TrainSpec(
+        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
+        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
+    )  # fmt: skip
+    source = TorchGradientSource(
+        model=torch.nn.Linear(8, 3), spec=spec, data=data, device="cpu", max_physical_batch=16
+    )
+    before = len(collated)
+    source.quantized_gradient(rng=np.random.default_rng(0))
+    source.close()
+    assert collated[before:] == [16, 16, 8]  # 40 items, all sampled at q = 1
+
+
+@pytest.mark.slow
+def test_mpcdp_party_check_prints_a_declaration_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = party_file(
+        tmp_path,
+        dataset_toml("good", GOOD)
+        + dataset_toml("bad", f'model = "{MODELS}:raising"\ndata = "{DATA}:blobs"'),
+    )
+    exe = Path(sys.executable).parent / "mpcdp"
+    out = subprocess.run(
+        [str(exe), "party", "check", "--config", str(cfg)], capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    assert "good: ok" in out.stdout
+    assert (
+        f"bad: UNAVAILABLE: site 'alice': datasets.bad.model = '{MODELS}:raising': the factory "
+        "raised RuntimeError: boom" in out.stdout
+    )
