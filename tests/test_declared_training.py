@@ -28,7 +28,7 @@ from mpcdp.protocol.training.fingerprint import (  # noqa: E402
     fingerprint,
     first_difference,
 )
-from mpcdp.train.declared import load_data  # noqa: E402
+from mpcdp.train.declared import import_object, load_data  # noqa: E402
 from mpcdp.train.federated import train  # noqa: E402
 from mpcdp.train.site import TorchGradientSource  # noqa: E402
 from tests.conftest import PARTIES, Net, build_net  # noqa: E402
@@ -264,7 +264,6 @@ def test_models_whose_buffers_training_changes_are_refused(tmp_path: Path) -> No
     charged); BatchNorm's running statistics are refused by the fingerprint's description
     (and already by the coordinator's clipper)."""
     from mpcdp.train.architecture import describe_architecture
-    from mpcdp.train.declared import import_object
 
     code = user_code(tmp_path)
     batchnorm = import_object(f"{MODELS}:batchnorm", python_path=[code], where="test")
@@ -461,54 +460,49 @@ def test_the_dataloader_source_refuses_bad_arguments(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mpcdp_train_trains_a_model_named_by_import_path(blobs_net_same: Net) -> None:
-    """The installed `mpcdp train --model pkg.mod:factory --python-path DIR` against three
-    party nodes that declare the same factory in party.toml."""
+def test_mpcdp_train_trains_a_model_named_by_import_path(tmp_path: Path) -> None:
+    """As a user runs it: three `mpcdp party serve` processes, each with the user's code in
+    its folder and a party.toml declaring the factory, and the installed
+    `mpcdp train --model pkg.mod:factory --python-path DIR` at the coordinator."""
     import json
     import subprocess
     import sys
 
-    from mpcdp_fixture_data import blobs  # type: ignore[import-not-found]
+    from mpcdp.localnet import launch
 
-    root = blobs_net_same.root
-    test = blobs(seed=99, n=300)
-    np.savez(root / "test.npz", x=test.x, y=test.y)
-    exe = Path(sys.executable).parent / "mpcdp"
-    args = [
-        str(exe), "train", "--federation", str(blobs_net_same.federation), "--dataset", "ex",
-        "--model", f"{MODELS}:make", "--python-path", str(root / "code"),
-        "--target-epsilon", "40", "--epochs", "4", "--batch-size", "12", "--lr", "0.1",
-        "--eval", str(root / "test.npz"), "--metrics", str(root / "m.json"), "--seed", "4",
-    ]  # fmt: skip
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "done:" in out.stdout
-    metrics = json.loads((root / "m.json").read_text())
-    assert metrics["plan"]["model"] == f"{MODELS}:make"
-    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3, 4]
-    assert metrics["final_accuracy"] is not None
-    # chance is 1/3; the noise at epsilon 40 is small against 120 examples
-    assert max(r["test_accuracy"] for r in metrics["history"]) > 0.5
-    assert all(v > 0 for v in spent(blobs_net_same).values())
-    # the same command without the factory's folder says what is missing
-    bad = subprocess.run(args[:8] + args[10:], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1
-    assert f"model = '{MODELS}:make': cannot import module '{MODELS}'" in bad.stderr
-
-
-@pytest.fixture
-def blobs_net_same(tmp_path: Path) -> Iterator[Net]:
     code = user_code(tmp_path)
-    net = build_net(tmp_path, extra=blobs_extra())
-    sys_path_added = str(code)
-    import sys
-
-    sys.path.insert(0, sys_path_added)
-    try:
-        yield net
-    finally:
-        sys.path.remove(sys_path_added)
-        net.stop()
+    for p in PARTIES:
+        shutil.copytree(code, tmp_path / p / "code")
+    blobs = import_object(f"{DATA}:blobs", python_path=[code], where="test")
+    test = blobs(seed=99, n=300)
+    np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
+    exe = str(Path(sys.executable).parent / "mpcdp")
+    with launch(workdir=tmp_path, datasets_toml=blobs_extra()) as local:
+        args = [
+            exe, "train", "--federation", str(local.federation_config), "--dataset", "ex",
+            "--model", f"{MODELS}:make", "--python-path", str(code),
+            "--target-epsilon", "40", "--epochs", "4", "--batch-size", "12", "--lr", "0.1",
+            "--eval", str(tmp_path / "test.npz"), "--metrics", str(tmp_path / "m.json"),
+            "--seed", "4",
+        ]  # fmt: skip
+        out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "done:" in out.stdout
+        metrics = json.loads((tmp_path / "m.json").read_text())
+        assert metrics["plan"]["model"] == f"{MODELS}:make"
+        assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3, 4]
+        # chance is 1/3; the noise at epsilon 40 is small against 120 examples
+        assert max(r["test_accuracy"] for r in metrics["history"]) > 0.5
+        for p in PARTIES:
+            budget = subprocess.run(
+                [exe, "budget", "--config", str(local.party_configs[p]), "--json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert '"ex"' in budget.stdout and "training" in budget.stdout, budget.stdout
+        # the same command without the factory's folder says what is missing
+        bad = subprocess.run(args[:8] + args[10:], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1
+        assert f"model = '{MODELS}:make': cannot import module '{MODELS}'" in bad.stderr
 
 
 def test_a_site_without_a_declared_model_says_so_for_an_import_path(tmp_path: Path) -> None:
@@ -643,8 +637,6 @@ def test_the_declared_collate_builds_the_batches(tmp_path: Path) -> None:
     decl = cfg.datasets["t"].training
     assert decl is not None
     data = load_data(decl, where="t", num_classes=3)
-    from mpcdp.train.declared import import_object
-
     collated = import_object(f"{DATA}:COLLATED", python_path=[code], where="t")
     spec = TrainSpec(
         run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
