@@ -78,3 +78,12 @@ def test_the_cnn_demo_runs_as_its_readme_says(tmp_path: Path) -> None:
     model = build("mynet:build")
     model.load_state_dict(torch.load(root / "weights.pt", weights_only=True))
     assert (root / "metrics.png").exists() and (root / "run.pt").exists()
+    # the checkpoint of a custom model reloads through its import path
+    from mpcdp.train.federated import load_checkpoint
+
+    net, plan, steps = load_checkpoint(root / "run.pt", python_path=root / "code")
+    assert plan.model == "mynet:build" and steps == plan.steps
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(net.state_dict().values(), model.state_dict().values(), strict=True)
+    )

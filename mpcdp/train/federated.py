@@ -729,11 +729,21 @@ def _check_audit(
         )
 
 
-def load_checkpoint(path: Path) -> tuple[torch.nn.Module, TrainingPlan, int]:
-    """(model with the checkpoint's parameters, its plan, steps done)."""
+def load_checkpoint(
+    path: Path,
+    *,
+    python_path: str | Path | Sequence[str | Path] = (),
+    model_options: Mapping[str, Any] | None = None,
+    model_factory: Callable[[str], torch.nn.Module] = build_model,
+) -> tuple[torch.nn.Module, TrainingPlan, int]:
+    """(model with the checkpoint's parameters, its plan, steps done). A model named by
+    import path is rebuilt from that factory (``python_path`` folders searched first), a
+    built-in name with ``model_factory``."""
     state = _read_checkpoint(path)
     plan = _plan_from(state["plan"])
-    net = build_model(plan.model)
+    net = model_factory_for(
+        plan.model, default=model_factory, python_path=python_path, model_options=model_options
+    )(plan.model)
     net.load_state_dict(state["model"])
     return net, plan, int(state["step"])
 
