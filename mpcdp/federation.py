@@ -100,10 +100,15 @@ def _result(outcome: RoundOutcome) -> QueryResult:
     elif "vector" in t:
         value = t["vector"]
     elif spec.statistic is Statistic.MEAN:
-        return _mean_result(outcome)
+        value, std, interval = mean_release(
+            spec=spec,
+            plan=release,
+            centered_sum=float(t["centered_sum"][0]),
+            count=float(t["count"][0]),
+        )
     else:
         value = float(t[release.tensors[0].name][0])
-    if isinstance(value, float):
+    if isinstance(value, float) and interval is None:
         half = _half_width(std, spec.mechanism)
         interval = (value - half, value + half)
     return QueryResult(
@@ -162,30 +167,6 @@ def mean_release(
         rng=rng,
     )
     return value, std, interval
-
-
-def _mean_result(outcome: RoundOutcome) -> QueryResult:
-    spec, t = outcome.spec, outcome.tensors
-    value, std, interval = mean_release(
-        spec=spec,
-        plan=outcome.plan,
-        centered_sum=float(t["centered_sum"][0]),
-        count=float(t["count"][0]),
-    )
-    return QueryResult(
-        statistic=spec.statistic.value,
-        dataset=spec.dataset,
-        column=spec.column,
-        value=value,
-        noise_std=std,
-        interval95=interval,
-        mechanism=spec.mechanism,
-        epsilon_spent=float(Fraction(spec.epsilon)),
-        delta_spent=spec.delta,
-        budget_remaining=outcome.budget_remaining,
-        parties=spec.parties,
-        query_id=spec.query_id,
-    )
 
 
 class Federation:
