@@ -19,6 +19,28 @@ import typer
 
 from mpcdp.errors import MpcdpError
 
+# the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
+FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
+DATASET = typer.Option(..., "--dataset", help="The training dataset, as every site declares it.")
+MODEL = typer.Option(
+    "mlp:64,128,10",
+    "--model",
+    help="Architecture: mlp:64,128,10 (built in) or the import path of a model factory, "
+    "pkg.module:factory, which every site declares in party.toml.",
+)
+PYTHON_PATH = typer.Option(
+    [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
+)
+LOSS = typer.Option(
+    "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
+)
+TARGET_EPSILON = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run.")
+TARGET_DELTA = typer.Option(1e-5, "--target-delta", help="delta of the run.")
+EPOCHS = typer.Option(20.0, "--epochs", help="Passes over all sites' examples.")
+MAX_GRAD_NORM = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C.")
+BATCH_SIZE = typer.Option(64, "--batch-size", help="Expected examples per step.")
+LEARNING_RATE = typer.Option(0.03, "--lr", help="Learning rate.")
+
 
 def _npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     from mpcdp.datasets import load_examples
@@ -44,26 +66,17 @@ def _eval_npz(path: Path, loss: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train(
-    federation: Path = typer.Option(..., "--federation", help="The analyst's federation.toml."),
-    dataset: str = typer.Option(..., "--dataset", help="Example dataset (.npz) at every site."),
-    model: str = typer.Option(
-        "mlp:64,128,10",
-        "--model",
-        help="Architecture: mlp:64,128,10 (built in) or the import path of a model factory, "
-        "pkg.module:factory, which every site declares in party.toml.",
-    ),
-    python_path: list[Path] = typer.Option(
-        [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
-    ),
-    loss: str = typer.Option(
-        "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
-    ),
-    target_epsilon: float = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run."),
-    target_delta: float = typer.Option(1e-5, "--target-delta", help="delta of the run."),
-    epochs: float = typer.Option(20.0, "--epochs", help="Passes over all sites' examples."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Expected examples per step."),
-    learning_rate: float = typer.Option(0.03, "--lr", help="Learning rate."),
+    federation: Path = FEDERATION,
+    dataset: str = DATASET,
+    model: str = MODEL,
+    python_path: list[Path] = PYTHON_PATH,
+    loss: str = LOSS,
+    target_epsilon: float = TARGET_EPSILON,
+    target_delta: float = TARGET_DELTA,
+    epochs: float = EPOCHS,
+    max_grad_norm: float = MAX_GRAD_NORM,
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adam."),
     clipping: str = typer.Option("flat", "--clipping", help="flat or automatic."),
     bias_only: bool = typer.Option(False, "--bias-only", help="DP-BiTFiT: train biases only."),
@@ -245,26 +258,17 @@ def audit_report(result: Any) -> str:
 
 
 def audit(
-    federation: Path = typer.Option(..., "--federation", help="The analyst's federation.toml."),
-    dataset: str = typer.Option(..., "--dataset", help="Example dataset (.npz) at every site."),
-    model: str = typer.Option(
-        "mlp:64,128,10",
-        "--model",
-        help="Architecture: mlp:64,128,10 (built in) or a model factory's import path, "
-        "pkg.module:factory, which every site declares in party.toml.",
-    ),
-    python_path: list[Path] = typer.Option(
-        [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
-    ),
-    loss: str = typer.Option(
-        "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
-    ),
-    target_epsilon: float = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run."),
-    target_delta: float = typer.Option(1e-5, "--target-delta", help="delta of the run."),
-    epochs: float = typer.Option(20.0, "--epochs", help="Passes over all sites' examples."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Expected examples per step."),
-    learning_rate: float = typer.Option(0.03, "--lr", help="Learning rate."),
+    federation: Path = FEDERATION,
+    dataset: str = DATASET,
+    model: str = MODEL,
+    python_path: list[Path] = PYTHON_PATH,
+    loss: str = LOSS,
+    target_epsilon: float = TARGET_EPSILON,
+    target_delta: float = TARGET_DELTA,
+    epochs: float = EPOCHS,
+    max_grad_norm: float = MAX_GRAD_NORM,
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
     canaries: int = typer.Option(1000, "--canaries", help="Canaries per site (>= 1)."),
     kind: str = typer.Option("white-box", "--kind", help="white-box or black-box."),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the bound."),
