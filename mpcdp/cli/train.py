@@ -71,6 +71,12 @@ def train(
     model: str = MODEL,
     python_path: list[Path] = PYTHON_PATH,
     loss: str = LOSS,
+    metric: str = typer.Option(
+        "",
+        "--metric",
+        help="Your metric on --eval after every epoch: pkg.module:fn, fn(outputs, targets) "
+        "-> number (searched in --python-path).",
+    ),
     target_epsilon: float = TARGET_EPSILON,
     target_delta: float = TARGET_DELTA,
     epochs: float = EPOCHS,
@@ -167,6 +173,7 @@ def train(
                     bias_only=bias_only,
                     eval_data=ev,
                     loss=loss,
+                    metric=metric,
                     python_path=python_path,
                     public_data=pub,
                     public_epochs=public_epochs if pub is not None else 0,
@@ -221,7 +228,10 @@ def train(
 def _epoch_line(r: Any) -> str:
     acc = f"acc {r.test_accuracy:.4f}" if r.test_accuracy is not None else ""
     loss = f"test loss {r.test_loss:.4f}" if r.test_loss is not None else ""
-    return f"epoch {r.epoch:3d}  step {r.step:5d}  eps {r.epsilon:6.3f}  {acc}  {loss}".rstrip()
+    metric = f"metric {r.test_metric:.6g}" if r.test_metric is not None else ""
+    return (
+        f"epoch {r.epoch:3d}  step {r.step:5d}  eps {r.epsilon:6.3f}  {acc}  {loss}  {metric}"
+    ).rstrip()
 
 
 def _check_audit_options(

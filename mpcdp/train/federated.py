@@ -56,7 +56,12 @@ from mpcdp.protocol.training import (
 from mpcdp.train.audit import black_box_scores, finish, white_box_scorer
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.models import build_model
-from mpcdp.train.run_model import evaluate_any, model_factory_for, with_declared_model
+from mpcdp.train.run_model import (
+    evaluate_any,
+    evaluate_metric,
+    model_factory_for,
+    with_declared_model,
+)
 
 __all__ = [
     "EpochRecord",
@@ -283,6 +288,7 @@ class EpochRecord:
     test_accuracy: float | None
     test_loss: float | None
     seconds: float
+    test_metric: float | None = None  # the user's metric (train's ``metric``), when given
 
 
 @dataclass(frozen=True)
@@ -439,6 +445,7 @@ def train(
     stop_after: int | None = None,
     model_factory: Callable[[str], torch.nn.Module] = build_model,
     loss: str = "cross_entropy",
+    metric: str = "",
     python_path: str | Path | Sequence[str | Path] = (),
     model_options: Mapping[str, Any] | None = None,
     audit_canaries: int = 0,
@@ -457,6 +464,9 @@ def train(
     interruption tests and demos); the checkpoint then holds the progress. ``on_step`` is
     called after every step, ``on_epoch`` after every epoch (with its evaluation), and
     ``on_resume(run_id, step, steps)`` once when the run resumes from ``checkpoint``.
+    ``metric``: the import path of ``fn(outputs, targets) -> number``, computed on
+    ``eval_data`` after every epoch (``EpochRecord.test_metric``), next to the test loss
+    and (for cross-entropy) accuracy; it is checked on the initial model before any step.
     ``model_factory`` builds the module from ``model`` (default: the registry of
     mpcdp.train.models); the sites must build the same (PartyNode's ``model_factory``).
     A ``model`` that is an import path ``package.module:factory`` is imported (from the
@@ -528,6 +538,10 @@ def train(
     history: list[EpochRecord] = []
     start = 0
     public_accuracy: float | None = None
+    if metric:  # a bad path or value fails now, before any site is asked or charged
+        if eval_data is None:
+            raise ParameterError("metric", metric, "needs eval_data to be computed on")
+        evaluate_metric(net, eval_data, metric=metric, python_path=python_path)
     run = run_id or f"train-{secrets.token_hex(6)}"
     if checkpoint is not None and checkpoint.exists():
         state = _read_checkpoint(checkpoint)
@@ -632,6 +646,11 @@ def train(
                         test_accuracy=acc,
                         test_loss=test_loss,
                         seconds=time.perf_counter() - t0,
+                        test_metric=(
+                            evaluate_metric(net, eval_data, metric=metric, python_path=python_path)
+                            if metric and eval_data is not None
+                            else None
+                        ),
                     )
                     if history and history[-1].step == done:
                         history[-1] = rec

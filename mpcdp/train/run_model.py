@@ -7,6 +7,7 @@ architecture and loss every site checks at TrainOpen, and the evaluation for any
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.protocol.training.fingerprint import fingerprint
 from mpcdp.train.architecture import describe_factory
+from mpcdp.train.declared import import_object, resolve_loss
 from mpcdp.train.declared import model_factory as import_factory
-from mpcdp.train.declared import resolve_loss
 from mpcdp.training_config import is_import_path
 
 __all__ = ["evaluate_any", "model_factory_for", "with_declared_model"]
@@ -117,3 +118,50 @@ def evaluate_any(
         model.train(was)
     n = max(count, 1)
     return (correct / n if loss == "cross_entropy" else None), total / n
+
+
+def evaluate_metric(
+    model: nn.Module,
+    data: tuple[Any, Any] | Dataset[Any],
+    *,
+    metric: str,
+    python_path: str | Path | Sequence[str | Path] = (),
+    batch_size: int = 1024,
+) -> float:
+    """The user's metric (``pkg.module:fn``, called once as ``fn(outputs, targets)`` on the
+    whole evaluation set, returning a number) of ``model`` on ``data``."""
+    fn = import_object(metric, python_path=_folders(python_path), where="metric")
+    if not callable(fn):
+        raise ParameterError("metric", metric, f"{type(fn).__name__} is not callable")
+    device = next(model.parameters()).device
+    if isinstance(data, tuple):
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+        xt = torch.as_tensor(x, dtype=torch.float32 if x.dtype.kind == "f" else None)
+        yt = torch.as_tensor(y, dtype=torch.float32 if y.dtype.kind == "f" else torch.int64)
+        batches: Any = (
+            (xt[s : s + batch_size], yt[s : s + batch_size]) for s in range(0, len(yt), batch_size)
+        )
+    else:
+        batches = DataLoader(data, batch_size=batch_size)
+    outputs, targets = [], []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for bx, by in batches:
+                if bx.is_floating_point():
+                    bx = bx.float()
+                outputs.append(model(bx.to(device)).cpu())
+                targets.append(by)
+    finally:
+        model.train(was)
+    value = fn(torch.cat(outputs), torch.cat(targets))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(
+            "metric", metric, f"returned {type(value).__name__}, not a number"
+        ) from None
+    if not math.isfinite(number):
+        raise ParameterError("metric", metric, f"returned {number}, not a finite number")
+    return number
