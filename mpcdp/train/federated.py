@@ -21,15 +21,12 @@ non-privately on it, then DP on the sites.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import pickle
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,22 +37,27 @@ from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
 from mpcdp import ring
-from mpcdp.audit.bound import OneRunAudit
 from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
-from mpcdp.dp import accountant, rdp
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import (
     TrainingClient,
     TrainingSession,
-    TrainSpec,
-    choose_scale_bits,
-    max_batch_size,
-    sensitivities,
-    step_event,
 )
 from mpcdp.train.audit import black_box_scores, finish, white_box_scorer
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.models import build_model
+from mpcdp.train.planning import TrainingPlan, plan_training
+from mpcdp.train.results import (
+    CHECKPOINT_FORMAT,
+    EpochRecord,
+    StepInfo,
+    TrainingResult,
+    _plan_from,
+    _read_checkpoint,
+    _save,
+    load_checkpoint,
+    write_metrics,
+)
 from mpcdp.train.run_model import (
     evaluate_any,
     evaluate_metric,
@@ -68,261 +70,14 @@ __all__ = [
     "StepInfo",
     "TrainingPlan",
     "TrainingResult",
+    "load_checkpoint",
     "plan_training",
     "set_flat_gradients",
     "train",
+    "write_metrics",
 ]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """Everything fixed before the first step; stored in checkpoints (resume must match)."""
-
-    dataset: str
-    model: str
-    parties: tuple[str, ...]
-    examples: tuple[int, ...]  # per site, in party order
-    colluders: int
-    sample_rate: float
-    steps: int
-    steps_per_epoch: int
-    max_grad_norm: float
-    clipping: str
-    bias_only: bool
-    noise_multiplier: float  # Skellam std / Delta_2 (in integer units)
-    scale_bits: int
-    mu: float
-    num_params: int
-    target_epsilon: float
-    target_delta: float
-    ring_bits: int = 32
-    audit_canaries: int = 0  # per site; an audit run (mpcdp.train.audit) when > 0
-    audit_kind: str = ""
-
-    @property
-    def total_examples(self) -> int:
-        return sum(self.examples)
-
-    @property
-    def expected_batch_size(self) -> float:
-        return self.sample_rate * self.total_examples
-
-    @property
-    def honest(self) -> int:
-        return len(self.parties) - self.colluders
-
-    @property
-    def noise_std(self) -> float:
-        """Std of the total noise in gradient units when every site adds its share."""
-        n = len(self.parties)
-        return math.sqrt(self.mu * n / self.honest) / 2.0**self.scale_bits
-
-    def spec(self, *, run_id: str, start_step: int, steps: int) -> TrainSpec:
-        return TrainSpec(
-            run_id=run_id,
-            dataset=self.dataset,
-            model=self.model,
-            parties=self.parties,
-            colluders=self.colluders,
-            sample_rate=self.sample_rate,
-            steps=steps,
-            start_step=start_step,
-            steps_per_charge=self.steps_per_epoch,
-            max_grad_norm=self.max_grad_norm,
-            clipping=self.clipping,
-            bias_only=self.bias_only,
-            scale_bits=self.scale_bits,
-            mu=self.mu,
-            num_params=self.num_params,
-            ring_bits=self.ring_bits,
-            audit_canaries=self.audit_canaries,
-            audit_kind=self.audit_kind,
-        )
-
-    def epsilon_after(self, steps: int, *, delta: float | None = None) -> float:
-        """The accountant's epsilon (at ``delta``, default target_delta) after ``steps``
-        steps."""
-        if steps <= 0:
-            return 0.0
-        ordinary = TrainingPlan(**{**asdict(self), "audit_canaries": 0, "audit_kind": ""})
-        event = step_event(ordinary.spec(run_id="plan", start_step=0, steps=1), steps=1)
-        one = accountant.rdp_curve(event)
-        at = self.target_delta if delta is None else delta
-        eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=one * steps, delta=at)
-        return eps
-
-
-def plan_training(
-    *,
-    dataset: str,
-    model: str,
-    parties: Sequence[str],
-    examples: Sequence[int],
-    num_params: int,
-    target_epsilon: float,
-    target_delta: float,
-    epochs: float,
-    batch_size: int,
-    max_grad_norm: float,
-    colluders: int = 1,
-    clipping: str = "flat",
-    bias_only: bool = False,
-    ring_bits: int = 32,
-    audit_canaries: int = 0,
-    audit_kind: str = "",
-) -> TrainingPlan:
-    """Sampling rate, steps, gradient scale and Skellam mu for a target (eps, delta).
-
-    q = batch_size / N (N = all sites' examples), an epoch is round(1 / q) steps and
-    T = round(epochs * round(1 / q)), so the run ends on the epoch asked. The noise multiplier
-    z is the smallest with eps(Skellam((z Delta_2)^2), q, T) <= target; Delta_2 depends on
-    the scale 2^k, which the ring's headroom bounds given z, so the two are solved together.
-    With ``audit_canaries`` per site, every site's batch bound counts them as examples.
-    """
-    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
-        raise ParameterError("target_epsilon", target_epsilon, "must be finite and > 0")
-    if not 0 < target_delta < 1:
-        raise ParameterError("target_delta", target_delta, "must be in (0, 1)")
-    if not epochs > 0 or not math.isfinite(epochs):
-        raise ParameterError("epochs", epochs, "must be finite and > 0")
-    if not max_grad_norm > 0 or not math.isfinite(max_grad_norm):
-        raise ParameterError("max_grad_norm", max_grad_norm, "must be finite and > 0")
-    if len(examples) != len(parties) or any(e < 1 for e in examples):
-        raise ParameterError("examples", list(examples), "need >= 1 example at every site")
-    total = sum(examples)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size:
-        raise ParameterError("batch_size", batch_size, "must be an int >= 1")
-    if batch_size > total:
-        raise ParameterError("batch_size", batch_size, f"exceeds the {total} examples")
-    q = batch_size / total
-    # an epoch is round(1/q) steps, and the run is exactly the epochs asked: 20 epochs end at
-    # epoch 20 (ceil(epochs / q) made a 21st epoch of a step or two)
-    steps_per_epoch = max(1, round(1 / q))
-    steps = max(1, round(epochs * steps_per_epoch))
-    n, h = len(parties), len(parties) - colluders
-    max_total = sum(max_batch_size(examples=e + audit_canaries, sample_rate=q) for e in examples)
-
-    def z_for(k: int) -> float:
-        l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
-        return accountant.get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=q,
-            steps=steps,
-            mechanism="skellam",
-            l2_sensitivity=l2,
-            l1_sensitivity=l1,
-        )
-
-    z = accountant.get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q, steps=steps
-    )
-    k = choose_scale_bits(
-        max_grad_norm=max_grad_norm,
-        num_params=num_params,
-        max_total_batch=max_total,
-        n_parties=n,
-        honest=h,
-        noise_multiplier=1.25 * z,
-        ring_bits=ring_bits,
-    )
-    z = z_for(k)
-    while k > 0:  # the Skellam z is a little above the Gaussian one: recheck the headroom
-        fits = choose_scale_bits(
-            max_grad_norm=max_grad_norm,
-            num_params=num_params,
-            max_total_batch=max_total,
-            n_parties=n,
-            honest=h,
-            noise_multiplier=z,
-            ring_bits=ring_bits,
-        )
-        if fits >= k:
-            break
-        k = fits
-        z = z_for(k)
-    l2, _ = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
-    return TrainingPlan(
-        dataset=dataset,
-        model=model,
-        parties=tuple(parties),
-        examples=tuple(int(e) for e in examples),
-        colluders=colluders,
-        sample_rate=q,
-        steps=steps,
-        steps_per_epoch=steps_per_epoch,
-        max_grad_norm=float(max_grad_norm),
-        clipping=clipping,
-        bias_only=bias_only,
-        noise_multiplier=z,
-        scale_bits=k,
-        mu=(z * l2) ** 2,
-        num_params=num_params,
-        target_epsilon=float(target_epsilon),
-        target_delta=float(target_delta),
-        ring_bits=ring_bits,
-        audit_canaries=audit_canaries,
-        audit_kind=audit_kind,
-    )
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Progress after one step (for progress bars)."""
-
-    step: int
-    steps: int
-    epsilon: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    epoch: int
-    step: int
-    epsilon: float
-    test_accuracy: float | None
-    test_loss: float | None
-    seconds: float
-    test_metric: float | None = None  # the user's metric (train's ``metric``), when given
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    plan: TrainingPlan
-    run_id: str
-    steps_done: int
-    epsilon: float
-    delta: float
-    history: tuple[EpochRecord, ...]
-    final_accuracy: float | None
-    public_accuracy: float | None  # after the warm start, before DP (None without one)
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
-    audit: OneRunAudit | None = None  # an audit run's bound (mpcdp.train.audit)
-
-    def to_json(self) -> dict[str, Any]:
-        audit = None
-        if self.audit is not None:
-            audit = {
-                **asdict(self.audit),
-                "kind": self.plan.audit_kind,
-                "fraction_reached": self.audit.fraction_reached,
-            }
-        return {
-            "audit": audit,
-            "run_id": self.run_id,
-            "plan": {**asdict(self.plan), "noise_std": self.plan.noise_std},
-            "steps_done": self.steps_done,
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "final_accuracy": self.final_accuracy,
-            "public_accuracy": self.public_accuracy,
-            "history": [asdict(r) for r in self.history],
-        }
 
 
 Arrays = tuple[NDArray[Any], NDArray[Any]]
@@ -405,12 +160,6 @@ def _make_optimizer(
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     raise ParameterError("optimizer", name, "must be 'sgd' or 'adam'")
-
-
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
 
 
 def train(
@@ -746,96 +495,3 @@ def _check_audit(
         raise ParameterError(
             "feature_shape", feature_shape, "and num_classes >= 2 are needed for input canaries"
         )
-
-
-def load_checkpoint(
-    path: Path,
-    *,
-    python_path: str | Path | Sequence[str | Path] = (),
-    model_options: Mapping[str, Any] | None = None,
-    model_factory: Callable[[str], torch.nn.Module] = build_model,
-) -> tuple[torch.nn.Module, TrainingPlan, int]:
-    """(model with the checkpoint's parameters, its plan, steps done). A model named by
-    import path is rebuilt from that factory (``python_path`` folders searched first), a
-    built-in name with ``model_factory``."""
-    state = _read_checkpoint(path)
-    plan = _plan_from(state["plan"])
-    net = model_factory_for(
-        plan.model, default=model_factory, python_path=python_path, model_options=model_options
-    )(plan.model)
-    net.load_state_dict(state["model"])
-    return net, plan, int(state["step"])
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents, unpickled with torch's weights-only loader (tensors, numbers,
-    strings and containers only: a file from elsewhere cannot run code)."""
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        raise ParameterError(
-            "checkpoint",
-            str(path),
-            "is not a file of tensors and plain values (nothing else is unpickled)",
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ParameterError("checkpoint", str(path), f"cannot be read: {first}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ParameterError("checkpoint", str(path), "is not an mpcdp checkpoint")
-    return state
-
-
-def _plan_from(obj: dict[str, Any]) -> TrainingPlan:
-    return TrainingPlan(
-        **{**obj, "parties": tuple(obj["parties"]), "examples": tuple(obj["examples"])}
-    )
-
-
-def write_metrics(
-    result: TrainingResult, *, json_path: Path | None = None, plot_path: Path | None = None
-) -> None:
-    """The metrics JSON (``json_path``) and/or a PNG (``plot_path``, needs matplotlib): test
-    accuracy (or loss) and epsilon against the epoch, with a legend, the target epsilon as
-    a line, and both axes from 0."""
-    if json_path is not None:
-        json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    if plot_path is None:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r.step / result.plan.steps_per_epoch for r in result.history]
-    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
-    acc = [r.test_accuracy for r in result.history]
-    lines = []
-    if any(a is not None for a in acc):
-        values = [a if a is not None else float("nan") for a in acc]
-        lines += ax.plot(epochs, values, "o-", color="tab:blue", label="test accuracy")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1)
-    else:
-        loss = [r.test_loss if r.test_loss is not None else float("nan") for r in result.history]
-        lines += ax.plot(epochs, loss, "o-", color="tab:blue", label="test loss")
-        ax.set_ylabel("test loss")
-        ax.set_ylim(bottom=0)
-    ax.set_xlabel("epoch")
-    ax.set_xlim(left=0)
-    ax2 = ax.twinx()
-    lines += ax2.plot(
-        epochs, [r.epsilon for r in result.history], "s--", color="tab:red", label="epsilon spent"
-    )
-    lines.append(
-        ax2.axhline(
-            result.plan.target_epsilon, color="tab:red", linestyle=":", label="target epsilon"
-        )
-    )
-    ax2.set_ylabel(f"epsilon (delta = {result.delta:g})")
-    ax2.set_ylim(0, 1.1 * max(result.plan.target_epsilon, *(r.epsilon for r in result.history)))
-    ax.legend(lines, [str(li.get_label()) for li in lines], loc="lower right")
-    ax.set_title(f"{result.plan.model} on {len(result.plan.parties)} sites")
-    fig.tight_layout()
-    fig.savefig(plot_path)
-    plt.close(fig)

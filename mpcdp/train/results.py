@@ -1,0 +1,189 @@
+"""What a federated DP-SGD run leaves a user: progress records, the result, checkpoints (read
+with torch's weights-only loader) and the metrics JSON and plot. Nothing happens at import
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpcdp.audit.bound import OneRunAudit
+from mpcdp.errors import ParameterError
+from mpcdp.train.models import build_model
+from mpcdp.train.planning import TrainingPlan
+from mpcdp.train.run_model import (
+    model_factory_for,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "EpochRecord",
+    "StepInfo",
+    "TrainingResult",
+    "load_checkpoint",
+    "write_metrics",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress after one step (for progress bars)."""
+
+    step: int
+    steps: int
+    epsilon: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    step: int
+    epsilon: float
+    test_accuracy: float | None
+    test_loss: float | None
+    seconds: float
+    test_metric: float | None = None  # the user's metric (train's ``metric``), when given
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    plan: TrainingPlan
+    run_id: str
+    steps_done: int
+    epsilon: float
+    delta: float
+    history: tuple[EpochRecord, ...]
+    final_accuracy: float | None
+    public_accuracy: float | None  # after the warm start, before DP (None without one)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    audit: OneRunAudit | None = None  # an audit run's bound (mpcdp.train.audit)
+
+    def to_json(self) -> dict[str, Any]:
+        audit = None
+        if self.audit is not None:
+            audit = {
+                **asdict(self.audit),
+                "kind": self.plan.audit_kind,
+                "fraction_reached": self.audit.fraction_reached,
+            }
+        return {
+            "audit": audit,
+            "run_id": self.run_id,
+            "plan": {**asdict(self.plan), "noise_std": self.plan.noise_std},
+            "steps_done": self.steps_done,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "final_accuracy": self.final_accuracy,
+            "public_accuracy": self.public_accuracy,
+            "history": [asdict(r) for r in self.history],
+        }
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    python_path: str | Path | Sequence[str | Path] = (),
+    model_options: Mapping[str, Any] | None = None,
+    model_factory: Callable[[str], torch.nn.Module] = build_model,
+) -> tuple[torch.nn.Module, TrainingPlan, int]:
+    """(model with the checkpoint's parameters, its plan, steps done). A model named by
+    import path is rebuilt from that factory (``python_path`` folders searched first), a
+    built-in name with ``model_factory``."""
+    state = _read_checkpoint(path)
+    plan = _plan_from(state["plan"])
+    net = model_factory_for(
+        plan.model, default=model_factory, python_path=python_path, model_options=model_options
+    )(plan.model)
+    net.load_state_dict(state["model"])
+    return net, plan, int(state["step"])
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, unpickled with torch's weights-only loader (tensors, numbers,
+    strings and containers only: a file from elsewhere cannot run code)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ParameterError(
+            "checkpoint",
+            str(path),
+            "is not a file of tensors and plain values (nothing else is unpickled)",
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ParameterError("checkpoint", str(path), f"cannot be read: {first}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ParameterError("checkpoint", str(path), "is not an mpcdp checkpoint")
+    return state
+
+
+def _plan_from(obj: dict[str, Any]) -> TrainingPlan:
+    return TrainingPlan(
+        **{**obj, "parties": tuple(obj["parties"]), "examples": tuple(obj["examples"])}
+    )
+
+
+def write_metrics(
+    result: TrainingResult, *, json_path: Path | None = None, plot_path: Path | None = None
+) -> None:
+    """The metrics JSON (``json_path``) and/or a PNG (``plot_path``, needs matplotlib): test
+    accuracy (or loss) and epsilon against the epoch, with a legend, the target epsilon as
+    a line, and both axes from 0."""
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if plot_path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.step / result.plan.steps_per_epoch for r in result.history]
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
+    acc = [r.test_accuracy for r in result.history]
+    lines = []
+    if any(a is not None for a in acc):
+        values = [a if a is not None else float("nan") for a in acc]
+        lines += ax.plot(epochs, values, "o-", color="tab:blue", label="test accuracy")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)
+    else:
+        loss = [r.test_loss if r.test_loss is not None else float("nan") for r in result.history]
+        lines += ax.plot(epochs, loss, "o-", color="tab:blue", label="test loss")
+        ax.set_ylabel("test loss")
+        ax.set_ylim(bottom=0)
+    ax.set_xlabel("epoch")
+    ax.set_xlim(left=0)
+    ax2 = ax.twinx()
+    lines += ax2.plot(
+        epochs, [r.epsilon for r in result.history], "s--", color="tab:red", label="epsilon spent"
+    )
+    lines.append(
+        ax2.axhline(
+            result.plan.target_epsilon, color="tab:red", linestyle=":", label="target epsilon"
+        )
+    )
+    ax2.set_ylabel(f"epsilon (delta = {result.delta:g})")
+    ax2.set_ylim(0, 1.1 * max(result.plan.target_epsilon, *(r.epsilon for r in result.history)))
+    ax.legend(lines, [str(li.get_label()) for li in lines], loc="lower right")
+    ax.set_title(f"{result.plan.model} on {len(result.plan.parties)} sites")
+    fig.tight_layout()
+    fig.savefig(plot_path)
+    plt.close(fig)
