@@ -579,6 +579,62 @@ def test_a_sampled_item_with_nan_features_contributes_zero_and_the_step_goes_on(
     assert np.abs(words[0].astype(np.int64) - words[1].astype(np.int64)).max() <= 1
 
 
+def test_a_sampled_item_that_cannot_be_read_contributes_zero_and_the_step_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 41's __getitem__ raises, past the probe at start: when sampled it is dropped (a
+    count in the site's log), so the step succeeds with the words of the same batch without
+    it; before, the step failed, and the coordinator learnt that a sampled item was bad."""
+    code = user_code(tmp_path)
+    (code / "raises_at_41.py").write_text(
+        "import numpy as np\n"
+        "class Items:\n"
+        "    def __init__(self, bad):\n"
+        "        self.x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)\n"
+        "        self.keep = [i for i in range(60) if bad or i != 41]\n"
+        "        self.bad = bad\n"
+        "    def __len__(self):\n"
+        "        return len(self.keep)\n"
+        "    def __getitem__(self, j):\n"
+        "        i = self.keep[j]\n"
+        "        if self.bad and i == 41:\n"
+        "            raise OSError('disk error reading item 41')\n"
+        "        return self.x[i], i % 3\n"
+        "def make(bad: bool = True):\n"
+        "    return Items(bad)\n"
+    )
+    spec = TrainSpec(
+        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
+        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
+    )  # fmt: skip
+    words = []
+    for bad in ("true", "false"):
+        cfg = load_party_config(
+            party_file(
+                tmp_path,
+                dataset_toml(
+                    "t", 'data = "raises_at_41:make"',
+                    tables=f"[datasets.t.data_options]\nbad = {bad}",
+                ),
+            )
+        )  # fmt: skip
+        decl = cfg.datasets["t"].training
+        assert decl is not None
+        torch.manual_seed(0)
+        source = TorchGradientSource(
+            model=torch.nn.Linear(8, 3),
+            spec=spec,
+            data=load_data(decl, where="t", num_classes=3),
+            device="cpu",
+        )
+        with caplog.at_level(logging.WARNING):
+            words.append(source.quantized_gradient(rng=np.random.default_rng(1)).copy())
+        source.close()
+    assert "1 sampled item(s) could not be read: they contribute 0" in caplog.text
+    assert "41" not in caplog.text and "disk error" not in caplog.text
+    assert np.abs(words[0].astype(np.int64) - words[1].astype(np.int64)).max() <= 1
+
+
 def test_an_npz_task_with_a_declared_model_and_a_loss_by_import_path(tmp_path: Path) -> None:
     """`model` and `loss` also apply to the .npz form; the coordinator evaluates with the same
     loss (no accuracy for a loss other than cross-entropy)."""

@@ -10,13 +10,16 @@ process and its DataLoader workers, and are never logged). Then:
   ``torch.utils.data.DataLoader`` per session (a batch sampler over the step's indices,
   ``num_workers`` persistent workers, pinned memory, the declared collate), and each
   micro-batch of at most ``max_physical_batch`` items is moved to the device on its own.
-  Nothing holds a copy of the whole Dataset.
+  Nothing holds a copy of the whole Dataset. A sampled item that cannot be read (its
+  ``__getitem__`` raises) or has non-finite features contributes 0, and the site's log gets
+  a count only: a failed step would tell the coordinator that a sampled item was bad.
 
 Nothing happens at import time.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    Sampler,
+    TensorDataset,
+    default_collate,
+)
 
 from mpcdp.errors import DataError
 
@@ -111,6 +121,32 @@ class _StepBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+class _Guarded(Dataset[Any]):
+    """The site's Dataset, with an item whose ``__getitem__`` raises read as None: that item
+    contributes 0, like one with non-finite features, instead of failing the step where the
+    coordinator would see that a sampled item is unreadable."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception:  # the site's own code: any failure is this item's
+            return None
+
+
+def _collate_readable(items: list[Any], *, collate: Callable[[list[Any]], Any] | None) -> Any:
+    """(the batch of the readable items or None, how many items could not be read)."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return None, len(items)
+    return (collate or default_collate)(kept), len(items) - len(kept)
+
+
 class LoaderBatches:
     """A declared Dataset read through one DataLoader per session (module docstring)."""
 
@@ -141,11 +177,11 @@ class LoaderBatches:
     def _make_loader(self) -> DataLoader[Any]:
         if self._loader is None:
             self._loader = DataLoader(
-                self._dataset,
+                _Guarded(self._dataset),
                 batch_sampler=self._sampler,
                 num_workers=self._workers,
                 pin_memory=self._pin and torch.cuda.is_available(),
-                collate_fn=self._collate,
+                collate_fn=functools.partial(_collate_readable, collate=self._collate),
                 persistent_workers=self._workers > 0,
             )
         return self._loader
@@ -157,7 +193,7 @@ class LoaderBatches:
             loader = iter(self._make_loader())
             while True:
                 try:
-                    batch = next(loader)
+                    batch, unreadable = next(loader)
                 except StopIteration:
                     return
                 except Exception as exc:  # the site's own Dataset or collate failed
@@ -167,6 +203,12 @@ class LoaderBatches:
                         "a sampled batch of the Dataset could not be read (the site's log "
                         "says how; mpcdp party check reads every item)"
                     ) from None
+                if unreadable:  # a count only: which items could name the sample
+                    log.warning(
+                        "%d sampled item(s) could not be read: they contribute 0", unreadable
+                    )
+                if batch is None:
+                    continue
                 yield _finite_only(*self._to_device(batch))
         finally:
             self._sampler.batches = []
