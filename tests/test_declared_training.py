@@ -534,6 +534,40 @@ def test_a_site_without_a_declared_model_says_so_for_an_import_path(tmp_path: Pa
         net.stop()
 
 
+def _words_with_and_without_the_bad_item(
+    tmp_path: Path, data: str, caplog: pytest.LogCaptureFixture
+) -> list[np.ndarray]:
+    """One step's words of a Dataset task (``data``, a factory taking ``bad``) with the bad
+    item (bad = true) and without it (bad = false): the same model, sample and dither."""
+    spec = TrainSpec(
+        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
+        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
+    )  # fmt: skip
+    words = []
+    for bad in ("true", "false"):
+        cfg = load_party_config(
+            party_file(
+                tmp_path,
+                dataset_toml(
+                    "t", f'data = "{data}"', tables=f"[datasets.t.data_options]\nbad = {bad}"
+                ),
+            )
+        )
+        decl = cfg.datasets["t"].training
+        assert decl is not None
+        torch.manual_seed(0)
+        source = TorchGradientSource(
+            model=torch.nn.Linear(8, 3),
+            spec=spec,
+            data=load_data(decl, where="t", num_classes=3),
+            device="cpu",
+        )
+        with caplog.at_level(logging.WARNING):
+            words.append(source.quantized_gradient(rng=np.random.default_rng(1)).copy())
+        source.close()
+    return words
+
+
 def test_a_sampled_item_with_nan_features_contributes_zero_and_the_step_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -550,30 +584,7 @@ def test_a_sampled_item_with_nan_features_contributes_zero_and_the_step_goes_on(
         "    return [(x[i], i % 3) for i in range(60)] if bad else "
         "[(x[i], i % 3) for i in range(60) if i != 37]\n"
     )
-    spec = TrainSpec(
-        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
-        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
-    )  # fmt: skip
-    words = []
-    for bad in ("true", "false"):
-        cfg = load_party_config(
-            party_file(
-                tmp_path,
-                dataset_toml(
-                    "t", 'data = "nan_at_37:make"', tables=f"[datasets.t.data_options]\nbad = {bad}"
-                ),
-            )
-        )
-        decl = cfg.datasets["t"].training
-        assert decl is not None
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 3)
-        source = TorchGradientSource(
-            model=model, spec=spec, data=load_data(decl, where="t", num_classes=3), device="cpu"
-        )
-        with caplog.at_level(logging.WARNING):
-            words.append(source.quantized_gradient(rng=np.random.default_rng(1)).copy())
-        source.close()
+    words = _words_with_and_without_the_bad_item(tmp_path, "nan_at_37:make", caplog)
     assert "1 sampled item(s) with non-finite features contribute 0" in caplog.text
     # the same rounding dither (same rng), the same 59 finite items: within one unit
     assert np.abs(words[0].astype(np.int64) - words[1].astype(np.int64)).max() <= 1
@@ -603,33 +614,7 @@ def test_a_sampled_item_that_cannot_be_read_contributes_zero_and_the_step_goes_o
         "def make(bad: bool = True):\n"
         "    return Items(bad)\n"
     )
-    spec = TrainSpec(
-        run_id="r", dataset="t", model="m", parties=PARTIES, sample_rate=1.0, steps=1,
-        max_grad_norm=1.0, scale_bits=10, mu=1e6, num_params=27,
-    )  # fmt: skip
-    words = []
-    for bad in ("true", "false"):
-        cfg = load_party_config(
-            party_file(
-                tmp_path,
-                dataset_toml(
-                    "t", 'data = "raises_at_41:make"',
-                    tables=f"[datasets.t.data_options]\nbad = {bad}",
-                ),
-            )
-        )  # fmt: skip
-        decl = cfg.datasets["t"].training
-        assert decl is not None
-        torch.manual_seed(0)
-        source = TorchGradientSource(
-            model=torch.nn.Linear(8, 3),
-            spec=spec,
-            data=load_data(decl, where="t", num_classes=3),
-            device="cpu",
-        )
-        with caplog.at_level(logging.WARNING):
-            words.append(source.quantized_gradient(rng=np.random.default_rng(1)).copy())
-        source.close()
+    words = _words_with_and_without_the_bad_item(tmp_path, "raises_at_41:make", caplog)
     assert "1 sampled item(s) could not be read: they contribute 0" in caplog.text
     assert "41" not in caplog.text and "disk error" not in caplog.text
     assert np.abs(words[0].astype(np.int64) - words[1].astype(np.int64)).max() <= 1
