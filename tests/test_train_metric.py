@@ -57,3 +57,20 @@ def test_a_metric_by_import_path_is_computed_every_epoch_and_checked_first(
         assert record.test_metric is not None and record.test_accuracy is not None
         assert record.test_metric == pytest.approx(1 - record.test_accuracy, abs=1e-6)
     assert np.isfinite(result.to_json()["history"][-1]["test_metric"])
+
+
+def test_model_options_on_the_command_line() -> None:
+    import typer
+
+    from mpcdp.cli.train import model_options
+
+    assert model_options(["width=64", "act=relu", "dims=[1, 2]", "on=true"]) == {
+        "width": 64,
+        "act": "relu",
+        "dims": [1, 2],
+        "on": True,
+    }
+    assert model_options([]) == {}
+    for bad in ("width", "=3", "two words=1"):
+        with pytest.raises(typer.BadParameter, match="KEY=VALUE"):
+            model_options([bad])

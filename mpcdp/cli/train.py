@@ -31,6 +31,12 @@ MODEL = typer.Option(
 PYTHON_PATH = typer.Option(
     [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
 )
+MODEL_OPTION = typer.Option(
+    [],
+    "--model-option",
+    help="KEY=VALUE passed to the --model factory (repeatable; VALUE read as JSON when it "
+    "parses, else as a string), as the sites' [datasets.NAME.model_options].",
+)
 LOSS = typer.Option(
     "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
 )
@@ -40,6 +46,22 @@ EPOCHS = typer.Option(20.0, "--epochs", help="Passes over all sites' examples.")
 MAX_GRAD_NORM = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C.")
 BATCH_SIZE = typer.Option(64, "--batch-size", help="Expected examples per step.")
 LEARNING_RATE = typer.Option(0.03, "--lr", help="Learning rate.")
+
+
+def model_options(values: list[str]) -> dict[str, Any]:
+    """``--model-option KEY=VALUE`` pairs as a dict (VALUE as JSON when it parses)."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise typer.BadParameter(
+                f"{item!r} must look like KEY=VALUE", param_hint="--model-option"
+            )
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 def _npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +92,7 @@ def train(
     dataset: str = DATASET,
     model: str = MODEL,
     python_path: list[Path] = PYTHON_PATH,
+    model_option: list[str] = MODEL_OPTION,
     loss: str = LOSS,
     metric: str = typer.Option(
         "",
@@ -123,6 +146,7 @@ def train(
     Every step is a secure aggregation of the sites' clipped, quantized, Skellam-noised
     gradient sums; the noise is calibrated for the target epsilon by the accountant."""
     _check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
+    options = model_options(model_option)
     for name, value in (("--target-epsilon", target_epsilon), ("--epochs", epochs)):
         if not value > 0 or not math.isfinite(value):
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
@@ -175,6 +199,7 @@ def train(
                     loss=loss,
                     metric=metric,
                     python_path=python_path,
+                    model_options=options or None,
                     public_data=pub,
                     public_epochs=public_epochs if pub is not None else 0,
                     public_mixing=public_mixing,
@@ -272,6 +297,7 @@ def audit(
     dataset: str = DATASET,
     model: str = MODEL,
     python_path: list[Path] = PYTHON_PATH,
+    model_option: list[str] = MODEL_OPTION,
     loss: str = LOSS,
     target_epsilon: float = TARGET_EPSILON,
     target_delta: float = TARGET_DELTA,
@@ -297,6 +323,7 @@ def audit(
     epsilon means the implementation releases more than it claims. No site data is needed."""
     if canaries < 1:
         raise typer.BadParameter(f"{canaries!r} must be >= 1", param_hint="--canaries")
+    options = model_options(model_option)
     _check_audit_options(
         canaries, kind, confidence, audit_delta, ("--canaries", "--kind", "--confidence")
     )
@@ -316,6 +343,7 @@ def audit(
                 dataset=dataset,
                 model=model,
                 python_path=python_path,
+                model_options=options or None,
                 loss=loss,
                 target_epsilon=target_epsilon,
                 target_delta=target_delta,
