@@ -11,6 +11,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -225,38 +226,31 @@ def spent(net: Net) -> dict[str, float]:
     return {p: float(n.ledger.status("ex").spent_epsilon) for p, n in net.nodes.items()}
 
 
+def refused_before_any_charge(net: Net, model: str, **options: Any) -> str:
+    """Train ``model`` for one small epoch, expecting the sites to refuse it: the refusal's
+    text, after checking that no site spent anything."""
+    with Federation.from_config(net.federation) as fed:
+        with pytest.raises(RoundAborted) as exc:
+            fed.train(
+                dataset="ex", model=model, target_epsilon=5.0, target_delta=1e-5, epochs=1,
+                batch_size=10, **options,
+            )  # fmt: skip
+    assert spent(net) == {p: 0.0 for p in PARTIES}
+    return str(exc.value)
+
+
 def test_a_different_architecture_is_refused_naming_the_difference_and_nothing_is_charged(
     blobs_net: Net,
 ) -> None:
     """carlos declares the same factory with width = 5: same kind of model, other shapes."""
-    with Federation.from_config(blobs_net.federation) as fed:
-        with pytest.raises(RoundAborted) as exc:
-            fed.train(
-                dataset="ex",
-                model=f"{MODELS}:make",
-                python_path=blobs_net.root / "code",
-                target_epsilon=5.0,
-                target_delta=1e-5,
-                epochs=1,
-                batch_size=10,
-                seed=1,
-            )
-    text = str(exc.value)
+    text = refused_before_any_charge(
+        blobs_net, f"{MODELS}:make", python_path=blobs_net.root / "code", seed=1
+    )
     assert "site 'carlos'" in text
     assert "parameter '0.weight' has shape (5,8) here, (6,8) at the coordinator" in text
-    assert spent(blobs_net) == {p: 0.0 for p in PARTIES}
     # and a run naming another model than the one a site declared is refused before any charge
-    with Federation.from_config(blobs_net.federation) as fed:
-        with pytest.raises(RoundAborted, match="trains model 'mpcdp_fixture_models:make' here"):
-            fed.train(
-                dataset="ex",
-                model="mlp:8,6,3",
-                target_epsilon=5.0,
-                target_delta=1e-5,
-                epochs=1,
-                batch_size=10,
-            )
-    assert spent(blobs_net) == {p: 0.0 for p in PARTIES}
+    text = refused_before_any_charge(blobs_net, "mlp:8,6,3")
+    assert "trains model 'mpcdp_fixture_models:make' here" in text
 
 
 def test_models_whose_buffers_training_changes_are_refused(tmp_path: Path) -> None:
@@ -271,18 +265,8 @@ def test_models_whose_buffers_training_changes_are_refused(tmp_path: Path) -> No
         describe_architecture(batchnorm("x"))
     net = build_net(tmp_path, extra=blobs_extra(model="counting"))
     try:
-        with Federation.from_config(net.federation) as fed:
-            with pytest.raises(RoundAborted, match=r"buffer 'calls'.*changed in a forward pass"):
-                fed.train(
-                    dataset="ex",
-                    model=f"{MODELS}:counting",
-                    python_path=net.root / "code",
-                    target_epsilon=5.0,
-                    target_delta=1e-5,
-                    epochs=1,
-                    batch_size=10,
-                )
-        assert spent(net) == {p: 0.0 for p in PARTIES}
+        text = refused_before_any_charge(net, f"{MODELS}:counting", python_path=net.root / "code")
+        assert re.search(r"buffer 'calls'.*changed in a forward pass", text)
     finally:
         net.stop()
 
@@ -518,18 +502,8 @@ def test_a_site_without_a_declared_model_says_so_for_an_import_path(tmp_path: Pa
         )
     net = build_net(tmp_path, extra=extra)
     try:
-        with Federation.from_config(net.federation) as fed:
-            with pytest.raises(RoundAborted, match="declares no model = 'mpcdp_fixture_models"):
-                fed.train(
-                    dataset="ex",
-                    model=f"{MODELS}:make",
-                    python_path=net.root / "code",
-                    target_epsilon=5.0,
-                    target_delta=1e-5,
-                    epochs=1,
-                    batch_size=10,
-                )
-        assert spent(net) == {p: 0.0 for p in PARTIES}
+        text = refused_before_any_charge(net, f"{MODELS}:make", python_path=net.root / "code")
+        assert "declares no model = 'mpcdp_fixture_models" in text
     finally:
         net.stop()
 
