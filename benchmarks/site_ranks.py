@@ -27,8 +27,11 @@ SCRIPT = textwrap.dedent(
     import json, os, sys, time
     import numpy as np
     import torch
-    import torch.nn.functional as F
-    from mpcdp.train.ranks import ExampleSource, RankGroup, serve_worker
+    from pathlib import Path
+    from mpcdp.datasets import Examples
+    from mpcdp.protocol.training import TrainSpec
+    from mpcdp.train.ranks import RankGroup, serve_worker
+    from mpcdp.train.site import TorchGradientSource
 
     args = json.loads(os.environ["BENCH_ARGS"])
     torch.set_num_threads(args["threads"])
@@ -40,8 +43,12 @@ SCRIPT = textwrap.dedent(
         w = description["width"]
         model = torch.nn.Sequential(torch.nn.Linear(784, w), torch.nn.ReLU(),
                                     torch.nn.Linear(w, w), torch.nn.ReLU(), torch.nn.Linear(w, 10))
-        return ExampleSource(model=model, x=X, y=Y, max_grad_norm=1.0,
-                             loss_fn=lambda o, y: F.cross_entropy(o, y, reduction="none"))
+        spec = TrainSpec(
+            run_id="b", dataset="d", model="m", parties=("a", "b"), sample_rate=0.5, steps=1,
+            max_grad_norm=1.0, scale_bits=0, mu=1.0, num_params=1,
+        )
+        examples = Examples(path=Path("memory"), x=X.numpy(), y=Y.numpy(), num_classes=10)
+        return TorchGradientSource(model=model, spec=spec, examples=examples, device="cpu")
 
     if os.environ["RANK"] != "0":
         serve_worker(build=build, device=torch.device("cpu"), backend="gloo")

@@ -28,26 +28,33 @@ COMMON = textwrap.dedent(
     import json, os, sys
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from mpcdp.errors import RankFailure
-    from mpcdp.train.ranks import ExampleSource, RankGroup, serve_worker
+    from pathlib import Path
+    from mpcdp.datasets import Examples
+    from mpcdp.protocol.training import TrainSpec
+    from mpcdp.train.ranks import RankGroup, serve_worker
+    from mpcdp.train.site import TorchGradientSource
 
     torch.manual_seed(0)
     X = torch.randn(300, 12, generator=torch.Generator().manual_seed(1))
     Y = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(2))
 
-    def model():
+    NCLS = 4
+
+    def model(description):
         torch.manual_seed(3)
         return torch.nn.Sequential(
             torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
         )
 
-    def ce(out, y):
-        return F.cross_entropy(out, y, reduction="none")
-
     def build(description):
-        return ExampleSource(model=model(), x=X, y=Y, max_grad_norm=description["C"],
-                             loss_fn=ce, max_physical_batch=description["physical"])
+        spec = TrainSpec(
+            run_id="r", dataset="d", model="m", parties=("a", "b"), sample_rate=0.5, steps=1,
+            max_grad_norm=description["C"], scale_bits=0, mu=1.0, num_params=1,
+        )
+        examples = Examples(path=Path("memory"), x=X.numpy(), y=Y.numpy(), num_classes=NCLS)
+        return TorchGradientSource(model=model(description), spec=spec, examples=examples,
+                                   device="cpu", max_physical_batch=description["physical"])
     """
 )
 

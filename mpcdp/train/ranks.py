@@ -44,7 +44,6 @@ from numpy.typing import NDArray
 from mpcdp.errors import ParameterError, RankFailure
 
 __all__ = [
-    "ExampleSource",
     "RankFailure",
     "RankGroup",
     "WorkerSource",
@@ -68,7 +67,8 @@ def deal(indices: NDArray[np.int64], *, world_size: int) -> list[NDArray[np.int6
 
 
 class WorkerSource(Protocol):
-    """What a rank computes its part with (every rank, rank 0 included, has one per session)."""
+    """What a rank computes its part with (every rank, rank 0 included, has one per session):
+    a site's :class:`mpcdp.train.site.TorchGradientSource`."""
 
     def load_flat(self, flat: torch.Tensor, *, full: bool) -> None:
         """Copy the session's parameters in (all of them, or the trainable ones)."""
@@ -83,63 +83,6 @@ class WorkerSource(Protocol):
 #: builds a rank's source for a session from what rank 0 sends at open (rank 0's own
 #: description of the session: run id, model, dataset, clipping)
 SourceBuilder = Callable[[dict[str, Any]], WorkerSource]
-
-
-class ExampleSource:
-    """A rank's part of a step on examples held in memory (``x``, ``y`` on ``device``), in
-    physical micro-batches of at most ``max_physical_batch``."""
-
-    def __init__(
-        self,
-        *,
-        model: torch.nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        max_grad_norm: float,
-        clipping: str = "flat",
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        max_physical_batch: int = 1024,
-    ) -> None:
-        from mpcdp.train.clipping import PerSampleClipper
-
-        self.model = model
-        self.clipper = PerSampleClipper(
-            model,
-            max_grad_norm=max_grad_norm,
-            clipping=clipping,  # type: ignore[arg-type]  # checked by the clipper
-        )
-        self._all = list(model.parameters())
-        self._x, self._y = x, y
-        self._loss_fn = loss_fn
-        self._physical = max_physical_batch
-        self._part: torch.Tensor | None = None
-
-    def load_flat(self, flat: torch.Tensor, *, full: bool) -> None:
-        if full:
-            torch.nn.utils.vector_to_parameters(flat, self._all)
-        else:
-            self.clipper.load_flat_parameters(flat, check=False)
-
-    def clipped_sum(self, indices: NDArray[np.int64], *, scale: float, out: torch.Tensor) -> None:
-        index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self._x.device)
-        if index.numel() == 0:
-            out.zero_()
-            return
-        for start in range(0, index.numel(), self._physical):
-            part = index[start : start + self._physical]
-            first = start == 0
-            if not first and self._part is None:
-                self._part = torch.empty_like(out)
-            batch = self.clipper.clipped_grad_sum(
-                inputs=self._x[part],
-                targets=self._y[part],
-                loss_fn=self._loss_fn,
-                check_inputs=False,
-                scale=scale,
-                out=out if first else self._part,
-            )
-            if not first:
-                out.add_(batch.grad_sum)
 
 
 def _init_group(backend: str | None, timeout_s: float) -> None:
