@@ -46,7 +46,7 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     [datasets.raises.columns.raise]
     lower = 0
     upper = 5000
-    out_of_bounds = "error"           # or "clip"
+    out_of_bounds = "clip"            # default; "error" refuses the file (see README)
     [datasets.raises.columns.dept]
     categories = ["eng", "ops"]
     [limits]                          # optional; the defaults shown
@@ -369,7 +369,7 @@ def _column(r: _Reader, name: str) -> ColumnSpec:
     lower, upper = r.number("lower"), r.number("upper")
     if lower > upper:
         raise r._err("lower", f"{lower} is above upper={upper}")
-    oob = r.get("out_of_bounds", str, "error")
+    oob = r.get("out_of_bounds", str, "clip")
     if oob not in ("error", "clip"):
         raise r._err("out_of_bounds", f"must be 'error' or 'clip', got {oob!r}")
     return ColumnSpec(name=name, lower=float(lower), upper=float(upper), out_of_bounds=oob)

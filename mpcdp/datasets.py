@@ -1,10 +1,13 @@
 """A party's own data: CSV tables and .npy vectors, validated against declared bounds.
 
 The party owns its data and is the only one who reads it. Loading is strict: every problem
-(missing column, a value that is not a number, NaN or inf, a value outside the declared public
-bounds, an unknown category) is an error naming the file, the row and the column, unless the
-party's config says ``out_of_bounds = "clip"`` for a numeric column, in which case values are
-clipped to the bounds (as DP requires) and counted in the log.
+(missing column, a value that is not a number, NaN or inf, an unknown category) is an error
+naming the file, the row and the column. A numeric value outside the declared public bounds is
+clipped to them (the bounds are what the sensitivity assumes, so clipping is what DP needs;
+the default policy, ``out_of_bounds = "clip"``), and the number clipped per column goes to the
+owner's log at WARNING, never the values. The policy ``out_of_bounds = "error"`` refuses such a
+file instead; a node then reports that dataset unavailable to every coordinator that asks,
+which tells them, uncharged, that some value is out of bounds (README, "out_of_bounds").
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class ColumnSpec:
     lower: float = 0.0
     upper: float = 0.0
     categories: tuple[str, ...] = ()
-    out_of_bounds: str = "error"  # or "clip"
+    out_of_bounds: str = "clip"  # or "error" (reveals that a value is out of bounds)
 
     @property
     def categorical(self) -> bool:
@@ -118,8 +121,8 @@ def _numbers(path: Path, c: ColumnSpec, values: list[str]) -> NDArray[np.float64
             x = min(max(x, c.lower), c.upper)
             clipped += 1
         out[i] = x
-    if clipped:
-        log.info("%s: clipped %d value(s) of column %r to its bounds", path, clipped, c.name)
+    if clipped:  # the count only: the values and rows are the owner's to look up
+        log.warning("%s: clipped %d value(s) of column %r to its bounds", path, clipped, c.name)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,11 @@ def test_federation_config_errors(tmp_path: Path) -> None:
         load_federation_config(p)
 
 
-def test_out_of_bounds_values_are_clipped_when_the_party_says_so(tmp_path: Path) -> None:
+def test_out_of_bounds_values_are_refused_when_the_party_says_so(tmp_path: Path) -> None:
     csv = tmp_path / "r.csv"
     csv.write_text("raise\n9000\n-5\n100\n")
     with pytest.raises(DataError, match="9000 is outside the declared bounds"):
-        load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000)])
+        load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000, out_of_bounds="error")])
     table = load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000, out_of_bounds="clip")])
     assert table.numeric["raise"].tolist() == [5000.0, 0.0, 100.0] and table.rows == 3
 
@@ -154,3 +155,58 @@ def test_missing_file_and_bad_vectors(tmp_path: Path) -> None:
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     with pytest.raises(DataError, match=r"cannot read a \.npy vector"):
         load_vector(tmp_path / "junk.npy")
+
+
+def test_the_default_policy_clips_and_counts_in_the_owner_s_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ``out_of_bounds`` in the declaration: values outside the bounds are clipped, the
+    owner's log counts them (never the values), and ``"error"`` still refuses on request."""
+    cfg = load_party_config(_party(tmp_path, BASE))
+    assert cfg.datasets["raises"].columns[0].out_of_bounds == "clip"
+    assert ColumnSpec(name="raise", lower=0, upper=1).out_of_bounds == "clip"
+    csv = tmp_path / "r.csv"
+    csv.write_text("raise\n9000\n-5\n100\n")
+    with caplog.at_level(logging.INFO, logger="mpcdp.datasets"):
+        table = load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000)])
+    assert table.numeric["raise"].tolist() == [5000.0, 0.0, 100.0]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mpcdp.datasets"]
+    assert any("clipped 2 value(s) of column 'raise'" in m for m in logged), logged
+    assert not any("9000" in m or "-5" in m for m in logged)
+    explicit = BASE.replace("upper = 5000", 'upper = 5000\nout_of_bounds = "error"')
+    cfg = load_party_config(_party(tmp_path, explicit))
+    assert cfg.datasets["raises"].columns[0].out_of_bounds == "error"
+
+
+def test_a_coordinator_cannot_tell_whether_a_party_holds_an_out_of_bounds_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attacker is a coordinator. Two federations differ only in one private value at
+    bob: 2514 (inside the declared [0, 5000]) or 9000 (outside), with the default policy.
+    Describe answers the same, and an exact count is answered, with the same value, in both
+    (today's "error" default made the second "unavailable": one free bit, uncharged). The
+    owner's log counts the clipped value without showing it."""
+    from mpcdp.federation import Federation
+    from tests.conftest import build_net
+
+    seen: dict[str, tuple[object, ...]] = {}
+    caplog.set_level(logging.INFO, logger="mpcdp.datasets")
+    for case, row in (("inside", "2514"), ("outside", "9000")):
+        root = tmp_path / case
+        root.mkdir()
+        net = build_net(root, csv_override={"bob": f"raise,dept\n{row},ops\n"})
+        try:
+            with Federation.from_config(net.federation) as fed:
+                described = tuple(
+                    r.SerializeToString(deterministic=True) for r in fed.describe().values()
+                )
+                count = fed.count(dataset="raises", mechanism="none")
+                mean = fed.mean(dataset="raises", column="raise", epsilon=0.5)
+            seen[case] = (described, count.value, count.parties, mean.parties)
+        finally:
+            net.stop()
+    assert seen["inside"] == seen["outside"]
+    assert seen["inside"][1] == 5.0
+    logged = [r.getMessage() for r in caplog.records if r.name == "mpcdp.datasets"]
+    assert sum("clipped 1 value(s) of column 'raise'" in m for m in logged) == 1, logged
+    assert not any("9000" in m for m in logged)
