@@ -85,6 +85,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,14 @@ class DatasetConfig:
     num_classes: int = 0
     #: a training task's declarations (mpcdp.train.declared); see the module docstring
     training: TrainingDeclaration | None = None
+    #: (coordinator, share of this dataset's budget): the party-wide [coordinator_shares]
+    #: with this dataset's own coordinator_shares over them; see the module docstring
+    coordinator_shares: tuple[tuple[str, Fraction], ...] = ()
+
+    def share(self, coordinator: str) -> Fraction | None:
+        """The part of this dataset's budget ``coordinator`` may spend and hold reserved
+        (None: no share declared, the whole budget, whatever the others leave of it)."""
+        return dict(self.coordinator_shares).get(coordinator)
 
     @property
     def kind(self) -> str:
@@ -165,6 +174,8 @@ class LimitsConfig:
     long_calls: int = 8
     long_calls_per_coordinator: int = 4
     stream_silence_s: float = 30.0
+    #: how long a query session, and the budget it reserved, waits for its Contribute
+    session_ttl_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -245,7 +256,10 @@ class _Reader:
         return v
 
     def path_of(self, key: str) -> Path:
-        p = Path(self.get(key, str))
+        value = self.get(key, str)
+        if "\0" in value or not value:
+            raise self._err(key, f"{value!r} is not a usable path (empty, or a NUL character)")
+        p = Path(value)
         return p if p.is_absolute() else (self.path.parent / p)
 
     def file_path(self, key: str) -> Path:
@@ -375,7 +389,7 @@ def _column(r: _Reader, name: str) -> ColumnSpec:
     return ColumnSpec(name=name, lower=float(lower), upper=float(upper), out_of_bounds=oob)
 
 
-def _dataset(r: _Reader, name: str) -> DatasetConfig:
+def _dataset(r: _Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
     r.unknown(
         {
             "path",
@@ -386,6 +400,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
             "l2_bound",
             "columns",
             "num_classes",
+            "coordinator_shares",
             *TRAINING_KEYS,
         }
     )
@@ -415,6 +430,7 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
             max_epsilon_per_query=_cap_of(r),
             num_classes=num_classes,
             training=training,
+            coordinator_shares=_shares(r, shares),
         )
     path = r.path_of("path")
     if training is not None and path.suffix != ".npz":
@@ -458,7 +474,36 @@ def _dataset(r: _Reader, name: str) -> DatasetConfig:
         l2_bound=float(l2),
         num_classes=num_classes,
         training=training,
+        coordinator_shares=_shares(r, shares),
     )
+
+
+def _read_shares(r: _Reader, coordinators: tuple[str, ...]) -> dict[str, Fraction]:
+    """A ``coordinator_shares`` table: coordinator -> its share of a budget, in (0, 1]."""
+    if "coordinator_shares" not in r.data:
+        return {}
+    t = r.table("coordinator_shares")
+    out = {}
+    for name in t.data:
+        if name not in coordinators:
+            raise t._err(
+                name, f"is not a coordinator of this party (tls.coordinators: {list(coordinators)})"
+            )
+        v = t.number(name)
+        if not 0 < v <= 1:
+            raise t._err(name, f"must be a share of the budget in (0, 1], got {v!r}")
+        out[name] = Fraction(repr(float(v))) if isinstance(v, float) else Fraction(v)
+    return out
+
+
+def _shares(r: _Reader, shares: _Shares) -> tuple[tuple[str, Fraction], ...]:
+    party_wide, coordinators = shares
+    merged = {**party_wide, **_read_shares(r, coordinators)}
+    return tuple(sorted(merged.items()))
+
+
+#: the party-wide coordinator shares and the party's coordinators
+_Shares = tuple[dict[str, Fraction], tuple[str, ...]]
 
 
 def _cap_of(r: _Reader) -> float | None:
@@ -481,15 +526,17 @@ def load_party_config(path: str | Path) -> PartyConfig:
             "tls",
             "datasets",
             "limits",
+            "coordinator_shares",
         }
     )
     tls = r.table("tls")
     tls.unknown({"ca", "cert", "key", "coordinators", "peers"})
-    ds = r.table("datasets")
-    datasets = {name: _dataset(ds.table(name), name) for name in ds.data}
     coordinators = tls.identities("coordinators")
     if not coordinators:
         raise tls._err("coordinators", "must name at least one coordinator allowed to query")
+    shares = (_read_shares(r, coordinators), coordinators)
+    ds = r.table("datasets")
+    datasets = {name: _dataset(ds.table(name), name, shares) for name in ds.data}
     return PartyConfig(
         path=p,
         id=r.identity("id"),
@@ -519,8 +566,8 @@ def _limits(r: _Reader) -> LimitsConfig:
     r.unknown(set(names))
     values: dict[str, Any] = {}
     for name in names:
-        if name == "stream_silence_s":
-            v = r.number(name, defaults.stream_silence_s)
+        if name in ("stream_silence_s", "session_ttl_s"):
+            v = r.number(name, getattr(defaults, name))
             if not 0 < v <= 3600:
                 raise r._err(name, f"must be in (0, 3600] seconds, got {v!r}")
             values[name] = float(v)

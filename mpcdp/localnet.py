@@ -9,7 +9,8 @@ Layout under ``workdir``::
 
     certs/            ca.pem, NAME.pem, NAME.key
     NAME/party.toml   listen 127.0.0.1:0; the bound port is written to NAME/port
-    NAME/...          the party's data files and ledger
+    NAME/...          the party's data files and ledger (created on the party's first
+                      start: ``mpcdp party serve --create-ledger``; a restart opens it)
     federation.toml   the coordinator's view
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -38,6 +40,8 @@ class LocalFederation:
     party_configs: dict[str, Path]
     ports: dict[str, int]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: RLIMIT_NOFILE of every party process (None: inherited)
+    max_open_files: int | None = None
 
     def log(self, party: str) -> str:
         return (self.workdir / party / "node.log").read_text(errors="replace")
@@ -53,7 +57,10 @@ class LocalFederation:
         if self.processes[party].poll() is None:
             raise MpcdpError(f"party {party!r} is still running")
         self.processes[party] = _spawn(
-            self.workdir / party, self.party_configs[party], _threads(len(self.party_configs))
+            self.workdir / party,
+            self.party_configs[party],
+            _threads(len(self.party_configs)),
+            max_open_files=self.max_open_files,
         )
         _wait_port(self.workdir / party, self.processes[party], timeout_s)
 
@@ -76,22 +83,31 @@ class LocalFederation:
         self.stop()
 
 
-def _party_toml(party: str, peers: Sequence[str], coordinator: str, datasets_toml: str) -> str:
+def _party_toml(
+    party: str, peers: Sequence[str], coordinators: Sequence[str], datasets_toml: str, ledger: str
+) -> str:
     return (
         f'id = "{party}"\n'
         'listen = "127.0.0.1:0"\n'
-        f'ledger = "ledger.sqlite"\n'
+        f"ledger = {json.dumps(ledger)}\n"
         "[tls]\n"
         'ca = "../certs/ca.pem"\n'
         f'cert = "../certs/{party}.pem"\n'
         f'key = "../certs/{party}.key"\n'
-        f"coordinators = {json.dumps([coordinator])}\n"
+        f"coordinators = {json.dumps(list(coordinators))}\n"
         f"peers = {json.dumps(list(peers))}\n"
         f"{datasets_toml}\n"
     )
 
 
-def _spawn(folder: Path, config: Path, threads: int) -> subprocess.Popen[bytes]:
+def _spawn(
+    folder: Path,
+    config: Path,
+    threads: int,
+    *,
+    create_ledger: bool = False,
+    max_open_files: int | None = None,
+) -> subprocess.Popen[bytes]:
     port_file = folder / "port"
     port_file.unlink(missing_ok=True)
     log = (folder / "node.log").open("ab")
@@ -109,9 +125,18 @@ def _spawn(folder: Path, config: Path, threads: int) -> subprocess.Popen[bytes]:
         str(config),
         "--port-file",
         str(port_file),
+        *(["--create-ledger"] if create_ledger else []),
     ]
+    limit = None
+    if max_open_files is not None:
+
+        def limit() -> None:  # in the child, before it runs anything
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, preexec_fn=limit
+        )
     finally:
         log.close()
 
@@ -140,18 +165,37 @@ def launch(
     workdir: Path,
     datasets_toml: Mapping[str, str],
     coordinator: str = "analyst",
+    other_coordinators: Sequence[str] = (),
     colluders: int = 1,
     deadline_s: float = 30.0,
     startup_timeout_s: float = 60.0,
+    ledgers: Mapping[str, Path] | None = None,
+    max_open_files: int | None = None,
 ) -> LocalFederation:
     """Start one party process per key of ``datasets_toml`` (its ``[datasets...]`` TOML).
 
     Data files named in that TOML are relative to ``workdir/PARTY/``; write them first.
+    Each party creates its ledger on its first start, at ``workdir/PARTY/ledger.sqlite`` or
+    at ``ledgers[PARTY]`` (a file that must not exist yet). ``coordinator`` is
+    federation.toml's; every party also admits ``other_coordinators`` (their certificates
+    are made too). ``max_open_files``: each party process's RLIMIT_NOFILE (None: this
+    process's).
     """
+    if max_open_files is not None and (
+        isinstance(max_open_files, bool)
+        or not isinstance(max_open_files, int)
+        or max_open_files < 64
+    ):
+        raise MpcdpError(f"invalid max_open_files={max_open_files!r}: must be an integer >= 64")
     parties = list(datasets_toml)
-    init_federation(out=workdir / "certs", parties=parties, coordinators=[coordinator])
+    coordinators = [coordinator, *other_coordinators]
+    init_federation(out=workdir / "certs", parties=parties, coordinators=coordinators)
     fed = LocalFederation(
-        workdir=workdir, federation_config=workdir / "federation.toml", party_configs={}, ports={}
+        workdir=workdir,
+        federation_config=workdir / "federation.toml",
+        party_configs={},
+        ports={},
+        max_open_files=max_open_files,
     )
     try:
         for p in parties:
@@ -159,9 +203,16 @@ def launch(
             folder.mkdir(parents=True, exist_ok=True)
             cfg = folder / "party.toml"
             peers = [q for q in parties if q != p]
-            cfg.write_text(_party_toml(p, peers, coordinator, datasets_toml[p]))
+            ledger = str((ledgers or {}).get(p, "ledger.sqlite"))
+            cfg.write_text(_party_toml(p, peers, coordinators, datasets_toml[p], ledger))
             fed.party_configs[p] = cfg
-            fed.processes[p] = _spawn(folder, cfg, _threads(len(parties)))
+            fed.processes[p] = _spawn(
+                folder,
+                cfg,
+                _threads(len(parties)),
+                create_ledger=True,
+                max_open_files=max_open_files,
+            )
         for p in parties:
             fed.ports[p] = _wait_port(workdir / p, fed.processes[p], startup_timeout_s)
             # pin the port so a restart binds the same one

@@ -1,9 +1,12 @@
 """A party node: config -> ledger, datasets, engine, mTLS gRPC server.
 
-``mpcdp party serve --config party.toml`` runs :func:`serve`. At start the node sets each
-dataset's budget in its ledger from the config (the owner's decision), loads and validates
-every dataset (a dataset that fails validation stays unavailable: queries on it are refused
-with the validation error, the others keep working), and serves until SIGINT/SIGTERM.
+``mpcdp party serve --config party.toml`` runs :func:`serve`. At start the node checks that
+its certificate verifies against its CA file (:func:`check_tls`), opens its ledger (which
+must exist: :func:`init_ledger`, ``mpcdp party init``, creates it once; a missing, empty or
+corrupt ledger stops the node with a message that says how to restore it), sets each
+dataset's budget in it from the config (the owner's decision), loads and validates every
+dataset (a dataset that fails validation stays unavailable: queries on it are refused with
+the validation error, the others keep working), and serves until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from mpcdp.training_config import TrainingDeclaration, is_import_path
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
 
-__all__ = ["PartyNode", "check_datasets", "serve"]
+__all__ = ["PartyNode", "check_datasets", "check_ledger", "check_tls", "init_ledger", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +236,56 @@ def check_datasets(cfg: PartyConfig) -> dict[str, str | None]:
     return out
 
 
+def check_tls(cfg: PartyConfig) -> str:
+    """Load the party's TLS files and check that its certificate is for its id and was
+    issued (and signed) by its CA file, and is valid now: what an mTLS peer would check.
+    Returns what was checked, in words; ConfigError naming the file otherwise."""
+    import datetime as dt
+
+    from cryptography.exceptions import InvalidSignature
+
+    creds = tls.load_credentials(cfg.tls)
+    name = creds.cert.subject.rfc4514_string()
+    if f"CN={cfg.id}" not in name.split(","):
+        raise ConfigError(f"tls.cert {cfg.tls.cert} is for {name}, not for party {cfg.id!r}")
+    try:
+        creds.cert.verify_directly_issued_by(creds.ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        why = str(exc) or "bad signature"
+        raise ConfigError(
+            f"tls.cert {cfg.tls.cert} does not verify against tls.ca {cfg.tls.ca} ({why}): "
+            "peers that trust that CA would refuse this party; is tls.ca the federation's "
+            "CA file?"
+        ) from None
+    now = dt.datetime.now(dt.timezone.utc)
+    if not creds.cert.not_valid_before_utc <= now <= creds.cert.not_valid_after_utc:
+        raise ConfigError(
+            f"tls.cert {cfg.tls.cert} is not valid now (valid from "
+            f"{creds.cert.not_valid_before_utc:%Y-%m-%d} to "
+            f"{creds.cert.not_valid_after_utc:%Y-%m-%d})"
+        )
+    return f"certificate {name} verifies against CA file {cfg.tls.ca}"
+
+
+def init_ledger(cfg: PartyConfig) -> Path:
+    """Create the party's ledger (``mpcdp party init``), with each dataset's budget from the
+    config; LedgerError when a file is already there (a ledger is never overwritten)."""
+    with BudgetLedger.create(cfg.ledger, owner=True) as ledger:
+        for ds in cfg.datasets.values():
+            ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
+    return cfg.ledger
+
+
+def check_ledger(cfg: PartyConfig) -> str:
+    """Open the party's ledger read-only as the node would (it must exist, and every row is
+    checked); what it holds, in words, or LedgerError saying what is wrong and how to
+    restore it. Works while the node runs (it takes no ownership)."""
+    with BudgetLedger(cfg.ledger) as ledger:
+        names = ledger.datasets()
+        charged = sum(ledger.status(n).queries for n in names)
+    return f"{cfg.ledger}: {len(names)} datasets, {charged} charges, every row consistent"
+
+
 class PartyNode:
     """One running party. Use :meth:`start` and :meth:`stop`, or :func:`serve`."""
 
@@ -244,8 +297,11 @@ class PartyNode:
         model_factory: ModelFactory | None = None,
         test_only_noise_divisor: float = 1.0,
         ranks: Any = None,
+        create_ledger: bool = False,
     ) -> None:
-        """``ranks``: this site's worker ranks (an mpcdp.train.ranks.RankGroup, when
+        """``create_ledger``: this is the party's first start, create its ledger (refused
+        when the file exists); otherwise the ledger must exist and be whole.
+        ``ranks``: this site's worker ranks (an mpcdp.train.ranks.RankGroup, when
         torchrun started the site on several processes; rank 0 is this node).
         ``device``: where a site trains (default: the config's ``device``, "auto": its
         first GPU, else the CPU). ``model_factory``: the site's own modules by architecture
@@ -263,13 +319,10 @@ class PartyNode:
                 pass  # no torch here: a training run is refused with that reason
             else:
                 pick_device(device)
+        log.info("tls: %s", check_tls(config))
         self.creds = tls.load_credentials(config.tls)
-        name = self.creds.cert.subject.rfc4514_string()
-        if f"CN={config.id}" not in name.split(","):
-            raise ConfigError(
-                f"tls.cert {config.tls.cert} is for {name}, not for party {config.id!r}"
-            )
-        self.ledger = BudgetLedger(config.ledger, owner=True)  # one process per ledger
+        # one process per ledger; created only on purpose, never over a lost or empty one
+        self.ledger = BudgetLedger(config.ledger, owner=True, create=create_ledger)
         for ds in config.datasets.values():
             self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
         self.views = _load(config)
@@ -285,6 +338,7 @@ class PartyNode:
             min_colluders=config.min_colluders,
             max_pending=config.limits.pending_sessions_per_coordinator,
             max_pending_total=config.limits.pending_sessions,
+            session_ttl_s=config.limits.session_ttl_s,
         )
         self.training: TrainingEngine | None = None
         if self.tasks:
@@ -403,6 +457,7 @@ def serve_site_rank(
     *,
     port_file: Path | None = None,
     on_ready: Callable[[PartyNode], None] | None = None,
+    create_ledger: bool = False,
 ) -> None:
     """A site started by torchrun (issue 16): rank 0 serves as the party node and leads,
     the other ranks follow it as workers (mpcdp.train.ranks), each with its own copy of the
@@ -415,7 +470,13 @@ def serve_site_rank(
     if rank == 0:
         group = RankGroup.from_env()
         try:
-            serve(config_path, port_file=port_file, on_ready=on_ready, ranks=group)
+            serve(
+                config_path,
+                port_file=port_file,
+                on_ready=on_ready,
+                ranks=group,
+                create_ledger=create_ledger,
+            )
         finally:
             group.stop()
         return
@@ -447,10 +508,12 @@ def serve(
     port_file: Path | None = None,
     on_ready: Callable[[PartyNode], None] | None = None,
     ranks: Any = None,
+    create_ledger: bool = False,
 ) -> None:
     """Run a party node until SIGINT or SIGTERM. ``on_ready(node)`` is called once it
     serves (the command line prints where, and what). ``ranks``: the site's worker ranks
-    (:func:`serve_site_rank` when torchrun started it)."""
+    (:func:`serve_site_rank` when torchrun started it). ``create_ledger``: the party's
+    first start creates its ledger (see :class:`PartyNode`)."""
     done = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -458,7 +521,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    node = PartyNode(load_party_config(config_path), ranks=ranks)
+    node = PartyNode(load_party_config(config_path), ranks=ranks, create_ledger=create_ledger)
     port = node.start()
     if port_file is not None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")

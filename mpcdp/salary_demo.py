@@ -70,7 +70,8 @@ def run(*, workdir: Path, epsilon: float = 1.0, bound: float = DEFAULT_BOUND) ->
     n = len(NAMES)
     inputs = [np.array([float(r)]) for r in RAISES]
     textbook = sharing.split(encoding.encode_int(np.array(RAISES, dtype=np.int64)), n=n)
-    ledgers = [BudgetLedger(workdir / f"{name.lower()}.sqlite") for name in NAMES]
+    # each party's ledger, created on purpose for this run (refused if one is there)
+    ledgers = [BudgetLedger.create(workdir / f"{name.lower()}.sqlite") for name in NAMES]
     try:
         for ledger in ledgers:
             ledger.set_budget(DATASET, epsilon=BUDGET_EPSILON, delta=1e-6)

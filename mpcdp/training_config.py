@@ -86,7 +86,7 @@ def read_training(r: _Reader) -> TrainingDeclaration | None:
         paths = [paths]
     folders = []
     for text in paths:
-        if not isinstance(text, str) or not text:
+        if not isinstance(text, str) or not text or "\0" in text:
             raise r._err("python_path", f"must be a folder or a list of folders, got {text!r}")
         folder = Path(text) if Path(text).is_absolute() else r.path.parent / text
         if not folder.is_dir():

@@ -154,7 +154,10 @@ def build_net(
             )
         )
         node = PartyNode(
-            load_party_config(cfg), model_factory=model_factory, **(node_options or {})
+            load_party_config(cfg),
+            model_factory=model_factory,
+            create_ledger=True,
+            **(node_options or {}),
         )
         if start:
             node.start()

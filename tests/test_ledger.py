@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ten_charges_of_a_tenth_fill_a_budget_of_one_exactly(tmp_path: Path) -> None:
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("raises", epsilon=1.0, delta=1e-6)
         for i in range(10):
             assert led.charge(dataset="raises", query_id=f"q{i}", event=ev.PureDp(epsilon=0.1)).new
@@ -35,7 +35,7 @@ def test_ten_charges_of_a_tenth_fill_a_budget_of_one_exactly(tmp_path: Path) -> 
 
 
 def test_charge_is_idempotent_by_query_id(tmp_path: Path) -> None:
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon=1, delta=1e-6)
         first = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.4))
         again = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.4))
@@ -52,7 +52,7 @@ def test_rdp_charges_and_delta_zero_budgets(tmp_path: Path) -> None:
     event = ev.Skellam(
         mu=1e6, l1_sensitivity=1e6, l2_sensitivity=1000.0, sample_rate=0.01, steps=1000
     )
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("train", epsilon=3, delta=1e-5)
         led.charge(dataset="train", query_id="epoch1", event=event)
         st = led.status("train")
@@ -63,7 +63,7 @@ def test_rdp_charges_and_delta_zero_budgets(tmp_path: Path) -> None:
 
 
 def test_exact_releases_are_recorded_not_charged(tmp_path: Path) -> None:
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon=1, delta=1e-6)
         led.charge(dataset="d", query_id="exact", event=ev.Exact())
         st = led.status("d")
@@ -71,7 +71,7 @@ def test_exact_releases_are_recorded_not_charged(tmp_path: Path) -> None:
 
 
 def test_bad_input(tmp_path: Path) -> None:
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         with pytest.raises(ParameterError, match="dataset='nope'"):
             led.charge(dataset="nope", query_id="q", event=ev.PureDp(epsilon=0.1))
         with pytest.raises(ParameterError, match="delta"):
@@ -85,7 +85,7 @@ def test_bad_input(tmp_path: Path) -> None:
 
 def test_ledger_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
-    with BudgetLedger(path) as led:
+    with BudgetLedger.create(path) as led:
         led.set_budget("d", epsilon=1, delta=1e-6)
         led.charge(dataset="d", query_id="q1", event=ev.PureDp(epsilon=0.3))
     with BudgetLedger(path) as led:
@@ -95,7 +95,7 @@ def test_ledger_survives_reopen(tmp_path: Path) -> None:
 
 def test_refuses_a_foreign_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
-    BudgetLedger(path).close()
+    BudgetLedger.create(path).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(LedgerError, match="schema_version='99'"):
@@ -103,7 +103,7 @@ def test_refuses_a_foreign_schema_version(tmp_path: Path) -> None:
 
 
 def test_a_version_1_ledger_gains_notes_and_keeps_its_charges(tmp_path: Path) -> None:
-    """Ledgers written before charges had a note (schema 1) open as schema 2: every charge
+    """Ledgers written before charges had a note (schema 1) open as schema 3: every charge
     kept, the budget unchanged, new charges say what they paid for."""
     path = tmp_path / "v1.sqlite"
     with sqlite3.connect(path) as db:
@@ -130,7 +130,7 @@ def test_a_version_1_ledger_gains_notes_and_keeps_its_charges(tmp_path: Path) ->
         led.charge(dataset="d", query_id="new", event=ev.PureDp(epsilon=0.25), note="mean of x")
         assert [c.note for c in led.charges("d")] == ["", "mean of x"]
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
 
 
 _CHARGER = textwrap.dedent(
@@ -166,6 +166,7 @@ def _spawn(path: Path, start: int, count: int) -> subprocess.Popen[str]:
 @pytest.mark.slow
 def test_survives_sigkill_mid_charge(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
+    BudgetLedger.create(path).close()
     for attempt in range(6):
         proc = _spawn(path, 0, 2000)  # the same query ids each time: idempotent re-runs
         time.sleep(0.05 + 0.04 * attempt)
@@ -190,6 +191,7 @@ def test_survives_sigkill_mid_charge(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_concurrent_processes_never_overdraw(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
+    BudgetLedger.create(path).close()
     procs = [_spawn(path, k * 10_000, 700) for k in range(3)]  # 2100 requests for 1000 slots
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert sum("BudgetExceededError" in o for o in outs) >= 1
@@ -201,6 +203,7 @@ def test_concurrent_processes_never_overdraw(tmp_path: Path) -> None:
 def test_rdp_totals_see_charges_made_through_another_connection(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
     event = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=10)
+    BudgetLedger.create(path).close()
     with BudgetLedger(path) as a, BudgetLedger(path) as b:
         a.set_budget("d", epsilon=50, delta=1e-6)
         a.charge(dataset="d", query_id="a1", event=event)
@@ -215,40 +218,41 @@ def test_rdp_totals_see_charges_made_through_another_connection(tmp_path: Path) 
 
 def test_reservations_count_as_spent_until_charged_or_released(tmp_path: Path) -> None:
     pure = ev.PureDp(epsilon="0.1")
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon="0.15", delta=0.0)
-        led.reserve(dataset="d", key="a", event=pure)
+        led.reserve(dataset="d", query_id="a", event=pure)
         with pytest.raises(BudgetExceededError, match="reserved by rounds in flight"):
-            led.reserve(dataset="d", key="b", event=pure)
+            led.reserve(dataset="d", query_id="b", event=pure)
         with pytest.raises(BudgetExceededError):  # an unreserved charge cannot take it either
             led.charge(dataset="d", query_id="c", event=pure)
         with pytest.raises(LedgerError, match="already reserved"):
-            led.reserve(dataset="d", key="a", event=pure)
+            led.reserve(dataset="d", query_id="a", event=pure)
         assert led.reserved_epsilon("d") == pytest.approx(0.1)
         assert led.status("d").queries == 0  # a reservation is not a charge
+        assert led.charges("d") == []
         assert led.release("a") and not led.release("a")
-        led.reserve(dataset="d", key="b", event=pure)
-        charge = led.charge(dataset="d", query_id="b", event=pure, reservation="b")
+        led.reserve(dataset="d", query_id="b", event=pure, note="sum of x")
+        charge = led.charge(dataset="d", query_id="b", event=pure, reserved=True)
         assert not led.release("b")  # the charge consumed the reservation
         assert charge.new and led.status("d").pure_epsilon_spent == Fraction(1, 10)
+        assert [(c.query_id, c.note) for c in led.charges("d")] == [("b", "sum of x")]
         with pytest.raises(LedgerError, match="already answered"):
-            led.reserve(dataset="d", key="b", event=pure)
+            led.reserve(dataset="d", query_id="b", event=pure)
         assert led.reserved_epsilon("d") == 0.0
 
 
-def test_a_reservation_shrinks_as_a_training_session_charges_its_blocks(tmp_path: Path) -> None:
+def test_training_blocks_are_reserved_and_charged_one_by_one(tmp_path: Path) -> None:
     block = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=5)
-    run = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=10)
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon=50, delta=1e-6)
-        led.reserve(dataset="d", key="run/*", event=run, query_id="run/0")
-        total = compose([run], delta=1e-6).epsilon
-        assert led.reserved_epsilon("d") == pytest.approx(total)
-        led.charge(dataset="d", query_id="run/0", event=block, reservation="run/*", keep=block)
-        spent = led.status("d").spent_epsilon
-        assert spent + led.reserved_epsilon("d") == pytest.approx(total, rel=1e-9)
-        led.charge(dataset="d", query_id="run/1", event=block, reservation="run/*")
-        assert led.reserved_epsilon("d") == 0.0 and not led.release("run/*")
+        for b in range(2):
+            led.reserve(dataset="d", query_id=f"run/{b}", event=block, coordinator="analyst")
+            assert led.reserved_epsilon("d") > 0
+            led.charge(
+                dataset="d", query_id=f"run/{b}", event=block, coordinator="analyst", reserved=True
+            )
+            assert led.reserved_epsilon("d") == 0.0
+        total = compose([block, block], delta=1e-6).epsilon
         assert led.status("d").spent_epsilon == pytest.approx(total, rel=1e-9)
 
 
@@ -257,15 +261,15 @@ def test_concurrent_charges_of_reserved_queries_never_refuse(tmp_path: Path) -> 
     however the charges interleave (a reservation released only after its charge counted
     twice for a moment, and a concurrent charge was refused)."""
     pure = ev.PureDp(epsilon="0.1")
-    with BudgetLedger(tmp_path / "l.sqlite") as led:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon="2", delta=0.0)
         for i in range(20):
-            led.reserve(dataset="d", key=f"q{i}", event=pure)
+            led.reserve(dataset="d", query_id=f"q{i}", event=pure)
         failures: list[Exception] = []
 
         def one(i: int) -> None:
             try:
-                led.charge(dataset="d", query_id=f"q{i}", event=pure, reservation=f"q{i}")
+                led.charge(dataset="d", query_id=f"q{i}", event=pure, reserved=True)
             except Exception as exc:
                 failures.append(exc)
 
@@ -280,6 +284,7 @@ def test_concurrent_charges_of_reserved_queries_never_refuse(tmp_path: Path) -> 
 
 def test_one_process_owns_a_ledger(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
+    BudgetLedger.create(path).close()
     owner = BudgetLedger(path, owner=True)
     try:
         with pytest.raises(LedgerError, match="in use by another process"):

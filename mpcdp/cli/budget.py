@@ -18,7 +18,8 @@ def _num(x: float | None) -> float | None:
 
 def _eps_text(e: Entry) -> str:
     if e.note:
-        what = e.note if e.kind == "training" else f"{e.note} [{e.query_id}]"
+        who = f"{e.coordinator}: " if e.coordinator else ""
+        what = e.note if e.kind == "training" else f"{e.note} [{who}{e.query_id}]"
     elif e.kind == "training":
         what = f"training {e.run_id} block {e.block}" + (f" ({e.steps} steps)" if e.steps else "")
     else:
@@ -38,18 +39,28 @@ def _eps_text(e: Entry) -> str:
 def budget(
     config: Path = typer.Option(..., "--config", help="The party's party.toml."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    backup: Path | None = typer.Option(
+        None,
+        "--backup",
+        help="Copy the ledger to this new file (SQLite's online backup: consistent while "
+        "the node runs), check the copy, and exit.",
+    ),
 ) -> None:
     """Budget, spend and every charge (query or training block) per dataset of this party.
 
-    Reads the ledger locally; nothing is sent anywhere."""
+    Reads the ledger locally; nothing is sent anywhere. With --backup FILE, copies the
+    ledger instead; to restore, stop the party and copy the backup to the ledger's path."""
     from mpcdp.config import load_party_config
     from mpcdp.dp.ledger import BudgetLedger
     from mpcdp.dp.ledger_report import report
 
     try:
         cfg = load_party_config(config)
-        if not cfg.ledger.exists():
-            raise MpcdpError(f"ledger {cfg.ledger} does not exist yet (the node creates it)")
+        if backup is not None:
+            with BudgetLedger(cfg.ledger) as ledger:
+                ledger.backup(backup)
+            typer.echo(f"ledger {cfg.ledger} backed up to {backup} (checked)")
+            return
         with BudgetLedger(cfg.ledger) as ledger:
             reports = [
                 report(status=ledger.status(name), charges=ledger.charges(name))
@@ -103,6 +114,7 @@ def _to_json(party: str, ledger: str, reports: list[DatasetReport]) -> dict[str,
                     {
                         "kind": e.kind,
                         "query_id": e.query_id,
+                        "coordinator": e.coordinator,
                         "run_id": e.run_id,
                         "block": e.block,
                         "at": e.at,

@@ -75,6 +75,7 @@ class Entry:
     rdp_total_after: float | None  # all RDP charges up to this one, composed
     steps: int | None  # training steps in the block
     note: str = ""  # what the charge paid for, as the party recorded it
+    coordinator: str = ""  # whose query it was ("" in ledgers older than schema 3)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def report(*, status: BudgetStatus, charges: Sequence[Charge]) -> DatasetReport:
                 rdp_total_after=total,
                 steps=steps if match else None,
                 note=c.note,
+                coordinator=c.coordinator,
             )
         )
     return DatasetReport(

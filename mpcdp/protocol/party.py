@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from mpcdp import encoding, prg, ring, sharing
 from mpcdp.config import DatasetConfig
 from mpcdp.datasets import Table, Vector
-from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.dp.ledger import BudgetLedger, LedgerWriteError
 from mpcdp.errors import (
     AuthError,
     DataError,
@@ -65,6 +65,7 @@ __all__ = [
     "SessionHost",
     "SessionSlots",
     "check_parties",
+    "durability_refusal",
     "new_signed_key",
     "session_pair_keys",
     "unavailable",
@@ -245,6 +246,22 @@ class SessionHost:
             raise
 
 
+def _note(spec: QuerySpec) -> str:
+    """What a query's charge pays for, in words (the ledger's note)."""
+    column = f" of {spec.column}" if spec.column else ""
+    return f"{spec.statistic.value}{column} ({spec.mechanism})"
+
+
+def durability_refusal(party_id: str, exc: LedgerWriteError) -> PolicyError:
+    """What a coordinator hears when the party's ledger cannot write (a full disk): that
+    nothing was reserved or charged, not the ledger's path (that goes to the party's log)."""
+    log.error("%s", exc)
+    return PolicyError(
+        f"party {party_id!r} cannot record this in its budget ledger durably now (its owner "
+        "can see why in its log); nothing was reserved or charged there; retry later"
+    )
+
+
 def unavailable(dataset: str, party_id: str) -> str:
     """What a coordinator hears about a dataset that failed validation: nothing about the
     data (the details name cells, values and paths; they stay in the party's log)."""
@@ -394,7 +411,7 @@ class PartyEngine(SessionHost):
         signing_key: ec.EllipticCurvePrivateKey,
         peers: Sequence[str],
         min_colluders: int = 1,
-        session_ttl_s: float = 300.0,
+        session_ttl_s: float = 30.0,
         max_pending: int = 16,
         max_pending_total: int = 32,
         rng: np.random.Generator | None = None,
@@ -504,13 +521,30 @@ class PartyEngine(SessionHost):
     def _propose(self, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
         view, release = self._check_spec(spec)
         # reserve, not just check: rounds in flight count as spent, so every party accepts or
-        # refuses the same rounds whatever order their proposals arrive in
-        self.ledger.reserve(dataset=spec.dataset, key=spec.query_id, event=release.event)
+        # refuses the same rounds whatever order their proposals arrive in. The reservation
+        # is on disk (the charge at Contribute updates it in place: a full disk refuses
+        # here, before any party charges), within the coordinator's share of the budget,
+        # and lives as long as the session waits for its Contribute.
         try:
-            return self._accept(session_id, spec, coordinator, view, release)
+            self.ledger.reserve(
+                dataset=spec.dataset,
+                query_id=spec.query_id,
+                coordinator=coordinator,
+                event=release.event,
+                share=view.config.share(coordinator),
+                ttl_s=self._ttl,
+                note=_note(spec),
+            )
+        except LedgerWriteError as exc:
+            raise durability_refusal(self.party_id, exc) from None
+        try:
+            proposal = self._accept(session_id, spec, coordinator, view, release)
         except BaseException:
-            self.ledger.release(spec.query_id)
+            self.ledger.release(spec.query_id, coordinator=coordinator)
             raise
+        # the session's time to live starts now (its noise was built after the reservation)
+        self.ledger.renew(spec.query_id, coordinator=coordinator, ttl_s=self._ttl)
+        return proposal
 
     def _accept(
         self,
@@ -599,14 +633,17 @@ class PartyEngine(SessionHost):
             charge = self.ledger.charge(
                 dataset=spec.dataset,
                 query_id=spec.query_id,
+                coordinator=session.coordinator,
                 event=session.plan.event,
-                reservation=spec.query_id,
-                note=f"{spec.statistic.value}"
-                + (f" of {spec.column}" if spec.column else "")
-                + f" ({spec.mechanism})",
+                share=self.datasets[spec.dataset].config.share(session.coordinator),
+                reserved=True,
+                note=_note(spec),
             )
-        except BaseException:
-            self.ledger.release(spec.query_id)  # nothing leaves: the budget is free again
+        except BaseException as exc:
+            # nothing leaves: the budget is free again
+            self.ledger.release(spec.query_id, coordinator=session.coordinator)
+            if isinstance(exc, LedgerWriteError):
+                raise durability_refusal(self.party_id, exc) from None
             raise
         if not charge.new:
             # Two sessions of one query: a second answer with fresh noise would let the
@@ -655,7 +692,7 @@ class PartyEngine(SessionHost):
             session = self._sessions.get(session_id)
             if session is not None and session.coordinator == coordinator:
                 self._remove(session_id, "aborted")
-                self.ledger.release(session.spec.query_id)
+                self.ledger.release(session.spec.query_id, coordinator=coordinator)
                 log.info("session %s: aborted by %s", session_id.hex(), coordinator)
 
     def _remove(self, session_id: bytes, why: str) -> None:
@@ -668,6 +705,6 @@ class PartyEngine(SessionHost):
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now]:
-            query_id = self._sessions[sid].spec.query_id
+            session = self._sessions[sid]
             self._remove(sid, "expired")
-            self.ledger.release(query_id)
+            self.ledger.release(session.spec.query_id, coordinator=session.coordinator)

@@ -28,7 +28,7 @@ from mpcdp.audit.canaries import (
     pack_inclusion,
 )
 from mpcdp.dp import accountant
-from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.dp.ledger import BudgetLedger, LedgerWriteError
 from mpcdp.dp.mechanisms import Skellam
 from mpcdp.errors import (
     DataError,
@@ -48,6 +48,7 @@ from mpcdp.protocol.party import (
     SessionHost,
     SessionSlots,
     check_parties,
+    durability_refusal,
     new_signed_key,
     session_pair_keys,
     unavailable,
@@ -78,6 +79,7 @@ class _SiteSession:
     next_step: int
     pair_keys: dict[int, bytes] | None = None
     charged_block: int = -1
+    reserved_block: int = 0  # the session's latest reserved block (block 0 at open)
     busy: bool = False
     last_status: float = 0.0
     last_epsilon: str = "0"  # the dataset's epsilon spent after the session's last charge
@@ -212,16 +214,17 @@ class TrainingEngine(SessionHost):
                     f"the session's epsilon {eps:.4g} (delta={cfg.delta:g}) exceeds "
                     f"max_epsilon_per_query={cfg.max_epsilon_per_query:g} of {cfg.name!r}"
                 )
-        # the whole session is reserved now; each block's charge draws on the reservation,
-        # and what is left is released when the session ends early
-        key = _reservation(spec, session_id)
-        self.ledger.reserve(
-            dataset=cfg.name, key=key, event=event, query_id=_charge_id(spec, session_id, 0)
-        )
+        # the whole run must fit the coordinator's share and the budget now; then only its
+        # first block is reserved (durably), and each later block when its step comes: an
+        # idle or abandoned session holds one block, never the run
+        share = cfg.share(coordinator)
+        self.ledger.check(dataset=cfg.name, event=event, coordinator=coordinator, share=share)
+        self._reserve_block(spec, session_id, coordinator, 0)
+        first = _charge_id(spec, session_id, 0)
         try:
             source = task.make_source(spec)
         except BaseException:
-            self.ledger.release(key)
+            self.ledger.release(first, coordinator=coordinator)
             raise
         try:
             _check_num_params(spec, source.num_params)
@@ -229,8 +232,28 @@ class TrainingEngine(SessionHost):
             return self._accept(session_id, spec, coordinator, source, canaries)
         except BaseException:
             source.close()
-            self.ledger.release(key)
+            self.ledger.release(first, coordinator=coordinator)
             raise
+
+    def _reserve_block(
+        self, spec: TrainSpec, session_id: bytes, coordinator: str, block: int
+    ) -> None:
+        """Reserve block ``block`` of the session (its steps' event) within the
+        coordinator's share, on disk, for as long as the session may stay idle."""
+        first, n_steps = _block(spec, block)
+        try:
+            self.ledger.reserve(
+                dataset=spec.dataset,
+                query_id=_charge_id(spec, session_id, block),
+                coordinator=coordinator,
+                event=step_event(spec, steps=n_steps),
+                share=self.tasks[spec.dataset].config.share(coordinator),
+                ttl_s=self._ttl,
+                note=f"training {spec.run_id} ({spec.model}) steps {first}-{first + n_steps - 1}"
+                + (" (audit run)" if spec.audit_canaries else ""),
+            )
+        except LedgerWriteError as exc:
+            raise durability_refusal(self.party_id, exc) from None
 
     def _canaries(
         self, spec: TrainSpec, task: TrainingTask, source: GradientSource
@@ -425,19 +448,20 @@ class TrainingEngine(SessionHost):
             raise ParameterError("parameters", "non-finite", "must be finite float32 values")
         block = (step - spec.start_step) // spec.steps_per_charge
         if block > session.charged_block:
-            first = spec.start_step + block * spec.steps_per_charge
-            n_steps = min(spec.steps_per_charge, spec.end_step - first)
-            left = spec.end_step - first - n_steps
-            charge = self.ledger.charge(
-                dataset=spec.dataset,
-                query_id=_charge_id(spec, session_id, block),
-                event=step_event(spec, steps=n_steps),
-                reservation=_reservation(spec, session_id),
-                # the reservation now covers the remaining steps only
-                keep=step_event(spec, steps=left) if left > 0 else None,
-                note=f"training {spec.run_id} ({spec.model}) steps {first}-{first + n_steps - 1}"
-                + (" (audit run)" if spec.audit_canaries else ""),
-            )
+            if block > session.reserved_block:
+                self._reserve_block(spec, session_id, session.coordinator, block)
+                session.reserved_block = block
+            try:
+                charge = self.ledger.charge(
+                    dataset=spec.dataset,
+                    query_id=_charge_id(spec, session_id, block),
+                    coordinator=session.coordinator,
+                    event=step_event(spec, steps=_block(spec, block)[1]),
+                    share=self.tasks[spec.dataset].config.share(session.coordinator),
+                    reserved=True,
+                )
+            except LedgerWriteError as exc:
+                raise durability_refusal(self.party_id, exc) from None
             if not charge.new:
                 raise LedgerError(f"block {block} of session {session_id.hex()} was charged")
             session.charged_block = block
@@ -565,7 +589,7 @@ class TrainingEngine(SessionHost):
             if session is not None:
                 self._slots.give_back(session.coordinator)
         if session is not None:
-            self.ledger.release(_reservation(session.spec, session_id))
+            _release_block(self.ledger, session, session_id)
             session.source.close()
 
     def _expire(self) -> None:
@@ -573,7 +597,7 @@ class TrainingEngine(SessionHost):
         for sid in [s for s, v in self._sessions.items() if v.expires < now and not v.busy]:
             session = self._sessions.pop(sid)
             self._slots.give_back(session.coordinator)
-            self.ledger.release(_reservation(session.spec, sid))
+            _release_block(self.ledger, session, sid)
             session.source.close()
             self._closed.add(sid, "expired")
 
@@ -587,12 +611,23 @@ def _check_num_params(spec: TrainSpec, trainable: int) -> None:
 
 
 def _charge_id(spec: TrainSpec, session_id: bytes, block: int) -> str:
+    """A block's query id in the ledger (in its coordinator's namespace there)."""
     return f"{spec.run_id}/{session_id.hex()}/{block}"
 
 
-def _reservation(spec: TrainSpec, session_id: bytes) -> str:
-    """The ledger reservation of a session's steps not yet charged."""
-    return f"{spec.run_id}/{session_id.hex()}/*"
+def _block(spec: TrainSpec, block: int) -> tuple[int, int]:
+    """The first step of block ``block`` of a session, and its number of steps."""
+    first = spec.start_step + block * spec.steps_per_charge
+    return first, min(spec.steps_per_charge, spec.end_step - first)
+
+
+def _release_block(ledger: BudgetLedger, session: _SiteSession, session_id: bytes) -> None:
+    """An ending session's reserved block that was never charged is free again."""
+    if session.reserved_block > session.charged_block:
+        ledger.release(
+            _charge_id(session.spec, session_id, session.reserved_block),
+            coordinator=session.coordinator,
+        )
 
 
 # -- the coordinator --------------------------------------------------------------------------
