@@ -1,0 +1,131 @@
+"""Reservations cannot be used as a weapon: real party processes (mpcdp party serve) on
+loopback with mTLS, one honest coordinator (analyst) and one hostile one (mallory) that
+proposes queries and never contributes.
+
+Each coordinator reserves only within its own share of a dataset's budget (party.toml
+``coordinator_shares``), so mallory's reservations cannot lock the analyst out of its share;
+where no shares are declared, a refusal caused by another coordinator's reservation says so
+without naming that coordinator; and query ids are one namespace per coordinator.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mpcdp.config import load_federation_config
+from mpcdp.errors import MpcdpError, PartyError, RoundAborted
+from mpcdp.localnet import LocalFederation, launch
+from mpcdp.protocol.coordinator import run_round
+from mpcdp.protocol.party import SESSION_ID_BYTES
+from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.transport import tls
+from mpcdp.transport.client import GrpcPartyClient
+
+pytestmark = pytest.mark.slow
+
+PARTIES = ("alice", "bob", "carlos")
+
+
+def _datasets(workdir: Path) -> dict[str, str]:
+    out = {}
+    for i, p in enumerate(PARTIES):
+        (workdir / p).mkdir(parents=True, exist_ok=True)
+        (workdir / p / "raises.csv").write_text(f"raise\n{1000 * (i + 1)}\n")
+        table = (
+            'path = "raises.csv"\nepsilon = 3.0\ndelta = 1e-6\n'
+            "[datasets.{name}.columns.raise]\nlower = 0\nupper = 5000\n"
+        )
+        out[p] = (
+            "[datasets.shared]\n"
+            + table.format(name="shared")
+            + "[datasets.shared.coordinator_shares]\nanalyst = 0.5\nmallory = 0.5\n"
+            + "[datasets.pool]\n"
+            + table.format(name="pool")
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    workdir = tmp_path_factory.mktemp("reservations")
+    fed = launch(
+        workdir=workdir,
+        datasets_toml=_datasets(workdir),
+        other_coordinators=["mallory"],
+        deadline_s=20,
+    )
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
+def _clients(net: LocalFederation, coordinator: str) -> list[GrpcPartyClient]:
+    cfg = load_federation_config(net.federation_config)
+    certs = net.workdir / "certs"
+    creds = tls.load_credentials(
+        type(cfg.tls)(
+            ca=certs / "ca.pem", cert=certs / f"{coordinator}.pem", key=certs / f"{coordinator}.key"
+        )
+    )
+    return [
+        GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=20)
+        for p in cfg.parties
+    ]
+
+
+def _spec(dataset: str, epsilon: str, query_id: str) -> QuerySpec:
+    return QuerySpec(
+        query_id=query_id,
+        dataset=dataset,
+        column="raise",
+        statistic=Statistic.SUM,
+        mechanism="discrete-laplace",
+        epsilon=epsilon,
+        parties=PARTIES,
+        lower=0,
+        upper=5000,
+        frac_bits=8,
+    )
+
+
+def _hold(clients: list[GrpcPartyClient], spec: QuerySpec) -> list[str]:
+    """Propose ``spec`` at every party and never contribute: what each party answered."""
+    answers = []
+    for c in clients:
+        try:
+            c.propose(session_id=secrets.token_bytes(SESSION_ID_BYTES), spec=spec)
+            answers.append("accepted")
+        except PartyError as exc:
+            answers.append(f"{exc.code}: {exc}")
+    return answers
+
+
+def test_a_coordinator_cannot_lock_the_others_out_of_their_share(net: LocalFederation) -> None:
+    mallory, analyst = _clients(net, "mallory"), _clients(net, "analyst")
+    # mallory reserves its whole share (half of 3) at every party, and never contributes
+    assert _hold(mallory, _spec("shared", "1.5", "grab")) == ["accepted"] * 3
+    # ... and can reserve nothing beyond it
+    beyond = _hold(mallory, _spec("shared", "0.25", "more"))
+    assert all(a.startswith("RESOURCE_EXHAUSTED") and "share" in a for a in beyond), beyond
+    # the analyst's query runs within its own share, with mallory's query id: the ids are
+    # one namespace per coordinator, so mallory neither burnt nor took it
+    out = run_round(spec=_spec("shared", "1", "grab"), clients=analyst)
+    assert out.budget_remaining == pytest.approx({p: 2.0 for p in PARTIES})
+
+
+def test_a_refusal_caused_by_another_coordinators_reservation_says_so(
+    net: LocalFederation,
+) -> None:
+    mallory, analyst = _clients(net, "mallory"), _clients(net, "analyst")
+    assert _hold(mallory, _spec("pool", "3", "all-of-it")) == ["accepted"] * 3
+    with pytest.raises((RoundAborted, PartyError)) as info:
+        run_round(spec=_spec("pool", "0.5", "mine"), clients=analyst)
+    text = str(info.value) + str(getattr(info.value, "cause", ""))
+    assert "other coordinators' reservations" in text, text
+    assert "mallory" not in text  # the other coordinator is never named
+    assert isinstance(info.value, MpcdpError)
