@@ -1,4 +1,4 @@
-"""Per-sample clipping under mixed precision (issue 13, section 1): whatever the model's
+"""Per-sample clipping under mixed precision: whatever the model's
 dtype or autocast, one example moves the clipped sum by at most its bound.
 
 The measure is the replace-one sensitivity ||S(D) - S(D')|| / C of neighbouring batches that

@@ -1,15 +1,20 @@
-"""Precision of per-sample clipping: IEEE float32 (at least) for norms and clipped sums.
+"""Precision of per-sample clipping: norms that neither round below the truth nor leave the
+floating-point range, and clipped sums in IEEE float32 (at least).
 
 Half-precision tensors are upcast (:func:`_work`), float32 matmuls and convolutions run at
 IEEE precision inside a process-wide guard (:func:`_ieee_float32`), and squared norms are
-reduced in blocks whose float32 error is bounded (:func:`_sq_norms`), which sets the relative
-margin by which clip factors keep each example strictly inside the bound
-(:data:`NORM_MARGIN`). Nothing happens at import time beyond defining names.
+float64 sums of float64 squares (:func:`_sq_norms`; float64 values scaled per example by an
+exact power of two first, as a BLAS ``nrm2`` scales), handed to the clipper rounded upwards
+(:func:`_norm_out`). The error analysis (Higham 2002, "Accuracy and stability of numerical
+algorithms", Sec. 3.1 and 4.2) sets the relative margin by which clip factors keep each
+example strictly inside the bound (:func:`norm_margin`). Nothing happens at import time
+beyond defining names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -68,7 +73,7 @@ def _ieee_float32(device: torch.device) -> Iterator[None]:
     """Clip factors and clipped sums in IEEE float32: autocast off, and TF32 / bf16 off for
     float32 matmuls and convolutions (oneDNN, cuBLAS, cuDNN) while a step is inside.
 
-    The ghost-norm error bound (:func:`_ghost_slack`) assumes float32 arithmetic, and a
+    The norms' error bounds (:func:`norm_margin`) assume IEEE arithmetic, and a
     Conv2d's clipped sum (cuDNN's weight-gradient kernel, TF32 by default on Ampere and
     later) must be computed at the precision of the norm that scaled it: with 10-bit
     mantissas a crafted sample contributes far more than C.
@@ -109,46 +114,83 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-#: Squared norms are reduced in blocks of this many values, in the working precision, and
-#: the block sums are added in float64 (:func:`_sq_norms`).
-_NORM_BLOCK = 2048
+#: Squared norms are reduced in float64 over chunks of about this many values, so that the
+#: float64 copy stays small and is reused by the allocator (:func:`_sq_norms`).
+_NORM_CHUNK = 1 << 20
 
 
 def norm_margin(dtype: torch.dtype) -> float:
-    """Relative margin ``kappa`` of the clip factors for norms computed in ``dtype``.
+    """Relative margin ``kappa`` of the clip factors for norms computed from ``dtype`` values.
 
-    A sum of n non-negative terms in any order is within ``gamma_n = n u / (1 - n u)`` of its
-    value relatively (Higham 2002, "Accuracy and stability of numerical algorithms", Sec.
-    4.2), u the unit roundoff. A squared norm here is a float64 sum of blocks of at most
-    :data:`_NORM_BLOCK` squares each reduced in ``dtype`` (``gamma_2048 < 2^-13`` in float32);
-    the T = 1 branch multiplies two such sums and layers add at most a few thousand terms in
-    float32, so a computed norm is below the norm of the values it was taken of by less than
-    ``2^-13`` relatively (half the squared norm's error, plus a few u for the square root and
-    the products ``c_j g_j``). Clip factors aim at ``C (1 - kappa)`` with ``kappa = 2^-12``,
-    so every example's contribution stays strictly inside ``C``; an absolute margin (``+1e-6``
-    in the denominator) does not, for norms above ~10. Float64: ``kappa = 2^-40``.
+    Every squared per-sample norm is a float64 sum of non-negative float64 products of the
+    working-precision values (:func:`_sq_norms`; the ghost norms of :mod:`.rules` add a
+    rigorous bound on their own rounding). A sum of n non-negative terms in any order is
+    within ``gamma_n = n u / (1 - n u)`` of its value relatively (Higham 2002, "Accuracy and
+    stability of numerical algorithms", Sec. 4.2), u the unit roundoff: in float64
+    ``gamma_n < 2^-30`` for any layer below 2^23 values per example. The squared norms go to
+    the clipper in float32 rounded upwards (:func:`_norm_out`), where layers add at most a few
+    thousand terms and one square root is taken; so a computed norm is below the norm of the
+    values it was taken of by less than ``2^-13`` relatively, and clip factors aiming at
+    ``C (1 - kappa)`` with ``kappa = 2^-12`` leave room for the products ``c_j g_j`` of the
+    clipped sum. An absolute margin (``+1e-6`` in the denominator) does not, for norms above
+    ~10. Float64 models: ``kappa = 2^-40``.
+
+    No under- or overflow: float32 values squared in float64 cannot leave float64's normal
+    range (a float32 square lies in [2^-298, 2^256]), and float64 values are first scaled by
+    an exact power of two per example (as a BLAS ``nrm2`` does). The range of the result is
+    the clipper's float32 accumulator's: a squared norm above float32's range becomes ``inf``
+    (the example then contributes 0, with a warning), one below it the smallest positive
+    float32 (never 0, so never "not clipped" by underflow).
     """
     return 2.0**-40 if dtype == torch.float64 else 2.0**-12
 
 
+def _pow2_scale(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows * 2^-e, e)`` with ``e`` (float64, one per row) the binary exponent of the
+    row's largest magnitude: the scaled rows have their largest magnitude in [0.5, 1), so
+    their squares neither over- nor underflow (values that underflow are below 2^-1074 of the
+    largest, below any rounding of the sum). Multiplying by a power of two is exact."""
+    flat = rows.reshape(rows.shape[0], -1)
+    if flat.shape[1] == 0:
+        return rows, torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    lo, hi = torch.aminmax(flat, dim=1)
+    amax = torch.maximum(-lo, hi)
+    _, e = torch.frexp(amax)  # 0 for 0, inf and NaN (kept as they are)
+    shape = (-1,) + (1,) * (rows.dim() - 1)
+    scaled = torch.ldexp(rows, (-e).view(shape).to(rows.dtype))
+    return scaled, e.to(torch.float64)
+
+
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each x[j] (no squared copy of x), to the error :func:`norm_margin`
-    allows: blocks of :data:`_NORM_BLOCK` values reduced in x's precision (>= float32), block
-    sums added in float64. The result is float32 (float64 for float64 x)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    """Squared norm of each x[j], float64 (B,), without under- or overflow
+    (:func:`norm_margin`): float32 values are converted to float64 in chunks of about
+    :data:`_NORM_CHUNK` values (no float64 copy of x), float64 values scaled per row by a
+    power of two first; a float64 sum of squares is within ``gamma_n`` (< 2^-30 here) of
+    its value."""
     rows = x.reshape(x.shape[0], -1)
-    n = rows.shape[1]
-    if n <= _NORM_BLOCK:
-        whole: torch.Tensor = torch.linalg.vector_norm(rows, dim=1, dtype=acc)
-        return whole.square()
-    full = n - n % _NORM_BLOCK
-    blocks = rows[:, :full].reshape(rows.shape[0], -1, _NORM_BLOCK)
-    block_norms: torch.Tensor = torch.linalg.vector_norm(blocks, dim=2, dtype=acc)
-    parts = block_norms.to(torch.float64).square().sum(1)
-    if full < n:
-        tail = torch.linalg.vector_norm(rows[:, full:], dim=1, dtype=acc).to(torch.float64)
-        parts = parts + tail.square()
-    return parts.to(acc)
+    batch, n = rows.shape
+    if x.dtype == torch.float64:
+        scaled, e = _pow2_scale(rows)
+        sq: torch.Tensor = torch.linalg.vector_norm(scaled, dim=1).square()
+        return sq * torch.exp2(2 * e)
+    out = torch.empty(batch, dtype=torch.float64, device=x.device)
+    step = max(1, _NORM_CHUNK // max(n, 1))
+    for start in range(0, batch, step):
+        part = rows[start : start + step].to(torch.float64)
+        out[start : start + step] = torch.linalg.vector_norm(part, dim=1).square()
+    return out
+
+
+def _norm_out(norm2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 squared norms for the clipper's accumulator of ``dtype``: unchanged for
+    float64; for float32 rounded upwards (a positive value below float32's range becomes its
+    smallest positive value, one above it ``inf``), so the clip factor is set by an upper
+    bound whatever the magnitude."""
+    if dtype == torch.float64:
+        return norm2
+    low = norm2.to(torch.float32)
+    up = torch.nextafter(low, torch.full_like(low, math.inf))
+    return torch.where(low.to(torch.float64) < norm2, up, low)
 
 
 def _mm_into(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:

@@ -4,11 +4,19 @@ clipped-sum step (see the package docstring for the method and its references).
 
 Each rule maps ``(layer, calls, batch)`` to ``(squared norms (B,), finish)``, where
 ``finish(c, dests)`` writes ``sum_j c_j g_j`` for every trainable parameter of the layer.
+The squared norms are upper bounds of the norms of the values the finish sums, computed
+without under- or overflow (:func:`.precision.norm_margin`): instantiated per-sample
+gradients (Linear and Conv2d by default, Embedding rows, norm layers, the fallback) have
+exact float64 norms; a ghost norm (Linear or Conv2d whose instantiated gradients would take
+more memory, :func:`_use_ghost`) comes from float64 Gram matrices plus Higham's bound on
+their rounding and on that of its float64 clipped sum (:func:`_ghost`). A fallback layer's
+vjp is re-run under the autocast its forward ran under (:func:`_autocast_state`).
 Nothing happens at import time beyond defining names.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +29,33 @@ from torch.nn.grad import conv2d_weight
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import ParameterError
-from mpcdp.train.clipping.precision import _cat1, _mm_into, _sq_norms, _work
+from mpcdp.train.clipping.precision import (
+    _cat1,
+    _mm_into,
+    _norm_out,
+    _pow2_scale,
+    _sq_norms,
+    _work,
+)
 
 # A layer's clipped-sum step: (clip factors (B,), {local parameter name: destination view of
 # grad_sum, shaped like the parameter}) -> None; it writes every trainable parameter's sum.
 _SumFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
+
+
+#: Device types whose autocast state a recorded call keeps.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast settings in force now, as ``(device type, dtype)`` pairs: read when the
+    forward hook records a call (the hook runs inside the layer's forward), so a fallback
+    layer's vjp can be re-run under the autocast its forward ran under."""
+    return tuple(
+        (device, torch.get_autocast_dtype(device))
+        for device in _AUTOCAST_DEVICES
+        if torch.is_autocast_enabled(device)
+    )
 
 
 @dataclass
@@ -42,6 +72,8 @@ class _Call:
     versions: list[int] = field(default_factory=list)
     # autograd nodes of the tensor arguments as the layer received them (first-use check)
     frontier: list[Node] = field(default_factory=list)
+    # autocast in force when the call was recorded (the fallback re-runs under it)
+    autocast: tuple[tuple[str, torch.dtype], ...] = field(default_factory=_autocast_state)
 
     def stored_tensors(self) -> list[torch.Tensor]:
         values = [*self.inputs, *self.kwargs.values()]
@@ -144,13 +176,16 @@ def _matmul_rule(
 ) -> tuple[torch.Tensor, _SumFn]:
     """Linear-type layer with A (B, T, d) and G (B, T, p): weight grad sum_t g_t a_t^T.
 
-    ``ghost_weight_sum(c)``, if given, computes the clipped weight sum in the ghost branch
-    without ``A`` (Conv2d: the native weight-gradient kernel on c-scaled G), so ``A`` is
-    freed after the norms.
+    Three ways, by ``T`` and the shape (:func:`_use_ghost`): ``T = 1``, the norm
+    ``|a| |g|``; per-sample gradients instantiated (``bmm``), whose norms are those of the
+    very values summed; or the ghost norm in float64 (:func:`_ghost`), with its clipped sum
+    in float64 too. ``ghost_weight_sum(c, dtype)``, if given, computes the clipped weight
+    sum of the ghost branch without ``A`` (Conv2d: the native weight-gradient kernel on
+    c-scaled G), so ``A`` is freed after the norms.
     """
     batch, t, p = g.shape
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-    norm2 = torch.zeros(batch, dtype=acc, device=g.device)
+    norm2 = torch.zeros(batch, dtype=torch.float64, device=g.device)
     # weight_fn(c, dest): write the clipped weight sum into dest, viewed as (p, d)
     weight_fn: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     gb: torch.Tensor | None = None
@@ -159,7 +194,7 @@ def _matmul_rule(
         a = a.to(g.dtype)
         d = a.shape[2]
         if t == 1:
-            # ||g a^T||_F^2 = ||a||^2 ||g||^2 (Goodfellow 2015)
+            # ||g a^T||_F^2 = ||a||^2 ||g||^2 (Goodfellow 2015), each factor in float64
             a1, g1 = a[:, 0], g[:, 0]
             norm2 += _sq_norms(a1) * _sq_norms(g1)
 
@@ -171,25 +206,23 @@ def _matmul_rule(
                     _mm_into(g1.t(), a1 * c[:, None], dest)
 
         elif _use_ghost(t, p, d):
-            # ghost norm <A A^T, G G^T>, never forming the (B, p, d) per-sample gradients;
-            # plus its rounding-error bound, so that cancellation cannot hide a large norm
-            aa = torch.bmm(a, a.transpose(1, 2))
-            gg = torch.bmm(g, g.transpose(1, 2))
-            ghost = (aa * gg).reshape(batch, -1).sum(dim=1, dtype=torch.float64)
-            u = (torch.linalg.vector_norm(a, dim=2) * torch.linalg.vector_norm(g, dim=2)).sum(1)
-            slack = _ghost_slack(dot_lengths=(d, p), terms=t * t, dtype=g.dtype)
-            norm2 += (ghost.clamp_min(0) + slack * u.to(torch.float64).square()).to(acc)
+            a64, g64, ghost2 = _ghost(a, g, same=None)
+            norm2 += ghost2
+            del a
             if ghost_weight_sum is not None:
                 ghost_sum = ghost_weight_sum
+                a64 = None
 
                 def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
                     dest.copy_(ghost_sum(c).reshape(dest.shape))
 
             else:
-                a_flat = a.reshape(batch * t, d)
+                assert a64 is not None
+                a_flat = a64.reshape(batch * t, d)
 
                 def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
-                    _mm_into((g * c[:, None, None]).reshape(batch * t, p).t(), a_flat, dest)
+                    gc = (g64 * c.to(torch.float64)[:, None, None]).reshape(batch * t, p)
+                    dest.copy_(torch.mm(gc.t(), a_flat))
 
         else:
             per_sample = torch.bmm(g.transpose(1, 2), a)  # (B, p, d)
@@ -210,33 +243,101 @@ def _matmul_rule(
         if gb is not None:
             _mm_into(c[None], gb, dests["bias"].view(1, -1))
 
-    return norm2, finish
+    return _norm_out(norm2, acc), finish
+
+
+def _ghost(
+    a: torch.Tensor | None, g: torch.Tensor, *, same: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Float64 copies of A and G and an upper bound of every example's squared norm of
+    ``sum_t g_t a_t^T`` (Frobenius) with its clipped sum's rounding (float64, (B,)).
+
+    The ghost norm ``sum_{t,t'} <a_t, a_t'> <g_t, g_t'>`` (``same[t, t']``, 0 or 1, in place
+    of ``<a_t, a_t'>`` for one-hot inputs) is computed from float64 Gram matrices of the
+    working-precision values, which float64 holds exactly (float64 values are first scaled
+    per example by a power of two, :func:`.precision._pow2_scale`). A dot product of length
+    n in any summation order is within ``gamma_n = n u / (1 - n u)`` of its value relative
+    to the sum of its absolute terms (Higham 2002, "Accuracy and stability of numerical
+    algorithms", Sec. 3.1, eq. 3.5), so with ``u_j = sum_t |a_t| |g_t|`` (>= the norm,
+    and sum_{t,t'} |a_t||a_t'||g_t||g_t'| = u_j^2) the true squared norm is at most the
+    computed one plus :func:`_ghost_slack` times ``u_j^2``; ``u_j`` comes from the Grams'
+    diagonals. Without this term cancellation in a sequence layer could make a large norm
+    come out as ~0 (not clipped at all); in float64 it is ~1e-11 of ``u_j^2``, where float32
+    Grams needed ~1e-4 (a norm 2.8e-3 too large for Linear(512 -> 256) over 256 positions).
+
+    The clipped sum of this branch is one float64 matmul over all B T positions: its
+    rounding, ``gamma_{BT} c_j u_j`` at most for example j, is not bounded by ``c_j`` times
+    the norm when the example's positions cancel, so ``gamma_{BT} 2^13 u_j`` is added to the
+    norm (not to its square): every example's clipped contribution, rounding included, then
+    stays within ``C (1 - 2^-12)(1 + 2^-13)``. Both terms are below 1e-7 of the norm at
+    realistic widths.
+    """
+    batch, t, p = g.shape
+    g64, eg = _wide(g)
+    gg = torch.bmm(g64, g64.transpose(1, 2))
+    gdiag = gg.diagonal(dim1=1, dim2=2)
+    if a is None:
+        assert same is not None
+        a64 = None
+        aa = same.to(torch.float64)
+        adiag = aa.diagonal(dim1=1, dim2=2)
+        ea = torch.zeros_like(eg)
+        dots: tuple[int, ...] = (p,)
+    else:
+        a64, ea = _wide(a)
+        aa = torch.bmm(a64, a64.transpose(1, 2))
+        adiag = aa.diagonal(dim1=1, dim2=2)
+        dots = (a.shape[2], p)
+    ghost = torch.bmm(aa.reshape(batch, 1, t * t), gg.reshape(batch, t * t, 1)).reshape(batch)
+    u = (adiag * gdiag).sqrt().sum(dim=1)
+    slack = _ghost_slack(dot_lengths=dots, terms=t * t, dtype=torch.float64)
+    rounding = (batch * t + 2) * torch.finfo(torch.float64).eps * 2.0**13
+    norm = (ghost.clamp_min(0) + slack * u.square()).sqrt() + rounding * u
+    scale = torch.exp2(2 * (ea + eg))  # undo the power-of-two scaling (float64 inputs)
+    if a64 is not None and a is not None and a.dtype == torch.float64:
+        a64 = a  # the finish uses the unscaled values
+    if g.dtype == torch.float64:
+        g64 = g
+    return a64, g64, norm.square() * scale
+
+
+def _wide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` in float64 (exact for float32 values) and, per example, the binary exponent it
+    was scaled down by (0 for float32 values, whose products cannot leave float64's range)."""
+    if x.dtype == torch.float64:
+        return _pow2_scale(x)
+    return x.to(torch.float64), torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
 
 
 def _ghost_slack(*, dot_lengths: tuple[int, ...], terms: int, dtype: torch.dtype) -> float:
     """Bound on the floating-point error of a ghost norm, relative to ``u_j^2``.
 
     The ghost norm sum_{t,t'} <a_t, a_t'> <g_t, g_t'> is computed from dot products of the
-    given lengths in ``dtype`` and a sum of ``terms`` products in float64. A dot product of
-    length n in any summation order is within gamma_n = n u / (1 - n u) of its value
-    relative to the sum of its absolute terms (Higham 2002, "Accuracy and stability of
-    numerical algorithms", Sec. 3.1), and sum_{t,t'} |a_t||a_t'||g_t||g_t'| = u_j^2 with
-    u_j = sum_t |a_t| |g_t| >= ||sum_t g_t a_t^T||. So the true squared norm is at most the
-    computed one plus this factor times u_j^2 (each gamma_n is taken as n * eps, twice the
-    bound, to cover the products and the float64 terms). Without it, cancellation in a
-    sequence layer can make a per-sample norm of several hundred come out as ~0, i.e. not
-    clipped at all. For T = 1 the branch above has no cancellation (a product of sums of
-    squares).
+    given lengths and a sum of ``terms`` products, all in ``dtype`` (float64). A dot
+    product of length n in any summation order is within gamma_n = n u / (1 - n u) of its
+    value relative to the sum of its absolute terms (Higham 2002, Sec. 3.1), and
+    sum_{t,t'} |a_t||a_t'||g_t||g_t'| = u_j^2 with u_j = sum_t |a_t| |g_t| >=
+    ||sum_t g_t a_t^T||. So the true squared norm is at most the computed one plus this
+    factor times u_j^2; each gamma_n is taken as (n + 2) eps, more than twice the bound,
+    which also covers the products, the square roots in u_j and u_j's own rounding.
     """
     eps = torch.finfo(dtype).eps
-    return float(
-        sum(n + 2 for n in dot_lengths) * eps + (terms + 2) * torch.finfo(torch.float64).eps
-    )
+    return float(sum(n + 2 for n in dot_lengths) * eps + (terms + 2) * eps)
 
 
+#: A layer's per-sample gradients are instantiated unless they would take more memory than
+#: the ghost branch (float64 Grams and copies of A and G); instantiating always costs fewer
+#: operations (:func:`_use_ghost`).
 def _use_ghost(t: int, p: int, d: int) -> bool:
-    """Ghost norm (cost B T^2 (p + d)) rather than instantiation (B T p d) iff 2 T^2 <= p d."""
-    return 2 * t * t <= p * d
+    """Ghost norm rather than instantiation iff the instantiated (B, p, d) float32 gradients
+    would take more memory than the float64 ghost branch: ``4 p d > 16 T^2 + 8 T (p + d)``.
+
+    Instantiation costs ``B T p d`` multiply-adds in float32 and its norms are exact for
+    the values summed; the ghost branch, exact only in float64 (:func:`_ghost`), costs
+    ``B T^2 (p + d)`` for the Grams plus a float64 clipped sum of ``B T p d`` (the mixed
+    ghost norm of Bu, Mao, Xu 2022 traded these for memory at equal precision; at float64
+    the trade favours instantiation whenever its memory is no larger)."""
+    return 4 * p * d > 16 * t * t + 8 * t * (p + d)
 
 
 def _linear_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
@@ -288,10 +389,12 @@ def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.T
     weight_shape = tuple(m.weight.shape)
 
     def ghost_weight_sum(c: torch.Tensor) -> torch.Tensor:
+        # in float64, as the ghost norm's bound on the clipped sum's rounding assumes
+        c = c.to(torch.float64)
         total: torch.Tensor | None = None
         for call in calls:
-            x, pad = _padded(m, _work(call.inputs[0]).to(c.dtype))
-            gc = _grad(call).to(c.dtype) * c[:, None, None, None]
+            x, pad = _padded(m, call.inputs[0].to(torch.float64))
+            gc = _grad(call).to(torch.float64) * c[:, None, None, None]
             w = conv2d_weight(  # type: ignore[no-untyped-call]
                 x, weight_shape, gc, stride=m.stride, padding=pad, dilation=m.dilation
             )
@@ -303,6 +406,10 @@ def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.T
 
 
 def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+    """Embedding: each example's gradient is nonzero only in the rows of its own tokens, the
+    sum of its output gradients at the positions holding that token. Those rows are
+    instantiated (at most ``B T`` rows of ``E``, however large the vocabulary), so the norms
+    are exactly those of the values summed, at the cost of one sort of the ``B T`` keys."""
     m = layer.module
     assert isinstance(m, nn.Embedding)
     vocab, dim = m.num_embeddings, m.embedding_dim
@@ -310,31 +417,25 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
     g = _cat1([_grad(c).reshape(batch, -1, dim) for c in calls], dim=1)  # (B, T, E)
     if m.padding_idx is not None:
         g = g.masked_fill((idx == m.padding_idx).unsqueeze(-1), 0.0)
-    t = idx.shape[1]
-    if _use_ghost(t, dim, vocab):
-        # ghost norm: sum_{t,t'} [idx_t == idx_t'] <g_t, g_t'>
-        gg = torch.bmm(g, g.transpose(1, 2))
-        same = idx.unsqueeze(2) == idx.unsqueeze(1)
-        ghost = (gg * same).sum(dim=(1, 2), dtype=torch.float64)
-        u = torch.linalg.vector_norm(g, dim=2).sum(1).to(torch.float64)  # one-hot inputs
-        slack = _ghost_slack(dot_lengths=(dim,), terms=t * t, dtype=g.dtype)
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        norm2 = (ghost.clamp_min(0) + slack * u.square()).to(acc)
-        flat_idx = idx.reshape(-1)
+    example = torch.arange(batch, device=idx.device).unsqueeze(1)
+    keys, inverse = torch.unique((example * vocab + idx).reshape(-1), return_inverse=True)
+    rows = torch.zeros(keys.shape[0], dim, dtype=g.dtype, device=g.device)
+    rows.index_add_(0, inverse, g.reshape(-1, dim))  # one row per (example, token)
+    owner, token = keys // vocab, keys % vocab
+    norm2 = torch.zeros(batch, dtype=torch.float64, device=g.device)
+    norm2.index_add_(0, owner, _sq_norms(rows))
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
 
-        def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
-            rows = (g * c.to(g.dtype)[:, None, None]).reshape(-1, dim)
-            dest = dests["weight"]
-            if dest.dtype == rows.dtype:
-                dest.zero_().index_add_(0, flat_idx, rows)
-            else:
-                out = torch.zeros(vocab, dim, dtype=g.dtype, device=g.device)
-                dest.copy_(out.index_add_(0, flat_idx, rows))
+    def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
+        scaled = rows * c.to(rows.dtype)[owner].unsqueeze(1)
+        dest = dests["weight"]
+        if dest.dtype == rows.dtype:
+            dest.zero_().index_add_(0, token, scaled)
+        else:
+            out = torch.zeros(vocab, dim, dtype=rows.dtype, device=rows.device)
+            dest.copy_(out.index_add_(0, token, scaled))
 
-        return norm2, finish
-    per_sample = torch.zeros(batch, vocab, dim, dtype=g.dtype, device=g.device)
-    per_sample.scatter_add_(1, idx.unsqueeze(-1).expand(batch, t, dim), g)
-    return _instantiated({"weight": per_sample})
+    return _norm_out(norm2, acc), finish
 
 
 def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _SumFn]:
@@ -345,6 +446,8 @@ def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _S
         n2 = _sq_norms(v)
         norm2 = n2 if norm2 is None else norm2 + n2
     assert norm2 is not None
+    acc = torch.float64 if any(v.dtype == torch.float64 for v in per_sample.values()) else None
+    norm2 = _norm_out(norm2, acc or torch.float32)
 
     def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
         for n, v in per_sample.items():
@@ -430,7 +533,14 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
 
         batched_values = tuple(values[i] for i in batched)
         try:
-            per = torch.func.vmap(per_sample)(batched_values, cotangents)
+            with contextlib.ExitStack() as stack:
+                # the layer's forward ran under this autocast (the clipping step itself runs
+                # with autocast off): re-run it the same way, half-precision inputs included
+                for device_type, dtype in call.autocast:
+                    stack.enter_context(
+                        torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+                    )
+                per = torch.func.vmap(per_sample)(batched_values, cotangents)
         except RuntimeError as exc:
             if isinstance(module, nn.RNNBase):
                 cell = {"LSTM": "nn.LSTMCell", "GRU": "nn.GRUCell"}.get(
