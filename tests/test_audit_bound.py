@@ -276,3 +276,95 @@ def test_audit_report_prints_every_number() -> None:
     text = audit_report(SimpleNamespace(audit=a, plan=SimpleNamespace(audit_kind="white-box")))
     for part in ("2.0000", "0.5000", "25.0%", "0.95", "300", "40 (20/20), 33", "white-box"):
         assert part in text
+
+
+@pytest.mark.parametrize(("k", "beta"), [(10, 0.05), (200, 1e-7)])
+def test_ceiling_is_the_all_correct_bound_with_known_answers(k: int, beta: float) -> None:
+    """A grid [k] on m = 2k canaries has the candidates (k, k) and (k, 0), each at beta / 2;
+    with delta = 0 the best, all 2k guesses right, solves p^(2k) = beta / 2 (Theorem 3.1 of
+    Steinke, Nasr, Jagielski 2023): eps = log(p / (1 - p))."""
+    p = (beta / 2) ** (1 / (2 * k))
+    got = bound.ceiling(m=2 * k, delta=0.0, confidence=1 - beta, grid=[k])
+    assert got == pytest.approx(math.log(p / (1 - p)), rel=1e-9)
+    # what an audit whose every guess is right reports, and records
+    scores = np.arange(2 * k, dtype=float)
+    res = bound.audit(scores=scores, included=scores >= k, delta=0.0, confidence=1 - beta, grid=[k])
+    assert res.epsilon_lower_bound == pytest.approx(got, rel=1e-12) and res.ceiling == got
+
+
+def test_the_ceiling_of_1000_canaries_per_site_is_lifted() -> None:
+    """3 sites x 1,000 white-box canaries (two score sets), delta 1e-5, 95%: the equal-weight
+    grid of 17 pairs could never pass 4.18, whatever the run; the schedule, which puts half
+    the weight on guessing all but 4 sqrt(m) canaries, reaches 6.27. Still below a claim
+    of 8: the delta term caps it near log(alpha w r / (2 m delta)) whatever m is."""
+    old = bound.ceiling(m=3000, delta=1e-5, confidence=0.95, score_sets=2, grid=bound.DEFAULT_GRID)
+    new = bound.ceiling(m=3000, delta=1e-5, confidence=0.95, score_sets=2)
+    assert 4.17 < old < 4.19 and 6.2 < new < 6.35
+    huge = bound.ceiling(m=90_000, delta=1e-5, confidence=0.95, score_sets=2)
+    assert huge < 7.0 < bound.ceiling(m=90_000, delta=1e-12, confidence=0.95, score_sets=2)
+
+
+def test_schedule_weights_sum_to_one_and_fit_m() -> None:
+    for m in (1, 2, 7, 100, 900, 3000, 123_457):
+        guesses = bound.schedule(m)
+        assert sum(g.weight for g in guesses) == pytest.approx(1.0, abs=1e-12)
+        assert all(1 <= g.guesses <= m and g.weight > 0 for g in guesses)
+        assert len({(g.k_plus, g.k_minus) for g in guesses}) == len(guesses)
+    widest = bound.schedule(3000)[0]
+    assert (widest.k_plus, widest.k_minus) == (1390, 1390)
+    assert widest.weight == pytest.approx(0.5)
+
+
+def test_advice_names_the_canaries_and_the_delta_that_make_a_claim_testable() -> None:
+    """Claim 8 with 3,000 canaries at delta 1e-5: untestable, and no canary count helps at
+    that delta; a smaller audited delta (where the claim, given as a function of delta, is
+    larger) and the canaries named there do make it testable."""
+
+    def claim(d: float) -> float:
+        return 8.0 + 0.05 * math.log10(1e-5 / d)
+
+    advice = bound.advise(
+        claimed_epsilon=claim, m=3000, delta=1e-5, confidence=0.95, score_sets=2, sites=3
+    )
+    assert not advice.testable and advice.canaries is None
+    assert advice.delta is not None and advice.delta < 1e-5
+    assert advice.delta_canaries is not None and advice.delta_canaries % 3 == 0
+    assert advice.claimed_at_delta == pytest.approx(claim(advice.delta))
+    there = bound.ceiling(
+        m=advice.delta_canaries, delta=advice.delta, confidence=0.95, score_sets=2
+    )
+    assert there > advice.claimed_at_delta
+    text = advice.text(sites=3)
+    assert "ceiling" in text and f"{advice.delta:g}" in text and "per site" in text
+    easy = bound.advise(claimed_epsilon=1.0, m=3000, delta=1e-5, confidence=0.95)
+    assert easy.testable and easy.text() == ""
+    fewer = bound.advise(claimed_epsilon=5.0, m=300, delta=1e-12, confidence=0.95, sites=3)
+    assert not fewer.testable and fewer.canaries is not None and fewer.canaries > 300
+    assert bound.ceiling(m=fewer.canaries, delta=1e-12, confidence=0.95) > 5.0
+
+
+def test_an_untestable_claim_is_flagged_in_the_result(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(5)
+    scores, included = randomized_response(rng, 300, 50.0)
+    with caplog.at_level("WARNING", logger="mpcdp.audit.bound"):
+        res = bound.audit(scores=scores, included=included, delta=1e-5, claimed_epsilon=9.0)
+    assert res.testable is False and res.epsilon_lower_bound <= res.ceiling < 9.0
+    assert any("ceiling" in r.getMessage() for r in caplog.records)
+    assert bound.audit(scores=scores, included=included, delta=1e-5).testable is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(m=0), "m"),
+        (dict(score_sets=0), "score_sets"),
+        (dict(delta=1.0), "delta"),
+        (dict(confidence=1.0), "confidence"),
+        (dict(grid=[0]), "grid"),
+    ],
+)
+def test_ceiling_refuses_bad_inputs(kwargs: dict[str, object], name: str) -> None:
+    args: dict[str, object] = dict(m=100, delta=1e-5, confidence=0.95)
+    args.update(kwargs)
+    with pytest.raises(ParameterError, match=name):
+        bound.ceiling(**args)  # type: ignore[arg-type]

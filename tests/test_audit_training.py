@@ -316,3 +316,99 @@ def test_noise_hook_is_not_reachable_from_party_toml(tmp_path: Path) -> None:
     cfg.write_text(party_toml("alice", PARTIES) + "\ntest_only_noise_divisor = 10\n")
     with pytest.raises(Exception, match="test_only_noise_divisor"):
         load_party_config(cfg)
+
+
+def test_no_noise_is_caught_at_a_claim_the_old_audit_could_not_refute(tmp_path: Path) -> None:
+    """The key test of the audit's power. The sites add no noise (test-only hook) while the
+    accountant claims epsilon 3 at delta 1e-12 (3 sites x 300 canaries, 100 steps). The
+    audit is testable there (ceiling 3.79 > 3) and must put its bound above 3. The previous
+    audit (equal-weight grid, plain spike count) reached 2.63 and 2.85 in two runs of this
+    configuration: not caught. Measured with the scaled spike count: 0, 2 and 0 of 780 wide
+    guesses wrong (bounds 3.63-3.79); the bound stays above 3.0 up to 9 wrong, so at the
+    measured rate (under 1 in 700) a chance failure is far below 1e-6."""
+    result = audit_run(tmp_path, divisor=math.inf, target_epsilon=3.0, epochs=10)
+    a = result.audit
+    assert a is not None and a.claimed_epsilon is not None
+    assert 2.9 < a.claimed_epsilon <= 3.0 and a.testable
+    assert a.ceiling > 3.7
+    assert a.epsilon_lower_bound > a.claimed_epsilon
+
+
+def _plan(**kw: Any) -> Any:
+    from mpcdp.train.planning import plan_training
+
+    args: dict[str, Any] = dict(
+        dataset="digits",
+        model="mlp:64,128,10",
+        parties=PARTIES,
+        examples=[479, 479, 480],
+        num_params=9610,
+        target_epsilon=8.0,
+        target_delta=1e-5,
+        epochs=20,
+        batch_size=64,
+        max_grad_norm=1.0,
+        audit_canaries=1000,
+        audit_kind="white-box",
+    )
+    args.update(kw)
+    return plan_training(**args)
+
+
+def test_preflight_refuses_to_call_a_claim_of_8_testable_and_says_what_would_be() -> None:
+    """The digits audit of the benchmark at claimed epsilon 8 (1,000 canaries per site,
+    delta 1e-5, 95%): ceiling 6.27 < 7.96, known before any site is asked; the advice names
+    a smaller audited delta and the canaries needed there, more than this model's 9,610
+    coordinates allow (no canary count at all helps at 1e-5: the delta term caps it)."""
+    from mpcdp.train.audit import preflight
+
+    check = preflight(plan=_plan(), delta=None, confidence=0.95)
+    assert check.m == 3000 and not check.testable
+    assert 6.2 < check.ceiling < 6.35 and 7.9 < check.claimed_epsilon <= 8.0
+    text = check.text()
+    assert "audit ceiling 6.2" in text and "UNTESTABLE" in text
+    advice = check.advice
+    assert advice.delta is not None and advice.delta < 1e-5
+    assert advice.claimed_at_delta is not None and advice.claimed_at_delta > 8.0
+    assert f"audit delta {advice.delta:g}" in text and "per site" in text
+    assert advice.delta_canaries is not None and advice.delta_canaries > 9610
+    assert "the model has 9610 trainable parameters" in text
+    easy = preflight(plan=_plan(target_epsilon=1.0), delta=None, confidence=0.95)
+    assert easy.testable and "UNTESTABLE" not in easy.text()
+    with pytest.raises(ParameterError, match="plan"):
+        preflight(plan=_plan(audit_canaries=0, audit_kind=""), delta=None, confidence=0.95)
+    with pytest.raises(ParameterError, match="confidence"):
+        preflight(plan=_plan(), delta=None, confidence=1.0)
+
+
+def test_cli_prints_the_ceiling_and_refuses_an_untestable_audit(tmp_path: Path) -> None:
+    """`mpcdp audit` at claimed epsilon 8 with 300 canaries per site: the ceiling and the
+    advice are printed before the run, exit 2, and no site charged anything."""
+    from typer.testing import CliRunner
+
+    from mpcdp.cli.app import app
+
+    extra = {}
+    for i, p in enumerate(PARTIES):
+        x, y = example_data(i)
+        np.savez(tmp_path / f"{p}-ex.npz", x=x, y=y)
+        extra[p] = (
+            f'\n[datasets.ex]\npath = "{p}-ex.npz"\nnum_classes = 3\nepsilon = 50\ndelta = 1e-5\n'
+        )
+    net = build_net(tmp_path, extra=extra)
+    try:
+        args = [
+            "audit", "--federation", str(net.federation), "--dataset", "ex", "--model", MODEL,
+            "--canaries", "300", "--epochs", "2", "--batch-size", "18",
+        ]  # fmt: skip
+        out = CliRunner().invoke(app, [*args, "--target-epsilon", "8"])
+        assert out.exit_code == 2, out.output
+        assert "audit ceiling" in out.output and "UNTESTABLE" in out.output
+        assert "refused before the run" in out.output and "--allow-untestable" in out.output
+        for node in net.nodes.values():
+            assert node.ledger.status("ex").remaining_epsilon == 50
+        ok = CliRunner().invoke(app, [*args, "--target-epsilon", "1", "--json"])
+        assert ok.exit_code == 0, ok.output
+        assert "audit ceiling" in ok.output and "UNTESTABLE" not in ok.output
+    finally:
+        net.stop()

@@ -36,11 +36,16 @@ correlated from step to step (a weight's gradient drifts slowly); when the noise
 than claimed they, not the noise, hide the canaries, and the ratio computed with the claimed
 noise is nearly a plain sum that adds the drift up. So a second score counts the spikes: the
 steps where the coordinate's value exceeds an exponential moving average of its earlier
-values (decay :data:`DETREND_DECAY`, started at the first step's value) by more than a / 2,
-the value a sampled canary adds. It is weaker when the noise is as claimed and much stronger
-when it is not (measured on digits with the noise removed: a bound of 1.9 with the ratio
-alone, 3.8-3.9 with both). The audit tries both and pays for the choice in its Bonferroni
-correction (mpcdp.audit.bound.audit).
+values (decay :data:`DETREND_DECAY`, started at the first step's value) by more than
+a / 2 + :data:`SPIKE_SCALE` times the coordinate's own fluctuation so far (the mean of
+min(|residual|, a / 2) over its earlier steps). A canary adds a when sampled; a coordinate
+whose real gradient jumps by about a on its own would otherwise collect spikes without any
+canary, the errors that cap the bound when the noise is gone (the mean is truncated at a / 2
+so that the canary's own spikes barely raise it). It is weaker when the noise is as claimed
+and much stronger when it is not. The audit tries both and pays for the choice in its
+Bonferroni correction (mpcdp.audit.bound.audit). Measured on the test federation with the
+noise removed (3 x 300 canaries, 100 steps): the plain count got 2 to 5 of 810 guesses wrong,
+the scaled count 0 to 1.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from mpcdp.errors import ParameterError, ProtocolError
 __all__ = [
     "AUDIT_KINDS",
     "MAX_CANARIES",
+    "SCORE_SETS",
     "WhiteBoxScorer",
     "draw_inclusion",
     "gradient_coordinates",
@@ -69,9 +75,13 @@ __all__ = [
 AUDIT_KINDS = ("white-box", "black-box")
 #: the most canaries one site takes in one run
 MAX_CANARIES = 1 << 20
+#: score rows the audit tries per kind (:meth:`WhiteBoxScorer.score_sets`; black-box: the loss)
+SCORE_SETS = {"white-box": 2, "black-box": 1}
 _LABEL = b"mpcdp audit canaries v1\n"
 #: weight of the past in the white-box score's moving average (about 20 steps)
 DETREND_DECAY = 0.95
+#: a spike must exceed a / 2 by this many times the coordinate's mean truncated residual
+SPIKE_SCALE = 2.0
 FloatArray = NDArray[np.float64]
 
 
@@ -190,6 +200,7 @@ class WhiteBoxScorer:
         self.scores = np.zeros(coords.size, dtype=np.float64)
         self.spikes = np.zeros(coords.size, dtype=np.int64)
         self._trend = np.zeros(coords.size, dtype=np.float64)
+        self._wobble = np.zeros(coords.size, dtype=np.float64)  # sum of min(|residual|, a/2)
         self.steps = 0
 
     def _llr(self, x: FloatArray) -> FloatArray:
@@ -202,7 +213,10 @@ class WhiteBoxScorer:
         self.scores += self._llr(x)
         if self.steps == 0:  # the average starts at the first value (its residual is 0)
             self._trend[:] = x
-        self.spikes += (x - self._trend) > 0.5 * self._a
+        residual = x - self._trend
+        scale = self._wobble / max(1, self.steps)
+        self.spikes += residual > 0.5 * self._a + SPIKE_SCALE * scale
+        self._wobble += np.minimum(np.abs(residual), 0.5 * self._a)
         self._trend *= DETREND_DECAY
         self._trend += (1.0 - DETREND_DECAY) * x
         self.steps += 1

@@ -47,6 +47,12 @@ MAX_GRAD_NORM = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C.")
 BATCH_SIZE = typer.Option(64, "--batch-size", help="Expected examples per step.")
 LEARNING_RATE = typer.Option(0.03, "--lr", help="Learning rate.")
 
+ALLOW_UNTESTABLE = typer.Option(
+    False,
+    "--allow-untestable",
+    help="Run an audit whose ceiling is at or below the claimed epsilon (it cannot fail).",
+)
+
 
 def model_options(values: list[str]) -> dict[str, Any]:
     """``--model-option KEY=VALUE`` pairs as a dict (VALUE as JSON when it parses)."""
@@ -140,6 +146,7 @@ def train(
     audit_delta: float | None = typer.Option(
         None, "--audit-delta", help="delta audited (default: --target-delta)."
     ),
+    allow_untestable: bool = ALLOW_UNTESTABLE,
 ) -> None:
     """Train a model on every site's examples with federated DP-SGD.
 
@@ -183,6 +190,27 @@ def train(
 
         try:
             with Federation.from_config(federation) as fed:
+                if audit_canaries:
+                    _audit_preflight(
+                        fed,
+                        allow_untestable=allow_untestable,
+                        hint="--allow-untestable",
+                        delta=audit_delta,
+                        confidence=audit_confidence,
+                        dataset=dataset,
+                        model=model,
+                        python_path=python_path,
+                        model_options=options or None,
+                        target_epsilon=target_epsilon,
+                        target_delta=target_delta,
+                        epochs=epochs,
+                        batch_size=batch_size,
+                        max_grad_norm=max_grad_norm,
+                        audit_canaries=audit_canaries,
+                        audit_kind=audit_kind,
+                        clipping=clipping,
+                        bias_only=bias_only,
+                    )
                 result = fed.train(
                     dataset=dataset,
                     model=model,
@@ -276,6 +304,34 @@ def _check_audit_options(
         raise typer.BadParameter(f"{delta!r} not in (0, 1)", param_hint="--audit-delta")
 
 
+def _audit_preflight(
+    fed: Any,
+    *,
+    allow_untestable: bool,
+    hint: str,
+    delta: float | None,
+    confidence: float,
+    **plan: Any,
+) -> None:
+    """Before any site is asked: the audit's ceiling against the claim (mpcdp.train.audit).
+    Prints it; refuses an untestable audit (exit 2) unless ``allow_untestable``."""
+    from mpcdp.train.audit import audit_plan, preflight
+
+    plan.setdefault("colluders", fed.config.colluders)
+    check = preflight(
+        plan=audit_plan(examples=fed.examples(plan["dataset"]), **plan),
+        delta=delta,
+        confidence=confidence,
+    )
+    typer.echo(check.text(), err=True)
+    if not check.testable and not allow_untestable:
+        typer.echo(
+            f"error: refused before the run (nothing was charged); {hint} runs it anyway",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
 def audit_report(result: Any) -> str:
     """The audit's lines: claimed epsilon, lower bound, fraction, confidence, m, guesses."""
     a = result.audit
@@ -288,7 +344,14 @@ def audit_report(result: Any) -> str:
         f"{'n/a' if fraction is None else f'{fraction:.1%}'}\n"
         f"  confidence                    {a.confidence:g}\n"
         f"  canaries m                    {a.m}\n"
-        f"  guesses (in/out), correct     {a.guesses} ({a.k_plus}/{a.k_minus}), {a.correct}"
+        f"  guesses (in/out), correct     {a.guesses} ({a.k_plus}/{a.k_minus}), {a.correct}\n"
+        f"  ceiling (every guess right)   {a.ceiling:.4f}"
+        + (
+            "\n  UNTESTABLE: the claim is at or above the ceiling; no run, however broken, "
+            "could have put the bound above it (mpcdp audit prints what would)"
+            if a.testable is False
+            else ""
+        )
     )
 
 
@@ -313,6 +376,7 @@ def audit(
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    allow_untestable: bool = ALLOW_UNTESTABLE,
 ) -> None:
     """One-run privacy audit: an audit run with canaries at every site, and a statistically
     valid lower bound on its epsilon next to the accountant's.
@@ -320,7 +384,11 @@ def audit(
     The run is declared to every site, checked and charged like any training run. Each site
     includes each of its canaries with probability 1/2 (its secret until the run ends); the
     bound holds with the given confidence over those coin flips. A bound above the claimed
-    epsilon means the implementation releases more than it claims. No site data is needed."""
+    epsilon means the implementation releases more than it claims. No site data is needed.
+
+    Before the run it prints the audit's ceiling (the bound if every guess were right) and
+    refuses, charging nothing, when the claimed epsilon is at or above it (such an audit
+    cannot fail), saying how many canaries or which --audit-delta would make it testable."""
     if canaries < 1:
         raise typer.BadParameter(f"{canaries!r} must be >= 1", param_hint="--canaries")
     options = model_options(model_option)
@@ -339,6 +407,24 @@ def audit(
 
     try:
         with Federation.from_config(federation) as fed:
+            _audit_preflight(
+                fed,
+                allow_untestable=allow_untestable,
+                hint="--allow-untestable",
+                delta=audit_delta,
+                confidence=confidence,
+                dataset=dataset,
+                model=model,
+                python_path=python_path,
+                model_options=options or None,
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                epochs=epochs,
+                batch_size=batch_size,
+                max_grad_norm=max_grad_norm,
+                audit_canaries=canaries,
+                audit_kind=kind,
+            )
             result = fed.train(
                 dataset=dataset,
                 model=model,

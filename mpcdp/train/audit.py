@@ -11,6 +11,12 @@ canary from what it legitimately sees, the released noisy step sums (white-box,
 :func:`white_box_scorer`) or the final model (black-box, :func:`black_box_scores`: minus the
 loss), and :func:`finish` turns scores and bits into the paper's bound (mpcdp.audit.bound).
 
+Before the run, :func:`preflight` computes the audit's ceiling (mpcdp.audit.bound.ceiling: the
+bound if every guess were right, the most any outcome can show) and compares it with the
+accountant's epsilon at the audited delta: a claim at or above the ceiling cannot be refuted
+however broken the run is, and the advice says how many canaries, or which audited delta,
+would make it testable (``mpcdp audit`` refuses such a run unless told to go on).
+
 What it proves: with probability at least ``confidence``, the run is not (eps, delta)-DP for
 any eps below the reported bound. So a bound above the accountant's epsilon means the
 implementation (clipping, sampling, noise, accounting) releases more than it claims; a bound
@@ -28,26 +34,185 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
 from mpcdp.audit import bound
-from mpcdp.audit.canaries import WhiteBoxScorer, gradient_coordinates, input_canaries
+from mpcdp.audit.canaries import (
+    MAX_CANARIES,
+    SCORE_SETS,
+    WhiteBoxScorer,
+    gradient_coordinates,
+    input_canaries,
+)
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import TrainSpec
+from mpcdp.train.planning import TrainingPlan
 
 __all__ = [
+    "AuditPreflight",
+    "audit_plan",
     "black_box_scores",
     "example_losses",
     "finish",
+    "preflight",
     "white_box_scorer",
 ]
 
 logger = logging.getLogger(__name__)
 
 FloatArray = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class AuditPreflight:
+    """An audit run's testability, known before its first step (:func:`preflight`).
+
+    Attributes:
+        m: canaries in all (sites x per site).
+        claimed_epsilon: the accountant's epsilon at ``delta`` after the whole run.
+        ceiling: the largest bound any outcome of the audit can give.
+        delta, confidence: the audited delta and the bound's confidence.
+        advice: what would make the claim testable (mpcdp.audit.bound.Advice).
+        sites: sites taking canaries.
+        coordinates: a white-box audit's trainable parameters (one per canary; 0 for
+            black-box).
+    """
+
+    m: int
+    claimed_epsilon: float
+    ceiling: float
+    delta: float
+    confidence: float
+    advice: bound.Advice
+    sites: int
+    coordinates: int = 0
+
+    @property
+    def testable(self) -> bool:
+        return self.claimed_epsilon < self.ceiling
+
+    def text(self) -> str:
+        """The lines ``mpcdp audit`` prints before the run."""
+        line = (
+            f"audit ceiling {self.ceiling:.4f} (the bound if every guess were right: "
+            f"{self.m} canaries, delta {self.delta:g}, confidence {self.confidence:g}); "
+            f"claimed epsilon {self.claimed_epsilon:.4f} at that delta"
+        )
+        if self.testable:
+            return line
+        advice = self.advice.text(sites=self.sites)
+        wanted = max(self.advice.canaries or 0, self.advice.delta_canaries or 0)
+        if self.coordinates and wanted > self.coordinates:
+            advice += (
+                f" (white-box canaries need a coordinate each: the model has "
+                f"{self.coordinates} trainable parameters)"
+            )
+        return f"{line}\nUNTESTABLE: {advice}"
+
+
+def preflight(*, plan: TrainingPlan, delta: float | None, confidence: float) -> AuditPreflight:
+    """The ceiling of ``plan``'s audit and the claim it would test, before any site is asked.
+
+    Args:
+        plan: an audit run's plan (``audit_canaries`` > 0).
+        delta: the audited delta (None: the plan's target delta).
+        confidence: the bound's confidence, in (0, 1).
+
+    Raises:
+        ParameterError: a plan without canaries, or a bad delta or confidence.
+    """
+    if plan.audit_canaries < 1 or plan.audit_kind not in SCORE_SETS:
+        raise ParameterError("plan", plan.audit_kind or "no canaries", "is not an audit run")
+    at = plan.target_delta if delta is None else delta
+    if not isinstance(at, float | int) or not 0 < at < 1:
+        raise ParameterError("delta", delta, "must be in (0, 1)")
+    if not isinstance(confidence, float | int) or not 0 < confidence < 1:
+        raise ParameterError("confidence", confidence, "must be in (0, 1)")
+    sites = len(plan.parties)
+    m = sites * plan.audit_canaries
+    most = min(sites * MAX_CANARIES, 1 << 17)
+    advice = bound.advise(
+        claimed_epsilon=lambda d: plan.epsilon_after(plan.steps, delta=d),
+        m=m,
+        delta=float(at),
+        confidence=float(confidence),
+        score_sets=SCORE_SETS[plan.audit_kind],
+        sites=sites,
+        max_canaries=max(sites, most),
+    )
+    out = AuditPreflight(
+        coordinates=plan.num_params if plan.audit_kind == "white-box" else 0,
+        m=m,
+        claimed_epsilon=advice.claimed_epsilon,
+        ceiling=advice.ceiling,
+        delta=float(at),
+        confidence=float(confidence),
+        advice=advice,
+        sites=sites,
+    )
+    if not out.testable:
+        logger.warning("one-run audit: %s", advice.text(sites=sites))
+    return out
+
+
+def audit_plan(
+    *,
+    examples: Mapping[str, int],
+    dataset: str,
+    model: str,
+    target_epsilon: float,
+    target_delta: float,
+    epochs: float,
+    batch_size: int,
+    max_grad_norm: float,
+    audit_canaries: int,
+    audit_kind: str,
+    colluders: int = 1,
+    clipping: Literal["flat", "automatic"] = "flat",
+    bias_only: bool = False,
+    python_path: str | Path | Sequence[str | Path] = (),
+    model_options: Mapping[str, Any] | None = None,
+) -> TrainingPlan:
+    """The plan mpcdp.train.federated.train will make for this audit run (the model is built
+    on the CPU to count its trainable parameters), for :func:`preflight`. ``examples``: each
+    site's example count, in federation order (Describe)."""
+    from mpcdp.train.clipping import PerSampleClipper
+    from mpcdp.train.models import build_model
+    from mpcdp.train.planning import plan_training
+    from mpcdp.train.run_model import model_factory_for
+
+    factory = model_factory_for(
+        model, default=build_model, python_path=python_path, model_options=model_options
+    )
+    with torch.random.fork_rng(devices=[]):
+        net = factory(model).cpu()
+    clipper = PerSampleClipper(
+        net, max_grad_norm=max_grad_norm, clipping=clipping, bias_only=bias_only
+    )
+    return plan_training(
+        dataset=dataset,
+        model=model,
+        parties=tuple(examples),
+        examples=list(examples.values()),
+        num_params=clipper.num_params,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_grad_norm=max_grad_norm,
+        colluders=colluders,
+        clipping=clipping,
+        bias_only=bias_only,
+        audit_canaries=audit_canaries,
+        audit_kind=audit_kind,
+    )
 
 
 def white_box_scorer(*, spec: TrainSpec) -> WhiteBoxScorer:
