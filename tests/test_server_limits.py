@@ -356,6 +356,10 @@ def test_a_second_server_on_an_address_in_use_fails_to_start(tmp_path: Path) -> 
         ),
         ({"stream_silence_s": 0.0}, "stream_silence_s"),
         ({"stream_silence_s": float("nan")}, "stream_silence_s"),
+        ({"max_uploads": 0}, "max_uploads"),
+        ({"max_uploads": 4, "max_uploads_per_coordinator": 5}, "max_uploads_per_coordinator"),
+        ({"max_short_calls_per_caller": 0}, "max_short_calls_per_caller"),
+        ({"max_call_s": float("inf")}, "max_call_s"),
     ],
 )
 def test_servicer_limits_are_checked(tmp_path: Path, limits: dict[str, float], name: str) -> None:
@@ -373,7 +377,9 @@ def test_servicer_limits_are_checked(tmp_path: Path, limits: dict[str, float], n
         servicer = srv.PartyServicer(
             node.engine, coordinators=frozenset(node.config.coordinators), describe=node.describe
         )
-        with pytest.raises(ParameterError, match="must be more than the 56 workers"):
+        # 8 TrainStep + 16 setup calls + 32 uploads + 4 short calls for each of the two
+        # coordinators and for the other certificates together
+        with pytest.raises(ParameterError, match="must be more than the 68 workers"):
             srv.start_server(
                 servicer,
                 listen="127.0.0.1:0",

@@ -205,9 +205,12 @@ class Health:
 def explain_unavailable(details: str, *, address: str, party_id: str) -> str:
     """gRPC's UNAVAILABLE details as what happened and what to check.
 
-    gRPC reports a dead port, a certificate from another CA on either side and a party
-    certificate for another name alike as UNAVAILABLE; its details tell them apart (the
-    strings of grpc 1.6x-1.8x, matched loosely, with the original kept at the end)."""
+    gRPC reports a dead port, a certificate from another CA on either side, a party
+    certificate for another name and a connection cut during the handshake alike as
+    UNAVAILABLE; its details tell them apart (the strings of grpc 1.6x-1.8x, matched
+    loosely, with the original kept at the end). Only a connection the party closed right
+    after the handshake reads as a refused certificate: one that was reset during the
+    handshake is a party that stopped, restarted or turned the connection away."""
     low = details.lower()
     if "hostname verification" in low or "peer name" in low:
         what = (
@@ -220,11 +223,27 @@ def explain_unavailable(details: str, *, address: str, party_id: str) -> str:
             f"TLS handshake with {address} failed: the party's certificate is not signed by "
             "your CA (--ca / [tls] ca): both sides must use the same federation's ca.pem"
         )
-    elif "socket closed" in low or "handshake" in low or "ssl" in low:
+    elif any(
+        cut in low
+        for cut in ("connection reset", "broken pipe", "handshake read failed", "handshake write")
+    ):
         what = (
-            f"TLS handshake with {address} failed: the party closed the connection, so it "
-            "did not accept your certificate: check that your --cert/--key ([tls] cert, key) "
-            "come from the party's federation CA, or that the address is a party at all"
+            f"the connection to {address} was cut during the TLS handshake: the party "
+            "stopped or restarted, or turned the connection away (it was busy with too many "
+            "connections); retry, and see the party's log if it persists"
+        )
+    elif "socket closed" in low:
+        what = (
+            f"TLS handshake with {address} failed: the party closed the connection right "
+            "after the handshake, so it did not accept your certificate (unless it stopped "
+            "at that moment): check that your --cert/--key ([tls] cert, key) come from the "
+            "party's federation CA, or that the address is a party at all"
+        )
+    elif "handshake" in low or "ssl" in low:
+        what = (
+            f"TLS handshake with {address} failed: check that the address is a party's and "
+            "that both sides use the same federation's CA; the party may also have stopped "
+            "during the handshake"
         )
     elif "connection refused" in low:
         what = f"nothing listens at {address}: is the party running, on this port?"

@@ -5,31 +5,51 @@
 | PolicyError, DataError                 | FAILED_PRECONDITION  |
 | SessionError                           | FAILED_PRECONDITION  |
 | ProtocolError, ParameterError          | INVALID_ARGUMENT     |
+| a request that is not a valid message  | INVALID_ARGUMENT     |
 | BudgetExceededError                    | RESOURCE_EXHAUSTED   |
 | LedgerError (query id already answered)| ALREADY_EXISTS       |
 | HeadroomError                          | OUT_OF_RANGE         |
-| too many long or setup calls (below)   | RESOURCE_EXHAUSTED   |
+| too many calls of one kind (below)     | RESOURCE_EXHAUSTED   |
 | anything else                          | INTERNAL (details only in the party's log) |
 
 Messages carry the domain error's text, which names parameters and values but never a share,
 a key or a noise value.
 
-A party survives a hostile coordinator:
+A party survives a hostile coordinator, and strangers:
 
-* Calls that can hold a worker are bounded, per coordinator and in total, and the worker
-  pool has threads for all of them plus SHORT_CALL_WORKERS, so health checks, Describe and
-  Abort always find one:
-  - TrainStep streams (``max_long_calls``): one beyond a limit is refused at once
-    (RESOURCE_EXHAUSTED, naming the coordinator and the limit);
-  - Propose and TrainOpen, which build noise or a model (``max_setup_calls``): the same;
-  - Contribute is never refused for being busy: it is the call that charges, and a party
-    that refused it after others charged would make the ledgers disagree. Its number is
-    bounded by the engine's pending sessions (a slot per session, taken at Propose), and a
-    Contribute for an unknown session is refused before it waits on anything.
-* A long call that waits on its coordinator for longer than ``stream_silence_s`` (for its
-  next request message, or for it to take the next upload message) is cancelled; the time
-  the party itself works is not counted.
-* HTTP/2 keepalive pings find connections whose peer has gone.
+* The caller is known before a request is read: every method is served from the raw request
+  stream, so the certificate is checked (PERMISSION_DENIED for one that is not a configured
+  coordinator; health checks excepted) and the call counted before its request message is
+  read at all. A message is then parsed here, so bytes that are not a valid message are
+  INVALID_ARGUMENT, never INTERNAL, and a message larger than its method's cap
+  (:data:`MAX_REQUEST_BYTES`; only the TrainStep upload and TrainOpen's architecture reach
+  the transport's 16 MiB) is refused.
+* Every call counts against its caller's limits until it ends, in total and per
+  coordinator; one beyond a limit is refused at once (RESOURCE_EXHAUSTED, naming the
+  coordinator and the limit):
+  - TrainStep streams (``max_long_calls``);
+  - Propose and TrainOpen, which build noise or a model (``max_setup_calls``);
+  - Contribute uploads (``max_uploads``), until the last chunk is taken. A Propose of a
+    coordinator whose uploads are at its limit is refused too, so a coordinator that
+    keeps its uploads unread is stopped before a new round charges anything anywhere;
+  - Describe, Abort and health checks (``max_short_calls_per_caller`` per coordinator;
+    the certificates that are not coordinators share one such allowance).
+  The worker pool has a thread for every call these limits allow, plus SPARE_WORKERS for
+  the moment a refused call holds one: whatever one coordinator does, another's health
+  check, Describe and Abort find a worker.
+* A call that waits on its coordinator for longer than ``stream_silence_s`` without
+  progress (for its request message, for request bytes of a TrainStep upload -- messages
+  that carry no bytes do not count -- or for it to take the next upload message) is
+  cancelled; the time the party itself works is not counted. Any call that lives longer
+  than ``max_call_s`` is cancelled too.
+* Refusals are logged one bounded line each, at most REFUSAL_LOG_BURST lines per caller
+  every REFUSAL_LOG_WINDOW_S (then one line saying how many were left out).
+* Connections: a TLS handshake must finish within ``handshake_timeout_s`` (a stranger's
+  stalled connection is closed), and at most ``max_connections`` connections are open at
+  once, by default half of the process's file descriptors (RLIMIT_NOFILE), so strangers
+  cannot exhaust the descriptors the party needs. A limit per source address belongs in
+  front of the node (a TCP proxy; docker/README.md). HTTP/2 keepalive pings find
+  connections whose peer has gone.
 * The port is bound exclusively (no SO_REUSEPORT): a second node on an address in use fails
   to start instead of sharing the connections.
 """
@@ -41,17 +61,19 @@ import functools
 import itertools
 import logging
 import math
+import resource
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import (
@@ -73,14 +95,21 @@ from mpcdp.protocol.training import TrainingEngine
 from mpcdp.transport import codec, tls
 
 __all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT_S",
+    "DEFAULT_MAX_CALL_S",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_LONG_CALLS",
     "DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR",
     "DEFAULT_MAX_SETUP_CALLS",
     "DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR",
+    "DEFAULT_MAX_SHORT_CALLS_PER_CALLER",
+    "DEFAULT_MAX_UPLOADS_PER_COORDINATOR",
     "DEFAULT_STREAM_SILENCE_S",
+    "MAX_REQUEST_BYTES",
     "SERVER_OPTIONS",
-    "SHORT_CALL_WORKERS",
+    "SPARE_WORKERS",
     "PartyServicer",
+    "connection_limit",
     "start_server",
     "status_for",
 ]
@@ -93,10 +122,41 @@ DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR = 4
 #: Propose and TrainOpen calls a party runs at once, in total and per coordinator.
 DEFAULT_MAX_SETUP_CALLS = 16
 DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR = 8
-#: Seconds a long call may wait on its coordinator before the party cancels it.
+#: Contribute uploads one coordinator runs at once (in total: the engine's pending sessions).
+DEFAULT_MAX_UPLOADS_PER_COORDINATOR = 16
+#: Describe, Abort and health checks one caller runs at once.
+DEFAULT_MAX_SHORT_CALLS_PER_CALLER = 4
+#: Seconds a call may wait on its coordinator without progress before the party cancels it.
 DEFAULT_STREAM_SILENCE_S = 30.0
-#: Worker threads beyond the long-call limit: always free for the short calls.
-SHORT_CALL_WORKERS = 8
+#: Seconds any call may last, whatever it does.
+DEFAULT_MAX_CALL_S = 3600.0
+#: Seconds a connection may take for its TLS handshake.
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+#: Connections open at once (at most half of the process's file descriptors).
+DEFAULT_MAX_CONNECTIONS = 1024
+#: Worker threads beyond those the limits allow to be held: for refusals.
+SPARE_WORKERS = 4
+#: Refusal log lines per caller and window.
+REFUSAL_LOG_BURST = 20
+REFUSAL_LOG_WINDOW_S = 60.0
+#: The longest refusal message a log line carries.
+_MAX_LOGGED = 400
+#: The key that callers which are not coordinators share (their health checks).
+_STRANGERS = "(certificates that are not coordinators)"
+
+#: The largest request message of each method, in bytes (a larger one is refused before it
+#: is parsed). Contribute relays at most codec.LIMITS["keys"] signed keys with their
+#: certificates; TrainOpen may carry an architecture of 2^14 entries; a TrainStep message
+#: one chunk of parameters.
+MAX_REQUEST_BYTES: dict[str, int] = {
+    "Describe": 4 << 10,
+    "Abort": 4 << 10,
+    "Check": 4 << 10,
+    "Propose": 1 << 20,
+    "Contribute": 1 << 20,
+    "TrainOpen": tls.MAX_MESSAGE_BYTES,
+    "TrainStep": tls.MAX_MESSAGE_BYTES,
+}
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     *tls.GRPC_OPTIONS,
@@ -147,24 +207,70 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the party's log"
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-    code, message = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method)
-    else:
-        log.warning("%s refused: %s", method, message)
-    context.abort(code, message)
+class _RefusalLog:
+    """Logs refusals, one bounded line each, at most ``burst`` per caller every
+    ``window_s`` seconds; then one line says how many of that caller's were left out. It
+    remembers at most ``max_callers`` callers (the oldest is forgotten first)."""
 
+    def __init__(
+        self,
+        *,
+        burst: int = REFUSAL_LOG_BURST,
+        window_s: float = REFUSAL_LOG_WINDOW_S,
+        max_callers: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._window_s = window_s
+        self._max_callers = max_callers
+        self._clock = clock
+        self._lock = threading.Lock()
+        # caller -> [window start, lines logged in it, lines left out]
+        self._callers: OrderedDict[str, list[float]] = OrderedDict()
 
-def _unary(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(self: PartyServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, request, context)
-        except Exception as exc:  # mapped to a status code in one place
-            _abort(context, exc, fn.__name__)
+    def allow(self, caller: str) -> tuple[bool, int]:
+        """Whether a line about ``caller`` may be logged now, and how many of its lines
+        were left out in its last full window (to be said once)."""
+        now = self._clock()
+        with self._lock:
+            entry = self._callers.get(caller)
+            if entry is None or now - entry[0] >= self._window_s:
+                left_out = int(entry[2]) if entry is not None else 0
+                entry = [now, 0.0, 0.0]
+                self._callers[caller] = entry
+                while len(self._callers) > self._max_callers:
+                    self._callers.popitem(last=False)
+            else:
+                left_out = 0
+            self._callers.move_to_end(caller)
+            if entry[1] < self._burst:
+                entry[1] += 1
+                if entry[1] == self._burst:
+                    return True, -1 - left_out  # the last line of this window: say so
+                return True, left_out
+            entry[2] += 1
+            return False, 0
 
-    return wrapper  # type: ignore[return-value]
+    def refused(
+        self, caller: str, method: str, code: grpc.StatusCode, message: str, *, internal: bool
+    ) -> None:
+        ok, left_out = self.allow(caller)
+        if not ok:
+            return
+        note = ""
+        last = left_out < 0
+        if last:
+            left_out = -1 - left_out
+        if left_out:
+            note += f" ({left_out} more refusals of {caller} were not logged)"
+        if last:
+            note += f" (further refusals of {caller} within {self._window_s:g} s are not logged)"
+        if len(message) > _MAX_LOGGED:
+            message = message[:_MAX_LOGGED] + f"... ({len(message)} characters)"
+        if internal:
+            log.error("%s from %s failed%s", method, caller, note, exc_info=True)
+        else:
+            log.warning("%s from %s refused (%s): %s%s", method, caller, code.name, message, note)
 
 
 class _CallLimit:
@@ -175,29 +281,37 @@ class _CallLimit:
         self, *, party_id: str, total: int, per_coordinator: int, what: str, setting: str
     ) -> None:
         self._party_id = party_id
-        self._total = total
-        self._per_coordinator = per_coordinator
+        self.total = total
+        self.per_coordinator = per_coordinator
         self._what = what
         self._setting = setting
         self._lock = threading.Lock()
         self._running: Counter[str] = Counter()
 
+    def running(self, coordinator: str) -> int:
+        with self._lock:
+            return self._running[coordinator]
+
+    def refusal(self, coordinator: str, method: str, mine: int) -> _TooBusy:
+        return _TooBusy(
+            f"party {self._party_id!r} refused {method} from coordinator {coordinator!r}: "
+            f"{mine} {self._what} of this coordinator are already running, the limit "
+            f"{self._setting}_per_coordinator is {self.per_coordinator}; retry when one has "
+            "finished"
+        )
+
     def enter(self, coordinator: str, method: str) -> Callable[[], None]:
         """Count one call of ``coordinator``; returns its release (idempotent)."""
-        refused = f"party {self._party_id!r} refused {method} from coordinator {coordinator!r}"
         with self._lock:
             mine = self._running[coordinator]
-            if mine >= self._per_coordinator:
-                raise _TooBusy(
-                    f"{refused}: {mine} {self._what} of this coordinator are already running, "
-                    f"the limit {self._setting}_per_coordinator is {self._per_coordinator}; "
-                    "retry when one has finished"
-                )
+            if mine >= self.per_coordinator:
+                raise self.refusal(coordinator, method, mine)
             running = sum(self._running.values())
-            if running >= self._total:
+            if running >= self.total:
                 raise _TooBusy(
-                    f"{refused}: {running} {self._what} are already running, the limit "
-                    f"{self._setting} is {self._total}; retry when one has finished"
+                    f"party {self._party_id!r} refused {method} from coordinator "
+                    f"{coordinator!r}: {running} {self._what} are already running, the limit "
+                    f"{self._setting} is {self.total}; retry when one has finished"
                 )
             self._running[coordinator] += 1
         released = False
@@ -262,117 +376,137 @@ class _Watchdog:
                     log.exception("watchdog callback failed")
 
 
+def _parse(raw: Any, kind: type[Any], *, method: str) -> Any:
+    """A request message of ``kind`` from its bytes; anything else is a ProtocolError that
+    names the method and the size, never the contents."""
+    if not isinstance(raw, bytes):  # the raw handlers get bytes; nothing else is a request
+        raise ProtocolError(f"{method}: the request is not a message")
+    limit = MAX_REQUEST_BYTES[method]
+    if len(raw) > limit:
+        raise ProtocolError(
+            f"{method}: a request message of {len(raw)} bytes; the limit is {limit} bytes"
+        )
+    try:
+        return kind.FromString(raw)
+    except Exception:  # DecodeError, or the parser's recursion limit: not a valid message
+        raise ProtocolError(
+            f"{method}: the request ({len(raw)} bytes) is not a valid "
+            f"{kind.DESCRIPTOR.name} message"
+        ) from None
+
+
 class _CallWatch:
-    """Cancels one long call that waits on its coordinator for longer than ``limit_s``."""
+    """Cancels one call that waits on its coordinator without progress for longer than
+    ``silence_s``, or that lives longer than ``max_call_s``."""
 
     def __init__(
         self,
         watchdog: _Watchdog,
         context: grpc.ServicerContext,
         *,
-        limit_s: float,
+        silence_s: float,
+        max_call_s: float,
         party_id: str,
         method: str,
         coordinator: str,
     ) -> None:
         self._watchdog = watchdog
         self._context = context
-        self._limit_s = limit_s
+        self._silence_s = silence_s
         self._party_id = party_id
         self._method = method
         self._coordinator = coordinator
         #: what the call waited for when the watchdog cancelled it
         self.fired: str | None = None
+        self._total = watchdog.arm(
+            max_call_s,
+            functools.partial(
+                self._fire, f"the end of the call (it ran {max_call_s:g} s, max_call_s)"
+            ),
+        )
+
+    def close(self) -> None:
+        self._watchdog.disarm(self._total)
 
     @contextmanager
     def waiting(self, what: str) -> Iterator[None]:
         """The block waits on the coordinator (for ``what``)."""
-        token = self._watchdog.arm(self._limit_s, functools.partial(self._fire, what))
+        token = self._watchdog.arm(self._silence_s, functools.partial(self._fire, what))
         try:
             yield
         finally:
             self._watchdog.disarm(token)
 
     def _fire(self, what: str) -> None:
+        if self.fired is not None:
+            return
         self.fired = what
         log.warning(
-            "party %s cancelled %s from coordinator %s: it waited %g s for %s "
-            "(stream_silence_s=%g)",
+            "party %s cancelled %s from coordinator %s: it waited for %s "
+            "(stream_silence_s=%g s without progress)",
             self._party_id,
             self._method,
             self._coordinator,
-            self._limit_s,
             what,
-            self._limit_s,
+            self._silence_s,
         )
         self._context.cancel()
 
-    def requests(self, messages: Iterator[Any]) -> Iterator[Any]:
-        """``messages`` (a request stream), each wait for the next one watched."""
-        while True:
-            with self.waiting("its next request message"):
+    def request(self, messages: Iterator[Any], kind: type[Any]) -> Any:
+        """The one request message of a unary call, read (watched) and parsed."""
+        with self.waiting("its request message"):
+            try:
+                raw = next(messages)
+            except StopIteration:
+                raw = None
+        if self.fired is not None:
+            raise _Silent()
+        if raw is None:
+            raise ProtocolError(f"{self._method}: the call carried no request message")
+        return _parse(raw, kind, method=self._method)
+
+    def requests(
+        self, messages: Iterator[Any], kind: type[Any], progress: Callable[[Any], bool]
+    ) -> Iterator[Any]:
+        """The parsed messages of a request stream. The silence timer runs from the last
+        message that made ``progress``: messages that carry nothing do not reset it."""
+        token: int | None = None
+        what = "request bytes of its upload"
+        try:
+            while True:
+                if token is None:
+                    token = self._watchdog.arm(self._silence_s, functools.partial(self._fire, what))
                 try:
-                    message = next(messages)
+                    raw = next(messages)
                 except StopIteration:
                     break
-            yield message
+                message = _parse(raw, kind, method=self._method)
+                if progress(message):
+                    self._watchdog.disarm(token)
+                    token = None
+                yield message
+        finally:
+            if token is not None:
+                self._watchdog.disarm(token)
         if self.fired is not None:  # a cancelled call's request stream just ends
             raise _Silent()
-
-
-def _long_call(*, streamed_requests: bool, limited: bool) -> Callable[[F], F]:
-    """A long call (server-streaming answer): counted against ``max_long_calls`` when
-    ``limited``, watched for silence, every domain error mapped to a status code."""
-
-    def decorate(fn: F) -> F:
-        method = fn.__name__
-
-        @functools.wraps(fn)
-        def wrapper(
-            self: PartyServicer, request: Any, context: grpc.ServicerContext
-        ) -> Iterator[Any]:
-            release: Callable[[], None] | None = None
-            watch: _CallWatch | None = None
-            try:
-                caller = self._caller(context)
-                if limited:
-                    release = self._long_calls.enter(caller, method)
-                    context.add_callback(release)  # also when gRPC drops this generator
-                watch = _CallWatch(
-                    self._watchdog,
-                    context,
-                    limit_s=self._silence_s,
-                    party_id=self._engine.party_id,
-                    method=method,
-                    coordinator=caller,
-                )
-                if streamed_requests:
-                    request = watch.requests(request)
-                for message in fn(self, request, context):
-                    # gRPC resumes this generator once the message is sent: a coordinator
-                    # that stops reading stops it here
-                    with watch.waiting("it to take the next upload message"):
-                        yield message
-            except Exception as exc:
-                if watch is not None and watch.fired is not None:
-                    return  # cancelled by the watchdog, which logged why
-                if isinstance(exc, grpc.RpcError):  # the request stream broke off
-                    log.info("%s: the coordinator ended the call", method)
-                    return
-                _abort(context, exc, method)
-            finally:
-                if release is not None:
-                    release()
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ParameterError(name, value, "must be an integer >= 1")
     return value
+
+
+def _seconds(name: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ParameterError(name, value, "must be a finite number of seconds > 0")
+    return float(value)
 
 
 def _limits(name: str, total: int, per_coordinator: int) -> int:
@@ -386,23 +520,31 @@ def _limits(name: str, total: int, per_coordinator: int) -> int:
     return total
 
 
-def _setup_call(fn: F) -> F:
-    """Propose / TrainOpen: a unary call that builds something, counted against
-    ``max_setup_calls``; every domain error mapped to a status code."""
+@dataclass(frozen=True)
+class _Method:
+    """How one method is served: its limit, its request type, whether requests and answers
+    are streams, and the servicer method that answers."""
 
-    @functools.wraps(fn)
-    def wrapper(self: PartyServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        release: Callable[[], None] | None = None
-        try:
-            release = self._setup_calls.enter(self._caller(context), fn.__name__)
-            return fn(self, request, context)
-        except Exception as exc:
-            _abort(context, exc, fn.__name__)
-        finally:
-            if release is not None:
-                release()
+    kind: str  # "short", "setup", "upload" or "long"
+    request: type[Any]
+    response: type[Any]
+    streamed_requests: bool
+    streamed_answers: bool
 
-    return wrapper  # type: ignore[return-value]
+
+_PARTY_METHODS: dict[str, _Method] = {
+    "Describe": _Method("short", pb.DescribeRequest, pb.DescribeResponse, False, False),
+    "Abort": _Method("short", pb.AbortRequest, pb.AbortResponse, False, False),
+    "Propose": _Method("setup", pb.ProposeRequest, pb.ProposeResponse, False, False),
+    "TrainOpen": _Method("setup", pb.TrainOpenRequest, pb.ProposeResponse, False, False),
+    "Contribute": _Method("upload", pb.ContributeRequest, pb.ContributeChunk, False, True),
+    "TrainStep": _Method("long", pb.TrainStepRequest, pb.ContributeChunk, True, True),
+}
+
+
+def _step_progress(message: pb.TrainStepRequest) -> bool:
+    """A TrainStep request message moved something: the header, or parameter bytes."""
+    return message.WhichOneof("body") == "header" or len(message.parameters) > 0
 
 
 class PartyServicer(pb_grpc.PartyServicer):
@@ -417,61 +559,244 @@ class PartyServicer(pb_grpc.PartyServicer):
         max_long_calls_per_coordinator: int = DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR,
         max_setup_calls: int = DEFAULT_MAX_SETUP_CALLS,
         max_setup_calls_per_coordinator: int = DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR,
+        max_uploads: int | None = None,
+        max_uploads_per_coordinator: int | None = None,
+        max_short_calls_per_caller: int = DEFAULT_MAX_SHORT_CALLS_PER_CALLER,
         stream_silence_s: float = DEFAULT_STREAM_SILENCE_S,
+        max_call_s: float = DEFAULT_MAX_CALL_S,
     ) -> None:
         """``max_long_calls``: TrainStep streams run at once (more are refused with
         RESOURCE_EXHAUSTED); ``max_long_calls_per_coordinator``: of those, by one
         coordinator; ``max_setup_calls`` and ``max_setup_calls_per_coordinator``: the same
-        for Propose and TrainOpen; ``stream_silence_s``: how long a TrainStep or Contribute
-        may wait on its coordinator (for a request message, or for it to take an upload
-        message) before it is cancelled. Contribute is bounded by the engine's pending
-        sessions (module docstring)."""
+        for Propose and TrainOpen; ``max_uploads`` and ``max_uploads_per_coordinator``: the
+        same for Contribute (default: the engine's pending sessions, and at most
+        DEFAULT_MAX_UPLOADS_PER_COORDINATOR of them per coordinator);
+        ``max_short_calls_per_caller``: Describe, Abort and health checks of one
+        coordinator (the certificates that are not coordinators share one such allowance);
+        ``stream_silence_s``: how long a call may wait on its coordinator without progress
+        (for a request message or request bytes, or for it to take an upload message)
+        before it is cancelled; ``max_call_s``: how long any call may last."""
         self.max_long_calls = _limits(
             "max_long_calls", max_long_calls, max_long_calls_per_coordinator
         )
         self.max_setup_calls = _limits(
             "max_setup_calls", max_setup_calls, max_setup_calls_per_coordinator
         )
-        if (
-            isinstance(stream_silence_s, bool)
-            or not isinstance(stream_silence_s, int | float)
-            or not math.isfinite(stream_silence_s)
-            or stream_silence_s <= 0
-        ):
-            raise ParameterError(
-                "stream_silence_s", stream_silence_s, "must be a finite number of seconds > 0"
-            )
+        if max_uploads is None:
+            max_uploads = engine.max_pending_total
+        if max_uploads_per_coordinator is None:
+            max_uploads_per_coordinator = min(DEFAULT_MAX_UPLOADS_PER_COORDINATOR, max_uploads)
+        self.max_uploads = _limits("max_uploads", max_uploads, max_uploads_per_coordinator)
+        _positive_int("max_short_calls_per_caller", max_short_calls_per_caller)
+        self._silence_s = _seconds("stream_silence_s", stream_silence_s)
+        self._max_call_s = _seconds("max_call_s", max_call_s)
         self._engine = engine
         self._training = training
         self._coordinators = coordinators
         self._describe = describe
+        party = engine.party_id
         self._long_calls = _CallLimit(
-            party_id=engine.party_id,
+            party_id=party,
             total=max_long_calls,
             per_coordinator=max_long_calls_per_coordinator,
             what="long calls (TrainStep)",
             setting="max_long_calls",
         )
         self._setup_calls = _CallLimit(
-            party_id=engine.party_id,
+            party_id=party,
             total=max_setup_calls,
             per_coordinator=max_setup_calls_per_coordinator,
             what="setup calls (Propose, TrainOpen)",
             setting="max_setup_calls",
         )
-        self._silence_s = float(stream_silence_s)
+        self._uploads = _CallLimit(
+            party_id=party,
+            total=max_uploads,
+            per_coordinator=max_uploads_per_coordinator,
+            what="uploads (Contribute)",
+            setting="max_uploads",
+        )
+        # every coordinator, and the strangers together, may hold this many short calls
+        self._short_calls = _CallLimit(
+            party_id=party,
+            total=max_short_calls_per_caller * (len(coordinators) + 1),
+            per_coordinator=max_short_calls_per_caller,
+            what="short calls (Describe, Abort, health checks)",
+            setting="max_short_calls",
+        )
+        self._limit_of = {
+            "short": self._short_calls,
+            "setup": self._setup_calls,
+            "upload": self._uploads,
+            "long": self._long_calls,
+        }
         self._watchdog = _Watchdog()
+        self._refusals = _RefusalLog()
+
+    @property
+    def reserved_workers(self) -> int:
+        """Workers that counted calls may hold at once: TrainStep streams, setup calls,
+        uploads and every caller's short calls."""
+        return sum(limit.total for limit in self._limit_of.values())
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         name = tls.peer_name(context)
         if name not in self._coordinators:
             raise AuthError(
-                f"certificate {name!r} is not a configured coordinator of party "
+                f"certificate {name[:80]!r} is not a configured coordinator of party "
                 f"{self._engine.party_id!r}"
             )
         return name
 
-    @_unary
+    @staticmethod
+    def _log_key(context: grpc.ServicerContext) -> str:
+        """Whom a refusal is logged for (and rate-limited by): the certificate's name."""
+        try:
+            return repr(tls.peer_name(context)[:80])
+        except AuthError:
+            return "(a caller without a certificate name)"
+
+    def _who(self, context: grpc.ServicerContext) -> str:
+        """The caller as its refusals are logged and health checks counted: a coordinator's
+        name, or the key all other certificates share."""
+        try:
+            name = tls.peer_name(context)
+        except AuthError:
+            return _STRANGERS
+        return name if name in self._coordinators else _STRANGERS
+
+    # -- serving: every method from its raw request stream ---------------------------------
+
+    def _refuse(self, context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+        code, message = status_for(exc)
+        internal = code is grpc.StatusCode.INTERNAL
+        self._refusals.refused(self._log_key(context), method, code, message, internal=internal)
+        context.abort(code, message)
+
+    def _begin(
+        self, context: grpc.ServicerContext, method: str, kind: str, *, health_check: bool
+    ) -> tuple[str, Callable[[], None], _CallWatch]:
+        """The caller (checked before anything is read), its call counted, and the watch
+        over the call."""
+        caller = self._who(context) if health_check else self._caller(context)
+        if method == "Propose":  # a coordinator whose uploads are at its limit: no new round
+            mine = self._uploads.running(caller)
+            if mine >= self._uploads.per_coordinator:
+                raise self._uploads.refusal(caller, method, mine)
+        release = self._limit_of[kind].enter(caller, method)
+        context.add_callback(release)  # also when gRPC drops the call's generator
+        watch = _CallWatch(
+            self._watchdog,
+            context,
+            silence_s=self._silence_s,
+            max_call_s=self._max_call_s,
+            party_id=self._engine.party_id,
+            method=method,
+            coordinator=caller,
+        )
+        return caller, release, watch
+
+    def _unary_handler(
+        self,
+        method: str,
+        spec: _Method,
+        answer: Callable[[Any, grpc.ServicerContext], Any],
+        *,
+        health_check: bool = False,
+    ) -> grpc.RpcMethodHandler:
+        def behavior(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            release: Callable[[], None] | None = None
+            watch: _CallWatch | None = None
+            try:
+                _, release, watch = self._begin(
+                    context, method, spec.kind, health_check=health_check
+                )
+                request = watch.request(requests, spec.request)
+                return answer(request, context)
+            except _Silent:
+                return spec.response()  # the call is cancelled: nothing is sent
+            except Exception as exc:
+                if watch is not None and watch.fired is not None:
+                    return spec.response()
+                self._refuse(context, exc, method)
+                raise AssertionError("unreachable: abort raises") from None
+            finally:
+                if watch is not None:
+                    watch.close()
+                if release is not None:
+                    release()
+
+        return grpc.stream_unary_rpc_method_handler(
+            behavior, response_serializer=spec.response.SerializeToString
+        )
+
+    def _stream_handler(
+        self,
+        method: str,
+        spec: _Method,
+        answer: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    ) -> grpc.RpcMethodHandler:
+        def behavior(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = _STRANGERS
+            release: Callable[[], None] | None = None
+            watch: _CallWatch | None = None
+            try:
+                caller = self._who(context)
+                caller, release, watch = self._begin(context, method, spec.kind, health_check=False)
+                request: Any
+                if spec.streamed_requests:
+                    request = watch.requests(requests, spec.request, _step_progress)  # type: ignore[arg-type]
+                else:
+                    request = watch.request(requests, spec.request)
+                for message in answer(request, context):
+                    # gRPC resumes this generator once the message is sent: a coordinator
+                    # that stops reading stops it here
+                    with watch.waiting("it to take the next upload message"):
+                        yield message
+            except Exception as exc:
+                if watch is not None and watch.fired is not None:
+                    return  # cancelled by the watchdog, which logged why
+                if isinstance(exc, grpc.RpcError):  # the request stream broke off
+                    log.info("%s: coordinator %s ended the call", method, caller)
+                    return
+                self._refuse(context, exc, method)
+            finally:
+                if watch is not None:
+                    watch.close()
+                if release is not None:
+                    release()
+
+        return grpc.stream_stream_rpc_method_handler(
+            behavior, response_serializer=spec.response.SerializeToString
+        )
+
+    def handlers(self, health_servicer: health.HealthServicer) -> list[grpc.GenericRpcHandler]:
+        """The Party service and the health check (Check only: a Watch stream would hold a
+        worker for as long as its caller likes), each served from its raw request stream."""
+        party: dict[str, grpc.RpcMethodHandler] = {}
+        for method, spec in _PARTY_METHODS.items():
+            answer = getattr(self, method)
+            if spec.streamed_answers:
+                party[method] = self._stream_handler(method, spec, answer)
+            else:
+                party[method] = self._unary_handler(method, spec, answer)
+        check = _Method(
+            "short", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse, False, False
+        )
+        return [
+            grpc.method_handlers_generic_handler("mpcdp.proto.Party", party),
+            grpc.method_handlers_generic_handler(
+                "grpc.health.v1.Health",
+                {
+                    "Check": self._unary_handler(
+                        "Check", check, health_servicer.Check, health_check=True
+                    )
+                },
+            ),
+        ]
+
+    # -- the methods ------------------------------------------------------------------------
+
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
     ) -> pb.DescribeResponse:
@@ -481,7 +806,6 @@ class PartyServicer(pb_grpc.PartyServicer):
             version=PROTOCOL_VERSION, party_id=self._engine.party_id, datasets=self._describe()
         )
 
-    @_setup_call
     def Propose(
         self, request: pb.ProposeRequest, context: grpc.ServicerContext
     ) -> pb.ProposeResponse:
@@ -492,13 +816,6 @@ class PartyServicer(pb_grpc.PartyServicer):
         proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
-    @property
-    def reserved_workers(self) -> int:
-        """Workers that bounded calls may hold at once: TrainStep streams, setup calls and
-        one Contribute per pending session the engine allows."""
-        return self.max_long_calls + self.max_setup_calls + self._engine.max_pending_total
-
-    @_long_call(streamed_requests=False, limited=False)
     def Contribute(
         self, request: pb.ContributeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ContributeChunk]:
@@ -512,7 +829,6 @@ class PartyServicer(pb_grpc.PartyServicer):
         del contribution  # its vector is sent: free it before the next one is built
         self._engine.round_finished(session_id=session_id)
 
-    @_unary
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
         caller = self._caller(context)
         codec.check_version(request.version, what="AbortRequest")
@@ -531,7 +847,6 @@ class PartyServicer(pb_grpc.PartyServicer):
             )
         return self._training
 
-    @_setup_call
     def TrainOpen(
         self, request: pb.TrainOpenRequest, context: grpc.ServicerContext
     ) -> pb.ProposeResponse:
@@ -542,7 +857,6 @@ class PartyServicer(pb_grpc.PartyServicer):
         proposal = self._trainer().open(session_id=session_id, spec=spec, coordinator=caller)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
-    @_long_call(streamed_requests=True, limited=True)
     def TrainStep(
         self, request_iterator: Iterator[pb.TrainStepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ContributeChunk]:
@@ -589,38 +903,63 @@ def _bind_problem(listen: str) -> str:
     return "could not bind this address"
 
 
+def connection_limit(max_connections: int | None = None) -> int:
+    """The connections a node allows at once: ``max_connections`` (default
+    DEFAULT_MAX_CONNECTIONS), but at most half of this process's file descriptors
+    (RLIMIT_NOFILE), so that its ledger, data and logs always find one."""
+    if max_connections is not None:
+        _positive_int("max_connections", max_connections)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft // 2))
+
+
 def start_server(
     servicer: PartyServicer,
     *,
     listen: str,
     creds: tls.Credentials,
     max_workers: int | None = None,
+    max_connections: int | None = None,
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
 ) -> tuple[grpc.Server, int]:
     """Start the mTLS server with the Party and health services; return it and its port.
 
     ``max_workers``: threads serving calls, more than the servicer's ``reserved_workers``
-    (TrainStep, setup calls and Contributes together) so that short calls always find one
-    (default: that plus SHORT_CALL_WORKERS). An address already in use is refused
-    (ParameterError naming ``listen``)."""
+    (every call its limits allow) so that a refusal always finds one (default: that plus
+    SPARE_WORKERS). ``max_connections``: connections open at once (default
+    DEFAULT_MAX_CONNECTIONS; never more than half of the process's file descriptors);
+    ``handshake_timeout_s``: how long a connection may take for its TLS handshake. An
+    address already in use is refused (ParameterError naming ``listen``)."""
     if max_workers is None:
-        max_workers = servicer.reserved_workers + SHORT_CALL_WORKERS
+        max_workers = servicer.reserved_workers + SPARE_WORKERS
     if isinstance(max_workers, bool) or not isinstance(max_workers, int):
         raise ParameterError("max_workers", max_workers, "must be an integer")
     if max_workers <= servicer.reserved_workers:
         raise ParameterError(
             "max_workers",
             max_workers,
-            f"must be more than the {servicer.reserved_workers} workers that TrainStep, "
-            "Propose/TrainOpen and Contribute calls may hold, so that health checks and "
-            "Describe always find one",
+            f"must be more than the {servicer.reserved_workers} workers that the calls the "
+            "servicer's limits allow may hold, so that health checks and Describe always "
+            "find one",
         )
+    handshake_ms = round(_seconds("handshake_timeout_s", handshake_timeout_s) * 1000)
+    connections = connection_limit(max_connections)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="party"),
-        options=SERVER_OPTIONS,
+        options=[
+            *SERVER_OPTIONS,
+            # a connection that has not finished its TLS handshake by then is closed, and
+            # connections beyond the limit are closed as they arrive: strangers that stall
+            # their handshakes cannot take every file descriptor
+            ("grpc.server_handshake_timeout_ms", max(1, handshake_ms)),
+            ("grpc.max_allowed_incoming_connections", connections),
+        ],
     )
-    pb_grpc.add_PartyServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers(servicer.handlers(health_servicer))
     try:
         port = server.add_secure_port(listen, tls.server_credentials(creds))
     except RuntimeError:  # gRPC 1.85 raises where older versions returned 0
@@ -630,4 +969,10 @@ def start_server(
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("mpcdp.proto.Party", health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving with %d workers, at most %d connections, TLS handshakes within %g s",
+        max_workers,
+        connections,
+        handshake_ms / 1000,
+    )
     return server, port
