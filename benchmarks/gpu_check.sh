@@ -69,6 +69,7 @@ if python3 -c 'import sklearn, PIL' 2>/dev/null; then
         cd "$demo" && python3 prepare.py >/dev/null
         python3 -m mpcdp certs init --out certs --parties site-a,site-b,site-c \
             --coordinators analyst >/dev/null
+        for s in a b c; do python3 -m mpcdp party init --config "site-$s/party.toml" >/dev/null; done
         for s in a b c; do (cd "site-$s" && exec python3 -m mpcdp party serve --config party.toml \
             >"serve.log" 2>&1) & done
         sleep 10

@@ -72,7 +72,10 @@ def _sites(root: Path, divisor: float) -> tuple[list[PartyNode], Path]:
             f'ca = "../certs/ca.pem"\ncert = "../certs/{name}.pem"\nkey = "../certs/{name}.key"\n'
             f'coordinators = ["analyst"]\npeers = {json.dumps(peers)}\n{toml[name]}\n'
         )
-        node = PartyNode(load_party_config(cfg), test_only_noise_divisor=divisor)
+        config = load_party_config(cfg)
+        node = PartyNode(
+            config, test_only_noise_divisor=divisor, create_ledger=not config.ledger.exists()
+        )
         node.start()
         nodes.append(node)
     fed = root / "federation.toml"

@@ -184,6 +184,14 @@ step "clean slate for project $PROJECT"
 dc down -v --remove-orphans >/dev/null 2>&1 || true
 done_step
 
+step "create each ledger once, on purpose (mpcdp party init, in its own ledger volume)"
+# `party serve` never creates a ledger: a missing or empty one stops the node
+for p in "${SITES[@]}"; do
+  dc run --rm --no-deps -T "$p" party init --config /config/party.toml >&2 \
+    || die "mpcdp party init in $p"
+done
+done_step
+
 step "start ${SITES[*]} (after the train-certs and train-data jobs) and wait for SERVING over mTLS"
 dc up -d "${SITES[@]}" >&2
 RUN_DIR="$(docker volume inspect -f '{{.Mountpoint}}' "${PROJECT}_train-run" 2>/dev/null || true)"

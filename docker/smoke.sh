@@ -184,6 +184,14 @@ wait_healthy() {  # service...
   done
 }
 
+step "create each ledger once, on purpose (mpcdp party init, in its own ledger volume)"
+# `party serve` never creates a ledger: a missing or empty one stops the node
+for p in "${PARTIES[@]}"; do
+  dc run --rm --no-deps -T "$p" party init --config /config/party.toml >&2 \
+    || die "mpcdp party init in $p"
+done
+done_step
+
 step "start ${PARTIES[*]} and wait for SERVING over mTLS"
 dc up -d "${PARTIES[@]}" >&2
 wait_healthy "${PARTIES[@]}"

@@ -5,7 +5,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     id = "alice"
     listen = "127.0.0.1:50051"        # HOST:PORT, HOST an IPv4 address, a host name or
                                       # [IPv6]; port 0 binds any free port
-    ledger = "alice-ledger.sqlite"    # its folder must exist (none is created)
+    ledger = "alice-ledger.sqlite"    # its folder must exist (none is created); the ledger
+                                      # itself is created once: `mpcdp party init`
     min_colluders = 1                 # refuse queries that size noise for fewer colluders
     max_model_params = 100000000      # refuse training runs of larger models (checked
                                       # before the model is built)
@@ -17,6 +18,9 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     key = "certs/alice.key"
     coordinators = ["analyst"]        # who may query this party
     peers = ["bob", "carlos"]         # whose signed keys this party accepts in a round
+    [coordinator_shares]              # optional: each coordinator's share, in (0, 1], of
+    analyst = 0.5                     # every dataset's budget: what it may spend and hold
+                                      # reserved (without a share: whatever the others leave)
     [datasets.raises]
     path = "raises.csv"               # .csv table or .npy vector
     epsilon = 3.0                     # this party's budget for the dataset
@@ -24,6 +28,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     allow_exact = false               # answer mechanism "none" (exact MPC, no DP)?
     max_epsilon_per_query = 1.0       # optional
     l2_bound = 1.0                    # .npy vectors: L2 clipping bound
+    [datasets.raises.coordinator_shares]  # optional: shares of this dataset's budget, over
+    analyst = 0.75                        # the party-wide ones
     [datasets.digits]                 # .npz examples (arrays x, y) to train on
     path = "digits.npz"
     num_classes = 10                  # labels are 0..num_classes-1
@@ -59,6 +65,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     long_calls = 8                    # TrainStep streams running at once
     long_calls_per_coordinator = 4
     stream_silence_s = 30             # a call waiting this long on its coordinator ends
+    session_ttl_s = 30                # a query session, and the budget it reserved, waits
+                                      # this long for its Contribute
 
 federation.toml (the analyst's)::
 
@@ -74,7 +82,8 @@ federation.toml (the analyst's)::
     address = "127.0.0.1:50051"       # HOST:PORT as for listen, PORT 1..65535
 
 Numbers must be finite (TOML's nan and inf are refused), and epsilon, max_epsilon_per_query
-and deadline_s > 0; every error names the file, the key and the value.
+and deadline_s > 0; paths may not hold a NUL character; every error names the file, the key
+and the value.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_exact_decimal(value: Fraction, text: str) -> None:
 def test_one_entry_per_query_or_block_with_what_it_spent(tmp_path: Path) -> None:
     skellam = ev.Skellam(mu=400.0, l1_sensitivity=10.0, l2_sensitivity=10.0)
     block = ev.Skellam(mu=4e4, l1_sensitivity=50.0, l2_sensitivity=5.0, sample_rate=0.01, steps=10)
-    with BudgetLedger(tmp_path / "l.sqlite") as ledger:
+    with BudgetLedger.create(tmp_path / "l.sqlite") as ledger:
         ledger.set_budget("d", epsilon=50, delta=1e-6)
         for i in range(10):
             ledger.charge(dataset="d", query_id=f"q{i}", event=ev.PureDp(Fraction(1, 10)))

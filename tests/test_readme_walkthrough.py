@@ -73,6 +73,7 @@ def test_the_readme_federation_walkthrough_runs_as_written(tmp_path: Path) -> No
                 .replace('listen = "0.0.0.0:50051"', 'listen = "127.0.0.1:0"')
             )
             (tmp_path / p / "party.toml").write_text(toml)
+            run_sh(f"mpcdp party init --config {p}/party.toml", tmp_path, env)  # as README says
             procs[p] = subprocess.Popen(
                 ["mpcdp", "party", "serve", "--config", f"{p}/party.toml", "--port-file",
                  f"{p}/port"],

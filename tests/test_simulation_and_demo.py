@@ -44,7 +44,7 @@ def test_headroom_refusal_before_anything_is_sent() -> None:
 
 
 def test_budget_is_charged_before_contributing(tmp_path: Path) -> None:
-    ledgers = [BudgetLedger(tmp_path / f"p{i}.sqlite") for i in range(3)]
+    ledgers = [BudgetLedger.create(tmp_path / f"p{i}.sqlite") for i in range(3)]
     for led in ledgers:
         led.set_budget("d", epsilon=1, delta=1e-6)
     mech = DiscreteLaplace(epsilon=0.6, l1_sensitivity=256)

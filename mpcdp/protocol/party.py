@@ -7,13 +7,16 @@ propose(session, spec) from coordinator C:
   refuse unless: the session id is new; every party in the spec is a configured peer (or this
   party); the dataset, column, bounds, categories and L2 bound are exactly the declared ones;
   the mechanism is allowed (``none`` only with allow_exact; epsilon <= max_epsilon_per_query);
-  the round has headroom; the budget would cover the charge and the query id is new. Then
+  the round has headroom; the budget, and the coordinator's share of it, would cover the
+  charge and the query id is new in the coordinator's namespace. Then reserve it (on disk,
+  for the session's time to live), and
   compute the local statistic and the noise share *now* (off the contribute path), make an
   ephemeral X25519 key and sign it over the spec digest.
 contribute(session, keys) from the same coordinator C:
   refuse unless the session is pending (not unknown, expired, foreign or already used) and
   ``keys`` holds exactly one valid signed key per spec party, ours unchanged. Then derive the
-  pair keys, charge the ledger (charge before release), mask, and return the upload.
+  pair keys, charge the ledger (the reservation becomes the charge in place: charge before
+  release), mask, and return the upload.
 abort(session): forget the session.
 """
 

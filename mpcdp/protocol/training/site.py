@@ -1,5 +1,6 @@
 """The site's half of federated DP-SGD: :class:`TrainingEngine` opens sessions (checks the
-spec, reserves the run's budget, builds the gradient source), and per step charges the block,
+spec and that the whole run fits the coordinator's share of the budget, reserves the run's
+first block, builds the gradient source), and per step reserves and charges each block,
 computes the clipped, rounded gradient sum, adds its noise share and masks (see the package
 docstring). Nothing happens at import time.
 """
