@@ -3,6 +3,9 @@ move the clipped sum by more than the bound, or to get gradients silently wrong 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -12,6 +15,8 @@ from torch import nn  # noqa: E402
 
 from mpcdp.errors import ParameterError  # noqa: E402
 from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference  # noqa: E402
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -233,7 +238,7 @@ class Counting(nn.Module):
 
 def test_independent_examples_pass_once_with_dropout_and_frozen_batchnorm() -> None:
     """An honest model in training mode (nn.Dropout on, a frozen BatchNorm in eval mode) is
-    checked once, on its first batch of two or more (full batch + two halves), not after."""
+    checked once, on its first batch of two or more (the batch and its parts), not after."""
     model = Counting()
     model.train()
     bn = nn.BatchNorm1d(6).eval()
@@ -245,9 +250,10 @@ def test_independent_examples_pass_once_with_dropout_and_frozen_batchnorm() -> N
     clipper.clipped_grad_sum(inputs=x[:1], targets=y[:1], loss_fn=ce)
     assert model.calls == 1  # a batch of one cannot interact: nothing to check yet
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    assert model.calls == 1 + 4
+    parts = 5  # of 16 examples: three of one, an odd part and the rest
+    assert model.calls == 1 + 1 + parts
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    assert model.calls == 1 + 4 + 1
+    assert model.calls == 1 + 1 + parts + 1
     assert model.net[1].training  # dropout is back on
 
 
@@ -296,10 +302,10 @@ def test_check_model_runs_the_checks_without_private_data_and_only_once() -> Non
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
     synthetic = torch.randn(16, 6)
     clipper.check_model(inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce)
-    assert model.calls == 3 + 1  # whole batch and halves without grad, one forward for the graph
+    assert model.calls == 1 + 5  # the whole batch and five parts
     x, y = _data()
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    assert model.calls == 5
+    assert model.calls == 7
     with pytest.raises(ParameterError, match="examples interact"):
         PerSampleClipper(Centred(), max_grad_norm=1.0).check_model(
             inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce
@@ -327,3 +333,270 @@ def test_a_transformer_layer_with_attention_dropout_trains_in_training_mode() ->
     x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
     out = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
     assert out.batch_size == 6 and bool(torch.isfinite(out.grad_sum).all())
+
+
+# -- the probe: both passes, random parts, as in the step ------------------------------------
+#
+# Each model below was accepted by a check that compared the forward pass of fixed halves of
+# the batch, without gradients and with nn.Dropout switched off, while one of its examples
+# moved the clipped sum by several times the bound. Each is refused for every probe drawn
+# (PROBES generators), so no arrangement of the parts lets it through.
+
+PROBES = range(12)
+
+
+def _refused_by_every_probe(
+    build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = ce
+) -> list[ParameterError]:
+    errors = []
+    for seed in PROBES:
+        clipper = PerSampleClipper(
+            build(), max_grad_norm=1.0, probe_generator=torch.Generator().manual_seed(seed)
+        )
+        with pytest.raises(ParameterError) as info:
+            clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=loss_fn)
+        errors.append(info.value)
+    return errors
+
+
+class _Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+
+class StraightThroughMean(_Body):
+    """Forward values per example; the backward adds every example's gradient to the others."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        m = h.mean(dim=0, keepdim=True)
+        return self.head(torch.tanh(h + (m - m.detach())))
+
+
+class _MixBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor) -> torch.Tensor:
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g + g.mean(dim=0, keepdim=True) * 20
+
+
+class CustomFunction(_Body):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(_MixBackward.apply(self.body(x))))
+
+
+class TensorHook(_Body):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g + g.sum(dim=0, keepdim=True))
+        return self.head(torch.tanh(h))
+
+
+class ModuleBackwardHook(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(8, 3)
+        self.act.register_full_backward_hook(
+            lambda m, gin, gout: (gin[0] + gin[0].sum(dim=0, keepdim=True),)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [StraightThroughMean, CustomFunction, TensorHook, ModuleBackwardHook],
+    ids=["m-minus-detached-m", "autograd-function", "tensor-hook", "module-backward-hook"],
+)
+def test_examples_interacting_only_in_the_backward_pass_are_refused(
+    build: Callable[[], nn.Module],
+) -> None:
+    x, y = _data()
+    for err in _refused_by_every_probe(build, x, y):
+        assert err.value == "body" and "the backward pass mixes examples" in str(err)
+
+
+class Neighbours(_Body):
+    """Each example mixed with its neighbour 2k <-> 2k + 1: never across fixed halves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        pair = (torch.arange(x.shape[0]) ^ 1).clamp(max=x.shape[0] - 1)
+        return self.head(h + 2 * h[pair])
+
+
+class TopK(_Body):
+    """Keeps the half of the batch with the largest activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        k = max(1, x.shape[0] // 2)
+        keep = torch.zeros(x.shape[0], 1)
+        keep[h.norm(dim=1).topk(k).indices] = 1.0
+        return self.head(h * keep)
+
+
+def by_position(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ce(out, y) * (1 + 3 * (torch.arange(out.shape[0]) % 2))
+
+
+@pytest.mark.parametrize("build", [Neighbours, TopK], ids=["neighbours", "top-k"])
+def test_interactions_that_fixed_halves_cannot_see_are_refused(
+    build: Callable[[], nn.Module],
+) -> None:
+    x, y = _data()
+    for err in _refused_by_every_probe(build, x, y):
+        assert "examples interact" in str(err)
+
+
+def test_a_loss_weighted_by_position_in_the_batch_is_refused() -> None:
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    for err in _refused_by_every_probe(lambda: model, x, y, by_position):
+        assert err.name == "loss_fn" and "by_position" in str(err)
+
+
+class GradModeBranch(_Body):
+    """Centres by the batch mean only when gradients are enabled (as in a training step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if torch.is_grad_enabled():
+            h = h - h.mean(dim=0)
+        return self.head(torch.tanh(h))
+
+
+class DropoutFlagBranch(_Body):
+    """Centres by the batch mean only while its Dropout is in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.body(x))
+        if self.drop.training:
+            h = h - h.mean(dim=0)
+        return self.head(torch.tanh(h))
+
+
+class OddBatchBranch(_Body):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if x.shape[0] % 2 == 1:
+            h = h * 10
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [GradModeBranch, DropoutFlagBranch, OddBatchBranch],
+    ids=["grad-enabled", "dropout-training-flag", "odd-batch-size"],
+)
+def test_branches_the_step_takes_are_probed_as_in_the_step(build: Callable[[], nn.Module]) -> None:
+    x, y = _data()
+    for err in _refused_by_every_probe(build, x, y):
+        assert "examples interact" in str(err) or "other modules" in str(err)
+
+
+class ScaledOutput(_Body):
+    """A forward hook, registered by the user, that scales the body's output by 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body.register_forward_hook(lambda m, a, o: o * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+class DerivedTie(nn.Module):
+    """A weight tied through a tensor computed inside its owner's forward and reused by the
+    parent: the parent's use reaches the weight through the owner's own node."""
+
+    class Owner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 6) / 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.w = self.weight * 1.0
+            return F.linear(x, self.w)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner = self.Owner()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.owner(x))
+        return self.head(F.linear(h, self.owner.w))
+
+
+@pytest.mark.parametrize(
+    ("build", "where"),
+    [(ScaledOutput, "body"), (DerivedTie, "owner")],
+    ids=["forward-hook-scales-output", "tie-through-derived-tensor"],
+)
+def test_gradients_the_layers_cannot_see_are_refused(
+    build: Callable[[], nn.Module], where: str
+) -> None:
+    x, y = _data()
+    for err in _refused_by_every_probe(build, x, y):
+        assert err.value == where and "differs from autograd's gradient" in str(err)
+
+
+class RunningMean(_Body):
+    def __init__(self, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        with torch.no_grad():
+            self.running.mul_(1 - self.momentum).add_(self.momentum * h.mean(0))
+        return self.head(torch.tanh(h - self.running))
+
+
+class WritesData(_Body):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.body.weight.data.mul_(0.999)
+        return self.head(torch.tanh(self.body(x)))
+
+
+class ScalesInputInPlace(_Body):
+    inplace = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mul_(2) if self.inplace else x * 2
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_each_refusal_names_its_real_cause() -> None:
+    """A buffer updated in forward (even with momentum 1e-6) and a write through .data are
+    refused for what they are, not as randomness; an in-place change of the model's own
+    input is harmless to the probe and accepted."""
+    x, y = _data()
+    for momentum in (0.1, 1e-6):
+        for err in _refused_by_every_probe(lambda m=momentum: RunningMean(m), x, y):
+            assert err.value == "buffer 'running'" and "changed in a forward pass" in str(err)
+    for err in _refused_by_every_probe(WritesData, x, y):
+        assert err.value == "parameter 'body.weight'" and ".data" in str(err)
+    model = ScalesInputInPlace()
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    got = clipper.clipped_grad_sum(inputs=x.clone(), targets=y, loss_fn=ce).grad_sum
+    model.inplace = False
+    ref = per_sample_gradients_reference(model, inputs=x, targets=y, loss_fn=ce)
+    norms = torch.linalg.vector_norm(ref, dim=1, keepdim=True)
+    want = (ref * (1 / norms).clamp(max=1.0)).sum(0)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)  # the 2^-12 clipping margin

@@ -47,9 +47,11 @@ large scale NLU models" (ICASSP), for the cost of per-sample clipping in practic
 
 Requirements on the model, which the BK method shares with every per-sample method: the batch
 is dimension 0 of every trainable layer's input and output, examples do not interact in the
-forward pass or the loss, and each parameter is used only by its own module's forward.
-:mod:`.checks` tests all three on the first batch of two or more examples and refuses a model
-that breaks them (halves of the batch against the whole, and a walk of the autograd graph).
+forward pass, the loss or the backward pass, and each parameter reaches the loss only through
+its own module's output. :mod:`.checks` tests all of them on the first batch of two or more
+examples and refuses a model that breaks them (random parts of the batch, run alone with
+weighted losses, against the whole: outputs, losses, output gradients, and the per-layer sums
+against autograd's gradient; a walk of the autograd graph; parameters and buffers unchanged).
 BatchNorm, which mixes the examples of a batch, is refused, and so is
 ``nn.MultiheadAttention``, whose forward bypasses its sub-modules (use
 :func:`mpcdp.train.layers.replace_multihead_attention`); parameters shared between modules
@@ -67,17 +69,14 @@ and per-sample gradients are upcast first (:func:`.precision._work`), so the ter
 are exactly those whose norms set the clip factors.
 
 Modules: :mod:`.precision` (upcast, IEEE guard, bounded-error norms), :mod:`.rules` (the
-per-layer book-keeping), :mod:`.checks` (first-use checks), :mod:`.clipper` (the class).
+per-layer book-keeping), :mod:`.checks` (first-use checks), :mod:`.clipper` (the class),
+:mod:`.reference` (per-sample gradients by ``torch.func``, the tests' oracle).
 
 Nothing happens at import time beyond defining names.
 """
 
-from mpcdp.train.clipping.clipper import (
-    ClippedBatch,
-    ClippingMode,
-    PerSampleClipper,
-    per_sample_gradients_reference,
-)
+from mpcdp.train.clipping.clipper import ClippedBatch, ClippingMode, PerSampleClipper
+from mpcdp.train.clipping.reference import per_sample_gradients_reference
 
 __all__ = [
     "ClippedBatch",

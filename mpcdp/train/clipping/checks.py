@@ -1,34 +1,63 @@
-"""First-use checks of what per-sample clipping assumes about the model (issue 13, s2-s4).
+"""First-use checks of what per-sample clipping assumes about the model.
 
-Book-keeping clipping (package docstring) is exact only if (a) dimension 0 of every
-trainable layer's tensors is the batch, (b) examples do not interact, in the forward pass or
-in the loss, and (c) every trainable parameter is used only inside the forward of the module
-that owns it. None of these can be read off the code; a model that breaks (a) or (b) moves
-the released sum by several times the clipping bound for one example, silently, and one that
-breaks (c) gets wrong gradients. Two checks run on the first batch of at least two examples a
-clipper sees (a site builds a clipper per training session, so every session is checked):
+Book-keeping clipping (package docstring) bounds one example's influence only if (a)
+dimension 0 of every trainable layer's tensors is the batch, (b) examples do not interact, in
+the forward pass, in the loss *or in the backward pass*, and (c) the gradient that autograd
+would compute for the batch is exactly the sum of the per-layer terms the hooks see (every
+path from a parameter to the loss goes through its own module's output). None of these can be
+read off the code; a model that breaks (a) or (b) moves the released sum by several times
+the clipping bound for one example, silently, and one that breaks (c) trains on a gradient
+other than its own. The clipper checks all of them on its first batch of at least two
+examples (a site checks at session open, on a synthetic batch of its largest physical size);
+the orchestration is :meth:`.clipper.PerSampleClipper._first_use`, the comparisons are here.
 
-* :func:`check_examples_independent`, for (a) and (b): the batch is split into two halves;
-  every module's outputs and the per-example losses for each half, computed alone, must equal
-  the corresponding rows computed with the whole batch (no-grad, the module's own train/eval
-  mode, ``nn.Dropout`` layers switched off for the check, IEEE float32). A tensor that a
-  trainable layer received with dimension 0 equal to the batch size must have the half's
-  size when the layer sees a half: a sequence-first tensor ``(T, B, F)`` with ``T == B``, a
-  positional ``arange(T)`` or a shared table whose length happens to equal ``B`` keep their
-  size and are refused. Splitting in halves, rather than probing a small sub-batch, also
-  catches a batch-level branch triggered by one example (it fires for one half only).
-* :func:`check_parameter_uses`, for (c): the autograd graph of the loss is walked once. A
-  parameter's gradient must reach it only from nodes created inside a forward call of its
-  own module (the nodes between the call's output and its inputs); a parameter read by
-  another module or by a parent's code (weight tying through ``F.linear(h, emb.weight)``)
-  has a gradient path the hooks never see, and is refused.
+The probe. The batch is the *reference*: the clipper's own forward and backward of the whole
+batch, with a hook on every module recording its outputs (grad enabled, every module's
+train/eval flag as in the step; active ``nn.Dropout`` modules are made the identity for the
+probe while their ``training`` flag stays True, so a branch on that flag is probed too). A
+random permutation of the batch (from a CSPRNG-seeded generator the model cannot predict) is
+cut into *parts* (three of one example, a random odd size and the rest, :func:`part_sizes`);
+each part is run again as a batch
+of its own, with its per-example losses weighted by random factors ``w_j`` in {1, 2, 4, 8}
+(powers of two: scaling by one commutes exactly with floating-point rounding). Then:
 
-What these checks cannot see, documented in the README: interactions that the checked batch
-does not trigger (a branch on a data value absent from it), interactions below the
-tolerance (relative 2^-10 in float32, 2^-4 for half-precision outputs), randomness other
-than ``nn.Dropout`` (refused as a non-deterministic forward), and a model that changes its
-behaviour after the first batch (e.g. on a step counter). The tolerances are far above
-float rounding between batch sizes and far below what batch statistics produce.
+* :func:`compare_traces`: every module's outputs, row by row, equal the reference's rows of
+  the same examples; a tensor that a trainable layer received with dimension 0 equal to the
+  batch size must have the part's size (a sequence-first ``(T, B, F)`` with ``T == B``, a
+  positional ``arange(T)`` or a shared table of length ``B`` keep theirs). Random parts and
+  positions leave no structural blind spot: a mix of neighbours ``2k, 2k + 1``, a weight by
+  position in the batch, a top-k over the batch or a branch on an odd batch size all change
+  some example's row between the whole batch and its part.
+* :func:`compare_losses`: each example's loss is the same in its part.
+* :func:`compare_output_grads`: the gradient reaching every trainable layer's output in the
+  part equals ``w_j`` times the reference's row. Backward passes are linear in the incoming
+  gradient, so with distinct random ``w_j`` any term that carries one example's loss into
+  another example's row (``h + (m - m.detach())`` with ``m`` a batch mean, a custom
+  ``autograd.Function`` or a tensor hook that sums over the batch, a module backward hook
+  that mixes ``grad_input``) shows, and so does a backward that depends on the batch size
+  (the part of size 1 has no other example).
+* :func:`compare_sums`: the book-keeping sum ``sum_j w_j g_j`` of the part (the per-layer
+  rules) equals autograd's gradient of ``sum_j w_j l_j`` with respect to the parameters. A
+  forward hook that changes a layer's output (``o * 3``), a parameter that reaches the loss
+  through a tensor derived from it and used outside its module (``self.w = self.weight * 1``
+  read by the parent), or a hook on a parameter's gradient all make the two differ.
+* :class:`StateSnapshot`: no parameter or buffer changes in a forward pass (writes through
+  ``.data``, running statistics with any momentum): buffers are not aggregated, and such a
+  model would carry earlier batches' data into later steps.
+* :func:`check_parameter_uses`, on the reference's autograd graph: a parameter's gradient
+  reaches it only from nodes created inside a forward call of its own module (weight tying
+  through ``F.linear(h, emb.weight)`` is refused with that cause).
+
+When a comparison fails, :func:`check_deterministic` runs the whole batch again: a model
+whose outputs differ between two identical passes is refused as random (other than through
+``nn.Dropout``), since whether its examples interact cannot be checked.
+
+What the probe cannot see (the README lists it with measured magnitudes): a model that
+changes its behaviour after the first checked batch (a step counter, a branch on a data value
+the synthetic batch does not have, a branch on a batch size that is neither probed nor the
+largest), and interactions below the tolerances: relative 2^-10 for float32 tensors, 2^-4 for
+half precision (far above float rounding between batch sizes, far below what batch
+statistics produce).
 
 Nothing happens at import time beyond defining names.
 """
@@ -36,7 +65,7 @@ Nothing happens at import time beyond defining names.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,13 +80,18 @@ from mpcdp.train.clipping.rules import _Layer, _where
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: relative tolerance of the comparison, by the dtype of the compared tensor
+#: relative tolerance of the comparisons, by the dtype of the compared tensor
 _RTOL = {torch.float16: 2.0**-4, torch.bfloat16: 2.0**-4}
 _RTOL_DEFAULT = 2.0**-10
 
 
+def rtol_for(dtype: torch.dtype) -> float:
+    """The relative tolerance of a comparison of tensors of ``dtype``."""
+    return _RTOL.get(dtype, _RTOL_DEFAULT)
+
+
 @dataclass
-class _Trace:
+class Trace:
     """One forward of the model with a hook on every module, in order of completion."""
 
     # (module path, module type, flattened output leaves: detached tensors or None)
@@ -71,11 +105,10 @@ def _leaves(value: Any) -> list[Any]:
     return list(leaves)
 
 
-def _trace(
-    module: nn.Module, layer_paths: set[str], inputs: torch.Tensor
-) -> tuple[_Trace, torch.Tensor]:
-    trace = _Trace()
-    handles = []
+@contextlib.contextmanager
+def traced(module: nn.Module, layer_paths: set[str], trace: Trace) -> Iterator[None]:
+    """Record every module's outputs (detached) and the trainable layers' argument shapes
+    into ``trace`` while the block runs."""
 
     def make_hook(path: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -90,50 +123,95 @@ def _trace(
 
         return hook
 
-    for path, m in module.named_modules():
-        handles.append(m.register_forward_hook(make_hook(path), with_kwargs=True))
-    try:
-        output = module(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return trace, output
-
-
-@contextlib.contextmanager
-def _dropout_off(module: nn.Module) -> Iterator[None]:
-    """nn.Dropout layers in eval mode for the check: they are independent per element (they
-    do not mix examples), and their masks cannot be compared between batch sizes."""
-    switched = [m for m in module.modules() if isinstance(m, _DropoutNd) and m.training]
-    for m in switched:
-        m.train(False)
+    handles = [
+        m.register_forward_hook(make_hook(path), with_kwargs=True)
+        for path, m in module.named_modules()
+    ]
     try:
         yield
     finally:
-        for m in switched:
-            m.train(True)
+        for h in handles:
+            h.remove()
+
+
+def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def neutral_dropout(module: nn.Module) -> Iterator[None]:
+    """Active ``nn.Dropout`` modules are the identity while the block runs; their ``training``
+    flag stays True (a model that branches on it is probed as it trains). Dropout is
+    independent per element, so it cannot mix examples, and its masks cannot be compared
+    between batch sizes. The module's ``forward`` is replaced on the instance (in-place
+    dropout included) and restored after."""
+    switched: list[tuple[nn.Module, Any]] = []
+    for m in module.modules():
+        if isinstance(m, _DropoutNd) and m.training:
+            switched.append((m, m.__dict__.get("forward")))
+            m.forward = _identity  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m, own in switched:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own  # type: ignore[method-assign]
+
+
+#: the probe's parts of one example each (then a random odd size and the rest)
+SINGLES = 3
+
+
+def part_sizes(batch: int, generator: torch.Generator) -> list[int]:
+    """Sizes of the probe's parts of a batch of ``batch >= 2``: :data:`SINGLES` parts of one
+    example, a random odd size and the rest, each at least 1 (fewer parts for small
+    batches). Three single examples rather than one: against a selection over the batch
+    (keep the top half by norm) one part of one example, one odd part and the rest missed it
+    in 17% of probes, three single examples in none of 300 (BENCHMARKS.md)."""
+    singles = min(SINGLES, batch)
+    rest = batch - singles
+    if rest <= 1:
+        return [1] * singles + ([rest] if rest else [])
+    odd = list(range(1, rest, 2))  # odd sizes leaving at least one for the rest
+    s = odd[int(torch.randint(len(odd), (1,), generator=generator))]
+    return [1] * singles + [s, rest - s]
+
+
+def _bad_rows(full: torch.Tensor, part: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Mask of the rows where ``part`` differs from ``full`` beyond ``rtol``."""
+    f = torch.nan_to_num(full.to(torch.float64).reshape(full.shape[0], -1))
+    p = torch.nan_to_num(part.to(torch.float64).reshape(part.shape[0], -1))
+    scale = torch.linalg.vector_norm(f, dim=1)
+    floor = 1e-6 * float(scale.max()) + 1e-30
+    bad: torch.Tensor = torch.linalg.vector_norm(f - p, dim=1) > rtol * (scale + floor)
+    return bad
 
 
 def _first_bad_row(full: torch.Tensor, part: torch.Tensor) -> int | None:
     """The first row where ``part`` differs from ``full`` beyond the tolerance, or None."""
-    rtol = _RTOL.get(full.dtype, _RTOL_DEFAULT)
-    f = torch.nan_to_num(full.to(torch.float64).reshape(full.shape[0], -1))
-    p = torch.nan_to_num(part.to(torch.float64).reshape(part.shape[0], -1))
-    if f.shape[1] == 0:
+    if full.reshape(full.shape[0], -1).shape[1] == 0:
         return None
-    scale = torch.linalg.vector_norm(f, dim=1)
-    floor = 1e-6 * float(scale.max()) + 1e-30
-    bad = torch.linalg.vector_norm(f - p, dim=1) > rtol * (scale + floor)
+    bad = _bad_rows(full, part, rtol_for(full.dtype))
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def _refuse(path: str, why: str) -> ParameterError:
+def refuse(path: str, why: str) -> ParameterError:
+    """A refusal of the model, naming the module at ``path``."""
     return ParameterError("module", path, why)
 
 
-def _compare_traces(
-    full: _Trace, part: _Trace, rows: slice, batch: int, size: int, layers: dict[str, _Layer]
+def compare_traces(
+    full: Trace,
+    part: Trace,
+    rows: torch.Tensor,
+    batch: int,
+    layers: dict[str, _Layer],
 ) -> None:
+    """Refuse unless ``part`` (a forward of the examples ``rows`` of the whole batch, in
+    that order) computed every module's outputs exactly as the whole batch did."""
+    size = int(rows.shape[0])
     if [c[0] for c in full.calls] != [c[0] for c in part.calls]:
         at = next(
             (
@@ -144,12 +222,12 @@ def _compare_traces(
             min(len(full.calls), len(part.calls)),
         )
         where = full.calls[at][0] if at < len(full.calls) else part.calls[at][0]
-        raise _refuse(
+        raise refuse(
             where,
-            f"the forward pass calls other modules for part of the batch than for the whole "
-            f"batch (first difference at {_where(where)}): the batch decides the computation "
-            "(a branch on a batch statistic?), so examples interact and per-sample clipping "
-            "cannot bound one example's influence",
+            f"the forward pass calls other modules for a batch of {size} than for the whole "
+            f"batch of {batch} (first difference at {_where(where)}): the batch decides the "
+            "computation (a branch on a batch statistic or on the batch size?), so examples "
+            "interact and per-sample clipping cannot bound one example's influence",
         )
     # (a) the batch dimension of trainable layers is the batch, not a size that coincides
     for path, calls in full.arg_shapes.items():
@@ -157,7 +235,7 @@ def _compare_traces(
         for k, (shapes_f, shapes_p) in enumerate(zip(calls, part.arg_shapes[path], strict=True)):
             for sf, sp in zip(shapes_f, shapes_p, strict=True):
                 if sf and sp is not None and sf[0] == batch and sp[0] != size:
-                    raise _refuse(
+                    raise refuse(
                         path,
                         f"{_where(path)} ({type(layer.module).__name__}) received a tensor "
                         f"of shape {sf} for a batch of {batch}, and of shape {sp} for a batch "
@@ -174,79 +252,187 @@ def _compare_traces(
                 continue
             row = _first_bad_row(tf[rows], tp)
             if row is not None:
-                raise _refuse(
+                raise refuse(
                     path,
-                    f"the output of {_where(path)} ({kind}) for example {rows.start + row} "
-                    "differs when that example is in a smaller batch: examples interact at or "
-                    "before this module (batch statistics, centring by the batch mean, a "
-                    "branch on the batch, BatchNorm-like code); per-sample clipping needs "
-                    "each example's output to depend on that example alone",
+                    f"the output of {_where(path)} ({kind}) for example {int(rows[row])} "
+                    f"differs when that example is in a batch of {size} instead of {batch} "
+                    "(at another position): examples interact at or before this module "
+                    "(batch statistics, centring by the batch mean, a branch on the batch or "
+                    "its size, a mix of neighbours, a weight by position, BatchNorm-like "
+                    "code); per-sample clipping needs each example's output to depend on that "
+                    "example alone",
                 )
 
 
-def check_examples_independent(
+def compare_losses(
+    full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, loss_fn: LossFn
+) -> None:
+    """Refuse unless each example's loss in the part equals its loss in the whole batch."""
+    size = int(rows.shape[0])
+    row = _first_bad_row(full[rows].reshape(size, 1), part.reshape(size, 1))
+    if row is not None:
+        raise ParameterError(
+            "loss_fn",
+            getattr(loss_fn, "__name__", type(loss_fn).__name__),
+            f"the loss of example {int(rows[row])} differs when that example is in a batch "
+            f"of {size} (at another position): the loss mixes examples (normalised by a batch "
+            "statistic, contrastive terms across the batch, a weight by position); loss_fn "
+            "must return each example's loss from its own output and target",
+        )
+
+
+#: per trainable layer path: per call, the gradient at each recorded output edge (or None)
+OutputGrads = dict[str, list[list[torch.Tensor | None]]]
+
+
+def output_grads(layers: Sequence[_Layer]) -> OutputGrads:
+    """The output gradients the layers' calls hold now."""
+    return {layer.path: [list(c.grads) for c in layer.calls] for layer in layers}
+
+
+def compare_output_grads(
+    full: OutputGrads,
+    part: OutputGrads,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
     *,
-    module: nn.Module,
-    layers: list[_Layer],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: LossFn,
+    rtol: float = _RTOL_DEFAULT,
 ) -> None:
-    """Refuse a model or loss in which examples interact or whose batch dimension is only a
-    coincidence of sizes (module docstring). ``inputs`` has at least two examples."""
-    batch = int(inputs.shape[0])
-    half = batch // 2
-    by_path = {layer.path: layer for layer in layers}
-    paths = set(by_path)
-    with torch.no_grad(), _dropout_off(module):
-        full, out_full = _trace(module, paths, inputs)
-        losses_full = loss_fn(out_full, targets)
-        if not isinstance(losses_full, torch.Tensor) or tuple(losses_full.shape) != (batch,):
-            return  # the caller's own shape check reports this
-        for rows in (slice(0, half), slice(half, batch)):
-            size = rows.stop - rows.start
-            try:
-                part, out_part = _trace(module, paths, inputs[rows])
-            except (RuntimeError, ValueError, IndexError) as exc:
-                raise _refuse(
-                    "",
-                    f"the model fails on a batch of {size} after succeeding on a batch of "
-                    f"{batch} (a batch size built into the model?): {exc}",
-                ) from exc
-            try:
-                _compare_traces(full, part, rows, batch, size, by_path)
-            except ParameterError:
-                _check_deterministic(module, paths, inputs, full)
-                raise
-            losses_part = loss_fn(out_part, targets[rows])
-            if not isinstance(losses_part, torch.Tensor) or tuple(losses_part.shape) != (size,):
-                continue  # the caller's own shape check reports this
-            row = _first_bad_row(losses_full[rows].reshape(size, 1), losses_part.reshape(size, 1))
-            if row is not None:
+    """Refuse unless the gradient at every trainable layer's output in the part (its losses
+    weighted by ``weights``) is ``weights[j]`` times the whole batch's row of example j, to
+    relative ``rtol`` (at least that of the gradients' dtype)."""
+    size = int(rows.shape[0])
+    for path, calls_f in full.items():
+        calls_p = part.get(path, [])
+        if len(calls_f) != len(calls_p):
+            raise refuse(
+                path,
+                f"{_where(path)} is called {len(calls_f)} times for the whole batch and "
+                f"{len(calls_p)} times for a batch of {size}: the batch decides the computation",
+            )
+        for grads_f, grads_p in zip(calls_f, calls_p, strict=True):
+            for gf, gp in zip(grads_f, grads_p, strict=False):
+                if gf is None and gp is None:
+                    continue
+                if gf is None or gp is None or gf.dim() == 0 or gf.shape[1:] != gp.shape[1:]:
+                    raise _backward_mix(path, size, None)
+                w = weights.to(torch.float64).reshape(size, *([1] * (gf.dim() - 1)))
+                expected = gf[rows].to(torch.float64) * w
+                row = _first_bad_row_rtol(expected, gp, max(rtol, rtol_for(gf.dtype)))
+                if row is not None:
+                    raise _backward_mix(path, size, int(rows[row]))
+
+
+def _first_bad_row_rtol(full: torch.Tensor, part: torch.Tensor, rtol: float) -> int | None:
+    if full.reshape(full.shape[0], -1).shape[1] == 0:
+        return None
+    bad = _bad_rows(full, part, rtol)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
+def _backward_mix(path: str, size: int, example: int | None) -> ParameterError:
+    which = f"for example {example} " if example is not None else ""
+    return refuse(
+        path,
+        f"the gradient reaching the output of {_where(path)} {which}differs when that "
+        f"example is in a batch of {size} with its loss weighted: the backward pass mixes "
+        "examples or depends on the batch (a custom autograd.Function, a tensor hook or a "
+        "module backward hook that combines examples, a term like m - m.detach() with m a "
+        "batch statistic); per-sample clipping needs each example's gradient to come from "
+        "that example's loss alone",
+    )
+
+
+def compare_sums(
+    *,
+    names: Sequence[tuple[str, str]],
+    bookkeeping: Sequence[torch.Tensor],
+    autograd: Sequence[torch.Tensor | None],
+    rtol: float,
+) -> None:
+    """Refuse unless the book-keeping sum of each parameter (``names``: its layer path and
+    full name) equals autograd's gradient of the same weighted loss."""
+    scales: list[float] = []
+    diffs: list[float] = []
+    for s, t in zip(bookkeeping, autograd, strict=True):
+        s64 = s.detach().to(torch.float64)
+        t64 = torch.zeros_like(s64) if t is None else t.detach().to(torch.float64)
+        t64 = torch.nan_to_num(t64)
+        scales.append(float(torch.linalg.vector_norm(s64) + torch.linalg.vector_norm(t64)))
+        diffs.append(float(torch.linalg.vector_norm(s64 - t64)))
+    floor = 1e-6 * max(scales, default=0.0) + 1e-30
+    for (path, name), scale, diff in zip(names, scales, diffs, strict=True):
+        if diff > rtol * scale + floor:
+            off = diff / max(scale / 2, 1e-30)
+            raise refuse(
+                path,
+                f"the gradient of parameter {name!r} that per-sample clipping computes from "
+                f"{_where(path)}'s inputs and output gradients differs from autograd's gradient "
+                f"of the same loss by {off:.1%}: something changes the gradient outside the "
+                "module's own forward (a forward hook that replaces the module's output, the "
+                "parameter read through a tensor derived from it and used outside the module, "
+                "a hook on the parameter's gradient); remove it, or call the module for every "
+                "use of its parameters",
+            )
+
+
+class StateSnapshot:
+    """The values of a module's parameters and buffers, to refuse a forward that changes
+    them (:meth:`check`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            self._params = {n: p.detach().clone() for n, p in module.named_parameters()}
+            self._buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+
+    @staticmethod
+    def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point():
+            return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+        return torch.equal(a, b)
+
+    def check(self, module: nn.Module) -> None:
+        """Refuse if any parameter or buffer differs from the snapshot."""
+        for name, p in module.named_parameters():
+            old = self._params.get(name)
+            if old is None or not self._same(old, p.detach()):
                 raise ParameterError(
-                    "loss_fn",
-                    getattr(loss_fn, "__name__", type(loss_fn).__name__),
-                    f"the loss of example {rows.start + row} differs when that example is in a "
-                    "smaller batch: the loss mixes examples (normalised by a batch statistic, "
-                    "contrastive terms across the batch); loss_fn must return each example's "
-                    "loss from its own output and target",
+                    "model",
+                    f"parameter {name!r}",
+                    "changed in a forward pass (a write through .data or an in-place update): "
+                    "the gradient is computed at the parameters as sent, so a forward pass "
+                    "must not modify them",
+                )
+        for name, b in module.named_buffers():
+            old = self._buffers.get(name)
+            if old is None or not self._same(old, b.detach()):
+                raise ParameterError(
+                    "model",
+                    f"buffer {name!r}",
+                    "changed in a forward pass (running statistics, a counter): buffers are "
+                    "not aggregated, and a buffer updated from a batch carries that batch's "
+                    "data into later steps, so training must not change them",
                 )
 
 
-def _check_deterministic(
-    module: nn.Module, paths: set[str], inputs: torch.Tensor, first: _Trace
-) -> None:
-    again, _ = _trace(module, paths, inputs)
+def check_deterministic(module: nn.Module, inputs: torch.Tensor, first: Trace) -> None:
+    """Refuse a model whose module outputs differ between ``first`` (a traced forward of
+    ``inputs``) and a second identical forward: random other than through nn.Dropout."""
+    again = Trace()
+    with traced(module, set(), again), torch.enable_grad():
+        module(inputs)
     for (path, kind, a), (_, _, b) in zip(first.calls, again.calls, strict=False):
         for ta, tb in zip(a, b, strict=False):
             if ta is None or tb is None or ta.shape != tb.shape or not ta.is_floating_point():
                 continue
             if ta.dim() > 0 and _first_bad_row(ta, tb) is not None:
-                raise _refuse(
+                raise refuse(
                     path,
                     f"the output of {_where(path)} ({kind}) changes between two identical "
                     "forward passes: the forward is random other than through nn.Dropout "
-                    "layers (functional dropout, noise), so whether examples interact cannot "
+                    "modules (functional dropout, noise), so whether examples interact cannot "
                     "be checked; use nn.Dropout modules for dropout",
                 )
 
@@ -291,7 +477,7 @@ def check_parameter_uses(*, loss: torch.Tensor, layers: list[_Layer]) -> None:
                 if node not in inside[layer.path]:
                     name = next(n for n, p in layer.params.items() if p is variable)
                     full = f"{layer.path}.{name}" if layer.path else name
-                    raise _refuse(
+                    raise refuse(
                         layer.path,
                         f"parameter {full!r} is used outside the forward of {_where(layer.path)}"
                         f" (by another module or by a parent's code, e.g. weight tying through "

@@ -5,9 +5,11 @@ docstring. Nothing happens at import time beyond defining names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -19,7 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import MpcdpError, ParameterError
-from mpcdp.train.clipping.checks import check_examples_independent, check_parameter_uses
+from mpcdp.train.clipping import checks
+from mpcdp.train.clipping.checks import StateSnapshot, Trace, check_parameter_uses
 from mpcdp.train.clipping.precision import _all_finite, _ieee_float32, norm_margin
 from mpcdp.train.clipping.rules import (
     _LAYER_RULES,
@@ -35,7 +38,6 @@ __all__ = [
     "ClippedBatch",
     "ClippingMode",
     "PerSampleClipper",
-    "per_sample_gradients_reference",
 ]
 
 _log = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ class PerSampleClipper:
             (:func:`~mpcdp.train.clipping.precision.norm_margin`).
         stability: the stability constant of automatic clipping (finite, > 0).
         bias_only: DP-BiTFiT, train biases only.
+        probe_generator: the randomness of the first-use checks (which examples form each
+            part, the loss weights; :mod:`.checks`); default a generator seeded from the
+            operating system's CSPRNG, so the model cannot predict the probe. Tests only.
 
     Raises:
         ParameterError: for an invalid argument, a model with no trainable parameter, a
@@ -113,6 +118,7 @@ class PerSampleClipper:
         clipping: ClippingMode = "flat",
         stability: float = 0.01,
         bias_only: bool = False,
+        probe_generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ParameterError("module", type(module).__name__, "must be a torch.nn.Module")
@@ -127,6 +133,15 @@ class PerSampleClipper:
         # the first-use checks (mpcdp.train.clipping.checks) have passed on a batch of >= 2
         self._checked = False
         self._record_frontier = False
+        if probe_generator is None:
+            probe_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        elif not isinstance(probe_generator, torch.Generator):
+            raise ParameterError(
+                "probe_generator", type(probe_generator).__name__, "must be a torch.Generator"
+            )
+        self._probe_gen = probe_generator
+        # while the first-use probe runs a part: the whole batch's size
+        self._probe_batch: int | None = None
 
         flags = [(p, p.requires_grad) for p in module.parameters()]
         if self.bias_only:
@@ -358,13 +373,12 @@ class PerSampleClipper:
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
 
-        first_use = not self._checked and batch >= 2
-        if first_use:
-            self._check_independent(inputs, targets, loss_fn)
         try:
-            self._record_frontier = first_use
-            loss_sum, grads_ok = self._forward_backward(inputs, targets, loss_fn, batch)
-            self._checked = self._checked or first_use
+            if not self._checked and batch >= 2:
+                result = self._first_use(inputs, targets, loss_fn, batch, float(scale), out)
+                self._checked = True
+                return result
+            loss_sum, grads_ok, _, _ = self._forward_backward(inputs, targets, loss_fn, batch)
             with torch.no_grad(), _ieee_float32(self.device):
                 return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale), out)
         except _NonFiniteSamples as exc:
@@ -417,11 +431,11 @@ class PerSampleClipper:
         self._check_unchanged()
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
-        self._check_independent(inputs, targets, loss_fn)
         try:
-            self._record_frontier = True
-            self._forward_backward(inputs, targets, loss_fn, batch, backward=False)
+            self._first_use(inputs, targets, loss_fn, batch, 1.0, None)
             self._checked = True
+        except _NonFiniteSamples:
+            self._checked = True  # the checks passed; only the synthetic sum was not finite
         finally:
             self._record_frontier = False
             for layer in self._layers:
@@ -439,17 +453,180 @@ class PerSampleClipper:
                 "set is fixed at construction: build a new PerSampleClipper",
             )
 
-    def _check_independent(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
-    ) -> None:
-        with _ieee_float32(self.device):
-            check_examples_independent(
-                module=self.module,
-                layers=self._layers,
-                inputs=inputs,
-                targets=targets,
-                loss_fn=loss_fn,
+    # -- the first-use checks (mpcdp.train.clipping.checks) ---------------------------------
+
+    def _first_use(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        batch: int,
+        scale: float,
+        out: torch.Tensor | None,
+    ) -> ClippedBatch:
+        """The step on the whole batch, which is also the probe's reference, then each part
+        of a random permutation of the batch as a batch of its own (:mod:`.checks`)."""
+        gen = self._probe_gen
+        perm = torch.randperm(batch, generator=gen)
+        sizes = checks.part_sizes(batch, gen)
+        # the parts' inputs are taken before any forward: a model that modifies its input in
+        # place changes the caller's batch, not the parts
+        parts = []
+        for idx in torch.split(perm, sizes):
+            rows = idx.to(self.device)
+            # powers of two: scaling by one commutes with every rounding, so an honest
+            # backward gives exactly w_j times its row, however it cancels
+            w = torch.exp2(torch.randint(0, 4, (len(idx),), generator=gen).to(torch.float64))
+            parts.append((rows, inputs[rows], targets[rows], w.to(self.device)))
+        # the part of one example (sizes[0]) is also compared with autograd; it runs last so
+        # that an interaction is reported as such by a part of several examples first
+        parts = [*sorted(parts[1:], key=lambda part: -int(part[0].shape[0])), parts[0]]
+        pristine = inputs.clone()
+        # gradients computed under autocast are rounded to half precision on their way even
+        # where the tensors they reach are float32
+        autocast = torch.is_autocast_enabled(self.device.type)
+        state = StateSnapshot(self.module)
+        reference = Trace()
+        with checks.neutral_dropout(self.module):
+            self._record_frontier = True
+            try:
+                loss_sum, grads_ok, losses, _ = self._forward_backward(
+                    inputs, targets, loss_fn, batch, trace=reference
+                )
+            finally:
+                self._record_frontier = False
+            state.check(self.module)
+            for layer in self._layers:
+                self._check_inputs_unmodified(layer, layer.calls)
+            full_grads = checks.output_grads(self._layers)
+            # an example whose loss or output gradients are not finite contributes 0 to the
+            # step (the sum is rerun without it): the probe leaves it out
+            finite = torch.isfinite(losses)
+            for per_call in full_grads.values():
+                for grads in per_call:
+                    for g in grads:
+                        if g is not None and g.dim() > 0 and g.shape[0] == batch:
+                            finite &= torch.isfinite(g.reshape(batch, -1)).all(1)
+            half = (
+                autocast
+                or any(
+                    g is not None and g.dtype in (torch.float16, torch.bfloat16)
+                    for per_call in full_grads.values()
+                    for grads in per_call
+                    for g in grads
+                )
+                or any(p.dtype in (torch.float16, torch.bfloat16) for _, p in self._params)
             )
+            rtol = checks.rtol_for(torch.bfloat16 if half else torch.float32)
+            # the whole batch's calls wait while the parts run, then make the step's sum
+            saved = [layer.calls for layer in self._layers]
+            for layer in self._layers:
+                layer.calls = []
+            self._probe_batch = batch
+            try:
+                for rows, x, y, w in parts:
+                    keep = finite[rows]
+                    if not bool(keep.all()):
+                        rows, x, y, w = rows[keep], x[keep], y[keep], w[keep]
+                    if rows.numel() == 0:
+                        continue
+                    self._probe_part(
+                        rows=rows,
+                        inputs=x,
+                        targets=y,
+                        weights=w,
+                        loss_fn=loss_fn,
+                        batch=batch,
+                        reference=reference,
+                        losses=losses,
+                        full_grads=full_grads,
+                        state=state,
+                        pristine=pristine,
+                        rtol=rtol,
+                        against_autograd=rows.numel() == 1,
+                    )
+                self._checked = True
+            finally:
+                self._probe_batch = None
+                for layer, calls in zip(self._layers, saved, strict=True):
+                    layer.calls = calls
+        with torch.no_grad(), _ieee_float32(self.device):
+            return self._clip_and_sum(batch, loss_sum, grads_ok, scale, out)
+
+    def _probe_part(
+        self,
+        *,
+        rows: torch.Tensor,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        loss_fn: LossFn,
+        batch: int,
+        reference: Trace,
+        losses: torch.Tensor,
+        full_grads: checks.OutputGrads,
+        state: StateSnapshot,
+        pristine: torch.Tensor,
+        rtol: float,
+        against_autograd: bool,
+    ) -> None:
+        """One part of the probe (:mod:`.checks`). ``against_autograd``: compare the
+        per-layer sums with autograd's gradient too (the part of one example: a sum of
+        many half-precision terms in autograd would be a poor reference)."""
+        size = int(rows.shape[0])
+        trace = Trace()
+        try:
+            _, _, part_losses, autograd = self._forward_backward(
+                inputs,
+                targets,
+                loss_fn,
+                size,
+                trace=trace,
+                weights=weights,
+                param_grads=against_autograd,
+            )
+        except ParameterError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise checks.refuse(
+                "",
+                f"the model fails on a batch of {size} after succeeding on a batch of "
+                f"{batch} (a batch size built into the model?): {exc}",
+            ) from exc
+        try:
+            state.check(self.module)
+            by_path = {layer.path: layer for layer in self._layers}
+            checks.compare_traces(reference, trace, rows, batch, by_path)
+            checks.compare_losses(losses, part_losses, rows, loss_fn)
+            checks.compare_output_grads(
+                full_grads, checks.output_grads(self._layers), rows, weights, rtol=rtol
+            )
+        except ParameterError as exc:
+            if exc.name == "module":
+                checks.check_deterministic(self.module, pristine, reference)
+            raise
+        if not against_autograd:
+            for layer in self._layers:
+                layer.calls.clear()
+            return
+        # the per-layer rules against autograd, on the same weighted loss
+        with torch.no_grad(), _ieee_float32(self.device):
+            flat = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
+            ones = torch.ones(size, dtype=self._dtype, device=self.device)
+            for layer in self._layers:
+                calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
+                if calls:
+                    _, finish = _LAYER_RULES[layer.kind](layer, calls, size)
+                    finish(ones, {n: self._slot(flat, p) for n, p in layer.params.items()})
+        owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
+        checks.compare_sums(
+            names=[(owner[id(p)], name) for name, p in self._params],
+            bookkeeping=[self._slot(flat, p) for _, p in self._params],
+            autograd=autograd,
+            rtol=rtol,
+        )
+        for layer in self._layers:
+            layer.calls.clear()
 
     # -- the BK steps ----------------------------------------------------------------------
 
@@ -497,6 +674,16 @@ class PerSampleClipper:
                     "module", layer.path, f"{_where(layer.path)} was called without a tensor input"
                 )
             if x.dim() == 0 or x.shape[0] != batch or output.shape[0] != batch:
+                whole = self._probe_batch
+                if whole is not None and x.dim() > 0 and x.shape[0] == whole:
+                    raise checks.refuse(
+                        layer.path,
+                        f"{_where(layer.path)} ({type(layer.module).__name__}) received a "
+                        f"tensor of shape {tuple(x.shape)} for a batch of {batch} as for the "
+                        f"whole batch of {whole}: its dimension 0 equals the batch size only by "
+                        "coincidence (sequence-first, or shared across the batch); per-sample "
+                        "clipping needs batch-first tensors: make dimension 0 the batch",
+                    )
                 raise _batch_error(layer, "its input", tuple(x.shape), batch)
             if layer.kind == "conv2d" and x.dim() != 4:
                 raise _batch_error(layer, "its input", tuple(x.shape), batch)
@@ -532,14 +719,27 @@ class PerSampleClipper:
         loss_fn: LossFn,
         batch: int,
         *,
-        backward: bool = True,
-    ) -> tuple[torch.Tensor, bool]:
+        trace: Trace | None = None,
+        weights: torch.Tensor | None = None,
+        param_grads: bool = False,
+    ) -> tuple[torch.Tensor, bool, torch.Tensor, list[torch.Tensor | None]]:
+        """Forward and the output gradients ``G`` of the BK layers. ``trace``: record every
+        module's outputs too (first use). ``weights``: differentiate ``sum_j w_j l_j``
+        instead of the sum (the first-use probe). ``param_grads``: return autograd's
+        gradient with respect to the trainable parameters as well; otherwise that list is
+        empty.
+        Returns (loss sum, whether G was computed, per-example losses, parameter grads)."""
+        tracing = (
+            checks.traced(self.module, {layer.path for layer in self._layers}, trace)
+            if trace is not None
+            else contextlib.nullcontext()
+        )
         handles = [
             layer.module.register_forward_hook(self._hook(layer, batch), with_kwargs=True)
             for layer in self._layers
         ]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), tracing:
                 output = self.module(inputs)
                 losses = loss_fn(output, targets)
                 if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch,):
@@ -557,8 +757,7 @@ class PerSampleClipper:
                 loss_sum = losses.sum()
                 if self._record_frontier:
                     check_parameter_uses(loss=loss_sum, layers=self._layers)
-                if not backward:
-                    return loss_sum.detach(), False
+                target = loss_sum if weights is None else (losses * weights.to(losses.dtype)).sum()
                 edges: list[GradientEdge] = []
                 slots: list[tuple[_Call, int]] = []
                 for layer in self._layers:
@@ -567,15 +766,28 @@ class PerSampleClipper:
                         for k, edge in enumerate(call.edges):
                             edges.append(edge)
                             slots.append((call, k))
-                if not edges or not loss_sum.requires_grad:
-                    return loss_sum.detach(), False
-                grads = torch.autograd.grad(loss_sum, edges, allow_unused=True)
-                for (call, k), g in zip(slots, grads, strict=True):
+                params = [p for _, p in self._params] if param_grads else []
+                if not edges or not target.requires_grad:
+                    return loss_sum.detach(), False, losses.detach(), [None] * len(params)
+                wanted: Any = [*edges, *params]  # torch accepts edges and tensors together
+                grads = torch.autograd.grad(target, wanted, allow_unused=True)
+                for (call, k), g in zip(slots, grads[: len(edges)], strict=True):
                     call.grads[k] = g
-                return loss_sum.detach(), True
+                return loss_sum.detach(), True, losses.detach(), list(grads[len(edges) :])
         finally:
             for h in handles:
                 h.remove()
+
+    @staticmethod
+    def _check_inputs_unmodified(layer: _Layer, calls: list[_Call]) -> None:
+        if any(c.inputs_modified() for c in calls):
+            raise ParameterError(
+                "module",
+                layer.path,
+                f"the input of {_where(layer.path)} was modified in place after the "
+                "layer read it (e.g. `x += ...` or an inplace activation on its input); "
+                "per-sample gradients need the input as the layer saw it",
+            )
 
     def _slot(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
         offset, n = self._layout[id(p)]
@@ -610,14 +822,7 @@ class PerSampleClipper:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if not calls:
                     continue
-                if any(c.inputs_modified() for c in calls):
-                    raise ParameterError(
-                        "module",
-                        layer.path,
-                        f"the input of {_where(layer.path)} was modified in place after the "
-                        "layer read it (e.g. `x += ...` or an inplace activation on its input); "
-                        "per-sample gradients need the input as the layer saw it",
-                    )
+                self._check_inputs_unmodified(layer, calls)
                 layer_norm2, finish = _LAYER_RULES[layer.kind](layer, calls, batch)
                 norm2 += layer_norm2.to(dt)
                 finishers.append((layer, finish))
@@ -678,38 +883,3 @@ class _NonFiniteSamples(Exception):
     def __init__(self, bad: torch.Tensor) -> None:
         super().__init__("non-finite per-sample gradients")
         self.bad = bad
-
-
-def _iter_flat(tensors: dict[str, torch.Tensor], names: list[str]) -> Iterator[torch.Tensor]:
-    for n in names:
-        t = tensors[n]
-        yield t.reshape(t.shape[0], -1)
-
-
-def per_sample_gradients_reference(
-    module: nn.Module, *, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
-) -> torch.Tensor:
-    """Unclipped per-sample gradients ``(B, num_params)`` with ``torch.func.vmap(grad)``.
-
-    The slow, obviously correct reference: each example goes through ``module`` as a batch of
-    one and is differentiated separately (vectorised by ``vmap``). Columns follow the order
-    of :meth:`PerSampleClipper.named_parameters` (the trainable parameters of ``module`` in
-    ``named_parameters()`` order). ``loss_fn`` is called as for
-    :meth:`PerSampleClipper.clipped_grad_sum` and its (single) loss is differentiated.
-    Memory is ``B x num_params``.
-    """
-    trainable = _trainable_named_parameters(module)
-    names = [n for n, _ in trainable]
-    params = {n: p.detach() for n, p in trainable}
-
-    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(module, p, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    if inputs.shape[0] == 0:
-        total = sum(p.numel() for _, p in trainable)
-        return torch.zeros(0, total, dtype=trainable[0][1].dtype, device=inputs.device)
-    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
-        params, inputs, targets
-    )
-    return torch.cat(list(_iter_flat(grads, names)), dim=1)
