@@ -484,3 +484,91 @@ def test_the_coordinator_is_told_that_the_party_cancelled_a_silent_call(tmp_path
         assert "cancelled the call" in str(info.value) and "refused" not in str(info.value)
     finally:
         net.stop()
+
+
+def _open_training_session(net: Net) -> tuple[bytes, int]:
+    """A training session at alice only (a TrainStep stream is heard once its header names an
+    open session); its id and the model's parameter count."""
+    pytest.importorskip("torch")
+    from mpcdp.protocol.training import TrainSpec
+
+    model = "mlp:8,6,3"
+    num_params = 8 * 6 + 6 + 6 * 3 + 3
+    spec = TrainSpec(
+        run_id="run-1",
+        dataset="ex",
+        model=model,
+        parties=PARTIES,
+        sample_rate=0.25,
+        steps=2,
+        max_grad_norm=1.0,
+        scale_bits=16,
+        mu=(2.0 * (2**16 + num_params**0.5)) ** 2,
+        num_params=num_params,
+        steps_per_charge=1,
+    )
+    session_id = secrets.token_bytes(16)
+    node = net.nodes["alice"]
+    assert node.training is not None
+    node.training.open(session_id=session_id, spec=spec, coordinator="analyst")
+    return session_id, num_params
+
+
+def _step_stream(
+    session_id: bytes, count: int, body: Callable[[], bytes], pause_s: float, stop: threading.Event
+) -> Iterator[pb.TrainStepRequest]:
+    """A TrainStep request stream: its header, then a message of ``body()`` every
+    ``pause_s`` until ``stop`` is set."""
+    yield pb.TrainStepRequest(
+        version=PROTOCOL_VERSION,
+        session_id=session_id,
+        header=pb.TrainStepHeader(step=0, parameter_count=count, full=True),
+    )
+    while not stop.wait(pause_s):
+        yield pb.TrainStepRequest(
+            version=PROTOCOL_VERSION, session_id=session_id, parameters=body()
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "limits", "why"),
+    [
+        # empty chunks are no progress: the silence limit ends the stream
+        (lambda: b"", {"stream_silence_s": 1.0}, "without progress (stream_silence_s)"),
+        # a stream that crawls (one value per message) ends at the call's total limit
+        (
+            lambda: np.float32(0).tobytes(),
+            {"stream_silence_s": 5.0, "max_call_s": 2.0},
+            "it ran for 2 s (max_call_s)",
+        ),
+    ],
+    ids=["empty-chunks", "crawling"],
+)
+def test_a_stream_that_makes_no_progress_or_lives_too_long_is_ended(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    body: Callable[[], bytes],
+    limits: dict[str, float],
+    why: str,
+) -> None:
+    net = build_net(tmp_path, start=False, extra=_examples(tmp_path))
+    server, port = _serve(net.nodes["alice"], **limits)
+    analyst, ch = raw_stub(tmp_path, port, coordinator="analyst")
+    stop = threading.Event()
+    try:
+        session_id, count = _open_training_session(net)
+        # a message every 0.2 s: it would take 15 s to send all 75 values one by one
+        call = analyst.TrainStep(_step_stream(session_id, count, body, 0.2, stop), timeout=30)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        # the party ended it (CANCELLED), long before the client's deadline
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        cancelled = [
+            r.getMessage() for r in caplog.records if "cancelled TrainStep" in r.getMessage()
+        ]
+        assert len(cancelled) == 1 and why in cancelled[0], cancelled
+    finally:
+        stop.set()
+        ch.close()
+        server.stop(0)
+        net.stop()

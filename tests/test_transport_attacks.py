@@ -317,6 +317,11 @@ def test_malformed_requests_are_invalid_argument_with_one_short_log_line(
         good = pb.DescribeRequest(version=PROTOCOL_VERSION).SerializeToString()
         err = _raw_call(ch, "/mpcdp.proto.Party/Describe", "unary", good + b"\x0a\x05ab")
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # and one larger than its method's cap is refused before it is parsed
+        err = _raw_call(ch, "/mpcdp.proto.Party/Describe", "unary", b"\x00" * (3 << 20))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        limit = srv.MAX_REQUEST_BYTES["Describe"]
+        assert f"a request message of {3 << 20} bytes; the limit is {limit}" in err.details()
     finally:
         ch.close()
         net.stop()

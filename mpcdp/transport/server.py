@@ -145,15 +145,17 @@ _MAX_LOGGED = 400
 _STRANGERS = "(certificates that are not coordinators)"
 
 #: The largest request message of each method, in bytes (a larger one is refused before it
-#: is parsed). Contribute relays at most codec.LIMITS["keys"] signed keys with their
-#: certificates; TrainOpen may carry an architecture of 2^14 entries; a TrainStep message
-#: one chunk of parameters.
+#: is parsed; every field is capped again when it is decoded, codec.LIMITS). A valid
+#: Describe, Abort or health check is a few bytes, a Propose or Contribute at most a few
+#: hundred KiB (codec.LIMITS: 64 signed keys with their certificates); 2 MiB leaves room
+#: and lets an oversized field still be named by its own limit. TrainOpen may carry an
+#: architecture of 2^14 entries, and a TrainStep message one chunk of parameters.
 MAX_REQUEST_BYTES: dict[str, int] = {
-    "Describe": 4 << 10,
-    "Abort": 4 << 10,
-    "Check": 4 << 10,
-    "Propose": 1 << 20,
-    "Contribute": 1 << 20,
+    "Describe": 2 << 20,
+    "Abort": 2 << 20,
+    "Check": 2 << 20,
+    "Propose": 2 << 20,
+    "Contribute": 2 << 20,
     "TrainOpen": tls.MAX_MESSAGE_BYTES,
     "TrainStep": tls.MAX_MESSAGE_BYTES,
 }
@@ -416,39 +418,40 @@ class _CallWatch:
         self._party_id = party_id
         self._method = method
         self._coordinator = coordinator
-        #: what the call waited for when the watchdog cancelled it
+        #: why the watchdog cancelled the call
         self.fired: str | None = None
         self._total = watchdog.arm(
             max_call_s,
-            functools.partial(
-                self._fire, f"the end of the call (it ran {max_call_s:g} s, max_call_s)"
-            ),
+            functools.partial(self._fire, f"it ran for {max_call_s:g} s (max_call_s)"),
         )
 
     def close(self) -> None:
         self._watchdog.disarm(self._total)
 
+    def _silent(self, what: str) -> None:
+        self._fire(
+            f"it waited {self._silence_s:g} s for {what} without progress (stream_silence_s)"
+        )
+
     @contextmanager
     def waiting(self, what: str) -> Iterator[None]:
         """The block waits on the coordinator (for ``what``)."""
-        token = self._watchdog.arm(self._silence_s, functools.partial(self._fire, what))
+        token = self._watchdog.arm(self._silence_s, functools.partial(self._silent, what))
         try:
             yield
         finally:
             self._watchdog.disarm(token)
 
-    def _fire(self, what: str) -> None:
+    def _fire(self, why: str) -> None:
         if self.fired is not None:
             return
-        self.fired = what
+        self.fired = why
         log.warning(
-            "party %s cancelled %s from coordinator %s: it waited for %s "
-            "(stream_silence_s=%g s without progress)",
+            "party %s cancelled %s from coordinator %s: %s",
             self._party_id,
             self._method,
             self._coordinator,
-            what,
-            self._silence_s,
+            why,
         )
         self._context.cancel()
 
@@ -475,7 +478,9 @@ class _CallWatch:
         try:
             while True:
                 if token is None:
-                    token = self._watchdog.arm(self._silence_s, functools.partial(self._fire, what))
+                    token = self._watchdog.arm(
+                        self._silence_s, functools.partial(self._silent, what)
+                    )
                 try:
                     raw = next(messages)
                 except StopIteration:
