@@ -150,3 +150,35 @@ def test_the_site_rounds_its_clipped_sum_and_reuses_its_buffers(physical: int) -
     assert source._dither_thread is None
     source.prepare_next()  # closed: nothing starts, and a step still works
     assert source._dither_thread is None and source.quantized_gradient(rng=rng).size
+
+
+class _LargeBatchBranch(torch.nn.Module):
+    """Centres by the batch mean only for batches of more than 32: a site that checked a
+    batch of 16 and then trained with 33 would not see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(8, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if x.shape[0] > 32:
+            h = h - h.mean(dim=0)
+        out: torch.Tensor = self.head(torch.tanh(h))
+        return out
+
+
+def test_the_site_checks_the_model_at_its_largest_micro_batch() -> None:
+    """At session open the site probes a synthetic batch of max_physical_batch examples (its
+    largest micro-batch), so a branch on large batches is refused before any step; with
+    micro-batches of at most 32 the branch never runs, and the model is accepted."""
+    with pytest.raises(ParameterError, match="examples interact|other modules"):
+        TorchGradientSource(
+            model=_LargeBatchBranch(), examples=_examples(), spec=_spec(), device="cpu",
+            max_physical_batch=64,
+        )  # fmt: skip
+    TorchGradientSource(
+        model=_LargeBatchBranch(), examples=_examples(), spec=_spec(), device="cpu",
+        max_physical_batch=32,
+    )  # fmt: skip

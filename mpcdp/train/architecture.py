@@ -16,7 +16,7 @@ from torch import nn
 
 from mpcdp.errors import ParameterError
 
-__all__ = ["changed_buffer", "describe_architecture", "describe_factory"]
+__all__ = ["describe_architecture", "describe_factory"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -62,13 +62,3 @@ def describe_factory(factory: Callable[[str], nn.Module], name: str) -> tuple[st
     except Exception:  # e.g. a factory that reads a tensor's value while building
         model = factory(name)
     return describe_architecture(model)
-
-
-def changed_buffer(before: dict[str, torch.Tensor], model: nn.Module) -> str | None:
-    """The name of the first buffer of ``model`` whose value differs from ``before`` (a
-    snapshot of ``named_buffers``), or None."""
-    for name, buf in model.named_buffers():
-        old = before.get(name)
-        if old is None or old.shape != buf.shape or not torch.equal(old, buf.detach()):
-            return name
-    return None

@@ -37,7 +37,6 @@ from mpcdp.datasets import Examples
 from mpcdp.errors import DataError, ParameterError, RankFailure
 from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size
-from mpcdp.train.architecture import changed_buffer
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.data import LoaderBatches, TensorBatches, poisson_indices
 from mpcdp.train.declared import DeclaredData
@@ -53,8 +52,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: examples in the synthetic batch the model is checked on at session open
-_CHECK_BATCH = 16
+#: the largest synthetic batch the model is checked on at session open (the check runs at
+#: max_physical_batch, the largest micro-batch a step uses, up to this size)
+MAX_CHECK_BATCH = 1024
 
 
 def cross_entropy_per_example(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,7 @@ class TorchGradientSource:
         )
         self._all = list(self.model.parameters())
         self._loss_fn = loss_fn
+        self._physical = max_physical_batch
         self._data: TensorBatches | LoaderBatches
         if examples is not None:
             self._check_model(
@@ -164,7 +165,6 @@ class TorchGradientSource:
         self._scale = float(2.0**spec.scale_bits)
         self._int = torch.int32 if spec.ring_bits == 32 else torch.int64
         self._max_batch = max_batch_size(examples=self._n, sample_rate=self._q)
-        self._physical = max_physical_batch
         self._gen: torch.Generator | None = None
         # the next step's rounding dither, drawn in the background (prepare_next): it does
         # not depend on the data, and on a CPU site it is the largest single pass of the step
@@ -200,14 +200,17 @@ class TorchGradientSource:
         integer_targets: bool = True,
         integer_features: bool = False,
     ) -> None:
-        """The clipper's first-use checks (examples independent, batch dimension real,
-        parameters used in their own module) on a synthetic batch, when the session opens:
-        a refusal then depends on no private data and comes before any step. The batch is
-        public and fixed (uniform [0, 1) features, labels 0, 1, ...): it must carry nothing
-        about this site. A model that cannot run on it is checked on its first real batch
-        instead (mpcdp.train.clipping.checks), where a refusal would depend on that batch."""
+        """The clipper's first-use checks (mpcdp.train.clipping.checks: examples independent
+        in both passes, batch dimension real, gradients as autograd's, parameters and
+        buffers unchanged) on a synthetic batch, when the session opens: a refusal then
+        depends on no private data and comes before any step. The batch is public (uniform
+        [0, 1) features, labels 0, 1, ...): it must carry nothing about this site. Its size
+        is the largest micro-batch a step uses, ``max_physical_batch`` (the operator's
+        setting, not the data's size), up to :data:`MAX_CHECK_BATCH`; the probe's parts
+        cover sizes from 1 up. A model that cannot run on it is checked on its first real
+        batch instead, where a refusal would depend on that batch."""
         gen = torch.Generator().manual_seed(0)
-        size = _CHECK_BATCH
+        size = max(2, min(self._physical, MAX_CHECK_BATCH))
         if integer_features:  # e.g. token ids
             x = torch.zeros((size, *feature_shape), dtype=torch.int64, device=self._device)
         else:
@@ -217,17 +220,8 @@ class TorchGradientSource:
             y = y.expand(size, *target_shape).to(self._device)
         else:
             y = torch.rand((size, *target_shape), generator=gen).to(self._device)
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         try:
             self.clipper.check_model(inputs=x, targets=y, loss_fn=self._loss_fn)
-            changed = changed_buffer(buffers, self.model)
-            if changed is not None:
-                raise ParameterError(
-                    "model",
-                    f"buffer {changed!r}",
-                    "changed in a forward pass; buffers are not aggregated, so training "
-                    "must not change them",
-                )
         except ParameterError:
             raise
         except Exception as exc:  # any failure of the user's model on synthetic inputs
