@@ -22,8 +22,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import MpcdpError, ParameterError
 from mpcdp.train.clipping import checks
-from mpcdp.train.clipping.checks import StateSnapshot, Trace, check_parameter_uses
+from mpcdp.train.clipping.checks import Trace, check_parameter_uses
 from mpcdp.train.clipping.precision import _all_finite, _ieee_float32, norm_margin
+from mpcdp.train.clipping.probe import FirstUseProbe
 from mpcdp.train.clipping.rules import (
     _LAYER_RULES,
     _batch_error,
@@ -80,7 +81,7 @@ def _trainable_named_parameters(module: nn.Module) -> list[tuple[str, nn.Paramet
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-class PerSampleClipper:
+class PerSampleClipper(FirstUseProbe):
     """Sum of clipped per-sample gradients of a module by book-keeping (BK).
 
     One forward and one backward per batch, no per-sample loop and no second backward;
@@ -375,10 +376,9 @@ class PerSampleClipper:
 
         try:
             if not self._checked and batch >= 2:
-                result = self._first_use(inputs, targets, loss_fn, batch, float(scale), out)
-                self._checked = True
-                return result
-            loss_sum, grads_ok, _, _ = self._forward_backward(inputs, targets, loss_fn, batch)
+                loss_sum, grads_ok = self._first_use(inputs, targets, loss_fn, batch)
+            else:
+                loss_sum, grads_ok, _, _ = self._forward_backward(inputs, targets, loss_fn, batch)
             with torch.no_grad(), _ieee_float32(self.device):
                 return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale), out)
         except _NonFiniteSamples as exc:
@@ -432,10 +432,7 @@ class PerSampleClipper:
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
         try:
-            self._first_use(inputs, targets, loss_fn, batch, 1.0, None)
-            self._checked = True
-        except _NonFiniteSamples:
-            self._checked = True  # the checks passed; only the synthetic sum was not finite
+            self._first_use(inputs, targets, loss_fn, batch)
         finally:
             self._record_frontier = False
             for layer in self._layers:
@@ -452,181 +449,6 @@ class PerSampleClipper:
                 "a parameter was frozen after the PerSampleClipper was built; the trainable "
                 "set is fixed at construction: build a new PerSampleClipper",
             )
-
-    # -- the first-use checks (mpcdp.train.clipping.checks) ---------------------------------
-
-    def _first_use(
-        self,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: LossFn,
-        batch: int,
-        scale: float,
-        out: torch.Tensor | None,
-    ) -> ClippedBatch:
-        """The step on the whole batch, which is also the probe's reference, then each part
-        of a random permutation of the batch as a batch of its own (:mod:`.checks`)."""
-        gen = self._probe_gen
-        perm = torch.randperm(batch, generator=gen)
-        sizes = checks.part_sizes(batch, gen)
-        # the parts' inputs are taken before any forward: a model that modifies its input in
-        # place changes the caller's batch, not the parts
-        parts = []
-        for idx in torch.split(perm, sizes):
-            rows = idx.to(self.device)
-            # powers of two: scaling by one commutes with every rounding, so an honest
-            # backward gives exactly w_j times its row, however it cancels
-            w = torch.exp2(torch.randint(0, 4, (len(idx),), generator=gen).to(torch.float64))
-            parts.append((rows, inputs[rows], targets[rows], w.to(self.device)))
-        # the part of one example (sizes[0]) is also compared with autograd; it runs last so
-        # that an interaction is reported as such by a part of several examples first
-        parts = [*sorted(parts[1:], key=lambda part: -int(part[0].shape[0])), parts[0]]
-        pristine = inputs.clone()
-        # gradients computed under autocast are rounded to half precision on their way even
-        # where the tensors they reach are float32
-        autocast = torch.is_autocast_enabled(self.device.type)
-        state = StateSnapshot(self.module)
-        reference = Trace()
-        with checks.neutral_dropout(self.module):
-            self._record_frontier = True
-            try:
-                loss_sum, grads_ok, losses, _ = self._forward_backward(
-                    inputs, targets, loss_fn, batch, trace=reference
-                )
-            finally:
-                self._record_frontier = False
-            state.check(self.module)
-            for layer in self._layers:
-                self._check_inputs_unmodified(layer, layer.calls)
-            full_grads = checks.output_grads(self._layers)
-            # an example whose loss or output gradients are not finite contributes 0 to the
-            # step (the sum is rerun without it): the probe leaves it out
-            finite = torch.isfinite(losses)
-            for per_call in full_grads.values():
-                for grads in per_call:
-                    for g in grads:
-                        if g is not None and g.dim() > 0 and g.shape[0] == batch:
-                            finite &= torch.isfinite(g.reshape(batch, -1)).all(1)
-            half = (
-                autocast
-                or any(
-                    g is not None and g.dtype in (torch.float16, torch.bfloat16)
-                    for per_call in full_grads.values()
-                    for grads in per_call
-                    for g in grads
-                )
-                or any(p.dtype in (torch.float16, torch.bfloat16) for _, p in self._params)
-            )
-            rtol = checks.rtol_for(torch.bfloat16 if half else torch.float32)
-            # the whole batch's calls wait while the parts run, then make the step's sum
-            saved = [layer.calls for layer in self._layers]
-            for layer in self._layers:
-                layer.calls = []
-            self._probe_batch = batch
-            try:
-                for rows, x, y, w in parts:
-                    keep = finite[rows]
-                    if not bool(keep.all()):
-                        rows, x, y, w = rows[keep], x[keep], y[keep], w[keep]
-                    if rows.numel() == 0:
-                        continue
-                    self._probe_part(
-                        rows=rows,
-                        inputs=x,
-                        targets=y,
-                        weights=w,
-                        loss_fn=loss_fn,
-                        batch=batch,
-                        reference=reference,
-                        losses=losses,
-                        full_grads=full_grads,
-                        state=state,
-                        pristine=pristine,
-                        rtol=rtol,
-                        against_autograd=rows.numel() == 1,
-                    )
-                self._checked = True
-            finally:
-                self._probe_batch = None
-                for layer, calls in zip(self._layers, saved, strict=True):
-                    layer.calls = calls
-        with torch.no_grad(), _ieee_float32(self.device):
-            return self._clip_and_sum(batch, loss_sum, grads_ok, scale, out)
-
-    def _probe_part(
-        self,
-        *,
-        rows: torch.Tensor,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        weights: torch.Tensor,
-        loss_fn: LossFn,
-        batch: int,
-        reference: Trace,
-        losses: torch.Tensor,
-        full_grads: checks.OutputGrads,
-        state: StateSnapshot,
-        pristine: torch.Tensor,
-        rtol: float,
-        against_autograd: bool,
-    ) -> None:
-        """One part of the probe (:mod:`.checks`). ``against_autograd``: compare the
-        per-layer sums with autograd's gradient too (the part of one example: a sum of
-        many half-precision terms in autograd would be a poor reference)."""
-        size = int(rows.shape[0])
-        trace = Trace()
-        try:
-            _, _, part_losses, autograd = self._forward_backward(
-                inputs,
-                targets,
-                loss_fn,
-                size,
-                trace=trace,
-                weights=weights,
-                param_grads=against_autograd,
-            )
-        except ParameterError:
-            raise
-        except (RuntimeError, ValueError, IndexError) as exc:
-            raise checks.refuse(
-                "",
-                f"the model fails on a batch of {size} after succeeding on a batch of "
-                f"{batch} (a batch size built into the model?): {exc}",
-            ) from exc
-        try:
-            state.check(self.module)
-            by_path = {layer.path: layer for layer in self._layers}
-            checks.compare_traces(reference, trace, rows, batch, by_path)
-            checks.compare_losses(losses, part_losses, rows, loss_fn)
-            checks.compare_output_grads(
-                full_grads, checks.output_grads(self._layers), rows, weights, rtol=rtol
-            )
-        except ParameterError as exc:
-            if exc.name == "module":
-                checks.check_deterministic(self.module, pristine, reference)
-            raise
-        if not against_autograd:
-            for layer in self._layers:
-                layer.calls.clear()
-            return
-        # the per-layer rules against autograd, on the same weighted loss
-        with torch.no_grad(), _ieee_float32(self.device):
-            flat = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
-            ones = torch.ones(size, dtype=self._dtype, device=self.device)
-            for layer in self._layers:
-                calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
-                if calls:
-                    _, finish = _LAYER_RULES[layer.kind](layer, calls, size)
-                    finish(ones, {n: self._slot(flat, p) for n, p in layer.params.items()})
-        owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
-        checks.compare_sums(
-            names=[(owner[id(p)], name) for name, p in self._params],
-            bookkeeping=[self._slot(flat, p) for _, p in self._params],
-            autograd=autograd,
-            rtol=rtol,
-        )
-        for layer in self._layers:
-            layer.calls.clear()
 
     # -- the BK steps ----------------------------------------------------------------------
 
