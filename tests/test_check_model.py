@@ -27,6 +27,7 @@ from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_referenc
 from mpcdp.train.clipping.rules import _use_ghost  # noqa: E402
 from mpcdp.train.model_check import (  # noqa: E402
     ModelReport,
+    _ghost_bytes,
     check_model,
     default_loss,
     fix_model,
@@ -58,13 +59,15 @@ def clipper_accepts(model: nn.Module, shape: tuple[int, ...], **kw: object) -> b
 
 def cnn(norm: nn.Module) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),  # 8x8: T=64, pd=72 -> instantiated
+        # 8x8: T=64, p=8, d=9: 4pd = 288 B <= 16T^2 + 8T(p+d) = 74,240 B -> instantiated
+        nn.Conv2d(1, 8, 3, padding=1),
         norm,
         nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),  # 4x4: T=16, pd=1152 -> ghost
+        # 2x2: T=4, p=16, d=72: 4pd = 4,608 B > 16T^2 + 8T(p+d) = 3,072 B -> ghost
+        nn.Conv2d(8, 16, 3, stride=4, padding=1),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(16 * 16, 10),  # T=1 -> ghost
+        nn.Linear(16 * 4, 10),  # T=1 -> ghost
     )
 
 
@@ -143,11 +146,31 @@ def test_cnn_with_groupnorm_mixes_ghost_and_instantiated() -> None:
     }
     by = {r.path: r for r in report.layers}
     assert (by["0"].positions, by["0"].p, by["0"].d) == (64, 8, 9)
-    assert (by["3"].positions, by["3"].p, by["3"].d) == (16, 16, 72)
+    assert (by["3"].positions, by["3"].p, by["3"].d) == (4, 16, 72)
     for r in report.layers:  # the clipper's own rule on the measured T, p, d
         if r.kind == "conv2d":
             assert r.positions is not None and r.p is not None and r.d is not None
             assert (r.method == "ghost") == _use_ghost(r.positions, r.p, r.d)
+    # the report states the rule as implemented, in bytes per example
+    assert by["3"].per_example_bytes == 16 * 4**2 + 8 * 4 * (16 + 72) == 3072
+    assert by["3"].note == "ghost: 16T^2+8T(p+d)=3072 B < 4pd=4608 B per example"
+    assert by["0"].per_example_bytes == 4 * 8 * 9
+    assert by["0"].note == "instantiated: 4pd=288 B <= 16T^2+8T(p+d)=74240 B per example"
+    # and the clipper takes those branches: instantiated (B, p, d) only for layer "0"
+    x, y = synthetic_batch(input_shape=(1, 8, 8), num_classes=10)
+    model = cnn(nn.GroupNorm(4, 8))
+    ref = per_sample_gradients_reference(model, inputs=x, targets=y, loss_fn=default_loss)
+    with PerSampleClipper(model, max_grad_norm=1e9) as clipper:
+        out = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=default_loss)
+    torch.testing.assert_close(out.grad_sum, ref.sum(dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_reported_bytes_are_those_the_rule_compares() -> None:
+    """The note's ghost/instantiated bytes are what _use_ghost weighs, on either side."""
+    for t in (2, 3, 4, 9, 16, 64):
+        for p in (1, 4, 16, 64, 256):
+            for d in (1, 9, 72, 300):
+                assert _use_ghost(t, p, d) == (4 * p * d > _ghost_bytes(t, p, d))
 
 
 def test_batchnorm_is_refused_and_fix_model_makes_it_pass() -> None:
@@ -231,7 +254,11 @@ def test_centring_by_the_batch_mean_is_refused_naming_the_module() -> None:
 def test_tied_weights_are_refused() -> None:
     report = report_of(Tied(), (7,), input_dtype=torch.long, vocab=20)
     assert not report.ok and "weight tying" in (report.refusal or "")
-    assert methods(report) == {"emb": "ghost", "head": "refused"}
+    assert methods(report) == {"emb": "instantiated", "head": "refused"}
+    emb = report.layers[0]
+    # sparse rows of the example's own tokens: at most T*E values (T=7, E=8), not E*V
+    assert (emb.positions, emb.p, emb.d) == (7, 8, 20)
+    assert emb.per_example_bytes == 7 * 8 * 4 and "at most T*E=56 values" in emb.note
     assert report.trainable_params == 20 * 8  # counted once
 
 
@@ -334,7 +361,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 class SeqMix(nn.Module):
-    """Linear(64, 64) over T=128 positions: 2 T^2 > p d, so instantiated."""
+    """Linear(64, 64) over T=128 positions: 4pd <= 16T^2 + 8T(p+d), so instantiated."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -108,6 +108,22 @@ def labels(n: int = B) -> torch.Tensor:
 MODES = ["flat", "automatic"]
 
 
+def ghost_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Record the shape of A at every ghost-norm call (the branch really taken), on the
+    checked batch and on the first-use checks' batches alike."""
+    shapes: list[tuple[int, ...]] = []
+    ghost = rules._ghost
+
+    def spy(
+        a: torch.Tensor | None, g: torch.Tensor, *, same: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        shapes.append(tuple(a.shape) if a is not None else ())
+        return ghost(a, g, same=same)
+
+    monkeypatch.setattr(rules, "_ghost", spy)
+    return shapes
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
@@ -123,12 +139,21 @@ def test_linear_2d_with_inplace_activation(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("t", "d", "p"), [(3, 10, 12), (9, 4, 5)])
-def test_linear_3d_ghost_and_instantiate(mode: str, t: int, d: int, p: int) -> None:
-    # (3, 10, 12): 2 T^2 = 18 <= p d = 120, ghost norm; (9, 4, 5): 162 > 20, instantiated
+@pytest.mark.parametrize(("t", "d", "p"), [(3, 24, 20), (9, 4, 5)])
+def test_linear_3d_ghost_and_instantiate(
+    mode: str, t: int, d: int, p: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (3, 24, 20): instantiating, 4 p d = 1,920 B per example, would take more than the
+    # ghost branch, 16 T^2 + 8 T (p + d) = 1,200 B: ghost norm; (9, 4, 5): 80 <= 1,944,
+    # instantiated
     assert rules._use_ghost(t, p, d) == (t == 3)
+    ghosts = ghost_calls(monkeypatch)
     model = nn.Sequential(nn.Linear(d, p), nn.Tanh(), nn.Linear(p, NUM_CLASSES))
     check_against_reference(model, torch.randn(B, t, d), labels(), mode)
+    # the first layer took that branch (A of shape (B, T, d), with the first-use checks'
+    # smaller batches before it) or never did
+    assert ((B, t, d) in ghosts) == (t == 3)
+    assert {shape[1:] for shape in ghosts} == ({(t, d)} if t == 3 else set())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -138,23 +163,31 @@ def test_linear_4d_input(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_conv2d_ghost_instantiate_and_grouped_fallback(mode: str) -> None:
+def test_conv2d_ghost_instantiate_and_grouped_fallback(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ghosts = ghost_calls(monkeypatch)
     model = nn.Sequential(
-        # 8x8 input, T = 64, D = 27, p = 4: instantiated
+        # 8x8 input, T = 64, D = 27, p = 4: instantiated (4pd = 432 B per example)
         nn.Conv2d(3, 4, 3, padding=1),
         nn.ReLU(),
-        # stride 2, dilation 2: T = 9 (3x3), D = 36, p = 6: ghost
-        nn.Conv2d(4, 6, 3, stride=3, padding=2, dilation=2),
+        # stride 4, dilation 2: T = 4 (2x2), D = 36, p = 16: ghost (4pd = 2,304 B > 16 T^2 +
+        # 8 T (p + D) = 1,920 B)
+        nn.Conv2d(4, 16, 3, stride=4, padding=2, dilation=2),
         nn.Tanh(),
-        nn.Conv2d(6, 4, 3, padding="same", bias=False),
+        # 'same' padding, T = 4, D = 144, p = 4: instantiated (2,304 B <= 4,992 B)
+        nn.Conv2d(16, 4, 3, padding="same", bias=False),
         nn.ReLU(),
         nn.Conv2d(4, 4, 1, groups=2),  # grouped: torch.func fallback
         nn.Flatten(),
-        nn.Linear(4 * 3 * 3, NUM_CLASSES),
+        nn.Linear(4 * 2 * 2, NUM_CLASSES),
     )
     assert not rules._use_ghost(64, 4, 27)
-    assert rules._use_ghost(9, 6, 36)
+    assert rules._use_ghost(4, 16, 36)
+    assert not rules._use_ghost(4, 4, 144)
     clipper = check_against_reference(model, torch.randn(B, 3, 8, 8), labels(), mode)
+    # the second convolution only (the first-use checks run smaller batches before it)
+    assert (B, 4, 36) in ghosts and {shape[1:] for shape in ghosts} == {(4, 36)}
     kinds = [layer.kind for layer in clipper._layers]
     assert kinds == ["conv2d", "conv2d", "conv2d", "fallback", "linear"]
 
@@ -162,7 +195,8 @@ def test_conv2d_ghost_instantiate_and_grouped_fallback(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("vocab", "dim"), [(50, 8), (4, 2)])
 def test_embedding_with_padding_idx(mode: str, vocab: int, dim: int) -> None:
-    # T = 6: (50, 8) ghost (72 <= 400); (4, 2) instantiated (72 > 8)
+    # T = 6: the rows of each example's own tokens, instantiated sparsely (at most T E
+    # values) whether the vocabulary is larger than T or not
     class Bag(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -569,26 +603,31 @@ def test_a_random_forward_is_refused_naming_the_module() -> None:
 
 
 def test_float32_model_matches_float64_reference() -> None:
-    """float32 parameters: sums are written in place into grad_sum (the mm out= path)."""
+    """float32 parameters: sums are written in place into grad_sum (the mm out= path), from
+    every branch: float64 ghost sums (Linear and Conv2d), instantiated, sparse rows."""
 
     class Mixed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.emb = nn.Embedding(20, 6)  # T = 5: ghost
-            self.conv = nn.Conv2d(1, 4, 3, stride=2)  # T = 4, D = 9, p = 4: ghost
-            self.seq = nn.Linear(6, 12)  # T = 5: ghost (50 <= 72)
-            self.norm = nn.LayerNorm(12)
-            self.head = nn.Linear(12 + 4 * 2 * 2, NUM_CLASSES)
+            self.emb = nn.Embedding(20, 32)  # T = 5: sparse rows
+            # T = 4 (2x2), D = 36, p = 16: ghost (4pd = 2,304 B > 16T^2 + 8T(p+D) = 1,920 B)
+            self.conv = nn.Conv2d(4, 16, 3, stride=2)
+            self.seq = nn.Linear(32, 32)  # T = 5: ghost (4,096 B > 2,960 B)
+            self.norm = nn.LayerNorm(32)
+            self.mix = nn.Linear(32, 4)  # T = 5: instantiated (512 B <= 1,840 B)
+            self.head = nn.Linear(4 + 16 * 2 * 2, NUM_CLASSES)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             idx = x[:, :5].long().clamp(0, 19)
-            img = x[:, 5:].reshape(-1, 1, 5, 5)
-            h = self.norm(torch.tanh(self.seq(self.emb(idx)))).mean(dim=1)
+            img = x[:, 5:].reshape(-1, 4, 5, 5)
+            h = self.mix(self.norm(torch.tanh(self.seq(self.emb(idx))))).mean(dim=1)
             c = torch.relu(self.conv(img)).flatten(1)
             return self.head(torch.cat([h, c], dim=1))
 
+    assert rules._use_ghost(4, 16, 36) and rules._use_ghost(5, 32, 32)
+    assert not rules._use_ghost(5, 4, 32)
     model32 = Mixed()
-    x = torch.cat([torch.randint(0, 20, (B, 5)).float(), torch.randn(B, 25)], dim=1)
+    x = torch.cat([torch.randint(0, 20, (B, 5)).float(), torch.randn(B, 100)], dim=1)
     y = labels()
     model64 = Mixed()
     model64.load_state_dict(model32.state_dict())

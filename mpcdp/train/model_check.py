@@ -12,10 +12,13 @@ factory given as ``package.module:attr``.
 The verdict is the clipper's own: the check builds a clipper on a copy of the model, runs its
 first-use checks (:meth:`PerSampleClipper.check_model`) and one clipped step on a synthetic
 batch, and reports the first :class:`~mpcdp.errors.ParameterError` it raises. The
-ghost/instantiated choice of Linear, Conv2d and Embedding layers depends on ``T``, the
-positions per example, which a forward pass on the synthetic batch measures; the same
-choice (:func:`~mpcdp.train.clipping.rules._use_ghost`) is then applied to the layer's
-``T``, ``p`` and ``d``. A model whose layers see other shapes on real data may be treated
+ghost/instantiated choice of Linear and Conv2d layers depends on ``T``, the positions per
+example, which a forward pass on the synthetic batch measures; the clipper's own rule
+(:func:`~mpcdp.train.clipping.rules._use_ghost`: the ghost norm only where instantiating,
+``4 p d`` bytes per example, would take more memory than the float64 ghost branch,
+``16 T^2 + 8 T (p + d)``) is then applied to the layer's ``T``, ``p`` and ``d``. Embedding
+layers are always instantiated, sparsely (the rows of each example's own tokens: at most
+``T E`` values). A model whose layers see other shapes on real data may be treated
 differently there. The memory figure is an estimate (see :class:`MemoryEstimate`).
 
 Nothing happens at import time beyond defining names.
@@ -70,12 +73,14 @@ class LayerReport:
     """What the clipper does with one module that owns trainable parameters.
 
     ``method``: ``"ghost"`` (ghost norm, no per-sample gradient formed), ``"instantiated"``
-    (per-sample gradients ``(B, p, d)``), ``"bias"`` (bias-only: from output gradients
+    (per-sample gradients ``(B, p, d)``; for an Embedding, the rows of each example's own
+    tokens, at most ``T E`` values), ``"bias"`` (bias-only: from output gradients
     alone), ``"closed-form"`` (LayerNorm/GroupNorm), ``"fallback"`` (``torch.func``),
     ``"unused"`` (not called in the forward: its gradient is zero) or ``"refused"``.
     ``positions`` (T), ``p`` and ``d`` are set for Linear, Conv2d and Embedding layers that
     were called; ``per_example_bytes`` is the layer's per-sample-gradient memory per example
-    (instantiated, closed-form and fallback layers) or its ghost matrices' (ghost, T > 1).
+    (instantiated, closed-form and fallback layers) or its float64 ghost branch's, Grams and
+    copies of A and G, ``16 T^2 + 8 T (p + d)`` (ghost, T > 1).
     """
 
     path: str
@@ -97,10 +102,11 @@ class MemoryEstimate:
     ``activations``: the tensors autograd saved in the synthetic forward, scaled to the batch;
     ``output_grads``: the gradients at the trainable layers' outputs that the clipper holds;
     ``per_sample_grads``: instantiated, closed-form and fallback layers' per-sample gradients
-    (held until the clipped sum); ``transient``: the largest one-layer temporary (ghost
-    matrices ``2 B T^2``, a Conv2d's unfolded input); ``parameters`` and ``grad_sum``: the
-    model and the clipped-sum buffer. Allocator overhead, the optimizer state and the
-    framework's workspace are not counted: treat the total as a lower estimate.
+    (held until the clipped sum); ``transient``: the largest one-layer temporary (the float64
+    ghost branch, ``B (16 T^2 + 8 T (p + d))`` bytes, a Conv2d's unfolded input);
+    ``parameters`` and ``grad_sum``: the model and the clipped-sum buffer. Allocator overhead,
+    the optimizer state and the framework's workspace are not counted: treat the total as a
+    lower estimate.
     """
 
     batch_size: int
@@ -488,6 +494,15 @@ def _probe(
 
 _MATMUL_KINDS = ("linear", "conv2d", "embedding")
 
+#: bytes per value of an instantiated per-sample gradient, as :func:`_use_ghost` counts them
+_INSTANTIATED_BYTES = 4
+
+
+def _ghost_bytes(t: int, p: int, d: int) -> int:
+    """Per-example bytes of the ghost branch as :func:`_use_ghost` counts them: float64 Gram
+    matrices of A and G (``2 T^2`` values) and float64 copies of A and G (``T (p + d)``)."""
+    return 16 * t * t + 8 * t * (p + d)
+
 
 def _tpd(kind: str, m: nn.Module, s: _Seen, batch: int) -> tuple[int, int, int] | None:
     """(T, p, d) of a Linear, Conv2d or Embedding layer from its calls (T summed over calls)."""
@@ -546,14 +561,20 @@ def _layer_report(
     elif "weight" not in own:
         method, per_example = "bias", p * size
         note = "bias only: from the output gradients alone"
-    elif t == 1 and kind != "embedding":
+    elif kind == "embedding":
+        # the rows of each example's own tokens, sparsely: at most T rows of E (= p) values
+        method, per_example = "instantiated", t * p * size
+        note = f"rows of the example's tokens: at most T*E={t * p} values"
+    elif t == 1:
         method, note = "ghost", "T=1: norm |a| |g| per example"
-    elif _use_ghost(t, p, d):
-        method, per_example = "ghost", 2 * t * t * size
-        note = f"2T^2={2 * t * t} <= pd={p * d}"
     else:
-        method, per_example = "instantiated", p * d * size
-        note = f"2T^2={2 * t * t} > pd={p * d}"
+        ghost, inst = _ghost_bytes(t, p, d), _INSTANTIATED_BYTES * p * d
+        if _use_ghost(t, p, d):
+            method, per_example = "ghost", ghost
+            note = f"ghost: 16T^2+8T(p+d)={ghost} B < 4pd={inst} B per example"
+        else:
+            method, per_example = "instantiated", p * d * size
+            note = f"instantiated: 4pd={inst} B <= 16T^2+8T(p+d)={ghost} B per example"
     if method == "ghost":
         peak = per_example
     else:
