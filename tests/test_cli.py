@@ -331,6 +331,15 @@ def test_party_check_shows_the_owner_what_the_coordinator_is_not_told(tmp_path: 
     net.stop()
     good = mpcdp("party", "check", "--config", str(tmp_path / "alice.toml"))
     assert good.returncode == 0 and "raises: ok" in good.stdout
+    # by default an out-of-bounds value is clipped: the dataset is usable, the log counts it
+    clipped = mpcdp("party", "check", "--config", str(tmp_path / "bob.toml"))
+    assert clipped.returncode == 0 and "raises: ok" in clipped.stdout
+    assert "9000" not in clipped.stdout + clipped.stderr
+    # the owner's policy "error" refuses the file instead, and says why to the owner only
+    bob = tmp_path / "bob.toml"
+    toml = bob.read_text()
+    assert toml.count("upper = 5000\n") == 1
+    bob.write_text(toml.replace("upper = 5000\n", 'upper = 5000\nout_of_bounds = "error"\n'))
     bad = mpcdp("party", "check", "--config", str(tmp_path / "bob.toml"), check=False)
     assert bad.returncode == 1
     assert (
@@ -344,7 +353,7 @@ def test_party_check_shows_the_owner_what_the_coordinator_is_not_told(tmp_path: 
 def test_party_serve_says_where_it_serves(tmp_path: Path) -> None:
     from tests.conftest import build_net
 
-    net = build_net(tmp_path, start=False, csv_override={"bob": "raise,dept\n9000,eng\n"})
+    net = build_net(tmp_path, start=False, csv_override={"bob": "raise,dept\nnan,eng\n"})
     net.stop()
     port_file = tmp_path / "bob.port"
     proc = subprocess.Popen(

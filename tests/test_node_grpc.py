@@ -236,43 +236,59 @@ def test_health_service_over_mtls(net: Net) -> None:
     ).serving
 
 
+def strict_dataset(party: str) -> str:
+    """TOML of a dataset "strict": the same file and columns as "raises", with the party's
+    policy ``out_of_bounds = "error"`` on the numeric column (the default clips)."""
+    return (
+        f'\n[datasets.strict]\npath = "{party}.csv"\nepsilon = 3.0\ndelta = 1e-6\n'
+        "allow_exact = true\n[datasets.strict.columns.raise]\nlower = 0\nupper = 5000\n"
+        'out_of_bounds = "error"\n[datasets.strict.columns.dept]\ncategories = ["eng", "ops"]\n'
+    )
+
+
 @pytest.mark.parametrize(
-    ("bad", "needle"),
+    ("bad", "needle", "dataset"),
     [
-        ("raise,dept\n100,eng\nnan,ops\n", "row 3 column 'raise': 'nan' is not finite"),
-        ("raise,dept\ninf,eng\n", "row 2 column 'raise': 'inf' is not finite"),
-        ("raise,dept\n9000,eng\n", "9000 is outside the declared bounds [0, 5000]"),
-        ("raise,dept\nabc,eng\n", "'abc' is not a number"),
-        ("raise,dept\n100,hr\n", "'hr' is not one of the declared categories"),
+        ("raise,dept\n100,eng\nnan,ops\n", "row 3 column 'raise': 'nan' is not finite", "raises"),
+        ("raise,dept\ninf,eng\n", "row 2 column 'raise': 'inf' is not finite", "raises"),
+        ("raise,dept\n9000,eng\n", "9000 is outside the declared bounds [0, 5000]", "strict"),
+        ("raise,dept\nabc,eng\n", "'abc' is not a number", "raises"),
+        ("raise,dept\n100,hr\n", "'hr' is not one of the declared categories", "raises"),
     ],
 )
 def test_bad_csv_values_make_the_dataset_unavailable_without_telling_the_coordinator_why(
-    tmp_path: Path, bad: str, needle: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, bad: str, needle: str, dataset: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The offending cell, its value and the file's path are the party's private business:
-    the coordinator hears "unavailable", the owner's log and `mpcdp party check` say why."""
-    n = build_net(tmp_path, csv_override={"bob": bad})
+    the coordinator hears "unavailable", the owner's log and `mpcdp party check` say why.
+    An out-of-bounds value makes a dataset unavailable only where its owner declared
+    ``out_of_bounds = "error"`` ("strict"); the default ("raises") clips it."""
+    extra = {p: strict_dataset(p) for p in ("alice", "bob", "carlos")}
+    n = build_net(tmp_path, csv_override={"bob": bad}, extra=extra)
     try:
         with Federation.from_config(n.federation) as fed, pytest.raises(RoundAborted) as info:
-            fed.mean(dataset="raises", column="raise", epsilon=0.1)
+            fed.mean(dataset=dataset, column="raise", epsilon=0.1)
         cause = info.value.cause
         assert (
             isinstance(cause, PartyError)
             and cause.party == "bob"
             and cause.code == "FAILED_PRECONDITION"
         )
-        assert "dataset 'raises' is unavailable at party 'bob'" in cause.message
+        assert f"dataset {dataset!r} is unavailable at party 'bob'" in cause.message
         assert "mpcdp party check" in cause.message
         shown = str(info.value)
         for secret in (needle, "bob.csv", str(tmp_path), "row "):
             assert secret not in shown
         for node in n.nodes.values():
-            assert node.ledger.status("raises").queries == 0
+            assert node.ledger.status(dataset).queries == 0
         assert any(needle in r.getMessage() for r in caplog.records)  # the owner's own log
         problems = check_datasets(n.nodes["bob"].config)
-        assert problems["raises"] is not None and needle in problems["raises"]
-        assert "bob.csv" in problems["raises"]
-        assert check_datasets(n.nodes["alice"].config) == {"raises": None}
+        assert problems[dataset] is not None and needle in problems[dataset]
+        assert "bob.csv" in problems[dataset]
+        # the same file under the default policy: clipped, available (bad values refused)
+        clipped = dataset == "strict"
+        assert (problems["raises"] is None) == clipped
+        assert check_datasets(n.nodes["alice"].config) == {"raises": None, "strict": None}
     finally:
         n.stop()
 
