@@ -412,3 +412,51 @@ def test_cli_prints_the_ceiling_and_refuses_an_untestable_audit(tmp_path: Path) 
         assert "audit ceiling" in ok.output and "UNTESTABLE" not in ok.output
     finally:
         net.stop()
+
+
+def test_python_train_refuses_an_untestable_audit_before_anything_is_charged(
+    tmp_path: Path,
+) -> None:
+    """fed.train, as `mpcdp audit`: claimed epsilon 8 with 300 canaries per site is above
+    the audit's ceiling, so the run is refused before any site is asked (every ledger as it
+    was); allow_untestable=True runs it anyway, and its result says it was untestable."""
+    from mpcdp.train.federated import UntestableAuditError
+
+    extra = {}
+    for i, p in enumerate(PARTIES):
+        x, y = example_data(i)
+        np.savez(tmp_path / f"{p}-ex.npz", x=x, y=y)
+        extra[p] = (
+            f'\n[datasets.ex]\npath = "{p}-ex.npz"\nnum_classes = 3\nepsilon = 50\ndelta = 1e-5\n'
+        )
+    net = build_net(tmp_path, extra=extra)
+    options: dict[str, Any] = dict(
+        dataset="ex",
+        model=MODEL,
+        target_epsilon=8.0,
+        target_delta=1e-5,
+        epochs=2,
+        batch_size=18,
+        audit_canaries=300,
+        seed=1,
+    )
+    try:
+        with Federation.from_config(net.federation) as fed:
+            with pytest.raises(UntestableAuditError) as info:
+                fed.train(**options)
+            err = info.value
+            assert isinstance(err, ParameterError) and err.name == "audit_canaries"
+            assert err.value == 300 and not err.check.testable
+            assert err.check.claimed_epsilon >= err.check.ceiling and err.check.m == 900
+            assert "audit ceiling" in str(err) and "UNTESTABLE" in str(err)
+            assert "nothing was charged" in str(err) and "allow_untestable=True" in str(err)
+            for node in net.nodes.values():
+                status = node.ledger.status("ex")
+                assert status.remaining_epsilon == 50 and status.queries == 0
+            result = fed.train(**options, allow_untestable=True)
+        a = result.audit
+        assert a is not None and a.testable is False and a.m == 900
+        for node in net.nodes.values():
+            assert node.ledger.status("ex").remaining_epsilon < 50
+    finally:
+        net.stop()

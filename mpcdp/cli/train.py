@@ -240,6 +240,7 @@ def train(
                     audit_kind=audit_kind,
                     audit_confidence=audit_confidence,
                     audit_delta=audit_delta,
+                    allow_untestable=True,  # checked and printed above (_audit_preflight)
                 )
         except MpcdpError as exc:
             typer.echo(f"\nerror: {exc}", err=True)
@@ -442,6 +443,7 @@ def audit(
                 audit_kind=kind,
                 audit_confidence=confidence,
                 audit_delta=audit_delta,
+                allow_untestable=True,  # checked and printed above (_audit_preflight)
             )
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -43,7 +43,13 @@ from mpcdp.protocol.training import (
     TrainingClient,
     TrainingSession,
 )
-from mpcdp.train.audit import black_box_scores, finish, white_box_scorer
+from mpcdp.train.audit import (
+    AuditPreflight,
+    black_box_scores,
+    finish,
+    preflight,
+    white_box_scorer,
+)
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.models import build_model
 from mpcdp.train.planning import TrainingPlan, plan_training
@@ -70,6 +76,7 @@ __all__ = [
     "StepInfo",
     "TrainingPlan",
     "TrainingResult",
+    "UntestableAuditError",
     "load_checkpoint",
     "plan_training",
     "set_flat_gradients",
@@ -81,6 +88,22 @@ log = logging.getLogger(__name__)
 
 
 Arrays = tuple[NDArray[Any], NDArray[Any]]
+
+
+class UntestableAuditError(ParameterError):
+    """An audit run whose claim no outcome could refute (the claimed epsilon at or above the
+    audit's ceiling, :func:`mpcdp.train.audit.preflight`), refused before any site is asked:
+    nothing is charged. ``check`` holds the ceiling, the claim and the advice (how many
+    canaries, or which audited delta, would make the claim testable)."""
+
+    def __init__(self, check: AuditPreflight) -> None:
+        self.check = check
+        super().__init__(
+            "audit_canaries",
+            check.m // max(check.sites, 1),
+            f"the claim cannot be tested: {check.text()}; refused before the run (nothing "
+            "was charged); allow_untestable=True runs it anyway",
+        )
 
 
 def evaluate(
@@ -203,6 +226,7 @@ def train(
     audit_delta: float | None = None,
     feature_shape: tuple[int, ...] = (),
     num_classes: int = 0,
+    allow_untestable: bool = False,
 ) -> TrainingResult:
     """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
 
@@ -236,6 +260,12 @@ def train(
     epsilon at that delta. An audit run is one session: it is never resumed from a
     checkpoint, and ``stop_after`` is refused. Black-box canaries need the sites'
     ``feature_shape`` and ``num_classes`` (Describe; Federation.train fills them in).
+    Before any site is asked, the audit's ceiling (the bound if every guess were right) is
+    compared with the claim (:func:`mpcdp.train.audit.preflight`): a claimed epsilon at or
+    above it cannot be refuted by any outcome, and the run is refused with
+    :class:`UntestableAuditError` (a ParameterError naming ``audit_canaries``, with the
+    canaries or audited delta that would make it testable), charging nothing, unless
+    ``allow_untestable`` (as ``mpcdp audit --allow-untestable``).
     """
     parties = tuple(examples)
     _check_audit(
@@ -283,6 +313,10 @@ def train(
         audit_canaries=audit_canaries,
         audit_kind=audit_kind if audit_canaries else "",
     )
+    if audit_canaries and not allow_untestable:  # before any site is asked or charged
+        check = preflight(plan=plan, delta=audit_delta, confidence=audit_confidence)
+        if not check.testable:
+            raise UntestableAuditError(check)
     opt = _make_optimizer(optimizer, trainable, learning_rate, momentum)
     history: list[EpochRecord] = []
     start = 0
