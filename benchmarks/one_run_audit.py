@@ -1,9 +1,10 @@
-"""One-run privacy audit of federated DP-SGD on digits (issue 13, section 7).
+"""One-run privacy audit of federated DP-SGD on digits.
 
 Run:  python -m benchmarks.one_run_audit [--canaries 1000] [--epsilons 1 3 8]
                                          [--broken inf 10] [--broken-epsilon 1]
                                          [--kind white-box] [--confidence 0.95] [--seed 0]
-                                         [--repeats 1] [--epochs 20] [--json out.json]
+                                         [--repeats 1] [--epochs 20] [--allow-untestable]
+                                         [--json out.json]
 
 Three party nodes (in-process gRPC servers, each with its own mTLS certificate, ledger and a
 third of scikit-learn's digits training split: mpcdp.digits_demo) train ``mlp:64,128,10``
@@ -15,12 +16,16 @@ processes because the broken-noise rows need the test-only hook
 
 Rows: one honest run per ``--epsilons`` value, then one run per ``--broken`` divisor of the
 sites' noise std (inf: no noise) at ``--broken-epsilon``. Printed per row: the accountant's
-claimed epsilon, the audit's lower bound (confidence ``--confidence``, delta 1e-5, guess
-counts chosen over mpcdp.audit.bound's grid with Bonferroni), the fraction reached, m,
+claimed epsilon, the audit's ceiling (the bound if every guess were right: no outcome can
+show more), the audit's lower bound (confidence ``--confidence``, delta 1e-5, guess counts
+chosen by mpcdp.audit.bound's weighted schedule), the fraction of the claim reached, m,
 guesses, correct, test accuracy and wall time; with ``--repeats`` each configuration runs
 that many times (seeds --seed, --seed + 1, ...; the sites' noise and coins are fresh every
 run) and a summary gives the mean, min and max bound. An honest row must stay below its
-claim (exit 1 otherwise); a broken row should be far above it.
+claim (exit 1 otherwise); a broken row should be above it. A claim at or above the ceiling
+cannot be refuted by any run: ``fed.train`` refuses it before the sites are asked
+(mpcdp.train.federated.UntestableAuditError), and it is printed as refused with the advice,
+unless ``--allow-untestable`` runs it anyway.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from mpcdp.certs import init_federation
 from mpcdp.config import load_party_config
 from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
+from mpcdp.train.federated import UntestableAuditError
 
 DELTA = 1e-5
 
@@ -48,6 +54,7 @@ DELTA = 1e-5
 class Row:
     noise: str
     claimed_epsilon: float
+    ceiling: float
     lower_bound: float
     fraction: float
     confidence: float
@@ -99,7 +106,10 @@ def one_run(
     confidence: float,
     seed: int,
     epochs: float = 20.0,
+    allow_untestable: bool = False,
 ) -> Row:
+    """One audit run on fresh sites. Raises UntestableAuditError (before the sites are
+    asked) for a claim at or above the ceiling unless ``allow_untestable``."""
     split = digits_demo.load_digits_split()
     with tempfile.TemporaryDirectory(prefix="mpcdp-audit-") as tmp:
         nodes, fed_path = _sites(Path(tmp), divisor)
@@ -120,6 +130,7 @@ def one_run(
                     audit_canaries=canaries,
                     audit_kind=kind,
                     audit_confidence=confidence,
+                    allow_untestable=allow_untestable,
                 )
             seconds = time.perf_counter() - t0
         finally:
@@ -130,6 +141,7 @@ def one_run(
     return Row(
         noise="honest" if divisor == 1 else ("none" if math.isinf(divisor) else f"std/{divisor:g}"),
         claimed_epsilon=a.claimed_epsilon,
+        ceiling=a.ceiling,
         lower_bound=a.epsilon_lower_bound,
         fraction=a.epsilon_lower_bound / a.claimed_epsilon,
         confidence=a.confidence,
@@ -152,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--epochs", type=float, default=20.0)
+    ap.add_argument("--allow-untestable", action="store_true", help="run untestable claims")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     runs = [(e, 1.0) for e in args.epsilons] + [(args.broken_epsilon, d) for d in args.broken]
@@ -161,32 +174,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"delta {DELTA:g}, confidence {args.confidence:g}"
     )
     print(
-        f"{'noise':>8} {'claimed eps':>11} {'audit lb':>9} {'fraction':>8} {'m':>5} "
-        f"{'guesses':>7} {'correct':>7} {'test acc':>8} {'seconds':>7}"
+        f"{'noise':>8} {'claimed eps':>11} {'ceiling':>7} {'audit lb':>9} {'fraction':>8} "
+        f"{'m':>5} {'guesses':>7} {'correct':>7} {'test acc':>8} {'seconds':>7}"
     )
     groups: list[list[Row]] = []
+    refused: list[dict[str, Any]] = []
     for eps, divisor in runs:
         group = []
         for rep in range(args.repeats):
-            row = one_run(
-                epsilon=eps,
-                divisor=divisor,
-                canaries=args.canaries,
-                kind=args.kind,
-                confidence=args.confidence,
-                seed=args.seed + rep,
-                epochs=args.epochs,
-            )
+            try:
+                row = one_run(
+                    epsilon=eps,
+                    divisor=divisor,
+                    canaries=args.canaries,
+                    kind=args.kind,
+                    confidence=args.confidence,
+                    seed=args.seed + rep,
+                    epochs=args.epochs,
+                    allow_untestable=args.allow_untestable,
+                )
+            except UntestableAuditError as exc:
+                c = exc.check
+                refused.append(
+                    {"target_epsilon": eps, "divisor": divisor} | asdict(c) | {"text": c.text()}
+                )
+                print(
+                    f"{'-':>8} {c.claimed_epsilon:11.3f} {c.ceiling:7.3f}  refused before the "
+                    f"run, untestable: {c.advice.text(sites=c.sites)}",
+                    flush=True,
+                )
+                break  # the same claim is refused at every repeat
             group.append(row)
             acc = f"{row.accuracy:.4f}" if row.accuracy is not None else "n/a"
             print(
-                f"{row.noise:>8} {row.claimed_epsilon:11.3f} {row.lower_bound:9.3f} "
-                f"{row.fraction:8.1%} {row.m:5d} {row.guesses:7d} {row.correct:7d} {acc:>8} "
-                f"{row.seconds:7.1f}",
+                f"{row.noise:>8} {row.claimed_epsilon:11.3f} {row.ceiling:7.3f} "
+                f"{row.lower_bound:9.3f} {row.fraction:8.1%} {row.m:5d} {row.guesses:7d} "
+                f"{row.correct:7d} {acc:>8} {row.seconds:7.1f}",
                 flush=True,
             )
-        rows.extend(group)
-        groups.append(group)
+        if group:
+            rows.extend(group)
+            groups.append(group)
     if args.repeats > 1:
         print(f"\nover {args.repeats} runs each: audit lower bound mean [min, max], fraction")
         for group in groups:
@@ -202,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         out: dict[str, Any] = {"args": vars(args) | {"json": str(args.json)}}
         out["rows"] = [asdict(r) for r in rows]
+        out["refused"] = refused
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0 if honest_ok else 1
 
