@@ -600,3 +600,35 @@ def test_each_refusal_names_its_real_cause() -> None:
     norms = torch.linalg.vector_norm(ref, dim=1, keepdim=True)
     want = (ref * (1 / norms).clamp(max=1.0)).sum(0)
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)  # the 2^-12 clipping margin
+
+
+class SizeScaledBackward(_Body):
+    """No mixing, but every row of the backward is scaled by the batch size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * g.shape[0])
+        return self.head(torch.tanh(h))
+
+
+def test_a_backward_that_depends_on_the_batch_size_is_refused() -> None:
+    x, y = _data()
+    for err in _refused_by_every_probe(SizeScaledBackward, x, y):
+        assert err.value == "body" and "depends on the batch" in str(err)
+
+
+def test_an_ill_conditioned_honest_backward_is_accepted_by_every_probe() -> None:
+    """A GroupNorm over two channels (what check-model's fix makes of a BatchNorm1d of 12)
+    amplifies rounding differences between batch sizes by orders of magnitude in the
+    backward pass; the probe must not take them for interactions."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(64, 6, generator=g) * 4 - 2
+    y = torch.randint(0, 10, (64,), generator=g)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 12), nn.GroupNorm(6, 12), nn.Linear(12, 10))
+        clipper = PerSampleClipper(
+            model, max_grad_norm=1.0, probe_generator=torch.Generator().manual_seed(seed)
+        )
+        clipper.check_model(inputs=x, targets=y, loss_fn=ce)

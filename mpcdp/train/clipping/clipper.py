@@ -544,12 +544,14 @@ class PerSampleClipper(FirstUseProbe):
         trace: Trace | None = None,
         weights: torch.Tensor | None = None,
         param_grads: bool = False,
+        weights_again: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, torch.Tensor, list[torch.Tensor | None]]:
         """Forward and the output gradients ``G`` of the BK layers. ``trace``: record every
         module's outputs too (first use). ``weights``: differentiate ``sum_j w_j l_j``
         instead of the sum (the first-use probe). ``param_grads``: return autograd's
         gradient with respect to the trainable parameters as well; otherwise that list is
-        empty.
+        empty. ``weights_again``: backpropagate the same graph a second time with these
+        weights, into each call's ``grads_again``.
         Returns (loss sum, whether G was computed, per-example losses, parameter grads)."""
         tracing = (
             checks.traced(self.module, {layer.path for layer in self._layers}, trace)
@@ -592,9 +594,20 @@ class PerSampleClipper(FirstUseProbe):
                 if not edges or not target.requires_grad:
                     return loss_sum.detach(), False, losses.detach(), [None] * len(params)
                 wanted: Any = [*edges, *params]  # torch accepts edges and tensors together
-                grads = torch.autograd.grad(target, wanted, allow_unused=True)
+                grads = torch.autograd.grad(
+                    target, wanted, allow_unused=True, retain_graph=weights_again is not None
+                )
                 for (call, k), g in zip(slots, grads[: len(edges)], strict=True):
                     call.grads[k] = g
+                if weights_again is not None:
+                    again = torch.autograd.grad(
+                        (losses * weights_again.to(losses.dtype)).sum(), edges, allow_unused=True
+                    )
+                    for layer in self._layers:
+                        for call in layer.calls:
+                            call.grads_again = [None] * len(call.edges)
+                    for (call, k), g in zip(slots, again, strict=True):
+                        call.grads_again[k] = g
                 return loss_sum.detach(), True, losses.detach(), list(grads[len(edges) :])
         finally:
             for h in handles:

@@ -50,6 +50,7 @@ class FirstUseProbe:
             trace: Trace | None = None,
             weights: torch.Tensor | None = None,
             param_grads: bool = False,
+            weights_again: torch.Tensor | None = None,
         ) -> tuple[torch.Tensor, bool, torch.Tensor, list[torch.Tensor | None]]: ...
 
         def _slot(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor: ...
@@ -142,6 +143,7 @@ class FirstUseProbe:
                         state=state,
                         pristine=pristine,
                         rtol=rtol,
+                        half=half,
                         against_autograd=rows.numel() == 1,
                     )
                 self._checked = True
@@ -166,6 +168,7 @@ class FirstUseProbe:
         state: StateSnapshot,
         pristine: torch.Tensor,
         rtol: float,
+        half: bool,
         against_autograd: bool,
     ) -> None:
         """One part of the probe (:mod:`.checks`). ``against_autograd``: compare the
@@ -173,6 +176,12 @@ class FirstUseProbe:
         many half-precision terms in autograd would be a poor reference)."""
         size = int(rows.shape[0])
         trace = Trace()
+        # other power-of-two weights for a second backward of the same graph: the first two
+        # examples' ratios differ, so no part of two or more has proportional weights
+        shift = torch.randint(0, 4, (size,), generator=self._probe_gen)
+        if size >= 2:
+            shift[0] = (shift[1] + 1 + torch.randint(0, 3, (1,), generator=self._probe_gen)) % 4
+        again = weights * torch.exp2(shift.to(torch.float64)).to(weights.device)
         try:
             _, _, part_losses, autograd = self._forward_backward(
                 inputs,
@@ -182,6 +191,7 @@ class FirstUseProbe:
                 trace=trace,
                 weights=weights,
                 param_grads=against_autograd,
+                weights_again=again if size >= 2 else None,
             )
         except ParameterError:
             raise
@@ -196,9 +206,17 @@ class FirstUseProbe:
             by_path = {layer.path: layer for layer in self._layers}
             checks.compare_traces(reference, trace, rows, batch, by_path)
             checks.compare_losses(losses, part_losses, rows, loss_fn)
-            checks.compare_output_grads(
-                full_grads, checks.output_grads(self._layers), rows, weights, rtol=rtol
-            )
+            part_grads = checks.output_grads(self._layers)
+            if size >= 2:
+                checks.compare_reweighted(
+                    part_grads,
+                    checks.output_grads(self._layers, again=True),
+                    weights,
+                    again,
+                    rows=rows,
+                    rtol=checks.EXACT_RTOL[torch.bfloat16 if half else torch.float32],
+                )
+            checks.compare_output_grads(full_grads, part_grads, rows, weights, rtol=rtol)
         except ParameterError as exc:
             if exc.name == "module":
                 checks.check_deterministic(self.module, pristine, reference)

@@ -68,6 +68,8 @@ class _Call:
     # index into the flattened outputs of each edge (fallback layers), and the G's later
     leaf_index: list[int]
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    # the first-use probe's second backward of the same graph, with other loss weights
+    grads_again: list[torch.Tensor | None] = field(default_factory=list)
     # version counters of the stored input tensors when recorded (in-place changes detection)
     versions: list[int] = field(default_factory=list)
     # autograd nodes of the tensor arguments as the layer received them (first-use check)
