@@ -65,8 +65,14 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     long_calls = 8                    # TrainStep streams running at once
     long_calls_per_coordinator = 4
     stream_silence_s = 30             # a call waiting this long on its coordinator ends
+    call_s = 3600                     # any call ends after this long, whatever it does
+    short_calls_per_caller = 4        # Describe / Abort / health checks running at once
+                                      # per coordinator (and for all strangers together)
     session_ttl_s = 30                # a query session, and the budget it reserved, waits
                                       # this long for its Contribute
+    connections = 1024                # connections open at once (at most half the node's
+                                      # file descriptors, RLIMIT_NOFILE)
+    handshake_timeout_s = 10          # a connection's TLS handshake must finish in this
 
 federation.toml (the analyst's)::
 
@@ -183,8 +189,16 @@ class LimitsConfig:
     long_calls: int = 8
     long_calls_per_coordinator: int = 4
     stream_silence_s: float = 30.0
+    #: how long any call may last (the servicer's ``max_call_s``)
+    call_s: float = 3600.0
+    #: Describe, Abort and health checks one caller runs at once
+    short_calls_per_caller: int = 4
     #: how long a query session, and the budget it reserved, waits for its Contribute
     session_ttl_s: float = 30.0
+    #: connections open at once (never more than half of the node's file descriptors)
+    connections: int = 1024
+    #: how long a connection may take for its TLS handshake
+    handshake_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -569,21 +583,34 @@ def _device(r: _Reader) -> str:
     return str(value)
 
 
+#: [limits] keys in seconds, and the largest value each accepts
+_SECONDS_LIMITS = {
+    "stream_silence_s": 3600,
+    "session_ttl_s": 3600,
+    "call_s": 7 * 24 * 3600,
+    "handshake_timeout_s": 300,
+}
+#: [limits] counts whose largest value is not 4096
+_COUNT_LIMITS = {"connections": 1 << 20}
+
+
 def _limits(r: _Reader) -> LimitsConfig:
     defaults = LimitsConfig()
     names = [f.name for f in dataclasses.fields(LimitsConfig)]
     r.unknown(set(names))
     values: dict[str, Any] = {}
     for name in names:
-        if name in ("stream_silence_s", "session_ttl_s"):
+        if name in _SECONDS_LIMITS:
+            most = _SECONDS_LIMITS[name]
             v = r.number(name, getattr(defaults, name))
-            if not 0 < v <= 3600:
-                raise r._err(name, f"must be in (0, 3600] seconds, got {v!r}")
+            if not 0 < v <= most:
+                raise r._err(name, f"must be in (0, {most}] seconds, got {v!r}")
             values[name] = float(v)
             continue
+        most = _COUNT_LIMITS.get(name, 4096)
         n = r.get(name, int, getattr(defaults, name))
-        if not 1 <= n <= 4096:
-            raise r._err(name, f"must be an integer in [1, 4096], got {n!r}")
+        if not 1 <= n <= most:
+            raise r._err(name, f"must be an integer in [1, {most}], got {n!r}")
         values[name] = int(n)
     for total in ("pending_sessions", "training_sessions", "setup_calls", "long_calls"):
         if values[f"{total}_per_coordinator"] > values[total]:

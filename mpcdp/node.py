@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable
@@ -34,7 +35,15 @@ from mpcdp.training_config import TrainingDeclaration, is_import_path
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
 
-__all__ = ["PartyNode", "check_datasets", "check_ledger", "check_tls", "init_ledger", "serve"]
+__all__ = [
+    "PartyNode",
+    "check_datasets",
+    "check_ledger",
+    "check_tls",
+    "init_ledger",
+    "raise_open_files_limit",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +295,23 @@ def check_ledger(cfg: PartyConfig) -> str:
     return f"{cfg.ledger}: {len(names)} datasets, {charged} charges, every row consistent"
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to its hard limit, so
+    that ``[limits] connections`` is not cut down by a low default soft limit (the node
+    keeps at most half of its descriptors for connections). Returns the soft limit now;
+    logs what it did. A limit that cannot be raised is left as it is (logged)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    log.info("raised the open files limit (RLIMIT_NOFILE) from %d to its hard limit %d", soft, hard)
+    return hard
+
+
 class PartyNode:
     """One running party. Use :meth:`start` and :meth:`stop`, or :func:`serve`."""
 
@@ -407,19 +433,29 @@ class PartyNode:
         return out
 
     def start(self) -> int:
+        limits = self.config.limits
         servicer = srv.PartyServicer(
             self.engine,
             coordinators=frozenset(self.config.coordinators),
             describe=self.describe,
             training=self.training,
-            max_long_calls=self.config.limits.long_calls,
-            max_long_calls_per_coordinator=self.config.limits.long_calls_per_coordinator,
-            max_setup_calls=self.config.limits.setup_calls,
-            max_setup_calls_per_coordinator=self.config.limits.setup_calls_per_coordinator,
-            stream_silence_s=self.config.limits.stream_silence_s,
+            max_long_calls=limits.long_calls,
+            max_long_calls_per_coordinator=limits.long_calls_per_coordinator,
+            max_setup_calls=limits.setup_calls,
+            max_setup_calls_per_coordinator=limits.setup_calls_per_coordinator,
+            # an upload holds its session's slot until it ends: the engine's bound
+            max_uploads_per_coordinator=limits.pending_sessions_per_coordinator,
+            max_short_calls_per_caller=limits.short_calls_per_caller,
+            stream_silence_s=limits.stream_silence_s,
+            max_call_s=limits.call_s,
         )
+        raise_open_files_limit()
         self._server, self.port = srv.start_server(
-            servicer, listen=self.config.listen, creds=self.creds
+            servicer,
+            listen=self.config.listen,
+            creds=self.creds,
+            max_connections=limits.connections,
+            handshake_timeout_s=limits.handshake_timeout_s,
         )
         log.info("party %s serving on port %d", self.config.id, self.port)
         return self.port
