@@ -16,12 +16,16 @@ contribute(session, keys) from the same coordinator C:
   refuse unless the session is pending (not unknown, expired, foreign or already used) and
   ``keys`` holds exactly one valid signed key per spec party, ours unchanged. Then derive the
   pair keys, charge the ledger (the reservation becomes the charge in place: charge before
-  release), mask, and return the upload.
+  release), mask, and return the upload. The session keeps its coordinator's slot until
+  the upload ends: read to its end, or given up (:meth:`PartyEngine.upload_ended`, which the
+  transport calls when the call ends however it ends; it gives the slot back once), so
+  a coordinator's pending sessions and running uploads together stay within its limit.
 abort(session): forget the session.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import threading
@@ -116,6 +120,9 @@ class Contribution:
     _mask: sharing.MaskStream | None  # None: ``_noisy`` is already masked (training steps)
     #: training, last step of an audit run: the canary inclusion bits (mpcdp.audit)
     audit_inclusion: bytes = b""
+    #: called once the upload has been read to its end (or its reader closed): the session
+    #: gives its slot back (idempotent)
+    _done: Callable[[], None] | None = None
 
     @property
     def ring_bits(self) -> int:
@@ -124,18 +131,27 @@ class Contribution:
     def chunks(self, words_per_chunk: int) -> Iterator[ring.AnyRingVector]:
         """The masked upload in order; each slice is masked just before it is yielded.
 
-        Single use: the mask streams advance as they are read.
+        Single use: the mask streams advance as they are read. When the reading ends (the
+        last slice, or the iterator closed or dropped), the upload has ended.
         """
         if words_per_chunk < 1:
             raise ParameterError("words_per_chunk", words_per_chunk, "must be >= 1")
         mask = self._mask
         if mask is not None and mask.words_done:
             raise ProtocolError("this contribution was already read")
-        for start in range(0, self.length, words_per_chunk):
-            seg = self._noisy[start : start + words_per_chunk]
-            if mask is not None:
-                mask.apply(seg)
-            yield seg
+        try:
+            for start in range(0, self.length, words_per_chunk):
+                seg = self._noisy[start : start + words_per_chunk]
+                if mask is not None:
+                    mask.apply(seg)
+                yield seg
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The upload has ended (read or given up): its session's slot is free again."""
+        if self._done is not None:
+            self._done()
 
     def masked(self) -> ring.AnyRingVector:
         """The whole masked upload at once (for in-process use and tests)."""
@@ -441,6 +457,8 @@ class PartyEngine(SessionHost):
         # which is refused just the same
         self._closed = ClosedSessions()
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
+        # session id -> coordinator, for uploads that still hold their session's slot
+        self._uploading: dict[bytes, str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -612,8 +630,27 @@ class PartyEngine(SessionHost):
                     f"session {session_id.hex()} belongs to coordinator {session.coordinator!r}, "
                     f"not {coordinator!r}"
                 )
-            self._remove(session_id, "used")
+            # used: never again; its slot stays taken until the upload ends (upload_ended)
+            del self._sessions[session_id]
+            self._closed.add(session_id, "used")
+            self._uploading[session_id] = coordinator
             return session
+
+    def upload_ended(self, *, session_id: bytes) -> None:
+        """The upload of ``session_id`` ended (sent, failed, cancelled, or its caller went
+        away): its coordinator's slot is free again. Idempotent: the slot is given back
+        once, whoever calls first (the upload's reader, the transport's end-of-call
+        callback, a refused Contribute)."""
+        with self._lock:
+            coordinator = self._uploading.pop(session_id, None)
+            if coordinator is not None:
+                self._slots.give_back(coordinator)
+
+    @property
+    def uploads_running(self) -> int:
+        """Uploads that hold their session's slot now (all coordinators)."""
+        with self._lock:
+            return len(self._uploading)
 
     def contribute(
         self, *, session_id: bytes, keys: Sequence[identity.SignedKey], coordinator: str
@@ -643,12 +680,14 @@ class PartyEngine(SessionHost):
                 note=_note(spec),
             )
         except BaseException as exc:
-            # nothing leaves: the budget is free again
+            # nothing leaves: the budget is free again, and so is the slot
+            self.upload_ended(session_id=session_id)
             self.ledger.release(spec.query_id, coordinator=session.coordinator)
             if isinstance(exc, LedgerWriteError):
                 raise durability_refusal(self.party_id, exc) from None
             raise
         if not charge.new:
+            self.upload_ended(session_id=session_id)
             # Two sessions of one query: a second answer with fresh noise would let the
             # coordinator average the noise away, so each query id is answered once.
             raise LedgerError(
@@ -657,9 +696,13 @@ class PartyEngine(SessionHost):
         assert charge.status is not None  # a new charge carries its status
         status = charge.status
         me = spec.index_of(self.party_id)
-        stream = sharing.MaskStream(
-            party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
-        )
+        try:
+            stream = sharing.MaskStream(
+                party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
+            )
+        except BaseException:
+            self.upload_ended(session_id=session_id)
+            raise
         with self._lock:
             self._finished[session_id] = session.plan
             while len(self._finished) > 64:  # uploads that never reported back
@@ -672,6 +715,7 @@ class PartyEngine(SessionHost):
             length=session.noisy.size,
             _noisy=session.noisy,
             _mask=stream,
+            _done=functools.partial(self.upload_ended, session_id=session_id),
         )
 
     def round_finished(self, *, session_id: bytes) -> None:

@@ -31,7 +31,10 @@ A party survives a hostile coordinator, and strangers:
   - Propose and TrainOpen, which build noise or a model (``max_setup_calls``);
   - Contribute uploads (``max_uploads``), until the last chunk is taken. A Propose of a
     coordinator whose uploads are at its limit is refused too, so a coordinator that
-    keeps its uploads unread is stopped before a new round charges anything anywhere;
+    keeps its uploads unread is stopped before a new round charges anything anywhere.
+    An upload also keeps its session's slot in the engine until it ends (sent, failed,
+    cancelled or its coordinator gone), so a coordinator's pending sessions and running
+    uploads together stay within ``pending_sessions_per_coordinator``;
   - Describe, Abort and health checks (``max_short_calls_per_caller`` per coordinator;
     the certificates that are not coordinators share one such allowance).
   The worker pool has a thread for every call these limits allow, plus SPARE_WORKERS for
@@ -830,7 +833,16 @@ class PartyServicer(pb_grpc.PartyServicer):
         keys = codec.keys_from_pb(request.keys, session_id=session_id)
         chunk = codec.check_chunk_bytes(request.chunk_bytes)  # before the ledger is charged
         contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
-        yield from codec.encode_chunks(session_id, contribution, chunk_bytes=chunk)
+        # the session holds its slot until the upload ends, however it ends: sent, failed,
+        # cancelled by the watchdog, or the coordinator gone (gRPC may drop this generator
+        # without closing it; the call's end runs the callback). Given back once.
+        ended = functools.partial(self._engine.upload_ended, session_id=session_id)
+        if not context.add_callback(ended):
+            ended()  # the call has already ended
+        try:
+            yield from codec.encode_chunks(session_id, contribution, chunk_bytes=chunk)
+        finally:
+            contribution.close()
         del contribution  # its vector is sent: free it before the next one is built
         self._engine.round_finished(session_id=session_id)
 
