@@ -211,9 +211,23 @@ class Federation:
         self.close()
 
     def describe(self) -> dict[str, pb.DescribeResponse]:
-        """Every party's public dataset metadata (bounds, categories, budget left)."""
+        """Every party's public dataset metadata (bounds, categories, budget left, and this
+        coordinator's share and what it may still spend: :meth:`budget_left`)."""
         answers = self._pool.map(lambda c: c.describe(), self._clients)  # in parallel
         return dict(zip(self.parties, answers, strict=True))
+
+    def budget_left(self, dataset: str) -> dict[str, float]:
+        """What this coordinator may still spend of ``dataset`` at each party (epsilon at
+        the dataset's delta): its own share there less what it has charged and holds
+        reserved, and at most what the dataset has left (Describe's
+        coordinator_remaining_epsilon)."""
+        out: dict[str, float] = {}
+        for party, resp in self.describe().items():
+            ds = next((d for d in resp.datasets if d.name == dataset), None)
+            if ds is None:
+                raise ParameterError("dataset", dataset, f"is not a dataset of party {party!r}")
+            out[party] = float(ds.coordinator_remaining_epsilon)
+        return out
 
     def examples(self, dataset: str) -> dict[str, int]:
         """Each site's number of examples of the example dataset ``dataset`` (public)."""

@@ -392,44 +392,55 @@ class PartyNode:
         out.update({name: t.error for name, t in self.tasks.items()})
         return dict(sorted(out.items()))
 
-    def describe(self) -> list[pb.DatasetInfo]:
+    def _budget(
+        self, info: pb.DatasetInfo, cfg: DatasetConfig, coordinator: str | None
+    ) -> pb.DatasetInfo:
+        """``info`` with its budget fields as ``coordinator`` sees them: the dataset's budget
+        and what is left after every charge, and the coordinator's own share and what it may
+        still spend (mpcdp.dp.ledger.BudgetLedger.coordinator_remaining)."""
+        status = self.ledger.status(cfg.name)
+        info.budget_epsilon = float(status.budget_epsilon)
+        info.remaining_epsilon = status.remaining_epsilon
+        if coordinator is not None:
+            share = cfg.share(coordinator)
+            info.coordinator_share = float(share) if share is not None else 0.0
+            info.coordinator_remaining_epsilon = self.ledger.coordinator_remaining(
+                cfg.name, coordinator=coordinator, share=share
+            )
+        return info
+
+    def describe(self, coordinator: str | None = None) -> list[pb.DatasetInfo]:
+        """Every dataset's public metadata; with ``coordinator``, also its share of each
+        budget and what it may still spend."""
         out = []
         for name, task in sorted(self.tasks.items()):
-            status = self.ledger.status(name)
-            out.append(
-                pb.DatasetInfo(
-                    name=name,
-                    kind="examples",
-                    length=task.examples,
-                    budget_epsilon=float(status.budget_epsilon),
-                    remaining_epsilon=status.remaining_epsilon,
-                    delta=task.config.delta,
-                    feature_shape=list(task.feature_shape),
-                    num_classes=task.num_classes,
-                )
+            info = pb.DatasetInfo(
+                name=name,
+                kind="examples",
+                length=task.examples,
+                delta=task.config.delta,
+                feature_shape=list(task.feature_shape),
+                num_classes=task.num_classes,
             )
+            out.append(self._budget(info, task.config, coordinator))
         for name, view in sorted(self.views.items()):
             cfg = view.config
-            status = self.ledger.status(name)
             length = view.data.values.size if isinstance(view.data, Vector) else 0
-            out.append(
-                pb.DatasetInfo(
-                    name=name,
-                    kind=cfg.kind,
-                    length=length,
-                    l2_bound=cfg.l2_bound,
-                    budget_epsilon=float(status.budget_epsilon),
-                    remaining_epsilon=status.remaining_epsilon,
-                    delta=cfg.delta,
-                    allow_exact=cfg.allow_exact,
-                    columns=[
-                        pb.ColumnInfo(
-                            name=c.name, lower=c.lower, upper=c.upper, categories=list(c.categories)
-                        )
-                        for c in cfg.columns
-                    ],
-                )
+            info = pb.DatasetInfo(
+                name=name,
+                kind=cfg.kind,
+                length=length,
+                l2_bound=cfg.l2_bound,
+                delta=cfg.delta,
+                allow_exact=cfg.allow_exact,
+                columns=[
+                    pb.ColumnInfo(
+                        name=c.name, lower=c.lower, upper=c.upper, categories=list(c.categories)
+                    )
+                    for c in cfg.columns
+                ],
             )
+            out.append(self._budget(info, cfg, coordinator))
         return out
 
     def start(self) -> int:

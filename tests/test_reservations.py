@@ -5,7 +5,9 @@ proposes queries and never contributes.
 Each coordinator reserves only within its own share of a dataset's budget (party.toml
 ``coordinator_shares``), so mallory's reservations cannot lock the analyst out of its share;
 where no shares are declared, a refusal caused by another coordinator's reservation says so
-without naming that coordinator; and query ids are one namespace per coordinator.
+without naming that coordinator; and query ids are one namespace per coordinator. Describe
+tells each coordinator its own share and what it may still spend, and nothing about the
+others' reservations.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _datasets(workdir: Path) -> dict[str, str]:
             + "[datasets.shared.coordinator_shares]\nanalyst = 0.5\nmallory = 0.5\n"
             + "[datasets.pool]\n"
             + table.format(name="pool")
+            + "[datasets.own]\n"
+            + table.format(name="own")
+            + "[datasets.own.coordinator_shares]\nanalyst = 0.5\nmallory = 0.25\n"
         )
     return out
 
@@ -129,3 +134,29 @@ def test_a_refusal_caused_by_another_coordinators_reservation_says_so(
     assert "other coordinators' reservations" in text, text
     assert "mallory" not in text  # the other coordinator is never named
     assert isinstance(info.value, MpcdpError)
+
+
+def _own(client: GrpcPartyClient, dataset: str) -> tuple[float, float, float]:
+    """(remaining_epsilon, coordinator_share, coordinator_remaining_epsilon) of ``dataset``
+    in the caller's Describe."""
+    info = next(d for d in client.describe().datasets if d.name == dataset)
+    return info.remaining_epsilon, info.coordinator_share, info.coordinator_remaining_epsilon
+
+
+def test_describe_tells_each_coordinator_what_it_may_still_spend(net: LocalFederation) -> None:
+    mallory, analyst = _clients(net, "mallory"), _clients(net, "analyst")
+    assert _own(analyst[0], "own") == (3.0, 0.5, 1.5)
+    assert _own(mallory[0], "own") == (3.0, 0.25, 0.75)
+    # mallory holds 0.5 of its 0.75 reserved: its own remainder says so; the analyst's
+    # Describe does not change (another coordinator's reservations are not revealed)
+    assert _hold(mallory, _spec("own", "0.5", "held")) == ["accepted"] * 3
+    assert _own(mallory[0], "own") == pytest.approx((3.0, 0.25, 0.25))
+    assert _own(analyst[0], "own") == (3.0, 0.5, 1.5)
+    # the analyst spends 1 of its 1.5
+    out = run_round(spec=_spec("own", "1", "spend"), clients=analyst)
+    assert out.budget_remaining == pytest.approx({p: 2.0 for p in PARTIES})
+    for c in analyst:
+        assert _own(c, "own") == pytest.approx((2.0, 0.5, 0.5))
+    # without a share: whatever the dataset has left after charges and its own reservations
+    remaining, share, mine = _own(analyst[0], "pool")
+    assert share == 0.0 and mine == remaining

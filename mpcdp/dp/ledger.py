@@ -801,6 +801,30 @@ class BudgetLedger:
                 dataset, coordinator=coordinator, share=_check_share(share) or Fraction(1)
             )
 
+    def coordinator_remaining(
+        self, dataset: str, *, coordinator: str, share: Fraction | None
+    ) -> float:
+        """Epsilon (at the dataset's delta) that ``coordinator`` may still spend of
+        ``dataset``: its ``share`` of the budget (None: the whole budget) less what it has
+        charged and holds reserved, and at most what the dataset has left after every
+        charge and this coordinator's reservations. The other coordinators' reservations
+        are not counted: they are theirs (and what the dataset has left after charges is
+        public to every coordinator anyway)."""
+        _check_name("dataset", dataset)
+        _check_coordinator(coordinator)
+        share = _check_share(share)
+        with self._lock:
+            mine = [
+                r.event
+                for r in self._live().values()
+                if r.dataset == dataset and r.coordinator == coordinator
+            ]
+            left = self._status(dataset, mine).remaining_epsilon
+            if share is None or share >= 1:
+                return left
+            own = self._status(dataset, mine, coordinator=coordinator, share=share)
+            return min(left, own.remaining_epsilon)
+
     def check(
         self,
         *,

@@ -141,7 +141,7 @@ class ColumnInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "kind", "columns", "length", "l2_bound", "budget_epsilon", "remaining_epsilon", "delta", "allow_exact", "feature_shape", "num_classes")
+    __slots__ = ("name", "kind", "columns", "length", "l2_bound", "budget_epsilon", "remaining_epsilon", "delta", "allow_exact", "feature_shape", "num_classes", "coordinator_share", "coordinator_remaining_epsilon")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,8 @@ class DatasetInfo(_message.Message):
     ALLOW_EXACT_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_SHARE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_REMAINING_EPSILON_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     columns: _containers.RepeatedCompositeFieldContainer[ColumnInfo]
@@ -164,7 +166,9 @@ class DatasetInfo(_message.Message):
     allow_exact: bool
     feature_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnInfo, _Mapping]]] = ..., length: _Optional[int] = ..., l2_bound: _Optional[float] = ..., budget_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., allow_exact: _Optional[bool] = ..., feature_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    coordinator_share: float
+    coordinator_remaining_epsilon: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnInfo, _Mapping]]] = ..., length: _Optional[int] = ..., l2_bound: _Optional[float] = ..., budget_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., allow_exact: _Optional[bool] = ..., feature_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., coordinator_share: _Optional[float] = ..., coordinator_remaining_epsilon: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("version", "party_id", "datasets")

@@ -561,7 +561,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         engine: PartyEngine,
         *,
         coordinators: frozenset[str],
-        describe: Callable[[], list[pb.DatasetInfo]],
+        describe: Callable[[str], list[pb.DatasetInfo]],
         training: TrainingEngine | None = None,
         max_long_calls: int = DEFAULT_MAX_LONG_CALLS,
         max_long_calls_per_coordinator: int = DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR,
@@ -579,8 +579,10 @@ class PartyServicer(pb_grpc.PartyServicer):
         for Propose and TrainOpen; ``max_uploads`` and ``max_uploads_per_coordinator``: the
         same for Contribute (default: the engine's pending sessions, and at most
         DEFAULT_MAX_UPLOADS_PER_COORDINATOR of them per coordinator);
-        ``max_short_calls_per_caller``: Describe, Abort and health checks of one
-        coordinator (the certificates that are not coordinators share one such allowance);
+        ``describe(coordinator)``: the datasets as that coordinator sees them (its own
+        share and remainder included); ``max_short_calls_per_caller``: Describe, Abort and
+        health checks of one coordinator (the certificates that are not coordinators share
+        one such allowance);
         ``stream_silence_s``: how long a call may wait on its coordinator without progress
         (for a request message or request bytes, or for it to take an upload message)
         before it is cancelled; ``max_call_s``: how long any call may last."""
@@ -808,10 +810,12 @@ class PartyServicer(pb_grpc.PartyServicer):
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
     ) -> pb.DescribeResponse:
-        self._caller(context)
+        caller = self._caller(context)
         codec.check_version(request.version, what="DescribeRequest")
         return pb.DescribeResponse(
-            version=PROTOCOL_VERSION, party_id=self._engine.party_id, datasets=self._describe()
+            version=PROTOCOL_VERSION,
+            party_id=self._engine.party_id,
+            datasets=self._describe(caller),
         )
 
     def Propose(
