@@ -5,13 +5,15 @@ Run:  python -m benchmarks.first_use_checks [--models mlp cnn transformer] [--ba
                                             [--autocast none|bf16]
 
 On its first batch of two or more examples, :class:`mpcdp.train.clipping.PerSampleClipper`
-checks that examples do not interact (the whole batch and its two halves forwarded without
-gradients, every module's outputs compared row by row) and walks the autograd graph once
-(parameters used outside their module): see :mod:`mpcdp.train.clipping.checks`. A site pays
+probes the model: its step on the whole batch is the reference, and random parts of the
+batch run again with weighted losses (outputs, losses and output gradients compared row by
+row, the per-layer sums against autograd's on one example, the autograd graph walked once):
+see :mod:`mpcdp.train.clipping.checks`. A site pays
 this once per training session. For each model of ``benchmarks.dp_step`` (same definitions
 and defaults), in the same run: a new clipper's first ``clipped_grad_sum`` and the same
 clipper's second one on the same batch, best of ``--repeat`` rounds. Printed: both times,
-their ratio, and the extra time in steps (first - next) / next. Absolute times are for this
+and a plain non-private step of the same model and batch (forward, mean loss, backward),
+with the ratios first / next and first / plain. Absolute times are for this
 machine only; the ratio is what carries over. ``--autocast bf16`` runs every call under bf16
 autocast: on a GPU this is also the check that honest models pass the comparison at
 half-precision tolerance (a refusal would stop the run with its message).
@@ -45,13 +47,23 @@ def _autocast(kind: str, device: torch.device) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def measure(name: str, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+def measure(
+    name: str, args: argparse.Namespace, device: torch.device
+) -> tuple[float, float, float]:
     model, inputs = build(name, args)
     model = model.to(device)
     x = inputs(args.batch_size).to(device)
     y = torch.randint(0, CLASSES, (args.batch_size,), device=device)
-    first, after = [], []
+    first, after, plain = [], [], []
     for _ in range(args.repeat):
+        # a plain (non-private) step: forward, mean loss, backward into .grad
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(args.autocast, device):
+            model.zero_grad(set_to_none=True)
+            _ce(model(x), y).mean().backward()
+        _sync(device)
+        plain.append(time.perf_counter() - t0)
         clipper = PerSampleClipper(model, max_grad_norm=1.0)
         times = []
         for _ in range(2):
@@ -63,7 +75,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> tuple[
             times.append(time.perf_counter() - t0)
         first.append(times[0])
         after.append(times[1])
-    return min(first), min(after)
+    model.zero_grad(set_to_none=True)
+    return min(first), min(after), min(plain)
 
 
 def main() -> None:
@@ -91,12 +104,15 @@ def main() -> None:
     print(
         f"device {device}, batch {args.batch_size}, best of {args.repeat}, autocast {args.autocast}"
     )
-    print(f"{'model':<12} {'first ms':>9} {'next ms':>9} {'ratio':>7} {'extra steps':>12}")
+    print(
+        f"{'model':<12} {'first ms':>9} {'next ms':>9} {'plain ms':>9} {'first/next':>11} "
+        f"{'first/plain':>12}"
+    )
     for name in args.models:
-        first, after = measure(name, args, device)
+        first, after, plain = measure(name, args, device)
         print(
-            f"{name:<12} {first * 1e3:>9.1f} {after * 1e3:>9.1f} {first / after:>7.2f} "
-            f"{(first - after) / after:>12.2f}"
+            f"{name:<12} {first * 1e3:>9.1f} {after * 1e3:>9.1f} {plain * 1e3:>9.1f} "
+            f"{first / after:>11.2f} {first / plain:>12.2f}"
         )
 
 

@@ -250,10 +250,12 @@ def test_independent_examples_pass_once_with_dropout_and_frozen_batchnorm() -> N
     clipper.clipped_grad_sum(inputs=x[:1], targets=y[:1], loss_fn=ce)
     assert model.calls == 1  # a batch of one cannot interact: nothing to check yet
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    parts = 5  # of 16 examples: three of one, an odd part and the rest
-    assert model.calls == 1 + 1 + parts
+    # of 16 examples: five parts (three of one, an odd part and the rest), forwarded, and
+    # one single example forwarded again for its backward
+    probe = 5 + 1
+    assert model.calls == 1 + 1 + probe
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    assert model.calls == 1 + 1 + parts + 1
+    assert model.calls == 1 + 1 + probe + 1
     assert model.net[1].training  # dropout is back on
 
 
@@ -302,10 +304,10 @@ def test_check_model_runs_the_checks_without_private_data_and_only_once() -> Non
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
     synthetic = torch.randn(16, 6)
     clipper.check_model(inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce)
-    assert model.calls == 1 + 5  # the whole batch and five parts
+    assert model.calls == 1 + 5 + 1  # the whole batch, five parts, one example's backward
     x, y = _data()
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    assert model.calls == 7
+    assert model.calls == 8
     with pytest.raises(ParameterError, match="examples interact"):
         PerSampleClipper(Centred(), max_grad_norm=1.0).check_model(
             inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce

@@ -21,9 +21,12 @@ large model at small cost" (ICML; the fastDP library), which needs neither:
    "ghost norm" ``<A A^T, G G^T>`` (Goodfellow 2015, "Efficient per-example gradient
    computations", arXiv:1510.01799, for ``T = 1``; Li et al. 2022 for sequences) costs
    ``B T^2 (p + d)`` while instantiating per-sample gradients ``G_j^T A_j`` costs
-   ``B T p d``; the layerwise choice (ghost when ``2 T^2 <= p d``) is the mixed ghost norm of
-   Bu, Mao, Xu 2022, "Scalable and efficient training of large convolutional neural networks
-   with differential privacy" (NeurIPS). LayerNorm and GroupNorm per-sample
+   ``B T p d``; choosing per layer is the mixed ghost norm of Bu, Mao, Xu 2022, "Scalable
+   and efficient training of large convolutional neural networks with differential privacy"
+   (NeurIPS). Here ghost norms use float64 Gram matrices (exact to Higham's bound,
+   :mod:`.rules`), so the ghost branch is chosen only where it takes less memory than
+   instantiating (``16 T^2 + 8 T (p + d) < 4 p d`` bytes per example). LayerNorm and
+   GroupNorm per-sample
    gradients are small and are instantiated from the normalised input. Any other layer owning
    parameters falls back to ``torch.func`` (``vmap`` of a ``vjp`` of that module alone), which
    materialises ``batch x params`` for that module only and re-runs its forward once.

@@ -12,35 +12,42 @@ examples (a site checks at session open, on a synthetic batch of its largest phy
 the orchestration is :meth:`.clipper.PerSampleClipper._first_use`, the comparisons are here.
 
 The probe. The batch is the *reference*: the clipper's own forward and backward of the whole
-batch, with a hook on every module recording its outputs (grad enabled, every module's
-train/eval flag as in the step; active ``nn.Dropout`` modules are made the identity for the
-probe while their ``training`` flag stays True, so a branch on that flag is probed too). A
-random permutation of the batch (from a CSPRNG-seeded generator the model cannot predict) is
-cut into *parts* (three of one example, a random odd size and the rest, :func:`part_sizes`);
-each part is run again as a batch
-of its own, with its per-example losses weighted by random factors ``w_j`` in {1, 2, 4, 8}
-(powers of two: scaling by one commutes exactly with floating-point rounding). Then:
+batch, with hooks recording every module call and the outputs of the trainable layers and of
+the model (grad enabled, every module's train/eval flag as in the step; active ``nn.Dropout``
+modules are made the identity for the probe while their ``training`` flag stays True, so a
+branch on that flag is probed too). The same graph is backpropagated a second time with the
+examples' losses weighted by random powers of two ``w_j`` in {1, 2, 4, 8}. A random
+permutation of the batch (from a CSPRNG-seeded generator the model cannot predict) is cut
+into *parts* (three of one example, a random odd size and the rest, :func:`part_sizes`),
+each forwarded again as a batch of its own, and one example is also backpropagated alone.
+Then:
 
-* :func:`compare_traces`: every module's outputs, row by row, equal the reference's rows of
-  the same examples; a tensor that a trainable layer received with dimension 0 equal to the
-  batch size must have the part's size (a sequence-first ``(T, B, F)`` with ``T == B``, a
-  positional ``arange(T)`` or a shared table of length ``B`` keep theirs). Random parts and
-  positions leave no structural blind spot: a mix of neighbours ``2k, 2k + 1``, a weight by
-  position in the batch, a top-k over the batch or a branch on an odd batch size all change
-  some example's row between the whole batch and its part.
+* :func:`compare_traces`: the modules called, and the outputs of the trainable layers and of
+  the model, row by row, equal the reference's rows of the same examples (on a difference,
+  :func:`localize` traces every module to name the first that differs); a tensor that a
+  trainable layer received with dimension 0 equal to the batch size must have the part's
+  size (a sequence-first ``(T, B, F)`` with ``T == B``, a positional ``arange(T)`` or a
+  shared table of length ``B`` keep theirs). Random parts and positions leave no structural
+  blind spot: a mix of neighbours ``2k, 2k + 1``, a weight by position in the batch, a top-k
+  over the batch or a branch on an odd batch size all change some example's row between the
+  whole batch and its part (three parts of one example: a top half by norm was missed by
+  17% of probes with one).
 * :func:`compare_losses`: each example's loss is the same in its part.
-* :func:`compare_output_grads`: the gradient reaching every trainable layer's output in the
-  part equals ``w_j`` times the reference's row. Backward passes are linear in the incoming
-  gradient, so with distinct random ``w_j`` any term that carries one example's loss into
-  another example's row (``h + (m - m.detach())`` with ``m`` a batch mean, a custom
+* :func:`compare_reweighted`: the second backward gives, at every trainable layer's output,
+  exactly ``w_j`` times the first one's row j. Backward passes are linear in the gradient
+  entering them and a power of two commutes with every rounding, so an honest backward
+  passes exactly, however ill-conditioned, while any term that carries one example's loss
+  into another example's row (``h + (m - m.detach())`` with ``m`` a batch mean, a custom
   ``autograd.Function`` or a tensor hook that sums over the batch, a module backward hook
-  that mixes ``grad_input``) shows, and so does a backward that depends on the batch size
-  (the part of size 1 has no other example).
-* :func:`compare_sums`: the book-keeping sum ``sum_j w_j g_j`` of the part (the per-layer
-  rules) equals autograd's gradient of ``sum_j w_j l_j`` with respect to the parameters. A
-  forward hook that changes a layer's output (``o * 3``), a parameter that reaches the loss
-  through a tensor derived from it and used outside its module (``self.w = self.weight * 1``
-  read by the parent), or a hook on a parameter's gradient all make the two differ.
+  that mixes ``grad_input``, a nonlinear selection of rows) shows at any size.
+* :func:`compare_output_grads`: the example backpropagated alone gets the reference's row
+  (to 25%: across batch sizes kernels round differently, and an ill-conditioned backward
+  amplifies that), so a backward that depends on the batch's size shows.
+* :func:`compare_sums`: for that example, the book-keeping sum ``w g`` (the per-layer
+  rules) equals autograd's gradient of ``w l`` with respect to the parameters. A forward
+  hook that changes a layer's output (``o * 3``), a parameter that reaches the loss through
+  a tensor derived from it and used outside its module (``self.w = self.weight * 1`` read by
+  the parent), or a hook on a parameter's gradient all make the two differ.
 * :class:`StateSnapshot`: no parameter or buffer changes in a forward pass (writes through
   ``.data``, running statistics with any momentum): buffers are not aggregated, and such a
   model would carry earlier batches' data into later steps.
@@ -48,16 +55,17 @@ of its own, with its per-example losses weighted by random factors ``w_j`` in {1
   reaches it only from nodes created inside a forward call of its own module (weight tying
   through ``F.linear(h, emb.weight)`` is refused with that cause).
 
-When a comparison fails, :func:`check_deterministic` runs the whole batch again: a model
-whose outputs differ between two identical passes is refused as random (other than through
-``nn.Dropout``), since whether its examples interact cannot be checked.
+When a forward comparison fails, :func:`check_deterministic` runs the whole batch again: a
+model whose outputs differ between two identical passes is refused as random (other than
+through ``nn.Dropout``), since whether its examples interact cannot be checked.
 
-What the probe cannot see (the README lists it with measured magnitudes): a model that
-changes its behaviour after the first checked batch (a step counter, a branch on a data value
-the synthetic batch does not have, a branch on a batch size that is neither probed nor the
-largest), and interactions below the tolerances: relative 2^-10 for float32 tensors, 2^-4 for
-half precision (far above float rounding between batch sizes, far below what batch
-statistics produce).
+Cost: about two steps (the parts' forwards cover the batch once; one more backward of the
+whole batch; one example's backward). What the probe cannot see (the README lists it with
+magnitudes measured by ``benchmarks/probe_limits.py``): a model that changes its behaviour
+after the first checked batch (a step counter, a branch on a data value the synthetic batch
+does not have, a branch on a batch size that is neither probed nor the largest), forward
+interactions below relative 2^-10 (2^-4 in half precision) that do not reach the backward,
+and a backward scaled by less than 25% depending on the batch size.
 
 Nothing happens at import time beyond defining names.
 """
@@ -106,13 +114,29 @@ def _leaves(value: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def traced(module: nn.Module, layer_paths: set[str], trace: Trace) -> Iterator[None]:
-    """Record every module's outputs (detached) and the trainable layers' argument shapes
-    into ``trace`` while the block runs."""
+def traced(
+    module: nn.Module,
+    layer_paths: set[str],
+    trace: Trace,
+    *,
+    every_output: bool = False,
+) -> Iterator[None]:
+    """Record every module call, the outputs (detached) of the trainable layers and of the
+    root module (of every module with ``every_output``), and the trainable layers' argument
+    shapes into ``trace`` while the block runs. An interaction anywhere that matters shows
+    in a trainable layer's output, the model's output or the backward; comparing only those
+    keeps the probe's cost near a step's."""
+    kept = set(layer_paths) | {""}
 
     def make_hook(path: str) -> Callable[..., None]:
+        keep = every_output or path in kept
+
         def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            leaves = [t.detach() if isinstance(t, torch.Tensor) else None for t in _leaves(out)]
+            leaves = (
+                [t.detach() if isinstance(t, torch.Tensor) else None for t in _leaves(out)]
+                if keep
+                else []
+            )
             trace.calls.append((path, type(m).__name__, leaves))
             if path in layer_paths:
                 shapes = [
@@ -180,9 +204,11 @@ def part_sizes(batch: int, generator: torch.Generator) -> list[int]:
 
 
 def _bad_rows(full: torch.Tensor, part: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Mask of the rows where ``part`` differs from ``full`` beyond ``rtol``."""
-    f = torch.nan_to_num(full.to(torch.float64).reshape(full.shape[0], -1))
-    p = torch.nan_to_num(part.to(torch.float64).reshape(part.shape[0], -1))
+    """Mask of the rows where ``part`` differs from ``full`` beyond ``rtol`` (computed in
+    float32 at least: enough for tolerances of 2^-16 and above)."""
+    work = torch.float64 if torch.float64 in (full.dtype, part.dtype) else torch.float32
+    f = torch.nan_to_num(full.to(work).reshape(full.shape[0], -1))
+    p = torch.nan_to_num(part.to(work).reshape(part.shape[0], -1))
     scale = torch.linalg.vector_norm(f, dim=1)
     floor = 1e-6 * float(scale.max()) + 1e-30
     bad: torch.Tensor = torch.linalg.vector_norm(f - p, dim=1) > rtol * (scale + floor)
@@ -264,6 +290,26 @@ def compare_traces(
                 )
 
 
+def localize(
+    *,
+    module: nn.Module,
+    layers: dict[str, _Layer],
+    whole: torch.Tensor,
+    part: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
+    """After :func:`compare_traces` found a difference in the outputs it keeps: trace every
+    module's outputs for the whole batch and the part again, and refuse naming the first
+    module whose rows differ (possibly one without parameters). Returns if the second
+    look finds nothing (the caller then raises what it found first)."""
+    full, again = Trace(), Trace()
+    with traced(module, set(layers), full, every_output=True), torch.enable_grad():
+        module(whole)
+    with traced(module, set(layers), again, every_output=True), torch.enable_grad():
+        module(part)
+    compare_traces(full, again, rows, int(whole.shape[0]), layers)
+
+
 def compare_losses(
     full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, loss_fn: LossFn
 ) -> None:
@@ -319,14 +365,15 @@ def compare_reweighted(
     (nearly) exact where one across batch sizes cannot: an ill-conditioned honest backward
     (a GroupNorm over two channels) differs between batch sizes by up to a few percent."""
     size = int(weights.shape[0])
-    ratio = (again.to(torch.float64) / weights.to(torch.float64)).reshape(size)
+    ratio = (again / weights).to(torch.float32).reshape(size)  # powers of two: exact
     for path, calls in first.items():
         for grads_1, grads_2 in zip(calls, second.get(path, []), strict=False):
             for g1, g2 in zip(grads_1, grads_2, strict=False):
                 if g1 is None or g2 is None or g1.dim() == 0 or g1.shape[0] != size:
                     continue
-                r = ratio.to(g1.device).reshape(size, *([1] * (g1.dim() - 1)))
-                row = _first_bad_row_rtol(g1.to(torch.float64) * r, g2, rtol)
+                work = torch.float64 if g1.dtype == torch.float64 else torch.float32
+                r = ratio.to(g1.device, work).reshape(size, *([1] * (g1.dim() - 1)))
+                row = _first_bad_row_rtol(g1.to(work) * r, g2, rtol)
                 if row is not None:
                     raise _backward_mix(path, size, int(rows[row]))
 
@@ -366,8 +413,9 @@ def compare_output_grads(
                     continue
                 if gf is None or gp is None or gf.dim() == 0 or gf.shape[1:] != gp.shape[1:]:
                     raise _backward_mix(path, size, None)
-                w = weights.to(torch.float64).reshape(size, *([1] * (gf.dim() - 1)))
-                expected = gf[rows].to(torch.float64) * w
+                work = torch.float64 if gf.dtype == torch.float64 else torch.float32
+                w = weights.to(work).reshape(size, *([1] * (gf.dim() - 1)))
+                expected = gf[rows].to(work) * w  # exact: w is a power of two
                 row = _first_bad_row_rtol(expected, gp, max(rtol, CROSS_SIZE_GRAD_RTOL))
                 if row is not None:
                     raise _backward_mix(path, size, int(rows[row]))
@@ -413,11 +461,19 @@ def compare_sums(
     scales: list[float] = []
     diffs: list[float] = []
     for s, t in zip(bookkeeping, autograd, strict=True):
-        s64 = s.detach().to(torch.float64)
-        t64 = torch.zeros_like(s64) if t is None else t.detach().to(torch.float64)
-        t64 = torch.nan_to_num(t64)
-        scales.append(float(torch.linalg.vector_norm(s64) + torch.linalg.vector_norm(t64)))
-        diffs.append(float(torch.linalg.vector_norm(s64 - t64)))
+        s = s.detach()
+        t = torch.zeros_like(s) if t is None else torch.nan_to_num(t.detach()).to(s.dtype)
+        # float32 norms: plenty for a tolerance of 2^-4, and a float64 reduction of a large
+        # parameter costs several times a step's share of it on a CPU
+        norms = torch.stack(
+            [
+                torch.linalg.vector_norm(s),
+                torch.linalg.vector_norm(t),
+                torch.linalg.vector_norm(s - t),
+            ]
+        ).tolist()
+        scales.append(norms[0] + norms[1])
+        diffs.append(norms[2])
     floor = 1e-6 * max(scales, default=0.0) + 1e-30
     for (path, name), scale, diff in zip(names, scales, diffs, strict=True):
         if diff > rtol * scale + floor:
@@ -447,9 +503,11 @@ class StateSnapshot:
     def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if torch.equal(a, b):  # one pass; False for any NaN, which the slow path allows
+            return True
         if a.is_floating_point():
             return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
-        return torch.equal(a, b)
+        return False
 
     def check(self, module: nn.Module) -> None:
         """Refuse if any parameter or buffer differs from the snapshot."""
@@ -479,7 +537,7 @@ def check_deterministic(module: nn.Module, inputs: torch.Tensor, first: Trace) -
     """Refuse a model whose module outputs differ between ``first`` (a traced forward of
     ``inputs``) and a second identical forward: random other than through nn.Dropout."""
     again = Trace()
-    with traced(module, set(), again), torch.enable_grad():
+    with traced(module, set(), again, every_output=True), torch.enable_grad():
         module(inputs)
     for (path, kind, a), (_, _, b) in zip(first.calls, again.calls, strict=False):
         for ta, tb in zip(a, b, strict=False):

@@ -62,10 +62,13 @@ class FirstUseProbe:
         self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, batch: int
     ) -> tuple[torch.Tensor, bool]:
         """The step's forward and backward on the whole batch, which is also the probe's
-        reference, then each part of a random permutation of the batch as a batch of its
-        own (:mod:`.checks`). Returns what :meth:`_forward_backward` does for the whole
-        batch (loss sum, whether output gradients were computed), with its layers' calls in
-        place for the clipped sum."""
+        reference, then the probe (:mod:`.checks`). Returns what :meth:`_forward_backward`
+        does for the whole batch (loss sum, whether output gradients were computed), with
+        its layers' calls in place for the clipped sum.
+
+        Cost, in passes over the batch: the step's forward and backward, one more backward
+        of the same graph (other weights), the parts' forwards, and one example's forward
+        and backward: about two steps where a step's cost grows with the batch."""
         gen = self._probe_gen
         perm = torch.randperm(batch, generator=gen)
         sizes = checks.part_sizes(batch, gen)
@@ -74,14 +77,16 @@ class FirstUseProbe:
         parts = []
         for idx in torch.split(perm, sizes):
             rows = idx.to(self.device)
-            # powers of two: scaling by one commutes with every rounding, so an honest
-            # backward gives exactly w_j times its row, however it cancels
-            w = torch.exp2(torch.randint(0, 4, (len(idx),), generator=gen).to(torch.float64))
-            parts.append((rows, inputs[rows], targets[rows], w.to(self.device)))
-        # the part of one example (sizes[0]) is also compared with autograd; it runs last so
-        # that an interaction is reported as such by a part of several examples first
-        parts = [*sorted(parts[1:], key=lambda part: -int(part[0].shape[0])), parts[0]]
+            parts.append((rows, inputs[rows], targets[rows]))
+        single = parts[0]  # of one example (checks.part_sizes)
+        # several examples first, so that an interaction is reported as such
+        parts.sort(key=lambda part: -int(part[0].shape[0]))
         pristine = inputs.clone()
+        # powers of two (1 to 8, not all equal): scaling by one commutes with every rounding,
+        # so an honest backward of the same graph gives exactly w_j times its row
+        again = torch.exp2(torch.randint(0, 4, (batch,), generator=gen).to(torch.float64))
+        again[int(perm[0])] = 2.0 * again[int(perm[1])] if again[int(perm[1])] < 8 else 1.0
+        again = again.to(self.device)
         # gradients computed under autocast are rounded to half precision on their way even
         # where the tensors they reach are float32
         autocast = torch.is_autocast_enabled(self.device.type)
@@ -91,7 +96,7 @@ class FirstUseProbe:
             self._record_frontier = True
             try:
                 loss_sum, grads_ok, losses, _ = self._forward_backward(
-                    inputs, targets, loss_fn, batch, trace=reference
+                    inputs, targets, loss_fn, batch, trace=reference, weights_again=again
                 )
             finally:
                 self._record_frontier = False
@@ -99,6 +104,10 @@ class FirstUseProbe:
             for layer in self._layers:
                 self._check_inputs_unmodified(layer, layer.calls)
             full_grads = checks.output_grads(self._layers)
+            full_again = checks.output_grads(self._layers, again=True)
+            for layer in self._layers:
+                for call in layer.calls:
+                    call.grads_again = []
             # an example whose loss or output gradients are not finite contributes 0 to the
             # step (the sum is rerun without it): the probe leaves it out
             finite = torch.isfinite(losses)
@@ -123,29 +132,58 @@ class FirstUseProbe:
             for layer in self._layers:
                 layer.calls = []
             self._probe_batch = batch
+            by_path = {layer.path: layer for layer in self._layers}
             try:
-                for rows, x, y, w in parts:
+                # 1. the forward and the losses, every part against the whole batch
+                for rows, x, y in parts:
                     keep = finite[rows]
                     if not bool(keep.all()):
-                        rows, x, y, w = rows[keep], x[keep], y[keep], w[keep]
+                        rows, x, y = rows[keep], x[keep], y[keep]
                     if rows.numel() == 0:
                         continue
-                    self._probe_part(
+                    self._probe_forward(
                         rows=rows,
-                        inputs=x,
+                        inputs=x.clone(),  # a model may change its input in place
                         targets=y,
-                        weights=w,
                         loss_fn=loss_fn,
                         batch=batch,
                         reference=reference,
                         losses=losses,
-                        full_grads=full_grads,
                         state=state,
                         pristine=pristine,
-                        rtol=rtol,
-                        half=half,
-                        against_autograd=rows.numel() == 1,
+                        layers=by_path,
                     )
+                # 2. the backward: linear in the examples' losses, exactly
+                ones = torch.ones(batch, dtype=torch.float64, device=self.device)
+                rows_all = torch.arange(batch, device=self.device)[finite]
+                try:
+                    checks.compare_reweighted(
+                        _select(full_grads, finite),
+                        _select(full_again, finite),
+                        ones[finite],
+                        again[finite],
+                        rows=rows_all,
+                        rtol=checks.EXACT_RTOL[torch.bfloat16 if half else torch.float32],
+                    )
+                except ParameterError:
+                    state.check(self.module)
+                    raise
+                del full_again
+                # 3. one example alone: the backward across batch sizes, and the per-layer
+                # sums against autograd's gradient
+                rows, x, y = single
+                if bool(finite[rows].all()):
+                    self._probe_single(
+                        rows=rows,
+                        inputs=x.clone(),
+                        targets=y,
+                        loss_fn=loss_fn,
+                        batch=batch,
+                        full_grads=full_grads,
+                        state=state,
+                        rtol=rtol,
+                    )
+                state.check(self.module)
                 self._checked = True
             finally:
                 self._probe_batch = None
@@ -153,46 +191,26 @@ class FirstUseProbe:
                     layer.calls = calls
         return loss_sum, grads_ok
 
-    def _probe_part(
+    def _probe_forward(
         self,
         *,
         rows: torch.Tensor,
         inputs: torch.Tensor,
         targets: torch.Tensor,
-        weights: torch.Tensor,
         loss_fn: LossFn,
         batch: int,
         reference: Trace,
         losses: torch.Tensor,
-        full_grads: checks.OutputGrads,
         state: StateSnapshot,
         pristine: torch.Tensor,
-        rtol: float,
-        half: bool,
-        against_autograd: bool,
+        layers: dict[str, _Layer],
     ) -> None:
-        """One part of the probe (:mod:`.checks`). ``against_autograd``: compare the
-        per-layer sums with autograd's gradient too (the part of one example: a sum of
-        many half-precision terms in autograd would be a poor reference)."""
+        """One part's forward (grad enabled, as in the step) against the whole batch's."""
         size = int(rows.shape[0])
         trace = Trace()
-        # other power-of-two weights for a second backward of the same graph: the first two
-        # examples' ratios differ, so no part of two or more has proportional weights
-        shift = torch.randint(0, 4, (size,), generator=self._probe_gen)
-        if size >= 2:
-            shift[0] = (shift[1] + 1 + torch.randint(0, 3, (1,), generator=self._probe_gen)) % 4
-        again = weights * torch.exp2(shift.to(torch.float64)).to(weights.device)
         try:
-            _, _, part_losses, autograd = self._forward_backward(
-                inputs,
-                targets,
-                loss_fn,
-                size,
-                trace=trace,
-                weights=weights,
-                param_grads=against_autograd,
-                weights_again=again if size >= 2 else None,
-            )
+            with checks.traced(self.module, set(layers), trace), torch.enable_grad():
+                part_losses = loss_fn(self.module(inputs), targets)
         except ParameterError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
@@ -202,37 +220,89 @@ class FirstUseProbe:
                 f"{batch} (a batch size built into the model?): {exc}",
             ) from exc
         try:
-            state.check(self.module)
-            by_path = {layer.path: layer for layer in self._layers}
-            checks.compare_traces(reference, trace, rows, batch, by_path)
-            checks.compare_losses(losses, part_losses, rows, loss_fn)
-            part_grads = checks.output_grads(self._layers)
-            if size >= 2:
-                checks.compare_reweighted(
-                    part_grads,
-                    checks.output_grads(self._layers, again=True),
-                    weights,
-                    again,
-                    rows=rows,
-                    rtol=checks.EXACT_RTOL[torch.bfloat16 if half else torch.float32],
+            try:
+                checks.compare_traces(reference, trace, rows, batch, layers)
+            except ParameterError as exc:
+                if exc.name == "module":
+                    state.check(self.module)
+                    checks.check_deterministic(self.module, pristine, reference)
+                    checks.localize(
+                        module=self.module,
+                        layers=layers,
+                        whole=pristine.clone(),
+                        part=pristine[rows],
+                        rows=rows,
+                    )
+                raise
+            if isinstance(part_losses, torch.Tensor) and tuple(part_losses.shape) == (size,):
+                checks.compare_losses(losses, part_losses.detach(), rows, loss_fn)
+            else:
+                shape = getattr(part_losses, "shape", type(part_losses).__name__)
+                raise ParameterError(
+                    "loss_fn",
+                    f"output shape {tuple(shape) if isinstance(shape, torch.Size) else shape}",
+                    f"must return per-sample losses of shape ({size},), e.g. "
+                    "F.cross_entropy(out, y, reduction='none')",
                 )
-            checks.compare_output_grads(full_grads, part_grads, rows, weights, rtol=rtol)
-        except ParameterError as exc:
-            if exc.name == "module":
-                checks.check_deterministic(self.module, pristine, reference)
+        except ParameterError:
+            state.check(self.module)  # a forward that changed the model is the cause
             raise
-        if not against_autograd:
-            for layer in self._layers:
-                layer.calls.clear()
-            return
-        # the per-layer rules against autograd, on the same weighted loss
+
+    def _probe_single(
+        self,
+        *,
+        rows: torch.Tensor,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        batch: int,
+        full_grads: checks.OutputGrads,
+        state: StateSnapshot,
+        rtol: float,
+    ) -> None:
+        """One example alone: its output gradients against the whole batch's row (a
+        backward that depends on the batch's size), and the per-layer sums against
+        autograd's gradient of its loss."""
+        weights = torch.exp2(torch.randint(0, 4, (1,), generator=self._probe_gen).double())
+        weights = weights.to(self.device)
+        try:
+            _, _, _, autograd = self._forward_backward(
+                inputs,
+                targets,
+                loss_fn,
+                1,
+                weights=weights,
+                param_grads=True,
+            )
+        except ParameterError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise checks.refuse(
+                "",
+                f"the model fails on a batch of 1 after succeeding on a batch of {batch} (a "
+                f"batch size built into the model?): {exc}",
+            ) from exc
+        try:
+            checks.compare_output_grads(
+                full_grads, checks.output_grads(self._layers), rows, weights, rtol=rtol
+            )
+        except ParameterError:
+            state.check(self.module)
+            raise
+        self._compare_with_autograd(autograd)
+        for layer in self._layers:
+            layer.calls.clear()
+
+    def _compare_with_autograd(self, autograd: list[torch.Tensor | None]) -> None:
+        """The per-layer rules' sum of the recorded calls (one example, its loss weighted)
+        against autograd's gradient of the same loss."""
         with torch.no_grad(), _ieee_float32(self.device):
             flat = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
-            ones = torch.ones(size, dtype=self._dtype, device=self.device)
+            ones = torch.ones(1, dtype=self._dtype, device=self.device)
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if calls:
-                    _, finish = _LAYER_RULES[layer.kind](layer, calls, size)
+                    _, finish = _LAYER_RULES[layer.kind](layer, calls, 1)
                     finish(ones, {n: self._slot(flat, p) for n, p in layer.params.items()})
         owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
         checks.compare_sums(
@@ -241,5 +311,20 @@ class FirstUseProbe:
             autograd=autograd,
             rtol=checks.SUMS_RTOL,
         )
-        for layer in self._layers:
-            layer.calls.clear()
+
+
+def _select(grads: checks.OutputGrads, rows: torch.Tensor) -> checks.OutputGrads:
+    """The rows ``rows`` (a mask of the batch) of every batched output gradient."""
+    if bool(rows.all()):
+        return grads
+    batch = int(rows.shape[0])
+    return {
+        path: [
+            [
+                g[rows] if g is not None and g.dim() > 0 and g.shape[0] == batch else g
+                for g in per_edge
+            ]
+            for per_edge in calls
+        ]
+        for path, calls in grads.items()
+    }
