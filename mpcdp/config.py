@@ -66,7 +66,7 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     long_calls_per_coordinator = 4
     stream_silence_s = 30             # a call waiting this long on its coordinator ends
     call_s = 3600                     # any call ends after this long, whatever it does
-    short_calls_per_caller = 4        # Describe / Abort / health checks running at once
+    short_calls_per_caller = 16       # Describe / Abort / health checks running at once
                                       # per coordinator (and for all strangers together)
     session_ttl_s = 30                # a query session, and the budget it reserved, waits
                                       # this long for its Contribute
@@ -192,7 +192,7 @@ class LimitsConfig:
     #: how long any call may last (the servicer's ``max_call_s``)
     call_s: float = 3600.0
     #: Describe, Abort and health checks one caller runs at once
-    short_calls_per_caller: int = 4
+    short_calls_per_caller: int = 16
     #: how long a query session, and the budget it reserved, waits for its Contribute
     session_ttl_s: float = 30.0
     #: connections open at once (never more than half of the node's file descriptors)

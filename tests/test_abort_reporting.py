@@ -81,6 +81,30 @@ def test_abort_all_asks_every_party_at_once_and_reports_each() -> None:
     }
 
 
+class _Busy:
+    """A party busy with the coordinator's other short calls for its first ``busy`` asks."""
+
+    def __init__(self, busy: int) -> None:
+        self.party_id, self.busy, self.asked = "alice", busy, 0
+
+    def abort(self, *, session_id: bytes, reason: str) -> None:
+        self.asked += 1
+        if self.asked <= self.busy:
+            raise PartyError("alice", "RESOURCE_EXHAUSTED", "16 short calls already running")
+
+
+def test_an_abort_refused_for_capacity_is_sent_again() -> None:
+    """An abort gives a reservation back, so a party that refuses it only because this
+    coordinator's other short calls fill its allowance is asked again; other refusals are
+    reported at once, and a party busy every time is reported after the last try."""
+    busy = _Busy(2)
+    assert abort_all([busy], session_id=b"s" * 16, reason="t") == {"alice": None}
+    assert busy.asked == 3
+    always = _Busy(100)
+    outcome = abort_all([always], session_id=b"s" * 16, reason="t")["alice"]
+    assert outcome is not None and "RESOURCE_EXHAUSTED" in outcome and always.asked == 5
+
+
 # -- a party that never answers -------------------------------------------------------------------
 
 

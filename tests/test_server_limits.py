@@ -377,9 +377,10 @@ def test_servicer_limits_are_checked(tmp_path: Path, limits: dict[str, float], n
         servicer = srv.PartyServicer(
             node.engine, coordinators=frozenset(node.config.coordinators), describe=node.describe
         )
-        # 8 TrainStep + 16 setup calls + 32 uploads + 4 short calls for each of the two
+        # 8 TrainStep + 16 setup calls + 32 uploads + 16 short calls for each of the two
         # coordinators and for the other certificates together
-        with pytest.raises(ParameterError, match="must be more than the 68 workers"):
+        assert srv.DEFAULT_MAX_SHORT_CALLS_PER_CALLER == 16
+        with pytest.raises(ParameterError, match="must be more than the 104 workers"):
             srv.start_server(
                 servicer,
                 listen="127.0.0.1:0",

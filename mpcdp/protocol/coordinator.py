@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -103,6 +104,10 @@ def signed_keys(proposals: Sequence[Proposal], parties: Sequence[str]) -> list[S
     return [p.key for p in proposals]
 
 
+#: how many times an abort is sent to a party that answers RESOURCE_EXHAUSTED
+_ABORT_TRIES = 5
+
+
 def abort_all(
     clients: Sequence[_Abortable], *, session_id: bytes, reason: str
 ) -> dict[str, str | None]:
@@ -114,11 +119,21 @@ def abort_all(
         return {}
 
     def one(c: _Abortable) -> str | None:
-        try:
-            c.abort(session_id=session_id, reason=reason[:500])
-        except Exception as exc:
-            return str(exc) if isinstance(exc, MpcdpError) else type(exc).__name__
-        return None
+        # an abort gives reservations back: a party busy with this coordinator's other short
+        # calls is asked again a few times (about 1.5 s in all) rather than left holding them
+        # until the session expires
+        for attempt in range(_ABORT_TRIES):
+            try:
+                c.abort(session_id=session_id, reason=reason[:500])
+            except PartyError as exc:
+                if exc.code != "RESOURCE_EXHAUSTED" or attempt == _ABORT_TRIES - 1:
+                    return str(exc)
+                time.sleep(0.05 * 2**attempt)
+            except Exception as exc:
+                return str(exc) if isinstance(exc, MpcdpError) else type(exc).__name__
+            else:
+                return None
+        return None  # pragma: no cover - the loop returns
 
     with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="abort") as pool:
         outcomes = dict(zip((c.party_id for c in clients), pool.map(one, clients), strict=True))

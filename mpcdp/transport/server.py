@@ -128,7 +128,7 @@ DEFAULT_MAX_SETUP_CALLS_PER_COORDINATOR = 8
 #: Contribute uploads one coordinator runs at once (in total: the engine's pending sessions).
 DEFAULT_MAX_UPLOADS_PER_COORDINATOR = 16
 #: Describe, Abort and health checks one caller runs at once.
-DEFAULT_MAX_SHORT_CALLS_PER_CALLER = 4
+DEFAULT_MAX_SHORT_CALLS_PER_CALLER = 16
 #: Seconds a call may wait on its coordinator without progress before the party cancels it.
 DEFAULT_STREAM_SILENCE_S = 30.0
 #: Seconds any call may last, whatever it does.
