@@ -173,7 +173,7 @@ def test_the_site_checks_the_model_at_its_largest_micro_batch() -> None:
     """At session open the site probes a synthetic batch of max_physical_batch examples (its
     largest micro-batch), so a branch on large batches is refused before any step; with
     micro-batches of at most 32 the branch never runs, and the model is accepted."""
-    with pytest.raises(ParameterError, match="examples interact|other modules"):
+    with pytest.raises(ParameterError, match=r"examples interact|other modules"):
         TorchGradientSource(
             model=_LargeBatchBranch(), examples=_examples(), spec=_spec(), device="cpu",
             max_physical_batch=64,

@@ -404,7 +404,13 @@ class BudgetLedger:
         decodable and of its row's kind, and the running totals equal to the charged rows.
         LedgerError naming the first problem (and how many there are) otherwise."""
         with self._lock:
-            problems = self._problems()
+            # one read transaction: another process charging between the SELECTs of the
+            # budgets and of the charges would otherwise look like totals that do not add up
+            self._conn.execute("BEGIN")
+            try:
+                problems = self._problems()
+            finally:
+                self._conn.execute("COMMIT")
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise LedgerError(
