@@ -140,9 +140,9 @@ def pad_mu(num_params: int, examples: int, batch: int) -> float:
 
 def pad_time(num_params: int, mu: float, repeat: int) -> float:
     """One site's noise share + masks for one step (what the background thread builds)."""
-    from mpcdp import encoding, sharing
     from mpcdp.dp.mechanisms import Skellam
-    from mpcdp.rng import csprng
+    from mpcdp.mpc import encoding, sharing
+    from mpcdp.mpc.rng import csprng
 
     noise = Skellam(mu=mu, l1_sensitivity=1.0, l2_sensitivity=1.0)
     keys = {1: bytes(32), 2: bytes(range(32))}

@@ -18,8 +18,8 @@ import argparse
 import numpy as np
 
 from benchmarks._timing import best_of
-from mpcdp import sharing
-from mpcdp.rng import csprng
+from mpcdp.mpc import sharing
+from mpcdp.mpc.rng import csprng
 from mpcdp.simulation import pair_keys_for
 
 

@@ -23,8 +23,8 @@ import numpy as np
 from benchmarks._timing import best_of
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Skellam
 from mpcdp.dp.poisson import poisson
+from mpcdp.mpc.rng import csprng
 from mpcdp.protocol.noise_pool import default_noise_threads, fill_in_slices
-from mpcdp.rng import csprng
 
 
 def main() -> None:

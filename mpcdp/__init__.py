@@ -7,7 +7,7 @@ socket or thread is opened. Submodules are imported explicitly, e.g.
 
 __version__ = "0.1.0"
 
-#: Wire/protocol version. It is bound into every key derivation (see mpcdp.prg), so shares
+#: Wire/protocol version. It is bound into every key derivation (see mpcdp.mpc.prg), so shares
 #: from two protocol versions can never be mixed by accident.
 PROTOCOL_VERSION = 1
 

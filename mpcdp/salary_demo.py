@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from mpcdp import encoding, sharing
 from mpcdp.dp.ledger import BudgetLedger, BudgetStatus
 from mpcdp.dp.mechanisms import NoNoise
 from mpcdp.federation import QueryResult, mean_release
+from mpcdp.mpc import encoding, sharing
 from mpcdp.protocol.plan import fit, plan
 from mpcdp.protocol.spec import QuerySpec, Statistic
 from mpcdp.simulation import simulate_sum

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from mpcdp import encoding, prg, ring, sharing
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.dp.mechanisms import Mechanism, NoNoise
 from mpcdp.errors import ParameterError
+from mpcdp.mpc import encoding, prg, ring, sharing
 
 __all__ = ["SimulatedRound", "pair_keys_for", "simulate_sum"]
 

@@ -13,9 +13,9 @@ import pytest
 from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
 from mpcdp.federation import mean_release
+from mpcdp.mpc.rng import csprng
 from mpcdp.protocol.plan import fit, plan
 from mpcdp.protocol.spec import QuerySpec, Statistic
-from mpcdp.rng import csprng
 
 PARTIES = ("alice", "bob", "carlos", "david")
 

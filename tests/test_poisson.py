@@ -18,7 +18,7 @@ from scipy import stats
 from mpcdp.dp import poisson as P
 from mpcdp.dp import samplers
 from mpcdp.errors import ParameterError
-from mpcdp.rng import csprng
+from mpcdp.mpc.rng import csprng
 from tests.stats import chi_square_pvalue
 
 N = 200_000

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpcdp import encoding, prg
 from mpcdp.errors import (
     AuthError,
     BudgetExceededError,
@@ -25,6 +24,7 @@ from mpcdp.errors import (
     RoundAborted,
     SessionError,
 )
+from mpcdp.mpc import encoding, prg
 from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import PartyEngine, Proposal, SessionSlots

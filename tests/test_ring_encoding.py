@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mpcdp import encoding, ring
 from mpcdp.errors import DecodeError, HeadroomError, ParameterError
-from mpcdp.rng import csprng, ensure_rng
+from mpcdp.mpc import encoding, ring
+from mpcdp.mpc.rng import csprng, ensure_rng
 
 int64s = hnp.arrays(np.int64, st.integers(0, 50), elements=st.integers(-(2**63), 2**63 - 1))
 u64s = hnp.arrays(np.uint64, st.integers(0, 50))

@@ -12,7 +12,7 @@ from scipy import stats
 
 from mpcdp.dp import mechanisms, randomized_response, samplers
 from mpcdp.errors import ParameterError
-from mpcdp.rng import csprng
+from mpcdp.mpc.rng import csprng
 from tests.stats import ALPHA, chi_square_pvalue, discrete_gaussian_pmf, dlap_pmf
 
 N = 200_000

@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mpcdp import PROTOCOL_VERSION, encoding, prg, ring, sharing
+from mpcdp import PROTOCOL_VERSION
 from mpcdp.dp.mechanisms import Skellam
 from mpcdp.errors import ParameterError
-from mpcdp.rng import csprng
+from mpcdp.mpc import encoding, prg, ring, sharing
+from mpcdp.mpc.rng import csprng
 from mpcdp.simulation import pair_keys_for, simulate_sum
 from tests.stats import assert_uniform_words
 

@@ -16,7 +16,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mpcdp import encoding  # noqa: E402
 from mpcdp.dp import accountant, rdp  # noqa: E402
 from mpcdp.errors import (  # noqa: E402
     AuthError,
@@ -30,6 +29,7 @@ from mpcdp.errors import (  # noqa: E402
     SessionError,
 )
 from mpcdp.federation import Federation  # noqa: E402
+from mpcdp.mpc import encoding  # noqa: E402
 from mpcdp.protocol import spec as query_spec  # noqa: E402
 from mpcdp.protocol.coordinator import ContributionStream  # noqa: E402
 from mpcdp.protocol.identity import SignedKey  # noqa: E402

@@ -16,7 +16,7 @@ passes the sensitivities of the encoded query. :meth:`Mechanism.check_range` ref
 mechanism whose one-party share would leave its sampler's exact range (mpcdp.dp.samplers),
 so a party can refuse a query before any charge instead of releasing inexact noise.
 ``tail_bound`` bounds |sum of n shares| except with probability 2^-64 (Chernoff bounds on
-the moment generating functions), which is what mpcdp.encoding.check_headroom needs.
+the moment generating functions), which is what mpcdp.mpc.encoding.check_headroom needs.
 """
 
 from __future__ import annotations

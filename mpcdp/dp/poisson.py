@@ -45,7 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp.errors import ParameterError
-from mpcdp.rng import ensure_rng
+from mpcdp.mpc.rng import ensure_rng
 
 __all__ = ["POISSON_MAX_LAM", "POISSON_SPLIT_MAX_LAM", "check_rate", "poisson"]
 

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from mpcdp.errors import ParameterError
-from mpcdp.rng import ensure_rng
+from mpcdp.mpc.rng import ensure_rng
 
 __all__ = ["RandomizedResponseEstimate", "estimate", "randomize", "truth_probability"]
 

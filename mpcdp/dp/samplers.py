@@ -1,6 +1,6 @@
 """Integer noise samplers over a cryptographically secure stream, each with a stated range.
 
-All samplers take an injected ``numpy.random.Generator`` (see mpcdp.rng; a fresh AES-CTR
+All samplers take an injected ``numpy.random.Generator`` (see mpcdp.mpc.rng; a fresh AES-CTR
 CSPRNG when None) and return int64 arrays. Vectorised paths use numpy's C samplers for
 uniforms, exponentials and gammas, which draw their bits from that secure bit generator, and
 mpcdp.dp.poisson for every Poisson draw.
@@ -50,7 +50,7 @@ from numpy.typing import NDArray
 
 from mpcdp.dp.poisson import POISSON_SPLIT_MAX_LAM, poisson
 from mpcdp.errors import ParameterError
-from mpcdp.rng import ensure_rng
+from mpcdp.mpc.rng import ensure_rng
 
 __all__ = [
     "DGAUSS_MAX_SIGMA",

@@ -27,8 +27,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp import encoding, ring
 from mpcdp.errors import MpcdpError, PartyError, ProtocolError, RoundAborted, SessionError
+from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.party import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.plan import ReleasePlan, plan

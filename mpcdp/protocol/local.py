@@ -20,9 +20,9 @@ import logging
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp import encoding, ring
 from mpcdp.datasets import Table, Vector
 from mpcdp.errors import ParameterError
+from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.plan import ReleasePlan
 from mpcdp.protocol.spec import Statistic
 

@@ -31,7 +31,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numpy as np
 
-from mpcdp.rng import csprng, ensure_rng
+from mpcdp.mpc.rng import csprng, ensure_rng
 
 __all__ = [
     "Builder",

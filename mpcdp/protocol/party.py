@@ -43,7 +43,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from mpcdp import encoding, prg, ring, sharing
 from mpcdp.config import DatasetConfig
 from mpcdp.datasets import Table, Vector
 from mpcdp.dp.ledger import BudgetLedger, LedgerWriteError
@@ -56,6 +55,7 @@ from mpcdp.errors import (
     ProtocolError,
     SessionError,
 )
+from mpcdp.mpc import encoding, prg, ring, sharing
 from mpcdp.protocol import identity
 from mpcdp.protocol.local import add_local_words
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices

@@ -27,10 +27,10 @@ import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from mpcdp import encoding
 from mpcdp.dp import accountant, events, rdp
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Mechanism, NoNoise, Skellam
 from mpcdp.errors import HeadroomError, ParameterError
+from mpcdp.mpc import encoding
 from mpcdp.protocol.spec import QuerySpec, Statistic
 
 __all__ = [

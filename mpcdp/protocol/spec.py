@@ -22,8 +22,8 @@ from enum import Enum
 from mpcdp.certs import check_identity
 from mpcdp.dp.events import exact_epsilon
 from mpcdp.dp.mechanisms import MECHANISMS
-from mpcdp.encoding import MAX_FRAC_BITS
 from mpcdp.errors import ParameterError
+from mpcdp.mpc.encoding import MAX_FRAC_BITS
 
 __all__ = [
     "DEFAULT_FRAC_BITS",

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
-from mpcdp import ring
 from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
+from mpcdp.mpc import ring
 from mpcdp.protocol.training import (
     TrainingClient,
     TrainingSession,

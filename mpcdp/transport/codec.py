@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp import PROTOCOL_VERSION, ring
+from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import DecodeError, ParameterError, ProtocolError
+from mpcdp.mpc import ring
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.coordinator import ContributionStream
 from mpcdp.protocol.identity import SignedKey

@@ -16,7 +16,6 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp import encoding, ring
 from mpcdp.audit.canaries import (
     unpack_inclusion,
 )
@@ -25,6 +24,7 @@ from mpcdp.errors import (
     ProtocolError,
     RoundAborted,
 )
+from mpcdp.mpc import encoding, ring
 from mpcdp.protocol import identity
 from mpcdp.protocol.coordinator import (
     ContributionStream,

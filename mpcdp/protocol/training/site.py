@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
-from mpcdp import encoding, ring, sharing
 from mpcdp.audit.canaries import (
     draw_inclusion,
     gradient_coordinates,
@@ -40,6 +39,7 @@ from mpcdp.errors import (
     ProtocolError,
     SessionError,
 )
+from mpcdp.mpc import encoding, ring, sharing
 from mpcdp.protocol import identity
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
 from mpcdp.protocol.party import (
@@ -117,7 +117,7 @@ class TrainingEngine(SessionHost):
         this site's noise shares (inf: no noise at all), to show that the one-run audit
         (mpcdp.audit) catches a release less private than claimed. It is a constructor
         argument only: nothing in party.toml or on the wire reaches it."""
-        from mpcdp.rng import ensure_rng
+        from mpcdp.mpc.rng import ensure_rng
 
         if (
             isinstance(test_only_noise_divisor, bool)

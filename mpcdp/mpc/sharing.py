@@ -6,7 +6,7 @@ nothing about x. :func:`split` / :func:`reconstruct`.
 
 Seeded (docs/design.md, "Secure sum"): for each pair i < j the
 share that party j hands party i is PRG(k_ij), expanded locally from the pair key of
-mpcdp.prg, so nothing but the key agreement crosses the wire. Party i then uploads
+mpcdp.mpc.prg, so nothing but the key agreement crosses the wire. Party i then uploads
 
     y_i = x_i + sum_{j > i} PRG(k_ij) - sum_{j < i} PRG(k_ij)   (mod 2^64),
 
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp import prg, ring
 from mpcdp.errors import ParameterError
-from mpcdp.rng import ensure_rng
+from mpcdp.mpc import prg, ring
+from mpcdp.mpc.rng import ensure_rng
 
 __all__ = ["MaskStream", "mask", "pairwise_mask", "reconstruct", "share_table", "split"]
 

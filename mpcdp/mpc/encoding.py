@@ -18,9 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from mpcdp import ring
 from mpcdp.errors import HeadroomError, ParameterError
-from mpcdp.rng import ensure_rng
+from mpcdp.mpc import ring
+from mpcdp.mpc.rng import ensure_rng
 
 __all__ = [
     "Headroom",

@@ -51,6 +51,6 @@ def ensure_rng(rng: np.random.Generator | None) -> np.random.Generator:
         raise ParameterError(
             "rng",
             type(rng.bit_generator).__name__,
-            "is not a cryptographically secure bit generator; use mpcdp.rng.csprng()",
+            "is not a cryptographically secure bit generator; use mpcdp.mpc.rng.csprng()",
         )
     return rng

@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
-from mpcdp import PROTOCOL_VERSION, ring
+from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import ParameterError
+from mpcdp.mpc import ring
 
 __all__ = [
     "INFO_LABEL",

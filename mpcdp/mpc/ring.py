@@ -5,7 +5,7 @@ arithmetic, vectorised. Elements travel as raw little-endian 8-byte words; the d
 strict (a byte length that is not a multiple of 8, or not the announced length, is refused).
 
 Z_{2^32} (uint32, 4-byte words) is the compact option for large vectors: half the bytes on
-the wire, the same arithmetic, and a headroom of 2^31 that mpcdp.encoding.check_headroom
+the wire, the same arithmetic, and a headroom of 2^31 that mpcdp.mpc.encoding.check_headroom
 enforces. ``bits`` selects the ring wherever both are accepted.
 """
 
