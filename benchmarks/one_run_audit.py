@@ -42,7 +42,7 @@ from typing import Any
 
 from mpcdp import digits_demo
 from mpcdp.certs import init_federation
-from mpcdp.config import load_party_config
+from mpcdp.config.party_config import load_party_config
 from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
 from mpcdp.train.federated import UntestableAuditError

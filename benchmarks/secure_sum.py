@@ -46,7 +46,7 @@ import numpy as np
 
 from benchmarks import plaintext_party
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config import load_federation_config
+from mpcdp.config.party_config import load_federation_config
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.coordinator import ContributionStream, run_round

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import torch
     from pathlib import Path
-    from mpcdp.datasets import Examples
+    from mpcdp.config.datasets import Examples
     from mpcdp.protocol.training import TrainSpec
     from mpcdp.train.ranks import RankGroup, serve_worker
     from mpcdp.train.site import TorchGradientSource

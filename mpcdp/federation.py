@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.config import FederationConfig, load_federation_config
+from mpcdp.config.party_config import FederationConfig, load_federation_config
 from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
 from mpcdp.proto import party_pb2 as pb

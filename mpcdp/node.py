@@ -24,14 +24,14 @@ from typing import Any
 
 import grpc
 
-from mpcdp.config import DatasetConfig, PartyConfig, load_party_config
-from mpcdp.datasets import Vector, load_examples, load_table, load_vector
+from mpcdp.config.datasets import Vector, load_examples, load_table, load_vector
+from mpcdp.config.party_config import DatasetConfig, PartyConfig, load_party_config
+from mpcdp.config.training_config import TrainingDeclaration, is_import_path
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.party import DatasetView, PartyEngine
 from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
-from mpcdp.training_config import TrainingDeclaration, is_import_path
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.config import load_federation_config
+from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.localnet import LocalFederation, launch

@@ -307,7 +307,7 @@ def test_noise_hook_is_refused_out_of_range(tmp_path: Path) -> None:
 
 
 def test_noise_hook_is_not_reachable_from_party_toml(tmp_path: Path) -> None:
-    from mpcdp.config import load_party_config
+    from mpcdp.config.party_config import load_party_config
     from tests.conftest import party_toml
 
     init = build_net(tmp_path, start=False)

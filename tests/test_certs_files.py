@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mpcdp.certs import init_federation
-from mpcdp.config import TlsConfig
+from mpcdp.config.party_config import TlsConfig
 from mpcdp.errors import ParameterError
 from mpcdp.transport.tls import load_credentials
 

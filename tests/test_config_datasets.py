@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpcdp.config import load_federation_config, load_party_config
-from mpcdp.datasets import ColumnSpec, load_table, load_vector
+from mpcdp.config.datasets import ColumnSpec, load_table, load_vector
+from mpcdp.config.party_config import load_federation_config, load_party_config
 from mpcdp.errors import ConfigError, DataError
 
 BASE = """
@@ -167,10 +167,10 @@ def test_the_default_policy_clips_and_counts_in_the_owner_s_log(
     assert ColumnSpec(name="raise", lower=0, upper=1).out_of_bounds == "clip"
     csv = tmp_path / "r.csv"
     csv.write_text("raise\n9000\n-5\n100\n")
-    with caplog.at_level(logging.INFO, logger="mpcdp.datasets"):
+    with caplog.at_level(logging.INFO, logger="mpcdp.config.datasets"):
         table = load_table(csv, [ColumnSpec(name="raise", lower=0, upper=5000)])
     assert table.numeric["raise"].tolist() == [5000.0, 0.0, 100.0]
-    logged = [r.getMessage() for r in caplog.records if r.name == "mpcdp.datasets"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mpcdp.config.datasets"]
     assert any("clipped 2 value(s) of column 'raise'" in m for m in logged), logged
     assert not any("9000" in m or "-5" in m for m in logged)
     explicit = BASE.replace("upper = 5000", 'upper = 5000\nout_of_bounds = "error"')
@@ -190,7 +190,7 @@ def test_a_coordinator_cannot_tell_whether_a_party_holds_an_out_of_bounds_value(
     from tests.conftest import build_net
 
     seen: dict[str, tuple[object, ...]] = {}
-    caplog.set_level(logging.INFO, logger="mpcdp.datasets")
+    caplog.set_level(logging.INFO, logger="mpcdp.config.datasets")
     for case, row in (("inside", "2514"), ("outside", "9000")):
         root = tmp_path / case
         root.mkdir()
@@ -207,6 +207,6 @@ def test_a_coordinator_cannot_tell_whether_a_party_holds_an_out_of_bounds_value(
             net.stop()
     assert seen["inside"] == seen["outside"]
     assert seen["inside"][1] == 5.0
-    logged = [r.getMessage() for r in caplog.records if r.name == "mpcdp.datasets"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mpcdp.config.datasets"]
     assert sum("clipped 1 value(s) of column 'raise'" in m for m in logged) == 1, logged
     assert not any("9000" in m for m in logged)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.config import load_federation_config, load_party_config
+from mpcdp.config.party_config import load_federation_config, load_party_config
 from mpcdp.errors import ConfigError
 
 PARTY = """
@@ -294,7 +294,7 @@ def test_federation_deadline_bounds(tmp_path: Path) -> None:
 
 
 def test_limits_load_and_reach_the_node(tmp_path: Path) -> None:
-    from mpcdp.config import LimitsConfig
+    from mpcdp.config.party_config import LimitsConfig
 
     assert load_party_config(_write(tmp_path, PARTY)).limits == LimitsConfig()
     text = PARTY + (

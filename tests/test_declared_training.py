@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 from scipy import stats  # noqa: E402
 
-from mpcdp.config import load_party_config  # noqa: E402
+from mpcdp.config.party_config import load_party_config  # noqa: E402
 from mpcdp.errors import ConfigError, ParameterError, RoundAborted  # noqa: E402
 from mpcdp.federation import Federation  # noqa: E402
 from mpcdp.node import check_datasets  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpcdp.config import load_federation_config
+from mpcdp.config.party_config import load_federation_config
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.federation import Federation
 from mpcdp.localnet import LocalFederation, launch

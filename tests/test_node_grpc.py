@@ -11,7 +11,7 @@ import pytest
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.certs import init_federation
-from mpcdp.config import TlsConfig, load_federation_config
+from mpcdp.config.party_config import TlsConfig, load_federation_config
 from mpcdp.dp.poisson import POISSON_MAX_LAM
 from mpcdp.errors import ParameterError, PartyError, RoundAborted
 from mpcdp.federation import Federation

@@ -30,7 +30,7 @@ COMMON = textwrap.dedent(
     import torch
     from mpcdp.errors import RankFailure
     from pathlib import Path
-    from mpcdp.datasets import Examples
+    from mpcdp.config.datasets import Examples
     from mpcdp.protocol.training import TrainSpec
     from mpcdp.train.ranks import RankGroup, serve_worker
     from mpcdp.train.site import TorchGradientSource

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.config import load_federation_config
+from mpcdp.config.party_config import load_federation_config
 from mpcdp.errors import MpcdpError, PartyError, RoundAborted
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.protocol.coordinator import run_round

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mpcdp.datasets import Examples  # noqa: E402
+from mpcdp.config.datasets import Examples  # noqa: E402
 from mpcdp.errors import ParameterError  # noqa: E402
 from mpcdp.protocol.training import TrainSpec  # noqa: E402
 from mpcdp.train.clipping import PerSampleClipper  # noqa: E402

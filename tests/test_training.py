@@ -857,7 +857,7 @@ def test_public_mixing_adds_the_public_gradient_to_every_step(grpc_sites: Net) -
     [("cuda:7", "CUDA device"), ("tpu", "not a torch device"), ("meta", "'cpu' or 'cuda")],
 )
 def test_a_wrong_training_device_fails_at_start_up(tmp_path: Path, device: str, error: str) -> None:
-    from mpcdp.config import load_party_config
+    from mpcdp.config.party_config import load_party_config
     from mpcdp.node import PartyNode
     from mpcdp.train.site import pick_device
 

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mpcdp.config import load_federation_config
+from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp import accountant
 from mpcdp.errors import PartyError
 from mpcdp.localnet import LocalFederation, launch

@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config import TlsConfig
+from mpcdp.config.party_config import TlsConfig
 from mpcdp.errors import PartyError
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb

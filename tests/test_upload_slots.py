@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config import TlsConfig
+from mpcdp.config.party_config import TlsConfig
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc

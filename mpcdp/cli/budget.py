@@ -50,7 +50,7 @@ def budget(
 
     Reads the ledger locally; nothing is sent anywhere. With --backup FILE, copies the
     ledger instead; to restore, stop the party and copy the backup to the ledger's path."""
-    from mpcdp.config import load_party_config
+    from mpcdp.config.party_config import load_party_config
     from mpcdp.dp.ledger import BudgetLedger
     from mpcdp.dp.ledger_report import report
 

@@ -61,7 +61,7 @@ def init(
     """Create this party's budget ledger (once, before its first `serve`), with each
     dataset's budget from the config. Refused when the ledger file exists: a ledger is
     never overwritten (restore a lost one from a backup: `mpcdp budget --backup`)."""
-    from mpcdp.config import load_party_config
+    from mpcdp.config.party_config import load_party_config
     from mpcdp.node import init_ledger
 
     try:
@@ -86,7 +86,7 @@ def check(
     dataset's problem in full (file, row, column, value): a coordinator is only ever told
     that a dataset is unavailable. Exits 1 when anything cannot be used.
     """
-    from mpcdp.config import load_party_config
+    from mpcdp.config.party_config import load_party_config
     from mpcdp.node import check_datasets, check_ledger, check_tls
 
     try:

@@ -71,7 +71,7 @@ def model_options(values: list[str]) -> dict[str, Any]:
 
 
 def _npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from mpcdp.datasets import load_examples
+    from mpcdp.config.datasets import load_examples
 
     try:
         ex = load_examples(path, num_classes=1 << 20)
@@ -84,7 +84,7 @@ def _eval_npz(path: Path, loss: str) -> tuple[np.ndarray, np.ndarray]:
     """--eval: labels for a classification loss, float targets for loss mse."""
     if loss != "mse":
         return _npz(path, "--eval")
-    from mpcdp.datasets import load_examples
+    from mpcdp.config.datasets import load_examples
 
     try:
         ex = load_examples(path, num_classes=0, regression=True)

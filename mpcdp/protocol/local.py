@@ -1,7 +1,7 @@
 """A party's local statistic for a release plan, encoded into ring words.
 
 Each party computes its own share of the aggregate from its own rows only, already validated
-(and, where its policy says so, clipped) to the declared bounds by mpcdp.datasets; vector
+(and, where its policy says so, clipped) to the declared bounds by mpcdp.config.datasets; vector
 datasets are clipped here to the declared L2 bound. Tensors are encoded with
 round-to-nearest fixed point (the plan's sensitivities include the rounding) and concatenated
 in plan order.
@@ -20,7 +20,7 @@ import logging
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.datasets import Table, Vector
+from mpcdp.config.datasets import Table, Vector
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.plan import ReleasePlan

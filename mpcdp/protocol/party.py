@@ -43,8 +43,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from mpcdp.config import DatasetConfig
-from mpcdp.datasets import Table, Vector
+from mpcdp.config.datasets import Table, Vector
+from mpcdp.config.party_config import DatasetConfig
 from mpcdp.dp.ledger import BudgetLedger, LedgerWriteError
 from mpcdp.errors import (
     AuthError,

@@ -1,6 +1,6 @@
 """A site's training task as its party.toml declares it: the model factory, the Dataset, the
 per-example loss and the collate function, imported by ``package.module:attribute`` paths
-(mpcdp.training_config reads them; this module imports and checks them, at node start).
+(mpcdp.config.training_config reads them; this module imports and checks them, at node start).
 
 - ``model``: ``factory(name, **model_options)`` (``factory(name)`` without options) returns
   the ``nn.Module`` for the run's model name; the run's name is the import path itself. The
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from mpcdp.config.training_config import TrainingDeclaration, is_import_path
 from mpcdp.errors import ConfigError, DataError
-from mpcdp.training_config import TrainingDeclaration, is_import_path
 
 __all__ = [
     "PROBE_ITEMS",

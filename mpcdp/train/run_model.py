@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mpcdp.config.training_config import is_import_path
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.protocol.training.fingerprint import fingerprint
 from mpcdp.train.architecture import describe_factory
 from mpcdp.train.declared import import_object, resolve_loss
 from mpcdp.train.declared import model_factory as import_factory
-from mpcdp.training_config import is_import_path
 
 __all__ = ["evaluate_any", "model_factory_for", "with_declared_model"]
 

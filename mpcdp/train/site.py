@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from mpcdp.datasets import Examples
+from mpcdp.config.datasets import Examples
 from mpcdp.errors import DataError, ParameterError, RankFailure
 from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size

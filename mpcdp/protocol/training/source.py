@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.config import DatasetConfig
+from mpcdp.config.party_config import DatasetConfig
 from mpcdp.protocol.training.spec import TrainSpec
 
 __all__ = ["GradientSource", "TrainingTask"]

@@ -105,14 +105,14 @@ from pathlib import Path
 from typing import Any
 
 from mpcdp.certs import check_identity
-from mpcdp.datasets import ColumnSpec
-from mpcdp.errors import ConfigError, ParameterError
-from mpcdp.training_config import (
+from mpcdp.config.datasets import ColumnSpec
+from mpcdp.config.training_config import (
     TRAINING_KEYS,
     TrainingDeclaration,
     is_import_path,
     read_training,
 )
+from mpcdp.errors import ConfigError, ParameterError
 
 if sys.version_info >= (3, 11):
     import tomllib

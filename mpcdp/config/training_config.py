@@ -1,7 +1,7 @@
-"""A training dataset's declarations in party.toml (see mpcdp.config's docstring): the model,
-data, loss and collate function as import paths, the folders to import them from, and the
-site's resource limits. Only read here: mpcdp.train.declared imports them when the node
-starts. Nothing happens at import time.
+"""A training dataset's declarations in party.toml (see mpcdp.config.party_config's
+docstring): the model, data, loss and collate function as import paths, the folders to
+import them from, and the site's resource limits. Only read here: mpcdp.train.declared imports
+them when the node starts. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mpcdp.config import _Reader
+    from mpcdp.config.party_config import _Reader
 
 __all__ = ["TRAINING_KEYS", "TrainingDeclaration", "is_import_path", "read_training"]
 
