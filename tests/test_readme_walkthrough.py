@@ -1,7 +1,7 @@
-"""The README's federation walkthrough, run as written (issue 15, section 2).
+"""The federation walkthrough of docs/federation.md, run as written.
 
-The shell and TOML blocks of "Running a federation" are read out of README.md and run in a
-fresh folder with the installed ``mpcdp`` command: three party processes on loopback and an
+The shell and TOML blocks of its section "The walkthrough" are read out of the guide and run
+in a fresh folder with the installed ``mpcdp`` command: three party processes on loopback and an
 analyst. The only changes are the ones a reader makes on one machine: each party listens on
 127.0.0.1 (a free port) instead of 0.0.0.0:50051, and the analyst's federation.toml and the
 health check use those addresses instead of the example host names.
@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "federation.md"
 PARTIES = ("alice", "bob", "carlos")
 EXAMPLE_HOSTS = {
     "alice": "alice.example.org:50051",
@@ -31,9 +31,10 @@ EXAMPLE_HOSTS = {
 
 
 def blocks(tag: str) -> list[str]:
-    """The fenced blocks of README's walkthrough whose info string is ``tag``, in order."""
-    text = README.read_text()
-    section = text[text.index("## Running a federation") : text.index("## Federated training")]
+    """The fenced blocks of the guide's walkthrough whose info string is ``tag``, in order."""
+    text = GUIDE.read_text()
+    start = text.index("## The walkthrough")
+    section = text[start : text.index("\n## ", start + 1)]
     found = []
     for m in re.finditer(r"^( *)```([^\n]*)\n(.*?)^\1```", section, flags=re.S | re.M):
         if m.group(2).strip() == tag:
@@ -51,7 +52,7 @@ def run_sh(script: str, cwd: Path, env: dict[str, str]) -> str:
     return out.stdout
 
 
-def test_the_readme_federation_walkthrough_runs_as_written(tmp_path: Path) -> None:
+def test_the_federation_walkthrough_runs_as_written(tmp_path: Path) -> None:
     sh = blocks("sh walkthrough")
     (party_template,) = blocks("toml walkthrough-party")
     (federation,) = blocks("toml walkthrough-federation")
@@ -73,7 +74,7 @@ def test_the_readme_federation_walkthrough_runs_as_written(tmp_path: Path) -> No
                 .replace('listen = "0.0.0.0:50051"', 'listen = "127.0.0.1:0"')
             )
             (tmp_path / p / "party.toml").write_text(toml)
-            run_sh(f"mpcdp party init --config {p}/party.toml", tmp_path, env)  # as README says
+            run_sh(f"mpcdp party init --config {p}/party.toml", tmp_path, env)  # as the guide says
             procs[p] = subprocess.Popen(
                 ["mpcdp", "party", "serve", "--config", f"{p}/party.toml", "--port-file",
                  f"{p}/port"],
@@ -103,7 +104,7 @@ def test_the_readme_federation_walkthrough_runs_as_written(tmp_path: Path) -> No
         checked = run_sh(local(checks), tmp_path, env)
         assert "raises: spent" in checked and "3 queries (0 exact, no DP)" in checked
         assert checked.rstrip().endswith("SERVING")
-        # what the README says about exact releases: refused by this template, naming the key
+        # what the guide says about exact releases: refused by this template, naming the key
         exact = subprocess.run(
             ["mpcdp", "query", "count", "--federation", "federation.toml", "--dataset", "raises",
              "--mechanism", "none"],
