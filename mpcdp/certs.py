@@ -17,7 +17,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import stat
 from collections.abc import Mapping, Sequence
@@ -29,21 +28,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mpcdp.config.names import check_identity
 from mpcdp.errors import ParameterError
 
-__all__ = ["IDENTITY_RE", "FederationFiles", "init_federation", "issue", "make_ca"]
+__all__ = ["FederationFiles", "init_federation", "issue", "make_ca"]
 
 _log = logging.getLogger(__name__)
 
-#: Party and coordinator ids: short, DNS-label-like names.
-IDENTITY_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VALIDITY = dt.timedelta(days=825)
-
-
-def check_identity(name: str, *, what: str = "name") -> str:
-    if not isinstance(name, str) or not IDENTITY_RE.fullmatch(name):
-        raise ParameterError(what, name, "must be lowercase letters, digits and '-' (1-63 chars)")
-    return name
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

@@ -95,8 +95,6 @@ and the value.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -104,8 +102,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from mpcdp.certs import check_identity
 from mpcdp.config.datasets import ColumnSpec
+from mpcdp.config.reader import Reader
 from mpcdp.config.training_config import (
     TRAINING_KEYS,
     TrainingDeclaration,
@@ -237,147 +235,8 @@ class FederationConfig:
     deadline_s: float = 30.0
 
 
-class _Reader:
-    """Typed access to a TOML table with errors that name the file and the key."""
-
-    def __init__(self, path: Path, data: dict[str, Any], prefix: str = "") -> None:
-        self.path, self.data, self.prefix = path, data, prefix
-
-    def _err(self, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {self.prefix}{key}: {msg}")
-
-    def get(
-        self,
-        key: str,
-        kind: type | tuple[type, ...],
-        default: Any = ...,
-    ) -> Any:
-        if key not in self.data:
-            if default is ...:
-                raise self._err(key, "is required")
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) and kind is not bool:
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self._err(key, f"must be {names}, got {value!r}")
-        if not isinstance(value, kind):
-            raise self._err(key, f"has the wrong type ({type(value).__name__}: {value!r})")
-        return value
-
-    def number(self, key: str, default: Any = ...) -> float:
-        v = self.get(key, (int, float), default)
-        if v is not None and (not math.isfinite(v)):
-            raise self._err(key, f"must be finite, got {v!r}")
-        return v  # type: ignore[no-any-return]
-
-    def positive(self, key: str, default: Any = ...) -> float:
-        """A finite number > 0 (a missing key with ``default=None`` gives None)."""
-        v = self.number(key, default)
-        if v is not None and not v > 0:
-            raise self._err(key, f"must be > 0, got {v!r}")
-        return v
-
-    def path_of(self, key: str) -> Path:
-        value = self.get(key, str)
-        if "\0" in value or not value:
-            raise self._err(key, f"{value!r} is not a usable path (empty, or a NUL character)")
-        p = Path(value)
-        return p if p.is_absolute() else (self.path.parent / p)
-
-    def file_path(self, key: str) -> Path:
-        """A path to a file the program creates or opens: its folder must already exist."""
-        p = self.path_of(key)
-        if p.is_dir():
-            raise self._err(key, f"{str(p)!r} is a directory; give a file path inside it")
-        if not p.parent.is_dir():
-            raise self._err(
-                key,
-                f"the folder of {str(p)!r} does not exist ({str(p.parent)!r}); "
-                "create it first (folders are not created for you)",
-            )
-        return p
-
-    def address(self, key: str, *, any_port: bool) -> str:
-        """``host:port`` (IPv4, ``[IPv6]`` or host name); port 0 only when ``any_port``."""
-        value = self.get(key, str)
-        low = 0 if any_port else 1
-        reason = _address_problem(value, low_port=low)
-        if reason is not None:
-            raise self._err(
-                key,
-                f"{value!r} {reason}; expected HOST:PORT with PORT in {low}..65535 and HOST an "
-                "IPv4 address, a host name or [IPv6], e.g. '0.0.0.0:50051', "
-                "'localhost:50051', 'party-a:50051' or '[::1]:50051'",
-            )
-        return str(value)
-
-    def table(self, key: str) -> _Reader:
-        return _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.")
-
-    def identity(self, key: str) -> str:
-        v = self.get(key, str)
-        try:
-            return check_identity(v)
-        except ParameterError as exc:
-            raise self._err(key, exc.reason) from None
-
-    def identities(self, key: str) -> tuple[str, ...]:
-        values = self.get(key, list, [])
-        for v in values:
-            if not isinstance(v, str):
-                raise self._err(key, f"must be a list of names, got {v!r}")
-            try:
-                check_identity(v)
-            except ParameterError as exc:
-                raise self._err(key, f"{v!r} {exc.reason}") from None
-        return tuple(values)
-
-    def unknown(self, allowed: set[str]) -> None:
-        extra = set(self.data) - allowed
-        if extra:
-            raise self._err(sorted(extra)[0], f"unknown key (allowed: {sorted(allowed)})")
-
-
 #: the longest per-call deadline federation.toml accepts (seconds)
 _MAX_DEADLINE_S = 7 * 24 * 3600
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-
-
-def _address_problem(value: str, *, low_port: int) -> str | None:
-    """Why ``value`` is not a ``host:port`` address, or None when it is one."""
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        if not sep:
-            return "is not [IPv6]:PORT"
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return f"has {host!r}, not an IPv6 address, in brackets"
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            return "has no ':PORT'"
-        if not host:
-            return "has no host"
-        if ":" in host:
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                return f"has {host!r}, not a host name"
-            return "has an IPv6 host without brackets (write [IPv6]:PORT)"
-        if re.fullmatch(r"[0-9.]+", host):
-            try:
-                ipaddress.IPv4Address(host)
-            except ValueError:
-                return f"has {host!r}, not an IPv4 address"
-        else:
-            name = host[:-1] if host.endswith(".") else host
-            if len(name) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in name.split(".")):
-                return f"has {host!r}, not a host name"
-    if not re.fullmatch(r"[0-9]{1,5}", port) or not low_port <= int(port) <= 65535:
-        return f"has port {port!r}, not a number in {low_port}..65535"
-    return None
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -391,28 +250,28 @@ def _load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _tls(r: _Reader) -> TlsConfig:
+def _tls(r: Reader) -> TlsConfig:
     t = r.table("tls")
     return TlsConfig(ca=t.path_of("ca"), cert=t.path_of("cert"), key=t.path_of("key"))
 
 
-def _column(r: _Reader, name: str) -> ColumnSpec:
+def _column(r: Reader, name: str) -> ColumnSpec:
     r.unknown({"lower", "upper", "categories", "out_of_bounds"})
     cats = r.get("categories", list, [])
     if cats:
         if not all(isinstance(c, str) and c for c in cats) or len(set(cats)) != len(cats):
-            raise r._err("categories", "must be distinct non-empty strings")
+            raise r.error("categories", "must be distinct non-empty strings")
         return ColumnSpec(name=name, categories=tuple(cats))
     lower, upper = r.number("lower"), r.number("upper")
     if lower > upper:
-        raise r._err("lower", f"{lower} is above upper={upper}")
+        raise r.error("lower", f"{lower} is above upper={upper}")
     oob = r.get("out_of_bounds", str, "clip")
     if oob not in ("error", "clip"):
-        raise r._err("out_of_bounds", f"must be 'error' or 'clip', got {oob!r}")
+        raise r.error("out_of_bounds", f"must be 'error' or 'clip', got {oob!r}")
     return ColumnSpec(name=name, lower=float(lower), upper=float(upper), out_of_bounds=oob)
 
 
-def _dataset(r: _Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
+def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
     r.unknown(
         {
             "path",
@@ -430,20 +289,20 @@ def _dataset(r: _Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig
     eps = r.positive("epsilon")
     delta = r.number("delta", 0.0)
     if not 0 <= delta < 1:
-        raise r._err("delta", f"must be in [0, 1), got {delta}")
-    cols = r.table("columns") if "columns" in r.data else _Reader(r.path, {}, r.prefix + "columns.")
+        raise r.error("delta", f"must be in [0, 1), got {delta}")
+    cols = r.table("columns") if "columns" in r.data else Reader(r.path, {}, r.prefix + "columns.")
     columns = tuple(_column(cols.table(c), c) for c in cols.data)
     training = read_training(r)
     if training is not None and training.data:
         if "path" in r.data:
-            raise r._err("path", "give either path (an .npz) or data (an import path), not both")
+            raise r.error("path", "give either path (an .npz) or data (an import path), not both")
         if not delta > 0:
-            raise r._err("delta", "a training dataset (DP-SGD) needs delta > 0")
+            raise r.error("delta", "a training dataset (DP-SGD) needs delta > 0")
         num_classes = r.get("num_classes", int, 0)
         if not (num_classes == 0 or 2 <= num_classes <= 1 << 20):
-            raise r._err("num_classes", f"must be 0 or in [2, 2^20], got {num_classes}")
+            raise r.error("num_classes", f"must be 0 or in [2, 2^20], got {num_classes}")
         if training.loss == "mse" and num_classes:
-            raise r._err("num_classes", "must be 0 (or absent) with loss = 'mse'")
+            raise r.error("num_classes", "must be 0 (or absent) with loss = 'mse'")
         return DatasetConfig(
             name=name,
             path=r.path.parent,
@@ -458,34 +317,34 @@ def _dataset(r: _Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig
     path = r.path_of("path")
     if training is not None and path.suffix != ".npz":
         key = next(k for k in TRAINING_KEYS if k in r.data)
-        raise r._err(key, f"is a training key; {path.name!r} is not an .npz of examples")
+        raise r.error(key, f"is a training key; {path.name!r} is not an .npz of examples")
     for key in ("collate", "num_workers", "pin_memory", "data_options"):
         if key in r.data and path.suffix == ".npz":
-            raise r._err(key, "applies to data = ... (a Dataset), not to an .npz")
+            raise r.error(key, "applies to data = ... (a Dataset), not to an .npz")
     if path.suffix not in (".csv", ".npy", ".npz"):
-        raise r._err(
+        raise r.error(
             "path", f"must be a .csv table, a .npy vector or .npz examples, got {path.name!r}"
         )
     num_classes = r.get("num_classes", int, 0)
     if num_classes < 0:
-        raise r._err("num_classes", f"must be >= 0, got {num_classes}")
+        raise r.error("num_classes", f"must be >= 0, got {num_classes}")
     classifies = training is None or training.loss != "mse"
     if path.suffix == ".npz":
         if not classifies and num_classes != 0:
-            raise r._err("num_classes", "must be 0 (or absent) with loss = 'mse'")
+            raise r.error("num_classes", "must be 0 (or absent) with loss = 'mse'")
         if classifies and not 2 <= num_classes <= 1 << 20:
-            raise r._err(
+            raise r.error(
                 "num_classes", f"an .npz example dataset needs num_classes >= 2, got {num_classes}"
             )
         if not delta > 0:
-            raise r._err("delta", "an .npz example dataset (DP-SGD) needs delta > 0")
+            raise r.error("delta", "an .npz example dataset (DP-SGD) needs delta > 0")
     l2 = r.number("l2_bound", 0.0)
     if l2 < 0:
-        raise r._err("l2_bound", f"must be >= 0, got {l2}")
+        raise r.error("l2_bound", f"must be >= 0, got {l2}")
     if path.suffix == ".npy" and not l2 > 0:
-        raise r._err("l2_bound", "a .npy vector dataset needs l2_bound > 0")
+        raise r.error("l2_bound", "a .npy vector dataset needs l2_bound > 0")
     if path.suffix == ".csv" and not columns:
-        raise r._err("columns", "a .csv dataset needs at least one declared column")
+        raise r.error("columns", "a .csv dataset needs at least one declared column")
     return DatasetConfig(
         name=name,
         path=path,
@@ -501,7 +360,7 @@ def _dataset(r: _Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig
     )
 
 
-def _read_shares(r: _Reader, coordinators: tuple[str, ...]) -> dict[str, Fraction]:
+def _read_shares(r: Reader, coordinators: tuple[str, ...]) -> dict[str, Fraction]:
     """A ``coordinator_shares`` table: coordinator -> its share of a budget, in (0, 1]."""
     if "coordinator_shares" not in r.data:
         return {}
@@ -509,17 +368,17 @@ def _read_shares(r: _Reader, coordinators: tuple[str, ...]) -> dict[str, Fractio
     out = {}
     for name in t.data:
         if name not in coordinators:
-            raise t._err(
+            raise t.error(
                 name, f"is not a coordinator of this party (tls.coordinators: {list(coordinators)})"
             )
         v = t.number(name)
         if not 0 < v <= 1:
-            raise t._err(name, f"must be a share of the budget in (0, 1], got {v!r}")
+            raise t.error(name, f"must be a share of the budget in (0, 1], got {v!r}")
         out[name] = Fraction(repr(float(v))) if isinstance(v, float) else Fraction(v)
     return out
 
 
-def _shares(r: _Reader, shares: _Shares) -> tuple[tuple[str, Fraction], ...]:
+def _shares(r: Reader, shares: _Shares) -> tuple[tuple[str, Fraction], ...]:
     party_wide, coordinators = shares
     merged = {**party_wide, **_read_shares(r, coordinators)}
     return tuple(sorted(merged.items()))
@@ -529,7 +388,7 @@ def _shares(r: _Reader, shares: _Shares) -> tuple[tuple[str, Fraction], ...]:
 _Shares = tuple[dict[str, Fraction], tuple[str, ...]]
 
 
-def _cap_of(r: _Reader) -> float | None:
+def _cap_of(r: Reader) -> float | None:
     # a nan cap would compare False with every request: the cap would silently vanish
     cap = r.positive("max_epsilon_per_query", None)
     return None if cap is None else float(cap)
@@ -537,7 +396,7 @@ def _cap_of(r: _Reader) -> float | None:
 
 def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
-    r = _Reader(p, _load(p))
+    r = Reader(p, _load(p))
     r.unknown(
         {
             "id",
@@ -556,7 +415,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
     tls.unknown({"ca", "cert", "key", "coordinators", "peers"})
     coordinators = tls.identities("coordinators")
     if not coordinators:
-        raise tls._err("coordinators", "must name at least one coordinator allowed to query")
+        raise tls.error("coordinators", "must name at least one coordinator allowed to query")
     shares = (_read_shares(r, coordinators), coordinators)
     ds = r.table("datasets")
     datasets = {name: _dataset(ds.table(name), name, shares) for name in ds.data}
@@ -576,10 +435,10 @@ def load_party_config(path: str | Path) -> PartyConfig:
     )
 
 
-def _device(r: _Reader) -> str:
+def _device(r: Reader) -> str:
     value = r.get("device", str, "auto")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        raise r._err("device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+        raise r.error("device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")
     return str(value)
 
 
@@ -594,7 +453,7 @@ _SECONDS_LIMITS = {
 _COUNT_LIMITS = {"connections": 1 << 20}
 
 
-def _limits(r: _Reader) -> LimitsConfig:
+def _limits(r: Reader) -> LimitsConfig:
     defaults = LimitsConfig()
     names = [f.name for f in dataclasses.fields(LimitsConfig)]
     r.unknown(set(names))
@@ -604,61 +463,61 @@ def _limits(r: _Reader) -> LimitsConfig:
             most = _SECONDS_LIMITS[name]
             v = r.number(name, getattr(defaults, name))
             if not 0 < v <= most:
-                raise r._err(name, f"must be in (0, {most}] seconds, got {v!r}")
+                raise r.error(name, f"must be in (0, {most}] seconds, got {v!r}")
             values[name] = float(v)
             continue
         most = _COUNT_LIMITS.get(name, 4096)
         n = r.get(name, int, getattr(defaults, name))
         if not 1 <= n <= most:
-            raise r._err(name, f"must be an integer in [1, {most}], got {n!r}")
+            raise r.error(name, f"must be an integer in [1, {most}], got {n!r}")
         values[name] = int(n)
     for total in ("pending_sessions", "training_sessions", "setup_calls", "long_calls"):
         if values[f"{total}_per_coordinator"] > values[total]:
-            raise r._err(
+            raise r.error(
                 f"{total}_per_coordinator",
                 f"{values[f'{total}_per_coordinator']} is more than {total}={values[total]}",
             )
     return LimitsConfig(**values)
 
 
-def _max_model_params(r: _Reader) -> int:
+def _max_model_params(r: Reader) -> int:
     n = r.get("max_model_params", int, 100_000_000)
     if not 1 <= n <= 1 << 40:
-        raise r._err("max_model_params", f"must be in [1, 2^40], got {n}")
+        raise r.error("max_model_params", f"must be in [1, 2^40], got {n}")
     return int(n)
 
 
-def _min_colluders(r: _Reader) -> int:
+def _min_colluders(r: Reader) -> int:
     t = r.get("min_colluders", int, 1)
     if t < 0:
-        raise r._err("min_colluders", f"must be >= 0, got {t}")
+        raise r.error("min_colluders", f"must be >= 0, got {t}")
     return int(t)
 
 
 def load_federation_config(path: str | Path) -> FederationConfig:
     p = Path(path).resolve()
-    r = _Reader(p, _load(p))
+    r = Reader(p, _load(p))
     r.unknown({"coordinator", "colluders", "deadline_s", "tls", "parties"})
     entries = r.get("parties", list)
     parties = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            raise r._err(f"parties[{i}]", "must be a table with id and address")
-        pr = _Reader(p, e, f"parties[{i}].")
+            raise r.error(f"parties[{i}]", "must be a table with id and address")
+        pr = Reader(p, e, f"parties[{i}].")
         pr.unknown({"id", "address"})
         parties.append(
             PartyAddress(id=pr.identity("id"), address=pr.address("address", any_port=False))
         )
     ids = [q.id for q in parties]
     if len(ids) < 2 or len(set(ids)) != len(ids):
-        raise r._err("parties", f"need >= 2 parties with distinct ids, got {ids}")
+        raise r.error("parties", f"need >= 2 parties with distinct ids, got {ids}")
     colluders = r.get("colluders", int, 1)
     if not 0 <= colluders < len(parties):
-        raise r._err("colluders", f"must be in [0, {len(parties) - 1}], got {colluders}")
+        raise r.error("colluders", f"must be in [0, {len(parties) - 1}], got {colluders}")
     deadline = r.positive("deadline_s", 30.0)
     if deadline > _MAX_DEADLINE_S:
         # gRPC turns a deadline ~1e10 s away into an immediate DEADLINE_EXCEEDED on every call
-        raise r._err("deadline_s", f"must be at most {_MAX_DEADLINE_S} (a week), got {deadline!r}")
+        raise r.error("deadline_s", f"must be at most {_MAX_DEADLINE_S} (a week), got {deadline!r}")
     return FederationConfig(
         path=p,
         coordinator=r.identity("coordinator"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mpcdp.config.party_config import _Reader
+    from mpcdp.config.reader import Reader
 
 __all__ = ["TRAINING_KEYS", "TrainingDeclaration", "is_import_path", "read_training"]
 
@@ -59,25 +59,25 @@ def is_import_path(value: str) -> bool:
     return bool(_IMPORT_PATH.fullmatch(value))
 
 
-def _import_path(r: _Reader, key: str) -> str:
+def _import_path(r: Reader, key: str) -> str:
     value = r.get(key, str, "")
     if value and not is_import_path(value):
-        raise r._err(key, f"{value!r} is not an import path 'package.module:attribute'")
+        raise r.error(key, f"{value!r} is not an import path 'package.module:attribute'")
     return str(value)
 
 
-def _options(r: _Reader, key: str) -> tuple[tuple[str, Any], ...]:
+def _options(r: Reader, key: str) -> tuple[tuple[str, Any], ...]:
     table = r.get(key, dict, {})
     return tuple(sorted(table.items()))
 
 
-def read_training(r: _Reader) -> TrainingDeclaration | None:
+def read_training(r: Reader) -> TrainingDeclaration | None:
     """A dataset's training declarations, or None when it declares none."""
     if not any(k in r.data for k in TRAINING_KEYS):
         return None
     loss = r.get("loss", str, "cross_entropy")
     if loss not in ("cross_entropy", "mse") and not is_import_path(loss):
-        raise r._err(
+        raise r.error(
             "loss",
             f"must be 'cross_entropy', 'mse' or an import path 'package.module:fn', got {loss!r}",
         )
@@ -87,17 +87,17 @@ def read_training(r: _Reader) -> TrainingDeclaration | None:
     folders = []
     for text in paths:
         if not isinstance(text, str) or not text or "\0" in text:
-            raise r._err("python_path", f"must be a folder or a list of folders, got {text!r}")
+            raise r.error("python_path", f"must be a folder or a list of folders, got {text!r}")
         folder = Path(text) if Path(text).is_absolute() else r.path.parent / text
         if not folder.is_dir():
-            raise r._err("python_path", f"{str(folder)!r} is not a folder")
+            raise r.error("python_path", f"{str(folder)!r} is not a folder")
         folders.append(folder.resolve())
     physical = r.get("max_physical_batch", int, 1024)
     if not 1 <= physical <= 1 << 20:
-        raise r._err("max_physical_batch", f"must be in [1, 2^20], got {physical}")
+        raise r.error("max_physical_batch", f"must be in [1, 2^20], got {physical}")
     workers = r.get("num_workers", int, 0)
     if not 0 <= workers <= 256:
-        raise r._err("num_workers", f"must be in [0, 256], got {workers}")
+        raise r.error("num_workers", f"must be in [0, 256], got {workers}")
     return TrainingDeclaration(
         model=_import_path(r, "model"),
         data=_import_path(r, "data"),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from mpcdp.certs import check_identity
+from mpcdp.config.names import check_identity
 from mpcdp.dp.events import exact_epsilon
 from mpcdp.dp.mechanisms import MECHANISMS
 from mpcdp.errors import ParameterError
