@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from mpcdp import digits_demo
-from mpcdp.certs import init_federation
 from mpcdp.config.party_config import load_party_config
 from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
 from mpcdp.train.federated import UntestableAuditError
+from mpcdp.transport.cert_files import init_federation
 
 DELTA = 1e-5
 

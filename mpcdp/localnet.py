@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpcdp.certs import init_federation
 from mpcdp.errors import MpcdpError
+from mpcdp.transport.cert_files import init_federation
 
 __all__ = ["LocalFederation", "launch"]
 

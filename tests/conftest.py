@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from mpcdp.certs import init_federation
 from mpcdp.config.party_config import TlsConfig, load_party_config
 from mpcdp.node import PartyNode
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import tls
+from mpcdp.transport.cert_files import init_federation
 
 PARTIES = ("alice", "bob", "carlos")
 ROWS = {"alice": [3800.0, 100.0], "bob": [2514.0], "carlos": [2982.0, 3390.0]}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.certs import init_federation
 from mpcdp.config.party_config import TlsConfig
 from mpcdp.errors import ParameterError
+from mpcdp.transport.cert_files import init_federation
 from mpcdp.transport.tls import load_credentials
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.certs import init_federation
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import MpcdpError
 from mpcdp.federation import Federation
 from mpcdp.localnet import launch
+from mpcdp.transport.cert_files import init_federation
 from tests.conftest import PARTIES, party_toml
 
 MPCDP = [sys.executable, "-m", "mpcdp.cli"]

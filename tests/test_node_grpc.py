@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.certs import init_federation
 from mpcdp.config.party_config import TlsConfig, load_federation_config
 from mpcdp.dp.poisson import POISSON_MAX_LAM
 from mpcdp.errors import ParameterError, PartyError, RoundAborted
@@ -21,6 +20,7 @@ from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.plan import fit, plan
 from mpcdp.protocol.spec import QuerySpec
 from mpcdp.transport import tls
+from mpcdp.transport.cert_files import init_federation
 from mpcdp.transport.client import GrpcPartyClient, check_health
 from tests.conftest import DEPTS, PARTIES, ROWS, Net, build_net, raw_stub, vector_datasets
 

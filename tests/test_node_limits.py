@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from mpcdp.certs import init_federation
 from mpcdp.config.party_config import LimitsConfig, load_party_config
 from mpcdp.errors import ConfigError
 from mpcdp.node import PartyNode, raise_open_files_limit
 from mpcdp.transport import server as srv
+from mpcdp.transport.cert_files import init_federation
 
 PARTY = """
 id = "alice"

@@ -471,9 +471,9 @@ def test_each_party_clips_its_vector_to_the_declared_l2_bound(tmp_path: Path) ->
 def test_certificate_cache_checks_ca_and_name(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from mpcdp.certs import issue, make_ca
     from mpcdp.errors import AuthError
     from mpcdp.protocol.identity import CertificateCache
+    from mpcdp.transport.cert_files import issue, make_ca
 
     ca_key, ca = make_ca()
     other_key, other_ca = make_ca(name="someone-else")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from mpcdp.certs import init_federation
 from mpcdp.errors import ParameterError
+from mpcdp.transport.cert_files import init_federation
 
 app = typer.Typer(help="Certificates for mutual TLS.", no_args_is_help=True)
 
