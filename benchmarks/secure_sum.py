@@ -49,11 +49,11 @@ from mpcdp import PROTOCOL_VERSION
 from mpcdp.config.party_config import load_federation_config
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.party import Proposal
-from mpcdp.protocol.plan import fit
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.party_engine import Proposal
+from mpcdp.protocol.query.plan import fit
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from mpcdp.protocol.query.round_coordinator import ContributionStream, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 

@@ -28,9 +28,9 @@ from mpcdp.config.party_config import FederationConfig, load_federation_config
 from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.protocol.coordinator import Observer, RoundOutcome, run_round
-from mpcdp.protocol.plan import ReleasePlan, fit
-from mpcdp.protocol.spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
+from mpcdp.protocol.query.plan import ReleasePlan, fit
+from mpcdp.protocol.query.query_spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
+from mpcdp.protocol.query.round_coordinator import Observer, RoundOutcome, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 
@@ -196,7 +196,8 @@ class Federation:
     @property
     def clients(self) -> tuple[GrpcPartyClient, ...]:
         """One mTLS gRPC client per party, in federation order (for the protocol-level APIs:
-        protocol.coordinator.run_round, protocol.training.TrainingSession, train.train)."""
+        protocol.query.round_coordinator.run_round, protocol.training.TrainingSession,
+        train.train)."""
         return tuple(self._clients)
 
     def close(self) -> None:

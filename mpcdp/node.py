@@ -30,7 +30,7 @@ from mpcdp.config.training_config import TrainingDeclaration, is_import_path
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.protocol.party import DatasetView, PartyEngine
+from mpcdp.protocol.query.party_engine import DatasetView, PartyEngine
 from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls

@@ -24,8 +24,8 @@ from mpcdp.dp.ledger import BudgetLedger, BudgetStatus
 from mpcdp.dp.mechanisms import NoNoise
 from mpcdp.federation import QueryResult, mean_release
 from mpcdp.mpc import encoding, sharing
-from mpcdp.protocol.plan import fit, plan
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.plan import fit, plan
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.simulation import simulate_sum
 
 __all__ = [
@@ -104,7 +104,7 @@ def run(*, workdir: Path, epsilon: float = 1.0, bound: float = DEFAULT_BOUND) ->
 
 
 def _local_dp_mean(*, ledgers: list[BudgetLedger], epsilon: float, bound: float) -> QueryResult:
-    """The DP mean as a federation releases it (protocol/plan.py: a centred sum and a count,
+    """The DP mean as a federation releases it (protocol/query/plan.py: a centred sum and a count,
     each with half the budget, distributed discrete Laplace), all four parties in this
     process: one charge per party for the query, one secure sum per tensor."""
     parties = tuple(name.lower() for name in NAMES)

@@ -15,9 +15,9 @@ from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.localnet import LocalFederation, launch
-from mpcdp.protocol.coordinator import ContributionStream, abort_all, run_round
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from mpcdp.protocol.query.round_coordinator import ContributionStream, abort_all, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 from tests.conftest import PARTIES, Net, build_net

@@ -21,7 +21,7 @@ from mpcdp.audit.canaries import gradient_coordinates, input_canaries  # noqa: E
 from mpcdp.errors import ParameterError, RoundAborted  # noqa: E402
 from mpcdp.federation import Federation  # noqa: E402
 from mpcdp.mpc.rng import csprng  # noqa: E402
-from mpcdp.protocol.coordinator import ContributionStream  # noqa: E402
+from mpcdp.protocol.query.round_coordinator import ContributionStream  # noqa: E402
 from mpcdp.protocol.training import TrainingSession  # noqa: E402
 from mpcdp.transport import codec  # noqa: E402
 from tests.conftest import PARTIES, build_net  # noqa: E402

@@ -17,9 +17,9 @@ from mpcdp.config.party_config import load_federation_config
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.federation import Federation
 from mpcdp.localnet import LocalFederation, launch
-from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from mpcdp.protocol.query.round_coordinator import ContributionStream, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 from tests.stats import assert_uniform_words

@@ -14,8 +14,8 @@ from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
 from mpcdp.federation import mean_release
 from mpcdp.mpc.rng import csprng
-from mpcdp.protocol.plan import fit, plan
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.plan import fit, plan
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 
 PARTIES = ("alice", "bob", "carlos", "david")
 

@@ -17,8 +17,8 @@ from mpcdp.federation import Federation
 from mpcdp.node import check_datasets
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.plan import fit, plan
-from mpcdp.protocol.spec import QuerySpec
+from mpcdp.protocol.query.plan import fit, plan
+from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.transport import tls
 from mpcdp.transport.cert_files import init_federation
 from mpcdp.transport.client import GrpcPartyClient, check_health
@@ -105,7 +105,7 @@ def test_unknown_party_in_query_is_refused(tmp_path: Path) -> None:
         cfg = load_federation_config(n.federation)
         init_federation(out=tmp_path / "more", parties=["mallory"], coordinators=["x"])
         with Federation(cfg) as fed:
-            from mpcdp.protocol.spec import QuerySpec, Statistic
+            from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 
             spec = QuerySpec(
                 query_id="q1",

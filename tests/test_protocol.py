@@ -25,10 +25,10 @@ from mpcdp.errors import (
     SessionError,
 )
 from mpcdp.mpc import encoding, prg
-from mpcdp.protocol.coordinator import ContributionStream, run_round
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.party import PartyEngine, Proposal, SessionSlots
-from mpcdp.protocol.spec import QuerySpec, Statistic, digest
+from mpcdp.protocol.query.party_engine import PartyEngine, Proposal, SessionSlots
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic, digest
+from mpcdp.protocol.query.round_coordinator import ContributionStream, run_round
 from tests.conftest import PARTIES, ROWS, Net, build_net, vector_datasets
 from tests.stats import assert_uniform_words
 
@@ -320,7 +320,7 @@ def test_headroom_is_checked_against_all_parties(engines: dict[str, PartyEngine]
 
 
 def test_fit_chooses_the_ring_and_fixed_point() -> None:
-    from mpcdp.protocol.plan import fit
+    from mpcdp.protocol.query.plan import fit
 
     vec = spec(
         dataset="v",
@@ -491,7 +491,7 @@ def test_certificate_cache_checks_ca_and_name(tmp_path: Path) -> None:
 
 
 def test_closed_sessions_are_remembered_up_to_a_bound() -> None:
-    from mpcdp.protocol.party import ClosedSessions
+    from mpcdp.protocol.query.party_engine import ClosedSessions
 
     closed = ClosedSessions(limit=3)
     for i in range(5):

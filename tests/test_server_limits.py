@@ -19,7 +19,7 @@ from mpcdp.errors import ParameterError, PartyError
 from mpcdp.federation import Federation
 from mpcdp.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import codec
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient, check_health

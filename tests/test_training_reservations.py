@@ -26,7 +26,7 @@ from mpcdp.dp import accountant
 from mpcdp.errors import PartyError
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.protocol.training import TrainSpec
-from mpcdp.protocol.training.spec import run_event
+from mpcdp.protocol.training.train_spec import run_event
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 from tests.test_training import example_data, tspec

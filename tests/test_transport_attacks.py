@@ -31,7 +31,7 @@ from mpcdp.errors import PartyError
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import codec, tls
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient

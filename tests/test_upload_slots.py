@@ -27,8 +27,8 @@ from mpcdp.config.party_config import TlsConfig
 from mpcdp.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.party import Contribution, PartyEngine
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.party_engine import Contribution, PartyEngine
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import codec, tls
 from tests.conftest import Net, build_net
 

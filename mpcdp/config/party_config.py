@@ -176,7 +176,7 @@ class DatasetConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     """How much of a party one coordinator, and all of them together, may hold at once
-    (party.toml ``[limits]``; see mpcdp.transport.server and mpcdp.protocol.party)."""
+    (party.toml ``[limits]``; see mpcdp.transport.server and mpcdp.protocol.query.party_engine)."""
 
     pending_sessions: int = 32
     pending_sessions_per_coordinator: int = 16

@@ -1,7 +1,7 @@
 """What an analyst is told about a released DP mean: a value inside the public bounds, a 95%
 interval that holds whatever the data, and the std of the released statistic itself.
 
-A DP mean is released as two noisy tensors (protocol/plan.py): the centred sum
+A DP mean is released as two noisy tensors (protocol/query/plan.py): the centred sum
 ``S~ = sum (x - mid) + Z_S`` and the count ``N~ = N + Z_N``, each with half the budget; the
 mean is ``clamp(mid + S~ / max(N~, 1), lower, upper)``. Clamping to the public bounds is free
 post-processing. Everything below uses only public quantities: the released tensors, the

@@ -27,7 +27,8 @@ from mpcdp.dp.ledger import BudgetStatus, Charge
 
 __all__ = ["RDP_NOTE", "DatasetReport", "Entry", "exact_decimal", "report"]
 
-#: training blocks are charged as RUN_ID/SESSION_HEX/BLOCK (protocol.training.site._charge_id)
+#: training blocks are charged as RUN_ID/SESSION_HEX/BLOCK
+#: (protocol.training.site_engine._charge_id)
 _TRAINING_ID = re.compile(r"^(?P<run>.+)/(?P<session>[0-9a-f]{16,})/(?P<block>\d+)$")
 
 RDP_NOTE = (

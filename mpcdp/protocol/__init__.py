@@ -1,10 +1,14 @@
 """The round protocol, transport-agnostic (docs/design.md, "Round protocol").
 
-- ``spec``: the query an analyst asks and its canonical digest.
-- ``identity``: signing and verifying ephemeral keys with the parties' certificates.
-- ``plan``: what a query releases (tensors, fixed point, sensitivities, calibrated noise).
-- ``party``: a party's session state machine (propose -> contribute).
-- ``coordinator``: the coordinator's round (propose all -> contribute all -> reveal).
+- ``identity``: signing and verifying ephemeral keys with the parties' certificates (shared).
+- ``noise_pool``: noisy local vectors built ahead of time, off the request path (shared).
+- ``query``: one query round: the spec and its digest (query_spec), what it releases
+  (plan), a party's local statistic (local_statistic), the party's session state machine
+  and the session machinery training reuses (party_engine), the coordinator's round
+  (round_coordinator).
+- ``training``: federated DP-SGD over one session: the TrainSpec (train_spec), the site's
+  engine (site_engine), the coordinator's session (training_session); it builds on
+  ``query``'s session machinery, never the reverse.
 
 No module here imports grpc or protobuf; mpcdp.transport maps these onto the wire.
 """

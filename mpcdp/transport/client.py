@@ -1,4 +1,5 @@
-"""The coordinator's gRPC client for one party (implements protocol.coordinator.PartyClient).
+"""The coordinator's gRPC client for one party (implements
+protocol.query.round_coordinator.PartyClient).
 
 Every call has a deadline. gRPC failures become :class:`~mpcdp.errors.PartyError` carrying
 the party id, the status code name and the party's own message, so a refusal reaches the
@@ -23,10 +24,10 @@ from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import ParameterError, PartyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.coordinator import ContributionStream
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.party import Proposal
-from mpcdp.protocol.spec import QuerySpec
+from mpcdp.protocol.query.party_engine import Proposal
+from mpcdp.protocol.query.query_spec import QuerySpec
+from mpcdp.protocol.query.round_coordinator import ContributionStream
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.transport import codec, tls
 

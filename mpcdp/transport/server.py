@@ -93,7 +93,7 @@ from mpcdp.errors import (
 )
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.party import PartyEngine
+from mpcdp.protocol.query.party_engine import PartyEngine
 from mpcdp.protocol.training import TrainingEngine
 from mpcdp.transport import codec, tls
 

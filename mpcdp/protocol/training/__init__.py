@@ -40,10 +40,9 @@ built in a background thread while the coordinator sums step s (they do not depe
 so the critical path of a site is its gradient plus one vector addition.
 """
 
-from mpcdp.protocol.training.coordinator import TrainingClient, TrainingSession
-from mpcdp.protocol.training.site import TrainingEngine
+from mpcdp.protocol.training.site_engine import TrainingEngine
 from mpcdp.protocol.training.source import GradientSource, TrainingTask
-from mpcdp.protocol.training.spec import (
+from mpcdp.protocol.training.train_spec import (
     CLIPPING_MODES,
     TrainSpec,
     choose_scale_bits,
@@ -54,6 +53,7 @@ from mpcdp.protocol.training.spec import (
     sensitivities,
     step_event,
 )
+from mpcdp.protocol.training.training_session import TrainingClient, TrainingSession
 
 __all__ = [
     "CLIPPING_MODES",

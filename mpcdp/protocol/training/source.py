@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp.config.party_config import DatasetConfig
-from mpcdp.protocol.training.spec import TrainSpec
+from mpcdp.protocol.training.train_spec import TrainSpec
 
 __all__ = ["GradientSource", "TrainingTask"]
 

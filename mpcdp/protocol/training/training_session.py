@@ -26,18 +26,18 @@ from mpcdp.errors import (
 )
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol import identity
-from mpcdp.protocol.coordinator import (
+from mpcdp.protocol.query.party_engine import (
+    SESSION_ID_BYTES,
+    Proposal,
+)
+from mpcdp.protocol.query.round_coordinator import (
     ContributionStream,
     abort_all,
     accumulate,
     order_clients,
     signed_keys,
 )
-from mpcdp.protocol.party import (
-    SESSION_ID_BYTES,
-    Proposal,
-)
-from mpcdp.protocol.training.spec import TrainSpec
+from mpcdp.protocol.training.train_spec import TrainSpec
 
 log = logging.getLogger(__name__)
 

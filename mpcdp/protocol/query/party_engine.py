@@ -57,10 +57,10 @@ from mpcdp.errors import (
 )
 from mpcdp.mpc import encoding, prg, ring, sharing
 from mpcdp.protocol import identity
-from mpcdp.protocol.local import add_local_words
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
-from mpcdp.protocol.plan import ReleasePlan, plan
-from mpcdp.protocol.spec import QuerySpec, Statistic, digest
+from mpcdp.protocol.query.local_statistic import add_local_words
+from mpcdp.protocol.query.plan import ReleasePlan, plan
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic, digest
 
 __all__ = [
     "SESSION_ID_BYTES",

@@ -22,7 +22,7 @@ from mpcdp.errors import (
     HeadroomError,
     ParameterError,
 )
-from mpcdp.protocol.spec import validate_parties
+from mpcdp.protocol.query.query_spec import validate_parties
 from mpcdp.protocol.training.fingerprint import check_entries
 
 log = logging.getLogger(__name__)

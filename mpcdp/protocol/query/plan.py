@@ -31,7 +31,7 @@ from mpcdp.dp import accountant, events, rdp
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Mechanism, NoNoise, Skellam
 from mpcdp.errors import HeadroomError, ParameterError
 from mpcdp.mpc import encoding
-from mpcdp.protocol.spec import QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 
 __all__ = [
     "MAX_ROUNDING_INFLATION",

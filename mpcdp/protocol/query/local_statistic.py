@@ -23,8 +23,8 @@ from numpy.typing import NDArray
 from mpcdp.config.datasets import Table, Vector
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import encoding, ring
-from mpcdp.protocol.plan import ReleasePlan
-from mpcdp.protocol.spec import Statistic
+from mpcdp.protocol.query.plan import ReleasePlan
+from mpcdp.protocol.query.query_spec import Statistic
 
 __all__ = ["add_local_words", "l2_clip_factor"]
 

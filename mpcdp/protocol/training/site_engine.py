@@ -42,7 +42,7 @@ from mpcdp.errors import (
 from mpcdp.mpc import encoding, ring, sharing
 from mpcdp.protocol import identity
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
-from mpcdp.protocol.party import (
+from mpcdp.protocol.query.party_engine import (
     ClosedSessions,
     Contribution,
     Proposal,
@@ -56,7 +56,7 @@ from mpcdp.protocol.party import (
 )
 from mpcdp.protocol.training.fingerprint import check_architecture
 from mpcdp.protocol.training.source import GradientSource, TrainingTask
-from mpcdp.protocol.training.spec import (
+from mpcdp.protocol.training.train_spec import (
     _NOISE_SLICE,
     TrainSpec,
     digest,
