@@ -31,7 +31,7 @@ from mpcdp.errors import (  # noqa: E402
 from mpcdp.federation import Federation  # noqa: E402
 from mpcdp.mpc import encoding  # noqa: E402
 from mpcdp.protocol.identity import SignedKey  # noqa: E402
-from mpcdp.protocol.query import query_spec as query_spec  # noqa: E402
+from mpcdp.protocol.query import query_spec  # noqa: E402
 from mpcdp.protocol.query.party_engine import Proposal  # noqa: E402
 from mpcdp.protocol.query.round_coordinator import ContributionStream  # noqa: E402
 from mpcdp.protocol.training import (  # noqa: E402
