@@ -43,7 +43,7 @@ from typing import Any
 from mpcdp import digits_demo
 from mpcdp.config.party_config import load_party_config
 from mpcdp.federation import Federation
-from mpcdp.node import PartyNode
+from mpcdp.party.node import PartyNode
 from mpcdp.train.federated import UntestableAuditError
 from mpcdp.transport.cert_files import init_federation
 

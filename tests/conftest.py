@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mpcdp.config.party_config import TlsConfig, load_party_config
-from mpcdp.node import PartyNode
+from mpcdp.party.node import PartyNode
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import tls
 from mpcdp.transport.cert_files import init_federation

@@ -23,7 +23,7 @@ from scipy import stats  # noqa: E402
 from mpcdp.config.party_config import load_party_config  # noqa: E402
 from mpcdp.errors import ConfigError, ParameterError, RoundAborted  # noqa: E402
 from mpcdp.federation import Federation  # noqa: E402
-from mpcdp.node import check_datasets  # noqa: E402
+from mpcdp.party.node import check_datasets  # noqa: E402
 from mpcdp.protocol.training import TrainSpec  # noqa: E402
 from mpcdp.protocol.training.fingerprint import (  # noqa: E402
     fingerprint,

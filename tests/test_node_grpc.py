@@ -14,7 +14,7 @@ from mpcdp.config.party_config import TlsConfig, load_federation_config
 from mpcdp.dp.poisson import POISSON_MAX_LAM
 from mpcdp.errors import ParameterError, PartyError, RoundAborted
 from mpcdp.federation import Federation
-from mpcdp.node import check_datasets
+from mpcdp.party.node import check_datasets
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.query.plan import fit, plan

@@ -13,7 +13,7 @@ import pytest
 
 from mpcdp.config.party_config import LimitsConfig, load_party_config
 from mpcdp.errors import ConfigError
-from mpcdp.node import PartyNode, raise_open_files_limit
+from mpcdp.party.node import PartyNode, raise_open_files_limit
 from mpcdp.transport import server as srv
 from mpcdp.transport.cert_files import init_federation
 

@@ -17,7 +17,7 @@ import pytest
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import ParameterError, PartyError
 from mpcdp.federation import Federation
-from mpcdp.node import PartyNode
+from mpcdp.party.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import codec

@@ -858,7 +858,7 @@ def test_public_mixing_adds_the_public_gradient_to_every_step(grpc_sites: Net) -
 )
 def test_a_wrong_training_device_fails_at_start_up(tmp_path: Path, device: str, error: str) -> None:
     from mpcdp.config.party_config import load_party_config
-    from mpcdp.node import PartyNode
+    from mpcdp.party.node import PartyNode
     from mpcdp.train.site import pick_device
 
     with pytest.raises(ParameterError, match=error):

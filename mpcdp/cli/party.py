@@ -31,7 +31,7 @@ def serve(
 
     Under torchrun (WORLD_SIZE > 1), rank 0 is the party node and the other ranks train its
     steps with it: `torchrun --nproc-per-node 2 -m mpcdp party serve --config party.toml`."""
-    from mpcdp import node
+    from mpcdp.party import node
 
     def ready(party: node.PartyNode) -> None:
         cfg = party.config
@@ -62,7 +62,7 @@ def init(
     dataset's budget from the config. Refused when the ledger file exists: a ledger is
     never overwritten (restore a lost one from a backup: `mpcdp budget --backup`)."""
     from mpcdp.config.party_config import load_party_config
-    from mpcdp.node import init_ledger
+    from mpcdp.party.node import init_ledger
 
     try:
         path = init_ledger(load_party_config(config))
@@ -87,7 +87,7 @@ def check(
     that a dataset is unavailable. Exits 1 when anything cannot be used.
     """
     from mpcdp.config.party_config import load_party_config
-    from mpcdp.node import check_datasets, check_ledger, check_tls
+    from mpcdp.party.node import check_datasets, check_ledger, check_tls
 
     try:
         cfg = load_party_config(config)
