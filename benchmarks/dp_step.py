@@ -263,7 +263,7 @@ def mpcdp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 
 def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-    """What a federated site does on a step's critical path (mpcdp/train/site.py): the
+    """What a federated site does on a step's critical path (mpcdp/train/gradient_source.py): the
     clipped sum, scaled by 2^k and rounded with a dither into buffers allocated once (its
     noise share and masks are built in the background), and the update the coordinator sends
     back applied with SGD."""

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     from mpcdp.config.datasets import Examples
     from mpcdp.protocol.training import TrainSpec
     from mpcdp.train.ranks import RankGroup, serve_worker
-    from mpcdp.train.site import TorchGradientSource
+    from mpcdp.train.gradient_source import TorchGradientSource
 
     args = json.loads(os.environ["BENCH_ARGS"])
     torch.set_num_threads(args["threads"])

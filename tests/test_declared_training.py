@@ -31,7 +31,7 @@ from mpcdp.protocol.training.fingerprint import (  # noqa: E402
 )
 from mpcdp.train.declared import import_object, load_data  # noqa: E402
 from mpcdp.train.federated import train  # noqa: E402
-from mpcdp.train.site import TorchGradientSource  # noqa: E402
+from mpcdp.train.gradient_source import TorchGradientSource  # noqa: E402
 from tests.conftest import PARTIES, Net, build_net  # noqa: E402
 from tests.stats import chi_square_pvalue  # noqa: E402
 

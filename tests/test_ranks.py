@@ -33,7 +33,7 @@ COMMON = textwrap.dedent(
     from mpcdp.config.datasets import Examples
     from mpcdp.protocol.training import TrainSpec
     from mpcdp.train.ranks import RankGroup, serve_worker
-    from mpcdp.train.site import TorchGradientSource
+    from mpcdp.train.gradient_source import TorchGradientSource
 
     torch.manual_seed(0)
     X = torch.randn(300, 12, generator=torch.Generator().manual_seed(1))

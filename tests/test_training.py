@@ -339,7 +339,7 @@ def test_steps_reveal_the_noisy_sum_of_clipped_gradients(sites: Net) -> None:
     assert len(sources) == 3  # held until here: only close() could stop them
     # the exact sum of every site's clipped gradients (q = 1: every example, every step)
     from mpcdp.train.clipping import PerSampleClipper
-    from mpcdp.train.site import cross_entropy_per_example
+    from mpcdp.train.gradient_source import cross_entropy_per_example
 
     exact = torch.zeros(NUM_PARAMS)
     for i in range(3):
@@ -859,7 +859,7 @@ def test_public_mixing_adds_the_public_gradient_to_every_step(grpc_sites: Net) -
 def test_a_wrong_training_device_fails_at_start_up(tmp_path: Path, device: str, error: str) -> None:
     from mpcdp.config.party_config import load_party_config
     from mpcdp.party.node import PartyNode
-    from mpcdp.train.site import pick_device
+    from mpcdp.train.gradient_source import pick_device
 
     with pytest.raises(ParameterError, match=error):
         pick_device(device)

@@ -150,15 +150,15 @@ def _task(
 
 
 def _train_modules() -> tuple[ModuleType, ModuleType, ModuleType]:
-    """mpcdp.train.models, mpcdp.train.site and mpcdp.train.declared: torch is the `train`
-    extra, imported only when a site trains (or declares its own model or data)."""
+    """mpcdp.train.models, mpcdp.train.gradient_source and mpcdp.train.declared: torch is the
+    `train` extra, imported only when a site trains (or declares its own model or data)."""
     try:
-        from mpcdp.train import declared, models, site
+        from mpcdp.train import declared, gradient_source, models
     except ImportError as exc:
         raise PolicyError(
             f"this party cannot train: {exc} (install mpcdp[train] on the party)"
         ) from None
-    return models, site, declared
+    return models, gradient_source, declared
 
 
 def _probe_model(factory: ModelFactory, name: str) -> None:
@@ -194,8 +194,10 @@ def _site_model(
 
 
 def _count_params(spec: TrainSpec, *, build: ModelFactory) -> tuple[int, int]:
-    site = _train_modules()[1]
-    counts: tuple[int, int] = site.count_parameters(build, spec.model, bias_only=spec.bias_only)
+    gradient_source = _train_modules()[1]
+    counts: tuple[int, int] = gradient_source.count_parameters(
+        build, spec.model, bias_only=spec.bias_only
+    )
     return counts
 
 
@@ -215,8 +217,8 @@ def _torch_source(
     loss_fn: Any,
     ranks: Any = None,
 ) -> GradientSource:
-    site = _train_modules()[1]
-    source: GradientSource = site.TorchGradientSource(
+    gradient_source = _train_modules()[1]
+    source: GradientSource = gradient_source.TorchGradientSource(
         model=build(spec.model),
         spec=spec,
         examples=None if decl.data else data,
@@ -340,7 +342,7 @@ class PartyNode:
         trains = any(ds.kind == "examples" for ds in config.datasets.values())
         if trains and device != "auto":
             try:  # a wrong device fails at start-up, not at the first training step
-                from mpcdp.train.site import pick_device
+                from mpcdp.train.gradient_source import pick_device
             except ImportError:
                 pass  # no torch here: a training run is refused with that reason
             else:

@@ -4,7 +4,7 @@ one entry per parameter and per buffer, in ``named_parameters`` / ``named_buffer
 Buffers are not sent with the parameters, so every site must get the same ones from its
 factory; buffers that training changes (BatchNorm's running statistics in training mode) are
 refused here, and a site also refuses a model whose buffers change in a forward pass on its
-synthetic check batch (mpcdp.train.site). Nothing happens at import time.
+synthetic check batch (mpcdp.train.gradient_source). Nothing happens at import time.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def deal(indices: NDArray[np.int64], *, world_size: int) -> list[NDArray[np.int6
 
 class WorkerSource(Protocol):
     """What a rank computes its part with (every rank, rank 0 included, has one per session):
-    a site's :class:`mpcdp.train.site.TorchGradientSource`."""
+    a site's :class:`mpcdp.train.gradient_source.TorchGradientSource`."""
 
     def load_flat(self, flat: torch.Tensor, *, full: bool) -> None:
         """Copy the session's parameters in (all of them, or the trainable ones)."""

@@ -1,6 +1,6 @@
 """What a site trains on, as its TrainingEngine sees it: :class:`TrainingTask` (a dataset's
 declaration, its public size and shape, and factories) and :class:`GradientSource` (the model
-and data of one session; torch lives behind it, in mpcdp.train.site). Nothing happens at
+and data of one session; torch lives behind it, in mpcdp.train.gradient_source). Nothing happens at
 import time.
 """
 
@@ -21,7 +21,7 @@ __all__ = ["GradientSource", "TrainingTask"]
 
 class GradientSource(Protocol):
     """A site's model and data, as the engine drives them (torch lives behind this; see
-    mpcdp.train.site). Built per session from the spec."""
+    mpcdp.train.gradient_source). Built per session from the spec."""
 
     @property
     def num_params(self) -> int:
