@@ -32,7 +32,7 @@ from pathlib import Path
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import MpcdpError
 from mpcdp.federation import Federation
-from mpcdp.localnet import launch
+from mpcdp.local.localnet import launch
 
 PARTIES = ("alice", "bob", "carlos")
 

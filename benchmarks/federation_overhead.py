@@ -11,7 +11,7 @@ In the same run, on this machine:
   does anyway, without any federation;
 - 3 local at once: three processes, started together, each computing that local step on a
   third of the batch with the thread count a party process gets here
-  (mpcdp.localnet: cores / parties, at least 1): the same gradient work as the federated
+  (mpcdp.local.localnet: cores / parties, at least 1): the same gradient work as the federated
   step, on the same shared cores, without the federation;
 - federated: three site processes (`mpcdp party serve`, real mTLS gRPC on loopback), each
   with ``--examples`` examples, train the same model with an expected total batch of
@@ -59,7 +59,7 @@ from benchmarks import plaintext_party
 from benchmarks._timing import best_of
 from benchmarks.dp_step import client_step
 from mpcdp.federation import Federation
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.training import TrainingSession
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.federated import plan_training, set_flat_gradients
@@ -111,7 +111,9 @@ def concurrent_local_step_time(model: str, batch: int, sites: int, steps: int) -
     step on ``batch / sites`` examples with a party process's thread count, all at once."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(sites), ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // sites)  # as mpcdp.localnet gives party processes
+    threads = max(
+        1, (os.cpu_count() or 1) // sites
+    )  # as mpcdp.local.localnet gives party processes
     per_site = max(1, round(batch / sites))
     procs = [
         ctx.Process(

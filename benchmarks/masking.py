@@ -18,9 +18,9 @@ import argparse
 import numpy as np
 
 from benchmarks._timing import best_of
+from mpcdp.local.simulation import pair_keys_for
 from mpcdp.mpc import sharing
 from mpcdp.mpc.rng import csprng
-from mpcdp.simulation import pair_keys_for
 
 
 def _row(n: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, repeat: int) -> str:

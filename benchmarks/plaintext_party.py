@@ -40,7 +40,7 @@ import numpy as np
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config.datasets import load_examples, load_vector
 from mpcdp.config.party_config import load_federation_config, load_party_config
-from mpcdp.localnet import LocalFederation
+from mpcdp.local.localnet import LocalFederation
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import codec, tls

@@ -47,7 +47,7 @@ import numpy as np
 from benchmarks import plaintext_party
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config.party_config import load_federation_config
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.party_engine import Proposal

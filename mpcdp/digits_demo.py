@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.localnet import launch
+from mpcdp.local.localnet import launch
 
 __all__ = ["DigitsSplit", "load_digits_split", "run", "write_sites"]
 

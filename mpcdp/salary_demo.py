@@ -23,10 +23,10 @@ import numpy as np
 from mpcdp.dp.ledger import BudgetLedger, BudgetStatus
 from mpcdp.dp.mechanisms import NoNoise
 from mpcdp.federation import QueryResult, mean_release
+from mpcdp.local.simulation import simulate_sum
 from mpcdp.mpc import encoding, sharing
 from mpcdp.protocol.query.plan import fit, plan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
-from mpcdp.simulation import simulate_sum
 
 __all__ = [
     "NAMES",
@@ -306,7 +306,7 @@ def run_networked(
 ) -> NetworkReport:
     """Start four party processes in ``workdir``, run both queries, stop the processes."""
     from mpcdp.federation import Federation
-    from mpcdp.localnet import launch
+    from mpcdp.local.localnet import launch
 
     textbook = sharing.split(encoding.encode_int(np.array(RAISES, dtype=np.int64)), n=len(NAMES))
     observed: dict[str, str] = {}

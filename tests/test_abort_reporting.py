@@ -14,7 +14,7 @@ import pytest
 from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import PartyError, RoundAborted
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream, abort_all, run_round

@@ -22,7 +22,7 @@ import pytest
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.dp.ledger import BudgetLedger
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport.client import check_health

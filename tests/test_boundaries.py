@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "mpcdp"
-PURE = ["errors.py", "simulation.py"]
+PURE = ["errors.py", "local/simulation.py"]
 PURE_DIRS = ["mpc", "dp", "protocol"]
 FORBIDDEN = {"grpc", "torch", "google.protobuf"}
 
@@ -46,7 +46,7 @@ def test_importing_the_core_loads_no_grpc_torch_and_starts_nothing() -> None:
         "mpcdp.mpc.prg",
         "mpcdp.mpc.sharing",
         "mpcdp.mpc.rng",
-        "mpcdp.simulation",
+        "mpcdp.local.simulation",
         "mpcdp.dp.samplers",
         "mpcdp.dp.mechanisms",
         "mpcdp.dp.accountant",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 
 pytestmark = pytest.mark.slow
 

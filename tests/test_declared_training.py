@@ -452,7 +452,7 @@ def test_mpcdp_train_trains_a_model_named_by_import_path(tmp_path: Path) -> None
     import subprocess
     import sys
 
-    from mpcdp.localnet import launch
+    from mpcdp.local.localnet import launch
 
     code = user_code(tmp_path)
     for p in PARTIES:

@@ -16,7 +16,7 @@ import pytest
 from mpcdp.config.party_config import load_federation_config
 from mpcdp.errors import PartyError, RoundAborted
 from mpcdp.federation import Federation
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream, run_round

@@ -24,7 +24,7 @@ import pytest
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import MpcdpError
 from mpcdp.federation import Federation
-from mpcdp.localnet import launch
+from mpcdp.local.localnet import launch
 from mpcdp.transport.cert_files import init_federation
 from tests.conftest import PARTIES, party_toml
 

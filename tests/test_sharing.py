@@ -14,9 +14,9 @@ from hypothesis.extra import numpy as hnp
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.dp.mechanisms import Skellam
 from mpcdp.errors import ParameterError
+from mpcdp.local.simulation import pair_keys_for, simulate_sum
 from mpcdp.mpc import encoding, prg, ring, sharing
 from mpcdp.mpc.rng import csprng
-from mpcdp.simulation import pair_keys_for, simulate_sum
 from tests.stats import assert_uniform_words
 
 # ---------------------------------------------------------------- known-answer vectors

@@ -13,7 +13,7 @@ from mpcdp import salary_demo
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.dp.mechanisms import DiscreteLaplace, NoNoise, Skellam
 from mpcdp.errors import BudgetExceededError, HeadroomError, ParameterError
-from mpcdp.simulation import simulate_sum
+from mpcdp.local.simulation import simulate_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 

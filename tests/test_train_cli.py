@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from mpcdp import digits_demo
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 
 pytestmark = pytest.mark.slow
 

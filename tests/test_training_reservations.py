@@ -24,7 +24,7 @@ pytest.importorskip("torch")
 from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp import accountant
 from mpcdp.errors import PartyError
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.protocol.training.train_spec import run_event
 from mpcdp.transport import tls

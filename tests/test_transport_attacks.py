@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config.party_config import TlsConfig
 from mpcdp.errors import PartyError
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic

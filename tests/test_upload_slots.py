@@ -24,7 +24,7 @@ import pytest
 
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config.party_config import TlsConfig
-from mpcdp.localnet import LocalFederation, launch
+from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.query.party_engine import Contribution, PartyEngine

@@ -56,7 +56,7 @@ _SLICE_KEY_BYTES = 16
 
 def default_noise_threads() -> int:
     """Threads for drawing noise: the cores this process may run on, at most 8, and at most
-    OMP_NUM_THREADS when that is set (mpcdp.localnet sets it so that parties sharing one
+    OMP_NUM_THREADS when that is set (mpcdp.local.localnet sets it so that parties sharing one
     machine split its cores instead of oversubscribing them)."""
     if hasattr(os, "sched_getaffinity"):
         n = len(os.sched_getaffinity(0))
