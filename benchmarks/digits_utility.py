@@ -3,13 +3,14 @@
 Run:  python -m benchmarks.digits_utility [--seeds 3] [--epsilons 1 3] [--epochs 20]
                                           [--opacus-accountant prv] [--quick] [--json out.json]
 
-Data: scikit-learn's digits, the fixed 80/20 split of :func:`mpcdp.digits_demo.load_digits_split`
-(1,438 training and 359 test examples), model ``mlp:64,128,10`` (9,610 parameters),
-delta 1e-5, accuracy on the test split. For every seed (0 .. --seeds - 1), in the same run:
+Data: scikit-learn's digits, the fixed 80/20 split of
+:func:`mpcdp.demos.digits_demo.load_digits_split` (1,438 training and 359 test examples),
+model ``mlp:64,128,10`` (9,610 parameters), delta 1e-5, accuracy on the test split. For
+every seed (0 .. --seeds - 1), in the same run:
 
 - non-private, central: the same MLP, SGD momentum 0.9, lr --nonprivate-lr, batch 64,
   --nonprivate-epochs epochs over all training examples: the reference;
-- mpcdp, federated: :func:`mpcdp.digits_demo.run` at each --epsilons: three party-node
+- mpcdp, federated: :func:`mpcdp.demos.digits_demo.run` at each --epsilons: three party-node
   processes (mTLS gRPC) holding a third of the training examples each, Poisson sampling,
   expected total batch 64, --epochs epochs, lr 0.03, momentum 0.9, C = 1, Skellam noise
   sized so that any 2 honest sites of 3 suffice (mpcdp's defaults);
@@ -18,7 +19,7 @@ delta 1e-5, accuracy on the test split. For every seed (0 .. --seeds - 1), in th
   0.9, C = 1) on the union of the three sites' examples, at each --epsilons. Opacus sets its
   sample rate to 1 / len(data loader) = 1/23 (mpcdp: 64/1438 = 1/22.5), so it runs 23 steps
   per epoch where mpcdp runs 22.5;
-- warm start: :func:`mpcdp.digits_demo.run` with ``public_fraction`` 0.05 (72 training
+- warm start: :func:`mpcdp.demos.digits_demo.run` with ``public_fraction`` 0.05 (72 training
   examples public, held by the coordinator for a non-private warm start; the sites share
   the rest) at --warm-epsilon, against the run without public data at the same epsilon.
 
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpcdp import digits_demo
+from mpcdp.demos import digits_demo
 from mpcdp.dp import accountant
 from mpcdp.protocol.training import sensitivities
 from mpcdp.train.federated import evaluate, pretrain_public

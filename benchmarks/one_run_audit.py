@@ -7,7 +7,7 @@ Run:  python -m benchmarks.one_run_audit [--canaries 1000] [--epsilons 1 3 8]
                                          [--json out.json]
 
 Three party nodes (in-process gRPC servers, each with its own mTLS certificate, ledger and a
-third of scikit-learn's digits training split: mpcdp.digits_demo) train ``mlp:64,128,10``
+third of scikit-learn's digits training split: mpcdp.demos.digits_demo) train ``mlp:64,128,10``
 with federated DP-SGD exactly as ``mpcdp demo digits`` does (expected batch 64, 20 epochs,
 lr 0.03, C = 1, delta 1e-5, t = 1 of 3), each run an audit run with ``--canaries`` canaries
 per site (Steinke, Nasr, Jagielski 2023; mpcdp.train.audit). In-process nodes rather than
@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mpcdp import digits_demo
 from mpcdp.config.party_config import load_party_config
+from mpcdp.demos import digits_demo
 from mpcdp.federation import Federation
 from mpcdp.party.node import PartyNode
 from mpcdp.train.federated import UntestableAuditError

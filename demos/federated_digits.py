@@ -19,7 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mpcdp import digits_demo
+from mpcdp.demos import digits_demo
 from mpcdp.train.federated import EpochRecord, write_metrics
 
 

@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mpcdp import salary_demo
+from mpcdp.demos import salary_demo
 
 
 def main() -> None:

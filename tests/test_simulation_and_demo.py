@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpcdp import salary_demo
+from mpcdp.demos import salary_demo
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.dp.mechanisms import DiscreteLaplace, NoNoise, Skellam
 from mpcdp.errors import BudgetExceededError, HeadroomError, ParameterError

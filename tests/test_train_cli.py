@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from mpcdp import digits_demo
+from mpcdp.demos import digits_demo
 from mpcdp.local.localnet import LocalFederation, launch
 
 pytestmark = pytest.mark.slow

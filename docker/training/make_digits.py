@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mpcdp.digits_demo import load_digits_split
+from mpcdp.demos.digits_demo import load_digits_split
 
 SITES = {"site-a": "site-alice", "site-b": "site-bob", "site-c": "site-carlos"}
 

@@ -16,7 +16,7 @@ from mpcdp.errors import MpcdpError
 
 app = typer.Typer(help="Demonstrations.", no_args_is_help=True)
 
-#: Public upper bound of a raise in the demo (mpcdp.salary_demo.DEFAULT_BOUND; repeated here
+#: Public upper bound of a raise in the demo (mpcdp.demos.salary_demo.DEFAULT_BOUND; repeated here
 #: so that `mpcdp --help` and `mpcdp health` need not import the demo's dependencies).
 DEFAULT_BOUND = 5_000.0
 
@@ -42,7 +42,7 @@ def salary_cmd(
         )
     if not bound > 0 or not math.isfinite(bound):
         raise typer.BadParameter(f"bound={bound!r} must be finite and > 0", param_hint="--bound")
-    from mpcdp import salary_demo as salary
+    from mpcdp.demos import salary_demo as salary
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -102,8 +102,8 @@ def digits_cmd(
     if clipping not in ("flat", "automatic"):
         raise typer.BadParameter(f"{clipping!r} is not flat or automatic", param_hint="--clipping")
     try:
-        from mpcdp import digits_demo
         from mpcdp.cli.train import audit_report
+        from mpcdp.demos import digits_demo
         from mpcdp.train.federated import StepInfo, write_metrics
     except ImportError as exc:
         typer.echo(
