@@ -10,7 +10,7 @@ Three party nodes (in-process gRPC servers, each with its own mTLS certificate, 
 third of scikit-learn's digits training split: mpcdp.demos.digits_demo) train ``mlp:64,128,10``
 with federated DP-SGD exactly as ``mpcdp demo digits`` does (expected batch 64, 20 epochs,
 lr 0.03, C = 1, delta 1e-5, t = 1 of 3), each run an audit run with ``--canaries`` canaries
-per site (Steinke, Nasr, Jagielski 2023; mpcdp.train.audit). In-process nodes rather than
+per site (Steinke, Nasr, Jagielski 2023; mpcdp.train.audit_run). In-process nodes rather than
 processes because the broken-noise rows need the test-only hook
 (``PartyNode(test_only_noise_divisor=...)``), which nothing outside Python code can set.
 

@@ -1,4 +1,4 @@
-"""The one-run audit inside real federated training (mpcdp.train.audit): the audit fields of
+"""The one-run audit inside real federated training (mpcdp.train.audit_run): the audit fields of
 the TrainSpec, the sites' secret inclusion bits revealed with the last step of an audit run
 only, white-box and black-box canaries over real mTLS gRPC party nodes, and the acceptance
 pair: an honest run's bound stays below the claimed epsilon, a run whose noise is broken
@@ -360,7 +360,7 @@ def test_preflight_refuses_to_call_a_claim_of_8_testable_and_says_what_would_be(
     delta 1e-5, 95%): ceiling 6.27 < 7.96, known before any site is asked; the advice names
     a smaller audited delta and the canaries needed there, more than this model's 9,610
     coordinates allow (no canary count at all helps at 1e-5: the delta term caps it)."""
-    from mpcdp.train.audit import preflight
+    from mpcdp.train.audit_run import preflight
 
     check = preflight(plan=_plan(), delta=None, confidence=0.95)
     assert check.m == 3000 and not check.testable

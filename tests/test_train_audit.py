@@ -1,4 +1,4 @@
-"""The coordinator's side of the one-run audit (mpcdp.train.audit, mpcdp.audit.canaries):
+"""The coordinator's side of the one-run audit (mpcdp.train.audit_run, mpcdp.audit.canaries):
 the white-box score, the black-box losses, and their bad inputs."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from mpcdp.audit.canaries import WhiteBoxScorer
 from mpcdp.errors import ParameterError
-from mpcdp.train import audit
+from mpcdp.train import audit_run
 from tests.test_training import tspec
 
 
@@ -99,9 +99,9 @@ def test_white_box_scorer_refuses_bad_inputs(kw: dict[str, object], name: str) -
 
 def test_scorers_refuse_a_spec_of_the_other_kind() -> None:
     with pytest.raises(ParameterError, match="white-box"):
-        audit.white_box_scorer(spec=tspec())
+        audit_run.white_box_scorer(spec=tspec())
     with pytest.raises(ParameterError, match="black-box"):
-        audit.black_box_scores(
+        audit_run.black_box_scores(
             model=_mlp(0),
             spec=tspec(audit_canaries=3, audit_kind="white-box"),
             feature_shape=(20,),
@@ -109,7 +109,7 @@ def test_scorers_refuse_a_spec_of_the_other_kind() -> None:
         )
     spec = tspec(audit_canaries=3, audit_kind="white-box")
     with pytest.raises(ParameterError, match="scores"):
-        audit.finish(
+        audit_run.finish(
             scores=np.zeros(8),
             included={p: np.zeros(3, dtype=bool) for p in spec.parties},
             spec=spec,
@@ -124,12 +124,14 @@ def test_black_box_scores_are_minus_the_losses_of_the_public_canaries() -> None:
 
     model = _mlp(3)
     spec = tspec(audit_canaries=4, audit_kind="black-box")
-    scores = audit.black_box_scores(model=model, spec=spec, feature_shape=(20,), num_classes=2)
+    scores = audit_run.black_box_scores(model=model, spec=spec, feature_shape=(20,), num_classes=2)
     assert scores.shape == (12,)
     x, y = input_canaries(
         run_id=spec.run_id, site_index=1, count=4, feature_shape=(20,), num_classes=2
     )
-    ref = audit.example_losses(model=model, inputs=torch.from_numpy(x), targets=torch.from_numpy(y))
+    ref = audit_run.example_losses(
+        model=model, inputs=torch.from_numpy(x), targets=torch.from_numpy(y)
+    )
     np.testing.assert_allclose(scores[4:8], -ref)
 
 
@@ -150,7 +152,7 @@ def test_example_losses_match_cross_entropy_and_restore_modes() -> None:
     model.train()
     model[2].eval()  # a mixed state must come back exactly
     inputs, targets = _random_label_data(12, 37)
-    losses = audit.example_losses(model=model, inputs=inputs, targets=targets, batch_size=8)
+    losses = audit_run.example_losses(model=model, inputs=inputs, targets=targets, batch_size=8)
     assert losses.shape == (37,) and losses.dtype == np.float64
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(model(inputs), targets, reduction="none")
@@ -161,11 +163,11 @@ def test_example_losses_match_cross_entropy_and_restore_modes() -> None:
 def test_example_losses_rejects_mismatched_targets() -> None:
     inputs, targets = _random_label_data(13, 5)
     with pytest.raises(ParameterError, match="targets"):
-        audit.example_losses(model=_mlp(2), inputs=inputs, targets=targets[:4])
+        audit_run.example_losses(model=_mlp(2), inputs=inputs, targets=targets[:4])
     with pytest.raises(ParameterError, match="targets"):
-        audit.example_losses(model=_mlp(2), inputs=inputs, targets=targets.float())
+        audit_run.example_losses(model=_mlp(2), inputs=inputs, targets=targets.float())
     with pytest.raises(ParameterError, match="batch_size"):
-        audit.example_losses(model=_mlp(2), inputs=inputs, targets=targets, batch_size=0)
+        audit_run.example_losses(model=_mlp(2), inputs=inputs, targets=targets, batch_size=0)
 
 
 def test_importing_mpcdp_does_not_import_torch() -> None:

@@ -1,7 +1,7 @@
 """``mpcdp train`` and ``mpcdp audit``: federated DP-SGD and its one-run privacy audit.
 
 ``mpcdp audit`` runs an audit run (a training run of its own, charged like any other, with
-canaries at every site: mpcdp.train.audit) and prints the accountant's epsilon next to the
+canaries at every site: mpcdp.train.audit_run) and prints the accountant's epsilon next to the
 audit's lower bound; ``mpcdp train --audit-canaries N`` does the same for a run whose model
 is also wanted. Both need the ``train`` extra (torch); they import it only when they run.
 """
@@ -314,9 +314,9 @@ def _audit_preflight(
     confidence: float,
     **plan: Any,
 ) -> None:
-    """Before any site is asked: the audit's ceiling against the claim (mpcdp.train.audit).
+    """Before any site is asked: the audit's ceiling against the claim (mpcdp.train.audit_run).
     Prints it; refuses an untestable audit (exit 2) unless ``allow_untestable``."""
-    from mpcdp.train.audit import audit_plan, preflight
+    from mpcdp.train.audit_run import audit_plan, preflight
 
     plan.setdefault("colluders", fed.config.colluders)
     check = preflight(

@@ -111,7 +111,7 @@ def run(
     audit_confidence: float = 0.95,
 ) -> Any:
     """Start the three sites, train, stop them; returns the TrainingResult. With
-    ``audit_canaries`` > 0 the run is a one-run audit run (mpcdp.train.audit)."""
+    ``audit_canaries`` > 0 the run is a one-run audit run (mpcdp.train.audit_run)."""
     from mpcdp.federation import Federation
 
     split = load_digits_split(public_fraction=public_fraction)

@@ -43,7 +43,7 @@ from mpcdp.protocol.training import (
     TrainingClient,
     TrainingSession,
 )
-from mpcdp.train.audit import (
+from mpcdp.train.audit_run import (
     AuditPreflight,
     black_box_scores,
     finish,
@@ -92,7 +92,7 @@ Arrays = tuple[NDArray[Any], NDArray[Any]]
 
 class UntestableAuditError(ParameterError):
     """An audit run whose claim no outcome could refute (the claimed epsilon at or above the
-    audit's ceiling, :func:`mpcdp.train.audit.preflight`), refused before any site is asked:
+    audit's ceiling, :func:`mpcdp.train.audit_run.preflight`), refused before any site is asked:
     nothing is charged. ``check`` holds the ceiling, the claim and the advice (how many
     canaries, or which audited delta, would make the claim testable)."""
 
@@ -254,14 +254,14 @@ def train(
     private gradient (AdaMix's second phase trains on public and private data jointly; the
     public term is computed by the coordinator, on public data, at no privacy cost).
 
-    With ``audit_canaries`` > 0 the run is a one-run audit (mpcdp.train.audit): each site
+    With ``audit_canaries`` > 0 the run is a one-run audit (mpcdp.train.audit_run): each site
     takes that many canaries of ``audit_kind``, the result's ``audit`` holds the bound at
     ``audit_confidence`` for ``audit_delta`` (default target_delta) next to the accountant's
     epsilon at that delta. An audit run is one session: it is never resumed from a
     checkpoint, and ``stop_after`` is refused. Black-box canaries need the sites'
     ``feature_shape`` and ``num_classes`` (Describe; Federation.train fills them in).
     Before any site is asked, the audit's ceiling (the bound if every guess were right) is
-    compared with the claim (:func:`mpcdp.train.audit.preflight`): a claimed epsilon at or
+    compared with the claim (:func:`mpcdp.train.audit_run.preflight`): a claimed epsilon at or
     above it cannot be refuted by any outcome, and the run is refused with
     :class:`UntestableAuditError` (a ParameterError naming ``audit_canaries``, with the
     canaries or audited delta that would make it testable), charging nothing, unless

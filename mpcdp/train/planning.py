@@ -44,7 +44,7 @@ class TrainingPlan:
     target_epsilon: float
     target_delta: float
     ring_bits: int = 32
-    audit_canaries: int = 0  # per site; an audit run (mpcdp.train.audit) when > 0
+    audit_canaries: int = 0  # per site; an audit run (mpcdp.train.audit_run) when > 0
     audit_kind: str = ""
 
     @property

@@ -67,7 +67,7 @@ class TrainingResult:
     final_accuracy: float | None
     public_accuracy: float | None  # after the warm start, before DP (None without one)
     state_dict: dict[str, torch.Tensor] = field(repr=False)
-    audit: OneRunAudit | None = None  # an audit run's bound (mpcdp.train.audit)
+    audit: OneRunAudit | None = None  # an audit run's bound (mpcdp.train.audit_run)
 
     def to_json(self) -> dict[str, Any]:
         audit = None
