@@ -33,7 +33,7 @@ Algorithms
 Above POISSON_SPLIT_MAX_LAM (or for a non-finite or negative rate) the sampler refuses with a
 ParameterError; parties check their parameters against :func:`check_rate` before any charge.
 A statistical test with power at both edges of the range (and at numpy's failures) is in
-tests/test_poisson.py.
+tests/unit/dp/test_poisson.py.
 """
 
 from __future__ import annotations

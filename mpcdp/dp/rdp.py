@@ -34,13 +34,13 @@ Pure functions: each returns eps(alpha) for every alpha in ``orders`` as a float
   amplification). Both terms tend to 1 as the noise grows, unlike Zhu & Wang 2019's general
   bound (its factor 3 leaves a floor that made small epsilons unreachable over many steps);
   for the Gaussian it equals the exact value wherever the add term dominates (checked
-  against dp-accounting in tests/test_accounting.py, and both directions against exact sums
+  against dp-accounting in tests/unit/dp/test_accounting.py, and both directions against exact sums
   for the Skellam pmf).
 - RDP -> (eps, delta): the conversion of Canonne-Kamath-Steinke 2020 (Prop. 12; also
   Asoodeh et al. 2020, Eq. 20), eps = min_alpha rdp(alpha) + log(1 - 1/alpha)
   - log(delta * alpha) / (alpha - 1), with eps = 0 wherever delta^2 >= 1 - exp(-rdp(alpha))
   (the KL bound). It is the conversion dp_accounting's ``compute_epsilon`` performs;
-  tests/test_accounting.py checks the two agree. It is computed here because importing
+  tests/unit/dp/test_accounting.py checks the two agree. It is computed here because importing
   dp_accounting costs every party process about 3 s and 100 MB (it pulls in scipy).
 """
 

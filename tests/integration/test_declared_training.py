@@ -35,7 +35,7 @@ from mpcdp.train.gradient_source import TorchGradientSource  # noqa: E402
 from tests.conftest import PARTIES, Net, build_net  # noqa: E402
 from tests.stats import chi_square_pvalue  # noqa: E402
 
-USERCODE = Path(__file__).parent / "fixtures" / "usercode"
+USERCODE = Path(__file__).resolve().parents[1] / "fixtures" / "usercode"
 MODELS = "mpcdp_fixture_models"
 DATA = "mpcdp_fixture_data"
 

@@ -15,7 +15,7 @@ from mpcdp.dp.mechanisms import DiscreteLaplace, NoNoise, Skellam
 from mpcdp.errors import BudgetExceededError, HeadroomError, ParameterError
 from mpcdp.local.simulation import simulate_sum
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_exact_secure_sum_of_real_vectors() -> None:

@@ -18,7 +18,7 @@ from mpcdp.dp.accountant import compose
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import BudgetExceededError, LedgerError, ParameterError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_ten_charges_of_a_tenth_fill_a_budget_of_one_exactly(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "mpcdp"
+PKG = Path(__file__).resolve().parents[2] / "mpcdp"
 
 #: The pure core: numpy, cryptography and the standard library only. Whole folders, plus the
 #: two loose files that belong to it.

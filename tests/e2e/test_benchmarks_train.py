@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_OPACUS = importlib.util.find_spec("opacus") is not None
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("sklearn")
 
 pytestmark = pytest.mark.slow
 
-DEMO = Path(__file__).resolve().parent.parent / "demos" / "federated_cnn"
+DEMO = Path(__file__).resolve().parents[2] / "demos" / "federated_cnn"
 
 
 def blocks(tag: str) -> list[str]:

@@ -120,7 +120,7 @@ def _two_ranks(tmp_path: Path, *, die: bool = False) -> tuple[dict[str, object],
     (tmp_path / "worker.py").write_text(WORKER)
     base = dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-        TIMEOUT="20", PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        TIMEOUT="20", PYTHONPATH=str(Path(__file__).resolve().parents[2]),
     )  # fmt: skip
     worker_env = dict(base, RANK="1", LOCAL_RANK="1", **({"DIE_AT_STEP": "1"} if die else {}))
     worker = subprocess.Popen(

@@ -1,0 +1,1 @@
+"""Checks of the project itself: generated protos, package boundaries, lint and types."""
