@@ -508,7 +508,7 @@ def serve_site_rank(
     on_ready: Callable[[PartyNode], None] | None = None,
     create_ledger: bool = False,
 ) -> None:
-    """A site started by torchrun (issue 16): rank 0 serves as the party node and leads,
+    """A site started by torchrun: rank 0 serves as the party node and leads,
     the other ranks follow it as workers (mpcdp.train.ranks), each with its own copy of the
     site's config and data, on its own GPU (LOCAL_RANK) when the site has GPUs."""
     from mpcdp.train.ranks import RankGroup, serve_worker

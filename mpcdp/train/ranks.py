@@ -6,7 +6,7 @@ one trust boundary: they exchange indices, parameters and unrounded clipped sums
 never leave the site, and the commands between them are pickled Python objects (any rank can
 run code in the others, as processes of one program can).
 
-Privacy does not change with the number of ranks (issue 16):
+Privacy does not change with the number of ranks:
 
 * The Poisson sample is drawn once per step, at rank 0, from the site's CSPRNG over all of
   the site's example indices: each example is in the batch independently with probability

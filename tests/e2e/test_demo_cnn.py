@@ -1,4 +1,4 @@
-"""demos/federated_cnn as its README says (issue 14, section 7): prepare the images, make the
+"""demos/federated_cnn as its README says: prepare the images, make the
 certificates, start the three sites from their folders, train the project's own CNN on the
 image folders with the installed `mpcdp` command, and load the weights into the model."""
 

@@ -1,4 +1,4 @@
-"""Budget agreement under concurrent load (issue 12): benchmarks.budget_load at a small size.
+"""Budget agreement under concurrent load: benchmarks.budget_load at a small size.
 
 Real party processes; 200 queries from 2 analyst processes x 4 threads against budgets that
 hold 50 of them. The full-size run (1,000 queries, 4 x 8) is `python -m

@@ -1,4 +1,4 @@
-"""Training tasks declared in party.toml (issue 14, s1-3): model, data, loss and collate by
+"""Training tasks declared in party.toml: model, data, loss and collate by
 import path, loaded when the node starts; the architecture fingerprint every site checks at
 TrainOpen; and the DataLoader path's Poisson sampling. Real party nodes over loopback mTLS,
 real SQLite ledgers, real torch on the CPU; the user's code is tests/fixtures/usercode,

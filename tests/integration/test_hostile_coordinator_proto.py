@@ -1,6 +1,6 @@
 """A coordinator that speaks the proto directly, against real party processes.
 
-Each test is one of the hostile review's attacks (issue 12) on `mpcdp party serve` processes
+Each test is one of the hostile review's attacks on `mpcdp party serve` processes
 over mTLS: parameters that would push a sampler outside its exact range, binary searches
 for private facts, oversized requests, a second process on one party's ledger. Every
 refusal must come before any charge, with a clear status code (never INTERNAL), and must

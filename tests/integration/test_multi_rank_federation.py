@@ -1,4 +1,4 @@
-"""A site that trains on two ranks, in a real federation (issue 16).
+"""A site that trains on two ranks, in a real federation.
 
 Alice runs as two processes started the way torchrun starts them (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT; gloo on the CPU): rank 0 is her party node, rank 1 its worker.

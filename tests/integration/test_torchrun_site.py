@@ -1,4 +1,4 @@
-"""A site on two ranks (torch.distributed, gloo on the CPU), as torchrun starts it (issue 16).
+"""A site on two ranks (torch.distributed, gloo on the CPU), as torchrun starts it.
 
 Each test starts two real processes with torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT): rank 0 leads, rank 1 serves. Rank 0 prints one JSON line."""

@@ -141,7 +141,7 @@ def test_party_processes_share_the_machine_s_cores(digits_net: LocalFederation) 
 
 def test_results_a_user_keeps(digits_net: LocalFederation, tmp_path: Path) -> None:
     """Exactly the epochs asked; --plot on its own; the weights as a plain state_dict; a
-    resume that says so; Ctrl-C that names the checkpoint (issue 14, section 4)."""
+    resume that says so; Ctrl-C that names the checkpoint."""
     import signal
 
     import torch

@@ -1,4 +1,4 @@
-"""The architecture fingerprint of a training run (issue 14, "the same model everywhere").
+"""The architecture fingerprint of a training run ("the same model everywhere").
 
 The coordinator describes its model as an ordered list of entries, one per parameter and
 buffer (mpcdp.train.architecture writes them), e.g.::

@@ -1,6 +1,6 @@
 """party.toml / federation.toml values that used to load silently: a clear ConfigError at load.
 
-Every error names the file, the key and the value (issue 12, section 5).
+Every error names the file, the key and the value.
 """
 
 from __future__ import annotations

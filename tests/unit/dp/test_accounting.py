@@ -1,3 +1,6 @@
+"""Privacy accounting (mpcdp.dp.accountant, rdp, events): subsampled RDP bounds against
+dp-accounting and exact sums, composition, calibration, strict event decoding."""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,6 @@
+"""The budget ledger (mpcdp.dp.ledger): exact charges, idempotence, reservations, schema
+versions, crashes mid-charge and concurrent processes that never overdraw."""
+
 from __future__ import annotations
 
 import os

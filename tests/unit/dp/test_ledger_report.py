@@ -1,5 +1,5 @@
 """The ledger as `mpcdp budget` shows it: one entry per query or training block, exact
-decimals, and RDP composition made visible (issue 15, section 4)."""
+decimals, and RDP composition made visible."""
 
 from __future__ import annotations
 

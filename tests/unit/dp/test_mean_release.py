@@ -1,4 +1,4 @@
-"""The released DP mean (issue 15, section 1): inside the public bounds, a 95% interval that
+"""The released DP mean: inside the public bounds, a 95% interval that
 covers the truth unconditionally, and a std that describes the released statistic. The
 releases are simulated with the mechanisms' own share samplers (the noise the parties add),
 not with the analyst's model of it."""

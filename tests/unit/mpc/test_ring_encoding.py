@@ -1,3 +1,6 @@
+"""The ring and fixed-point encoding (mpcdp.mpc.ring, encoding, rng): round trips, wrap-around,
+randomized rounding, the headroom check, strict decoding, the CSPRNG guard."""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,6 @@
+"""Key agreement, streams and masks (mpcdp.mpc.prg, sharing): known answers, domain
+separation, masks that cancel, uploads that are uniform."""
+
 from __future__ import annotations
 
 import hashlib

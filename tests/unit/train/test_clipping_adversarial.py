@@ -1,5 +1,5 @@
 """The attacker's tests of per-sample clipping: models and batches built to make one example
-move the clipped sum by more than the bound, or to get gradients silently wrong (issue 13)."""
+move the clipped sum by more than the bound, or to get gradients silently wrong."""
 
 from __future__ import annotations
 

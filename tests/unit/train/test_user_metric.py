@@ -1,4 +1,4 @@
-"""The user's own metric at the coordinator (issue 14, section 4): an import path computed on
+"""The user's own metric at the coordinator: an import path computed on
 the evaluation data after every epoch, checked before any site is asked."""
 
 from __future__ import annotations

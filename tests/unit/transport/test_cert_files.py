@@ -1,4 +1,4 @@
-"""Key and certificate files on disk: modes, links and umask (issue 12, section 5).
+"""Key and certificate files on disk: modes, links and umask.
 
 `mpcdp certs init` writes private keys 0600 and certificates 0644 whatever the umask, into a
 0700 folder, never keeps an old wider mode on --force and never writes through a link; a
