@@ -22,7 +22,7 @@ from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import RoundAborted
 from mpcdp.federation import Federation
 from tests.conftest import PARTIES, build_net, write_federation
-from tests.unit.train.test_federated_training import MODEL, example_data, examples_toml
+from tests.training_support import MODEL, example_data, examples_toml
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from mpcdp.protocol.training import TrainSpec
 from mpcdp.protocol.training.train_spec import run_event
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
-from tests.unit.train.test_federated_training import example_data, tspec
+from tests.training_support import example_data, tspec
 
 pytestmark = pytest.mark.slow
 

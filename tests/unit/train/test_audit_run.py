@@ -17,7 +17,7 @@ import torch
 from mpcdp.audit.canaries import WhiteBoxScorer
 from mpcdp.errors import ParameterError
 from mpcdp.train import audit_run
-from tests.unit.train.test_federated_training import tspec
+from tests.training_support import tspec
 
 
 def test_white_box_score_is_the_per_step_likelihood_ratio() -> None:

@@ -25,7 +25,7 @@ from mpcdp.protocol.query.round_coordinator import ContributionStream  # noqa: E
 from mpcdp.protocol.training import TrainingSession  # noqa: E402
 from mpcdp.transport import codec  # noqa: E402
 from tests.conftest import PARTIES, build_net  # noqa: E402
-from tests.unit.train.test_federated_training import (  # noqa: E402
+from tests.training_support import (  # noqa: E402
     NUM_PARAMS,
     Direct,
     engines_of,

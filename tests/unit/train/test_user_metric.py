@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 from mpcdp.errors import ConfigError, ParameterError
 from mpcdp.federation import Federation
 from tests.conftest import build_net
-from tests.unit.train.test_federated_training import MODEL, example_data, examples_toml
+from tests.training_support import MODEL, example_data, examples_toml
 
 METRICS = """
 import torch
