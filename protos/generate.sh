@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates mpcdp/proto/*_pb2*.py from protos/mpcdp/proto/*.proto (run from the repo root).
-# CI runs this and fails on any diff (tests/test_proto.py), so commit the output.
+# CI runs this and fails on any diff (tests/project/test_proto.py), so commit the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-.}"
