@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "federation.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "federation.md"
 PARTIES = ("alice", "bob", "carlos")
 EXAMPLE_HOSTS = {
     "alice": "alice.example.org:50051",
