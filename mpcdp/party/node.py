@@ -31,6 +31,7 @@ from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.query.party_engine import DatasetView, PartyEngine
+from mpcdp.protocol.session import PartyIdentity
 from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
 from mpcdp.transport import server as srv
 from mpcdp.transport import tls
@@ -355,15 +356,18 @@ class PartyNode:
             self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
         self.views = _load(config)
         self.tasks = _tasks(config, device, model_factory, ranks=ranks)
-        self.engine = PartyEngine(
+        party = PartyIdentity(
             party_id=config.id,
-            datasets=self.views,
-            ledger=self.ledger,
             ca=self.creds.ca,
             certificate=self.creds.cert,
             signing_key=self.creds.key,
-            peers=config.peers,
+            ledger=self.ledger,
+            peers=frozenset(config.peers),
             min_colluders=config.min_colluders,
+        )
+        self.engine = PartyEngine(
+            party,
+            datasets=self.views,
             max_pending=config.limits.pending_sessions_per_coordinator,
             max_pending_total=config.limits.pending_sessions,
             session_ttl_s=config.limits.session_ttl_s,
@@ -371,14 +375,8 @@ class PartyNode:
         self.training: TrainingEngine | None = None
         if self.tasks:
             self.training = TrainingEngine(
-                party_id=config.id,
+                party,
                 tasks=self.tasks,
-                ledger=self.ledger,
-                ca=self.creds.ca,
-                certificate=self.creds.cert,
-                signing_key=self.creds.key,
-                peers=config.peers,
-                min_colluders=config.min_colluders,
                 max_params=config.max_model_params,
                 max_sessions=config.limits.training_sessions_per_coordinator,
                 max_sessions_total=config.limits.training_sessions,

@@ -25,9 +25,9 @@ from mpcdp.errors import ParameterError, PartyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.query.party_engine import Proposal
 from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.protocol.query.round_coordinator import ContributionStream
+from mpcdp.protocol.session import Proposal
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.transport import codec, tls
 

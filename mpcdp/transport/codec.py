@@ -25,9 +25,9 @@ from mpcdp.errors import DecodeError, ParameterError, ProtocolError
 from mpcdp.mpc import ring
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.query.party_engine import SESSION_ID_BYTES, Contribution, Proposal
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream
+from mpcdp.protocol.session import SESSION_ID_BYTES, Contribution, Proposal
 from mpcdp.protocol.training import TrainSpec
 
 __all__ = [

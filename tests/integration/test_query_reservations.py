@@ -21,9 +21,9 @@ import pytest
 from mpcdp.config.party_config import load_federation_config
 from mpcdp.errors import MpcdpError, PartyError, RoundAborted
 from mpcdp.local.localnet import LocalFederation, launch
-from mpcdp.protocol.query.party_engine import SESSION_ID_BYTES
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import run_round
+from mpcdp.protocol.session import SESSION_ID_BYTES
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 

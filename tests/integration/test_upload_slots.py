@@ -27,8 +27,9 @@ from mpcdp.config.party_config import TlsConfig
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.query.party_engine import Contribution, PartyEngine
+from mpcdp.protocol.query.party_engine import PartyEngine
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from mpcdp.protocol.session import Contribution
 from mpcdp.transport import codec, tls
 from tests.conftest import Net, build_net
 

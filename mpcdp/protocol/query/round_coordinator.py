@@ -30,9 +30,9 @@ from numpy.typing import NDArray
 from mpcdp.errors import MpcdpError, PartyError, ProtocolError, RoundAborted, SessionError
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.query.party_engine import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.query.plan import ReleasePlan, plan
 from mpcdp.protocol.query.query_spec import QuerySpec
+from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
 
 __all__ = [
     "ContributionStream",

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
@@ -42,16 +39,12 @@ from mpcdp.errors import (
 from mpcdp.mpc import encoding, ring, sharing
 from mpcdp.protocol import identity
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
-from mpcdp.protocol.query.party_engine import (
-    ClosedSessions,
+from mpcdp.protocol.session import (
     Contribution,
+    PartyIdentity,
     Proposal,
     SessionHost,
-    SessionSlots,
-    check_parties,
     durability_refusal,
-    new_signed_key,
-    session_pair_keys,
     unavailable,
 )
 from mpcdp.protocol.training.fingerprint import check_architecture
@@ -95,15 +88,9 @@ class TrainingEngine(SessionHost):
 
     def __init__(
         self,
+        party: PartyIdentity,
         *,
-        party_id: str,
         tasks: Mapping[str, TrainingTask],
-        ledger: BudgetLedger,
-        ca: x509.Certificate,
-        certificate: x509.Certificate,
-        signing_key: ec.EllipticCurvePrivateKey,
-        peers: Sequence[str],
-        min_colluders: int = 1,
         idle_ttl_s: float = 600.0,
         max_sessions: int = 4,
         max_sessions_total: int = 8,
@@ -132,28 +119,23 @@ class TrainingEngine(SessionHost):
             log.warning(
                 "TEST ONLY: party %s divides its training noise std by %g; its releases are "
                 "NOT differentially private as claimed",
-                party_id,
+                party.party_id,
                 self._noise_divisor,
             )
 
-        self.party_id = party_id
+        super().__init__(
+            party,
+            ttl_s=idle_ttl_s,
+            per_coordinator=max_sessions,
+            total=max_sessions_total,
+            closed_limit=4096,
+            clock=clock,
+        )
         self.tasks = dict(tasks)
-        self.ledger = ledger
-        self._ca = ca
-        self._certificates = identity.CertificateCache(ca=ca)
-        self._cert = certificate
-        self._signing_key = signing_key
-        self._peers = frozenset(peers) | {party_id}
-        self._min_colluders = min_colluders
-        self._ttl = idle_ttl_s
-        self._slots = SessionSlots(per_coordinator=max_sessions, total=max_sessions_total)
         self._max_params = max_params
-        self._clock = clock
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
         self._pads = NoisePool(rng=rng, max_entries=2, threads=noise_threads, name="pad")
         self._sessions: dict[bytes, _SiteSession] = {}
-        self._closed = ClosedSessions(limit=4096)
-        self._lock = threading.Lock()
 
     def max_parameters(self, session_id: bytes) -> int:
         """How many parameter values a step of this open session may carry."""
@@ -171,13 +153,7 @@ class TrainingEngine(SessionHost):
             return self._open(session_id, spec, coordinator)
 
     def _open(self, session_id: bytes, spec: TrainSpec, coordinator: str) -> Proposal:
-        check_parties(
-            party_id=self.party_id,
-            parties=spec.parties,
-            peers=self._peers,
-            colluders=spec.colluders,
-            min_colluders=self._min_colluders,
-        )
+        self.party.check_parties(parties=spec.parties, colluders=spec.colluders)
         # every parameter that decides this site's noise is in its samplers' exact range
         mechanism(spec).check_range(honest=spec.honest)
         task = self.tasks.get(spec.dataset)
@@ -298,13 +274,7 @@ class TrainingEngine(SessionHost):
         source: GradientSource,
         canaries: tuple[NDArray[np.bool_] | None, NDArray[np.int64] | None],
     ) -> Proposal:
-        private_key, signed = new_signed_key(
-            signing_key=self._signing_key,
-            certificate=self._cert,
-            session_id=session_id,
-            spec_digest=digest(spec),
-            party_id=self.party_id,
-        )
+        private_key, signed = self._new_key(session_id, digest(spec))
         session = _SiteSession(
             coordinator=coordinator,
             spec=spec,
@@ -316,10 +286,7 @@ class TrainingEngine(SessionHost):
             canaries_in=canaries[0],
             canary_coordinates=canaries[1],
         )
-        with self._lock:
-            if session_id in self._sessions or session_id in self._closed:
-                raise SessionError(f"session {session_id.hex()} was already used")
-            self._sessions[session_id] = session
+        self._register(session_id, session)
         log.info(
             "training session %s: run %s, %d steps from %d, %d parameters",
             session_id.hex(),
@@ -426,16 +393,13 @@ class TrainingEngine(SessionHost):
                 raise ProtocolError("the first step of a session must relay every signed key")
             if not full:
                 raise ProtocolError("the first step of a session must carry all parameters")
-            session.pair_keys = session_pair_keys(
-                party_id=self.party_id,
+            session.pair_keys = self._pair_keys(
+                session_id=session_id,
                 parties=spec.parties,
                 keys=keys,
                 own=session.public,
                 private_key=session.private_key,
-                session_id=session_id,
                 spec_digest=digest(spec),
-                ca=self._ca,
-                certificates=self._certificates,
             )
         elif keys:
             raise ProtocolError("signed keys are relayed on a session's first step only")

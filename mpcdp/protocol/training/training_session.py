@@ -26,10 +26,6 @@ from mpcdp.errors import (
 )
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol import identity
-from mpcdp.protocol.query.party_engine import (
-    SESSION_ID_BYTES,
-    Proposal,
-)
 from mpcdp.protocol.query.round_coordinator import (
     ContributionStream,
     abort_all,
@@ -37,6 +33,7 @@ from mpcdp.protocol.query.round_coordinator import (
     order_clients,
     signed_keys,
 )
+from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.training.train_spec import TrainSpec
 
 log = logging.getLogger(__name__)

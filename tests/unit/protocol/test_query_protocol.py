@@ -26,9 +26,10 @@ from mpcdp.errors import (
 )
 from mpcdp.mpc import encoding, prg
 from mpcdp.protocol.identity import SignedKey
-from mpcdp.protocol.query.party_engine import PartyEngine, Proposal, SessionSlots
+from mpcdp.protocol.query.party_engine import PartyEngine
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic, digest
 from mpcdp.protocol.query.round_coordinator import ContributionStream, run_round
+from mpcdp.protocol.session import Proposal, SessionSlots
 from tests.conftest import PARTIES, ROWS, Net, build_net, vector_datasets
 from tests.stats import assert_uniform_words
 
@@ -491,7 +492,7 @@ def test_certificate_cache_checks_ca_and_name(tmp_path: Path) -> None:
 
 
 def test_closed_sessions_are_remembered_up_to_a_bound() -> None:
-    from mpcdp.protocol.query.party_engine import ClosedSessions
+    from mpcdp.protocol.session import ClosedSessions
 
     closed = ClosedSessions(limit=3)
     for i in range(5):

@@ -1,0 +1,378 @@
+"""The session core that the query engine (:mod:`mpcdp.protocol.query.party_engine`) and
+the training engine (:mod:`mpcdp.protocol.training.site_engine`) share: who the party is
+(:class:`PartyIdentity`: its id, certificate, signing key, CA, ledger, peers and policy on
+colluders), and :class:`SessionHost`, which signs a session's ephemeral key, claims a
+coordinator's slot, registers and looks up sessions, remembers closed ones and holds the
+time to live. Also what a session hands the transport (:class:`Proposal`,
+:class:`Contribution`) and the refusals both engines word alike. Transport-agnostic; nothing
+happens at import time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from mpcdp.dp.ledger import BudgetLedger, LedgerWriteError
+from mpcdp.errors import AuthError, ParameterError, PolicyError, ProtocolError, SessionError
+from mpcdp.mpc import prg, ring, sharing
+from mpcdp.protocol import identity
+
+__all__ = [
+    "SESSION_ID_BYTES",
+    "ClosedSessions",
+    "Contribution",
+    "PartyIdentity",
+    "Proposal",
+    "SessionHost",
+    "SessionSlots",
+    "durability_refusal",
+    "unavailable",
+]
+
+log = logging.getLogger(__name__)
+
+SESSION_ID_BYTES = 16
+_MAX_CLOSED = 1 << 16
+
+
+@dataclass(frozen=True)
+class PartyIdentity:
+    """Who a party is to its sessions, the same for its query and its training engine: its
+    id, its certificate and signing key, the federation CA, its budget ledger, its configured
+    peers (itself included) and the fewest colluders it sizes noise shares for."""
+
+    party_id: str
+    ca: x509.Certificate
+    certificate: x509.Certificate
+    signing_key: ec.EllipticCurvePrivateKey
+    ledger: BudgetLedger
+    peers: frozenset[str]
+    min_colluders: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peers", frozenset(self.peers) | {self.party_id})
+
+    def new_signed_key(
+        self, *, session_id: bytes, spec_digest: bytes
+    ) -> tuple[X25519PrivateKey, identity.SignedKey]:
+        """A fresh ephemeral X25519 key for a session and its signature over the spec digest
+        (the one place a party signs a key)."""
+        private_key = prg.generate_keypair()
+        signed = identity.sign_key(
+            signing_key=self.signing_key,
+            certificate=self.certificate,
+            session_id=session_id,
+            spec_digest=spec_digest,
+            party_id=self.party_id,
+            public_key=prg.public_bytes(private_key),
+        )
+        return private_key, signed
+
+    def check_parties(self, *, parties: Sequence[str], colluders: int) -> None:
+        """A party's policy on who takes part: it is one of them, every other one is a
+        configured peer, and noise shares are sized for at least its own min_colluders."""
+        party_id = self.party_id
+        if party_id not in parties:
+            raise PolicyError(f"the parties {list(parties)} do not include {party_id!r}")
+        unknown = [p for p in parties if p not in self.peers]
+        if unknown:
+            raise PolicyError(
+                f"unknown party {unknown[0]!r}: not a configured peer of {party_id!r}"
+            )
+        if colluders < self.min_colluders:
+            raise PolicyError(
+                f"colluders={colluders} is below this party's min_colluders="
+                f"{self.min_colluders}: its noise share would be too small"
+            )
+
+
+@dataclass(frozen=True)
+class Proposal:
+    key: identity.SignedKey
+    length: int
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A party's upload, masked slice by slice as it is read (see :meth:`chunks`).
+
+    The unmasked vector is private to this object; nothing but masked words comes out.
+    """
+
+    party_id: str
+    epsilon_spent: str
+    budget_remaining: float
+    length: int
+    _noisy: ring.AnyRingVector
+    _mask: sharing.MaskStream | None  # None: ``_noisy`` is already masked (training steps)
+    #: training, last step of an audit run: the canary inclusion bits (mpcdp.audit)
+    audit_inclusion: bytes = b""
+    #: called once the upload has been read to its end (or its reader closed): the session
+    #: gives its slot back (idempotent)
+    _done: Callable[[], None] | None = None
+
+    @property
+    def ring_bits(self) -> int:
+        return ring.bits_of(self._noisy)
+
+    def chunks(self, words_per_chunk: int) -> Iterator[ring.AnyRingVector]:
+        """The masked upload in order; each slice is masked just before it is yielded.
+
+        Single use: the mask streams advance as they are read. When the reading ends (the
+        last slice, or the iterator closed or dropped), the upload has ended.
+        """
+        if words_per_chunk < 1:
+            raise ParameterError("words_per_chunk", words_per_chunk, "must be >= 1")
+        mask = self._mask
+        if mask is not None and mask.words_done:
+            raise ProtocolError("this contribution was already read")
+        try:
+            for start in range(0, self.length, words_per_chunk):
+                seg = self._noisy[start : start + words_per_chunk]
+                if mask is not None:
+                    mask.apply(seg)
+                yield seg
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The upload has ended (read or given up): its session's slot is free again."""
+        if self._done is not None:
+            self._done()
+
+    def masked(self) -> ring.AnyRingVector:
+        """The whole masked upload at once (for in-process use and tests)."""
+        for _ in self.chunks(1 << 20):
+            pass
+        return self._noisy
+
+
+class SessionSlots:
+    """How many sessions each coordinator holds open at a party, bounded per coordinator
+    and in total. A slot is taken before a session is built and given back when it ends, so
+    the bounds are strict under any concurrency (the caller serialises calls)."""
+
+    def __init__(self, *, per_coordinator: int, total: int) -> None:
+        self._per = per_coordinator
+        self._total = total
+        self._held: dict[str, int] = {}
+
+    def take(self, coordinator: str, *, party_id: str) -> None:
+        mine = self._held.get(coordinator, 0)
+        if mine >= self._per:
+            raise PolicyError(
+                f"coordinator {coordinator!r} already has {mine} sessions open at "
+                f"{party_id!r} (its limit is {self._per}); retry later"
+            )
+        if sum(self._held.values()) >= self._total:
+            raise PolicyError(
+                f"{self._total} sessions are already open at {party_id!r} (its limit for all "
+                "coordinators together); retry later"
+            )
+        self._held[coordinator] = mine + 1
+
+    def give_back(self, coordinator: str) -> None:
+        left = self._held.get(coordinator, 0) - 1
+        if left > 0:
+            self._held[coordinator] = left
+        else:
+            self._held.pop(coordinator, None)
+
+    @property
+    def total(self) -> int:
+        """The bound for all coordinators together."""
+        return self._total
+
+
+class ClosedSessions:
+    """Why each recently closed session was closed: a bounded map, oldest forgotten first
+    (an id older than that is simply unknown, which is refused just the same)."""
+
+    def __init__(self, limit: int = _MAX_CLOSED) -> None:
+        self._why: OrderedDict[bytes, str] = OrderedDict()
+        self._limit = limit
+
+    def add(self, session_id: bytes, why: str) -> None:
+        self._why[session_id] = why
+        while len(self._why) > self._limit:
+            self._why.popitem(last=False)
+
+    def get(self, session_id: bytes) -> str | None:
+        return self._why.get(session_id)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._why
+
+
+def durability_refusal(party_id: str, exc: LedgerWriteError) -> PolicyError:
+    """What a coordinator hears when the party's ledger cannot write (a full disk): that
+    nothing was reserved or charged, not the ledger's path (that goes to the party's log)."""
+    log.error("%s", exc)
+    return PolicyError(
+        f"party {party_id!r} cannot record this in its budget ledger durably now (its owner "
+        "can see why in its log); nothing was reserved or charged there; retry later"
+    )
+
+
+def unavailable(dataset: str, party_id: str) -> str:
+    """What a coordinator hears about a dataset that failed validation: nothing about the
+    data (the details name cells, values and paths; they stay in the party's log)."""
+    return (
+        f"dataset {dataset!r} is unavailable at party {party_id!r}: it failed validation; "
+        "the party's owner can see why in its log or with `mpcdp party check`"
+    )
+
+
+def session_pair_keys(
+    *,
+    party_id: str,
+    parties: Sequence[str],
+    keys: Sequence[identity.SignedKey],
+    own: identity.SignedKey,
+    private_key: X25519PrivateKey,
+    session_id: bytes,
+    spec_digest: bytes,
+    ca: x509.Certificate,
+    certificates: identity.CertificateCache,
+) -> dict[int, bytes]:
+    """Check the relayed signed keys and derive this party's pair keys (index -> key).
+
+    ``keys`` must hold exactly one key per party in ``parties``, this party's unchanged from
+    what it signed (``own``), every other one validly signed over ``spec_digest`` by a
+    certificate of ``ca`` for the party it names.
+    """
+    by_party: dict[str, identity.SignedKey] = {}
+    for k in keys:
+        if k.party_id in by_party:
+            raise ProtocolError(f"two signed keys for party {k.party_id!r}")
+        by_party[k.party_id] = k
+    if set(by_party) != set(parties):
+        missing = sorted(set(parties) - set(by_party))
+        extra = sorted(set(by_party) - set(parties))
+        raise ProtocolError(
+            f"signed keys do not match the parties: missing {missing}, extra {extra}"
+        )
+    mine = by_party[party_id]
+    if not hmac.compare_digest(mine.public_key, own.public_key) or mine.signature != own.signature:
+        raise AuthError("the relayed key of this party is not the one it signed")
+    for k in keys:
+        if k.party_id != party_id:  # our own key was compared with what we signed
+            identity.verify_key(
+                k, ca=ca, session_id=session_id, spec_digest=spec_digest, certificates=certificates
+            )
+    index = {p: i for i, p in enumerate(parties)}
+    me = index[party_id]
+    return {
+        index[pid]: prg.derive_pair_key(
+            private_key=private_key,
+            peer_public_key=k.public_key,
+            session_id=session_id,
+            party=me,
+            peer=index[pid],
+        )
+        for pid, k in by_party.items()
+        if pid != party_id
+    }
+
+
+class SessionHost:
+    """What the query engine and the training engine share: the party's identity, a lock,
+    open sessions, the closed ones, per-coordinator slots and the sessions' time to live.
+    :meth:`_claiming` is how both start a session, :meth:`_new_key` signs its ephemeral key,
+    :meth:`_register` records it and :meth:`_pair_keys` checks the relayed keys."""
+
+    _sessions: dict[bytes, Any]
+
+    def __init__(
+        self,
+        party: PartyIdentity,
+        *,
+        ttl_s: float,
+        per_coordinator: int,
+        total: int,
+        closed_limit: int = _MAX_CLOSED,
+        clock: Callable[[], float],
+    ) -> None:
+        self.party = party
+        self.party_id = party.party_id
+        self.ledger = party.ledger
+        self._certificates = identity.CertificateCache(ca=party.ca)
+        self._ttl = ttl_s
+        # a slot is taken before a session is built: the bounds are strict
+        self._slots = SessionSlots(per_coordinator=per_coordinator, total=total)
+        self._clock = clock
+        self._sessions = {}
+        # session id -> why it is closed; bounded: an id older than that is simply unknown,
+        # which is refused just the same
+        self._closed = ClosedSessions(limit=closed_limit)
+        self._lock = threading.Lock()
+
+    def _expire(self) -> None:  # pragma: no cover - each engine has its own
+        raise NotImplementedError
+
+    @contextmanager
+    def _claiming(self, session_id: bytes, coordinator: str) -> Iterator[None]:
+        """A new session id and a slot of ``coordinator``'s, held while the block runs and
+        given back if it fails (the block registers the session on success)."""
+        if len(session_id) != SESSION_ID_BYTES:
+            raise SessionError(
+                f"session_id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}"
+            )
+        with self._lock:
+            self._expire()
+            if session_id in self._sessions or session_id in self._closed:
+                raise SessionError(f"session {session_id.hex()} was already used")
+            self._slots.take(coordinator, party_id=self.party_id)
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._slots.give_back(coordinator)
+            raise
+
+    def _new_key(
+        self, session_id: bytes, spec_digest: bytes
+    ) -> tuple[X25519PrivateKey, identity.SignedKey]:
+        """The session's ephemeral key, signed by this party over the spec digest."""
+        return self.party.new_signed_key(session_id=session_id, spec_digest=spec_digest)
+
+    def _register(self, session_id: bytes, session: Any) -> None:
+        """Record a new open session (its slot is already taken: :meth:`_claiming`)."""
+        with self._lock:
+            if session_id in self._sessions or session_id in self._closed:
+                raise SessionError(f"session {session_id.hex()} was already used")
+            self._sessions[session_id] = session
+
+    def _pair_keys(
+        self,
+        *,
+        session_id: bytes,
+        parties: Sequence[str],
+        keys: Sequence[identity.SignedKey],
+        own: identity.SignedKey,
+        private_key: X25519PrivateKey,
+        spec_digest: bytes,
+    ) -> dict[int, bytes]:
+        """Check the relayed signed keys against the CA and derive this party's pair keys."""
+        return session_pair_keys(
+            party_id=self.party_id,
+            parties=parties,
+            keys=keys,
+            own=own,
+            private_key=private_key,
+            session_id=session_id,
+            spec_digest=spec_digest,
+            ca=self.party.ca,
+            certificates=self._certificates,
+        )
