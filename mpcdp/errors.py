@@ -25,6 +25,8 @@ __all__ = [
     "RankFailure",
     "RoundAborted",
     "SessionError",
+    "UnsupportedModuleError",
+    "UserImportError",
     "short_repr",
 ]
 
@@ -41,6 +43,16 @@ class ParameterError(MpcdpError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"invalid {name}={short_repr(value)}: {reason}")
+
+
+class UnsupportedModuleError(ParameterError):
+    """Per-example clipping refuses a module of the model: ``module_path`` names it (its
+    path in ``named_modules()``; "" for the root), ``reason`` says why. A ParameterError
+    named "module", so its message reads as any other parameter's."""
+
+    def __init__(self, module_path: str, reason: str) -> None:
+        self.module_path = module_path
+        super().__init__("module", module_path, reason)
 
 
 #: Longest echo of a value in an error message (a request can carry megabytes).
@@ -107,6 +119,34 @@ class AuthError(MpcdpError):
 
 class ConfigError(MpcdpError, ValueError):
     """A configuration file that cannot be used (the message names file and key)."""
+
+
+class UserImportError(ConfigError):
+    """User code at an import path ``package.module:attribute`` could not be imported.
+
+    ``path`` is the import path, ``where`` the declaration that named it; ``module_name`` and
+    ``attr`` its two halves. ``cause`` is the exception the import raised (None when the
+    module imported but has no ``attr``); ``origin`` the module's file when it imported.
+    The message names the declaration, the path and the reason."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        where: str,
+        module_name: str,
+        attr: str,
+        cause: BaseException | None,
+        origin: str | None = None,
+    ) -> None:
+        self.path = path
+        self.where = where
+        self.module_name = module_name
+        self.attr = attr
+        self.cause = cause
+        self.origin = origin
+        super().__init__(message)
 
 
 class PartyError(MpcdpError):

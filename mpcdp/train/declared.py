@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mpcdp.config.training_config import TrainingDeclaration, is_import_path
-from mpcdp.errors import ConfigError, DataError
+from mpcdp.errors import ConfigError, DataError, UserImportError
 
 __all__ = [
     "PROBE_ITEMS",
@@ -67,22 +67,42 @@ def _add_python_path(folders: Sequence[Path]) -> None:
 
 def import_object(path: str, *, python_path: Sequence[Path] = (), where: str) -> Any:
     """The object at ``package.module:attribute`` (after prepending ``python_path`` to
-    sys.path). ``where`` starts every error ("site 'alice': datasets.scans.model")."""
+    sys.path). ``where`` starts every error ("site 'alice': datasets.scans.model").
+
+    The one importer of user code: a site's declarations, the coordinator's ``--model``,
+    ``--loss`` and ``--metric`` and ``mpcdp check-model`` all import through it. A path
+    that is not an import path is a ConfigError; a module that cannot be imported or has
+    no such attribute a :class:`~mpcdp.errors.UserImportError` (a ConfigError) that keeps
+    the cause."""
     if not is_import_path(path):
         raise ConfigError(f"{where} = {path!r}: not an import path 'package.module:attribute'")
     _add_python_path(python_path)
     module_name, _, attr = path.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        module: Any = importlib.import_module(module_name)
     except Exception as exc:  # the site's own code: any failure is a declaration error
         hint = f" (python_path: {[str(p) for p in python_path]})" if python_path else ""
-        raise ConfigError(
+        raise UserImportError(
             f"{where} = {path!r}: cannot import module {module_name!r}: "
-            f"{type(exc).__name__}: {exc}{hint}"
+            f"{type(exc).__name__}: {exc}{hint}",
+            path=path,
+            where=where,
+            module_name=module_name,
+            attr=attr,
+            cause=exc,
         ) from None
+    obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"{where} = {path!r}: module {module_name!r} has no {attr!r}")
+            raise UserImportError(
+                f"{where} = {path!r}: module {module_name!r} has no {attr!r}",
+                path=path,
+                where=where,
+                module_name=module_name,
+                attr=attr,
+                cause=None,
+                origin=getattr(module, "__file__", None),
+            )
         obj = getattr(obj, part)
     return obj
 

@@ -27,7 +27,6 @@ Nothing happens at import time beyond defining names.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
 import sys
@@ -41,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mpcdp.errors import ParameterError
+from mpcdp.config.training_config import is_import_path
+from mpcdp.errors import ParameterError, UserImportError
+from mpcdp.train import declared
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.clipping.rules import _classify, _use_ghost
 from mpcdp.train.layers import replace_multihead_attention
@@ -182,45 +183,21 @@ def load_model(
     :class:`~mpcdp.errors.ParameterError` naming the path, the module, the attribute or the
     factory's exception.
     """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr or " " in target:
+    attr = target.partition(":")[2]
+    if not is_import_path(target):
         raise ParameterError(
             "model", target, "must be an import path 'package.module:attr', e.g. mynet:build"
         )
-    for entry in reversed(list(python_path)):
+    folders = []
+    for entry in python_path:
         folder = Path(entry)
         if not folder.is_dir():
             raise ParameterError("python_path", str(entry), "is not a directory")
-        resolved = str(folder.resolve())
-        if resolved not in sys.path:
-            sys.path.insert(0, resolved)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or module_name
-        where = (
-            f"module {module_name!r} was not found"
-            if module_name == missing or module_name.startswith(missing + ".")
-            else f"importing {module_name!r} failed: it imports {missing!r}, which was not found"
-        )
-        raise ParameterError(
-            "model",
-            target,
-            f"{where} (searched {len(sys.path)} sys.path entries; "
-            "add the folder of your code with --python-path / python_path)",
-        ) from exc
-    except Exception as exc:
-        raise ParameterError(
-            "model", target, f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            origin = getattr(module, "__file__", None) or module_name
-            raise ParameterError(
-                "model", target, f"module {module_name!r} ({origin}) has no attribute {attr!r}"
-            )
-        obj = getattr(obj, part)
+        folders.append(folder.resolve())
+    try:  # the importer a site uses for its declared model (one lock on sys.path)
+        obj = declared.import_object(target, python_path=folders, where="model")
+    except UserImportError as exc:
+        raise ParameterError("model", target, _import_reason(exc)) from exc.cause
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):
@@ -243,6 +220,26 @@ def load_model(
             f"{attr}({arg!r}) returned a {type(model).__name__}, not a torch.nn.Module",
         )
     return model
+
+
+def _import_reason(exc: UserImportError) -> str:
+    """Why ``exc.path`` did not import, in check-model's words (what to change)."""
+    module_name, attr, cause = exc.module_name, exc.attr, exc.cause
+    if cause is None:
+        origin = exc.origin or module_name
+        return f"module {module_name!r} ({origin}) has no attribute {attr!r}"
+    if isinstance(cause, ModuleNotFoundError):
+        missing = cause.name or module_name
+        found = (
+            f"module {module_name!r} was not found"
+            if module_name == missing or module_name.startswith(missing + ".")
+            else f"importing {module_name!r} failed: it imports {missing!r}, which was not found"
+        )
+        return (
+            f"{found} (searched {len(sys.path)} sys.path entries; "
+            "add the folder of your code with --python-path / python_path)"
+        )
+    return f"importing {module_name!r} raised {type(cause).__name__}: {cause}"
 
 
 # -- synthetic batch -----------------------------------------------------------------------
