@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from mpcdp.config.party_config import FederationConfig, load_federation_config
 from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
-from mpcdp.proto import party_pb2 as pb
+from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.query.plan import ReleasePlan, fit
 from mpcdp.protocol.query.query_spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import Observer, RoundOutcome, run_round
@@ -211,7 +211,7 @@ class Federation:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def describe(self) -> dict[str, pb.DescribeResponse]:
+    def describe(self) -> dict[str, PartyDescription]:
         """Every party's public dataset metadata (bounds, categories, budget left, and this
         coordinator's share and what it may still spend: :meth:`budget_left`)."""
         answers = self._pool.map(lambda c: c.describe(), self._clients)  # in parallel
@@ -275,10 +275,10 @@ class Federation:
             **options,
         )
 
-    def _public(self, dataset: str, column: str) -> tuple[pb.DatasetInfo, pb.ColumnInfo | None]:
+    def _public(self, dataset: str, column: str) -> tuple[DatasetInfo, ColumnInfo | None]:
         seen: dict[str, tuple[Any, ...]] = {}
-        info: pb.DatasetInfo | None = None
-        col: pb.ColumnInfo | None = None
+        info: DatasetInfo | None = None
+        col: ColumnInfo | None = None
         for party, resp in self.describe().items():
             ds = next((d for d in resp.datasets if d.name == dataset), None)
             if ds is None:

@@ -18,18 +18,17 @@ import resource
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
-
-import grpc
 
 from mpcdp.config.datasets import Vector, load_examples, load_table, load_vector
 from mpcdp.config.party_config import DatasetConfig, PartyConfig, load_party_config
 from mpcdp.config.training_config import TrainingDeclaration, is_import_path
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
-from mpcdp.proto import party_pb2 as pb
+from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo
 from mpcdp.protocol.query.party_engine import DatasetView, PartyEngine
 from mpcdp.protocol.session import PartyIdentity
 from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
@@ -382,7 +381,7 @@ class PartyNode:
                 max_sessions_total=config.limits.training_sessions,
                 test_only_noise_divisor=test_only_noise_divisor,
             )
-        self._server: grpc.Server | None = None
+        self._server: srv.ServerHandle | None = None
         self.port: int | None = None
 
     def dataset_states(self) -> dict[str, str | None]:
@@ -393,52 +392,58 @@ class PartyNode:
         return dict(sorted(out.items()))
 
     def _budget(
-        self, info: pb.DatasetInfo, cfg: DatasetConfig, coordinator: str | None
-    ) -> pb.DatasetInfo:
+        self, info: DatasetInfo, cfg: DatasetConfig, coordinator: str | None
+    ) -> DatasetInfo:
         """``info`` with its budget fields as ``coordinator`` sees them: the dataset's budget
         and what is left after every charge, and the coordinator's own share and what it may
         still spend (mpcdp.dp.ledger.BudgetLedger.coordinator_remaining)."""
         status = self.ledger.status(cfg.name)
-        info.budget_epsilon = float(status.budget_epsilon)
-        info.remaining_epsilon = status.remaining_epsilon
+        info = replace(
+            info,
+            budget_epsilon=float(status.budget_epsilon),
+            remaining_epsilon=status.remaining_epsilon,
+        )
         if coordinator is not None:
             share = cfg.share(coordinator)
-            info.coordinator_share = float(share) if share is not None else 0.0
-            info.coordinator_remaining_epsilon = self.ledger.coordinator_remaining(
-                cfg.name, coordinator=coordinator, share=share
+            info = replace(
+                info,
+                coordinator_share=float(share) if share is not None else 0.0,
+                coordinator_remaining_epsilon=self.ledger.coordinator_remaining(
+                    cfg.name, coordinator=coordinator, share=share
+                ),
             )
         return info
 
-    def describe(self, coordinator: str | None = None) -> list[pb.DatasetInfo]:
+    def describe(self, coordinator: str | None = None) -> list[DatasetInfo]:
         """Every dataset's public metadata; with ``coordinator``, also its share of each
         budget and what it may still spend."""
         out = []
         for name, task in sorted(self.tasks.items()):
-            info = pb.DatasetInfo(
+            info = DatasetInfo(
                 name=name,
                 kind="examples",
                 length=task.examples,
                 delta=task.config.delta,
-                feature_shape=list(task.feature_shape),
+                feature_shape=tuple(task.feature_shape),
                 num_classes=task.num_classes,
             )
             out.append(self._budget(info, task.config, coordinator))
         for name, view in sorted(self.views.items()):
             cfg = view.config
             length = view.data.values.size if isinstance(view.data, Vector) else 0
-            info = pb.DatasetInfo(
+            info = DatasetInfo(
                 name=name,
                 kind=cfg.kind,
                 length=length,
                 l2_bound=cfg.l2_bound,
                 delta=cfg.delta,
                 allow_exact=cfg.allow_exact,
-                columns=[
-                    pb.ColumnInfo(
-                        name=c.name, lower=c.lower, upper=c.upper, categories=list(c.categories)
+                columns=tuple(
+                    ColumnInfo(
+                        name=c.name, lower=c.lower, upper=c.upper, categories=tuple(c.categories)
                     )
                     for c in cfg.columns
-                ],
+                ),
             )
             out.append(self._budget(info, cfg, coordinator))
         return out

@@ -24,6 +24,7 @@ from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import ParameterError, PartyError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.catalog import PartyDescription
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.protocol.query.round_coordinator import ContributionStream
@@ -121,10 +122,9 @@ class GrpcPartyClient:
         except grpc.RpcError as err:
             raise self._error(err, deadline_s=timeout) from None
 
-    def describe(self) -> pb.DescribeResponse:
+    def describe(self) -> PartyDescription:
         resp = self._call(self._stub.Describe, pb.DescribeRequest(version=PROTOCOL_VERSION))
-        codec.check_version(resp.version, what="DescribeResponse")
-        return resp  # type: ignore[no-any-return]
+        return codec.description_from_pb(resp)
 
     def propose(self, *, session_id: bytes, spec: QuerySpec) -> Proposal:
         req = pb.ProposeRequest(

@@ -16,6 +16,7 @@ uint32 for queries over Z_{2^32}.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import fields
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,6 +25,7 @@ from mpcdp import PROTOCOL_VERSION
 from mpcdp.errors import DecodeError, ParameterError, ProtocolError
 from mpcdp.mpc import ring
 from mpcdp.proto import party_pb2 as pb
+from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream
@@ -38,6 +40,8 @@ __all__ = [
     "check_version",
     "decode_chunks",
     "decode_step_requests",
+    "description_from_pb",
+    "description_to_pb",
     "encode_chunks",
     "encode_step_requests",
     "key_from_pb",
@@ -410,3 +414,54 @@ def decode_step_requests(
     if offset != values.size:
         raise ProtocolError(f"{offset} of parameter_count={h.parameter_count} values arrived")
     return session_id, h, keys_from_pb(h.keys, session_id=session_id), values
+
+
+# -- Describe: the datasets' public metadata ----------------------------------------------------
+
+
+def _dataset_to_pb(info: DatasetInfo) -> pb.DatasetInfo:
+    values = {f.name: getattr(info, f.name) for f in fields(info)}
+    values["columns"] = [
+        pb.ColumnInfo(name=c.name, lower=c.lower, upper=c.upper, categories=list(c.categories))
+        for c in info.columns
+    ]
+    values["feature_shape"] = list(info.feature_shape)
+    return pb.DatasetInfo(**values)
+
+
+def _dataset_from_pb(msg: pb.DatasetInfo) -> DatasetInfo:
+    return DatasetInfo(
+        name=msg.name,
+        kind=msg.kind,
+        columns=tuple(
+            ColumnInfo(name=c.name, lower=c.lower, upper=c.upper, categories=tuple(c.categories))
+            for c in msg.columns
+        ),
+        length=int(msg.length),
+        l2_bound=msg.l2_bound,
+        budget_epsilon=msg.budget_epsilon,
+        remaining_epsilon=msg.remaining_epsilon,
+        delta=msg.delta,
+        allow_exact=msg.allow_exact,
+        feature_shape=tuple(int(n) for n in msg.feature_shape),
+        num_classes=int(msg.num_classes),
+        coordinator_share=msg.coordinator_share,
+        coordinator_remaining_epsilon=msg.coordinator_remaining_epsilon,
+    )
+
+
+def description_to_pb(description: PartyDescription) -> pb.DescribeResponse:
+    """A party's Describe answer on the wire (with this protocol version)."""
+    return pb.DescribeResponse(
+        version=PROTOCOL_VERSION,
+        party_id=description.party_id,
+        datasets=[_dataset_to_pb(d) for d in description.datasets],
+    )
+
+
+def description_from_pb(msg: pb.DescribeResponse) -> PartyDescription:
+    """A party's Describe answer as the analyst reads it (the version is checked)."""
+    check_version(msg.version, what="DescribeResponse")
+    return PartyDescription(
+        party_id=msg.party_id, datasets=tuple(_dataset_from_pb(d) for d in msg.datasets)
+    )

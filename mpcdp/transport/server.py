@@ -69,11 +69,11 @@ import socket
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -93,6 +93,7 @@ from mpcdp.errors import (
 )
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.catalog import DatasetInfo, PartyDescription
 from mpcdp.protocol.query.party_engine import PartyEngine
 from mpcdp.protocol.training import TrainingEngine
 from mpcdp.transport import codec, tls
@@ -112,6 +113,7 @@ __all__ = [
     "SERVER_OPTIONS",
     "SPARE_WORKERS",
     "PartyServicer",
+    "ServerHandle",
     "connection_limit",
     "start_server",
     "status_for",
@@ -561,7 +563,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         engine: PartyEngine,
         *,
         coordinators: frozenset[str],
-        describe: Callable[[str], list[pb.DatasetInfo]],
+        describe: Callable[[str], Sequence[DatasetInfo]],
         training: TrainingEngine | None = None,
         max_long_calls: int = DEFAULT_MAX_LONG_CALLS,
         max_long_calls_per_coordinator: int = DEFAULT_MAX_LONG_CALLS_PER_COORDINATOR,
@@ -812,10 +814,8 @@ class PartyServicer(pb_grpc.PartyServicer):
     ) -> pb.DescribeResponse:
         caller = self._caller(context)
         codec.check_version(request.version, what="DescribeRequest")
-        return pb.DescribeResponse(
-            version=PROTOCOL_VERSION,
-            party_id=self._engine.party_id,
-            datasets=self._describe(caller),
+        return codec.description_to_pb(
+            PartyDescription(party_id=self._engine.party_id, datasets=tuple(self._describe(caller)))
         )
 
     def Propose(
@@ -935,6 +935,13 @@ def connection_limit(max_connections: int | None = None) -> int:
     if soft == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, soft // 2))
+
+
+class ServerHandle(Protocol):
+    """What a running server's owner needs of it (a grpc.Server is one): stop it, with a
+    grace period in seconds, and wait on the event that tells it has stopped."""
+
+    def stop(self, grace: float | None) -> threading.Event: ...
 
 
 def start_server(

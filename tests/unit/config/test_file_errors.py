@@ -197,9 +197,7 @@ def test_a_coordinator_cannot_tell_whether_a_party_holds_an_out_of_bounds_value(
         net = build_net(root, csv_override={"bob": f"raise,dept\n{row},ops\n"})
         try:
             with Federation.from_config(net.federation) as fed:
-                described = tuple(
-                    r.SerializeToString(deterministic=True) for r in fed.describe().values()
-                )
+                described = tuple(fed.describe().values())
                 count = fed.count(dataset="raises", mechanism="none")
                 mean = fed.mean(dataset="raises", column="raise", epsilon=0.5)
             seen[case] = (described, count.value, count.parties, mean.parties)
