@@ -99,8 +99,12 @@ def digits_cmd(
         raise typer.BadParameter(
             f"{public_fraction!r} not in [0, 1)", param_hint="--public-fraction"
         )
-    if clipping not in ("flat", "automatic"):
-        raise typer.BadParameter(f"{clipping!r} is not flat or automatic", param_hint="--clipping")
+    from mpcdp.train.planning import CLIPPING_MODES  # torch-free
+
+    if clipping not in CLIPPING_MODES:
+        raise typer.BadParameter(
+            f"{clipping!r} is not {' or '.join(CLIPPING_MODES)}", param_hint="--clipping"
+        )
     try:
         from mpcdp.cli.train import audit_report
         from mpcdp.demos import digits_demo

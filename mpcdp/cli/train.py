@@ -159,8 +159,12 @@ def train(
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
     if optimizer not in ("sgd", "adam"):
         raise typer.BadParameter(f"{optimizer!r} is not sgd or adam", param_hint="--optimizer")
-    if clipping not in ("flat", "automatic"):
-        raise typer.BadParameter(f"{clipping!r} is not flat or automatic", param_hint="--clipping")
+    from mpcdp.train.planning import CLIPPING_MODES  # torch-free
+
+    if clipping not in CLIPPING_MODES:
+        raise typer.BadParameter(
+            f"{clipping!r} is not {' or '.join(CLIPPING_MODES)}", param_hint="--clipping"
+        )
     try:
         from mpcdp.train.federated import EpochRecord, StepInfo, write_metrics
     except ImportError as exc:

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mpcdp.config.reader import Reader
 
-__all__ = ["TRAINING_KEYS", "TrainingDeclaration", "is_import_path", "read_training"]
+__all__ = [
+    "BUILTIN_LOSSES",
+    "TRAINING_KEYS",
+    "TrainingDeclaration",
+    "is_import_path",
+    "read_training",
+]
+
+#: the per-example losses known by name (any other loss is an import path)
+BUILTIN_LOSSES = ("cross_entropy", "mse")
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def read_training(r: Reader) -> TrainingDeclaration | None:
     if not any(k in r.data for k in TRAINING_KEYS):
         return None
     loss = r.get("loss", str, "cross_entropy")
-    if loss not in ("cross_entropy", "mse") and not is_import_path(loss):
+    if loss not in BUILTIN_LOSSES and not is_import_path(loss):
         raise r.error(
             "loss",
             f"must be 'cross_entropy', 'mse' or an import path 'package.module:fn', got {loss!r}",

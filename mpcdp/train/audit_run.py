@@ -37,7 +37,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from mpcdp.audit.canaries import (
 )
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import TrainSpec
+from mpcdp.train.clipping import ClippingMode
 from mpcdp.train.planning import TrainingPlan
 
 __all__ = [
@@ -175,7 +176,7 @@ def audit_plan(
     audit_canaries: int,
     audit_kind: str,
     colluders: int = 1,
-    clipping: Literal["flat", "automatic"] = "flat",
+    clipping: ClippingMode = "flat",
     bias_only: bool = False,
     python_path: str | Path | Sequence[str | Path] = (),
     model_options: Mapping[str, Any] | None = None,

@@ -50,7 +50,7 @@ from mpcdp.train.audit_run import (
     preflight,
     white_box_scorer,
 )
-from mpcdp.train.clipping import PerSampleClipper
+from mpcdp.train.clipping import ClippingMode, PerSampleClipper
 from mpcdp.train.models import build_model
 from mpcdp.train.planning import TrainingPlan, plan_training
 from mpcdp.train.results import (
@@ -199,7 +199,7 @@ def train(
     learning_rate: float = 0.03,
     optimizer: Literal["sgd", "adam"] = "sgd",
     momentum: float = 0.9,
-    clipping: Literal["flat", "automatic"] = "flat",
+    clipping: ClippingMode = "flat",
     bias_only: bool = False,
     colluders: int = 1,
     eval_data: Arrays | Dataset[Any] | None = None,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from mpcdp.dp import accountant, rdp
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import (
+    CLIPPING_MODES,
     TrainSpec,
     choose_scale_bits,
     max_batch_size,
@@ -19,7 +20,8 @@ from mpcdp.protocol.training import (
     step_event,
 )
 
-__all__ = ["TrainingPlan", "plan_training"]
+# CLIPPING_MODES: re-exported for the command line (torch-free; cli/ may not import protocol/)
+__all__ = ["CLIPPING_MODES", "TrainingPlan", "plan_training"]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mpcdp.config.training_config import is_import_path
+from mpcdp.config.training_config import BUILTIN_LOSSES, is_import_path
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.protocol.training.fingerprint import fingerprint
@@ -26,8 +26,6 @@ from mpcdp.train.declared import import_object, resolve_loss
 from mpcdp.train.declared import model_factory as import_factory
 
 __all__ = ["evaluate_any", "model_factory_for", "with_declared_model"]
-
-_LOSSES = ("cross_entropy", "mse")
 
 
 def _folders(python_path: str | Path | Sequence[str | Path]) -> tuple[Path, ...]:
@@ -68,7 +66,7 @@ def with_declared_model(
     """``spec`` with the architecture entries of ``factory(spec.model)`` (built afresh on
     torch's meta device, as every site builds it: before a clipper freezes anything), their
     fingerprint and the loss; every site compares them with what it declared and builds."""
-    if loss not in _LOSSES and not is_import_path(loss):
+    if loss not in BUILTIN_LOSSES and not is_import_path(loss):
         raise ParameterError("loss", loss, "must be 'cross_entropy', 'mse' or an import path")
     entries = describe_factory(factory, spec.model)
     return dataclasses.replace(

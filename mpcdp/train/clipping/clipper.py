@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import MpcdpError, ParameterError
+from mpcdp.protocol.training.train_spec import CLIPPING_MODES
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import Trace, check_parameter_uses
 from mpcdp.train.clipping.precision import _all_finite, _ieee_float32, norm_margin
@@ -43,8 +44,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+#: the type of CLIPPING_MODES (mpcdp.protocol.training.train_spec), for type checkers
 ClippingMode = Literal["flat", "automatic"]
-_MODES: tuple[str, ...] = ("flat", "automatic")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -124,8 +125,8 @@ class PerSampleClipper(FirstUseProbe):
         if not isinstance(module, nn.Module):
             raise ParameterError("module", type(module).__name__, "must be a torch.nn.Module")
         self.max_grad_norm = _check_finite_positive("max_grad_norm", max_grad_norm)
-        if clipping not in _MODES:
-            raise ParameterError("clipping", clipping, f"must be one of {list(_MODES)}")
+        if clipping not in CLIPPING_MODES:
+            raise ParameterError("clipping", clipping, f"must be one of {list(CLIPPING_MODES)}")
         self.clipping: ClippingMode = clipping
         self.stability = _check_finite_positive("stability", stability)
         self.bias_only = bool(bias_only)

@@ -890,3 +890,15 @@ def test_fused_rnns_are_refused_with_the_cell_to_use(rnn: type[nn.Module], cell:
     clipper = PerSampleClipper(Net(), max_grad_norm=1.0)
     with pytest.raises(ParameterError, match=f"fused recurrent kernel.*{cell}"):
         clipper.clipped_grad_sum(inputs=torch.randn(B, 5, 4), targets=labels(), loss_fn=ce)
+
+
+def test_the_clipping_type_names_the_protocols_modes() -> None:
+    """ClippingMode (for type checkers) spells the one list of modes, CLIPPING_MODES."""
+    from typing import get_args
+
+    from mpcdp.protocol.training import CLIPPING_MODES
+    from mpcdp.train.clipping import ClippingMode
+
+    assert get_args(ClippingMode) == CLIPPING_MODES
+    with pytest.raises(ParameterError, match="must be one of"):
+        PerSampleClipper(nn.Linear(2, 1), max_grad_norm=1.0, clipping="fixed")  # type: ignore[arg-type]
