@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpcdp.errors import ParameterError
+from mpcdp.errors import ParameterError, UnsupportedModuleError
 
 __all__ = ["DPMultiheadAttention", "replace_multihead_attention"]
 
@@ -177,15 +177,13 @@ class DPMultiheadAttention(nn.Module):
 def _from_torch_mha(mha: nn.MultiheadAttention, path: str) -> DPMultiheadAttention:
     where = f"module {path!r}" if path else "the module"
     if not mha.batch_first:
-        raise ParameterError(
-            "module",
+        raise UnsupportedModuleError(
             path,
             f"{where} is nn.MultiheadAttention with batch_first=False; per-sample "
             "clipping needs batch-first layers: construct it with batch_first=True",
         )
     if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
-        raise ParameterError(
-            "module",
+        raise UnsupportedModuleError(
             path,
             f"{where} uses add_bias_kv or add_zero_attn, which DPMultiheadAttention "
             "does not support",

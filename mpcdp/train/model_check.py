@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mpcdp.config.training_config import is_import_path
-from mpcdp.errors import ParameterError, UserImportError
+from mpcdp.errors import ParameterError, UnsupportedModuleError, UserImportError
 from mpcdp.train import declared
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.clipping.rules import _classify, _use_ghost
@@ -708,6 +708,7 @@ def _clipper_verdict(
             clipper.clipped_grad_sum(inputs=inputs, targets=targets, loss_fn=loss_fn)
     except ParameterError as exc:
         paths = {path for path, _ in model.named_modules()}
-        named = exc.name == "module" and isinstance(exc.value, str) and exc.value in paths
-        return str(exc), str(exc.value) if named else None
+        if isinstance(exc, UnsupportedModuleError) and exc.module_path in paths:
+            return str(exc), exc.module_path
+        return str(exc), None
     return None, None

@@ -84,7 +84,7 @@ from torch.autograd.graph import Node
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten
 
-from mpcdp.errors import ParameterError
+from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping.rules import _Layer, _where
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -224,9 +224,9 @@ def _first_bad_row(full: torch.Tensor, part: torch.Tensor) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def refuse(path: str, why: str) -> ParameterError:
+def refuse(path: str, why: str) -> UnsupportedModuleError:
     """A refusal of the model, naming the module at ``path``."""
-    return ParameterError("module", path, why)
+    return UnsupportedModuleError(path, why)
 
 
 def compare_traces(

@@ -20,7 +20,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mpcdp.errors import MpcdpError, ParameterError
+from mpcdp.errors import MpcdpError, ParameterError, UnsupportedModuleError
 from mpcdp.protocol.training.train_spec import CLIPPING_MODES
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import Trace, check_parameter_uses
@@ -216,8 +216,7 @@ class PerSampleClipper(FirstUseProbe):
                         if trainable
                         else "uses batch statistics (training mode or track_running_stats=False)"
                     )
-                    raise ParameterError(
-                        "module",
+                    raise UnsupportedModuleError(
                         path,
                         f"{_where(path)} is {type(m).__name__} and {why}: it mixes examples "
                         "in a batch, so per-sample gradients are undefined; use GroupNorm or "
@@ -225,8 +224,7 @@ class PerSampleClipper(FirstUseProbe):
                     )
             if not for_call and isinstance(m, nn.MultiheadAttention):
                 if any(p.requires_grad for p in m.parameters()):
-                    raise ParameterError(
-                        "module",
+                    raise UnsupportedModuleError(
                         path,
                         f"{_where(path)} is nn.MultiheadAttention, whose forward uses its "
                         "weights directly so per-sample gradients cannot be tracked; convert "
@@ -244,8 +242,7 @@ class PerSampleClipper(FirstUseProbe):
             for n, p in own.items():
                 full = f"{path}.{n}" if path else n
                 if id(p) in owner:
-                    raise ParameterError(
-                        "module",
+                    raise UnsupportedModuleError(
                         path,
                         f"parameter {full!r} is the same tensor as {owner[id(p)]!r} (weight "
                         "tying); shared parameters are not supported by per-sample clipping",
@@ -493,8 +490,8 @@ class PerSampleClipper(FirstUseProbe):
                 return None
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
-                raise ParameterError(
-                    "module", layer.path, f"{_where(layer.path)} was called without a tensor input"
+                raise UnsupportedModuleError(
+                    layer.path, f"{_where(layer.path)} was called without a tensor input"
                 )
             if x.dim() == 0 or x.shape[0] != batch or output.shape[0] != batch:
                 whole = self._probe_batch
@@ -617,8 +614,7 @@ class PerSampleClipper(FirstUseProbe):
     @staticmethod
     def _check_inputs_unmodified(layer: _Layer, calls: list[_Call]) -> None:
         if any(c.inputs_modified() for c in calls):
-            raise ParameterError(
-                "module",
+            raise UnsupportedModuleError(
                 layer.path,
                 f"the input of {_where(layer.path)} was modified in place after the "
                 "layer read it (e.g. `x += ...` or an inplace activation on its input); "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mpcdp.errors import ParameterError
+from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import StateSnapshot, Trace
 from mpcdp.train.clipping.precision import _ieee_float32
@@ -223,7 +223,7 @@ class FirstUseProbe:
             try:
                 checks.compare_traces(reference, trace, rows, batch, layers)
             except ParameterError as exc:
-                if exc.name == "module":
+                if isinstance(exc, UnsupportedModuleError):
                     state.check(self.module)
                     checks.check_deterministic(self.module, pristine, reference)
                     checks.localize(

@@ -28,7 +28,7 @@ from torch.autograd.graph import GradientEdge, Node
 from torch.nn.grad import conv2d_weight
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mpcdp.errors import ParameterError
+from mpcdp.errors import UnsupportedModuleError
 from mpcdp.train.clipping.precision import (
     _cat1,
     _mm_into,
@@ -130,16 +130,14 @@ def _classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str
     if _same_forward(module, nn.Embedding) and names == {"weight"}:
         assert isinstance(module, nn.Embedding)
         if module.max_norm is not None:
-            raise ParameterError(
-                "module",
+            raise UnsupportedModuleError(
                 path,
                 f"{_where(path)} is nn.Embedding with max_norm={module.max_norm}: it "
                 "renormalises its weight in place during the forward, which per-sample "
                 "clipping does not support; use max_norm=None",
             )
         if module.scale_grad_by_freq:
-            raise ParameterError(
-                "module",
+            raise UnsupportedModuleError(
                 path,
                 f"{_where(path)} is nn.Embedding with scale_grad_by_freq=True: it scales "
                 "gradients by token counts over the whole batch, which mixes examples; "
@@ -154,8 +152,7 @@ def _classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str
 
 
 def _batch_error(layer: _Layer, what: str, shape: tuple[int, ...], batch: int) -> Exception:
-    return ParameterError(
-        "module",
+    return UnsupportedModuleError(
         layer.path,
         f"{_where(layer.path)} ({type(layer.module).__name__}) was called with {what} "
         f"of shape {shape}, whose dimension 0 is not the batch size {batch}: per-sample "
@@ -548,16 +545,14 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
                 cell = {"LSTM": "nn.LSTMCell", "GRU": "nn.GRUCell"}.get(
                     type(module).__name__, "nn.RNNCell"
                 )
-                raise ParameterError(
-                    "module",
+                raise UnsupportedModuleError(
                     layer.path,
                     f"{_where(layer.path)} ({type(module).__name__}) runs torch's fused "
                     "recurrent kernel, which per-sample clipping cannot split by example; "
                     f"build the recurrence from {cell} called at every step (a cell called "
                     "in a loop is handled)",
                 ) from exc
-            raise ParameterError(
-                "module",
+            raise UnsupportedModuleError(
                 layer.path,
                 f"{_where(layer.path)} ({type(module).__name__}) has no closed-form per-sample "
                 "rule and its torch.func fallback (vmap over the batch of a vjp of the "

@@ -902,3 +902,16 @@ def test_the_clipping_type_names_the_protocols_modes() -> None:
     assert get_args(ClippingMode) == CLIPPING_MODES
     with pytest.raises(ParameterError, match="must be one of"):
         PerSampleClipper(nn.Linear(2, 1), max_grad_norm=1.0, clipping="fixed")  # type: ignore[arg-type]
+
+
+def test_a_refused_module_is_a_typed_error_naming_its_path() -> None:
+    """Refusals are UnsupportedModuleError: still a ParameterError named "module", with the
+    module's path in ``module_path`` and the message of any parameter error."""
+    from mpcdp.errors import UnsupportedModuleError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UnsupportedModuleError) as err:
+        PerSampleClipper(model, max_grad_norm=1.0)
+    assert isinstance(err.value, ParameterError)
+    assert err.value.name == "module" and err.value.module_path == err.value.value == "1"
+    assert str(err.value).startswith("invalid module='1': ")
