@@ -58,10 +58,10 @@ from mpcdp.train.results import (
     EpochRecord,
     StepInfo,
     TrainingResult,
-    _plan_from,
-    _read_checkpoint,
-    _save,
     load_checkpoint,
+    plan_from,
+    read_checkpoint,
+    save_checkpoint,
     write_metrics,
 )
 from mpcdp.train.run_model import (
@@ -327,8 +327,8 @@ def train(
         evaluate_metric(net, eval_data, metric=metric, python_path=python_path)
     run = run_id or f"train-{secrets.token_hex(6)}"
     if checkpoint is not None and checkpoint.exists():
-        state = _read_checkpoint(checkpoint)
-        saved = _plan_from(state["plan"])
+        state = read_checkpoint(checkpoint)
+        saved = plan_from(state["plan"])
         if saved != plan:
             diff = [k for k in asdict(plan) if asdict(plan)[k] != asdict(saved)[k]]
             raise ParameterError(
@@ -440,7 +440,7 @@ def train(
                     else:
                         history.append(rec)
                     if checkpoint is not None:  # saved before it is reported
-                        _save(
+                        save_checkpoint(
                             checkpoint,
                             {
                                 "format": CHECKPOINT_FORMAT,

@@ -14,7 +14,7 @@ first-use checks (:meth:`PerSampleClipper.check_model`) and one clipped step on 
 batch, and reports the first :class:`~mpcdp.errors.ParameterError` it raises. The
 ghost/instantiated choice of Linear and Conv2d layers depends on ``T``, the positions per
 example, which a forward pass on the synthetic batch measures; the clipper's own rule
-(:func:`~mpcdp.train.clipping.rules._use_ghost`: the ghost norm only where instantiating,
+(:func:`~mpcdp.train.clipping.rules.use_ghost`: the ghost norm only where instantiating,
 ``4 p d`` bytes per example, would take more memory than the float64 ghost branch,
 ``16 T^2 + 8 T (p + d)``) is then applied to the layer's ``T``, ``p`` and ``d``. Embedding
 layers are always instantiated, sparsely (the rows of each example's own tokens: at most
@@ -44,7 +44,7 @@ from mpcdp.config.training_config import is_import_path
 from mpcdp.errors import ParameterError, UnsupportedModuleError, UserImportError
 from mpcdp.train import declared
 from mpcdp.train.clipping import PerSampleClipper
-from mpcdp.train.clipping.rules import _classify, _use_ghost
+from mpcdp.train.clipping.rules import classify, use_ghost
 from mpcdp.train.layers import replace_multihead_attention
 
 __all__ = [
@@ -491,12 +491,12 @@ def _probe(
 
 _MATMUL_KINDS = ("linear", "conv2d", "embedding")
 
-#: bytes per value of an instantiated per-sample gradient, as :func:`_use_ghost` counts them
+#: bytes per value of an instantiated per-sample gradient, as :func:`use_ghost` counts them
 _INSTANTIATED_BYTES = 4
 
 
 def _ghost_bytes(t: int, p: int, d: int) -> int:
-    """Per-example bytes of the ghost branch as :func:`_use_ghost` counts them: float64 Gram
+    """Per-example bytes of the ghost branch as :func:`use_ghost` counts them: float64 Gram
     matrices of A and G (``2 T^2`` values) and float64 copies of A and G (``T (p + d)``)."""
     return 16 * t * t + 8 * t * (p + d)
 
@@ -539,7 +539,7 @@ def _layer_report(
     n_params = sum(p.numel() for p in own.values())
     kind = "fallback"
     try:
-        kind = _classify(path, m, own)
+        kind = classify(path, m, own)
     except ParameterError as exc:
         reason = reason or exc.reason
     t, p, d = _tpd(kind, m, s, probe) or (0, 0, 0)
@@ -566,7 +566,7 @@ def _layer_report(
         method, note = "ghost", "T=1: norm |a| |g| per example"
     else:
         ghost, inst = _ghost_bytes(t, p, d), _INSTANTIATED_BYTES * p * d
-        if _use_ghost(t, p, d):
+        if use_ghost(t, p, d):
             method, per_example = "ghost", ghost
             note = f"ghost: 16T^2+8T(p+d)={ghost} B < 4pd={inst} B per example"
         else:

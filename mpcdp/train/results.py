@@ -29,6 +29,9 @@ __all__ = [
     "StepInfo",
     "TrainingResult",
     "load_checkpoint",
+    "plan_from",
+    "read_checkpoint",
+    "save_checkpoint",
     "write_metrics",
 ]
 
@@ -90,7 +93,7 @@ class TrainingResult:
         }
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
@@ -106,8 +109,8 @@ def load_checkpoint(
     """(model with the checkpoint's parameters, its plan, steps done). A model named by
     import path is rebuilt from that factory (``python_path`` folders searched first), a
     built-in name with ``model_factory``."""
-    state = _read_checkpoint(path)
-    plan = _plan_from(state["plan"])
+    state = read_checkpoint(path)
+    plan = plan_from(state["plan"])
     net = model_factory_for(
         plan.model, default=model_factory, python_path=python_path, model_options=model_options
     )(plan.model)
@@ -115,7 +118,7 @@ def load_checkpoint(
     return net, plan, int(state["step"])
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, unpickled with torch's weights-only loader (tensors, numbers,
     strings and containers only: a file from elsewhere cannot run code)."""
     try:
@@ -134,7 +137,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _plan_from(obj: dict[str, Any]) -> TrainingPlan:
+def plan_from(obj: dict[str, Any]) -> TrainingPlan:
     return TrainingPlan(
         **{**obj, "parties": tuple(obj["parties"]), "examples": tuple(obj["examples"])}
     )

@@ -68,7 +68,7 @@ split by example too).
 
 Precision: whatever the model's dtype or autocast, norms and clipped sums are computed in
 IEEE float32 (float64 for a float64 model): half-precision layer inputs, output gradients
-and per-sample gradients are upcast first (:func:`.precision._work`), so the terms summed
+and per-sample gradients are upcast first (:func:`.precision.upcast`), so the terms summed
 are exactly those whose norms set the clip factors.
 
 Modules: :mod:`.precision` (upcast, IEEE guard, bounded-error norms), :mod:`.rules` (the

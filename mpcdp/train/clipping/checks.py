@@ -85,7 +85,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten
 
 from mpcdp.errors import ParameterError, UnsupportedModuleError
-from mpcdp.train.clipping.rules import _Layer, _where
+from mpcdp.train.clipping.rules import Layer, module_at
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -234,7 +234,7 @@ def compare_traces(
     part: Trace,
     rows: torch.Tensor,
     batch: int,
-    layers: dict[str, _Layer],
+    layers: dict[str, Layer],
 ) -> None:
     """Refuse unless ``part`` (a forward of the examples ``rows`` of the whole batch, in
     that order) computed every module's outputs exactly as the whole batch did."""
@@ -252,7 +252,7 @@ def compare_traces(
         raise refuse(
             where,
             f"the forward pass calls other modules for a batch of {size} than for the whole "
-            f"batch of {batch} (first difference at {_where(where)}): the batch decides the "
+            f"batch of {batch} (first difference at {module_at(where)}): the batch decides the "
             "computation (a branch on a batch statistic or on the batch size?), so examples "
             "interact and per-sample clipping cannot bound one example's influence",
         )
@@ -264,7 +264,7 @@ def compare_traces(
                 if sf and sp is not None and sf[0] == batch and sp[0] != size:
                     raise refuse(
                         path,
-                        f"{_where(path)} ({type(layer.module).__name__}) received a tensor "
+                        f"{module_at(path)} ({type(layer.module).__name__}) received a tensor "
                         f"of shape {sf} for a batch of {batch}, and of shape {sp} for a batch "
                         f"of {size} (call {k + 1}): its dimension 0 equals the batch size only "
                         "by coincidence (sequence-first, or shared across the batch); per-"
@@ -281,7 +281,7 @@ def compare_traces(
             if row is not None:
                 raise refuse(
                     path,
-                    f"the output of {_where(path)} ({kind}) for example {int(rows[row])} "
+                    f"the output of {module_at(path)} ({kind}) for example {int(rows[row])} "
                     f"differs when that example is in a batch of {size} instead of {batch} "
                     "(at another position): examples interact at or before this module "
                     "(batch statistics, centring by the batch mean, a branch on the batch or "
@@ -294,7 +294,7 @@ def compare_traces(
 def localize(
     *,
     module: nn.Module,
-    layers: dict[str, _Layer],
+    layers: dict[str, Layer],
     whole: torch.Tensor,
     part: torch.Tensor,
     rows: torch.Tensor,
@@ -332,9 +332,9 @@ def compare_losses(
 OutputGrads = dict[str, list[list[torch.Tensor | None]]]
 
 
-def output_grads(layers: Sequence[_Layer], *, again: bool = False) -> OutputGrads:
+def output_grads(layers: Sequence[Layer], *, again: bool = False) -> OutputGrads:
     """The output gradients the layers' calls hold now (``again``: those of the second
-    backward, ``_Call.grads_again``)."""
+    backward, ``Call.grads_again``)."""
     return {
         layer.path: [list(c.grads_again if again else c.grads) for c in layer.calls]
         for layer in layers
@@ -405,7 +405,7 @@ def compare_output_grads(
         if len(calls_f) != len(calls_p):
             raise refuse(
                 path,
-                f"{_where(path)} is called {len(calls_f)} times for the whole batch and "
+                f"{module_at(path)} is called {len(calls_f)} times for the whole batch and "
                 f"{len(calls_p)} times for a batch of {size}: the batch decides the computation",
             )
         for grads_f, grads_p in zip(calls_f, calls_p, strict=True):
@@ -433,7 +433,7 @@ def _backward_mix(path: str, size: int, example: int | None) -> ParameterError:
     which = f"for example {example} " if example is not None else ""
     return refuse(
         path,
-        f"the gradient reaching the output of {_where(path)} {which}differs when that "
+        f"the gradient reaching the output of {module_at(path)} {which}differs when that "
         f"example is in a batch of {size} with its loss weighted: the backward pass mixes "
         "examples or depends on the batch (a custom autograd.Function, a tensor hook or a "
         "module backward hook that combines examples, a term like m - m.detach() with m a "
@@ -478,7 +478,7 @@ def compare_sums(
             raise refuse(
                 path,
                 f"the gradient of parameter {name!r} that per-sample clipping computes from "
-                f"{_where(path)}'s inputs and output gradients differs from autograd's gradient "
+                f"{module_at(path)}'s inputs and output gradients differs from autograd's gradient "
                 f"of the same loss by {off:.1%}: something changes the gradient outside the "
                 "module's own forward (a forward hook that replaces the module's output, the "
                 "parameter read through a tensor derived from it and used outside the module, "
@@ -543,19 +543,19 @@ def check_deterministic(module: nn.Module, inputs: torch.Tensor, first: Trace) -
             if ta.dim() > 0 and _first_bad_row(ta, tb) is not None:
                 raise refuse(
                     path,
-                    f"the output of {_where(path)} ({kind}) changes between two identical "
+                    f"the output of {module_at(path)} ({kind}) changes between two identical "
                     "forward passes: the forward is random other than through nn.Dropout "
                     "modules (functional dropout, noise), so whether examples interact cannot "
                     "be checked; use nn.Dropout modules for dropout",
                 )
 
 
-def check_parameter_uses(*, loss: torch.Tensor, layers: list[_Layer]) -> None:
+def check_parameter_uses(*, loss: torch.Tensor, layers: list[Layer]) -> None:
     """Refuse a parameter whose gradient reaches it from outside its module's forward.
 
     A call's own nodes are those reached from its outputs' autograd edges without passing
-    its arguments' nodes (``_Call.frontier``, recorded by the forward hook)."""
-    owner: dict[int, _Layer] = {}
+    its arguments' nodes (``Call.frontier``, recorded by the forward hook)."""
+    owner: dict[int, Layer] = {}
     for layer in layers:
         for p in layer.params.values():
             owner[id(p)] = layer
@@ -592,7 +592,7 @@ def check_parameter_uses(*, loss: torch.Tensor, layers: list[_Layer]) -> None:
                     full = f"{layer.path}.{name}" if layer.path else name
                     raise refuse(
                         layer.path,
-                        f"parameter {full!r} is used outside the forward of {_where(layer.path)}"
+                        f"parameter {full!r} is used outside the forward of {module_at(layer.path)}"
                         f" (by another module or by a parent's code, e.g. weight tying through "
                         f"F.linear(h, {full})): its gradient through that use would be missing "
                         "from the per-sample gradients; use it only by calling its module",

@@ -24,16 +24,16 @@ from mpcdp.errors import MpcdpError, ParameterError, UnsupportedModuleError
 from mpcdp.protocol.training.train_spec import CLIPPING_MODES
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import Trace, check_parameter_uses
-from mpcdp.train.clipping.precision import _all_finite, _ieee_float32, norm_margin
+from mpcdp.train.clipping.precision import all_finite, ieee_float32, norm_margin
 from mpcdp.train.clipping.probe import FirstUseProbe
 from mpcdp.train.clipping.rules import (
-    _LAYER_RULES,
-    _batch_error,
-    _Call,
-    _classify,
-    _Layer,
-    _SumFn,
-    _where,
+    LAYER_RULES,
+    Call,
+    Layer,
+    SumFn,
+    batch_error,
+    classify,
+    module_at,
 )
 
 __all__ = [
@@ -218,7 +218,7 @@ class PerSampleClipper(FirstUseProbe):
                     )
                     raise UnsupportedModuleError(
                         path,
-                        f"{_where(path)} is {type(m).__name__} and {why}: it mixes examples "
+                        f"{module_at(path)} is {type(m).__name__} and {why}: it mixes examples "
                         "in a batch, so per-sample gradients are undefined; use GroupNorm or "
                         "LayerNorm (or a frozen BatchNorm in eval mode)",
                     )
@@ -226,14 +226,14 @@ class PerSampleClipper(FirstUseProbe):
                 if any(p.requires_grad for p in m.parameters()):
                     raise UnsupportedModuleError(
                         path,
-                        f"{_where(path)} is nn.MultiheadAttention, whose forward uses its "
+                        f"{module_at(path)} is nn.MultiheadAttention, whose forward uses its "
                         "weights directly so per-sample gradients cannot be tracked; convert "
                         "the model with mpcdp.train.layers.replace_multihead_attention(model) "
                         "first",
                     )
 
-    def _build_layers(self) -> list[_Layer]:
-        layers: list[_Layer] = []
+    def _build_layers(self) -> list[Layer]:
+        layers: list[Layer] = []
         owner: dict[int, str] = {}
         for path, m in self.module.named_modules():
             own = {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad}
@@ -248,16 +248,16 @@ class PerSampleClipper(FirstUseProbe):
                         "tying); shared parameters are not supported by per-sample clipping",
                     )
                 owner[id(p)] = full
-            kind = _classify(path, m, own)
+            kind = classify(path, m, own)
             if kind == "fallback":
                 _log.info(
                     "%s (%s) is not a layer with a closed-form rule: its per-sample gradients "
                     "are materialised with torch.func (batch x %d values)",
-                    _where(path),
+                    module_at(path),
                     type(m).__name__,
                     sum(p.numel() for p in own.values()),
                 )
-            layers.append(_Layer(path=path, module=m, kind=kind, params=own))
+            layers.append(Layer(path=path, module=m, kind=kind, params=own))
         return layers
 
     # -- public API ------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class PerSampleClipper(FirstUseProbe):
                 f"length {flat.numel()}",
                 f"must have length num_params={self._num_params}",
             )
-        if check and not _all_finite(flat):
+        if check and not all_finite(flat):
             raise ParameterError("flat", "non-finite values", "parameters must be finite")
         with torch.no_grad():
             for _, p in self._params:
@@ -360,7 +360,7 @@ class PerSampleClipper(FirstUseProbe):
         if (
             check_inputs
             and (inputs.is_floating_point() or inputs.is_complex())
-            and not _all_finite(inputs)
+            and not all_finite(inputs)
         ):
             bad = int((~torch.isfinite(inputs)).sum())
             raise ParameterError(
@@ -377,7 +377,7 @@ class PerSampleClipper(FirstUseProbe):
                 loss_sum, grads_ok = self._first_use(inputs, targets, loss_fn, batch)
             else:
                 loss_sum, grads_ok, _, _ = self._forward_backward(inputs, targets, loss_fn, batch)
-            with torch.no_grad(), _ieee_float32(self.device):
+            with torch.no_grad(), ieee_float32(self.device):
                 return self._clip_and_sum(batch, loss_sum, grads_ok, float(scale), out)
         except _NonFiniteSamples as exc:
             skipped: _NonFiniteSamples = exc
@@ -450,7 +450,7 @@ class PerSampleClipper(FirstUseProbe):
 
     # -- the BK steps ----------------------------------------------------------------------
 
-    def _hook(self, layer: _Layer, batch: int) -> Callable[..., None]:
+    def _hook(self, layer: Layer, batch: int) -> Callable[..., None]:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
@@ -477,7 +477,7 @@ class PerSampleClipper(FirstUseProbe):
                     k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
                 }
                 layer.calls.append(
-                    _Call(
+                    Call(
                         inputs=detached_args,
                         kwargs=detached_kwargs,
                         edges=[get_gradient_edge(leaves[i]) for i in idx],
@@ -491,25 +491,25 @@ class PerSampleClipper(FirstUseProbe):
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 raise UnsupportedModuleError(
-                    layer.path, f"{_where(layer.path)} was called without a tensor input"
+                    layer.path, f"{module_at(layer.path)} was called without a tensor input"
                 )
             if x.dim() == 0 or x.shape[0] != batch or output.shape[0] != batch:
                 whole = self._probe_batch
                 if whole is not None and x.dim() > 0 and x.shape[0] == whole:
                     raise checks.refuse(
                         layer.path,
-                        f"{_where(layer.path)} ({type(layer.module).__name__}) received a "
+                        f"{module_at(layer.path)} ({type(layer.module).__name__}) received a "
                         f"tensor of shape {tuple(x.shape)} for a batch of {batch} as for the "
                         f"whole batch of {whole}: its dimension 0 equals the batch size only by "
                         "coincidence (sequence-first, or shared across the batch); per-sample "
                         "clipping needs batch-first tensors: make dimension 0 the batch",
                     )
-                raise _batch_error(layer, "its input", tuple(x.shape), batch)
+                raise batch_error(layer, "its input", tuple(x.shape), batch)
             if layer.kind == "conv2d" and x.dim() != 4:
-                raise _batch_error(layer, "its input", tuple(x.shape), batch)
+                raise batch_error(layer, "its input", tuple(x.shape), batch)
             stored = (x.detach(),) if layer.needs_input else ()
             layer.calls.append(
-                _Call(
+                Call(
                     inputs=stored,
                     kwargs={},
                     edges=[get_gradient_edge(output)],
@@ -581,7 +581,7 @@ class PerSampleClipper(FirstUseProbe):
                     check_parameter_uses(loss=loss_sum, layers=self._layers)
                 target = loss_sum if weights is None else (losses * weights.to(losses.dtype)).sum()
                 edges: list[GradientEdge] = []
-                slots: list[tuple[_Call, int]] = []
+                slots: list[tuple[Call, int]] = []
                 for layer in self._layers:
                     for call in layer.calls:
                         call.grads = [None] * len(call.edges)
@@ -612,11 +612,11 @@ class PerSampleClipper(FirstUseProbe):
                 h.remove()
 
     @staticmethod
-    def _check_inputs_unmodified(layer: _Layer, calls: list[_Call]) -> None:
+    def _check_inputs_unmodified(layer: Layer, calls: list[Call]) -> None:
         if any(c.inputs_modified() for c in calls):
             raise UnsupportedModuleError(
                 layer.path,
-                f"the input of {_where(layer.path)} was modified in place after the "
+                f"the input of {module_at(layer.path)} was modified in place after the "
                 "layer read it (e.g. `x += ...` or an inplace activation on its input); "
                 "per-sample gradients need the input as the layer saw it",
             )
@@ -648,14 +648,14 @@ class PerSampleClipper(FirstUseProbe):
     ) -> ClippedBatch:
         dt = self._dtype
         norm2 = torch.zeros(batch, dtype=dt, device=self.device)
-        finishers: list[tuple[_Layer, _SumFn]] = []
+        finishers: list[tuple[Layer, SumFn]] = []
         if grads_ok:
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if not calls:
                     continue
                 self._check_inputs_unmodified(layer, calls)
-                layer_norm2, finish = _LAYER_RULES[layer.kind](layer, calls, batch)
+                layer_norm2, finish = LAYER_RULES[layer.kind](layer, calls, batch)
                 norm2 += layer_norm2.to(dt)
                 finishers.append((layer, finish))
         bad = ~torch.isfinite(norm2)  # checked below, with the statistics (one host sync)

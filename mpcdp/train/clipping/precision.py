@@ -1,11 +1,11 @@
 """Precision of per-sample clipping: norms that neither round below the truth nor leave the
 floating-point range, and clipped sums in IEEE float32 (at least).
 
-Half-precision tensors are upcast (:func:`_work`), float32 matmuls and convolutions run at
-IEEE precision inside a process-wide guard (:func:`_ieee_float32`), and squared norms are
-float64 sums of float64 squares (:func:`_sq_norms`; float64 values scaled per example by an
+Half-precision tensors are upcast (:func:`upcast`), float32 matmuls and convolutions run at
+IEEE precision inside a process-wide guard (:func:`ieee_float32`), and squared norms are
+float64 sums of float64 squares (:func:`sq_norms`; float64 values scaled per example by an
 exact power of two first, as a BLAS ``nrm2`` scales), handed to the clipper rounded upwards
-(:func:`_norm_out`). The error analysis (Higham 2002, "Accuracy and stability of numerical
+(:func:`norm_out`). The error analysis (Higham 2002, "Accuracy and stability of numerical
 algorithms", Sec. 3.1 and 4.2) sets the relative margin by which clip factors keep each
 example strictly inside the bound (:func:`norm_margin`). Nothing happens at import time
 beyond defining names.
@@ -22,18 +22,18 @@ from typing import Any
 import torch
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN or inf in ``t``: min and max in one reduction (NaN propagates to both), one
     host sync. ``torch.isfinite(t).all()`` allocates a mask of t's size and, on a CPU, takes
     ~20x longer on a 10^7-vector."""
     if t.numel() == 0:
         return True
     if t.is_complex():
-        return _all_finite(torch.view_as_real(t))
+        return all_finite(torch.view_as_real(t))
     return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
-#: One process-wide guard (module docstring of :func:`_ieee_float32`): how many clipping
+#: One process-wide guard (module docstring of :func:`ieee_float32`): how many clipping
 #: steps are inside it, and the settings it found when the first one entered.
 _GUARD_LOCK = threading.Lock()
 _guard_users = 0
@@ -69,7 +69,7 @@ def _precision_switches(device: torch.device) -> list[tuple[Any, str, Any]]:
 
 
 @contextlib.contextmanager
-def _ieee_float32(device: torch.device) -> Iterator[None]:
+def ieee_float32(device: torch.device) -> Iterator[None]:
     """Clip factors and clipped sums in IEEE float32: autocast off, and TF32 / bf16 off for
     float32 matmuls and convolutions (oneDNN, cuBLAS, cuDNN) while a step is inside.
 
@@ -103,7 +103,7 @@ def _ieee_float32(device: torch.device) -> Iterator[None]:
                 _guard_saved.clear()
 
 
-def _work(t: torch.Tensor) -> torch.Tensor:
+def upcast(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the precision norms and sums are computed in: at least IEEE float32.
 
     A bf16/fp16 model, or autocast in or around its forward, leaves layer inputs and output
@@ -115,7 +115,7 @@ def _work(t: torch.Tensor) -> torch.Tensor:
 
 
 #: Squared norms are reduced in float64 over chunks of about this many values, so that the
-#: float64 copy stays small and is reused by the allocator (:func:`_sq_norms`).
+#: float64 copy stays small and is reused by the allocator (:func:`sq_norms`).
 _NORM_CHUNK = 1 << 20
 
 
@@ -123,12 +123,12 @@ def norm_margin(dtype: torch.dtype) -> float:
     """Relative margin ``kappa`` of the clip factors for norms computed from ``dtype`` values.
 
     Every squared per-sample norm is a float64 sum of non-negative float64 products of the
-    working-precision values (:func:`_sq_norms`; the ghost norms of :mod:`.rules` add a
+    working-precision values (:func:`sq_norms`; the ghost norms of :mod:`.rules` add a
     rigorous bound on their own rounding). A sum of n non-negative terms in any order is
     within ``gamma_n = n u / (1 - n u)`` of its value relatively (Higham 2002, "Accuracy and
     stability of numerical algorithms", Sec. 4.2), u the unit roundoff: in float64
     ``gamma_n < 2^-30`` for any layer below 2^23 values per example. The squared norms go to
-    the clipper in float32 rounded upwards (:func:`_norm_out`), where layers add at most a few
+    the clipper in float32 rounded upwards (:func:`norm_out`), where layers add at most a few
     thousand terms and one square root is taken; so a computed norm is below the norm of the
     values it was taken of by less than ``2^-13`` relatively, and clip factors aiming at
     ``C (1 - kappa)`` with ``kappa = 2^-12`` leave room for the products ``c_j g_j`` of the
@@ -145,7 +145,7 @@ def norm_margin(dtype: torch.dtype) -> float:
     return 2.0**-40 if dtype == torch.float64 else 2.0**-12
 
 
-def _pow2_scale(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pow2_scale(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows * 2^-e, e)`` with ``e`` (float64, one per row) the binary exponent of the
     row's largest magnitude: the scaled rows have their largest magnitude in [0.5, 1), so
     their squares neither over- nor underflow (values that underflow are below 2^-1074 of the
@@ -161,7 +161,7 @@ def _pow2_scale(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled, e.to(torch.float64)
 
 
-def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+def sq_norms(x: torch.Tensor) -> torch.Tensor:
     """Squared norm of each x[j], float64 (B,), without under- or overflow
     (:func:`norm_margin`): float32 values are converted to float64 in chunks of about
     :data:`_NORM_CHUNK` values (no float64 copy of x), float64 values scaled per row by a
@@ -170,7 +170,7 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(x.shape[0], -1)
     batch, n = rows.shape
     if x.dtype == torch.float64:
-        scaled, e = _pow2_scale(rows)
+        scaled, e = pow2_scale(rows)
         sq: torch.Tensor = torch.linalg.vector_norm(scaled, dim=1).square()
         return sq * torch.exp2(2 * e)
     out = torch.empty(batch, dtype=torch.float64, device=x.device)
@@ -181,7 +181,7 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _norm_out(norm2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def norm_out(norm2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float64 squared norms for the clipper's accumulator of ``dtype``: unchanged for
     float64; for float32 rounded upwards (a positive value below float32's range becomes its
     smallest positive value, one above it ``inf``), so the clip factor is set by an upper
@@ -193,7 +193,7 @@ def _norm_out(norm2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(low.to(torch.float64) < norm2, up, low)
 
 
-def _mm_into(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:
+def mm_into(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:
     """dest = x @ y, computed in place when dest has x's dtype (dest is a contiguous view)."""
     if dest.dtype == x.dtype:
         torch.mm(x, y, out=dest)
@@ -201,6 +201,6 @@ def _mm_into(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:
         dest.copy_(torch.mm(x, y))
 
 
-def _cat1(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+def cat1(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """torch.cat that does not copy a single tensor."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)

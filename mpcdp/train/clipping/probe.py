@@ -17,8 +17,8 @@ from torch import nn
 from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import StateSnapshot, Trace
-from mpcdp.train.clipping.precision import _ieee_float32
-from mpcdp.train.clipping.rules import _LAYER_RULES, _Call, _Layer
+from mpcdp.train.clipping.precision import ieee_float32
+from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,7 +29,7 @@ class FirstUseProbe:
 
     module: nn.Module
     device: torch.device
-    _layers: list[_Layer]
+    _layers: list[Layer]
     _params: list[tuple[str, nn.Parameter]]
     _num_params: int
     _dtype: torch.dtype
@@ -56,7 +56,7 @@ class FirstUseProbe:
         def _slot(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor: ...
 
         @staticmethod
-        def _check_inputs_unmodified(layer: _Layer, calls: list[_Call]) -> None: ...
+        def _check_inputs_unmodified(layer: Layer, calls: list[Call]) -> None: ...
 
     def _first_use(
         self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, batch: int
@@ -203,7 +203,7 @@ class FirstUseProbe:
         losses: torch.Tensor,
         state: StateSnapshot,
         pristine: torch.Tensor,
-        layers: dict[str, _Layer],
+        layers: dict[str, Layer],
     ) -> None:
         """One part's forward (grad enabled, as in the step) against the whole batch's."""
         size = int(rows.shape[0])
@@ -296,13 +296,13 @@ class FirstUseProbe:
     def _compare_with_autograd(self, autograd: list[torch.Tensor | None]) -> None:
         """The per-layer rules' sum of the recorded calls (one example, its loss weighted)
         against autograd's gradient of the same loss."""
-        with torch.no_grad(), _ieee_float32(self.device):
+        with torch.no_grad(), ieee_float32(self.device):
             flat = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
             ones = torch.ones(1, dtype=self._dtype, device=self.device)
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if calls:
-                    _, finish = _LAYER_RULES[layer.kind](layer, calls, 1)
+                    _, finish = LAYER_RULES[layer.kind](layer, calls, 1)
                     finish(ones, {n: self._slot(flat, p) for n, p in layer.params.items()})
         owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
         checks.compare_sums(

@@ -8,7 +8,7 @@ The squared norms are upper bounds of the norms of the values the finish sums, c
 without under- or overflow (:func:`.precision.norm_margin`): instantiated per-sample
 gradients (Linear and Conv2d by default, Embedding rows, norm layers, the fallback) have
 exact float64 norms; a ghost norm (Linear or Conv2d whose instantiated gradients would take
-more memory, :func:`_use_ghost`) comes from float64 Gram matrices plus Higham's bound on
+more memory, :func:`use_ghost`) comes from float64 Gram matrices plus Higham's bound on
 their rounding and on that of its float64 clipped sum (:func:`_ghost`). A fallback layer's
 vjp is re-run under the autocast its forward ran under (:func:`_autocast_state`).
 Nothing happens at import time beyond defining names.
@@ -30,17 +30,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpcdp.errors import UnsupportedModuleError
 from mpcdp.train.clipping.precision import (
-    _cat1,
-    _mm_into,
-    _norm_out,
-    _pow2_scale,
-    _sq_norms,
-    _work,
+    cat1,
+    mm_into,
+    norm_out,
+    pow2_scale,
+    sq_norms,
+    upcast,
 )
 
 # A layer's clipped-sum step: (clip factors (B,), {local parameter name: destination view of
 # grad_sum, shaped like the parameter}) -> None; it writes every trainable parameter's sum.
-_SumFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
+SumFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
 
 
 #: Device types whose autocast state a recorded call keeps.
@@ -59,7 +59,7 @@ def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
 
 
 @dataclass
-class _Call:
+class Call:
     """What the forward hook recorded for one call of a layer."""
 
     inputs: tuple[Any, ...]
@@ -81,7 +81,7 @@ class _Call:
         values = [*self.inputs, *self.kwargs.values()]
         return [v for v in values if isinstance(v, torch.Tensor)]
 
-    def record_versions(self) -> _Call:
+    def record_versions(self) -> Call:
         self.versions = [t._version for t in self.stored_tensors()]
         return self
 
@@ -90,14 +90,14 @@ class _Call:
 
 
 @dataclass
-class _Layer:
+class Layer:
     """A module that owns trainable parameters, with how its gradients are computed."""
 
     path: str
     module: nn.Module
     kind: str  # "linear", "conv2d", "embedding", "layernorm", "groupnorm", "fallback"
     params: dict[str, nn.Parameter]  # local name -> trainable parameter
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
 
     @property
     def needs_input(self) -> bool:
@@ -107,7 +107,7 @@ class _Layer:
         return True
 
 
-def _where(path: str) -> str:
+def module_at(path: str) -> str:
     return f"module {path!r}" if path else "the root module"
 
 
@@ -115,7 +115,7 @@ def _same_forward(module: nn.Module, base: type[nn.Module]) -> bool:
     return isinstance(module, base) and type(module).forward is base.forward
 
 
-def _classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str:
+def classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str:
     names = set(own)
     if _same_forward(module, nn.Linear) and names <= {"weight", "bias"}:
         return "linear"
@@ -132,14 +132,14 @@ def _classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str
         if module.max_norm is not None:
             raise UnsupportedModuleError(
                 path,
-                f"{_where(path)} is nn.Embedding with max_norm={module.max_norm}: it "
+                f"{module_at(path)} is nn.Embedding with max_norm={module.max_norm}: it "
                 "renormalises its weight in place during the forward, which per-sample "
                 "clipping does not support; use max_norm=None",
             )
         if module.scale_grad_by_freq:
             raise UnsupportedModuleError(
                 path,
-                f"{_where(path)} is nn.Embedding with scale_grad_by_freq=True: it scales "
+                f"{module_at(path)} is nn.Embedding with scale_grad_by_freq=True: it scales "
                 "gradients by token counts over the whole batch, which mixes examples; "
                 "use scale_grad_by_freq=False",
             )
@@ -151,19 +151,19 @@ def _classify(path: str, module: nn.Module, own: dict[str, nn.Parameter]) -> str
     return "fallback"
 
 
-def _batch_error(layer: _Layer, what: str, shape: tuple[int, ...], batch: int) -> Exception:
+def batch_error(layer: Layer, what: str, shape: tuple[int, ...], batch: int) -> Exception:
     return UnsupportedModuleError(
         layer.path,
-        f"{_where(layer.path)} ({type(layer.module).__name__}) was called with {what} "
+        f"{module_at(layer.path)} ({type(layer.module).__name__}) was called with {what} "
         f"of shape {shape}, whose dimension 0 is not the batch size {batch}: per-sample "
         "clipping needs batch-first layers",
     )
 
 
-def _grad(call: _Call) -> torch.Tensor:
+def _grad(call: Call) -> torch.Tensor:
     g = call.grads[0]
     assert g is not None  # calls whose output missed the loss are filtered out
-    return _work(g)
+    return upcast(g)
 
 
 def _matmul_rule(
@@ -172,10 +172,10 @@ def _matmul_rule(
     has_weight: bool,
     has_bias: bool,
     ghost_weight_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, _SumFn]:
+) -> tuple[torch.Tensor, SumFn]:
     """Linear-type layer with A (B, T, d) and G (B, T, p): weight grad sum_t g_t a_t^T.
 
-    Three ways, by ``T`` and the shape (:func:`_use_ghost`): ``T = 1``, the norm
+    Three ways, by ``T`` and the shape (:func:`use_ghost`): ``T = 1``, the norm
     ``|a| |g|``; per-sample gradients instantiated (``bmm``), whose norms are those of the
     very values summed; or the ghost norm in float64 (:func:`_ghost`), with its clipped sum
     in float64 too. ``ghost_weight_sum(c, dtype)``, if given, computes the clipped weight
@@ -195,16 +195,16 @@ def _matmul_rule(
         if t == 1:
             # ||g a^T||_F^2 = ||a||^2 ||g||^2 (Goodfellow 2015), each factor in float64
             a1, g1 = a[:, 0], g[:, 0]
-            norm2 += _sq_norms(a1) * _sq_norms(g1)
+            norm2 += sq_norms(a1) * sq_norms(g1)
 
             def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
                 # scale the narrower factor by c: one small multiply, then one matmul
                 if p <= d:
-                    _mm_into((g1 * c[:, None]).t(), a1, dest)
+                    mm_into((g1 * c[:, None]).t(), a1, dest)
                 else:
-                    _mm_into(g1.t(), a1 * c[:, None], dest)
+                    mm_into(g1.t(), a1 * c[:, None], dest)
 
-        elif _use_ghost(t, p, d):
+        elif use_ghost(t, p, d):
             a64, g64, ghost2 = _ghost(a, g, same=None)
             norm2 += ghost2
             del a
@@ -225,14 +225,14 @@ def _matmul_rule(
 
         else:
             per_sample = torch.bmm(g.transpose(1, 2), a)  # (B, p, d)
-            norm2 += _sq_norms(per_sample)
+            norm2 += sq_norms(per_sample)
 
             def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
-                _mm_into(c[None], per_sample.reshape(batch, p * d), dest.view(1, p * d))
+                mm_into(c[None], per_sample.reshape(batch, p * d), dest.view(1, p * d))
 
     if has_bias:
         gb = g[:, 0] if t == 1 else g.sum(dim=1)  # (B, p)
-        norm2 += _sq_norms(gb)
+        norm2 += sq_norms(gb)
 
     def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
         c = c.to(g.dtype)
@@ -240,9 +240,9 @@ def _matmul_rule(
             dest = dests["weight"]
             weight_fn(c, dest.view(dest.shape[0], -1))
         if gb is not None:
-            _mm_into(c[None], gb, dests["bias"].view(1, -1))
+            mm_into(c[None], gb, dests["bias"].view(1, -1))
 
-    return _norm_out(norm2, acc), finish
+    return norm_out(norm2, acc), finish
 
 
 def _ghost(
@@ -254,7 +254,7 @@ def _ghost(
     The ghost norm ``sum_{t,t'} <a_t, a_t'> <g_t, g_t'>`` (``same[t, t']``, 0 or 1, in place
     of ``<a_t, a_t'>`` for one-hot inputs) is computed from float64 Gram matrices of the
     working-precision values, which float64 holds exactly (float64 values are first scaled
-    per example by a power of two, :func:`.precision._pow2_scale`). A dot product of length
+    per example by a power of two, :func:`.precision.pow2_scale`). A dot product of length
     n in any summation order is within ``gamma_n = n u / (1 - n u)`` of its value relative
     to the sum of its absolute terms (Higham 2002, "Accuracy and stability of numerical
     algorithms", Sec. 3.1, eq. 3.5), so with ``u_j = sum_t |a_t| |g_t|`` (>= the norm,
@@ -304,7 +304,7 @@ def _wide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` in float64 (exact for float32 values) and, per example, the binary exponent it
     was scaled down by (0 for float32 values, whose products cannot leave float64's range)."""
     if x.dtype == torch.float64:
-        return _pow2_scale(x)
+        return pow2_scale(x)
     return x.to(torch.float64), torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
 
 
@@ -326,8 +326,8 @@ def _ghost_slack(*, dot_lengths: tuple[int, ...], terms: int, dtype: torch.dtype
 
 #: A layer's per-sample gradients are instantiated unless they would take more memory than
 #: the ghost branch (float64 Grams and copies of A and G); instantiating always costs fewer
-#: operations (:func:`_use_ghost`).
-def _use_ghost(t: int, p: int, d: int) -> bool:
+#: operations (:func:`use_ghost`).
+def use_ghost(t: int, p: int, d: int) -> bool:
     """Ghost norm rather than instantiation iff the instantiated (B, p, d) float32 gradients
     would take more memory than the float64 ghost branch: ``4 p d > 16 T^2 + 8 T (p + d)``.
 
@@ -339,13 +339,13 @@ def _use_ghost(t: int, p: int, d: int) -> bool:
     return 4 * p * d > 16 * t * t + 8 * t * (p + d)
 
 
-def _linear_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+def _linear_rule(layer: Layer, calls: list[Call], batch: int) -> tuple[torch.Tensor, SumFn]:
     m = layer.module
     assert isinstance(m, nn.Linear)
     p, d = m.out_features, m.in_features
     has_w, has_b = "weight" in layer.params, "bias" in layer.params
-    g = _cat1([_grad(c).reshape(batch, -1, p) for c in calls], dim=1)
-    a = _cat1([c.inputs[0].reshape(batch, -1, d) for c in calls], dim=1) if has_w else None
+    g = cat1([_grad(c).reshape(batch, -1, p) for c in calls], dim=1)
+    a = cat1([c.inputs[0].reshape(batch, -1, d) for c in calls], dim=1) if has_w else None
     return _matmul_rule(a, g, has_w, has_b)
 
 
@@ -378,13 +378,13 @@ def _unfold(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
-def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+def _conv2d_rule(layer: Layer, calls: list[Call], batch: int) -> tuple[torch.Tensor, SumFn]:
     m = layer.module
     assert isinstance(m, nn.Conv2d)
     p = m.out_channels
     has_w, has_b = "weight" in layer.params, "bias" in layer.params
-    g = _cat1([_grad(c).reshape(batch, p, -1).transpose(1, 2) for c in calls], dim=1)
-    a = _cat1([_unfold(m, c.inputs[0]) for c in calls], dim=1) if has_w else None
+    g = cat1([_grad(c).reshape(batch, p, -1).transpose(1, 2) for c in calls], dim=1)
+    a = cat1([_unfold(m, c.inputs[0]) for c in calls], dim=1) if has_w else None
     weight_shape = tuple(m.weight.shape)
 
     def ghost_weight_sum(c: torch.Tensor) -> torch.Tensor:
@@ -404,7 +404,7 @@ def _conv2d_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.T
     return _matmul_rule(a, g, has_w, has_b, ghost_weight_sum)
 
 
-def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+def _embedding_rule(layer: Layer, calls: list[Call], batch: int) -> tuple[torch.Tensor, SumFn]:
     """Embedding: each example's gradient is nonzero only in the rows of its own tokens, the
     sum of its output gradients at the positions holding that token. Those rows are
     instantiated (at most ``B T`` rows of ``E``, however large the vocabulary), so the norms
@@ -412,8 +412,8 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
     m = layer.module
     assert isinstance(m, nn.Embedding)
     vocab, dim = m.num_embeddings, m.embedding_dim
-    idx = _cat1([c.inputs[0].reshape(batch, -1) for c in calls], dim=1)  # (B, T)
-    g = _cat1([_grad(c).reshape(batch, -1, dim) for c in calls], dim=1)  # (B, T, E)
+    idx = cat1([c.inputs[0].reshape(batch, -1) for c in calls], dim=1)  # (B, T)
+    g = cat1([_grad(c).reshape(batch, -1, dim) for c in calls], dim=1)  # (B, T, E)
     if m.padding_idx is not None:
         g = g.masked_fill((idx == m.padding_idx).unsqueeze(-1), 0.0)
     example = torch.arange(batch, device=idx.device).unsqueeze(1)
@@ -422,7 +422,7 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
     rows.index_add_(0, inverse, g.reshape(-1, dim))  # one row per (example, token)
     owner, token = keys // vocab, keys % vocab
     norm2 = torch.zeros(batch, dtype=torch.float64, device=g.device)
-    norm2.index_add_(0, owner, _sq_norms(rows))
+    norm2.index_add_(0, owner, sq_norms(rows))
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
 
     def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
@@ -434,23 +434,23 @@ def _embedding_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torc
             out = torch.zeros(vocab, dim, dtype=rows.dtype, device=rows.device)
             dest.copy_(out.index_add_(0, token, scaled))
 
-    return _norm_out(norm2, acc), finish
+    return norm_out(norm2, acc), finish
 
 
-def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _SumFn]:
+def _instantiated(per_sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, SumFn]:
     """Norms and clipped sum from per-sample gradients {name: (B, *shape)}."""
-    per_sample = {n: _work(v) for n, v in per_sample.items()}
+    per_sample = {n: upcast(v) for n, v in per_sample.items()}
     norm2: torch.Tensor | None = None
     for v in per_sample.values():
-        n2 = _sq_norms(v)
+        n2 = sq_norms(v)
         norm2 = n2 if norm2 is None else norm2 + n2
     assert norm2 is not None
     acc = torch.float64 if any(v.dtype == torch.float64 for v in per_sample.values()) else None
-    norm2 = _norm_out(norm2, acc or torch.float32)
+    norm2 = norm_out(norm2, acc or torch.float32)
 
     def finish(c: torch.Tensor, dests: dict[str, torch.Tensor]) -> None:
         for n, v in per_sample.items():
-            _mm_into(c.to(v.dtype)[None], v.reshape(v.shape[0], -1), dests[n].view(1, -1))
+            mm_into(c.to(v.dtype)[None], v.reshape(v.shape[0], -1), dests[n].view(1, -1))
 
     return norm2, finish
 
@@ -459,7 +459,7 @@ def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     acc[name] = value if name not in acc else acc[name] + value
 
 
-def _norm_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+def _norm_rule(layer: Layer, calls: list[Call], batch: int) -> tuple[torch.Tensor, SumFn]:
     """LayerNorm / GroupNorm: per-sample (B, C) gradients from G and the normalised input."""
     m = layer.module
     acc: dict[str, torch.Tensor] = {}
@@ -472,7 +472,7 @@ def _norm_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Ten
             assert isinstance(m, nn.GroupNorm)
             dims = tuple(range(2, g.dim()))
         if "weight" in layer.params:
-            x = _work(call.inputs[0])
+            x = upcast(call.inputs[0])
             if isinstance(m, nn.LayerNorm):
                 xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
             else:
@@ -485,7 +485,7 @@ def _norm_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Ten
     return _instantiated(acc)
 
 
-def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch.Tensor, _SumFn]:
+def _fallback_rule(layer: Layer, calls: list[Call], batch: int) -> tuple[torch.Tensor, SumFn]:
     """Per-sample gradients of the module's own parameters with torch.func (vmap of vjp)."""
     module = layer.module
     params = {n: p.detach() for n, p in layer.params.items()}
@@ -497,7 +497,7 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
         cotangents = tuple(g for g in call.grads if g is not None)
         for g in cotangents:
             if g.dim() == 0 or g.shape[0] != batch:
-                raise _batch_error(layer, "an output", tuple(g.shape), batch)
+                raise batch_error(layer, "an output", tuple(g.shape), batch)
         # batched tensors: the tensors, anywhere in the positional and keyword arguments
         # (an LSTMCell's (h, c) tuple included), whose dimension 0 is the batch
         values, arg_spec = tree_flatten((call.inputs, call.kwargs))
@@ -547,14 +547,14 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
                 )
                 raise UnsupportedModuleError(
                     layer.path,
-                    f"{_where(layer.path)} ({type(module).__name__}) runs torch's fused "
+                    f"{module_at(layer.path)} ({type(module).__name__}) runs torch's fused "
                     "recurrent kernel, which per-sample clipping cannot split by example; "
                     f"build the recurrence from {cell} called at every step (a cell called "
                     "in a loop is handled)",
                 ) from exc
             raise UnsupportedModuleError(
                 layer.path,
-                f"{_where(layer.path)} ({type(module).__name__}) has no closed-form per-sample "
+                f"{module_at(layer.path)} ({type(module).__name__}) has no closed-form per-sample "
                 "rule and its torch.func fallback (vmap over the batch of a vjp of the "
                 f"module alone) failed; it must be batch-first and deterministic: {exc}",
             ) from exc
@@ -563,7 +563,7 @@ def _fallback_rule(layer: _Layer, calls: list[_Call], batch: int) -> tuple[torch
     return _instantiated(acc)
 
 
-_LAYER_RULES: dict[str, Callable[[_Layer, list[_Call], int], tuple[torch.Tensor, _SumFn]]] = {
+LAYER_RULES: dict[str, Callable[[Layer, list[Call], int], tuple[torch.Tensor, SumFn]]] = {
     "linear": _linear_rule,
     "conv2d": _conv2d_rule,
     "embedding": _embedding_rule,

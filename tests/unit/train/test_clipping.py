@@ -146,7 +146,7 @@ def test_linear_3d_ghost_and_instantiate(
     # (3, 24, 20): instantiating, 4 p d = 1,920 B per example, would take more than the
     # ghost branch, 16 T^2 + 8 T (p + d) = 1,200 B: ghost norm; (9, 4, 5): 80 <= 1,944,
     # instantiated
-    assert rules._use_ghost(t, p, d) == (t == 3)
+    assert rules.use_ghost(t, p, d) == (t == 3)
     ghosts = ghost_calls(monkeypatch)
     model = nn.Sequential(nn.Linear(d, p), nn.Tanh(), nn.Linear(p, NUM_CLASSES))
     check_against_reference(model, torch.randn(B, t, d), labels(), mode)
@@ -182,9 +182,9 @@ def test_conv2d_ghost_instantiate_and_grouped_fallback(
         nn.Flatten(),
         nn.Linear(4 * 2 * 2, NUM_CLASSES),
     )
-    assert not rules._use_ghost(64, 4, 27)
-    assert rules._use_ghost(4, 16, 36)
-    assert not rules._use_ghost(4, 4, 144)
+    assert not rules.use_ghost(64, 4, 27)
+    assert rules.use_ghost(4, 16, 36)
+    assert not rules.use_ghost(4, 4, 144)
     clipper = check_against_reference(model, torch.randn(B, 3, 8, 8), labels(), mode)
     # the second convolution only (the first-use checks run smaller batches before it)
     assert (B, 4, 36) in ghosts and {shape[1:] for shape in ghosts} == {(4, 36)}
@@ -624,8 +624,8 @@ def test_float32_model_matches_float64_reference() -> None:
             c = torch.relu(self.conv(img)).flatten(1)
             return self.head(torch.cat([h, c], dim=1))
 
-    assert rules._use_ghost(4, 16, 36) and rules._use_ghost(5, 32, 32)
-    assert not rules._use_ghost(5, 4, 32)
+    assert rules.use_ghost(4, 16, 36) and rules.use_ghost(5, 32, 32)
+    assert not rules.use_ghost(5, 4, 32)
     model32 = Mixed()
     x = torch.cat([torch.randint(0, 20, (B, 5)).float(), torch.randn(B, 100)], dim=1)
     y = labels()
@@ -772,7 +772,7 @@ def test_the_precision_guard_is_process_wide_and_reference_counted() -> None:
     seen: list[str] = []
 
     def first() -> None:
-        with precision._ieee_float32(torch.device("cpu")):
+        with precision.ieee_float32(torch.device("cpu")):
             inside.set()
             leave_first.wait(10)
 
@@ -780,7 +780,7 @@ def test_the_precision_guard_is_process_wide_and_reference_counted() -> None:
         t = threading.Thread(target=first)
         t.start()
         assert inside.wait(10)
-        with precision._ieee_float32(torch.device("cpu")):
+        with precision.ieee_float32(torch.device("cpu")):
             seen.append(mm.fp32_precision)
             leave_first.set()
             t.join(10)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner  # noqa: E402
 from mpcdp.cli.app import app  # noqa: E402
 from mpcdp.errors import ParameterError  # noqa: E402
 from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference  # noqa: E402
-from mpcdp.train.clipping.rules import _use_ghost  # noqa: E402
+from mpcdp.train.clipping.rules import use_ghost  # noqa: E402
 from mpcdp.train.model_check import (  # noqa: E402
     ModelReport,
     _ghost_bytes,
@@ -150,7 +150,7 @@ def test_cnn_with_groupnorm_mixes_ghost_and_instantiated() -> None:
     for r in report.layers:  # the clipper's own rule on the measured T, p, d
         if r.kind == "conv2d":
             assert r.positions is not None and r.p is not None and r.d is not None
-            assert (r.method == "ghost") == _use_ghost(r.positions, r.p, r.d)
+            assert (r.method == "ghost") == use_ghost(r.positions, r.p, r.d)
     # the report states the rule as implemented, in bytes per example
     assert by["3"].per_example_bytes == 16 * 4**2 + 8 * 4 * (16 + 72) == 3072
     assert by["3"].note == "ghost: 16T^2+8T(p+d)=3072 B < 4pd=4608 B per example"
@@ -166,11 +166,11 @@ def test_cnn_with_groupnorm_mixes_ghost_and_instantiated() -> None:
 
 
 def test_the_reported_bytes_are_those_the_rule_compares() -> None:
-    """The note's ghost/instantiated bytes are what _use_ghost weighs, on either side."""
+    """The note's ghost/instantiated bytes are what use_ghost weighs, on either side."""
     for t in (2, 3, 4, 9, 16, 64):
         for p in (1, 4, 16, 64, 256):
             for d in (1, 9, 72, 300):
-                assert _use_ghost(t, p, d) == (4 * p * d > _ghost_bytes(t, p, d))
+                assert use_ghost(t, p, d) == (4 * p * d > _ghost_bytes(t, p, d))
 
 
 def test_batchnorm_is_refused_and_fix_model_makes_it_pass() -> None:
