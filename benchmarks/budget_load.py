@@ -8,8 +8,8 @@ table; ``--processes`` analyst processes of ``--threads`` threads each send ``--
 discrete-Laplace sums of ``--epsilon`` between them, as fast as they can, well past the
 point where the budget runs out. Afterwards every party's ledger must hold exactly the
 charges of the queries that were revealed, the three ledgers must agree, and nobody may
-have spent more than its budget (issue 12: before reservations, 32 queries in flight left
-parties charged for rounds that were never revealed).
+have spent more than its budget (before reservations, 32 queries in flight left parties
+charged for rounds that were never revealed).
 
 Prints the counts and the throughput (revealed and refused rounds per second); exits 1 when
 an invariant fails. Timing is informative only (everything shares this machine's cores).

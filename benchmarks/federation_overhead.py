@@ -32,8 +32,8 @@ In the same run, on this machine:
   transport only: the same, but the sites send zeros without computing a gradient (what
   moving parameters down and sums up costs, with the coordinator's loop).
 Ratios: federated back to back / local, and federated with pads ready / 3 local at once:
-what the federation adds to the same gradient work on the same cores (issue 5's target is
-<= 1.15 for the federation overhead). BENCHMARKS.md says which machine produced each number.
+what the federation adds to the same gradient work on the same cores (the target is <= 1.15
+for the federation overhead). BENCHMARKS.md says which machine produced each number.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurements as one script, for a GPU machine that has CUDA PyTorch but not
+# The GPU measurements as one script, for a GPU machine that has CUDA PyTorch but not
 # mpcdp's other dependencies and no network (the workplace's device tool).
 #
 # Here, once (wheels for the device's CPython 3.12, kept out of git by .git/info/exclude):
@@ -50,7 +50,7 @@ fi
 python3 -m benchmarks.dp_step "${dp[@]}" --json "$out/dp_step.json" 2>&1 | tee "$out/dp_step.log"
 python3 -m benchmarks.federation_overhead "${fo[@]}" --json "$out/overhead.json" 2>&1 \
     | tee "$out/overhead.log"
-# issue 13: the cost of float32 clipping under bf16 autocast, and of the first-use checks
+# the cost of float32 clipping under bf16 autocast, and of the first-use checks
 # (with autocast, also that honest models pass them at half-precision tolerance on the GPU)
 python3 -m benchmarks.dp_step "${dp[@]}" --autocast bf16 --json "$out/dp_step_bf16.json" 2>&1 \
     | tee "$out/dp_step_bf16.log"
@@ -58,7 +58,7 @@ for ac in none bf16; do
     python3 -m benchmarks.first_use_checks --repeat 3 --autocast "$ac" 2>&1 \
         | tee "$out/first_use_checks_$ac.log"
 done
-# issue 14: the user-model path (demos/federated_cnn) as a real federated run with site-a on
+# the user-model path (demos/federated_cnn) as a real federated run with site-a on
 # the GPU (needs scikit-learn and pillow on the machine; skipped otherwise). dp_step above
 # already covers torch's nn.TransformerEncoder made clippable (model torch-transformer).
 if python3 -c 'import sklearn, PIL' 2>/dev/null; then

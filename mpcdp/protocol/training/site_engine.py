@@ -50,7 +50,7 @@ from mpcdp.protocol.session import (
 from mpcdp.protocol.training.fingerprint import check_architecture
 from mpcdp.protocol.training.source import GradientSource, TrainingTask
 from mpcdp.protocol.training.train_spec import (
-    _NOISE_SLICE,
+    NOISE_SLICE,
     TrainSpec,
     digest,
     max_batch_size,
@@ -522,7 +522,7 @@ class TrainingEngine(SessionHost):
                 pad[a:b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
 
             # in parallel slices: matters for 10^7-parameter models
-            fill_in_slices(size=size, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=workers)
+            fill_in_slices(size=size, slice_size=NOISE_SLICE, rng=rng, fill=fill, workers=workers)
             sharing.MaskStream(
                 party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, ring_bits=spec.ring_bits
             ).apply(pad)
