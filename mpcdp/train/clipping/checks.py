@@ -216,17 +216,30 @@ def _bad_rows(full: torch.Tensor, part: torch.Tensor, rtol: float) -> torch.Tens
     return bad
 
 
-def _first_bad_row(full: torch.Tensor, part: torch.Tensor) -> int | None:
-    """The first row where ``part`` differs from ``full`` beyond the tolerance, or None."""
+def _first_bad_row(full: torch.Tensor, part: torch.Tensor, rtol: float | None = None) -> int | None:
+    """The first row where ``part`` differs from ``full`` beyond ``rtol`` (by default the
+    tolerance of ``full``'s dtype, :func:`rtol_for`), or None."""
     if full.reshape(full.shape[0], -1).shape[1] == 0:
         return None
-    bad = _bad_rows(full, part, rtol_for(full.dtype))
+    bad = _bad_rows(full, part, rtol_for(full.dtype) if rtol is None else rtol)
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 def refuse(path: str, why: str) -> UnsupportedModuleError:
     """A refusal of the model, naming the module at ``path``."""
     return UnsupportedModuleError(path, why)
+
+
+def coincidence(layer: Layer, received: str) -> UnsupportedModuleError:
+    """The refusal of a trainable layer whose dimension 0 equalled the batch size only by
+    coincidence; ``received`` says what it received for which batch sizes."""
+    return refuse(
+        layer.path,
+        f"{module_at(layer.path)} ({type(layer.module).__name__}) received {received}: its "
+        "dimension 0 equals the batch size only by coincidence (sequence-first, or shared "
+        "across the batch); per-sample clipping needs batch-first tensors: make dimension 0 "
+        "the batch",
+    )
 
 
 def compare_traces(
@@ -262,13 +275,10 @@ def compare_traces(
         for k, (shapes_f, shapes_p) in enumerate(zip(calls, part.arg_shapes[path], strict=True)):
             for sf, sp in zip(shapes_f, shapes_p, strict=True):
                 if sf and sp is not None and sf[0] == batch and sp[0] != size:
-                    raise refuse(
-                        path,
-                        f"{module_at(path)} ({type(layer.module).__name__}) received a tensor "
-                        f"of shape {sf} for a batch of {batch}, and of shape {sp} for a batch "
-                        f"of {size} (call {k + 1}): its dimension 0 equals the batch size only "
-                        "by coincidence (sequence-first, or shared across the batch); per-"
-                        "sample clipping needs batch-first tensors: make dimension 0 the batch",
+                    raise coincidence(
+                        layer,
+                        f"a tensor of shape {sf} for a batch of {batch}, and of shape {sp} for "
+                        f"a batch of {size} (call {k + 1})",
                     )
     # (b) every batched output of every module, row by row
     for (path, kind, leaves_f), (_, _, leaves_p) in zip(full.calls, part.calls, strict=True):
@@ -374,7 +384,7 @@ def compare_reweighted(
                     continue
                 work = torch.float64 if g1.dtype == torch.float64 else torch.float32
                 r = ratio.to(g1.device, work).reshape(size, *([1] * (g1.dim() - 1)))
-                row = _first_bad_row_rtol(g1.to(work) * r, g2, rtol)
+                row = _first_bad_row(g1.to(work) * r, g2, rtol)
                 if row is not None:
                     raise _backward_mix(path, size, int(rows[row]))
 
@@ -417,16 +427,9 @@ def compare_output_grads(
                 work = torch.float64 if gf.dtype == torch.float64 else torch.float32
                 w = weights.to(work).reshape(size, *([1] * (gf.dim() - 1)))
                 expected = gf[rows].to(work) * w  # exact: w is a power of two
-                row = _first_bad_row_rtol(expected, gp, max(rtol, CROSS_SIZE_GRAD_RTOL))
+                row = _first_bad_row(expected, gp, max(rtol, CROSS_SIZE_GRAD_RTOL))
                 if row is not None:
                     raise _backward_mix(path, size, int(rows[row]))
-
-
-def _first_bad_row_rtol(full: torch.Tensor, part: torch.Tensor, rtol: float) -> int | None:
-    if full.reshape(full.shape[0], -1).shape[1] == 0:
-        return None
-    bad = _bad_rows(full, part, rtol)
-    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 def _backward_mix(path: str, size: int, example: int | None) -> ParameterError:

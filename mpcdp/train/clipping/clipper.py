@@ -496,13 +496,10 @@ class PerSampleClipper(FirstUseProbe):
             if x.dim() == 0 or x.shape[0] != batch or output.shape[0] != batch:
                 whole = self._probe_batch
                 if whole is not None and x.dim() > 0 and x.shape[0] == whole:
-                    raise checks.refuse(
-                        layer.path,
-                        f"{module_at(layer.path)} ({type(layer.module).__name__}) received a "
-                        f"tensor of shape {tuple(x.shape)} for a batch of {batch} as for the "
-                        f"whole batch of {whole}: its dimension 0 equals the batch size only by "
-                        "coincidence (sequence-first, or shared across the batch); per-sample "
-                        "clipping needs batch-first tensors: make dimension 0 the batch",
+                    raise checks.coincidence(
+                        layer,
+                        f"a tensor of shape {tuple(x.shape)} for a batch of {batch} as for the "
+                        f"whole batch of {whole}",
                     )
                 raise batch_error(layer, "its input", tuple(x.shape), batch)
             if layer.kind == "conv2d" and x.dim() != 4:

@@ -214,11 +214,7 @@ class FirstUseProbe:
         except ParameterError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise checks.refuse(
-                "",
-                f"the model fails on a batch of {size} after succeeding on a batch of "
-                f"{batch} (a batch size built into the model?): {exc}",
-            ) from exc
+            raise _fails_on(size, batch, exc) from exc
         try:
             try:
                 checks.compare_traces(reference, trace, rows, batch, layers)
@@ -277,11 +273,7 @@ class FirstUseProbe:
         except ParameterError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise checks.refuse(
-                "",
-                f"the model fails on a batch of 1 after succeeding on a batch of {batch} (a "
-                f"batch size built into the model?): {exc}",
-            ) from exc
+            raise _fails_on(1, batch, exc) from exc
         try:
             checks.compare_output_grads(
                 full_grads, checks.output_grads(self._layers), rows, weights, rtol=rtol
@@ -311,6 +303,15 @@ class FirstUseProbe:
             autograd=autograd,
             rtol=checks.SUMS_RTOL,
         )
+
+
+def _fails_on(size: int, batch: int, exc: Exception) -> ParameterError:
+    """The refusal of a model that fails on a part of ``size`` of a batch it ran on."""
+    return checks.refuse(
+        "",
+        f"the model fails on a batch of {size} after succeeding on a batch of {batch} (a "
+        f"batch size built into the model?): {exc}",
+    )
 
 
 def _select(grads: checks.OutputGrads, rows: torch.Tensor) -> checks.OutputGrads:
