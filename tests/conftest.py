@@ -13,11 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
-from mpcdp.config.party_config import TlsConfig, load_party_config
+from mpcdp.config.party_config import TlsConfig, load_federation_config, load_party_config
 from mpcdp.party.node import PartyNode
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.transport import tls
 from mpcdp.transport.cert_files import init_federation
+from mpcdp.transport.client import GrpcPartyClient
 
 PARTIES = ("alice", "bob", "carlos")
 ROWS = {"alice": [3800.0, 100.0], "bob": [2514.0], "carlos": [2982.0, 3390.0]}
@@ -173,3 +174,14 @@ def net(tmp_path: Path) -> Iterator[Net]:
         yield n
     finally:
         n.stop()
+
+
+def coordinator_clients(
+    federation_config: Path, workdir: Path, name: str, *, deadline_s: float
+) -> list[GrpcPartyClient]:
+    """One client per party of ``federation_config``, calling as ``name``."""
+    creds = coordinator_creds(workdir, name)
+    return [
+        GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=deadline_s)
+        for p in load_federation_config(federation_config).parties
+    ]

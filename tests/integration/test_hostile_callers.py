@@ -26,7 +26,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config.party_config import TlsConfig
 from mpcdp.errors import PartyError
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
@@ -35,6 +34,7 @@ from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import codec, tls
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient
+from tests.conftest import coordinator_creds
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +57,7 @@ def _vectors(workdir: Path, d: int) -> dict[str, str]:
 
 
 def _creds(net: LocalFederation, name: str) -> tls.Credentials:
-    certs = net.workdir / "certs"
-    return tls.load_credentials(
-        TlsConfig(ca=certs / "ca.pem", cert=certs / f"{name}.pem", key=certs / f"{name}.key")
-    )
+    return coordinator_creds(net.workdir, name)
 
 
 def _channel(net: LocalFederation, party: str, who: str) -> grpc.Channel:

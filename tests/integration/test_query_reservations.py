@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.config.party_config import load_federation_config
 from mpcdp.errors import MpcdpError, PartyError, RoundAborted
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import run_round
 from mpcdp.protocol.session import SESSION_ID_BYTES
-from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
+from tests.conftest import coordinator_clients
 
 pytestmark = pytest.mark.slow
 
@@ -70,17 +69,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 
 
 def _clients(net: LocalFederation, coordinator: str) -> list[GrpcPartyClient]:
-    cfg = load_federation_config(net.federation_config)
-    certs = net.workdir / "certs"
-    creds = tls.load_credentials(
-        type(cfg.tls)(
-            ca=certs / "ca.pem", cert=certs / f"{coordinator}.pem", key=certs / f"{coordinator}.key"
-        )
-    )
-    return [
-        GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=20)
-        for p in cfg.parties
-    ]
+    return coordinator_clients(net.federation_config, net.workdir, coordinator, deadline_s=20)
 
 
 def _spec(dataset: str, epsilon: str, query_id: str) -> QuerySpec:

@@ -21,14 +21,13 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp import accountant
 from mpcdp.errors import PartyError
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.training import TrainSpec
 from mpcdp.protocol.training.train_spec import run_event
-from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
+from tests.conftest import coordinator_clients
 from tests.training_support import example_data, tspec
 
 pytestmark = pytest.mark.slow
@@ -82,17 +81,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 
 
 def _clients(net: LocalFederation, coordinator: str) -> list[GrpcPartyClient]:
-    cfg = load_federation_config(net.federation_config)
-    certs = net.workdir / "certs"
-    creds = tls.load_credentials(
-        type(cfg.tls)(
-            ca=certs / "ca.pem", cert=certs / f"{coordinator}.pem", key=certs / f"{coordinator}.key"
-        )
-    )
-    return [
-        GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=60)
-        for p in cfg.parties
-    ]
+    return coordinator_clients(net.federation_config, net.workdir, coordinator, deadline_s=60)
 
 
 def _open(clients: list[GrpcPartyClient], spec: TrainSpec) -> list[str]:
