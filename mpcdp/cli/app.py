@@ -7,7 +7,16 @@ import logging
 import typer
 
 from mpcdp import __version__
-from mpcdp.cli import budget, certs, check_model, demo, health, party, query, train
+from mpcdp.cli import (
+    budget_commands,
+    certs_commands,
+    check_model_commands,
+    demo_commands,
+    health_commands,
+    party_commands,
+    query_commands,
+    train_commands,
+)
 
 app = typer.Typer(
     name="mpcdp",
@@ -17,15 +26,15 @@ app = typer.Typer(
     # click's plain help: flags without a "<bool>" metavar, paths never wrapped in a box
     rich_markup_mode=None,
 )
-app.add_typer(certs.app, name="certs")
-app.add_typer(party.app, name="party")
-app.add_typer(query.app, name="query")
-app.command("budget")(budget.budget)
-app.command("health")(health.health)
-app.command("train")(train.train)
-app.command("audit")(train.audit)
-app.command("check-model")(check_model.check_model)
-app.add_typer(demo.app, name="demo")
+app.add_typer(certs_commands.app, name="certs")
+app.add_typer(party_commands.app, name="party")
+app.add_typer(query_commands.app, name="query")
+app.command("budget")(budget_commands.budget)
+app.command("health")(health_commands.health)
+app.command("train")(train_commands.train)
+app.command("audit")(train_commands.audit)
+app.command("check-model")(check_model_commands.check_model)
+app.add_typer(demo_commands.app, name="demo")
 
 
 def _version(value: bool) -> None:

@@ -122,6 +122,6 @@ def test_demo_script_runs() -> None:
 
 
 def test_cli_demo_default_bound_matches_the_demo() -> None:
-    from mpcdp.cli import demo
+    from mpcdp.cli import demo_commands
 
-    assert demo.DEFAULT_BOUND == salary_demo.DEFAULT_BOUND
+    assert demo_commands.DEFAULT_BOUND == salary_demo.DEFAULT_BOUND
