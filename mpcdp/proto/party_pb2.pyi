@@ -37,6 +37,8 @@ class _StatisticEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Statistic.V
     MEAN: _Statistic.ValueType  # 2
     COUNT: _Statistic.ValueType  # 3
     HISTOGRAM: _Statistic.ValueType  # 4
+    SQL: _Statistic.ValueType  # 5
+    """a DP SQL query: the text is in QuerySpec.sql"""
 
 class Statistic(_Statistic, metaclass=_StatisticEnumTypeWrapper): ...
 
@@ -45,6 +47,8 @@ SUM: Statistic.ValueType  # 1
 MEAN: Statistic.ValueType  # 2
 COUNT: Statistic.ValueType  # 3
 HISTOGRAM: Statistic.ValueType  # 4
+SQL: Statistic.ValueType  # 5
+"""a DP SQL query: the text is in QuerySpec.sql"""
 Global___Statistic: _TypeAlias = Statistic  # noqa: Y015
 
 @_typing.final
@@ -69,6 +73,14 @@ class QuerySpec(_message.Message):
     MAX_ROWS_FIELD_NUMBER: _builtins.int
     L2_BOUND_FIELD_NUMBER: _builtins.int
     RING_BITS_FIELD_NUMBER: _builtins.int
+    SQL_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    MAX_PARTIES_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_GROUPS_PER_UNIT_FIELD_NUMBER: _builtins.int
+    PLAN_DIGEST_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     """unique per query: the ledgers' idempotency key"""
     dataset: _builtins.str
@@ -94,6 +106,20 @@ class QuerySpec(_message.Message):
     """vector datasets: the party's L2 clipping bound"""
     ring_bits: _builtins.int
     """64 (Z_2^64, 8-byte words) or 32 (Z_2^32, 4-byte words)"""
+    sql: _builtins.str
+    """DP SQL (statistic SQL). Each party compiles `sql` itself, against its own declaration of
+    the table named in `dataset`, and refuses unless its plan's digest is `plan_digest`.
+    """
+    bins: _builtins.int
+    """quantile bins over [lower, upper] (0: declared edges or 64)"""
+    max_parties_per_unit: _builtins.int
+    """P: parties one privacy unit may appear at"""
+    max_rows_per_unit: _builtins.int
+    """R: must equal the party's declaration"""
+    max_groups_per_unit: _builtins.int
+    """G: must equal the party's declaration"""
+    plan_digest: _builtins.str
+    """hex SHA-256 of the compiled plan (mpcdp.sql.plan.digest)"""
     @_builtins.property
     def parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """party ids in index order (index = position)"""
@@ -101,6 +127,14 @@ class QuerySpec(_message.Message):
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """histogram categories (must equal the party's)"""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupKeys]:
+        """the analyst's public key lists (else: declared categories)"""
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """budget weights, one per aggregate (empty: equal)"""
 
     def __init__(
         self,
@@ -121,14 +155,45 @@ class QuerySpec(_message.Message):
         max_rows: _builtins.int = ...,
         l2_bound: _builtins.float = ...,
         ring_bits: _builtins.int = ...,
+        sql: _builtins.str = ...,
+        keys: _abc.Iterable[Global___GroupKeys] | None = ...,
+        bins: _builtins.int = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        max_parties_per_unit: _builtins.int = ...,
+        max_rows_per_unit: _builtins.int = ...,
+        max_groups_per_unit: _builtins.int = ...,
+        plan_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "colluders", b"colluders", "column", b"column", "dataset", b"dataset", "delta", b"delta", "epsilon", b"epsilon", "frac_bits", b"frac_bits", "l2_bound", b"l2_bound", "lower", b"lower", "max_rows", b"max_rows", "mechanism", b"mechanism", "parties", b"parties", "query_id", b"query_id", "ring_bits", b"ring_bits", "statistic", b"statistic", "upper", b"upper"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "categories", b"categories", "colluders", b"colluders", "column", b"column", "dataset", b"dataset", "delta", b"delta", "epsilon", b"epsilon", "frac_bits", b"frac_bits", "keys", b"keys", "l2_bound", b"l2_bound", "lower", b"lower", "max_groups_per_unit", b"max_groups_per_unit", "max_parties_per_unit", b"max_parties_per_unit", "max_rows", b"max_rows", "max_rows_per_unit", b"max_rows_per_unit", "mechanism", b"mechanism", "parties", b"parties", "plan_digest", b"plan_digest", "query_id", b"query_id", "ring_bits", b"ring_bits", "sql", b"sql", "statistic", b"statistic", "upper", b"upper", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuerySpec: _TypeAlias = QuerySpec  # noqa: Y015
+
+@_typing.final
+class GroupKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupKeys: _TypeAlias = GroupKeys  # noqa: Y015
 
 @_typing.final
 class ProposeRequest(_message.Message):
@@ -335,11 +400,16 @@ class ColumnInfo(_message.Message):
     LOWER_FIELD_NUMBER: _builtins.int
     UPPER_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     lower: _builtins.float
     upper: _builtins.float
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """declared quantile bin edges (numeric columns; may be empty)"""
+
     def __init__(
         self,
         *,
@@ -347,10 +417,11 @@ class ColumnInfo(_message.Message):
         lower: _builtins.float = ...,
         upper: _builtins.float = ...,
         categories: _abc.Iterable[_builtins.str] | None = ...,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "lower", b"lower", "name", b"name", "upper", b"upper"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "edges", b"edges", "lower", b"lower", "name", b"name", "upper", b"upper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +444,10 @@ class DatasetInfo(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     COORDINATOR_SHARE_FIELD_NUMBER: _builtins.int
     COORDINATOR_REMAINING_EPSILON_FIELD_NUMBER: _builtins.int
+    PRIVACY_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_GROUPS_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_PARTIES_PER_UNIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """"table" (CSV) or "vector" (.npy)"""
@@ -393,6 +468,12 @@ class DatasetInfo(_message.Message):
     reservations. Other coordinators' reservations are not counted (nor revealed).
     """
     coordinator_remaining_epsilon: _builtins.float
+    privacy_unit: _builtins.str
+    """Table datasets: the privacy unit ("" : one row is one unit) and its public bounds"""
+    max_rows_per_unit: _builtins.int
+    max_groups_per_unit: _builtins.int
+    max_parties_per_unit: _builtins.int
+    """the least P this party accepts"""
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnInfo]: ...
     @_builtins.property
@@ -415,10 +496,14 @@ class DatasetInfo(_message.Message):
         num_classes: _builtins.int = ...,
         coordinator_share: _builtins.float = ...,
         coordinator_remaining_epsilon: _builtins.float = ...,
+        privacy_unit: _builtins.str = ...,
+        max_rows_per_unit: _builtins.int = ...,
+        max_groups_per_unit: _builtins.int = ...,
+        max_parties_per_unit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact", b"allow_exact", "budget_epsilon", b"budget_epsilon", "columns", b"columns", "coordinator_remaining_epsilon", b"coordinator_remaining_epsilon", "coordinator_share", b"coordinator_share", "delta", b"delta", "feature_shape", b"feature_shape", "kind", b"kind", "l2_bound", b"l2_bound", "length", b"length", "name", b"name", "num_classes", b"num_classes", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact", b"allow_exact", "budget_epsilon", b"budget_epsilon", "columns", b"columns", "coordinator_remaining_epsilon", b"coordinator_remaining_epsilon", "coordinator_share", b"coordinator_share", "delta", b"delta", "feature_shape", b"feature_shape", "kind", b"kind", "l2_bound", b"l2_bound", "length", b"length", "max_groups_per_unit", b"max_groups_per_unit", "max_parties_per_unit", b"max_parties_per_unit", "max_rows_per_unit", b"max_rows_per_unit", "name", b"name", "num_classes", b"num_classes", "privacy_unit", b"privacy_unit", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,6 +19,7 @@ class ColumnInfo:
     lower: float = 0.0
     upper: float = 0.0
     categories: tuple[str, ...] = ()
+    edges: tuple[float, ...] = ()  # declared quantile bin edges (numeric columns)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class DatasetInfo:
     #: still spend (its share less its charges and reservations, at most what is left)
     coordinator_share: float = 0.0
     coordinator_remaining_epsilon: float = 0.0
+    #: table datasets: the column naming a person ("": one row is one unit) and the public
+    #: bounds of what one unit contributes (DP SQL, mpcdp.protocol.query.sql_release)
+    privacy_unit: str = ""
+    max_rows_per_unit: int = 1
+    max_groups_per_unit: int = 1
+    max_parties_per_unit: int = 1
 
 
 @dataclass(frozen=True)

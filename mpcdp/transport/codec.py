@@ -82,6 +82,12 @@ LIMITS: dict[str, int] = {
     "architecture_entry": 512,
     # bytes: the packed inclusion bits of at most mpcdp.audit.canaries.MAX_CANARIES canaries
     "audit_inclusion": 1 << 17,
+    "sql": 1 << 16,
+    "group_keys": 16,  # GROUP BY columns with a key list
+    "key_values": 1 << 16,  # keys of one column
+    "key": 256,
+    "weights": 256,
+    "plan_digest": 64,
 }
 
 
@@ -122,6 +128,7 @@ _STAT_TO_PB = {
     Statistic.MEAN: pb.MEAN,
     Statistic.COUNT: pb.COUNT,
     Statistic.HISTOGRAM: pb.HISTOGRAM,
+    Statistic.SQL: pb.SQL,
 }
 _STAT_FROM_PB = {v: k for k, v in _STAT_TO_PB.items()}
 
@@ -158,14 +165,33 @@ def spec_to_pb(spec: QuerySpec) -> pb.QuerySpec:
         max_rows=spec.max_rows,
         l2_bound=spec.l2_bound,
         ring_bits=spec.ring_bits,
+        sql=spec.sql,
+        keys=[pb.GroupKeys(column=c, values=list(v)) for c, v in spec.keys],
+        bins=spec.bins,
+        weights=list(spec.weights),
+        max_parties_per_unit=spec.max_parties_per_unit,
+        max_rows_per_unit=spec.max_rows_per_unit,
+        max_groups_per_unit=spec.max_groups_per_unit,
+        plan_digest=spec.plan_digest,
     )
 
 
 def spec_from_pb(msg: pb.QuerySpec) -> QuerySpec:
-    for name in ("query_id", "dataset", "column", "mechanism", "epsilon"):
+    for name in ("query_id", "dataset", "column", "mechanism", "epsilon", "sql", "plan_digest"):
         _cap(name, getattr(msg, name))
     _cap_list("parties", "party", msg.parties)
     _cap_list("categories", "category", msg.categories)
+    if len(msg.keys) > LIMITS["group_keys"]:
+        raise ProtocolError(
+            f"keys has {len(msg.keys)} columns; the limit is {LIMITS['group_keys']}"
+        )
+    for k in msg.keys:
+        _cap("column", k.column)
+        _cap_list("key_values", "key", k.values)
+    if len(msg.weights) > LIMITS["weights"]:
+        raise ProtocolError(
+            f"weights has {len(msg.weights)} entries; the limit is {LIMITS['weights']}"
+        )
     if msg.statistic not in _STAT_FROM_PB:
         raise ProtocolError(f"unknown statistic {msg.statistic}")
     try:
@@ -186,6 +212,14 @@ def spec_from_pb(msg: pb.QuerySpec) -> QuerySpec:
             max_rows=msg.max_rows,
             l2_bound=msg.l2_bound,
             ring_bits=msg.ring_bits or 64,
+            sql=msg.sql,
+            keys=tuple((k.column, tuple(k.values)) for k in msg.keys),
+            bins=msg.bins,
+            weights=tuple(msg.weights),
+            max_parties_per_unit=msg.max_parties_per_unit or 1,
+            max_rows_per_unit=msg.max_rows_per_unit or 1,
+            max_groups_per_unit=msg.max_groups_per_unit or 1,
+            plan_digest=msg.plan_digest,
         )
     except ParameterError as exc:
         raise ProtocolError(f"invalid query: {exc}") from None
@@ -422,7 +456,13 @@ def decode_step_requests(
 def _dataset_to_pb(info: DatasetInfo) -> pb.DatasetInfo:
     values = {f.name: getattr(info, f.name) for f in fields(info)}
     values["columns"] = [
-        pb.ColumnInfo(name=c.name, lower=c.lower, upper=c.upper, categories=list(c.categories))
+        pb.ColumnInfo(
+            name=c.name,
+            lower=c.lower,
+            upper=c.upper,
+            categories=list(c.categories),
+            edges=list(c.edges),
+        )
         for c in info.columns
     ]
     values["feature_shape"] = list(info.feature_shape)
@@ -434,7 +474,13 @@ def _dataset_from_pb(msg: pb.DatasetInfo) -> DatasetInfo:
         name=msg.name,
         kind=msg.kind,
         columns=tuple(
-            ColumnInfo(name=c.name, lower=c.lower, upper=c.upper, categories=tuple(c.categories))
+            ColumnInfo(
+                name=c.name,
+                lower=c.lower,
+                upper=c.upper,
+                categories=tuple(c.categories),
+                edges=tuple(c.edges),
+            )
             for c in msg.columns
         ),
         length=int(msg.length),
@@ -447,6 +493,10 @@ def _dataset_from_pb(msg: pb.DatasetInfo) -> DatasetInfo:
         num_classes=int(msg.num_classes),
         coordinator_share=msg.coordinator_share,
         coordinator_remaining_epsilon=msg.coordinator_remaining_epsilon,
+        privacy_unit=msg.privacy_unit,
+        max_rows_per_unit=int(msg.max_rows_per_unit) or 1,
+        max_groups_per_unit=int(msg.max_groups_per_unit) or 1,
+        max_parties_per_unit=int(msg.max_parties_per_unit) or 1,
     )
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "TensorPlan",
     "choose_frac_bits",
     "fit",
+    "mechanism_for",
     "needed_frac_bits",
     "plan",
 ]
@@ -82,9 +83,11 @@ class ReleasePlan:
             )
 
 
-def _mechanism(
+def mechanism_for(
     spec: QuerySpec, *, epsilon: float, delta: float, l1: float, l2: float, dim: int
 ) -> Mechanism:
+    """The noise of one tensor of ``spec`` calibrated to (epsilon, delta) at these
+    sensitivities (module docstring)."""
     if spec.mechanism == "none":
         return NoNoise()
     if spec.mechanism == "discrete-laplace":
@@ -167,7 +170,7 @@ def plan(spec: QuerySpec, *, vector_length: int | None = None) -> ReleasePlan:
             name=name,
             length=length,
             frac_bits=fb,
-            mechanism=_mechanism(spec, epsilon=eps_t, delta=delta_t, l1=l1, l2=l2, dim=length),
+            mechanism=mechanism_for(spec, epsilon=eps_t, delta=delta_t, l1=l1, l2=l2, dim=length),
             max_abs=max_abs,
         )
         for name, length, fb, l1, l2, max_abs in tensors

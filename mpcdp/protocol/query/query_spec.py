@@ -5,9 +5,16 @@ over ``digest(spec)``, so a coordinator that shows different parties different q
 caught when the signed keys are relayed (each party checks the others' signatures against the
 digest of the spec *it* received).
 
-Canonical encoding for the digest (version 1): the JSON object of all fields with sorted keys,
-no whitespace, floats as ``repr`` strings, UTF-8; digest = SHA-256 of
-``b"mpcdp query spec v1\\n" + that``.
+A DP SQL query (statistic ``sql``) carries its text, the analyst's public options (key lists,
+quantile bins, budget weights), the privacy-unit bounds R, G and P, and the digest of the plan
+the coordinator compiled. Each party compiles the text itself against its own declaration and
+refuses unless its plan has that digest (mpcdp.protocol.query.party_engine): the coordinator's
+plan is only a proposal, and the digest makes every party's layout of the contribution vector
+the same.
+
+Canonical encoding for the digest (version 2): the JSON object of all fields with sorted keys,
+no whitespace, top-level floats as ``repr`` strings, UTF-8; digest = SHA-256 of
+``b"mpcdp query spec v2\\n" + that``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ DEFAULT_MAX_ROWS = 10**9
 MAX_QUERY_EPSILON = 100
 #: The smallest delta a query may ask for (the calibration's RDP orders reach no further).
 MIN_DELTA = 1e-30
-_SPEC_LABEL = b"mpcdp query spec v1\n"
+_SPEC_LABEL = b"mpcdp query spec v2\n"
+#: Caps of the SQL fields (characters or entries)
+MAX_SQL_CHARS = 1 << 16
+MAX_UNIT_BOUND = 1 << 20
 
 
 class Statistic(str, Enum):
@@ -50,6 +60,7 @@ class Statistic(str, Enum):
     MEAN = "mean"
     COUNT = "count"
     HISTOGRAM = "histogram"
+    SQL = "sql"
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,14 @@ class QuerySpec:
     max_rows: int = DEFAULT_MAX_ROWS
     l2_bound: float = 0.0
     ring_bits: int = 64
+    sql: str = ""
+    keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    bins: int = 0
+    weights: tuple[float, ...] = ()
+    max_parties_per_unit: int = 1
+    max_rows_per_unit: int = 1
+    max_groups_per_unit: int = 1
+    plan_digest: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.query_id, str) or not 1 <= len(self.query_id) <= 128:
@@ -129,6 +148,30 @@ class QuerySpec:
             raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
         if not isinstance(self.max_rows, int) or not 1 <= self.max_rows < 2**63:
             raise ParameterError("max_rows", self.max_rows, "must be an int in [1, 2^63)")
+        self._check_sql()
+
+    def _check_sql(self) -> None:
+        is_sql = self.statistic is Statistic.SQL
+        if is_sql != bool(self.sql):
+            raise ParameterError(
+                "sql", self.sql[:64], "is given exactly when the statistic is 'sql'"
+            )
+        if len(self.sql) > MAX_SQL_CHARS:
+            raise ParameterError("sql", f"{len(self.sql)} characters", f"at most {MAX_SQL_CHARS}")
+        keys = tuple((str(c), tuple(v)) for c, v in self.keys)
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if any(not (math.isfinite(w) and w > 0) for w in self.weights):
+            raise ParameterError("weights", list(self.weights), "must be finite and > 0")
+        for name in ("bins", "max_parties_per_unit", "max_rows_per_unit", "max_groups_per_unit"):
+            v = getattr(self, name)
+            low = 0 if name == "bins" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= MAX_UNIT_BOUND:
+                raise ParameterError(name, v, f"must be an int in [{low}, {MAX_UNIT_BOUND}]")
+        if not is_sql and (keys or self.bins or self.weights or self.plan_digest):
+            raise ParameterError("keys", list(keys), "keys, bins, weights: SQL queries only")
+        if is_sql and (len(self.plan_digest) != 64 or not _is_hex(self.plan_digest)):
+            raise ParameterError("plan_digest", self.plan_digest, "must be 64 hex digits")
 
     @property
     def honest(self) -> int:
@@ -141,6 +184,10 @@ class QuerySpec:
             raise ParameterError(
                 "parties", list(self.parties), f"does not include {party!r}"
             ) from None
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def validate_parties(parties: Sequence[str], colluders: int) -> tuple[str, ...]:
