@@ -47,6 +47,9 @@ class ColumnSpec:
     upper: float = 0.0
     categories: tuple[str, ...] = ()
     out_of_bounds: str = "clip"  # or "error" (reveals that a value is out of bounds)
+    #: declared quantile bin edges of a numeric column (strictly increasing, within
+    #: [lower, upper]); empty: a query's bins are uniform over [lower, upper]
+    edges: tuple[float, ...] = ()
 
     @property
     def categorical(self) -> bool:

@@ -22,7 +22,7 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     analyst = 0.5                     # every dataset's budget: what it may spend and hold
                                       # reserved (without a share: whatever the others leave)
     [datasets.raises]
-    path = "raises.csv"               # .csv table or .npy vector
+    path = "raises.csv"               # a table (.csv, .parquet, .jsonl/.ndjson) or .npy vector
     epsilon = 3.0                     # this party's budget for the dataset
     delta = 1e-6
     allow_exact = false               # answer mechanism "none" (exact MPC, no DP)?
@@ -55,6 +55,39 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     out_of_bounds = "clip"            # default; "error" refuses the file (see README)
     [datasets.raises.columns.dept]
     categories = ["eng", "ops"]
+    [datasets.visits]                 # a table for SQL queries (mpcdp.data): DuckDB reads a
+    path = "visits.parquet"           # .csv, .parquet or .jsonl/.ndjson file in-process
+    epsilon = 2.0
+    privacy_unit = "patient_id"       # optional: the column naming the person (declared
+                                      # or not); without it one row is one person
+    max_rows_per_unit = 3             # rows of one person a query keeps per group (>= 1,
+                                      # default 1; needs privacy_unit)
+    max_groups_per_unit = 1           # groups one person counts in (>= 1, default 1;
+                                      # needs privacy_unit)
+    max_parties_per_unit = 2          # the least number of parties that may hold one
+                                      # person's rows a query must assume (>= 1, default
+                                      # 1); a query that assumes fewer is refused
+    [datasets.visits.columns.cost]
+    lower = 0
+    upper = 1000
+    edges = [0, 10, 100, 1000]        # optional quantile bin edges: strictly increasing,
+                                      # within [lower, upper], 2 to 10^4 of them
+    [datasets.visits.columns.ward]
+    categories = ["a", "b"]
+    [datasets.hr]                     # a PostgreSQL table (give url a read-only role)
+    url = "postgresql://reader@db.internal:5432/hr"   # libpq URL; no password here:
+                                      # use ~/.pgpass or PGPASSFILE
+    table = "public.raises"           # schema.name, matched exactly (quoted)
+    epsilon = 1.0
+    [datasets.hr.columns.raise]
+    lower = 0
+    upper = 5000
+    [datasets.events]                 # Spark (pyspark, the `spark` extra): a Parquet file
+    spark_master = "local[2]"         # or folder by path, or a catalog table by table
+    path = "events.parquet"           # (or table = "db.events")
+    epsilon = 1.0
+    [datasets.events.columns.kind]
+    categories = ["click", "view"]
     [limits]                          # optional; the defaults shown
     pending_sessions = 32             # query sessions open at once, all coordinators
     pending_sessions_per_coordinator = 16
@@ -83,24 +116,33 @@ federation.toml (the analyst's)::
     ca = "certs/ca.pem"
     cert = "certs/analyst.pem"
     key = "certs/analyst.key"
+    max_parties_per_unit = 1          # optional: parties that may hold one person's rows
+                                      # (>= 1); a party refuses a value below its own
     [[parties]]
     id = "alice"
     address = "127.0.0.1:50051"       # HOST:PORT as for listen, PORT 1..65535
 
 Numbers must be finite (TOML's nan and inf are refused), and epsilon, max_epsilon_per_query
 and deadline_s > 0; paths may not hold a NUL character; every error names the file, the key
-and the value.
+and the value (a url's password shown as ``***``).
+
+A table dataset names its data in exactly one way: ``path`` (DuckDB, the default engine;
+.csv files are also what the statistics of docs/queries.md load), ``url`` with ``table``
+(PostgreSQL), or ``spark_master`` with ``path`` or ``table`` (Spark). Which engine runs a
+query is :attr:`DatasetConfig.source`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.config.reader import Reader
@@ -118,17 +160,26 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "TABLE_SUFFIXES",
     "DatasetConfig",
     "FederationConfig",
     "LimitsConfig",
     "PartyAddress",
     "PartyConfig",
+    "SourceKind",
     "TlsConfig",
     "TrainingDeclaration",
     "is_import_path",
     "load_federation_config",
     "load_party_config",
+    "redact_url",
 ]
+
+#: the engine that runs a table dataset's SQL (mpcdp.data): DuckDB for files, PostgreSQL,
+#: Spark
+SourceKind = Literal["duckdb", "postgres", "spark"]
+#: the file suffixes of a table that DuckDB reads
+TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 
 
 @dataclass(frozen=True)
@@ -154,6 +205,26 @@ class DatasetConfig:
     #: (coordinator, share of this dataset's budget): the party-wide [coordinator_shares]
     #: with this dataset's own coordinator_shares over them; see the module docstring
     coordinator_shares: tuple[tuple[str, Fraction], ...] = ()
+    #: the engine of a table dataset: "duckdb" (``path``), "postgres" (``url`` and
+    #: ``table``) or "spark" (``spark_master`` and ``path`` or ``table``). A PostgreSQL
+    #: table, or a Spark catalog one, has ``path`` = the folder of party.toml (unused)
+    source: SourceKind = "duckdb"
+    #: PostgreSQL: the libpq URL (not in repr: it may hold a password)
+    url: str | None = field(default=None, repr=False)
+    #: PostgreSQL: "schema.name"; Spark: a catalog table ("name", "db.name" or
+    #: "catalog.db.name")
+    table: str | None = None
+    #: Spark: the master URL, e.g. "local[2]" or "spark://host:7077"
+    spark_master: str | None = None
+    #: the column naming the person whose rows a query bounds; None: one row, one person
+    privacy_unit: str | None = None
+    #: the most rows of one person a query keeps in one group (needs privacy_unit)
+    max_rows_per_unit: int = 1
+    #: the most groups one person's rows count in (needs privacy_unit)
+    max_groups_per_unit: int = 1
+    #: the least number of parties holding one person's rows that a query must assume: a
+    #: query spec with a smaller value is refused
+    max_parties_per_unit: int = 1
 
     def share(self, coordinator: str) -> Fraction | None:
         """The part of this dataset's budget ``coordinator`` may spend and hold reserved
@@ -233,6 +304,9 @@ class FederationConfig:
     parties: tuple[PartyAddress, ...]
     colluders: int = 1
     deadline_s: float = 30.0
+    #: how many parties may hold rows of one person: the sensitivity of a SQL query is
+    #: multiplied by it (each party refuses a value below its own dataset's)
+    max_parties_per_unit: int = 1
 
 
 #: the longest per-call deadline federation.toml accepts (seconds)
@@ -256,11 +330,13 @@ def _tls(r: Reader) -> TlsConfig:
 
 
 def _column(r: Reader, name: str) -> ColumnSpec:
-    r.unknown({"lower", "upper", "categories", "out_of_bounds"})
+    r.unknown({"lower", "upper", "categories", "out_of_bounds", "edges"})
     cats = r.get("categories", list, [])
     if cats:
         if not all(isinstance(c, str) and c for c in cats) or len(set(cats)) != len(cats):
             raise r.error("categories", "must be distinct non-empty strings")
+        if "edges" in r.data:
+            raise r.error("edges", "applies to numeric columns (lower, upper), not categories")
         return ColumnSpec(name=name, categories=tuple(cats))
     lower, upper = r.number("lower"), r.number("upper")
     if lower > upper:
@@ -268,7 +344,39 @@ def _column(r: Reader, name: str) -> ColumnSpec:
     oob = r.get("out_of_bounds", str, "clip")
     if oob not in ("error", "clip"):
         raise r.error("out_of_bounds", f"must be 'error' or 'clip', got {oob!r}")
-    return ColumnSpec(name=name, lower=float(lower), upper=float(upper), out_of_bounds=oob)
+    return ColumnSpec(
+        name=name,
+        lower=float(lower),
+        upper=float(upper),
+        out_of_bounds=oob,
+        edges=_edges(r, float(lower), float(upper)),
+    )
+
+
+#: the most quantile bin edges a column may declare
+_MAX_EDGES = 10_000
+
+
+def _edges(r: Reader, lower: float, upper: float) -> tuple[float, ...]:
+    """A numeric column's declared quantile bin edges: 2 to 10^4 finite numbers, strictly
+    increasing, within [lower, upper]."""
+    raw = r.get("edges", list, None)
+    if raw is None:
+        return ()
+    if not 2 <= len(raw) <= _MAX_EDGES:
+        raise r.error("edges", f"must hold 2 to {_MAX_EDGES} numbers, got {len(raw)}")
+    out: list[float] = []
+    for i, v in enumerate(raw):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise r.error("edges", f"edges[{i}]={v!r} is not a finite number")
+        if not lower <= v <= upper:
+            raise r.error("edges", f"edges[{i}]={v!r} is outside [lower, upper]=[{lower}, {upper}]")
+        if out and not v > out[-1]:
+            raise r.error(
+                "edges", f"must be strictly increasing: edges[{i}]={v!r} after {out[-1]!r}"
+            )
+        out.append(float(v))
+    return tuple(out)
 
 
 def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
@@ -284,6 +392,8 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
             "num_classes",
             "coordinator_shares",
             *TRAINING_KEYS,
+            *_SOURCE_KEYS,
+            *_UNIT_KEYS,
         }
     )
     eps = r.positive("epsilon")
@@ -293,6 +403,10 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
     cols = r.table("columns") if "columns" in r.data else Reader(r.path, {}, r.prefix + "columns.")
     columns = tuple(_column(cols.table(c), c) for c in cols.data)
     training = read_training(r)
+    if training is not None:
+        _refuse_table_keys(r, "a training dataset")
+    if any(k in r.data for k in _SOURCE_KEYS):
+        return _engine_table(r, name, shares, float(eps), float(delta), columns)
     if training is not None and training.data:
         if "path" in r.data:
             raise r.error("path", "give either path (an .npz) or data (an import path), not both")
@@ -321,10 +435,17 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
     for key in ("collate", "num_workers", "pin_memory", "data_options"):
         if key in r.data and path.suffix == ".npz":
             raise r.error(key, "applies to data = ... (a Dataset), not to an .npz")
-    if path.suffix not in (".csv", ".npy", ".npz"):
+    if path.suffix not in (*TABLE_SUFFIXES, ".npy", ".npz"):
         raise r.error(
-            "path", f"must be a .csv table, a .npy vector or .npz examples, got {path.name!r}"
+            "path",
+            f"must be a table ({', '.join(TABLE_SUFFIXES)}), a .npy vector or .npz examples, "
+            f"got {path.name!r}",
         )
+    table = path.suffix in TABLE_SUFFIXES
+    if not table:
+        _refuse_table_keys(r, f"{path.name!r} (not a table)")
+    elif _GLOB.search(str(path)):
+        raise r.error("path", f"{str(path)!r} holds a glob character (*, ? or [): rename the file")
     num_classes = r.get("num_classes", int, 0)
     if num_classes < 0:
         raise r.error("num_classes", f"must be >= 0, got {num_classes}")
@@ -343,8 +464,8 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
         raise r.error("l2_bound", f"must be >= 0, got {l2}")
     if path.suffix == ".npy" and not l2 > 0:
         raise r.error("l2_bound", "a .npy vector dataset needs l2_bound > 0")
-    if path.suffix == ".csv" and not columns:
-        raise r.error("columns", "a .csv dataset needs at least one declared column")
+    if table and not columns:
+        raise r.error("columns", f"a {path.suffix} dataset needs at least one declared column")
     return DatasetConfig(
         name=name,
         path=path,
@@ -357,6 +478,157 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
         num_classes=num_classes,
         training=training,
         coordinator_shares=_shares(r, shares),
+        **(_unit(r) if table else {}),
+    )
+
+
+#: keys that say where a table dataset's data is, other than path
+_SOURCE_KEYS = ("url", "table", "spark_master")
+#: keys of a table dataset's privacy unit and its contribution bounds
+_UNIT_KEYS = ("privacy_unit", "max_rows_per_unit", "max_groups_per_unit", "max_parties_per_unit")
+#: the largest contribution bound (engines count in 32-bit integers)
+_MAX_PER_UNIT = 2**31 - 1
+#: characters DuckDB's file readers take for a glob pattern
+_GLOB = re.compile(r"[*?\[]")
+#: one part of a PostgreSQL or Spark table name (quoted as written: case matters)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_SPARK_MASTER = re.compile(
+    r"local(\[(\*|[1-9][0-9]{0,3})(,[1-9][0-9]{0,3})?\])?|yarn|(spark|k8s)://\S+"
+)
+
+
+def _refuse_table_keys(r: Reader, what: str) -> None:
+    for key in (*_SOURCE_KEYS, *_UNIT_KEYS):
+        if key in r.data:
+            raise r.error(key, f"applies to table datasets, not to {what}")
+
+
+def _unit(r: Reader) -> dict[str, Any]:
+    """privacy_unit and the contribution bounds of a table dataset."""
+    unit = r.get("privacy_unit", str, None)
+    if unit is not None and not re.fullmatch(r"[^\x00-\x1f\x7f\"`]{1,128}", unit):
+        raise r.error(
+            "privacy_unit",
+            f"{unit!r} is not a usable column name (1 to 128 characters, no control "
+            "character, double quote or backtick)",
+        )
+    out: dict[str, Any] = {"privacy_unit": unit}
+    for key in _UNIT_KEYS[1:]:
+        n = r.get(key, int, 1)
+        if not 1 <= n <= _MAX_PER_UNIT:
+            raise r.error(key, f"must be an integer in [1, {_MAX_PER_UNIT}], got {n!r}")
+        if unit is None and n != 1 and key != "max_parties_per_unit":
+            raise r.error(key, f"is {n} but needs privacy_unit (without it one row is one person)")
+        out[key] = int(n)
+    return out
+
+
+def _table_name(r: Reader, *, parts: tuple[int, int], form: str) -> str:
+    name = r.get("table", str)
+    pieces = name.split(".")
+    if not (parts[0] <= len(pieces) <= parts[1] and all(_IDENT.fullmatch(p) for p in pieces)):
+        raise r.error(
+            "table",
+            f"{name!r} is not {form}, each part a letter or _ then letters, digits or _ "
+            "(at most 63)",
+        )
+    return str(name)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the user part or the query) shown as ``***``: what an
+    error message or a log line may carry."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}:***@{host}"
+        query = parts.query
+        if "password" in query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "<a url that does not parse>"
+
+
+def _postgres_url(r: Reader) -> str:
+    url = r.get("url", str)
+    shown = redact_url(url)
+    if not re.fullmatch(r"postgres(ql)?://[^\x00-\x20\x7f]*", url):
+        raise r.error(
+            "url",
+            f"{shown!r} is not a PostgreSQL URL (postgresql://USER@HOST:PORT/DB, no spaces)",
+        )
+    try:
+        _ = urlsplit(url).port  # a port out of range raises
+    except ValueError as exc:
+        raise r.error("url", f"{shown!r} does not parse: {exc}") from None
+    return str(url)
+
+
+def _engine_table(
+    r: Reader, name: str, shares: _Shares, eps: float, delta: float, columns: tuple[ColumnSpec, ...]
+) -> DatasetConfig:
+    """A table dataset read by PostgreSQL (url, table) or Spark (spark_master, path or
+    table): exactly one of path, url and spark_master says where the data is."""
+    given = [k for k in ("path", "url", "spark_master") if k in r.data]
+    if "url" in given and len(given) > 1:  # path goes with spark_master, not with url
+        raise r.error(
+            given[1],
+            f"give one of path (a file for DuckDB), url (PostgreSQL) or spark_master (Spark), "
+            f"not {' and '.join(given)}",
+        )
+    for key in ("l2_bound", "num_classes"):
+        if key in r.data:
+            raise r.error(key, "applies to .npy and .npz datasets, not to a table")
+    path = r.path.parent
+    url = master = None
+    source: SourceKind
+    if "url" in r.data:
+        source, url = "postgres", _postgres_url(r)
+        table: str | None = _table_name(r, parts=(2, 2), form="schema.name")
+    elif "spark_master" in r.data:
+        source, master = "spark", r.get("spark_master", str)
+        if not _SPARK_MASTER.fullmatch(master):
+            raise r.error(
+                "spark_master",
+                f"{master!r} is not a Spark master (local, local[N], local[*], yarn, "
+                "spark://HOST:PORT or k8s://...)",
+            )
+        if ("path" in r.data) == ("table" in r.data):
+            raise r.error(
+                "spark_master",
+                "needs exactly one of path (a Parquet file or folder) or table (a catalog table)",
+            )
+        table = None
+        if "path" in r.data:
+            path = r.path_of("path")
+            if path.suffix in (".csv", ".jsonl", ".ndjson", ".npy", ".npz"):
+                raise r.error("path", f"Spark reads Parquet here, got {path.name!r}")
+        else:
+            table = _table_name(r, parts=(1, 3), form="name, db.name or catalog.db.name")
+    else:
+        raise r.error(
+            "table", "needs url (PostgreSQL) or spark_master (Spark); a file is declared by path"
+        )
+    if not columns:
+        raise r.error("columns", "a table dataset needs at least one declared column")
+    return DatasetConfig(
+        name=name,
+        path=path,
+        epsilon=eps,
+        delta=delta,
+        columns=columns,
+        allow_exact=r.get("allow_exact", bool, False),
+        max_epsilon_per_query=_cap_of(r),
+        coordinator_shares=_shares(r, shares),
+        source=source,
+        url=url,
+        table=table,
+        spark_master=master,
+        **_unit(r),
     )
 
 
@@ -497,7 +769,7 @@ def _min_colluders(r: Reader) -> int:
 def load_federation_config(path: str | Path) -> FederationConfig:
     p = Path(path).resolve()
     r = Reader(p, _load(p))
-    r.unknown({"coordinator", "colluders", "deadline_s", "tls", "parties"})
+    r.unknown({"coordinator", "colluders", "deadline_s", "tls", "parties", "max_parties_per_unit"})
     entries = r.get("parties", list)
     parties = []
     for i, e in enumerate(entries):
@@ -518,6 +790,11 @@ def load_federation_config(path: str | Path) -> FederationConfig:
     if deadline > _MAX_DEADLINE_S:
         # gRPC turns a deadline ~1e10 s away into an immediate DEADLINE_EXCEEDED on every call
         raise r.error("deadline_s", f"must be at most {_MAX_DEADLINE_S} (a week), got {deadline!r}")
+    per_unit = r.get("max_parties_per_unit", int, 1)
+    if not 1 <= per_unit <= len(parties):
+        raise r.error(
+            "max_parties_per_unit", f"must be an integer in [1, {len(parties)}], got {per_unit!r}"
+        )
     return FederationConfig(
         path=p,
         coordinator=r.identity("coordinator"),
@@ -525,4 +802,5 @@ def load_federation_config(path: str | Path) -> FederationConfig:
         parties=tuple(parties),
         colluders=colluders,
         deadline_s=float(deadline),
+        max_parties_per_unit=int(per_unit),
     )

@@ -58,7 +58,7 @@ def test_party_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
         (('coordinators = ["analyst"]', "coordinators = []"), "must name at least one coordinator"),
         (
             ('path = "raises.csv"', 'path = "raises.xlsx"'),
-            "must be a .csv table, a .npy vector or .npz examples",
+            "must be a table (.csv, .parquet, .jsonl, .ndjson), a .npy vector or .npz examples",
         ),
         (("epsilon = 1.0", "epsilon = 1.0\ncolour = 1"), "colour: unknown key"),
         (

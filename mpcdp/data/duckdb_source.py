@@ -1,0 +1,191 @@
+"""A party's table file (.csv, .parquet, .jsonl/.ndjson) queried by DuckDB, in-process.
+
+Why DuckDB: it scans the file where it lies, in parallel and within a memory limit (spilling
+past it), so a query over a Parquet file of many gigabytes returns only its aggregates to
+Python. One in-memory database per source (one connection, a cursor per query, so
+concurrent queries do not share a cursor) is opened on first use.
+
+The relation is a view over the party's own file, built from its config only: the path is
+a quoted SQL string literal, and the readers get explicit options, so no type is sniffed: a
+CSV is read as text (header row, comma, double quotes), JSON lines with the declared keys as
+text, Parquet with its own types; then every declared numeric column is cast to DOUBLE and
+every categorical one (and the privacy unit) to VARCHAR. A value that is not a number fails
+the query (DataError) rather than becoming NULL. After the view is made the database is
+locked down: it may read the dataset's file (or folder) and nothing else, loads no extension
+and its configuration cannot be changed by a query (DuckDB's ``allowed_paths``,
+``enable_external_access = false``, ``lock_configuration``).
+
+What is revealed: errors are DataError naming the dataset, with DuckDB's message for the
+owner's log (it may quote a value of the file); a coordinator only learns "unavailable".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mpcdp.config.party_config import DatasetConfig, SourceKind
+from mpcdp.data.source import EngineOptions, Query, quote_identifier
+from mpcdp.errors import DataError
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["DuckDBSource"]
+
+log = logging.getLogger(__name__)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a SQL string literal (single quotes doubled)."""
+    if "\0" in text:
+        raise DataError("a path with a NUL character cannot be read")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _q(name: str) -> str:
+    return quote_identifier(name, dialect="duckdb")
+
+
+class DuckDBSource:
+    """A table file of ``dataset`` in an in-process DuckDB database (see the module doc)."""
+
+    def __init__(self, *, dataset: DatasetConfig, options: EngineOptions) -> None:
+        suffix = dataset.path.suffix
+        if dataset.source != "duckdb" or suffix not in (".csv", ".parquet", ".jsonl", ".ndjson"):
+            raise DataError(f"dataset {dataset.name!r}: not a table file DuckDB reads")
+        self._dataset = dataset
+        self._options = options
+        self._lock = threading.Lock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._has_view = False
+        self._relation = _q(dataset.name)
+
+    @property
+    def dialect(self) -> SourceKind:
+        return "duckdb"
+
+    @property
+    def relation(self) -> str:
+        return self._relation
+
+    def _where(self) -> str:
+        return f"dataset {self._dataset.name!r}"
+
+    def _reader(self, *, typed: bool) -> str:
+        """The table function reading the file: ``typed`` gives the declared columns as text
+        (CSV, JSON lines); otherwise every column with what the file says (schema queries)."""
+        path = self._dataset.path
+        suffix = path.suffix
+        if suffix == ".csv":
+            return (
+                f"read_csv({_literal(str(path))}, header = true, all_varchar = true, "
+                "delim = ',', quote = '\"', escape = '\"')"
+            )
+        if suffix == ".parquet":
+            target = f"{path}/**/*.parquet" if path.is_dir() else str(path)
+            return f"read_parquet({_literal(target)})"
+        if not typed:
+            return f"read_json({_literal(str(path))}, format = 'newline_delimited')"
+        cols = ", ".join(f"{_literal(n)}: 'VARCHAR'" for n in self._names())
+        return (
+            f"read_json({_literal(str(path))}, format = 'newline_delimited', columns = {{{cols}}})"
+        )
+
+    def _names(self) -> list[str]:
+        names = [c.name for c in self._dataset.columns]
+        unit = self._dataset.privacy_unit
+        if unit is not None and unit not in names:
+            names.append(unit)
+        return names
+
+    def _view(self) -> str:
+        casts = []
+        for name in self._names():
+            numeric = any(c.name == name and not c.categorical for c in self._dataset.columns)
+            casts.append(f"CAST({_q(name)} AS {'DOUBLE' if numeric else 'VARCHAR'}) AS {_q(name)}")
+        return (
+            f"CREATE VIEW {self._relation} AS SELECT {', '.join(casts)} "
+            f"FROM {self._reader(typed=True)}"
+        )
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._con is not None:
+                return self._con
+            import duckdb
+
+            path = self._dataset.path
+            if not path.exists():
+                raise DataError(f"{self._where()}: its file does not exist")
+            opts = self._options
+            config: dict[str, Any] = {
+                "memory_limit": opts.memory_limit,
+                "threads": opts.threads,
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+            }
+            con = duckdb.connect(":memory:", config=config)
+            try:
+                allowed = "allowed_directories" if path.is_dir() else "allowed_paths"
+                con.execute(f"SET {allowed} = [{_literal(str(Path(path)))}]")
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
+            except duckdb.Error as exc:  # pragma: no cover (settings DuckDB knows)
+                con.close()
+                raise DataError(f"{self._where()}: DuckDB refused its settings: {exc}") from None
+            self._con = con
+            return con
+
+    def _with_view(self) -> duckdb.DuckDBPyConnection:
+        """The connection, with the relation's view made (on first use: it reads the file's
+        header or schema, and fails on a missing declared column)."""
+        import duckdb
+
+        con = self._connect()
+        with self._lock:
+            if not self._has_view:
+                try:
+                    con.execute(self._view())
+                except duckdb.Error as exc:
+                    raise DataError(
+                        f"{self._where()}: DuckDB cannot make its view: {exc}"
+                    ) from None
+                self._has_view = True
+                log.debug(
+                    "%s: DuckDB view over its %s file", self._where(), self._dataset.path.suffix
+                )
+        return con
+
+    def _run(
+        self, text: str, params: list[object], *, view: bool = True
+    ) -> tuple[list[tuple[Any, ...]], list[str]]:
+        import duckdb
+
+        con = self._with_view() if view else self._connect()
+        cur = con.cursor()
+        try:
+            cur.execute(text, params)
+            names = [d[0] for d in cur.description or []]
+            return cur.fetchall(), names
+        except duckdb.Error as exc:
+            raise DataError(f"{self._where()}: the DuckDB query failed: {exc}") from None
+        finally:
+            cur.close()
+
+    def execute(self, query: Query) -> list[tuple[object, ...]]:
+        rows, _ = self._run(query.text, list(query.params))
+        return [tuple(r) for r in rows]
+
+    def columns(self) -> tuple[str, ...]:
+        _, names = self._run(f"SELECT * FROM {self._reader(typed=False)} LIMIT 0", [], view=False)
+        return tuple(names)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+                self._has_view = False
