@@ -130,6 +130,10 @@ def open_source(dataset: DatasetConfig, *, options: EngineOptions | None = None)
         from mpcdp.data.duckdb_source import DuckDBSource
 
         return DuckDBSource(dataset=dataset, options=opts)
+    if dataset.source == "postgres":
+        from mpcdp.data.postgres_source import PostgresSource
+
+        return PostgresSource(dataset=dataset, options=opts)
     raise DataError(f"dataset {dataset.name!r}: unknown source {dataset.source!r}")
 
 
