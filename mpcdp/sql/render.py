@@ -89,7 +89,10 @@ MAX_POSTGRES_PARAMS = 65535
 
 @dataclass(frozen=True)
 class EngineQuery:
-    """SQL in the engine's dialect with positional markers, and the values they stand for."""
+    """SQL in the engine's dialect with positional markers, and the values they stand for.
+
+    ``params`` hold the query's secret salt (as hex) and the analyst's constants: never log
+    them, nor put them in an error that leaves the party."""
 
     text: str
     params: tuple[object, ...]

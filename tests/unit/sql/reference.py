@@ -4,7 +4,8 @@ Rows are dicts of column -> value (None for NULL). Categorical values are str, n
 float or int, the privacy unit str or int. The keyed hash is the one the engine computes:
 md5 over the salt's hex and the '<length>:<text>' encodings ('-' for NULL) of the unit, the
 group values and the row content, with text as DuckDB casts it (a double as Python's repr
-of the float, which DuckDB matches for the values these tests use).
+of the float, which DuckDB, and Spark, match for the values these tests use; PostgreSQL
+prints an integral double without ".0", so its choices differ, equally bounded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -69,19 +70,25 @@ def _truth(p: Predicate, row: Row, categorical: set[str]) -> bool | None:
     return {"<": x < c, "<=": x <= c, ">": x > c, ">=": x >= c}[p.op]
 
 
-def _text(v: object) -> str:
-    return repr(v) if isinstance(v, float) else str(v)
+FloatText = Callable[[float], str]
 
 
-def _enc(v: object) -> str:
+def postgres_float_text(v: float) -> str:
+    """How PostgreSQL casts these tests' doubles to text (no ".0" on integral values)."""
+    text = repr(v)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _enc(v: object, float_text: FloatText) -> str:
     if v is None:
         return "-"
-    s = _text(v)
+    s = float_text(v) if isinstance(v, float) else str(v)
     return f"{len(s)}:{s}"
 
 
-def _md5(salt: bytes, items: Sequence[object]) -> str:
-    return hashlib.md5((salt.hex() + "".join(_enc(x) for x in items)).encode()).hexdigest()
+def _md5(salt: bytes, items: Sequence[object], float_text: FloatText) -> str:
+    encoded = "".join(_enc(x, float_text) for x in items)
+    return hashlib.md5((salt.hex() + encoded).encode()).hexdigest()
 
 
 def _typed(v: object, categorical: bool) -> object:
@@ -91,7 +98,7 @@ def _typed(v: object, categorical: bool) -> object:
 
 
 def bounded_rows(
-    q: SqlQuery, table: TableDecl, rows: Sequence[Row], salt: bytes
+    q: SqlQuery, table: TableDecl, rows: Sequence[Row], salt: bytes, *, float_text: FloatText = repr
 ) -> list[tuple[tuple[str, ...], Row]]:
     """The rows the engine aggregates, each with its cell: filtered, then bounded per unit."""
     categorical = {c.name for c in table.columns if c.categorical}
@@ -114,7 +121,9 @@ def bounded_rows(
         by_unit[row[unit]].append((cell, row))
     out: list[tuple[tuple[str, ...], Row]] = []
     for u, items in by_unit.items():
-        groups = sorted({cell for cell, _ in items}, key=lambda c: (_md5(salt, [u, *c]), c))
+        groups = sorted(
+            {cell for cell, _ in items}, key=lambda c: (_md5(salt, [u, *c], float_text), c)
+        )
         allowed = set(groups[: table.max_groups_per_unit]) if q.group_by else set(groups)
         for cell in allowed:
             members = [row for c, row in items if c == cell]
@@ -126,6 +135,7 @@ def bounded_rows(
                         *cell,
                         *[_typed(r[c], c in categorical) for c in content_cols],
                     ],
+                    float_text,
                 )
             )
             out.extend((cell, r) for r in members[: table.max_rows_per_unit])
@@ -133,13 +143,14 @@ def bounded_rows(
 
 
 def reference(
-    q: SqlQuery, table: TableDecl, rows: Sequence[Row], salt: bytes
+    q: SqlQuery, table: TableDecl, rows: Sequence[Row], salt: bytes, *, float_text: FloatText = repr
 ) -> NDArray[np.float64]:
-    """The (cells, measures) matrix that to_matrix(render(...)) must give."""
+    """The (cells, measures) matrix that to_matrix(render(...)) must give; ``float_text`` is
+    the engine's text form of a double (repr for DuckDB and Spark, postgres_float_text)."""
     cells = {c: i for i, c in enumerate(itertools.product(*q.keys))}
     measures = q.measures()
     out = np.zeros((len(cells), len(measures)), dtype=np.float64)
-    for cell, row in bounded_rows(q, table, rows, salt):
+    for cell, row in bounded_rows(q, table, rows, salt, float_text=float_text):
         i = cells[cell]
         for j, m in enumerate(measures):
             raw = None if m.column is None else row[m.column]

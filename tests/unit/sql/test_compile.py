@@ -489,7 +489,7 @@ def test_random_predicates_compile_to_their_trees(case: tuple[str, Predicate]) -
     assert q.where == expected
 
 
-@settings(derandomize=True, max_examples=300, deadline=None)
+@settings(derandomize=True, max_examples=200, deadline=None)
 @given(
     st.lists(
         st.sampled_from(

@@ -253,7 +253,7 @@ _PROPERTY_QUERIES = [
 
 @settings(
     derandomize=True,
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -69,6 +69,19 @@ def test_identifiers_are_quoted_for_the_dialect(dialect: Dialect) -> None:
         assert '"we""ird`%%s?"' in e.text and "FROM rel%%" in e.text
 
 
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_labels_and_where_strings_never_reach_the_text(dialect: Dialect) -> None:
+    q = compile_sql(
+        'SELECT COUNT(*) AS "n\'); DROP TABLE raises; --" FROM raises '
+        "WHERE dept IN ('a''); DROP TABLE raises; --')",
+        tables=TABLES,
+    )
+    assert q.aggregates[0].label == "n'); DROP TABLE raises; --"
+    e = render(q, table=RAISES, relation="r", dialect=dialect, salt=SALT)
+    assert "DROP" not in e.text and "'" not in e.text
+    assert "a'); DROP TABLE raises; --" in e.params
+
+
 def test_the_relation_is_inserted_verbatim_after_from() -> None:
     q = compile_sql("SELECT COUNT(*) FROM raises", tables=TABLES)
     e = render(
