@@ -134,6 +134,10 @@ def open_source(dataset: DatasetConfig, *, options: EngineOptions | None = None)
         from mpcdp.data.postgres_source import PostgresSource
 
         return PostgresSource(dataset=dataset, options=opts)
+    if dataset.source == "spark":
+        from mpcdp.data.spark_source import SparkSource
+
+        return SparkSource(dataset=dataset, options=opts)
     raise DataError(f"dataset {dataset.name!r}: unknown source {dataset.source!r}")
 
 

@@ -64,6 +64,8 @@ def test_an_injection_attempt_through_a_parameter_arrives_literally(tmp_path: Pa
         attempt = "eng' OR '1'='1"
         assert src.execute(by_dept(src.relation, dialect="duckdb", dept=attempt)) == [(0,)]
         assert src.execute(by_dept(src.relation, dialect="duckdb", dept="eng")) == [(3,)]
+        # the salt of a query is a bytes parameter
+        assert src.execute(Q("SELECT octet_length(?)", (bytes(range(16)),))) == [(16,)]
     finally:
         src.close()
 

@@ -55,6 +55,8 @@ def test_an_injection_attempt_through_a_parameter_arrives_literally(source: Sour
     assert source.execute(by_dept(rel, dialect="postgres", dept=HOSTILE)) == [(1,)]
     assert source.execute(by_dept(rel, dialect="postgres", dept="eng' OR '1'='1")) == [(0,)]
     assert source.execute(by_dept(rel, dialect="postgres", dept="eng")) == [(3,)]
+    # the salt of a query is a bytes parameter
+    assert source.execute(Q("SELECT octet_length(%s)", (bytes(range(16)),))) == [(16,)]
 
 
 def test_a_write_fails_even_for_a_role_that_may_write(pg: PostgresServer, tmp_path: Path) -> None:
