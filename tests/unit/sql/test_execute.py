@@ -13,34 +13,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from mpcdp.config.datasets import ColumnSpec
 from mpcdp.sql.compile import compile_sql
 from mpcdp.sql.plan import SqlQuery, TableDecl
 from mpcdp.sql.render import render, to_matrix
+from tests.unit.sql.engine_data import (
+    COLUMNS,
+    DEPTS,
+    FIXED,
+    HOSTILE,
+    PROPERTY_QUERIES,
+    QUERIES,
+    SQL_TYPES,
+    UNITS,
+    busy_rows,
+    make_row,
+    table_decl,
+)
 from tests.unit.sql.reference import Row, reference
-
-HOSTILE = "x'); DROP TABLE raises; --"
-DEPTS = ("eng", "ops", HOSTILE)
-COLUMNS = ("pid", "pid_c", "dept", "level", "raise", "year", "score")
-SQL_TYPES = ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "DOUBLE", "DOUBLE", "DOUBLE")
-UNITS = tuple(f"p{i}" for i in range(6))
-
-
-def _table(*, unit: bool = True, rows: int = 2, groups: int = 1) -> TableDecl:
-    return TableDecl(
-        name="raises",
-        columns=(
-            ColumnSpec("pid_c", categories=UNITS),
-            ColumnSpec("dept", categories=DEPTS),
-            ColumnSpec("level", categories=("1", "2", "3")),
-            ColumnSpec("raise", lower=0.0, upper=5000.0),
-            ColumnSpec("year", lower=2000.0, upper=2030.0),
-            ColumnSpec("score", lower=-10.0, upper=30.0, edges=(-10.0, 0.0, 5.0, 30.0)),
-        ),
-        privacy_unit="pid" if unit else None,
-        max_rows_per_unit=rows,
-        max_groups_per_unit=groups,
-    )
 
 
 def _connect(rows: Sequence[Row]) -> duckdb.DuckDBPyConnection:
@@ -62,55 +51,10 @@ def _run(
     return to_matrix(q, con.execute(e.text, list(e.params)).fetchall())
 
 
-def _row(
-    pid: str | None,
-    dept: str | None,
-    level: str | None,
-    raise_: float | None,
-    year: float | None,
-    score: float | None,
-) -> Row:
-    return {
-        "pid": pid,
-        "pid_c": pid,
-        "dept": dept,
-        "level": level,
-        "raise": raise_,
-        "year": year,
-        "score": score,
-    }
-
-
-FIXED: list[Row] = [
-    _row("p0", "eng", "1", 100.0, 2025.0, 3.0),
-    _row("p0", "eng", "1", 200.0, 2025.0, 4.0),
-    _row("p0", "eng", "2", 300.0, 2025.0, 5.0),  # p0: three rows in eng, bound 2
-    _row("p0", "ops", "2", 7000.0, 2025.0, 31.0),  # p0: a second group, bound 1
-    _row("p1", "ops", "1", None, 2024.0, None),  # NULLs
-    _row("p1", "ops", None, -50.0, None, -20.0),  # below the bounds; NULL year
-    _row("p2", HOSTILE, "3", 9000.0, 2026.0, 30.0),  # the hostile key matches literally
-    _row("p3", "hr", "1", 100.0, 2025.0, 1.0),  # not a public key: dropped
-    _row(None, "eng", "1", 1.0, 2025.0, 1.0),  # no unit: dropped
-    _row("p4", None, "1", 1.0, 2025.0, 1.0),  # NULL group value: dropped
-]
-
-QUERIES = [
-    "SELECT dept, COUNT(*), AVG(raise), MEDIAN(score), SUM(raise) AS s, COUNT(level) AS n "
-    "FROM raises GROUP BY dept",
-    "SELECT COUNT(*), SUM(score), AVG(year), QUANTILE(raise, 0.9) FROM raises",
-    "SELECT dept, level, COUNT(*), SUM(raise) FROM raises WHERE year >= 2025 OR year IS NULL "
-    "GROUP BY level, dept",
-    "SELECT COUNT(*) FROM raises WHERE NOT (raise BETWEEN 50 AND 250) AND level NOT IN ('3')",
-    "SELECT dept, COUNT(raise) FROM raises WHERE dept = 'x''); DROP TABLE raises; --' "
-    "GROUP BY dept",
-    "SELECT dept, COUNT(*) FROM raises WHERE NOT (year < 2025) GROUP BY dept",
-]
-
-
 @pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("text", QUERIES)
 def test_fixed_table_matches_the_reference(text: str, unit: bool) -> None:
-    table = _table(unit=unit)
+    table = table_decl(unit=unit)
     q = compile_sql(text, tables={"raises": table}, bins=5)
     con = _connect(FIXED)
     for salt in (bytes(16), bytes(range(16)), b"\xff" * 32):
@@ -121,7 +65,7 @@ def test_fixed_table_matches_the_reference(text: str, unit: bool) -> None:
 
 def test_fixed_table_golden_values() -> None:
     """One query worked by hand: the bounds, clamps, NULLs and the dropped rows."""
-    table = _table(rows=2, groups=2)
+    table = table_decl(rows=2, groups=2)
     q = compile_sql(
         "SELECT dept, COUNT(*), COUNT(raise) AS n, SUM(raise) AS s FROM raises GROUP BY dept",
         tables={"raises": table},
@@ -135,7 +79,7 @@ def test_fixed_table_golden_values() -> None:
 
 
 def test_unknown_keys_analyst_keys_and_the_hostile_key_match_literally() -> None:
-    table = _table(unit=False)
+    table = table_decl(unit=False)
     keys = {"dept": ["hr", HOSTILE, "eng%", "eng"]}
     q = compile_sql(
         "SELECT dept, COUNT(*) FROM raises GROUP BY dept", tables={"raises": table}, keys=keys
@@ -145,8 +89,8 @@ def test_unknown_keys_analyst_keys_and_the_hostile_key_match_literally() -> None
 
 
 def test_nan_clamps_to_the_upper_bound() -> None:
-    rows = [_row("p0", "eng", "1", float("nan"), 2025.0, float("nan"))]
-    table = _table()
+    rows = [make_row("p0", "eng", "1", float("nan"), 2025.0, float("nan"))]
+    table = table_decl()
     q = compile_sql(
         "SELECT SUM(raise), COUNT(raise) AS n, MEDIAN(score) FROM raises",
         tables={"raises": table},
@@ -159,23 +103,10 @@ def test_nan_clamps_to_the_upper_bound() -> None:
 # --- contribution bounds, measured in the engine ---------------------------------------------
 
 
-def _busy_rows() -> list[Row]:
-    """Units with many rows in many groups (values distinct, so choices are visible)."""
-    out: list[Row] = []
-    k = 0
-    for u, n in zip(UNITS, (1, 3, 7, 12, 20, 30), strict=True):
-        for i in range(n):
-            dept = DEPTS[i % 3]
-            level = ("1", "2", "3")[(i // 3) % 3]
-            out.append(_row(u, dept, level, float(10 * k + 1), 2025.0, float(k % 40 - 10)))
-            k += 1
-    return out
-
-
 @pytest.mark.parametrize(("max_rows", "max_groups"), [(1, 1), (2, 1), (3, 2), (5, 9), (40, 9)])
 def test_every_unit_keeps_at_most_its_bounds(max_rows: int, max_groups: int) -> None:
-    table = _table(rows=max_rows, groups=max_groups)
-    rows = _busy_rows()
+    table = table_decl(rows=max_rows, groups=max_groups)
+    rows = busy_rows()
     con = _connect(rows)
     # the cell (unit, dept, level) exposes what each unit kept: pid_c repeats the unit
     q = compile_sql(
@@ -200,8 +131,8 @@ def test_every_unit_keeps_at_most_its_bounds(max_rows: int, max_groups: int) -> 
 
 
 def test_salts_choose_differently_and_deterministically() -> None:
-    table = _table(rows=1, groups=1)
-    rows = _busy_rows()
+    table = table_decl(rows=1, groups=1)
+    rows = busy_rows()
     con = _connect(rows)
     q = compile_sql(
         "SELECT dept, SUM(raise), COUNT(*) FROM raises GROUP BY dept", tables={"raises": table}
@@ -230,7 +161,7 @@ def _rows(draw: st.DrawFn) -> list[Row]:
     for _ in range(n):
         pid = draw(st.one_of(st.none(), st.sampled_from(UNITS)))
         out.append(
-            _row(
+            make_row(
                 pid,
                 draw(st.one_of(st.none(), st.sampled_from((*DEPTS, "hr")))),
                 draw(st.one_of(st.none(), st.sampled_from(("1", "2", "3", "4")))),
@@ -242,15 +173,6 @@ def _rows(draw: st.DrawFn) -> list[Row]:
     return out
 
 
-_PROPERTY_QUERIES = [
-    *QUERIES,
-    "SELECT level, COUNT(*), AVG(score), QUANTILE(score, 0.25) FROM raises "
-    "WHERE dept IN ('eng', 'ops') AND score IS NOT NULL GROUP BY level",
-    "SELECT COUNT(*), COUNT(year) AS y FROM raises WHERE raise > 100 AND raise <= 4000 "
-    "OR NOT (level = '2')",
-]
-
-
 @settings(
     derandomize=True,
     max_examples=30,
@@ -259,7 +181,7 @@ _PROPERTY_QUERIES = [
 )
 @given(
     rows=_rows(),
-    text=st.sampled_from(_PROPERTY_QUERIES),
+    text=st.sampled_from(PROPERTY_QUERIES),
     unit=st.booleans(),
     max_rows=st.integers(1, 4),
     max_groups=st.integers(1, 3),
@@ -268,7 +190,7 @@ _PROPERTY_QUERIES = [
 def test_random_tables_match_the_reference(
     rows: list[Row], text: str, unit: bool, max_rows: int, max_groups: int, salt: bytes
 ) -> None:
-    table = _table(unit=unit, rows=max_rows, groups=max_groups)
+    table = table_decl(unit=unit, rows=max_rows, groups=max_groups)
     q = compile_sql(text, tables={"raises": table}, bins=3)
     got = _run(_connect(rows), q, table, salt)
     np.testing.assert_allclose(got, reference(q, table, rows, salt), rtol=1e-12, atol=1e-9)
