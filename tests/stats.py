@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 from scipy import stats
 
 ALPHA = 1e-6
+
+_Array = TypeVar("_Array", bound=np.ndarray)
+
+
+def total_of(shares: Iterable[_Array]) -> _Array:
+    """The elementwise sum of equally shaped arrays, as ``sum()`` adds them (same dtype, same
+    order of additions), typed as an array rather than ``array | 0``."""
+    it = iter(shares)
+    total: _Array = next(it).copy()
+    for share in it:
+        total += share
+    return total
 
 
 def chi_square_pvalue(samples: np.ndarray, pmf: Callable[[np.ndarray], np.ndarray]) -> float:

@@ -88,8 +88,9 @@ def test_the_federation_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, f"{p} did not start"
                 time.sleep(0.05)
             ports[p] = int(port_file.read_text())
-            assert procs[p].stdout is not None
-            assert f"serving on 127.0.0.1:{ports[p]}" in procs[p].stdout.readline()
+            stdout = procs[p].stdout
+            assert stdout is not None
+            assert f"serving on 127.0.0.1:{ports[p]}" in stdout.readline()
 
         def local(text: str) -> str:
             for p, host in EXAMPLE_HOSTS.items():

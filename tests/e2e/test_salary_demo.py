@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ def test_salary_demo_python_api(tmp_path: Path) -> None:
     assert dp.statistic == "mean" and dp.parties == ("alice", "bob", "carlos", "david")
     assert dp.interval95 is not None
     lo, hi = dp.interval95
-    assert 0 <= lo <= dp.value <= hi <= 5000  # inside the public bounds  # type: ignore[operator]
+    assert isinstance(dp.value, float)  # a mean is one number
+    assert 0 <= lo <= dp.value <= hi <= 5000  # inside the public bounds
     assert dp.budget_remaining == {"alice": 1.0, "bob": 1.0, "carlos": 1.0, "david": 1.0}
     # one ledger entry per query: the exact mean and the DP mean (not one per tensor)
     assert [b.queries for b in report.budgets] == [2] * 4
@@ -59,11 +61,12 @@ def test_cli_demo_salary_json_runs_four_party_processes() -> None:
     assert set(local_report["observed_words"]) == set(report["observed_words"])
 
 
-def _check_dp_mean(dp: dict[str, object]) -> None:
-    lo, hi = dp["interval95"]  # type: ignore[misc]
+def _check_dp_mean(dp: dict[str, Any]) -> None:
+    """``dp``: the demo's JSON report of the DP mean."""
+    lo, hi = dp["interval95"]
     assert dp["statistic"] == "mean" and dp["mechanism"] == "discrete-laplace"
-    assert 0 <= lo <= dp["value"] <= hi <= 5000  # type: ignore[operator]
-    assert dp["noise_std"] > 0  # type: ignore[operator]
+    assert 0 <= lo <= dp["value"] <= hi <= 5000
+    assert dp["noise_std"] > 0
 
 
 def test_cli_demo_salary_local_json() -> None:

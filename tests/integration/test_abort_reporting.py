@@ -19,7 +19,7 @@ from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream, abort_all, run_round
 from mpcdp.transport import tls
-from mpcdp.transport.client import GrpcPartyClient
+from mpcdp.transport.client import DEFAULT_ABORT_DEADLINE_S, GrpcPartyClient
 from tests.conftest import PARTIES, Net, build_net
 
 
@@ -43,7 +43,7 @@ def _clients(
     *,
     deadline_s: float = 20,
     special: dict[str, GrpcPartyClient] | None = None,
-    **kw: float,
+    abort_deadline_s: float = DEFAULT_ABORT_DEADLINE_S,
 ) -> list[GrpcPartyClient]:
     cfg = load_federation_config(federation)
     creds = tls.load_credentials(cfg.tls)
@@ -51,7 +51,11 @@ def _clients(
     return [
         special.get(p.id)
         or GrpcPartyClient(
-            party_id=p.id, address=p.address, creds=creds, deadline_s=deadline_s, **kw
+            party_id=p.id,
+            address=p.address,
+            creds=creds,
+            deadline_s=deadline_s,
+            abort_deadline_s=abort_deadline_s,
         )
         for p in cfg.parties
     ]

@@ -16,24 +16,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from scipy import stats  # noqa: E402
+import torch
+from scipy import stats
 
-from mpcdp.config.party_config import load_party_config  # noqa: E402
-from mpcdp.errors import ConfigError, ParameterError, RoundAborted  # noqa: E402
-from mpcdp.federation import Federation  # noqa: E402
-from mpcdp.party.node import check_datasets  # noqa: E402
-from mpcdp.protocol.training import TrainSpec  # noqa: E402
-from mpcdp.protocol.training.fingerprint import (  # noqa: E402
+from mpcdp.config.party_config import load_party_config
+from mpcdp.errors import ConfigError, ParameterError, RoundAborted
+from mpcdp.federation import Federation
+from mpcdp.party.node import check_datasets
+from mpcdp.protocol.training import TrainSpec
+from mpcdp.protocol.training.fingerprint import (
     fingerprint,
     first_difference,
 )
-from mpcdp.train.declared import import_object, load_data  # noqa: E402
-from mpcdp.train.federated import train  # noqa: E402
-from mpcdp.train.gradient_source import TorchGradientSource  # noqa: E402
-from tests.conftest import PARTIES, Net, build_net  # noqa: E402
-from tests.stats import chi_square_pvalue  # noqa: E402
+from mpcdp.train.declared import import_object, load_data
+from mpcdp.train.federated import train
+from mpcdp.train.gradient_source import TorchGradientSource
+from tests.conftest import PARTIES, Net, build_net
+from tests.stats import chi_square_pvalue
 
 USERCODE = Path(__file__).resolve().parents[1] / "fixtures" / "usercode"
 MODELS = "mpcdp_fixture_models"

@@ -97,7 +97,10 @@ def _spec(query_id: str) -> pb.QuerySpec:
 
 
 def _describe(stub: pb_grpc.PartyStub) -> pb.DescribeResponse:
-    return stub.Describe(pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=CALL_S)
+    resp: pb.DescribeResponse = stub.Describe(
+        pb.DescribeRequest(version=PROTOCOL_VERSION), timeout=CALL_S
+    )
+    return resp
 
 
 def test_unread_uploads_of_one_coordinator_leave_the_others_served(tmp_path: Path) -> None:

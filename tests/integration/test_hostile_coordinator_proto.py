@@ -100,7 +100,8 @@ def train_open(s: pb_grpc.PartyStub, spec: pb.TrainSpec) -> pb.ProposeResponse:
     req = pb.TrainOpenRequest(
         version=PROTOCOL_VERSION, session_id=secrets.token_bytes(16), spec=spec
     )
-    return s.TrainOpen(req, timeout=20)
+    resp: pb.ProposeResponse = s.TrainOpen(req, timeout=20)
+    return resp
 
 
 def refusal(call: object) -> grpc.RpcError:

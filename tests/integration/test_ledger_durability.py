@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,10 @@ def _spent_ledger(root: Path) -> tuple[Path, Path]:
 
     with BudgetLedger(root / "alice.sqlite") as led:
         led.charge(
-            dataset="raises", query_id="q1", event=ev.PureDp(epsilon=1), coordinator="analyst"
+            dataset="raises",
+            query_id="q1",
+            event=ev.PureDp(epsilon=Fraction(1)),
+            coordinator="analyst",
         )
     return cfg, root / "alice.sqlite"
 

@@ -104,7 +104,8 @@ class _Analyst:
         req = pb.ProposeRequest(
             version=PROTOCOL_VERSION, session_id=session_id, spec=_spec(query_id)
         )
-        return self.stubs[party].Propose(req, timeout=CALL_S)
+        resp: pb.ProposeResponse = self.stubs[party].Propose(req, timeout=CALL_S)
+        return resp
 
     def abort(self, party: str, session_id: bytes) -> None:
         req = pb.AbortRequest(version=PROTOCOL_VERSION, session_id=session_id)

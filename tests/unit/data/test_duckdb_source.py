@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mpcdp.data import EngineOptions, open_source, validate
+from mpcdp.data import EngineOptions, open_source, open_validated, validate
 from mpcdp.data.source import quote_identifier
 from mpcdp.errors import DataError, ParameterError
 from tests.unit.data.table import (
@@ -99,6 +99,22 @@ def test_validation_names_the_missing_declared_columns(tmp_path: Path, name: str
     msg = str(info.value)
     assert msg.startswith("dataset 'raises': declared column(s) ['patient'] are not in its duckdb")
     assert str(tmp_path) not in msg
+
+
+def test_csv_cells_are_trimmed_as_the_csv_loader_trims_them(tmp_path: Path) -> None:
+    path = tmp_path / "raises.csv"
+    path.write_text("id,dept,year,raise\n p1 , eng ,2024, 7.5 \np2,eng, 2024,1\n")
+    src = open_validated(dataset(path))
+    try:
+        rows = src.execute(Q("SELECT id, dept, year, raise FROM raises ORDER BY id", ()))
+        assert rows == [("p1", "eng", 2024.0, 7.5), ("p2", "eng", 2024.0, 1.0)]
+    finally:
+        src.close()
+
+
+def test_open_validated_refuses_a_missing_column(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"declared column\(s\) \['patient'\]"):
+        open_validated(dataset(write_csv(tmp_path / "raises.csv"), privacy_unit="patient"))
 
 
 def test_a_missing_file_is_a_data_error_without_its_path(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ dp-accounting and exact sums, composition, calibration, strict event decoding.""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Literal
 
 import dp_accounting
 import numpy as np
@@ -72,13 +74,18 @@ def test_subsampling_bound_dominates_both_exact_directions_for_skellam() -> None
             assert max(add, remove) <= b + 1e-12, (rate, a)
 
 
+def _gaussian_rdp(sigma: float) -> Callable[[int], float]:
+    """The Gaussian mechanism's RDP at order a, noise multiplier sigma: a / (2 sigma^2)."""
+    return lambda a: a / (2 * sigma * sigma)
+
+
 def test_subsampling_bound_vanishes_with_the_noise_and_is_tight_for_the_gaussian() -> None:
     # a bound with a floor (Zhu-Wang's general one) made small epsilons unreachable
     huge = rdp.poisson_subsampled(lambda a: a / (2 * 1e4**2), sample_rate=0.05)
     assert np.all(huge < 2e-6)
     for q, sigma in [(0.0445, 1.65), (0.01, 1.0), (0.1, 2.0)]:
         exact = rdp.subsampled_gaussian(sample_rate=q, noise_multiplier=sigma)
-        bound = rdp.poisson_subsampled(lambda a, s=sigma: a / (2 * s * s), sample_rate=q)
+        bound = rdp.poisson_subsampled(_gaussian_rdp(sigma), sample_rate=q)
         e_exact, _ = rdp.to_epsilon(orders=ORDERS, rdp=500 * exact, delta=1e-5)
         e_bound, _ = rdp.to_epsilon(orders=ORDERS, rdp=500 * bound, delta=1e-5)
         # equal where the add direction dominates (the first two); the remove term's bound
@@ -89,7 +96,7 @@ def test_subsampling_bound_vanishes_with_the_noise_and_is_tight_for_the_gaussian
 def test_subsampling_bound_is_valid_and_reasonably_tight_for_the_gaussian() -> None:
     for q, sigma in [(0.01, 1.0), (0.1, 2.0), (0.3, 0.9)]:
         exact = rdp.subsampled_gaussian(sample_rate=q, noise_multiplier=sigma)
-        bound = rdp.poisson_subsampled(lambda a, s=sigma: a / (2 * s * s), sample_rate=q)
+        bound = rdp.poisson_subsampled(_gaussian_rdp(sigma), sample_rate=q)
         assert np.all(bound >= exact - 1e-12)
         small = ORDERS.index(8)
         assert bound[small] <= 3 * exact[small] + 1e-9
@@ -136,7 +143,7 @@ def test_distributed_discrete_gaussian_with_one_share_is_gaussian() -> None:
 
 
 def test_pure_epsilon_composes_exactly() -> None:
-    spent = accountant.compose([events.PureDp(epsilon=0.1)] * 10, delta=1e-6)
+    spent = accountant.compose([events.PureDp(epsilon=events.exact_epsilon(0.1))] * 10, delta=1e-6)
     assert spent.pure_epsilon == Fraction(1)
     assert spent.epsilon == 1.0
     assert sum([0.1] * 10) != 1.0  # what float addition would have done
@@ -145,7 +152,9 @@ def test_pure_epsilon_composes_exactly() -> None:
 def test_mixed_composition_is_basic_composition() -> None:
     g = events.SubsampledGaussian(noise_multiplier=1.0, sample_rate=0.01, steps=100)
     alone = accountant.compose([g], delta=1e-5).epsilon
-    both = accountant.compose([g, events.PureDp(epsilon=0.5), events.Exact()], delta=1e-5)
+    both = accountant.compose(
+        [g, events.PureDp(epsilon=Fraction(1, 2)), events.Exact()], delta=1e-5
+    )
     assert both.epsilon == pytest.approx(alone + 0.5)
     assert both.exact_releases == 1
 
@@ -164,14 +173,16 @@ def test_stateful_accountant() -> None:
 @pytest.mark.parametrize(
     ("target", "q", "steps"), [(1.0, 0.01, 1000), (3.0, 0.05, 500), (8.0, 0.2, 100)]
 )
-def test_noise_multiplier_calibration(mechanism: str, target: float, q: float, steps: int) -> None:
+def test_noise_multiplier_calibration(
+    mechanism: Literal["gaussian", "skellam"], target: float, q: float, steps: int
+) -> None:
     z = accountant.get_noise_multiplier(
         target_epsilon=target,
         target_delta=1e-5,
         sample_rate=q,
         steps=steps,
         mechanism=mechanism,
-        l2_sensitivity=1000.0,  # type: ignore[arg-type]
+        l2_sensitivity=1000.0,
     )
     if mechanism == "gaussian":
         eps = _dp_accounting_epsilon(q, z, steps, 1e-5)

@@ -28,11 +28,13 @@ def test_ten_charges_of_a_tenth_fill_a_budget_of_one_exactly(tmp_path: Path) -> 
     with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("raises", epsilon=1.0, delta=1e-6)
         for i in range(10):
-            assert led.charge(dataset="raises", query_id=f"q{i}", event=ev.PureDp(epsilon=0.1)).new
+            assert led.charge(
+                dataset="raises", query_id=f"q{i}", event=ev.PureDp(epsilon=Fraction("0.1"))
+            ).new
         st = led.status("raises")
         assert st.pure_epsilon_spent == Fraction(1) and st.remaining_epsilon == 0
         with pytest.raises(BudgetExceededError, match=r"dataset='raises'.*requested epsilon=1/10"):
-            led.charge(dataset="raises", query_id="q10", event=ev.PureDp(epsilon=0.1))
+            led.charge(dataset="raises", query_id="q10", event=ev.PureDp(epsilon=Fraction("0.1")))
         assert led.status("raises").queries == 10  # nothing written by the refusal
         assert led.status("raises").spent_epsilon <= 1.0
 
@@ -40,15 +42,15 @@ def test_ten_charges_of_a_tenth_fill_a_budget_of_one_exactly(tmp_path: Path) -> 
 def test_charge_is_idempotent_by_query_id(tmp_path: Path) -> None:
     with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon=1, delta=1e-6)
-        first = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.4))
-        again = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.4))
+        first = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=Fraction("0.4")))
+        again = led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=Fraction("0.4")))
         assert first.new and not again.new and again.created_at == first.created_at
         assert led.status("d").pure_epsilon_spent == Fraction(2, 5)
         with pytest.raises(LedgerError, match="query_id='q'"):
-            led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=0.5))
+            led.charge(dataset="d", query_id="q", event=ev.PureDp(epsilon=Fraction("0.5")))
         led.set_budget("e", epsilon=1, delta=1e-6)
         with pytest.raises(LedgerError, match="already charged to dataset='d'"):
-            led.charge(dataset="e", query_id="q", event=ev.PureDp(epsilon=0.4))
+            led.charge(dataset="e", query_id="q", event=ev.PureDp(epsilon=Fraction("0.4")))
 
 
 def test_rdp_charges_and_delta_zero_budgets(tmp_path: Path) -> None:
@@ -76,21 +78,21 @@ def test_exact_releases_are_recorded_not_charged(tmp_path: Path) -> None:
 def test_bad_input(tmp_path: Path) -> None:
     with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         with pytest.raises(ParameterError, match="dataset='nope'"):
-            led.charge(dataset="nope", query_id="q", event=ev.PureDp(epsilon=0.1))
+            led.charge(dataset="nope", query_id="q", event=ev.PureDp(epsilon=Fraction("0.1")))
         with pytest.raises(ParameterError, match="delta"):
             led.set_budget("d", epsilon=1, delta=1.5)
         with pytest.raises(ParameterError, match="epsilon"):
             led.set_budget("d", epsilon=-1, delta=0)
         with pytest.raises(ParameterError, match="query_id"):
             led.set_budget("d", epsilon=1, delta=0)
-            led.charge(dataset="d", query_id="", event=ev.PureDp(epsilon=0.1))
+            led.charge(dataset="d", query_id="", event=ev.PureDp(epsilon=Fraction("0.1")))
 
 
 def test_ledger_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
     with BudgetLedger.create(path) as led:
         led.set_budget("d", epsilon=1, delta=1e-6)
-        led.charge(dataset="d", query_id="q1", event=ev.PureDp(epsilon=0.3))
+        led.charge(dataset="d", query_id="q1", event=ev.PureDp(epsilon=Fraction("0.3")))
     with BudgetLedger(path) as led:
         assert led.status("d").pure_epsilon_spent == Fraction(3, 10)
         assert [c.query_id for c in led.charges("d")] == ["q1"]
@@ -130,7 +132,9 @@ def test_a_version_1_ledger_gains_notes_and_keeps_its_charges(tmp_path: Path) ->
     with BudgetLedger(path) as led:
         assert [(c.query_id, c.note) for c in led.charges("d")] == [("old", "")]
         assert led.status("d").pure_epsilon_spent == Fraction(1, 2)
-        led.charge(dataset="d", query_id="new", event=ev.PureDp(epsilon=0.25), note="mean of x")
+        led.charge(
+            dataset="d", query_id="new", event=ev.PureDp(epsilon=Fraction("0.25")), note="mean of x"
+        )
         assert [c.note for c in led.charges("d")] == ["", "mean of x"]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
@@ -212,7 +216,7 @@ def test_rdp_totals_see_charges_made_through_another_connection(tmp_path: Path) 
         a.charge(dataset="d", query_id="a1", event=event)
         first = a.status("d").spent_epsilon  # a caches its RDP total here
         b.charge(dataset="d", query_id="b1", event=event)
-        b.charge(dataset="d", query_id="b2", event=ev.PureDp(epsilon="0.5"))
+        b.charge(dataset="d", query_id="b2", event=ev.PureDp(epsilon=Fraction("0.5")))
         both = a.status("d")
         expected = compose([event, event], delta=1e-6).epsilon + 0.5
         assert both.spent_epsilon == pytest.approx(expected) and both.spent_epsilon > first + 0.5
@@ -220,7 +224,7 @@ def test_rdp_totals_see_charges_made_through_another_connection(tmp_path: Path) 
 
 
 def test_reservations_count_as_spent_until_charged_or_released(tmp_path: Path) -> None:
-    pure = ev.PureDp(epsilon="0.1")
+    pure = ev.PureDp(epsilon=Fraction("0.1"))
     with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon="0.15", delta=0.0)
         led.reserve(dataset="d", query_id="a", event=pure)
@@ -263,7 +267,7 @@ def test_concurrent_charges_of_reserved_queries_never_refuse(tmp_path: Path) -> 
     """A budget exactly full of reservations: every reserved query's charge must succeed,
     however the charges interleave (a reservation released only after its charge counted
     twice for a moment, and a concurrent charge was refused)."""
-    pure = ev.PureDp(epsilon="0.1")
+    pure = ev.PureDp(epsilon=Fraction("0.1"))
     with BudgetLedger.create(tmp_path / "l.sqlite") as led:
         led.set_budget("d", epsilon="2", delta=0.0)
         for i in range(20):

@@ -65,7 +65,7 @@ def test_one_entry_per_query_or_block_with_what_it_spent(tmp_path: Path) -> None
     )
     # composition: the second identical charge raises the RDP total by less than its own epsilon
     assert s2.rdp_total_after == pytest.approx(compose([skellam, skellam], delta=1e-6).epsilon)
-    assert s2.rdp_total_after < 2 * alone
+    assert s2.rdp_total_after is not None and s2.rdp_total_after < 2 * alone
     assert b0.kind == "training" and b0.run_id == "run-7" and b0.block == 0 and b0.steps == 10
     assert r.entries[-1].rdp_total_after == pytest.approx(r.rdp_spent)
     assert r.spent == pytest.approx(1 + r.rdp_spent)

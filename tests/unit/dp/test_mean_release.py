@@ -16,6 +16,7 @@ from mpcdp.federation import mean_release
 from mpcdp.mpc.rng import csprng
 from mpcdp.protocol.query.plan import fit, plan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from tests.stats import total_of
 
 PARTIES = ("alice", "bob", "carlos", "david")
 
@@ -37,9 +38,9 @@ def _releases(
     rp = plan(spec)
     mid = (spec.lower + spec.upper) / 2
     truth = {"centered_sum": float(np.sum(values - mid)), "count": float(values.size)}
-    noise = {}
+    noise: dict[str, np.ndarray] = {}
     for tp in rp.tensors:
-        total = sum(
+        total = total_of(
             tp.mechanism.share(size=trials, honest=spec.honest, rng=rng).astype(np.float64)
             for _ in spec.parties
         )

@@ -19,7 +19,7 @@ from mpcdp.dp import poisson as P
 from mpcdp.dp import samplers
 from mpcdp.errors import ParameterError
 from mpcdp.mpc.rng import csprng
-from tests.stats import chi_square_pvalue
+from tests.stats import chi_square_pvalue, total_of
 
 N = 200_000
 CHECK_ALPHA = 1e-8
@@ -188,7 +188,7 @@ def test_discrete_laplace_shares_at_the_top_of_their_range(h: int) -> None:
     rounded to 1 - 2^-53 the law would be far wider or narrower)."""
     scale = samplers.DLAP_SHARE_MAX_SCALE
     g = rng(8 + h)
-    total = sum(
+    total = total_of(
         samplers.discrete_laplace_share(scale=scale, honest=h, size=N, rng=g) for _ in range(h)
     )
     assert ks_pvalue(total, dlap_cdf(scale)) > CHECK_ALPHA

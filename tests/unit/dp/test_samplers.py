@@ -13,7 +13,7 @@ from scipy import stats
 from mpcdp.dp import mechanisms, randomized_response, samplers
 from mpcdp.errors import ParameterError
 from mpcdp.mpc.rng import csprng
-from tests.stats import ALPHA, chi_square_pvalue, discrete_gaussian_pmf, dlap_pmf
+from tests.stats import ALPHA, chi_square_pvalue, discrete_gaussian_pmf, dlap_pmf, total_of
 
 N = 200_000
 
@@ -43,7 +43,7 @@ def test_polya_is_negative_binomial(r: float, scale: float) -> None:
 @pytest.mark.parametrize("scale", [1 / math.log(2), 10.0])
 def test_sum_of_h_polya_shares_is_discrete_laplace(h: int, scale: float) -> None:
     g = rng(3)
-    total = sum(
+    total = total_of(
         samplers.discrete_laplace_share(scale=scale, honest=h, size=N, rng=g) for _ in range(h)
     )
     assert chi_square_pvalue(total, dlap_pmf(decay(scale))) > ALPHA
@@ -52,7 +52,7 @@ def test_sum_of_h_polya_shares_is_discrete_laplace(h: int, scale: float) -> None
 def test_distribution_test_has_power_against_shares_sized_for_n() -> None:
     """Shares sized for n = 5 instead of h = 3: three of them must fail the DLap test."""
     g = rng(4)
-    total = sum(
+    total = total_of(
         samplers.discrete_laplace_share(scale=10.0, honest=5, size=N, rng=g) for _ in range(3)
     )
     assert chi_square_pvalue(total, dlap_pmf(decay(10.0))) < ALPHA
@@ -69,7 +69,7 @@ def test_sum_of_h_skellam_shares_is_skellam_mu(h: int) -> None:
     mu = 300.0
     mech = mechanisms.Skellam(mu=mu, l1_sensitivity=10.0, l2_sensitivity=10.0)
     g = rng(6)
-    total = sum(mech.share(size=N, honest=h, rng=g) for _ in range(h))
+    total = total_of(mech.share(size=N, honest=h, rng=g) for _ in range(h))
     assert chi_square_pvalue(total, lambda k: stats.skellam.pmf(k, mu / 2, mu / 2)) > ALPHA
     # and a wrong mu is rejected
     assert chi_square_pvalue(total, lambda k: stats.skellam.pmf(k, mu / 2.4, mu / 2.4)) < ALPHA
@@ -98,7 +98,7 @@ def test_sum_of_discrete_gaussian_shares_has_target_variance() -> None:
         sigma=12.0, l1_sensitivity=1, l2_sensitivity=1, dim=1, honest=3
     )
     g = rng(10)
-    total = sum(mech.share(size=N, honest=3, rng=g) for _ in range(3))
+    total = total_of(mech.share(size=N, honest=3, rng=g) for _ in range(3))
     # KLS21: the sum is close to N_Z(0, 144); compare with the exact law by chi-square
     assert chi_square_pvalue(total, discrete_gaussian_pmf(12.0)) > ALPHA
     with pytest.raises(ParameterError, match="share std"):
@@ -157,7 +157,7 @@ def test_tail_bounds_cover_the_simulated_total() -> None:
         ),
     ):
         h = 4
-        total = sum(mech.share(size=N, honest=h, rng=g) for _ in range(5))
+        total = total_of(mech.share(size=N, honest=h, rng=g) for _ in range(5))
         tail = mech.tail_bound(n_parties=5, honest=h)
         sd = math.sqrt(mech.total_variance(n_parties=5, honest=h))
         assert np.abs(total).max() < tail
@@ -187,7 +187,7 @@ def test_shares_drawn_in_parallel_slices_keep_the_law_and_do_not_depend_on_sched
         parallel = [share(rng(7 + i), pool) for i in range(h)]
     serial = [share(rng(7 + i), None) for i in range(h)]
     assert all(np.array_equal(p, s) for p, s in zip(parallel, serial, strict=True))
-    total = sum(parallel)
+    total = total_of(parallel)
     assert chi_square_pvalue(total, lambda k: stats.skellam.pmf(k, mu / 2, mu / 2)) > ALPHA
     # the slices are independent streams, not copies of one
     assert not np.array_equal(parallel[0][: N // 7], parallel[0][N // 7 + 1 : 2 * (N // 7) + 1])

@@ -18,7 +18,7 @@ from mpcdp.party.node import check_datasets
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.query.plan import fit, plan
-from mpcdp.protocol.query.query_spec import QuerySpec
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import tls
 from mpcdp.transport.cert_files import init_federation
 from mpcdp.transport.client import GrpcPartyClient, check_health
@@ -105,8 +105,6 @@ def test_unknown_party_in_query_is_refused(tmp_path: Path) -> None:
         cfg = load_federation_config(n.federation)
         init_federation(out=tmp_path / "more", parties=["mallory"], coordinators=["x"])
         with Federation(cfg) as fed:
-            from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
-
             spec = QuerySpec(
                 query_id="q1",
                 dataset="raises",
@@ -283,8 +281,8 @@ def test_bad_csv_values_make_the_dataset_unavailable_without_telling_the_coordin
             assert node.ledger.status(dataset).queries == 0
         assert any(needle in r.getMessage() for r in caplog.records)  # the owner's own log
         problems = check_datasets(n.nodes["bob"].config)
-        assert problems[dataset] is not None and needle in problems[dataset]
-        assert "bob.csv" in problems[dataset]
+        problem = problems[dataset]
+        assert problem is not None and needle in problem and "bob.csv" in problem
         # the same file under the default policy: clipped, available (bad values refused)
         clipped = dataset == "strict"
         assert (problems["raises"] is None) == clipped
@@ -313,7 +311,7 @@ def test_vector_dataset_sum(tmp_path: Path) -> None:
     try:
         with Federation.from_config(n.federation) as fed:
             exact = fed.sum(dataset="grad", mechanism="none")
-            assert np.allclose(exact.value, sum(vecs.values()), atol=1e-4)
+            assert np.allclose(np.asarray(exact.value), sum(vecs.values()), atol=1e-4)
             noisy = fed.sum(dataset="grad", epsilon=2.0, mechanism="skellam")
             err = np.asarray(noisy.value) - sum(vecs.values())
             assert abs(err.std() / noisy.noise_std - 1) < 0.15
@@ -335,9 +333,9 @@ def test_explicit_fixed_point_outside_the_samplers_range_is_refused_before_any_r
             assert node.ledger.status("raises").queries == 0
         res = fed.sum(dataset="raises", column="raise", mechanism="skellam", epsilon=1.0)
     # default plan: frac_bits 0 for bounds [0, 5000]; each Poisson rate mu/(2h) ~ 1e8
-    spec = QuerySpec(query_id="x", dataset="raises", column="raise", statistic="sum",
+    spec = QuerySpec(query_id="x", dataset="raises", column="raise", statistic=Statistic.SUM,
                      mechanism="skellam", epsilon="1", delta=1e-6, parties=PARTIES,
-                     upper=5000)  # type: ignore[arg-type]  # fmt: skip
+                     upper=5000)  # fmt: skip
     fitted = fit(spec, vector_length=None, frac_bits=None, ring_bits=None)
     assert fitted.frac_bits == 0
     mu = plan(fitted).tensors[0].mechanism.mu  # type: ignore[attr-defined]

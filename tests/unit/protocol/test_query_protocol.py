@@ -269,7 +269,7 @@ def test_spec_validation_and_digest() -> None:
     s = spec()
     assert digest(s) == digest(dataclasses.replace(s))
     assert digest(s) != digest(dataclasses.replace(s, epsilon="0.25"))
-    for bad, needle in [
+    refused: list[tuple[dict[str, object], str]] = [
         (dict(mechanism="laplace"), "mechanism"),
         (dict(parties=("alice",)), "parties"),
         (dict(parties=("alice", "alice")), "parties"),
@@ -281,7 +281,8 @@ def test_spec_validation_and_digest() -> None:
         (dict(statistic=Statistic.HISTOGRAM, categories=()), "categories"),
         (dict(query_id=""), "query_id"),
         (dict(lower=float("nan")), "lower"),
-    ]:
+    ]
+    for bad, needle in refused:
         with pytest.raises(Exception, match=needle):
             spec(**bad)
 

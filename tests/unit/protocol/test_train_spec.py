@@ -7,20 +7,21 @@ import dataclasses
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from mpcdp.errors import (  # noqa: E402
+
+from mpcdp.errors import (
     HeadroomError,
     ParameterError,
 )
-from mpcdp.protocol.query import query_spec  # noqa: E402
-from mpcdp.protocol.training import (  # noqa: E402
+from mpcdp.protocol.query import query_spec
+from mpcdp.protocol.training import (
     choose_scale_bits,
     digest,
     sensitivities,
 )
-from tests.conftest import PARTIES  # noqa: E402
-from tests.training_support import tspec  # noqa: E402
+from tests.conftest import PARTIES
+from tests.training_support import tspec
 
 
 @pytest.mark.parametrize(
@@ -50,12 +51,17 @@ def test_train_spec_digest_is_domain_separated_and_covers_every_field() -> None:
     s = tspec()
     d = digest(s)
     assert d == digest(tspec())
-    for f, v in [("mu", s.mu * 2), ("steps", 5), ("bias_only", True), ("start_step", 1)]:
-        assert digest(dataclasses.replace(s, **{f: v})) != d
+    for changed in (
+        dataclasses.replace(s, mu=s.mu * 2),
+        dataclasses.replace(s, steps=5),
+        dataclasses.replace(s, bias_only=True),
+        dataclasses.replace(s, start_step=1),
+    ):
+        assert digest(changed) != d
     q = query_spec.QuerySpec(
         query_id="run-1",
         dataset="ex",
-        statistic="sum",
+        statistic=query_spec.Statistic.SUM,
         mechanism="none",
         epsilon="0",
         parties=PARTIES,

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from mpcdp.dp import accountant  # noqa: E402
-from mpcdp.errors import (  # noqa: E402
+import torch
+
+from mpcdp.dp import accountant
+from mpcdp.errors import (
     AuthError,
     BudgetExceededError,
     HeadroomError,
@@ -26,18 +28,18 @@ from mpcdp.errors import (  # noqa: E402
     RoundAborted,
     SessionError,
 )
-from mpcdp.mpc import encoding  # noqa: E402
-from mpcdp.protocol.identity import SignedKey  # noqa: E402
-from mpcdp.protocol.query.round_coordinator import ContributionStream  # noqa: E402
-from mpcdp.protocol.training import (  # noqa: E402
+from mpcdp.mpc import encoding
+from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.query.round_coordinator import ContributionStream
+from mpcdp.protocol.training import (
     TrainingEngine,
     TrainingSession,
     TrainSpec,
 )
-from mpcdp.train.models import build_model  # noqa: E402
-from tests.conftest import Net, build_net  # noqa: E402
-from tests.stats import assert_uniform_words  # noqa: E402
-from tests.training_support import (  # noqa: E402
+from mpcdp.train.models import build_model
+from tests.conftest import Net, build_net
+from tests.stats import assert_uniform_words
+from tests.training_support import (
     MODEL,
     NUM_PARAMS,
     Direct,
@@ -236,7 +238,10 @@ def test_bad_parameters_are_refused(sites: Net, params: np.ndarray, full: bool, 
 
 def test_policy_refusals_at_open(sites: Net) -> None:
     alice = engines_of(sites)["alice"]
-    sid = lambda: secrets.token_bytes(16)  # noqa: E731
+
+    def sid() -> bytes:
+        return secrets.token_bytes(16)
+
     with pytest.raises(PolicyError, match="unknown example dataset 'nope'"):
         alice.open(session_id=sid(), spec=tspec(dataset="nope"), coordinator="analyst")
     with pytest.raises(PolicyError, match="min_colluders"):

@@ -194,3 +194,30 @@ def test_random_tables_match_the_reference(
     q = compile_sql(text, tables={"raises": table}, bins=3)
     got = _run(_connect(rows), q, table, salt)
     np.testing.assert_allclose(got, reference(q, table, rows, salt), rtol=1e-12, atol=1e-9)
+
+
+_HOSTILE_TEXT = st.text(alphabet="a'\"\\%?;-)(*/é\t ", min_size=1, max_size=12)
+
+
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(
+    keys=st.lists(_HOSTILE_TEXT, min_size=1, max_size=5, unique=True),
+    values=st.lists(_HOSTILE_TEXT, min_size=0, max_size=12),
+    where=_HOSTILE_TEXT,
+)
+def test_any_key_or_constant_text_matches_itself_literally(
+    keys: list[str], values: list[str], where: str
+) -> None:
+    table = table_decl(unit=False)
+    rows = [make_row("p0", v, "1", 1.0, 2025.0, 1.0) for v in [*values, *keys[:1]]]
+    literal = "'" + where.replace("'", "''") + "'"
+    q = compile_sql(
+        f"SELECT dept, COUNT(*) FROM raises WHERE dept <> {literal} GROUP BY dept",
+        tables={"raises": table},
+        keys={"dept": keys},
+    )
+    con = _connect(rows)
+    got = _run(con, q, table, bytes(16))
+    want = [sum(1 for r in rows if r["dept"] == k and k != where) for k in keys]
+    assert got[:, 0].tolist() == want
+    assert con.execute("SELECT COUNT(*) FROM raises").fetchone() == (len(rows),)

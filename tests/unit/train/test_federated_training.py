@@ -7,21 +7,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from mpcdp.errors import (  # noqa: E402
+import torch
+
+from mpcdp.errors import (
     ParameterError,
     PartyError,
     RoundAborted,
 )
-from mpcdp.federation import Federation  # noqa: E402
-from mpcdp.train.federated import train  # noqa: E402
-from tests.conftest import PARTIES, Net, build_net  # noqa: E402
-from tests.training_support import MODEL, example_data, examples_toml  # noqa: E402
+from mpcdp.federation import Federation
+from mpcdp.train.federated import train
+from tests.conftest import PARTIES, Net, build_net
+from tests.training_support import MODEL, example_data, examples_toml
 
 
 @pytest.fixture
@@ -38,7 +41,7 @@ def test_federated_training_over_grpc_with_checkpoint_and_resume(
 ) -> None:
     eval_data = example_data(7, n=90)
     ckpt = tmp_path / "run.pt"
-    kw = dict(
+    kw: dict[str, Any] = dict(
         dataset="ex",
         model=MODEL,
         target_epsilon=8.0,
@@ -75,7 +78,7 @@ def test_federated_training_over_grpc_with_checkpoint_and_resume(
 
 def test_resume_with_a_different_plan_is_refused(grpc_sites: Net, tmp_path: Path) -> None:
     ckpt = tmp_path / "run.pt"
-    kw = dict(
+    kw: dict[str, Any] = dict(
         dataset="ex",
         model=MODEL,
         target_epsilon=8.0,
@@ -265,7 +268,7 @@ def test_public_mixing_adds_the_public_gradient_to_every_step(grpc_sites: Net) -
     x, _ = example_data(11, n=60)
     public = (x, np.zeros(60, dtype=np.int64))
     probe = (example_data(12, n=90)[0], np.zeros(90, dtype=np.int64))
-    kw = dict(
+    kw: dict[str, Any] = dict(
         dataset="ex", model=MODEL, target_epsilon=8.0, target_delta=1e-5, epochs=2,
         batch_size=30, learning_rate=0.1, public_data=public, public_epochs=0,
         eval_data=probe, seed=4,
@@ -308,9 +311,11 @@ def test_set_flat_gradients_slices_in_order_and_refuses_a_wrong_length() -> None
     params = list(net.parameters())
     flat = torch.arange(11, dtype=torch.float32)
     set_flat_gradients(params, flat)
-    assert [p.grad.dtype for p in params] == [p.dtype for p in params]
-    assert torch.equal(params[0].grad, flat[:6].view(2, 3))
-    assert params[3].grad.item() == 10.0 and params[3].grad.dtype == torch.float64
+    grads = [p.grad for p in params]
+    assert all(g is not None and g.dtype == p.dtype for g, p in zip(grads, params, strict=True))
+    first, last = grads[0], grads[3]
+    assert first is not None and torch.equal(first, flat[:6].view(2, 3))
+    assert last is not None and last.item() == 10.0 and last.dtype == torch.float64
     for bad in (torch.zeros(10), torch.zeros(11, 1)):
         with pytest.raises(ParameterError, match="must be 1-D with 11 values"):
             set_flat_gradients(params, bad)

@@ -13,19 +13,21 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from typer.testing import CliRunner
 
-from mpcdp.cli.app import app  # noqa: E402
-from mpcdp.errors import ParameterError  # noqa: E402
-from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference  # noqa: E402
-from mpcdp.train.clipping.rules import use_ghost  # noqa: E402
-from mpcdp.train.model_check import (  # noqa: E402
+from mpcdp.cli.app import app
+from mpcdp.errors import ParameterError
+from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference
+from mpcdp.train.clipping.rules import use_ghost
+from mpcdp.train.layers import DPMultiheadAttention
+from mpcdp.train.model_check import (
     ModelReport,
     _ghost_bytes,
     check_model,
@@ -36,28 +38,35 @@ from mpcdp.train.model_check import (  # noqa: E402
 )
 
 
-def report_of(model: nn.Module, shape: tuple[int, ...], **kw: object) -> ModelReport:
+def report_of(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    *,
+    input_dtype: torch.dtype = torch.float32,
+    vocab: int | None = None,
+    batch_size: int = 64,
+    bias_only: bool = False,
+) -> ModelReport:
     inputs, targets = synthetic_batch(
-        input_shape=shape,
-        num_classes=10,
-        input_dtype=kw.pop("input_dtype", torch.float32),  # type: ignore[arg-type]
-        vocab=kw.pop("vocab", None),  # type: ignore[arg-type]
+        input_shape=shape, num_classes=10, input_dtype=input_dtype, vocab=vocab
     )
-    return check_model(model, inputs=inputs, targets=targets, **kw)  # type: ignore[arg-type]
+    return check_model(
+        model, inputs=inputs, targets=targets, batch_size=batch_size, bias_only=bias_only
+    )
 
 
 def methods(report: ModelReport) -> dict[str, str]:
     return {r.path: r.method for r in report.layers}
 
 
-def clipper_accepts(model: nn.Module, shape: tuple[int, ...], **kw: object) -> bool:
-    inputs, targets = synthetic_batch(input_shape=shape, num_classes=10, batch=6, seed=3, **kw)  # type: ignore[arg-type]
+def clipper_accepts(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    inputs, targets = synthetic_batch(input_shape=shape, num_classes=10, batch=6, seed=3)
     with PerSampleClipper(model, max_grad_norm=1.0) as clipper:
         out = clipper.clipped_grad_sum(inputs=inputs, targets=targets, loss_fn=default_loss)
     return bool(torch.isfinite(out.grad_sum).all())
 
 
-def cnn(norm: nn.Module) -> nn.Module:
+def cnn(norm: nn.Module) -> nn.Sequential:
     return nn.Sequential(
         # 8x8: T=64, p=8, d=9: 4pd = 288 B <= 16T^2 + 8T(p+d) = 74,240 B -> instantiated
         nn.Conv2d(1, 8, 3, padding=1),
@@ -84,7 +93,8 @@ class Tied(nn.Module):
         self.head.weight = self.emb.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.emb(x).mean(dim=1))
+        out: torch.Tensor = self.head(self.emb(x).mean(dim=1))
+        return out
 
 
 class Scale(nn.Module):
@@ -109,7 +119,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
         h, _ = self.att(h, h, h)
-        return self.head(h.mean(dim=1))
+        out: torch.Tensor = self.head(h.mean(dim=1))
+        return out
 
 
 class Lstm(nn.Module):
@@ -119,7 +130,8 @@ class Lstm(nn.Module):
         self.head = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0][:, -1])
+        out: torch.Tensor = self.head(self.rnn(x)[0][:, -1])
+        return out
 
 
 # -- what the clipper does with each layer -------------------------------------------------
@@ -223,19 +235,20 @@ def test_transformer_layer_fix_keeps_attention_dropout() -> None:
     report = report_of(model, (6, 16))
     assert not report.ok and report.refused_module == "0.self_attn"
     fixed, changes = fix_model(model)
-    assert changes[0].after == "DPMultiheadAttention(16, 2, dropout=0.1)"
-    after = report_of(fixed, (6, 16))
+    assert fixed is model and changes[0].after == "DPMultiheadAttention(16, 2, dropout=0.1)"
+    after = report_of(model, (6, 16))
     # attention dropout is an nn.Dropout module in DPMultiheadAttention: accepted, as are
     # the layer's other nn.Dropout modules
     assert after.ok, after.refusal
-    assert fixed[0].self_attn.attn_dropout.p == 0.1
-    assert isinstance(fixed[0].dropout1, nn.Dropout) and fixed[0].dropout1.p == 0.1
+    attention = model[0].self_attn
+    assert isinstance(attention, DPMultiheadAttention) and attention.attn_dropout.p == 0.1
+    assert isinstance(model[0].dropout1, nn.Dropout) and model[0].dropout1.p == 0.1
 
 
 def test_sequence_first_attention_cannot_be_fixed_and_says_why() -> None:
     model = nn.Sequential(nn.MultiheadAttention(8, 2))  # batch_first=False
     fixed, changes = fix_model(model)
-    assert isinstance(fixed[0], nn.MultiheadAttention)
+    assert fixed is model and isinstance(model[0], nn.MultiheadAttention)
     assert [(c.path, c.applied) for c in changes] == [("0", False)]
     assert "batch_first=True" in changes[0].advice
 
@@ -327,12 +340,12 @@ def test_instantiated_layers_dominate_where_expected() -> None:
     assert memory.total > memory.per_sample_grads + memory.activations
 
 
-class LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves it untyped
     """The peak of the bytes held by tensors that ops create while the mode is on, measured:
     a storage counts from its first tensor until its last one is freed."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it untyped
         self.refs: dict[int, list[int]] = {}  # storage pointer -> [bytes, live tensors]
         self.now = self.peak = 0
 
@@ -369,7 +382,8 @@ class SeqMix(nn.Module):
         self.head = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.mix(x)).mean(dim=1))
+        out: torch.Tensor = self.head(F.relu(self.mix(x)).mean(dim=1))
+        return out
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,17 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from mpcdp.config.datasets import Examples  # noqa: E402
-from mpcdp.errors import ParameterError  # noqa: E402
-from mpcdp.protocol.training import TrainSpec  # noqa: E402
-from mpcdp.train.clipping import PerSampleClipper  # noqa: E402
-from mpcdp.train.gradient_source import TorchGradientSource, cross_entropy_per_example  # noqa: E402
-from mpcdp.train.models import build_model  # noqa: E402
-from mpcdp.train.rounding import randomized_round_  # noqa: E402
+import torch
+
+from mpcdp.config.datasets import Examples
+from mpcdp.errors import ParameterError
+from mpcdp.protocol.training import TrainSpec
+from mpcdp.train.clipping import PerSampleClipper
+from mpcdp.train.gradient_source import TorchGradientSource, cross_entropy_per_example
+from mpcdp.train.models import build_model
+from mpcdp.train.rounding import randomized_round_
 
 
 def _round(x: torch.Tensor, u: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:

@@ -8,19 +8,20 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from mpcdp.dp import accountant, rdp  # noqa: E402
-from mpcdp.errors import (  # noqa: E402
+
+from mpcdp.dp import accountant, rdp
+from mpcdp.errors import (
     ParameterError,
 )
-from mpcdp.protocol.training import (  # noqa: E402
+from mpcdp.protocol.training import (
     sensitivities,
     step_event,
 )
-from mpcdp.train.federated import plan_training  # noqa: E402
-from tests.conftest import PARTIES  # noqa: E402
-from tests.training_support import MODEL  # noqa: E402
+from mpcdp.train.federated import plan_training
+from tests.conftest import PARTIES
+from tests.training_support import MODEL
 
 
 def test_plan_meets_the_target_epsilon_and_matches_dp_accounting() -> None:

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from torch import nn  # noqa: E402
 
-from mpcdp.errors import ConfigError, ParameterError, UserImportError  # noqa: E402
-from mpcdp.train import declared  # noqa: E402
-from mpcdp.train.model_check import load_model  # noqa: E402
-from mpcdp.train.run_model import model_factory_for  # noqa: E402
+from torch import nn
+
+from mpcdp.errors import ConfigError, ParameterError, UserImportError
+from mpcdp.train import declared
+from mpcdp.train.model_check import load_model
+from mpcdp.train.run_model import model_factory_for
 
 COUNTED = """
     from pathlib import Path

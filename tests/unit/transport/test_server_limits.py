@@ -151,7 +151,7 @@ def test_silent_streams_are_ended_after_the_silence_limit(tmp_path: Path) -> Non
         def heard() -> bool:
             with pytest.raises(grpc.RpcError) as info:
                 list(analyst.TrainStep(iter([header]), timeout=5))
-            return info.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+            return bool(info.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED)
 
         assert _until(heard, 5)
     finally:
@@ -428,13 +428,12 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
     net = build_net(tmp_path, extra=extra)
     analyst, ch = raw_stub(tmp_path, net.nodes["alice"].port or 0, coordinator="analyst")
     try:
-        spec = codec.spec_to_pb(_vector_spec())
         calls = [
             analyst.Propose.future(
                 pb.ProposeRequest(
                     version=PROTOCOL_VERSION,
                     session_id=secrets.token_bytes(16),
-                    spec=pb.QuerySpec(**{**_fields(spec), "query_id": f"s-{i}"}),
+                    spec=codec.spec_to_pb(_vector_spec(f"s-{i}")),
                 ),
                 timeout=60,
             )
@@ -456,10 +455,6 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
     finally:
         ch.close()
         net.stop()
-
-
-def _fields(msg: pb.QuerySpec) -> dict[str, object]:
-    return {f.name: getattr(msg, f.name) for f in pb.QuerySpec.DESCRIPTOR.fields}
 
 
 def test_the_coordinator_is_told_that_the_party_cancelled_a_silent_call(tmp_path: Path) -> None:
