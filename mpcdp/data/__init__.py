@@ -4,6 +4,22 @@ See :mod:`mpcdp.data.source` for the protocol, :func:`open_source` and :func:`va
 each engine's module is imported only when a dataset uses it.
 """
 
-from mpcdp.data.source import EngineOptions, Query, Source, open_source, quote_identifier, validate
+from mpcdp.data.source import (
+    EngineOptions,
+    Query,
+    Source,
+    open_source,
+    open_validated,
+    quote_identifier,
+    validate,
+)
 
-__all__ = ["EngineOptions", "Query", "Source", "open_source", "quote_identifier", "validate"]
+__all__ = [
+    "EngineOptions",
+    "Query",
+    "Source",
+    "open_source",
+    "open_validated",
+    "quote_identifier",
+    "validate",
+]

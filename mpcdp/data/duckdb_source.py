@@ -3,13 +3,15 @@
 Why DuckDB: it scans the file where it lies, in parallel and within a memory limit (spilling
 past it), so a query over a Parquet file of many gigabytes returns only its aggregates to
 Python. One in-memory database per source (one connection, a cursor per query, so
-concurrent queries do not share a cursor) is opened on first use.
+concurrent queries do not share a cursor) is opened on first use; it spills to a private
+temporary folder, removed on close.
 
 The relation is a view over the party's own file, built from its config only: the path is
 a quoted SQL string literal, and the readers get explicit options, so no type is sniffed: a
-CSV is read as text (header row, comma, double quotes), JSON lines with the declared keys as
-text, Parquet with its own types; then every declared numeric column is cast to DOUBLE and
-every categorical one (and the privacy unit) to VARCHAR. A value that is not a number fails
+CSV is read as text (header row, comma, double quotes; cells trimmed as the CSV loader trims
+them), JSON lines with the declared keys as text, Parquet with its own types; then every
+declared numeric column is cast to DOUBLE and every categorical one (and the privacy unit)
+to VARCHAR. A value that is not a number fails
 the query (DataError) rather than becoming NULL. After the view is made the database is
 locked down: it may read the dataset's file (or folder) and nothing else, loads no extension
 and its configuration cannot be changed by a query (DuckDB's ``allowed_paths``,
@@ -22,6 +24,8 @@ owner's log (it may quote a value of the file); a coordinator only learns "unava
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +65,7 @@ class DuckDBSource:
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._has_view = False
+        self._temp: str | None = None
         self._relation = _q(dataset.name)
 
     @property
@@ -103,9 +108,12 @@ class DuckDBSource:
 
     def _view(self) -> str:
         casts = []
+        csv = self._dataset.path.suffix == ".csv"
         for name in self._names():
             numeric = any(c.name == name and not c.categorical for c in self._dataset.columns)
-            casts.append(f"CAST({_q(name)} AS {'DOUBLE' if numeric else 'VARCHAR'}) AS {_q(name)}")
+            # a CSV cell is trimmed as mpcdp.config.datasets.load_table trims it
+            value = f"trim({_q(name)})" if csv else _q(name)
+            casts.append(f"CAST({value} AS {'DOUBLE' if numeric else 'VARCHAR'}) AS {_q(name)}")
         return (
             f"CREATE VIEW {self._relation} AS SELECT {', '.join(casts)} "
             f"FROM {self._reader(typed=True)}"
@@ -127,6 +135,8 @@ class DuckDBSource:
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
             }
+            self._temp = tempfile.mkdtemp(prefix="mpcdp-duckdb-")  # where it spills
+            config["temp_directory"] = self._temp
             con = duckdb.connect(":memory:", config=config)
             try:
                 allowed = "allowed_directories" if path.is_dir() else "allowed_paths"
@@ -135,6 +145,7 @@ class DuckDBSource:
                 con.execute("SET lock_configuration = true")
             except duckdb.Error as exc:  # pragma: no cover (settings DuckDB knows)
                 con.close()
+                self._remove_temp()
                 raise DataError(f"{self._where()}: DuckDB refused its settings: {exc}") from None
             self._con = con
             return con
@@ -183,9 +194,15 @@ class DuckDBSource:
         _, names = self._run(f"SELECT * FROM {self._reader(typed=False)} LIMIT 0", [], view=False)
         return tuple(names)
 
+    def _remove_temp(self) -> None:
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
+
     def close(self) -> None:
         with self._lock:
             if self._con is not None:
                 self._con.close()
                 self._con = None
                 self._has_view = False
+            self._remove_temp()

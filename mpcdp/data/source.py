@@ -33,6 +33,7 @@ __all__ = [
     "Query",
     "Source",
     "open_source",
+    "open_validated",
     "quote_identifier",
     "validate",
 ]
@@ -159,3 +160,15 @@ def validate(source: Source, *, dataset: DatasetConfig) -> None:
             f"dataset {dataset.name!r}: declared column(s) {missing} are not in its "
             f"{source.dialect} data, which has {shown}"
         )
+
+
+def open_validated(dataset: DatasetConfig, *, options: EngineOptions | None = None) -> Source:
+    """:func:`open_source` then :func:`validate` (what a node does when it starts): the
+    source, connected; closed again before a DataError leaves."""
+    source = open_source(dataset, options=options)
+    try:
+        validate(source, dataset=dataset)
+    except BaseException:
+        source.close()
+        raise
+    return source
