@@ -497,8 +497,8 @@ def _bounds(column: ColumnSpec, func: str) -> tuple[float, float]:
 
 
 def _edges(column: ColumnSpec, bins: int | None) -> tuple[float, ...]:
-    lo, hi = _bounds(column, "a quantile")
-    declared = tuple(getattr(column, "edges", ()) or ())
+    lo, hi = _bounds(column, "quantile")
+    declared = tuple(column.edges)
     if declared:
         e = tuple(float(x) for x in declared)
         ok = (
