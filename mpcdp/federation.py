@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +29,19 @@ from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.query.plan import ReleasePlan, fit
-from mpcdp.protocol.query.query_spec import DEFAULT_FRAC_BITS, QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import (
+    DEFAULT_FRAC_BITS,
+    DEFAULT_MAX_ROWS,
+    QuerySpec,
+    Statistic,
+)
 from mpcdp.protocol.query.round_coordinator import Observer, RoundOutcome, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 
 if TYPE_CHECKING:
+    from mpcdp.sql.plan import TableDecl
+    from mpcdp.sql.result import SqlResult
     from mpcdp.train.federated import TrainingResult
 
 __all__ = ["Federation", "QueryResult"]
@@ -301,6 +308,144 @@ class Federation:
             )
         assert info is not None
         return info, col
+
+    def sql(
+        self,
+        query: str,
+        *,
+        epsilon: float | str | None = None,
+        mechanism: str = "discrete-laplace",
+        delta: float | None = None,
+        keys: Mapping[str, Sequence[str]] | None = None,
+        bins: int | None = None,
+        weights: Sequence[float] | None = None,
+        max_parties_per_unit: int | None = None,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        frac_bits: int | None = None,
+        colluders: int | None = None,
+        query_id: str | None = None,
+        observe: Observer | None = None,
+    ) -> SqlResult:
+        """One DP SQL query (docs/queries.md): every party compiles ``query`` itself against
+        its own declaration, runs it where its data lives and contributes every cell.
+
+        Args:
+            query: SELECT [group columns,] aggregates FROM table [WHERE ...] [GROUP BY ...].
+            epsilon: the budget the query spends at every party (split across aggregates by
+                ``weights``, equal by default).
+            keys: public key lists of GROUP BY columns (default: their declared categories).
+            bins: quantile bins, uniform over a column's bounds (default: its declared edges).
+            max_parties_per_unit: how many parties one privacy unit may appear at (default:
+                federation.toml's ``max_parties_per_unit``).
+        """
+        from mpcdp.protocol.query.sql_release import answer, fit_frac_bits, release_plan
+        from mpcdp.sql.compile import compile_sql
+        from mpcdp.sql.plan import digest
+        from mpcdp.sql.result import SqlCell, SqlResult
+
+        if mechanism != "none" and epsilon is None:
+            raise ParameterError("epsilon", epsilon, "is required (except with mechanism none)")
+        tables = self._sql_tables()
+        q = compile_sql(query, tables=tables, keys=keys, bins=bins, weights=weights)
+        decl: TableDecl = tables[q.table]
+        info = self._public(q.table, "")[0]
+        if mechanism in ("skellam", "discrete-gaussian") and delta is None:
+            delta = info.delta if info.delta > 0 else DEFAULT_DELTA
+        p = (
+            self.config.max_parties_per_unit
+            if max_parties_per_unit is None
+            else max_parties_per_unit
+        )
+        spec = QuerySpec(
+            query_id=query_id or f"q-{secrets.token_hex(8)}",
+            dataset=q.table,
+            statistic=Statistic.SQL,
+            mechanism=mechanism,
+            epsilon="0" if mechanism == "none" else str(epsilon),
+            delta=0.0 if delta is None else delta,
+            frac_bits=DEFAULT_FRAC_BITS if frac_bits is None else frac_bits,
+            parties=self.parties,
+            colluders=self.config.colluders if colluders is None else colluders,
+            max_rows=max_rows,
+            sql=query,
+            keys=tuple((c, tuple(v)) for c, v in (keys or {}).items()),
+            bins=bins or 0,
+            weights=tuple(weights or ()),
+            max_parties_per_unit=p,
+            max_rows_per_unit=decl.max_rows_per_unit if decl.privacy_unit else 1,
+            max_groups_per_unit=decl.max_groups_per_unit if decl.privacy_unit else 1,
+            plan_digest=digest(q).hex(),
+        )
+        f = fit_frac_bits(spec, q, decl, max_parties_per_unit=p) if frac_bits is None else frac_bits
+        spec = replace(spec, frac_bits=f)
+        release = release_plan(spec, q, decl, max_parties_per_unit=p)
+        release.check_headroom()
+        outcome = run_round(
+            spec=spec,
+            clients=self._clients,
+            observe=observe,
+            executor=self._pool,
+            release_plan=release,
+        )
+        released = [outcome.tensors[t.name] for t in release.tensors]
+        per_cell = answer(release, q, released)
+        return SqlResult(
+            sql=query,
+            table=q.table,
+            group_by=q.group_by,
+            labels=tuple(a.label for a in q.aggregates),
+            keys=q.cells(),
+            cells=tuple(
+                tuple(
+                    SqlCell(value=c.value, noise_std=c.noise_std, interval95=c.interval95)
+                    for c in row
+                )
+                for row in per_cell
+            ),
+            mechanism=mechanism,
+            epsilon_spent=float(Fraction(spec.epsilon)),
+            delta_spent=spec.delta,
+            budget_remaining=outcome.budget_remaining,
+            parties=spec.parties,
+            query_id=spec.query_id,
+        )
+
+    def _sql_tables(self) -> dict[str, TableDecl]:
+        """The tables every party declares, as the SQL compiler sees them (public metadata;
+        the parties must agree, else the table is left out and named when it is asked)."""
+        from mpcdp.config.datasets import ColumnSpec
+        from mpcdp.sql.plan import TableDecl
+
+        out: dict[str, TableDecl] = {}
+        seen: dict[str, set[TableDecl]] = {}
+        for resp in self.describe().values():
+            for ds in resp.datasets:
+                if ds.kind != "table":
+                    continue
+                decl = TableDecl(
+                    name=ds.name,
+                    columns=tuple(
+                        ColumnSpec(
+                            name=c.name,
+                            lower=c.lower,
+                            upper=c.upper,
+                            categories=tuple(c.categories),
+                            edges=tuple(c.edges),
+                        )
+                        for c in ds.columns
+                    ),
+                    privacy_unit=ds.privacy_unit or None,
+                    max_rows_per_unit=ds.max_rows_per_unit,
+                    max_groups_per_unit=ds.max_groups_per_unit,
+                )
+                seen.setdefault(ds.name, set()).add(decl)
+        for name, decls in seen.items():
+            if len(decls) != 1:
+                raise ParameterError(
+                    "dataset", name, f"parties declare different public metadata: {decls}"
+                )
+            out[name] = next(iter(decls))
+        return out
 
     def query(
         self,

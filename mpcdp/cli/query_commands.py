@@ -1,4 +1,5 @@
-"""``mpcdp query {sum,mean,count,histogram}``: ask the federation for a DP statistic."""
+"""``mpcdp query {sql,sum,mean,count,histogram}``: ask the federation a DP SQL query or one
+DP statistic."""
 
 from __future__ import annotations
 
@@ -28,9 +29,8 @@ DELTA = typer.Option(None, "--delta", help="delta for skellam / discrete-gaussia
 AS_JSON = typer.Option(False, "--json", help="Print one JSON object.")
 
 
-def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
-    from mpcdp.federation import Federation
-
+def _check_noise(kw: dict[str, Any]) -> None:
+    """--mechanism and --epsilon, checked before any party is asked."""
     if kw["mechanism"] not in MECHANISMS:
         raise typer.BadParameter(
             f"mechanism={kw['mechanism']!r} is not one of {list(MECHANISMS)}",
@@ -47,6 +47,12 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
         typer.echo(
             "warning: mechanism none releases the exact value (no differential privacy)", err=True
         )
+
+
+def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
+    from mpcdp.federation import Federation
+
+    _check_noise(kw)
     try:
         with Federation.from_config(federation) as fed:
             result = fed.query(statistic=statistic, **kw)
@@ -69,6 +75,96 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
         typer.echo(f"  95% interval ~[{lo:.6g}, {hi:.6g}], noise std {result.noise_std:.4g}")
     typer.echo(
         f"  mechanism {result.mechanism}, epsilon spent {result.epsilon_spent:g}"
+        + (f", delta {result.delta_spent:g}" if result.delta_spent else "")
+    )
+    for party, left in result.budget_remaining.items():
+        typer.echo(f"  budget left at {party}: {left:g}")
+
+
+def _keys(values: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for v in values:
+        column, sep, rest = v.partition("=")
+        if not sep or not column or not rest:
+            raise typer.BadParameter(f"{v!r} is not COLUMN=KEY1,KEY2,...", param_hint="--keys")
+        if column in out:
+            raise typer.BadParameter(f"column {column!r} is given twice", param_hint="--keys")
+        out[column] = rest.split(",")
+    return out
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a comma-separated list of numbers", param_hint="--weights"
+        ) from None
+
+
+@app.command("sql")
+def sql(
+    query: str = typer.Argument(
+        ...,
+        help="SELECT [group columns,] COUNT/SUM/AVG/MEDIAN/QUANTILE(...) FROM table "
+        "[WHERE ...] [GROUP BY ...]  (docs/queries.md lists the subset)",
+    ),
+    federation: Path = FEDERATION,
+    epsilon: float | None = EPSILON,
+    mechanism: str = MECHANISM,
+    delta: float | None = DELTA,
+    keys: list[str] = typer.Option(
+        [],
+        "--keys",
+        help="Public keys of a GROUP BY column, COLUMN=KEY1,KEY2 (repeat per column; "
+        "default: its declared categories).",
+    ),
+    bins: int | None = typer.Option(
+        None, "--bins", help="Quantile bins, uniform over the bounds (default: declared edges)."
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Budget weights, one per aggregate, e.g. 2,1,1 (default: equal)."
+    ),
+    max_parties_per_unit: int | None = typer.Option(
+        None,
+        "--max-parties-per-unit",
+        help="Parties one privacy unit may appear at (default: federation.toml's).",
+    ),
+    as_json: bool = AS_JSON,
+    as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV."),
+) -> None:
+    """A DP SQL query: every cell of every aggregate, with its noise std and 95% interval."""
+    from mpcdp.federation import Federation
+
+    kw: dict[str, Any] = {"mechanism": mechanism, "epsilon": epsilon}
+    _check_noise(kw)
+    try:
+        with Federation.from_config(federation) as fed:
+            result = fed.sql(
+                query,
+                epsilon=kw["epsilon"],
+                mechanism=mechanism,
+                delta=delta,
+                keys=_keys(keys) or None,
+                bins=bins,
+                weights=_weights(weights),
+                max_parties_per_unit=max_parties_per_unit,
+            )
+    except MpcdpError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    if as_csv:
+        typer.echo(result.to_csv(), nl=False)
+        return
+    typer.echo(result.to_text())
+    typer.echo(
+        f"  values with their 95% intervals; mechanism {result.mechanism}, epsilon spent "
+        f"{result.epsilon_spent:g}"
         + (f", delta {result.delta_spent:g}" if result.delta_spent else "")
     )
     for party, left in result.budget_remaining.items():

@@ -23,13 +23,17 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from mpcdp.config.datasets import Vector, load_examples, load_table, load_vector
+from mpcdp.config.datasets import Vector, load_examples, load_vector
 from mpcdp.config.party_config import DatasetConfig, PartyConfig, load_party_config
 from mpcdp.config.training_config import TrainingDeclaration, is_import_path
+from mpcdp.data.duckdb_source import DuckDBSource
+from mpcdp.data.source import open_source, validate
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo
+from mpcdp.protocol.query.local_statistic import EngineTable
 from mpcdp.protocol.query.party_engine import DatasetView, PartyEngine
+from mpcdp.protocol.query.sql_release import table_decl
 from mpcdp.protocol.session import PartyIdentity
 from mpcdp.protocol.training import GradientSource, TrainingEngine, TrainingTask, TrainSpec
 from mpcdp.transport import server as srv
@@ -54,7 +58,19 @@ def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
         if ds.kind == "examples":
             continue  # training data: see _tasks
         try:
-            data = load_vector(ds.path) if ds.kind == "vector" else load_table(ds.path, ds.columns)
+            data: EngineTable | Vector
+            if ds.kind == "vector":
+                data = load_vector(ds.path)
+            else:  # read where it lives, never loaded into Python (mpcdp.data)
+                source = open_source(ds)
+                try:
+                    validate(source, dataset=ds)  # a schema query: the table is not read
+                    if isinstance(source, DuckDBSource):
+                        source.check_values()  # a party's own file: one scan, as CSVs had
+                except DataError:
+                    source.close()
+                    raise
+                data = EngineTable(source=source, table=table_decl(ds))
             views[name] = DatasetView(config=ds, data=data)
         except DataError as exc:
             log.error("dataset %r is unavailable: %s", name, exc)
@@ -440,10 +456,18 @@ class PartyNode:
                 allow_exact=cfg.allow_exact,
                 columns=tuple(
                     ColumnInfo(
-                        name=c.name, lower=c.lower, upper=c.upper, categories=tuple(c.categories)
+                        name=c.name,
+                        lower=c.lower,
+                        upper=c.upper,
+                        categories=tuple(c.categories),
+                        edges=tuple(c.edges),
                     )
                     for c in cfg.columns
                 ),
+                privacy_unit=cfg.privacy_unit or "",
+                max_rows_per_unit=cfg.max_rows_per_unit if cfg.privacy_unit else 1,
+                max_groups_per_unit=cfg.max_groups_per_unit if cfg.privacy_unit else 1,
+                max_parties_per_unit=cfg.max_parties_per_unit,
             )
             out.append(self._budget(info, cfg, coordinator))
         return out
@@ -481,6 +505,9 @@ class PartyNode:
             self._server.stop(grace_s).wait()
             self._server = None
         self.engine.close()
+        for view in self.views.values():
+            if isinstance(view.data, EngineTable):
+                view.data.source.close()
         if self.training is not None:
             self.training.close()
         self.ledger.close()

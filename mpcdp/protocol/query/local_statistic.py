@@ -1,7 +1,10 @@
 """A party's local statistic for a release plan, encoded into ring words.
 
-Each party computes its own share of the aggregate from its own rows only, already validated
-(and, where its policy says so, clipped) to the declared bounds by mpcdp.config.datasets; vector
+Each party computes its own share of the aggregate from its own rows only, in the engine where
+its table lives (mpcdp.data: DuckDB over files, PostgreSQL, Spark), never loading the table into
+Python: a DP SQL query runs as compiled from its text (mpcdp.sql.render), and the
+single-statistic queries (count, sum, mean, histogram) run as the equivalent SQL
+(:func:`legacy_query`), with values clamped to the declared bounds in the engine; vector
 datasets are clipped here to the declared L2 bound. Tensors are encoded with
 round-to-nearest fixed point (the plan's sensitivities include the rounding) and concatenated
 in plan order.
@@ -16,17 +19,23 @@ moves each aggregate by at most its sensitivity; the owner is warned in its own 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.config.datasets import Table, Vector
-from mpcdp.errors import ParameterError
+from mpcdp.config.datasets import Vector
+from mpcdp.data.source import Source
+from mpcdp.errors import ParameterError, PolicyError
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.query.plan import ReleasePlan
-from mpcdp.protocol.query.query_spec import Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from mpcdp.protocol.query.sql_release import SqlRelease, contribution
+from mpcdp.sql.compile import compile_sql
+from mpcdp.sql.plan import SqlQuery, TableDecl
+from mpcdp.sql.render import render, to_matrix
 
-__all__ = ["add_local_words", "l2_clip_factor"]
+__all__ = ["EngineTable", "add_local_words", "l2_clip_factor", "legacy_query"]
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +49,66 @@ def l2_clip_factor(x: NDArray[np.float64], bound: float) -> float:
     return 1.0 if norm <= bound else bound / norm
 
 
-def _values(plan: ReleasePlan, data: Table) -> list[NDArray[np.float64]]:
-    spec = plan.spec
-    st = spec.statistic
-    if st is Statistic.COUNT:
-        return [np.array([float(data.rows)])]
-    if st is Statistic.HISTOGRAM:
-        idx = data.categorical[spec.column]
-        return [np.bincount(idx, minlength=len(spec.categories)).astype(np.float64)]
-    col = data.numeric[spec.column]
-    if st is Statistic.SUM:
-        return [np.array([col.sum()])]
-    mid = (spec.lower + spec.upper) / 2
-    return [np.array([(col - mid).sum()]), np.array([float(data.rows)])]
+@dataclass(frozen=True)
+class EngineTable:
+    """A table dataset as the party's engine reads it: the source and the declaration."""
+
+    source: Source
+    table: TableDecl
 
 
-def add_local_words(plan: ReleasePlan, data: Table | Vector, out: ring.AnyRingVector) -> None:
-    """out += the party's encoded local tensors (in place, slice by slice, mod 2^64)."""
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def legacy_query(spec: QuerySpec, table: TableDecl) -> SqlQuery:
+    """The SQL equivalent of a single-statistic query, compiled like any other (one row is
+    one unit: the single-statistic plans assume it, and a table that declares a privacy
+    unit is asked in SQL instead)."""
+    if table.privacy_unit is not None:
+        raise PolicyError(
+            f"dataset {table.name!r} declares a privacy unit ({table.privacy_unit!r}): ask it "
+            "in SQL (mpcdp query sql), whose noise is sized for one unit's rows"
+        )
+    t, c = _quote(table.name), _quote(spec.column)
+    text = {
+        Statistic.COUNT: f"SELECT COUNT(*) FROM {t}",
+        Statistic.SUM: f"SELECT SUM({c}) FROM {t}",
+        Statistic.MEAN: f"SELECT AVG({c}) FROM {t}",
+        Statistic.HISTOGRAM: f"SELECT {c}, COUNT(*) FROM {t} GROUP BY {c}",
+    }[spec.statistic]
+    return compile_sql(text, tables={table.name: table})
+
+
+def _values(plan: ReleasePlan, data: EngineTable, salt: bytes) -> list[NDArray[np.float64]]:
+    if isinstance(plan, SqlRelease):
+        assert plan.query is not None and plan.table is not None
+        query, table = plan.query, plan.table
+    else:
+        query, table = legacy_query(plan.spec, data.table), data.table
+    src = data.source
+    rows = src.execute(
+        render(query, table=table, relation=src.relation, dialect=src.dialect, salt=salt)
+    )
+    cells = to_matrix(query, rows)
+    if isinstance(plan, SqlRelease):
+        return contribution(plan, query, cells)
+    kinds = [m.kind for m in query.measures()]
+    st = plan.spec.statistic
+    if st is Statistic.MEAN:
+        return [
+            cells[:1, kinds.index("centered_sum")].copy(),
+            cells[:1, kinds.index("values")].copy(),
+        ]
+    # count: one cell of rows; sum: one cell; histogram: one cell per declared category
+    return [np.ascontiguousarray(cells[:, 0])]
+
+
+def add_local_words(
+    plan: ReleasePlan, data: EngineTable | Vector, out: ring.AnyRingVector, *, salt: bytes
+) -> None:
+    """out += the party's encoded local tensors (in place, slice by slice, mod 2^64).
+    ``salt``: fresh secret bytes from the party's CSPRNG (the engine's row choice per unit)."""
     if out.size != plan.length:
         raise ParameterError("out", f"len={out.size}", f"expected {plan.length}")
     if isinstance(data, Vector):
@@ -71,13 +123,13 @@ def add_local_words(plan: ReleasePlan, data: Table | Vector, out: ring.AnyRingVe
             np.add(seg, enc, out=seg)
         return
     offset = 0
-    for v, t in zip(_values(plan, data), plan.tensors, strict=True):
+    for v, t in zip(_values(plan, data, salt), plan.tensors, strict=True):
         clamped = np.clip(v, -t.max_abs, t.max_abs)
         if not np.array_equal(clamped, v):
             log.warning(
                 "dataset %s has more rows than max_rows=%d of query %s: its local %s is "
                 "clamped to the query's public bound",
-                data.path.name,
+                data.table.name,
                 plan.spec.max_rows,
                 plan.spec.query_id,
                 t.name,

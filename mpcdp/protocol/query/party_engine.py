@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from mpcdp.config.datasets import Table, Vector
+from mpcdp.config.datasets import Vector
 from mpcdp.config.party_config import DatasetConfig
 from mpcdp.dp.ledger import LedgerWriteError
 from mpcdp.errors import (
@@ -50,9 +50,10 @@ from mpcdp.errors import (
 from mpcdp.mpc import encoding, ring, sharing
 from mpcdp.protocol import identity
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
-from mpcdp.protocol.query.local_statistic import add_local_words
+from mpcdp.protocol.query.local_statistic import EngineTable, add_local_words
 from mpcdp.protocol.query.plan import ReleasePlan, plan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic, digest
+from mpcdp.protocol.query.sql_release import party_release
 from mpcdp.protocol.session import (
     SESSION_ID_BYTES,
     Contribution,
@@ -87,7 +88,7 @@ class DatasetView:
     """
 
     config: DatasetConfig
-    data: Table | Vector | None
+    data: EngineTable | Vector | None
     error: str | None = None
 
 
@@ -96,7 +97,11 @@ def _pool_key(spec: QuerySpec) -> QuerySpec:
     return replace(spec, query_id="*")
 
 
-def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
+#: secret bytes per build that key the engine's choice of rows per privacy unit
+_SALT_BYTES = 16
+
+
+def _builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
     """noise share + encoded local statistic, in the ring of the query (the share drawn in
     slices, on the pool's workers)."""
 
@@ -119,7 +124,7 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
                 size=t.length, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=workers
             )
             offset += t.length
-        add_local_words(release, data, noisy)
+        add_local_words(release, data, noisy, salt=rng.bytes(_SALT_BYTES))
         return noisy
 
     return build
@@ -127,6 +132,9 @@ def _builder(release: ReleasePlan, data: Table | Vector) -> Builder:
 
 def _note(spec: QuerySpec) -> str:
     """What a query's charge pays for, in words (the ledger's note)."""
+    if spec.statistic is Statistic.SQL:
+        text = " ".join(spec.sql.split())
+        return f"sql ({spec.mechanism}): {text[:200]}"
     column = f" of {spec.column}" if spec.column else ""
     return f"{spec.statistic.value}{column} ({spec.mechanism})"
 
@@ -190,7 +198,13 @@ class PartyEngine(SessionHost):
         cfg = view.config
         if view.data is None:
             raise DataError(unavailable(cfg.name, self.party_id))
-        if isinstance(view.data, Vector):
+        release: ReleasePlan | None = None
+        if spec.statistic is Statistic.SQL:
+            if isinstance(view.data, Vector):
+                raise PolicyError(f"dataset {cfg.name!r} is a vector, not a table SQL can read")
+            release = party_release(spec, cfg)
+            length = release.length
+        elif isinstance(view.data, Vector):
             if spec.statistic is not Statistic.SUM or spec.column:
                 raise PolicyError(f"dataset {cfg.name!r} is a vector: only 'sum' without a column")
             if spec.l2_bound != cfg.l2_bound:
@@ -201,6 +215,11 @@ class PartyEngine(SessionHost):
             length = view.data.values.size
         else:
             length = 0
+            if cfg.privacy_unit is not None:
+                raise PolicyError(
+                    f"dataset {cfg.name!r} declares a privacy unit ({cfg.privacy_unit!r}): ask "
+                    "it in SQL (mpcdp query sql), whose noise is sized for one unit's rows"
+                )
             if spec.statistic is not Statistic.COUNT or spec.column:
                 try:
                     col = cfg.column(spec.column)
@@ -237,7 +256,8 @@ class PartyEngine(SessionHost):
                 f"epsilon={spec.epsilon} exceeds max_epsilon_per_query="
                 f"{cfg.max_epsilon_per_query:g} of dataset {cfg.name!r}"
             )
-        release = plan(spec, vector_length=length or None)
+        if release is None:
+            release = plan(spec, vector_length=length or None)
         release.check_headroom()
         return view, release
 

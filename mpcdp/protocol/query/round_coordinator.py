@@ -234,8 +234,11 @@ def run_round(
     clients: Sequence[PartyClient],
     executor: ThreadPoolExecutor | None = None,
     observe: Observer | None = None,
+    release_plan: ReleasePlan | None = None,
 ) -> RoundOutcome:
-    """Run one round of ``spec`` over ``clients`` (one per spec party, any order)."""
+    """Run one round of ``spec`` over ``clients`` (one per spec party, any order).
+    ``release_plan``: the plan of a SQL query (compiled by the caller; every other statistic's
+    plan follows from the spec and the announced length)."""
     ordered = order_clients(clients, spec.parties)
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
     # one thread per party; a caller running many rounds passes its own pool (no start-up)
@@ -255,7 +258,7 @@ def run_round(
             if len(lengths) != 1:
                 raise ProtocolError(f"parties disagree on the vector length: {sorted(lengths)}")
             length = lengths.pop()
-            release = plan(spec, vector_length=length)
+            release = release_plan or plan(spec, vector_length=length)
             if release.length != length:
                 raise ProtocolError(
                     f"parties announced {length} words, the plan has {release.length}"
