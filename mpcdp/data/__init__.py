@@ -6,7 +6,6 @@ each engine's module is imported only when a dataset uses it.
 
 from mpcdp.data.source import (
     EngineOptions,
-    Query,
     Source,
     open_source,
     open_validated,
@@ -16,7 +15,6 @@ from mpcdp.data.source import (
 
 __all__ = [
     "EngineOptions",
-    "Query",
     "Source",
     "open_source",
     "open_validated",

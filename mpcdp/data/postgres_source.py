@@ -32,8 +32,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from mpcdp.config.party_config import DatasetConfig, SourceKind, redact_url
-from mpcdp.data.source import EngineOptions, Query, quote_identifier
+from mpcdp.data.source import EngineOptions, quote_identifier
 from mpcdp.errors import DataError
+from mpcdp.sql.render import EngineQuery
 
 if TYPE_CHECKING:
     import psycopg
@@ -120,7 +121,7 @@ class PostgresSource:
                         conn.close()
         return rows, names
 
-    def execute(self, query: Query) -> list[tuple[object, ...]]:
+    def execute(self, query: EngineQuery) -> list[tuple[object, ...]]:
         rows, _ = self._run(query.text, tuple(query.params))
         return [tuple(_plain(v) for v in row) for row in rows]
 

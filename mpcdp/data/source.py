@@ -27,29 +27,16 @@ from typing import Protocol
 
 from mpcdp.config.party_config import DatasetConfig, SourceKind
 from mpcdp.errors import DataError, ParameterError
+from mpcdp.sql.render import EngineQuery
 
 __all__ = [
     "EngineOptions",
-    "Query",
     "Source",
     "open_source",
     "open_validated",
     "quote_identifier",
     "validate",
 ]
-
-
-class Query(Protocol):
-    """What a source executes: the shape of ``mpcdp.sql.render.EngineQuery``. ``text`` is SQL
-    in the source's dialect with positional parameter markers (``?`` for DuckDB and Spark,
-    ``%s`` for PostgreSQL); ``params`` holds every constant, bound by the engine and never
-    spliced into the text."""
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def params(self) -> tuple[object, ...]: ...
 
 
 class Source(Protocol):
@@ -68,8 +55,9 @@ class Source(Protocol):
         PostgreSQL table keeps its own column types."""
         ...
 
-    def execute(self, query: Query) -> list[tuple[object, ...]]:
-        """Run ``query`` (read only) and return its rows; DataError when it fails."""
+    def execute(self, query: EngineQuery) -> list[tuple[object, ...]]:
+        """Run ``query`` (read only; its ``params`` bound by the engine, never spliced
+        into its text) and return its rows; DataError when it fails."""
         ...
 
     def columns(self) -> tuple[str, ...]:

@@ -27,8 +27,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from mpcdp.config.party_config import DatasetConfig, SourceKind
-from mpcdp.data.source import EngineOptions, Query, quote_identifier
+from mpcdp.data.source import EngineOptions, quote_identifier
 from mpcdp.errors import DataError
+from mpcdp.sql.render import EngineQuery
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -157,7 +158,7 @@ class SparkSource:
             self._has_view = True
             return spark
 
-    def execute(self, query: Query) -> list[tuple[object, ...]]:
+    def execute(self, query: EngineQuery) -> list[tuple[object, ...]]:
         spark = self._with_view()
         try:
             rows = spark.sql(query.text, args=list(query.params)).collect()

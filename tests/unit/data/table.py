@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.config.party_config import DatasetConfig, SourceKind
+from mpcdp.sql.compile import compile_sql
+from mpcdp.sql.plan import SqlQuery, TableDecl
+from mpcdp.sql.render import EngineQuery, render
 
 #: a category that is also an injection attempt: it must arrive as a plain value
 HOSTILE = "x' OR '1'='1"
@@ -34,12 +36,8 @@ COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class Q:
-    """A hand-written parameterised query (the shape of mpcdp.sql.render.EngineQuery)."""
-
-    text: str
-    params: tuple[object, ...]
+#: a hand-written parameterised query
+Q = EngineQuery
 
 
 def query(relation: str, *, dialect: SourceKind, year: int = 2024) -> Q:
@@ -118,3 +116,26 @@ def write_parquet(path: Path) -> Path:
         con.close()
     src.unlink()
     return path
+
+
+#: an analyst's query, compiled against the declaration above, rendered per dialect
+SQL = "SELECT dept, COUNT(*), SUM(raise), AVG(raise) FROM raises WHERE year >= 2024 GROUP BY dept"
+
+
+def rendered(relation: str, *, dialect: SourceKind) -> tuple[SqlQuery, EngineQuery]:
+    """:data:`SQL` compiled and rendered as a party would (privacy unit ``id``, one row and
+    one group per unit; a fixed salt: every unit keeps its one row whatever the salt)."""
+    decl = TableDecl(name="raises", columns=COLUMNS, privacy_unit="id")
+    q = compile_sql(SQL, tables={"raises": decl})
+    return q, render(q, table=decl, relation=relation, dialect=dialect, salt=bytes(16))
+
+
+#: the contribution matrix of :data:`SQL`: a row per cell (the declared categories, in
+#: order), a column per measure (rows, the clamped sum, the sum centred on 2500 for AVG,
+#: the non-NULL values); 6000 is clamped to 5000, the NULL raise counts as a row only
+RENDERED = [
+    [2.0, 5250.5, 250.5, 2.0],
+    [1.0, 0.0, 0.0, 0.0],
+    [0.0, 0.0, 0.0, 0.0],
+    [1.0, 10.0, -2490.0, 1.0],
+]

@@ -11,9 +11,24 @@ import pytest
 
 from mpcdp.data import Source, open_source, validate
 from mpcdp.errors import DataError
-from tests.unit.data.table import EXPECTED, HOSTILE, Q, by_dept, dataset, query, write_parquet
+from mpcdp.sql.render import to_matrix
+from tests.unit.data.table import (
+    EXPECTED,
+    HOSTILE,
+    RENDERED,
+    Q,
+    by_dept,
+    dataset,
+    query,
+    rendered,
+    write_parquet,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # pyspark's notice about the pandas it finds (it uses none here)
+    pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning"),
+]
 
 
 def _checks(src: Source) -> None:
@@ -36,6 +51,9 @@ def test_spark_source(spark_session: Any, tmp_path: Path) -> None:
         assert set(types) == {("double", "string")}
         # the salt of a query is a bytes parameter
         assert src.execute(Q("SELECT octet_length(?)", (bytes(range(16)),))) == [(16,)]
+        # an analyst's query, compiled and rendered: the matrix every other engine gives
+        q, eq = rendered(src.relation, dialect="spark")
+        assert to_matrix(q, src.execute(eq)).tolist() == RENDERED
         with pytest.raises(DataError, match="dataset 'raises': the Spark query failed"):
             src.execute(Q(f"SELECT nope FROM {src.relation}", ()))
     finally:
