@@ -204,8 +204,14 @@ class DuckDBSource:
         the value: for the owner's log and ``mpcdp party check``, never for a coordinator.
         Empty cells are NULL (aggregates skip them, as SQL does)."""
         checks: list[tuple[str, str, str]] = []  # (column, SQL condition on v, what it means)
+        csv = self._dataset.path.suffix == ".csv"
+
+        def text_of(name: str) -> str:  # a CSV cell trimmed, as the view (and loader) trim it
+            v = f"CAST({_q(name)} AS VARCHAR)"
+            return f"trim({v})" if csv else v
+
         for c in self._dataset.columns:
-            v = f"CAST({_q(c.name)} AS VARCHAR)"
+            v = text_of(c.name)
             if c.categorical:
                 cats = ", ".join(_literal(x) for x in c.categories)
                 checks.append((c.name, f"{v} IS NOT NULL AND {v} NOT IN ({cats})", "category"))
@@ -221,7 +227,7 @@ class DuckDBSource:
             return
         parts = []
         for name, cond, _ in checks:
-            v = f"CAST({_q(name)} AS VARCHAR)"
+            v = text_of(name)
             parts.append(f"arg_min(struct_pack(r := rn, v := {v}), rn) FILTER (WHERE {cond})")
         first = self._dataset.path.suffix == ".csv"
         text = (

@@ -175,3 +175,35 @@ def test_identifiers_are_quoted_per_dialect() -> None:
     assert quote_identifier("a`b", dialect="spark") == "`a``b`"
     with pytest.raises(ParameterError, match="identifier"):
         quote_identifier("a\0b", dialect="duckdb")
+
+
+def _check(tmp_path: Path, text: str, **kw: object) -> None:
+    from mpcdp.data.duckdb_source import DuckDBSource
+
+    path = tmp_path / "raises.csv"
+    path.write_text("id,dept,year,raise\n" + text)
+    src = open_source(dataset(path, **kw))
+    assert isinstance(src, DuckDBSource)
+    try:
+        src.check_values()
+    finally:
+        src.close()
+
+
+def test_check_values_accepts_what_the_csv_loader_accepted(tmp_path: Path) -> None:
+    _check(tmp_path, " p1 , eng ,2024, 7.5 \np2,ops,2025,\np3,,2024,6000\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("p1,eng,2024,1\np2,sales,2024,1\n", "row 3 column 'dept': 'sales' is not one of"),
+        ("p1,eng,2024,lots\n", "row 2 column 'raise': 'lots' is not a number"),
+        ("p1,eng,2024,inf\n", "row 2 column 'raise': 'inf' is not finite"),
+    ],
+)
+def test_check_values_refuses_what_the_csv_loader_refused(
+    tmp_path: Path, text: str, why: str
+) -> None:
+    with pytest.raises(DataError, match=why):
+        _check(tmp_path, text)
