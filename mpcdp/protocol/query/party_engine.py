@@ -309,7 +309,12 @@ class PartyEngine(SessionHost):
                 coordinator,
             )
         assert view.data is not None  # checked in _check_spec
-        noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
+        try:
+            noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
+        except DataError as exc:
+            # an engine's message may quote the data: it stays in the owner's log
+            log.error("dataset %r failed its query %s: %s", spec.dataset, spec.query_id, exc)
+            raise DataError(unavailable(spec.dataset, self.party_id)) from None
         private_key, signed = self._new_key(session_id, digest(spec))
         session = _Session(
             coordinator=coordinator,
