@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -165,6 +166,17 @@ def build_net(
         nodes[p] = node
     ports = {p: n.port or 0 for p, n in nodes.items()}
     return Net(root=root, nodes=nodes, federation=write_federation(root, ports))  # type: ignore[arg-type]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """One torch thread in each test process once torch is loaded (by the test modules, never
+    here). The suite runs one process per core (pytest -n auto); torch's default, a thread
+    pool as large as the machine in every process, oversubscribes the cores, and its pools
+    then spin waiting for each other: small ops took 10-25x longer (measured on 2 cores with
+    other work running). Subprocesses the tests start keep their own defaults."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
