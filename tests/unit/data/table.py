@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.config.party_config import DatasetConfig, SourceKind
@@ -68,17 +69,11 @@ def by_dept(relation: str, *, dialect: SourceKind, dept: str) -> Q:
     return Q(text=f"SELECT COUNT(*) FROM {relation} WHERE {q}dept{q} = {mark}", params=(dept,))
 
 
-def dataset(path: Path, *, source: SourceKind = "duckdb", **kw: object) -> DatasetConfig:
+def dataset(path: Path, **kw: Any) -> DatasetConfig:
+    """The declaration of the table at ``path`` (DuckDB, privacy unit ``id``, unless ``kw``
+    says otherwise: any DatasetConfig field)."""
     kw.setdefault("privacy_unit", "id")
-    return DatasetConfig(
-        name="raises",
-        path=path,
-        epsilon=1.0,
-        delta=0.0,
-        columns=COLUMNS,
-        source=source,
-        **kw,  # type: ignore[arg-type]
-    )
+    return DatasetConfig(name="raises", path=path, epsilon=1.0, delta=0.0, columns=COLUMNS, **kw)
 
 
 def write_csv(path: Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,7 +178,7 @@ def test_identifiers_are_quoted_per_dialect() -> None:
         quote_identifier("a\0b", dialect="duckdb")
 
 
-def _check(tmp_path: Path, text: str, **kw: object) -> None:
+def _check(tmp_path: Path, text: str, **kw: Any) -> None:
     from mpcdp.data.duckdb_source import DuckDBSource
 
     path = tmp_path / "raises.csv"

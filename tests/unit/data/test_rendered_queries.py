@@ -6,8 +6,10 @@ and from PostgreSQL (Spark: tests/unit/data/test_spark_source.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from mpcdp.data import open_validated
 from mpcdp.sql.render import to_matrix
@@ -25,7 +27,7 @@ from tests.unit.data.table import (
 WRITERS = {"csv": write_csv, "parquet": write_parquet, "jsonl": write_jsonl}
 
 
-def _matrix(ds_path: Path, **kw: object) -> np.ndarray:
+def _matrix(ds_path: Path, **kw: Any) -> NDArray[np.float64]:
     src = open_validated(dataset(ds_path, **kw))
     try:
         q, eq = rendered(src.relation, dialect=src.dialect)
