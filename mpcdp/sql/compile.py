@@ -29,8 +29,9 @@ The subset::
   list. The keys of each are PUBLIC (why: mpcdp.sql.plan): the declared categories, or the
   analyst's list ``keys[column]`` (distinct non-empty strings, at most MAX_KEYS of at most
   MAX_KEY_LENGTH characters), which then replaces them.
-* Quantile bins: the column's declared ``edges`` if it has any (the party's declaration
-  wins over ``bins``), else ``bins`` uniform bins over [lower, upper] (DEFAULT_BINS = 64).
+* Quantile bins: the analyst's ``bins`` uniform bins over [lower, upper] when given (an
+  explicit argument is never ignored; any public choice of bins is as private as another),
+  else the column's declared ``edges`` if it has any, else DEFAULT_BINS = 64 uniform bins.
 
 Epsilon split: ``weights`` gives one positive finite number per aggregate, in SELECT order;
 they are normalised to add up to 1. Without it every aggregate gets the same share 1/k. The
@@ -499,7 +500,7 @@ def _bounds(column: ColumnSpec, func: str) -> tuple[float, float]:
 def _edges(column: ColumnSpec, bins: int | None) -> tuple[float, ...]:
     lo, hi = _bounds(column, "quantile")
     declared = tuple(column.edges)
-    if declared:
+    if declared and bins is None:
         e = tuple(float(x) for x in declared)
         ok = (
             len(e) >= 2

@@ -108,8 +108,11 @@ def test_quantile_spellings_and_bins() -> None:
         ("quantile", "score", 0.5, "median_score"),
     ]
     assert all(a.edges == uniform for a in q.aggregates[:5])
-    assert q.aggregates[5].edges == (-10.0, 0.0, 5.0, 30.0)  # declared edges win over bins
-    bins = [m for m in q.measures() if m.aggregate == 5]
+    # the analyst's bins are never ignored: uniform over score's bounds too
+    assert q.aggregates[5].edges == (-10.0, 0.0, 10.0, 20.0, 30.0)
+    # without bins, a column's declared edges
+    declared = compile_sql("SELECT MEDIAN(score) FROM raises", tables=TABLES)
+    bins = list(declared.measures())
     assert [(m.kind, m.lower, m.upper, m.per_row) for m in bins] == [
         ("bin", -10.0, 0.0, 1.0),
         ("bin", 0.0, 5.0, 1.0),

@@ -97,7 +97,7 @@ def test_nan_clamps_to_the_upper_bound() -> None:
         bins=4,
     )
     got = _run(_connect(rows), q, table, bytes(16))
-    assert got[0].tolist() == [5000.0, 1.0, 0.0, 0.0, 1.0]
+    assert got[0].tolist() == [5000.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 
 
 # --- contribution bounds, measured in the engine ---------------------------------------------
