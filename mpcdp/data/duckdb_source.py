@@ -202,7 +202,9 @@ class DuckDBSource:
         categories, and, under ``out_of_bounds = "error"``, a value outside the bounds.
         DataError names the row (1-based, the header of a CSV being row 1), the column and
         the value: for the owner's log and ``mpcdp party check``, never for a coordinator.
-        Empty cells are NULL (aggregates skip them, as SQL does)."""
+        Empty cells are NULL (aggregates skip them, as SQL does). Under the default
+        ``out_of_bounds = "clip"`` the number of values outside the bounds (which queries
+        clamp) goes to the owner's log at WARNING, per column, never the values."""
         checks: list[tuple[str, str, str]] = []  # (column, SQL condition on v, what it means)
         csv = self._dataset.path.suffix == ".csv"
 
@@ -229,13 +231,22 @@ class DuckDBSource:
         for name, cond, _ in checks:
             v = text_of(name)
             parts.append(f"arg_min(struct_pack(r := rn, v := {v}), rn) FILTER (WHERE {cond})")
+        # values the queries clamp to the bounds ("clip"): counted for the owner's log
+        clipped = [
+            c for c in self._dataset.columns if not c.categorical and c.out_of_bounds != "error"
+        ]
+        for c in clipped:
+            d = f"TRY_CAST({text_of(c.name)} AS DOUBLE)"
+            parts.append(
+                f"count(*) FILTER (WHERE {d} < {float(c.lower)!r} OR {d} > {float(c.upper)!r})"
+            )
         first = self._dataset.path.suffix == ".csv"
         text = (
             f"SELECT {', '.join(parts)} FROM (SELECT row_number() OVER () AS rn, * "
             f"FROM {self._reader(typed=True)})"
         )
         rows, _ = self._run(text, [], view=False)
-        for (name, _, kind), hit in zip(checks, rows[0], strict=True):
+        for (name, _, kind), hit in zip(checks, rows[0][: len(checks)], strict=True):
             if hit is None:
                 continue
             row = int(hit["r"]) + (1 if first else 0)
@@ -251,6 +262,14 @@ class DuckDBSource:
             else:
                 why = f"{value!r} is not {'a number' if kind == 'number' else 'finite'}"
             raise DataError(f"{self._dataset.path}: row {row} column {name!r}: {why}")
+        for c, n in zip(clipped, rows[0][len(checks) :], strict=True):
+            if n:  # the count only, as the CSV loader logged it: never the values or rows
+                log.warning(
+                    "%s: clipped %d value(s) of column %r to its bounds",
+                    self._dataset.path,
+                    n,
+                    c.name,
+                )
 
     def _remove_temp(self) -> None:
         if self._temp is not None:

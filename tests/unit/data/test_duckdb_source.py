@@ -4,6 +4,7 @@ the database reads the dataset's file and nothing else."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,13 @@ def test_check_values_refuses_what_the_csv_loader_refused(
 ) -> None:
     with pytest.raises(DataError, match=why):
         _check(tmp_path, text)
+
+
+def test_check_values_logs_how_many_values_are_clipped_never_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mpcdp.data.duckdb_source"):
+        _check(tmp_path, "p1,eng,2024,6000\np2,eng,2024,-7\np3,eng,2024,7\n")
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "clipped 2 value(s) of column 'raise'" in logged[0]
+    assert not any("6000" in m or "-7" in m for m in logged)
