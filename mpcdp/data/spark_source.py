@@ -100,12 +100,6 @@ class SparkSource:
             raise DataError(
                 f"{self._where()}: pyspark is not installed (pip install 'mpcdp[spark]')"
             ) from None
-        active = SparkSession.getActiveSession()
-        if active is not None and active.sparkContext.master != self._master:
-            raise DataError(
-                f"{self._where()}: spark_master {self._master!r}, but this process already "
-                f"runs a Spark session on {active.sparkContext.master!r} (one per process)"
-            )
         builder = (
             SparkSession.builder.master(self._master)
             .appName("mpcdp-party")
@@ -121,6 +115,12 @@ class SparkSource:
             spark.sparkContext.setLogLevel("ERROR")
         except _errors(OSError) as exc:  # OSError: no java executable at all
             raise self._fail("cannot start Spark", exc) from None
+        master = spark.sparkContext.master  # getOrCreate returns a running session as it is
+        if master != self._master:
+            raise DataError(
+                f"{self._where()}: spark_master {self._master!r}, but this process already "
+                f"runs a Spark session on {master!r} (one per process)"
+            )
         log.debug("%s: Spark session on %s", self._where(), self._master)
         self._spark = spark
         return spark
