@@ -102,8 +102,12 @@ def test_the_federation_walkthrough_runs_as_written(tmp_path: Path) -> None:
         assert "mean of raises.raise" in out and "sum of grads" in out
         histogram = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
         assert set(histogram["value"]) == {"eng", "ops"}
+        # the DP SQL query: one row per declared category, each with its interval
+        table = out[out.rindex("\ndept") + 1 :].splitlines()
+        assert table[0].split() == ["dept", "count", "avg_raise"]
+        assert [row.split()[0] for row in table[1:3]] == ["eng", "ops"]
         checked = run_sh(local(checks), tmp_path, env)
-        assert "raises: spent" in checked and "3 queries (0 exact, no DP)" in checked
+        assert "raises: spent" in checked and "4 queries (0 exact, no DP)" in checked
         assert checked.rstrip().endswith("SERVING")
         # what the guide says about exact releases: refused by this template, naming the key
         exact = subprocess.run(

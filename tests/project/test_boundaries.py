@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[2] / "mpcdp"
 
 #: The pure core: numpy, cryptography and the standard library only. Whole folders, plus the
 #: two loose files that belong to it.
-PURE_DIRS = ["mpc", "dp", "audit", "config", "protocol"]
+PURE_DIRS = ["mpc", "dp", "audit", "config", "sql", "data", "protocol"]
 PURE_FILES = ["errors.py", "local/simulation.py"]
 FORBIDDEN = {"grpc", "grpc_health", "google.protobuf", "mpcdp.proto", "torch"}
 
@@ -31,11 +31,34 @@ LAYERS: dict[str, set[str]] = {
     "dp": {"mpc"},
     "audit": set(),
     "config": set(),
-    "protocol": {"mpc", "dp", "audit", "config"},
+    "sql": {"config"},
+    "data": {"config", "sql"},
+    "protocol": {"mpc", "dp", "audit", "config", "sql", "data"},
     "transport": {"mpc", "config", "protocol", "proto"},
     "train": {"mpc", "dp", "audit", "config", "protocol"},
-    "party": {"mpc", "dp", "audit", "config", "protocol", "proto", "transport", "train"},
-    "federation": {"mpc", "dp", "audit", "config", "protocol", "proto", "transport", "train"},
+    "party": {
+        "mpc",
+        "dp",
+        "audit",
+        "config",
+        "sql",
+        "data",
+        "protocol",
+        "proto",
+        "transport",
+        "train",
+    },
+    "federation": {
+        "mpc",
+        "dp",
+        "audit",
+        "config",
+        "sql",
+        "protocol",
+        "proto",
+        "transport",
+        "train",
+    },
     "local": {"mpc", "dp", "transport"},
     "demos": {"mpc", "dp", "protocol", "federation", "local", "train"},
     "cli": {"config", "dp", "transport", "train", "party", "federation", "demos"},
