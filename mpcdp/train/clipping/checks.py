@@ -204,24 +204,55 @@ def part_sizes(batch: int, generator: torch.Generator) -> list[int]:
     return [1] * singles + [s, rest - s]
 
 
-def _bad_rows(full: torch.Tensor, part: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Mask of the rows where ``part`` differs from ``full`` beyond ``rtol`` (computed in
-    float32 at least: enough for tolerances of 2^-16 and above)."""
+def _bad_rows(
+    full: torch.Tensor, part: torch.Tensor, rtol: float, ratio: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mask of the rows where ``part`` differs from ``ratio * full`` (``ratio``: one power of
+    two per row, or 1) beyond ``rtol`` of that row's norm (computed in float32 at least:
+    enough for tolerances of 2^-16 and above). Non-finite values count as the largest finite
+    ones (``nan_to_num``).
+
+    One pass for the difference and one norm of each operand: a power of two scales a norm
+    exactly, so ``ratio`` multiplies ``full``'s row norms instead of ``full`` itself (for a
+    row so small that its squares underflow, the slow path below runs). Where every
+    value is finite ``nan_to_num`` changes nothing, and a non-finite value makes some norm
+    non-finite, so the slow path (``nan_to_num`` copies of both) runs exactly when it
+    differs."""
     work = torch.float64 if torch.float64 in (full.dtype, part.dtype) else torch.float32
-    f = torch.nan_to_num(full.to(work).reshape(full.shape[0], -1))
-    p = torch.nan_to_num(part.to(work).reshape(part.shape[0], -1))
+    f = full.to(work).reshape(full.shape[0], -1)
+    p = part.to(work).reshape(part.shape[0], -1)
+    r = None if ratio is None else ratio.to(f.device, work).reshape(-1, 1)
     scale = torch.linalg.vector_norm(f, dim=1)
+    if r is not None:
+        scale = scale * r.reshape(-1)
+        diff = torch.linalg.vector_norm(torch.addcmul(p, f, r, value=-1.0), dim=1)
+    else:
+        diff = torch.linalg.vector_norm(f - p, dim=1)
+    # below this a row's squares underflow, and scaling it may round otherwise
+    tiny = torch.finfo(work).tiny / torch.finfo(work).eps
+    if not bool(torch.isfinite(torch.stack([scale.max(), diff.max()])).all()) or (
+        r is not None and bool(((scale > 0) & (scale < tiny)).any())
+    ):
+        f = torch.nan_to_num(f if r is None else f * r)
+        p = torch.nan_to_num(p)
+        scale = torch.linalg.vector_norm(f, dim=1)
+        diff = torch.linalg.vector_norm(f - p, dim=1)
     floor = 1e-6 * float(scale.max()) + 1e-30
-    bad: torch.Tensor = torch.linalg.vector_norm(f - p, dim=1) > rtol * (scale + floor)
+    bad: torch.Tensor = diff > rtol * (scale + floor)
     return bad
 
 
-def _first_bad_row(full: torch.Tensor, part: torch.Tensor, rtol: float | None = None) -> int | None:
-    """The first row where ``part`` differs from ``full`` beyond ``rtol`` (by default the
-    tolerance of ``full``'s dtype, :func:`rtol_for`), or None."""
+def _first_bad_row(
+    full: torch.Tensor,
+    part: torch.Tensor,
+    rtol: float | None = None,
+    ratio: torch.Tensor | None = None,
+) -> int | None:
+    """The first row where ``part`` differs from ``ratio * full`` beyond ``rtol`` (by default
+    the tolerance of ``full``'s dtype, :func:`rtol_for`), or None."""
     if full.reshape(full.shape[0], -1).shape[1] == 0:
         return None
-    bad = _bad_rows(full, part, rtol_for(full.dtype) if rtol is None else rtol)
+    bad = _bad_rows(full, part, rtol_for(full.dtype) if rtol is None else rtol, ratio)
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
@@ -382,9 +413,7 @@ def compare_reweighted(
             for g1, g2 in zip(grads_1, grads_2, strict=False):
                 if g1 is None or g2 is None or g1.dim() == 0 or g1.shape[0] != size:
                     continue
-                work = torch.float64 if g1.dtype == torch.float64 else torch.float32
-                r = ratio.to(g1.device, work).reshape(size, *([1] * (g1.dim() - 1)))
-                row = _first_bad_row(g1.to(work) * r, g2, rtol)
+                row = _first_bad_row(g1, g2, rtol, ratio)
                 if row is not None:
                     raise _backward_mix(path, size, int(rows[row]))
 

@@ -33,6 +33,18 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Mask (B,) of the rows ``t[j]`` with no NaN or inf. A NaN or inf always makes a row's
+    sum non-finite, so only rows whose sum is not finite (overflow, or a non-finite value)
+    are looked at element by element: one reduction, no mask of ``t``'s size."""
+    rows = t.reshape(t.shape[0], -1)
+    ok = torch.isfinite(rows.sum(dim=1))
+    if not bool(ok.all()):
+        ok = ok.clone()
+        ok[~ok] = torch.isfinite(rows[~ok]).all(dim=1)
+    return ok
+
+
 #: One process-wide guard (module docstring of :func:`ieee_float32`): how many clipping
 #: steps are inside it, and the settings it found when the first one entered.
 _GUARD_LOCK = threading.Lock()

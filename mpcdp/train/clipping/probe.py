@@ -17,7 +17,7 @@ from torch import nn
 from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import StateSnapshot, Trace
-from mpcdp.train.clipping.precision import ieee_float32
+from mpcdp.train.clipping.precision import finite_rows, ieee_float32
 from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -115,7 +115,7 @@ class FirstUseProbe:
                 for grads in per_call:
                     for g in grads:
                         if g is not None and g.dim() > 0 and g.shape[0] == batch:
-                            finite &= torch.isfinite(g.reshape(batch, -1)).all(1)
+                            finite &= finite_rows(g)
             half = (
                 autocast
                 or any(
