@@ -16,6 +16,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -250,3 +251,25 @@ def test_an_empty_group_or_filter_looks_like_any_other(fed: LocalFederation) -> 
         some = f.sql("SELECT dept, COUNT(*) FROM visits GROUP BY dept", epsilon=1)
     assert none.keys == some.keys and len(none.cells) == len(DEPTS)
     assert charged(fed, "alice") == before + 2
+
+
+def test_the_salary_question_in_sql_gives_the_exact_mean(tmp_path: Path) -> None:
+    """The seed's question, asked in SQL of the four salary parties: 3171.5 exactly with
+    mechanism none, where every party allows exact answers."""
+    raises = {"alice": 3800, "bob": 2514, "carlos": 2982, "david": 3390}
+    toml = {}
+    for p, r in raises.items():
+        (tmp_path / p).mkdir()
+        (tmp_path / p / "raises.csv").write_text(f"raise\n{r}\n")
+        toml[p] = (
+            '[datasets.raises]\npath = "raises.csv"\nepsilon = 1.0\nallow_exact = true\n'
+            "[datasets.raises.columns.raise]\nlower = 0\nupper = 10000\n"
+        )
+    net = launch(workdir=tmp_path, datasets_toml=toml, deadline_s=30)
+    try:
+        with Federation.from_config(net.federation_config) as f:
+            res = f.sql("SELECT AVG(raise) FROM raises", mechanism="none")
+        assert res.cells[0][0].value == 3171.5
+        assert res.labels == ("avg_raise",)
+    finally:
+        net.stop()
