@@ -88,6 +88,13 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     epsilon = 1.0
     [datasets.events.columns.kind]
     categories = ["click", "view"]
+    [engines]                         # optional; how the SQL engines of table datasets may
+                                      # use this machine (the defaults shown)
+    memory_limit = "2GB"              # DuckDB, in-process (it spills to disk past it)
+    threads = 2                       # DuckDB
+    statement_timeout_s = 300         # PostgreSQL: the server cancels a longer query
+    connect_timeout_s = 10            # PostgreSQL
+    shuffle_partitions = 4            # Spark
     [limits]                          # optional; the defaults shown
     pending_sessions = 32             # query sessions open at once, all coordinators
     pending_sessions_per_coordinator = 16
@@ -106,6 +113,9 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     connections = 1024                # connections open at once (at most half the node's
                                       # file descriptors, RLIMIT_NOFILE)
     handshake_timeout_s = 10          # a connection's TLS handshake must finish in this
+    propose_floor_s = 0               # answer a query's Propose no sooner than this after it
+                                      # arrives (0: when ready); above the engine's slowest
+                                      # query, its timing says nothing about the data
 
 federation.toml (the analyst's)::
 
@@ -162,6 +172,7 @@ else:  # pragma: no cover
 __all__ = [
     "TABLE_SUFFIXES",
     "DatasetConfig",
+    "EngineOptions",
     "FederationConfig",
     "LimitsConfig",
     "PartyAddress",
@@ -268,6 +279,61 @@ class LimitsConfig:
     connections: int = 1024
     #: how long a connection may take for its TLS handshake
     handshake_timeout_s: float = 10.0
+    #: a query's Propose is answered no sooner than this after it arrives (0: when ready):
+    #: set above the engine's slowest query, the answer's timing does not depend on the data
+    propose_floor_s: float = 0.0
+
+
+#: DuckDB's memory limit: a number and a unit
+_MEMORY = r"[1-9][0-9]{0,5}(\.[0-9]+)?\s?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)"
+#: the longest statement or connect timeout (seconds)
+_MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How much of the party's machine the SQL engines (mpcdp.data) may use, and how long a
+    query may run (party.toml ``[engines]``)."""
+
+    #: DuckDB's memory limit (it spills to disk past it), e.g. "512MB", "4GB"
+    memory_limit: str = "2GB"
+    #: DuckDB's worker threads
+    threads: int = 2
+    #: PostgreSQL: a query (and a schema query) is cancelled by the server after this long
+    statement_timeout_s: float = 300.0
+    #: PostgreSQL: give up connecting after this long
+    connect_timeout_s: float = 10.0
+    #: Spark: spark.sql.shuffle.partitions (small: the aggregates are small)
+    shuffle_partitions: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.memory_limit, str) or not re.fullmatch(_MEMORY, self.memory_limit):
+            raise ParameterError("memory_limit", self.memory_limit, "must be like '512MB' or '4GB'")
+        for name in ("threads", "shuffle_partitions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+                raise ParameterError(name, value, "must be an integer in [1, 1024]")
+        for name in ("statement_timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not 0 < value <= _MAX_TIMEOUT_S:
+                raise ParameterError(name, value, f"must be in (0, {_MAX_TIMEOUT_S}] seconds")
+
+
+def _engines(r: Reader) -> EngineOptions:
+    """party.toml ``[engines]``: each key of :class:`EngineOptions`, optional."""
+    kinds: dict[str, Any] = {
+        "memory_limit": str,
+        "threads": int,
+        "shuffle_partitions": int,
+        "statement_timeout_s": (int, float),
+        "connect_timeout_s": (int, float),
+    }
+    r.unknown(set(kinds))
+    values = {k: r.get(k, kind) for k, kind in kinds.items() if k in r.data}
+    try:
+        return EngineOptions(**values)
+    except ParameterError as exc:
+        raise r.error(exc.name, f"{exc.value!r} {exc.reason}") from None
 
 
 @dataclass(frozen=True)
@@ -288,6 +354,8 @@ class PartyConfig:
     #: the largest model (parameters) a site agrees to train; checked before it is built
     max_model_params: int = 100_000_000
     limits: LimitsConfig = LimitsConfig()
+    #: how the SQL engines of its table datasets may use the machine (``[engines]``)
+    engines: EngineOptions = EngineOptions()
 
 
 @dataclass(frozen=True)
@@ -680,6 +748,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
             "tls",
             "datasets",
             "limits",
+            "engines",
             "coordinator_shares",
         }
     )
@@ -704,6 +773,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
         device=_device(r),
         max_model_params=_max_model_params(r),
         limits=_limits(r.table("limits")) if "limits" in r.data else LimitsConfig(),
+        engines=_engines(r.table("engines")) if "engines" in r.data else EngineOptions(),
     )
 
 
@@ -721,6 +791,8 @@ _SECONDS_LIMITS = {
     "call_s": 7 * 24 * 3600,
     "handshake_timeout_s": 300,
 }
+#: the longest propose_floor_s (a floor above a session's time to live would expire it)
+_MAX_PROPOSE_FLOOR_S = 60
 #: [limits] counts whose largest value is not 4096
 _COUNT_LIMITS = {"connections": 1 << 20}
 
@@ -731,6 +803,12 @@ def _limits(r: Reader) -> LimitsConfig:
     r.unknown(set(names))
     values: dict[str, Any] = {}
     for name in names:
+        if name == "propose_floor_s":
+            v = r.number(name, 0.0)
+            if not 0 <= v <= _MAX_PROPOSE_FLOOR_S:
+                raise r.error(name, f"must be in [0, {_MAX_PROPOSE_FLOOR_S}] seconds, got {v!r}")
+            values[name] = float(v)
+            continue
         if name in _SECONDS_LIMITS:
             most = _SECONDS_LIMITS[name]
             v = r.number(name, getattr(defaults, name))
@@ -743,6 +821,12 @@ def _limits(r: Reader) -> LimitsConfig:
         if not 1 <= n <= most:
             raise r.error(name, f"must be an integer in [1, {most}], got {n!r}")
         values[name] = int(n)
+    if values["propose_floor_s"] >= values["session_ttl_s"]:
+        raise r.error(
+            "propose_floor_s",
+            f"{values['propose_floor_s']!r} must be below session_ttl_s="
+            f"{values['session_ttl_s']!r}",
+        )
     for total in ("pending_sessions", "training_sessions", "setup_calls", "long_calls"):
         if values[f"{total}_per_coordinator"] > values[total]:
             raise r.error(

@@ -21,11 +21,9 @@ No message carries a url's password (:func:`mpcdp.config.party_config.redact_url
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Protocol
 
-from mpcdp.config.party_config import DatasetConfig, SourceKind
+from mpcdp.config.party_config import DatasetConfig, EngineOptions, SourceKind
 from mpcdp.errors import DataError, ParameterError
 from mpcdp.sql.render import EngineQuery
 
@@ -67,37 +65,6 @@ class Source(Protocol):
     def close(self) -> None:
         """Release the connection (idempotent); a later execute connects again."""
         ...
-
-
-_MEMORY = r"[1-9][0-9]{0,5}(\.[0-9]+)?\s?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)"
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How much of the party's machine a source may use, and how long a query may run."""
-
-    #: DuckDB's memory limit (it spills to disk past it), e.g. "512MB", "4GB"
-    memory_limit: str = "2GB"
-    #: DuckDB's worker threads
-    threads: int = 2
-    #: PostgreSQL: a query (and a schema query) is cancelled by the server after this long
-    statement_timeout_s: float = 300.0
-    #: PostgreSQL: give up connecting after this long
-    connect_timeout_s: float = 10.0
-    #: Spark: spark.sql.shuffle.partitions (small: the aggregates are small)
-    shuffle_partitions: int = 4
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(_MEMORY, self.memory_limit):
-            raise ParameterError("memory_limit", self.memory_limit, "must be like '512MB' or '4GB'")
-        for name in ("threads", "shuffle_partitions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
-                raise ParameterError(name, value, "must be an integer in [1, 1024]")
-        for name in ("statement_timeout_s", "connect_timeout_s"):
-            value = getattr(self, name)
-            if not 0 < value <= 7 * 24 * 3600:
-                raise ParameterError(name, value, "must be in (0, 604800] seconds")
 
 
 def quote_identifier(name: str, *, dialect: SourceKind) -> str:

@@ -288,3 +288,48 @@ def test_federation_max_parties_per_unit_errors(tmp_path: Path, value: str, expe
     with pytest.raises(ConfigError) as info:
         load_federation_config(p)
     assert str(info.value) == f"{p}: max_parties_per_unit: {expected}"
+
+
+# ---- [engines] --------------------------------------------------------------------------
+
+
+def test_engines(tmp_path: Path) -> None:
+    from mpcdp.config.party_config import EngineOptions
+
+    p = _party(tmp_path, 'path = "r.csv"\n')
+    assert load_party_config(p).engines == EngineOptions()
+    p.write_text(
+        p.read_text()
+        + '[engines]\nmemory_limit = "512MB"\nthreads = 1\nstatement_timeout_s = 2.5\n'
+        + "connect_timeout_s = 3\nshuffle_partitions = 8\n"
+    )
+    assert load_party_config(p).engines == EngineOptions(
+        memory_limit="512MB",
+        threads=1,
+        statement_timeout_s=2.5,
+        connect_timeout_s=3,
+        shuffle_partitions=8,
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('memory_limit = "lots"', "memory_limit: 'lots' must be like '512MB' or '4GB'"),
+        ('memory_limit = "1GB; SET x = 1"', "memory_limit: '1GB; SET x = 1' must be like"),
+        ("memory_limit = 1", "memory_limit: has the wrong type (int: 1)"),
+        ("threads = 0", "threads: 0 must be an integer in [1, 1024]"),
+        ("threads = 2.0", "threads: has the wrong type (float: 2.0)"),
+        ("shuffle_partitions = true", "shuffle_partitions: must be int, got True"),
+        ("statement_timeout_s = 0", "statement_timeout_s: 0 must be in (0, 604800] seconds"),
+        ("statement_timeout_s = nan", "statement_timeout_s: nan must be in (0, 604800]"),
+        ("connect_timeout_s = -1", "connect_timeout_s: -1 must be in"),
+        ("colour = 1", "colour: unknown key"),
+    ],
+)
+def test_engines_errors(tmp_path: Path, line: str, expected: str) -> None:
+    p = _party(tmp_path, 'path = "r.csv"\n')
+    p.write_text(p.read_text() + f"[engines]\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_party_config(p)
+    assert str(info.value).startswith(f"{p}: engines.{expected}"), str(info.value)
