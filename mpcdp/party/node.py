@@ -386,6 +386,7 @@ class PartyNode:
             max_pending=config.limits.pending_sessions_per_coordinator,
             max_pending_total=config.limits.pending_sessions,
             session_ttl_s=config.limits.session_ttl_s,
+            propose_floor_s=config.limits.propose_floor_s,
         )
         self.training: TrainingEngine | None = None
         if self.tasks:

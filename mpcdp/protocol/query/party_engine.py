@@ -164,6 +164,8 @@ class PartyEngine(SessionHost):
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
         noise_threads: int | None = None,
+        propose_floor_s: float = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         # each pending session holds a noisy vector: bound what one coordinator, and all of
         # them together, can pin
@@ -175,6 +177,12 @@ class PartyEngine(SessionHost):
             clock=clock,
         )
         self.datasets = dict(datasets)
+        if not 0 <= propose_floor_s < session_ttl_s:
+            raise ParameterError(
+                "propose_floor_s", propose_floor_s, f"must be in [0, session_ttl_s={session_ttl_s})"
+            )
+        self._floor = propose_floor_s
+        self._sleep = sleep
         self._noise = NoisePool(rng=rng, threads=noise_threads)
         self._sessions: dict[bytes, _Session] = {}
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
@@ -262,8 +270,26 @@ class PartyEngine(SessionHost):
         return view, release
 
     def propose(self, *, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
-        with self._claiming(session_id, coordinator):
-            return self._propose(session_id, spec, coordinator)
+        """Check, reserve and prepare a query (module docstring). With a floor
+        (``propose_floor_s``), the answer, or the refusal, leaves no sooner than the floor
+        after the call arrived, so its timing does not show how long the engine took."""
+        start = self._clock()
+        try:
+            with self._claiming(session_id, coordinator):
+                return self._propose(session_id, spec, coordinator)
+        finally:
+            if self._floor > 0:
+                left = self._floor - (self._clock() - start)
+                if left > 0:
+                    self._sleep(left)
+                else:
+                    log.warning(
+                        "query %s took %.3f s, past propose_floor_s=%g: its timing may show "
+                        "how long the engine worked (raise the floor)",
+                        spec.query_id,
+                        self._floor - left,
+                        self._floor,
+                    )
 
     def _propose(self, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
         view, release = self._check_spec(spec)

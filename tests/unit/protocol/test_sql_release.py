@@ -210,3 +210,38 @@ def test_an_engine_failure_reaches_the_coordinator_as_unavailable_only(tmp_path:
             assert node.ledger.status("raises").queries == 0
     finally:
         n.stop()
+
+
+def test_a_propose_floor_holds_every_answer_until_the_floor(tmp_path: Path) -> None:
+    """With ``propose_floor_s``, a party answers Propose (and refuses) no sooner than the
+    floor after the call arrived: how long its engine worked does not show."""
+    limits = "\n[limits]\npropose_floor_s = 5\n"
+    n = build_net(tmp_path, extra={"bob": limits})
+    waits: list[float] = []
+    n.nodes["bob"].engine._sleep = waits.append  # record instead of sleeping
+    try:
+        with Federation.from_config(n.federation) as fed:
+            fed.sql("SELECT dept, COUNT(*) FROM raises GROUP BY dept", epsilon=0.5)
+            with pytest.raises(RoundAborted):
+                fed.sql("SELECT COUNT(*) FROM raises", epsilon=50)  # refused: over the cap
+        assert len(waits) == 2 and all(0 < w <= 5 for w in waits)
+        assert n.nodes["alice"].engine._floor == 0
+    finally:
+        n.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"), [("-1", "must be in [0, 60]"), ("30", "must be below session_ttl_s")]
+)
+def test_the_propose_floor_is_checked_in_party_toml(
+    tmp_path: Path, value: str, needle: str
+) -> None:
+    from mpcdp.config.party_config import load_party_config
+    from mpcdp.errors import ConfigError
+    from tests.conftest import party_toml
+
+    path = tmp_path / "alice.toml"
+    path.write_text(party_toml("alice", PARTIES, extra=f"\n[limits]\npropose_floor_s = {value}\n"))
+    with pytest.raises(ConfigError, match="propose_floor_s") as info:
+        load_party_config(path)
+    assert needle in str(info.value)
