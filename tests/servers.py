@@ -55,17 +55,19 @@ INSTALL_JAVA = (
 INSTALL_PYSPARK = "pyspark is not installed: pip install -e '.[dev]' (or '.[spark]')"
 
 
-def postgres_bin() -> Path:
+def postgres_bin(
+    *, debian: Path = Path("/usr/lib/postgresql"), search_path: str | None = None
+) -> Path:
     """The folder of initdb and pg_ctl: $MPCDP_PG_BIN, else Debian's newest
-    /usr/lib/postgresql/N/bin, else PATH; pytest.fail saying what to install otherwise."""
+    ``debian``/N/bin, else ``search_path`` (PATH); pytest.fail saying what to install
+    otherwise."""
     candidates = []
     if os.environ.get("MPCDP_PG_BIN"):
         candidates.append(Path(os.environ["MPCDP_PG_BIN"]))
-    debian = Path("/usr/lib/postgresql")
     if debian.is_dir():
         versions = [p for p in debian.iterdir() if p.name.isdigit()]
         candidates += [p / "bin" for p in sorted(versions, key=lambda p: -int(p.name))]
-    on_path = shutil.which("pg_ctl")
+    on_path = shutil.which("pg_ctl", path=search_path)
     if on_path:
         candidates.append(Path(on_path).parent)
     for folder in candidates:
@@ -203,16 +205,17 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
 
 
-def java_home() -> Path:
-    """$JAVA_HOME, else Debian's default JRE (/usr/lib/jvm/default-java), else the runtime
-    of the java on PATH; pytest.fail saying what to install otherwise."""
+def java_home(
+    *, default: Path = Path("/usr/lib/jvm/default-java"), search_path: str | None = None
+) -> Path:
+    """$JAVA_HOME, else Debian's default JRE (``default``), else the runtime of the java on
+    ``search_path`` (PATH); pytest.fail saying what to install otherwise."""
     env = os.environ.get("JAVA_HOME")
     if env and (Path(env) / "bin" / "java").is_file():
         return Path(env)
-    default = Path("/usr/lib/jvm/default-java")
     if (default / "bin" / "java").is_file():
         return default
-    java = shutil.which("java")
+    java = shutil.which("java", path=search_path)
     if java:
         return Path(java).resolve().parent.parent
     pytest.fail(INSTALL_JAVA, pytrace=False)
