@@ -3,8 +3,8 @@
 Why DuckDB: it scans the file where it lies, in parallel and within a memory limit (spilling
 past it), so a query over a Parquet file of many gigabytes returns only its aggregates to
 Python. One in-memory database per source (one connection, a cursor per query, so
-concurrent queries do not share a cursor) is opened on first use; it spills to a private
-temporary folder, removed on close.
+concurrent queries do not share a cursor) is opened on first use; past its memory limit it
+spills to a temporary folder of its own, made only then and removed on close.
 
 The relation is a view over the party's own file, built from its config only: the path is
 a quoted SQL string literal, and the readers get explicit options, so no type is sniffed: a
@@ -24,6 +24,8 @@ owner's log (it may quote a value of the file); a coordinator only learns "unava
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -136,7 +138,9 @@ class DuckDBSource:
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
             }
-            self._temp = tempfile.mkdtemp(prefix="mpcdp-duckdb-")  # where it spills
+            # where it spills: a fresh name that DuckDB makes only when it spills, and
+            # removes when the connection closes (no folder otherwise)
+            self._temp = os.path.join(tempfile.gettempdir(), f"mpcdp-duckdb-{secrets.token_hex(8)}")
             config["temp_directory"] = self._temp
             con = duckdb.connect(":memory:", config=config)
             try:
