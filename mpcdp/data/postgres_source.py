@@ -99,26 +99,51 @@ class PostgresSource:
     ) -> tuple[list[tuple[Any, ...]], list[str]]:
         import psycopg
 
-        timeout_ms = str(max(1, round(self._options.statement_timeout_s * 1000)))
         with self._lock:
-            conn = self._connect()
+            reused = self._conn is not None and not self._conn.closed and not self._conn.broken
             try:
-                with conn.cursor() as cur:
-                    cur.execute(b"SET TRANSACTION READ ONLY")
-                    cur.execute(b"SELECT set_config('statement_timeout', %s, true)", (timeout_ms,))
-                    # bytes: the text is the renderer's (or validate's) trusted SQL; prepared:
-                    # the extended protocol takes one statement, so no COMMIT; ... in it
-                    cur.execute(text.encode(), params, prepare=True)
-                    names = [d.name for d in cur.description or []]
-                    rows = cur.fetchall() if cur.description else []
+                return self._once(self._connect(), text, params)
+            except psycopg.OperationalError as exc:
+                # a connection the server dropped while idle is seen only when used: one
+                # more try on a fresh one (the query changed nothing: it was read only)
+                if not reused:
+                    raise self._failed(exc) from None
+                log.info("%s: PostgreSQL connection lost; connecting again", self._where())
+            try:
+                return self._once(self._connect(), text, params)
             except psycopg.Error as exc:
-                raise DataError(f"{self._where()}: the PostgreSQL query failed: {exc}") from None
-            finally:
-                if not conn.closed and not conn.broken:
-                    try:
-                        conn.rollback()
-                    except psycopg.Error:  # pragma: no cover (a dropped connection)
-                        conn.close()
+                raise self._failed(exc) from None
+
+    def _failed(self, exc: Exception) -> DataError:
+        return DataError(f"{self._where()}: the PostgreSQL query failed: {exc}")
+
+    def _once(
+        self, conn: psycopg.Connection[tuple[Any, ...]], text: str, params: tuple[object, ...]
+    ) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """One query in its own read-only transaction, rolled back (module docstring);
+        psycopg.OperationalError when the connection is gone, DataError otherwise."""
+        import psycopg
+
+        timeout_ms = str(max(1, round(self._options.statement_timeout_s * 1000)))
+        try:
+            with conn.cursor() as cur:
+                cur.execute(b"SET TRANSACTION READ ONLY")
+                cur.execute(b"SELECT set_config('statement_timeout', %s, true)", (timeout_ms,))
+                # bytes: the text is the renderer's (or validate's) trusted SQL; prepared:
+                # the extended protocol takes one statement, so no COMMIT; ... in it
+                cur.execute(text.encode(), params, prepare=True)
+                names = [d.name for d in cur.description or []]
+                rows = cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError) and (conn.broken or conn.closed):
+                raise  # the connection is gone: the caller may try a fresh one
+            raise self._failed(exc) from None
+        finally:
+            if not conn.closed and not conn.broken:
+                try:
+                    conn.rollback()
+                except psycopg.Error:  # pragma: no cover (a dropped connection)
+                    conn.close()
         return rows, names
 
     def execute(self, query: EngineQuery) -> list[tuple[object, ...]]:

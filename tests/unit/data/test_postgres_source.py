@@ -4,6 +4,7 @@ read-only transaction with a statement timeout, the declared columns checked by 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,3 +180,21 @@ categories = ["eng", "ops", "hr"]
         assert src.execute(query(src.relation, dialect="postgres")) == EXPECTED
     finally:
         src.close()
+
+
+def test_a_connection_the_server_dropped_is_opened_again(
+    source: Source, pg: PostgresServer
+) -> None:
+    assert source.execute(Q("SELECT 1", ())) == [(1,)]
+    killed = pg.run(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'mpcdp' AND usename = %s",
+        (pg.reader,),
+    )
+    assert killed == [(True,)]
+    for _ in range(500):  # the backend exits soon after the signal
+        gone = "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'mpcdp'"
+        if pg.run(gone) == [(0,)]:
+            break
+        time.sleep(0.01)
+    assert source.execute(query(source.relation, dialect="postgres")) == EXPECTED
