@@ -34,7 +34,11 @@ def digits_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     toml = digits_demo.write_sites(root, split, budget=30.0, delta=1e-5)
     np.savez(root / "test.npz", x=split.test[0], y=split.test[1])
     np.savez(root / "members.npz", x=split.train[0], y=split.train[1])
-    with launch(workdir=root, datasets_toml=toml) as net:
+    with pytest.MonkeyPatch.context() as env:
+        # localnet's own cap (cores / parties), not the one-thread default of tests/conftest.py
+        env.delenv("OMP_NUM_THREADS", raising=False)
+        net = launch(workdir=root, datasets_toml=toml)
+    with net:
         yield net
 
 
@@ -129,11 +133,11 @@ def test_digits_demo_trains_to_the_expected_accuracy(tmp_path: Path) -> None:
 
 
 def test_party_processes_share_the_machine_s_cores(digits_net: LocalFederation) -> None:
-    """localnet caps each party's torch/OpenMP pool at cores / parties (an explicit
-    OMP_NUM_THREADS in the caller's environment is kept)."""
+    """localnet caps each party's torch/OpenMP pool at cores / parties (digits_net launches
+    them without an OMP_NUM_THREADS of the caller's)."""
     import os
 
-    expected = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 3)))
+    expected = str(max(1, (os.cpu_count() or 1) // 3))
     for proc in digits_net.processes.values():
         env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         assert f"OMP_NUM_THREADS={expected}".encode() in env
