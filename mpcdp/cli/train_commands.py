@@ -8,6 +8,7 @@ is also wanted. Both need the ``train`` extra (torch); they import it only when 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -192,46 +193,38 @@ def train(
             state["shown"] = step
             typer.echo(f"resuming run {run} from {checkpoint} at step {step} of {steps}", err=True)
 
+        run = _PlannedRun(
+            dataset=dataset,
+            model=model,
+            python_path=python_path,
+            model_options=options or None,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            epochs=epochs,
+            batch_size=batch_size,
+            max_grad_norm=max_grad_norm,
+            audit_canaries=audit_canaries,
+            audit_kind=audit_kind,
+            clipping=clipping,
+            bias_only=bias_only,
+        )
         try:
             with Federation.from_config(federation) as fed:
                 if audit_canaries:
                     _audit_preflight(
                         fed,
+                        run,
                         allow_untestable=allow_untestable,
-                        hint="--allow-untestable",
                         delta=audit_delta,
                         confidence=audit_confidence,
-                        dataset=dataset,
-                        model=model,
-                        python_path=python_path,
-                        model_options=options or None,
-                        target_epsilon=target_epsilon,
-                        target_delta=target_delta,
-                        epochs=epochs,
-                        batch_size=batch_size,
-                        max_grad_norm=max_grad_norm,
-                        audit_canaries=audit_canaries,
-                        audit_kind=audit_kind,
-                        clipping=clipping,
-                        bias_only=bias_only,
                     )
                 result = fed.train(
-                    dataset=dataset,
-                    model=model,
-                    target_epsilon=target_epsilon,
-                    target_delta=target_delta,
-                    epochs=epochs,
-                    max_grad_norm=max_grad_norm,
-                    batch_size=batch_size,
+                    **run.options(),
                     learning_rate=learning_rate,
                     optimizer=optimizer,
-                    clipping=clipping,
-                    bias_only=bias_only,
                     eval_data=ev,
                     loss=loss,
                     metric=metric,
-                    python_path=python_path,
-                    model_options=options or None,
                     public_data=pub,
                     public_epochs=public_epochs if pub is not None else 0,
                     public_mixing=public_mixing,
@@ -240,8 +233,6 @@ def train(
                     on_step=on_step,
                     on_epoch=on_epoch,
                     on_resume=on_resume,
-                    audit_canaries=audit_canaries,
-                    audit_kind=audit_kind,
                     audit_confidence=audit_confidence,
                     audit_delta=audit_delta,
                     allow_untestable=True,  # checked and printed above (_audit_preflight)
@@ -309,29 +300,55 @@ def _check_audit_options(
         raise typer.BadParameter(f"{delta!r} not in (0, 1)", param_hint="--audit-delta")
 
 
+@dataclasses.dataclass(frozen=True)
+class _PlannedRun:
+    """The options that fix a run's plan, and so its audit's ceiling: given alike to the
+    preflight's plan (mpcdp.train.audit_run.audit_plan) and to ``Federation.train``, so the
+    ceiling printed before the run is that of the run the sites are asked for."""
+
+    dataset: str
+    model: str
+    python_path: list[Path]
+    model_options: dict[str, Any] | None
+    target_epsilon: float
+    target_delta: float
+    epochs: float
+    batch_size: int
+    max_grad_norm: float
+    audit_canaries: int
+    audit_kind: str
+    clipping: str = "flat"
+    bias_only: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The fields as keyword arguments (of audit_plan and of Federation.train)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 def _audit_preflight(
     fed: Any,
+    run: _PlannedRun,
     *,
     allow_untestable: bool,
-    hint: str,
     delta: float | None,
     confidence: float,
-    **plan: Any,
 ) -> None:
     """Before any site is asked: the audit's ceiling against the claim (mpcdp.train.audit_run).
     Prints it; refuses an untestable audit (exit 2) unless ``allow_untestable``."""
     from mpcdp.train.audit_run import audit_plan, preflight
 
-    plan.setdefault("colluders", fed.config.colluders)
     check = preflight(
-        plan=audit_plan(examples=fed.examples(plan["dataset"]), **plan),
+        plan=audit_plan(
+            examples=fed.examples(run.dataset), colluders=fed.config.colluders, **run.options()
+        ),
         delta=delta,
         confidence=confidence,
     )
     typer.echo(check.text(), err=True)
     if not check.testable and not allow_untestable:
         typer.echo(
-            f"error: refused before the run (nothing was charged); {hint} runs it anyway",
+            "error: refused before the run (nothing was charged); --allow-untestable runs it "
+            "anyway",
             err=True,
         )
         raise typer.Exit(2)
@@ -410,41 +427,33 @@ def audit(
         raise typer.Exit(1) from None
     from mpcdp.federation import Federation
 
+    run = _PlannedRun(
+        dataset=dataset,
+        model=model,
+        python_path=python_path,
+        model_options=options or None,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_grad_norm=max_grad_norm,
+        audit_canaries=canaries,
+        audit_kind=kind,
+    )
     try:
         with Federation.from_config(federation) as fed:
             _audit_preflight(
                 fed,
+                run,
                 allow_untestable=allow_untestable,
-                hint="--allow-untestable",
                 delta=audit_delta,
                 confidence=confidence,
-                dataset=dataset,
-                model=model,
-                python_path=python_path,
-                model_options=options or None,
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                epochs=epochs,
-                batch_size=batch_size,
-                max_grad_norm=max_grad_norm,
-                audit_canaries=canaries,
-                audit_kind=kind,
             )
             result = fed.train(
-                dataset=dataset,
-                model=model,
-                python_path=python_path,
-                model_options=options or None,
+                **run.options(),
                 loss=loss,
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                epochs=epochs,
-                max_grad_norm=max_grad_norm,
-                batch_size=batch_size,
                 learning_rate=learning_rate,
                 seed=seed,
-                audit_canaries=canaries,
-                audit_kind=kind,
                 audit_confidence=confidence,
                 audit_delta=audit_delta,
                 allow_untestable=True,  # checked and printed above (_audit_preflight)
