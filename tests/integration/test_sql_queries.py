@@ -206,6 +206,9 @@ def propose(s: pb_grpc.PartyStub, q: pb.QuerySpec) -> pb.ProposeResponse:
         (spec("SELECT year, COUNT(*) FROM visits GROUP BY year"), "year"),
         (spec("SELECT COUNT(*) FROM visits", max_rows_per_unit=5), "max_rows_per_unit"),
         (spec("SELECT COUNT(*) FROM visits", dataset="other"), "other"),
+        # noise outside its sampler's exact range (a lattice, or a decay that rounds to 1)
+        (spec("SELECT SUM(cost) FROM visits", frac_bits=40), "exact range"),
+        (spec("SELECT COUNT(*) FROM visits", epsilon="1e-300"), "range"),
     ],
 )
 def test_hostile_sql_is_refused_before_any_charge(

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_ROUNDING_INFLATION",
     "ReleasePlan",
     "TensorPlan",
+    "check_sampler_range",
     "choose_frac_bits",
     "fit",
     "mechanism_for",
@@ -176,7 +177,7 @@ def plan(spec: QuerySpec, *, vector_length: int | None = None) -> ReleasePlan:
         for name, length, fb, l1, l2, max_abs in tensors
     )
     for t in built:
-        _check_sampler_range(spec, t)
+        check_sampler_range(spec, t)
     if spec.mechanism == "discrete-laplace":
         # the parts' exact epsilons add up to the spec's exactly
         event: events.Event = events.PureDp(epsilon=events.exact_epsilon(spec.epsilon))
@@ -185,7 +186,7 @@ def plan(spec: QuerySpec, *, vector_length: int | None = None) -> ReleasePlan:
     return ReleasePlan(spec=spec, tensors=built, event=event)
 
 
-def _check_sampler_range(spec: QuerySpec, t: TensorPlan) -> None:
+def check_sampler_range(spec: QuerySpec, t: TensorPlan) -> None:
     """Refuse a tensor whose noise share would leave its sampler's exact range (the party's
     check before any charge; the planner's reason to choose fewer fractional bits)."""
     try:

@@ -55,7 +55,12 @@ from numpy.typing import NDArray
 from mpcdp.config.party_config import DatasetConfig
 from mpcdp.dp import events, intervals
 from mpcdp.errors import ParameterError, PolicyError
-from mpcdp.protocol.query.plan import ReleasePlan, TensorPlan, mechanism_for
+from mpcdp.protocol.query.plan import (
+    ReleasePlan,
+    TensorPlan,
+    check_sampler_range,
+    mechanism_for,
+)
 from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.sql.compile import compile_sql
 from mpcdp.sql.plan import Aggregate, SqlQuery, TableDecl, digest
@@ -173,15 +178,15 @@ def release_plan(
             l2=l2,
             dim=cells * width,
         )
-        tensors.append(
-            TensorPlan(
-                name=part.name,
-                length=cells * width,
-                frac_bits=part.frac_bits,
-                mechanism=mech,
-                max_abs=part.per_row * spec.max_rows,
-            )
+        tensor = TensorPlan(
+            name=part.name,
+            length=cells * width,
+            frac_bits=part.frac_bits,
+            mechanism=mech,
+            max_abs=part.per_row * spec.max_rows,
         )
+        check_sampler_range(spec, tensor)  # a share outside its sampler's exact range: refused
+        tensors.append(tensor)
     event: events.Event
     if spec.mechanism == "discrete-laplace":
         event = events.PureDp(epsilon=events.exact_epsilon(spec.epsilon))
