@@ -127,8 +127,8 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 #: Squared norms are reduced in float64 over chunks of about this many values, so that the
-#: float64 copy stays small and is reused by the allocator (:func:`sq_norms`).
-_NORM_CHUNK = 1 << 20
+#: float64 copy stays small (1 MiB, within the caches) and is reused (:func:`sq_norms`).
+_NORM_CHUNK = 1 << 17
 
 
 def norm_margin(dtype: torch.dtype) -> float:
@@ -186,11 +186,16 @@ def sq_norms(x: torch.Tensor) -> torch.Tensor:
         sq: torch.Tensor = torch.linalg.vector_norm(scaled, dim=1).square()
         return sq * torch.exp2(2 * e)
     out = torch.empty(batch, dtype=torch.float64, device=x.device)
-    step = max(1, _NORM_CHUNK // max(n, 1))
+    step = min(batch, max(1, _NORM_CHUNK // max(n, 1)))
+    # one float64 buffer for every chunk: a new one per chunk is a fresh allocation of
+    # several MB each time, whose page faults cost more than the pass itself
+    buf = torch.empty(step, n, dtype=torch.float64, device=x.device)
     for start in range(0, batch, step):
-        part = rows[start : start + step].to(torch.float64)
-        out[start : start + step] = torch.linalg.vector_norm(part, dim=1).square()
-    return out
+        k = min(step, batch - start)
+        part = buf[:k]
+        part.copy_(rows[start : start + k])
+        torch.linalg.vector_norm(part, dim=1, out=out[start : start + k])
+    return out.square_()
 
 
 def norm_out(norm2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
