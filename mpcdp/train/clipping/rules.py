@@ -205,6 +205,8 @@ def _matmul_rule(
                     mm_into(g1.t(), a1 * c[:, None], dest)
 
         elif use_ghost(t, p, d):
+            # float64 copies made by _ghost (not the layer's own tensors) may be scaled in place
+            own_a, own_g = a.dtype != torch.float64, g.dtype != torch.float64
             a64, g64, ghost2 = _ghost(a, g, same=None)
             norm2 += ghost2
             del a
@@ -217,11 +219,25 @@ def _matmul_rule(
 
             else:
                 assert a64 is not None
-                a_flat = a64.reshape(batch * t, d)
+                a_ghost: torch.Tensor = a64
+                done: list[bool] = []
 
                 def weight_fn(c: torch.Tensor, dest: torch.Tensor) -> None:
-                    gc = (g64 * c.to(torch.float64)[:, None, None]).reshape(batch * t, p)
-                    dest.copy_(torch.mm(gc.t(), a_flat))
+                    # c times the narrower factor, in place on this rule's own float64 copy
+                    # (no temporary of A's or G's size); exact, since a float32 clip factor
+                    # times a float32 value fits in float64's 53 bits. Once per rule: the
+                    # copy is scaled after that.
+                    if done:
+                        raise RuntimeError("a ghost layer's clipped sum is taken once")
+                    done.append(True)
+                    c64 = c.to(torch.float64)[:, None, None]
+                    ac, gc = a_ghost, g64
+                    if d <= p:
+                        ac = ac.mul_(c64) if own_a else ac * c64
+                    else:
+                        gc = gc.mul_(c64) if own_g else gc * c64
+                    rows = batch * t
+                    dest.copy_(torch.mm(gc.reshape(rows, p).t(), ac.reshape(rows, d)))
 
         else:
             per_sample = torch.bmm(g.transpose(1, 2), a)  # (B, p, d)
