@@ -1,5 +1,7 @@
 """`mpcdp train`, `mpcdp audit` and `mpcdp demo digits` as a user runs them: real party-node
-processes (localnet), real mTLS gRPC, real torch training on the CPU."""
+processes (localnet), real mTLS gRPC, real torch training on the CPU. The runs are real
+command processes; the refusals and the budget reads go through the same typer app in this
+process (`cli`), which saves a Python-and-torch start-up per check."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +18,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
+from typer.testing import CliRunner, Result
+
+from mpcdp.cli.app import app
 from mpcdp.demos import digits_demo
 from mpcdp.local.localnet import LocalFederation, launch
 
@@ -25,6 +31,17 @@ def mpcdp(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mpcdp.cli", *args], capture_output=True, text=True, check=check
     )
+
+
+def cli(*args: str) -> Result:
+    """The command's app in this process: exit code, stdout and stderr as the command's."""
+    return CliRunner().invoke(app, list(args))
+
+
+def budget_json(config: Path) -> Any:
+    out = cli("budget", "--config", str(config), "--json")
+    assert out.exit_code == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +76,11 @@ def test_train_then_audit_from_the_command_line(digits_net: LocalFederation) -> 
     assert [r["epoch"] for r in metrics["history"]][:4] == [1, 2, 3, 4]
     assert (root / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # rerunning with the finished checkpoint trains nothing more and spends nothing more
-    site_a = str(digits_net.party_configs["site-a"])
-    spent = mpcdp("budget", "--config", site_a, "--json").stdout
+    site_a = digits_net.party_configs["site-a"]
+    spent = budget_json(site_a)
     again = mpcdp(*args, "--json")
     assert json.loads(again.stdout)["steps_done"] == metrics["steps_done"]
-    assert mpcdp("budget", "--config", site_a, "--json").stdout == spent
+    assert budget_json(site_a) == spent
 
 
 def test_audit_from_the_command_line(digits_net: LocalFederation) -> None:
@@ -73,8 +90,8 @@ def test_audit_from_the_command_line(digits_net: LocalFederation) -> None:
     delta 1e-12 is below the ceiling 600 canaries can show at that confidence (3.34), so the
     CLI's preflight lets the audit run (target 2 claims 4.43 there: refused as untestable)."""
     fed = str(digits_net.federation_config)
-    site_a = str(digits_net.party_configs["site-a"])
-    before = json.loads(mpcdp("budget", "--config", site_a, "--json").stdout)
+    site_a = digits_net.party_configs["site-a"]
+    before = budget_json(site_a)
     args = [
         "audit", "--federation", fed, "--dataset", "digits", "--target-epsilon", "1",
         "--epochs", "2", "--canaries", "200", "--confidence", "0.9999999",
@@ -86,7 +103,7 @@ def test_audit_from_the_command_line(digits_net: LocalFederation) -> None:
     assert obj["fraction_reached"] == pytest.approx(
         obj["epsilon_lower_bound"] / obj["claimed_epsilon"]
     )
-    after = json.loads(mpcdp("budget", "--config", site_a, "--json").stdout)
+    after = budget_json(site_a)
     assert after != before  # the audit run was charged
     text = mpcdp(*args[:-2], "--seed", "3").stdout
     for line in ("claimed epsilon (accountant)", "audit lower bound", "fraction reached",
@@ -96,27 +113,20 @@ def test_audit_from_the_command_line(digits_net: LocalFederation) -> None:
 
 def test_train_errors_are_clear(digits_net: LocalFederation) -> None:
     fed = str(digits_net.federation_config)
-    bad = mpcdp("train", "--federation", fed, "--dataset", "nope", check=False)
-    assert bad.returncode == 1 and "dataset='nope': is not an example dataset" in bad.stderr
-    bad = mpcdp("train", "--federation", fed, "--dataset", "digits", "--epochs", "nan", check=False)
-    assert bad.returncode == 2 and "--epochs" in bad.stderr
-    bad = mpcdp(
-        "train", "--federation", fed, "--dataset", "digits", "--model", "resnet:1", check=False
-    )
-    assert bad.returncode == 1 and "model" in bad.stderr and "resnet:1" in bad.stderr
-    bad = mpcdp(
-        "train", "--federation", fed, "--dataset", "digits", "--target-epsilon", "500",
-        check=False,
-    )  # fmt: skip
-    assert bad.returncode == 1 and "RESOURCE_EXHAUSTED" in bad.stderr
-    bad = mpcdp("audit", "--federation", fed, "--dataset", "digits", "--canaries", "0", check=False)
-    assert bad.returncode == 2 and "--canaries" in bad.stderr
-    bad = mpcdp("audit", "--federation", fed, "--dataset", "digits", "--kind", "x", check=False)
-    assert bad.returncode == 2 and "--kind" in bad.stderr
-    bad = mpcdp(
-        "audit", "--federation", fed, "--dataset", "digits", "--canaries", "4000", check=False
-    )
-    assert bad.returncode == 1 and "audit_canaries" in bad.stderr
+    bad = cli("train", "--federation", fed, "--dataset", "nope")
+    assert bad.exit_code == 1 and "dataset='nope': is not an example dataset" in bad.stderr
+    bad = cli("train", "--federation", fed, "--dataset", "digits", "--epochs", "nan")
+    assert bad.exit_code == 2 and "--epochs" in bad.stderr
+    bad = cli("train", "--federation", fed, "--dataset", "digits", "--model", "resnet:1")
+    assert bad.exit_code == 1 and "model" in bad.stderr and "resnet:1" in bad.stderr
+    bad = cli("train", "--federation", fed, "--dataset", "digits", "--target-epsilon", "500")
+    assert bad.exit_code == 1 and "RESOURCE_EXHAUSTED" in bad.stderr
+    bad = cli("audit", "--federation", fed, "--dataset", "digits", "--canaries", "0")
+    assert bad.exit_code == 2 and "--canaries" in bad.stderr
+    bad = cli("audit", "--federation", fed, "--dataset", "digits", "--kind", "x")
+    assert bad.exit_code == 2 and "--kind" in bad.stderr
+    bad = cli("audit", "--federation", fed, "--dataset", "digits", "--canaries", "4000")
+    assert bad.exit_code == 1 and "audit_canaries" in bad.stderr
 
 
 def test_digits_demo_trains_to_the_expected_accuracy(tmp_path: Path) -> None:
