@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from mpcdp.cli.app import app
 from mpcdp.demos import salary_demo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +40,9 @@ def _mpcdp() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "mpcdp.cli"]
 
 
-def test_cli_demo_salary_json_runs_four_party_processes() -> None:
+def test_cli_demo_salary_json_with_and_without_party_processes() -> None:
+    """``--json`` over four party processes and with ``--local`` (one process): the same
+    exact mean, a valid DP mean in each, one schema."""
     out = subprocess.run(
         [*_mpcdp(), "demo", "salary", "--json"], check=True, capture_output=True, text=True
     )
@@ -53,8 +57,10 @@ def test_cli_demo_salary_json_runs_four_party_processes() -> None:
         capture_output=True,
         text=True,
     )
-    # both variants emit one schema: the same keys at every level
     local_report = json.loads(local.stdout)
+    assert local_report["exact_mean"] == 3171.5
+    _check_dp_mean(local_report["dp"])
+    # both variants emit one schema: the same keys at every level
     assert set(local_report) == set(report)
     assert set(local_report["dp"]) == set(report["dp"])
     assert set(local_report["budget_remaining"]) == set(report["budget_remaining"])
@@ -67,19 +73,6 @@ def _check_dp_mean(dp: dict[str, Any]) -> None:
     assert dp["statistic"] == "mean" and dp["mechanism"] == "discrete-laplace"
     assert 0 <= lo <= dp["value"] <= hi <= 5000
     assert dp["noise_std"] > 0
-
-
-def test_cli_demo_salary_local_json() -> None:
-    out = subprocess.run(
-        [*_mpcdp(), "demo", "salary", "--local", "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    report = json.loads(out.stdout)
-    assert report["exact_mean"] == 3171.5
-    assert set(report["budget_remaining"]) == {"alice", "bob", "carlos", "david"}
-    _check_dp_mean(report["dp"])
 
 
 def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
@@ -108,10 +101,9 @@ def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
 def test_cli_demo_salary_text_and_bad_epsilon() -> None:
     out = subprocess.run([*_mpcdp(), "demo", "salary"], check=True, capture_output=True, text=True)
     assert "3171.50" in out.stdout and "Alice" in out.stdout
-    bad = subprocess.run(
-        [*_mpcdp(), "demo", "salary", "--epsilon", "-1"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "epsilon=-1.0" in bad.stderr
+    # refused before anything starts: the same app in this process
+    bad = CliRunner().invoke(app, ["demo", "salary", "--epsilon", "-1"])
+    assert bad.exit_code == 2 and "epsilon=-1.0" in bad.stderr
 
 
 def test_demo_script_runs() -> None:
