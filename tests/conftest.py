@@ -17,6 +17,7 @@ import pytest
 from mpcdp.config.party_config import TlsConfig, load_federation_config, load_party_config
 from mpcdp.party.node import PartyNode
 from mpcdp.proto import party_pb2_grpc as pb_grpc
+from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import tls
 from mpcdp.transport.cert_files import init_federation
 from mpcdp.transport.client import GrpcPartyClient
@@ -90,6 +91,37 @@ def vector_datasets(
     return extra
 
 
+def localnet_vectors(workdir: Path, d: int, *, extra: str = "") -> dict[str, str]:
+    """Each of PARTIES' dataset 'v', d zeros at WORKDIR/PARTY/v.npy, as localnet.launch's
+    ``datasets_toml`` (each party's TOML followed by ``extra``)."""
+    out = {}
+    for p in PARTIES:
+        (workdir / p).mkdir(parents=True, exist_ok=True)
+        np.save(workdir / p / "v.npy", np.zeros(d))
+        out[p] = (
+            '[datasets.v]\npath = "v.npy"\nepsilon = 10.0\ndelta = 1e-5\n'
+            "allow_exact = true\nl2_bound = 1.0\n" + extra
+        )
+    return out
+
+
+def exact_vector_spec(query_id: str) -> QuerySpec:
+    """An exact (mechanism none) sum of PARTIES' vector dataset 'v': the query the transport
+    tests propose where only the session, its slot and its upload matter."""
+    return QuerySpec(
+        query_id=query_id,
+        dataset="v",
+        column="",
+        statistic=Statistic.SUM,
+        mechanism="none",
+        epsilon="0",
+        parties=PARTIES,
+        l2_bound=1.0,
+        lower=0,
+        upper=0,
+    )
+
+
 def coordinator_creds(root: Path, name: str = "analyst") -> tls.Credentials:
     """The mTLS credentials of coordinator ``name`` from ROOT/certs."""
     return tls.load_credentials(
@@ -109,6 +141,21 @@ def raw_stub(
         f"127.0.0.1:{port}", creds=coordinator_creds(root, coordinator), server_name=party
     )
     return pb_grpc.PartyStub(ch), ch
+
+
+def unread_channel(root: Path, port: int, party: str, coordinator: str = "analyst") -> grpc.Channel:
+    """A channel to ``party`` as ``coordinator`` whose receive window stays at HTTP/2's 64 KiB
+    (no BDP probing): an upload its caller does not read stays in flight at the party."""
+    creds = coordinator_creds(root, coordinator)
+    cc = grpc.ssl_channel_credentials(
+        root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem
+    )
+    options = [
+        *tls.GRPC_OPTIONS,
+        ("grpc.ssl_target_name_override", party),
+        ("grpc.http2.bdp_probe", 0),
+    ]
+    return grpc.secure_channel(f"127.0.0.1:{port}", cc, options=options)
 
 
 def write_federation(

@@ -30,11 +30,10 @@ from mpcdp.errors import PartyError
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.transport import codec, tls
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient
-from tests.conftest import coordinator_creds
+from tests.conftest import coordinator_creds, exact_vector_spec, localnet_vectors, unread_channel
 
 pytestmark = pytest.mark.slow
 
@@ -44,56 +43,12 @@ PARTIES = ("alice", "bob", "carlos")
 CALL_S = 5.0
 
 
-def _vectors(workdir: Path, d: int) -> dict[str, str]:
-    out = {}
-    for p in PARTIES:
-        (workdir / p).mkdir(parents=True, exist_ok=True)
-        np.save(workdir / p / "v.npy", np.zeros(d))
-        out[p] = (
-            '[datasets.v]\npath = "v.npy"\nepsilon = 10.0\ndelta = 1e-5\n'
-            "allow_exact = true\nl2_bound = 1.0\n"
-        )
-    return out
-
-
 def _creds(net: LocalFederation, name: str) -> tls.Credentials:
     return coordinator_creds(net.workdir, name)
 
 
 def _channel(net: LocalFederation, party: str, who: str) -> grpc.Channel:
     return tls.channel(f"127.0.0.1:{net.ports[party]}", creds=_creds(net, who), server_name=party)
-
-
-def _unread_channel(net: LocalFederation, party: str, who: str) -> grpc.Channel:
-    """A channel whose receive window stays at HTTP/2's 64 KiB (no BDP probing): the party
-    cannot send more than that on a stream its caller does not read."""
-    creds = _creds(net, who)
-    cc = grpc.ssl_channel_credentials(
-        root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem
-    )
-    options = [
-        *tls.GRPC_OPTIONS,
-        ("grpc.ssl_target_name_override", party),
-        ("grpc.http2.bdp_probe", 0),
-    ]
-    return grpc.secure_channel(f"127.0.0.1:{net.ports[party]}", cc, options=options)
-
-
-def _spec(query_id: str) -> pb.QuerySpec:
-    return codec.spec_to_pb(
-        QuerySpec(
-            query_id=query_id,
-            dataset="v",
-            column="",
-            statistic=Statistic.SUM,
-            mechanism="none",
-            epsilon="0",
-            parties=PARTIES,
-            l2_bound=1.0,
-            lower=0,
-            upper=0,
-        )
-    )
 
 
 def _describe(stub: pb_grpc.PartyStub) -> pb.DescribeResponse:
@@ -110,9 +65,9 @@ def test_unread_uploads_of_one_coordinator_leave_the_others_served(tmp_path: Pat
     at once (measured: a few ms; the bound is CALL_S)."""
     d = 1 << 18  # 2 MiB of words: more than the 64 KiB the attacker's window lets through
     net = launch(
-        workdir=tmp_path, datasets_toml=_vectors(tmp_path, d), other_coordinators=["other"]
+        workdir=tmp_path, datasets_toml=localnet_vectors(tmp_path, d), other_coordinators=["other"]
     )
-    channels = {p: _unread_channel(net, p, "analyst") for p in PARTIES}
+    channels = {p: unread_channel(net.workdir, net.ports[p], p) for p in PARTIES}
     stubs = {p: pb_grpc.PartyStub(ch) for p, ch in channels.items()}
     other_ch = _channel(net, "alice", "other")
     other = pb_grpc.PartyStub(other_ch)
@@ -122,7 +77,9 @@ def test_unread_uploads_of_one_coordinator_leave_the_others_served(tmp_path: Pat
         for i in range(64):
             session_id = secrets.token_bytes(16)
             req = pb.ProposeRequest(
-                version=PROTOCOL_VERSION, session_id=session_id, spec=_spec(f"u-{i}")
+                version=PROTOCOL_VERSION,
+                session_id=session_id,
+                spec=codec.spec_to_pb(exact_vector_spec(f"u-{i}")),
             )
             try:
                 keys = [stubs[p].Propose(req, timeout=CALL_S) for p in PARTIES]
@@ -154,7 +111,11 @@ def test_unread_uploads_of_one_coordinator_leave_the_others_served(tmp_path: Pat
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         session_id = secrets.token_bytes(16)
         proposed = other.Propose(
-            pb.ProposeRequest(version=PROTOCOL_VERSION, session_id=session_id, spec=_spec("o")),
+            pb.ProposeRequest(
+                version=PROTOCOL_VERSION,
+                session_id=session_id,
+                spec=codec.spec_to_pb(exact_vector_spec("o")),
+            ),
             timeout=CALL_S,
         )
         assert proposed.session_id == session_id
@@ -297,7 +258,7 @@ def _rss_peak_mb(pid: int) -> float:
 def test_malformed_requests_are_invalid_argument_with_one_short_log_line(
     tmp_path: Path,
 ) -> None:
-    datasets = _vectors(tmp_path, 8)
+    datasets = localnet_vectors(tmp_path, 8)
     rng = np.random.default_rng(0)  # test data only
     np.savez(tmp_path / "alice" / "ex.npz", x=rng.normal(size=(8, 4)), y=np.arange(8) % 2)
     datasets["alice"] += (  # a site: TrainStep reads its request stream
@@ -333,7 +294,7 @@ def test_a_stranger_is_refused_before_its_request_is_read(tmp_path: Path) -> Non
     """A certificate of the federation that is not a coordinator's (here: party bob's)
     calling alice: refused before its request is read, so 16 MiB requests cost the party no
     memory, and its refusals are logged a few lines per minute, not one traceback each."""
-    net = launch(workdir=tmp_path, datasets_toml=_vectors(tmp_path, 8))
+    net = launch(workdir=tmp_path, datasets_toml=localnet_vectors(tmp_path, 8))
     pid = net.processes["alice"].pid
     ch = _channel(net, "alice", "bob")
     describe = ch.unary_unary("/mpcdp.proto.Party/Describe")

@@ -19,19 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.config.party_config import TlsConfig
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.query.party_engine import PartyEngine
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.session import Contribution
-from mpcdp.transport import codec, tls
-from tests.conftest import Net, build_net
+from mpcdp.transport import codec
+from tests.conftest import Net, build_net, exact_vector_spec, localnet_vectors, unread_channel
 
 PARTIES = ("alice", "bob", "carlos")
 #: each coordinator's sessions (pending and uploading) at a party
@@ -42,58 +40,10 @@ CALL_S = 10.0
 SLOTS_BACK_S = 30.0
 
 
-def _spec(query_id: str) -> pb.QuerySpec:
-    return codec.spec_to_pb(
-        QuerySpec(
-            query_id=query_id,
-            dataset="v",
-            column="",
-            statistic=Statistic.SUM,
-            mechanism="none",
-            epsilon="0",
-            parties=PARTIES,
-            l2_bound=1.0,
-            lower=0,
-            upper=0,
-        )
-    )
-
-
-def _datasets(workdir: Path, d: int) -> dict[str, str]:
-    out = {}
-    for p in PARTIES:
-        (workdir / p).mkdir(parents=True, exist_ok=True)
-        np.save(workdir / p / "v.npy", np.zeros(d))
-        out[p] = (
-            '[datasets.v]\npath = "v.npy"\nepsilon = 10.0\ndelta = 1e-5\n'
-            "allow_exact = true\nl2_bound = 1.0\n"
-            f"[limits]\npending_sessions_per_coordinator = {PER_COORDINATOR}\n"
-        )
-    return out
-
-
-def _unread_channel(net: LocalFederation, party: str) -> grpc.Channel:
-    """A channel whose receive window stays at HTTP/2's 64 KiB: an upload that is not read
-    stays in flight at the party."""
-    certs = net.workdir / "certs"
-    creds = tls.load_credentials(
-        TlsConfig(ca=certs / "ca.pem", cert=certs / "analyst.pem", key=certs / "analyst.key")
-    )
-    cc = grpc.ssl_channel_credentials(
-        root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem
-    )
-    options = [
-        *tls.GRPC_OPTIONS,
-        ("grpc.ssl_target_name_override", party),
-        ("grpc.http2.bdp_probe", 0),
-    ]
-    return grpc.secure_channel(f"127.0.0.1:{net.ports[party]}", cc, options=options)
-
-
 class _Analyst:
     def __init__(self, net: LocalFederation) -> None:
         self.net = net
-        self.channels = {p: _unread_channel(net, p) for p in PARTIES}
+        self.channels = {p: unread_channel(net.workdir, net.ports[p], p) for p in PARTIES}
         self.stubs = {p: pb_grpc.PartyStub(ch) for p, ch in self.channels.items()}
 
     def close(self) -> None:
@@ -102,7 +52,9 @@ class _Analyst:
 
     def propose(self, party: str, session_id: bytes, query_id: str) -> pb.ProposeResponse:
         req = pb.ProposeRequest(
-            version=PROTOCOL_VERSION, session_id=session_id, spec=_spec(query_id)
+            version=PROTOCOL_VERSION,
+            session_id=session_id,
+            spec=codec.spec_to_pb(exact_vector_spec(query_id)),
         )
         resp: pb.ProposeResponse = self.stubs[party].Propose(req, timeout=CALL_S)
         return resp
@@ -162,7 +114,8 @@ def test_uploads_hold_their_slots_until_they_end_however_they_end(tmp_path: Path
     read to the end, and a Contribute refused before anything is sent), and every slot
     comes back: 8 sessions are accepted again, and not a ninth."""
     d = 1 << 15  # 256 KiB of words: more than the 64 KiB the unread channel lets through
-    net = launch(workdir=tmp_path, datasets_toml=_datasets(tmp_path, d))
+    limits = f"[limits]\npending_sessions_per_coordinator = {PER_COORDINATOR}\n"
+    net = launch(workdir=tmp_path, datasets_toml=localnet_vectors(tmp_path, d, extra=limits))
     analyst = _Analyst(net)
     extra: list[grpc.Channel] = []
     try:
@@ -172,7 +125,7 @@ def test_uploads_hold_their_slots_until_they_end_however_they_end(tmp_path: Path
             for i in range(HELD):
                 req = analyst.contribute_request(f"r{r}-u{i}")
                 if i == 1:  # on a channel of its own, closed mid-stream below
-                    ch = _unread_channel(net, "alice")
+                    ch = unread_channel(net.workdir, net.ports["alice"], "alice")
                     own_channels.append(ch)
                     extra.append(ch)
                     stub = pb_grpc.PartyStub(ch)

@@ -19,7 +19,7 @@ from mpcdp.errors import ParameterError, PartyError
 from mpcdp.federation import Federation
 from mpcdp.party.node import PartyNode
 from mpcdp.proto import party_pb2 as pb
-from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
+from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.transport import codec
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient, check_health
@@ -28,23 +28,11 @@ from tests.conftest import (
     Net,
     build_net,
     coordinator_creds,
+    exact_vector_spec,
     raw_stub,
     vector_datasets,
 )
-
-
-def _examples(root: Path) -> dict[str, str]:
-    """An example dataset 'ex' at every party (a site can be asked to train)."""
-    extra = {}
-    rng = np.random.default_rng(0)  # test data only
-    for p in PARTIES:
-        y = rng.integers(0, 3, size=40)
-        x = rng.normal(size=(40, 8)).astype(np.float32) + y[:, None]
-        np.savez(root / f"{p}-ex.npz", x=x, y=y)
-        extra[p] = (
-            f'\n[datasets.ex]\npath = "{p}-ex.npz"\nnum_classes = 3\nepsilon = 20.0\ndelta = 1e-5\n'
-        )
-    return extra
+from tests.training_support import examples_toml, tspec
 
 
 def _serve(node: PartyNode, **limits: float) -> tuple[grpc.Server, int]:
@@ -76,7 +64,7 @@ def _until(what: Callable[[], bool], timeout_s: float) -> bool:
 
 def test_silent_train_streams_do_not_freeze_a_party(tmp_path: Path) -> None:
     # the node as `mpcdp party serve` starts it: default limits
-    net = build_net(tmp_path, extra=_examples(tmp_path))
+    net = build_net(tmp_path, extra=examples_toml(tmp_path))
     port = net.nodes["alice"].port
     assert port
     analyst, analyst_ch = raw_stub(tmp_path, port, coordinator="analyst")
@@ -116,7 +104,7 @@ def test_silent_train_streams_do_not_freeze_a_party(tmp_path: Path) -> None:
 
 
 def test_silent_streams_are_ended_after_the_silence_limit(tmp_path: Path) -> None:
-    net = build_net(tmp_path, start=False, extra=_examples(tmp_path))
+    net = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
     server, port = _serve(
         net.nodes["alice"], max_long_calls=6, max_long_calls_per_coordinator=4, stream_silence_s=1.0
     )
@@ -162,21 +150,6 @@ def test_silent_streams_are_ended_after_the_silence_limit(tmp_path: Path) -> Non
         net.stop()
 
 
-def _vector_spec(query_id: str = "q1") -> QuerySpec:
-    return QuerySpec(
-        query_id=query_id,
-        dataset="v",
-        column="",
-        statistic=Statistic.SUM,
-        mechanism="none",
-        epsilon="0",
-        parties=PARTIES,
-        l2_bound=1.0,
-        lower=0,
-        upper=0,
-    )
-
-
 def _proposed(
     net: Net, root: Path, ports: dict[str, int], spec: QuerySpec
 ) -> tuple[bytes, list[pb.ProposeResponse]]:
@@ -209,7 +182,7 @@ def test_an_unread_upload_is_cancelled_after_the_silence_limit(
     }
     analyst, ch = raw_stub(tmp_path, port, coordinator="analyst")
     try:
-        session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
+        session_id, keys = _proposed(net, tmp_path, ports, exact_vector_spec("q1"))
         req = pb.ContributeRequest(version=PROTOCOL_VERSION, session_id=session_id, keys=keys)
         call = analyst.Contribute(req, timeout=120)
         assert next(call).WhichOneof("body") == "header"  # ...and nothing more is read
@@ -242,7 +215,7 @@ def test_invalid_chunk_bytes_is_refused_before_the_ledger_is_charged(
     ports = {p: n.port or 0 for p, n in net.nodes.items()}
     analyst, ch = raw_stub(tmp_path, ports["alice"], coordinator="analyst")
     try:
-        session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
+        session_id, keys = _proposed(net, tmp_path, ports, exact_vector_spec("q1"))
         bad = pb.ContributeRequest(
             version=PROTOCOL_VERSION, session_id=session_id, keys=keys, chunk_bytes=chunk_bytes
         )
@@ -264,25 +237,10 @@ def test_invalid_chunk_bytes_in_a_train_step_is_refused_before_the_ledger_is_cha
     tmp_path: Path,
 ) -> None:
     torch = pytest.importorskip("torch")
-    from mpcdp.protocol.training import TrainSpec
     from mpcdp.train.models import build_model
 
-    model = "mlp:8,6,3"
-    num_params = 8 * 6 + 6 + 6 * 3 + 3
-    spec = TrainSpec(
-        run_id="run-1",
-        dataset="ex",
-        model=model,
-        parties=PARTIES,
-        sample_rate=0.25,
-        steps=2,
-        max_grad_norm=1.0,
-        scale_bits=16,
-        mu=(2.0 * (2**16 + num_params**0.5)) ** 2,
-        num_params=num_params,
-        steps_per_charge=1,
-    )
-    net = build_net(tmp_path, extra=_examples(tmp_path))
+    spec = tspec(steps=2, steps_per_charge=1)
+    net = build_net(tmp_path, extra=examples_toml(tmp_path))
     ports = {p: n.port or 0 for p, n in net.nodes.items()}
     creds = coordinator_creds(tmp_path, "analyst")
     session_id = secrets.token_bytes(16)
@@ -295,7 +253,7 @@ def test_invalid_chunk_bytes_in_a_train_step_is_refused_before_the_ledger_is_cha
             ) as client:
                 keys.append(client.train_open(session_id=session_id, spec=spec).key)
         torch.manual_seed(0)
-        params = torch.nn.utils.parameters_to_vector(build_model(model).parameters())
+        params = torch.nn.utils.parameters_to_vector(build_model(spec.model).parameters())
         requests = codec.encode_step_requests(
             session_id=session_id,
             step=0,
@@ -433,7 +391,7 @@ def test_setup_calls_beyond_their_limit_are_refused_before_anything_is_reserved(
                 pb.ProposeRequest(
                     version=PROTOCOL_VERSION,
                     session_id=secrets.token_bytes(16),
-                    spec=codec.spec_to_pb(_vector_spec(f"s-{i}")),
+                    spec=codec.spec_to_pb(exact_vector_spec(f"s-{i}")),
                 ),
                 timeout=60,
             )
@@ -464,7 +422,7 @@ def test_the_coordinator_is_told_that_the_party_cancelled_a_silent_call(tmp_path
     net = build_net(tmp_path, extra=extra)
     ports = {p: n.port or 0 for p, n in net.nodes.items()}
     try:
-        session_id, keys = _proposed(net, tmp_path, ports, _vector_spec())
+        session_id, keys = _proposed(net, tmp_path, ports, exact_vector_spec("q1"))
         with GrpcPartyClient(
             party_id="alice", address=f"127.0.0.1:{ports['alice']}",
             creds=coordinator_creds(tmp_path, "analyst"), deadline_s=60,
@@ -486,28 +444,12 @@ def _open_training_session(net: Net) -> tuple[bytes, int]:
     """A training session at alice only (a TrainStep stream is heard once its header names an
     open session); its id and the model's parameter count."""
     pytest.importorskip("torch")
-    from mpcdp.protocol.training import TrainSpec
-
-    model = "mlp:8,6,3"
-    num_params = 8 * 6 + 6 + 6 * 3 + 3
-    spec = TrainSpec(
-        run_id="run-1",
-        dataset="ex",
-        model=model,
-        parties=PARTIES,
-        sample_rate=0.25,
-        steps=2,
-        max_grad_norm=1.0,
-        scale_bits=16,
-        mu=(2.0 * (2**16 + num_params**0.5)) ** 2,
-        num_params=num_params,
-        steps_per_charge=1,
-    )
+    spec = tspec(steps=2, steps_per_charge=1)
     session_id = secrets.token_bytes(16)
     node = net.nodes["alice"]
     assert node.training is not None
     node.training.open(session_id=session_id, spec=spec, coordinator="analyst")
-    return session_id, num_params
+    return session_id, spec.num_params
 
 
 def _step_stream(
@@ -547,7 +489,7 @@ def test_a_stream_that_makes_no_progress_or_lives_too_long_is_ended(
     limits: dict[str, float],
     why: str,
 ) -> None:
-    net = build_net(tmp_path, start=False, extra=_examples(tmp_path))
+    net = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
     server, port = _serve(net.nodes["alice"], **limits)
     analyst, ch = raw_stub(tmp_path, port, coordinator="analyst")
     stop = threading.Event()
