@@ -204,35 +204,74 @@ def part_sizes(batch: int, generator: torch.Generator) -> list[int]:
     return [1] * singles + [s, rest - s]
 
 
-def _bad_rows(
-    full: torch.Tensor, part: torch.Tensor, rtol: float, ratio: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mask of the rows where ``part`` differs from ``ratio * full`` (``ratio``: one power of
-    two per row, or 1) beyond ``rtol`` of that row's norm (computed in float32 at least:
-    enough for tolerances of 2^-16 and above). Non-finite values count as the largest finite
-    ones (``nan_to_num``).
+class Scratch:
+    """One buffer that the comparisons of a probe reuse for their temporaries (a part's rows
+    of the reference, a difference): on a CPU a fresh temporary of several MB per comparison
+    costs more in page faults than the pass that fills it."""
 
-    One pass for the difference and one norm of each operand: a power of two scales a norm
-    exactly, so ``ratio`` multiplies ``full``'s row norms instead of ``full`` itself (for a
-    row so small that its squares underflow, the slow path below runs). Where every
-    value is finite ``nan_to_num`` changes nothing, and a non-finite value makes some norm
-    non-finite, so the slow path (``nan_to_num`` copies of both) runs exactly when it
-    differs."""
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, overwritten by the next
+        :meth:`take`."""
+        n = math.prod(shape)
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+
+def _buffer(scratch: Scratch | None, like: torch.Tensor) -> torch.Tensor:
+    if scratch is None:
+        return torch.empty_like(like)
+    return scratch.take(tuple(like.shape), like)
+
+
+def _bad_rows(
+    full: torch.Tensor,
+    part: torch.Tensor,
+    rtol: float,
+    ratio: torch.Tensor | None = None,
+    *,
+    rows: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
+    """Mask of the rows where ``part`` differs from ``ratio * full[rows]`` (``ratio``: one
+    power of two per row, or 1; ``rows``: all by default) beyond ``rtol`` of that row's norm
+    (computed in float32 at least: enough for tolerances of 2^-16 and above). Non-finite
+    values count as the largest finite ones (``nan_to_num``).
+
+    One pass for the difference and one norm of each operand, temporaries in ``scratch``: a
+    power of two scales a norm exactly, so ``ratio`` multiplies ``full``'s row norms instead
+    of ``full`` itself (for a row so small that its squares underflow, the slow path below
+    runs). Where every value is finite ``nan_to_num`` changes nothing, and a non-finite
+    value makes some norm non-finite, so the slow path (``nan_to_num`` copies of both) runs
+    exactly when it differs."""
     work = torch.float64 if torch.float64 in (full.dtype, part.dtype) else torch.float32
-    f = full.to(work).reshape(full.shape[0], -1)
     p = part.to(work).reshape(part.shape[0], -1)
+    if rows is None:
+        f = full.to(work).reshape(full.shape[0], -1)
+    elif full.dtype == work:
+        f = torch.index_select(full.reshape(full.shape[0], -1), 0, rows, out=_buffer(scratch, p))
+    else:
+        f = full[rows].to(work).reshape(p.shape)
     r = None if ratio is None else ratio.to(f.device, work).reshape(-1, 1)
     scale = torch.linalg.vector_norm(f, dim=1)
     if r is not None:
         scale = scale * r.reshape(-1)
-        diff = torch.linalg.vector_norm(torch.addcmul(p, f, r, value=-1.0), dim=1)
+        d = torch.addcmul(p, f, r, value=-1.0, out=_buffer(scratch, p))
+    elif rows is not None:
+        d = f.sub_(p)  # f is this function's own copy of the rows
     else:
-        diff = torch.linalg.vector_norm(f - p, dim=1)
+        d = torch.sub(f, p, out=_buffer(scratch, p))
+    diff = torch.linalg.vector_norm(d, dim=1)
     # below this a row's squares underflow, and scaling it may round otherwise
     tiny = torch.finfo(work).tiny / torch.finfo(work).eps
     if not bool(torch.isfinite(torch.stack([scale.max(), diff.max()])).all()) or (
         r is not None and bool(((scale > 0) & (scale < tiny)).any())
     ):
+        f = (full if rows is None else full[rows]).to(work).reshape(p.shape)
         f = torch.nan_to_num(f if r is None else f * r)
         p = torch.nan_to_num(p)
         scale = torch.linalg.vector_norm(f, dim=1)
@@ -247,12 +286,16 @@ def _first_bad_row(
     part: torch.Tensor,
     rtol: float | None = None,
     ratio: torch.Tensor | None = None,
+    *,
+    rows: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> int | None:
-    """The first row where ``part`` differs from ``ratio * full`` beyond ``rtol`` (by default
-    the tolerance of ``full``'s dtype, :func:`rtol_for`), or None."""
-    if full.reshape(full.shape[0], -1).shape[1] == 0:
+    """The first row where ``part`` differs from ``ratio * full[rows]`` beyond ``rtol`` (by
+    default the tolerance of ``full``'s dtype, :func:`rtol_for`), or None."""
+    if part.shape[0] == 0 or math.prod(part.shape[1:]) == 0:
         return None
-    bad = _bad_rows(full, part, rtol_for(full.dtype) if rtol is None else rtol, ratio)
+    tol = rtol_for(full.dtype) if rtol is None else rtol
+    bad = _bad_rows(full, part, tol, ratio, rows=rows, scratch=scratch)
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
@@ -279,9 +322,12 @@ def compare_traces(
     rows: torch.Tensor,
     batch: int,
     layers: dict[str, Layer],
+    *,
+    scratch: Scratch | None = None,
 ) -> None:
     """Refuse unless ``part`` (a forward of the examples ``rows`` of the whole batch, in
-    that order) computed every module's outputs exactly as the whole batch did."""
+    that order) computed every module's outputs exactly as the whole batch did
+    (temporaries in ``scratch``)."""
     size = int(rows.shape[0])
     if [c[0] for c in full.calls] != [c[0] for c in part.calls]:
         at = next(
@@ -318,7 +364,7 @@ def compare_traces(
                 continue
             if tf.shape[0] != batch or tuple(tp.shape) != (size, *tf.shape[1:]):
                 continue
-            row = _first_bad_row(tf[rows], tp)
+            row = _first_bad_row(tf, tp, rows=rows, scratch=scratch)
             if row is not None:
                 raise refuse(
                     path,
@@ -397,9 +443,11 @@ def compare_reweighted(
     *,
     rows: torch.Tensor,
     rtol: float,
+    scratch: Scratch | None = None,
 ) -> None:
     """Refuse unless the second backward of a part (losses weighted by ``again``) gave, at
-    every trainable layer's output, ``again[j] / weights[j]`` times the first one's row j.
+    every trainable layer's output, ``again[j] / weights[j]`` times the first one's row j
+    (temporaries in ``scratch``).
 
     Backward passes are linear in the gradient that enters them, so a term that carries
     example i's loss into example j's row scales with ``again[i]`` in row j and shows
@@ -413,7 +461,7 @@ def compare_reweighted(
             for g1, g2 in zip(grads_1, grads_2, strict=False):
                 if g1 is None or g2 is None or g1.dim() == 0 or g1.shape[0] != size:
                     continue
-                row = _first_bad_row(g1, g2, rtol, ratio)
+                row = _first_bad_row(g1, g2, rtol, ratio, scratch=scratch)
                 if row is not None:
                     raise _backward_mix(path, size, int(rows[row]))
 

@@ -92,6 +92,7 @@ class FirstUseProbe:
         autocast = torch.is_autocast_enabled(self.device.type)
         state = StateSnapshot(self.module)
         reference = Trace()
+        scratch = checks.Scratch()
         with checks.neutral_dropout(self.module):
             self._record_frontier = True
             try:
@@ -152,6 +153,7 @@ class FirstUseProbe:
                         state=state,
                         pristine=pristine,
                         layers=by_path,
+                        scratch=scratch,
                     )
                 # 2. the backward: linear in the examples' losses, exactly
                 ones = torch.ones(batch, dtype=torch.float64, device=self.device)
@@ -164,6 +166,7 @@ class FirstUseProbe:
                         again[finite],
                         rows=rows_all,
                         rtol=checks.EXACT_RTOL[torch.bfloat16 if half else torch.float32],
+                        scratch=scratch,
                     )
                 except ParameterError:
                     state.check(self.module)
@@ -204,6 +207,7 @@ class FirstUseProbe:
         state: StateSnapshot,
         pristine: torch.Tensor,
         layers: dict[str, Layer],
+        scratch: checks.Scratch,
     ) -> None:
         """One part's forward (grad enabled, as in the step) against the whole batch's."""
         size = int(rows.shape[0])
@@ -217,7 +221,7 @@ class FirstUseProbe:
             raise _fails_on(size, batch, exc) from exc
         try:
             try:
-                checks.compare_traces(reference, trace, rows, batch, layers)
+                checks.compare_traces(reference, trace, rows, batch, layers, scratch=scratch)
             except ParameterError as exc:
                 if isinstance(exc, UnsupportedModuleError):
                     state.check(self.module)
