@@ -453,6 +453,9 @@ def test_mpcdp_train_trains_a_model_named_by_import_path(tmp_path: Path) -> None
     import subprocess
     import sys
 
+    from typer.testing import CliRunner
+
+    from mpcdp.cli.app import app
     from mpcdp.local.localnet import launch
 
     code = user_code(tmp_path)
@@ -478,13 +481,14 @@ def test_mpcdp_train_trains_a_model_named_by_import_path(tmp_path: Path) -> None
         assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3, 4]
         # chance is 1/3; the noise at epsilon 40 is small against 120 examples
         assert max(r["test_accuracy"] for r in metrics["history"]) > 0.5
-        for p in PARTIES:
-            budget = subprocess.run(
-                [exe, "budget", "--config", str(local.party_configs[p]), "--json"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+        for p in PARTIES:  # each site's ledger, read by the same app in this process
+            budget = CliRunner().invoke(
+                app, ["budget", "--config", str(local.party_configs[p]), "--json"]
+            )
+            assert budget.exit_code == 0, budget.stderr
             assert '"ex"' in budget.stdout and "training" in budget.stdout, budget.stdout
-        # the same command without the factory's folder says what is missing
+        # the same command without the factory's folder says what is missing (a process of
+        # its own: this one may have imported the factory's module already)
         bad = subprocess.run(args[:8] + args[10:], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 1
         assert f"model = '{MODELS}:make': cannot import module '{MODELS}'" in bad.stderr
