@@ -62,7 +62,7 @@ def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
             if ds.kind == "vector":
                 data = load_vector(ds.path)
             else:  # read where it lives, never loaded into Python (mpcdp.data)
-                source = open_source(ds)
+                source = open_source(ds, options=cfg.engines)
                 try:
                     validate(source, dataset=ds)  # a schema query: the table is not read
                     if isinstance(source, DuckDBSource):
