@@ -85,7 +85,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten
 
 from mpcdp.errors import ParameterError, UnsupportedModuleError
-from mpcdp.train.clipping.rules import Layer, SumDots, module_at
+from mpcdp.train.clipping.rules import Layer, module_at
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -530,35 +530,22 @@ def _backward_mix(path: str, size: int, example: int | None) -> ParameterError:
 SUMS_RTOL = 2.0**-4
 
 
-def sum_dots(
-    bookkeeping: torch.Tensor | None, autograd: torch.Tensor | None, *, device: torch.device
-) -> SumDots:
-    """:data:`.rules.SumDots` of a book-keeping sum (float32; None: zero) and autograd's
-    gradient (None: zero) of the same parameter: three reductions, no temporary of the
-    parameter's size (``||a - b||^2`` is taken from the dot products: its cancellation costs
-    ~sqrt(u) of the norms, far below :data:`SUMS_RTOL`)."""
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    a = None if bookkeeping is None else bookkeeping.detach().reshape(-1)
-    dtype = torch.float32 if a is None else a.dtype
-    b = None if autograd is None else autograd.detach().reshape(-1).to(dtype)
-    aa = zero if a is None else a.dot(a).double()
-    bb = zero if b is None else b.dot(b).double()
-    ab = zero if a is None or b is None else a.dot(b).double()
-    return aa, bb, ab
-
-
 def compare_sums(
     *,
     names: Sequence[tuple[str, str]],
-    dots: Sequence[SumDots],
+    bookkeeping: Sequence[torch.Tensor],
+    autograd: Sequence[torch.Tensor | None],
     rtol: float = SUMS_RTOL,
 ) -> None:
     """Refuse unless the book-keeping sum of each parameter (``names``: its layer path and
-    full name) equals autograd's gradient of the same weighted loss, to relative ``rtol``;
-    ``dots``: their :data:`.rules.SumDots` (:func:`sum_dots`)."""
+    full name) equals autograd's gradient of the same weighted loss, to relative ``rtol``."""
     rows: list[tuple[str, str, float, float]] = []  # path, name, scale, difference
-    values = torch.stack([torch.stack(d) for d in dots]).tolist() if dots else []
-    for (path, name), (aa, bb, ab) in zip(names, values, strict=True):
+    for (path, name), s, t in zip(names, bookkeeping, autograd, strict=True):
+        a = s.detach().reshape(-1)
+        b = torch.zeros_like(a) if t is None else t.detach().reshape(-1).to(a.dtype)
+        # three reductions, no temporary of the parameter's size: ||a - b||^2 from the dot
+        # products (its cancellation costs ~sqrt(u) of the norms, far below the tolerance)
+        aa, bb, ab = torch.stack([a.dot(a), b.dot(b), a.dot(b)]).double().tolist()
         if not all(map(math.isfinite, (aa, bb, ab))):
             continue  # a non-finite gradient: the example contributes 0 and is not compared
         rows.append(

@@ -16,9 +16,9 @@ from torch import nn
 
 from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping import checks
-from mpcdp.train.clipping.checks import StateSnapshot, Trace, sum_dots
+from mpcdp.train.clipping.checks import StateSnapshot, Trace
 from mpcdp.train.clipping.precision import finite_rows, ieee_float32
-from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer, SumDots, linear_sum_dots
+from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -291,40 +291,20 @@ class FirstUseProbe:
 
     def _compare_with_autograd(self, autograd: list[torch.Tensor | None]) -> None:
         """The per-layer rules' sum of the recorded calls (one example, its loss weighted)
-        against autograd's gradient of the same loss. Linear layers compare through
-        :func:`.rules.linear_sum_dots` (their sum is never formed); the others' finish
-        writes each parameter's sum, which is compared by :func:`.checks.sum_dots`."""
-        by_param = {id(p): g for (_, p), g in zip(self._params, autograd, strict=True)}
-        dots: dict[int, SumDots] = {}
+        against autograd's gradient of the same loss."""
         with torch.no_grad(), ieee_float32(self.device):
+            flat = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
             ones = torch.ones(1, dtype=self._dtype, device=self.device)
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
-                if not calls:
-                    continue
-                if layer.kind == "linear":
-                    got = linear_sum_dots(
-                        layer, calls, {n: by_param[id(p)] for n, p in layer.params.items()}
-                    )
-                    dots.update((id(p), got[n]) for n, p in layer.params.items())
-                    continue
-                _, finish = LAYER_RULES[layer.kind](layer, calls, 1)
-                sums = {
-                    n: torch.empty(p.shape, dtype=torch.float32, device=self.device)
-                    for n, p in layer.params.items()
-                }
-                finish(ones, sums)
-                dots.update(
-                    (id(p), sum_dots(sums[n], by_param[id(p)], device=self.device))
-                    for n, p in layer.params.items()
-                )
-            for _, p in self._params:
-                if id(p) not in dots:  # a layer not called, or whose output missed the loss
-                    dots[id(p)] = sum_dots(None, by_param[id(p)], device=self.device)
+                if calls:
+                    _, finish = LAYER_RULES[layer.kind](layer, calls, 1)
+                    finish(ones, {n: self._slot(flat, p) for n, p in layer.params.items()})
         owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
         checks.compare_sums(
             names=[(owner[id(p)], name) for name, p in self._params],
-            dots=[dots[id(p)] for _, p in self._params],
+            bookkeeping=[self._slot(flat, p) for _, p in self._params],
+            autograd=autograd,
             rtol=checks.SUMS_RTOL,
         )
 

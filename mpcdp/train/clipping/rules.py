@@ -365,53 +365,6 @@ def _linear_rule(layer: Layer, calls: list[Call], batch: int) -> tuple[torch.Ten
     return _matmul_rule(a, g, has_w, has_b)
 
 
-#: For one parameter: (squared norm of the book-keeping sum, squared norm of autograd's
-#: gradient, their dot product), float64 scalars (the first-use probe's comparison).
-SumDots = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def linear_sum_dots(
-    layer: Layer, calls: list[Call], autograd: dict[str, torch.Tensor | None]
-) -> dict[str, SumDots]:
-    """:data:`SumDots` of a Linear layer's parameters for one example (a batch of one, its
-    loss weighted), between the sum that :func:`_linear_rule`'s finish writes with clip
-    factor 1 and ``autograd`` (by local name), without forming the weight's sum:
-    ``<sum_t g_t a_t^T, W> = sum_t g_t^T W a_t`` reads ``W`` once, where writing the
-    ``p x d`` sum and taking two dot products with it costs three passes of that size. The
-    squared norm of the sum is ``sum_{t,t'} <a_t, a_t'> <g_t, g_t'>`` (``|a|^2 |g|^2`` for one
-    position) in float64, from the same ``A`` and ``G`` as the rule."""
-    m = layer.module
-    assert isinstance(m, nn.Linear)
-    p, d = m.out_features, m.in_features
-    g = cat1([_grad(c).reshape(1, -1, p) for c in calls], dim=1)[0]  # (T, p)
-    out: dict[str, SumDots] = {}
-
-    def with_autograd(
-        name: str, own2: torch.Tensor, dot: Callable[[torch.Tensor], torch.Tensor]
-    ) -> None:
-        t = autograd.get(name)
-        if t is None:
-            zero = torch.zeros((), dtype=torch.float64, device=g.device)
-            out[name] = (own2.reshape(()), zero, zero)
-            return
-        t = t.detach().to(g.dtype)
-        flat = t.reshape(-1)
-        out[name] = (own2.reshape(()), flat.dot(flat).double(), dot(t).double())
-
-    if "weight" in layer.params:
-        a = cat1([c.inputs[0].reshape(1, -1, d) for c in calls], dim=1)[0].to(g.dtype)
-        if g.shape[0] == 1:
-            own2 = sq_norms(a) * sq_norms(g)
-        else:
-            a64, g64 = a.double(), g.double()
-            own2 = (torch.mm(a64, a64.t()) * torch.mm(g64, g64.t())).sum()
-        with_autograd("weight", own2, lambda w: (torch.mm(a, w.t()) * g).sum())
-    if "bias" in layer.params:
-        gb = g.sum(dim=0)
-        with_autograd("bias", gb.dot(gb).double(), lambda b: gb.dot(b.reshape(-1)))
-    return out
-
-
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int, int, int] | tuple[int, int]:
     """Explicit padding of a Conv2d: (left, right, top, bottom) for 'same', else (ph, pw)."""
     if isinstance(m.padding, str):
