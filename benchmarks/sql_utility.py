@@ -173,9 +173,9 @@ def truth(files: list[Path]) -> dict[str, Any]:
 
 
 def _invert(counts: NDArray[np.float64], edges: NDArray[np.float64], p: float) -> float:
-    from mpcdp.protocol.query.sql_release import _invert as invert
+    from mpcdp.protocol.query.sql_release import invert_histograms
 
-    return invert(counts, edges, p)
+    return float(invert_histograms(counts, edges, p)[0])
 
 
 def curator(

@@ -37,7 +37,13 @@ from numpy.typing import NDArray
 from mpcdp.dp.mechanisms import DiscreteGaussian, DiscreteLaplace, Mechanism, NoNoise, Skellam
 from mpcdp.errors import ParameterError
 
-__all__ = ["NoiseLaw", "mean_interval", "noise_law", "simulated_mean_std"]
+__all__ = [
+    "NoiseLaw",
+    "mean_interval",
+    "noise_law",
+    "simulated_mean_std",
+    "simulated_mean_stds",
+]
 
 #: the interval's level, split evenly between the sum's and the count's noise
 LEVEL = 0.95
@@ -155,11 +161,42 @@ def simulated_mean_std(
 ) -> float:
     """Std of the released mean (count noise and clamping included), simulated with the
     released ``mean`` and ``count`` standing in for the truth."""
+    return float(
+        simulated_mean_stds(
+            means=np.array([mean]),
+            counts=np.array([count]),
+            sum_noise=sum_noise,
+            count_noise=count_noise,
+            lower=lower,
+            upper=upper,
+            rng=rng,
+            draws=draws,
+        )[0]
+    )
+
+
+def simulated_mean_stds(
+    *,
+    means: NDArray[np.float64],
+    counts: NDArray[np.float64],
+    sum_noise: NoiseLaw,
+    count_noise: NoiseLaw,
+    lower: float,
+    upper: float,
+    rng: np.random.Generator,
+    draws: int = 4000,
+) -> NDArray[np.float64]:
+    """:func:`simulated_mean_std` of many released means at once (one per cell of a
+    query), in slices of cells so the simulation's memory stays small."""
     _check_bounds(lower, upper)
     mid = (lower + upper) / 2
-    n = max(round(count), 1)
-    s = n * (mean - mid)
-    sums = s + sum_noise.sample(rng, draws)
-    counts = np.maximum(n + count_noise.sample(rng, draws), 1.0)
-    sims = np.clip(mid + sums / counts, lower, upper)
-    return float(np.std(sims))
+    out = np.empty(len(means))
+    step = max(1, (1 << 20) // draws)
+    for a in range(0, len(means), step):
+        n = np.maximum(np.round(np.asarray(counts[a : a + step], dtype=np.float64)), 1.0)
+        s = n * (np.asarray(means[a : a + step], dtype=np.float64) - mid)
+        k = len(n)
+        sums = s[:, None] + sum_noise.sample(rng, k * draws).reshape(k, draws)
+        noisy = np.maximum(n[:, None] + count_noise.sample(rng, k * draws).reshape(k, draws), 1.0)
+        out[a : a + k] = np.std(np.clip(mid + sums / noisy, lower, upper), axis=1)
+    return out

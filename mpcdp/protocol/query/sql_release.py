@@ -71,13 +71,15 @@ __all__ = [
     "answer",
     "contribution",
     "fit_frac_bits",
+    "invert_histograms",
     "party_release",
     "release_plan",
     "table_decl",
 ]
 
-#: simulated releases behind each quantile's std and interval
+#: simulated releases behind each quantile's std and interval, and each AVG cell's std
 _QUANTILE_DRAWS = 400
+_AVG_DRAWS = 1000
 #: the interval's level
 _LEVEL = 0.95
 _Z95 = 1.959963984540054
@@ -282,10 +284,25 @@ def answer(
                 cnt_plan.mechanism, n_parties=n, honest=h, frac_bits=0, seed=seed
             )
             lo, hi = _bounds(query, agg)
+            means = np.array(
+                [
+                    intervals.released_mean(
+                        centered_sum=float(sums[c]), count=float(counts[c]), lower=lo, upper=hi
+                    )
+                    for c in range(cells)
+                ]
+            )
+            stds = intervals.simulated_mean_stds(
+                means=means,
+                counts=np.asarray(counts, dtype=np.float64),
+                sum_noise=sum_law,
+                count_noise=cnt_law,
+                lower=lo,
+                upper=hi,
+                rng=rng,
+                draws=_AVG_DRAWS,
+            )
             for c in range(cells):
-                mean = intervals.released_mean(
-                    centered_sum=float(sums[c]), count=float(counts[c]), lower=lo, upper=hi
-                )
                 interval = intervals.mean_interval(
                     centered_sum=float(sums[c]),
                     count=float(counts[c]),
@@ -294,17 +311,9 @@ def answer(
                     lower=lo,
                     upper=hi,
                 )
-                std = intervals.simulated_mean_std(
-                    mean=mean,
-                    count=float(counts[c]),
-                    sum_noise=sum_law,
-                    count_noise=cnt_law,
-                    lower=lo,
-                    upper=hi,
-                    rng=rng,
-                    draws=1000,
+                out[c].append(
+                    CellAnswer(value=float(means[c]), noise_std=float(stds[c]), interval95=interval)
                 )
-                out[c].append(CellAnswer(value=mean, noise_std=std, interval95=interval))
         elif agg.kind == "quantile":
             plan_, hist = by_name[f"{i}:bins"]
             law = intervals.noise_law(
@@ -313,20 +322,20 @@ def answer(
             edges = np.asarray(agg.edges, dtype=np.float64)
             bins = len(edges) - 1
             p = float(agg.p if agg.p is not None else 0.5)
+            released = np.asarray(hist, dtype=np.float64).reshape(cells, bins)
+            values = invert_histograms(released, edges, p)
             for c in range(cells):
-                counts = np.asarray(hist[c * bins : (c + 1) * bins], dtype=np.float64)
-                value = _invert(counts, edges, p)
-                sims = counts[None, :] + law.sample(rng, _QUANTILE_DRAWS * bins).reshape(
+                sims = released[c][None, :] + law.sample(rng, _QUANTILE_DRAWS * bins).reshape(
                     _QUANTILE_DRAWS, bins
                 )
-                draws = np.array([_invert(s, edges, p) for s in sims])
+                draws = invert_histograms(sims, edges, p)
                 lo_q, hi_q = np.quantile(draws, [(1 - _LEVEL) / 2, 1 - (1 - _LEVEL) / 2])
-                std = float(np.std(draws))
+                v = float(values[c])
                 out[c].append(
                     CellAnswer(
-                        value=value,
-                        noise_std=std,
-                        interval95=(float(min(lo_q, value)), float(max(hi_q, value))),
+                        value=v,
+                        noise_std=float(np.std(draws)),
+                        interval95=(float(min(lo_q, v)), float(max(hi_q, v))),
                     )
                 )
         else:
@@ -346,22 +355,26 @@ def _bounds(query: SqlQuery, agg: Aggregate) -> tuple[float, float]:
     raise ParameterError("aggregates", agg.label, "has no clamp bounds")
 
 
-def _invert(counts: NDArray[np.float64], edges: NDArray[np.float64], p: float) -> float:
-    """The p-quantile of a noisy histogram: negative counts floored at 0, the first bin where
-    the cumulative count reaches p of the total, linear inside it; the middle of the range
-    when nothing is left."""
-    c = np.maximum(counts, 0.0)
-    total = float(c.sum())
-    if not total > 0:
-        return float((edges[0] + edges[-1]) / 2)
+def invert_histograms(
+    counts: NDArray[np.float64], edges: NDArray[np.float64], p: float
+) -> NDArray[np.float64]:
+    """The p-quantile of each row of noisy histograms (rows x bins): negative counts floored
+    at 0, the first bin where the cumulative count reaches p of the total, linear inside
+    it; the middle of the range for a row with nothing left."""
+    c = np.maximum(np.atleast_2d(np.asarray(counts, dtype=np.float64)), 0.0)
+    total = c.sum(axis=1)
     target = p * total
-    cum = np.cumsum(c)
-    j = int(np.searchsorted(cum, target, side="left"))
-    j = min(j, len(c) - 1)
-    before = float(cum[j - 1]) if j > 0 else 0.0
-    inside = float(c[j])
-    frac = 0.0 if inside <= 0 else min(max((target - before) / inside, 0.0), 1.0)
-    return float(edges[j] + frac * (edges[j + 1] - edges[j]))
+    cum = np.cumsum(c, axis=1)
+    j = np.minimum(np.argmax(cum >= target[:, None], axis=1), c.shape[1] - 1)
+    rows = np.arange(c.shape[0])
+    before = np.where(j > 0, cum[rows, np.maximum(j - 1, 0)], 0.0)
+    inside = c[rows, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(inside > 0, np.clip((target - before) / inside, 0.0, 1.0), 0.0)
+    value = edges[j] + frac * (edges[j + 1] - edges[j])
+    middle = (edges[0] + edges[-1]) / 2
+    out: NDArray[np.float64] = np.where(total > 0, value, middle)
+    return out
 
 
 def table_decl(cfg: DatasetConfig) -> TableDecl:

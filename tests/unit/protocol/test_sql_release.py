@@ -244,3 +244,22 @@ def test_the_propose_floor_is_checked_in_party_toml(
     with pytest.raises(ConfigError, match="propose_floor_s") as info:
         load_party_config(path)
     assert needle in str(info.value)
+
+
+def test_histogram_inversion_known_answers() -> None:
+    """Rows of noisy histograms over edges 0..4: the first bin whose cumulative count reaches
+    p of the total, linear inside it; negative counts count as 0; an empty row gives the
+    middle of the range."""
+    from mpcdp.protocol.query.sql_release import invert_histograms
+
+    edges = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    rows = np.array(
+        [
+            [0.0, 10.0, 0.0, 0.0],  # all in [1, 2): the median is its middle
+            [5.0, 0.0, 0.0, 5.0],  # half and half: the end of the first bin
+            [-3.0, 4.0, -1.0, 4.0],  # negatives floored: as [0, 4, 0, 4]
+            [-1.0, -2.0, 0.0, 0.0],  # nothing left
+        ]
+    )
+    assert invert_histograms(rows, edges, 0.5).tolist() == [1.5, 1.0, 2.0, 2.0]
+    assert invert_histograms(rows[:1], edges, 0.9).tolist() == [pytest.approx(1.9)]
