@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from mpcdp.cli.app import app
 from mpcdp.local.localnet import LocalFederation, launch
 
 pytestmark = pytest.mark.slow
@@ -31,11 +33,15 @@ def test_the_command_and_python_m_mpcdp_and_plain_help() -> None:
         [sys.executable, "-m", "mpcdp", "--version"], capture_output=True, text=True, check=True
     )
     assert as_module.stdout.startswith("mpcdp ")
+    # the help texts: the same app in this process (a new process for each adds nothing)
+    helps = {}
     for cmd in (["query", "mean"], ["budget"], ["health"], ["certs", "init"], ["party", "serve"]):
-        help_text = mpcdp(*cmd, "--help").stdout
-        assert "<bool>" not in help_text, cmd  # flags take no value
-        assert "--help" in help_text
-    health_help = mpcdp("health", "--help").stdout
+        shown = CliRunner().invoke(app, [*cmd, "--help"])
+        assert shown.exit_code == 0, shown.output
+        helps[cmd[0]] = shown.stdout
+        assert "<bool>" not in shown.stdout, cmd  # flags take no value
+        assert "--help" in shown.stdout
+    health_help = helps["health"]
     for flag in ("--ca", "--cert", "--key", "--timeout"):
         line = next(li for li in health_help.splitlines() if li.strip().startswith(flag))
         assert len(line.split()) > 2, line  # each has a help text
@@ -85,22 +91,32 @@ def test_certs_init(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "Bad_Name" in bad.stderr
 
 
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[LocalFederation]:
+def _launch_t(root: Path) -> LocalFederation:
+    """Three party processes with a small table 't' (columns raise and team)."""
     toml = {}
     for i, p in enumerate(("alice", "bob", "carlos")):
-        (tmp_path / p).mkdir()
-        (tmp_path / p / "t.csv").write_text(f"raise,team\n{1000 + i},red\n{2000 + i},blue\n")
+        (root / p).mkdir()
+        (root / p / "t.csv").write_text(f"raise,team\n{1000 + i},red\n{2000 + i},blue\n")
         toml[p] = (
             '[datasets.t]\npath = "t.csv"\nepsilon = 2.0\ndelta = 1e-6\nallow_exact = true\n'
             "[datasets.t.columns.raise]\nlower = 0\nupper = 5000\n"
             '[datasets.t.columns.team]\ncategories = ["red", "blue"]\n'
         )
-    net = launch(workdir=tmp_path, datasets_toml=toml)
-    try:
+    return launch(workdir=root, datasets_toml=toml)
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[LocalFederation]:
+    """A federation of its own for each test (they spend budget and stop parties)."""
+    with _launch_t(tmp_path) as net:
         yield net
-    finally:
-        net.stop()
+
+
+@pytest.fixture(scope="module")
+def untouched_fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """One federation for the tests whose queries are refused before any party is asked."""
+    with _launch_t(tmp_path_factory.mktemp("untouched")) as net:
+        yield net
 
 
 def test_query_commands_json(fed: LocalFederation) -> None:
@@ -229,14 +245,20 @@ def test_query_errors_are_clear(fed: LocalFederation) -> None:
 
 def test_budget_and_health_commands(fed: LocalFederation) -> None:
     f = str(fed.federation_config)
-    for _ in range(3):
-        mpcdp("query", "sum", "--federation", f, "--dataset", "t", "--column", "raise",
-              "--epsilon", "0.1")  # fmt: skip
-    mpcdp("query", "mean", "--federation", f, "--dataset", "t", "--column", "raise",
-          "--mechanism", "none")  # fmt: skip
-    for _ in range(2):
-        mpcdp("query", "sum", "--federation", f, "--dataset", "t", "--column", "raise",
-              "--mechanism", "skellam", "--epsilon", "0.5")  # fmt: skip
+    # the queries that fill the ledger, through the query command's app in this process
+    # (the query commands as processes: test_query_commands_json)
+    runs = [
+        *[["sum", "--epsilon", "0.1"]] * 3,
+        ["mean", "--mechanism", "none"],
+        *[["sum", "--mechanism", "skellam", "--epsilon", "0.5"]] * 2,
+    ]
+    for statistic, *options in runs:
+        ran = CliRunner().invoke(
+            app,
+            ["query", statistic, "--federation", f, "--dataset", "t", "--column", "raise",
+             *options],
+        )  # fmt: skip
+        assert ran.exit_code == 0, ran.output
     out = json.loads(mpcdp("budget", "--config", str(fed.party_configs["alice"]), "--json").stdout)
     t = out["party"] == "alice" and out["datasets"]["t"]
     assert t["pure_epsilon_spent"] == "0.3"  # three 0.1s, exactly
@@ -311,17 +333,20 @@ def test_party_serve_refuses_a_broken_config(tmp_path: Path) -> None:
     ],
 )
 def test_query_parameters_outside_the_samplers_range_are_clear_errors(
-    fed: LocalFederation, extra: list[str], needle: str
+    untouched_fed: LocalFederation, extra: list[str], needle: str
 ) -> None:
     """Refused at the analyst, before any party is asked (was a ZeroDivisionError
-    traceback for 1e-300)."""
-    f = str(fed.federation_config)
+    traceback for 1e-300); the parties' ledgers stay empty."""
+    f = str(untouched_fed.federation_config)
     out = mpcdp(
         "query", "sum", "--federation", f, "--dataset", "t", "--column", "raise", *extra,
         check=False,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
     assert needle in out.stderr and "Traceback" not in out.stderr
+    for config in untouched_fed.party_configs.values():
+        ledger = CliRunner().invoke(app, ["budget", "--config", str(config), "--json"])
+        assert json.loads(ledger.stdout)["datasets"]["t"]["queries"] == 0
 
 
 def test_party_check_shows_the_owner_what_the_coordinator_is_not_told(tmp_path: Path) -> None:
