@@ -7,20 +7,21 @@ from collections.abc import Callable
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from mpcdp.errors import ParameterError  # noqa: E402
-from mpcdp.train.clipping import (  # noqa: E402
+from mpcdp.errors import ParameterError
+from mpcdp.train.clipping import (
     ClippedBatch,
+    ClippingMode,
     PerSampleClipper,
     per_sample_gradients_reference,
     precision,
     rules,
 )
-from mpcdp.train.layers import DPMultiheadAttention, replace_multihead_attention  # noqa: E402
+from mpcdp.train.layers import DPMultiheadAttention, replace_multihead_attention
 
 # torch.func has no batching rule for the CPU flash-attention kernel of the reference
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -39,7 +40,7 @@ def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def reference_clipped(
     per_sample: torch.Tensor,
     c_norm: float,
-    mode: str,
+    mode: ClippingMode,
     stability: float = 0.01,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +59,7 @@ def check_against_reference(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    mode: str,
+    mode: ClippingMode,
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ce,
     bias_only: bool = False,
@@ -105,7 +106,7 @@ def labels(n: int = B) -> torch.Tensor:
     return torch.randint(0, NUM_CLASSES, (n,))
 
 
-MODES = ["flat", "automatic"]
+MODES: list[ClippingMode] = ["flat", "automatic"]
 
 
 def ghost_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
@@ -133,7 +134,7 @@ def _seed() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_linear_2d_with_inplace_activation(mode: str) -> None:
+def test_linear_2d_with_inplace_activation(mode: ClippingMode) -> None:
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, NUM_CLASSES))
     check_against_reference(model, torch.randn(B, 10), labels(), mode)
 
@@ -141,7 +142,7 @@ def test_linear_2d_with_inplace_activation(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("t", "d", "p"), [(3, 24, 20), (9, 4, 5)])
 def test_linear_3d_ghost_and_instantiate(
-    mode: str, t: int, d: int, p: int, monkeypatch: pytest.MonkeyPatch
+    mode: ClippingMode, t: int, d: int, p: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # (3, 24, 20): instantiating, 4 p d = 1,920 B per example, would take more than the
     # ghost branch, 16 T^2 + 8 T (p + d) = 1,200 B: ghost norm; (9, 4, 5): 80 <= 1,944,
@@ -157,14 +158,14 @@ def test_linear_3d_ghost_and_instantiate(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_linear_4d_input(mode: str) -> None:
+def test_linear_4d_input(mode: ClippingMode) -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, NUM_CLASSES))
     check_against_reference(model, torch.randn(B, 2, 3, 4), labels(), mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_conv2d_ghost_instantiate_and_grouped_fallback(
-    mode: str, monkeypatch: pytest.MonkeyPatch
+    mode: ClippingMode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ghosts = ghost_calls(monkeypatch)
     model = nn.Sequential(
@@ -194,7 +195,7 @@ def test_conv2d_ghost_instantiate_and_grouped_fallback(
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("vocab", "dim"), [(50, 8), (4, 2)])
-def test_embedding_with_padding_idx(mode: str, vocab: int, dim: int) -> None:
+def test_embedding_with_padding_idx(mode: ClippingMode, vocab: int, dim: int) -> None:
     # T = 6: the rows of each example's own tokens, instantiated sparsely (at most T E
     # values) whether the vocabulary is larger than T or not
     class Bag(nn.Module):
@@ -204,7 +205,8 @@ def test_embedding_with_padding_idx(mode: str, vocab: int, dim: int) -> None:
             self.head = nn.Linear(dim, NUM_CLASSES)
 
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.tanh(self.emb(idx)).mean(dim=1))
+            result: torch.Tensor = self.head(torch.tanh(self.emb(idx)).mean(dim=1))
+            return result
 
     tokens = torch.randint(0, min(vocab, 5), (B, 6))  # repeated tokens and padding
     tokens[0, :3] = 1
@@ -218,7 +220,7 @@ def test_embedding_with_padding_idx(mode: str, vocab: int, dim: int) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_layernorm_and_groupnorm(mode: str) -> None:
+def test_layernorm_and_groupnorm(mode: ClippingMode) -> None:
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         nn.GroupNorm(2, 4),
@@ -255,11 +257,12 @@ class WithGated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.block(x, scale=0.5)
-        return self.head(a + b)
+        result: torch.Tensor = self.head(a + b)
+        return result
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_custom_parameter_fallback(mode: str) -> None:
+def test_custom_parameter_fallback(mode: ClippingMode) -> None:
     clipper = check_against_reference(WithGated(), torch.randn(B, 6), labels(), mode)
     assert [layer.kind for layer in clipper._layers] == ["fallback", "linear", "linear"]
 
@@ -280,11 +283,12 @@ class TinyBlock(nn.Module):
         a, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
         h = self.norm1(h + a)
         h = self.norm2(h + self.ff(h))
-        return self.head(h[:, 0])
+        result: torch.Tensor = self.head(h[:, 0])
+        return result
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_dp_multihead_attention_block(mode: str) -> None:
+def test_dp_multihead_attention_block(mode: ClippingMode) -> None:
     tokens = torch.randint(1, 11, (B, 5))
     tokens[:, -1] = 0  # padded key
     check_against_reference(TinyBlock(), tokens, labels(), mode)
@@ -342,7 +346,7 @@ def test_dp_attention_matches_torch_attention_weights_and_masks() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_layer_reused_in_one_forward(mode: str) -> None:
+def test_layer_reused_in_one_forward(mode: ClippingMode) -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -356,13 +360,14 @@ def test_layer_reused_in_one_forward(mode: str) -> None:
             h = torch.tanh(self.shared(h))
             h = self.norm(h)
             h = torch.tanh(self.shared(h))  # second call of the same layers
-            return self.head(self.norm(h))
+            result: torch.Tensor = self.head(self.norm(h))
+            return result
 
     check_against_reference(Twice(), torch.randn(B, 5), labels(), mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_bias_only(mode: str) -> None:
+def test_bias_only(mode: ClippingMode) -> None:
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3),
         nn.GroupNorm(1, 3),
@@ -394,7 +399,7 @@ def test_bias_only_freezes_weights_itself() -> None:
 # -- API contract and errors -------------------------------------------------------------------
 
 
-def mlp() -> nn.Module:
+def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, NUM_CLASSES))
 
 
@@ -413,11 +418,13 @@ def test_empty_batch_returns_zeros() -> None:
 def test_flat_parameters_round_trip() -> None:
     model = mlp()
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    first, last = model[0], model[2]
+    assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
     flat = clipper.flat_parameters()
     assert flat.shape == (clipper.num_params,) == (4 * 5 + 5 + 5 * 3 + 3,)
-    torch.testing.assert_close(flat[:20], model[0].weight.detach().reshape(-1))
+    torch.testing.assert_close(flat[:20], first.weight.detach().reshape(-1))
     clipper.load_flat_parameters(flat + 1.0)
-    torch.testing.assert_close(model[2].bias.detach(), flat[-3:] + 1.0)
+    torch.testing.assert_close(last.bias.detach(), flat[-3:] + 1.0)
     with pytest.raises(ParameterError, match="flat"):
         clipper.load_flat_parameters(flat[:-1])
     for bad in (math.nan, math.inf, -math.inf):
@@ -425,7 +432,7 @@ def test_flat_parameters_round_trip() -> None:
         spoiled[7] = bad
         with pytest.raises(ParameterError, match=r"flat.*non-finite"):
             clipper.load_flat_parameters(spoiled)
-    torch.testing.assert_close(model[2].bias.detach(), flat[-3:] + 1.0)  # nothing loaded
+    torch.testing.assert_close(last.bias.detach(), flat[-3:] + 1.0)  # nothing loaded
 
 
 def test_batchnorm_refused_with_module_path() -> None:
@@ -459,7 +466,8 @@ def test_torch_multihead_attention_refused() -> None:
             self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.mha(x, x, x)[0]
+            result: torch.Tensor = self.mha(x, x, x)[0]
+            return result
 
     with pytest.raises(ParameterError, match=r"'mha'.*replace_multihead_attention"):
         PerSampleClipper(Attn(), max_grad_norm=1.0)
@@ -543,7 +551,10 @@ def test_layer_not_batch_first_refused() -> None:
             self.lin = nn.Linear(4, NUM_CLASSES)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(x.transpose(0, 1)).mean(dim=0)  # (T, B, d) into the layer
+            result: torch.Tensor = self.lin(x.transpose(0, 1)).mean(
+                dim=0
+            )  # (T, B, d) into the layer
+            return result
 
     clipper = PerSampleClipper(SeqFirst(), max_grad_norm=1.0)
     with pytest.raises(ParameterError, match=r"'lin'.*batch"):
@@ -559,7 +570,8 @@ def test_unused_layer_gets_zero_gradient() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.unused(x)  # output not in the loss
-            return self.used(x)
+            result: torch.Tensor = self.used(x)
+            return result
 
     model = Partial().double()
     clipper = check_against_reference(model, torch.randn(B, 4), labels(), "flat")
@@ -622,7 +634,8 @@ def test_float32_model_matches_float64_reference() -> None:
             img = x[:, 5:].reshape(-1, 4, 5, 5)
             h = self.mix(self.norm(torch.tanh(self.seq(self.emb(idx))))).mean(dim=1)
             c = torch.relu(self.conv(img)).flatten(1)
-            return self.head(torch.cat([h, c], dim=1))
+            result: torch.Tensor = self.head(torch.cat([h, c], dim=1))
+            return result
 
     assert rules.use_ghost(4, 16, 36) and rules.use_ghost(5, 32, 32)
     assert not rules.use_ghost(5, 4, 32)
@@ -654,7 +667,8 @@ def test_input_modified_in_place_after_layer_refused() -> None:
             h = x * 2.0
             out = self.lin(h)
             h.mul_(3.0)  # the recorded input of self.lin changes afterwards
-            return self.head(out + h)
+            result: torch.Tensor = self.head(out + h)
+            return result
 
     clipper = PerSampleClipper(Clobber(), max_grad_norm=1.0)
     with pytest.raises(ParameterError, match=r"'lin'.*in place"):
@@ -718,8 +732,9 @@ def test_sample_with_overflowing_gradient_contributes_zero() -> None:
     # finite but huge weights: example 1's forward overflows, example 0's does not
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
     with torch.no_grad():
-        model[0].weight.fill_(1e20)
-        model[1].weight.fill_(1e20)
+        for layer in model:
+            assert isinstance(layer, nn.Linear)
+            layer.weight.fill_(1e20)
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     y = torch.tensor([0, 1])
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
@@ -740,22 +755,22 @@ def test_reduced_precision_matmul_and_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):  # norms and sums stay float32
         cast = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
     assert cast.dtype == torch.float32 and bool(torch.isfinite(cast).all())
-    previous = torch.backends.mkldnn.matmul.fp32_precision
+    previous = torch.backends.mkldnn.matmul.fp32_precision  # type: ignore[attr-defined]
     try:
         # a reduced-precision setting (bf16 oneDNN, or set_float32_matmul_precision("high"))
         # is switched to IEEE for the clipping step and restored afterwards
         for setting in ("bf16", "tf32"):
-            torch.backends.mkldnn.matmul.fp32_precision = setting
+            torch.backends.mkldnn.matmul.fp32_precision = setting  # type: ignore[attr-defined]
             again = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
             assert torch.equal(again, plain)
-            assert torch.backends.mkldnn.matmul.fp32_precision == setting
+            assert torch.backends.mkldnn.matmul.fp32_precision == setting  # type: ignore[attr-defined]
         torch.set_float32_matmul_precision("high")
         again = clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum
         assert torch.equal(again, plain)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision("highest")
-        torch.backends.mkldnn.matmul.fp32_precision = previous
+        torch.backends.mkldnn.matmul.fp32_precision = previous  # type: ignore[attr-defined]
     assert torch.equal(clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce).grad_sum, plain)
 
 
@@ -764,7 +779,7 @@ def test_the_precision_guard_is_process_wide_and_reference_counted() -> None:
     precision back on under the second, and the last one out restores the user's setting."""
     import threading
 
-    mm = torch.backends.mkldnn.matmul
+    mm = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
     previous = mm.fp32_precision
     mm.fp32_precision = "tf32"
     inside = threading.Event()
@@ -821,8 +836,9 @@ def test_out_receives_the_sum_also_when_empty_or_rerun() -> None:
     # the rerun without non-finite samples writes into the same buffer
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
     with torch.no_grad():
-        model[0].weight.fill_(1e20)
-        model[1].weight.fill_(1e20)
+        for layer in model:
+            assert isinstance(layer, nn.Linear)
+            layer.weight.fill_(1e20)
     big = PerSampleClipper(model, max_grad_norm=1.0)
     xs, ys = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 1])
     alone = big.clipped_grad_sum(inputs=xs[:1], targets=ys[:1], loss_fn=ce).grad_sum
@@ -849,8 +865,11 @@ def test_bad_out_is_refused_naming_it(out: object, error: str) -> None:
         out = torch.zeros(2 * n)[::2]  # right shape and dtype, not contiguous
     with pytest.raises(ParameterError, match=error):
         clipper.clipped_grad_sum(
-            inputs=torch.randn(2, 4), targets=torch.tensor([0, 1]), loss_fn=ce, out=out
-        )  # type: ignore[arg-type]
+            inputs=torch.randn(2, 4),
+            targets=torch.tensor([0, 1]),
+            loss_fn=ce,
+            out=out,  # type: ignore[arg-type]
+        )
 
 
 class LstmCellLoop(nn.Module):
@@ -871,7 +890,7 @@ class LstmCellLoop(nn.Module):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_lstm_cell_with_a_tuple_state_matches_the_reference(mode: str) -> None:
+def test_lstm_cell_with_a_tuple_state_matches_the_reference(mode: ClippingMode) -> None:
     check_against_reference(LstmCellLoop(), torch.randn(B, 5, 4), labels(), mode)
 
 

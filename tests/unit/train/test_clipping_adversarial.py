@@ -3,18 +3,19 @@ move the clipped sum by more than the bound, or to get gradients silently wrong.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from mpcdp.errors import ParameterError  # noqa: E402
-from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference  # noqa: E402
+from mpcdp.errors import ParameterError
+from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,7 +33,7 @@ def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _strict_bound_models() -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(5)
-    cases = []
+    cases: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
     # T = 1 ghost branch: ||a|| ||g|| from two long float32 reductions
     lin = nn.Linear(6000, 3)
     cases.append(("linear", lin, torch.randn(64, 6000, generator=g) * 30, torch.zeros(64, 3)))
@@ -88,7 +89,8 @@ class SequenceFirst(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, F)
         h = self.proj(x.transpose(0, 1))  # (T, B, F)
-        return self.head(torch.tanh(h).mean(dim=0))
+        result: torch.Tensor = self.head(torch.tanh(h).mean(dim=0))
+        return result
 
 
 class Positional(nn.Module):
@@ -102,7 +104,8 @@ class Positional(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 4)
         p = self.pos(torch.arange(self.t))  # (T, 4): dim 0 is T, not the batch
-        return self.head((x + p).mean(dim=1))
+        result: torch.Tensor = self.head((x + p).mean(dim=1))
+        return result
 
 
 class SharedArgument(nn.Module):
@@ -123,7 +126,8 @@ class SharedArgument(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.mix(x, self.table))
+        result: torch.Tensor = self.head(self.mix(x, self.table))
+        return result
 
 
 def test_sequence_first_linear_with_t_equal_to_b_is_refused() -> None:
@@ -155,13 +159,17 @@ class Centred(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
-        return self.head(torch.tanh(h - h.mean(dim=0)))  # centring by the batch mean
+        result: torch.Tensor = self.head(
+            torch.tanh(h - h.mean(dim=0))
+        )  # centring by the batch mean
+        return result
 
 
 class FunctionalBatchNorm(Centred):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.batch_norm(self.body(x), None, None, training=True)
-        return self.head(torch.tanh(h))
+        result: torch.Tensor = self.head(torch.tanh(h))
+        return result
 
 
 class BatchStats(nn.Module):
@@ -176,7 +184,8 @@ class Branch(Centred):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(torch.tanh(self.body(x)))
-        return out * 100 if bool(x.abs().max() > 5) else out
+        result: torch.Tensor = out * 100 if bool(x.abs().max() > 5) else out
+        return result
 
 
 def info_nce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -233,7 +242,8 @@ class Counting(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.net(x)
+        result: torch.Tensor = self.net(x)
+        return result
 
 
 def test_independent_examples_pass_once_with_dropout_and_frozen_batchnorm() -> None:
@@ -279,7 +289,10 @@ class ParentReads(nn.Module):
         self.fc = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x) + x @ self.fc.weight.t()  # the parent reads its child's weight
+        result: torch.Tensor = (
+            self.fc(x) + x @ self.fc.weight.t()
+        )  # the parent reads its child's weight
+        return result
 
 
 def test_a_tied_weight_used_outside_its_module_is_refused() -> None:
@@ -374,7 +387,8 @@ class StraightThroughMean(_Body):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
         m = h.mean(dim=0, keepdim=True)
-        return self.head(torch.tanh(h + (m - m.detach())))
+        result: torch.Tensor = self.head(torch.tanh(h + (m - m.detach())))
+        return result
 
 
 class _MixBackward(torch.autograd.Function):
@@ -389,7 +403,9 @@ class _MixBackward(torch.autograd.Function):
 
 class CustomFunction(_Body):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(_MixBackward.apply(self.body(x))))
+        mixed: torch.Tensor = _MixBackward.apply(self.body(x))  # type: ignore[no-untyped-call]
+        result: torch.Tensor = self.head(torch.tanh(mixed))
+        return result
 
 
 class TensorHook(_Body):
@@ -397,7 +413,12 @@ class TensorHook(_Body):
         h = self.body(x)
         if h.requires_grad:
             h.register_hook(lambda g: g + g.sum(dim=0, keepdim=True))
-        return self.head(torch.tanh(h))
+        result: torch.Tensor = self.head(torch.tanh(h))
+        return result
+
+
+def _mix_grad_input(m: nn.Module, gin: Any, gout: Any) -> tuple[torch.Tensor, ...]:
+    return (gin[0] + gin[0].sum(dim=0, keepdim=True),)
 
 
 class ModuleBackwardHook(nn.Module):
@@ -406,12 +427,11 @@ class ModuleBackwardHook(nn.Module):
         self.body = nn.Linear(6, 8)
         self.act = nn.Tanh()
         self.head = nn.Linear(8, 3)
-        self.act.register_full_backward_hook(
-            lambda m, gin, gout: (gin[0] + gin[0].sum(dim=0, keepdim=True),)
-        )
+        self.act.register_full_backward_hook(_mix_grad_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act(self.body(x)))
+        result: torch.Tensor = self.head(self.act(self.body(x)))
+        return result
 
 
 @pytest.mark.parametrize(
@@ -433,7 +453,8 @@ class Neighbours(_Body):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.body(x))
         pair = (torch.arange(x.shape[0]) ^ 1).clamp(max=x.shape[0] - 1)
-        return self.head(h + 2 * h[pair])
+        result: torch.Tensor = self.head(h + 2 * h[pair])
+        return result
 
 
 class TopK(_Body):
@@ -444,7 +465,8 @@ class TopK(_Body):
         k = max(1, x.shape[0] // 2)
         keep = torch.zeros(x.shape[0], 1)
         keep[h.norm(dim=1).topk(k).indices] = 1.0
-        return self.head(h * keep)
+        result: torch.Tensor = self.head(h * keep)
+        return result
 
 
 def by_position(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -474,7 +496,8 @@ class GradModeBranch(_Body):
         h = self.body(x)
         if torch.is_grad_enabled():
             h = h - h.mean(dim=0)
-        return self.head(torch.tanh(h))
+        result: torch.Tensor = self.head(torch.tanh(h))
+        return result
 
 
 class DropoutFlagBranch(_Body):
@@ -488,7 +511,8 @@ class DropoutFlagBranch(_Body):
         h = self.drop(self.body(x))
         if self.drop.training:
             h = h - h.mean(dim=0)
-        return self.head(torch.tanh(h))
+        result: torch.Tensor = self.head(torch.tanh(h))
+        return result
 
 
 class OddBatchBranch(_Body):
@@ -496,7 +520,8 @@ class OddBatchBranch(_Body):
         h = self.body(x)
         if x.shape[0] % 2 == 1:
             h = h * 10
-        return self.head(torch.tanh(h))
+        result: torch.Tensor = self.head(torch.tanh(h))
+        return result
 
 
 @pytest.mark.parametrize(
@@ -518,7 +543,8 @@ class ScaledOutput(_Body):
         self.body.register_forward_hook(lambda m, a, o: o * 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.body(x)))
+        result: torch.Tensor = self.head(torch.tanh(self.body(x)))
+        return result
 
 
 class DerivedTie(nn.Module):
@@ -541,7 +567,8 @@ class DerivedTie(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.owner(x))
-        return self.head(F.linear(h, self.owner.w))
+        result: torch.Tensor = self.head(F.linear(h, self.owner.w))
+        return result
 
 
 @pytest.mark.parametrize(
@@ -558,6 +585,8 @@ def test_gradients_the_layers_cannot_see_are_refused(
 
 
 class RunningMean(_Body):
+    running: torch.Tensor
+
     def __init__(self, momentum: float) -> None:
         super().__init__()
         self.momentum = momentum
@@ -567,13 +596,15 @@ class RunningMean(_Body):
         h = self.body(x)
         with torch.no_grad():
             self.running.mul_(1 - self.momentum).add_(self.momentum * h.mean(0))
-        return self.head(torch.tanh(h - self.running))
+        result: torch.Tensor = self.head(torch.tanh(h - self.running))
+        return result
 
 
 class WritesData(_Body):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.body.weight.data.mul_(0.999)
-        return self.head(torch.tanh(self.body(x)))
+        result: torch.Tensor = self.head(torch.tanh(self.body(x)))
+        return result
 
 
 class ScalesInputInPlace(_Body):
@@ -581,7 +612,8 @@ class ScalesInputInPlace(_Body):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.mul_(2) if self.inplace else x * 2
-        return self.head(torch.tanh(self.body(x)))
+        result: torch.Tensor = self.head(torch.tanh(self.body(x)))
+        return result
 
 
 def test_each_refusal_names_its_real_cause() -> None:
@@ -590,7 +622,7 @@ def test_each_refusal_names_its_real_cause() -> None:
     input is harmless to the probe and accepted."""
     x, y = _data()
     for momentum in (0.1, 1e-6):
-        for err in _refused_by_every_probe(lambda m=momentum: RunningMean(m), x, y):
+        for err in _refused_by_every_probe(functools.partial(RunningMean, momentum), x, y):
             assert err.value == "buffer 'running'" and "changed in a forward pass" in str(err)
     for err in _refused_by_every_probe(WritesData, x, y):
         assert err.value == "parameter 'body.weight'" and ".data" in str(err)
@@ -611,7 +643,8 @@ class SizeScaledBackward(_Body):
         h = self.body(x)
         if h.requires_grad:
             h.register_hook(lambda g: g * g.shape[0])
-        return self.head(torch.tanh(h))
+        result: torch.Tensor = self.head(torch.tanh(h))
+        return result
 
 
 def test_a_backward_that_depends_on_the_batch_size_is_refused() -> None:

@@ -15,12 +15,13 @@ from collections.abc import Callable
 
 import pytest
 
-torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+pytest.importorskip("torch")
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference  # noqa: E402
-from mpcdp.train.clipping.precision import norm_margin  # noqa: E402
+from mpcdp.train.clipping import PerSampleClipper, per_sample_gradients_reference
+from mpcdp.train.clipping.precision import norm_margin
 
 B = 8
 

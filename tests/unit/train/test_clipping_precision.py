@@ -15,11 +15,12 @@ from collections.abc import Callable
 
 import pytest
 
-torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+pytest.importorskip("torch")
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from mpcdp.train.clipping import PerSampleClipper  # noqa: E402
+from mpcdp.train.clipping import PerSampleClipper
 
 B = 4096
 C = 1.0
@@ -40,7 +41,8 @@ class Seq(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h: torch.Tensor = self.a(x.reshape(x.shape[0], 4, 16)).relu()
-        return self.b(h.mean(1))
+        result: torch.Tensor = self.b(h.mean(1))
+        return result
 
 
 class Norms(nn.Module):
