@@ -333,7 +333,7 @@ def test_advice_names_the_canaries_and_the_delta_that_make_a_claim_testable() ->
     there = bound.ceiling(
         m=advice.delta_canaries, delta=advice.delta, confidence=0.95, score_sets=2
     )
-    assert there > advice.claimed_at_delta
+    assert advice.claimed_at_delta is not None and there > advice.claimed_at_delta
     text = advice.text(sites=3)
     assert "ceiling" in text and f"{advice.delta:g}" in text and "per site" in text
     easy = bound.advise(claimed_epsilon=1.0, m=3000, delta=1e-5, confidence=0.95)
