@@ -184,8 +184,27 @@ class GrpcPartyClient:
                     yield msg
             except grpc.RpcError as err:
                 raise self._error(err, deadline_s=self._deadline, answered=answered) from None
+            finally:
+                # a reader that stops early (a round given up) ends the call; after the
+                # last message this does nothing
+                cancel = getattr(responses, "cancel", None)
+                if cancel is not None:
+                    cancel()
 
         return codec.decode_chunks(guarded(), session_id=session_id, ring_bits=ring_bits)
+
+    def ping(self) -> None:
+        """Is the party alive and serving? One health check on this client's channel with
+        the abort's short deadline (a round asks it right before its Contributes); raises
+        PartyError when it does not answer SERVING."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        resp = self._call(
+            stub.Check, health_pb2.HealthCheckRequest(service=""), deadline_s=self._abort_deadline
+        )
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            raise PartyError(
+                self._party_id, "UNAVAILABLE", "not serving (shutting down?)", outcome="answered"
+            )
 
     def abort(self, *, session_id: bytes, reason: str) -> None:
         req = pb.AbortRequest(version=PROTOCOL_VERSION, session_id=session_id, reason=reason)

@@ -45,6 +45,10 @@ A party survives a hostile coordinator, and strangers:
   that carry no bytes do not count -- or for it to take the next upload message) is
   cancelled; the time the party itself works is not counted. Any call that lives longer
   than ``max_call_s`` is cancelled too.
+* A Propose or Contribute that arrives after its coordinator gave up on it (the call is
+  cancelled, or less than LATE_CALL_MARGIN_S is left before its deadline: e.g. at a party
+  resumed after a SIGSTOP) is refused before anything is reserved or charged, and its
+  session is closed as by an Abort (docs/queries.md, "When a party fails").
 * Refusals are logged one bounded line each, at most REFUSAL_LOG_BURST lines per caller
   every REFUSAL_LOG_WINDOW_S (then one line saying how many were left out).
 * Connections: a TLS handshake must finish within ``handshake_timeout_s`` (a stranger's
@@ -109,9 +113,11 @@ __all__ = [
     "DEFAULT_MAX_SHORT_CALLS_PER_CALLER",
     "DEFAULT_MAX_UPLOADS_PER_COORDINATOR",
     "DEFAULT_STREAM_SILENCE_S",
+    "LATE_CALL_MARGIN_S",
     "MAX_REQUEST_BYTES",
     "SERVER_OPTIONS",
     "SPARE_WORKERS",
+    "SUSPENSION_S",
     "PartyServicer",
     "ServerHandle",
     "connection_limit",
@@ -180,6 +186,63 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2),
 ]
+
+
+#: A Propose or Contribute with less time left than this before its deadline is refused
+#: (nothing reserved or charged): its answer could not reach the coordinator in time.
+LATE_CALL_MARGIN_S = 0.05
+#: A stall of the whole party process longer than this (a SIGSTOP, a frozen VM) counts as a
+#: suspension: a Contribute of a session proposed before it is refused (see _Suspensions).
+SUSPENSION_S = 1.0
+_TICK_S = 0.1
+#: Propose times remembered (the oldest is forgotten first)
+_MAX_PROPOSED = 1 << 12
+
+
+class _Suspensions:
+    """Notices when this process was suspended, so that a call read after a resume is not
+    taken for a fresh one: gRPC measures a call's deadline from when the party reads it, so
+    a Contribute that waited in the socket while the party was stopped looks on time, although
+    its coordinator gave it up long ago. A thread ticks every _TICK_S; a tick more than
+    SUSPENSION_S after the previous one marks a suspension that ended then. One per process
+    (:meth:`get`): a suspension stops every servicer in it."""
+
+    _shared: _Suspensions | None = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> _Suspensions:
+        """This process's watcher, started by the first servicer that asks."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_tick = time.monotonic()
+        self._resumed_at = -math.inf
+        threading.Thread(target=self._run, name="party-suspensions", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_TICK_S)
+            now = time.monotonic()
+            with self._lock:
+                if now - self._last_tick > SUSPENSION_S:
+                    self._resumed_at = now
+                    log.warning(
+                        "this party process was suspended or stalled for %.1f s",
+                        now - self._last_tick,
+                    )
+                self._last_tick = now
+
+    def since(self, t: float) -> bool:
+        """Was this process suspended after monotonic time ``t``, or is it resuming now
+        (no tick for longer than SUSPENSION_S)?"""
+        now = time.monotonic()
+        with self._lock:
+            return self._resumed_at > t or now - self._last_tick > SUSPENSION_S
 
 
 class _TooBusy(Exception):
@@ -643,6 +706,10 @@ class PartyServicer(pb_grpc.PartyServicer):
             "long": self._long_calls,
         }
         self._watchdog = _Watchdog()
+        self._suspensions = _Suspensions.get()
+        # session id -> when its Propose was answered (monotonic), for _check_in_time
+        self._proposed: OrderedDict[bytes, float] = OrderedDict()
+        self._lock_proposed = threading.Lock()
         self._refusals = _RefusalLog()
 
     @property
@@ -727,6 +794,11 @@ class PartyServicer(pb_grpc.PartyServicer):
                 return answer(request, context)
             except _Silent:
                 return spec.response()  # the call is cancelled: nothing is sent
+            except grpc.RpcError:
+                # its caller gave the call up before its request was read (e.g. a party
+                # resumed after a SIGSTOP): nothing was done, nothing is sent
+                log.info("%s: the caller had ended the call before it was read", method)
+                return spec.response()
             except Exception as exc:
                 if watch is not None and watch.fired is not None:
                     return spec.response()
@@ -818,6 +890,39 @@ class PartyServicer(pb_grpc.PartyServicer):
             PartyDescription(party_id=self._engine.party_id, datasets=tuple(self._describe(caller)))
         )
 
+    def _check_in_time(
+        self, context: grpc.ServicerContext, method: str, *, session_id: bytes, caller: str
+    ) -> None:
+        """Refuse a call that its coordinator has given up (cancelled, or past its deadline,
+        or so close to it that the answer could not arrive), before anything is reserved or
+        charged: a Contribute that arrives late, e.g. at a party resumed after a SIGSTOP,
+        must not charge a round the coordinator has re-run without this party. Its session
+        is closed (and its reservation released) as by an Abort."""
+        now = time.monotonic()
+        with self._lock_proposed:
+            proposed = self._proposed.pop(session_id, None)
+        # a Propose, or a Contribute of a session this process does not remember proposing:
+        # refused within SUSPENSION_S of a resume
+        since = now - SUSPENSION_S if proposed is None else proposed
+        left = context.time_remaining()
+        if (
+            context.is_active()
+            and (left is None or left >= LATE_CALL_MARGIN_S)
+            and not self._suspensions.since(since)
+        ):
+            return
+        self._engine.abort(session_id=session_id, coordinator=caller)
+        log.info(
+            "%s of session %s from %s arrived after its caller gave up; refused, nothing charged",
+            method,
+            session_id.hex(),
+            caller,
+        )
+        raise SessionError(
+            f"{method} of session {session_id.hex()} arrived after its deadline (or while "
+            "this party was suspended); nothing was reserved or charged"
+        )
+
     def Propose(
         self, request: pb.ProposeRequest, context: grpc.ServicerContext
     ) -> pb.ProposeResponse:
@@ -825,7 +930,12 @@ class PartyServicer(pb_grpc.PartyServicer):
         codec.check_version(request.version, what="ProposeRequest")
         session_id = codec.check_session(request.session_id)
         spec = codec.spec_from_pb(request.spec)
+        self._check_in_time(context, "Propose", session_id=session_id, caller=caller)
         proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
+        with self._lock_proposed:
+            self._proposed[session_id] = time.monotonic()
+            while len(self._proposed) > _MAX_PROPOSED:
+                self._proposed.popitem(last=False)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
     def Contribute(
@@ -836,6 +946,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         session_id = codec.check_session(request.session_id)
         keys = codec.keys_from_pb(request.keys, session_id=session_id)
         chunk = codec.check_chunk_bytes(request.chunk_bytes)  # before the ledger is charged
+        self._check_in_time(context, "Contribute", session_id=session_id, caller=caller)
         contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
         # the session holds its slot until the upload ends, however it ends: sent, failed,
         # cancelled by the watchdog, or the coordinator gone (gRPC may drop this generator
