@@ -6,7 +6,12 @@
 
 Bounds and categories are public: when not given, they are read from the parties' Describe
 answers, and all parties must declare the same. Each call is one round with a fresh query id
-and session; a failed round raises :class:`~mpcdp.errors.RoundAborted` and reveals nothing.
+and session. When parties fail (unreachable, stopped, past the deadline, or refusing for a
+reason of their own), the query is re-run without them as long as federation.toml's
+``min_parties`` remain and h' = n' - t >= 1 (mpcdp.protocol.query.round_coordinator.run_query;
+docs/queries.md, "When a party fails"); the result's ``parties`` are those that contributed
+and ``dropped`` says who was left out and why. A query that cannot be answered raises
+:class:`~mpcdp.errors.RoundAborted` and reveals nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +31,7 @@ from numpy.typing import NDArray
 
 from mpcdp.config.party_config import FederationConfig, load_federation_config
 from mpcdp.dp import intervals
-from mpcdp.errors import ParameterError
+from mpcdp.errors import ParameterError, PartyError
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.query.plan import ReleasePlan, fit
 from mpcdp.protocol.query.query_spec import (
@@ -35,7 +40,13 @@ from mpcdp.protocol.query.query_spec import (
     QuerySpec,
     Statistic,
 )
-from mpcdp.protocol.query.round_coordinator import Observer, RoundOutcome, run_round
+from mpcdp.protocol.query.round_coordinator import (
+    FAILURES,
+    Observer,
+    RoundOutcome,
+    check_roster,
+    run_query,
+)
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 
@@ -67,6 +78,11 @@ class QueryResult:
     budget_remaining: dict[str, float]
     parties: tuple[str, ...]
     query_id: str
+    #: parties left out of the release (they failed), each with why
+    dropped: dict[str, str] = field(default_factory=dict)
+    #: the failed rounds before the one released: query id, roster, who failed, and what
+    #: each party reported it charged in it (mpcdp.protocol.query.round_coordinator.Attempt)
+    failed_rounds: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         value: Any = self.value
@@ -86,6 +102,8 @@ class QueryResult:
             "budget_remaining": self.budget_remaining,
             "parties": list(self.parties),
             "query_id": self.query_id,
+            "dropped": dict(self.dropped),
+            "failed_rounds": list(self.failed_rounds),
         }
 
 
@@ -131,7 +149,13 @@ def _result(outcome: RoundOutcome) -> QueryResult:
         budget_remaining=outcome.budget_remaining,
         parties=spec.parties,
         query_id=spec.query_id,
+        dropped=outcome.dropped,
+        failed_rounds=_failed_rounds(outcome),
     )
+
+
+def _failed_rounds(outcome: RoundOutcome) -> tuple[dict[str, Any], ...]:
+    return tuple(a.to_json() for a in outcome.attempts if a.query_id)
 
 
 def mean_release(
@@ -224,6 +248,46 @@ class Federation:
         answers = self._pool.map(lambda c: c.describe(), self._clients)  # in parallel
         return dict(zip(self.parties, answers, strict=True))
 
+    def _live(self, query_id: str) -> tuple[dict[str, PartyDescription], dict[str, PartyError]]:
+        """Every party's Describe answer, in parallel, and the parties that failed it with a
+        party failure (round_coordinator.FAILURES: unreachable, stopped, busy), each with
+        its error: query ``query_id`` leaves them out from its first round. Any other
+        failure is raised, and so is QueryFailed when no party answered."""
+
+        def one(c: GrpcPartyClient) -> PartyDescription | PartyError:
+            try:
+                return c.describe()
+            except PartyError as exc:
+                if FAILURES.get(exc.code) != "party":
+                    raise
+                return exc
+
+        answers: dict[str, PartyDescription] = {}
+        failed: dict[str, PartyError] = {}
+        for party, got in zip(self.parties, self._pool.map(one, self._clients), strict=True):
+            if isinstance(got, PartyError):
+                failed[party] = got
+            else:
+                answers[party] = got
+        if not answers:
+            check_roster(query_id, (), quorum=self.config.quorum, colluders=0, left_out=failed)
+        return answers, failed
+
+    def _roster(
+        self,
+        query_id: str,
+        live: Mapping[str, PartyDescription],
+        left_out: Mapping[str, PartyError],
+        colluders: int,
+    ) -> tuple[str, ...]:
+        """The parties of a query's first round: those that answered Describe (in
+        federation order); raises QueryFailed when they are too few."""
+        roster = tuple(p for p in self.parties if p in live)
+        check_roster(
+            query_id, roster, quorum=self.config.quorum, colluders=colluders, left_out=left_out
+        )
+        return roster
+
     def budget_left(self, dataset: str) -> dict[str, float]:
         """What this coordinator may still spend of ``dataset`` at each party (epsilon at
         the dataset's delta): its own share there less what it has charged and holds
@@ -282,11 +346,16 @@ class Federation:
             **options,
         )
 
-    def _public(self, dataset: str, column: str) -> tuple[DatasetInfo, ColumnInfo | None]:
+    def _public(
+        self,
+        dataset: str,
+        column: str,
+        answers: Mapping[str, PartyDescription] | None = None,
+    ) -> tuple[DatasetInfo, ColumnInfo | None]:
         seen: dict[str, tuple[Any, ...]] = {}
         info: DatasetInfo | None = None
         col: ColumnInfo | None = None
-        for party, resp in self.describe().items():
+        for party, resp in (self.describe() if answers is None else answers).items():
             ds = next((d for d in resp.datasets if d.name == dataset), None)
             if ds is None:
                 raise ParameterError("dataset", dataset, f"is not offered by party {party!r}")
@@ -345,10 +414,13 @@ class Federation:
 
         if mechanism != "none" and epsilon is None:
             raise ParameterError("epsilon", epsilon, "is required (except with mechanism none)")
-        tables = self._sql_tables()
+        qid = query_id or f"q-{secrets.token_hex(8)}"
+        live, left_out = self._live(qid)
+        t = self.config.colluders if colluders is None else colluders
+        tables = self._sql_tables(live)
         q = compile_sql(query, tables=tables, keys=keys, bins=bins, weights=weights)
         decl: TableDecl = tables[q.table]
-        info = self._public(q.table, "")[0]
+        info = self._public(q.table, "", live)[0]
         if mechanism in ("skellam", "discrete-gaussian") and delta is None:
             delta = info.delta if info.delta > 0 else DEFAULT_DELTA
         p = (
@@ -357,15 +429,15 @@ class Federation:
             else max_parties_per_unit
         )
         spec = QuerySpec(
-            query_id=query_id or f"q-{secrets.token_hex(8)}",
+            query_id=qid,
             dataset=q.table,
             statistic=Statistic.SQL,
             mechanism=mechanism,
             epsilon="0" if mechanism == "none" else str(epsilon),
             delta=0.0 if delta is None else delta,
             frac_bits=DEFAULT_FRAC_BITS if frac_bits is None else frac_bits,
-            parties=self.parties,
-            colluders=self.config.colluders if colluders is None else colluders,
+            parties=self._roster(qid, live, left_out, t),
+            colluders=t,
             max_rows=max_rows,
             sql=query,
             keys=tuple((c, tuple(v)) for c, v in (keys or {}).items()),
@@ -376,17 +448,29 @@ class Federation:
             max_groups_per_unit=decl.max_groups_per_unit if decl.privacy_unit else 1,
             plan_digest=digest(q).hex(),
         )
-        f = fit_frac_bits(spec, q, decl, max_parties_per_unit=p) if frac_bits is None else frac_bits
-        spec = replace(spec, frac_bits=f)
-        release = release_plan(spec, q, decl, max_parties_per_unit=p)
-        release.check_headroom()
-        outcome = run_round(
+
+        def prepare(s: QuerySpec) -> tuple[QuerySpec, ReleasePlan]:
+            """The spec and plan of a round over ``s.parties`` (re-fitted for the roster)."""
+            f = (
+                fit_frac_bits(s, q, decl, max_parties_per_unit=p)
+                if frac_bits is None
+                else frac_bits
+            )
+            s = replace(s, frac_bits=f)
+            release = release_plan(s, q, decl, max_parties_per_unit=p)
+            release.check_headroom()
+            return s, release
+
+        outcome = run_query(
             spec=spec,
             clients=self._clients,
+            min_parties=self.config.quorum,
+            prepare=prepare,
+            left_out=left_out,
             observe=observe,
             executor=self._pool,
-            release_plan=release,
         )
+        spec, release = outcome.spec, outcome.plan
         released = [outcome.tensors[t.name] for t in release.tensors]
         per_cell = answer(release, q, released)
         return SqlResult(
@@ -408,9 +492,13 @@ class Federation:
             budget_remaining=outcome.budget_remaining,
             parties=spec.parties,
             query_id=spec.query_id,
+            dropped=outcome.dropped,
+            failed_rounds=_failed_rounds(outcome),
         )
 
-    def _sql_tables(self) -> dict[str, TableDecl]:
+    def _sql_tables(
+        self, answers: Mapping[str, PartyDescription] | None = None
+    ) -> dict[str, TableDecl]:
         """The tables every party declares, as the SQL compiler sees them (public metadata;
         the parties must agree, else the table is left out and named when it is asked)."""
         from mpcdp.config.datasets import ColumnSpec
@@ -418,7 +506,7 @@ class Federation:
 
         out: dict[str, TableDecl] = {}
         seen: dict[str, set[TableDecl]] = {}
-        for resp in self.describe().values():
+        for resp in (self.describe() if answers is None else answers).values():
             for ds in resp.datasets:
                 if ds.kind != "table":
                     continue
@@ -467,7 +555,10 @@ class Federation:
     ) -> QueryResult:
         """One round of any statistic; the named methods below are the usual entry points."""
         stat = Statistic(statistic)
-        info, col = self._public(dataset, column)
+        qid = query_id or f"q-{secrets.token_hex(8)}"
+        live, left_out = self._live(qid)
+        t = self.config.colluders if colluders is None else colluders
+        info, col = self._public(dataset, column, live)
         if col is not None:
             lower = col.lower if lower is None else lower
             upper = col.upper if upper is None else upper
@@ -482,7 +573,7 @@ class Federation:
         if mechanism in ("skellam", "discrete-gaussian") and delta is None:
             delta = info.delta if info.delta > 0 else DEFAULT_DELTA
         spec = QuerySpec(
-            query_id=query_id or f"q-{secrets.token_hex(8)}",
+            query_id=qid,
             dataset=dataset,
             column=column,
             statistic=stat,
@@ -490,17 +581,29 @@ class Federation:
             epsilon="0" if mechanism == "none" else str(epsilon),
             delta=0.0 if delta is None else delta,
             frac_bits=DEFAULT_FRAC_BITS if frac_bits is None else frac_bits,
-            parties=self.parties,
-            colluders=self.config.colluders if colluders is None else colluders,
+            parties=self._roster(qid, live, left_out, t),
+            colluders=t,
             lower=0.0 if lower is None else lower,
             upper=0.0 if upper is None else upper,
             categories=tuple(categories or ()) if stat is Statistic.HISTOGRAM else (),
             l2_bound=info.l2_bound if info.kind == "vector" else 0.0,
         )
         length = int(info.length) if info.kind == "vector" else None
-        spec = fit(spec, vector_length=length, frac_bits=frac_bits, ring_bits=ring_bits)
+
+        def prepare(s: QuerySpec) -> tuple[QuerySpec, None]:
+            """The spec of a round over ``s.parties`` (ring and fixed point fitted to it)."""
+            return fit(s, vector_length=length, frac_bits=frac_bits, ring_bits=ring_bits), None
+
         return _result(
-            run_round(spec=spec, clients=self._clients, observe=observe, executor=self._pool)
+            run_query(
+                spec=spec,
+                clients=self._clients,
+                min_parties=self.config.quorum,
+                prepare=prepare,
+                left_out=left_out,
+                observe=observe,
+                executor=self._pool,
+            )
         )
 
     def sum(

@@ -375,6 +375,15 @@ class FederationConfig:
     #: how many parties may hold rows of one person: the sensitivity of a SQL query is
     #: multiplied by it (each party refuses a value below its own dataset's)
     max_parties_per_unit: int = 1
+    #: the fewest parties a query may be answered by when others fail (None: all of them);
+    #: a query re-run without the parties that failed needs at least this many, and
+    #: n' - colluders >= 1 (docs/queries.md, "When a party fails")
+    min_parties: int | None = None
+
+    @property
+    def quorum(self) -> int:
+        """:attr:`min_parties`, or every party when it is not set."""
+        return len(self.parties) if self.min_parties is None else self.min_parties
 
 
 #: the longest per-call deadline federation.toml accepts (seconds)
@@ -853,7 +862,17 @@ def _min_colluders(r: Reader) -> int:
 def load_federation_config(path: str | Path) -> FederationConfig:
     p = Path(path).resolve()
     r = Reader(p, _load(p))
-    r.unknown({"coordinator", "colluders", "deadline_s", "tls", "parties", "max_parties_per_unit"})
+    r.unknown(
+        {
+            "coordinator",
+            "colluders",
+            "deadline_s",
+            "tls",
+            "parties",
+            "max_parties_per_unit",
+            "min_parties",
+        }
+    )
     entries = r.get("parties", list)
     parties = []
     for i, e in enumerate(entries):
@@ -879,6 +898,11 @@ def load_federation_config(path: str | Path) -> FederationConfig:
         raise r.error(
             "max_parties_per_unit", f"must be an integer in [1, {len(parties)}], got {per_unit!r}"
         )
+    min_parties = r.get("min_parties", int, len(parties))
+    if isinstance(min_parties, bool) or not 2 <= min_parties <= len(parties):
+        raise r.error(
+            "min_parties", f"must be an integer in [2, {len(parties)}], got {min_parties!r}"
+        )
     return FederationConfig(
         path=p,
         coordinator=r.identity("coordinator"),
@@ -887,4 +911,5 @@ def load_federation_config(path: str | Path) -> FederationConfig:
         colluders=colluders,
         deadline_s=float(deadline),
         max_parties_per_unit=int(per_unit),
+        min_parties=int(min_parties),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,8 +44,12 @@ class SqlResult:
     epsilon_spent: float
     delta_spent: float
     budget_remaining: dict[str, float]
-    parties: tuple[str, ...]
+    parties: tuple[str, ...]  # the parties that contributed
     query_id: str
+    #: parties left out of the release (they failed), each with why
+    dropped: dict[str, str] = field(default_factory=dict)
+    #: the failed rounds before the one released (mpcdp.federation.QueryResult's)
+    failed_rounds: tuple[dict[str, Any], ...] = ()
 
     def columns(self) -> list[str]:
         """Column names of the flat table: group columns, then per aggregate its value,
@@ -96,6 +100,8 @@ class SqlResult:
             "budget_remaining": self.budget_remaining,
             "parties": list(self.parties),
             "query_id": self.query_id,
+            "dropped": dict(self.dropped),
+            "failed_rounds": list(self.failed_rounds),
         }
 
     def to_csv(self) -> str:

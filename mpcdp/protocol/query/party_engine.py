@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -130,13 +131,30 @@ def _builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
     return build
 
 
+#: the ledger keeps this many characters of a note
+_NOTE_CHARS = 200
+#: a re-run's query id: ``<first round's id>.r<k>`` (mpcdp.protocol.query.round_coordinator)
+_RERUN = re.compile(r"^(?P<first>.+)\.r(?P<k>[1-9][0-9]*)$")
+
+
 def _note(spec: QuerySpec) -> str:
-    """What a query's charge pays for, in words (the ledger's note)."""
+    """What a query's charge pays for, in words (the ledger's note): the statistic or the
+    SQL text, then in brackets the roster that contributes and, for a re-run, the first
+    round's query id (the text is shortened so that the ledger's 200 characters always
+    keep the brackets)."""
+    roster = f"parties {','.join(spec.parties)}"
+    if len(roster) > _NOTE_CHARS // 2:
+        roster = f"{len(spec.parties)} parties incl. {spec.parties[0]}"
+    rerun = _RERUN.match(spec.query_id)
+    if rerun is not None:
+        roster += f"; re-run {rerun['k']} of {rerun['first'][:40]}"
     if spec.statistic is Statistic.SQL:
-        text = " ".join(spec.sql.split())
-        return f"sql ({spec.mechanism}): {text[:200]}"
-    column = f" of {spec.column}" if spec.column else ""
-    return f"{spec.statistic.value}{column} ({spec.mechanism})"
+        what = f"sql ({spec.mechanism}): {' '.join(spec.sql.split())}"
+    else:
+        column = f" of {spec.column}" if spec.column else ""
+        what = f"{spec.statistic.value}{column} ({spec.mechanism})"
+    tail = f" [{roster}]"
+    return what[: _NOTE_CHARS - len(tail)] + tail
 
 
 @dataclass

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_FRAC_BITS",
     "DEFAULT_MAX_ROWS",
     "MAX_QUERY_EPSILON",
+    "MAX_QUERY_ID_CHARS",
     "MIN_DELTA",
     "QuerySpec",
     "Statistic",
@@ -45,6 +46,8 @@ __all__ = [
 
 DEFAULT_FRAC_BITS = 16
 DEFAULT_MAX_ROWS = 10**9
+#: The longest query id (a re-run's id adds ".r<k>" to its first round's)
+MAX_QUERY_ID_CHARS = 128
 #: One query spends at most this epsilon (beyond it a release protects nothing).
 MAX_QUERY_EPSILON = 100
 #: The smallest delta a query may ask for (the calibration's RDP orders reach no further).
@@ -93,8 +96,10 @@ class QuerySpec:
     plan_digest: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.query_id, str) or not 1 <= len(self.query_id) <= 128:
-            raise ParameterError("query_id", self.query_id, "must be 1..128 characters")
+        if not isinstance(self.query_id, str) or not 1 <= len(self.query_id) <= MAX_QUERY_ID_CHARS:
+            raise ParameterError(
+                "query_id", self.query_id, f"must be 1..{MAX_QUERY_ID_CHARS} characters"
+            )
         if not self.query_id.isprintable():
             raise ParameterError("query_id", self.query_id, "must be printable")
         if not isinstance(self.dataset, str) or not self.dataset:

@@ -1,16 +1,31 @@
-"""The coordinator's side of a round: propose all -> contribute all -> reveal.
+"""The coordinator's side of a query: propose all -> check all alive -> contribute all ->
+reveal, and the re-runs without the parties that failed.
 
 The coordinator is also the aggregator. It talks to parties through :class:`PartyClient`
 objects (gRPC in mpcdp.transport.client, direct calls in tests) and never sees anything but
 signed public keys and masked uploads. Uploads are summed chunk by chunk as they stream in,
 so the coordinator holds one vector, whatever the number of parties.
 
-Failure rule (docs/design.md): any party that fails before the reveal aborts the round. The
-coordinator tells every party to forget the session (all in parallel) and raises
-:class:`RoundAborted`, whose message says which parties charged their ledger (their upload
-header arrived), with the epsilon each reported, which did not, and which gave no answer;
+One round (:func:`run_round`): no Contribute is sent before every party's Propose succeeded,
+and every party that has a ``ping`` (the gRPC client's health check) is asked once more that
+it is alive right before the Contributes go out, so that a party that died or stopped while
+the others prepared their noise fails the round before anyone charges. Any party that fails
+before the reveal aborts the round: the coordinator tells every party to forget the session
+(all in parallel) and raises :class:`RoundAborted`, whose message says which parties charged
+their ledger (their upload header arrived), with the epsilon each reported, which did not,
+and which gave no answer. Once it gives a round up, the coordinator stops reading the uploads
+still streaming in and cancels them (an upload for a round given up is never added);
 partial sums are discarded (without every party's upload the masks do not cancel, so they
-are uniformly random anyway). A retry is a new query with a new session and fresh keys.
+are uniformly random anyway).
+
+A query (:func:`run_query`) re-runs a failed round without the parties that failed, as a new
+round: a fresh session id (so fresh ephemeral keys and masks at every party), the query id
+``<first id>.r<k>`` (the link, also in each party's ledger note), ``parties`` the survivors,
+so every noise share is sized for h' = n' - t (the plan follows from the spec's parties and
+colluders). It needs at least ``min_parties`` survivors and h' >= 1, else it fails naming
+each party that failed and why. Whether a failure is the party's (re-run without it) or the
+query's (every party would refuse it: stop) is decided per status code in :data:`FAILURES`;
+docs/queries.md ("When a party fails") says what is charged in each failure window.
 """
 
 from __future__ import annotations
@@ -19,28 +34,41 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.errors import MpcdpError, PartyError, ProtocolError, RoundAborted, SessionError
+from mpcdp.errors import (
+    MpcdpError,
+    ParameterError,
+    PartyError,
+    ProtocolError,
+    RoundAborted,
+    SessionError,
+)
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.plan import ReleasePlan, plan
-from mpcdp.protocol.query.query_spec import QuerySpec
+from mpcdp.protocol.query.query_spec import MAX_QUERY_ID_CHARS, QuerySpec
 from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
 
 __all__ = [
+    "FAILURES",
+    "Attempt",
     "ContributionStream",
     "PartyClient",
+    "QueryFailed",
     "RoundOutcome",
     "abort_all",
     "accumulate",
+    "check_roster",
     "order_clients",
+    "rerun_id",
+    "run_query",
     "run_round",
     "signed_keys",
 ]
@@ -74,6 +102,14 @@ class PartyClient(Protocol):
     ) -> ContributionStream: ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
+
+
+@runtime_checkable
+class _Pingable(Protocol):
+    @property
+    def party_id(self) -> str: ...
+
+    def ping(self) -> None: ...
 
 
 class _HasPartyId(Protocol):
@@ -115,10 +151,22 @@ def abort_all(
     short, deadline, so a party that stopped answering costs one abort deadline, not one per
     party). Returns party id -> None when the abort was delivered, else why not; a party
     that cannot be reached is skipped (a dead party has nothing to undo)."""
+    return {
+        p: None
+        if exc is None
+        else (str(exc) if isinstance(exc, MpcdpError) else type(exc).__name__)
+        for p, exc in _abort_each(clients, session_id=session_id, reason=reason).items()
+    }
+
+
+def _abort_each(
+    clients: Sequence[_Abortable], *, session_id: bytes, reason: str
+) -> dict[str, Exception | None]:
+    """:func:`abort_all`, with each failure's exception."""
     if not clients:
         return {}
 
-    def one(c: _Abortable) -> str | None:
+    def one(c: _Abortable) -> Exception | None:
         # an abort gives reservations back: a party busy with this coordinator's other short
         # calls is asked again a few times (about 1.5 s in all) rather than left holding them
         # until the session expires
@@ -127,10 +175,10 @@ def abort_all(
                 c.abort(session_id=session_id, reason=reason[:500])
             except PartyError as exc:
                 if exc.code != "RESOURCE_EXHAUSTED" or attempt == _ABORT_TRIES - 1:
-                    return str(exc)
+                    return exc
                 time.sleep(0.05 * 2**attempt)
             except Exception as exc:
-                return str(exc) if isinstance(exc, MpcdpError) else type(exc).__name__
+                return exc
             else:
                 return None
         return None  # pragma: no cover - the loop returns
@@ -172,6 +220,75 @@ def _refused(exc: BaseException) -> bool:
     )
 
 
+#: What a failed call says, by its status code: ``"party"``, that party failed (it is left
+#: out and the query re-run with the others, as long as min_parties and h' >= 1 allow);
+#: ``"query"``, the query or the coordinator is at fault and every party would answer the
+#: same (the query fails at once, nothing is re-run). A code not listed is a query failure.
+#: docs/queries.md ("When a party fails") has this table in words.
+FAILURES: dict[str, str] = {
+    "UNAVAILABLE": "party",  # unreachable: down, restarting, its host or link gone
+    "DEADLINE_EXCEEDED": "party",  # no answer in time: stopped, overloaded, a slow link
+    "CANCELLED": "party",  # it cancelled the call (it waited too long on this coordinator)
+    "RESOURCE_EXHAUSTED": "party",  # busy (its call limits), or its own budget is spent
+    "FAILED_PRECONDITION": "party",  # its own policy, dataset or session (lost in a restart)
+    "ABORTED": "party",  # one of its worker ranks failed
+    "INTERNAL": "party",  # its own bug or environment (details in its log)
+    "UNKNOWN": "party",
+    "DATA_LOSS": "party",
+    "INVALID_ARGUMENT": "query",  # a malformed spec or message: every party refuses it
+    "OUT_OF_RANGE": "query",  # no headroom in the ring for this spec
+    "ALREADY_EXISTS": "query",  # the query id was answered before
+    "PERMISSION_DENIED": "query",  # this coordinator is not admitted, or relayed a bad key
+    "UNAUTHENTICATED": "query",
+    "UNIMPLEMENTED": "query",  # another protocol version
+    "NOT_FOUND": "query",
+}
+
+
+#: how long the coordinator keeps telling a silent party to forget a round (seconds), and
+#: its first pause between tries (doubled each time)
+_SILENT_ABORT_S = 60.0
+_SILENT_ABORT_PAUSE_S = 0.5
+
+
+#: what RoundAborted says of the abort at a party that gave no answer in time
+_SILENT_ABORT = (
+    "it gave no answer in time; the abort is sent again in the background until it "
+    "arrives, and its session expires there anyway"
+)
+
+
+def _abort_until_delivered(
+    clients: Sequence[_Abortable], *, session_id: bytes, reason: str
+) -> None:
+    """Abort at parties that did not answer in time, again and again until each one takes
+    it or _SILENT_ABORT_S pass: a party resumed after a SIGSTOP then releases the round's
+    reservation at once rather than at its session's expiry (which releases it anyway)."""
+    left = list(clients)
+    pause = _SILENT_ABORT_PAUSE_S
+    end = time.monotonic() + _SILENT_ABORT_S
+    while left:
+        outcomes = _abort_each(left, session_id=session_id, reason=reason)
+        # tried again: only a party that gave no answer (not one that refused, nor a
+        # client closed since)
+        left = [
+            c
+            for c in left
+            if isinstance(e := outcomes.get(c.party_id), PartyError)
+            and e.code in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
+        ]
+        if not left or time.monotonic() + pause > end:
+            return
+        time.sleep(pause)
+        pause *= 2
+
+
+def _party_failure(exc: BaseException) -> bool:
+    """Is ``exc`` a failure of the party it came from (re-run without it)? Only a party's
+    status code says so (:data:`FAILURES`); anything raised in this process is the query's."""
+    return isinstance(exc, PartyError) and FAILURES.get(exc.code) == "party"
+
+
 def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
     """The exception of the first failed future, in party order."""
     for f in futures:
@@ -181,19 +298,85 @@ def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """A failed round of a query: its query id and roster, each party that failed and why
+    (those left out of the next round), what each party reported it charged in it (its
+    upload header arrived: it charged before sending), and the parties that got a Contribute
+    but gave no answer (only their ledger knows whether they charged)."""
+
+    query_id: str
+    parties: tuple[str, ...]
+    failed: dict[str, str]
+    charged: dict[str, str]
+    unknown: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query_id": self.query_id,
+            "parties": list(self.parties),
+            "failed": dict(self.failed),
+            "charged": dict(self.charged),
+            "unknown": list(self.unknown),
+        }
+
+
+@dataclass(frozen=True)
 class RoundOutcome:
-    """The revealed aggregate, decoded per tensor of the plan."""
+    """The revealed aggregate, decoded per tensor of the plan. ``spec.parties`` are the
+    parties that contributed; ``attempts`` the failed rounds before this one (re-runs)."""
 
     spec: QuerySpec
     plan: ReleasePlan
     tensors: dict[str, NDArray[np.float64]]
     budget_remaining: dict[str, float]
     session_id: bytes
+    attempts: tuple[Attempt, ...] = ()
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        """Each party left out of the release, and why (the failure that left it out)."""
+        out: dict[str, str] = {}
+        for a in self.attempts:
+            out.update(a.failed)
+        return out
+
+
+class QueryFailed(RoundAborted):
+    """A query that no round could answer: fewer than ``min_parties`` parties left, no
+    honest share left (n' - t < 1), or a failure of the query itself after a re-run.
+    ``attempts`` are its failed rounds; the message names each party that failed and why,
+    and what was charged. ``cause`` is the first failure (a party's PartyError)."""
+
+    def __init__(
+        self,
+        query_id: str,
+        summary: Exception,
+        attempts: Sequence[Attempt],
+        *,
+        first: Exception | None = None,
+    ) -> None:
+        self.attempts = tuple(attempts)
+        charged = {
+            p: ", ".join(f"{a.charged[p]} in {a.query_id}" for a in attempts if p in a.charged)
+            for p in dict.fromkeys(p for a in attempts for p in a.charged)
+        }
+        unknown = list(dict.fromkeys(p for a in attempts for p in a.unknown))
+        asked = dict.fromkeys(p for a in attempts for p in a.parties)
+        not_charged = [p for p in asked if p not in charged and p not in unknown]
+        super().__init__(
+            query_id, summary, charged=charged, not_charged=not_charged, unknown=unknown
+        )
+        if first is not None:
+            self.cause = first
 
 
 #: Called with (party id, chunk) for every chunk received: lets a demo show what the
 #: coordinator sees (masked words). Never called with anything unmasked.
 Observer = Callable[[str, ring.AnyRingVector], None]
+
+
+class _GaveUp(Exception):
+    """An upload that the coordinator stopped reading: its round was given up."""
 
 
 def accumulate(
@@ -202,8 +385,11 @@ def accumulate(
     lock: threading.Lock,
     expected: str,
     observe: Observer | None,
+    gave_up: threading.Event | None = None,
 ) -> float:
-    """Add ``stream``'s chunks into ``total`` (strict: length, order, sender)."""
+    """Add ``stream``'s chunks into ``total`` (strict: length, order, sender). Once
+    ``gave_up`` is set, no further chunk is added: the stream is closed (which cancels a
+    gRPC upload) and :class:`_GaveUp` raised."""
     if stream.party_id != expected:
         raise ProtocolError(f"contribution from {stream.party_id!r} on the channel of {expected!r}")
     if stream.length != total.size:
@@ -211,21 +397,43 @@ def accumulate(
             f"party {expected!r} announced {stream.length} words, the round has {total.size}"
         )
     offset = 0
-    for chunk in stream.chunks:
-        n = chunk.size
-        if offset + n > total.size:
-            raise ProtocolError(f"party {expected!r} sent more than {total.size} words")
-        if observe is not None:
-            observe(expected, chunk)
-        with lock:
-            seg = total[offset : offset + n]
-            np.add(seg, chunk, out=seg)
-        offset += n
+    try:
+        for chunk in stream.chunks:
+            if gave_up is not None and gave_up.is_set():
+                raise _GaveUp(expected)
+            n = chunk.size
+            if offset + n > total.size:
+                raise ProtocolError(f"party {expected!r} sent more than {total.size} words")
+            if observe is not None:
+                observe(expected, chunk)
+            with lock:
+                if gave_up is not None and gave_up.is_set():
+                    raise _GaveUp(expected)
+                seg = total[offset : offset + n]
+                np.add(seg, chunk, out=seg)
+            offset += n
+    finally:
+        close = getattr(stream.chunks, "close", None)
+        if close is not None:
+            close()  # a generator: ends (and cancels) the upload if it is still running
     if offset != total.size:
         raise ProtocolError(
             f"party {expected!r} sent {offset} of {total.size} words (truncated stream)"
         )
     return stream.budget_remaining
+
+
+class _RoundFailed(Exception):
+    """A round that failed: the RoundAborted to report, the parties that failed (party id ->
+    exception) and whether the failure is the query's rather than the parties' own."""
+
+    def __init__(
+        self, aborted: RoundAborted, failed: dict[str, BaseException], query_fault: bool
+    ) -> None:
+        super().__init__(str(aborted))
+        self.aborted = aborted
+        self.failed = failed
+        self.query_fault = query_fault
 
 
 def run_round(
@@ -236,16 +444,54 @@ def run_round(
     observe: Observer | None = None,
     release_plan: ReleasePlan | None = None,
 ) -> RoundOutcome:
-    """Run one round of ``spec`` over ``clients`` (one per spec party, any order).
-    ``release_plan``: the plan of a SQL query (compiled by the caller; every other statistic's
-    plan follows from the spec and the announced length)."""
+    """Run one round of ``spec`` over ``clients`` (one per spec party, any order); raises
+    :class:`RoundAborted` when it fails. ``release_plan``: the plan of a SQL query (compiled
+    by the caller; every other statistic's plan follows from the spec and the announced
+    length)."""
+    try:
+        return _round(
+            spec=spec,
+            clients=clients,
+            executor=executor,
+            observe=observe,
+            release_plan=release_plan,
+        )
+    except _RoundFailed as failed:
+        raise failed.aborted from failed.aborted.cause
+
+
+def _failed_at(futures: Sequence[Future[Any]], ordered: Sequence[_C]) -> dict[str, BaseException]:
+    """Party id -> exception of every future that failed (not those given up on purpose)."""
+    out: dict[str, BaseException] = {}
+    for f, c in zip(futures, ordered, strict=False):
+        if f.done() and not f.cancelled():
+            exc = f.exception()
+            if exc is not None and not isinstance(exc, _GaveUp):
+                out[c.party_id] = exc
+    return out
+
+
+def _round(
+    *,
+    spec: QuerySpec,
+    clients: Sequence[PartyClient],
+    executor: ThreadPoolExecutor | None,
+    observe: Observer | None,
+    release_plan: ReleasePlan | None,
+) -> RoundOutcome:
+    """One round (module docstring); raises :class:`_RoundFailed`."""
     ordered = order_clients(clients, spec.parties)
+    pingable: list[_Pingable] = [c for c in ordered if isinstance(c, _Pingable)]
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
     # one thread per party; a caller running many rounds passes its own pool (no start-up)
     pool = executor or ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="round")
     # what each party reported in its upload header (it charged its ledger before sending it)
     charged: dict[str, str] = {}
+    asked: list[Future[Proposal]] = []
+    pinged: list[Future[None]] = []
     contributions: list[Future[float]] = []
+    gave_up = threading.Event()
+    lock = threading.Lock()
     try:
         try:
             asked = [pool.submit(c.propose, session_id=session_id, spec=spec) for c in ordered]
@@ -264,8 +510,14 @@ def run_round(
                     f"parties announced {length} words, the plan has {release.length}"
                 )
             keys = signed_keys(proposals, spec.parties)
+            # a party that died or stopped while the others prepared is found now, before
+            # any party charges (docs/queries.md, "When a party fails")
+            pinged = [pool.submit(c.ping) for c in pingable]
+            wait(pinged)
+            failure = _first_failure(pinged)
+            if failure is not None:
+                raise failure
             total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
-            lock = threading.Lock()
 
             def contribute(client: PartyClient) -> float:
                 stream = client.contribute(
@@ -273,7 +525,7 @@ def run_round(
                 )
                 with lock:
                     charged[client.party_id] = stream.epsilon_spent
-                return accumulate(stream, total, lock, client.party_id, observe)
+                return accumulate(stream, total, lock, client.party_id, observe, gave_up)
 
             contributions = [pool.submit(contribute, c) for c in ordered]
             wait(contributions, return_when=FIRST_EXCEPTION)
@@ -282,11 +534,40 @@ def run_round(
                 raise failure
             remaining = [f.result() for f in contributions]
         except Exception as exc:
-            aborts = abort_all(ordered, session_id=session_id, reason=str(exc))
-            # the uploads still running finish or fail on their own deadline: only then is
-            # it known what every party charged
+            with lock:
+                gave_up.set()  # no upload of this round is added from now on
+            # a party that did not answer in time is told in the background: waiting on a
+            # stopped party's abort would cost the re-run another deadline (its session
+            # expires there anyway)
+            silent = {
+                p
+                for futures, who in ((asked, ordered), (pinged, pingable), (contributions, ordered))
+                for p, e in _failed_at(futures, who).items()
+                if isinstance(e, PartyError) and e.code == "DEADLINE_EXCEEDED"
+            }
+            if silent:
+                threading.Thread(
+                    target=_abort_until_delivered,
+                    args=([c for c in ordered if c.party_id in silent],),
+                    kwargs={"session_id": session_id, "reason": str(exc)},
+                    name="abort-silent",
+                    daemon=True,
+                ).start()
+            aborts = abort_all(
+                [c for c in ordered if c.party_id not in silent],
+                session_id=session_id,
+                reason=str(exc),
+            )
+            aborts.update((c.party_id, _SILENT_ABORT) for c in ordered if c.party_id in silent)
+            # the uploads whose header has not arrived finish or fail on their own
+            # deadline: only then is it known what every party charged
             wait(contributions)
-            raise _aborted(spec, exc, ordered, contributions, charged, aborts) from exc
+            failed = _failed_at(contributions, ordered) if contributions else {}
+            if not contributions:
+                failed = _failed_at(pinged, pingable) or _failed_at(asked, ordered)
+            query_fault = not failed or not all(_party_failure(e) for e in failed.values())
+            aborted = _aborted(spec, exc, ordered, contributions, charged, aborts)
+            raise _RoundFailed(aborted, failed, query_fault) from exc
     finally:
         if executor is None:
             pool.shutdown(wait=True)
@@ -304,6 +585,171 @@ def run_round(
         budget_remaining=dict(zip(spec.parties, remaining, strict=True)),
         session_id=session_id,
     )
+
+
+def rerun_id(query_id: str, attempt: int) -> str:
+    """The query id of re-run ``attempt`` (1, 2, ...) of ``query_id``: ``<query_id>.r<k>``."""
+    return f"{query_id}.r{attempt}"
+
+
+#: Builds the spec a round runs from the spec with its roster and query id set (a planner
+#: re-fits its fixed point for the roster) and the release plan when the caller has one.
+Prepare = Callable[[QuerySpec], tuple[QuerySpec, ReleasePlan | None]]
+
+
+def run_query(
+    *,
+    spec: QuerySpec,
+    clients: Sequence[PartyClient],
+    min_parties: int | None = None,
+    prepare: Prepare | None = None,
+    left_out: Mapping[str, Exception] | None = None,
+    executor: ThreadPoolExecutor | None = None,
+    observe: Observer | None = None,
+) -> RoundOutcome:
+    """Answer ``spec`` with the parties that do not fail (module docstring).
+
+    The first round runs over ``spec.parties``; each failed round whose failures are all the
+    parties' own (:data:`FAILURES`) is followed by a new round without them, as long as at
+    least ``min_parties`` (default: every party of ``spec``, plus those in ``left_out``)
+    remain and n' - t >= 1. ``prepare`` builds each round's spec and plan from the spec
+    with its roster and query id set (default: that spec, planned from the announced
+    length). ``left_out``: parties the caller already left out before the first round (e.g.
+    they did not answer Describe), party -> its failure; they count towards ``min_parties``' n and
+    are reported like the others. Raises :class:`QueryFailed` (a :class:`RoundAborted`)
+    when no round can answer; a failure of the query itself in the first round, with
+    nobody left out before it, raises that round's RoundAborted as :func:`run_round` does.
+    """
+    gone = dict(left_out or {})
+    n = len(spec.parties) + len(gone)
+    quorum = n if min_parties is None else min_parties
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or not 2 <= quorum <= n:
+        raise ParameterError("min_parties", min_parties, f"must be an int in [2, {n}]")
+    reruns = len(spec.parties) - quorum  # each re-run leaves at least one party out
+    if reruns > 0 and len(rerun_id(spec.query_id, reruns)) > MAX_QUERY_ID_CHARS:
+        raise ParameterError(
+            "query_id",
+            spec.query_id,
+            f"must leave room for the re-run suffix ({rerun_id('', reruns)!r}): at most "
+            f"{MAX_QUERY_ID_CHARS - len(rerun_id('', reruns))} characters",
+        )
+    by_id = {c.party_id: c for c in clients}
+    attempts: list[Attempt] = []
+    if gone:
+        attempts.append(_left_out(gone))
+    first = next(iter(gone.values()), None)  # the first failure, for QueryFailed.cause
+    roster = spec.parties
+    k = 0
+    while True:
+        check_roster(
+            spec.query_id,
+            roster,
+            quorum=quorum,
+            colluders=spec.colluders,
+            attempts=attempts,
+            first=first,
+        )
+        current = (
+            spec if k == 0 else replace(spec, parties=roster, query_id=rerun_id(spec.query_id, k))
+        )
+        current, release = prepare(current) if prepare is not None else (current, None)
+        try:
+            outcome = _round(
+                spec=current,
+                clients=[by_id[p] for p in roster],
+                executor=executor,
+                observe=observe,
+                release_plan=release,
+            )
+        except _RoundFailed as failed:
+            attempt = Attempt(
+                query_id=current.query_id,
+                parties=current.parties,
+                failed={p: str(e) for p, e in failed.failed.items()},
+                charged=dict(failed.aborted.charged or {}),
+                unknown=failed.aborted.unknown,
+            )
+            attempts.append(attempt)
+            if first is None:
+                exc = next(iter(failed.failed.values()), None)
+                first = exc if isinstance(exc, Exception) else None
+            log.warning(
+                "query %s: round failed (%s); %s",
+                current.query_id,
+                "; ".join(f"{p}: {why}" for p, why in attempt.failed.items()) or failed,
+                "giving up" if failed.query_fault else "re-running without them",
+            )
+            if failed.query_fault:
+                if len(attempts) == 1:
+                    raise failed.aborted from failed.aborted.cause
+                raise QueryFailed(
+                    spec.query_id, failed.aborted.cause, _real(attempts), first=first
+                ) from failed.aborted.cause
+            roster = tuple(p for p in roster if p not in failed.failed)
+            k += 1
+            continue
+        if attempts:
+            log.info(
+                "query %s answered by %s after %d failed round(s)",
+                current.query_id,
+                ", ".join(roster),
+                len(_real(attempts)),
+            )
+        return replace(outcome, attempts=tuple(attempts))
+
+
+def _real(attempts: Sequence[Attempt]) -> list[Attempt]:
+    """The rounds that ran (not the record of the parties left out before the first)."""
+    return [a for a in attempts if a.query_id]
+
+
+def check_roster(
+    query_id: str,
+    roster: Sequence[str],
+    *,
+    quorum: int,
+    colluders: int,
+    attempts: Sequence[Attempt] = (),
+    left_out: Mapping[str, Exception] | None = None,
+    first: Exception | None = None,
+) -> None:
+    """Raise :class:`QueryFailed` unless ``roster`` can answer a query: at least ``quorum``
+    parties and n' - colluders >= 1. The message names each party that failed (in
+    ``attempts``, or ``left_out`` before any round) and why; its ``cause`` is ``first``, or
+    the first party left out."""
+    short = _short_of(roster, quorum=quorum, colluders=colluders)
+    if short:
+        record = [*([_left_out(left_out)] if left_out else []), *attempts]
+        if first is None and left_out:
+            first = next(iter(left_out.values()))
+        raise QueryFailed(query_id, _failure_cause(short, record), _real(record), first=first)
+
+
+def _left_out(failures: Mapping[str, Exception]) -> Attempt:
+    """The record of the parties left out before the first round (no query id)."""
+    return Attempt(
+        query_id="", parties=(), failed={p: str(e) for p, e in failures.items()}, charged={}
+    )
+
+
+def _short_of(roster: Sequence[str], *, quorum: int, colluders: int) -> str:
+    """Why ``roster`` cannot answer a query ("" when it can)."""
+    why = []
+    if len(roster) < quorum:
+        why.append(f"{len(roster)} parties left, min_parties={quorum}")
+    elif len(roster) - colluders < 1:
+        why.append(
+            f"{len(roster)} parties left with colluders={colluders}: no honest noise share "
+            f"(n' - t = {len(roster) - colluders} < 1)"
+        )
+    return "; ".join(why)
+
+
+def _failure_cause(short: str, attempts: Sequence[Attempt]) -> MpcdpError:
+    """The cause of a query that ran out of parties: why, and each party that failed."""
+    failed = {p: why for a in attempts for p, why in a.failed.items()}
+    named = "; ".join(f"{p}: {why}" for p, why in failed.items()) or "none"
+    return MpcdpError(f"too few parties to answer ({short}); parties that failed: {named}")
 
 
 def _aborted(
