@@ -1,9 +1,11 @@
 """Noisy local vectors built ahead of time, off the request path (docs/design.md, "Distributed
 noise": "generate noise ahead of the request path").
 
-What a party uploads is ``mask + (noise share + local statistic)``. The part in parentheses
-depends only on the party's (static) data and the query's parameters, so the party keeps at
-most one ready vector per parameter set: a round takes the ready vector (or, on a miss,
+What a party uploads is ``mask + (noise share + local statistic)``. The noise share depends
+only on the query's parameters (and so does the statistic of an in-memory vector dataset,
+which the builder adds too; a table's statistic is added when a round takes the vector, from
+its engine, so it is never stale), so the party keeps at most one ready vector per parameter
+set: a round takes the ready vector (or, on a miss,
 builds one synchronously), and once the round's upload has been sent, :meth:`prepare` builds
 the next one in a background thread, so that a later round with the same parameters
 (a repeated dashboard query, training rounds with a fixed plan) finds it ready and does not

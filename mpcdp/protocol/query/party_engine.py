@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -103,8 +104,10 @@ _SALT_BYTES = 16
 
 
 def _builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
-    """noise share + encoded local statistic, in the ring of the query (the share drawn in
-    slices, on the pool's workers)."""
+    """noise share (+ the encoded local statistic of an in-memory vector), in the ring of the
+    query (the share drawn in slices, on the pool's workers). A table's statistic is not
+    built here: its engine runs when a query takes the vector (:meth:`PartyEngine._accept`),
+    so a prepared vector never holds stale data and no query runs speculatively."""
 
     spec = release.spec
     dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
@@ -125,7 +128,8 @@ def _builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
                 size=t.length, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=workers
             )
             offset += t.length
-        add_local_words(release, data, noisy, salt=rng.bytes(_SALT_BYTES))
+        if isinstance(data, Vector):
+            add_local_words(release, data, noisy, salt=b"")
         return noisy
 
     return build
@@ -355,6 +359,8 @@ class PartyEngine(SessionHost):
         assert view.data is not None  # checked in _check_spec
         try:
             noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
+            if isinstance(view.data, EngineTable):  # the table as it is now, in its engine
+                add_local_words(release, view.data, noisy, salt=secrets.token_bytes(_SALT_BYTES))
         except DataError as exc:
             # an engine's message may quote the data: it stays in the owner's log
             log.error("dataset %r failed its query %s: %s", spec.dataset, spec.query_id, exc)

@@ -324,11 +324,11 @@ def answer(
             p = float(agg.p if agg.p is not None else 0.5)
             released = np.asarray(hist, dtype=np.float64).reshape(cells, bins)
             values = invert_histograms(released, edges, p)
+            # every cell's noise has the same law: one block of simulated noise serves each
+            # cell's own simulation (its marginal law is exact; cells are not combined)
+            noise = law.sample(rng, _QUANTILE_DRAWS * bins).reshape(_QUANTILE_DRAWS, bins)
             for c in range(cells):
-                sims = released[c][None, :] + law.sample(rng, _QUANTILE_DRAWS * bins).reshape(
-                    _QUANTILE_DRAWS, bins
-                )
-                draws = invert_histograms(sims, edges, p)
+                draws = invert_histograms(released[c][None, :] + noise, edges, p)
                 lo_q, hi_q = np.quantile(draws, [(1 - _LEVEL) / 2, 1 - (1 - _LEVEL) / 2])
                 v = float(values[c])
                 out[c].append(

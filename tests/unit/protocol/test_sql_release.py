@@ -263,3 +263,17 @@ def test_histogram_inversion_known_answers() -> None:
     )
     assert invert_histograms(rows, edges, 0.5).tolist() == [1.5, 1.0, 2.0, 2.0]
     assert invert_histograms(rows[:1], edges, 0.9).tolist() == [pytest.approx(1.9)]
+
+
+def test_a_table_is_read_as_it_is_at_each_query(tmp_path: Path) -> None:
+    """A prepared vector holds noise only: a table's statistic comes from its engine when a
+    query takes the vector, so the same query twice reads the table as it is each time."""
+    n = build_net(tmp_path)
+    try:
+        with Federation.from_config(n.federation) as fed:
+            first = fed.sql("SELECT COUNT(*) FROM raises", mechanism="none")
+            (tmp_path / "bob.csv").write_text("raise,dept\n1,eng\n2,ops\n3,ops\n")
+            second = fed.sql("SELECT COUNT(*) FROM raises", mechanism="none")
+        assert second.cells[0][0].value == first.cells[0][0].value + 2
+    finally:
+        n.stop()
