@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mpcdp.dp.ledger_report import RDP_NOTE, DatasetReport, Entry, exact_decimal
 from mpcdp.errors import MpcdpError
+
+if TYPE_CHECKING:
+    from mpcdp.config.party_config import PartyConfig
 
 
 def _num(x: float | None) -> float | None:
@@ -46,7 +50,8 @@ def budget(
         "the node runs), check the copy, and exit.",
     ),
 ) -> None:
-    """Budget, spend and every charge (query or training block) per dataset of this party.
+    """Budget, spend and every charge (query or training block) per budget of this party
+    (datasets that share a budget, party.toml ``budget``, are shown once, together).
 
     Reads the ledger locally; nothing is sent anywhere. With --backup FILE, copies the
     ledger instead; to restore, stop the party and copy the backup to the ledger's path."""
@@ -70,13 +75,20 @@ def budget(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if as_json:
-        typer.echo(json.dumps(_to_json(cfg.id, str(cfg.ledger), reports)))
+        typer.echo(json.dumps(_to_json(cfg.id, str(cfg.ledger), reports, _users(cfg))))
         return
     typer.echo(f"party {cfg.id}, ledger {cfg.ledger}")
     any_rdp = False
+    users = _users(cfg)
     for r in reports:
+        shared = users.get(r.dataset, [r.dataset])
+        name = (
+            r.dataset
+            if shared == [r.dataset]
+            else f"budget {r.dataset} (datasets {', '.join(shared)})"
+        )
         typer.echo(
-            f"  {r.dataset}: spent {r.spent:.6g} of {exact_decimal(r.budget_epsilon)} "
+            f"  {name}: spent {r.spent:.6g} of {exact_decimal(r.budget_epsilon)} "
             f"(left {r.remaining:.6g}; pure {exact_decimal(r.pure_spent)} + RDP "
             f"{r.rdp_spent:.6g} at delta {r.delta:g})"
         )
@@ -93,13 +105,24 @@ def budget(
         typer.echo(f"  note: {RDP_NOTE}")
 
 
-def _to_json(party: str, ledger: str, reports: list[DatasetReport]) -> dict[str, object]:
+def _users(cfg: PartyConfig) -> dict[str, list[str]]:
+    """Budget name -> the datasets of ``cfg`` that draw on it (party.toml ``budget``)."""
+    out: dict[str, list[str]] = {}
+    for ds in cfg.datasets.values():
+        out.setdefault(ds.budget, []).append(ds.name)
+    return {b: sorted(names) for b, names in out.items()}
+
+
+def _to_json(
+    party: str, ledger: str, reports: list[DatasetReport], users: dict[str, list[str]]
+) -> dict[str, object]:
     return {
         "party": party,
         "ledger": ledger,
         "note": RDP_NOTE,
         "datasets": {
             r.dataset: {
+                "datasets": users.get(r.dataset, [r.dataset]),
                 "budget_epsilon": _num(float(r.budget_epsilon)),
                 "budget_epsilon_exact": exact_decimal(r.budget_epsilon),
                 "delta": r.delta,

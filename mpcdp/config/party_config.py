@@ -35,6 +35,12 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     num_classes = 10                  # labels are 0..num_classes-1
     epsilon = 3.0
     delta = 1e-5                      # training (RDP) needs delta > 0
+    [datasets.digits_wide]            # a second entry over the same data (another model):
+    path = "digits.npz"               # it must share the first one's budget, with the
+    budget = "digits"                 # same epsilon and delta (budget: default the
+    num_classes = 10                  # dataset's own name); two entries over the same
+    epsilon = 3.0                     # file, table or declared Dataset with different
+    delta = 1e-5                      # budgets are refused
     [datasets.scans]                  # a training task declared by import paths
     python_path = "code"              # folder prepended to sys.path (relative: to this file)
     model = "mysite.models:make"      # make(name) or make(name, **model_options) -> nn.Module
@@ -49,6 +55,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     delta = 1e-5
     [datasets.scans.model_options]    # optional keyword arguments of the factories
     width = 64
+    [datasets.scans.data_paths]       # optional: keyword arguments of the Dataset factory
+    root = "scans"                    # that are paths, resolved against this file's folder
     [datasets.raises.columns.raise]
     lower = 0
     upper = 5000
@@ -236,6 +244,15 @@ class DatasetConfig:
     #: the least number of parties holding one person's rows that a query must assume: a
     #: query spec with a smaller value is refused
     max_parties_per_unit: int = 1
+    #: the budget this dataset draws on, as party.toml's ``budget`` names it ("": its own
+    #: name); see :attr:`budget`
+    budget_name: str = ""
+
+    @property
+    def budget(self) -> str:
+        """The ledger budget this dataset draws on: ``budget = "..."`` in party.toml, by
+        default the dataset's own name. Datasets over the same data must share one."""
+        return self.budget_name or self.name
 
     def share(self, coordinator: str) -> Fraction | None:
         """The part of this dataset's budget ``coordinator`` may spend and hold reserved
@@ -468,6 +485,7 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
             "columns",
             "num_classes",
             "coordinator_shares",
+            "budget",
             *TRAINING_KEYS,
             *_SOURCE_KEYS,
             *_UNIT_KEYS,
@@ -509,7 +527,7 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
     if training is not None and path.suffix != ".npz":
         key = next(k for k in TRAINING_KEYS if k in r.data)
         raise r.error(key, f"is a training key; {path.name!r} is not an .npz of examples")
-    for key in ("collate", "num_workers", "pin_memory", "data_options"):
+    for key in ("collate", "num_workers", "pin_memory", "data_options", "data_paths"):
         if key in r.data and path.suffix == ".npz":
             raise r.error(key, "applies to data = ... (a Dataset), not to an .npz")
     if path.suffix not in (*TABLE_SUFFIXES, ".npy", ".npz"):
@@ -743,6 +761,66 @@ def _cap_of(r: Reader) -> float | None:
     return None if cap is None else float(cap)
 
 
+def _data_of(ds: DatasetConfig) -> str:
+    """What data ``ds`` reads, in words: equal for two datasets over the same data (the same
+    resolved file, table or declared Dataset factory with the same options)."""
+    t = ds.training
+    if t is not None and t.data:
+        folders = ", ".join(str(p) for p in t.python_path) or "none"
+        options = ", ".join(f"{k}={v!r}" for k, v in (*t.data_options, *t.data_paths))
+        return f"the Dataset {t.data}({options}) (python_path: {folders})"
+    if ds.source == "postgres":
+        return f"the PostgreSQL table {ds.table} at {redact_url(ds.url or '')}"
+    if ds.table is not None:
+        return f"the Spark table {ds.table} at {ds.spark_master}"
+    return f"the file {ds.path.resolve()}"
+
+
+def _shared_budgets(r: Reader, datasets: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:
+    """Each dataset with the budget it draws on (``budget = "..."``, default its own name),
+    checked: datasets sharing a budget declare the same epsilon, delta and coordinator
+    shares; two datasets over the same data share a budget (else each would get a full
+    budget over the same people); a budget named after another dataset is that dataset's."""
+    out: dict[str, DatasetConfig] = {}
+    for name, ds in datasets.items():
+        t = r.table(name)
+        budget = t.get("budget", str, name)
+        if not budget or len(budget) > 256 or not budget.isprintable():
+            raise t.error("budget", f"must be 1 to 256 printable characters, got {budget!r}")
+        out[name] = dataclasses.replace(ds, budget_name="" if budget == name else budget)
+    first: dict[str, DatasetConfig] = {}
+    for ds in out.values():
+        owner = out.get(ds.budget)
+        if owner is not None and owner.budget != ds.budget:
+            raise r.error(
+                f"{ds.name}.budget",
+                f"{ds.budget!r} is dataset {owner.name!r}, which draws on budget "
+                f"{owner.budget!r}: name that budget, or another one",
+            )
+        other = first.setdefault(ds.budget, ds)
+        mine = (ds.epsilon, ds.delta, ds.coordinator_shares)
+        theirs = (other.epsilon, other.delta, other.coordinator_shares)
+        if mine != theirs:
+            raise r.error(
+                f"{ds.name}.budget",
+                f"datasets {other.name!r} and {ds.name!r} share budget {ds.budget!r} but "
+                f"declare different epsilon, delta or coordinator_shares ({other.epsilon!r}, "
+                f"{other.delta!r}, {dict(other.coordinator_shares)} against {ds.epsilon!r}, "
+                f"{ds.delta!r}, {dict(ds.coordinator_shares)}): declare the same in both",
+            )
+    data: dict[str, DatasetConfig] = {}
+    for ds in out.values():
+        other = data.setdefault(_data_of(ds), ds)
+        if other.budget != ds.budget:
+            raise r.error(
+                ds.name,
+                f"datasets {other.name!r} and {ds.name!r} both read {_data_of(ds)}, but draw on "
+                f"budgets {other.budget!r} and {ds.budget!r}: each would spend a full budget on "
+                f'the same people. Declare budget = "{other.budget}" in both',
+            )
+    return out
+
+
 def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
     r = Reader(p, _load(p))
@@ -769,6 +847,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
     shares = (_read_shares(r, coordinators), coordinators)
     ds = r.table("datasets")
     datasets = {name: _dataset(ds.table(name), name, shares) for name in ds.data}
+    datasets = _shared_budgets(ds, datasets)
     return PartyConfig(
         path=p,
         id=r.identity("id"),

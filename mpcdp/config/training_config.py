@@ -46,6 +46,13 @@ class TrainingDeclaration:
     pin_memory: bool | None = None
     model_options: tuple[tuple[str, Any], ...] = ()
     data_options: tuple[tuple[str, Any], ...] = ()
+    #: keyword arguments of the Dataset factory that are paths: party.toml's
+    #: ``data_paths``, each resolved against the file's folder (absolute, as str)
+    data_paths: tuple[tuple[str, str], ...] = ()
+
+    def data_arguments(self) -> dict[str, Any]:
+        """The Dataset factory's keyword arguments: ``data_options`` and ``data_paths``."""
+        return {**dict(self.data_options), **dict(self.data_paths)}
 
 
 TRAINING_KEYS = (
@@ -59,6 +66,7 @@ TRAINING_KEYS = (
     "pin_memory",
     "model_options",
     "data_options",
+    "data_paths",
 )
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
@@ -78,6 +86,22 @@ def _import_path(r: Reader, key: str) -> str:
 def _options(r: Reader, key: str) -> tuple[tuple[str, Any], ...]:
     table = r.get(key, dict, {})
     return tuple(sorted(table.items()))
+
+
+def _paths(r: Reader, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, str], ...]:
+    """``data_paths``: keyword -> a path, relative ones resolved against party.toml's
+    folder; a keyword may not also be in ``data_options``."""
+    table = r.get("data_paths", dict, {})
+    out = []
+    for key, text in sorted(table.items()):
+        where = f"data_paths.{key}"
+        if key in dict(options):
+            raise r.error(where, "is also in data_options: give each keyword in one of them")
+        if not isinstance(text, str) or not text or "\0" in text:
+            raise r.error(where, f"must be a path (a non-empty string), got {text!r}")
+        path = Path(text)
+        out.append((key, str(path if path.is_absolute() else r.path.parent / path)))
+    return tuple(out)
 
 
 def read_training(r: Reader) -> TrainingDeclaration | None:
@@ -118,4 +142,5 @@ def read_training(r: Reader) -> TrainingDeclaration | None:
         pin_memory=r.get("pin_memory", bool, None),
         model_options=_options(r, "model_options"),
         data_options=_options(r, "data_options"),
+        data_paths=_paths(r, _options(r, "data_options")),
     )

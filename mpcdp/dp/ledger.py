@@ -43,6 +43,12 @@ charged query. The rules:
   advisory lock (flock) on the file for the ledger's lifetime; a second party process on the
   same ledger fails at start instead of enforcing the budget a second time. Read-only users
   (``mpcdp budget``) open it without the lock.
+- one budget per data: dataset entries that read the same data share one budget row
+  (party.toml ``budget = "..."``, mpcdp.config.party_config); :meth:`share_budgets` maps
+  each entry onto its budget, so every call naming an entry reserves, charges and reads the
+  shared row, and :meth:`merge_budget` moves an entry's charges from a budget of its own
+  onto the shared one (nothing spent is dropped). A budget's row keeps its name: ledgers
+  whose entries each have their own budget are unchanged.
 - backups: :meth:`backup` copies the ledger with SQLite's online backup API (consistent even
   while the node charges), and checks the copy like any ledger it opens.
 
@@ -285,6 +291,8 @@ class BudgetLedger:
         self._owner_fd: int | None = None
         self._clock = clock
         self._cache: dict[tuple[str, str | None], _Spend] = {}
+        #: dataset entry -> the budget it draws on, where that is not its own name
+        self._budget_names: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
         try:
             if create:
@@ -606,6 +614,61 @@ class BudgetLedger:
         if old is not None:
             log.info("budget of dataset %r changed from %s to %s", dataset, old[0], eps)
 
+    def share_budgets(self, names: dict[str, str]) -> None:
+        """Let each dataset entry of ``names`` draw on the budget it maps to (party.toml
+        ``budget = "..."``): every later call that names the entry reserves, charges and
+        reads that budget's row, so entries over the same data spend one budget. An entry
+        mapped to itself is left as it is; the budgets must exist (:meth:`set_budget`)."""
+        checked = {e: b for e, b in names.items() if _check_name("dataset", e) != b}
+        with self._lock:
+            for entry, budget in checked.items():
+                self._budget_row(_check_name("budget", budget))  # ParameterError: none such
+                if entry in checked.values():
+                    raise ParameterError(
+                        "dataset", entry, f"names a shared budget, so it cannot draw on {budget!r}"
+                    )
+            self._budget_names = checked
+
+    def merge_budget(self, old: str, *, into: str) -> int:
+        """Move every charge of budget ``old`` to budget ``into`` and drop ``old``'s row, in
+        one transaction: what was spent under ``old`` then counts against ``into`` (a
+        dataset entry that used to have a budget of its own and now shares one). Nothing is
+        refunded; ``into`` may end up over its budget, and then refuses every new charge.
+        Returns the number of charges moved."""
+        _check_name("dataset", old)
+        _check_name("budget", into)
+        if old == into:
+            raise ParameterError("into", into, "must differ from the budget merged into it")
+        with self._lock:
+            if any(r.dataset == old for r in self._live().values()):
+                raise LedgerError(f"budget {old!r} has reservations in flight; merge it later")
+            pure, queries, exact = self._budget_row(old)[2:]
+            target = self._budget_row(into)
+            with self._writing(f"the merge of budget {old!r} into {into!r}"):
+                self._delete_stale()
+                moved = self._conn.execute(
+                    "UPDATE charges SET dataset=? WHERE dataset=?", (into, old)
+                ).rowcount
+                self._conn.execute(
+                    "UPDATE budgets SET pure_spent=?, queries=?, exact_releases=? WHERE dataset=?",
+                    (str(target[2] + pure), target[3] + queries, target[4] + exact, into),
+                )
+                self._conn.execute("DELETE FROM budgets WHERE dataset=?", (old,))
+            self._cache.clear()
+        log.warning(
+            "ledger %s: the %d charge(s) of budget %r now count against budget %r",
+            self.path,
+            moved,
+            old,
+            into,
+        )
+        return int(moved)
+
+    def _budget_of(self, dataset: str) -> str:
+        """The budget row a dataset entry draws on (its own name unless shared)."""
+        _check_name("dataset", dataset)
+        return self._budget_names.get(dataset, dataset)
+
     def datasets(self) -> list[str]:
         with self._lock:
             rows = self._conn.execute("SELECT dataset FROM budgets ORDER BY dataset").fetchall()
@@ -791,7 +854,7 @@ class BudgetLedger:
 
     def status(self, dataset: str) -> BudgetStatus:
         """Budget, spend and counts for ``dataset`` (charges only, not reservations)."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         with self._lock:
             return self._status(dataset)
 
@@ -800,7 +863,7 @@ class BudgetLedger:
     ) -> BudgetStatus:
         """What ``coordinator`` has charged to ``dataset``, against its ``share`` of the
         budget (None: the whole budget)."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         _check_coordinator(coordinator)
         with self._lock:
             return self._status(
@@ -816,7 +879,7 @@ class BudgetLedger:
         charge and this coordinator's reservations. The other coordinators' reservations
         are not counted: they are theirs (and what the dataset has left after charges is
         public to every coordinator anyway)."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         _check_coordinator(coordinator)
         share = _check_share(share)
         with self._lock:
@@ -840,7 +903,7 @@ class BudgetLedger:
         share: Fraction | None = None,
     ) -> BudgetStatus:
         """What :meth:`reserve` would refuse, refused; nothing is reserved or written."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         _check_coordinator(coordinator)
         with self._lock:
             return self._require_budget(
@@ -849,7 +912,7 @@ class BudgetLedger:
 
     def reserved_epsilon(self, dataset: str) -> float:
         """Epsilon (at the dataset's delta) that the live reservations on ``dataset`` add."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         with self._lock:
             held = [r.event for r in self._live().values() if r.dataset == dataset]
             base = self._status(dataset)
@@ -873,7 +936,7 @@ class BudgetLedger:
         (BudgetExceededError), counting the other reservations as spent; a query id that
         is already reserved or was already charged (LedgerError: a party answers each
         query id once); and a reservation the disk cannot hold (LedgerWriteError)."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         _check_name("query_id", query_id)
         _check_coordinator(coordinator)
         _check_share(share)
@@ -970,7 +1033,7 @@ class BudgetLedger:
         :meth:`reserve` stays. ``note``: what an unreserved charge pays for, in words (at
         most 200 characters kept).
         """
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         _check_name("query_id", query_id)
         _check_coordinator(coordinator)
         _check_share(share)
@@ -1071,7 +1134,7 @@ class BudgetLedger:
 
     def charges(self, dataset: str) -> list[Charge]:
         """Every charge of ``dataset``, oldest first (reservations are not charges)."""
-        _check_name("dataset", dataset)
+        dataset = self._budget_of(dataset)
         with self._lock:
             return [
                 Charge(

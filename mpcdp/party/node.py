@@ -47,6 +47,7 @@ __all__ = [
     "init_ledger",
     "raise_open_files_limit",
     "serve",
+    "set_budgets",
 ]
 
 log = logging.getLogger(__name__)
@@ -298,9 +299,22 @@ def init_ledger(cfg: PartyConfig) -> Path:
     """Create the party's ledger (``mpcdp party init``), with each dataset's budget from the
     config; LedgerError when a file is already there (a ledger is never overwritten)."""
     with BudgetLedger.create(cfg.ledger, owner=True) as ledger:
-        for ds in cfg.datasets.values():
-            ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
+        set_budgets(ledger, cfg)
     return cfg.ledger
+
+
+def set_budgets(ledger: BudgetLedger, cfg: PartyConfig) -> None:
+    """Each budget of ``cfg`` in ``ledger`` (once, however many datasets share it), and
+    each dataset drawing on its budget (party.toml ``budget``). A dataset that used to have
+    a budget of its own in this ledger and now shares another brings its charges along:
+    they count against the shared budget (nothing spent is forgotten)."""
+    for ds in cfg.datasets.values():
+        ledger.set_budget(ds.budget, epsilon=ds.epsilon, delta=ds.delta)
+    budgets = {ds.budget for ds in cfg.datasets.values()}
+    for ds in cfg.datasets.values():
+        if ds.name not in budgets and ds.name in ledger.datasets():
+            ledger.merge_budget(ds.name, into=ds.budget)
+    ledger.share_budgets({ds.name: ds.budget for ds in cfg.datasets.values()})
 
 
 def check_ledger(cfg: PartyConfig) -> str:
@@ -367,8 +381,7 @@ class PartyNode:
         self.creds = tls.load_credentials(config.tls)
         # one process per ledger; created only on purpose, never over a lost or empty one
         self.ledger = BudgetLedger(config.ledger, owner=True, create=create_ledger)
-        for ds in config.datasets.values():
-            self.ledger.set_budget(ds.name, epsilon=ds.epsilon, delta=ds.delta)
+        set_budgets(self.ledger, config)
         self.views = _load(config)
         self.tasks = _tasks(config, device, model_factory, ranks=ranks)
         party = PartyIdentity(

@@ -6,7 +6,8 @@ per-example loss and the collate function, imported by ``package.module:attribut
   the ``nn.Module`` for the run's model name; the run's name is the import path itself. The
   coordinator imports the same path (``mpcdp train --model pkg.mod:factory``); no code
   crosses the wire, and every site checks the architecture's fingerprint at TrainOpen.
-- ``data``: ``make(**data_options)`` returns a map-style ``torch.utils.data.Dataset`` whose
+- ``data``: ``make(**data_options, **data_paths)`` (``data_paths`` resolved against
+  party.toml's folder) returns a map-style ``torch.utils.data.Dataset`` whose
   items are ``(features, target)``: features tensor-like of one shape, finite; targets an
   integer class (``cross_entropy``; in ``[0, num_classes)`` when declared) or floats of one
   shape (``mse``).
@@ -196,7 +197,7 @@ def load_data(
     (both name ``where``, the key and the value; never sent to a coordinator)."""
     key = f"{where}.data"
     make = import_object(decl.data, python_path=decl.python_path, where=key)
-    dataset = _call_factory(make, dict(decl.data_options), key, decl.data)
+    dataset = _call_factory(make, decl.data_arguments(), key, decl.data)
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ConfigError(
             f"{key} = {decl.data!r}: returned {type(dataset).__name__}, not a map-style "
