@@ -25,7 +25,7 @@ from tests.integration.test_dropouts import PARTIES, _datasets, charges, federat
 pytestmark = pytest.mark.slow
 
 SEED = 20261207
-CHAOS_S = 8.0
+CHAOS_S = 6.0
 
 
 def _chaos(net: LocalFederation, stop: threading.Event, done: list[tuple[str, str]]) -> None:

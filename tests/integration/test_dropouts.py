@@ -164,7 +164,8 @@ def test_a_stopped_party_is_left_out_and_its_late_contribute_refused(
 
     with federation(net, min_parties=2) as fed:
         hook(fed, "carlos", StopBeforeContribute)
-        res = fed.sum(dataset="raises", column="raise", epsilon=0.5, query_id="stopped")
+        # a DP SQL query: re-run and re-planned like any statistic
+        res = fed.sql("SELECT SUM(raise) FROM raises", epsilon=0.5, query_id="stopped")
     try:
         assert res.parties == ("alice", "bob") and res.query_id == "stopped.r1"
         assert "DEADLINE_EXCEEDED" in res.dropped["carlos"]
