@@ -407,7 +407,8 @@ def main() -> None:
             f"{'rows':>12} {'variant':>16} | {'start s':>8} {'first s':>8} {'query s':>8} "
             f"{'peak MB':>8} | {'query/duckdb-pq':>15} {'peak/duckdb-pq':>14}"
         )
-        sizes = sorted(set(args.rows) | set(args.spark_rows or []))
+        spark_rows = [] if args.skip_spark else list(args.spark_rows or [])
+        sizes = sorted(set(args.rows) | set(spark_rows))
         for n in sizes:
             pq = tmp / f"t{n}.parquet"
             write_table(pq, rows=n, cats=10)
@@ -425,6 +426,8 @@ def main() -> None:
                     rows.append(run_worker("duckdb-parquet", pq, args.repeat))
                 rows.append(run_worker("spark", pq, args.repeat))
             pq.unlink()
+            if not rows:
+                continue
             ref = rows[0]
             for r in rows:
                 r["table_rows"] = n
