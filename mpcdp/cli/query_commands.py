@@ -79,6 +79,8 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
     )
     for party, left in result.budget_remaining.items():
         typer.echo(f"  budget left at {party}: {left:g}")
+    for party, why in result.dropped.items():
+        typer.echo(f"  left out: {party} ({why})")
 
 
 def _keys(values: list[str]) -> dict[str, list[str]]:
@@ -169,6 +171,8 @@ def sql(
     )
     for party, left in result.budget_remaining.items():
         typer.echo(f"  budget left at {party}: {left:g}")
+    for party, why in result.dropped.items():
+        typer.echo(f"  left out: {party} ({why})")
 
 
 @app.command("sum")

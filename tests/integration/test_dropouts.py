@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +133,22 @@ def test_a_party_killed_mid_query_is_left_out_and_charged_nothing(net: LocalFede
     assert "nothing was charged" in text
     for p in ("alice", "bob"):
         assert "all-or-none" not in charges(net, p)
+    # federation.toml's min_parties, through the command line: answered by the others, and
+    # the analyst is told who was left out and why
+    toml = net.workdir / "federation-2.toml"
+    toml.write_text("min_parties = 2\n" + net.federation_config.read_text())
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "mpcdp.cli", "query", "sum", "--federation", str(toml)),
+            *("--dataset", "raises", "--column", "raise", "--epsilon", "0.5"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=net.workdir,
+    ).stdout
+    assert "budget left at alice: 9" in out and "budget left at carlos" not in out
+    assert "left out: carlos (party 'carlos' is unreachable" in out
 
 
 def test_no_honest_share_left_fails_and_charges_nothing(net: LocalFederation) -> None:
