@@ -112,7 +112,8 @@ def test_a_bad_declaration_makes_the_task_unavailable_naming_site_key_and_value(
     fill = {"M": MODELS, "D": DATA}
     cfg = party_file(
         tmp_path,
-        dataset_toml("good", GOOD) + dataset_toml("bad", body.format(**fill)),
+        # the same Dataset (blobs) twice: one budget
+        dataset_toml("good", GOOD) + dataset_toml("bad", body.format(**fill) + '\nbudget = "good"'),
     )
     states = check_datasets(load_party_config(cfg))
     assert states["good"] is None
@@ -679,7 +680,9 @@ def test_mpcdp_party_check_prints_a_declaration_error(tmp_path: Path) -> None:
     cfg = party_file(
         tmp_path,
         dataset_toml("good", GOOD)
-        + dataset_toml("bad", f'model = "{MODELS}:raising"\ndata = "{DATA}:blobs"'),
+        + dataset_toml(
+            "bad", f'model = "{MODELS}:raising"\ndata = "{DATA}:blobs"\nbudget = "good"'
+        ),
     )
     exe = Path(sys.executable).parent / "mpcdp"
     out = subprocess.run(
