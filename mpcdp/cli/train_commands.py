@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from mpcdp.errors import MpcdpError
+from mpcdp.errors import MpcdpError, ParameterError
 
 # the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
 FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
@@ -116,7 +116,12 @@ def train(
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adam."),
     clipping: str = typer.Option("flat", "--clipping", help="flat or automatic."),
     bias_only: bool = typer.Option(False, "--bias-only", help="DP-BiTFiT: train biases only."),
-    eval_data: Path | None = typer.Option(None, "--eval", help="Test .npz (x, y) to evaluate."),
+    eval_data: Path | None = typer.Option(
+        None,
+        "--eval",
+        help="Test .npz (x, y) to evaluate after every epoch; checked with the run's model "
+        "before any site is asked (integer x, e.g. token ids, stays integer).",
+    ),
     public_data: Path | None = typer.Option(
         None, "--public", help="Public .npz (x, y) for a non-private warm start."
     ),
@@ -237,6 +242,13 @@ def train(
                     audit_delta=audit_delta,
                     allow_untestable=True,  # checked and printed above (_audit_preflight)
                 )
+        except ParameterError as exc:
+            if exc.name != "eval_data":
+                typer.echo(f"\nerror: {exc}", err=True)
+                raise typer.Exit(1) from None
+            # checked at the coordinator before any site was asked (Federation.train)
+            typer.echo(f"\nerror: --eval {eval_data}: {exc.reason}", err=True)
+            raise typer.Exit(2) from None
         except MpcdpError as exc:
             typer.echo(f"\nerror: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -166,12 +166,13 @@ def load_vector(path: Path) -> Vector:
 
 @dataclass(frozen=True)
 class Examples:
-    """Labelled examples for training: features ``x`` (float32, one row per example) and
-    integer labels ``y`` in [0, num_classes), or, for regression (``num_classes`` 0), float32
-    targets ``y`` of shape (N,) or (N, ...)."""
+    """Labelled examples for training: features ``x`` (one row per example: float32, or int64
+    when the file's ``x`` is integer-typed, e.g. token ids for an Embedding) and integer
+    labels ``y`` in [0, num_classes), or, for regression (``num_classes`` 0), float32 targets
+    ``y`` of shape (N,) or (N, ...)."""
 
     path: Path
-    x: NDArray[np.float32]
+    x: NDArray[np.float32] | NDArray[np.int64]
     y: NDArray[np.int64] | NDArray[np.float32]
     num_classes: int
 
@@ -187,7 +188,9 @@ class Examples:
 def load_examples(path: Path, *, num_classes: int, regression: bool = False) -> Examples:
     """Read an .npz with exactly the arrays ``x`` (numeric, shape (N, ...)) and ``y``
     (integers, shape (N,)); refuse NaN/inf features and labels outside [0, num_classes).
-    With ``regression``, ``y`` holds finite numeric targets of shape (N, ...) instead."""
+    With ``regression``, ``y`` holds finite numeric targets of shape (N, ...) instead.
+    Integer-typed ``x`` stays integer (int64: token ids must not become floats); float ``x``
+    becomes float32."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = sorted(npz.files)
@@ -216,7 +219,11 @@ def load_examples(path: Path, *, num_classes: int, regression: bool = False) -> 
     return Examples(path=path, x=feats, y=labels, num_classes=num_classes)
 
 
-def _features(path: Path, x: NDArray[Any]) -> NDArray[np.float32]:
+def _features(path: Path, x: NDArray[Any]) -> NDArray[np.float32] | NDArray[np.int64]:
+    if x.dtype.kind in "iu":
+        if x.dtype == np.uint64 and x.size and int(x.max()) > np.iinfo(np.int64).max:
+            raise DataError(f"{path}: x holds integers above 2^63 - 1 (not an int64)")
+        return x.astype(np.int64)
     feats = x.astype(np.float32)
     bad = ~np.isfinite(feats)
     if bad.any():

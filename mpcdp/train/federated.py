@@ -77,6 +77,7 @@ __all__ = [
     "TrainingPlan",
     "TrainingResult",
     "UntestableAuditError",
+    "checked_eval_data",
     "load_checkpoint",
     "plan_training",
     "set_flat_gradients",
@@ -125,6 +126,108 @@ def evaluate(
     model.train(was)
     n = max(len(y), 1)
     return correct / n, loss / n
+
+
+#: examples of the evaluation data the coordinator runs its model on before any site is asked
+EVAL_CHECK_ITEMS = 8
+
+
+def _eval_refusal(why: str) -> ParameterError:
+    return ParameterError("eval_data", "the evaluation data", f"{why}; nothing was charged")
+
+
+def _runs_on(net: torch.nn.Module, x: NDArray[Any]) -> Exception | None:
+    """None when ``net`` runs on the features ``x`` (no gradient, eval mode), else why not."""
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.as_tensor(x))
+    except Exception as exc:  # the user's model on the user's data: any failure is the answer
+        return exc
+    finally:
+        net.train(was)
+    return None
+
+
+def checked_eval_data(
+    net: torch.nn.Module,
+    data: Arrays | Dataset[Any],
+    *,
+    loss: str,
+    python_path: str | Path | Sequence[str | Path] = (),
+    feature_shape: tuple[int, ...] = (),
+) -> Arrays | Dataset[Any]:
+    """The evaluation data, checked the way every epoch will use it, before any site is asked:
+    the model runs on its first :data:`EVAL_CHECK_ITEMS` examples at the coordinator and the
+    loss on that output, and for cross-entropy every label is a class of the model's output.
+    Arrays keep integer features (token ids) as int64 for a model that takes them, and turn
+    them into float32 for one that does not (integer pixel values), as the sites do with an
+    .npz. ParameterError naming ``eval_data`` and the problem otherwise."""
+    sites = f" (the sites' examples have shape {feature_shape})" if feature_shape else ""
+    if not isinstance(data, tuple):
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise _eval_refusal("the Dataset is empty")
+        head: Arrays | Dataset[Any] = torch.utils.data.Subset(
+            data,
+            range(min(EVAL_CHECK_ITEMS, len(data))),  # type: ignore[arg-type]
+        )
+    else:
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+        if x.ndim < 1 or y.ndim < 1 or len(x) != len(y) or len(x) == 0:
+            raise _eval_refusal(
+                f"x {x.shape} and y {y.shape} must hold the same number (> 0) of examples"
+            )
+        if x.dtype.kind not in "fiu":
+            raise _eval_refusal(f"x must be numbers, got dtype {x.dtype}")
+        if loss == "cross_entropy" and y.dtype.kind not in "iu":
+            raise _eval_refusal(f"y must be integer labels for cross_entropy, got dtype {y.dtype}")
+        k = min(EVAL_CHECK_ITEMS, len(x))
+        if x.dtype.kind in "iu":
+            x = x.astype(np.int64)
+            if _runs_on(net, x[:k]) is not None and _runs_on(net, x[:k].astype(np.float32)) is None:
+                x = x.astype(np.float32)  # integer pixels for a model of float features
+        else:
+            x = x.astype(np.float32)
+        failed = _runs_on(net, x[:k])
+        if failed is not None:
+            raise _eval_refusal(
+                f"the model cannot run on its first {k} examples (x of shape "
+                f"{tuple(x.shape[1:])}, {x.dtype}){sites}: {type(failed).__name__}: "
+                f"{str(failed)[:300]}"
+            )
+        if loss == "cross_entropy":
+            was = net.training
+            net.eval()
+            try:
+                with torch.no_grad():
+                    out = net(torch.as_tensor(x[:1]))
+            finally:
+                net.train(was)
+            classes = int(out.shape[1]) if out.ndim == 2 else 0
+            if classes < 2:
+                raise _eval_refusal(
+                    f"cross_entropy needs the model's output to be (N, classes), got "
+                    f"{tuple(out.shape)}"
+                )
+            bad = np.flatnonzero((y < 0) | (y >= classes))
+            if bad.size:
+                raise _eval_refusal(
+                    f"example {int(bad[0])} has label {int(y[bad[0]])}, outside the model's "
+                    f"{classes} classes [0, {classes})"
+                )
+        data = (x, y)
+        head = (x[:k], y[:k])
+    try:
+        evaluate_any(net, head, loss=loss, python_path=python_path)
+    except ParameterError:
+        raise
+    except Exception as exc:  # the user's model, loss or Dataset: any failure is refused
+        raise _eval_refusal(
+            f"evaluating the model on its first examples{sites} failed: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+    return data
 
 
 def set_flat_gradients(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
@@ -321,6 +424,10 @@ def train(
     history: list[EpochRecord] = []
     start = 0
     public_accuracy: float | None = None
+    if eval_data is not None:  # a bad file fails now, before any site is asked or charged
+        eval_data = checked_eval_data(
+            net, eval_data, loss=loss, python_path=python_path, feature_shape=feature_shape
+        )
     if metric:  # a bad path or value fails now, before any site is asked or charged
         if eval_data is None:
             raise ParameterError("metric", metric, "needs eval_data to be computed on")

@@ -136,13 +136,18 @@ class TorchGradientSource:
         self._physical = max_physical_batch
         self._data: TensorBatches | LoaderBatches
         if examples is not None:
+            x = examples.x
+            integer = x.dtype.kind in "iu" and self._takes_integers(examples.feature_shape)
+            if x.dtype.kind in "iu" and not integer:  # integer pixels for a float model
+                x = x.astype(np.float32)
             self._check_model(
                 examples.feature_shape,
                 num_classes=examples.num_classes,
                 target_shape=tuple(examples.y.shape[1:]),
                 integer_targets=examples.y.dtype.kind in "iu",
+                integer_features=integer,
             )
-            self._data = TensorBatches(examples.x, examples.y, self._device)
+            self._data = TensorBatches(x, examples.y, self._device)
         else:
             assert data is not None
             self._check_model(
@@ -190,6 +195,18 @@ class TorchGradientSource:
             # every worker builds this session's source from its own copy of the site's
             # config and data (what it receives is the spec: nothing private)
             ranks.open(key=self._key, description={"dataset": spec.dataset, "spec": spec})
+
+    def _takes_integers(self, feature_shape: tuple[int, ...]) -> bool:
+        """Whether the model runs on integer features (token ids for an Embedding) rather
+        than only on floats: an .npz's integer-typed x is given to it as int64 then, and as
+        float32 otherwise (integer pixel values). Tried on a public batch of two zeros."""
+        x = torch.zeros((2, *feature_shape), dtype=torch.int64, device=self._device)
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except Exception:  # the user's model on int64 input: any failure means floats
+            return False
+        return True
 
     def _check_model(
         self,
