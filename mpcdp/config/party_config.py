@@ -767,7 +767,8 @@ def _data_of(ds: DatasetConfig) -> str:
     t = ds.training
     if t is not None and t.data:
         folders = ", ".join(str(p) for p in t.python_path) or "none"
-        options = ", ".join(f"{k}={v!r}" for k, v in (*t.data_options, *t.data_paths))
+        paths = ((k, str(Path(v).resolve())) for k, v in t.data_paths)
+        options = ", ".join(f"{k}={v!r}" for k, v in sorted((*t.data_options, *paths)))
         return f"the Dataset {t.data}({options}) (python_path: {folders})"
     if ds.source == "postgres":
         return f"the PostgreSQL table {ds.table} at {redact_url(ds.url or '')}"
