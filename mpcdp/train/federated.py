@@ -166,11 +166,16 @@ def checked_eval_data(
     .npz. ParameterError naming ``eval_data`` and the problem otherwise."""
     sites = f" (the sites' examples have shape {feature_shape})" if feature_shape else ""
     if not isinstance(data, tuple):
-        if len(data) == 0:  # type: ignore[arg-type]
+        try:
+            size = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise _eval_refusal(
+                f"{type(data).__name__} is not a map-style Dataset (no __len__)"
+            ) from None
+        if size == 0:
             raise _eval_refusal("the Dataset is empty")
         head: Arrays | Dataset[Any] = torch.utils.data.Subset(
-            data,
-            range(min(EVAL_CHECK_ITEMS, len(data))),  # type: ignore[arg-type]
+            data, range(min(EVAL_CHECK_ITEMS, size))
         )
     else:
         x, y = np.asarray(data[0]), np.asarray(data[1])

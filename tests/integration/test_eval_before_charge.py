@@ -189,3 +189,34 @@ def test_an_embedding_model_trains_on_int_ids_and_evaluates_on_an_int_npz(net: N
     )  # fmt: skip
     assert out.exit_code == 2 and "--eval" in out.stderr and "cannot run" in out.stderr
     assert _ledgers(net) == before
+
+
+def test_an_eval_dataset_is_checked_on_its_first_items() -> None:
+    """A map-style Dataset of (x, y) items: the model runs on its first items, and something
+    that is not a Dataset, or an empty one, is refused (all before any site is asked)."""
+    import torch
+
+    from mpcdp.train.federated import checked_eval_data
+    from mpcdp.train.models import build_model
+
+    class Items(torch.utils.data.Dataset[Any]):
+        def __init__(self, width: int, n: int = 12) -> None:
+            self.width, self.n = width, n
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return torch.zeros(self.width), i % 3
+
+    net = build_model("mlp:8,6,3")
+    good = Items(8)
+    assert checked_eval_data(net, good, loss="cross_entropy") is good
+    for data, problem in (
+        (Items(5), "evaluating the model on its first examples failed"),
+        (Items(8, n=0), "the Dataset is empty"),
+        (iter([]), "is not a map-style Dataset"),
+    ):
+        with pytest.raises(ParameterError, match="eval_data") as exc:
+            checked_eval_data(net, data, loss="cross_entropy")  # type: ignore[arg-type]
+        assert problem in str(exc.value)
