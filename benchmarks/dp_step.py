@@ -216,10 +216,10 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[int
         )
         return model, lambda b: torch.randint(0, args.vocab, (b, args.seq_len), generator=gen)
     if name == "torch-transformer":
-        model = TorchTransformer(
+        user_model: nn.Module = TorchTransformer(
             vocab=args.vocab, seq_len=args.seq_len, dim=args.dim, heads=4, layers=args.layers
         )
-        return model, lambda b: torch.randint(0, args.vocab, (b, args.seq_len), generator=gen)
+        return user_model, lambda b: torch.randint(0, args.vocab, (b, args.seq_len), generator=gen)
     raise SystemExit(f"unknown model {name!r}")
 
 
@@ -297,7 +297,7 @@ def client_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 
 def opacus_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
-    from opacus import PrivacyEngine
+    from opacus import PrivacyEngine  # type: ignore[import-untyped]
     from torch.utils.data import DataLoader, TensorDataset
 
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)

@@ -61,7 +61,7 @@ def measure(
         t0 = time.perf_counter()
         with _autocast(args.autocast, device):
             model.zero_grad(set_to_none=True)
-            _ce(model(x), y).mean().backward()
+            _ce(model(x), y).mean().backward()  # type: ignore[no-untyped-call]
         _sync(device)
         plain.append(time.perf_counter() - t0)
         clipper = PerSampleClipper(model, max_grad_norm=1.0)
