@@ -46,9 +46,10 @@ A party survives a hostile coordinator, and strangers:
   cancelled; the time the party itself works is not counted. Any call that lives longer
   than ``max_call_s`` is cancelled too.
 * A Propose or Contribute that arrives after its coordinator gave up on it (the call is
-  cancelled, or less than LATE_CALL_MARGIN_S is left before its deadline: e.g. at a party
-  resumed after a SIGSTOP) is refused before anything is reserved or charged, and its
-  session is closed as by an Abort (docs/queries.md, "When a party fails").
+  cancelled, less than LATE_CALL_MARGIN_S is left before its deadline, or the party process
+  stalled, e.g. stopped by SIGSTOP, for longer than the call's time left after its session's
+  Propose) is refused before anything is reserved or charged, and its session is closed as
+  by an Abort (docs/queries.md, "When a party fails").
 * Refusals are logged one bounded line each, at most REFUSAL_LOG_BURST lines per caller
   every REFUSAL_LOG_WINDOW_S (then one line saying how many were left out).
 * Connections: a TLS handshake must finish within ``handshake_timeout_s`` (a stranger's
@@ -72,7 +73,7 @@ import resource
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -191,12 +192,14 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 #: A Propose or Contribute with less time left than this before its deadline is refused
 #: (nothing reserved or charged): its answer could not reach the coordinator in time.
 LATE_CALL_MARGIN_S = 0.05
-#: A stall of the whole party process longer than this (a SIGSTOP, a frozen VM) counts as a
-#: suspension: a Contribute of a session proposed before it is refused (see _Suspensions).
+#: The shortest stall of the whole party process (a SIGSTOP, a frozen VM, or starvation)
+#: that is recorded, and the least a stall must last to make a call count as late (a call
+#: is late only after a stall longer than its own time left; see _Suspensions).
 SUSPENSION_S = 1.0
 _TICK_S = 0.1
-#: Propose times remembered (the oldest is forgotten first)
+#: Propose times remembered (the oldest is forgotten first), and stalls remembered
 _MAX_PROPOSED = 1 << 12
+_MAX_STALLS = 64
 
 
 class _Suspensions:
@@ -204,8 +207,10 @@ class _Suspensions:
     taken for a fresh one: gRPC measures a call's deadline from when the party reads it, so
     a Contribute that waited in the socket while the party was stopped looks on time, although
     its coordinator gave it up long ago. A thread ticks every _TICK_S; a tick more than
-    SUSPENSION_S after the previous one marks a suspension that ended then. One per process
-    (:meth:`get`): a suspension stops every servicer in it."""
+    SUSPENSION_S after the previous one records a stall (its end and length). A call is
+    taken for late only after a stall longer than the time it has left (a stall shorter than
+    that cannot have made it late), so a party that is merely busy for a moment refuses
+    nothing. One per process (:meth:`get`): a suspension stops every servicer in it."""
 
     _shared: _Suspensions | None = None
     _shared_lock = threading.Lock()
@@ -221,7 +226,7 @@ class _Suspensions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_tick = time.monotonic()
-        self._resumed_at = -math.inf
+        self._stalls: deque[tuple[float, float]] = deque(maxlen=_MAX_STALLS)  # (end, length)
         threading.Thread(target=self._run, name="party-suspensions", daemon=True).start()
 
     def _run(self) -> None:
@@ -230,19 +235,23 @@ class _Suspensions:
             now = time.monotonic()
             with self._lock:
                 if now - self._last_tick > SUSPENSION_S:
-                    self._resumed_at = now
+                    self._stalls.append((now, now - self._last_tick))
                     log.warning(
                         "this party process was suspended or stalled for %.1f s",
                         now - self._last_tick,
                     )
                 self._last_tick = now
 
-    def since(self, t: float) -> bool:
-        """Was this process suspended after monotonic time ``t``, or is it resuming now
-        (no tick for longer than SUSPENSION_S)?"""
+    def longer_than(self, length: float, *, since: float) -> bool:
+        """Did this process stall for more than ``length`` seconds at once after monotonic
+        time ``since``, or has it been stalled that long until now (its ticks not yet
+        resumed)?"""
+        length = max(length, SUSPENSION_S)
         now = time.monotonic()
         with self._lock:
-            return self._resumed_at > t or now - self._last_tick > SUSPENSION_S
+            if now - self._last_tick > length:
+                return True
+            return any(end > since and stall > length for end, stall in self._stalls)
 
 
 class _TooBusy(Exception):
@@ -901,14 +910,18 @@ class PartyServicer(pb_grpc.PartyServicer):
         now = time.monotonic()
         with self._lock_proposed:
             proposed = self._proposed.pop(session_id, None)
-        # a Propose, or a Contribute of a session this process does not remember proposing:
-        # refused within SUSPENSION_S of a resume
-        since = now - SUSPENSION_S if proposed is None else proposed
+        # a Contribute is late after a stall longer than its time left since its session's
+        # Propose; a Propose (or a session not remembered) only during such a stall
         left = context.time_remaining()
         if (
             context.is_active()
             and (left is None or left >= LATE_CALL_MARGIN_S)
-            and not self._suspensions.since(since)
+            and (
+                left is None
+                or not self._suspensions.longer_than(
+                    left, since=now if proposed is None else proposed
+                )
+            )
         ):
             return
         self._engine.abort(session_id=session_id, coordinator=caller)

@@ -194,6 +194,7 @@ def test_a_stopped_party_is_left_out_and_its_late_contribute_refused(
             new = set(charges(net, p)) - set(before[p])
             assert new == {"stopped", "stopped.r1"}
     finally:
+        time.sleep(DEADLINE_S / 2)  # stopped well past the Contribute's deadline
         net.processes["carlos"].send_signal(signal.SIGCONT)
     # carlos now reads its Contribute, long past its deadline: refused (or dropped with its
     # cancelled call), nothing charged; its reservation is released by the coordinator's
