@@ -69,8 +69,12 @@ def _up(net: LocalFederation) -> None:
             net.restart(p)
 
 
-def federation(net: LocalFederation, **config: object) -> Federation:
-    return Federation(dataclasses.replace(load_federation_config(net.federation_config), **config))
+def federation(net: LocalFederation, *, min_parties: int | None = None) -> Federation:
+    """A federation client of ``net``, with ``min_parties`` (default: federation.toml's)."""
+    config = load_federation_config(net.federation_config)
+    if min_parties is not None:
+        config = dataclasses.replace(config, min_parties=min_parties)
+    return Federation(config)
 
 
 def hook(fed: Federation, party: str, cls: type[GrpcPartyClient]) -> None:

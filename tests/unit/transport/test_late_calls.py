@@ -1,0 +1,91 @@
+"""A party refuses a call its coordinator already gave up, before anything is charged: one
+that is cancelled, past (or at) its deadline, or read after the party process stalled for
+longer than the call's time left since its session's Propose; a shorter stall refuses
+nothing. (A real SIGSTOP: tests/integration/test_dropouts.py.)"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mpcdp.errors import SessionError
+from mpcdp.transport import server as srv
+from tests.conftest import Net, build_net
+from tests.unit.protocol.test_query_protocol import spec
+
+
+class _Context:
+    """The two things the check asks of a gRPC call."""
+
+    def __init__(self, *, active: bool = True, left: float | None = 10.0) -> None:
+        self.active, self.left = active, left
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def time_remaining(self) -> float | None:
+        return self.left
+
+
+def _quiet_suspensions(stalls: list[tuple[float, float]]) -> srv._Suspensions:
+    """A watcher with the given stalls (end, length) and no thread of its own."""
+    watcher = object.__new__(srv._Suspensions)
+    watcher._lock = threading.Lock()
+    watcher._last_tick = time.monotonic()
+    watcher._stalls = deque(stalls)
+    return watcher
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Net]:
+    n = build_net(tmp_path, start=False)
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+def _proposed(net: Net, servicer: srv.PartyServicer) -> bytes:
+    sid = secrets.token_bytes(16)
+    net.nodes["alice"].engine.propose(session_id=sid, spec=spec(), coordinator="analyst")
+    servicer._proposed[sid] = time.monotonic()
+    return sid
+
+
+@pytest.mark.parametrize(
+    ("context", "stall_s", "late"),
+    [
+        (_Context(), 0.0, False),
+        (_Context(), 3.0, False),  # a stall shorter than the 10 s left
+        (_Context(), 12.0, True),  # longer: the coordinator has given the call up
+        (_Context(active=False), 0.0, True),  # cancelled
+        (_Context(left=0.01), 0.0, True),  # at its deadline
+        (_Context(left=None), 12.0, False),  # no deadline: never late
+    ],
+)
+def test_a_late_contribute_is_refused_and_charges_nothing(
+    net: Net, context: _Context, stall_s: float, late: bool
+) -> None:
+    node = net.nodes["alice"]
+    servicer = srv.PartyServicer(
+        node.engine, coordinators=frozenset({"analyst"}), describe=node.describe
+    )
+    sid = _proposed(net, servicer)
+    stalls = [(time.monotonic() + 1, stall_s)] if stall_s else []
+    servicer._suspensions = _quiet_suspensions(stalls)
+    if not late:
+        servicer._check_in_time(context, "Contribute", session_id=sid, caller="analyst")  # type: ignore[arg-type]
+        assert node.ledger.reserved_epsilon("raises") > 0  # still pending
+        return
+    with pytest.raises(SessionError, match="after its deadline"):
+        servicer._check_in_time(context, "Contribute", session_id=sid, caller="analyst")  # type: ignore[arg-type]
+    # nothing charged, the reservation released, the session closed
+    assert node.ledger.charges("raises") == [] and node.ledger.reserved_epsilon("raises") == 0
+    with pytest.raises(SessionError, match="closed"):
+        node.engine.contribute(session_id=sid, keys=[], coordinator="analyst")
