@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -225,24 +226,26 @@ def _refused(exc: BaseException) -> bool:
 #: ``"query"``, the query or the coordinator is at fault and every party would answer the
 #: same (the query fails at once, nothing is re-run). A code not listed is a query failure.
 #: docs/queries.md ("When a party fails") has this table in words.
-FAILURES: dict[str, str] = {
-    "UNAVAILABLE": "party",  # unreachable: down, restarting, its host or link gone
-    "DEADLINE_EXCEEDED": "party",  # no answer in time: stopped, overloaded, a slow link
-    "CANCELLED": "party",  # it cancelled the call (it waited too long on this coordinator)
-    "RESOURCE_EXHAUSTED": "party",  # busy (its call limits), or its own budget is spent
-    "FAILED_PRECONDITION": "party",  # its own policy, dataset or session (lost in a restart)
-    "ABORTED": "party",  # one of its worker ranks failed
-    "INTERNAL": "party",  # its own bug or environment (details in its log)
-    "UNKNOWN": "party",
-    "DATA_LOSS": "party",
-    "INVALID_ARGUMENT": "query",  # a malformed spec or message: every party refuses it
-    "OUT_OF_RANGE": "query",  # no headroom in the ring for this spec
-    "ALREADY_EXISTS": "query",  # the query id was answered before
-    "PERMISSION_DENIED": "query",  # this coordinator is not admitted, or relayed a bad key
-    "UNAUTHENTICATED": "query",
-    "UNIMPLEMENTED": "query",  # another protocol version
-    "NOT_FOUND": "query",
-}
+FAILURES: Mapping[str, str] = MappingProxyType(
+    {
+        "UNAVAILABLE": "party",  # unreachable: down, restarting, its host or link gone
+        "DEADLINE_EXCEEDED": "party",  # no answer in time: stopped, overloaded, a slow link
+        "CANCELLED": "party",  # it cancelled the call (it waited too long on this coordinator)
+        "RESOURCE_EXHAUSTED": "party",  # busy (its call limits), or its own budget is spent
+        "FAILED_PRECONDITION": "party",  # its own policy, dataset or session (lost in a restart)
+        "ABORTED": "party",  # one of its worker ranks failed
+        "INTERNAL": "party",  # its own bug or environment (details in its log)
+        "UNKNOWN": "party",
+        "DATA_LOSS": "party",
+        "INVALID_ARGUMENT": "query",  # a malformed spec or message: every party refuses it
+        "OUT_OF_RANGE": "query",  # no headroom in the ring for this spec
+        "ALREADY_EXISTS": "query",  # the query id was answered before
+        "PERMISSION_DENIED": "query",  # this coordinator is not admitted, or relayed a bad key
+        "UNAUTHENTICATED": "query",
+        "UNIMPLEMENTED": "query",  # another protocol version
+        "NOT_FOUND": "query",
+    }
+)
 
 
 #: how long the coordinator keeps telling a silent party to forget a round (seconds), and
