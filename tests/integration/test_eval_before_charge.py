@@ -156,14 +156,16 @@ def test_integer_pixels_are_given_as_floats_to_a_model_that_needs_floats() -> No
 
     y = np.arange(12) % 3
     pixels = np.full((12, 8), 200, np.uint8)
-    x, _ = checked_eval_data(build_model("mlp:8,6,3"), (pixels, y), loss="cross_entropy")
+    floats = checked_eval_data(build_model("mlp:8,6,3"), (pixels, y), loss="cross_entropy")
+    assert isinstance(floats, tuple)  # arrays in, arrays out
+    x = floats[0]
     assert x.dtype == np.float32 and float(x[0, 0]) == 200.0
-    ids, _ = checked_eval_data(
+    tokens = checked_eval_data(
         torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
         (np.ones((12, 2), np.int32), y),
         loss="cross_entropy",
     )
-    assert ids.dtype == np.int64
+    assert isinstance(tokens, tuple) and tokens[0].dtype == np.int64
 
 
 def test_an_embedding_model_trains_on_int_ids_and_evaluates_on_an_int_npz(net: Net) -> None:
