@@ -35,9 +35,10 @@ def _datasets(workdir: Path) -> dict[str, str]:
     out = {}
     for i, p in enumerate(PARTIES):
         (workdir / p).mkdir(parents=True, exist_ok=True)
-        (workdir / p / "raises.csv").write_text(f"raise\n{1000 * (i + 1)}\n")
+        for name in ("shared", "pool", "own"):  # three datasets over three files: a budget each
+            (workdir / p / f"{name}.csv").write_text(f"raise\n{1000 * (i + 1)}\n")
         table = (
-            'path = "raises.csv"\nepsilon = 3.0\ndelta = 1e-6\n'
+            'path = "{name}.csv"\nepsilon = 3.0\ndelta = 1e-6\n'
             "[datasets.{name}.columns.raise]\nlower = 0\nupper = 5000\n"
         )
         out[p] = (

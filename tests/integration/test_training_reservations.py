@@ -53,14 +53,15 @@ def _datasets(workdir: Path) -> dict[str, str]:
     for i, p in enumerate(PARTIES):
         (workdir / p).mkdir(parents=True, exist_ok=True)
         x, y = example_data(i)
-        np.savez(workdir / p / "ex.npz", x=x, y=y)
-        table = 'path = "ex.npz"\nnum_classes = 3\nepsilon = {eps!r}\ndelta = {delta}\n'
+        for name in ("shared", "pool"):  # two datasets over two files: a budget each
+            np.savez(workdir / p / f"{name}.npz", x=x, y=y)
+        table = 'path = "{name}.npz"\nnum_classes = 3\nepsilon = {eps!r}\ndelta = {delta}\n'
         out[p] = (
             "[datasets.shared]\n"
-            + table.format(eps=2 * 1.01 * run, delta=DELTA)
+            + table.format(name="shared", eps=2 * 1.01 * run, delta=DELTA)
             + "[datasets.shared.coordinator_shares]\nanalyst = 0.5\nmallory = 0.5\n"
             + "[datasets.pool]\n"
-            + table.format(eps=1.01 * run, delta=DELTA)
+            + table.format(name="pool", eps=1.01 * run, delta=DELTA)
         )
     return out
 

@@ -235,10 +235,11 @@ def test_health_service_over_mtls(net: Net) -> None:
 
 
 def strict_dataset(party: str) -> str:
-    """TOML of a dataset "strict": the same file and columns as "raises", with the party's
-    policy ``out_of_bounds = "error"`` on the numeric column (the default clips)."""
+    """TOML of a dataset "strict": the same file and columns as "raises" (so its budget), with
+    the party's policy ``out_of_bounds = "error"`` on the numeric column (the default clips)."""
     return (
-        f'\n[datasets.strict]\npath = "{party}.csv"\nepsilon = 3.0\ndelta = 1e-6\n'
+        f'\n[datasets.strict]\npath = "{party}.csv"\nbudget = "raises"\nepsilon = 3.0\n'
+        "delta = 1e-6\n"
         "allow_exact = true\n[datasets.strict.columns.raise]\nlower = 0\nupper = 5000\n"
         'out_of_bounds = "error"\n[datasets.strict.columns.dept]\ncategories = ["eng", "ops"]\n'
     )
