@@ -9,7 +9,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,12 +82,15 @@ class TrainingSession:
             max_workers=len(self.clients), thread_name_prefix="train-step"
         )
         try:
-            proposals = list(
-                self._pool.map(
-                    lambda c: c.train_open(session_id=self.session_id, spec=self.spec),
-                    self.clients,
-                )
-            )
+            asked = [
+                self._pool.submit(c.train_open, session_id=self.session_id, spec=self.spec)
+                for c in self.clients
+            ]
+            # every answer is in before any abort: an abort that overtook a site's TrainOpen
+            # would find no session, and the reservation that TrainOpen then makes would be
+            # held until its session expired
+            wait(asked)
+            proposals = [f.result() for f in asked]
             keys = signed_keys(proposals, self.spec.parties)
             for p, pid in zip(proposals, self.spec.parties, strict=True):
                 if p.length != self.spec.num_params:

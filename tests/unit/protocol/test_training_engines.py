@@ -333,3 +333,36 @@ def test_an_empty_poisson_batch_still_sends_a_noise_share(sites: Net) -> None:
     assert np.any(total != 0)
     assert np.std(total) == pytest.approx(noise_std, rel=0.35)
     assert all(c.uploads and c.uploads[0].size == NUM_PARAMS for c in clients)
+
+
+def test_an_open_refused_by_one_site_leaves_nothing_reserved_at_a_slower_one(
+    sites: Net,
+) -> None:
+    """The coordinator waits for every TrainOpen before it aborts: an abort that overtook a
+    slow site's TrainOpen would find no session there, and the reservation that TrainOpen
+    then made would be held until it expired."""
+    import threading
+    import time
+
+    engines = engines_of(sites)
+    clients = [Direct(e) for e in engines.values()]
+    done = threading.Event()
+    real_open = clients[2].train_open
+
+    def refuse(**kw: object) -> object:
+        raise PolicyError("alice refuses this run")
+
+    def slow(**kw: object) -> object:
+        time.sleep(0.3)  # the refusal at alice comes first, whatever the machine's load
+        try:
+            return real_open(**kw)  # type: ignore[arg-type]
+        finally:
+            done.set()
+
+    clients[0].train_open = refuse  # type: ignore[method-assign,assignment]
+    clients[2].train_open = slow  # type: ignore[method-assign,assignment]
+    with pytest.raises(RoundAborted, match="alice refuses"):
+        TrainingSession(spec=tspec(), clients=clients).open()
+    assert done.wait(30)
+    for name in ("bob", "carlos"):
+        assert sites.nodes[name].ledger.reserved_epsilon("ex") == 0
