@@ -16,24 +16,23 @@ and ``dropped`` says who was left out and why. A query that cannot be answered r
 
 from __future__ import annotations
 
-import hashlib
-import math
 import secrets
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from numpy.typing import NDArray
-
 from mpcdp.config.party_config import FederationConfig, load_federation_config
-from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError, PartyError
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.query.plan import ReleasePlan, fit
+from mpcdp.protocol.query.query_result import (
+    QueryResult,
+    failed_rounds,
+    query_result,
+)
 from mpcdp.protocol.query.query_spec import (
     DEFAULT_FRAC_BITS,
     DEFAULT_MAX_ROWS,
@@ -43,7 +42,6 @@ from mpcdp.protocol.query.query_spec import (
 from mpcdp.protocol.query.round_coordinator import (
     FAILURES,
     Observer,
-    RoundOutcome,
     check_roster,
     run_query,
 )
@@ -51,153 +49,12 @@ from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
 
 if TYPE_CHECKING:
-    from mpcdp.sql.plan import TableDecl
     from mpcdp.sql.result import SqlResult
     from mpcdp.train.federated import TrainingResult
 
 __all__ = ["Federation", "QueryResult"]
 
-_Z95 = 1.959963984540054
 DEFAULT_DELTA = 1e-6
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """A revealed statistic. ``value`` is a float (sum, mean, count), a dict category ->
-    count (histogram) or an array (vector sum)."""
-
-    statistic: str
-    dataset: str
-    column: str
-    value: float | dict[str, float] | NDArray[np.float64]
-    noise_std: float
-    interval95: tuple[float, float] | None
-    mechanism: str
-    epsilon_spent: float
-    delta_spent: float
-    budget_remaining: dict[str, float]
-    parties: tuple[str, ...]
-    query_id: str
-    #: parties left out of the release (they failed), each with why
-    dropped: dict[str, str] = field(default_factory=dict)
-    #: the failed rounds before the one released: query id, roster, who failed, and what
-    #: each party reported it charged in it (mpcdp.protocol.query.round_coordinator.Attempt)
-    failed_rounds: tuple[dict[str, Any], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        value: Any = self.value
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        return {
-            "statistic": self.statistic,
-            "dataset": self.dataset,
-            "column": self.column,
-            "value": value,
-            "noise_scale": self.noise_std,
-            "noise_std": self.noise_std,
-            "interval95": list(self.interval95) if self.interval95 else None,
-            "mechanism": self.mechanism,
-            "epsilon_spent": self.epsilon_spent,
-            "delta_spent": self.delta_spent,
-            "budget_remaining": self.budget_remaining,
-            "parties": list(self.parties),
-            "query_id": self.query_id,
-            "dropped": dict(self.dropped),
-            "failed_rounds": list(self.failed_rounds),
-        }
-
-
-def _half_width(std: float, mechanism: str) -> float:
-    if mechanism == "discrete-laplace":
-        return std / math.sqrt(2) * math.log(20)  # Laplace with this std: P(|X| > b ln 20) = 5%
-    return _Z95 * std
-
-
-def _result(outcome: RoundOutcome) -> QueryResult:
-    spec, release = outcome.spec, outcome.plan
-    n, h = len(spec.parties), spec.honest
-    t = outcome.tensors
-    std = release.tensors[0].noise_std(n_parties=n, honest=h)
-    value: float | dict[str, float] | NDArray[np.float64]
-    interval: tuple[float, float] | None = None
-    if spec.statistic is Statistic.HISTOGRAM:
-        value = {c: float(v) for c, v in zip(spec.categories, t["histogram"], strict=True)}
-    elif "vector" in t:
-        value = t["vector"]
-    elif spec.statistic is Statistic.MEAN:
-        value, std, interval = mean_release(
-            spec=spec,
-            plan=release,
-            centered_sum=float(t["centered_sum"][0]),
-            count=float(t["count"][0]),
-        )
-    else:
-        value = float(t[release.tensors[0].name][0])
-    if isinstance(value, float) and interval is None:
-        half = _half_width(std, spec.mechanism)
-        interval = (value - half, value + half)
-    return QueryResult(
-        statistic=spec.statistic.value,
-        dataset=spec.dataset,
-        column=spec.column,
-        value=value,
-        noise_std=std,
-        interval95=interval,
-        mechanism=spec.mechanism,
-        epsilon_spent=float(Fraction(spec.epsilon)),
-        delta_spent=spec.delta,
-        budget_remaining=outcome.budget_remaining,
-        parties=spec.parties,
-        query_id=spec.query_id,
-        dropped=outcome.dropped,
-        failed_rounds=_failed_rounds(outcome),
-    )
-
-
-def _failed_rounds(outcome: RoundOutcome) -> tuple[dict[str, Any], ...]:
-    return tuple(a.to_json() for a in outcome.attempts if a.query_id)
-
-
-def mean_release(
-    *,
-    spec: QuerySpec,
-    plan: ReleasePlan,
-    centered_sum: float,
-    count: float,
-) -> tuple[float, float, tuple[float, float]]:
-    """The released mean, its std and its 95% interval (mpcdp.dp.intervals), from the two
-    revealed tensors and public quantities only."""
-    n, h = len(spec.parties), spec.honest
-    # the simulations are public post-processing: seeded by the query id, reproducible
-    seed = int.from_bytes(hashlib.sha256(spec.query_id.encode()).digest()[:8], "big")
-    rng = np.random.default_rng(seed)
-    laws = {
-        tp.name: intervals.noise_law(
-            tp.mechanism, n_parties=n, honest=h, frac_bits=tp.frac_bits, seed=seed
-        )
-        for tp in plan.tensors
-    }
-    value = intervals.released_mean(
-        centered_sum=centered_sum, count=count, lower=spec.lower, upper=spec.upper
-    )
-    interval = intervals.mean_interval(
-        centered_sum=centered_sum,
-        count=count,
-        sum_tail=laws["centered_sum"].tail,
-        count_tail=laws["count"].tail,
-        lower=spec.lower,
-        upper=spec.upper,
-    )
-    std = intervals.simulated_mean_std(
-        mean=value,
-        count=count,
-        sum_noise=laws["centered_sum"],
-        count_noise=laws["count"],
-        lower=spec.lower,
-        upper=spec.upper,
-        rng=rng,
-    )
-    return value, std, interval
 
 
 class Federation:
@@ -407,7 +264,12 @@ class Federation:
             max_parties_per_unit: how many parties one privacy unit may appear at (default:
                 federation.toml's ``max_parties_per_unit``).
         """
-        from mpcdp.protocol.query.sql_release import answer, fit_frac_bits, release_plan
+        from mpcdp.protocol.query.sql_release import (
+            answer,
+            fit_frac_bits,
+            release_plan,
+            tables_from,
+        )
         from mpcdp.sql.compile import compile_sql
         from mpcdp.sql.plan import digest
         from mpcdp.sql.result import SqlCell, SqlResult
@@ -417,9 +279,15 @@ class Federation:
         qid = query_id or f"q-{secrets.token_hex(8)}"
         live, left_out = self._live(qid)
         t = self.config.colluders if colluders is None else colluders
-        tables = self._sql_tables(live)
+        tables, disagree = tables_from(live.values())
         q = compile_sql(query, tables=tables, keys=keys, bins=bins, weights=weights)
-        decl: TableDecl = tables[q.table]
+        if q.table in disagree:
+            raise ParameterError(
+                "dataset",
+                q.table,
+                f"parties declare different public metadata: {disagree[q.table]}",
+            )
+        decl = tables[q.table]
         info = self._public(q.table, "", live)[0]
         if mechanism in ("skellam", "discrete-gaussian") and delta is None:
             delta = info.delta if info.delta > 0 else DEFAULT_DELTA
@@ -493,47 +361,8 @@ class Federation:
             parties=spec.parties,
             query_id=spec.query_id,
             dropped=outcome.dropped,
-            failed_rounds=_failed_rounds(outcome),
+            failed_rounds=failed_rounds(outcome),
         )
-
-    def _sql_tables(
-        self, answers: Mapping[str, PartyDescription] | None = None
-    ) -> dict[str, TableDecl]:
-        """The tables every party declares, as the SQL compiler sees them (public metadata;
-        the parties must agree, else the table is left out and named when it is asked)."""
-        from mpcdp.config.datasets import ColumnSpec
-        from mpcdp.sql.plan import TableDecl
-
-        out: dict[str, TableDecl] = {}
-        seen: dict[str, set[TableDecl]] = {}
-        for resp in (self.describe() if answers is None else answers).values():
-            for ds in resp.datasets:
-                if ds.kind != "table":
-                    continue
-                decl = TableDecl(
-                    name=ds.name,
-                    columns=tuple(
-                        ColumnSpec(
-                            name=c.name,
-                            lower=c.lower,
-                            upper=c.upper,
-                            categories=tuple(c.categories),
-                            edges=tuple(c.edges),
-                        )
-                        for c in ds.columns
-                    ),
-                    privacy_unit=ds.privacy_unit or None,
-                    max_rows_per_unit=ds.max_rows_per_unit,
-                    max_groups_per_unit=ds.max_groups_per_unit,
-                )
-                seen.setdefault(ds.name, set()).add(decl)
-        for name, decls in seen.items():
-            if len(decls) != 1:
-                raise ParameterError(
-                    "dataset", name, f"parties declare different public metadata: {decls}"
-                )
-            out[name] = next(iter(decls))
-        return out
 
     def query(
         self,
@@ -594,7 +423,7 @@ class Federation:
             """The spec of a round over ``s.parties`` (ring and fixed point fitted to it)."""
             return fit(s, vector_length=length, frac_bits=frac_bits, ring_bits=ring_bits), None
 
-        return _result(
+        return query_result(
             run_query(
                 spec=spec,
                 clients=self._clients,

@@ -22,10 +22,10 @@ import numpy as np
 
 from mpcdp.dp.ledger import BudgetLedger, BudgetStatus
 from mpcdp.dp.mechanisms import NoNoise
-from mpcdp.federation import QueryResult, mean_release
 from mpcdp.local.simulation import simulate_sum
 from mpcdp.mpc import encoding, sharing
 from mpcdp.protocol.query.plan import fit, plan
+from mpcdp.protocol.query.query_result import QueryResult, mean_release
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 
 __all__ = [

@@ -45,16 +45,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 from numpy.typing import NDArray
 
+from mpcdp.config.datasets import ColumnSpec
 from mpcdp.config.party_config import DatasetConfig
 from mpcdp.dp import events, intervals
 from mpcdp.errors import ParameterError, PolicyError
+from mpcdp.protocol.catalog import PartyDescription
 from mpcdp.protocol.query.plan import (
     ReleasePlan,
     TensorPlan,
@@ -75,6 +77,7 @@ __all__ = [
     "party_release",
     "release_plan",
     "table_decl",
+    "tables_from",
 ]
 
 #: simulated releases behind each quantile's std and interval, and each AVG cell's std
@@ -425,3 +428,40 @@ def party_release(spec: QuerySpec, cfg: DatasetConfig) -> SqlRelease:
             "from the plan the coordinator proposed (plan_digest)"
         )
     return release_plan(spec, query, decl, max_parties_per_unit=spec.max_parties_per_unit)
+
+
+def tables_from(
+    descriptions: Iterable[PartyDescription],
+) -> tuple[dict[str, TableDecl], dict[str, list[TableDecl]]]:
+    """The tables the parties declare, as the analyst's SQL compiler sees them (public
+    metadata from their Describe answers): name -> declaration where every party that offers
+    the table declares the same, and name -> the differing declarations where they do not
+    (the first of them is in the tables too, so that a query naming it compiles and can be
+    refused by name; a disagreement on another table does not stop the query)."""
+    seen: dict[str, list[TableDecl]] = {}
+    for resp in descriptions:
+        for ds in resp.datasets:
+            if ds.kind != "table":
+                continue
+            decl = TableDecl(
+                name=ds.name,
+                columns=tuple(
+                    ColumnSpec(
+                        name=c.name,
+                        lower=c.lower,
+                        upper=c.upper,
+                        categories=tuple(c.categories),
+                        edges=tuple(c.edges),
+                    )
+                    for c in ds.columns
+                ),
+                privacy_unit=ds.privacy_unit or None,
+                max_rows_per_unit=ds.max_rows_per_unit,
+                max_groups_per_unit=ds.max_groups_per_unit,
+            )
+            known = seen.setdefault(ds.name, [])
+            if decl not in known:
+                known.append(decl)
+    tables = {name: decls[0] for name, decls in seen.items()}
+    disagree = {name: decls for name, decls in seen.items() if len(decls) > 1}
+    return tables, disagree

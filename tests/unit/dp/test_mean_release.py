@@ -12,9 +12,9 @@ import pytest
 
 from mpcdp.dp import intervals
 from mpcdp.errors import ParameterError
-from mpcdp.federation import mean_release
 from mpcdp.mpc.rng import csprng
 from mpcdp.protocol.query.plan import fit, plan
+from mpcdp.protocol.query.query_result import mean_release
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from tests.stats import total_of
 

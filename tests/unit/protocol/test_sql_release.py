@@ -277,3 +277,21 @@ def test_a_table_is_read_as_it_is_at_each_query(tmp_path: Path) -> None:
         assert second.cells[0][0].value == first.cells[0][0].value + 2
     finally:
         n.stop()
+
+
+def test_a_disagreement_on_one_table_does_not_stop_queries_of_another() -> None:
+    from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
+    from mpcdp.protocol.query.sql_release import tables_from
+
+    def party(name: str, upper: float) -> PartyDescription:
+        return PartyDescription(
+            party_id=name,
+            datasets=(
+                DatasetInfo(name="a", kind="table", columns=(ColumnInfo(name="x", upper=1.0),)),
+                DatasetInfo(name="b", kind="table", columns=(ColumnInfo(name="y", upper=upper),)),
+            ),
+        )
+
+    tables, disagree = tables_from([party("alice", 1.0), party("bob", 2.0)])
+    assert set(tables) == {"a", "b"} and set(disagree) == {"b"}
+    assert [d.columns[0].upper for d in disagree["b"]] == [1.0, 2.0]
