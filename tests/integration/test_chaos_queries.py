@@ -20,7 +20,7 @@ import pytest
 from mpcdp.errors import MpcdpError, RoundAborted
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.query.round_coordinator import QueryFailed
-from tests.integration.test_dropouts import PARTIES, _datasets, charges, federation
+from tests.integration.test_dropouts import PARTIES, charges, datasets_toml_of, federation
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def _chaos(net: LocalFederation, stop: threading.Event, done: list[tuple[str, st
 
 
 def test_ledgers_hold_exactly_the_releases_each_party_took_part_in(tmp_path: Path) -> None:
-    net = launch(workdir=tmp_path, datasets_toml=_datasets(tmp_path), deadline_s=2.0)
+    net = launch(workdir=tmp_path, datasets_toml=datasets_toml_of(tmp_path), deadline_s=2.0)
     released: dict[str, tuple[str, ...]] = {}
     rounds: list[dict[str, Any]] = []
     failed = 0

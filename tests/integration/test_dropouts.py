@@ -32,7 +32,7 @@ DEADLINE_S = 2.0
 SESSION_TTL_S = 4.0
 
 
-def _datasets(workdir: Path) -> dict[str, str]:
+def datasets_toml_of(workdir: Path) -> dict[str, str]:
     out = {}
     for i, p in enumerate(PARTIES):
         (workdir / p).mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def _datasets(workdir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     workdir = tmp_path_factory.mktemp("dropouts")
-    fed = launch(workdir=workdir, datasets_toml=_datasets(workdir), deadline_s=DEADLINE_S)
+    fed = launch(workdir=workdir, datasets_toml=datasets_toml_of(workdir), deadline_s=DEADLINE_S)
     try:
         yield fed
     finally:

@@ -73,6 +73,8 @@ __all__ = [
     "DatasetView",
     "PartyEngine",
     "Proposal",
+    "noisy_builder",
+    "pool_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class DatasetView:
     error: str | None = None
 
 
-def _pool_key(spec: QuerySpec) -> QuerySpec:
+def pool_key(spec: QuerySpec) -> QuerySpec:
     """Everything that determines a party's noisy vector: the spec without its query id."""
     return replace(spec, query_id="*")
 
@@ -103,7 +105,7 @@ def _pool_key(spec: QuerySpec) -> QuerySpec:
 _SALT_BYTES = 16
 
 
-def _builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
+def noisy_builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
     """noise share (+ the encoded local statistic of an in-memory vector), in the ring of the
     query (the share drawn in slices, on the pool's workers). A table's statistic is not
     built here: its engine runs when a query takes the vector (:meth:`PartyEngine._accept`),
@@ -358,7 +360,7 @@ class PartyEngine(SessionHost):
             )
         assert view.data is not None  # checked in _check_spec
         try:
-            noisy = self._noise.take(_pool_key(spec), _builder(release, view.data))
+            noisy = self._noise.take(pool_key(spec), noisy_builder(release, view.data))
             if isinstance(view.data, EngineTable):  # the table as it is now, in its engine
                 add_local_words(release, view.data, noisy, salt=secrets.token_bytes(_SALT_BYTES))
         except DataError as exc:
@@ -496,7 +498,7 @@ class PartyEngine(SessionHost):
         if release is not None and view is not None and view.data is not None:
             nbytes = release.length * release.spec.ring_bits // 8
             self._noise.prepare(
-                _pool_key(release.spec), _builder(release, view.data), nbytes=nbytes
+                pool_key(release.spec), noisy_builder(release, view.data), nbytes=nbytes
             )
 
     def close(self) -> None:

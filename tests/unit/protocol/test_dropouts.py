@@ -288,14 +288,14 @@ def test_a_re_run_never_gets_a_noisy_vector_of_another_session(net: Net) -> None
     assert not any(np.shares_memory(a, b) for a in vectors for b in vectors if a is not b)
     # a vector prepared for the spec is handed to exactly one session
     engine.round_finished(session_id=b"")  # nothing to prepare: no-op
-    from mpcdp.protocol.query.party_engine import _builder, _pool_key
+    from mpcdp.protocol.query.party_engine import noisy_builder, pool_key
 
     release = engine._check_spec(first)[1]
     data = engine.datasets["raises"].data
     assert data is not None
-    pool.prepare(_pool_key(first), _builder(release, data), nbytes=8)
+    pool.prepare(pool_key(first), noisy_builder(release, data), nbytes=8)
     hits = pool.hits
-    taken = [pool.take(_pool_key(first), _builder(release, data)) for _ in range(2)]
+    taken = [pool.take(pool_key(first), noisy_builder(release, data)) for _ in range(2)]
     assert pool.hits == hits + 1 and taken[0] is not taken[1]
     # the re-run's key differs from the first round's, and so does any prepared vector's
-    assert _pool_key(rerun) != _pool_key(first)
+    assert pool_key(rerun) != pool_key(first)
