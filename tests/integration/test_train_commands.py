@@ -185,8 +185,11 @@ def test_results_a_user_keeps(digits_net: LocalFederation, tmp_path: Path) -> No
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "resuming run train-" in again.stderr and "at step" in again.stderr
+    # long enough (about 4,400 steps) that it is still running whenever the signal lands,
+    # however long this process waits for the CPU: at 40 epochs a loaded machine once let
+    # the whole run finish first (exit 0)
     proc = subprocess.Popen(
-        [*base, "--epochs", "40", "--checkpoint", str(tmp_path / "long.pt")],
+        [*base, "--epochs", "400", "--checkpoint", str(tmp_path / "long.pt")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
