@@ -122,7 +122,7 @@ def _release(ds: Any, text: str = QUERY) -> Any:
     from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
     from mpcdp.protocol.query.sql_release import fit_frac_bits, release_plan, table_decl
     from mpcdp.sql.compile import compile_sql
-    from mpcdp.sql.plan import digest
+    from mpcdp.sql.typed_plan import digest
 
     decl = table_decl(ds)
     q = compile_sql(text, tables={"t": decl})
@@ -185,7 +185,7 @@ def _descendants_hwm_mb() -> float:
 def worker(kind: str, path: Path, repeat: int) -> dict[str, Any]:
     from mpcdp.config.datasets import load_table
     from mpcdp.data.duckdb_source import DuckDBSource
-    from mpcdp.data.source import open_source, validate
+    from mpcdp.data.table_source import open_source, validate
     from mpcdp.mpc import ring
     from mpcdp.protocol.query.local_statistic import EngineTable, add_local_words
     from mpcdp.protocol.query.sql_release import table_decl
@@ -278,7 +278,7 @@ def federation(tmp: Path, rows: int, repeat: int, cells: int = 1000) -> list[dic
     """Part b, for QUERY and MEDIAN_QUERY: one row each (module docstring)."""
     import duckdb
 
-    from mpcdp.data.source import open_source
+    from mpcdp.data.table_source import open_source
     from mpcdp.federation import Federation
     from mpcdp.local.localnet import launch
     from mpcdp.mpc import ring

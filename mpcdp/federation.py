@@ -271,8 +271,8 @@ class Federation:
             tables_from,
         )
         from mpcdp.sql.compile import compile_sql
-        from mpcdp.sql.plan import digest
         from mpcdp.sql.result import SqlCell, SqlResult
+        from mpcdp.sql.typed_plan import digest
 
         if mechanism != "none" and epsilon is None:
             raise ParameterError("epsilon", epsilon, "is required (except with mechanism none)")

@@ -32,7 +32,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from mpcdp.config.party_config import DatasetConfig, SourceKind, redact_url
-from mpcdp.data.source import EngineOptions, quote_identifier
+from mpcdp.data.table_source import EngineOptions, quote_identifier
 from mpcdp.errors import DataError
 from mpcdp.sql.render import EngineQuery
 

@@ -27,7 +27,7 @@ from mpcdp.config.datasets import Vector, load_examples, load_vector
 from mpcdp.config.party_config import DatasetConfig, PartyConfig, load_party_config
 from mpcdp.config.training_config import TrainingDeclaration, is_import_path
 from mpcdp.data.duckdb_source import DuckDBSource
-from mpcdp.data.source import open_source, validate
+from mpcdp.data.table_source import open_source, validate
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo

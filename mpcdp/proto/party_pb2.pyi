@@ -119,7 +119,7 @@ class QuerySpec(_message.Message):
     max_groups_per_unit: _builtins.int
     """G: must equal the party's declaration"""
     plan_digest: _builtins.str
-    """hex SHA-256 of the compiled plan (mpcdp.sql.plan.digest)"""
+    """hex SHA-256 of the compiled plan (mpcdp.sql.typed_plan.digest)"""
     @_builtins.property
     def parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """party ids in index order (index = position)"""

@@ -1,9 +1,9 @@
-"""Compile an analyst's SQL text into a typed :class:`~mpcdp.sql.plan.SqlQuery`.
+"""Compile an analyst's SQL text into a typed :class:`~mpcdp.sql.typed_plan.SqlQuery`.
 
 The text is parsed by sqlglot (dialect-neutral, one statement) and the syntax tree is walked
 with an ALLOW-list: every node is either one of the constructs below or refused with a
 :class:`SqlRefusal` naming it ("JOIN is not supported", "function LOWER is not supported").
-The compiler reads only the PUBLIC declaration (:class:`~mpcdp.sql.plan.TableDecl`), never
+The compiler reads only the PUBLIC declaration (:class:`~mpcdp.sql.typed_plan.TableDecl`), never
 data, so a refusal says nothing about any row and every party refuses the same texts.
 
 The subset::
@@ -26,7 +26,7 @@ The subset::
   clamping) with SQL's three-valued logic: a row is kept only where the predicate is TRUE,
   so a comparison with a NULL value drops the row, and so does its negation.
 * GROUP BY: declared categorical columns, each exactly once, and the same set in the SELECT
-  list. The keys of each are PUBLIC (why: mpcdp.sql.plan): the declared categories, or the
+  list. The keys of each are PUBLIC (why: mpcdp.sql.typed_plan): the declared categories, or the
   analyst's list ``keys[column]`` (distinct non-empty strings, at most MAX_KEYS of at most
   MAX_KEY_LENGTH characters), which then replaces them.
 * Quantile bins: the analyst's ``bins`` uniform bins over [lower, upper] when given (an
@@ -56,7 +56,7 @@ from sqlglot import exp
 
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.errors import ParameterError
-from mpcdp.sql.plan import (
+from mpcdp.sql.typed_plan import (
     Aggregate,
     AggregateKind,
     And,

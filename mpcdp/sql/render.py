@@ -57,7 +57,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp.errors import DataError, ParameterError
-from mpcdp.sql.plan import (
+from mpcdp.sql.typed_plan import (
     And,
     Between,
     Compare,

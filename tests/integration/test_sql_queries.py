@@ -30,7 +30,7 @@ from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import TableDecl, digest
+from mpcdp.sql.typed_plan import TableDecl, digest
 from tests.conftest import raw_stub
 
 pytestmark = pytest.mark.slow

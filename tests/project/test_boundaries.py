@@ -159,3 +159,16 @@ def test_importing_the_core_loads_no_grpc_torch_and_starts_nothing() -> None:
         "assert set(os.listdir('.')) == before\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PKG.parent)
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A module's name says what it is: no two modules of the package, nor two test modules,
+    share a file name (a package's __init__ and __main__ aside)."""
+    for root, skip in ((PKG, {"__init__.py", "__main__.py"}), (PKG.parent / "tests", set())):
+        seen: dict[str, Path] = {}
+        pattern = "**/*.py" if root == PKG else "**/test_*.py"
+        for path in sorted(root.glob(pattern)):
+            if path.name in skip:
+                continue
+            assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
+            seen[path.name] = path

@@ -25,15 +25,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpcdp.config.datasets import Vector
-from mpcdp.data.source import Source
+from mpcdp.data.table_source import Source
 from mpcdp.errors import ParameterError, PolicyError
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.query.plan import ReleasePlan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.sql_release import SqlRelease, contribution
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import SqlQuery, TableDecl
 from mpcdp.sql.render import render, to_matrix
+from mpcdp.sql.typed_plan import SqlQuery, TableDecl
 
 __all__ = ["EngineTable", "add_local_words", "l2_clip_factor", "legacy_query"]
 

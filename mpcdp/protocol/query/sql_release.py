@@ -1,7 +1,7 @@
 """What a DP SQL query releases: one tensor per aggregate part, its sensitivity at the level of
 a privacy unit, the party's local vector from its engine's cells, and the answer read back.
 
-The typed query (mpcdp.sql.plan) fixes the cells (the cartesian product of the public keys of
+The typed query (mpcdp.sql.typed_plan) fixes the cells (the cartesian product of the public keys of
 the GROUP BY columns) and the measures each party computes per cell in its own engine
 (mpcdp.sql.render). Party and coordinator both build the same :class:`ReleasePlan` from the
 query and the spec, so they agree on every noise parameter without sending any.
@@ -25,7 +25,7 @@ the mechanisms of mpcdp.protocol.query.plan are calibrated with, so the distribu
 its accounting are unchanged from the single-statistic queries.
 
 Budget: the query's epsilon (and delta) split across aggregates by their public weights
-(mpcdp.sql.plan.Aggregate.weight, normalised), an AVG's share split again in half between its
+(mpcdp.sql.typed_plan.Aggregate.weight, normalised), an AVG's share split again in half between its
 centred sum and its count, as the DP mean does. Each part is rounded *down* to a float, so
 the parts never spend more than the spec's epsilon; the ledger charges the spec's exact
 epsilon for discrete Laplace (basic composition) and the composition of the parts' RDP
@@ -65,7 +65,7 @@ from mpcdp.protocol.query.plan import (
 )
 from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import Aggregate, SqlQuery, TableDecl, digest
+from mpcdp.sql.typed_plan import Aggregate, SqlQuery, TableDecl, digest
 
 __all__ = [
     "CellAnswer",

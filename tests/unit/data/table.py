@@ -14,8 +14,8 @@ from typing import Any
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.config.party_config import DatasetConfig, SourceKind
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import SqlQuery, TableDecl
 from mpcdp.sql.render import EngineQuery, render
+from mpcdp.sql.typed_plan import SqlQuery, TableDecl
 
 #: a category that is also an injection attempt: it must arrive as a plain value
 HOSTILE = "x' OR '1'='1"

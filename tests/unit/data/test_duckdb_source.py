@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mpcdp.data import EngineOptions, open_source, open_validated, validate
-from mpcdp.data.source import quote_identifier
+from mpcdp.data.table_source import quote_identifier
 from mpcdp.errors import DataError, ParameterError
 from tests.unit.data.table import (
     EXPECTED,

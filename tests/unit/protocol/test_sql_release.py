@@ -25,7 +25,7 @@ from mpcdp.protocol.query.sql_release import (
     table_decl,
 )
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import TableDecl, digest
+from mpcdp.sql.typed_plan import TableDecl, digest
 from tests.conftest import build_net
 
 PARTIES = ("alice", "bob", "carlos")

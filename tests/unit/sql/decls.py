@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mpcdp.config.datasets import ColumnSpec
-from mpcdp.sql.plan import TableDecl
+from mpcdp.sql.typed_plan import TableDecl
 
 RAISES = TableDecl(
     name="raises",

@@ -4,7 +4,7 @@ PostgreSQL)."""
 from __future__ import annotations
 
 from mpcdp.config.datasets import ColumnSpec
-from mpcdp.sql.plan import TableDecl
+from mpcdp.sql.typed_plan import TableDecl
 from tests.unit.sql.reference import Row
 
 HOSTILE = "x'); DROP TABLE raises; --"

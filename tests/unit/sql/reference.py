@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.sql.plan import (
+from mpcdp.sql.typed_plan import (
     And,
     Between,
     Compare,

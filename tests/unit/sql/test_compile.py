@@ -12,7 +12,7 @@ from mpcdp.config.datasets import ColumnSpec
 from mpcdp.errors import ParameterError
 from mpcdp.sql import compile as sqlc
 from mpcdp.sql.compile import SqlRefusal, compile_sql
-from mpcdp.sql.plan import (
+from mpcdp.sql.typed_plan import (
     Aggregate,
     And,
     Between,

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import SqlQuery, TableDecl
 from mpcdp.sql.render import render, to_matrix
+from mpcdp.sql.typed_plan import SqlQuery, TableDecl
 from tests.unit.sql.engine_data import (
     COLUMNS,
     DEPTS,

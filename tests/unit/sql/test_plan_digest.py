@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import (
+from mpcdp.sql.typed_plan import (
     Aggregate,
     And,
     Between,

@@ -12,8 +12,8 @@ import pytest
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.errors import DataError, ParameterError
 from mpcdp.sql.compile import compile_sql
-from mpcdp.sql.plan import TableDecl
 from mpcdp.sql.render import DIALECTS, MAX_POSTGRES_PARAMS, Dialect, render, to_matrix
+from mpcdp.sql.typed_plan import TableDecl
 from tests.unit.sql.decls import RAISES, TABLES
 
 SALT = bytes(range(16))
