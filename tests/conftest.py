@@ -243,3 +243,13 @@ def coordinator_clients(
         GrpcPartyClient(party_id=p.id, address=p.address, creds=creds, deadline_s=deadline_s)
         for p in load_federation_config(federation_config).parties
     ]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: the child gets SIGINT's
+    default disposition, unblocked, whatever this test process inherited or a library set
+    (an ignored or blocked SIGINT is inherited across exec; the child would never see it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
