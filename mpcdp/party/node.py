@@ -256,12 +256,17 @@ def check_datasets(cfg: PartyConfig) -> dict[str, str | None]:
     owner's eyes; a coordinator only hears that the dataset is unavailable). Every item of
     a declared Dataset is read (a node reads a few when it starts)."""
     views = _load(cfg)
-    tasks = _tasks(cfg, "cpu", None, probe=None)
-    out: dict[str, str | None] = {}
-    for name in cfg.datasets:
-        item = views.get(name) or tasks.get(name)
-        out[name] = item.error if item is not None else "not loaded"
-    return out
+    try:
+        tasks = _tasks(cfg, "cpu", None, probe=None)
+        out: dict[str, str | None] = {}
+        for name in cfg.datasets:
+            item = views.get(name) or tasks.get(name)
+            out[name] = item.error if item is not None else "not loaded"
+        return out
+    finally:  # the engines' connections (a database's, a Spark session) end with the check
+        for view in views.values():
+            if isinstance(view.data, EngineTable):
+                view.data.source.close()
 
 
 def check_tls(cfg: PartyConfig) -> str:
