@@ -25,6 +25,7 @@ import pytest
 from mpcdp import PROTOCOL_VERSION
 from mpcdp.config.datasets import ColumnSpec
 from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.errors import MpcdpError
 from mpcdp.federation import Federation
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
@@ -276,3 +277,15 @@ def test_the_salary_question_in_sql_gives_the_exact_mean(tmp_path: Path) -> None
         assert res.labels == ("avg_raise",)
     finally:
         net.stop()
+
+
+def test_a_single_statistic_of_a_table_with_a_privacy_unit_is_refused_before_a_charge(
+    fed: LocalFederation,
+) -> None:
+    """The single-statistic plans assume one row per person: on a table whose rows are
+    bounded per patient they would under-size the noise, so every party refuses them."""
+    before = {p: charged(fed, p) for p in PARTIES}
+    with Federation.from_config(fed.federation_config) as f, pytest.raises(MpcdpError) as info:
+        f.mean(dataset="visits", column="cost", epsilon=1)
+    assert "declares a privacy unit ('patient')" in str(info.value)
+    assert {p: charged(fed, p) for p in PARTIES} == before

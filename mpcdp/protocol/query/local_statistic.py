@@ -35,7 +35,13 @@ from mpcdp.sql.compile import compile_sql
 from mpcdp.sql.render import render, to_matrix
 from mpcdp.sql.typed_plan import SqlQuery, TableDecl
 
-__all__ = ["EngineTable", "add_local_words", "l2_clip_factor", "legacy_query"]
+__all__ = [
+    "EngineTable",
+    "add_local_words",
+    "l2_clip_factor",
+    "legacy_query",
+    "require_row_level",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +67,21 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def legacy_query(spec: QuerySpec, table: TableDecl) -> SqlQuery:
-    """The SQL equivalent of a single-statistic query, compiled like any other (one row is
-    one unit: the single-statistic plans assume it, and a table that declares a privacy
-    unit is asked in SQL instead)."""
+def require_row_level(table: TableDecl) -> None:
+    """Refuse a single-statistic query of a table that declares a privacy unit: those plans
+    assume one row is one unit; such a table is asked in SQL, whose noise is sized for one
+    unit's rows."""
     if table.privacy_unit is not None:
         raise PolicyError(
             f"dataset {table.name!r} declares a privacy unit ({table.privacy_unit!r}): ask it "
             "in SQL (mpcdp query sql), whose noise is sized for one unit's rows"
         )
+
+
+def legacy_query(spec: QuerySpec, table: TableDecl) -> SqlQuery:
+    """The SQL equivalent of a single-statistic query, compiled like any other (one row is
+    one unit: :func:`require_row_level`)."""
+    require_row_level(table)
     t, c = _quote(table.name), _quote(spec.column)
     text = {
         Statistic.COUNT: f"SELECT COUNT(*) FROM {t}",

@@ -52,7 +52,11 @@ from mpcdp.errors import (
 from mpcdp.mpc import encoding, ring, sharing
 from mpcdp.protocol import identity
 from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
-from mpcdp.protocol.query.local_statistic import EngineTable, add_local_words
+from mpcdp.protocol.query.local_statistic import (
+    EngineTable,
+    add_local_words,
+    require_row_level,
+)
 from mpcdp.protocol.query.plan import ReleasePlan, plan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic, digest
 from mpcdp.protocol.query.sql_release import party_release
@@ -247,11 +251,7 @@ class PartyEngine(SessionHost):
             length = view.data.values.size
         else:
             length = 0
-            if cfg.privacy_unit is not None:
-                raise PolicyError(
-                    f"dataset {cfg.name!r} declares a privacy unit ({cfg.privacy_unit!r}): ask "
-                    "it in SQL (mpcdp query sql), whose noise is sized for one unit's rows"
-                )
+            require_row_level(view.data.table)  # before any charge
             if spec.statistic is not Statistic.COUNT or spec.column:
                 try:
                     col = cfg.column(spec.column)

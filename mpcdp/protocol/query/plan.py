@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -39,7 +40,9 @@ __all__ = [
     "TensorPlan",
     "check_sampler_range",
     "choose_frac_bits",
+    "first_fitting",
     "fit",
+    "frac_bits_for",
     "mechanism_for",
     "needed_frac_bits",
     "plan",
@@ -225,9 +228,30 @@ def needed_frac_bits(spec: QuerySpec, *, vector_length: int | None = None) -> in
     if spec.statistic in (Statistic.COUNT, Statistic.HISTOGRAM):
         return 0
     bound, rounding = _clipped_bound(spec, vector_length)
+    return frac_bits_for(bound=bound, rounding=rounding)
+
+
+def frac_bits_for(*, bound: float, rounding: float) -> int:
+    """The fewest fractional bits f >= 0 with ``rounding`` (ring units) <= 1% of
+    ``bound`` 2^f (MAX_ROUNDING_INFLATION); 0 for a bound of 0."""
     if not bound > 0:
         return 0
     return max(0, math.ceil(math.log2(rounding / (MAX_ROUNDING_INFLATION * bound))))
+
+
+def first_fitting(start: int, build: Callable[[int], ReleasePlan], *, what: str) -> int:
+    """The largest f in [0, start] whose plan ``build(f)`` fits: headroom in its ring and every
+    noise share inside its sampler's exact range. Raises the last candidate's HeadroomError
+    or ParameterError when none does (``what`` names the query in the fallback message)."""
+    last: Exception | None = None
+    for f in range(start, -1, -1):
+        try:
+            build(f).check_headroom()
+        except (HeadroomError, ParameterError) as exc:
+            last = exc
+            continue
+        return f
+    raise last or HeadroomError(f"no frac_bits in [0, {start}] fits the ring for {what}")
 
 
 def choose_frac_bits(
@@ -245,16 +269,11 @@ def choose_frac_bits(
     top = spec.frac_bits if max_frac_bits is None else max_frac_bits
     # exact releases (mechanism none) have no noise to size against: as precise as they fit
     need = top if spec.mechanism == "none" else needed_frac_bits(spec, vector_length=vector_length)
-    start = min(top, need)
-    last: Exception | None = None
-    for f in range(start, -1, -1):
-        try:
-            plan(replace(spec, frac_bits=f), vector_length=vector_length).check_headroom()
-        except (HeadroomError, ParameterError) as exc:
-            last = exc
-            continue
-        return f
-    raise last or HeadroomError(f"no frac_bits in [0, {start}] fits the ring for {spec.query_id}")
+    return first_fitting(
+        min(top, need),
+        lambda f: plan(replace(spec, frac_bits=f), vector_length=vector_length),
+        what=spec.query_id,
+    )
 
 
 #: Vector sums use Z_2^32 (half the bytes) when the planner's frac_bits fit it unchanged.

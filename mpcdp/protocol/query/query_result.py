@@ -19,7 +19,14 @@ from mpcdp.protocol.query.plan import ReleasePlan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import RoundOutcome
 
-__all__ = ["QueryResult", "failed_rounds", "half_width", "mean_release", "query_result"]
+__all__ = [
+    "QueryResult",
+    "failed_rounds",
+    "half_width",
+    "mean_release",
+    "query_result",
+    "release_seed",
+]
 
 _Z95 = 1.959963984540054
 
@@ -68,6 +75,12 @@ class QueryResult:
             "dropped": dict(self.dropped),
             "failed_rounds": list(self.failed_rounds),
         }
+
+
+def release_seed(spec: QuerySpec) -> int:
+    """The seed of a release's simulations (its std, its intervals): public post-processing,
+    seeded by the query id, so the same release always reports the same numbers."""
+    return int.from_bytes(hashlib.sha256(spec.query_id.encode()).digest()[:8], "big")
 
 
 def half_width(std: float, mechanism: str) -> float:
@@ -134,8 +147,7 @@ def mean_release(
     """The released mean, its std and its 95% interval (mpcdp.dp.intervals), from the two
     revealed tensors and public quantities only."""
     n, h = len(spec.parties), spec.honest
-    # the simulations are public post-processing: seeded by the query id, reproducible
-    seed = int.from_bytes(hashlib.sha256(spec.query_id.encode()).digest()[:8], "big")
+    seed = release_seed(spec)
     rng = np.random.default_rng(seed)
     laws = {
         tp.name: intervals.noise_law(

@@ -43,10 +43,9 @@ bounds its resolution.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -61,8 +60,11 @@ from mpcdp.protocol.query.plan import (
     ReleasePlan,
     TensorPlan,
     check_sampler_range,
+    first_fitting,
+    frac_bits_for,
     mechanism_for,
 )
+from mpcdp.protocol.query.query_result import half_width, release_seed
 from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.sql.compile import compile_sql
 from mpcdp.sql.typed_plan import Aggregate, SqlQuery, TableDecl, digest
@@ -85,7 +87,6 @@ _QUANTILE_DRAWS = 400
 _AVG_DRAWS = 1000
 #: the interval's level
 _LEVEL = 0.95
-_Z95 = 1.959963984540054
 
 
 def _down(x: Fraction) -> float:
@@ -158,9 +159,9 @@ def release_plan(
         raise ParameterError("max_parties_per_unit", max_parties_per_unit, "must be >= 1")
     unit = table.privacy_unit is not None
     r = table.max_rows_per_unit if unit else 1
-    g = min(table.max_groups_per_unit if unit else 1, len(query.cells())) if query.group_by else 1
+    cells = query.n_cells
+    g = min(table.max_groups_per_unit if unit else 1, cells) if query.group_by else 1
     p = max_parties_per_unit
-    cells = len(query.cells())
     eps, delta = (
         events.exact_epsilon(spec.epsilon) if spec.mechanism != "none" else None,
         spec.delta,
@@ -204,33 +205,20 @@ def fit_frac_bits(
     spec: QuerySpec, query: SqlQuery, table: TableDecl, *, max_parties_per_unit: int
 ) -> int:
     """The planner's fixed point for a SQL query: the fewest fractional bits with which
-    rounding adds at most 1% to each clamped sum's per-cell bound, lowered while the round
-    does not fit the ring (mpcdp.protocol.query.plan.choose_frac_bits, for every sum)."""
-    from dataclasses import replace
-
-    from mpcdp.errors import HeadroomError
-    from mpcdp.protocol.query.plan import MAX_ROUNDING_INFLATION
-
-    bounds = [m.per_row for m in query.measures() if m.kind in ("sum", "centered_sum")]
-    need = 0
-    for b in bounds:
-        if b > 0:
-            need = max(need, math.ceil(math.log2(1.0 / (MAX_ROUNDING_INFLATION * b))))
+    rounding adds at most 1% to each clamped sum's per-cell bound (the most any sum needs),
+    lowered while the round does not fit the ring (as plan.choose_frac_bits does)."""
     if spec.mechanism == "none":
-        need = spec.frac_bits
-    start = min(max(need, 0), spec.frac_bits)
-    last: Exception | None = None
-    for f in range(start, -1, -1):
-        try:
-            trial = replace(spec, frac_bits=f)
-            release_plan(
-                trial, query, table, max_parties_per_unit=max_parties_per_unit
-            ).check_headroom()
-        except (HeadroomError, ParameterError) as exc:
-            last = exc
-            continue
-        return f
-    raise last or HeadroomError(f"query {spec.query_id} does not fit the ring")
+        need = spec.frac_bits  # no noise to size against: as precise as it fits
+    else:
+        sums = [m.per_row for m in query.measures() if m.kind in ("sum", "centered_sum")]
+        need = max((frac_bits_for(bound=b, rounding=1.0) for b in sums), default=0)
+    return first_fitting(
+        min(need, spec.frac_bits),
+        lambda f: release_plan(
+            replace(spec, frac_bits=f), query, table, max_parties_per_unit=max_parties_per_unit
+        ),
+        what=spec.query_id,
+    )
 
 
 def contribution(
@@ -238,7 +226,7 @@ def contribution(
 ) -> list[NDArray[np.float64]]:
     """The party's local tensors in plan order, from its engine's cell matrix (cells x
     measures, mpcdp.sql.render.to_matrix). Not yet clamped to max_abs nor encoded."""
-    n = len(query.cells())
+    n = query.n_cells
     parts = _parts(query, release.spec.frac_bits)
     if cells.shape != (n, len(query.measures())):
         raise ParameterError("cells", cells.shape, f"expected ({n}, {len(query.measures())})")
@@ -254,16 +242,6 @@ class CellAnswer:
     interval95: tuple[float, float]
 
 
-def _half_width(std: float, mechanism: str) -> float:
-    if mechanism == "discrete-laplace":
-        return std / math.sqrt(2) * math.log(20)  # Laplace: P(|X| > b ln 20) = 5%
-    return _Z95 * std
-
-
-def _seed(spec: QuerySpec) -> int:
-    return int.from_bytes(hashlib.sha256(spec.query_id.encode()).digest()[:8], "big")
-
-
 def answer(
     release: ReleasePlan, query: SqlQuery, tensors: Sequence[NDArray[np.float64]]
 ) -> list[list[CellAnswer]]:
@@ -271,9 +249,9 @@ def answer(
     docstring). ``tensors`` are the revealed tensors in plan order, in real units."""
     spec = release.spec
     n, h = len(spec.parties), spec.honest
-    seed = _seed(spec)
+    seed = release_seed(spec)
     rng = np.random.default_rng(seed)
-    cells = len(query.cells())
+    cells = query.n_cells
     by_name = {t.name: (t, v) for t, v in zip(release.tensors, tensors, strict=True)}
     out: list[list[CellAnswer]] = [[] for _ in range(cells)]
     for i, agg in enumerate(query.aggregates):
@@ -344,7 +322,7 @@ def answer(
         else:
             plan_, values = by_name[f"{i}:{'sum' if agg.kind == 'sum' else 'count'}"]
             std = plan_.noise_std(n_parties=n, honest=h)
-            half = _half_width(std, spec.mechanism)
+            half = half_width(std, spec.mechanism)
             for c in range(cells):
                 v = float(values[c])
                 out[c].append(CellAnswer(value=v, noise_std=std, interval95=(v - half, v + half)))
