@@ -118,11 +118,18 @@ def validate(source: Source, *, dataset: DatasetConfig) -> None:
 
 
 def open_validated(dataset: DatasetConfig, *, options: EngineOptions | None = None) -> Source:
-    """:func:`open_source` then :func:`validate` (what a node does when it starts): the
-    source, connected; closed again before a DataError leaves."""
+    """:func:`open_source` then :func:`validate` (what a node does when it starts), and for a
+    party's own file one scan with the checks CSV files always had
+    (:meth:`~mpcdp.data.duckdb_source.DuckDBSource.check_values`; a database or Spark table is
+    live and is not scanned): the source, connected; closed again before an error leaves."""
     source = open_source(dataset, options=options)
     try:
         validate(source, dataset=dataset)
+        if dataset.source == "duckdb":
+            from mpcdp.data.duckdb_source import DuckDBSource
+
+            assert isinstance(source, DuckDBSource)  # open_source's engine for "duckdb"
+            source.check_values()
     except BaseException:
         source.close()
         raise

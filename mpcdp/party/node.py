@@ -17,7 +17,7 @@ import os
 import resource
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -26,8 +26,7 @@ from typing import Any
 from mpcdp.config.datasets import Vector, load_examples, load_vector
 from mpcdp.config.party_config import DatasetConfig, PartyConfig, load_party_config
 from mpcdp.config.training_config import TrainingDeclaration, is_import_path
-from mpcdp.data.duckdb_source import DuckDBSource
-from mpcdp.data.table_source import open_source, validate
+from mpcdp.data.table_source import open_validated
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.errors import ConfigError, DataError, PolicyError
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo
@@ -53,6 +52,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _close_sources(views: Mapping[str, DatasetView]) -> None:
+    """Close the engines the table datasets of ``views`` opened."""
+    for view in views.values():
+        if isinstance(view.data, EngineTable):
+            view.data.source.close()
+
+
 def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
     views = {}
     for name, ds in cfg.datasets.items():
@@ -63,14 +69,7 @@ def _load(cfg: PartyConfig) -> dict[str, DatasetView]:
             if ds.kind == "vector":
                 data = load_vector(ds.path)
             else:  # read where it lives, never loaded into Python (mpcdp.data)
-                source = open_source(ds, options=cfg.engines)
-                try:
-                    validate(source, dataset=ds)  # a schema query: the table is not read
-                    if isinstance(source, DuckDBSource):
-                        source.check_values()  # a party's own file: one scan, as CSVs had
-                except DataError:
-                    source.close()
-                    raise
+                source = open_validated(ds, options=cfg.engines)
                 data = EngineTable(source=source, table=table_decl(ds))
             views[name] = DatasetView(config=ds, data=data)
         except DataError as exc:
@@ -264,9 +263,7 @@ def check_datasets(cfg: PartyConfig) -> dict[str, str | None]:
             out[name] = item.error if item is not None else "not loaded"
         return out
     finally:  # the engines' connections (a database's, a Spark session) end with the check
-        for view in views.values():
-            if isinstance(view.data, EngineTable):
-                view.data.source.close()
+        _close_sources(views)
 
 
 def check_tls(cfg: PartyConfig) -> str:
@@ -524,9 +521,7 @@ class PartyNode:
             self._server.stop(grace_s).wait()
             self._server = None
         self.engine.close()
-        for view in self.views.values():
-            if isinstance(view.data, EngineTable):
-                view.data.source.close()
+        _close_sources(self.views)
         if self.training is not None:
             self.training.close()
         self.ledger.close()
