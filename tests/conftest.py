@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -245,11 +246,15 @@ def coordinator_clients(
     ]
 
 
-def default_sigint() -> None:
-    """``preexec_fn`` for a child that a test interrupts with SIGINT: the child gets SIGINT's
-    default disposition, unblocked, whatever this test process inherited or a library set
-    (an ignored or blocked SIGINT is inherited across exec; the child would never see it)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+def with_default_sigint(cmd: list[str]) -> list[str]:
+    """``cmd`` run by a small Python process that first gives SIGINT its default disposition,
+    unblocked, whatever this test process inherited or a library set (an ignored or blocked
+    SIGINT is inherited across exec; the child would never see it), then becomes ``cmd``.
+    Not Popen's ``preexec_fn``: that makes Popen fork() in a process whose gRPC is running,
+    and gRPC's fork handler can abort the child before exec (see mpcdp.local.localnet)."""
+    code = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+        "os.execvp(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", code, *cmd]

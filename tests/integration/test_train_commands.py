@@ -23,7 +23,7 @@ from typer.testing import CliRunner, Result
 from mpcdp.cli.app import app
 from mpcdp.demos import digits_demo
 from mpcdp.local.localnet import LocalFederation, launch
-from tests.conftest import default_sigint
+from tests.conftest import with_default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -189,8 +189,8 @@ def test_results_a_user_keeps(digits_net: LocalFederation, tmp_path: Path) -> No
     # SIGINT as a terminal delivers it: a child inherits an ignored or blocked SIGINT from
     # the test process (in the full suite it once ran all of its epochs and exited 0)
     proc = subprocess.Popen(
-        [*base, "--epochs", "400", "--checkpoint", str(tmp_path / "long.pt")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
+        with_default_sigint([*base, "--epochs", "400", "--checkpoint", str(tmp_path / "long.pt")]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
     seen = ""

@@ -1,6 +1,7 @@
 """The package boundaries (docs/architecture.md), enforced by folder: the pure core imports
 neither grpc nor torch, grpc and protobuf stay in transport/, each package imports only the
-packages below it, and importing the core has no side effects."""
+packages below it, importing the core has no side effects, and no child process is started
+in a way that gRPC can abort."""
 
 from __future__ import annotations
 
@@ -172,3 +173,18 @@ def test_no_two_modules_share_a_name() -> None:
                 continue
             assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
             seen[path.name] = path
+
+
+def test_no_preexec_fn_where_grpc_may_run() -> None:
+    """No Popen ``preexec_fn`` in the package or the tests: it makes Popen fork() instead of
+    vfork(), and in a process whose gRPC runs, gRPC's fork handler restarts its poller in the
+    child, where close_fds closes the poller's epoll descriptor before exec: the child aborts
+    in about 1 launch of 60 (measured with a serving gRPC process and 2,000 launches; none in
+    2,000 without ``preexec_fn``). A small exec wrapper does the same work safely."""
+    offenders = []
+    for root in (PKG, PKG.parent / "tests"):
+        for path in sorted(root.glob("**/*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.keyword) and node.arg == "preexec_fn":
+                    offenders.append(f"{path}:{node.value.lineno}")
+    assert not offenders, f"preexec_fn used at {offenders}"
