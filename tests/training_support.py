@@ -69,7 +69,10 @@ class Direct:
         parameters: np.ndarray,
         full: bool,
         ring_bits: int,
+        deadline_s: float | None = None,
     ) -> ContributionStream:
+        # as gRPC does: past the call's deadline the site sees the call given up
+        end = None if deadline_s is None else time.monotonic() + deadline_s
         c = self.engine.step(
             session_id=session_id,
             step=step,
@@ -77,6 +80,7 @@ class Direct:
             parameters=parameters,
             full=full,
             coordinator=self.coordinator,
+            in_time=None if end is None else (lambda: time.monotonic() < end),
         )
         words = c.masked().copy()
         self.uploads.append(words)

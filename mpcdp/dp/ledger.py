@@ -10,8 +10,10 @@ charged query. The rules:
   Every row is checked when a ledger is opened (:meth:`BudgetLedger.verify`): an event that
   does not decode, a budget that is not a number, running totals that differ from the rows.
 - charge before release: a party calls :meth:`BudgetLedger.charge` and only sends its
-  contribution after it returned; once sent, a release is assumed to have happened, so a charge
-  is never refunded.
+  contribution after it returned; once sent, a release is assumed to have happened, so nothing
+  sent is ever refunded. A training block is charged before its first step leaves; when the
+  session ends early, :meth:`settle` gives back the block's steps that never left the party
+  (the row's event keeps the steps that did; no other change of a charged row exists).
 - idempotent by query id, one namespace per coordinator: charging the same (coordinator,
   query id) again with the same dataset and event is a no-op that returns the original
   charge; a reused id with another dataset or event is an error. Two coordinators' ids never
@@ -79,7 +81,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -1131,6 +1133,61 @@ class BudgetLedger:
             note=str(note)[:200],
             coordinator=coordinator,
         )
+
+    def settle(self, query_id: str, *, coordinator: str = "", steps: int, note: str) -> bool:
+        """Return to the budget the steps of a charged block that never left this party.
+
+        A training site charges a block of steps before the first of them leaves it (charge
+        before release); when its session ends early (a site left out, the coordinator gone,
+        a step refused as late), the block's later steps were never computed or sent, so no
+        release happened under them. ``steps`` is how many of the block's steps did leave:
+        the row's event becomes the same event with ``steps`` steps (every other parameter
+        equal; RDP composes additively over identical steps, so this is exactly the spend of
+        the steps released), or the row is removed when ``steps`` is 0. Only the party
+        decides this, from what it sent itself; nothing that left is ever given back.
+
+        Returns True when the row changed. LedgerError when the row is not a charge, its
+        event has no ``steps``, or ``steps`` is not below its steps; LedgerWriteError (as a
+        charge) when it cannot be written, in which case the whole block stays charged."""
+        key = _key(_check_coordinator(coordinator), query_id)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ParameterError("steps", steps, "must be an integer >= 0")
+        with self._lock, self._writing(f"the settlement of query {query_id!r}"):
+            row = self._conn.execute(
+                "SELECT dataset, event, state, note FROM charges WHERE query_id=?", (key,)
+            ).fetchone()
+            if row is None or row[2] != CHARGED:
+                raise LedgerError(f"query_id={query_id!r} is not a charge of this ledger")
+            dataset, charged = row[0], ev.decode_event(row[1])
+            if not isinstance(
+                charged, ev.Skellam | ev.SubsampledGaussian | ev.DistributedDiscreteGaussian
+            ):
+                raise LedgerError(f"query_id={query_id!r} was not charged by steps")
+            had = charged.steps
+            if steps >= had:
+                if steps == had:
+                    return False
+                raise LedgerError(
+                    f"query_id={query_id!r} was charged for {had} steps, not {steps}: a "
+                    "settlement only gives back steps"
+                )
+            if steps == 0:
+                self._conn.execute("DELETE FROM charges WHERE query_id=?", (key,))
+                # an event by steps has no pure part: only the count of charges changes
+                self._conn.execute(
+                    "UPDATE budgets SET queries=queries-1 WHERE dataset=?", (dataset,)
+                )
+            else:
+                smaller = replace(charged, steps=steps)
+                self._conn.execute(
+                    "UPDATE charges SET event=?, note=? WHERE query_id=?",
+                    (ev.encode_event(smaller), f"{row[3]} ({note})"[:200], key),
+                )
+            # a row changed in place: the cached sums over the rows are stale
+            self._cache.pop((dataset, None), None)
+            self._cache.pop((dataset, coordinator), None)
+        log.info("settled query %s: %d of %d steps left this party", query_id, steps, had)
+        return True
 
     def charges(self, dataset: str) -> list[Charge]:
         """Every charge of ``dataset``, oldest first (reservations are not charges)."""

@@ -17,6 +17,7 @@ import torch
 
 from mpcdp.audit.bound import OneRunAudit
 from mpcdp.errors import ParameterError
+from mpcdp.protocol.training.roster import RosterChange
 from mpcdp.train.models import build_model
 from mpcdp.train.planning import TrainingPlan
 from mpcdp.train.run_model import (
@@ -57,6 +58,13 @@ class EpochRecord:
     test_loss: float | None
     seconds: float
     test_metric: float | None = None  # the user's metric (train's ``metric``), when given
+    #: site -> the steps of this epoch whose sum had its gradient (a site that failed or fell
+    #: behind is left out of a step, which is re-run among the others)
+    participation: dict[str, int] = field(default_factory=dict)
+    #: site -> its epsilon so far (at the plan's delta): the steps it took part in, counted
+    #: by its own accountant (a step re-run after a failure counts for every site whose upload
+    #: of the failed attempt left it)
+    site_epsilon: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,12 @@ class TrainingResult:
     public_accuracy: float | None  # after the warm start, before DP (None without one)
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     audit: OneRunAudit | None = None  # an audit run's bound (mpcdp.train.audit_run)
+    #: site -> steps whose sum had its gradient, over the whole run
+    participation: dict[str, int] = field(default_factory=dict)
+    #: site -> its epsilon at the plan's delta (``epsilon`` is the largest of them)
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    #: the roster's changes: a site left out (with why) or back, at which step
+    roster_changes: tuple[RosterChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         audit = None
@@ -90,6 +104,9 @@ class TrainingResult:
             "final_accuracy": self.final_accuracy,
             "public_accuracy": self.public_accuracy,
             "history": [asdict(r) for r in self.history],
+            "participation": self.participation,
+            "site_epsilon": self.site_epsilon,
+            "roster_changes": [asdict(c) for c in self.roster_changes],
         }
 
 

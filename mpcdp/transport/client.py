@@ -159,7 +159,12 @@ class GrpcPartyClient:
         parameters: NDArray[np.float32],
         full: bool,
         ring_bits: int,
+        deadline_s: float | None = None,
     ) -> ContributionStream:
+        """One training step; ``deadline_s`` (default: the client's deadline) bounds the
+        whole call, the upload included: past it the site sees the call cancelled and
+        refuses to send the step (so it is not charged for it)."""
+        timeout = self._deadline if deadline_s is None else min(deadline_s, self._deadline)
         requests = codec.encode_step_requests(
             session_id=session_id,
             step=step,
@@ -168,11 +173,16 @@ class GrpcPartyClient:
             full=full,
             chunk_bytes=self._chunk_bytes,
         )
-        responses = self._stub.TrainStep(requests, timeout=self._deadline)
-        return self._upload(responses, session_id=session_id, ring_bits=ring_bits)
+        responses = self._stub.TrainStep(requests, timeout=timeout)
+        return self._upload(responses, session_id=session_id, ring_bits=ring_bits, timeout=timeout)
 
     def _upload(
-        self, responses: Iterable[pb.ContributeChunk], *, session_id: bytes, ring_bits: int
+        self,
+        responses: Iterable[pb.ContributeChunk],
+        *,
+        session_id: bytes,
+        ring_bits: int,
+        timeout: float | None = None,
     ) -> ContributionStream:
         """Decode a party's upload stream; gRPC failures while reading become PartyError."""
 
@@ -183,7 +193,9 @@ class GrpcPartyClient:
                     answered = True
                     yield msg
             except grpc.RpcError as err:
-                raise self._error(err, deadline_s=self._deadline, answered=answered) from None
+                raise self._error(
+                    err, deadline_s=timeout or self._deadline, answered=answered
+                ) from None
             finally:
                 # a reader that stops early (a round given up) ends the call; after the
                 # last message this does nothing

@@ -912,17 +912,7 @@ class PartyServicer(pb_grpc.PartyServicer):
             proposed = self._proposed.pop(session_id, None)
         # a Contribute is late after a stall longer than its time left since its session's
         # Propose; a Propose (or a session not remembered) only during such a stall
-        left = context.time_remaining()
-        if (
-            context.is_active()
-            and (left is None or left >= LATE_CALL_MARGIN_S)
-            and (
-                left is None
-                or not self._suspensions.longer_than(
-                    left, since=now if proposed is None else proposed
-                )
-            )
-        ):
+        if self._in_time(context, since=now if proposed is None else proposed):
             return
         self._engine.abort(session_id=session_id, coordinator=caller)
         log.info(
@@ -934,6 +924,17 @@ class PartyServicer(pb_grpc.PartyServicer):
         raise SessionError(
             f"{method} of session {session_id.hex()} arrived after its deadline (or while "
             "this party was suspended); nothing was reserved or charged"
+        )
+
+    def _in_time(self, context: grpc.ServicerContext, *, since: float) -> bool:
+        """Is the caller still waiting for this call's answer? Not cancelled, not past (or
+        within LATE_CALL_MARGIN_S of) its deadline, and this process not stalled since
+        ``since`` for longer than the time the call has left."""
+        left = context.time_remaining()
+        return (
+            context.is_active()
+            and (left is None or left >= LATE_CALL_MARGIN_S)
+            and (left is None or not self._suspensions.longer_than(left, since=since))
         )
 
     def Propose(
@@ -1007,6 +1008,7 @@ class PartyServicer(pb_grpc.PartyServicer):
     ) -> Iterator[pb.ContributeChunk]:
         caller = self._caller(context)
         trainer = self._trainer()
+        arrived = time.monotonic()
         session_id, header, keys, values = codec.decode_step_requests(
             request_iterator, max_values=trainer.max_parameters
         )
@@ -1018,6 +1020,9 @@ class PartyServicer(pb_grpc.PartyServicer):
             parameters=values,
             full=header.full,
             coordinator=caller,
+            # a step its coordinator gave up on (and re-ran among the other sites) is
+            # refused before it is charged, or before its upload leaves
+            in_time=functools.partial(self._in_time, context, since=arrived),
         )
         yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
         del upload  # sent: free it before the next step's pad is built

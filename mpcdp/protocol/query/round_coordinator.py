@@ -33,12 +33,10 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from types import MappingProxyType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,9 +47,23 @@ from mpcdp.errors import (
     PartyError,
     ProtocolError,
     RoundAborted,
-    SessionError,
 )
 from mpcdp.mpc import encoding, ring
+from mpcdp.protocol.failures import (
+    FAILURES,
+    SILENT_ABORT,
+    GaveUp,
+    Pingable,
+    abort_all,
+    abort_until_delivered,
+    failed_at,
+    first_failure,
+    order_clients,
+    party_failure,
+    refused,
+    roster_shortfall,
+    signed_keys,
+)
 from mpcdp.protocol.identity import SignedKey
 from mpcdp.protocol.query.plan import ReleasePlan, plan
 from mpcdp.protocol.query.query_spec import MAX_QUERY_ID_CHARS, QuerySpec
@@ -103,201 +115,6 @@ class PartyClient(Protocol):
     ) -> ContributionStream: ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
-
-
-@runtime_checkable
-class _Pingable(Protocol):
-    @property
-    def party_id(self) -> str: ...
-
-    def ping(self) -> None: ...
-
-
-class _HasPartyId(Protocol):
-    @property
-    def party_id(self) -> str: ...
-
-
-class _Abortable(_HasPartyId, Protocol):
-    def abort(self, *, session_id: bytes, reason: str) -> None: ...
-
-
-_C = TypeVar("_C", bound=_HasPartyId)
-
-
-def order_clients(clients: Sequence[_C], parties: Sequence[str]) -> list[_C]:
-    """``clients`` in the order of ``parties`` (index = position); exactly one each."""
-    by_id = {c.party_id: c for c in clients}
-    if set(by_id) != set(parties) or len(by_id) != len(clients):
-        raise ProtocolError(f"clients {sorted(by_id)} do not match the parties {list(parties)}")
-    return [by_id[p] for p in parties]
-
-
-def signed_keys(proposals: Sequence[Proposal], parties: Sequence[str]) -> list[SignedKey]:
-    """The keys of the parties' answers, each checked to be for the party that sent it."""
-    for p, pid in zip(proposals, parties, strict=True):
-        if p.key.party_id != pid:
-            raise ProtocolError(f"party {pid!r} answered with a key for {p.key.party_id!r}")
-    return [p.key for p in proposals]
-
-
-#: how many times an abort is sent to a party that answers RESOURCE_EXHAUSTED
-_ABORT_TRIES = 5
-
-
-def abort_all(
-    clients: Sequence[_Abortable], *, session_id: bytes, reason: str
-) -> dict[str, str | None]:
-    """Tell every party to forget the session, all at once (each abort has the client's own,
-    short, deadline, so a party that stopped answering costs one abort deadline, not one per
-    party). Returns party id -> None when the abort was delivered, else why not; a party
-    that cannot be reached is skipped (a dead party has nothing to undo)."""
-    return {
-        p: None
-        if exc is None
-        else (str(exc) if isinstance(exc, MpcdpError) else type(exc).__name__)
-        for p, exc in _abort_each(clients, session_id=session_id, reason=reason).items()
-    }
-
-
-def _abort_each(
-    clients: Sequence[_Abortable], *, session_id: bytes, reason: str
-) -> dict[str, Exception | None]:
-    """:func:`abort_all`, with each failure's exception."""
-    if not clients:
-        return {}
-
-    def one(c: _Abortable) -> Exception | None:
-        # an abort gives reservations back: a party busy with this coordinator's other short
-        # calls is asked again a few times (about 1.5 s in all) rather than left holding them
-        # until the session expires
-        for attempt in range(_ABORT_TRIES):
-            try:
-                c.abort(session_id=session_id, reason=reason[:500])
-            except PartyError as exc:
-                if exc.code != "RESOURCE_EXHAUSTED" or attempt == _ABORT_TRIES - 1:
-                    return exc
-                time.sleep(0.05 * 2**attempt)
-            except Exception as exc:
-                return exc
-            else:
-                return None
-        return None  # pragma: no cover - the loop returns
-
-    with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="abort") as pool:
-        outcomes = dict(zip((c.party_id for c in clients), pool.map(one, clients), strict=True))
-    for party, failure in outcomes.items():
-        if failure is None:
-            log.info("session %s aborted at %s", session_id.hex(), party)
-        else:
-            log.warning("abort of session %s at %s failed: %s", session_id.hex(), party, failure)
-    return outcomes
-
-
-#: Status codes with which a party refuses a call before it charges anything (its servicer
-#: maps its domain errors to these; see mpcdp.transport.server).
-_REFUSAL_CODES = frozenset(
-    {
-        "PERMISSION_DENIED",
-        "FAILED_PRECONDITION",
-        "INVALID_ARGUMENT",
-        "RESOURCE_EXHAUSTED",
-        "ALREADY_EXISTS",
-        "OUT_OF_RANGE",
-    }
-)
-
-
-def _refused(exc: BaseException) -> bool:
-    """Did ``exc``, raised before a party's upload header arrived, come from a party that
-    refused (so charged nothing)? False when no answer came (a time-out, a lost
-    connection, an internal error, a malformed answer): then only its ledger knows."""
-    if isinstance(exc, PartyError):
-        return exc.code in _REFUSAL_CODES
-    # an in-process party raises its domain errors directly; a ProtocolError other than a
-    # session refusal may also be a malformed answer decoded here
-    return isinstance(exc, MpcdpError) and (
-        isinstance(exc, SessionError) or not isinstance(exc, ProtocolError)
-    )
-
-
-#: What a failed call says, by its status code: ``"party"``, that party failed (it is left
-#: out and the query re-run with the others, as long as min_parties and h' >= 1 allow);
-#: ``"query"``, the query or the coordinator is at fault and every party would answer the
-#: same (the query fails at once, nothing is re-run). A code not listed is a query failure.
-#: docs/queries.md ("When a party fails") has this table in words.
-FAILURES: Mapping[str, str] = MappingProxyType(
-    {
-        "UNAVAILABLE": "party",  # unreachable: down, restarting, its host or link gone
-        "DEADLINE_EXCEEDED": "party",  # no answer in time: stopped, overloaded, a slow link
-        "CANCELLED": "party",  # it cancelled the call (it waited too long on this coordinator)
-        "RESOURCE_EXHAUSTED": "party",  # busy (its call limits), or its own budget is spent
-        "FAILED_PRECONDITION": "party",  # its own policy, dataset or session (lost in a restart)
-        "ABORTED": "party",  # one of its worker ranks failed
-        "INTERNAL": "party",  # its own bug or environment (details in its log)
-        "UNKNOWN": "party",
-        "DATA_LOSS": "party",
-        "INVALID_ARGUMENT": "query",  # a malformed spec or message: every party refuses it
-        "OUT_OF_RANGE": "query",  # no headroom in the ring for this spec
-        "ALREADY_EXISTS": "query",  # the query id was answered before
-        "PERMISSION_DENIED": "query",  # this coordinator is not admitted, or relayed a bad key
-        "UNAUTHENTICATED": "query",
-        "UNIMPLEMENTED": "query",  # another protocol version
-        "NOT_FOUND": "query",
-    }
-)
-
-
-#: how long the coordinator keeps telling a silent party to forget a round (seconds), and
-#: its first pause between tries (doubled each time)
-_SILENT_ABORT_S = 60.0
-_SILENT_ABORT_PAUSE_S = 0.5
-
-
-#: what RoundAborted says of the abort at a party that gave no answer in time
-_SILENT_ABORT = (
-    "it gave no answer in time; the abort is sent again in the background until it "
-    "arrives, and its session expires there anyway"
-)
-
-
-def _abort_until_delivered(
-    clients: Sequence[_Abortable], *, session_id: bytes, reason: str
-) -> None:
-    """Abort at parties that did not answer in time, again and again until each one takes
-    it or _SILENT_ABORT_S pass: a party resumed after a SIGSTOP then releases the round's
-    reservation at once rather than at its session's expiry (which releases it anyway)."""
-    left = list(clients)
-    pause = _SILENT_ABORT_PAUSE_S
-    end = time.monotonic() + _SILENT_ABORT_S
-    while left:
-        outcomes = _abort_each(left, session_id=session_id, reason=reason)
-        # tried again: only a party that gave no answer (not one that refused, nor a
-        # client closed since)
-        left = [
-            c
-            for c in left
-            if isinstance(e := outcomes.get(c.party_id), PartyError)
-            and e.code in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
-        ]
-        if not left or time.monotonic() + pause > end:
-            return
-        time.sleep(pause)
-        pause *= 2
-
-
-def _party_failure(exc: BaseException) -> bool:
-    """Is ``exc`` a failure of the party it came from (re-run without it)? Only a party's
-    status code says so (:data:`FAILURES`); anything raised in this process is the query's."""
-    return isinstance(exc, PartyError) and FAILURES.get(exc.code) == "party"
-
-
-def _first_failure(futures: Sequence[Future[Any]]) -> BaseException | None:
-    """The exception of the first failed future, in party order."""
-    for f in futures:
-        if f.done() and not f.cancelled() and f.exception() is not None:
-            return f.exception()
-    return None
 
 
 @dataclass(frozen=True)
@@ -378,10 +195,6 @@ class QueryFailed(RoundAborted):
 Observer = Callable[[str, ring.AnyRingVector], None]
 
 
-class _GaveUp(Exception):
-    """An upload that the coordinator stopped reading: its round was given up."""
-
-
 def accumulate(
     stream: ContributionStream,
     total: ring.AnyRingVector,
@@ -392,7 +205,7 @@ def accumulate(
 ) -> float:
     """Add ``stream``'s chunks into ``total`` (strict: length, order, sender). Once
     ``gave_up`` is set, no further chunk is added: the stream is closed (which cancels a
-    gRPC upload) and :class:`_GaveUp` raised."""
+    gRPC upload) and :class:`GaveUp` raised."""
     if stream.party_id != expected:
         raise ProtocolError(f"contribution from {stream.party_id!r} on the channel of {expected!r}")
     if stream.length != total.size:
@@ -403,7 +216,7 @@ def accumulate(
     try:
         for chunk in stream.chunks:
             if gave_up is not None and gave_up.is_set():
-                raise _GaveUp(expected)
+                raise GaveUp(expected)
             n = chunk.size
             if offset + n > total.size:
                 raise ProtocolError(f"party {expected!r} sent more than {total.size} words")
@@ -411,7 +224,7 @@ def accumulate(
                 observe(expected, chunk)
             with lock:
                 if gave_up is not None and gave_up.is_set():
-                    raise _GaveUp(expected)
+                    raise GaveUp(expected)
                 seg = total[offset : offset + n]
                 np.add(seg, chunk, out=seg)
             offset += n
@@ -463,17 +276,6 @@ def run_round(
         raise failed.aborted from failed.aborted.cause
 
 
-def _failed_at(futures: Sequence[Future[Any]], ordered: Sequence[_C]) -> dict[str, BaseException]:
-    """Party id -> exception of every future that failed (not those given up on purpose)."""
-    out: dict[str, BaseException] = {}
-    for f, c in zip(futures, ordered, strict=False):
-        if f.done() and not f.cancelled():
-            exc = f.exception()
-            if exc is not None and not isinstance(exc, _GaveUp):
-                out[c.party_id] = exc
-    return out
-
-
 def _round(
     *,
     spec: QuerySpec,
@@ -484,7 +286,7 @@ def _round(
 ) -> RoundOutcome:
     """One round (module docstring); raises :class:`_RoundFailed`."""
     ordered = order_clients(clients, spec.parties)
-    pingable: list[_Pingable] = [c for c in ordered if isinstance(c, _Pingable)]
+    pingable: list[Pingable] = [c for c in ordered if isinstance(c, Pingable)]
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
     # one thread per party; a caller running many rounds passes its own pool (no start-up)
     pool = executor or ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="round")
@@ -499,7 +301,7 @@ def _round(
         try:
             asked = [pool.submit(c.propose, session_id=session_id, spec=spec) for c in ordered]
             wait(asked)  # every answer is in before any abort (an abort must follow its Propose)
-            failure = _first_failure(asked)
+            failure = first_failure(asked)
             if failure is not None:
                 raise failure
             proposals = [f.result() for f in asked]
@@ -517,7 +319,7 @@ def _round(
             # any party charges (docs/queries.md, "When a party fails")
             pinged = [pool.submit(c.ping) for c in pingable]
             wait(pinged)
-            failure = _first_failure(pinged)
+            failure = first_failure(pinged)
             if failure is not None:
                 raise failure
             total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
@@ -532,7 +334,7 @@ def _round(
 
             contributions = [pool.submit(contribute, c) for c in ordered]
             wait(contributions, return_when=FIRST_EXCEPTION)
-            failure = _first_failure(contributions)
+            failure = first_failure(contributions)
             if failure is not None:
                 raise failure
             remaining = [f.result() for f in contributions]
@@ -545,12 +347,12 @@ def _round(
             silent = {
                 p
                 for futures, who in ((asked, ordered), (pinged, pingable), (contributions, ordered))
-                for p, e in _failed_at(futures, who).items()
+                for p, e in failed_at(futures, who).items()
                 if isinstance(e, PartyError) and e.code == "DEADLINE_EXCEEDED"
             }
             if silent:
                 threading.Thread(
-                    target=_abort_until_delivered,
+                    target=abort_until_delivered,
                     args=([c for c in ordered if c.party_id in silent],),
                     kwargs={"session_id": session_id, "reason": str(exc)},
                     name="abort-silent",
@@ -561,14 +363,14 @@ def _round(
                 session_id=session_id,
                 reason=str(exc),
             )
-            aborts.update((c.party_id, _SILENT_ABORT) for c in ordered if c.party_id in silent)
+            aborts.update((c.party_id, SILENT_ABORT) for c in ordered if c.party_id in silent)
             # the uploads whose header has not arrived finish or fail on their own
             # deadline: only then is it known what every party charged
             wait(contributions)
-            failed = _failed_at(contributions, ordered) if contributions else {}
+            failed = failed_at(contributions, ordered) if contributions else {}
             if not contributions:
-                failed = _failed_at(pinged, pingable) or _failed_at(asked, ordered)
-            query_fault = not failed or not all(_party_failure(e) for e in failed.values())
+                failed = failed_at(pinged, pingable) or failed_at(asked, ordered)
+            query_fault = not failed or not all(party_failure(e) for e in failed.values())
             aborted = _aborted(spec, exc, ordered, contributions, charged, aborts)
             raise _RoundFailed(aborted, failed, query_fault) from exc
     finally:
@@ -720,7 +522,7 @@ def check_roster(
     parties and n' - colluders >= 1. The message names each party that failed (in
     ``attempts``, or ``left_out`` before any round) and why; its ``cause`` is ``first``, or
     the first party left out."""
-    short = _short_of(roster, quorum=quorum, colluders=colluders)
+    short = roster_shortfall(roster, quorum=quorum, colluders=colluders)
     if short:
         record = [*([_left_out(left_out)] if left_out else []), *attempts]
         if first is None and left_out:
@@ -733,19 +535,6 @@ def _left_out(failures: Mapping[str, Exception]) -> Attempt:
     return Attempt(
         query_id="", parties=(), failed={p: str(e) for p, e in failures.items()}, charged={}
     )
-
-
-def _short_of(roster: Sequence[str], *, quorum: int, colluders: int) -> str:
-    """Why ``roster`` cannot answer a query ("" when it can)."""
-    why = []
-    if len(roster) < quorum:
-        why.append(f"{len(roster)} parties left, min_parties={quorum}")
-    elif len(roster) - colluders < 1:
-        why.append(
-            f"{len(roster)} parties left with colluders={colluders}: no honest noise share "
-            f"(n' - t = {len(roster) - colluders} < 1)"
-        )
-    return "; ".join(why)
 
 
 def _failure_cause(short: str, attempts: Sequence[Attempt]) -> MpcdpError:
@@ -774,7 +563,7 @@ def _aborted(
             not_charged.append(pid)
             continue
         exc = contributions[i].exception()
-        if exc is not None and _refused(exc):
+        if exc is not None and refused(exc):
             not_charged.append(pid)
         else:
             unknown.append(pid)

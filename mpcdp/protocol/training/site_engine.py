@@ -75,6 +75,8 @@ class _SiteSession:
     charged_block: int = -1
     reserved_block: int = 0  # the session's latest reserved block (block 0 at open)
     busy: bool = False
+    #: ended (aborted, expired, failed) while a step ran: that step finishes the ending
+    ended: bool = False
     last_status: float = 0.0
     last_epsilon: str = "0"  # the dataset's epsilon spent after the session's last charge
     #: audit runs: this site's canary inclusion bits (secret until the last step's upload)
@@ -362,17 +364,28 @@ class TrainingEngine(SessionHost):
         parameters: NDArray[np.float32],
         full: bool,
         coordinator: str,
+        in_time: Callable[[], bool] | None = None,
     ) -> Contribution:
-        """Run step ``step`` of the session: the masked noisy quantized gradient sum."""
+        """Run step ``step`` of the session: the masked noisy quantized gradient sum.
+
+        ``in_time``: is the coordinator still waiting for this step? (the servicer's view of
+        the call: not cancelled, not past its deadline, this process not suspended past it).
+        Asked before anything is charged and again once the upload is ready: a step whose
+        coordinator gave up (and re-ran it among the other sites) is refused, its session
+        ended, and the step never leaves this site, so its block is settled without it."""
         session = self._acquire(session_id, coordinator)
         try:
-            return self._step(session_id, session, step, keys, parameters, full)
+            return self._step(session_id, session, step, keys, parameters, full, in_time)
         except Exception as exc:
             # any failure ends the session: a step is never answered twice
             self._end(session_id, f"failed at step {step}: {type(exc).__name__}")
             raise
         finally:
-            session.busy = False
+            with self._lock:
+                session.busy = False
+                ending = session.ended
+            if ending:  # ended while this step ran: the ledger is settled now
+                self._finish(session_id, session)
 
     def _step(
         self,
@@ -382,8 +395,11 @@ class TrainingEngine(SessionHost):
         keys: Sequence[identity.SignedKey],
         parameters: NDArray[np.float32],
         full: bool,
+        in_time: Callable[[], bool] | None,
     ) -> Contribution:
         spec = session.spec
+        if in_time is not None and not in_time():
+            raise SessionError(_LATE.format(step=step, sid=session_id.hex()))
         if step != session.next_step:
             raise ProtocolError(
                 f"step={step} but session {session_id.hex()} expects step {session.next_step}"
@@ -441,7 +457,10 @@ class TrainingEngine(SessionHost):
             self._add_gradient_canaries(spec, session.canary_coordinates, grad)
         upload = self._pads.take((session_id, step), self._pad_builder(session, step))
         np.add(upload, encoding.to_ring(grad, ring_bits=spec.ring_bits), out=upload)
-        session.next_step = step + 1
+        with self._lock:  # from here on the step counts as sent (the session's settlement)
+            if session.ended or (in_time is not None and not in_time()):
+                raise SessionError(_LATE.format(step=step, sid=session_id.hex()))
+            session.next_step = step + 1
         session.expires = self._clock() + self._ttl
         reveal = b""
         if session.next_step >= spec.end_step:
@@ -551,19 +570,28 @@ class TrainingEngine(SessionHost):
         with self._lock:
             session = self._sessions.pop(session_id, None)
             self._closed.add(session_id, why)
-            if session is not None:
-                self._slots.give_back(session.coordinator)
-        if session is not None:
-            _release_block(self.ledger, session, session_id)
-            session.source.close()
+            if session is None:
+                return
+            self._slots.give_back(session.coordinator)
+            session.ended = True
+            if session.busy:
+                return  # the running step finishes the ending (see step)
+        self._finish(session_id, session)
+
+    def _finish(self, session_id: bytes, session: _SiteSession) -> None:
+        """The ledger of an ended session: its uncharged reservation released, its charged
+        block settled to the steps that left this site; then its data closed."""
+        _release_block(self.ledger, session, session_id)
+        _settle_block(self.ledger, session, session_id)
+        session.source.close()
 
     def _expire(self) -> None:
         now = self._clock()
         for sid in [s for s, v in self._sessions.items() if v.expires < now and not v.busy]:
             session = self._sessions.pop(sid)
             self._slots.give_back(session.coordinator)
-            _release_block(self.ledger, session, sid)
-            session.source.close()
+            session.ended = True
+            self._finish(sid, session)
             self._closed.add(sid, "expired")
 
 
@@ -584,6 +612,38 @@ def _block(spec: TrainSpec, block: int) -> tuple[int, int]:
     """The first step of block ``block`` of a session, and its number of steps."""
     first = spec.start_step + block * spec.steps_per_charge
     return first, min(spec.steps_per_charge, spec.end_step - first)
+
+
+#: a step whose coordinator has given up on it
+_LATE = (
+    "step {step} of training session {sid} arrived or finished after its coordinator gave up "
+    "on it (past its deadline, cancelled, or this party was suspended); it is not sent and "
+    "not charged"
+)
+
+
+def _settle_block(ledger: BudgetLedger, session: _SiteSession, session_id: bytes) -> None:
+    """An ending session's charged block keeps only the steps that left this site (the
+    ledger's settle): a session cut short by a site's failure, the coordinator's abort or a
+    late step does not cost the steps it never sent. Whatever cannot be settled stays
+    charged (safe: more than what left)."""
+    if session.charged_block < 0:
+        return
+    first, steps = _block(session.spec, session.charged_block)
+    sent = max(0, min(steps, session.next_step - first))
+    if sent == steps:
+        return
+    try:
+        ledger.settle(
+            _charge_id(session.spec, session_id, session.charged_block),
+            coordinator=session.coordinator,
+            steps=sent,
+            note=f"settled: {sent} of its {steps} steps left this site",
+        )
+    except (LedgerError, OSError) as exc:
+        log.warning(
+            "training session %s: its block stays charged in full (%s)", session_id.hex(), exc
+        )
 
 
 def _release_block(ledger: BudgetLedger, session: _SiteSession, session_id: bytes) -> None:

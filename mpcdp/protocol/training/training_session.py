@@ -9,7 +9,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,18 +21,22 @@ from mpcdp.audit.canaries import (
 )
 from mpcdp.errors import (
     ParameterError,
+    PartyError,
     ProtocolError,
     RoundAborted,
 )
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol import identity
-from mpcdp.protocol.query.round_coordinator import (
-    ContributionStream,
+from mpcdp.protocol.failures import (
+    GaveUp,
     abort_all,
-    accumulate,
+    abort_until_delivered,
+    failed_at,
     order_clients,
+    party_failure,
     signed_keys,
 )
+from mpcdp.protocol.query.round_coordinator import ContributionStream, accumulate
 from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
 from mpcdp.protocol.training.train_spec import TrainSpec
 
@@ -56,18 +60,57 @@ class TrainingClient(Protocol):
         parameters: NDArray[np.float32],
         full: bool,
         ring_bits: int,
+        deadline_s: float | None = None,
     ) -> ContributionStream: ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
 
 
+class SessionFailed(RoundAborted):
+    """A training session's open or step failed; nothing of that step was revealed.
+
+    ``failed`` maps each site that failed to its exception; ``party_fault`` is True when
+    every one of them is the site's own failure (mpcdp.protocol.failures.FAILURES: down,
+    stopped, past the deadline, its budget spent), so the step can be re-run without them,
+    and False when the run itself is at fault (every site would answer the same).
+    ``uploaded`` names the sites whose upload of this attempt began to arrive: each charged
+    its ledger for it, because its upload left it."""
+
+    def __init__(
+        self,
+        what: str,
+        cause: Exception,
+        *,
+        failed: Mapping[str, BaseException],
+        party_fault: bool,
+        uploaded: Sequence[str] = (),
+    ) -> None:
+        super().__init__(what, cause)
+        self.failed = dict(failed)
+        self.party_fault = party_fault
+        self.uploaded = tuple(uploaded)
+
+
+#: how long past a step's deadline the coordinator waits for an in-process site that has no
+#: deadline of its own (a gRPC site's call ends at the deadline itself)
+_DEADLINE_SLACK_S = 1.0
+
+
 @dataclass
 class TrainingSession:
-    """The coordinator's side of one training session over ``clients`` (one per site)."""
+    """The coordinator's side of one training session over ``clients`` (one per site).
+
+    ``step_deadline_s``: how long a step may take at a site, its upload included (None: the
+    clients' own deadline). A site that misses it fails the step (SessionFailed, the site's
+    fault); its late upload is never added, and the site, told by its call's cancellation,
+    does not send it and is not charged for it."""
 
     spec: TrainSpec
     clients: Sequence[TrainingClient]
     session_id: bytes = field(default_factory=lambda: secrets.token_bytes(SESSION_ID_BYTES))
+    step_deadline_s: float | None = None
+    #: site -> steps of this session whose upload began to arrive (the site charged them)
+    uploads: dict[str, int] = field(default_factory=dict)
     _keys: list[identity.SignedKey] = field(default_factory=list)
     _next: int = -1
     _pool: ThreadPoolExecutor | None = None
@@ -90,6 +133,15 @@ class TrainingSession:
             # would find no session, and the reservation that TrainOpen then makes would be
             # held until its session expired
             wait(asked)
+            failed = failed_at(asked, self.clients)
+            if failed:
+                first = next(iter(failed.values()))
+                raise SessionFailed(
+                    self.spec.run_id,
+                    first if isinstance(first, Exception) else RuntimeError(str(first)),
+                    failed=failed,
+                    party_fault=all(party_failure(e) for e in failed.values()),
+                ) from first
             proposals = [f.result() for f in asked]
             keys = signed_keys(proposals, self.spec.parties)
             for p, pid in zip(proposals, self.spec.parties, strict=True):
@@ -98,9 +150,12 @@ class TrainingSession:
                         f"party {pid!r} announced {p.length} words, the run has "
                         f"{self.spec.num_params}"
                     )
+        except SessionFailed as exc:
+            self._abort(str(exc.cause))
+            raise
         except Exception as exc:
             self._abort(str(exc))
-            raise RoundAborted(self.spec.run_id, exc) from exc
+            raise SessionFailed(self.spec.run_id, exc, failed={}, party_fault=False) from exc
         self._keys = keys
         self._next = self.spec.start_step
 
@@ -148,6 +203,8 @@ class TrainingSession:
 
         last = step + 1 == self.spec.end_step
         reveals: dict[str, bytes] = {}
+        uploaded: list[str] = []
+        gave_up = threading.Event()
 
         def one(client: TrainingClient) -> float:
             stream = client.train_step(
@@ -157,19 +214,79 @@ class TrainingSession:
                 parameters=params,
                 full=full,
                 ring_bits=self.spec.ring_bits,
+                deadline_s=self.step_deadline_s,
             )
+            with lock:
+                uploaded.append(client.party_id)  # its header arrived: it charged the step
             reveals[client.party_id] = stream.audit_inclusion
-            return accumulate(stream, total, lock, client.party_id, None)
+            return accumulate(stream, total, lock, client.party_id, None, gave_up)
 
+        futures = [self._pool.submit(one, c) for c in self.clients]
+        timeout = None if self.step_deadline_s is None else self.step_deadline_s + _DEADLINE_SLACK_S
+        wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
         try:
-            remaining = list(self._pool.map(one, self.clients))
+            failed = self._step_failures(futures)
+            if failed:
+                cause = next(iter(failed.values()))
+                raise SessionFailed(
+                    f"{self.spec.run_id} step {step}",
+                    cause if isinstance(cause, Exception) else RuntimeError(str(cause)),
+                    failed=failed,
+                    party_fault=all(party_failure(e) for e in failed.values()),
+                    uploaded=list(uploaded),
+                ) from cause
+            remaining = [f.result() for f in futures]
             self._check_reveals(reveals, last=last)
         except Exception as exc:
-            self._abort(str(exc))
-            raise RoundAborted(f"{self.spec.run_id} step {step}", exc) from exc
+            with lock:
+                gave_up.set()  # from now on no upload of this step is added
+            silent = (
+                {p for p, e in exc.failed.items() if _silent(e)}
+                if isinstance(exc, SessionFailed)
+                else set()
+            )
+            self._abort(str(exc), silent=silent)
+            # the sites that answer have ended their step now (sent, or refused as aborted):
+            # only then is it known whose upload of this attempt left it
+            wait(
+                [f for f, c in zip(futures, self.clients, strict=True) if c.party_id not in silent],
+                timeout=self.step_deadline_s,
+            )
+            with lock:
+                for p in uploaded:
+                    self.uploads[p] = self.uploads.get(p, 0) + 1
+            if isinstance(exc, SessionFailed):
+                exc.uploaded = tuple(uploaded)
+            if isinstance(exc, SessionFailed):
+                raise
+            raise SessionFailed(
+                f"{self.spec.run_id} step {step}",
+                exc,
+                failed={},
+                party_fault=False,
+                uploaded=list(uploaded),
+            ) from exc
+        for p in uploaded:
+            self.uploads[p] = self.uploads.get(p, 0) + 1
         self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
         self._next = step + 1
         return encoding.signed_view(total)
+
+    def _step_failures(self, futures: Sequence[Future[float]]) -> dict[str, BaseException]:
+        """Site -> why, for every site whose step failed or is still running at the
+        deadline (a site that gave up on purpose is not listed)."""
+        failed = failed_at(futures, self.clients)
+        for f, c in zip(futures, self.clients, strict=True):
+            if not f.done() and c.party_id not in failed:
+                failed[c.party_id] = PartyError(
+                    c.party_id,
+                    "DEADLINE_EXCEEDED",
+                    "the step's deadline passed",
+                    outcome=f"did not answer within {self.step_deadline_s:g} s",
+                )
+        if failed:  # a site given up because another failed is not a failure of its own
+            failed = {p: e for p, e in failed.items() if not isinstance(e, GaveUp)}
+        return failed
 
     def _check_reveals(self, reveals: Mapping[str, bytes], *, last: bool) -> None:
         """Inclusion bits come with the last step of an audit run, from every site, and
@@ -185,13 +302,37 @@ class TrainingSession:
                 data, count=self.spec.audit_canaries, party=party
             )
 
-    def _abort(self, reason: str) -> None:
-        abort_all(self.clients, session_id=self.session_id, reason=reason)
+    def _abort(self, reason: str, *, silent: set[str] | frozenset[str] = frozenset()) -> None:
+        """Tell every site to forget the session; a site that gave no answer in time is told
+        in the background, again until it takes it (waiting on a stopped site's abort would
+        cost the re-run another deadline; its session expires there anyway)."""
+        quiet = [c for c in self.clients if c.party_id in silent]
+        if quiet:
+            threading.Thread(
+                target=abort_until_delivered,
+                args=(quiet,),
+                kwargs={"session_id": self.session_id, "reason": reason},
+                name="abort-silent",
+                daemon=True,
+            ).start()
+        abort_all(
+            [c for c in self.clients if c.party_id not in silent],
+            session_id=self.session_id,
+            reason=reason,
+        )
+        self._next = self.spec.end_step  # nothing more to run or to abort
 
     def close(self) -> None:
-        """End the session (tells sites to forget it when steps remain)."""
+        """End the session (tells sites to forget it when steps remain). A step still
+        running at a site that missed its deadline is not waited for: its call ends at its
+        own deadline, and its upload is never added."""
         if self._pool is not None:
             if 0 <= self._next < self.spec.end_step:
                 self._abort("closed by the coordinator")
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def _silent(exc: BaseException) -> bool:
+    """A failure without an answer in time (the site may be stopped)."""
+    return isinstance(exc, PartyError) and exc.code == "DEADLINE_EXCEEDED"

@@ -318,3 +318,42 @@ def test_a_file_that_is_not_a_ledger_is_a_clear_error(tmp_path: Path) -> None:
         BudgetLedger(junk)
     with pytest.raises(LedgerError):
         BudgetLedger(tmp_path, owner=False)  # a directory
+
+
+def test_settle_gives_back_only_the_steps_that_never_left(tmp_path: Path) -> None:
+    """A block of 5 steps of which 2 left the party costs exactly 2 steps; a block of which
+    none left costs nothing; the totals stay consistent (verify on reopen) and a
+    settlement can never add steps, change another parameter, or touch a pure charge."""
+    step = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1)
+    block = ev.Skellam(mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=5)
+    path = tmp_path / "l.sqlite"
+    with BudgetLedger.create(path) as led:
+        led.set_budget("d", epsilon=50, delta=1e-6)
+        for q in ("run/a", "run/b"):
+            led.charge(dataset="d", query_id=q, event=block, coordinator="analyst")
+        led.charge(dataset="d", query_id="pure", event=ev.PureDp(epsilon=Fraction(1)))
+        before = led.status("d").spent_epsilon  # the cache is warm: it must not go stale
+        assert led.settle("run/a", coordinator="analyst", steps=2, note="2 of 5 left")
+        assert led.settle("run/b", coordinator="analyst", steps=0, note="none left")
+        assert not led.settle("run/a", coordinator="analyst", steps=2, note="again")
+        two = compose([ev.PureDp(epsilon=Fraction(1)), *([step] * 2)], delta=1e-6).epsilon
+        after = led.status("d")
+        assert after.spent_epsilon == pytest.approx(two, rel=1e-9) and after.spent_epsilon < before
+        assert after.queries == 2
+        for q, steps, why in (
+            ("run/a", 3, "only gives back steps"),
+            ("run/b", 1, "not a charge"),
+            ("pure", 0, "not charged by steps"),
+            ("run/a", -1, "steps"),
+        ):
+            with pytest.raises((LedgerError, ParameterError), match=why):
+                led.settle(q, coordinator="" if q == "pure" else "analyst", steps=steps, note="")
+        with pytest.raises(LedgerError, match="not a charge"):
+            led.settle("run/a", coordinator="other", steps=1, note="")  # not its namespace
+        (charge,) = [c for c in led.charges("d") if c.query_id == "run/a"]
+        assert charge.event == ev.Skellam(
+            mu=1e6, l1_sensitivity=1e4, l2_sensitivity=100.0, sample_rate=0.1, steps=2
+        )
+        assert "2 of 5 left" in charge.note
+    with BudgetLedger(path) as again:  # opening verifies every row against the totals
+        assert again.status("d").spent_epsilon == pytest.approx(two, rel=1e-9)
