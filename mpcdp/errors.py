@@ -7,7 +7,8 @@ a noise value, a key) is ever put into an error message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "AuthError",
@@ -28,6 +29,7 @@ __all__ = [
     "UnsupportedModuleError",
     "UserImportError",
     "short_repr",
+    "valid_names",
 ]
 
 
@@ -65,6 +67,20 @@ def short_repr(value: object) -> str:
     if len(text) <= MAX_ECHO:
         return text
     return f"{text[:MAX_ECHO]}... ({len(text)} characters)"
+
+
+def valid_names(value: str, valid: Iterable[str]) -> str:
+    """What to say about an unknown name (a dataset, model, statistic, loss, command): the
+    close matches first, when there are any, then every valid name. The one helper for it,
+    so every "unknown name" message reads alike."""
+    names = sorted(set(valid))
+    if not names:
+        return "there are none"
+    close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+    listed = "valid names: " + ", ".join(names)
+    if not close:
+        return listed
+    return f"did you mean {' or '.join(repr(c) for c in close)}? {listed}"
 
 
 class DecodeError(MpcdpError, ValueError):
