@@ -10,6 +10,13 @@ and converted to one epsilon at the dataset's delta, so a second charge that cos
 own can raise the total by less than 2. Each entry therefore shows its epsilon alone and the
 running RDP total after it.
 
+A person asks "what did each run or query cost, and who spent it": :func:`spending_lines`
+groups a training run's blocks (charged as ``RUN_ID/SESSION_HEX/BLOCK`` in the
+coordinator's namespace of query ids) into one :class:`SpendLine` per run and coordinator,
+with the run's own epsilon (its blocks' RDP curves composed) and the budget's composed total
+after it; :func:`parse_since` reads ``mpcdp budget --since`` (a date, a UTC time or a
+duration back from now) and :data:`TOTAL_NOTE` explains the running total in one line.
+
 Pure functions over explicit arguments; nothing happens at import time.
 """
 
@@ -18,14 +25,25 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 
 from mpcdp.dp import events as ev
 from mpcdp.dp.accountant import compose
 from mpcdp.dp.ledger import BudgetStatus, Charge
+from mpcdp.errors import ParameterError
 
-__all__ = ["RDP_NOTE", "DatasetReport", "Entry", "exact_decimal", "report"]
+__all__ = [
+    "RDP_NOTE",
+    "TOTAL_NOTE",
+    "DatasetReport",
+    "Entry",
+    "SpendLine",
+    "exact_decimal",
+    "parse_since",
+    "report",
+    "spending_lines",
+]
 
 #: training blocks are charged as RUN_ID/SESSION_HEX/BLOCK
 #: (protocol.training.site_engine._charge_id)
@@ -35,6 +53,13 @@ RDP_NOTE = (
     "RDP charges compose: their Renyi-DP curves add up and are converted to one epsilon at "
     "the dataset's delta, which grows more slowly than the sum of each charge's epsilon "
     "alone; 'RDP total' is that epsilon after each entry."
+)
+
+#: the running total of a budget, in one line (``mpcdp budget``)
+TOTAL_NOTE = (
+    "spent = the pure-DP epsilons added exactly + the RDP charges (queries with a delta, "
+    "training) composed into one epsilon at the budget's delta (RDP charges compose to less "
+    "than the sum of their epsilons; a run's is at most its target); left = budget - spent"
 )
 
 
@@ -77,6 +102,8 @@ class Entry:
     steps: int | None  # training steps in the block
     note: str = ""  # what the charge paid for, as the party recorded it
     coordinator: str = ""  # whose query it was ("" in ledgers older than schema 3)
+    time: float = 0.0  # ``at`` as seconds since the epoch
+    rdp_events: tuple[ev.Event, ...] = ()  # the RDP parts of the charge (for composing a run)
 
 
 @dataclass(frozen=True)
@@ -154,6 +181,8 @@ def report(*, status: BudgetStatus, charges: Sequence[Charge]) -> DatasetReport:
                 steps=steps if match else None,
                 note=c.note,
                 coordinator=c.coordinator,
+                time=c.created_at,
+                rdp_events=tuple(rdp_parts),
             )
         )
     return DatasetReport(
@@ -169,3 +198,113 @@ def report(*, status: BudgetStatus, charges: Sequence[Charge]) -> DatasetReport:
         training_blocks=blocks,
         entries=tuple(entries),
     )
+
+
+@dataclass(frozen=True)
+class SpendLine:
+    """One query, or one training run (all its blocks, from one coordinator), as one line."""
+
+    kind: str  # "query" or "training"
+    id: str  # the query id, or the run id
+    coordinator: str  # who spent it ("" in ledgers older than schema 3)
+    first_at: str  # UTC, ISO 8601: the first charge of it
+    last_at: str  # the last charge of it (== first_at for a query)
+    first_time: float  # first_at as seconds since the epoch (for --since)
+    last_time: float
+    what: str  # what it paid for, in words
+    pure_epsilon: Fraction | None  # its pure-DP part, exactly
+    exact: bool  # a noiseless release is part of it
+    rdp_epsilon: float | None  # its RDP parts composed on their own, at the budget's delta
+    rdp_total_after: float | None  # the budget's RDP charges composed, up to its last charge
+    blocks: int  # training blocks charged (0 for a query)
+    steps: int | None  # training steps charged (None for a query)
+
+    @property
+    def epsilon(self) -> float:
+        """What it paid on its own: pure part + RDP part (each at the budget's delta)."""
+        return float(self.pure_epsilon or 0) + (self.rdp_epsilon or 0.0)
+
+
+#: a training block's note: "training RUN (MODEL) steps A-B", maybe " (audit run)"
+_BLOCK_NOTE = re.compile(r"^training \S+ (?P<model>\(.*?\)) steps \d+-\d+(?P<audit>.*)$")
+
+
+def spending_lines(report: DatasetReport) -> tuple[SpendLine, ...]:
+    """``report``'s entries as one line per query and per training run (its blocks grouped
+    by run id and coordinator), ordered by their first charge."""
+    groups: dict[tuple[str, str, str], list[Entry]] = {}
+    for e in report.entries:
+        key = (
+            ("training", e.coordinator, e.run_id)
+            if e.kind == "training" and e.run_id is not None
+            else ("query", e.coordinator, e.query_id)
+        )
+        groups.setdefault(key, []).append(e)
+    lines = []
+    for (kind, coordinator, ident), entries in groups.items():
+        first, last = entries[0], entries[-1]
+        pure = [e.pure_epsilon for e in entries if e.pure_epsilon is not None]
+        rdp_alone: float | None = None
+        if kind == "query":
+            rdp_alone = first.rdp_epsilon_alone
+            what = first.note or f"query ({first.mechanism})"
+        else:
+            rdp_alone = _composed(report, entries)
+            note = _BLOCK_NOTE.match(first.note)
+            model = f" {note['model']}" if note else ""
+            audit = note["audit"] if note else ""
+            what = f"training{model}{audit}"
+        steps = sum(e.steps or 0 for e in entries) if kind == "training" else None
+        lines.append(
+            SpendLine(
+                kind=kind,
+                id=ident,
+                coordinator=coordinator,
+                first_at=first.at,
+                last_at=last.at,
+                first_time=first.time,
+                last_time=last.time,
+                what=what,
+                pure_epsilon=sum(pure, Fraction(0)) if pure else None,
+                exact=any(e.exact for e in entries),
+                rdp_epsilon=rdp_alone,
+                rdp_total_after=last.rdp_total_after,
+                blocks=len(entries) if kind == "training" else 0,
+                steps=steps,
+            )
+        )
+    return tuple(sorted(lines, key=lambda li: li.first_time))
+
+
+def _composed(report: DatasetReport, entries: Sequence[Entry]) -> float | None:
+    """The RDP epsilon of ``entries`` together (a run's blocks), at the report's delta."""
+    parts = [p for e in entries for p in e.rdp_events]
+    if not parts or report.delta <= 0:
+        return None
+    return compose(parts, delta=report.delta).epsilon
+
+
+_DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """``mpcdp budget --since``: a duration back from ``now`` (``90m``, ``12h``, ``7d``,
+    ``2w``; s, m, h, d, w), a date (``2026-12-01``, midnight UTC) or a time
+    (``2026-12-01T09:30``, UTC unless it gives an offset), as seconds since the epoch."""
+    value = text.strip()
+    m = _DURATION.match(value)
+    if m:
+        return now - float(m["n"]) * _SECONDS[m["unit"]]
+    try:
+        when = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+    except ValueError:
+        raise ParameterError(
+            "since",
+            text,
+            "is neither a duration (e.g. 12h, 7d, 2w; units s m h d w) nor a date or UTC time "
+            "(e.g. 2026-12-01 or 2026-12-01T09:30)",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (when - datetime(1970, 1, 1, tzinfo=timezone.utc)) / timedelta(seconds=1)

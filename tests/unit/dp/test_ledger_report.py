@@ -1,5 +1,6 @@
 """The ledger as `mpcdp budget` shows it: one entry per query or training block, exact
-decimals, and RDP composition made visible."""
+decimals, and RDP composition made visible; one line per query or training run (a run's
+blocks grouped per coordinator, with the run's composed epsilon); ``--since`` read."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from mpcdp.dp import events as ev
 from mpcdp.dp.accountant import compose
 from mpcdp.dp.ledger import BudgetLedger
-from mpcdp.dp.ledger_report import exact_decimal, report
+from mpcdp.dp.ledger_report import exact_decimal, parse_since, report, spending_lines
+from mpcdp.errors import ParameterError
 
 
 @pytest.mark.parametrize(
@@ -69,3 +71,75 @@ def test_one_entry_per_query_or_block_with_what_it_spent(tmp_path: Path) -> None
     assert b0.kind == "training" and b0.run_id == "run-7" and b0.block == 0 and b0.steps == 10
     assert r.entries[-1].rdp_total_after == pytest.approx(r.rdp_spent)
     assert r.spent == pytest.approx(1 + r.rdp_spent)
+
+
+def _two_runs_and_a_query(path: Path) -> BudgetLedger:
+    """Two training runs of three blocks each (one per coordinator, the same run id) and a
+    pure query between them."""
+    block = ev.Skellam(mu=4e4, l1_sensitivity=50.0, l2_sensitivity=5.0, sample_rate=0.01, steps=10)
+    ledger = BudgetLedger.create(path)
+    ledger.set_budget("d", epsilon=50, delta=1e-6)
+    for who in ("analyst", "other"):
+        for b in range(3):
+            ledger.charge(
+                dataset="d",
+                query_id=f"run-7/{'ab' * 8}/{b}",
+                event=block,
+                coordinator=who,
+                note=f"training run-7 (mlp:4,2) steps {10 * b}-{10 * b + 9}",
+            )
+        if who == "analyst":
+            ledger.charge(
+                dataset="d",
+                query_id="q1",
+                event=ev.PureDp(Fraction(1, 10)),
+                coordinator="analyst",
+                note="sum of x (discrete-laplace)",
+            )
+    return ledger
+
+
+def test_a_run_is_one_line_per_coordinator_with_its_composed_epsilon(tmp_path: Path) -> None:
+    with _two_runs_and_a_query(tmp_path / "l.sqlite") as ledger:
+        r = report(status=ledger.status("d"), charges=ledger.charges("d"))
+    lines = spending_lines(r)
+    assert [(li.kind, li.id, li.coordinator) for li in lines] == [
+        ("training", "run-7", "analyst"),
+        ("query", "q1", "analyst"),
+        ("training", "run-7", "other"),
+    ]
+    run, query, other = lines
+    block = r.entries[0].rdp_events[0]
+    # a run's own cost: its three blocks' RDP curves composed, not three blocks added
+    assert run.rdp_epsilon == pytest.approx(compose([block] * 3, delta=1e-6).epsilon)
+    assert (
+        run.rdp_epsilon is not None and run.rdp_epsilon < 3 * compose([block], delta=1e-6).epsilon
+    )
+    assert run.blocks == 3 and run.steps == 30 and run.what == "training (mlp:4,2)"
+    assert run.pure_epsilon is None and run.epsilon == run.rdp_epsilon
+    assert query.pure_epsilon == Fraction(1, 10) and query.rdp_epsilon is None
+    assert query.what == "sum of x (discrete-laplace)" and query.blocks == 0
+    # the budget's running total after the last run is everything composed
+    assert other.rdp_total_after == pytest.approx(r.rdp_spent)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds_back"),
+    [("90s", 90), ("90m", 5400), ("12h", 43200), ("7d", 604800), ("2w", 1209600), ("1.5h", 5400)],
+)
+def test_since_takes_a_duration_back_from_now(text: str, seconds_back: float) -> None:
+    assert parse_since(text, now=1_000_000_000.0) == 1_000_000_000.0 - seconds_back
+
+
+def test_since_takes_a_date_or_a_utc_time() -> None:
+    assert parse_since("1970-01-02", now=0.0) == 86400
+    assert parse_since("1970-01-01T01:00", now=0.0) == 3600
+    assert parse_since("1970-01-01T01:00Z", now=0.0) == 3600
+    assert parse_since("1970-01-01T02:00+01:00", now=0.0) == 3600
+
+
+@pytest.mark.parametrize("text", ["yesterday", "7 days", "-3d", "2026-13-01", ""])
+def test_since_refuses_what_it_cannot_read_naming_it(text: str) -> None:
+    with pytest.raises(ParameterError, match="since") as info:
+        parse_since(text, now=0.0)
+    assert info.value.value == text and "duration" in info.value.reason
