@@ -11,6 +11,7 @@ from mpcdp.cli import (
     budget_commands,
     certs_commands,
     check_model_commands,
+    datasets_commands,
     demo_commands,
     health_commands,
     party_commands,
@@ -30,6 +31,7 @@ app.add_typer(certs_commands.app, name="certs")
 app.add_typer(party_commands.app, name="party")
 app.add_typer(query_commands.app, name="query")
 app.command("budget")(budget_commands.budget)
+app.command("datasets")(datasets_commands.datasets)
 app.command("health")(health_commands.health)
 app.command("train")(train_commands.train)
 app.command("audit")(train_commands.audit)
