@@ -161,49 +161,19 @@ def plan_from(obj: dict[str, Any]) -> TrainingPlan:
 
 
 def write_metrics(
-    result: TrainingResult, *, json_path: Path | None = None, plot_path: Path | None = None
+    result: TrainingResult,
+    *,
+    json_path: Path | None = None,
+    plot_path: Path | None = None,
+    metric_name: str = "",
 ) -> None:
-    """The metrics JSON (``json_path``) and/or a PNG (``plot_path``, needs matplotlib): test
-    accuracy (or loss) and epsilon against the epoch, with a legend, the target epsilon as
-    a line, and both axes from 0."""
+    """The metrics JSON (``json_path``) and/or a PNG (``plot_path``, needs matplotlib;
+    drawn by :func:`mpcdp.train.plot.plot_metrics`: test accuracy auto-scaled, the test loss
+    and the user's metric, labelled ``metric_name``, when present, epsilon on its own axis
+    with the target, whole epochs)."""
     if json_path is not None:
         json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    if plot_path is None:
-        return
-    import matplotlib
+    if plot_path is not None:
+        from mpcdp.train.plot import plot_metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r.step / result.plan.steps_per_epoch for r in result.history]
-    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
-    acc = [r.test_accuracy for r in result.history]
-    lines = []
-    if any(a is not None for a in acc):
-        values = [a if a is not None else float("nan") for a in acc]
-        lines += ax.plot(epochs, values, "o-", color="tab:blue", label="test accuracy")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1)
-    else:
-        loss = [r.test_loss if r.test_loss is not None else float("nan") for r in result.history]
-        lines += ax.plot(epochs, loss, "o-", color="tab:blue", label="test loss")
-        ax.set_ylabel("test loss")
-        ax.set_ylim(bottom=0)
-    ax.set_xlabel("epoch")
-    ax.set_xlim(left=0)
-    ax2 = ax.twinx()
-    lines += ax2.plot(
-        epochs, [r.epsilon for r in result.history], "s--", color="tab:red", label="epsilon spent"
-    )
-    lines.append(
-        ax2.axhline(
-            result.plan.target_epsilon, color="tab:red", linestyle=":", label="target epsilon"
-        )
-    )
-    ax2.set_ylabel(f"epsilon (delta = {result.delta:g})")
-    ax2.set_ylim(0, 1.1 * max(result.plan.target_epsilon, *(r.epsilon for r in result.history)))
-    ax.legend(lines, [str(li.get_label()) for li in lines], loc="lower right")
-    ax.set_title(f"{result.plan.model} on {len(result.plan.parties)} sites")
-    fig.tight_layout()
-    fig.savefig(plot_path)
-    plt.close(fig)
+        plot_metrics(result, path=plot_path, metric_name=metric_name)
