@@ -8,17 +8,21 @@ is also wanted. Both need the ``train`` extra (torch); they import it only when 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
 
 from mpcdp.errors import MpcdpError, ParameterError
+
+if TYPE_CHECKING:
+    from mpcdp.train.results import EpochRecord
 
 # the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
 FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
@@ -160,7 +164,10 @@ def train(
     gradient sums; the noise is calibrated for the target epsilon by the accountant."""
     _check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
     options = model_options(model_option)
-    for name, value in (("--target-epsilon", target_epsilon), ("--epochs", epochs)):
+    for name, value in (
+        ("--target-epsilon", target_epsilon),
+        ("--epochs", epochs),
+    ):
         if not value > 0 or not math.isfinite(value):
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
     if optimizer not in ("sgd", "adam"):
@@ -172,7 +179,7 @@ def train(
             f"{clipping!r} is not {' or '.join(CLIPPING_MODES)}", param_hint="--clipping"
         )
     try:
-        from mpcdp.train.federated import EpochRecord, StepInfo, write_metrics
+        from mpcdp.train.federated import StepInfo, write_metrics
     except ImportError as exc:
         typer.echo(f"error: training needs the train extra (pip install mpcdp[train]): {exc}")
         raise typer.Exit(1) from None
@@ -180,19 +187,32 @@ def train(
 
     ev = _eval_npz(eval_data, loss) if eval_data else None
     pub = _npz(public_data, "--public") if public_data else None
-    with typer.progressbar(length=1, label="training", file=sys.stderr) as bar:
+    # a progress bar only on a terminal: piped, the output is one line per epoch
+    live = sys.stderr.isatty()
+    bar_context: Any = (
+        typer.progressbar(length=1, label="training", file=sys.stderr)
+        if live
+        else contextlib.nullcontext(None)
+    )
+    with bar_context as bar:
         state: dict[str, Any] = {"shown": 0, "step": 0}
 
         def on_step(info: StepInfo) -> None:
+            state["step"] = info.step
+            if bar is None:
+                return
             if bar.length != info.steps:
                 bar.length = info.steps
             bar.label = f"step {info.step}/{info.steps}  eps {info.epsilon:.2f}"
             bar.update(info.step - state["shown"])
-            state["shown"] = state["step"] = info.step
+            state["shown"] = info.step
 
         def on_epoch(record: EpochRecord) -> None:
-            # live, above the bar (both on stderr; stdout keeps the final report)
-            typer.echo(f"\r{_epoch_line(record)}", err=True)
+            # once, as the epoch ends: on stdout (on stderr with --json, which keeps stdout
+            # for the one object); on a terminal the bar's line is cleared first
+            if live:
+                typer.echo("\r\033[K", err=True, nl=False)
+            typer.echo(_epoch_line(record), err=as_json)
 
         def on_resume(run: str, step: int, steps: int) -> None:
             state["shown"] = step
@@ -262,7 +282,7 @@ def train(
             typer.echo(f"\ninterrupted at step {state['step']}: {where}", err=True)
             raise typer.Exit(130) from None
     if metrics is not None or plot is not None:
-        write_metrics(result, json_path=metrics, plot_path=plot)
+        write_metrics(result, json_path=metrics, plot_path=plot, metric_name=metric)
     if save_model is not None:
         import torch
 
@@ -270,8 +290,6 @@ def train(
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
-    for r in result.history:
-        typer.echo(_epoch_line(r))
     p = result.plan
     typer.echo(
         f"done: {result.steps_done} steps, epsilon {result.epsilon:.3f} (delta {result.delta:g}),"
@@ -286,13 +304,30 @@ def train(
         typer.echo(audit_report(result))
 
 
-def _epoch_line(r: Any) -> str:
+def _epoch_line(r: EpochRecord) -> str:
+    """One epoch: its step, epsilon and test figures, then each site's steps in it and its
+    epsilon so far (when the run reports them)."""
     acc = f"acc {r.test_accuracy:.4f}" if r.test_accuracy is not None else ""
     loss = f"test loss {r.test_loss:.4f}" if r.test_loss is not None else ""
     metric = f"metric {r.test_metric:.6g}" if r.test_metric is not None else ""
-    return (
-        f"epoch {r.epoch:3d}  step {r.step:5d}  eps {r.epsilon:6.3f}  {acc}  {loss}  {metric}"
-    ).rstrip()
+    line = "  ".join(
+        part
+        for part in (
+            f"epoch {r.epoch:3d}",
+            f"step {r.step:5d}",
+            f"eps {r.epsilon:6.3f}",
+            acc,
+            loss,
+            metric,
+        )
+        if part
+    )
+    sites = []
+    for site in dict.fromkeys([*r.participation, *r.site_epsilon]):
+        took = f" {r.participation[site]} steps" if site in r.participation else ""
+        eps = f" eps {r.site_epsilon[site]:.3f}" if site in r.site_epsilon else ""
+        sites.append(f"{site}{took}{eps}")
+    return line + (f"  sites: {', '.join(sites)}" if sites else "")
 
 
 def _check_audit_options(
