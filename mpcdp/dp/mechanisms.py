@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -198,6 +198,14 @@ class Skellam:
     ) -> NDArray[np.int64]:
         _check_honest(honest)
         return samplers.skellam(mu=self.mu / honest, size=size, rng=rng)
+
+    def share_into(
+        self, out: NDArray[Any], *, honest: int, rng: np.random.Generator | None = None
+    ) -> None:
+        """One party's share written into ``out`` in one pass: int64, or ring words (uint32,
+        uint64: each draw mod 2^bits, as mpcdp.mpc.encoding.to_ring would encode it)."""
+        _check_honest(honest)
+        samplers.skellam_into(out, mu=self.mu / honest, rng=rng)
 
     def check_range(self, *, honest: int) -> None:
         _check_honest(honest)

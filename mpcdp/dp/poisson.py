@@ -29,6 +29,10 @@ Algorithms
 - ``POISSON_MAX_LAM < lam <= POISSON_SPLIT_MAX_LAM``: Poisson laws add, so Poisson(lam) is
   the sum of m = ceil(lam / POISSON_MAX_LAM) independent Poisson(lam / m) draws, each inside
   the range above (exact, m times the cost).
+- One rate for a whole vector of at least TABLE_MIN_SIZE draws, any rate in the range:
+  mpcdp.dp.poisson_table, rejection from an alias-table hat built once per rate, one 64-bit
+  word of the CSPRNG per trial, no truncation (its law's error: a relative ~1e-13, that of
+  float64 log p(k); 5-20x faster than the paths above).
 
 Above POISSON_SPLIT_MAX_LAM (or for a non-finite or negative rate) the sampler refuses with a
 ParameterError; parties check their parameters against :func:`check_rate` before any charge.
@@ -47,12 +51,21 @@ from numpy.typing import NDArray
 from mpcdp.errors import ParameterError
 from mpcdp.mpc.rng import ensure_rng
 
-__all__ = ["POISSON_MAX_LAM", "POISSON_SPLIT_MAX_LAM", "check_rate", "poisson"]
+__all__ = [
+    "POISSON_MAX_LAM",
+    "POISSON_SPLIT_MAX_LAM",
+    "TABLE_MIN_SIZE",
+    "check_rate",
+    "poisson",
+]
 
 #: Largest rate drawn in one PTRS draw (2^40 ~ 1.1e12).
 POISSON_MAX_LAM = float(1 << 40)
 #: Largest rate accepted at all (2^46 ~ 7.0e13): up to 64 summed draws.
 POISSON_SPLIT_MAX_LAM = float(1 << 46)
+#: From this many draws at one rate: the table of mpcdp.dp.poisson_table (built once per rate,
+#: about 3 ms).
+TABLE_MIN_SIZE = 1 << 12
 #: Below this rate: inversion; from it: PTRS (valid for lam >= 10).
 _PTRS_MIN_LAM = 10.0
 #: Inversion searches at most this many terms (P(Poisson(10) > 200) < 1e-150); a uniform
@@ -135,6 +148,12 @@ def _summed(
 def _poisson_scalar(lam: float, size: int, gen: np.random.Generator) -> NDArray[np.int64]:
     if size == 0 or lam == 0.0:
         return np.zeros(size, dtype=np.int64)
+    if size >= TABLE_MIN_SIZE:
+        from mpcdp.dp.poisson_table import fill_poisson  # it imports this module
+
+        out = np.empty(size, dtype=np.int64)
+        fill_poisson(out, lam=lam, rng=gen)
+        return out
     if lam < _PTRS_MIN_LAM:
         return _inversion(lam, size, gen)
     if lam <= POISSON_MAX_LAM:

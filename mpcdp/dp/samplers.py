@@ -15,7 +15,7 @@ half its claimed width.
 |                                       |                                    | 0 < t <= 2^40    |
 | discrete_laplace_share(scale, honest) | Polya(1/h, a) - Polya(1/h, a)      | as polya         |
 | discrete_laplace(scale)               | Geometric - Geometric              | 0 < t <= 2^20    |
-| skellam(mu)                           | Poisson(mu/2) - Poisson(mu/2)      | 0 <= mu <= 2^47  |
+| skellam(mu), skellam_into(out, mu)    | Poisson(mu/2) - Poisson(mu/2)      | 0 <= mu <= 2^47  |
 | discrete_gaussian(sigma)              | N_Z(0, sigma^2), CKS20 in float64  | 0 < sigma < 2^20 |
 | discrete_gaussian_exact(sigma2)       | N_Z(0, sigma2), rational, exact    | any sigma2 > 0   |
 
@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.dp.poisson import POISSON_SPLIT_MAX_LAM, poisson
+from mpcdp.dp.poisson import POISSON_SPLIT_MAX_LAM, TABLE_MIN_SIZE, poisson
+from mpcdp.dp.poisson_table import fill_poisson
 from mpcdp.errors import ParameterError
 from mpcdp.mpc.rng import ensure_rng
 
@@ -65,6 +67,7 @@ __all__ = [
     "discrete_laplace_share",
     "polya",
     "skellam",
+    "skellam_into",
 ]
 
 IntArray = NDArray[np.int64]
@@ -163,9 +166,26 @@ def skellam(*, mu: float, size: int, rng: np.random.Generator | None = None) -> 
     _check_size(size)
     half = check_skellam_mu(mu) / 2.0
     gen = ensure_rng(rng)
+    if size >= TABLE_MIN_SIZE:
+        out = np.empty(size, dtype=np.int64)
+        fill_poisson(out, lam=half, rng=gen, pair=True)
+        return out
     out = poisson(lam=half, size=size, rng=gen)
     out -= poisson(lam=half, size=size, rng=gen)
     return out
+
+
+def skellam_into(out: NDArray[Any], *, mu: float, rng: np.random.Generator | None = None) -> None:
+    """Fill ``out`` with Skellam(mu) draws in one pass: int64, or the words of a ring
+    (uint32 / uint64, each draw taken mod 2^bits), as a pad needs them
+    (mpcdp.protocol.pads)."""
+    half = check_skellam_mu(mu) / 2.0
+    gen = ensure_rng(rng)
+    if not isinstance(out, np.ndarray) or out.ndim != 1:
+        raise ParameterError("out", type(out).__name__, "must be a 1-d numpy array")
+    if out.dtype not in (np.int64, np.uint32, np.uint64):
+        raise ParameterError("out", str(out.dtype), "must be int64, uint32 or uint64")
+    fill_poisson(out, lam=half, rng=gen, pair=True)
 
 
 def discrete_gaussian(

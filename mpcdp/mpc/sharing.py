@@ -115,6 +115,10 @@ class MaskStream:
     party can mask each chunk of its upload just before sending it: the first bytes leave
     sooner and no masked copy of the whole vector is ever needed. Slices must be applied in
     order and each word exactly once (the AES-CTR streams advance with every call).
+
+    ``start`` positions the stream at ring word ``start`` (a multiple of 16 bytes: of 4 words
+    in Z_2^32, of 2 in Z_2^64), so that disjoint slices of one vector can be masked by their
+    own streams, in parallel, with the same words as one stream read from word 0.
     """
 
     def __init__(
@@ -125,17 +129,32 @@ class MaskStream:
         round_id: int,
         tensor_id: int,
         ring_bits: int = ring.BITS,
+        start: int = 0,
     ) -> None:
         keys = _check_keys(party, pair_keys)
         self._dtype = ring.dtype_for(ring_bits).newbyteorder("=")
         self._word = self._dtype.itemsize
+        if (
+            isinstance(start, bool)
+            or not isinstance(start, int)
+            or not 0 <= start < prg.MAX_STREAM_WORDS
+            or (start * self._word) % 16
+        ):
+            raise ParameterError(
+                "start", start, f"must be an int in [0, 2^33), a multiple of {16 // self._word}"
+            )
+        offset = start * self._word // 8  # in the stream's 8-byte words
         self._ciphers = [
-            (peer > party, prg.stream_cipher(key, round_id=round_id, tensor_id=tensor_id))
+            (
+                peer > party,
+                prg.stream_cipher(key, round_id=round_id, tensor_id=tensor_id, offset=offset),
+            )
             for peer, key in keys
         ]
         self._chunk = _CHUNK_WORDS * 8 // self._word
         self._scratch = np.empty(self._chunk + 16 // self._word, dtype=self._dtype)
-        self.words_done = 0
+        #: the stream's position, in ring words (``start`` + the words applied so far)
+        self.words_done = start
 
     def apply(self, seg: ring.AnyRingVector) -> None:
         if seg.dtype != self._dtype:

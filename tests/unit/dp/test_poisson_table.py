@@ -1,0 +1,196 @@
+"""The fixed-rate Poisson table (mpcdp.dp.poisson_table): its law at the edges of the range,
+through its tails, as Skellam shares in ring words, and the power of the same law tests
+against an off-by-one table and a biased word-to-index map.
+
+Chance failure: every check uses alpha = 1e-8 and the module makes fewer than 60 checks, so
+it fails by chance with probability below 6e-7 (< 1e-6). The power checks assert p-values
+below 1e-8 where the injected fault moves the mean by many standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mpcdp.dp import poisson_table as PT
+from mpcdp.dp.poisson import POISSON_SPLIT_MAX_LAM
+from mpcdp.errors import ParameterError
+from mpcdp.mpc import encoding
+from mpcdp.mpc.rng import csprng
+from tests.stats import chi_square_pvalue
+from tests.unit.dp.test_poisson import mean_var_pvalues, poisson_pvalues
+
+N = 200_000
+CHECK_ALPHA = 1e-8
+#: the Skellam rate of one share of the digits plan's 9.4M-parameter pad (benchmarks.pads)
+DIGITS_PAD_LAM = 2.631e11
+
+
+def rng(tag: int) -> np.random.Generator:
+    return csprng(key=(1000 + tag).to_bytes(16, "little"))
+
+
+@pytest.mark.parametrize(
+    "lam", [1e-3, 0.5, 9.999, 10.0, 150.5, 1e4 + 0.3, 2.0**30 + 0.5, DIGITS_PAD_LAM]
+)
+def test_law_inside_the_range(lam: float) -> None:
+    out = np.empty(N, dtype=np.int64)
+    PT.fill_poisson(out, lam=lam, rng=rng(int(lam) % 97))
+    pvalues = poisson_pvalues(out, lam)
+    assert min(pvalues.values()) > CHECK_ALPHA, pvalues
+
+
+def test_law_at_the_top_of_the_range() -> None:
+    out = np.empty(N, dtype=np.int64)
+    PT.fill_poisson(out, lam=POISSON_SPLIT_MAX_LAM, rng=rng(1))
+    pvalues = poisson_pvalues(out, POISSON_SPLIT_MAX_LAM)
+    assert min(pvalues.values()) > CHECK_ALPHA, pvalues
+
+
+@pytest.mark.parametrize("lam", [5.0, 150.5, 1e4 + 0.3])
+def test_tails_carry_their_mass(lam: float) -> None:
+    """Bins over lam +- 1 sqrt(lam) only: about a third of the draws come through the
+    geometric tails (the Python path), and the law is still Poisson."""
+    table = PT._build(lam, 1.0)
+    out = np.empty(30_000, dtype=np.int64)
+    PT._fill(table, out, rng(2), False)
+    outside = float(((out < table.lo) | (out >= table.hi)).mean())
+    assert outside > 0.02
+    assert chi_square_pvalue(out, lambda k: stats.poisson.pmf(k, lam)) > CHECK_ALPHA
+
+
+@pytest.mark.parametrize("lam", [0.7, 40.5, DIGITS_PAD_LAM])
+def test_skellam_pairs_in_ring_words(lam: float) -> None:
+    """pair=True into uint32 words: Poisson(lam) - Poisson(lam) mod 2^32, the law of a
+    Skellam(2 lam) share; the same stream into int64 gives the same integers."""
+    words = np.empty(N, dtype=np.uint32)
+    PT.fill_poisson(words, lam=lam, rng=rng(3), pair=True)
+    ints = np.empty(N, dtype=np.int64)
+    PT.fill_poisson(ints, lam=lam, rng=rng(3), pair=True)
+    assert np.array_equal(encoding.to_ring(ints, ring_bits=32), words)
+    wide = np.empty(N, dtype=np.uint64)
+    PT.fill_poisson(wide, lam=lam, rng=rng(3), pair=True)
+    assert np.array_equal(encoding.decode_int(wide), ints)
+    x = encoding.decode_int(words)
+    p_mean, p_var = mean_var_pvalues(x, 0.0, 2 * lam, 1.0 / (2 * lam))
+    assert min(p_mean, p_var) > CHECK_ALPHA
+    if lam < 100:
+        p = chi_square_pvalue(x, lambda k: stats.skellam.pmf(k, lam, lam))
+        assert p > CHECK_ALPHA
+
+
+def test_tables_are_exact_and_efficient() -> None:
+    for lam in (1e-3, 9.999, 150.5, 2.0**30 + 0.5, DIGITS_PAD_LAM, POISSON_SPLIT_MAX_LAM):
+        t = PT.poisson_table(lam)
+        assert int(t.counts.sum()) == 1 << 28
+        assert (t.counts[: t.center_bins] >= 1).all() and t.counts[t.center_bins] >= 1
+        assert np.array_equal(PT.realized_counts(t.threshold, t.alias), t.counts)
+        assert 0.99 < t.acceptance <= 1.0
+        assert (t.squeeze_lo <= t.squeeze_hi).all()
+        assert t.hi >= lam + PT.TAIL_SIGMAS * math.sqrt(lam)
+        assert t.lo == 0 or t.lo <= lam - PT.TAIL_SIGMAS * math.sqrt(lam)
+
+
+def test_the_kernel_reads_words_as_documented() -> None:
+    """A word whose acceptance bits are 0 is accepted by the squeeze; its integer must be
+    lo + (b << s | offset), b the column's own outcome or alias by the 16 threshold bits."""
+    t = PT.poisson_table(2.0**30 + 0.5)
+    words = rng(4).bit_generator.random_raw(50_000)
+    words &= ~np.uint64((1 << t.lead_bits) - 1)
+    col = (words >> np.uint64(52)).astype(np.int64)
+    field = (words >> np.uint64(36)) & np.uint64(0xFFFF)
+    b = np.where(field < t.threshold[col], col, t.alias[col])
+    keep = (b < t.center_bins) & (t.squeeze_lo[np.minimum(b, t.center_bins - 1)] > 0)
+    words, b = words[keep], b[keep]
+    offset = ((words >> np.uint64(t.lead_bits)) & np.uint64((1 << t.shift) - 1)).astype(np.int64)
+    expected = t.lo + (b << t.shift) + offset
+    out = np.empty(words.size, dtype=np.int64)
+    pending = np.empty((4, 3), dtype=np.int64)
+    done, *_ = PT._kernel()(
+        np.concatenate([words, np.zeros(2, np.uint64)]),
+        out,
+        0,
+        out.size,
+        0,
+        0,
+        False,
+        pending,
+        *PT._table_args(t),
+    )
+    assert done == out.size
+    assert np.array_equal(out, expected)
+
+
+class _Biased:
+    """A Generator stand-in whose raw words go through ``bias`` (the rest is delegated)."""
+
+    def __init__(self, gen: np.random.Generator, bias: Any) -> None:
+        self._gen = gen
+        self._bias = bias
+        self.bit_generator = self
+
+    def random_raw(self, size: int | None = None) -> Any:
+        return self._bias(self._gen.bit_generator.random_raw(size))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gen, name)
+
+
+def _law_rejected(lam: float, table: PT.PoissonTable, gen: Any) -> bool:
+    out = np.empty(N, dtype=np.int64)
+    PT._fill(table, out, gen, False)
+    return min(poisson_pvalues(out, lam).values()) < CHECK_ALPHA
+
+
+def test_power_against_an_off_by_one_table() -> None:
+    lam = 150.5
+    good = PT.poisson_table(lam)
+    assert not _law_rejected(lam, good, rng(5))
+    shifted = replace(good, lo=good.lo + 1)
+    assert _law_rejected(lam, shifted, rng(6))
+    # every alias pointing at its neighbour bin
+    neighbour = ((good.threshold << np.uint64(12)) | (good.alias + 1).astype(np.uint64)).astype(
+        np.uint32
+    )
+    assert _law_rejected(lam, replace(good, columns=neighbour), rng(7))
+
+
+def test_power_against_a_biased_word_to_index_map() -> None:
+    lam = 150.5
+    table = PT.poisson_table(lam)
+
+    def even_columns(w: Any) -> Any:  # the column's lowest bit lost
+        return w & ~np.uint64(1 << 52)
+
+    def low_thresholds(w: Any) -> Any:  # the threshold field's top bit lost
+        return w & ~np.uint64(1 << 51)
+
+    def modulo_columns(w: Any) -> Any:  # 12 bits reduced mod 4000 (a modulo bias)
+        col = (w >> np.uint64(52)) % np.uint64(4000)
+        return (w & np.uint64((1 << 52) - 1)) | (col << np.uint64(52))
+
+    for k, bias in enumerate((even_columns, low_thresholds, modulo_columns)):
+        assert _law_rejected(lam, table, _Biased(rng(8 + k), bias)), bias.__name__
+
+
+def test_refusals() -> None:
+    out = np.empty(4, dtype=np.int64)
+    with pytest.raises(ParameterError, match="lam"):
+        PT.fill_poisson(out, lam=POISSON_SPLIT_MAX_LAM * 2, rng=rng(0))
+    with pytest.raises(ParameterError, match="lam"):
+        PT.fill_poisson(out, lam=-1.0, rng=rng(0))
+    with pytest.raises(ParameterError, match="out"):
+        PT.fill_poisson(np.empty(4, dtype=np.float64), lam=3.0, rng=rng(0))
+    with pytest.raises(ParameterError, match="out"):
+        PT.fill_poisson(np.empty((2, 2), dtype=np.int64), lam=3.0, rng=rng(0))
+    with pytest.raises(ParameterError, match="rng"):
+        PT.fill_poisson(out, lam=3.0, rng=np.random.default_rng(0))
+    with pytest.raises(ParameterError, match="lam"):
+        PT.poisson_table(0.0)
+    PT.fill_poisson(out, lam=0.0, rng=rng(0))
+    assert not out.any()
