@@ -8,6 +8,7 @@ a noise value, a key) is ever put into an error message.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
@@ -76,7 +77,14 @@ def valid_names(value: str, valid: Iterable[str]) -> str:
     names = sorted(set(valid))
     if not names:
         return "there are none"
-    close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+    # a name is close when it, or one of its parts (discrete-laplace: laplace), is close
+    key = value.lower()
+    parts = {n: [n.lower(), *re.split(r"[-_:.,]", n.lower())] for n in names}
+    scored = sorted(
+        (-max(difflib.SequenceMatcher(None, key, part).ratio() for part in ps), n)
+        for n, ps in parts.items()
+    )
+    close = [n for score, n in scored[:3] if -score >= 0.6]
     listed = "valid names: " + ", ".join(names)
     if not close:
         return listed

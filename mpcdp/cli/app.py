@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from mpcdp import __version__
 from mpcdp.cli import (
@@ -18,8 +20,24 @@ from mpcdp.cli import (
     query_commands,
     train_commands,
 )
+from mpcdp.errors import valid_names
+
+
+class _Commands(TyperGroup):
+    """A command group whose "no such command" lists the valid commands (closest first)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:  # click's UsageError, as typer vendors it
+            if args and hasattr(exc, "message") and args[0] not in self.commands:
+                name = args[0]
+                exc.message = f"No such command {name!r}; {valid_names(name, self.commands)}"
+            raise
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="mpcdp",
     help="Secure multiparty aggregation with distributed differential privacy.",
     no_args_is_help=True,
@@ -27,16 +45,16 @@ app = typer.Typer(
     # click's plain help: flags without a "<bool>" metavar, paths never wrapped in a box
     rich_markup_mode=None,
 )
-app.add_typer(certs_commands.app, name="certs")
-app.add_typer(party_commands.app, name="party")
-app.add_typer(query_commands.app, name="query")
+app.add_typer(certs_commands.app, name="certs", cls=_Commands)
+app.add_typer(party_commands.app, name="party", cls=_Commands)
+app.add_typer(query_commands.app, name="query", cls=_Commands)
 app.command("budget")(budget_commands.budget)
 app.command("datasets")(datasets_commands.datasets)
 app.command("health")(health_commands.health)
 app.command("train")(train_commands.train)
 app.command("audit")(train_commands.audit)
 app.command("check-model")(check_model_commands.check_model)
-app.add_typer(demo_commands.app, name="demo")
+app.add_typer(demo_commands.app, name="demo", cls=_Commands)
 
 
 def _version(value: bool) -> None:

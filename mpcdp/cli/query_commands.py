@@ -9,8 +9,9 @@ from typing import Any
 
 import typer
 
+from mpcdp.cli.messages import refusal_text, with_valid_names
 from mpcdp.dp.mechanisms import MECHANISMS
-from mpcdp.errors import MpcdpError
+from mpcdp.errors import MpcdpError, ParameterError, valid_names
 
 app = typer.Typer(help="Query a federation.", no_args_is_help=True)
 
@@ -33,7 +34,7 @@ def _check_noise(kw: dict[str, Any]) -> None:
     """--mechanism and --epsilon, checked before any party is asked."""
     if kw["mechanism"] not in MECHANISMS:
         raise typer.BadParameter(
-            f"mechanism={kw['mechanism']!r} is not one of {list(MECHANISMS)}",
+            f"mechanism={kw['mechanism']!r}: {valid_names(kw['mechanism'], MECHANISMS)}",
             param_hint="--mechanism",
         )
     if kw["mechanism"] != "none" and kw["epsilon"] is None:
@@ -55,9 +56,12 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
     _check_noise(kw)
     try:
         with Federation.from_config(federation) as fed:
-            result = fed.query(statistic=statistic, **kw)
+            try:
+                result = fed.query(statistic=statistic, **kw)
+            except ParameterError as exc:
+                raise with_valid_names(fed, exc, training=False) from None
     except MpcdpError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {refusal_text(exc)}", err=True)
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(result.to_json()))
@@ -155,7 +159,7 @@ def sql(
                 max_parties_per_unit=max_parties_per_unit,
             )
     except MpcdpError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {refusal_text(exc)}", err=True)
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(result.to_json()))

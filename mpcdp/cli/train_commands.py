@@ -13,13 +13,15 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
 
-from mpcdp.errors import MpcdpError, ParameterError
+from mpcdp.cli.messages import refusal_text, with_valid_names
+from mpcdp.errors import MpcdpError, ParameterError, valid_names
 
 if TYPE_CHECKING:
     from mpcdp.train.results import EpochRecord
@@ -163,6 +165,7 @@ def train(
     Every step is a secure aggregation of the sites' clipped, quantized, Skellam-noised
     gradient sums; the noise is calibrated for the target epsilon by the accountant."""
     _check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
+    _check_names(model=model, loss=loss)
     options = model_options(model_option)
     for name, value in (
         ("--target-epsilon", target_epsilon),
@@ -234,7 +237,7 @@ def train(
             bias_only=bias_only,
         )
         try:
-            with Federation.from_config(federation) as fed:
+            with Federation.from_config(federation) as fed, _names_from(fed):
                 if audit_canaries:
                     _audit_preflight(
                         fed,
@@ -264,13 +267,13 @@ def train(
                 )
         except ParameterError as exc:
             if exc.name != "eval_data":
-                typer.echo(f"\nerror: {exc}", err=True)
+                typer.echo(f"\nerror: {refusal_text(exc)}", err=True)
                 raise typer.Exit(1) from None
             # checked at the coordinator before any site was asked (Federation.train)
-            typer.echo(f"\nerror: --eval {eval_data}: {exc.reason}", err=True)
+            typer.echo(f"\nerror: --eval {eval_data}: {refusal_text(exc.reason)}", err=True)
             raise typer.Exit(2) from None
         except MpcdpError as exc:
-            typer.echo(f"\nerror: {exc}", err=True)
+            typer.echo(f"\nerror: {refusal_text(exc)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             where = (
@@ -302,6 +305,28 @@ def train(
         )
     if result.audit is not None:
         typer.echo(audit_report(result))
+
+
+@contextlib.contextmanager
+def _names_from(fed: Any) -> Iterator[None]:
+    """An unknown dataset raised inside says which example datasets the sites offer."""
+    try:
+        yield
+    except ParameterError as exc:
+        raise with_valid_names(fed, exc, training=True) from None
+
+
+def _check_names(*, model: str, loss: str) -> None:
+    """--loss before any site is asked: a misspelled built-in loss is told the valid names
+    (an import path is checked when it is imported; --model by mpcdp.train.models)."""
+    from mpcdp.config.training_config import BUILTIN_LOSSES, is_import_path
+
+    if loss not in BUILTIN_LOSSES and not is_import_path(loss):
+        raise typer.BadParameter(
+            f"{loss!r} is neither a built-in loss nor an import path pkg.module:fn; "
+            f"{valid_names(loss, BUILTIN_LOSSES)}",
+            param_hint="--loss",
+        )
 
 
 def _epoch_line(r: EpochRecord) -> str:
@@ -460,6 +485,7 @@ def audit(
     cannot fail), saying how many canaries or which --audit-delta would make it testable."""
     if canaries < 1:
         raise typer.BadParameter(f"{canaries!r} must be >= 1", param_hint="--canaries")
+    _check_names(model=model, loss=loss)
     options = model_options(model_option)
     _check_audit_options(
         canaries, kind, confidence, audit_delta, ("--canaries", "--kind", "--confidence")
@@ -488,7 +514,7 @@ def audit(
         audit_kind=kind,
     )
     try:
-        with Federation.from_config(federation) as fed:
+        with Federation.from_config(federation) as fed, _names_from(fed):
             _audit_preflight(
                 fed,
                 run,
@@ -506,7 +532,7 @@ def audit(
                 allow_untestable=True,  # checked and printed above (_audit_preflight)
             )
     except MpcdpError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {refusal_text(exc)}", err=True)
         raise typer.Exit(1) from None
     if result.audit is None:  # pragma: no cover - a finished audit run always has one
         typer.echo("error: the audit run revealed no canaries", err=True)

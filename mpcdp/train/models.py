@@ -18,7 +18,7 @@ import itertools
 
 from torch import nn
 
-from mpcdp.errors import ParameterError
+from mpcdp.errors import ParameterError, valid_names
 
 __all__ = ["build_model", "check_model_spec"]
 
@@ -29,7 +29,12 @@ def check_model_spec(spec: str) -> tuple[str, tuple[int, ...]]:
     """Parse ``kind:w0,w1,...`` strictly; ParameterError names the spec otherwise."""
     kind, _, widths_text = spec.partition(":")
     if kind not in _KINDS:
-        raise ParameterError("model", spec, f"kind must be one of {list(_KINDS)}")
+        raise ParameterError(
+            "model",
+            spec,
+            f"kind {kind!r} is not built in (a model of your own is an import path "
+            f"pkg.module:factory); {valid_names(kind, _KINDS)}",
+        )
     try:
         widths = tuple(int(w) for w in widths_text.split(","))
     except ValueError:

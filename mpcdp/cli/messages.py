@@ -1,0 +1,60 @@
+"""What the command line says when it refuses: an unknown dataset or column with the names
+the federation offers (:func:`with_valid_names`, through :func:`mpcdp.errors.valid_names`),
+and a refusal that says once what was charged (:func:`refusal_text`).
+
+A query refused by every party carries each party's own "nothing was charged" and the
+coordinator's summary of the same; the user reads it once, in the summary (the last one,
+which covers every party). Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from mpcdp.errors import MpcdpError, ParameterError, valid_names
+
+if TYPE_CHECKING:
+    from mpcdp.federation import Federation
+
+__all__ = ["refusal_text", "with_valid_names"]
+
+_NOTHING = "nothing was charged"
+#: an earlier "nothing was charged" with what joins it to its sentence
+_EARLIER = re.compile(r"(?:;\s*|,?\s+and\s+|\s*\()?nothing was charged\)?")
+
+
+def refusal_text(exc: BaseException | str) -> str:
+    """``exc``'s message (or ``exc``, a message) with "nothing was charged" said at most
+    once (the last time)."""
+    text = str(exc)
+    if text.count(_NOTHING) <= 1:
+        return text
+    head, _, tail = text.rpartition(_NOTHING)
+    return _EARLIER.sub("", head) + _NOTHING + tail
+
+
+def with_valid_names(fed: Federation, exc: MpcdpError, *, training: bool) -> MpcdpError:
+    """``exc`` with the valid names added when it is a ParameterError about an unknown
+    ``dataset`` (those every party offers: example datasets when ``training``, the others
+    when not) or ``column`` (the dataset's columns); else ``exc`` itself. Asks the parties
+    for their public metadata (Describe) once more; if that fails, ``exc`` as it is."""
+    if not isinstance(exc, ParameterError) or exc.name not in ("dataset", "column"):
+        return exc
+    try:
+        answers = fed.describe()
+    except MpcdpError:
+        return exc
+    offered = [
+        {d.name: d for d in a.datasets if (d.kind == "examples") == training}
+        for a in answers.values()
+    ]
+    if exc.name == "dataset":
+        names = set.intersection(*(set(o) for o in offered)) if offered else set()
+        if str(exc.value) in names:
+            return exc
+        hint = valid_names(str(exc.value), names)
+    else:
+        columns = {c.name for o in offered for d in o.values() for c in d.columns}
+        hint = valid_names(str(exc.value), columns)
+    return ParameterError(exc.name, exc.value, f"{exc.reason}; {hint}")
