@@ -154,6 +154,14 @@ def _poisson_scalar(lam: float, size: int, gen: np.random.Generator) -> NDArray[
         out = np.empty(size, dtype=np.int64)
         fill_poisson(out, lam=lam, rng=gen)
         return out
+    return _per_draw(lam, size, gen)
+
+
+def _per_draw(lam: float, size: int, gen: np.random.Generator) -> NDArray[np.int64]:
+    """One rate, drawn without the table: inversion, PTRS or summed PTRS (the path of short
+    vectors, and the baseline of benchmarks.pads)."""
+    if size == 0 or lam == 0.0:
+        return np.zeros(size, dtype=np.int64)
     if lam < _PTRS_MIN_LAM:
         return _inversion(lam, size, gen)
     if lam <= POISSON_MAX_LAM:

@@ -29,8 +29,9 @@ Vose 1991; Devroye 1986, "Non-Uniform Random Variate Generation", Sec. III.4 and
   in Python, outside the compiled loop, without truncating anything.
 
 The output law is p(k) as computed by log p(k) in float64 (relative error ~1e-13), with no
-truncation: nothing is added to delta. The words are the injected Generator's bit
-generator's raw output (AES-CTR, mpcdp.mpc.rng). The range is the Poisson sampler's,
+truncation: nothing is added to delta. The words are AES-256-CTR keystream under a key of
+32 bytes drawn from the injected Generator (a CSPRNG, mpcdp.mpc.rng), a fresh key per batch
+of 64K draws: the Generator's own construction, through OpenSSL. The range is the Poisson sampler's,
 [0, POISSON_SPLIT_MAX_LAM], checked by :func:`mpcdp.dp.poisson.check_rate` before any draw.
 tests/unit/dp/test_poisson_table.py checks the law at the edges of the range and shows
 that the same checks reject an off-by-one table and a biased word-to-index map.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +50,16 @@ from numpy.typing import NDArray
 
 from mpcdp.dp.poisson import _log_pmf, check_rate
 from mpcdp.errors import ParameterError
+from mpcdp.mpc import prg
 from mpcdp.mpc.rng import ensure_rng
 
-__all__ = ["PoissonTable", "fill_poisson", "poisson_table", "realized_counts"]
+__all__ = [
+    "PoissonTable",
+    "csprng_words",
+    "fill_poisson",
+    "poisson_table",
+    "realized_counts",
+]
 
 #: alias-table columns (2^12) and threshold bits per column (2^16): 2^28 units in all
 COLUMN_BITS = 12
@@ -62,6 +71,8 @@ _CENTER_BINS = (1 << COLUMN_BITS) - 2
 TAIL_SIGMAS = 10.0
 #: widening of the squeeze bounds and of c, in log space (log p is accurate to ~1e-13)
 _LOG_MARGIN = 1e-9
+#: draws per batch of CSPRNG words (64K words, 512 KiB: they stay in cache while used)
+_CHUNK_DRAWS = 1 << 16
 #: pending tail proposals held before the compiled loop hands back
 _PENDING_CAP = 256
 
@@ -450,7 +461,23 @@ def fill_poisson(
     _fill(poisson_table(lam), out, gen, pair)
 
 
-def _fill(table: PoissonTable, out: NDArray[Any], gen: np.random.Generator, pair: bool) -> None:
+def csprng_words(gen: np.random.Generator, size: int) -> NDArray[np.uint64]:
+    """``size`` words of AES-256-CTR keyed with 32 fresh bytes of ``gen`` (a CSPRNG): the
+    same construction as ``gen``'s own AES-CTR bit generator, at OpenSSL's speed (about 3x
+    randomgen's raw words here)."""
+    out = np.empty(size + 2, dtype=np.uint64)  # the cipher wants 15 bytes of room
+    enc = prg.stream_cipher(gen.bytes(prg.KEY_BYTES), round_id=0, tensor_id=0)
+    prg.fill_keystream(enc, out.view(np.uint8), 8 * size)
+    return out[:size]
+
+
+def _fill(
+    table: PoissonTable,
+    out: NDArray[Any],
+    gen: np.random.Generator,
+    pair: bool,
+    words_of: Callable[[np.random.Generator, int], NDArray[np.uint64]] = csprng_words,
+) -> None:
     """:func:`fill_poisson` with a given table and no checks (tests give it broken tables
     and biased words to show that the law tests see them)."""
     size = out.size
@@ -460,10 +487,9 @@ def _fill(table: PoissonTable, out: NDArray[Any], gen: np.random.Generator, pair
     pending = np.empty((_PENDING_CAP, 3), dtype=np.int64)
     proposed_tails: list[list[int]] = []
     i, phase, first = 0, 0, 0
-    bits = gen.bit_generator
     while i < size:
-        todo = (size - i) * per
-        words = bits.random_raw(int(todo / table.acceptance * 1.01) + 64)
+        todo = min((size - i) * per, _CHUNK_DRAWS)
+        words = words_of(gen, int(todo / table.acceptance * 1.01) + 64)
         i, phase, first, npend = fill(words, out, i, size, phase, first, pair, pending, *args)
         proposed_tails.extend(pending[:npend].tolist())
     # after every coordinate is written: finish the draws whose trial proposed a tail

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from mpcdp.dp import poisson as P
 from mpcdp.dp import poisson_table as PT
 from mpcdp.dp.poisson import POISSON_SPLIT_MAX_LAM
 from mpcdp.errors import ParameterError
@@ -100,7 +101,7 @@ def test_the_kernel_reads_words_as_documented() -> None:
     """A word whose acceptance bits are 0 is accepted by the squeeze; its integer must be
     lo + (b << s | offset), b the column's own outcome or alias by the 16 threshold bits."""
     t = PT.poisson_table(2.0**30 + 0.5)
-    words = rng(4).bit_generator.random_raw(50_000)
+    words = PT.csprng_words(rng(4), 50_000)
     words &= ~np.uint64((1 << t.lead_bits) - 1)
     col = (words >> np.uint64(52)).astype(np.int64)
     field = (words >> np.uint64(36)) & np.uint64(0xFFFF)
@@ -126,24 +127,18 @@ def test_the_kernel_reads_words_as_documented() -> None:
     assert np.array_equal(out, expected)
 
 
-class _Biased:
-    """A Generator stand-in whose raw words go through ``bias`` (the rest is delegated)."""
+def _law_rejected(
+    lam: float, table: PT.PoissonTable, gen: np.random.Generator, bias: Any = None
+) -> bool:
+    """Whether the law tests reject draws made with ``table`` from words passed through
+    ``bias`` (an injected fault)."""
 
-    def __init__(self, gen: np.random.Generator, bias: Any) -> None:
-        self._gen = gen
-        self._bias = bias
-        self.bit_generator = self
+    def words(g: np.random.Generator, n: int) -> Any:
+        w = PT.csprng_words(g, n)
+        return w if bias is None else bias(w)
 
-    def random_raw(self, size: int | None = None) -> Any:
-        return self._bias(self._gen.bit_generator.random_raw(size))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._gen, name)
-
-
-def _law_rejected(lam: float, table: PT.PoissonTable, gen: Any) -> bool:
     out = np.empty(N, dtype=np.int64)
-    PT._fill(table, out, gen, False)
+    PT._fill(table, out, gen, False, words)
     return min(poisson_pvalues(out, lam).values()) < CHECK_ALPHA
 
 
@@ -175,7 +170,7 @@ def test_power_against_a_biased_word_to_index_map() -> None:
         return (w & np.uint64((1 << 52) - 1)) | (col << np.uint64(52))
 
     for k, bias in enumerate((even_columns, low_thresholds, modulo_columns)):
-        assert _law_rejected(lam, table, _Biased(rng(8 + k), bias)), bias.__name__
+        assert _law_rejected(lam, table, rng(8 + k), bias), bias.__name__
 
 
 def test_refusals() -> None:
@@ -194,3 +189,12 @@ def test_refusals() -> None:
         PT.poisson_table(0.0)
     PT.fill_poisson(out, lam=0.0, rng=rng(0))
     assert not out.any()
+
+
+@pytest.mark.parametrize("lam", [9.999, 10.0, 2.0**40, 2.0**40 * 1.5])
+def test_the_per_draw_path_keeps_its_law(lam: float) -> None:
+    """Short vectors (and per-draw rates) still take inversion / PTRS / summed PTRS: the same
+    edge checks on that path, at full length."""
+    x = P._per_draw(lam, N, rng(20))
+    pvalues = poisson_pvalues(x, lam)
+    assert min(pvalues.values()) > CHECK_ALPHA, pvalues
