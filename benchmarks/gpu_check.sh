@@ -5,10 +5,12 @@
 # Here, once (wheels for the device's CPython 3.12, kept out of git by .git/info/exclude):
 #     bash benchmarks/gpu_check.sh --fetch-wheels
 # Then on the GPU machine, from the repository root, with .whl carried along:
-#     bash benchmarks/gpu_check.sh            # dp_step (all models) + federation_overhead
-#                                             # + bf16 dp_step + first_use_checks
+#     bash benchmarks/gpu_check.sh            # dp_step (all models) + a site's pad on the GPU
+#                                             # + federation_overhead + bf16 dp_step
+#                                             # + first_use_checks
 #     bash benchmarks/gpu_check.sh --quick    # the same, small: checks the CUDA paths run
-# Output: dp_step.json, overhead.json and their logs in $OUT (./gpu-out when OUT is unset).
+# Output: dp_step.json, overhead.json, pads_gpu.log and the other logs in $OUT (./gpu-out when
+# OUT is unset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,14 +25,14 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 randomgen==2.5.1 grpcio==1.85.3 \
         grpcio-health-checking==1.85.1 protobuf==7.36.2 opacus==1.6.0 typer==0.29.2 \
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 annotated-doc==0.0.7 \
-        typing-inspection==0.4.5
+        typing-inspection==0.4.5 numba==0.68.1 llvmlite==0.50.0
     du -sh .whl
     exit 0
 fi
 
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
-if ! python3 -c 'import cryptography, randomgen, grpc, opacus, typer' 2>/dev/null; then
+if ! python3 -c 'import cryptography, randomgen, grpc, opacus, typer, numba' 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/mpcdp-site .whl/*.whl
     export PYTHONPATH="/tmp/mpcdp-site${PYTHONPATH:+:$PYTHONPATH}"
@@ -43,11 +45,18 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.i
 if [[ "${1:-}" == "--quick" ]]; then
     dp=(--models cnn transformer --batch-size 32 --repeat 2 --warmup 1 --layers 1)
     fo=(--model mlp:256,256,10 --examples 64 --batch-size 24 --steps 2 --warmup 1 --repeat 1)
+    pads=(--params 1000000 --repeat 2)
 else
     dp=()
     fo=()
+    pads=()
 fi
 python3 -m benchmarks.dp_step "${dp[@]}" --json "$out/dp_step.json" 2>&1 | tee "$out/dp_step.log"
+# a site's Skellam share made on the GPU (CSPRNG words on the CPU, the table's transform on
+# the device) next to a DP step of the 10M-parameter MLP on the same GPU, and the one-pass
+# CPU pad and the old two-pass path on this machine's cores
+python3 -m benchmarks.pads --device cuda "${pads[@]}" 2>&1 | tee "$out/pads_gpu.log"
+python3 -m benchmarks.pads "${pads[@]}" 2>&1 | tee "$out/pads_cpu.log"
 python3 -m benchmarks.federation_overhead "${fo[@]}" --json "$out/overhead.json" 2>&1 \
     | tee "$out/overhead.log"
 # the cost of float32 clipping under bf16 autocast, and of the first-use checks

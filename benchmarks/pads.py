@@ -15,6 +15,10 @@ masks applied over the whole vector in a second pass; on one thread, and with it
 ``--threads`` threads. Each row prints its time over the baseline on the same threads.
 Also: the Poisson sampler alone at a few rates, the table against the per-draw path and
 against numpy's (inexact above ~1e12) sampler, one thread.
+
+``--device cuda`` (benchmarks/gpu_check.sh): the same share made by mpcdp.train.gpu_noise
+(CSPRNG words on the CPU, the transform on the device), its words alone, and the one-pass CPU
+pad, next to one DP step of benchmarks.dp_step's MLP (batch 64) on the same device.
 """
 
 from __future__ import annotations
@@ -68,10 +72,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mu", type=float, default=None)
+    ap.add_argument("--device", default=None, help="measure the device path (e.g. cuda)")
     args = ap.parse_args()
     d, h = args.params, 2
     mu = args.mu if args.mu is not None else digits_plan_mu(d)
     lam = mu / h / 2
+    if args.device is not None:
+        device_rows(d, mu, h, args.device, args.repeat, args.threads)
+        return
     noise = Skellam(mu=mu, l1_sensitivity=1.0, l2_sensitivity=1.0)
     gen = csprng()
     table = poisson_table(lam)
@@ -113,6 +121,59 @@ def main() -> None:
         t_np = best_of(lambda r=rate: pcg.poisson(r, n), repeat=args.repeat)
         print(f"{rate:10.3g} {t_tab:8.4f} {t_per:10.4f} {t_np:8.4f} {t_tab / t_per:9.3f} "
               f"{t_tab / t_np:11.2f}")  # fmt: skip
+
+
+def device_rows(d: int, mu: float, h: int, device: str, repeat: int, threads: int) -> None:
+    """The device path's share, next to a DP step on the same device (module docstring)."""
+    import time
+
+    import torch
+
+    from benchmarks import dp_step
+    from mpcdp.dp.poisson_table import csprng_words
+    from mpcdp.train.gpu_noise import skellam_share_on_device
+
+    dev = torch.device(device)
+    gen = csprng()
+
+    def timed(fn: object) -> float:
+        def run() -> None:
+            fn()  # type: ignore[operator]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        run()
+        return best_of(run, repeat=repeat)
+
+    t_share = timed(lambda: skellam_share_on_device(mu=mu / h, size=d, rng=gen, device=dev))
+    t_words = timed(lambda: csprng_words(gen, int(2 * d * 1.01)))
+    noise = Skellam(mu=mu, l1_sensitivity=1.0, l2_sensitivity=1.0)
+    with ThreadPoolExecutor(threads) as pool:
+        t_cpu = timed(
+            lambda: build_pad(size=d, ring_bits=32, noise=noise, honest=h, party=0,
+                              pair_keys=KEYS, round_id=1, rng=gen, workers=pool)
+        )  # fmt: skip
+    ns = argparse.Namespace(mlp_widths=[2048, 1536, 512])
+    model, inputs = dp_step.build("mlp", ns)
+    model = model.to(dev)
+    x = inputs(64).to(dev)
+    y = torch.randint(0, dp_step.CLASSES, (64,)).to(dev)
+    step = dp_step.mpcdp_step(model, x, y)
+    for _ in range(2):
+        step()
+    t_step = min(dp_step._timed(step, dev) for _ in range(repeat))
+    n_step = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"device {dev} ({name}), {time.strftime('%Y-%m-%d')}; share of {d:,} coordinates, "
+          f"mu/h {mu / h:.4g}")  # fmt: skip
+    print(f"{'what':58s} {'s':>8s} {'/ DP step':>9s}")
+    for label, t in (
+        (f"DP step, MLP {n_step:,} parameters, batch 64 (dp_step)", t_step),
+        ("Skellam share on the device (words on the CPU)", t_share),
+        ("  of it: the CSPRNG words alone (CPU, one thread)", t_words),
+        (f"one-pass CPU pad (share + 2 masks), {threads} threads", t_cpu),
+    ):
+        print(f"{label:58s} {t:8.4f} {t / t_step:9.2f}")
 
 
 if __name__ == "__main__":
