@@ -83,9 +83,9 @@ def fill_noise(
     def fill(a: int, b: int, gen: np.random.Generator) -> None:
         noise_into(out[a:b], noise=noise, honest=honest, rng=gen)
 
-    fill_in_slices(
-        size=size, slice_size=_check_slice(slice_size, 8), rng=rng, fill=fill, workers=workers
-    )
+    if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+        raise ParameterError("slice_size", slice_size, "must be an int >= 1")
+    fill_in_slices(size=size, slice_size=slice_size, rng=rng, fill=fill, workers=workers)
 
 
 def build_pad(

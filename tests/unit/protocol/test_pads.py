@@ -112,4 +112,4 @@ def test_refusals_come_before_any_draw() -> None:
     with pytest.raises(ParameterError, match="mu/h"):
         pads.build_pad(**{**ok, "noise": huge})  # type: ignore[arg-type]
     with pytest.raises(ParameterError, match="slice_size"):
-        pads.fill_noise(np.zeros(8, np.uint64), noise=None, honest=2, rng=rng(6), slice_size=3)
+        pads.fill_noise(np.zeros(8, np.uint64), noise=None, honest=2, rng=rng(6), slice_size=0)
