@@ -176,10 +176,14 @@ class Federation:
         ``target_epsilon``, ``target_delta``, ``epochs``, ``max_grad_norm``,
         ``batch_size``, ``learning_rate``, ``clipping``, ``bias_only``, ``eval_data``,
         ``public_data``, ``checkpoint``, ``on_step``, ``audit_canaries``, ``audit_kind``,
-        ...; ``colluders`` defaults to the federation's."""
+        ...; ``colluders`` and ``min_parties`` default to the federation's. A site that
+        fails or misses ``step_deadline_s`` is left out of that step, which is re-run among
+        the others while ``min_parties`` remain; it rejoins when it answers again
+        (``rejoin_interval_s``, ``max_pause_s``, ``on_roster_change``: see ``train``)."""
         from mpcdp.train.federated import train
 
         options.setdefault("colluders", self.config.colluders)
+        options.setdefault("min_parties", self.config.quorum)
         if options.get("audit_canaries") and options.get("audit_kind") == "black-box":
             # input canaries take the shape and classes every site declares (public)
             shapes = {

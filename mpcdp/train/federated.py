@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,10 +39,8 @@ from torch.utils.data import Dataset
 from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import ring
-from mpcdp.protocol.training import (
-    TrainingClient,
-    TrainingSession,
-)
+from mpcdp.protocol.training import TrainingClient, TrainSpec
+from mpcdp.protocol.training.roster import RosterChange, RosterExhausted, TrainingRoster
 from mpcdp.train.audit_run import (
     AuditPreflight,
     black_box_scores,
@@ -51,6 +49,7 @@ from mpcdp.train.audit_run import (
     white_box_scorer,
 )
 from mpcdp.train.clipping import ClippingMode, PerSampleClipper
+from mpcdp.train.eval_data import checked_eval_data, evaluate
 from mpcdp.train.models import build_model
 from mpcdp.train.planning import TrainingPlan, plan_training
 from mpcdp.train.results import (
@@ -78,6 +77,7 @@ __all__ = [
     "TrainingResult",
     "UntestableAuditError",
     "checked_eval_data",
+    "evaluate",
     "load_checkpoint",
     "plan_training",
     "set_flat_gradients",
@@ -105,134 +105,6 @@ class UntestableAuditError(ParameterError):
             f"the claim cannot be tested: {check.text()}; refused before the run (nothing "
             "was charged); allow_untestable=True runs it anyway",
         )
-
-
-def evaluate(
-    model: torch.nn.Module, data: Arrays, *, batch_size: int = 2048
-) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``data`` = (x, y)."""
-    device = next(model.parameters()).device
-    x = torch.as_tensor(np.asarray(data[0], dtype=np.float32))
-    y = torch.as_tensor(np.asarray(data[1], dtype=np.int64))
-    was = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    with torch.no_grad():
-        for s in range(0, len(y), batch_size):
-            out = model(x[s : s + batch_size].to(device))
-            t = y[s : s + batch_size].to(device)
-            loss += float(F.cross_entropy(out, t, reduction="sum"))
-            correct += int((out.argmax(dim=1) == t).sum())
-    model.train(was)
-    n = max(len(y), 1)
-    return correct / n, loss / n
-
-
-#: examples of the evaluation data the coordinator runs its model on before any site is asked
-EVAL_CHECK_ITEMS = 8
-
-
-def _eval_refusal(why: str) -> ParameterError:
-    return ParameterError("eval_data", "the evaluation data", f"{why}; nothing was charged")
-
-
-def _runs_on(net: torch.nn.Module, x: NDArray[Any]) -> Exception | None:
-    """None when ``net`` runs on the features ``x`` (no gradient, eval mode), else why not."""
-    was = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            net(torch.as_tensor(x))
-    except Exception as exc:  # the user's model on the user's data: any failure is the answer
-        return exc
-    finally:
-        net.train(was)
-    return None
-
-
-def checked_eval_data(
-    net: torch.nn.Module,
-    data: Arrays | Dataset[Any],
-    *,
-    loss: str,
-    python_path: str | Path | Sequence[str | Path] = (),
-    feature_shape: tuple[int, ...] = (),
-) -> Arrays | Dataset[Any]:
-    """The evaluation data, checked the way every epoch will use it, before any site is asked:
-    the model runs on its first :data:`EVAL_CHECK_ITEMS` examples at the coordinator and the
-    loss on that output, and for cross-entropy every label is a class of the model's output.
-    Arrays keep integer features (token ids) as int64 for a model that takes them, and turn
-    them into float32 for one that does not (integer pixel values), as the sites do with an
-    .npz. ParameterError naming ``eval_data`` and the problem otherwise."""
-    sites = f" (the sites' examples have shape {feature_shape})" if feature_shape else ""
-    if not isinstance(data, tuple):
-        try:
-            size = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            raise _eval_refusal(
-                f"{type(data).__name__} is not a map-style Dataset (no __len__)"
-            ) from None
-        if size == 0:
-            raise _eval_refusal("the Dataset is empty")
-        head: Arrays | Dataset[Any] = torch.utils.data.Subset(
-            data, range(min(EVAL_CHECK_ITEMS, size))
-        )
-    else:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
-        if x.ndim < 1 or y.ndim < 1 or len(x) != len(y) or len(x) == 0:
-            raise _eval_refusal(
-                f"x {x.shape} and y {y.shape} must hold the same number (> 0) of examples"
-            )
-        if x.dtype.kind not in "fiu":
-            raise _eval_refusal(f"x must be numbers, got dtype {x.dtype}")
-        if loss == "cross_entropy" and y.dtype.kind not in "iu":
-            raise _eval_refusal(f"y must be integer labels for cross_entropy, got dtype {y.dtype}")
-        k = min(EVAL_CHECK_ITEMS, len(x))
-        if x.dtype.kind in "iu":
-            x = x.astype(np.int64)
-            if _runs_on(net, x[:k]) is not None and _runs_on(net, x[:k].astype(np.float32)) is None:
-                x = x.astype(np.float32)  # integer pixels for a model of float features
-        else:
-            x = x.astype(np.float32)
-        failed = _runs_on(net, x[:k])
-        if failed is not None:
-            raise _eval_refusal(
-                f"the model cannot run on its first {k} examples (x of shape "
-                f"{tuple(x.shape[1:])}, {x.dtype}){sites}: {type(failed).__name__}: "
-                f"{str(failed)[:300]}"
-            )
-        if loss == "cross_entropy":
-            was = net.training
-            net.eval()
-            try:
-                with torch.no_grad():
-                    out = net(torch.as_tensor(x[:1]))
-            finally:
-                net.train(was)
-            classes = int(out.shape[1]) if out.ndim == 2 else 0
-            if classes < 2:
-                raise _eval_refusal(
-                    f"cross_entropy needs the model's output to be (N, classes), got "
-                    f"{tuple(out.shape)}"
-                )
-            bad = np.flatnonzero((y < 0) | (y >= classes))
-            if bad.size:
-                raise _eval_refusal(
-                    f"example {int(bad[0])} has label {int(y[bad[0]])}, outside the model's "
-                    f"{classes} classes [0, {classes})"
-                )
-        data = (x, y)
-        head = (x[:k], y[:k])
-    try:
-        evaluate_any(net, head, loss=loss, python_path=python_path)
-    except ParameterError:
-        raise
-    except Exception as exc:  # the user's model, loss or Dataset: any failure is refused
-        raise _eval_refusal(
-            f"evaluating the model on its first examples{sites} failed: "
-            f"{type(exc).__name__}: {str(exc)[:300]}"
-        ) from None
-    return data
 
 
 def set_flat_gradients(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
@@ -335,6 +207,11 @@ def train(
     feature_shape: tuple[int, ...] = (),
     num_classes: int = 0,
     allow_untestable: bool = False,
+    min_parties: int | None = None,
+    step_deadline_s: float | None = None,
+    rejoin_interval_s: float = 10.0,
+    max_pause_s: float = 300.0,
+    on_roster_change: Callable[[RosterChange], None] | None = None,
 ) -> TrainingResult:
     """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
 
@@ -374,6 +251,16 @@ def train(
     :class:`UntestableAuditError` (a ParameterError naming ``audit_canaries``, with the
     canaries or audited delta that would make it testable), charging nothing, unless
     ``allow_untestable`` (as ``mpcdp audit --allow-untestable``).
+
+    When a site fails or misses ``step_deadline_s`` (default: its client's deadline), the
+    step is re-run among the others in a new session (fresh keys and masks, noise shares
+    sized for the smaller roster) as long as ``min_parties`` sites (default: all) remain
+    with an honest one among them; the site is asked again every ``rejoin_interval_s`` and
+    rejoins with the current model; below ``min_parties`` the run pauses up to
+    ``max_pause_s``, then raises RosterExhausted (the checkpoint, when given, keeps every
+    step done). ``on_roster_change`` is told of each change. Each site's epsilon counts the
+    steps it took part in (mpcdp.protocol.training.roster); the result and each epoch record
+    hold them. An audit run tolerates no failure (its canaries need one session).
     """
     parties = tuple(examples)
     _check_audit(
@@ -428,6 +315,7 @@ def train(
     opt = _make_optimizer(optimizer, trainable, learning_rate, momentum)
     history: list[EpochRecord] = []
     start = 0
+    state: dict[str, Any] | None = None
     public_accuracy: float | None = None
     if eval_data is not None:  # a bad file fails now, before any site is asked or charged
         eval_data = checked_eval_data(
@@ -477,15 +365,66 @@ def train(
     t0 = time.perf_counter()
     revealed: dict[str, NDArray[np.bool_]] = {}
     scorer = None
+    spec = with_declared_model(
+        plan.spec(run_id=run, start_step=start, steps=max(plan.steps - start, 1)),
+        factory=model_factory,
+        loss=loss,
+    )
+    if plan.audit_kind == "white-box" and start < end:
+        scorer = white_box_scorer(spec=spec)
+    examples_of = dict(zip(plan.parties, plan.examples, strict=True))
+
+    def spec_for(roster: tuple[str, ...], first: int) -> TrainSpec:
+        return replace(spec, parties=roster, start_step=first, steps=plan.steps - first)
+
+    roster = TrainingRoster(
+        spec_for=spec_for,
+        clients=clients,
+        min_parties=len(parties) if min_parties is None else min_parties,
+        colluders=plan.colluders,
+        tolerate=plan.audit_canaries == 0,  # an audit run's canaries need one session
+        step_deadline_s=step_deadline_s,
+        rejoin_interval_s=rejoin_interval_s,
+        max_pause_s=max_pause_s,
+        on_change=on_roster_change,
+    )
+    counts = state.get("sites", {}) if state else {}
+    for p in parties:  # a resumed run goes on counting each site's steps
+        roster.uploads[p] += int(counts.get("uploads", {}).get(p, 0))
+        roster.contributed[p] += int(counts.get("contributed", {}).get(p, 0))
+    changes: list[RosterChange] = [
+        RosterChange(**c) for c in (counts.get("changes", []) if counts else [])
+    ]
+    epoch_start = dict(roster.contributed)
+
+    def site_epsilon() -> dict[str, float]:
+        return {p: plan.epsilon_after(roster.uploads[p]) for p in parties}
+
+    def save(done: int) -> None:
+        if checkpoint is None:
+            return
+        save_checkpoint(
+            checkpoint,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "plan": asdict(plan),
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": done,
+                "run_id": run,
+                "history": [asdict(r) for r in history],
+                "public_accuracy": public_accuracy,
+                "sites": {
+                    "uploads": dict(roster.uploads),
+                    "contributed": dict(roster.contributed),
+                    "changes": [asdict(c) for c in [*changes, *roster.changes]],
+                },
+            },
+        )
+
+    done = start
     if start < end:
-        spec = plan.spec(run_id=run, start_step=start, steps=plan.steps - start)
-        spec = with_declared_model(spec, factory=model_factory, loss=loss)
-        if plan.audit_kind == "white-box":
-            scorer = white_box_scorer(spec=spec)
-        session = TrainingSession(spec=spec, clients=clients)
-        session.open()
         try:
-            full = True
             # one buffer each for the parameters sent (float32 on the wire: cat casts into
             # it), the summed words and the gradient (a fresh 10^7-vector per step costs more
             # in page faults than the pass over it)
@@ -493,29 +432,35 @@ def train(
             sent = torch.empty(n, dtype=torch.float32)
             words = np.empty(n, dtype=ring.dtype_for(plan.ring_bits))
             grad = torch.empty(n, dtype=torch.float32)
-            scale = 1.0 / (2.0**plan.scale_bits * plan.expected_batch_size)
-            for step in range(start, end):
-                if full:  # the first step carries every parameter, frozen ones too
+
+            def parameters(full: bool) -> NDArray[np.float32]:
+                if full:  # a session's first step carries every parameter, frozen ones too
                     flat = torch.nn.utils.parameters_to_vector(everything).detach()
                 else:
                     flat = torch.cat([p.detach().reshape(-1) for p in trainable], out=sent)
-                total = session.step(parameters=flat.numpy(), full=full, out=words)
-                full = False
+                return flat.numpy()
+
+            for step in range(start, end):
+                outcome = roster.step(step, parameters=parameters, out=words)
+                total = outcome.total
                 if scorer is not None:
                     scorer.update(total)
                 # integer units -> the averaged gradient, in one float32 pass (float32 rounds
-                # each value by at most 2^-24 relative: post-processing of the release)
+                # each value by at most 2^-24 relative: post-processing of the release); the
+                # expected batch is that of the sites this step ran over
+                batch = plan.sample_rate * sum(examples_of[p] for p in outcome.parties)
+                scale = 1.0 / (2.0**plan.scale_bits * batch)
                 set_flat_gradients(trainable, grad.copy_(torch.from_numpy(total)).mul_(scale))
                 if mix is not None:
                     pick = torch.randint(
                         0, len(mix[1]), (min(public_batch_size, len(mix[1])),), generator=gen
                     )
                     public_loss = F.cross_entropy(net(mix[0][pick]), mix[1][pick])
-                    for p, g in zip(
+                    for w, g in zip(
                         trainable, torch.autograd.grad(public_loss, trainable), strict=True
                     ):
-                        assert p.grad is not None
-                        p.grad.add_(g, alpha=public_mixing)
+                        assert w.grad is not None
+                        w.grad.add_(g, alpha=public_mixing)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 done = step + 1
@@ -524,7 +469,7 @@ def train(
                         StepInfo(
                             step=done,
                             steps=plan.steps,
-                            epsilon=plan.epsilon_after(done),
+                            epsilon=max(site_epsilon().values()),
                             seconds=time.perf_counter() - t0,
                         )
                     )
@@ -534,10 +479,11 @@ def train(
                         if eval_data is not None
                         else (None, None)
                     )
+                    per_site = site_epsilon()
                     rec = EpochRecord(
                         epoch=math.ceil(done / plan.steps_per_epoch),
                         step=done,
-                        epsilon=plan.epsilon_after(done),
+                        epsilon=max(per_site.values()),
                         test_accuracy=acc,
                         test_loss=test_loss,
                         seconds=time.perf_counter() - t0,
@@ -546,31 +492,25 @@ def train(
                             if metric and eval_data is not None
                             else None
                         ),
+                        participation={p: roster.contributed[p] - epoch_start[p] for p in parties},
+                        site_epsilon=per_site,
                     )
                     if history and history[-1].step == done:
                         history[-1] = rec
                     else:
                         history.append(rec)
-                    if checkpoint is not None:  # saved before it is reported
-                        save_checkpoint(
-                            checkpoint,
-                            {
-                                "format": CHECKPOINT_FORMAT,
-                                "plan": asdict(plan),
-                                "model": net.state_dict(),
-                                "optimizer": opt.state_dict(),
-                                "step": done,
-                                "run_id": run,
-                                "history": [asdict(r) for r in history],
-                                "public_accuracy": public_accuracy,
-                            },
-                        )
+                        epoch_start = dict(roster.contributed)
+                    save(done)  # saved before it is reported
                     if on_epoch is not None:
                         on_epoch(rec)
-            revealed = session.audit_inclusion
+            revealed = roster.audit_inclusion
+        except RosterExhausted:
+            if done > start:
+                save(done)  # what the sites paid for is kept: rerunning resumes here
+            raise
         finally:
-            session.close()
-    done = max(start, end)
+            roster.close()
+    done = max(start, done)
     final = history[-1].test_accuracy if history else None
     report = None
     if plan.audit_canaries and revealed:
@@ -590,17 +530,21 @@ def train(
             confidence=audit_confidence,
             claimed_epsilon=plan.epsilon_after(done, delta=at),
         )
+    per_site = site_epsilon()
     return TrainingResult(
         plan=plan,
         run_id=run,
         steps_done=done,
-        epsilon=plan.epsilon_after(done),
+        epsilon=max(per_site.values()),
         delta=plan.target_delta,
         history=tuple(history),
         final_accuracy=final,
         public_accuracy=public_accuracy,
         state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
         audit=report,
+        participation=dict(roster.contributed),
+        site_epsilon=per_site,
+        roster_changes=(*changes, *roster.changes),
     )
 
 

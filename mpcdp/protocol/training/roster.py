@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from mpcdp.errors import MpcdpError, ParameterError, PartyError
+from mpcdp.errors import MpcdpError, ParameterError, PartyError, RoundAborted
 from mpcdp.protocol.failures import Pingable, roster_shortfall
 from mpcdp.protocol.training.train_spec import TrainSpec
 from mpcdp.protocol.training.training_session import (
@@ -83,17 +83,21 @@ class RosterStep:
     parties: tuple[str, ...]
 
 
-class RosterExhausted(MpcdpError):
-    """Too few sites answered for longer than the run may pause: nothing of the step was
-    revealed. ``failures`` maps each site left out to why."""
+class RosterExhausted(RoundAborted):
+    """Too few sites answer (before any step ran, or for longer than the run may pause):
+    nothing of the step was revealed. ``failures`` maps each site left out to why; the
+    exception's ``__cause__`` is the first site's own error."""
 
-    def __init__(self, step: int, short: str, failures: Mapping[str, str], waited_s: float):
+    def __init__(
+        self, run_id: str, step: int, short: str, failures: Mapping[str, str], waited_s: float
+    ) -> None:
         self.step = step
         self.failures = dict(failures)
         named = "; ".join(f"{p}: {why}" for p, why in failures.items()) or "none"
+        waited = f" after waiting {waited_s:.0f} s" if waited_s > 0 else ""
         super().__init__(
-            f"training stopped before step {step}: too few sites answer ({short}) after "
-            f"waiting {waited_s:.0f} s; sites that failed: {named}"
+            f"{run_id} step {step}",
+            MpcdpError(f"too few sites answer ({short}){waited}; sites that failed: {named}"),
         )
 
 
@@ -156,10 +160,14 @@ class TrainingRoster:
         self._sleep = sleep
         self._present = set(self._order)
         self._why: dict[str, str] = {}  # site left out -> why
+        self._errors: dict[str, BaseException] = {}  # site left out -> its error
+        self._run_id = ""
         self._session: TrainingSession | None = None
         self._fresh = True  # the session's next step is its first (carries all parameters)
         self._probe: Future[set[str]] | None = None
         self._fails: dict[str, int] = {}  # site -> failures in a row
+        self._paused_since: float | None = None  # since when no step could run
+        self._progress = False  # a step has run: a shortfall pauses rather than fails
         self._retry_at: dict[str, float] = {}  # site left out -> when it is asked again
         self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roster-probe")
         self._lock = threading.Lock()
@@ -209,6 +217,8 @@ class TrainingRoster:
                 continue
             self._count(session)
             self._fresh = False
+            self._progress = True
+            self._paused_since = None
             roster = tuple(session.spec.parties)
             for p in roster:
                 self.contributed[p] += 1
@@ -230,8 +240,10 @@ class TrainingRoster:
             if short:
                 self._pause(step, short)
                 continue
+            spec = self._spec_for(roster, step)
+            self._run_id = spec.run_id
             session = TrainingSession(
-                spec=self._spec_for(roster, step),
+                spec=spec,
                 clients=[self._clients[p] for p in roster],
                 step_deadline_s=self._deadline,
             )
@@ -263,6 +275,7 @@ class TrainingRoster:
         left = {p: _why(e) for p, e in failed.items() if p in self._present}
         if not left:
             return
+        self._errors.update((p, e) for p, e in failed.items() if p in left)
         self._present -= set(left)
         self._why.update(left)
         now = self._clock()
@@ -272,6 +285,13 @@ class TrainingRoster:
         self._changed(RosterChange(step=step, left=left))
         for p, why in left.items():
             log.warning("training step %d: site %s left out (%s)", step, p, why)
+
+    def _exhausted(self, step: int, short: str, waited: float) -> RosterExhausted:
+        run = self._run_id or "training"
+        exc = RosterExhausted(run, step, short, self._why, waited)
+        first = next((e for p, e in self._errors.items() if p not in self._present), None)
+        exc.__cause__ = first
+        return exc
 
     def _changed(self, change: RosterChange) -> None:
         self.changes.append(change)
@@ -310,14 +330,23 @@ class TrainingRoster:
         log.info("training step %d: site(s) %s back", step, ", ".join(joined))
 
     def _pause(self, step: int, short: str) -> None:
-        """Wait for absent sites until the roster can run a step, or give up."""
-        if not self._tolerate:
-            raise RosterExhausted(step, short, self._why, 0.0)
-        start = self._clock()
-        self._changed(RosterChange(step=step, note=f"paused: {short}"))
+        """Wait for absent sites until the roster can run a step, or give up. A run that has
+        not made a step yet fails at once (nothing to keep going); a pause lasts until a step
+        runs again, across sites that come back and fail again (each asked after its own
+        back-off), at most ``max_pause_s`` in all."""
+        if not (self._tolerate and self._progress):
+            raise self._exhausted(step, short, 0.0)
+        if self._paused_since is None:
+            self._paused_since = self._clock()
+            self._changed(RosterChange(step=step, note=f"paused: {short}"))
         while True:
-            absent = [self._clients[p] for p in self._order if p not in self._present]
-            back = _answering(absent)
+            now = self._clock()
+            due = [
+                self._clients[p]
+                for p in self._order
+                if p not in self._present and self._retry_at.get(p, 0.0) <= now
+            ]
+            back = _answering(due) if due else set()
             if back:
                 self._join(step, back)
                 if not roster_shortfall(
@@ -325,10 +354,14 @@ class TrainingRoster:
                 ):
                     self._changed(RosterChange(step=step, note="resumed"))
                     return
-            waited = self._clock() - start
+            waited = self._clock() - self._paused_since
             if waited >= self._max_pause:
-                raise RosterExhausted(step, short, self._why, waited)
-            self._sleep(min(self._interval, self._max_pause - waited))
+                raise self._exhausted(step, short, waited)
+            wake = min(
+                [self._retry_at.get(p, now) for p in self._order if p not in self._present]
+                + [now + self._interval]
+            )
+            self._sleep(max(0.01, min(wake - now, self._paused_since + self._max_pause - now)))
 
 
 def _answering(clients: Sequence[TrainingClient]) -> set[str]:

@@ -156,6 +156,7 @@ class TrainingEngine(SessionHost):
 
     def _open(self, session_id: bytes, spec: TrainSpec, coordinator: str) -> Proposal:
         self.party.check_parties(parties=spec.parties, colluders=spec.colluders)
+        self._supersede(spec, coordinator)
         # every parameter that decides this site's noise is in its samplers' exact range
         mechanism(spec).check_range(honest=spec.honest)
         task = self.tasks.get(spec.dataset)
@@ -213,6 +214,25 @@ class TrainingEngine(SessionHost):
             source.close()
             self.ledger.release(first, coordinator=coordinator)
             raise
+
+    def _supersede(self, spec: TrainSpec, coordinator: str) -> None:
+        """A new session of a run ends this coordinator's older sessions of the same run: the
+        run goes on in the new one (a site back after a failure; the abort of the old one
+        may never have reached this site), so the old one's block is settled now rather
+        than when it expires."""
+        with self._lock:
+            older = [
+                sid
+                for sid, s in self._sessions.items()
+                if s.coordinator == coordinator and s.spec.run_id == spec.run_id
+            ]
+        for sid in older:
+            self._end(sid, "superseded by a newer session of its run")
+            log.info(
+                "training session %s: superseded by a newer session of run %s",
+                sid.hex(),
+                spec.run_id,
+            )
 
     def _reserve_block(
         self, spec: TrainSpec, session_id: bytes, coordinator: str, block: int

@@ -276,16 +276,16 @@ class TrainingSession:
         """Site -> why, for every site whose step failed or is still running at the
         deadline (a site that gave up on purpose is not listed)."""
         failed = failed_at(futures, self.clients)
-        for f, c in zip(futures, self.clients, strict=True):
-            if not f.done() and c.party_id not in failed:
+        if failed:  # the others are still running, not late: they are given up with the step
+            return {p: e for p, e in failed.items() if not isinstance(e, GaveUp)}
+        for f, c in zip(futures, self.clients, strict=True):  # the deadline passed
+            if not f.done():
                 failed[c.party_id] = PartyError(
                     c.party_id,
                     "DEADLINE_EXCEEDED",
                     "the step's deadline passed",
-                    outcome=f"did not answer within {self.step_deadline_s:g} s",
+                    outcome=f"did not answer within {self.step_deadline_s} s",
                 )
-        if failed:  # a site given up because another failed is not a failure of its own
-            failed = {p: e for p, e in failed.items() if not isinstance(e, GaveUp)}
         return failed
 
     def _check_reveals(self, reveals: Mapping[str, bytes], *, last: bool) -> None:

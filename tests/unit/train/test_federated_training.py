@@ -110,9 +110,12 @@ def test_over_budget_and_unknown_dataset_reach_the_analyst(grpc_sites: Net) -> N
         assert "RESOURCE_EXHAUSTED" in str(err.value)
 
 
-def test_a_killed_site_aborts_the_run_and_the_checkpoint_survives(
+def test_a_killed_site_stops_a_run_that_needs_every_site_and_the_checkpoint_keeps_each_step(
     grpc_sites: Net, tmp_path: Path
 ) -> None:
+    """min_parties = every site (the default): a site killed at step 12 pauses the run, and
+    with no pause allowed it stops naming the site; the checkpoint holds all 12 steps paid
+    for (not only the 10 of the last epoch boundary), so rerunning resumes there."""
     ckpt = tmp_path / "run.pt"
     killed: list[int] = []
 
@@ -122,7 +125,7 @@ def test_a_killed_site_aborts_the_run_and_the_checkpoint_survives(
             killed.append(1)
 
     with Federation.from_config(grpc_sites.federation) as fed:
-        with pytest.raises(RoundAborted, match="step 12"):
+        with pytest.raises(RoundAborted, match="step 12") as err:
             train(
                 clients=fed.clients,
                 dataset="ex",
@@ -134,9 +137,10 @@ def test_a_killed_site_aborts_the_run_and_the_checkpoint_survives(
                 batch_size=12,
                 checkpoint=ckpt,
                 on_step=on_step,
+                max_pause_s=0.0,
             )
-    assert ckpt.exists()  # saved at the first epoch boundary (step 10)
-    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    assert "min_parties=3" in str(err.value) and "carlos: is unreachable" in str(err.value)
+    assert torch.load(ckpt, weights_only=False)["step"] == 12
 
 
 def test_public_warm_start_then_bias_only_dp_fine_tuning(grpc_sites: Net) -> None:
