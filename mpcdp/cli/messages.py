@@ -34,10 +34,12 @@ def refusal_text(exc: BaseException | str) -> str:
     return _EARLIER.sub("", head) + _NOTHING + tail
 
 
-def with_valid_names(fed: Federation, exc: MpcdpError, *, training: bool) -> MpcdpError:
+def with_valid_names(
+    fed: Federation, exc: MpcdpError, *, training: bool, dataset: str = ""
+) -> MpcdpError:
     """``exc`` with the valid names added when it is a ParameterError about an unknown
     ``dataset`` (those every party offers: example datasets when ``training``, the others
-    when not) or ``column`` (the dataset's columns); else ``exc`` itself. Asks the parties
+    when not) or ``column`` (the columns of ``dataset``); else ``exc`` itself. Asks the parties
     for their public metadata (Describe) once more; if that fails, ``exc`` as it is."""
     if not isinstance(exc, ParameterError) or exc.name not in ("dataset", "column"):
         return exc
@@ -54,7 +56,18 @@ def with_valid_names(fed: Federation, exc: MpcdpError, *, training: bool) -> Mpc
         if str(exc.value) in names:
             return exc
         hint = valid_names(str(exc.value), names)
+        if not names:
+            other = sorted({d.name for a in answers.values() for d in a.datasets})
+            hint = (
+                f"no dataset {'to train on' if training else 'to query'} is offered by every "
+                f"party (the datasets offered: {', '.join(other) or 'none'}; `mpcdp datasets` "
+                "lists them with their kinds)"
+            )
     else:
-        columns = {c.name for o in offered for d in o.values() for c in d.columns}
-        hint = valid_names(str(exc.value), columns)
+        named = [d for a in answers.values() for d in a.datasets if d.name == dataset]
+        if any(d.kind == "examples" for d in named):
+            hint = f"{dataset!r} is a dataset to train on (mpcdp train), with no columns to query"
+        else:
+            columns = {c.name for d in named for c in d.columns}
+            hint = valid_names(str(exc.value), columns)
     return ParameterError(exc.name, exc.value, f"{exc.reason}; {hint}")

@@ -59,7 +59,9 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
             try:
                 result = fed.query(statistic=statistic, **kw)
             except ParameterError as exc:
-                raise with_valid_names(fed, exc, training=False) from None
+                raise with_valid_names(
+                    fed, exc, training=False, dataset=kw.get("dataset", "")
+                ) from None
     except MpcdpError as exc:
         typer.echo(f"error: {refusal_text(exc)}", err=True)
         raise typer.Exit(1) from None

@@ -96,6 +96,9 @@ def test_a_misspelled_dataset_or_column_lists_the_valid_names(fed: LocalFederati
     assert "did you mean 'raise'? valid names: raise, team" in out.stderr
     out = cli(*query, "--dataset", "t", "--column", "raise", "--mechanism", "lapalce")
     assert out.exit_code == 2 and "did you mean 'discrete-laplace'?" in out.stderr
+    out = cli(*query, "--dataset", "ex", "--column", "raise")
+    assert out.exit_code == 1 and "column='raise'" in out.stderr
+    assert "'ex' is a dataset to train on (mpcdp train), with no columns" in out.stderr
     out = cli("train", "--federation", f, "--dataset", "exx")
     assert out.exit_code == 1 and "dataset='exx'" in out.stderr
     assert "did you mean 'ex'? valid names: ex" in out.stderr
@@ -112,3 +115,21 @@ def test_a_query_refused_by_every_party_says_once_that_nothing_was_charged(
               "--column", "raise", "--epsilon", "5")  # fmt: skip
     assert out.exit_code == 1 and "privacy budget exceeded for dataset='t'" in out.stderr
     assert out.stderr.count("nothing was charged") == 1
+
+
+def test_a_query_on_a_federation_of_training_data_says_what_it_offers() -> None:
+    from mpcdp.cli.messages import with_valid_names
+    from mpcdp.errors import ParameterError
+    from mpcdp.protocol.catalog import DatasetInfo, PartyDescription
+
+    class Stub:
+        def describe(self) -> dict[str, PartyDescription]:
+            ex = DatasetInfo(name="digits", kind="examples", length=10)
+            return {p: PartyDescription(party_id=p, datasets=(ex,)) for p in ("a", "b")}
+
+    exc = ParameterError("dataset", "digitz", "is not offered by party 'a'")
+    said = str(with_valid_names(Stub(), exc, training=False))  # type: ignore[arg-type]
+    assert "no dataset to query is offered by every party" in said
+    assert "the datasets offered: digits" in said
+    said = str(with_valid_names(Stub(), exc, training=True))  # type: ignore[arg-type]
+    assert "did you mean 'digits'? valid names: digits" in said
