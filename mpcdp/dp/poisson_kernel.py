@@ -17,11 +17,22 @@ import numpy as np
 
 __all__ = ["fill", "log_p"]
 
+
+def _compiled(fn: Any) -> Any:
+    """``fn`` compiled without the GIL, cached on disk where numba finds a writable cache
+    directory (the package's __pycache__, the user's cache, NUMBA_CACHE_DIR), else compiled
+    in memory at first use (a read-only install with no writable home)."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
+
+
 u64 = np.uint64
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-@numba.njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
+@_compiled
 def log_p(k: int, lam: float) -> float:
     """log p(k) of Poisson(lam), Loader's form as in mpcdp.dp.poisson (scalars only)."""
     if k == 0:
@@ -53,7 +64,7 @@ def log_p(k: int, lam: float) -> float:
     return out
 
 
-@numba.njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
+@_compiled
 def fill(
     words: Any,
     out: Any,
