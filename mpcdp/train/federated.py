@@ -544,6 +544,7 @@ def train(
         audit=report,
         participation=dict(roster.contributed),
         site_epsilon=per_site,
+        steps_charged=dict(roster.uploads),
         roster_changes=(*changes, *roster.changes),
     )
 

@@ -83,6 +83,10 @@ class TrainingResult:
     participation: dict[str, int] = field(default_factory=dict)
     #: site -> its epsilon at the plan's delta (``epsilon`` is the largest of them)
     site_epsilon: dict[str, float] = field(default_factory=dict)
+    #: site -> the steps whose upload left it, each charged to its ledger (a step re-run
+    #: after another site failed counts twice for a site whose upload of the failed attempt
+    #: left it); a site's own ledger is the authority (docs/training.md, "When a site fails")
+    steps_charged: dict[str, int] = field(default_factory=dict)
     #: the roster's changes: a site left out (with why) or back, at which step
     roster_changes: tuple[RosterChange, ...] = ()
 
@@ -106,6 +110,7 @@ class TrainingResult:
             "history": [asdict(r) for r in self.history],
             "participation": self.participation,
             "site_epsilon": self.site_epsilon,
+            "steps_charged": self.steps_charged,
             "roster_changes": [asdict(c) for c in self.roster_changes],
         }
 
