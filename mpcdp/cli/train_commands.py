@@ -24,6 +24,7 @@ from mpcdp.cli.messages import refusal_text, with_valid_names
 from mpcdp.errors import MpcdpError, ParameterError, valid_names
 
 if TYPE_CHECKING:
+    from mpcdp.protocol.training.roster import RosterChange
     from mpcdp.train.results import EpochRecord
 
 # the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
@@ -159,6 +160,18 @@ def train(
         None, "--audit-delta", help="delta audited (default: --target-delta)."
     ),
     allow_untestable: bool = ALLOW_UNTESTABLE,
+    step_deadline: float | None = typer.Option(
+        None,
+        "--step-deadline",
+        help="Seconds a site has for one step before the step is re-run without it "
+        "(default: the federation's deadline).",
+    ),
+    max_pause: float | None = typer.Option(
+        None,
+        "--max-pause",
+        help="Seconds the run waits, paused, for enough sites to answer again before it "
+        "stops (the checkpoint keeps every step done; default 300).",
+    ),
 ) -> None:
     """Train a model on every site's examples with federated DP-SGD.
 
@@ -170,6 +183,8 @@ def train(
     for name, value in (
         ("--target-epsilon", target_epsilon),
         ("--epochs", epochs),
+        ("--step-deadline", 1.0 if step_deadline is None else step_deadline),
+        ("--max-pause", 1.0 if max_pause is None else max_pause),
     ):
         if not value > 0 or not math.isfinite(value):
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
@@ -221,6 +236,11 @@ def train(
             state["shown"] = step
             typer.echo(f"resuming run {run} from {checkpoint} at step {step} of {steps}", err=True)
 
+        def on_roster_change(change: RosterChange) -> None:
+            if live:
+                typer.echo("\r\033[K", err=True, nl=False)
+            typer.echo(f"roster: {change.text()}", err=True)
+
         run = _PlannedRun(
             dataset=dataset,
             model=model,
@@ -236,6 +256,8 @@ def train(
             clipping=clipping,
             bias_only=bias_only,
         )
+        # not given: the training loop's own default
+        pause: dict[str, Any] = {} if max_pause is None else {"max_pause_s": max_pause}
         try:
             with Federation.from_config(federation) as fed, _names_from(fed):
                 if audit_canaries:
@@ -261,6 +283,9 @@ def train(
                     on_step=on_step,
                     on_epoch=on_epoch,
                     on_resume=on_resume,
+                    on_roster_change=on_roster_change,
+                    step_deadline_s=step_deadline,
+                    **pause,
                     audit_confidence=audit_confidence,
                     audit_delta=audit_delta,
                     allow_untestable=True,  # checked and printed above (_audit_preflight)

@@ -1,11 +1,13 @@
 """What ``mpcdp train`` prints, piped (not a terminal): one line per epoch, printed once,
-with each site's steps and epsilon so far when the run reports them. The federation is a
-stand-in that plays a run's callbacks, so only the command is tested here (the real run:
-test_train_commands)."""
+with each site's steps and epsilon so far when the run reports them; a roster change on
+stderr as it happens; --step-deadline and --max-pause passed on, bad values named. The
+federation is a stand-in that plays a run's callbacks, so only the command is tested here
+(the real run: test_train_commands)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 
 from mpcdp.cli.app import app
+from mpcdp.protocol.training.roster import RosterChange
 from mpcdp.train.planning import TrainingPlan
 from mpcdp.train.results import EpochRecord, StepInfo, TrainingResult
 
@@ -56,6 +59,8 @@ class FakeFederation:
         for epoch in (1, 2):
             for step in range(10 * epoch - 9, 10 * epoch + 1):
                 kw["on_step"](StepInfo(step=step, steps=20, epsilon=0.15 * step, seconds=0.1))
+                if step == 15:
+                    kw["on_roster_change"](RosterChange(step=15, left={"b": "did not answer"}))
             history.append(_record(epoch, sites=self.sites))
             kw["on_epoch"](history[-1])
         return TrainingResult(
@@ -106,3 +111,32 @@ def test_json_keeps_stdout_for_the_object(fake: type[FakeFederation]) -> None:
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["steps_done"] == 20
     assert out.stderr.count("epoch   1") == 1 and out.stderr.count("epoch   2") == 1
+
+
+def test_a_roster_change_is_reported_as_it_happens(fake: type[FakeFederation]) -> None:
+    out = train()
+    assert "roster: step 15: b left out (did not answer)" in out.stderr
+    assert out.stderr.count("roster:") == 1
+
+
+def test_step_deadline_and_max_pause_are_passed_on(fake: type[FakeFederation]) -> None:
+    assert train("--step-deadline", "7.5", "--max-pause", "60").exit_code == 0
+    assert fake.given["step_deadline_s"] == 7.5 and fake.given["max_pause_s"] == 60
+    assert train().exit_code == 0
+    # not given: the training loop's own default
+    assert fake.given["step_deadline_s"] is None and "max_pause_s" not in fake.given
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--step-deadline", "0"), ("--max-pause", "-1"), ("--max-pause", "inf")]
+)
+def test_bad_deadlines_are_named(fake: type[FakeFederation], option: str, value: str) -> None:
+    out = train(option, value)
+    assert out.exit_code == 2 and option in out.stderr and value in out.stderr
+    assert fake.given == {}  # refused before the federation was asked
+
+
+def test_the_plot_labels_the_users_metric(fake: type[FakeFederation], tmp_path: Path) -> None:
+    out = train("--plot", str(tmp_path / "p.png"), "--metric", "mine:f1")
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
