@@ -11,23 +11,24 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import typer
 
 from mpcdp.errors import MpcdpError
 
-if TYPE_CHECKING:
-    from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
+# the Describe answers are mpcdp.protocol.catalog's dataclasses (PartyDescription,
+# DatasetInfo, ColumnInfo), typed Any here: cli/ reaches the protocol only through the
+# analyst API (tests/project/test_boundaries.py)
 
 
-def _column(c: ColumnInfo) -> str:
+def _column(c: Any) -> str:
     if c.categories:
         return f"{c.name} {{{', '.join(c.categories)}}}"
     return f"{c.name} [{c.lower:g}, {c.upper:g}]"
 
 
-def _what(d: DatasetInfo) -> str:
+def _what(d: Any) -> str:
     if d.kind == "examples":
         shape = "x".join(str(n) for n in d.feature_shape) or "?"
         classes = f", {d.num_classes} classes" if d.num_classes else ", float targets"
@@ -40,7 +41,7 @@ def _what(d: DatasetInfo) -> str:
     return f"columns {cols}{unit}{exact}"
 
 
-def _budget(d: DatasetInfo) -> str:
+def _budget(d: Any) -> str:
     return (
         f"budget {d.budget_epsilon:g} at delta {d.delta:g}, left {d.remaining_epsilon:g}, "
         f"yours to spend {d.coordinator_remaining_epsilon:g}"
@@ -68,7 +69,7 @@ def datasets(
     typer.echo("\n".join(describe_text(answers)))
 
 
-def describe_text(answers: dict[str, PartyDescription]) -> list[str]:
+def describe_text(answers: dict[str, Any]) -> list[str]:
     """The lines of ``mpcdp datasets``: party by party, then the datasets that some parties
     do not offer (a query or run on them cannot include those parties)."""
     out = []

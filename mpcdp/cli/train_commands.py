@@ -15,7 +15,7 @@ import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import typer
@@ -24,7 +24,6 @@ from mpcdp.cli.messages import refusal_text, with_valid_names
 from mpcdp.errors import MpcdpError, ParameterError, valid_names
 
 if TYPE_CHECKING:
-    from mpcdp.protocol.training.roster import RosterChange
     from mpcdp.train.results import EpochRecord
 
 # the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
@@ -236,7 +235,7 @@ def train(
             state["shown"] = step
             typer.echo(f"resuming run {run} from {checkpoint} at step {step} of {steps}", err=True)
 
-        def on_roster_change(change: RosterChange) -> None:
+        def on_roster_change(change: _RosterChange) -> None:
             if live:
                 typer.echo("\r\033[K", err=True, nl=False)
             typer.echo(f"roster: {change.text()}", err=True)
@@ -330,6 +329,13 @@ def train(
         )
     if result.audit is not None:
         typer.echo(audit_report(result))
+
+
+class _RosterChange(Protocol):
+    """What the CLI uses of mpcdp.protocol.training.roster.RosterChange (cli/ reaches the
+    protocol only through the analyst API)."""
+
+    def text(self) -> str: ...
 
 
 @contextlib.contextmanager
