@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -238,7 +239,7 @@ def train(
         def on_roster_change(change: _RosterChange) -> None:
             if live:
                 typer.echo("\r\033[K", err=True, nl=False)
-            typer.echo(f"roster: {change.text()}", err=True)
+            typer.echo(f"roster: {refusal_text(change.text())}", err=True)
 
         run = _PlannedRun(
             dataset=dataset,
@@ -258,7 +259,7 @@ def train(
         # not given: the training loop's own default
         pause: dict[str, Any] = {} if max_pause is None else {"max_pause_s": max_pause}
         try:
-            with Federation.from_config(federation) as fed, _names_from(fed):
+            with Federation.from_config(federation) as fed, _names_from(fed), _roster_said_here():
                 if audit_canaries:
                     _audit_preflight(
                         fed,
@@ -336,6 +337,22 @@ class _RosterChange(Protocol):
     protocol only through the analyst API)."""
 
     def text(self) -> str: ...
+
+
+@contextlib.contextmanager
+def _roster_said_here() -> Iterator[None]:
+    """While ``mpcdp train`` prints each roster change itself, the roster's own warnings
+    (the same changes, in the log) are held back, unless the log is at INFO (-v)."""
+    log = logging.getLogger("mpcdp.protocol.training.roster")
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextlib.contextmanager

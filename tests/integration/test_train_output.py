@@ -6,6 +6,7 @@ federation is a stand-in that plays a run's callbacks, so only the command is te
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,7 +61,9 @@ class FakeFederation:
             for step in range(10 * epoch - 9, 10 * epoch + 1):
                 kw["on_step"](StepInfo(step=step, steps=20, epsilon=0.15 * step, seconds=0.1))
                 if step == 15:
-                    kw["on_roster_change"](RosterChange(step=15, left={"b": "did not answer"}))
+                    change = RosterChange(step=15, left={"b": "did not answer"})
+                    logging.getLogger("mpcdp.protocol.training.roster").warning(change.text())
+                    kw["on_roster_change"](change)
             history.append(_record(epoch, sites=self.sites))
             kw["on_epoch"](history[-1])
         return TrainingResult(
@@ -113,10 +116,15 @@ def test_json_keeps_stdout_for_the_object(fake: type[FakeFederation]) -> None:
     assert out.stderr.count("epoch   1") == 1 and out.stderr.count("epoch   2") == 1
 
 
-def test_a_roster_change_is_reported_as_it_happens(fake: type[FakeFederation]) -> None:
+def test_a_roster_change_is_reported_as_it_happens(
+    fake: type[FakeFederation], caplog: pytest.LogCaptureFixture
+) -> None:
     out = train()
     assert "roster: step 15: b left out (did not answer)" in out.stderr
     assert out.stderr.count("roster:") == 1
+    # said once: the roster's own warning of the same change is held back
+    assert not [r for r in caplog.records if r.name == "mpcdp.protocol.training.roster"]
+    assert logging.getLogger("mpcdp.protocol.training.roster").level == logging.NOTSET
 
 
 def test_step_deadline_and_max_pause_are_passed_on(fake: type[FakeFederation]) -> None:
