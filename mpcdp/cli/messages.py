@@ -4,12 +4,17 @@ and a refusal that says once what was charged (:func:`refusal_text`).
 
 A query refused by every party carries each party's own "nothing was charged" and the
 coordinator's summary of the same; the user reads it once, in the summary (the last one,
-which covers every party). Nothing happens at import time.
+which covers every party). What a command prints itself (a party left out of a query, a
+roster change) is not also logged as a warning while it runs (:func:`said_here`). Nothing
+happens at import time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mpcdp.errors import MpcdpError, ParameterError, valid_names
@@ -17,7 +22,7 @@ from mpcdp.errors import MpcdpError, ParameterError, valid_names
 if TYPE_CHECKING:
     from mpcdp.federation import Federation
 
-__all__ = ["refusal_text", "with_valid_names"]
+__all__ = ["refusal_text", "said_here", "with_valid_names"]
 
 _NOTHING = "nothing was charged"
 #: an earlier "nothing was charged" with what joins it to its sentence
@@ -71,3 +76,20 @@ def with_valid_names(
             columns = {c.name for d in named for c in d.columns}
             hint = valid_names(str(exc.value), columns)
     return ParameterError(exc.name, exc.value, f"{exc.reason}; {hint}")
+
+
+@contextlib.contextmanager
+def said_here(logger: str) -> Iterator[None]:
+    """While a command prints what ``logger`` warns of itself (the parties left out of a
+    query, a training run's roster changes), that logger's warnings are held back, unless
+    the log is at INFO or below (``mpcdp -v``)."""
+    log = logging.getLogger(logger)
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

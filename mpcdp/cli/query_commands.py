@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from mpcdp.cli.messages import refusal_text, with_valid_names
+from mpcdp.cli.messages import refusal_text, said_here, with_valid_names
 from mpcdp.dp.mechanisms import MECHANISMS
 from mpcdp.errors import MpcdpError, ParameterError, valid_names
 
@@ -28,6 +28,8 @@ MECHANISM = typer.Option(
 )
 DELTA = typer.Option(None, "--delta", help="delta for skellam / discrete-gaussian.")
 AS_JSON = typer.Option(False, "--json", help="Print one JSON object.")
+#: the logger that warns of a party left out of a query: the command prints it itself
+_ROUNDS = "mpcdp.protocol.query.round_coordinator"
 
 
 def _check_noise(kw: dict[str, Any]) -> None:
@@ -55,7 +57,7 @@ def _run(statistic: str, federation: Path, as_json: bool, **kw: Any) -> None:
 
     _check_noise(kw)
     try:
-        with Federation.from_config(federation) as fed:
+        with Federation.from_config(federation) as fed, said_here(_ROUNDS):
             try:
                 result = fed.query(statistic=statistic, **kw)
             except ParameterError as exc:
@@ -149,7 +151,7 @@ def sql(
     kw: dict[str, Any] = {"mechanism": mechanism, "epsilon": epsilon}
     _check_noise(kw)
     try:
-        with Federation.from_config(federation) as fed:
+        with Federation.from_config(federation) as fed, said_here(_ROUNDS):
             result = fed.sql(
                 query,
                 epsilon=kw["epsilon"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -21,11 +20,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import typer
 
-from mpcdp.cli.messages import refusal_text, with_valid_names
+from mpcdp.cli.messages import refusal_text, said_here, with_valid_names
 from mpcdp.errors import MpcdpError, ParameterError, valid_names
 
 if TYPE_CHECKING:
     from mpcdp.train.results import EpochRecord
+
+#: the logger that warns of a roster change: `mpcdp train` prints each change itself
+_ROSTER = "mpcdp.protocol.training.roster"
 
 # the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
 FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
@@ -259,7 +261,7 @@ def train(
         # not given: the training loop's own default
         pause: dict[str, Any] = {} if max_pause is None else {"max_pause_s": max_pause}
         try:
-            with Federation.from_config(federation) as fed, _names_from(fed), _roster_said_here():
+            with Federation.from_config(federation) as fed, _names_from(fed), said_here(_ROSTER):
                 if audit_canaries:
                     _audit_preflight(
                         fed,
@@ -337,22 +339,6 @@ class _RosterChange(Protocol):
     protocol only through the analyst API)."""
 
     def text(self) -> str: ...
-
-
-@contextlib.contextmanager
-def _roster_said_here() -> Iterator[None]:
-    """While ``mpcdp train`` prints each roster change itself, the roster's own warnings
-    (the same changes, in the log) are held back, unless the log is at INFO (-v)."""
-    log = logging.getLogger("mpcdp.protocol.training.roster")
-    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
-        yield
-        return
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ first), and a refused query or run says once what was charged (mpcdp.cli.message
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,6 +117,22 @@ def test_a_query_refused_by_every_party_says_once_that_nothing_was_charged(
               "--column", "raise", "--epsilon", "5")  # fmt: skip
     assert out.exit_code == 1 and "privacy budget exceeded for dataset='t'" in out.stderr
     assert out.stderr.count("nothing was charged") == 1
+
+
+@pytest.mark.slow
+def test_a_refused_query_is_said_once_by_the_command_as_a_user_runs_it(
+    fed: LocalFederation,
+) -> None:
+    """The process as a user runs it (its log on stderr): the failed round is not also
+    logged as a warning, and shown with -v."""
+    exe = str(Path(sys.executable).parent / "mpcdp")
+    args = ["query", "sum", "--federation", str(fed.federation_config), "--dataset", "t",
+            "--column", "raise", "--epsilon", "5"]  # fmt: skip
+    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("nothing was charged") == 1
+    assert "WARNING" not in out.stderr
+    verbose = subprocess.run([exe, "-v", *args], capture_output=True, text=True, timeout=120)
+    assert verbose.returncode == 1 and "WARNING" in verbose.stderr
 
 
 def test_a_query_on_a_federation_of_training_data_says_what_it_offers() -> None:
