@@ -926,6 +926,15 @@ class PartyServicer(pb_grpc.PartyServicer):
             "this party was suspended); nothing was reserved or charged"
         )
 
+    def _remember(self, session_id: bytes) -> None:
+        """The time of a session's latest exchange (Propose, TrainOpen, the end of a
+        TrainStep): a stall of this process after it makes the session's next call late."""
+        with self._lock_proposed:
+            self._proposed[session_id] = time.monotonic()
+            self._proposed.move_to_end(session_id)
+            while len(self._proposed) > _MAX_PROPOSED:
+                self._proposed.popitem(last=False)
+
     def _in_time(self, context: grpc.ServicerContext, *, since: float) -> bool:
         """Is the caller still waiting for this call's answer? Not cancelled, not past (or
         within LATE_CALL_MARGIN_S of) its deadline, and this process not stalled since
@@ -946,10 +955,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         spec = codec.spec_from_pb(request.spec)
         self._check_in_time(context, "Propose", session_id=session_id, caller=caller)
         proposal = self._engine.propose(session_id=session_id, spec=spec, coordinator=caller)
-        with self._lock_proposed:
-            self._proposed[session_id] = time.monotonic()
-            while len(self._proposed) > _MAX_PROPOSED:
-                self._proposed.popitem(last=False)
+        self._remember(session_id)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
     def Contribute(
@@ -1001,6 +1007,7 @@ class PartyServicer(pb_grpc.PartyServicer):
         session_id = codec.check_session(request.session_id)
         spec = codec.train_spec_from_pb(request.spec)
         proposal = self._trainer().open(session_id=session_id, spec=spec, coordinator=caller)
+        self._remember(session_id)
         return codec.key_to_pb(session_id, proposal.key, length=proposal.length)
 
     def TrainStep(
@@ -1013,6 +1020,11 @@ class PartyServicer(pb_grpc.PartyServicer):
             request_iterator, max_values=trainer.max_parameters
         )
         chunk = codec.check_chunk_bytes(header.chunk_bytes)  # before the ledger is charged
+        # a step that waited in the socket while this party was stopped looks fresh to
+        # gRPC: it is late after a stall longer than its time left since the session's
+        # previous exchange
+        with self._lock_proposed:
+            since = min(arrived, self._proposed.get(session_id, arrived))
         upload = trainer.step(
             session_id=session_id,
             step=header.step,
@@ -1022,9 +1034,10 @@ class PartyServicer(pb_grpc.PartyServicer):
             coordinator=caller,
             # a step its coordinator gave up on (and re-ran among the other sites) is
             # refused before it is charged, or before its upload leaves
-            in_time=functools.partial(self._in_time, context, since=arrived),
+            in_time=functools.partial(self._in_time, context, since=since),
         )
         yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
+        self._remember(session_id)
         del upload  # sent: free it before the next step's pad is built
         trainer.step_finished(session_id=session_id)
 

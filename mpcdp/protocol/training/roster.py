@@ -240,6 +240,13 @@ class TrainingRoster:
             if short:
                 self._pause(step, short)
                 continue
+            if self._progress:
+                # a re-run: a site that stopped with the one that failed is found by its
+                # health check's short deadline, not by TrainOpen's full one
+                silent = _not_answering([self._clients[p] for p in roster])
+                if silent:
+                    self._leave(step, silent)
+                    continue
             spec = self._spec_for(roster, step)
             self._run_id = spec.run_id
             session = TrainingSession(
@@ -376,6 +383,25 @@ def _answering(clients: Sequence[TrainingClient]) -> set[str]:
                 continue
         back.add(c.party_id)
     return back
+
+
+def _not_answering(clients: Sequence[TrainingClient]) -> dict[str, BaseException]:
+    """Site -> its failure, for the sites among ``clients`` whose health check fails (all
+    asked at once; a client without one is taken to answer)."""
+    pingable = [c for c in clients if isinstance(c, Pingable)]
+    if not pingable:
+        return {}
+
+    def one(c: Pingable) -> BaseException | None:
+        try:
+            c.ping()
+        except Exception as exc:  # the site's failure, whatever it is
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=len(pingable), thread_name_prefix="roster-ping") as pool:
+        outcomes = list(pool.map(one, pingable))
+    return {c.party_id: e for c, e in zip(pingable, outcomes, strict=True) if e is not None}
 
 
 def _why(exc: BaseException) -> str:

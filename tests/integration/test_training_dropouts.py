@@ -1,0 +1,226 @@
+"""Federated training that goes on when sites fail, against real party processes (mpcdp
+party serve) on loopback with mTLS: a site stopped (SIGSTOP) mid-run is left out of the steps
+it misses and rejoins after SIGCONT; a chaos script kills, stops, resumes and restarts random
+sites during a run, which still finishes with the accuracy of a run without faults.
+
+Each test proves what it claims from the sites' own ledgers (read from their files): a site
+holds exactly the steps whose upload left it, as the coordinator counted them, except what a
+site cannot know itself: a site stopped mid-upload may hold the one step whose upload began
+to leave it, and a site killed mid-block holds the whole block it charged (after a crash it
+cannot tell which of the block's steps left it; at most steps_per_charge - 1 more).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from mpcdp.config.party_config import load_federation_config
+from mpcdp.dp import events as ev
+from mpcdp.dp.ledger import BudgetLedger
+from mpcdp.federation import Federation
+from mpcdp.local.localnet import LocalFederation, launch
+from mpcdp.train.federated import StepInfo, TrainingResult
+from tests.training_support import MODEL, example_data
+
+pytestmark = pytest.mark.slow
+
+SITES = ("alice", "bob", "carlos", "dana")
+EVAL = example_data(7, n=90)
+
+
+def _sites_toml(workdir: Path, sites: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for i, p in enumerate(sites):
+        (workdir / p).mkdir(parents=True, exist_ok=True)
+        x, y = example_data(i)
+        np.savez(workdir / p / "ex.npz", x=x, y=y)
+        out[p] = (
+            '[datasets.ex]\npath = "ex.npz"\nnum_classes = 3\nepsilon = 50.0\ndelta = 1e-5\n'
+            # a session whose abort a stopped site never hears expires soon
+            "[limits]\nsession_ttl_s = 5.0\n"
+        )
+    return out
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[LocalFederation]:
+    fed = launch(workdir=tmp_path, datasets_toml=_sites_toml(tmp_path, SITES), deadline_s=30.0)
+    try:
+        yield fed
+    finally:
+        for proc in fed.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        fed.stop()
+
+
+def _federation(net: LocalFederation, *, min_parties: int) -> Federation:
+    config = load_federation_config(net.federation_config)
+    return Federation(dataclasses.replace(config, min_parties=min_parties))
+
+
+def _ledger_steps(net: LocalFederation, site: str, run_id: str) -> int:
+    """The steps of run ``run_id`` that ``site``'s ledger holds, read from its file."""
+    with BudgetLedger(net.workdir / site / "ledger.sqlite") as ledger:
+        charges = [c for c in ledger.charges("ex") if c.query_id.startswith(run_id + "/")]
+    steps = 0
+    for c in charges:
+        assert isinstance(c.event, ev.Skellam)
+        steps += c.event.steps
+    return steps
+
+
+def _train(fed: Federation, **kw: object) -> TrainingResult:
+    options: dict[str, object] = {
+        "target_epsilon": 8.0,
+        "target_delta": 1e-5,
+        "epochs": 4,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "eval_data": EVAL,
+        "step_deadline_s": 5.0,
+        "rejoin_interval_s": 0.5,
+    }
+    options.update(kw)
+    return fed.train(dataset="ex", model=MODEL, **options)
+
+
+def test_stopped_and_restarted_sites_are_left_out_and_rejoin(net: LocalFederation) -> None:
+    """carlos is stopped after step 4 and resumed after step 8; dana is killed after step 24
+    and restarted after step 26 (a new process: its old session is gone)."""
+    carlos = net.processes["carlos"]
+
+    def on_step(info: StepInfo) -> None:
+        if info.step == 4:
+            carlos.send_signal(signal.SIGSTOP)  # it misses step 4's deadline
+        elif info.step == 8:
+            carlos.send_signal(signal.SIGCONT)
+        elif info.step == 24:
+            net.kill("dana")
+        elif info.step == 26:
+            net.restart("dana")
+
+    with _federation(net, min_parties=3) as fed:
+        result = _train(fed, on_step=on_step)
+    assert result.steps_done == result.plan.steps == 40
+    left = [c for c in result.roster_changes if "carlos" in c.left]
+    back = [c for c in result.roster_changes if "carlos" in c.joined]
+    assert [c.step for c in left] == [4]
+    assert "did not answer within 5 s" in left[0].left["carlos"]
+    assert len(back) == 1 and 8 <= back[0].step < 40
+    missed = back[0].step - 4
+    dana_left = [c for c in result.roster_changes if "dana" in c.left]
+    dana_back = [c for c in result.roster_changes if "dana" in c.joined]
+    assert [c.step for c in dana_left] == [24] and "UNAVAILABLE" in dana_left[0].left["dana"]
+    assert len(dana_back) == 1 and 26 <= dana_back[0].step < 40
+    dana_missed = dana_back[0].step - 24
+    assert result.participation == {
+        "alice": 40,
+        "bob": 40,
+        "carlos": 40 - missed,
+        "dana": 40 - dana_missed,
+    }
+    # the late step was refused at carlos: its ledger holds the steps whose upload left it
+    # (and dana, killed between steps, holds the whole block it had charged)
+    for site in SITES:
+        held = _ledger_steps(net, site, result.run_id)
+        if site == "carlos":
+            assert result.steps_charged[site] <= held <= result.steps_charged[site] + 1
+        elif site == "dana":
+            block = result.plan.steps_per_epoch
+            assert result.steps_charged[site] <= held <= result.steps_charged[site] + block - 1
+        else:
+            assert held == result.steps_charged[site], site
+    assert result.site_epsilon["carlos"] < result.site_epsilon["alice"] == result.epsilon
+    # each epoch line says who took part
+    assert result.history[0].participation["carlos"] == 4 + max(0, 10 - back[0].step)
+    assert sum(r.participation["carlos"] for r in result.history) == 40 - missed
+
+
+def test_too_few_sites_with_no_pause_stops_the_run_naming_them(net: LocalFederation) -> None:
+    """min_parties=3 of 4: with two sites stopped no step may run; a run that may not pause
+    stops at once with the sites named, and neither stopped site is charged for a step it
+    never sent."""
+    stopped = ("carlos", "dana")
+
+    def on_step(info: StepInfo) -> None:
+        if info.step == 3:
+            for s in stopped:
+                net.processes[s].send_signal(signal.SIGSTOP)
+
+    with _federation(net, min_parties=3) as fed:
+        with pytest.raises(Exception, match="min_parties=3") as err:
+            _train(fed, on_step=on_step, max_pause_s=0.0)
+    for s in stopped:
+        net.processes[s].send_signal(signal.SIGCONT)
+        assert f"{s}: did not answer within 5 s" in str(err.value)
+
+
+#: the chaos schedule's seed (what it does; when depends on the machine)
+SEED = 20261207
+
+
+def _chaos(net: LocalFederation, stop: threading.Event, done: list[tuple[str, str]]) -> None:
+    """Kill, stop, resume and restart random sites until ``stop`` is set, one site out at a
+    time (so three of four always answer: min_parties=2 with t=1 holds throughout)."""
+    rng = random.Random(SEED)  # test schedule, not a secret
+    while not stop.wait(rng.uniform(0.5, 1.5)):
+        site = rng.choice(SITES)
+        if rng.random() < 0.5:
+            net.kill(site)
+            done.append((site, "kill"))
+            if stop.wait(rng.uniform(0.5, 2.0)):
+                net.restart(site)
+                break
+            net.restart(site)
+            done.append((site, "restart"))
+        else:
+            net.processes[site].send_signal(signal.SIGSTOP)
+            done.append((site, "stop"))
+            stop.wait(rng.uniform(2.5, 4.0))
+            net.processes[site].send_signal(signal.SIGCONT)
+            done.append((site, "resume"))
+
+
+#: final test accuracy of this run without faults (4 sites, 4 epochs at epsilon 8, the
+#: evaluation set of 90 examples): 20 runs, mean 0.81, min 0.74 (measured 2026-12-07 with
+#: benchmarks/dropout.py --training-reference)
+NO_FAULT_MIN_ACCURACY = 0.70
+
+
+def test_chaos_during_training(net: LocalFederation) -> None:
+    stop = threading.Event()
+    done: list[tuple[str, str]] = []
+    chaos = threading.Thread(target=_chaos, args=(net, stop, done), daemon=True)
+    chaos.start()
+    try:
+        with _federation(net, min_parties=2) as fed:
+            result = _train(fed, epochs=6, max_pause_s=60.0)
+    finally:
+        stop.set()
+        chaos.join(timeout=60)
+        for proc in net.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+    assert done, "the chaos script did nothing"
+    assert result.steps_done == result.plan.steps
+    assert result.final_accuracy is not None
+    assert result.final_accuracy >= NO_FAULT_MIN_ACCURACY
+    kills = {s: sum(1 for q, a in done if q == s and a == "kill") for s in SITES}
+    stops = {s: sum(1 for q, a in done if q == s and a == "stop") for s in SITES}
+    block = result.plan.steps_per_epoch
+    for site in SITES:
+        held = _ledger_steps(net, site, result.run_id)
+        counted = result.steps_charged[site]
+        slack = kills[site] * (block - 1) + stops[site]
+        assert counted <= held <= counted + slack, (site, held, counted, done)
