@@ -114,13 +114,13 @@ def bench(*, sites: int, repeat: int, deadline_s: float) -> dict[str, Any]:
                     proc.send_signal(signal.SIGCONT)
         finally:
             net.stop()
-    base = statistics.median(rows["no fault"])
+    baseline = statistics.median(rows["no fault"])
     return {
         kind: {
             "median_s": statistics.median(v),
             "min_s": min(v),
-            "added_s": statistics.median(v) - base,
-            "ratio": statistics.median(v) / base,
+            "added_s": statistics.median(v) - baseline,
+            "ratio": statistics.median(v) / baseline,
         }
         for kind, v in rows.items()
     }
