@@ -67,7 +67,12 @@ def _federation(net: LocalFederation, min_parties: int) -> Federation:
 
 
 def _run(
-    net: LocalFederation, *, fault: str, epochs: int, deadline_s: float, seed: int | None = None
+    net: LocalFederation,
+    *,
+    fault: str,
+    epochs: int,
+    deadline_s: float,
+    epsilon: float = 8.0,
 ) -> tuple[list[float], float | None]:
     """Per-step seconds of one run (and its final accuracy), with ``fault`` at step 10 and,
     for a kill, the site restarted at step 15."""
@@ -88,9 +93,9 @@ def _run(
     with _federation(net, len(net.processes) - 1) as fed:
         t0 = time.perf_counter()
         result = fed.train(
-            dataset="ex", model=MODEL, target_epsilon=8.0, target_delta=1e-5, epochs=epochs,
-            batch_size=16, learning_rate=0.05, eval_data=EVAL, step_deadline_s=deadline_s,
-            rejoin_interval_s=0.2, on_step=on_step, seed=seed,
+            dataset="ex", model=MODEL, target_epsilon=epsilon, target_delta=1e-5,
+            epochs=epochs, batch_size=16, learning_rate=0.05, eval_data=EVAL,
+            step_deadline_s=deadline_s, rejoin_interval_s=0.2, on_step=on_step,
         )  # fmt: skip
     steps = [b - a for a, b in zip([t0, *ends[:-1]], ends, strict=True)]
     return steps, result.final_accuracy
@@ -126,13 +131,13 @@ def bench(*, sites: int, repeat: int, deadline_s: float) -> dict[str, Any]:
     }
 
 
-def reference(*, runs: int) -> dict[str, Any]:
+def reference(*, runs: int, epsilon: float) -> dict[str, Any]:
     accuracies: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         net = launch(workdir=Path(tmp), datasets_toml=_sites(Path(tmp), 4), deadline_s=30.0)
         try:
             for _ in range(runs):
-                _, acc = _run(net, fault="none", epochs=6, deadline_s=5.0)
+                _, acc = _run(net, fault="none", epochs=6, deadline_s=5.0, epsilon=epsilon)
                 assert acc is not None
                 accuracies.append(acc)
         finally:
@@ -140,6 +145,7 @@ def reference(*, runs: int) -> dict[str, Any]:
     return {
         "runs": runs,
         "mean": statistics.fmean(accuracies),
+        "sd": statistics.stdev(accuracies),
         "min": min(accuracies),
         "max": max(accuracies),
         "accuracies": accuracies,
@@ -152,13 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--deadline", type=float, default=2.0, help="the run's step_deadline_s")
     ap.add_argument("--reference", type=int, default=0, help="no-fault accuracy runs")
+    ap.add_argument("--epsilon", type=float, default=30.0, help="target epsilon of --reference")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.reference:
-        out = reference(runs=args.reference)
+        out = reference(runs=args.reference, epsilon=args.epsilon)
         sys.stdout.write(
-            f"final accuracy over {out['runs']} no-fault runs: mean {out['mean']:.3f}, "
-            f"min {out['min']:.3f}, max {out['max']:.3f}\n"
+            f"final accuracy over {out['runs']} no-fault runs at epsilon {args.epsilon:g}: "
+            f"mean {out['mean']:.3f}, sd {out['sd']:.3f}, min {out['min']:.3f}, "
+            f"max {out['max']:.3f}\n"
         )
     else:
         out = bench(sites=args.sites, repeat=args.repeat, deadline_s=args.deadline)
