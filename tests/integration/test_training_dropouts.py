@@ -176,7 +176,7 @@ def _chaos(net: LocalFederation, stop: threading.Event, done: list[tuple[str, st
     rng = random.Random(SEED)  # test schedule, not a secret
     while not stop.wait(rng.uniform(0.5, 1.5)):
         site = rng.choice(SITES)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or not done:  # the first is a kill: the run sees a fault
             net.kill(site)
             done.append((site, "kill"))
             if stop.wait(rng.uniform(0.5, 2.0)):
@@ -187,32 +187,40 @@ def _chaos(net: LocalFederation, stop: threading.Event, done: list[tuple[str, st
         else:
             net.processes[site].send_signal(signal.SIGSTOP)
             done.append((site, "stop"))
-            stop.wait(rng.uniform(2.5, 4.0))
+            stop.wait(rng.uniform(2.0, 8.0))  # shorter or longer than the step deadline
             net.processes[site].send_signal(signal.SIGCONT)
             done.append((site, "resume"))
 
 
-#: final test accuracy of this run without faults (4 sites, 4 epochs at epsilon 8, the
-#: evaluation set of 90 examples): 20 runs, mean 0.81, min 0.74 (measured 2026-12-07 with
-#: benchmarks/dropout.py --training-reference)
-NO_FAULT_MIN_ACCURACY = 0.70
+#: the run's final test accuracy without faults (4 sites, 6 epochs at epsilon 8, the evaluation
+#: set of 90 examples): 20 runs, mean 0.783, min 0.678, max 0.922; sd 0.050 over 20 runs at
+#: epsilon 30 (`python -m benchmarks.training_dropout --reference 20 --epsilon 8`, and
+#: `--epsilon 30`, 2026-12-07). The bound is 5.6 sd below the mean: a run with faults that
+#: learns as one without them fails it with a chance far below 1e-6; chance level is 0.33.
+NO_FAULT_MIN_ACCURACY = 0.50
 
 
 def test_chaos_during_training(net: LocalFederation) -> None:
     stop = threading.Event()
     done: list[tuple[str, str]] = []
     chaos = threading.Thread(target=_chaos, args=(net, stop, done), daemon=True)
-    chaos.start()
+
+    def on_step(info: StepInfo) -> None:
+        if info.step == 1:  # the run has started: every site is in it
+            chaos.start()
+
     try:
         with _federation(net, min_parties=2) as fed:
-            result = _train(fed, epochs=6, max_pause_s=60.0)
+            result = _train(fed, epochs=6, max_pause_s=60.0, on_step=on_step)
     finally:
         stop.set()
-        chaos.join(timeout=60)
+        if chaos.is_alive():
+            chaos.join(timeout=60)
         for proc in net.processes.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
     assert done, "the chaos script did nothing"
+    assert any(c.left for c in result.roster_changes), result.roster_changes
     assert result.steps_done == result.plan.steps
     assert result.final_accuracy is not None
     assert result.final_accuracy >= NO_FAULT_MIN_ACCURACY
