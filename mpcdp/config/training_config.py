@@ -2,10 +2,18 @@
 docstring): the model, data, loss and collate function as import paths, the folders to
 import them from, and the site's resource limits. Only read here: mpcdp.train.declared imports
 them when the node starts. Nothing happens at import time.
+
+Several models per data: ``models = ["pkg.mod:small", "pkg.mod:wide"]`` lists the factories
+a coordinator may name (``model`` is the one-factory form), and ``[...model_choices]`` the
+options a coordinator may set, each within a declared range (``{ min = 16, max = 512 }``,
+integers or floats by the bounds' type) or among declared values (``{ choices = [...] }``).
+``model_options`` stay fixed. A site checks a run's model and options against these before
+anything is reserved, and the architecture fingerprint as before.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_LOSSES",
     "TRAINING_KEYS",
+    "ModelChoice",
     "TrainingDeclaration",
     "is_import_path",
     "read_training",
@@ -27,12 +36,42 @@ BUILTIN_LOSSES = ("cross_entropy", "mse")
 
 
 @dataclass(frozen=True)
+class ModelChoice:
+    """An option of the model a coordinator may set: a number in [minimum, maximum]
+    (``integer``: an int), or one of ``choices``."""
+
+    name: str
+    minimum: float | None = None
+    maximum: float | None = None
+    integer: bool = False
+    choices: tuple[str | int | float | bool, ...] = ()
+
+    def refusal(self, value: object) -> str:
+        """Why ``value`` is not allowed ("" when it is)."""
+        if self.choices:
+            ok = any(type(value) is type(c) and value == c for c in self.choices)
+            return "" if ok else f"must be one of {list(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        if self.integer and not isinstance(value, int):
+            return "must be an integer"
+        assert self.minimum is not None and self.maximum is not None
+        if not self.minimum <= value <= self.maximum:
+            return f"must be in [{self.minimum:g}, {self.maximum:g}]"
+        return ""
+
+
+@dataclass(frozen=True)
 class TrainingDeclaration:
     """How a site trains on one dataset, as its party.toml declares it (import paths are
     ``package.module:attribute``; nothing is imported when the config is read)."""
 
     #: the model factory; "" for the built-in names (mlp:..., linear:..., mlpln:...)
     model: str = ""
+    #: the model factories a coordinator may name (``model`` alone: that one)
+    models: tuple[str, ...] = ()
+    #: the options a coordinator may set, within their declared ranges or values
+    model_choices: tuple[ModelChoice, ...] = ()
     #: the map-style Dataset factory; "" for the .npz form (path + num_classes)
     data: str = ""
     #: "cross_entropy", "mse" or an import path of a per-example loss
@@ -50,6 +89,10 @@ class TrainingDeclaration:
     #: ``data_paths``, each resolved against the file's folder (absolute, as str)
     data_paths: tuple[tuple[str, str], ...] = ()
 
+    def factories(self) -> tuple[str, ...]:
+        """Every model factory a run may name here (empty: the built-in names)."""
+        return self.models or ((self.model,) if self.model else ())
+
     def data_arguments(self) -> dict[str, Any]:
         """The Dataset factory's keyword arguments: ``data_options`` and ``data_paths``."""
         return {**dict(self.data_options), **dict(self.data_paths)}
@@ -57,6 +100,8 @@ class TrainingDeclaration:
 
 TRAINING_KEYS = (
     "model",
+    "models",
+    "model_choices",
     "data",
     "loss",
     "collate",
@@ -104,6 +149,59 @@ def _paths(r: Reader, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, 
     return tuple(out)
 
 
+def _models(r: Reader) -> tuple[str, ...]:
+    if "models" not in r.data:
+        return ()
+    if "model" in r.data:
+        raise r.error("models", "give either model (one factory) or models (a list), not both")
+    values = r.get("models", list, [])
+    if not values or len(values) > 64:
+        raise r.error("models", "must list 1 to 64 model factories")
+    for v in values:
+        if not isinstance(v, str) or not is_import_path(v):
+            raise r.error("models", f"{v!r} is not an import path 'package.module:attribute'")
+    if len(set(values)) != len(values):
+        raise r.error("models", "lists a factory twice")
+    return tuple(values)
+
+
+_OPTION = re.compile(r"[A-Za-z_]\w{0,63}", re.ASCII)
+
+
+def _choices(r: Reader, fixed: tuple[tuple[str, Any], ...]) -> tuple[ModelChoice, ...]:
+    """``model_choices``: NAME = { min = A, max = B } or { choices = [...] }."""
+    table = r.get("model_choices", dict, {})
+    out = []
+    for name, spec in sorted(table.items()):
+        where = f"model_choices.{name}"
+        if not _OPTION.fullmatch(name):
+            raise r.error(where, "is not a keyword argument name")
+        if name in dict(fixed):
+            raise r.error(where, "is also in model_options: an option is fixed or chosen")
+        if not isinstance(spec, dict) or set(spec) not in ({"min", "max"}, {"choices"}):
+            raise r.error(where, "must be { min = A, max = B } or { choices = [...] }")
+        if "choices" in spec:
+            values = spec["choices"]
+            if (
+                not isinstance(values, list)
+                or not 1 <= len(values) <= 256
+                or not all(isinstance(v, str | int | float | bool) for v in values)
+            ):
+                raise r.error(where, "choices must list 1 to 256 strings, numbers or booleans")
+            out.append(ModelChoice(name=name, choices=tuple(values)))
+            continue
+        low, high = spec["min"], spec["max"]
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in (low, high)
+        )
+        if not numbers or not low <= high:
+            raise r.error(where, f"min {low!r} and max {high!r} must be finite numbers, min <= max")
+        integer = isinstance(low, int) and isinstance(high, int)
+        out.append(ModelChoice(name=name, minimum=low, maximum=high, integer=integer))
+    return tuple(out)
+
+
 def read_training(r: Reader) -> TrainingDeclaration | None:
     """A dataset's training declarations, or None when it declares none."""
     if not any(k in r.data for k in TRAINING_KEYS):
@@ -131,8 +229,11 @@ def read_training(r: Reader) -> TrainingDeclaration | None:
     workers = r.get("num_workers", int, 0)
     if not 0 <= workers <= 256:
         raise r.error("num_workers", f"must be in [0, 256], got {workers}")
+    fixed = _options(r, "model_options")
     return TrainingDeclaration(
         model=_import_path(r, "model"),
+        models=_models(r),
+        model_choices=_choices(r, fixed),
         data=_import_path(r, "data"),
         loss=loss,
         collate=_import_path(r, "collate"),
@@ -140,7 +241,7 @@ def read_training(r: Reader) -> TrainingDeclaration | None:
         max_physical_batch=int(physical),
         num_workers=int(workers),
         pin_memory=r.get("pin_memory", bool, None),
-        model_options=_options(r, "model_options"),
+        model_options=fixed,
         data_options=_options(r, "data_options"),
         data_paths=_paths(r, _options(r, "data_options")),
     )

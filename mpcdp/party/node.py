@@ -117,7 +117,7 @@ def _task(
     decl = ds.training or TrainingDeclaration()
     where = f"site {cfg.id!r}: datasets.{ds.name}"
     declared = None
-    if decl.data or decl.model or decl.loss != "cross_entropy":
+    if decl.data or decl.factories() or decl.loss != "cross_entropy":
         declared = _train_modules()[2]  # the site's own code needs torch now
     data: Any = None
     if decl.data:
@@ -127,23 +127,31 @@ def _task(
     else:
         data = load_examples(ds.path, num_classes=ds.num_classes, regression=decl.loss == "mse")
         count, shape, classes = data.count, data.feature_shape, data.num_classes
-    factory = model_factory
-    if decl.model:
+    factories: dict[str, ModelFactory] = {}
+    for path in decl.factories():
         assert declared is not None
-        factory = declared.model_factory(
-            decl.model,
+        factories[path] = declared.model_factory(
+            path,
             options=decl.model_options,
             python_path=decl.python_path,
-            where=f"{where}.model",
+            where=f"{where}.{'models' if decl.models else 'model'}",
         )
-        _probe_model(factory, decl.model)
+        # the lowest choice of each option the coordinator may set (a factory must build
+        # with every allowed value; the lowest is the one tried at start)
+        lowest = {c.name: c.choices[0] if c.choices else c.minimum for c in decl.model_choices}
+        _probe_model(functools.partial(factories[path], **lowest), path)
     loss_fn = None
     if declared is not None:
         loss_fn = declared.resolve_loss(
             decl.loss, python_path=decl.python_path, where=f"{where}.loss"
         )
     build = functools.partial(
-        _site_model, factory=factory, declared=decl.model, dataset=ds.name, site=cfg.id
+        _site_model,
+        factory=model_factory,
+        factories=factories,
+        decl=decl,
+        dataset=ds.name,
+        site=cfg.id,
     )
     return TrainingTask(
         config=ds,
@@ -191,36 +199,79 @@ def _probe_model(factory: ModelFactory, name: str) -> None:
 
 
 def _site_model(
-    name: str, *, factory: ModelFactory | None, declared: str, dataset: str, site: str
+    name: str,
+    options: Mapping[str, Any],
+    *,
+    factory: ModelFactory | None,
+    factories: Mapping[str, ModelFactory],
+    decl: TrainingDeclaration,
+    dataset: str,
+    site: str,
 ) -> Any:
-    """The module a run names, as this site builds it: a dataset that declares ``model``
-    trains that model only; the others use the node's factory or the built-in names."""
+    """The module a run names, with the options its coordinator set, as this site builds it:
+    a dataset that declares ``model`` or ``models`` trains those only, with its fixed
+    ``model_options`` and the ``model_choices`` a coordinator may set within their ranges;
+    the others use the node's factory or the built-in names, with no options. PolicyError
+    naming the model or the option otherwise (before anything is reserved)."""
     models = _train_modules()[0]
-    if declared and name != declared:
+    where = f"site {site!r}: dataset {dataset!r}"
+    if factories and name not in factories:
         raise PolicyError(
-            f"site {site!r}: dataset {dataset!r} trains model {declared!r} here; the run "
-            f"names {name!r}"
+            f"{where} trains model {next(iter(factories))!r} here; the run names {name!r}"
+            if len(factories) == 1
+            else f"{where} trains models {sorted(factories)} here; the run names {name!r}"
         )
-    if factory is None and is_import_path(name):
+    if not factories and is_import_path(name):
         raise PolicyError(
             f"site {site!r}: model {name!r} is an import path, but dataset {dataset!r} "
             f"declares no model = {name!r} in this site's party.toml"
         )
-    return (factory or models.build_model)(name)
+    fixed = dict(decl.model_options)
+    choices = {c.name: c for c in decl.model_choices}
+    chosen = {}
+    for key, value in options.items():
+        if key in fixed:
+            if fixed[key] != value or type(fixed[key]) is not type(value):
+                raise PolicyError(
+                    f"{where}: model option {key}={value!r} differs from this site's fixed "
+                    f"model_options.{key} = {fixed[key]!r}"
+                )
+        elif key in choices:
+            why = choices[key].refusal(value)
+            if why:
+                raise PolicyError(f"{where}: model option {key}={value!r} {why} here")
+            chosen[key] = value
+        else:
+            settable = sorted(choices) or "none"
+            raise PolicyError(
+                f"{where}: a coordinator may not set model option {key!r} here (it may set: "
+                f"{settable})"
+            )
+    if not factories:
+        if chosen:
+            raise PolicyError(f"{where}: the built-in model {name!r} takes no options")
+        return (factory or models.build_model)(name)
+    return factories[name](name, **chosen)
 
 
-def _count_params(spec: TrainSpec, *, build: ModelFactory) -> tuple[int, int]:
+def _count_params(spec: TrainSpec, *, build: Callable[..., Any]) -> tuple[int, int]:
     gradient_source = _train_modules()[1]
     counts: tuple[int, int] = gradient_source.count_parameters(
-        build, spec.model, bias_only=spec.bias_only
+        _for_spec(build, spec), spec.model, bias_only=spec.bias_only
     )
     return counts
 
 
-def _architecture(spec: TrainSpec, *, build: ModelFactory) -> tuple[str, ...]:
+def _architecture(spec: TrainSpec, *, build: Callable[..., Any]) -> tuple[str, ...]:
     from mpcdp.train.architecture import describe_factory
 
-    return describe_factory(build, spec.model)
+    return describe_factory(_for_spec(build, spec), spec.model)
+
+
+def _for_spec(build: Callable[..., Any], spec: TrainSpec) -> ModelFactory:
+    """``name -> module`` with the options ``spec``'s coordinator set."""
+    options = spec.options()
+    return lambda name: build(name, options)
 
 
 def _torch_source(
@@ -228,14 +279,14 @@ def _torch_source(
     *,
     data: Any,
     device: str,
-    build: ModelFactory,
+    build: Callable[..., Any],
     decl: TrainingDeclaration,
     loss_fn: Any,
     ranks: Any = None,
 ) -> GradientSource:
     gradient_source = _train_modules()[1]
     source: GradientSource = gradient_source.TorchGradientSource(
-        model=build(spec.model),
+        model=_for_spec(build, spec)(spec.model),
         spec=spec,
         examples=None if decl.data else data,
         data=data if decl.data else None,

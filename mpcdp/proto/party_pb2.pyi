@@ -615,6 +615,7 @@ class TrainSpec(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    MODEL_OPTIONS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """the run's id; ledger charges are run_id/session/block"""
     dataset: _builtins.str
@@ -656,6 +657,11 @@ class TrainSpec(_message.Message):
     "mse" or an import path (mpcdp.train.declared).
     """
     fingerprint: _builtins.str
+    model_options: _builtins.str
+    """The options the coordinator set for the model's factory, as canonical JSON (sorted keys,
+    no spaces); "" for none. A site allows only those its party.toml lets a coordinator
+    choose (model_choices), within their declared ranges.
+    """
     @_builtins.property
     def parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """site ids in index order"""
@@ -692,10 +698,11 @@ class TrainSpec(_message.Message):
         loss: _builtins.str = ...,
         architecture: _abc.Iterable[_builtins.str] | None = ...,
         fingerprint: _builtins.str = ...,
+        model_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "audit_canaries", b"audit_canaries", "audit_kind", b"audit_kind", "bias_only", b"bias_only", "clipping", b"clipping", "colluders", b"colluders", "dataset", b"dataset", "fingerprint", b"fingerprint", "loss", b"loss", "max_grad_norm", b"max_grad_norm", "model", b"model", "mu", b"mu", "num_params", b"num_params", "parties", b"parties", "ring_bits", b"ring_bits", "run_id", b"run_id", "sample_rate", b"sample_rate", "scale_bits", b"scale_bits", "start_step", b"start_step", "steps", b"steps", "steps_per_charge", b"steps_per_charge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "audit_canaries", b"audit_canaries", "audit_kind", b"audit_kind", "bias_only", b"bias_only", "clipping", b"clipping", "colluders", b"colluders", "dataset", b"dataset", "fingerprint", b"fingerprint", "loss", b"loss", "max_grad_norm", b"max_grad_norm", "model", b"model", "model_options", b"model_options", "mu", b"mu", "num_params", b"num_params", "parties", b"parties", "ring_bits", b"ring_bits", "run_id", b"run_id", "sample_rate", b"sample_rate", "scale_bits", b"scale_bits", "start_step", b"start_step", "steps", b"steps", "steps_per_charge", b"steps_per_charge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,8 +2,9 @@
 per-example loss and the collate function, imported by ``package.module:attribute`` paths
 (mpcdp.config.training_config reads them; this module imports and checks them, at node start).
 
-- ``model``: ``factory(name, **model_options)`` (``factory(name)`` without options) returns
-  the ``nn.Module`` for the run's model name; the run's name is the import path itself. The
+- ``model`` (or ``models``, several): ``factory(name, **model_options, **chosen)`` returns
+  the ``nn.Module`` for the run's model name, with the options the run's coordinator chose
+  within the site's ``model_choices``; the run's name is the import path itself. The
   coordinator imports the same path (``mpcdp train --model pkg.mod:factory``); no code
   crosses the wire, and every site checks the architecture's fingerprint at TrainOpen.
 - ``data``: ``make(**data_options, **data_paths)`` (``data_paths`` resolved against
@@ -115,17 +116,18 @@ def model_factory(
     python_path: Sequence[Path] = (),
     where: str,
 ) -> Callable[[str], nn.Module]:
-    """The factory at ``path`` as ``name -> nn.Module`` (called with ``options`` as keyword
-    arguments when there are any); a result that is not a Module, or a factory that
-    raises, is a ConfigError naming ``where`` and ``path``."""
+    """The factory at ``path`` as ``name, **chosen -> nn.Module`` (called with ``options``
+    and the options a coordinator ``chosen`` as keyword arguments when there are any); a
+    result that is not a Module, or a factory that raises, is a ConfigError naming
+    ``where`` and ``path``."""
     factory = import_object(path, python_path=python_path, where=where)
     if not callable(factory):
         raise ConfigError(f"{where} = {path!r}: {type(factory).__name__} is not callable")
     kwargs = dict(options)
 
-    def build(name: str) -> nn.Module:
+    def build(name: str, **chosen: Any) -> nn.Module:
         try:
-            model = factory(name, **kwargs)
+            model = factory(name, **kwargs, **chosen)
         except Exception as exc:
             raise ConfigError(
                 f"{where} = {path!r}: the factory raised {type(exc).__name__}: {exc}"

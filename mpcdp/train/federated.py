@@ -40,6 +40,7 @@ from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import ring
 from mpcdp.protocol.training import TrainingClient, TrainSpec
+from mpcdp.protocol.training.train_spec import encode_model_options
 from mpcdp.protocol.training.roster import RosterChange, RosterExhausted, TrainingRoster
 from mpcdp.train.audit_run import (
     AuditPreflight,
@@ -365,10 +366,14 @@ def train(
     t0 = time.perf_counter()
     revealed: dict[str, NDArray[np.bool_]] = {}
     scorer = None
-    spec = with_declared_model(
-        plan.spec(run_id=run, start_step=start, steps=max(plan.steps - start, 1)),
-        factory=model_factory,
-        loss=loss,
+    spec = replace(
+        with_declared_model(
+            plan.spec(run_id=run, start_step=start, steps=max(plan.steps - start, 1)),
+            factory=model_factory,
+            loss=loss,
+        ),
+        # the sites check each option against what their party.toml lets a coordinator set
+        model_options=encode_model_options(model_options),
     )
     if plan.audit_kind == "white-box" and start < end:
         scorer = white_box_scorer(spec=spec)

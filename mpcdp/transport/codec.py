@@ -88,6 +88,7 @@ LIMITS: dict[str, int] = {
     "key": 256,
     "weights": 256,
     "plan_digest": 64,
+    "model_options": 4096,  # mpcdp.protocol.training.train_spec.MAX_MODEL_OPTIONS
 }
 
 
@@ -355,6 +356,7 @@ _TRAIN_FIELDS = (
     "audit_kind",
     "loss",
     "fingerprint",
+    "model_options",
 )
 
 
@@ -366,7 +368,16 @@ def train_spec_to_pb(spec: TrainSpec) -> pb.TrainSpec:
 
 
 def train_spec_from_pb(msg: pb.TrainSpec) -> TrainSpec:
-    for name in ("run_id", "dataset", "model", "clipping", "audit_kind", "loss", "fingerprint"):
+    for name in (
+        "run_id",
+        "dataset",
+        "model",
+        "clipping",
+        "audit_kind",
+        "loss",
+        "fingerprint",
+        "model_options",
+    ):
         _cap(name, getattr(msg, name))
     _cap_list("parties", "party", msg.parties)
     _cap_list("architecture", "architecture_entry", msg.architecture)

@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -70,6 +72,10 @@ class TrainSpec:
     #: then checks the trainable parameter count only)
     architecture: tuple[str, ...] = ()
     fingerprint: str = ""
+    #: the options the coordinator set for the model's factory, as canonical JSON (sorted
+    #: keys, no spaces; :func:`encode_model_options`); "" for none. A site allows only the
+    #: options its party.toml lets a coordinator choose, within their declared ranges.
+    model_options: str = ""
 
     def __post_init__(self) -> None:
         for name in ("run_id", "dataset", "model"):
@@ -100,6 +106,7 @@ class TrainSpec:
             raise ParameterError("loss", self.loss, "must be 1..128 characters")
         object.__setattr__(self, "architecture", tuple(self.architecture))
         check_entries(self.architecture, self.fingerprint)
+        decode_model_options(self.model_options)  # strict: canonical JSON of plain values
         if self.ring_bits not in (32, 64):
             raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
         _int(self.audit_canaries, "audit_canaries", 0, MAX_CANARIES)
@@ -122,6 +129,10 @@ class TrainSpec:
                 f"distinct coordinates; the model has {self.num_params} trainable parameters",
             )
 
+    def options(self) -> dict[str, str | int | float | bool]:
+        """The coordinator's model options (see ``model_options``)."""
+        return decode_model_options(self.model_options)
+
     @property
     def honest(self) -> int:
         return len(self.parties) - self.colluders
@@ -138,6 +149,55 @@ class TrainSpec:
             raise ParameterError(
                 "parties", list(self.parties), f"does not include {party!r}"
             ) from None
+
+
+#: the most characters of a spec's model options, and of one string value
+MAX_MODEL_OPTIONS = 4096
+_MAX_OPTION_TEXT = 256
+_OPTION_NAME = re.compile(r"[A-Za-z_]\w{0,63}", re.ASCII)
+
+
+def encode_model_options(options: Mapping[str, Any] | None) -> str:
+    """Model options as a spec carries them: canonical JSON ("" when there are none).
+    ParameterError naming ``model_options`` for a name that is not a keyword argument or a
+    value that is not a string, a finite number or a boolean."""
+    if not options:
+        return ""
+    for name, value in options.items():
+        if not isinstance(name, str) or not _OPTION_NAME.fullmatch(name):
+            raise ParameterError("model_options", name, "each name must be a keyword argument")
+        if not (
+            isinstance(value, bool | int | str)
+            or (isinstance(value, float) and math.isfinite(value))
+        ) or (isinstance(value, str) and len(value) > _MAX_OPTION_TEXT):
+            raise ParameterError(
+                f"model_options.{name}",
+                value,
+                f"must be a string (at most {_MAX_OPTION_TEXT} characters), a finite number or "
+                "a boolean",
+            )
+    text = json.dumps(dict(options), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > MAX_MODEL_OPTIONS:
+        raise ParameterError("model_options", f"{len(text)} characters", "must be at most 4096")
+    return text
+
+
+def decode_model_options(text: str) -> dict[str, str | int | float | bool]:
+    """The options of a spec's ``model_options``: strict (canonical JSON of an object of
+    plain values, exactly as :func:`encode_model_options` writes it), else ParameterError."""
+    if not isinstance(text, str):
+        raise ParameterError("model_options", text, "must be a string")
+    if text == "":
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ParameterError("model_options", text[:80], "is not JSON") from None
+    if not isinstance(obj, dict) or not obj:
+        raise ParameterError("model_options", text[:80], "must be a JSON object of options")
+    if encode_model_options(obj) != text:
+        raise ParameterError("model_options", text[:80], "is not in canonical form")
+    return obj
 
 
 def _int(v: object, name: str, lo: int, hi: int) -> None:
