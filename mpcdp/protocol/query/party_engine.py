@@ -49,9 +49,9 @@ from mpcdp.errors import (
     PolicyError,
     SessionError,
 )
-from mpcdp.mpc import encoding, ring, sharing
-from mpcdp.protocol import identity
-from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
+from mpcdp.mpc import ring, sharing
+from mpcdp.protocol import identity, pads
+from mpcdp.protocol.noise_pool import Builder, NoisePool
 from mpcdp.protocol.query.local_statistic import (
     EngineTable,
     add_local_words,
@@ -122,17 +122,11 @@ def noisy_builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
         noisy = np.empty(release.length, dtype=dtype)
         offset = 0
         for t in release.tensors:
-
-            def fill(
-                a: int, b: int, gen: np.random.Generator, off: int = offset, t: Any = t
-            ) -> None:
-                share = t.mechanism.share(size=b - a, honest=spec.honest, rng=gen)
-                noisy[off + a : off + b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
-
             # i.i.d. coordinates: any slicing gives the same law
-            fill_in_slices(
-                size=t.length, slice_size=_NOISE_SLICE, rng=rng, fill=fill, workers=workers
-            )
+            pads.fill_noise(
+                noisy[offset : offset + t.length], noise=t.mechanism, honest=spec.honest,
+                rng=rng, workers=workers, slice_size=_NOISE_SLICE,
+            )  # fmt: skip
             offset += t.length
         if isinstance(data, Vector):
             add_local_words(release, data, noisy, salt=b"")

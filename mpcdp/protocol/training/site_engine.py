@@ -36,9 +36,9 @@ from mpcdp.errors import (
     ProtocolError,
     SessionError,
 )
-from mpcdp.mpc import encoding, ring, sharing
-from mpcdp.protocol import identity
-from mpcdp.protocol.noise_pool import Builder, NoisePool, fill_in_slices
+from mpcdp.mpc import encoding
+from mpcdp.protocol import identity, pads
+from mpcdp.protocol.noise_pool import Builder, NoisePool
 from mpcdp.protocol.session import (
     Contribution,
     PartyIdentity,
@@ -50,7 +50,6 @@ from mpcdp.protocol.session import (
 from mpcdp.protocol.training.fingerprint import check_architecture
 from mpcdp.protocol.training.source import GradientSource, TrainingTask
 from mpcdp.protocol.training.train_spec import (
-    NOISE_SLICE,
     TrainSpec,
     digest,
     max_batch_size,
@@ -547,24 +546,14 @@ class TrainingEngine(SessionHost):
                     l2_sensitivity=noise.l2_sensitivity,
                 )
             )
-        dtype = ring.dtype_for(spec.ring_bits).newbyteorder("=")
-        size = spec.num_params
 
         def build(rng: np.random.Generator, workers: Executor) -> np.ndarray:
-            pad = np.empty(size, dtype=dtype)
-
-            def fill(a: int, b: int, gen: np.random.Generator) -> None:
-                if noise is None:
-                    pad[a:b] = 0
-                    return
-                share = noise.share(size=b - a, honest=spec.honest, rng=gen)
-                pad[a:b] = encoding.to_ring(share, ring_bits=spec.ring_bits)
-
-            # in parallel slices: matters for 10^7-parameter models
-            fill_in_slices(size=size, slice_size=NOISE_SLICE, rng=rng, fill=fill, workers=workers)
-            sharing.MaskStream(
-                party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, ring_bits=spec.ring_bits
-            ).apply(pad)
+            # noise share + masks in one pass, slice by slice on the pool's workers
+            pad: np.ndarray = pads.build_pad(
+                size=spec.num_params, ring_bits=spec.ring_bits, noise=noise, honest=spec.honest,
+                party=me, pair_keys=pair_keys, round_id=step, tensor_id=0, rng=rng,
+                workers=workers,
+            )  # fmt: skip
             return pad
 
         return build

@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 
 CLIPPING_MODES = ("flat", "automatic")
 _SPEC_LABEL = b"mpcdp train spec v1\n"
-#: noise is drawn in slices of this many coordinates, in parallel (64K: the Poisson
-#: sampler's temporaries stay in cache; 1M slices took 1.7x as long)
-NOISE_SLICE = 1 << 16
 #: the largest scale C * 2^k ever used
 _MAX_SCALE = float(1 << 24)
 #: the scale is chosen so that rounding adds at most this to Delta_2: sqrt(d) / (C 2^k)
