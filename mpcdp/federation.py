@@ -207,6 +207,50 @@ class Federation:
             **options,
         )
 
+    def dry_run(
+        self,
+        *,
+        dataset: str,
+        model: str,
+        data: tuple[Any, Any] | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> TrainingResult:
+        """Try a training configuration without asking any site or spending any budget
+        (mpcdp.train.dry_run): the plan of the real run (from the sites' public example
+        counts), the same coordinator loop and update, and simulated sites holding ``data``
+        (the coordinator's own public examples (x, y)) or, when None, synthetic examples of
+        the sites' declared feature shape and classes. ``options`` are ``train``'s."""
+        import numpy as np
+
+        from mpcdp.mpc.rng import csprng
+        from mpcdp.train.dry_run import dry_run, synthetic_data
+
+        examples = self.examples(dataset)
+        options.setdefault("colluders", self.config.colluders)
+        if data is None:
+            shapes = {
+                (tuple(d.feature_shape), int(d.num_classes))
+                for resp in self.describe().values()
+                for d in resp.datasets
+                if d.name == dataset
+            }
+            if len(shapes) != 1:
+                raise ParameterError(
+                    "dataset", dataset, f"sites declare different shapes/classes: {shapes}"
+                )
+            shape, classes = shapes.pop()
+            data = synthetic_data(
+                feature_shape=shape,
+                num_classes=classes,
+                count=max(sum(examples.values()), 2 * classes),
+                rng=csprng(),
+            )
+            options.setdefault("eval_data", (np.asarray(data[0]), np.asarray(data[1])))
+        return dry_run(
+            data=data, examples=examples, model=model, dataset=dataset, seed=seed, **options
+        )
+
     def _public(
         self,
         dataset: str,

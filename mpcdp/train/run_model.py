@@ -25,10 +25,12 @@ from mpcdp.train.architecture import describe_factory
 from mpcdp.train.declared import import_object, resolve_loss
 from mpcdp.train.declared import model_factory as import_factory
 
-__all__ = ["evaluate_any", "model_factory_for", "with_declared_model"]
+__all__ = ["evaluate_any", "model_factory_for", "python_folders", "with_declared_model"]
 
 
-def _folders(python_path: str | Path | Sequence[str | Path]) -> tuple[Path, ...]:
+def python_folders(python_path: str | Path | Sequence[str | Path]) -> tuple[Path, ...]:
+    """``python_path`` (one folder or several) as absolute folders; ParameterError naming
+    ``python_path`` for one that is not a folder."""
     items = [python_path] if isinstance(python_path, str | Path) else list(python_path)
     out = []
     for p in items:
@@ -55,7 +57,7 @@ def model_factory_for(
     return import_factory(
         model,
         options=tuple(sorted((model_options or {}).items())),
-        python_path=_folders(python_path),
+        python_path=python_folders(python_path),
         where="model",
     )
 
@@ -85,7 +87,7 @@ def evaluate_any(
     """(accuracy or None, mean per-example loss) of ``model`` on ``data``: arrays (x, y) or
     a map-style Dataset of (x, y) items. Accuracy is argmax accuracy, for cross-entropy
     only."""
-    loss_fn = resolve_loss(loss, python_path=_folders(python_path), where="loss")
+    loss_fn = resolve_loss(loss, python_path=python_folders(python_path), where="loss")
     device = next(model.parameters()).device
     if isinstance(data, tuple):
         x, y = np.asarray(data[0]), np.asarray(data[1])
@@ -128,7 +130,7 @@ def evaluate_metric(
 ) -> float:
     """The user's metric (``pkg.module:fn``, called once as ``fn(outputs, targets)`` on the
     whole evaluation set, returning a number) of ``model`` on ``data``."""
-    fn = import_object(metric, python_path=_folders(python_path), where="metric")
+    fn = import_object(metric, python_path=python_folders(python_path), where="metric")
     if not callable(fn):
         raise ParameterError("metric", metric, f"{type(fn).__name__} is not callable")
     device = next(model.parameters()).device

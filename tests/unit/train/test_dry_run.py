@@ -1,0 +1,110 @@
+"""The dry run: the real coordinator loop and plan over simulated sites on the coordinator's
+own data, nothing asked of any site and nothing charged; it shows a learning rate that
+diverges before any budget is spent."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from mpcdp.errors import ParameterError
+from mpcdp.federation import Federation
+from mpcdp.train.dry_run import dry_run, synthetic_data
+from mpcdp.train.planning import plan_training
+from tests.conftest import PARTIES, build_net
+from tests.training_support import MODEL, NUM_PARAMS, example_data, examples_toml
+
+SITES = {"alice": 40, "bob": 40, "carlos": 40}
+PUBLIC = (
+    np.concatenate([example_data(i)[0] for i in range(3)]),
+    np.concatenate([example_data(i)[1] for i in range(3)]),
+)
+EVAL = example_data(7, n=90)
+OPTIONS = {"target_epsilon": 8.0, "target_delta": 1e-5, "epochs": 4, "batch_size": 16}
+
+
+def test_a_dry_run_follows_the_real_runs_plan_and_learns() -> None:
+    result = dry_run(
+        data=PUBLIC, examples=SITES, model=MODEL, eval_data=EVAL, learning_rate=0.05, seed=1,
+        **OPTIONS,
+    )  # fmt: skip
+    real = plan_training(
+        dataset="ex", model=MODEL, parties=tuple(SITES), examples=list(SITES.values()),
+        num_params=NUM_PARAMS, target_epsilon=8.0, target_delta=1e-5, epochs=4, batch_size=16,
+        max_grad_norm=1.0, colluders=1,
+    )  # fmt: skip
+    assert result.plan.mu == real.mu and result.plan.steps == real.steps
+    assert result.plan.sample_rate == real.sample_rate
+    assert result.steps_done == real.steps
+    assert result.final_accuracy is not None and result.final_accuracy > 0.6  # chance: 1/3
+
+
+def test_a_diverging_learning_rate_shows_before_any_budget_is_spent() -> None:
+    good = dry_run(
+        data=PUBLIC, examples=SITES, model=MODEL, eval_data=EVAL, learning_rate=0.05, seed=2,
+        **OPTIONS,
+    )  # fmt: skip
+    bad = dry_run(
+        data=PUBLIC, examples=SITES, model=MODEL, eval_data=EVAL, learning_rate=200.0, seed=2,
+        **OPTIONS,
+    )  # fmt: skip
+    assert good.history[-1].test_loss is not None and bad.history[-1].test_loss is not None
+    worse = bad.history[-1].test_loss
+    assert math.isnan(worse) or worse > 5 * good.history[-1].test_loss
+
+
+def test_synthetic_data_of_the_sites_shape_is_learnable() -> None:
+    rng = np.random.default_rng(3)
+    x, y = synthetic_data(feature_shape=(8,), num_classes=3, count=300, rng=rng)
+    assert x.shape == (300, 8) and x.dtype == np.float32 and set(np.unique(y)) <= {0, 1, 2}
+    tokens, _ = synthetic_data(
+        feature_shape=(5,), num_classes=2, count=4, rng=rng, integer_features=50
+    )
+    assert tokens.dtype == np.int64 and tokens.max() < 50
+    result = dry_run(
+        data=(x, y), examples=SITES, model=MODEL, eval_data=(x[:90], y[:90]),
+        learning_rate=0.05, seed=4, **OPTIONS,
+    )  # fmt: skip
+    assert result.final_accuracy is not None and result.final_accuracy > 0.5
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"examples": {"a": 0}}, "examples"),
+        ({"data": (np.zeros((3, 8)), np.zeros(2))}, "data"),
+        ({"checkpoint": "run.pt"}, "checkpoint"),
+        ({"audit_canaries": 10}, "audit_canaries"),
+    ],
+)
+def test_bad_input_is_named(kw: dict[str, object], name: str) -> None:
+    args: dict[str, object] = {"data": PUBLIC, "examples": SITES, "model": MODEL, **OPTIONS}
+    args.update(kw)
+    with pytest.raises(ParameterError) as err:
+        dry_run(**args)  # type: ignore[arg-type]
+    assert err.value.name == name  # type: ignore[attr-defined]
+    with pytest.raises(ParameterError, match="num_classes"):
+        synthetic_data(feature_shape=(2,), num_classes=1, count=3, rng=np.random.default_rng(0))
+
+
+def test_a_federation_s_dry_run_asks_no_site_to_train_and_charges_nothing(tmp_path: Path) -> None:
+    """From the analyst's API: the sites answer Describe (public counts, shape, classes)
+    only; synthetic data of their shape stand in for theirs; no session is opened at any
+    site and every ledger is untouched."""
+    net = build_net(tmp_path, extra=examples_toml(tmp_path))
+    try:
+        with Federation.from_config(net.federation) as fed:
+            result = fed.dry_run(dataset="ex", model=MODEL, learning_rate=0.05, seed=5, **OPTIONS)
+        assert result.plan.parties == PARTIES and result.plan.examples == (40, 40, 40)
+        assert result.final_accuracy is not None and result.final_accuracy > 0.5
+        for p in PARTIES:
+            node = net.nodes[p]
+            assert node.ledger.charges("ex") == []
+            assert node.training is not None and not node.training._sessions
+    finally:
+        net.stop()
