@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,12 @@ PUBLIC = (
     np.concatenate([example_data(i)[1] for i in range(3)]),
 )
 EVAL = example_data(7, n=90)
-OPTIONS = {"target_epsilon": 8.0, "target_delta": 1e-5, "epochs": 4, "batch_size": 16}
+OPTIONS: dict[str, Any] = {
+    "target_epsilon": 8.0,
+    "target_delta": 1e-5,
+    "epochs": 4,
+    "batch_size": 16,
+}
 
 
 def test_a_dry_run_follows_the_real_runs_plan_and_learns() -> None:
