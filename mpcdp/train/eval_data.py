@@ -50,8 +50,9 @@ def evaluate(
 EVAL_CHECK_ITEMS = 8
 
 
-def _eval_refusal(why: str) -> ParameterError:
-    return ParameterError("eval_data", "the evaluation data", f"{why}; nothing was charged")
+def _eval_refusal(why: str, name: str = "eval_data") -> ParameterError:
+    what = "the evaluation data" if name == "eval_data" else "the public data"
+    return ParameterError(name, what, f"{why}; nothing was charged")
 
 
 def _runs_on(net: torch.nn.Module, x: NDArray[Any]) -> Exception | None:
@@ -75,36 +76,42 @@ def checked_eval_data(
     loss: str,
     python_path: str | Path | Sequence[str | Path] = (),
     feature_shape: tuple[int, ...] = (),
+    name: str = "eval_data",
 ) -> Arrays | Dataset[Any]:
     """The evaluation data, checked the way every epoch will use it, before any site is asked:
     the model runs on its first :data:`EVAL_CHECK_ITEMS` examples at the coordinator and the
     loss on that output, and for cross-entropy every label is a class of the model's output.
     Arrays keep integer features (token ids) as int64 for a model that takes them, and turn
     them into float32 for one that does not (integer pixel values), as the sites do with an
-    .npz. ParameterError naming ``eval_data`` and the problem otherwise."""
+    .npz. ParameterError naming ``eval_data`` (or ``name``: the warm start's public data are
+    checked the same way) and the problem otherwise."""
+
+    def _refusal(why: str) -> ParameterError:
+        return _eval_refusal(why, name)
+
     sites = f" (the sites' examples have shape {feature_shape})" if feature_shape else ""
     if not isinstance(data, tuple):
         try:
             size = len(data)  # type: ignore[arg-type]
         except TypeError:
-            raise _eval_refusal(
+            raise _refusal(
                 f"{type(data).__name__} is not a map-style Dataset (no __len__)"
             ) from None
         if size == 0:
-            raise _eval_refusal("the Dataset is empty")
+            raise _refusal("the Dataset is empty")
         head: Arrays | Dataset[Any] = torch.utils.data.Subset(
             data, range(min(EVAL_CHECK_ITEMS, size))
         )
     else:
         x, y = np.asarray(data[0]), np.asarray(data[1])
         if x.ndim < 1 or y.ndim < 1 or len(x) != len(y) or len(x) == 0:
-            raise _eval_refusal(
+            raise _refusal(
                 f"x {x.shape} and y {y.shape} must hold the same number (> 0) of examples"
             )
         if x.dtype.kind not in "fiu":
-            raise _eval_refusal(f"x must be numbers, got dtype {x.dtype}")
+            raise _refusal(f"x must be numbers, got dtype {x.dtype}")
         if loss == "cross_entropy" and y.dtype.kind not in "iu":
-            raise _eval_refusal(f"y must be integer labels for cross_entropy, got dtype {y.dtype}")
+            raise _refusal(f"y must be integer labels for cross_entropy, got dtype {y.dtype}")
         k = min(EVAL_CHECK_ITEMS, len(x))
         if x.dtype.kind in "iu":
             x = x.astype(np.int64)
@@ -114,7 +121,7 @@ def checked_eval_data(
             x = x.astype(np.float32)
         failed = _runs_on(net, x[:k])
         if failed is not None:
-            raise _eval_refusal(
+            raise _refusal(
                 f"the model cannot run on its first {k} examples (x of shape "
                 f"{tuple(x.shape[1:])}, {x.dtype}){sites}: {type(failed).__name__}: "
                 f"{str(failed)[:300]}"
@@ -129,13 +136,13 @@ def checked_eval_data(
                 net.train(was)
             classes = int(out.shape[1]) if out.ndim == 2 else 0
             if classes < 2:
-                raise _eval_refusal(
+                raise _refusal(
                     f"cross_entropy needs the model's output to be (N, classes), got "
                     f"{tuple(out.shape)}"
                 )
             bad = np.flatnonzero((y < 0) | (y >= classes))
             if bad.size:
-                raise _eval_refusal(
+                raise _refusal(
                     f"example {int(bad[0])} has label {int(y[bad[0]])}, outside the model's "
                     f"{classes} classes [0, {classes})"
                 )
@@ -146,7 +153,7 @@ def checked_eval_data(
     except ParameterError:
         raise
     except Exception as exc:  # the user's model, loss or Dataset: any failure is refused
-        raise _eval_refusal(
+        raise _refusal(
             f"evaluating the model on its first examples{sites} failed: "
             f"{type(exc).__name__}: {str(exc)[:300]}"
         ) from None

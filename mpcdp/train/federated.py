@@ -40,8 +40,8 @@ from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import ring
 from mpcdp.protocol.training import TrainingClient, TrainSpec
-from mpcdp.protocol.training.train_spec import encode_model_options
 from mpcdp.protocol.training.roster import RosterChange, RosterExhausted, TrainingRoster
+from mpcdp.protocol.training.train_spec import encode_model_options
 from mpcdp.train.audit_run import (
     AuditPreflight,
     black_box_scores,
@@ -134,7 +134,7 @@ def pretrain_public(
 ) -> None:
     """Non-private SGD (momentum 0.9) on public examples: the warm start. Every parameter
     trains here, also those a bias-only DP phase keeps frozen afterwards."""
-    x = torch.as_tensor(np.asarray(data[0], dtype=np.float32))
+    x = _features(data[0])
     y = torch.as_tensor(np.asarray(data[1], dtype=np.int64))
     params = list(model.parameters())
     frozen = [p.requires_grad for p in params]
@@ -154,6 +154,13 @@ def pretrain_public(
         for p, flag in zip(params, frozen, strict=True):
             p.requires_grad_(flag)
             p.grad = None
+
+
+def _features(x: NDArray[Any]) -> torch.Tensor:
+    """Features as the model takes them: integer ones (token ids) stay int64, the others
+    become float32 (checked_eval_data has chosen which the model runs on)."""
+    a = np.asarray(x)
+    return torch.as_tensor(a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32))
 
 
 def _make_optimizer(
@@ -322,6 +329,12 @@ def train(
         eval_data = checked_eval_data(
             net, eval_data, loss=loss, python_path=python_path, feature_shape=feature_shape
         )
+    if public_data is not None:  # checked the same way, before the warm start
+        checked = checked_eval_data(
+            net, public_data, loss=loss, python_path=python_path, name="public_data"
+        )
+        assert isinstance(checked, tuple)  # arrays in, arrays out
+        public_data = checked
     if metric:  # a bad path or value fails now, before any site is asked or charged
         if eval_data is None:
             raise ParameterError("metric", metric, "needs eval_data to be computed on")
@@ -359,7 +372,7 @@ def train(
     mix: tuple[torch.Tensor, torch.Tensor] | None = None
     if public_data is not None and public_mixing > 0:
         mix = (
-            torch.as_tensor(np.asarray(public_data[0], dtype=np.float32)),
+            _features(public_data[0]),
             torch.as_tensor(np.asarray(public_data[1], dtype=np.int64)),
         )
     end = plan.steps if stop_after is None else min(plan.steps, start + stop_after)

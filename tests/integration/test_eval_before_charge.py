@@ -222,3 +222,28 @@ def test_an_eval_dataset_is_checked_on_its_first_items() -> None:
         with pytest.raises(ParameterError, match="eval_data") as exc:
             checked_eval_data(net, data, loss="cross_entropy")  # type: ignore[arg-type]
         assert problem in str(exc.value)
+
+
+def test_an_embedding_model_warm_starts_on_int_public_data(net: Net) -> None:
+    """Public token ids stay int64 for the warm start and the public mixing (they were cast
+    to floats and the Embedding failed); public data the model cannot run on is refused
+    naming public_data, before any site is asked."""
+    rng = np.random.default_rng(11)
+    y = np.arange(60) % 3
+    x = (rng.integers(0, 6, size=(60, 6)) + 6 * y[:, None]).astype(np.int64)
+    with Federation.from_config(net.federation) as fed:
+        result = fed.train(
+            dataset="tok", model="tokmod:make", python_path=net.root / "code",
+            target_epsilon=8.0, target_delta=1e-5, epochs=1, batch_size=12,
+            public_data=(x, y), public_epochs=5, public_learning_rate=0.1, eval_data=(x, y),
+        )  # fmt: skip
+        assert result.public_accuracy is not None and result.public_accuracy > 0.6
+        before = _ledgers(net)
+        with pytest.raises(ParameterError) as err:
+            fed.train(
+                dataset="tok", model="tokmod:make", python_path=net.root / "code",
+                target_epsilon=8.0, target_delta=1e-5, epochs=1, batch_size=12,
+                public_data=(x[:, :2].astype(np.float32), y), public_epochs=1,
+            )  # fmt: skip
+        assert err.value.name == "public_data"  # type: ignore[attr-defined]
+        assert _ledgers(net) == before
