@@ -174,6 +174,13 @@ def train(
         help="Seconds the run waits, paused, for enough sites to answer again before it "
         "stops (the checkpoint keeps every step done; default 300).",
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Try the configuration first: the real plan and loop over simulated sites "
+        "holding --public examples (else synthetic ones of the sites' shape); no site "
+        "trains and nothing is charged.",
+    ),
 ) -> None:
     """Train a model on every site's examples with federated DP-SGD.
 
@@ -181,6 +188,14 @@ def train(
     gradient sums; the noise is calibrated for the target epsilon by the accountant."""
     _check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
     _check_names(model=model, loss=loss)
+    if dry_run:
+        for flag, given in (
+            ("--audit-canaries", audit_canaries),
+            ("--checkpoint", checkpoint),
+            ("--save-model", save_model),
+        ):
+            if given:
+                raise typer.BadParameter(f"{given} is not taken by --dry-run", param_hint=flag)
     options = model_options(model_option)
     for name, value in (
         ("--target-epsilon", target_epsilon),
@@ -270,6 +285,28 @@ def train(
                         delta=audit_delta,
                         confidence=audit_confidence,
                     )
+                if dry_run:
+                    result = fed.dry_run(
+                        **run.options(),
+                        data=pub,
+                        learning_rate=learning_rate,
+                        optimizer=optimizer,
+                        eval_data=ev,
+                        loss=loss,
+                        metric=metric,
+                        seed=seed,
+                        on_step=on_step,
+                        on_epoch=on_epoch,
+                    )
+                    typer.echo(
+                        f"dry run done: {result.steps_done} steps over {len(result.plan.parties)}"
+                        " simulated sites on "
+                        + ("the --public examples" if pub is not None else "synthetic examples")
+                        + "; no site trained and nothing was charged"
+                    )
+                    if metrics is not None or plot is not None:
+                        write_metrics(result, json_path=metrics, plot_path=plot, metric_name=metric)
+                    return
                 result = fed.train(
                     **run.options(),
                     learning_rate=learning_rate,

@@ -114,3 +114,26 @@ def test_a_federation_s_dry_run_asks_no_site_to_train_and_charges_nothing(tmp_pa
             assert node.training is not None and not node.training._sessions
     finally:
         net.stop()
+
+
+def test_mpcdp_train_dry_run_from_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mpcdp.cli.app import app
+
+    net = build_net(tmp_path, extra=examples_toml(tmp_path))
+    try:
+        base = [
+            "train", "--federation", str(net.federation), "--dataset", "ex", "--model", MODEL,
+            "--epochs", "2", "--batch-size", "12", "--lr", "0.05", "--dry-run", "--seed", "3",
+        ]  # fmt: skip
+        out = CliRunner().invoke(app, base)
+        assert out.exit_code == 0, out.output
+        assert "dry run done" in out.stdout and "nothing was charged" in out.stdout
+        assert "epoch   2" in out.stdout
+        bad = CliRunner().invoke(app, [*base, "--checkpoint", str(tmp_path / "c.pt")])
+        assert bad.exit_code == 2 and "--checkpoint" in bad.output
+        for p in PARTIES:
+            assert net.nodes[p].ledger.charges("ex") == []
+    finally:
+        net.stop()
