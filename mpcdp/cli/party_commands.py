@@ -30,7 +30,8 @@ def serve(
     with a message that says how to restore it (it is never silently started over).
 
     Under torchrun (WORLD_SIZE > 1), rank 0 is the party node and the other ranks train its
-    steps with it: `torchrun --nproc-per-node 2 -m mpcdp party serve --config party.toml`."""
+    steps with it: `torchrun --nproc-per-node 2 --max-restarts 3 -m mpcdp party serve --config
+    party.toml` (torchrun then restarts every rank when one fails)."""
     from mpcdp.party import node
 
     def ready(party: node.PartyNode) -> None:
@@ -41,6 +42,12 @@ def serve(
         for name, problem in party.dataset_states().items():
             state = "ok" if problem is None else "UNAVAILABLE (see the log above)"
             typer.echo(f"  dataset {name}: {state}")
+        ranks = node.torchrun_rank()
+        if ranks is not None:
+            typer.echo(
+                f"  training on {ranks[1]} ranks: this process is rank 0 (the party node), "
+                f"ranks 1-{ranks[1] - 1} are its workers"
+            )
 
     try:
         if node.torchrun_rank() is not None:  # a site on several ranks (torchrun)

@@ -135,7 +135,9 @@ class RankGroup:
             if self._broken is not None:
                 raise RankFailure(
                     f"this site's worker ranks failed earlier ({self._broken}); restart the "
-                    "site (torchrun --max-restarts restarts every rank)"
+                    "site (torchrun --max-restarts restarts every rank); a training run "
+                    "takes it back when it answers again, or resumes from its checkpoint "
+                    "when rerun"
                 )
             try:
                 return run()
@@ -144,7 +146,9 @@ class RankGroup:
                 log.error("worker ranks failed during %s: %s", what, exc)
                 raise RankFailure(
                     f"a worker rank of this site failed or did not answer within "
-                    f"{self.timeout_s:g} s during {what}; the step is refused"
+                    f"{self.timeout_s:g} s during {what}; the step is refused (nothing of it "
+                    "left this site) and the run goes on without this site until its ranks "
+                    "are restarted; rerunning the training command resumes from its checkpoint"
                 ) from exc
 
     def open(self, *, key: str, description: dict[str, Any]) -> None:
