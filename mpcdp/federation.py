@@ -12,6 +12,12 @@ reason of their own), the query is re-run without them as long as federation.tom
 docs/queries.md, "When a party fails"); the result's ``parties`` are those that contributed
 and ``dropped`` says who was left out and why. A query that cannot be answered raises
 :class:`~mpcdp.errors.RoundAborted` and reveals nothing.
+
+``warm_queries=True`` (off by default) runs a query in one round trip when the parties have
+pre-published keys for this federation (fetched in the background after a query): the
+Propose round trip and the liveness check are gone, at the price that a party that refuses
+or fails in such a round leaves the others' charges standing (docs/queries.md, "Warm queries
+in one round trip").
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from mpcdp.protocol.query.query_spec import (
 from mpcdp.protocol.query.round_coordinator import (
     FAILURES,
     Observer,
+    WarmKeys,
     check_roster,
     run_query,
 )
@@ -60,8 +67,13 @@ DEFAULT_DELTA = 1e-6
 class Federation:
     """The parties of one federation, reached over mTLS gRPC."""
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, *, warm_queries: bool = False) -> None:
+        """``warm_queries``: answer queries in one round trip on pre-published keys when
+        the parties have given some (module docstring)."""
+        if not isinstance(warm_queries, bool):
+            raise ParameterError("warm_queries", warm_queries, "must be True or False")
         self.config = config
+        self._prekeys = WarmKeys() if warm_queries else None
         self._creds = tls.load_credentials(config.tls)
         self._pool = ThreadPoolExecutor(
             max_workers=len(config.parties), thread_name_prefix="federation"
@@ -74,8 +86,8 @@ class Federation:
         ]
 
     @classmethod
-    def from_config(cls, path: str | Path) -> Federation:
-        return cls(load_federation_config(path))
+    def from_config(cls, path: str | Path, *, warm_queries: bool = False) -> Federation:
+        return cls(load_federation_config(path), warm_queries=warm_queries)
 
     @property
     def parties(self) -> tuple[str, ...]:
@@ -385,6 +397,7 @@ class Federation:
             left_out=left_out,
             observe=observe,
             executor=self._pool,
+            prekeys=self._prekeys,
         )
         spec, release = outcome.spec, outcome.plan
         released = [outcome.tensors[t.name] for t in release.tensors]
@@ -480,6 +493,7 @@ class Federation:
                 left_out=left_out,
                 observe=observe,
                 executor=self._pool,
+                prekeys=self._prekeys,
             )
         )
 

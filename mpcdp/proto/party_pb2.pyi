@@ -5,7 +5,8 @@ mpcdp wire format, protocol version 1.
 
 One round (DESIGN.md, "Round protocol"): the coordinator calls Propose on every party,
 then Contribute on every party with all the signed ephemeral keys, and sums what the
-parties stream back. Every message carries `version`; a receiver refuses any other value.
+parties stream back. A warm round (docs/queries.md, "Warm queries in one round trip") is
+one Contribute per party, carrying the spec and every party's pre-published key (Prekeys). Every message carries `version`; a receiver refuses any other value.
 Vectors travel as raw little-endian words (uint64, or uint32 when the query's ring_bits is
 32) in `data` chunks (default 4 MiB).
 """
@@ -275,6 +276,8 @@ class ContributeRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    PREKEYS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     session_id: _builtins.bytes
     chunk_bytes: _builtins.int
@@ -283,6 +286,15 @@ class ContributeRequest(_message.Message):
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProposeResponse]:
         """every party's signed key, relayed unchanged"""
 
+    @_builtins.property
+    def spec(self) -> Global___QuerySpec:
+        """A warm round (no Propose): the query, and every party's pre-published key for this
+        round (one batch, one index), relayed unchanged; `keys` is then empty. The party checks
+        the spec as Propose does and reserves before anything leaves; a key serves one round.
+        """
+
+    @_builtins.property
+    def prekeys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prekey]: ...
     def __init__(
         self,
         *,
@@ -290,14 +302,128 @@ class ContributeRequest(_message.Message):
         session_id: _builtins.bytes = ...,
         keys: _abc.Iterable[Global___ProposeResponse] | None = ...,
         chunk_bytes: _builtins.int = ...,
+        spec: Global___QuerySpec | None = ...,
+        prekeys: _abc.Iterable[Global___Prekey] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "keys", b"keys", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "keys", b"keys", "prekeys", b"prekeys", "session_id", b"session_id", "spec", b"spec", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContributeRequest: _TypeAlias = ContributeRequest  # noqa: Y015
+
+@_typing.final
+class PrekeysRequest(_message.Message):
+    """A batch of pre-published ephemeral keys for the caller's warm rounds. The batch id is
+    the coordinator's (fresh per batch; a party signs each batch id once); key i of the batch
+    is for the round the coordinator numbers i in it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    batch_id: _builtins.bytes
+    """16 random bytes"""
+    count: _builtins.int
+    """keys, 1 .. the party's limit (64 at most)"""
+    ttl_s: _builtins.int
+    """seconds each key stays usable (1 .. 3600)"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        batch_id: _builtins.bytes = ...,
+        count: _builtins.int = ...,
+        ttl_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "count", b"count", "ttl_s", b"ttl_s", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrekeysRequest: _TypeAlias = PrekeysRequest  # noqa: Y015
+
+@_typing.final
+class Prekey(_message.Message):
+    """One pre-published key, signed with the party's certificate key over PREKEY_LABEL ||
+    party_id || coordinator || batch_id || index || expires || public_key
+    (mpcdp.protocol.identity).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_ID_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    party_id: _builtins.str
+    coordinator: _builtins.str
+    """the only coordinator that may use it"""
+    batch_id: _builtins.bytes
+    index: _builtins.int
+    expires: _builtins.int
+    """Unix seconds"""
+    public_key: _builtins.bytes
+    """32-byte X25519 public key"""
+    signature: _builtins.bytes
+    """ECDSA P-256 / SHA-256, DER"""
+    certificate: _builtins.bytes
+    """the party's certificate, DER"""
+    def __init__(
+        self,
+        *,
+        party_id: _builtins.str = ...,
+        coordinator: _builtins.str = ...,
+        batch_id: _builtins.bytes = ...,
+        index: _builtins.int = ...,
+        expires: _builtins.int = ...,
+        public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "certificate", b"certificate", "coordinator", b"coordinator", "expires", b"expires", "index", b"index", "party_id", b"party_id", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Prekey: _TypeAlias = Prekey  # noqa: Y015
+
+@_typing.final
+class PrekeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PARTY_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    party_id: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prekey]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        party_id: _builtins.str = ...,
+        keys: _abc.Iterable[Global___Prekey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "party_id", b"party_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrekeysResponse: _TypeAlias = PrekeysResponse  # noqa: Y015
 
 @_typing.final
 class ContributionHeader(_message.Message):

@@ -54,6 +54,11 @@ class PartyStub:
                 request_serializer=mpcdp_dot_proto_dot_party__pb2.AbortRequest.SerializeToString,
                 response_deserializer=mpcdp_dot_proto_dot_party__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Prekeys = channel.unary_unary(
+                '/mpcdp.proto.Party/Prekeys',
+                request_serializer=mpcdp_dot_proto_dot_party__pb2.PrekeysRequest.SerializeToString,
+                response_deserializer=mpcdp_dot_proto_dot_party__pb2.PrekeysResponse.FromString,
+                _registered_method=True)
         self.TrainOpen = channel.unary_unary(
                 '/mpcdp.proto.Party/TrainOpen',
                 request_serializer=mpcdp_dot_proto_dot_party__pb2.TrainOpenRequest.SerializeToString,
@@ -88,6 +93,12 @@ class PartyServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prekeys(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +139,11 @@ def add_PartyServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=mpcdp_dot_proto_dot_party__pb2.AbortRequest.FromString,
                     response_serializer=mpcdp_dot_proto_dot_party__pb2.AbortResponse.SerializeToString,
+            ),
+            'Prekeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prekeys,
+                    request_deserializer=mpcdp_dot_proto_dot_party__pb2.PrekeysRequest.FromString,
+                    response_serializer=mpcdp_dot_proto_dot_party__pb2.PrekeysResponse.SerializeToString,
             ),
             'TrainOpen': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainOpen,
@@ -248,6 +264,33 @@ class Party:
             '/mpcdp.proto.Party/Abort',
             mpcdp_dot_proto_dot_party__pb2.AbortRequest.SerializeToString,
             mpcdp_dot_proto_dot_party__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prekeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpcdp.proto.Party/Prekeys',
+            mpcdp_dot_proto_dot_party__pb2.PrekeysRequest.SerializeToString,
+            mpcdp_dot_proto_dot_party__pb2.PrekeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,8 @@ mpcdp wire format, protocol version 1.
 
 One round (DESIGN.md, "Round protocol"): the coordinator calls Propose on every party,
 then Contribute on every party with all the signed ephemeral keys, and sums what the
-parties stream back. Every message carries `version`; a receiver refuses any other value.
+parties stream back. A warm round (docs/queries.md, "Warm queries in one round trip") is
+one Contribute per party, carrying the spec and every party's pre-published key (Prekeys). Every message carries `version`; a receiver refuses any other value.
 Vectors travel as raw little-endian words (uint64, or uint32 when the query's ring_bits is
 32) in `data` chunks (default 4 MiB).
 """
@@ -42,6 +43,7 @@ class PartyStub:
     Propose: _grpc.UnaryUnaryMultiCallable[_party_pb2.ProposeRequest, _party_pb2.ProposeResponse]
     Contribute: _grpc.UnaryStreamMultiCallable[_party_pb2.ContributeRequest, _party_pb2.ContributeChunk]
     Abort: _grpc.UnaryUnaryMultiCallable[_party_pb2.AbortRequest, _party_pb2.AbortResponse]
+    Prekeys: _grpc.UnaryUnaryMultiCallable[_party_pb2.PrekeysRequest, _party_pb2.PrekeysResponse]
     TrainOpen: _grpc.UnaryUnaryMultiCallable[_party_pb2.TrainOpenRequest, _party_pb2.ProposeResponse]
     TrainStep: _grpc.StreamStreamMultiCallable[_party_pb2.TrainStepRequest, _party_pb2.ContributeChunk]
     """answers with the masked noisy quantized clipped gradient sum (ContributeChunk stream)"""
@@ -53,6 +55,7 @@ class PartyAsyncStub(PartyStub):
     Propose: _aio.UnaryUnaryMultiCallable[_party_pb2.ProposeRequest, _party_pb2.ProposeResponse]  # type: ignore[assignment]
     Contribute: _aio.UnaryStreamMultiCallable[_party_pb2.ContributeRequest, _party_pb2.ContributeChunk]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_party_pb2.AbortRequest, _party_pb2.AbortResponse]  # type: ignore[assignment]
+    Prekeys: _aio.UnaryUnaryMultiCallable[_party_pb2.PrekeysRequest, _party_pb2.PrekeysResponse]  # type: ignore[assignment]
     TrainOpen: _aio.UnaryUnaryMultiCallable[_party_pb2.TrainOpenRequest, _party_pb2.ProposeResponse]  # type: ignore[assignment]
     TrainStep: _aio.StreamStreamMultiCallable[_party_pb2.TrainStepRequest, _party_pb2.ContributeChunk]  # type: ignore[assignment]
     """answers with the masked noisy quantized clipped gradient sum (ContributeChunk stream)"""
@@ -85,6 +88,13 @@ class PartyServicer(metaclass=_abc_1.ABCMeta):
         request: _party_pb2.AbortRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_party_pb2.AbortResponse, _abc.Awaitable[_party_pb2.AbortResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Prekeys(
+        self,
+        request: _party_pb2.PrekeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.PrekeysResponse, _abc.Awaitable[_party_pb2.PrekeysResponse]]: ...
 
     @_abc_1.abstractmethod
     def TrainOpen(

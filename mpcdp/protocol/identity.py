@@ -9,6 +9,19 @@ Every other party verifies, before deriving pair keys: the certificate chains to
 federation CA (signature, validity period, not a CA), its common name is the claimed party id,
 and the signature is valid. A coordinator relaying the keys can therefore neither substitute
 its own key nor replay a key from another session or another query.
+
+Pre-published keys (docs/queries.md, "Warm queries in one round trip"): a party may sign a
+batch of X25519 keys ahead of any query, each for one future round of one coordinator, over
+
+    PREKEY_LABEL || u16 len(party_id) || party_id || u16 len(coordinator) || coordinator
+                 || u16 len(batch_id) || batch_id || u32 index || u64 expires || public_key
+
+(``expires``: Unix seconds). The spec is not known yet, so it is not signed; the warm round
+binds the session id and the spec digest into each pair key's derivation instead
+(:func:`prekey_context`). Every party checks every relayed key: signed by the party it
+names for the calling coordinator, not expired by its own clock, and of the same batch and
+index as its own key, so that each party's key for a round is the one key it signed for that
+(batch, index): a coordinator cannot show two parties two different keys of a third.
 """
 
 from __future__ import annotations
@@ -23,19 +36,32 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mpcdp.errors import AuthError, ProtocolError
+from mpcdp.errors import AuthError, ProtocolError, SessionError
 
 __all__ = [
+    "BATCH_ID_BYTES",
+    "PREKEY_LABEL",
+    "PREKEY_REFUSAL",
     "SIGNATURE_LABEL",
     "CertificateCache",
+    "Prekey",
     "SignedKey",
     "common_name",
+    "prekey_context",
     "sign_key",
+    "sign_prekey",
     "verify_certificate",
     "verify_key",
+    "verify_prekey",
 ]
 
 SIGNATURE_LABEL = b"mpcdp ephemeral key v1"
+PREKEY_LABEL = b"mpcdp pre-published key v1"
+#: bytes of a batch id (chosen by the coordinator, fresh per batch)
+BATCH_ID_BYTES = 16
+#: every refusal of a pre-published key says this: a coordinator that reads it knows its
+#: key is spent, forgets that party's keys and answers the query the two-round-trip way
+PREKEY_REFUSAL = "pre-published key"
 
 
 @dataclass(frozen=True)
@@ -175,3 +201,110 @@ def verify_key(
         raise ProtocolError(
             f"signed key of {key.party_id!r} does not verify for this session and query"
         ) from None
+
+
+@dataclass(frozen=True)
+class Prekey:
+    """A party's pre-published ephemeral key: for one round of ``coordinator``, slot
+    ``index`` of batch ``batch_id``, usable until ``expires`` (Unix seconds)."""
+
+    party_id: str
+    coordinator: str
+    batch_id: bytes
+    index: int
+    expires: int
+    public_key: bytes
+    signature: bytes
+    certificate: bytes  # DER
+
+    @property
+    def slot(self) -> tuple[bytes, int]:
+        """The round this key is for: (batch id, index)."""
+        return self.batch_id, self.index
+
+
+def _prekey_message(
+    party_id: str, coordinator: str, batch_id: bytes, index: int, expires: int, public_key: bytes
+) -> bytes:
+    pid, coord = party_id.encode(), coordinator.encode()
+    return (
+        PREKEY_LABEL
+        + struct.pack(">H", len(pid))
+        + pid
+        + struct.pack(">H", len(coord))
+        + coord
+        + struct.pack(">H", len(batch_id))
+        + batch_id
+        + struct.pack(">IQ", index, expires)
+        + public_key
+    )
+
+
+def sign_prekey(
+    *,
+    signing_key: ec.EllipticCurvePrivateKey,
+    certificate_der: bytes,
+    party_id: str,
+    coordinator: str,
+    batch_id: bytes,
+    index: int,
+    expires: int,
+    public_key: bytes,
+) -> Prekey:
+    """Sign one pre-published key (module docstring)."""
+    sig = signing_key.sign(
+        _prekey_message(party_id, coordinator, batch_id, index, expires, public_key),
+        ec.ECDSA(hashes.SHA256()),
+    )
+    return Prekey(
+        party_id=party_id,
+        coordinator=coordinator,
+        batch_id=batch_id,
+        index=index,
+        expires=expires,
+        public_key=public_key,
+        signature=sig,
+        certificate=certificate_der,
+    )
+
+
+def verify_prekey(
+    key: Prekey,
+    *,
+    coordinator: str,
+    now: float,
+    certificates: CertificateCache,
+) -> None:
+    """Raise unless ``key`` is a valid pre-published key of the party it names, for
+    ``coordinator``, unexpired at ``now`` (Unix seconds)."""
+    if key.coordinator != coordinator:
+        raise AuthError(
+            f"{PREKEY_REFUSAL} of {key.party_id!r} was signed for coordinator "
+            f"{key.coordinator!r}, not {coordinator!r}"
+        )
+    if now >= key.expires:
+        raise SessionError(
+            f"{PREKEY_REFUSAL} of {key.party_id!r} (batch {key.batch_id.hex()}, index "
+            f"{key.index}) expired at {key.expires}"
+        )
+    pub = certificates.get(key.certificate, claimed=key.party_id)
+    try:
+        pub.verify(
+            key.signature,
+            _prekey_message(
+                key.party_id, key.coordinator, key.batch_id, key.index, key.expires, key.public_key
+            ),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature:
+        raise ProtocolError(
+            f"{PREKEY_REFUSAL} of {key.party_id!r} does not verify (batch "
+            f"{key.batch_id.hex()}, index {key.index})"
+        ) from None
+
+
+def prekey_context(session_id: bytes, spec_digest: bytes) -> bytes:
+    """What a warm round's pair keys are derived for (the ``session_id`` input of
+    mpcdp.mpc.prg.derive_pair_key): the session id and the spec digest, so that the masks
+    are bound to both although the keys were signed before the query was known."""
+    return session_id + spec_digest

@@ -4,15 +4,24 @@ the training engine (:mod:`mpcdp.protocol.training.site_engine`) share: who the 
 colluders), and :class:`SessionHost`, which signs a session's ephemeral key, claims a
 coordinator's slot, registers and looks up sessions, remembers closed ones and holds the
 time to live. Also what a session hands the transport (:class:`Proposal`,
-:class:`Contribution`) and the refusals both engines word alike. Transport-agnostic; nothing
-happens at import time.
+:class:`Contribution`) and the refusals both engines word alike.
+
+:class:`PrekeyStore` holds the keys a party pre-publishes for warm query rounds
+(docs/queries.md, "Warm queries in one round trip"): batches signed for one coordinator, each
+key for one future round, expiring, taken (removed under the store's lock, so that two calls
+can never both use it) by the one round that uses it. Memory is bounded: at most
+``MAX_PREKEY_BATCH`` keys per batch and ``max_per_coordinator`` unused keys per coordinator
+(a newer batch replaces the oldest keys). Nothing in a batch depends on the party's data.
+Transport-agnostic; nothing happens at import time.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -29,14 +39,21 @@ from mpcdp.mpc import prg, ring, sharing
 from mpcdp.protocol import identity
 
 __all__ = [
+    "DEFAULT_MAX_PREKEYS",
+    "MAX_PREKEY_BATCH",
+    "MAX_PREKEY_TTL_S",
     "SESSION_ID_BYTES",
     "ClosedSessions",
     "Contribution",
+    "HeldPrekey",
     "PartyIdentity",
+    "PrekeyStore",
     "Proposal",
     "SessionHost",
     "SessionSlots",
+    "check_prekeys",
     "durability_refusal",
+    "prekey_pair_keys",
     "unavailable",
 ]
 
@@ -44,6 +61,13 @@ log = logging.getLogger(__name__)
 
 SESSION_ID_BYTES = 16
 _MAX_CLOSED = 1 << 16
+
+#: pre-published keys in one batch, at most
+MAX_PREKEY_BATCH = 64
+#: unused pre-published keys one coordinator may hold at a party (default)
+DEFAULT_MAX_PREKEYS = 128
+#: the longest a pre-published key may live (seconds)
+MAX_PREKEY_TTL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -284,6 +308,216 @@ def session_pair_keys(
         for pid, k in by_party.items()
         if pid != party_id
     }
+
+
+def check_prekeys(
+    *,
+    party_id: str,
+    parties: Sequence[str],
+    keys: Sequence[identity.Prekey],
+    coordinator: str,
+    now: float,
+    certificates: identity.CertificateCache,
+) -> identity.Prekey:
+    """Check the pre-published keys relayed for a warm round; return this party's own.
+
+    ``keys`` must hold exactly one key per party in ``parties``, all for the same round (one
+    batch, one index: keys of two batches or two slots are refused), each validly signed by
+    the party it names for ``coordinator`` and unexpired at ``now`` (Unix seconds).
+    """
+    by_party: dict[str, identity.Prekey] = {}
+    for k in keys:
+        if k.party_id in by_party:
+            raise ProtocolError(f"two {identity.PREKEY_REFUSAL}s for party {k.party_id!r}")
+        by_party[k.party_id] = k
+    if set(by_party) != set(parties):
+        missing = sorted(set(parties) - set(by_party))
+        extra = sorted(set(by_party) - set(parties))
+        raise ProtocolError(
+            f"{identity.PREKEY_REFUSAL}s do not match the parties: missing {missing}, extra {extra}"
+        )
+    mine = by_party[party_id]
+    for k in keys:
+        if k.slot != mine.slot:
+            raise ProtocolError(
+                f"{identity.PREKEY_REFUSAL}s of two rounds: {party_id!r}'s is index "
+                f"{mine.index} of batch {mine.batch_id.hex()}, {k.party_id!r}'s index "
+                f"{k.index} of batch {k.batch_id.hex()}"
+            )
+    for k in keys:
+        identity.verify_prekey(k, coordinator=coordinator, now=now, certificates=certificates)
+    return mine
+
+
+def prekey_pair_keys(
+    *,
+    party_id: str,
+    parties: Sequence[str],
+    keys: Sequence[identity.Prekey],
+    private_key: X25519PrivateKey,
+    session_id: bytes,
+    spec_digest: bytes,
+) -> dict[int, bytes]:
+    """This party's pair keys (index -> key) of a warm round from keys already checked by
+    :func:`check_prekeys`, bound to the session id and the spec digest
+    (:func:`mpcdp.protocol.identity.prekey_context`)."""
+    index = {p: i for i, p in enumerate(parties)}
+    me = index[party_id]
+    context = identity.prekey_context(session_id, spec_digest)
+    return {
+        index[k.party_id]: prg.derive_pair_key(
+            private_key=private_key,
+            peer_public_key=k.public_key,
+            session_id=context,
+            party=me,
+            peer=index[k.party_id],
+        )
+        for k in keys
+        if k.party_id != party_id
+    }
+
+
+@dataclass(frozen=True)
+class HeldPrekey:
+    """A pre-published key as its party holds it: the private half and what it signed."""
+
+    private_key: X25519PrivateKey
+    key: identity.Prekey
+
+
+class PrekeyStore:
+    """A party's pre-published keys, per coordinator (module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        party: PartyIdentity,
+        *,
+        max_per_coordinator: int = DEFAULT_MAX_PREKEYS,
+        max_ttl_s: float = MAX_PREKEY_TTL_S,
+        wall: Callable[[], float] = time.time,
+        closed_limit: int = _MAX_CLOSED,
+    ) -> None:
+        if isinstance(max_per_coordinator, bool) or not isinstance(max_per_coordinator, int):
+            raise ParameterError("max_per_coordinator", max_per_coordinator, "must be an int")
+        if max_per_coordinator < 1:
+            raise ParameterError("max_per_coordinator", max_per_coordinator, "must be >= 1")
+        if not (math.isfinite(max_ttl_s) and 0 < max_ttl_s <= MAX_PREKEY_TTL_S):
+            raise ParameterError("max_ttl_s", max_ttl_s, f"must be in (0, {MAX_PREKEY_TTL_S:g}]")
+        self._party = party
+        self._certificate_der = party.certificate.public_bytes(serialization.Encoding.DER)
+        self._max = max_per_coordinator
+        self._max_ttl = max_ttl_s
+        self._wall = wall
+        self._held: dict[str, OrderedDict[tuple[bytes, int], HeldPrekey]] = {}
+        # (coordinator, batch id) -> the expiry of its keys: a batch id is signed once
+        self._batches: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._batch_limit = closed_limit
+        # coordinator + batch id + index -> why the key is gone ("used", "expired", ...)
+        self._gone = ClosedSessions(limit=closed_limit)
+        self._lock = threading.Lock()
+
+    @property
+    def max_batch(self) -> int:
+        """The most keys one batch may ask for."""
+        return min(MAX_PREKEY_BATCH, self._max)
+
+    def held(self, coordinator: str) -> int:
+        """Unused, unexpired keys ``coordinator`` holds here."""
+        with self._lock:
+            self._purge(self._wall())
+            return len(self._held.get(coordinator, ()))
+
+    @staticmethod
+    def _name(coordinator: str, batch_id: bytes, index: int) -> bytes:
+        return coordinator.encode() + b"\0" + batch_id + index.to_bytes(4, "big")
+
+    def _purge(self, now: float) -> None:
+        """Forget expired keys and batches (caller holds the lock)."""
+        for coordinator, keys in list(self._held.items()):
+            for slot in [s for s, h in keys.items() if h.key.expires <= now]:
+                del keys[slot]
+                self._gone.add(self._name(coordinator, *slot), "expired")
+            if not keys:
+                del self._held[coordinator]
+        for name in [b for b, expires in self._batches.items() if expires <= now]:
+            del self._batches[name]
+
+    def publish(
+        self, *, coordinator: str, batch_id: bytes, count: int, ttl_s: float
+    ) -> list[identity.Prekey]:
+        """Sign ``count`` fresh keys (indexes 0..count-1 of ``batch_id``) for
+        ``coordinator``, each valid for ``ttl_s`` seconds. A batch id is signed once."""
+        if len(batch_id) != identity.BATCH_ID_BYTES:
+            raise ParameterError(
+                "batch_id", f"{len(batch_id)} bytes", f"must be {identity.BATCH_ID_BYTES} bytes"
+            )
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 1 <= count <= self.max_batch
+        ):
+            raise ParameterError("count", count, f"must be an int in [1, {self.max_batch}]")
+        if isinstance(ttl_s, bool) or not (math.isfinite(ttl_s) and 1 <= ttl_s <= self._max_ttl):
+            raise ParameterError("ttl_s", ttl_s, f"must be in [1, {self._max_ttl:g}] seconds")
+        expires = int(self._wall() + ttl_s)
+        with self._lock:
+            if (coordinator, batch_id) in self._batches:
+                raise SessionError(
+                    f"batch {batch_id.hex()} of {identity.PREKEY_REFUSAL}s was already "
+                    "published: each batch id is signed once"
+                )
+            self._batches[(coordinator, batch_id)] = expires
+            while len(self._batches) > self._batch_limit:
+                self._batches.popitem(last=False)
+        made = []
+        for index in range(count):
+            private_key = prg.generate_keypair()
+            key = identity.sign_prekey(
+                signing_key=self._party.signing_key,
+                certificate_der=self._certificate_der,
+                party_id=self._party.party_id,
+                coordinator=coordinator,
+                batch_id=batch_id,
+                index=index,
+                expires=expires,
+                public_key=prg.public_bytes(private_key),
+            )
+            made.append(HeldPrekey(private_key=private_key, key=key))
+        with self._lock:
+            self._purge(self._wall())
+            keys = self._held.setdefault(coordinator, OrderedDict())
+            for h in made:
+                keys[h.key.slot] = h
+            while len(keys) > self._max:  # the oldest unused keys make room
+                slot, _ = keys.popitem(last=False)
+                self._gone.add(self._name(coordinator, *slot), "replaced by a newer batch")
+        log.info(
+            "published %d keys (batch %s) for coordinator %s", count, batch_id.hex(), coordinator
+        )
+        return [h.key for h in made]
+
+    def take(self, *, coordinator: str, batch_id: bytes, index: int) -> HeldPrekey:
+        """Remove and return ``coordinator``'s key (``batch_id``, ``index``): it serves this
+        round and no other. Removal under the lock is the use: a second call for the same key,
+        at the same time or later, is refused."""
+        name = self._name(coordinator, batch_id, index)
+        with self._lock:
+            self._purge(self._wall())
+            keys = self._held.get(coordinator)
+            held = keys.pop((batch_id, index), None) if keys is not None else None
+            if held is None:
+                why = self._gone.get(name)
+                what = f"{identity.PREKEY_REFUSAL} (batch {batch_id.hex()}, index {index})"
+                if why == "used":
+                    raise SessionError(f"{what} was already used (replay); nothing was charged")
+                if why is not None:
+                    raise SessionError(f"{what} is gone ({why}); nothing was charged")
+                raise SessionError(
+                    f"unknown {what} for coordinator {coordinator!r} (never published here, "
+                    "or published before this party restarted); nothing was charged"
+                )
+            self._gone.add(name, "used")
+            return held
 
 
 class SessionHost:

@@ -21,11 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
 
 from mpcdp import PROTOCOL_VERSION
-from mpcdp.errors import ParameterError, PartyError
+from mpcdp.errors import ParameterError, PartyError, ProtocolError
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
 from mpcdp.protocol.catalog import PartyDescription
-from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.identity import Prekey, SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.protocol.query.round_coordinator import ContributionStream
 from mpcdp.protocol.session import Proposal
@@ -140,6 +140,42 @@ class GrpcPartyClient:
             session_id=session_id,
             keys=[codec.key_to_pb(session_id, k) for k in keys],
             chunk_bytes=self._chunk_bytes,
+        )
+        responses = self._stub.Contribute(req, timeout=self._deadline)
+        return self._upload(responses, session_id=session_id, ring_bits=ring_bits)
+
+    def prekeys(self, *, batch_id: bytes, count: int, ttl_s: int) -> list[Prekey]:
+        """A batch of the party's signed keys for this coordinator's warm rounds: index i of
+        the batch is for the round this coordinator numbers i in it."""
+        req = pb.PrekeysRequest(
+            version=PROTOCOL_VERSION, batch_id=batch_id, count=count, ttl_s=ttl_s
+        )
+        resp = self._call(self._stub.Prekeys, req)
+        codec.check_version(resp.version, what="PrekeysResponse")
+        keys = codec.prekeys_from_pb(resp.keys)
+        want = [(self._party_id, batch_id, i) for i in range(count)]
+        if [(k.party_id, k.batch_id, k.index) for k in keys] != want:
+            raise ProtocolError(
+                f"party {self._party_id!r} answered Prekeys with keys of another party, batch "
+                "or numbering"
+            )
+        return keys
+
+    def contribute_warm(
+        self,
+        *,
+        session_id: bytes,
+        spec: QuerySpec,
+        keys: Sequence[Prekey],
+        ring_bits: int = 64,
+    ) -> ContributionStream:
+        """A warm round's one call: the spec and every party's pre-published key."""
+        req = pb.ContributeRequest(
+            version=PROTOCOL_VERSION,
+            session_id=session_id,
+            chunk_bytes=self._chunk_bytes,
+            spec=codec.spec_to_pb(spec),
+            prekeys=[codec.prekey_to_pb(k) for k in keys],
         )
         responses = self._stub.Contribute(req, timeout=self._deadline)
         return self._upload(responses, session_id=session_id, ring_bits=ring_bits)

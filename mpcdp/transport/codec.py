@@ -26,7 +26,7 @@ from mpcdp.errors import DecodeError, ParameterError, ProtocolError
 from mpcdp.mpc import ring
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
-from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.identity import BATCH_ID_BYTES, Prekey, SignedKey
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream
 from mpcdp.protocol.session import SESSION_ID_BYTES, Contribution, Proposal
@@ -47,6 +47,9 @@ __all__ = [
     "key_from_pb",
     "key_to_pb",
     "keys_from_pb",
+    "prekey_from_pb",
+    "prekey_to_pb",
+    "prekeys_from_pb",
     "spec_from_pb",
     "spec_to_pb",
     "train_spec_from_pb",
@@ -262,6 +265,49 @@ def keys_from_pb(msgs: Sequence[pb.ProposeResponse], *, session_id: bytes) -> li
     if len(msgs) > LIMITS["keys"]:
         raise ProtocolError(f"keys has {len(msgs)} entries; the limit is {LIMITS['keys']}")
     return [key_from_pb(k, session_id=session_id).key for k in msgs]
+
+
+def prekey_to_pb(key: Prekey) -> pb.Prekey:
+    """A pre-published key as a party publishes it (and a coordinator relays it)."""
+    return pb.Prekey(
+        party_id=key.party_id,
+        coordinator=key.coordinator,
+        batch_id=key.batch_id,
+        index=key.index,
+        expires=key.expires,
+        public_key=key.public_key,
+        signature=key.signature,
+        certificate=key.certificate,
+    )
+
+
+def prekey_from_pb(msg: pb.Prekey) -> Prekey:
+    """A pre-published key, its fields capped (the signature is checked by its user)."""
+    _cap("party", msg.party_id)
+    _cap("party", msg.coordinator)
+    for name in ("public_key", "signature", "certificate"):
+        _cap(name, getattr(msg, name))
+    if len(msg.batch_id) != BATCH_ID_BYTES:
+        raise ProtocolError(
+            f"batch_id of a pre-published key has {len(msg.batch_id)} bytes, not {BATCH_ID_BYTES}"
+        )
+    return Prekey(
+        party_id=msg.party_id,
+        coordinator=msg.coordinator,
+        batch_id=msg.batch_id,
+        index=msg.index,
+        expires=msg.expires,
+        public_key=msg.public_key,
+        signature=msg.signature,
+        certificate=msg.certificate,
+    )
+
+
+def prekeys_from_pb(msgs: Sequence[pb.Prekey]) -> list[Prekey]:
+    """The pre-published keys of a message (at most LIMITS["keys"])."""
+    if len(msgs) > LIMITS["keys"]:
+        raise ProtocolError(f"prekeys has {len(msgs)} entries; the limit is {LIMITS['keys']}")
+    return [prekey_from_pb(k) for k in msgs]
 
 
 def encode_chunks(

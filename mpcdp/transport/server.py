@@ -28,7 +28,8 @@ A party survives a hostile coordinator, and strangers:
   coordinator; one beyond a limit is refused at once (RESOURCE_EXHAUSTED, naming the
   coordinator and the limit):
   - TrainStep streams (``max_long_calls``);
-  - Propose and TrainOpen, which build noise or a model (``max_setup_calls``);
+  - Propose, TrainOpen and Prekeys, which build noise or a model or sign keys
+    (``max_setup_calls``);
   - Contribute uploads (``max_uploads``), until the last chunk is taken. A Propose of a
     coordinator whose uploads are at its limit is refused too, so a coordinator that
     keeps its uploads unread is stopped before a new round charges anything anywhere.
@@ -168,6 +169,7 @@ MAX_REQUEST_BYTES: dict[str, int] = {
     "Check": 2 << 20,
     "Propose": 2 << 20,
     "Contribute": 2 << 20,
+    "Prekeys": 2 << 20,
     "TrainOpen": tls.MAX_MESSAGE_BYTES,
     "TrainStep": tls.MAX_MESSAGE_BYTES,
 }
@@ -619,6 +621,7 @@ _PARTY_METHODS: dict[str, _Method] = {
     "Abort": _Method("short", pb.AbortRequest, pb.AbortResponse, False, False),
     "Propose": _Method("setup", pb.ProposeRequest, pb.ProposeResponse, False, False),
     "TrainOpen": _Method("setup", pb.TrainOpenRequest, pb.ProposeResponse, False, False),
+    "Prekeys": _Method("setup", pb.PrekeysRequest, pb.PrekeysResponse, False, False),
     "Contribute": _Method("upload", pb.ContributeRequest, pb.ContributeChunk, False, True),
     "TrainStep": _Method("long", pb.TrainStepRequest, pb.ContributeChunk, True, True),
 }
@@ -964,10 +967,24 @@ class PartyServicer(pb_grpc.PartyServicer):
         caller = self._caller(context)
         codec.check_version(request.version, what="ContributeRequest")
         session_id = codec.check_session(request.session_id)
+        warm = request.HasField("spec")
+        if warm and len(request.keys):
+            raise ProtocolError("a warm Contribute (with a spec) carries prekeys, not keys")
+        if not warm and len(request.prekeys):
+            raise ProtocolError("prekeys need the spec of the round (a warm Contribute)")
         keys = codec.keys_from_pb(request.keys, session_id=session_id)
+        prekeys = codec.prekeys_from_pb(request.prekeys)
+        spec = codec.spec_from_pb(request.spec) if warm else None
         chunk = codec.check_chunk_bytes(request.chunk_bytes)  # before the ledger is charged
         self._check_in_time(context, "Contribute", session_id=session_id, caller=caller)
-        contribution = self._engine.contribute(session_id=session_id, keys=keys, coordinator=caller)
+        if spec is not None:  # one round trip: the party checks and reserves here
+            contribution = self._engine.contribute_warm(
+                session_id=session_id, spec=spec, keys=prekeys, coordinator=caller
+            )
+        else:
+            contribution = self._engine.contribute(
+                session_id=session_id, keys=keys, coordinator=caller
+            )
         # the session holds its slot until the upload ends, however it ends: sent, failed,
         # cancelled by the watchdog, or the coordinator gone (gRPC may drop this generator
         # without closing it; the call's end runs the callback). Given back once.
@@ -980,6 +997,24 @@ class PartyServicer(pb_grpc.PartyServicer):
             contribution.close()
         del contribution  # its vector is sent: free it before the next one is built
         self._engine.round_finished(session_id=session_id)
+
+    def Prekeys(
+        self, request: pb.PrekeysRequest, context: grpc.ServicerContext
+    ) -> pb.PrekeysResponse:
+        """A batch of signed keys for the caller's warm rounds (nothing about the data)."""
+        caller = self._caller(context)
+        codec.check_version(request.version, what="PrekeysRequest")
+        keys = self._engine.publish_keys(
+            coordinator=caller,
+            batch_id=request.batch_id,
+            count=request.count,
+            ttl_s=request.ttl_s,
+        )
+        return pb.PrekeysResponse(
+            version=PROTOCOL_VERSION,
+            party_id=self._engine.party_id,
+            keys=[codec.prekey_to_pb(k) for k in keys],
+        )
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
         caller = self._caller(context)

@@ -21,6 +21,17 @@ contribute(session, keys) from the same coordinator C:
   transport calls when the call ends however it ends; it gives the slot back once), so
   a coordinator's pending sessions and running uploads together stay within its limit.
 abort(session): forget the session.
+
+A warm round is one call (docs/queries.md, "Warm queries in one round trip"):
+publish_keys(batch, count, ttl) from coordinator C: sign ``count`` fresh ephemeral keys for C,
+each for one future round (mpcdp.protocol.session.PrekeyStore; nothing about the data).
+contribute_warm(session, spec, keys) from C: the checks of propose, in the same order, then
+the relayed keys (one per spec party, all of one batch and index, each signed for C and
+unexpired; mpcdp.protocol.session.check_prekeys); then this party's key is taken from the
+store (its use: a second call with it is refused), the budget reserved, the noisy vector
+built, the pair keys derived for the session id and the spec digest, the ledger charged and
+the upload returned, as contribute does. Any refusal comes before the reservation: nothing is
+charged.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from mpcdp.config.datasets import Vector
 from mpcdp.config.party_config import DatasetConfig
 from mpcdp.dp.ledger import LedgerWriteError
 from mpcdp.errors import (
+    AuthError,
     DataError,
     LedgerError,
     ParameterError,
@@ -61,12 +73,16 @@ from mpcdp.protocol.query.plan import ReleasePlan, plan
 from mpcdp.protocol.query.query_spec import QuerySpec, Statistic, digest
 from mpcdp.protocol.query.sql_release import party_release
 from mpcdp.protocol.session import (
+    DEFAULT_MAX_PREKEYS,
     SESSION_ID_BYTES,
     Contribution,
     PartyIdentity,
+    PrekeyStore,
     Proposal,
     SessionHost,
+    check_prekeys,
     durability_refusal,
+    prekey_pair_keys,
     unavailable,
 )
 
@@ -188,7 +204,12 @@ class PartyEngine(SessionHost):
         noise_threads: int | None = None,
         propose_floor_s: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        max_prekeys_per_coordinator: int = DEFAULT_MAX_PREKEYS,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """``max_prekeys_per_coordinator``: unused pre-published keys one coordinator may
+        hold here (a newer batch replaces the oldest); ``wall``: the clock (Unix seconds)
+        that pre-published keys expire by."""
         # each pending session holds a noisy vector: bound what one coordinator, and all of
         # them together, can pin
         super().__init__(
@@ -205,6 +226,10 @@ class PartyEngine(SessionHost):
             )
         self._floor = propose_floor_s
         self._sleep = sleep
+        self._wall = wall
+        self.prekeys = PrekeyStore(
+            party, max_per_coordinator=max_prekeys_per_coordinator, wall=wall
+        )
         self._noise = NoisePool(rng=rng, threads=noise_threads)
         self._sessions: dict[bytes, _Session] = {}
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
@@ -296,21 +321,28 @@ class PartyEngine(SessionHost):
             with self._claiming(session_id, coordinator):
                 return self._propose(session_id, spec, coordinator)
         finally:
-            if self._floor > 0:
-                left = self._floor - (self._clock() - start)
-                if left > 0:
-                    self._sleep(left)
-                else:
-                    log.warning(
-                        "query %s took %.3f s, past propose_floor_s=%g: its timing may show "
-                        "how long the engine worked (raise the floor)",
-                        spec.query_id,
-                        self._floor - left,
-                        self._floor,
-                    )
+            self._hold_to_floor(start, spec.query_id)
 
-    def _propose(self, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
-        view, release = self._check_spec(spec)
+    def _hold_to_floor(self, start: float, query_id: str) -> None:
+        """Wait until ``propose_floor_s`` has passed since ``start`` (if a floor is set)."""
+        if self._floor <= 0:
+            return
+        left = self._floor - (self._clock() - start)
+        if left > 0:
+            self._sleep(left)
+        else:
+            log.warning(
+                "query %s took %.3f s, past propose_floor_s=%g: its timing may show "
+                "how long the engine worked (raise the floor)",
+                query_id,
+                self._floor - left,
+                self._floor,
+            )
+
+    def _reserve(
+        self, spec: QuerySpec, coordinator: str, view: DatasetView, release: ReleasePlan
+    ) -> None:
+        """Reserve the query's charge within ``coordinator``'s share, on disk."""
         # reserve, not just check: rounds in flight count as spent, so every party accepts or
         # refuses the same rounds whatever order their proposals arrive in. The reservation
         # is on disk (the charge at Contribute updates it in place: a full disk refuses
@@ -328,6 +360,10 @@ class PartyEngine(SessionHost):
             )
         except LedgerWriteError as exc:
             raise durability_refusal(self.party_id, exc) from None
+
+    def _propose(self, session_id: bytes, spec: QuerySpec, coordinator: str) -> Proposal:
+        view, release = self._check_spec(spec)
+        self._reserve(spec, coordinator, view, release)
         try:
             proposal = self._accept(session_id, spec, coordinator, view, release)
         except BaseException:
@@ -336,6 +372,22 @@ class PartyEngine(SessionHost):
         # the session's time to live starts now (its noise was built after the reservation)
         self.ledger.renew(spec.query_id, coordinator=coordinator, ttl_s=self._ttl)
         return proposal
+
+    def _build(
+        self, spec: QuerySpec, view: DatasetView, release: ReleasePlan
+    ) -> ring.AnyRingVector:
+        """The noisy local vector of a query: a prepared noise share (or one built now),
+        plus the local statistic (a table's from its engine, as it is now)."""
+        assert view.data is not None  # checked in _check_spec
+        try:
+            noisy = self._noise.take(pool_key(spec), noisy_builder(release, view.data))
+            if isinstance(view.data, EngineTable):  # the table as it is now, in its engine
+                add_local_words(release, view.data, noisy, salt=secrets.token_bytes(_SALT_BYTES))
+        except DataError as exc:
+            # an engine's message may quote the data: it stays in the owner's log
+            log.error("dataset %r failed its query %s: %s", spec.dataset, spec.query_id, exc)
+            raise DataError(unavailable(spec.dataset, self.party_id)) from None
+        return noisy
 
     def _accept(
         self,
@@ -352,15 +404,7 @@ class PartyEngine(SessionHost):
                 spec.dataset,
                 coordinator,
             )
-        assert view.data is not None  # checked in _check_spec
-        try:
-            noisy = self._noise.take(pool_key(spec), noisy_builder(release, view.data))
-            if isinstance(view.data, EngineTable):  # the table as it is now, in its engine
-                add_local_words(release, view.data, noisy, salt=secrets.token_bytes(_SALT_BYTES))
-        except DataError as exc:
-            # an engine's message may quote the data: it stays in the owner's log
-            log.error("dataset %r failed its query %s: %s", spec.dataset, spec.query_id, exc)
-            raise DataError(unavailable(spec.dataset, self.party_id)) from None
+        noisy = self._build(spec, view, release)
         private_key, signed = self._new_key(session_id, digest(spec))
         session = _Session(
             coordinator=coordinator,
@@ -434,20 +478,119 @@ class PartyEngine(SessionHost):
                 private_key=session.private_key,
                 spec_digest=digest(spec),
             )
-            # the reservation made at propose becomes the charge (charge before release)
+        except BaseException:
+            # nothing leaves: the budget is free again, and so is the slot
+            self.upload_ended(session_id=session_id)
+            self.ledger.release(spec.query_id, coordinator=session.coordinator)
+            raise
+        return self._charge_and_mask(
+            session_id, spec, session.plan, session.noisy, pair_keys, session.coordinator
+        )
+
+    def publish_keys(
+        self, *, coordinator: str, batch_id: bytes, count: int, ttl_s: float
+    ) -> list[identity.Prekey]:
+        """Sign a batch of ``count`` keys for ``coordinator``'s warm rounds (module
+        docstring). Reads no data and reserves nothing."""
+        return self.prekeys.publish(
+            coordinator=coordinator, batch_id=batch_id, count=count, ttl_s=ttl_s
+        )
+
+    def contribute_warm(
+        self,
+        *,
+        session_id: bytes,
+        spec: QuerySpec,
+        keys: Sequence[identity.Prekey],
+        coordinator: str,
+    ) -> Contribution:
+        """A whole round in one call, on pre-published keys (module docstring): refused,
+        with nothing reserved or charged, unless propose would accept ``spec`` and ``keys``
+        are one valid unused key per party of one round, this party's taken from its store
+        now (a key serves one round: a replayed, unknown, expired or foreign one is
+        refused)."""
+        start = self._clock()
+        try:
+            with self._claiming(session_id, coordinator):
+                view, release = self._check_spec(spec)
+                own = check_prekeys(
+                    party_id=self.party_id,
+                    parties=spec.parties,
+                    keys=keys,
+                    coordinator=coordinator,
+                    now=self._wall(),
+                    certificates=self._certificates,
+                )
+                held = self.prekeys.take(
+                    coordinator=coordinator, batch_id=own.batch_id, index=own.index
+                )
+                if held.key != own:
+                    raise AuthError(
+                        f"the relayed {identity.PREKEY_REFUSAL} of {self.party_id!r} is not the "
+                        "one it signed; nothing was charged"
+                    )
+                spec_digest = digest(spec)
+                pair_keys = prekey_pair_keys(
+                    party_id=self.party_id,
+                    parties=spec.parties,
+                    keys=keys,
+                    private_key=held.private_key,
+                    session_id=session_id,
+                    spec_digest=spec_digest,
+                )
+                self._reserve(spec, coordinator, view, release)
+                try:
+                    noisy = self._build(spec, view, release)
+                    if spec.mechanism == "none":
+                        log.warning(
+                            "exact release (mechanism none, no differential privacy) of "
+                            "dataset %r requested by %s",
+                            spec.dataset,
+                            coordinator,
+                        )
+                except BaseException:
+                    self.ledger.release(spec.query_id, coordinator=coordinator)
+                    raise
+                with self._lock:
+                    # used: never again; the slot stays taken until the upload ends
+                    self._closed.add(session_id, "used")
+                    self._uploading[session_id] = coordinator
+        finally:
+            self._hold_to_floor(start, spec.query_id)
+        log.info(
+            "session %s: warm round of query %s (%s)",
+            session_id.hex(),
+            spec.query_id,
+            spec.statistic.value,
+        )
+        return self._charge_and_mask(session_id, spec, release, noisy, pair_keys, coordinator)
+
+    def _charge_and_mask(
+        self,
+        session_id: bytes,
+        spec: QuerySpec,
+        release: ReleasePlan,
+        noisy: ring.AnyRingVector,
+        pair_keys: dict[int, bytes],
+        coordinator: str,
+    ) -> Contribution:
+        """Charge the reservation (charge before release) and hand out the masked upload.
+        The session's slot is held by the upload (``_uploading``) on entry."""
+        try:
+            # the reservation becomes the charge
             charge = self.ledger.charge(
                 dataset=spec.dataset,
                 query_id=spec.query_id,
-                coordinator=session.coordinator,
-                event=session.plan.event,
-                share=self.datasets[spec.dataset].config.share(session.coordinator),
+                coordinator=coordinator,
+                event=release.event,
+                share=self.datasets[spec.dataset].config.share(coordinator),
                 reserved=True,
                 note=_note(spec),
             )
         except BaseException as exc:
             # nothing leaves: the budget is free again, and so is the slot
             self.upload_ended(session_id=session_id)
-            self.ledger.release(spec.query_id, coordinator=session.coordinator)
+            self.ledger.release(spec.query_id, coordinator=coordinator)
             if isinstance(exc, LedgerWriteError):
                 raise durability_refusal(self.party_id, exc) from None
             raise
@@ -469,16 +612,16 @@ class PartyEngine(SessionHost):
             self.upload_ended(session_id=session_id)
             raise
         with self._lock:
-            self._finished[session_id] = session.plan
+            self._finished[session_id] = release
             while len(self._finished) > 64:  # uploads that never reported back
                 self._finished.pop(next(iter(self._finished)))
-        log.info("session %s: contributing %d words", session_id.hex(), session.noisy.size)
+        log.info("session %s: contributing %d words", session_id.hex(), noisy.size)
         return Contribution(
             party_id=self.party_id,
             epsilon_spent=spec.epsilon,
             budget_remaining=status.remaining_epsilon,
-            length=session.noisy.size,
-            _noisy=session.noisy,
+            length=noisy.size,
+            _noisy=noisy,
             _mask=stream,
             _done=functools.partial(self.upload_ended, session_id=session_id),
         )

@@ -26,6 +26,17 @@ colluders). It needs at least ``min_parties`` survivors and h' >= 1, else it fai
 each party that failed and why. Whether a failure is the party's (re-run without it) or the
 query's (every party would refuse it: stop) is decided per status code in :data:`FAILURES`;
 docs/queries.md ("When a party fails") says what is charged in each failure window.
+
+Warm rounds (docs/queries.md, "Warm queries in one round trip"): given a :class:`WarmKeys`
+that holds a batch of pre-published keys of every party of the roster, a round is one
+Contribute per party, carrying the spec and each party's key for one slot (batch, index) of
+the batch; each party checks and reserves inside that call. A slot is handed out once, so a
+re-run takes the next slot (fresh keys); with no slot left the round is the two-round-trip
+one above. A warm round has no liveness check and no Propose before it: a party that fails
+or refuses in it fails the round after the others may have charged (the last row of the
+failure table). A party that refuses its key (restarted, so its keys are gone, or expired)
+is not left out: its keys are forgotten here and the query re-run the two-round-trip way.
+:func:`run_query` fetches a new batch in the background when a roster has few slots left.
 """
 
 from __future__ import annotations
@@ -33,10 +44,11 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -47,6 +59,7 @@ from mpcdp.errors import (
     PartyError,
     ProtocolError,
     RoundAborted,
+    SessionError,
 )
 from mpcdp.mpc import encoding, ring
 from mpcdp.protocol.failures import (
@@ -64,7 +77,7 @@ from mpcdp.protocol.failures import (
     roster_shortfall,
     signed_keys,
 )
-from mpcdp.protocol.identity import SignedKey
+from mpcdp.protocol.identity import BATCH_ID_BYTES, PREKEY_REFUSAL, Prekey, SignedKey
 from mpcdp.protocol.query.plan import ReleasePlan, plan
 from mpcdp.protocol.query.query_spec import MAX_QUERY_ID_CHARS, QuerySpec
 from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
@@ -76,6 +89,8 @@ __all__ = [
     "PartyClient",
     "QueryFailed",
     "RoundOutcome",
+    "WarmKeys",
+    "WarmPartyClient",
     "abort_all",
     "accumulate",
     "check_roster",
@@ -115,6 +130,146 @@ class PartyClient(Protocol):
     ) -> ContributionStream: ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
+
+
+@runtime_checkable
+class WarmPartyClient(PartyClient, Protocol):
+    """A party client that can run warm rounds (the gRPC client does)."""
+
+    def prekeys(self, *, batch_id: bytes, count: int, ttl_s: int) -> list[Prekey]: ...
+
+    def contribute_warm(
+        self, *, session_id: bytes, spec: QuerySpec, keys: Sequence[Prekey], ring_bits: int = 64
+    ) -> ContributionStream: ...
+
+
+@dataclass
+class _Batch:
+    batch_id: bytes
+    keys: dict[str, list[Prekey]]  # party -> its keys, by index
+    size: int
+    expires: int  # the earliest of its keys' expiries (Unix seconds)
+    next: int = 0
+
+
+class WarmKeys:
+    """A coordinator's pre-published keys: batches fetched from the parties, each slot
+    (batch, index) handed out to one round only. Thread-safe.
+
+    ``batch_size``: keys asked of each party per batch (at most a party's limit, 64);
+    ``ttl_s``: how long the parties keep them; ``margin_s``: a slot whose keys expire
+    sooner than this is not used (its round could arrive after the expiry); ``clock``: Unix
+    seconds."""
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 16,
+        ttl_s: int = 600,
+        margin_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise ParameterError("batch_size", batch_size, "must be an int in [1, 64]")
+        if not 1 <= batch_size <= 64:
+            raise ParameterError("batch_size", batch_size, "must be an int in [1, 64]")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= 3600:
+            raise ParameterError("ttl_s", ttl_s, "must be an int number of seconds in [1, 3600]")
+        if not 0 <= margin_s < ttl_s:
+            raise ParameterError("margin_s", margin_s, f"must be in [0, ttl_s={ttl_s})")
+        self.batch_size = batch_size
+        self.ttl_s = ttl_s
+        self._margin = margin_s
+        self._clock = clock
+        self._batches: list[_Batch] = []
+        self._lock = threading.Lock()
+        self._refilling = False
+
+    def _usable(self, parties: Sequence[str]) -> list[_Batch]:
+        """Batches with a slot left for ``parties`` (caller holds the lock; drops the
+        spent and expiring ones)."""
+        now = self._clock()
+        self._batches = [
+            b for b in self._batches if b.next < b.size and b.expires - self._margin > now
+        ]
+        return [b for b in self._batches if all(p in b.keys for p in parties)]
+
+    def slots_left(self, parties: Sequence[str]) -> int:
+        """Rounds over ``parties`` that can still run warm."""
+        with self._lock:
+            return sum(b.size - b.next for b in self._usable(parties))
+
+    def take(self, parties: Sequence[str]) -> list[Prekey] | None:
+        """The keys of ``parties`` (in that order) for one unused slot, or None when no
+        batch holds a slot for all of them. The slot is never handed out again."""
+        with self._lock:
+            usable = self._usable(parties)
+            if not usable:
+                return None
+            batch = usable[0]  # the oldest: it expires first
+            i = batch.next
+            batch.next += 1
+            return [batch.keys[p][i] for p in parties]
+
+    def forget(self, party: str) -> None:
+        """Drop ``party``'s keys (it refused one: restarted, or its keys expired there)."""
+        with self._lock:
+            for b in self._batches:
+                b.keys.pop(party, None)
+
+    def refill(self, clients: Sequence[WarmPartyClient]) -> int:
+        """Fetch one batch from every client, in parallel; a party that fails is just not
+        in the batch (its rounds stay cold). Returns the parties in the new batch."""
+        batch_id = secrets.token_bytes(BATCH_ID_BYTES)
+
+        def one(c: WarmPartyClient) -> list[Prekey] | None:
+            try:
+                return c.prekeys(batch_id=batch_id, count=self.batch_size, ttl_s=self.ttl_s)
+            except MpcdpError as exc:
+                log.info("party %s gave no pre-published keys: %s", c.party_id, exc)
+                return None
+
+        with ThreadPoolExecutor(
+            max_workers=max(1, len(clients)), thread_name_prefix="prekeys"
+        ) as pool:
+            got = dict(zip([c.party_id for c in clients], pool.map(one, clients), strict=True))
+        keys = {p: k for p, k in got.items() if k is not None and len(k) == self.batch_size}
+        if len(keys) < 2:
+            return 0
+        expires = min(k.expires for ks in keys.values() for k in ks)
+        with self._lock:
+            self._batches.append(
+                _Batch(batch_id=batch_id, keys=keys, size=self.batch_size, expires=expires)
+            )
+        return len(keys)
+
+    def refill_in_background(self, clients: Sequence[WarmPartyClient]) -> None:
+        """:meth:`refill` in a daemon thread, unless one is running already."""
+        with self._lock:
+            if self._refilling:
+                return
+            self._refilling = True
+
+        def run() -> None:
+            try:
+                self.refill(clients)
+            finally:
+                with self._lock:
+                    self._refilling = False
+
+        threading.Thread(target=run, name="prekeys-refill", daemon=True).start()
+
+
+def _warm_clients(clients: Sequence[PartyClient]) -> list[WarmPartyClient] | None:
+    out = [c for c in clients if isinstance(c, WarmPartyClient)]
+    return out if len(out) == len(clients) else None
+
+
+def key_refusal(exc: BaseException) -> bool:
+    """Did a party refuse its pre-published key (a spent, expired or unknown key)?"""
+    if isinstance(exc, PartyError):
+        return exc.code == "FAILED_PRECONDITION" and PREKEY_REFUSAL in str(exc)
+    return isinstance(exc, SessionError) and PREKEY_REFUSAL in str(exc)
 
 
 @dataclass(frozen=True)
@@ -244,12 +399,33 @@ class _RoundFailed(Exception):
     exception) and whether the failure is the query's rather than the parties' own."""
 
     def __init__(
-        self, aborted: RoundAborted, failed: dict[str, BaseException], query_fault: bool
+        self,
+        aborted: RoundAborted,
+        failed: dict[str, BaseException],
+        query_fault: bool,
+        warm: bool = False,
     ) -> None:
         super().__init__(str(aborted))
         self.aborted = aborted
         self.failed = failed
         self.query_fault = query_fault
+        self.warm = warm
+
+
+@dataclass
+class _Sum:
+    """A round's plan and running sum, set once the vector's length is known (a cold
+    round: from the proposals; a warm one: from the first upload header)."""
+
+    release: ReleasePlan | None
+    total: ring.AnyRingVector | None
+
+    def start(self, spec: QuerySpec, release_plan: ReleasePlan | None, length: int) -> None:
+        release = release_plan or plan(spec, vector_length=length)
+        if release.length != length:
+            raise ProtocolError(f"parties announced {length} words, the plan has {release.length}")
+        self.release = release
+        self.total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
 
 
 def run_round(
@@ -259,11 +435,13 @@ def run_round(
     executor: ThreadPoolExecutor | None = None,
     observe: Observer | None = None,
     release_plan: ReleasePlan | None = None,
+    prekeys: WarmKeys | None = None,
 ) -> RoundOutcome:
     """Run one round of ``spec`` over ``clients`` (one per spec party, any order); raises
     :class:`RoundAborted` when it fails. ``release_plan``: the plan of a SQL query (compiled
     by the caller; every other statistic's plan follows from the spec and the announced
-    length)."""
+    length). ``prekeys``: a warm round when it has a slot for every party (module
+    docstring)."""
     try:
         return _round(
             spec=spec,
@@ -271,6 +449,7 @@ def run_round(
             executor=executor,
             observe=observe,
             release_plan=release_plan,
+            prekeys=prekeys,
         )
     except _RoundFailed as failed:
         raise failed.aborted from failed.aborted.cause
@@ -283,11 +462,14 @@ def _round(
     executor: ThreadPoolExecutor | None,
     observe: Observer | None,
     release_plan: ReleasePlan | None,
+    prekeys: WarmKeys | None = None,
 ) -> RoundOutcome:
     """One round (module docstring); raises :class:`_RoundFailed`."""
     ordered = order_clients(clients, spec.parties)
     pingable: list[Pingable] = [c for c in ordered if isinstance(c, Pingable)]
     session_id = secrets.token_bytes(SESSION_ID_BYTES)
+    warm_clients = _warm_clients(ordered) if prekeys is not None else None
+    slot = prekeys.take(spec.parties) if prekeys is not None and warm_clients else None
     # one thread per party; a caller running many rounds passes its own pool (no start-up)
     pool = executor or ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="round")
     # what each party reported in its upload header (it charged its ledger before sending it)
@@ -299,38 +481,44 @@ def _round(
     lock = threading.Lock()
     try:
         try:
-            asked = [pool.submit(c.propose, session_id=session_id, spec=spec) for c in ordered]
-            wait(asked)  # every answer is in before any abort (an abort must follow its Propose)
-            failure = first_failure(asked)
-            if failure is not None:
-                raise failure
-            proposals = [f.result() for f in asked]
-            lengths = {p.length for p in proposals}
-            if len(lengths) != 1:
-                raise ProtocolError(f"parties disagree on the vector length: {sorted(lengths)}")
-            length = lengths.pop()
-            release = release_plan or plan(spec, vector_length=length)
-            if release.length != length:
-                raise ProtocolError(
-                    f"parties announced {length} words, the plan has {release.length}"
-                )
-            keys = signed_keys(proposals, spec.parties)
-            # a party that died or stopped while the others prepared is found now, before
-            # any party charges (docs/queries.md, "When a party fails")
-            pinged = [pool.submit(c.ping) for c in pingable]
-            wait(pinged)
-            failure = first_failure(pinged)
-            if failure is not None:
-                raise failure
-            total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
+            acc = _Sum(release=None, total=None)
+            keys: list[SignedKey] = []
+            if slot is None:
+                asked = [pool.submit(c.propose, session_id=session_id, spec=spec) for c in ordered]
+                wait(asked)  # every answer is in before any abort (an abort follows its Propose)
+                failure = first_failure(asked)
+                if failure is not None:
+                    raise failure
+                proposals = [f.result() for f in asked]
+                lengths = {p.length for p in proposals}
+                if len(lengths) != 1:
+                    raise ProtocolError(f"parties disagree on the vector length: {sorted(lengths)}")
+                acc.start(spec, release_plan, lengths.pop())
+                keys = signed_keys(proposals, spec.parties)
+                # a party that died or stopped while the others prepared is found now, before
+                # any party charges (docs/queries.md, "When a party fails")
+                pinged = [pool.submit(c.ping) for c in pingable]
+                wait(pinged)
+                failure = first_failure(pinged)
+                if failure is not None:
+                    raise failure
 
             def contribute(client: PartyClient) -> float:
-                stream = client.contribute(
-                    session_id=session_id, keys=keys, ring_bits=spec.ring_bits
-                )
+                if slot is None:
+                    stream = client.contribute(
+                        session_id=session_id, keys=keys, ring_bits=spec.ring_bits
+                    )
+                else:  # one round trip: the party checks, reserves and charges in this call
+                    assert isinstance(client, WarmPartyClient)
+                    stream = client.contribute_warm(
+                        session_id=session_id, spec=spec, keys=slot, ring_bits=spec.ring_bits
+                    )
                 with lock:
                     charged[client.party_id] = stream.epsilon_spent
-                return accumulate(stream, total, lock, client.party_id, observe, gave_up)
+                    if acc.total is None:  # warm: the first header tells the length
+                        acc.start(spec, release_plan, stream.length)
+                    assert acc.total is not None
+                return accumulate(stream, acc.total, lock, client.party_id, observe, gave_up)
 
             contributions = [pool.submit(contribute, c) for c in ordered]
             wait(contributions, return_when=FIRST_EXCEPTION)
@@ -358,10 +546,15 @@ def _round(
                     name="abort-silent",
                     daemon=True,
                 ).start()
-            aborts = abort_all(
-                [c for c in ordered if c.party_id not in silent],
-                session_id=session_id,
-                reason=str(exc),
+            # a warm round leaves no session pending at any party: nothing to abort
+            aborts = (
+                {}
+                if slot is not None
+                else abort_all(
+                    [c for c in ordered if c.party_id not in silent],
+                    session_id=session_id,
+                    reason=str(exc),
+                )
             )
             aborts.update((c.party_id, SILENT_ABORT) for c in ordered if c.party_id in silent)
             # the uploads whose header has not arrived finish or fail on their own
@@ -372,10 +565,12 @@ def _round(
                 failed = failed_at(pinged, pingable) or failed_at(asked, ordered)
             query_fault = not failed or not all(party_failure(e) for e in failed.values())
             aborted = _aborted(spec, exc, ordered, contributions, charged, aborts)
-            raise _RoundFailed(aborted, failed, query_fault) from exc
+            raise _RoundFailed(aborted, failed, query_fault, warm=slot is not None) from exc
     finally:
         if executor is None:
             pool.shutdown(wait=True)
+    release, total = acc.release, acc.total
+    assert release is not None and total is not None
     tensors: dict[str, NDArray[np.float64]] = {}
     offset = 0
     for t in release.tensors:
@@ -411,6 +606,7 @@ def run_query(
     left_out: Mapping[str, Exception] | None = None,
     executor: ThreadPoolExecutor | None = None,
     observe: Observer | None = None,
+    prekeys: WarmKeys | None = None,
 ) -> RoundOutcome:
     """Answer ``spec`` with the parties that do not fail (module docstring).
 
@@ -424,6 +620,8 @@ def run_query(
     are reported like the others. Raises :class:`QueryFailed` (a :class:`RoundAborted`)
     when no round can answer; a failure of the query itself in the first round, with
     nobody left out before it, raises that round's RoundAborted as :func:`run_round` does.
+    ``prekeys``: run warm rounds while it has slots for the roster, and fetch a new batch in
+    the background when it runs low (module docstring).
     """
     gone = dict(left_out or {})
     n = len(spec.parties) + len(gone)
@@ -431,6 +629,8 @@ def run_query(
     if isinstance(quorum, bool) or not isinstance(quorum, int) or not 2 <= quorum <= n:
         raise ParameterError("min_parties", min_parties, f"must be an int in [2, {n}]")
     reruns = len(spec.parties) - quorum  # each re-run leaves at least one party out
+    if prekeys is not None:
+        reruns += 1  # and one re-run after a refused pre-published key keeps every party
     if reruns > 0 and len(rerun_id(spec.query_id, reruns)) > MAX_QUERY_ID_CHARS:
         raise ParameterError(
             "query_id",
@@ -445,6 +645,7 @@ def run_query(
     first = next(iter(gone.values()), None)  # the first failure, for QueryFailed.cause
     roster = spec.parties
     k = 0
+    key_reruns = 0
     while True:
         check_roster(
             spec.query_id,
@@ -465,8 +666,18 @@ def run_query(
                 executor=executor,
                 observe=observe,
                 release_plan=release,
+                prekeys=prekeys,
             )
         except _RoundFailed as failed:
+            _refill_if_low(prekeys, [by_id[p] for p in roster])
+            stale = [p for p, e in failed.failed.items() if key_refusal(e)]
+            if prekeys is not None and failed.warm and stale and key_reruns == 0:
+                # keys the party no longer holds (restarted, expired): not its failure
+                for p in stale:
+                    prekeys.forget(p)
+                failed.failed = {p: e for p, e in failed.failed.items() if p not in stale}
+                failed.query_fault = not all(party_failure(e) for e in failed.failed.values())
+                key_reruns += 1
             attempt = Attempt(
                 query_id=current.query_id,
                 parties=current.parties,
@@ -493,6 +704,7 @@ def run_query(
             roster = tuple(p for p in roster if p not in failed.failed)
             k += 1
             continue
+        _refill_if_low(prekeys, [by_id[p] for p in roster])
         if attempts:
             log.info(
                 "query %s answered by %s after %d failed round(s)",
@@ -501,6 +713,16 @@ def run_query(
                 len(_real(attempts)),
             )
         return replace(outcome, attempts=tuple(attempts))
+
+
+def _refill_if_low(prekeys: WarmKeys | None, clients: Sequence[PartyClient]) -> None:
+    """Fetch a new batch of keys in the background when ``clients`` have fewer than half a
+    batch of warm rounds left (only where every client can run warm rounds)."""
+    if prekeys is None:
+        return
+    warm = _warm_clients(clients)
+    if warm and prekeys.slots_left([c.party_id for c in warm]) < max(1, prekeys.batch_size // 2):
+        prekeys.refill_in_background(warm)
 
 
 def _real(attempts: Sequence[Attempt]) -> list[Attempt]:
