@@ -28,10 +28,11 @@ each for one future round (mpcdp.protocol.session.PrekeyStore; nothing about the
 contribute_warm(session, spec, keys) from C: the checks of propose, in the same order, then
 the relayed keys (one per spec party, all of one batch and index, each signed for C and
 unexpired; mpcdp.protocol.session.check_prekeys); then this party's key is taken from the
-store (its use: a second call with it is refused), the budget reserved, the noisy vector
-built, the pair keys derived for the session id and the spec digest, the ledger charged and
-the upload returned, as contribute does. Any refusal comes before the reservation: nothing is
-charged.
+store (its use: a second call with it is refused), the pair keys derived for the session id
+and the spec digest, the noisy vector built, and the budget checked (within C's share,
+counting every reservation in flight) and charged in one durable write, the reservation and
+the charge at once, before the upload is returned as contribute returns it. Any refusal
+comes before that write: nothing is charged.
 """
 
 from __future__ import annotations
@@ -538,19 +539,16 @@ class PartyEngine(SessionHost):
                     session_id=session_id,
                     spec_digest=spec_digest,
                 )
-                self._reserve(spec, coordinator, view, release)
-                try:
-                    noisy = self._build(spec, view, release)
-                    if spec.mechanism == "none":
-                        log.warning(
-                            "exact release (mechanism none, no differential privacy) of "
-                            "dataset %r requested by %s",
-                            spec.dataset,
-                            coordinator,
-                        )
-                except BaseException:
-                    self.ledger.release(spec.query_id, coordinator=coordinator)
-                    raise
+                # the vector is built before the charge (a failure here charges nothing);
+                # the charge below is the reservation and the charge in one durable write
+                noisy = self._build(spec, view, release)
+                if spec.mechanism == "none":
+                    log.warning(
+                        "exact release (mechanism none, no differential privacy) of "
+                        "dataset %r requested by %s",
+                        spec.dataset,
+                        coordinator,
+                    )
                 with self._lock:
                     # used: never again; the slot stays taken until the upload ends
                     self._closed.add(session_id, "used")
@@ -563,7 +561,9 @@ class PartyEngine(SessionHost):
             spec.query_id,
             spec.statistic.value,
         )
-        return self._charge_and_mask(session_id, spec, release, noisy, pair_keys, coordinator)
+        return self._charge_and_mask(
+            session_id, spec, release, noisy, pair_keys, coordinator, reserved=False
+        )
 
     def _charge_and_mask(
         self,
@@ -573,18 +573,21 @@ class PartyEngine(SessionHost):
         noisy: ring.AnyRingVector,
         pair_keys: dict[int, bytes],
         coordinator: str,
+        *,
+        reserved: bool = True,
     ) -> Contribution:
-        """Charge the reservation (charge before release) and hand out the masked upload.
-        The session's slot is held by the upload (``_uploading``) on entry."""
+        """Charge (charge before release) and hand out the masked upload. ``reserved``: the
+        charge turns the query's reservation into the charge; else (a warm round) it checks
+        the budget, within the coordinator's share, and charges in one durable write. The
+        session's slot is held by the upload (``_uploading``) on entry."""
         try:
-            # the reservation becomes the charge
             charge = self.ledger.charge(
                 dataset=spec.dataset,
                 query_id=spec.query_id,
                 coordinator=coordinator,
                 event=release.event,
                 share=self.datasets[spec.dataset].config.share(coordinator),
-                reserved=True,
+                reserved=reserved,
                 note=_note(spec),
             )
         except BaseException as exc:

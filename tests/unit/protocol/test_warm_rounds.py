@@ -361,3 +361,14 @@ def test_a_refused_key_keeps_its_party_and_the_query_runs_cold(
         assert out.attempts and out.attempts[0].failed == {}
     finally:
         clients[2].engine.close()
+
+
+def test_a_warm_charge_counts_the_reservations_in_flight(engines: dict[str, PartyEngine]) -> None:
+    alice = engines["alice"]  # budget 3
+    alice.propose(session_id=secrets.token_bytes(16), spec=spec(epsilon="2"), coordinator="other")
+    _, keys = _batch(engines)
+    with pytest.raises(BudgetExceededError):
+        _warm(alice, spec(epsilon="1.5"), _slot(keys, 0))
+    assert _queries(alice) == 0
+    _warm(alice, spec(epsilon="1"), _slot(keys, 1))
+    assert _queries(alice) == 1
