@@ -521,6 +521,10 @@ def train(
                     save(done)  # saved before it is reported
                     if on_epoch is not None:
                         on_epoch(rec)
+                elif outcome.new_session and start < done < end:
+                    # the sites charged a new block with this step (a new roster): what they
+                    # paid for is kept should the coordinator stop before the epoch ends
+                    save(done)
             revealed = roster.audit_inclusion
         except RosterExhausted:
             if done > start:

@@ -81,6 +81,8 @@ class RosterStep:
 
     total: NDArray[np.int32] | NDArray[np.int64]
     parties: tuple[str, ...]
+    #: the step was the first of a new session (each site charged a new block for it)
+    new_session: bool = False
 
 
 class RosterExhausted(RoundAborted):
@@ -223,7 +225,7 @@ class TrainingRoster:
             for p in roster:
                 self.contributed[p] += 1
                 self._fails.pop(p, None)
-            return RosterStep(total=total, parties=roster)
+            return RosterStep(total=total, parties=roster, new_session=full)
 
     def close(self) -> None:
         self._drop_session()

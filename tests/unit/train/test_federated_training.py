@@ -323,3 +323,31 @@ def test_set_flat_gradients_slices_in_order_and_refuses_a_wrong_length() -> None
     for bad in (torch.zeros(10), torch.zeros(11, 1)):
         with pytest.raises(ParameterError, match="must be 1-D with 11 values"):
             set_flat_gradients(params, bad)
+
+
+def test_a_checkpoint_is_written_at_every_charged_block(grpc_sites: Net, tmp_path: Path) -> None:
+    """Each new session charges a new block at every site: the checkpoint is saved right
+    after its first step, so a coordinator that stops mid-epoch (here: an error at step 6)
+    keeps every block paid for: the run's first step, then the re-run's after carlos went
+    down at step 3."""
+    ckpt = tmp_path / "run.pt"
+    saved: list[int] = []
+
+    def on_step(info: object) -> None:
+        step = info.step  # type: ignore[attr-defined]
+        if ckpt.exists():
+            saved.append(int(torch.load(ckpt, weights_only=False)["step"]))
+        if step == 3:
+            grpc_sites.nodes["carlos"].stop(0)
+        if step == 6:
+            raise KeyboardInterrupt  # the coordinator stops mid-epoch
+
+    with Federation.from_config(grpc_sites.federation) as fed:
+        with pytest.raises(KeyboardInterrupt):
+            train(
+                clients=fed.clients, dataset="ex", model=MODEL,
+                examples=dict.fromkeys(PARTIES, 40), target_epsilon=8.0, target_delta=1e-5,
+                epochs=2, batch_size=12, checkpoint=ckpt, on_step=on_step, min_parties=2,
+            )  # fmt: skip
+    assert saved[0] == 1  # the first block, saved after the run's first step
+    assert torch.load(ckpt, weights_only=False)["step"] == 4  # the re-run's block
