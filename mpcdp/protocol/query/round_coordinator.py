@@ -225,7 +225,7 @@ class WarmKeys:
         def one(c: WarmPartyClient) -> list[Prekey] | None:
             try:
                 return c.prekeys(batch_id=batch_id, count=self.batch_size, ttl_s=self.ttl_s)
-            except MpcdpError as exc:
+            except Exception as exc:  # a refusal, or a client closed meanwhile: no keys
                 log.info("party %s gave no pre-published keys: %s", c.party_id, exc)
                 return None
 
