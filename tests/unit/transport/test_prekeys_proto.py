@@ -168,7 +168,13 @@ def test_malformed_prekey_requests_name_the_field(
             version=PROTOCOL_VERSION, batch_id=secrets.token_bytes(16), count=count, ttl_s=ttl_s
         )
         _refused(grpc.StatusCode.INVALID_ARGUMENT, needle, lambda r=request: alice.Prekeys(r))
+    short = pb.PrekeysRequest(version=PROTOCOL_VERSION, batch_id=b"short", count=1, ttl_s=60)
+    _refused(grpc.StatusCode.INVALID_ARGUMENT, "batch_id", lambda: alice.Prekeys(short))
     keys = _publish(net)
+    cut = [pb.Prekey(), *_slot(keys, 0)[1:]]
+    cut[0].CopyFrom(_slot(keys, 0)[0])
+    cut[0].batch_id = b"short"
+    _refused(grpc.StatusCode.INVALID_ARGUMENT, "batch_id", lambda: _warm(alice, cut))
     both = pb.ContributeRequest(
         version=PROTOCOL_VERSION,
         session_id=secrets.token_bytes(16),
