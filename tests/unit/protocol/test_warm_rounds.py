@@ -372,3 +372,17 @@ def test_a_warm_charge_counts_the_reservations_in_flight(engines: dict[str, Part
     assert _queries(alice) == 0
     _warm(alice, spec(epsilon="1"), _slot(keys, 1))
     assert _queries(alice) == 1
+
+
+def test_a_slot_close_to_its_expiry_is_not_handed_out(
+    engines: dict[str, PartyEngine], clock: Clock
+) -> None:
+    clients = [WarmDirect(e) for e in engines.values()]
+    ring = WarmKeys(batch_size=4, ttl_s=100, margin_s=30, clock=clock)
+    ring.refill(clients)
+    assert ring.slots_left(PARTIES) == 4
+    first = ring.take(PARTIES)
+    assert first is not None and ring.take(PARTIES) != first  # each slot once
+    assert ring.take(("alice", "bob", "dave")) is None  # no keys of dave
+    clock.now += 71  # 29 s left: a round might arrive after the expiry
+    assert ring.take(PARTIES) is None and ring.slots_left(PARTIES) == 0
