@@ -233,6 +233,8 @@ class Federation:
         counts), the same coordinator loop and update, and simulated sites holding ``data``
         (the coordinator's own public examples (x, y)) or, when None, synthetic examples of
         the sites' declared feature shape and classes. ``options`` are ``train``'s."""
+        import hashlib
+
         import numpy as np
 
         from mpcdp.mpc.rng import csprng
@@ -256,7 +258,12 @@ class Federation:
                 feature_shape=shape,
                 num_classes=classes,
                 count=max(sum(examples.values()), 2 * classes),
-                rng=csprng(),
+                # a seed makes the whole dry run repeatable, its synthetic data included
+                rng=csprng(
+                    key=None
+                    if seed is None
+                    else hashlib.sha256(b"synthetic %d" % seed).digest()[:16]
+                ),
             )
             options.setdefault("eval_data", (np.asarray(data[0]), np.asarray(data[1])))
         return dry_run(

@@ -341,7 +341,7 @@ def train(
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             where = (
-                f"progress up to the last finished epoch is in {checkpoint}; run the same "
+                f"every step done is in {checkpoint}; run the same "
                 "command again to resume"
                 if checkpoint is not None
                 else "no --checkpoint was given, so the progress is lost"

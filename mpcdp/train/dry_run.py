@@ -180,8 +180,15 @@ def dry_run(
     for name in ("clients", "audit_canaries", "checkpoint"):
         if options.get(name):
             raise ParameterError(name, options[name], "is not taken by a dry run")
-    # the samplers take only a CSPRNG (mpcdp.mpc.rng); a seed makes the dry run repeatable
-    rng = csprng(key=None if seed is None else hashlib.sha256(b"dry run %d" % seed).digest()[:16])
+
+    # the samplers take only a CSPRNG (mpcdp.mpc.rng); a seed makes the dry run repeatable:
+    # one generator for the split, and one per site (the sites run in parallel threads)
+    def generator(label: str) -> np.random.Generator:
+        if seed is None:
+            return csprng()
+        return csprng(key=hashlib.sha256(f"dry run {seed} {label}".encode()).digest()[:16])
+
+    rng = generator("split")
     build = model_factory_for(
         model, default=build_model, python_path=python_path, model_options=model_options
     )
@@ -198,7 +205,9 @@ def dry_run(
     for party, count in examples.items():
         pick = rng.integers(0, len(x), size=count)
         held = Examples(path=Path("<dry run>"), x=x[pick], y=y[pick], num_classes=num_classes)
-        sites.append(_SimulatedSite(party, held, build=build, rng=rng, loss_fn=loss_fn))
+        sites.append(
+            _SimulatedSite(party, held, build=build, rng=generator(party), loss_fn=loss_fn)
+        )
     log.info("dry run: %d simulated sites, %d examples in all", len(sites), sum(examples.values()))
     try:
         return train(

@@ -40,7 +40,7 @@ from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import ring
 from mpcdp.protocol.training import TrainingClient, TrainSpec
-from mpcdp.protocol.training.roster import RosterChange, RosterExhausted, TrainingRoster
+from mpcdp.protocol.training.roster import RosterChange, TrainingRoster
 from mpcdp.protocol.training.train_spec import encode_model_options
 from mpcdp.train.audit_run import (
     AuditPreflight,
@@ -526,9 +526,11 @@ def train(
                     # paid for is kept should the coordinator stop before the epoch ends
                     save(done)
             revealed = roster.audit_inclusion
-        except RosterExhausted:
+        except BaseException:
+            # stopped (too few sites, a refusal, Ctrl-C, an error): what the sites paid for
+            # is kept, with each site's count of steps, and rerunning resumes here
             if done > start:
-                save(done)  # what the sites paid for is kept: rerunning resumes here
+                save(done)
             raise
         finally:
             roster.close()

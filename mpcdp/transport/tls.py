@@ -35,6 +35,15 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
+#: A party that was down is tried again within seconds once it is back (gRPC's default
+#: back-off grows to 120 s, so a restarted site would look dead for up to two minutes and
+#: could not rejoin a training run or answer a query before then).
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -102,7 +111,11 @@ def channel(address: str, *, creds: Credentials, server_name: str) -> grpc.Chann
     cc = grpc.ssl_channel_credentials(
         root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem
     )
-    options = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+    options = [
+        *GRPC_OPTIONS,
+        ("grpc.ssl_target_name_override", server_name),
+        *RECONNECT_OPTIONS,
+    ]
     return grpc.secure_channel(address, cc, options=options)
 
 

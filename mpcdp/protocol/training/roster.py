@@ -20,8 +20,10 @@ that attempt as well as for the re-run, because the coordinator could have kept 
 (a coordinator that falsely claims a site failed, and later completes the first attempt's
 sum with that site's late upload, learns nothing the sites did not pay for). The coordinator
 counts the uploads it saw begin to arrive (:attr:`TrainingRoster.uploads`); the sites'
-accountants count the same, up to a site killed mid-step (its own ledger may hold that one
-step more: it cannot know whether the upload left).
+ledgers hold the same, except that a site left out with a step in flight (its upload left
+as the deadline passed) may hold that step more, and a site killed in the middle of a block
+holds the rest of the block (after a crash it cannot know which of its steps left it). The
+ledgers never hold less.
 
 Pause: a roster below ``min_parties``, or with no honest site (n' - t < 1), runs nothing;
 the coordinator asks the absent sites every ``rejoin_interval_s`` and resumes as soon as

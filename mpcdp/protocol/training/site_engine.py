@@ -150,12 +150,13 @@ class TrainingEngine(SessionHost):
     # -- open -------------------------------------------------------------------------------
 
     def open(self, *, session_id: bytes, spec: TrainSpec, coordinator: str) -> Proposal:
+        # before a slot is taken: stale sessions of the run must not hold the slots
+        self._supersede(spec, coordinator)
         with self._claiming(session_id, coordinator):
             return self._open(session_id, spec, coordinator)
 
     def _open(self, session_id: bytes, spec: TrainSpec, coordinator: str) -> Proposal:
         self.party.check_parties(parties=spec.parties, colluders=spec.colluders)
-        self._supersede(spec, coordinator)
         # every parameter that decides this site's noise is in its samplers' exact range
         mechanism(spec).check_range(honest=spec.honest)
         task = self.tasks.get(spec.dataset)

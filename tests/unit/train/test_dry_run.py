@@ -103,15 +103,29 @@ def test_a_federation_s_dry_run_asks_no_site_to_train_and_charges_nothing(tmp_pa
     only; synthetic data of their shape stand in for theirs; no session is opened at any
     site and every ledger is untouched."""
     net = build_net(tmp_path, extra=examples_toml(tmp_path))
+    opened: list[str] = []
+    for p, node in net.nodes.items():  # every TrainOpen any site gets is recorded
+        assert node.training is not None
+        real = node.training.open
+
+        def counted(*, _p: str = p, _real: Any = real, **kw: Any) -> Any:
+            opened.append(_p)
+            return _real(**kw)
+
+        node.training.open = counted  # type: ignore[method-assign]
     try:
         with Federation.from_config(net.federation) as fed:
             result = fed.dry_run(dataset="ex", model=MODEL, learning_rate=0.05, seed=5, **OPTIONS)
         assert result.plan.parties == PARTIES and result.plan.examples == (40, 40, 40)
         assert result.final_accuracy is not None and result.final_accuracy > 0.5
+        assert opened == []  # no site was asked to train
         for p in PARTIES:
-            node = net.nodes[p]
-            assert node.ledger.charges("ex") == []
-            assert node.training is not None and not node.training._sessions
+            assert net.nodes[p].ledger.charges("ex") == []
+        # a seed makes the dry run repeatable, its synthetic data included
+        with Federation.from_config(net.federation) as fed:
+            again = fed.dry_run(dataset="ex", model=MODEL, learning_rate=0.05, seed=5, **OPTIONS)
+        assert again.final_accuracy == result.final_accuracy
+        assert again.history[-1].test_loss == result.history[-1].test_loss
     finally:
         net.stop()
 

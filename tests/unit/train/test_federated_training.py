@@ -327,9 +327,9 @@ def test_set_flat_gradients_slices_in_order_and_refuses_a_wrong_length() -> None
 
 def test_a_checkpoint_is_written_at_every_charged_block(grpc_sites: Net, tmp_path: Path) -> None:
     """Each new session charges a new block at every site: the checkpoint is saved right
-    after its first step, so a coordinator that stops mid-epoch (here: an error at step 6)
-    keeps every block paid for: the run's first step, then the re-run's after carlos went
-    down at step 3."""
+    after its first step (the run's first, then the re-run's after carlos went down at step
+    3), and a coordinator that stops mid-epoch (here: Ctrl-C at step 6) saves every step
+    done, so nothing paid for is lost."""
     ckpt = tmp_path / "run.pt"
     saved: list[int] = []
 
@@ -349,5 +349,9 @@ def test_a_checkpoint_is_written_at_every_charged_block(grpc_sites: Net, tmp_pat
                 examples=dict.fromkeys(PARTIES, 40), target_epsilon=8.0, target_delta=1e-5,
                 epochs=2, batch_size=12, checkpoint=ckpt, on_step=on_step, min_parties=2,
             )  # fmt: skip
-    assert saved[0] == 1  # the first block, saved after the run's first step
-    assert torch.load(ckpt, weights_only=False)["step"] == 4  # the re-run's block
+    # seen at steps 2..6: the first block (after the run's first step), then the re-run's
+    # (after its first step, 4), before any epoch ended
+    assert saved == [1, 1, 1, 4, 4]
+    # and the stop itself saves every step done, with each site's count of steps
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 6 and state["sites"]["uploads"]["carlos"] == 3

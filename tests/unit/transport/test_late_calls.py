@@ -89,3 +89,31 @@ def test_a_late_contribute_is_refused_and_charges_nothing(
     assert node.ledger.charges("raises") == [] and node.ledger.reserved_epsilon("raises") == 0
     with pytest.raises(SessionError, match="closed"):
         node.engine.contribute(session_id=sid, keys=[], coordinator="analyst")
+
+
+@pytest.mark.parametrize(
+    ("stall_end_s", "stall_s", "late"),
+    [
+        (+1.0, 12.0, True),  # stalled after the session's last exchange, longer than 10 s left
+        (+1.0, 3.0, False),  # a stall shorter than the time left
+        (-5.0, 12.0, False),  # the stall ended before the session's last exchange
+    ],
+)
+def test_a_training_step_that_waited_out_a_stall_is_late(
+    net: Net, stall_end_s: float, stall_s: float, late: bool
+) -> None:
+    """A TrainStep read after this party was stopped looks fresh to gRPC (its deadline runs
+    from when the party reads it): it is late when the party stalled, since the session's
+    previous exchange (TrainOpen, or the end of the previous step), for longer than the time
+    the call has left; the engine then refuses it before the charge and before the upload
+    (tests/unit/protocol/test_training_roster.py)."""
+    node = net.nodes["alice"]
+    servicer = srv.PartyServicer(
+        node.engine, coordinators=frozenset({"analyst"}), describe=node.describe
+    )
+    sid = secrets.token_bytes(16)
+    now = time.monotonic()
+    servicer._remember(sid)  # the session's last exchange: now
+    servicer._suspensions = _quiet_suspensions([(now + stall_end_s, stall_s)])
+    since = servicer._proposed[sid]
+    assert servicer._in_time(_Context(left=10.0), since=since) is not late  # type: ignore[arg-type]
