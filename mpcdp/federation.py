@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpcdp.config.party_config import FederationConfig, load_federation_config
-from mpcdp.errors import ParameterError, PartyError
+from mpcdp.errors import ParameterError, PartyError, valid_names
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.query.plan import ReleasePlan, fit
 from mpcdp.protocol.query.query_result import (
@@ -166,7 +166,12 @@ class Federation:
         for party, resp in self.describe().items():
             ds = next((d for d in resp.datasets if d.name == dataset), None)
             if ds is None:
-                raise ParameterError("dataset", dataset, f"is not a dataset of party {party!r}")
+                raise ParameterError(
+                    "dataset",
+                    dataset,
+                    f"is not a dataset of party {party!r} "
+                    f"({valid_names(dataset, (d.name for d in resp.datasets))})",
+                )
             out[party] = float(ds.coordinator_remaining_epsilon)
         return out
 
@@ -176,8 +181,12 @@ class Federation:
         for party, resp in self.describe().items():
             ds = next((d for d in resp.datasets if d.name == dataset), None)
             if ds is None or ds.kind != "examples":
+                offered = (d.name for d in resp.datasets if d.kind == "examples")
                 raise ParameterError(
-                    "dataset", dataset, f"is not an example dataset of party {party!r}"
+                    "dataset",
+                    dataset,
+                    f"is not an example dataset of party {party!r} "
+                    f"({valid_names(dataset, offered)})",
                 )
             out[party] = int(ds.length)
         return out
@@ -282,11 +291,19 @@ class Federation:
         for party, resp in (self.describe() if answers is None else answers).items():
             ds = next((d for d in resp.datasets if d.name == dataset), None)
             if ds is None:
-                raise ParameterError("dataset", dataset, f"is not offered by party {party!r}")
+                raise ParameterError(
+                    "dataset",
+                    dataset,
+                    f"is not offered by party {party!r} "
+                    f"({valid_names(dataset, (d.name for d in resp.datasets))})",
+                )
             c = next((c for c in ds.columns if c.name == column), None)
             if column and c is None:
                 raise ParameterError(
-                    "column", column, f"is not a column of {dataset!r} at {party!r}"
+                    "column",
+                    column,
+                    f"is not a column of {dataset!r} at {party!r} "
+                    f"({valid_names(column, (c.name for c in ds.columns))})",
                 )
             seen[party] = (
                 ds.kind,

@@ -355,3 +355,15 @@ def test_a_checkpoint_is_written_at_every_charged_block(grpc_sites: Net, tmp_pat
     # and the stop itself saves every step done, with each site's count of steps
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 6 and state["sites"]["uploads"]["carlos"] == 3
+
+
+def test_a_misspelled_dataset_or_column_lists_the_valid_names_from_python(
+    grpc_sites: Net,
+) -> None:
+    with Federation.from_config(grpc_sites.federation) as fed:
+        with pytest.raises(ParameterError, match=r"did you mean 'ex'\? valid names: ex\)$"):
+            fed.examples("exx")
+        with pytest.raises(ParameterError, match="did you mean 'raises'"):
+            fed.budget_left("raisez")
+        with pytest.raises(ParameterError, match="did you mean 'raise'"):
+            fed.mean(dataset="raises", column="raize", epsilon=1.0)
