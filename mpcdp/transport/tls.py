@@ -37,10 +37,11 @@ GRPC_OPTIONS = [
 
 #: A party that was down is tried again within seconds once it is back (gRPC's default
 #: back-off grows to 120 s, so a restarted site would look dead for up to two minutes and
-#: could not rejoin a training run or answer a query before then).
+#: could not rejoin a training run or answer a query before then). The minimum connect
+#: timeout stays gRPC's (20 s): lowering it would turn a slow handshake, or a stopped party,
+#: into a refused connection instead of a call that waits for its deadline.
 RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.initial_reconnect_backoff_ms", 1000),
     ("grpc.max_reconnect_backoff_ms", 5000),
 ]
 
