@@ -341,8 +341,7 @@ def train(
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             where = (
-                f"every step done is in {checkpoint}; run the same "
-                "command again to resume"
+                f"every step done is in {checkpoint}; run the same command again to resume"
                 if checkpoint is not None
                 else "no --checkpoint was given, so the progress is lost"
             )
