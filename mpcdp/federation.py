@@ -207,17 +207,7 @@ class Federation:
         options.setdefault("min_parties", self.config.quorum)
         if options.get("audit_canaries") and options.get("audit_kind") == "black-box":
             # input canaries take the shape and classes every site declares (public)
-            shapes = {
-                (tuple(d.feature_shape), int(d.num_classes))
-                for resp in self.describe().values()
-                for d in resp.datasets
-                if d.name == dataset
-            }
-            if len(shapes) != 1:
-                raise ParameterError(
-                    "dataset", dataset, f"sites declare different shapes/classes: {shapes}"
-                )
-            shape, classes = shapes.pop()
+            shape, classes = self._declared_shape(dataset)
             options.setdefault("feature_shape", shape)
             options.setdefault("num_classes", classes)
         return train(
@@ -227,6 +217,21 @@ class Federation:
             examples=self.examples(dataset),
             **options,
         )
+
+    def _declared_shape(self, dataset: str) -> tuple[tuple[int, ...], int]:
+        """The feature shape and number of classes every site declares for the example
+        dataset ``dataset`` (public), refused when they differ."""
+        shapes = {
+            (tuple(d.feature_shape), int(d.num_classes))
+            for resp in self.describe().values()
+            for d in resp.datasets
+            if d.name == dataset
+        }
+        if len(shapes) != 1:
+            raise ParameterError(
+                "dataset", dataset, f"sites declare different shapes/classes: {shapes}"
+            )
+        return shapes.pop()
 
     def dry_run(
         self,
@@ -252,17 +257,7 @@ class Federation:
         examples = self.examples(dataset)
         options.setdefault("colluders", self.config.colluders)
         if data is None:
-            shapes = {
-                (tuple(d.feature_shape), int(d.num_classes))
-                for resp in self.describe().values()
-                for d in resp.datasets
-                if d.name == dataset
-            }
-            if len(shapes) != 1:
-                raise ParameterError(
-                    "dataset", dataset, f"sites declare different shapes/classes: {shapes}"
-                )
-            shape, classes = shapes.pop()
+            shape, classes = self._declared_shape(dataset)
             data = synthetic_data(
                 feature_shape=shape,
                 num_classes=classes,

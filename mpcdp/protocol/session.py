@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -258,6 +258,25 @@ def unavailable(dataset: str, party_id: str) -> str:
     )
 
 
+_K = TypeVar("_K", identity.SignedKey, identity.Prekey)
+
+
+def one_per_party(keys: Sequence[_K], parties: Sequence[str], *, what: str) -> dict[str, _K]:
+    """Party id -> its key, when ``keys`` hold exactly one key per party of ``parties``;
+    ProtocolError naming the duplicate, or the missing and extra parties, otherwise
+    (``what`` names the kind of key in the message)."""
+    by_party: dict[str, _K] = {}
+    for k in keys:
+        if k.party_id in by_party:
+            raise ProtocolError(f"two {what}s for party {k.party_id!r}")
+        by_party[k.party_id] = k
+    if set(by_party) != set(parties):
+        missing = sorted(set(parties) - set(by_party))
+        extra = sorted(set(by_party) - set(parties))
+        raise ProtocolError(f"{what}s do not match the parties: missing {missing}, extra {extra}")
+    return by_party
+
+
 def session_pair_keys(
     *,
     party_id: str,
@@ -276,17 +295,7 @@ def session_pair_keys(
     what it signed (``own``), every other one validly signed over ``spec_digest`` by a
     certificate of ``ca`` for the party it names.
     """
-    by_party: dict[str, identity.SignedKey] = {}
-    for k in keys:
-        if k.party_id in by_party:
-            raise ProtocolError(f"two signed keys for party {k.party_id!r}")
-        by_party[k.party_id] = k
-    if set(by_party) != set(parties):
-        missing = sorted(set(parties) - set(by_party))
-        extra = sorted(set(by_party) - set(parties))
-        raise ProtocolError(
-            f"signed keys do not match the parties: missing {missing}, extra {extra}"
-        )
+    by_party = one_per_party(keys, parties, what="signed key")
     mine = by_party[party_id]
     if not hmac.compare_digest(mine.public_key, own.public_key) or mine.signature != own.signature:
         raise AuthError("the relayed key of this party is not the one it signed")
@@ -325,17 +334,7 @@ def check_prekeys(
     batch, one index: keys of two batches or two slots are refused), each validly signed by
     the party it names for ``coordinator`` and unexpired at ``now`` (Unix seconds).
     """
-    by_party: dict[str, identity.Prekey] = {}
-    for k in keys:
-        if k.party_id in by_party:
-            raise ProtocolError(f"two {identity.PREKEY_REFUSAL}s for party {k.party_id!r}")
-        by_party[k.party_id] = k
-    if set(by_party) != set(parties):
-        missing = sorted(set(parties) - set(by_party))
-        extra = sorted(set(by_party) - set(parties))
-        raise ProtocolError(
-            f"{identity.PREKEY_REFUSAL}s do not match the parties: missing {missing}, extra {extra}"
-        )
+    by_party = one_per_party(keys, parties, what=identity.PREKEY_REFUSAL)
     mine = by_party[party_id]
     for k in keys:
         if k.slot != mine.slot:

@@ -60,7 +60,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
         fed.stop()
 
 
-def _up(net: LocalFederation) -> None:
+def all_up(net: LocalFederation) -> None:
     """Every party running and answering (restart the dead, resume the stopped)."""
     for p, proc in net.processes.items():
         if proc.poll() is None:
@@ -112,7 +112,7 @@ def kill_after_propose(net: LocalFederation, party: str) -> type[GrpcPartyClient
 
 
 def test_a_party_killed_mid_query_is_left_out_and_charged_nothing(net: LocalFederation) -> None:
-    _up(net)
+    all_up(net)
     before = {p: charges(net, p) for p in PARTIES}
     with federation(net, min_parties=2) as fed:
         hook(fed, "carlos", kill_after_propose(net, "carlos"))
@@ -156,7 +156,7 @@ def test_a_party_killed_mid_query_is_left_out_and_charged_nothing(net: LocalFede
 
 
 def test_no_honest_share_left_fails_and_charges_nothing(net: LocalFederation) -> None:
-    _up(net)
+    all_up(net)
     before = {p: charges(net, p) for p in PARTIES}
     with federation(net, min_parties=2) as fed:
         hook(fed, "bob", kill_after_propose(net, "bob"))
@@ -176,7 +176,7 @@ def test_no_honest_share_left_fails_and_charges_nothing(net: LocalFederation) ->
 def test_a_stopped_party_is_left_out_and_its_late_contribute_refused(
     net: LocalFederation,
 ) -> None:
-    _up(net)
+    all_up(net)
     before = {p: charges(net, p) for p in PARTIES}
 
     class StopBeforeContribute(GrpcPartyClient):

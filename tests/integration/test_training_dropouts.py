@@ -12,7 +12,6 @@ cannot tell which of the block's steps left it; at most steps_per_charge more).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import signal
 import threading
@@ -25,13 +24,13 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mpcdp.config.party_config import load_federation_config
 from mpcdp.dp import events as ev
 from mpcdp.dp.ledger import BudgetLedger
 from mpcdp.federation import Federation
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.training.roster import RosterChange
 from mpcdp.train.federated import StepInfo, TrainingResult
+from tests.integration.test_dropouts import all_up, federation
 from tests.training_support import MODEL, example_data
 
 pytestmark = pytest.mark.slow
@@ -73,17 +72,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]
 def net(sites: LocalFederation) -> LocalFederation:
     """The module's federation with every site running and answering (the dead restarted,
     the stopped resumed)."""
-    for p, proc in sites.processes.items():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-        else:
-            sites.restart(p)
+    all_up(sites)
     return sites
-
-
-def _federation(net: LocalFederation, *, min_parties: int) -> Federation:
-    config = load_federation_config(net.federation_config)
-    return Federation(dataclasses.replace(config, min_parties=min_parties))
 
 
 def _ledger_steps(net: LocalFederation, site: str, run_id: str) -> int:
@@ -141,7 +131,7 @@ def test_stopped_and_restarted_sites_are_left_out_and_rejoin(net: LocalFederatio
         elif info.step > 26 and not any("dana" in c.joined for c in changes):
             time.sleep(1.0)  # steps slow down until dana's health check has found it back
 
-    with _federation(net, min_parties=3) as fed:
+    with federation(net, min_parties=3) as fed:
         result = _train(fed, on_step=on_step, on_roster_change=changes.append)
     assert result.steps_done == result.plan.steps == 40
     left = [c for c in result.roster_changes if "carlos" in c.left]
@@ -223,7 +213,7 @@ def test_chaos_during_training(net: LocalFederation) -> None:
         time.sleep(0.15)
 
     try:
-        with _federation(net, min_parties=2) as fed:
+        with federation(net, min_parties=2) as fed:
             result = _train(fed, epochs=6, max_pause_s=60.0, on_step=on_step)
     finally:
         stop.set()

@@ -187,10 +187,6 @@ class TrainingRoster:
         return tuple(p for p in self._order if p in self._present)
 
     @property
-    def budget_remaining(self) -> dict[str, float]:
-        return {} if self._session is None else dict(self._session.budget_remaining)
-
-    @property
     def audit_inclusion(self) -> dict[str, NDArray[np.bool_]]:
         return {} if self._session is None else dict(self._session.audit_inclusion)
 
@@ -378,15 +374,8 @@ class TrainingRoster:
 def _answering(clients: Sequence[TrainingClient]) -> set[str]:
     """The sites among ``clients`` that answer a health check now (a client without one is
     taken to answer: opening a session asks it)."""
-    back = set()
-    for c in clients:
-        if isinstance(c, Pingable):
-            try:
-                c.ping()
-            except Exception:  # any failure means: not back yet
-                continue
-        back.add(c.party_id)
-    return back
+    silent = _not_answering(clients)
+    return {c.party_id for c in clients if c.party_id not in silent}
 
 
 def _not_answering(clients: Sequence[TrainingClient]) -> dict[str, BaseException]:
