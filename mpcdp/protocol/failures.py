@@ -19,6 +19,7 @@ Nothing happens at import time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -186,6 +187,26 @@ SILENT_ABORT = (
     "it gave no answer in time; the abort is sent again in the background until it "
     "arrives, and its session expires there anyway"
 )
+
+
+def no_answer(exc: BaseException) -> bool:
+    """A failure without an answer in time: the party may be stopped, and an abort sent to
+    it now would wait out its deadline too."""
+    return isinstance(exc, PartyError) and exc.code == "DEADLINE_EXCEEDED"
+
+
+def abort_in_background(clients: Sequence[Abortable], *, session_id: bytes, reason: str) -> None:
+    """:func:`abort_until_delivered` on a thread of its own, for the parties that gave no
+    answer in time: the caller's re-run need not wait on them (their sessions expire there
+    anyway)."""
+    if clients:
+        threading.Thread(
+            target=abort_until_delivered,
+            args=(list(clients),),
+            kwargs={"session_id": session_id, "reason": reason},
+            name="abort-silent",
+            daemon=True,
+        ).start()
 
 
 def abort_until_delivered(clients: Sequence[Abortable], *, session_id: bytes, reason: str) -> None:

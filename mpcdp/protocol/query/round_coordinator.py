@@ -68,9 +68,10 @@ from mpcdp.protocol.failures import (
     GaveUp,
     Pingable,
     abort_all,
-    abort_until_delivered,
+    abort_in_background,
     failed_at,
     first_failure,
+    no_answer,
     order_clients,
     party_failure,
     refused,
@@ -536,16 +537,11 @@ def _round(
                 p
                 for futures, who in ((asked, ordered), (pinged, pingable), (contributions, ordered))
                 for p, e in failed_at(futures, who).items()
-                if isinstance(e, PartyError) and e.code == "DEADLINE_EXCEEDED"
+                if no_answer(e)
             }
-            if silent:
-                threading.Thread(
-                    target=abort_until_delivered,
-                    args=([c for c in ordered if c.party_id in silent],),
-                    kwargs={"session_id": session_id, "reason": str(exc)},
-                    name="abort-silent",
-                    daemon=True,
-                ).start()
+            abort_in_background(
+                [c for c in ordered if c.party_id in silent], session_id=session_id, reason=str(exc)
+            )
             # a warm round leaves no session pending at any party: nothing to abort
             aborts = (
                 {}

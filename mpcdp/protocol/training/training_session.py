@@ -30,8 +30,9 @@ from mpcdp.protocol import identity
 from mpcdp.protocol.failures import (
     GaveUp,
     abort_all,
-    abort_until_delivered,
+    abort_in_background,
     failed_at,
+    no_answer,
     order_clients,
     party_failure,
     signed_keys,
@@ -90,6 +91,18 @@ class SessionFailed(RoundAborted):
         self.party_fault = party_fault
         self.uploaded = tuple(uploaded)
 
+    @classmethod
+    def of(cls, what: str, failed: Mapping[str, BaseException]) -> SessionFailed:
+        """The failure of sites ``failed`` (site -> its error, at least one), caused by the
+        first; the sites' own fault when every error says so (FAILURES)."""
+        first = next(iter(failed.values()))
+        cause = first if isinstance(first, Exception) else RuntimeError(str(first))
+        exc = cls(
+            what, cause, failed=failed, party_fault=all(party_failure(e) for e in failed.values())
+        )
+        exc.__cause__ = first
+        return exc
+
 
 #: how long past a step's deadline the coordinator waits for an in-process site that has no
 #: deadline of its own (a gRPC site's call ends at the deadline itself)
@@ -135,13 +148,7 @@ class TrainingSession:
             wait(asked)
             failed = failed_at(asked, self.clients)
             if failed:
-                first = next(iter(failed.values()))
-                raise SessionFailed(
-                    self.spec.run_id,
-                    first if isinstance(first, Exception) else RuntimeError(str(first)),
-                    failed=failed,
-                    party_fault=all(party_failure(e) for e in failed.values()),
-                ) from first
+                raise SessionFailed.of(self.spec.run_id, failed)
             proposals = [f.result() for f in asked]
             keys = signed_keys(proposals, self.spec.parties)
             for p, pid in zip(proposals, self.spec.parties, strict=True):
@@ -227,21 +234,14 @@ class TrainingSession:
         try:
             failed = self._step_failures(futures)
             if failed:
-                cause = next(iter(failed.values()))
-                raise SessionFailed(
-                    f"{self.spec.run_id} step {step}",
-                    cause if isinstance(cause, Exception) else RuntimeError(str(cause)),
-                    failed=failed,
-                    party_fault=all(party_failure(e) for e in failed.values()),
-                    uploaded=list(uploaded),
-                ) from cause
+                raise SessionFailed.of(f"{self.spec.run_id} step {step}", failed)
             remaining = [f.result() for f in futures]
             self._check_reveals(reveals, last=last)
         except Exception as exc:
             with lock:
                 gave_up.set()  # from now on no upload of this step is added
             silent = (
-                {p for p, e in exc.failed.items() if _silent(e)}
+                {p for p, e in exc.failed.items() if no_answer(e)}
                 if isinstance(exc, SessionFailed)
                 else set()
             )
@@ -253,24 +253,25 @@ class TrainingSession:
                 timeout=self.step_deadline_s,
             )
             with lock:
-                for p in uploaded:
-                    self.uploads[p] = self.uploads.get(p, 0) + 1
-            if isinstance(exc, SessionFailed):
-                exc.uploaded = tuple(uploaded)
-            if isinstance(exc, SessionFailed):
-                raise
-            raise SessionFailed(
-                f"{self.spec.run_id} step {step}",
-                exc,
-                failed={},
-                party_fault=False,
-                uploaded=list(uploaded),
-            ) from exc
-        for p in uploaded:
-            self.uploads[p] = self.uploads.get(p, 0) + 1
+                counted = tuple(uploaded)
+            self._count(counted)
+            if not isinstance(exc, SessionFailed):
+                failure = SessionFailed(
+                    f"{self.spec.run_id} step {step}", exc, failed={}, party_fault=False
+                )
+                failure.uploaded = counted
+                raise failure from exc
+            exc.uploaded = counted
+            raise
+        self._count(uploaded)
         self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
         self._next = step + 1
         return encoding.signed_view(total)
+
+    def _count(self, uploaded: Sequence[str]) -> None:
+        """Count one step attempt for each site whose upload of it began to arrive."""
+        for p in uploaded:
+            self.uploads[p] = self.uploads.get(p, 0) + 1
 
     def _step_failures(self, futures: Sequence[Future[float]]) -> dict[str, BaseException]:
         """Site -> why, for every site whose step failed or is still running at the
@@ -306,15 +307,11 @@ class TrainingSession:
         """Tell every site to forget the session; a site that gave no answer in time is told
         in the background, again until it takes it (waiting on a stopped site's abort would
         cost the re-run another deadline; its session expires there anyway)."""
-        quiet = [c for c in self.clients if c.party_id in silent]
-        if quiet:
-            threading.Thread(
-                target=abort_until_delivered,
-                args=(quiet,),
-                kwargs={"session_id": self.session_id, "reason": reason},
-                name="abort-silent",
-                daemon=True,
-            ).start()
+        abort_in_background(
+            [c for c in self.clients if c.party_id in silent],
+            session_id=self.session_id,
+            reason=reason,
+        )
         abort_all(
             [c for c in self.clients if c.party_id not in silent],
             session_id=self.session_id,
@@ -331,8 +328,3 @@ class TrainingSession:
                 self._abort("closed by the coordinator")
             self._pool.shutdown(wait=False)
             self._pool = None
-
-
-def _silent(exc: BaseException) -> bool:
-    """A failure without an answer in time (the site may be stopped)."""
-    return isinstance(exc, PartyError) and exc.code == "DEADLINE_EXCEEDED"
