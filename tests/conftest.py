@@ -258,3 +258,16 @@ def with_default_sigint(cmd: list[str]) -> list[str]:
         "os.execvp(sys.argv[1], sys.argv[1:])"
     )
     return [sys.executable, "-c", code, *cmd]
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[Net]:
+    """Three training sites' nodes, not serving (their engines are called in-process), each
+    with the training tests' examples as dataset ``ex``."""
+    from tests.training_support import examples_toml  # training_support imports this module
+
+    n = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
+    try:
+        yield n
+    finally:
+        n.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +49,6 @@ from tests.training_support import (
     initial,
     tspec,
 )
-
-
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[Net]:
-    n = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
-    try:
-        yield n
-    finally:
-        n.stop()
 
 
 def test_steps_reveal_the_noisy_sum_of_clipped_gradients(sites: Net) -> None:

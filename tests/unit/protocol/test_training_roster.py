@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,17 +22,8 @@ from mpcdp.errors import PartyError, SessionError
 from mpcdp.protocol.query.round_coordinator import ContributionStream
 from mpcdp.protocol.training import TrainingEngine, TrainSpec
 from mpcdp.protocol.training.roster import RosterChange, RosterExhausted, TrainingRoster
-from tests.conftest import PARTIES, Net, build_net
-from tests.training_support import Direct, engines_of, examples_toml, initial, tspec
-
-
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[Net]:
-    n = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
-    try:
-        yield n
-    finally:
-        n.stop()
+from tests.conftest import PARTIES, Net
+from tests.training_support import Direct, engines_of, initial, tspec
 
 
 class Flaky(Direct):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +82,6 @@ def test_canary_content_is_public_and_distinct() -> None:
     assert x.shape == (4, 8) and x.dtype == np.float32 and set(y) <= {0, 1, 2}
     with pytest.raises(ParameterError, match="audit_canaries"):
         gradient_coordinates(run_id="r", num_params=10, sites=3, per_site=4)
-
-
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[Any]:
-    n = build_net(tmp_path, start=False, extra=examples_toml(tmp_path))
-    try:
-        yield n
-    finally:
-        n.stop()
 
 
 def run_direct(clients: list[Direct], spec: Any) -> tuple[TrainingSession, list[bytes]]:
