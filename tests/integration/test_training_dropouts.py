@@ -160,7 +160,10 @@ def test_stopped_and_restarted_sites_are_left_out_and_rejoin(net: LocalFederatio
         outs = sum(1 for c in result.roster_changes if site in c.left)
         slack = outs + (block if site == "dana" else 0)
         assert result.steps_charged[site] <= held <= result.steps_charged[site] + slack, site
-    assert result.site_epsilon["carlos"] < result.site_epsilon["alice"] == result.epsilon
+    # the run's epsilon is the largest site's; carlos, out for a while, spent less than it
+    # (which site is largest depends on whose uploads of a failed attempt left it)
+    assert result.epsilon == max(result.site_epsilon.values())
+    assert result.site_epsilon["carlos"] < result.epsilon
     # the epoch lines add up to each site's participation
     for site in SITES:
         assert sum(r.participation[site] for r in result.history) == result.participation[site]

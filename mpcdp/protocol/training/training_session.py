@@ -114,9 +114,10 @@ class TrainingSession:
     """The coordinator's side of one training session over ``clients`` (one per site).
 
     ``step_deadline_s``: how long a step may take at a site, its upload included (None: the
-    clients' own deadline). A site that misses it fails the step (SessionFailed, the site's
-    fault); its late upload is never added, and the site, told by its call's cancellation,
-    does not send it and is not charged for it."""
+    clients' own deadline); a session's first step, which also builds each site's model and
+    its first pad, has the clients' own deadline. A site that misses it fails the step
+    (SessionFailed, the site's fault); its late upload is never added, and the site, told by
+    its call's cancellation, does not send it and is not charged for it."""
 
     spec: TrainSpec
     clients: Sequence[TrainingClient]
@@ -204,6 +205,9 @@ class TrainingSession:
             total.fill(0)
         step = self._next
         first = step == self.spec.start_step
+        # a session's first step also builds each site's model, runs its first-use checks and
+        # makes its first pad: it has the clients' own deadline, the later ones the step's
+        deadline = None if first else self.step_deadline_s
         keys = self._keys if first else []
         lock = threading.Lock()
         params = np.ascontiguousarray(parameters, dtype=np.float32)
@@ -221,7 +225,7 @@ class TrainingSession:
                 parameters=params,
                 full=full,
                 ring_bits=self.spec.ring_bits,
-                deadline_s=self.step_deadline_s,
+                deadline_s=deadline,
             )
             with lock:
                 uploaded.append(client.party_id)  # its header arrived: it charged the step
@@ -229,10 +233,10 @@ class TrainingSession:
             return accumulate(stream, total, lock, client.party_id, None, gave_up)
 
         futures = [self._pool.submit(one, c) for c in self.clients]
-        timeout = None if self.step_deadline_s is None else self.step_deadline_s + _DEADLINE_SLACK_S
+        timeout = None if deadline is None else deadline + _DEADLINE_SLACK_S
         wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
         try:
-            failed = self._step_failures(futures)
+            failed = self._step_failures(futures, deadline)
             if failed:
                 raise SessionFailed.of(f"{self.spec.run_id} step {step}", failed)
             remaining = [f.result() for f in futures]
@@ -250,7 +254,7 @@ class TrainingSession:
             # only then is it known whose upload of this attempt left it
             wait(
                 [f for f, c in zip(futures, self.clients, strict=True) if c.party_id not in silent],
-                timeout=self.step_deadline_s,
+                timeout=deadline,
             )
             with lock:
                 counted = tuple(uploaded)
@@ -273,7 +277,9 @@ class TrainingSession:
         for p in uploaded:
             self.uploads[p] = self.uploads.get(p, 0) + 1
 
-    def _step_failures(self, futures: Sequence[Future[float]]) -> dict[str, BaseException]:
+    def _step_failures(
+        self, futures: Sequence[Future[float]], deadline: float | None
+    ) -> dict[str, BaseException]:
         """Site -> why, for every site whose step failed or is still running at the
         deadline (a site that gave up on purpose is not listed)."""
         failed = failed_at(futures, self.clients)
@@ -285,7 +291,7 @@ class TrainingSession:
                     c.party_id,
                     "DEADLINE_EXCEEDED",
                     "the step's deadline passed",
-                    outcome=f"did not answer within {self.step_deadline_s} s",
+                    outcome=f"did not answer within {deadline} s",
                 )
         return failed
 

@@ -36,6 +36,7 @@ class Flaky(Direct):
         self.fail_at: int | None = None  # cut the link when this step is asked
         self.after: list[Flaky] = []  # ... once these sites' uploads of that step are made
         self.fulls: list[tuple[int, np.ndarray]] = []  # (step, parameters) of full steps
+        self.deadlines: list[float | None] = []  # each step's deadline, as asked
 
     def _check(self) -> None:
         if self.down:
@@ -56,6 +57,7 @@ class Flaky(Direct):
                 time.sleep(0.001)
             self.down, self.fail_at = True, None
         self._check()
+        self.deadlines.append(kw["deadline_s"])
         kw["parameters"] = np.array(kw["parameters"])  # a copy, as the wire makes one
         if kw["full"]:
             self.fulls.append((kw["step"], kw["parameters"].copy()))
@@ -279,3 +281,22 @@ def test_a_step_its_coordinator_gave_up_on_is_refused_and_not_charged(
     assert _steps_charged(sites, "alice") == before["alice"] == 2
     (block,) = [c for c in sites.nodes["alice"].ledger.charges("ex")]
     assert isinstance(block.event, ev.Skellam) and block.event.steps == 2
+
+
+def test_a_session_s_first_step_has_the_clients_own_deadline(sites: Net) -> None:
+    """The first step of each session also builds every site's model and its first pad: it
+    gets the clients' own deadline (None here), the later steps the step deadline, so a site
+    is not left out for its start-up."""
+    engines = engines_of(sites)
+    clients = [Flaky(engines[p]) for p in PARTIES]
+    spec = tspec(steps=4, steps_per_charge=2)
+    roster, _, _ = _roster(spec, clients, min_parties=2, step_deadline_s=7.0)
+    clients[2].fail_at = 2
+    try:
+        for s in range(4):
+            roster.step(s, parameters=_fixed(initial(spec)))
+    finally:
+        roster.close()
+    # step 2 is tried in the first session, then re-run as a new session's first step
+    assert clients[0].deadlines == [None, 7.0, 7.0, None, 7.0]
+    assert clients[2].deadlines == [None, 7.0]
