@@ -1,4 +1,5 @@
-"""The compiled trial loop of mpcdp.dp.poisson_table (numba, GIL released, cached on disk).
+"""The compiled loops of mpcdp.dp.poisson_table (numba, GIL released, cached on disk): the
+trials, and the alias table's construction.
 
 Imported by mpcdp.dp.poisson_table on first use only: importing numba takes ~0.3 s, which
 no importer of mpcdp.dp should pay. The loop is one function: numba keeps the array
@@ -15,7 +16,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["fill", "log_p"]
+__all__ = ["alias", "fill", "log_p"]
 
 
 def _compiled(fn: Any) -> Any:
@@ -144,3 +145,39 @@ def fill(
         phase = 0
         i += 1
     return i, phase, first, npend
+
+
+@_compiled
+def alias(counts: Any, cap: int) -> tuple[Any, Any]:
+    """Vose's alias table in integers (mpcdp.dp.poisson_table._alias, which checks the
+    arguments): per column the units its own outcome keeps (uint64) and its alias (int64).
+    The stacks are worked in the order of the reference construction, so the table is the
+    same whichever way it is built; compiled because a new rate (every cold query round)
+    builds one on the request path, and the loop in Python took ~3.5 ms of the ~4.5."""
+    n = counts.shape[0]
+    left = counts.copy()
+    threshold = np.full(n, cap, dtype=np.uint64)
+    out = np.arange(n)
+    small = np.empty(n, dtype=np.int64)
+    large = np.empty(n, dtype=np.int64)
+    ns = 0
+    nl = 0
+    for i in range(n):
+        if left[i] < cap:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        s = small[ns]
+        g = large[nl - 1]
+        threshold[s] = u64(left[s])
+        out[s] = g
+        left[g] -= cap - left[s]
+        if left[g] < cap:
+            nl -= 1
+            small[ns] = large[nl]
+            ns += 1
+    return threshold, out

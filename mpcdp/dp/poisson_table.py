@@ -126,20 +126,18 @@ def _log_p(k: NDArray[np.int64], lam: float) -> NDArray[np.float64]:
 
 def _alias(counts: NDArray[np.int64]) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
     """Vose's alias table over 2^COLUMN_BITS columns of 2^THRESHOLD_BITS units, in integers:
-    outcome i is column i's own; ``counts`` must sum to 2^28."""
-    cap = 1 << THRESHOLD_BITS
-    left = [int(c) for c in counts]
-    threshold = np.full(left.__len__(), cap, dtype=np.uint64)
-    alias = np.arange(len(left), dtype=np.int64)
-    small = [i for i, c in enumerate(left) if c < cap]
-    large = [i for i, c in enumerate(left) if c >= cap]
-    while small and large:
-        s, g = small.pop(), large[-1]
-        threshold[s] = left[s]
-        alias[s] = g
-        left[g] -= cap - left[s]
-        if left[g] < cap:
-            small.append(large.pop())
+    outcome i is column i's own; ``counts`` must sum to 2^28 (the compiled construction,
+    mpcdp.dp.poisson_kernel.alias; its result is checked against ``counts`` by
+    :func:`realized_counts` in :func:`_build`)."""
+    if int(counts.sum()) != 1 << _UNITS_LOG2 or counts.size != 1 << COLUMN_BITS:
+        raise ParameterError(
+            "counts",
+            int(counts.sum()),
+            f"must be 2^{COLUMN_BITS} counts summing to 2^{_UNITS_LOG2}",
+        )
+    threshold, alias = _alias_kernel()(
+        np.ascontiguousarray(counts, dtype=np.int64), 1 << THRESHOLD_BITS
+    )
     return threshold, alias
 
 
@@ -257,6 +255,14 @@ def _kernel() -> Any:
     from mpcdp.dp import poisson_kernel
 
     return poisson_kernel.fill
+
+
+@functools.cache
+def _alias_kernel() -> Any:
+    """The compiled alias construction (mpcdp.dp.poisson_kernel), imported on first use."""
+    from mpcdp.dp import poisson_kernel
+
+    return poisson_kernel.alias
 
 
 def _table_args(table: PoissonTable) -> tuple[Any, ...]:

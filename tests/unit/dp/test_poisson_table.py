@@ -97,6 +97,47 @@ def test_tables_are_exact_and_efficient() -> None:
         assert t.lo == 0 or t.lo <= lam - PT.TAIL_SIGMAS * math.sqrt(lam)
 
 
+def _vose_reference(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vose's construction written plainly in Python (the table's reference)."""
+    cap = 1 << PT.THRESHOLD_BITS
+    left = [int(c) for c in counts]
+    threshold = np.full(len(left), cap, dtype=np.uint64)
+    alias = np.arange(len(left), dtype=np.int64)
+    small = [i for i, c in enumerate(left) if c < cap]
+    large = [i for i, c in enumerate(left) if c >= cap]
+    while small and large:
+        s, g = small.pop(), large[-1]
+        threshold[s] = left[s]
+        alias[s] = g
+        left[g] -= cap - left[s]
+        if left[g] < cap:
+            small.append(large.pop())
+    return threshold, alias
+
+
+def test_the_compiled_alias_table_is_the_reference_one() -> None:
+    """The compiled construction gives the reference construction's table, entry by entry,
+    on real tables and on random and extreme count vectors; bad counts are refused."""
+    gen = np.random.default_rng(5)  # test data only: count vectors, not noise
+    cases = [PT.poisson_table(lam).counts for lam in (1e-3, 150.5, DIGITS_PAD_LAM)]
+    for _ in range(5):
+        raw = gen.integers(1, 1 << 17, size=1 << PT.COLUMN_BITS)
+        raw = (raw * (((1 << 28) - raw.size) / raw.sum())).astype(np.int64) + 1
+        raw[-1] += (1 << 28) - int(raw.sum())
+        cases.append(raw)
+    one_hot = np.ones(1 << PT.COLUMN_BITS, dtype=np.int64)
+    one_hot[7] += (1 << 28) - int(one_hot.sum())
+    cases.append(one_hot)
+    for counts in cases:
+        threshold, alias = PT._alias(np.asarray(counts, dtype=np.int64))
+        ref_t, ref_a = _vose_reference(counts)
+        assert threshold.dtype == np.uint64 and alias.dtype == np.int64
+        assert np.array_equal(threshold, ref_t) and np.array_equal(alias, ref_a)
+        assert np.array_equal(PT.realized_counts(threshold, alias), counts)
+    with pytest.raises(ParameterError, match="counts"):
+        PT._alias(np.ones(1 << PT.COLUMN_BITS, dtype=np.int64))
+
+
 def test_the_kernel_reads_words_as_documented() -> None:
     """A word whose acceptance bits are 0 is accepted by the squeeze; its integer must be
     lo + (b << s | offset), b the column's own outcome or alias by the 16 threshold bits."""
