@@ -34,7 +34,11 @@ def example_data(seed: int, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def examples_toml(root: Path, *, epsilon: float = 20.0, cap: float | None = None) -> dict[str, str]:
+def examples_toml(
+    root: Path, *, epsilon: float = 20.0, cap: float | None = None, held_out: int = 0
+) -> dict[str, str]:
+    """Each site's dataset ``ex`` (40 examples); with ``held_out``, also a held-out split of
+    that many examples (``eval_path``)."""
     extra = {}
     for i, p in enumerate(PARTIES):
         x, y = example_data(i)
@@ -43,6 +47,10 @@ def examples_toml(root: Path, *, epsilon: float = 20.0, cap: float | None = None
             f'\n[datasets.ex]\npath = "{p}-ex.npz"\nnum_classes = 3\nepsilon = {epsilon}\n'
             "delta = 1e-5\n" + ("" if cap is None else f"max_epsilon_per_query = {cap}\n")
         )
+        if held_out:
+            tx, ty = example_data(100 + i, n=held_out)
+            np.savez(root / f"{p}-ex-test.npz", x=tx, y=ty)
+            extra[p] += f'eval_path = "{p}-ex-test.npz"\n'
     return extra
 
 
@@ -70,10 +78,12 @@ class Direct:
         full: bool,
         ring_bits: int,
         deadline_s: float | None = None,
+        evaluate: bool = False,
     ) -> ContributionStream:
         # as gRPC does: past the call's deadline the site sees the call given up
         end = None if deadline_s is None else time.monotonic() + deadline_s
-        c = self.engine.step(
+        run = self.engine.evaluate if evaluate else self.engine.step
+        c = run(
             session_id=session_id,
             step=step,
             keys=keys,
@@ -84,7 +94,8 @@ class Direct:
         )
         words = c.masked().copy()
         self.uploads.append(words)
-        self.engine.step_finished(session_id=session_id)
+        if not evaluate:
+            self.engine.step_finished(session_id=session_id)
 
         def chunks() -> Iterator[np.ndarray]:
             yield from np.array_split(words, 3)

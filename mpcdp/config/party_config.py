@@ -35,6 +35,9 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     num_classes = 10                  # labels are 0..num_classes-1
     epsilon = 3.0
     delta = 1e-5                      # training (RDP) needs delta > 0
+    eval_path = "digits-test.npz"     # optional held-out split: a run may ask the sites to
+                                      # evaluate on it (charged to this budget; its size
+                                      # is never told)
     [datasets.digits_wide]            # a second entry over the same data (another model):
     path = "digits.npz"               # it must share the first one's budget, with the
     budget = "digits"                 # same epsilon and delta (budget: default the
@@ -57,6 +60,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     width = 64
     [datasets.scans.data_paths]       # optional: keyword arguments of the Dataset factory
     root = "scans"                    # that are paths, resolved against this file's folder
+    [datasets.scans.eval_data_paths]  # optional held-out split: the factory's arguments
+    root = "scans-test"               # that differ for it (also eval_data_options)
     [datasets.raises.columns.raise]
     lower = 0
     upper = 5000
@@ -761,15 +766,29 @@ def _cap_of(r: Reader) -> float | None:
     return None if cap is None else float(cap)
 
 
-def _data_of(ds: DatasetConfig) -> str:
-    """What data ``ds`` reads, in words: equal for two datasets over the same data (the same
-    resolved file, table or declared Dataset factory with the same options)."""
+def _data_of(ds: DatasetConfig) -> list[str]:
+    """What data ``ds`` reads, in words, its held-out split included: equal for two datasets
+    over the same data (the same resolved file, table or declared Dataset factory with the
+    same options)."""
     t = ds.training
-    if t is not None and t.data:
-        folders = ", ".join(str(p) for p in t.python_path) or "none"
-        paths = ((k, str(Path(v).resolve())) for k, v in t.data_paths)
-        options = ", ".join(f"{k}={v!r}" for k, v in sorted((*t.data_options, *paths)))
-        return f"the Dataset {t.data}({options}) (python_path: {folders})"
+    if t is None:
+        return [_source_of(ds)]
+    out = [_declared_of(t) if t.data else _source_of(ds)]
+    if t.eval_path:
+        out.append(f"the file {Path(t.eval_path).resolve()}")
+    elif t.evaluation:
+        out.append(_declared_of(t.eval_declaration()))
+    return out
+
+
+def _declared_of(t: TrainingDeclaration) -> str:
+    folders = ", ".join(str(p) for p in t.python_path) or "none"
+    paths = ((k, str(Path(v).resolve())) for k, v in t.data_paths)
+    options = ", ".join(f"{k}={v!r}" for k, v in sorted((*t.data_options, *paths)))
+    return f"the Dataset {t.data}({options}) (python_path: {folders})"
+
+
+def _source_of(ds: DatasetConfig) -> str:
     if ds.source == "postgres":
         return f"the PostgreSQL table {ds.table} at {redact_url(ds.url or '')}"
     if ds.table is not None:
@@ -811,14 +830,15 @@ def _shared_budgets(r: Reader, datasets: dict[str, DatasetConfig]) -> dict[str, 
             )
     data: dict[str, DatasetConfig] = {}
     for ds in out.values():
-        other = data.setdefault(_data_of(ds), ds)
-        if other.budget != ds.budget:
-            raise r.error(
-                ds.name,
-                f"datasets {other.name!r} and {ds.name!r} both read {_data_of(ds)}, but draw on "
-                f"budgets {other.budget!r} and {ds.budget!r}: each would spend a full budget on "
-                f'the same people. Declare budget = "{other.budget}" in both',
-            )
+        for what in _data_of(ds):  # a held-out split counts as data read, too
+            other = data.setdefault(what, ds)
+            if other.budget != ds.budget:
+                raise r.error(
+                    ds.name,
+                    f"datasets {other.name!r} and {ds.name!r} both read {what}, but draw on "
+                    f"budgets {other.budget!r} and {ds.budget!r}: each would spend a full "
+                    f'budget on the same people. Declare budget = "{other.budget}" in both',
+                )
     return out
 
 

@@ -13,6 +13,7 @@ anything is reserved, and the architecture fingerprint as before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -89,6 +90,37 @@ class TrainingDeclaration:
     #: ``data_paths``, each resolved against the file's folder (absolute, as str)
     data_paths: tuple[tuple[str, str], ...] = ()
 
+    #: the held-out split a run may evaluate on (mpcdp.protocol.training.evaluation): an
+    #: .npz like the training one (``eval_path``, absolute), or, for a declared Dataset, the
+    #: factory's keyword arguments that differ for the split (``eval_data_options``,
+    #: ``eval_data_paths``: over ``data_options`` and ``data_paths``)
+    eval_path: str = ""
+    eval_data_options: tuple[tuple[str, Any], ...] = ()
+    eval_data_paths: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def evaluation(self) -> bool:
+        """Whether a held-out split is declared."""
+        return bool(self.eval_path or self.eval_data_options or self.eval_data_paths)
+
+    def eval_declaration(self) -> TrainingDeclaration:
+        """This declaration with the held-out split's Dataset arguments in place of the
+        training data's (the same factory, loss and collate function)."""
+        options = {**dict(self.data_options), **dict(self.eval_data_options)}
+        paths = {**dict(self.data_paths), **dict(self.eval_data_paths)}
+        for key in self.eval_data_options:  # an option given for the split replaces a path
+            paths.pop(key[0], None)
+        for key in self.eval_data_paths:
+            options.pop(key[0], None)
+        return dataclasses.replace(
+            self,
+            data_options=tuple(sorted(options.items())),
+            data_paths=tuple(sorted(paths.items())),
+            eval_path="",
+            eval_data_options=(),
+            eval_data_paths=(),
+        )
+
     def factories(self) -> tuple[str, ...]:
         """Every model factory a run may name here (empty: the built-in names)."""
         return self.models or ((self.model,) if self.model else ())
@@ -112,6 +144,9 @@ TRAINING_KEYS = (
     "model_options",
     "data_options",
     "data_paths",
+    "eval_path",
+    "eval_data_options",
+    "eval_data_paths",
 )
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
@@ -133,15 +168,20 @@ def _options(r: Reader, key: str) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(table.items()))
 
 
-def _paths(r: Reader, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, str], ...]:
-    """``data_paths``: keyword -> a path, relative ones resolved against party.toml's
-    folder; a keyword may not also be in ``data_options``."""
-    table = r.get("data_paths", dict, {})
+def _paths(
+    r: Reader, options: tuple[tuple[str, Any], ...], *, prefix: str = ""
+) -> tuple[tuple[str, str], ...]:
+    """``data_paths`` (``eval_data_paths`` with ``prefix`` "eval_"): keyword -> a path,
+    relative ones resolved against party.toml's folder; a keyword may not also be in the
+    matching ``data_options``."""
+    table = r.get(f"{prefix}data_paths", dict, {})
     out = []
     for key, text in sorted(table.items()):
-        where = f"data_paths.{key}"
+        where = f"{prefix}data_paths.{key}"
         if key in dict(options):
-            raise r.error(where, "is also in data_options: give each keyword in one of them")
+            raise r.error(
+                where, f"is also in {prefix}data_options: give each keyword in one of them"
+            )
         if not isinstance(text, str) or not text or "\0" in text:
             raise r.error(where, f"must be a path (a non-empty string), got {text!r}")
         path = Path(text)
@@ -230,11 +270,31 @@ def read_training(r: Reader) -> TrainingDeclaration | None:
     if not 0 <= workers <= 256:
         raise r.error("num_workers", f"must be in [0, 256], got {workers}")
     fixed = _options(r, "model_options")
+    data = _import_path(r, "data")
+    eval_options = _options(r, "eval_data_options")
+    eval_paths = _paths(r, eval_options, prefix="eval_")
+    eval_path = r.get("eval_path", str, "")
+    if data and eval_path:
+        raise r.error(
+            "eval_path",
+            f"{eval_path!r}: a declared Dataset's held-out split is given by eval_data_paths "
+            "or eval_data_options (the arguments that differ for it)",
+        )
+    if not data and (eval_options or eval_paths):
+        key = "eval_data_options" if eval_options else "eval_data_paths"
+        raise r.error(key, "needs data = 'package.module:factory' (an .npz takes eval_path)")
+    if eval_path:
+        if "\0" in eval_path or not eval_path.endswith(".npz"):
+            raise r.error(
+                "eval_path", f"must be an .npz file like the training data, got {eval_path!r}"
+            )
+        given = Path(eval_path)
+        eval_path = str(given if given.is_absolute() else r.path.parent / given)
     return TrainingDeclaration(
         model=_import_path(r, "model"),
         models=_models(r),
         model_choices=_choices(r, fixed),
-        data=_import_path(r, "data"),
+        data=data,
         loss=loss,
         collate=_import_path(r, "collate"),
         python_path=tuple(folders),
@@ -244,4 +304,7 @@ def read_training(r: Reader) -> TrainingDeclaration | None:
         model_options=fixed,
         data_options=_options(r, "data_options"),
         data_paths=_paths(r, _options(r, "data_options")),
+        eval_path=eval_path,
+        eval_data_options=eval_options,
+        eval_data_paths=eval_paths,
     )

@@ -187,12 +187,16 @@ def get_noise_multiplier(
     l1_sensitivity: float | None = None,
     epsilon_tolerance: float = 0.005,
     orders: Sequence[int] = rdp.DEFAULT_ORDERS,
+    alongside: Sequence[ev.Event] = (),
 ) -> float:
     """Smallest noise multiplier z (noise std = z * l2_sensitivity) with eps <= target.
 
     For ``skellam`` the variance is mu = (z * l2_sensitivity)^2 in integer units and
     ``l1_sensitivity`` defaults to l2_sensitivity^2 (the bound for integer vectors). The result
     is within ``epsilon_tolerance`` (relative) of the target, on the safe side.
+    ``alongside``: releases of fixed noise made in the same run (e.g. evaluations), composed
+    with the steps: the target covers them all. ParameterError naming ``target_epsilon``
+    when they alone reach it.
     """
     if mechanism not in ("gaussian", "skellam"):
         raise ParameterError("mechanism", mechanism, "must be 'gaussian' or 'skellam'")
@@ -202,9 +206,18 @@ def get_noise_multiplier(
         raise ParameterError("target_delta", target_delta, "must be in (0, 1)")
     l1 = l2_sensitivity**2 if l1_sensitivity is None else l1_sensitivity
 
+    if alongside:
+        fixed = compose(alongside, delta=target_delta, orders=orders).epsilon
+        if fixed >= target_epsilon:
+            raise ParameterError(
+                "target_epsilon",
+                target_epsilon,
+                f"the releases made alongside the steps alone spend epsilon {fixed:.4g}",
+            )
+
     def eps(z: float) -> float:
         event = _event_for(mechanism, z, sample_rate, steps, l2_sensitivity, l1)
-        return compose([event], delta=target_delta, orders=orders).epsilon
+        return compose([event, *alongside], delta=target_delta, orders=orders).epsilon
 
     return calibrate(eps, target_epsilon=target_epsilon, epsilon_tolerance=epsilon_tolerance)
 

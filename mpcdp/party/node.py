@@ -120,13 +120,27 @@ def _task(
     if decl.data or decl.factories() or decl.loss != "cross_entropy":
         declared = _train_modules()[2]  # the site's own code needs torch now
     data: Any = None
+    held_out: Any = None
     if decl.data:
         assert declared is not None
         data = declared.load_data(decl, where=where, num_classes=ds.num_classes, probe=probe)
         count, shape, classes = data.count, data.feature_shape, ds.num_classes
+        if decl.evaluation:
+            held_out = declared.load_data(
+                decl.eval_declaration(),
+                where=f"{where} (held-out split)",
+                num_classes=ds.num_classes,
+                probe=probe,
+            )
     else:
         data = load_examples(ds.path, num_classes=ds.num_classes, regression=decl.loss == "mse")
         count, shape, classes = data.count, data.feature_shape, data.num_classes
+        if decl.eval_path:
+            held_out = load_examples(
+                Path(decl.eval_path), num_classes=ds.num_classes, regression=decl.loss == "mse"
+            )
+    if held_out is not None:
+        _check_held_out(held_out, data, where=where)
     factories: dict[str, ModelFactory] = {}
     for path in decl.factories():
         assert declared is not None
@@ -161,6 +175,7 @@ def _task(
         make_source=functools.partial(
             _torch_source,
             data=data,
+            held_out=held_out,
             device=device,
             build=build,
             decl=decl,
@@ -170,7 +185,29 @@ def _task(
         count_params=functools.partial(_count_params, build=build),
         architecture=functools.partial(_architecture, build=build),
         loss=decl.loss,
+        evaluation=held_out is not None,
     )
+
+
+def _check_held_out(held_out: Any, data: Any, *, where: str) -> None:
+    """The held-out split has the training data's form: the same feature shape (and, for
+    an .npz, the same feature kind), and at most MAX_EVAL_EXAMPLES examples."""
+    from mpcdp.protocol.training.evaluation import MAX_EVAL_EXAMPLES
+
+    if held_out.feature_shape != data.feature_shape:
+        raise DataError(
+            f"{where}: the held-out split's examples have shape {held_out.feature_shape}, the "
+            f"training data's {data.feature_shape}"
+        )
+    if held_out.count > MAX_EVAL_EXAMPLES:
+        raise DataError(f"{where}: the held-out split holds more than 2^40 examples")
+    x_kind = getattr(getattr(data, "x", None), "dtype", None)
+    e_kind = getattr(getattr(held_out, "x", None), "dtype", None)
+    if x_kind is not None and e_kind is not None and (x_kind.kind in "iu") != (e_kind.kind in "iu"):
+        raise DataError(
+            f"{where}: the held-out split's features are {e_kind}, the training data's {x_kind} "
+            "(both integer token ids, or both numbers)"
+        )
 
 
 def _train_modules() -> tuple[ModuleType, ModuleType, ModuleType]:
@@ -278,6 +315,7 @@ def _torch_source(
     spec: TrainSpec,
     *,
     data: Any,
+    held_out: Any = None,
     device: str,
     build: Callable[..., Any],
     decl: TrainingDeclaration,
@@ -295,6 +333,8 @@ def _torch_source(
         num_workers=decl.num_workers,
         pin_memory=decl.pin_memory,
         ranks=ranks,
+        eval_examples=held_out if held_out is not None and not decl.data else None,
+        eval_data=held_out if held_out is not None and decl.data else None,
         **({} if loss_fn is None else {"loss_fn": loss_fn}),
     )
     return source
@@ -509,6 +549,7 @@ class PartyNode:
                 delta=task.config.delta,
                 feature_shape=tuple(task.feature_shape),
                 num_classes=task.num_classes,
+                evaluation=task.evaluation,
             )
             out.append(self._budget(info, task.config, coordinator))
         for name, view in sorted(self.views.items()):

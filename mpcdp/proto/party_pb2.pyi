@@ -574,6 +574,7 @@ class DatasetInfo(_message.Message):
     MAX_ROWS_PER_UNIT_FIELD_NUMBER: _builtins.int
     MAX_GROUPS_PER_UNIT_FIELD_NUMBER: _builtins.int
     MAX_PARTIES_PER_UNIT_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """"table" (CSV) or "vector" (.npy)"""
@@ -600,6 +601,10 @@ class DatasetInfo(_message.Message):
     max_groups_per_unit: _builtins.int
     max_parties_per_unit: _builtins.int
     """the least P this party accepts"""
+    evaluation: _builtins.bool
+    """Example datasets: the site holds a held-out split and evaluates a run's model on it
+    when the run asks (TrainSpec.eval_every); the split's size is never told
+    """
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnInfo]: ...
     @_builtins.property
@@ -626,10 +631,11 @@ class DatasetInfo(_message.Message):
         max_rows_per_unit: _builtins.int = ...,
         max_groups_per_unit: _builtins.int = ...,
         max_parties_per_unit: _builtins.int = ...,
+        evaluation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact", b"allow_exact", "budget_epsilon", b"budget_epsilon", "columns", b"columns", "coordinator_remaining_epsilon", b"coordinator_remaining_epsilon", "coordinator_share", b"coordinator_share", "delta", b"delta", "feature_shape", b"feature_shape", "kind", b"kind", "l2_bound", b"l2_bound", "length", b"length", "max_groups_per_unit", b"max_groups_per_unit", "max_parties_per_unit", b"max_parties_per_unit", "max_rows_per_unit", b"max_rows_per_unit", "name", b"name", "num_classes", b"num_classes", "privacy_unit", b"privacy_unit", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact", b"allow_exact", "budget_epsilon", b"budget_epsilon", "columns", b"columns", "coordinator_remaining_epsilon", b"coordinator_remaining_epsilon", "coordinator_share", b"coordinator_share", "delta", b"delta", "evaluation", b"evaluation", "feature_shape", b"feature_shape", "kind", b"kind", "l2_bound", b"l2_bound", "length", b"length", "max_groups_per_unit", b"max_groups_per_unit", "max_parties_per_unit", b"max_parties_per_unit", "max_rows_per_unit", b"max_rows_per_unit", "name", b"name", "num_classes", b"num_classes", "privacy_unit", b"privacy_unit", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -742,6 +748,9 @@ class TrainSpec(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     MODEL_OPTIONS_FIELD_NUMBER: _builtins.int
+    EVAL_EVERY_FIELD_NUMBER: _builtins.int
+    EVAL_MU_FIELD_NUMBER: _builtins.int
+    EVAL_LOSS_BOUND_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """the run's id; ledger charges are run_id/session/block"""
     dataset: _builtins.str
@@ -788,6 +797,14 @@ class TrainSpec(_message.Message):
     no spaces); "" for none. A site allows only those its party.toml lets a coordinator
     choose (model_choices), within their declared ranges.
     """
+    eval_every: _builtins.int
+    """Evaluation at the sites (mpcdp.protocol.training.evaluation): before every step that is
+    a multiple of eval_every and after the session's last step (0: never), each site scores
+    the model on its held-out split, losses clipped to eval_loss_bound, and the total of
+    (accuracy, examples, clipped loss) gets Skellam(eval_mu) noise; all three 0 when unused
+    """
+    eval_mu: _builtins.float
+    eval_loss_bound: _builtins.float
     @_builtins.property
     def parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """site ids in index order"""
@@ -825,10 +842,13 @@ class TrainSpec(_message.Message):
         architecture: _abc.Iterable[_builtins.str] | None = ...,
         fingerprint: _builtins.str = ...,
         model_options: _builtins.str = ...,
+        eval_every: _builtins.int = ...,
+        eval_mu: _builtins.float = ...,
+        eval_loss_bound: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "audit_canaries", b"audit_canaries", "audit_kind", b"audit_kind", "bias_only", b"bias_only", "clipping", b"clipping", "colluders", b"colluders", "dataset", b"dataset", "fingerprint", b"fingerprint", "loss", b"loss", "max_grad_norm", b"max_grad_norm", "model", b"model", "model_options", b"model_options", "mu", b"mu", "num_params", b"num_params", "parties", b"parties", "ring_bits", b"ring_bits", "run_id", b"run_id", "sample_rate", b"sample_rate", "scale_bits", b"scale_bits", "start_step", b"start_step", "steps", b"steps", "steps_per_charge", b"steps_per_charge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "audit_canaries", b"audit_canaries", "audit_kind", b"audit_kind", "bias_only", b"bias_only", "clipping", b"clipping", "colluders", b"colluders", "dataset", b"dataset", "eval_every", b"eval_every", "eval_loss_bound", b"eval_loss_bound", "eval_mu", b"eval_mu", "fingerprint", b"fingerprint", "loss", b"loss", "max_grad_norm", b"max_grad_norm", "model", b"model", "model_options", b"model_options", "mu", b"mu", "num_params", b"num_params", "parties", b"parties", "ring_bits", b"ring_bits", "run_id", b"run_id", "sample_rate", b"sample_rate", "scale_bits", b"scale_bits", "start_step", b"start_step", "steps", b"steps", "steps_per_charge", b"steps_per_charge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -869,6 +889,7 @@ class TrainStepHeader(_message.Message):
     FULL_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    EVALUATE_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """global step index (PRG round id)"""
     full: _builtins.bool
@@ -877,6 +898,10 @@ class TrainStepHeader(_message.Message):
     """float32 values that follow in parameters chunks"""
     chunk_bytes: _builtins.int
     """0: the site's default"""
+    evaluate: _builtins.bool
+    """An evaluation before step `step` rather than the step: the site scores these parameters
+    on its held-out split and answers with 3 words in Z_2^64; the session stays at `step`
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProposeResponse]:
         """every site's signed key: first step of a session only"""
@@ -889,10 +914,11 @@ class TrainStepHeader(_message.Message):
         full: _builtins.bool = ...,
         parameter_count: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
+        evaluate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "full", b"full", "keys", b"keys", "parameter_count", b"parameter_count", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "evaluate", b"evaluate", "full", b"full", "keys", b"keys", "parameter_count", b"parameter_count", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

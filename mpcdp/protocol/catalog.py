@@ -48,6 +48,9 @@ class DatasetInfo:
     max_rows_per_unit: int = 1
     max_groups_per_unit: int = 1
     max_parties_per_unit: int = 1
+    #: example datasets: the site holds a held-out split it evaluates a run's model on
+    #: (its size is never told)
+    evaluation: bool = False
 
 
 @dataclass(frozen=True)

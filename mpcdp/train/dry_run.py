@@ -37,6 +37,7 @@ from mpcdp.protocol import identity
 from mpcdp.protocol.query.round_coordinator import ContributionStream
 from mpcdp.protocol.session import Proposal
 from mpcdp.protocol.training import TrainSpec, mechanism
+from mpcdp.protocol.training.evaluation import EVAL_WORDS, eval_mechanism
 from mpcdp.train.gradient_source import TorchGradientSource
 from mpcdp.train.results import TrainingResult
 from mpcdp.train.run_model import model_factory_for, python_folders
@@ -57,12 +58,14 @@ class _SimulatedSite:
         party_id: str,
         examples: Examples,
         *,
+        held_out: Examples,
         build: Any,
         rng: np.random.Generator,
         loss_fn: Any = None,
     ) -> None:
         self._party_id = party_id
         self._examples = examples
+        self._held_out = held_out
         self._build = build
         self._rng = rng
         self._loss_fn = loss_fn
@@ -77,6 +80,7 @@ class _SimulatedSite:
             model=self._build(spec.model),
             spec=spec,
             examples=self._examples,
+            eval_examples=self._held_out,
             device="cpu",
             **({} if self._loss_fn is None else {"loss_fn": self._loss_fn}),
         )
@@ -96,9 +100,23 @@ class _SimulatedSite:
         full: bool,
         ring_bits: int,
         deadline_s: float | None = None,
+        evaluate: bool = False,
     ) -> ContributionStream:
         spec, source = self._sources[session_id]
         source.load_parameters(np.array(parameters, dtype=np.float32), full=full)
+        if evaluate:  # a real site's terms and noise share, on the simulated split
+            terms = source.evaluation(
+                loss_bound=spec.eval_loss_bound,
+                accuracy=spec.loss == "cross_entropy",
+                rng=self._rng,
+            )
+            share = eval_mechanism(spec.eval_mu).share(
+                size=EVAL_WORDS, honest=spec.honest, rng=self._rng
+            )
+            words = encoding.to_ring(terms, ring_bits=ring_bits) + encoding.to_ring(
+                share, ring_bits=ring_bits
+            )
+            return ContributionStream(self._party_id, words.size, "0", 0.0, iter([words]))
         grad = source.quantized_gradient(rng=self._rng)
         noise = mechanism(spec).share(size=spec.num_params, honest=spec.honest, rng=self._rng)
         upload = encoding.to_ring(grad, ring_bits=ring_bits) + encoding.to_ring(
@@ -205,8 +223,13 @@ def dry_run(
     for party, count in examples.items():
         pick = rng.integers(0, len(x), size=count)
         held = Examples(path=Path("<dry run>"), x=x[pick], y=y[pick], num_classes=num_classes)
+        # a held-out split for evaluation at the sites: a fifth as many, drawn apart
+        pick = rng.integers(0, len(x), size=max(1, count // 5))
+        split = Examples(path=Path("<dry run>"), x=x[pick], y=y[pick], num_classes=num_classes)
         sites.append(
-            _SimulatedSite(party, held, build=build, rng=generator(party), loss_fn=loss_fn)
+            _SimulatedSite(
+                party, held, held_out=split, build=build, rng=generator(party), loss_fn=loss_fn
+            )
         )
     log.info("dry run: %d simulated sites, %d examples in all", len(sites), sum(examples.values()))
     try:

@@ -40,7 +40,8 @@ from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import ring
 from mpcdp.protocol.training import TrainingClient, TrainSpec
-from mpcdp.protocol.training.roster import RosterChange, TrainingRoster
+from mpcdp.protocol.training.evaluation import decode_total
+from mpcdp.protocol.training.roster import RosterChange, RosterEvaluation, TrainingRoster
 from mpcdp.protocol.training.train_spec import encode_model_options
 from mpcdp.train.audit_run import (
     AuditPreflight,
@@ -61,6 +62,7 @@ from mpcdp.train.results import (
     load_checkpoint,
     plan_from,
     read_checkpoint,
+    record_from,
     save_checkpoint,
     write_metrics,
 )
@@ -220,6 +222,9 @@ def train(
     rejoin_interval_s: float = 10.0,
     max_pause_s: float = 300.0,
     on_roster_change: Callable[[RosterChange], None] | None = None,
+    site_eval_every: int = 0,
+    site_eval_epsilon: float | None = None,
+    site_eval_loss_bound: float = 10.0,
 ) -> TrainingResult:
     """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
 
@@ -269,6 +274,14 @@ def train(
     step done). ``on_roster_change`` is told of each change. Each site's epsilon counts the
     steps it took part in (mpcdp.protocol.training.roster); the result and each epoch record
     hold them. An audit run tolerates no failure (its canaries need one session).
+
+    With ``site_eval_every`` epochs, the sites evaluate the model on their own held-out
+    splits after every that many epochs and after the last (mpcdp.protocol.training
+    .evaluation): the noisy totals of all sites that take part (accuracy for cross-entropy,
+    the mean loss clipped to ``site_eval_loss_bound``, the number of examples) land in the
+    epoch records. The evaluations spend at most ``site_eval_epsilon`` (default a tenth of
+    the target) and the steps the rest (:func:`plan_training`). An evaluation that a site
+    fails is skipped, not re-run.
     """
     parties = tuple(examples)
     _check_audit(
@@ -315,6 +328,9 @@ def train(
         bias_only=bias_only,
         audit_canaries=audit_canaries,
         audit_kind=audit_kind if audit_canaries else "",
+        site_eval_every=site_eval_every,
+        site_eval_epsilon=site_eval_epsilon,
+        site_eval_loss_bound=site_eval_loss_bound,
     )
     if audit_canaries and not allow_untestable:  # before any site is asked or charged
         check = preflight(plan=plan, delta=audit_delta, confidence=audit_confidence)
@@ -351,7 +367,7 @@ def train(
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-        history = [EpochRecord(**r) for r in state["history"]]
+        history = [record_from(r) for r in state["history"]]
         run = state["run_id"]
         public_accuracy = state.get("public_accuracy")
         log.info("resuming run %s at step %d of %d", run, start, plan.steps)
@@ -410,13 +426,17 @@ def train(
     for p in parties:  # a resumed run goes on counting each site's steps
         roster.uploads[p] += int(counts.get("uploads", {}).get(p, 0))
         roster.contributed[p] += int(counts.get("contributed", {}).get(p, 0))
+        roster.eval_uploads[p] += int(counts.get("eval_uploads", {}).get(p, 0))
     changes: list[RosterChange] = [
         RosterChange(**c) for c in (counts.get("changes", []) if counts else [])
     ]
     epoch_start = dict(roster.contributed)
 
     def site_epsilon() -> dict[str, float]:
-        return {p: plan.epsilon_after(roster.uploads[p]) for p in parties}
+        return {
+            p: plan.epsilon_after(roster.uploads[p], evaluations=roster.eval_uploads[p])
+            for p in parties
+        }
 
     def save(done: int) -> None:
         if checkpoint is None:
@@ -435,6 +455,7 @@ def train(
                 "sites": {
                     "uploads": dict(roster.uploads),
                     "contributed": dict(roster.contributed),
+                    "eval_uploads": dict(roster.eval_uploads),
                     "changes": [asdict(c) for c in [*changes, *roster.changes]],
                 },
             },
@@ -482,6 +503,9 @@ def train(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 done = step + 1
+                at_sites = None
+                if plan.eval_every and (done % plan.eval_every == 0 or done == plan.steps):
+                    at_sites = roster.evaluate(done, parameters=parameters)
                 if on_step is not None:
                     on_step(
                         StepInfo(
@@ -512,6 +536,7 @@ def train(
                         ),
                         participation={p: roster.contributed[p] - epoch_start[p] for p in parties},
                         site_epsilon=per_site,
+                        **_site_evaluation(at_sites, plan=plan, loss=loss),
                     )
                     if history and history[-1].step == done:
                         history[-1] = rec
@@ -535,7 +560,10 @@ def train(
         finally:
             roster.close()
     done = max(start, done)
-    final = history[-1].test_accuracy if history else None
+    final = None
+    if history:  # the coordinator's test data, else the sites' held-out splits
+        last = history[-1]
+        final = last.test_accuracy if last.test_accuracy is not None else last.site_accuracy
     report = None
     if plan.audit_canaries and revealed:
         scores = (
@@ -570,7 +598,23 @@ def train(
         site_epsilon=per_site,
         steps_charged=dict(roster.uploads),
         roster_changes=(*changes, *roster.changes),
+        evaluations_charged=dict(roster.eval_uploads),
     )
+
+
+def _site_evaluation(
+    outcome: RosterEvaluation | None, *, plan: TrainingPlan, loss: str
+) -> dict[str, Any]:
+    """An epoch record's fields for the evaluation at the sites (none: no fields)."""
+    if outcome is None:
+        return {}
+    totals = decode_total(outcome.total, eval_loss_bound=plan.eval_loss_bound)
+    return {
+        "site_accuracy": totals.accuracy() if loss == "cross_entropy" else None,
+        "site_loss": totals.mean_loss(bound=plan.eval_loss_bound),
+        "site_examples": totals.examples,
+        "site_eval_parties": outcome.parties,
+    }
 
 
 def _check_audit(

@@ -22,6 +22,7 @@ DataLoader, only the sampled items, one physical micro-batch at a time (mpcdp.tr
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from mpcdp.config.datasets import Examples
 from mpcdp.errors import DataError, ParameterError, RankFailure
 from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size
+from mpcdp.protocol.training.evaluation import EVAL_SCALE, EVAL_WORDS
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.data import LoaderBatches, TensorBatches, poisson_indices
 from mpcdp.train.declared import DeclaredData
@@ -112,14 +114,23 @@ class TorchGradientSource:
         num_workers: int = 0,
         pin_memory: bool | None = None,
         ranks: RankGroup | None = None,
+        eval_examples: Examples | None = None,
+        eval_data: DeclaredData | None = None,
     ) -> None:
         """Exactly one of ``examples`` (in memory, copied to the device once) and ``data``
         (a declared Dataset: read per micro-batch through a DataLoader with
         ``num_workers`` and ``pin_memory``, default pinned on a GPU). ``ranks``: this
         site's worker ranks (mpcdp.train.ranks; rank 0 is this process): each step's
-        Poisson sample is dealt across them and their clipped sums are added here."""
+        Poisson sample is dealt across them and their clipped sums are added here.
+        ``eval_examples`` or ``eval_data``: the site's held-out split, in the same form as
+        its training data, scored by :meth:`evaluation` (in this process)."""
         if (examples is None) == (data is None):
             raise ParameterError("examples", "and data", "give exactly one of them")
+        if eval_examples is not None and examples is None:
+            raise ParameterError("eval_examples", "given", "needs examples (an .npz site)")
+        if eval_data is not None and data is None:
+            raise ParameterError("eval_data", "given", "needs data (a declared Dataset)")
+        self._eval: TensorBatches | LoaderBatches | None = None
         if isinstance(max_physical_batch, bool) or not 1 <= max_physical_batch <= 1 << 20:
             raise ParameterError("max_physical_batch", max_physical_batch, "must be in [1, 2^20]")
         self._device = pick_device(device) if isinstance(device, str) else device
@@ -148,6 +159,11 @@ class TorchGradientSource:
                 integer_features=integer,
             )
             self._data = TensorBatches(x, examples.y, self._device)
+            if eval_examples is not None:
+                ex = eval_examples.x
+                if ex.dtype.kind in "iu" and not integer:
+                    ex = ex.astype(np.float32)
+                self._eval = TensorBatches(ex, eval_examples.y, self._device)
         else:
             assert data is not None
             self._check_model(
@@ -164,6 +180,14 @@ class TorchGradientSource:
                 pin_memory=pin_memory,
                 collate=data.collate,
             )
+            if eval_data is not None:
+                self._eval = LoaderBatches(
+                    eval_data.dataset,
+                    device=self._device,
+                    num_workers=num_workers,
+                    pin_memory=pin_memory,
+                    collate=eval_data.collate,
+                )
         self._checks_inputs = data is not None  # an .npz was validated when it was loaded
         self._n = self._data.count
         self._q = spec.sample_rate
@@ -327,6 +351,52 @@ class TorchGradientSource:
         out: NDArray[np.int32] | NDArray[np.int64] = words.numpy()
         return out
 
+    def evaluation(
+        self, *, loss_bound: float, accuracy: bool, rng: np.random.Generator
+    ) -> NDArray[np.int64]:
+        """The evaluation terms of the held-out split (mpcdp.protocol.training.evaluation):
+        the model in eval mode without gradients, per example an accuracy in [0, 1] (argmax
+        over dimension 1 against the target, averaged over any further positions; 0 without
+        ``accuracy``), a count of 1 and the loss clipped to [0, loss_bound] over loss_bound
+        (NaN and inf count as the bound), each times S and randomized-rounded with ``rng``;
+        summed in int64. Every example's terms are in [0, S], whatever the model does."""
+        if self._eval is None:
+            raise ParameterError("evaluation", "asked", "this site holds no held-out split")
+        if not math.isfinite(loss_bound) or not loss_bound > 0:
+            raise ParameterError("loss_bound", loss_bound, "must be finite and > 0")
+        parts: list[NDArray[np.float64]] = []
+        everything = np.arange(self._eval.count, dtype=np.int64)
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for inputs, targets in self._eval.batches(everything, self._physical):
+                    out = self.model(inputs)
+                    losses = self._loss_fn(out, targets).reshape(-1).double()
+                    if losses.shape[0] != targets.shape[0]:
+                        raise ParameterError(
+                            "loss", f"{losses.shape[0]} values", "must give one loss per example"
+                        )
+                    losses = torch.nan_to_num(losses, nan=loss_bound, posinf=loss_bound)
+                    clipped = losses.clamp(0.0, loss_bound) / loss_bound
+                    if accuracy and out.dim() >= 2 and not targets.is_floating_point():
+                        hits = (out.argmax(dim=1) == targets).double()
+                        right = hits.reshape(hits.shape[0], -1).mean(dim=1)
+                    else:
+                        right = torch.zeros_like(clipped)
+                    ones = torch.ones_like(clipped)
+                    terms = torch.stack([right.clamp(0, 1), ones, clipped], dim=1)
+                    parts.append(terms.cpu().numpy())
+        finally:
+            self.model.train(was)
+        if not parts:
+            return np.zeros(EVAL_WORDS, dtype=np.int64)
+        scaled = np.concatenate(parts) * EVAL_SCALE
+        low = np.floor(scaled)
+        rounded = low + (rng.random(scaled.shape) < scaled - low)
+        total: NDArray[np.int64] = rounded.astype(np.int64).sum(axis=0)
+        return total
+
     def add_examples(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
         """Append examples (an audit run's included input canaries) before the first step;
         they are Poisson-sampled with the rest."""
@@ -360,6 +430,8 @@ class TorchGradientSource:
         """Stop the background thread (the engine calls this when the session ends); does
         not wait for a draw in progress. Idempotent."""
         self._data.close()
+        if self._eval is not None:
+            self._eval.close()
         if self._ranks is not None and not self._closed:
             try:
                 self._ranks.close(key=self._key)

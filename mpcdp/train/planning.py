@@ -19,6 +19,12 @@ from mpcdp.protocol.training import (
     sensitivities,
     step_event,
 )
+from mpcdp.protocol.training.evaluation import (
+    eval_event,
+    eval_mechanism,
+    eval_mu_for,
+    eval_points,
+)
 
 # CLIPPING_MODES: re-exported for the command line (torch-free; cli/ may not import protocol/)
 __all__ = ["CLIPPING_MODES", "TrainingPlan", "plan_training"]
@@ -48,6 +54,13 @@ class TrainingPlan:
     ring_bits: int = 32
     audit_canaries: int = 0  # per site; an audit run (mpcdp.train.audit_run) when > 0
     audit_kind: str = ""
+    #: evaluation at the sites (mpcdp.protocol.training.evaluation): every eval_every steps
+    #: and after the last (0: never), with Skellam(eval_mu) noise (eval_noise_multiplier
+    #: times its Delta_2) and losses clipped to eval_loss_bound
+    eval_every: int = 0
+    eval_mu: float = 0.0
+    eval_noise_multiplier: float = 0.0
+    eval_loss_bound: float = 0.0
 
     @property
     def total_examples(self) -> int:
@@ -87,18 +100,34 @@ class TrainingPlan:
             ring_bits=self.ring_bits,
             audit_canaries=self.audit_canaries,
             audit_kind=self.audit_kind,
+            eval_every=self.eval_every,
+            eval_mu=self.eval_mu,
+            eval_loss_bound=self.eval_loss_bound,
         )
 
-    def epsilon_after(self, steps: int, *, delta: float | None = None) -> float:
+    @property
+    def evaluations(self) -> int:
+        """The evaluations at the sites the run makes (after every eval_every steps and
+        after the last)."""
+        return len(eval_points(eval_every=self.eval_every, start_step=0, end_step=self.steps))
+
+    def epsilon_after(
+        self, steps: int, *, evaluations: int = 0, delta: float | None = None
+    ) -> float:
         """The accountant's epsilon (at ``delta``, default target_delta) after ``steps``
-        steps."""
-        if steps <= 0:
+        steps and ``evaluations`` evaluations at the sites."""
+        if steps <= 0 and evaluations <= 0:
             return 0.0
-        ordinary = TrainingPlan(**{**asdict(self), "audit_canaries": 0, "audit_kind": ""})
+        ordinary = TrainingPlan(
+            **{**asdict(self), "audit_canaries": 0, "audit_kind": "", "eval_every": 0,
+               "eval_mu": 0.0, "eval_loss_bound": 0.0}
+        )  # fmt: skip
         event = step_event(ordinary.spec(run_id="plan", start_step=0, steps=1), steps=1)
-        one = accountant.rdp_curve(event)
+        total = accountant.rdp_curve(event) * max(steps, 0)
+        if evaluations > 0:
+            total = total + accountant.rdp_curve(eval_event(self.eval_mu, count=evaluations))
         at = self.target_delta if delta is None else delta
-        eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=one * steps, delta=at)
+        eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=total, delta=at)
         return eps
 
 
@@ -120,6 +149,9 @@ def plan_training(
     ring_bits: int = 32,
     audit_canaries: int = 0,
     audit_kind: str = "",
+    site_eval_every: int = 0,
+    site_eval_epsilon: float | None = None,
+    site_eval_loss_bound: float = 10.0,
 ) -> TrainingPlan:
     """Sampling rate, steps, gradient scale and Skellam mu for a target (eps, delta).
 
@@ -128,6 +160,13 @@ def plan_training(
     z is the smallest with eps(Skellam((z Delta_2)^2), q, T) <= target; Delta_2 depends on
     the scale 2^k, which the ring's headroom bounds given z, so the two are solved together.
     With ``audit_canaries`` per site, every site's batch bound counts them as examples.
+
+    With ``site_eval_every`` epochs (0: none), the sites evaluate the model on their
+    held-out splits after every that many epochs and after the last: the evaluations' noise
+    is the smallest whose epsilon alone is at most ``site_eval_epsilon`` (default a tenth
+    of the target), and the steps' noise is then calibrated so that steps and evaluations
+    together meet the target (RDP composition: the two parts add up to a little more than
+    the target, never less).
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ParameterError("target_epsilon", target_epsilon, "must be finite and > 0")
@@ -151,6 +190,24 @@ def plan_training(
     steps = max(1, round(epochs * steps_per_epoch))
     n, h = len(parties), len(parties) - colluders
     max_total = sum(max_batch_size(examples=e + audit_canaries, sample_rate=q) for e in examples)
+    evaluation = _evaluation(
+        every=site_eval_every,
+        epsilon=site_eval_epsilon,
+        loss_bound=site_eval_loss_bound,
+        steps=steps,
+        steps_per_epoch=steps_per_epoch,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+    )
+    alongside = []
+    if evaluation.count:
+        try:  # the sites' samplers draw the shares exactly only within their range
+            eval_mechanism(evaluation.mu).check_range(honest=h)
+        except ParameterError as exc:
+            raise ParameterError(
+                "site_eval_epsilon", site_eval_epsilon, f"needs too much noise: {exc}"
+            ) from None
+        alongside.append(eval_event(evaluation.mu, count=evaluation.count))
 
     def z_for(k: int) -> float:
         l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
@@ -162,10 +219,15 @@ def plan_training(
             mechanism="skellam",
             l2_sensitivity=l2,
             l1_sensitivity=l1,
+            alongside=alongside,
         )
 
     z = accountant.get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q, steps=steps
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        sample_rate=q,
+        steps=steps,
+        alongside=alongside,
     )
     k = choose_scale_bits(
         max_grad_norm=max_grad_norm,
@@ -213,4 +275,63 @@ def plan_training(
         ring_bits=ring_bits,
         audit_canaries=audit_canaries,
         audit_kind=audit_kind,
+        eval_every=evaluation.every,
+        eval_mu=evaluation.mu,
+        eval_noise_multiplier=evaluation.noise_multiplier,
+        eval_loss_bound=evaluation.loss_bound,
+    )
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    every: int = 0  # steps
+    count: int = 0
+    mu: float = 0.0
+    noise_multiplier: float = 0.0
+    loss_bound: float = 0.0
+
+
+def _evaluation(
+    *,
+    every: int,
+    epsilon: float | None,
+    loss_bound: float,
+    steps: int,
+    steps_per_epoch: int,
+    target_epsilon: float,
+    target_delta: float,
+) -> _Evaluation:
+    """The evaluations at the sites of a plan: their interval in steps, how many, and their
+    noise (the smallest whose epsilon alone is at most ``epsilon``)."""
+    if isinstance(every, bool) or not isinstance(every, int) or not 0 <= every <= 2**20:
+        raise ParameterError("site_eval_every", every, "must be a whole number of epochs >= 0")
+    if every == 0:
+        if epsilon is not None:
+            raise ParameterError("site_eval_epsilon", epsilon, "needs site_eval_every >= 1")
+        return _Evaluation()
+    if isinstance(loss_bound, bool) or not isinstance(loss_bound, int | float):
+        raise ParameterError("site_eval_loss_bound", loss_bound, "must be a number")
+    if not (math.isfinite(loss_bound) and 0 < loss_bound <= 1e12):
+        raise ParameterError("site_eval_loss_bound", loss_bound, "must be in (0, 1e12]")
+    share = 0.1 * target_epsilon if epsilon is None else epsilon
+    if isinstance(share, bool) or not isinstance(share, int | float):
+        raise ParameterError("site_eval_epsilon", share, "must be a number")
+    if not (math.isfinite(share) and 0 < share < target_epsilon):
+        raise ParameterError(
+            "site_eval_epsilon", share, f"must be in (0, target_epsilon={target_epsilon:g})"
+        )
+    interval = every * steps_per_epoch
+    count = len(eval_points(eval_every=interval, start_step=0, end_step=steps))
+
+    def eps(z: float) -> float:
+        event = eval_event(eval_mu_for(z), count=count)
+        return accountant.compose([event], delta=target_delta).epsilon
+
+    z = accountant.calibrate(eps, target_epsilon=float(share))
+    return _Evaluation(
+        every=interval,
+        count=count,
+        mu=eval_mu_for(z),
+        noise_multiplier=z,
+        loss_bound=float(loss_bound),
     )

@@ -32,6 +32,7 @@ __all__ = [
     "load_checkpoint",
     "plan_from",
     "read_checkpoint",
+    "record_from",
     "save_checkpoint",
     "write_metrics",
 ]
@@ -65,6 +66,14 @@ class EpochRecord:
     #: by its own accountant (a step re-run after a failure counts for every site whose upload
     #: of the failed attempt left it)
     site_epsilon: dict[str, float] = field(default_factory=dict)
+    #: evaluation at the sites after this epoch (None: none made): the noisy accuracy (None
+    #: unless the loss is cross-entropy), mean clipped loss and number of held-out examples
+    #: over every site that took part (``site_eval_parties``), all post-processing of one
+    #: charged release (mpcdp.protocol.training.evaluation)
+    site_accuracy: float | None = None
+    site_loss: float | None = None
+    site_examples: float | None = None
+    site_eval_parties: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class TrainingResult:
     steps_charged: dict[str, int] = field(default_factory=dict)
     #: the roster's changes: a site left out (with why) or back, at which step
     roster_changes: tuple[RosterChange, ...] = ()
+    #: site -> the evaluations at the sites whose upload left it (each charged)
+    evaluations_charged: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         audit = None
@@ -111,6 +122,7 @@ class TrainingResult:
             "participation": self.participation,
             "site_epsilon": self.site_epsilon,
             "steps_charged": self.steps_charged,
+            "evaluations_charged": self.evaluations_charged,
             "roster_changes": [asdict(c) for c in self.roster_changes],
         }
 
@@ -163,6 +175,11 @@ def plan_from(obj: dict[str, Any]) -> TrainingPlan:
     return TrainingPlan(
         **{**obj, "parties": tuple(obj["parties"]), "examples": tuple(obj["examples"])}
     )
+
+
+def record_from(obj: dict[str, Any]) -> EpochRecord:
+    """An epoch record as a checkpoint holds it (tuples come back as lists)."""
+    return EpochRecord(**{**obj, "site_eval_parties": tuple(obj.get("site_eval_parties", ()))})
 
 
 def write_metrics(

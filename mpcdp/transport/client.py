@@ -196,10 +196,13 @@ class GrpcPartyClient:
         full: bool,
         ring_bits: int,
         deadline_s: float | None = None,
+        evaluate: bool = False,
     ) -> ContributionStream:
         """One training step; ``deadline_s`` (default: the client's deadline) bounds the
         whole call, the upload included: past it the site sees the call cancelled and
-        refuses to send the step (so it is not charged for it)."""
+        refuses to send the step (so it is not charged for it). ``evaluate``: the site's
+        evaluation before step ``step`` instead (its words are in Z_2^64: ``ring_bits``
+        64)."""
         timeout = self._deadline if deadline_s is None else min(deadline_s, self._deadline)
         requests = codec.encode_step_requests(
             session_id=session_id,
@@ -208,6 +211,7 @@ class GrpcPartyClient:
             parameters=parameters,
             full=full,
             chunk_bytes=self._chunk_bytes,
+            evaluate=evaluate,
         )
         responses = self._stub.TrainStep(requests, timeout=timeout)
         return self._upload(responses, session_id=session_id, ring_bits=ring_bits, timeout=timeout)

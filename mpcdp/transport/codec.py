@@ -403,6 +403,9 @@ _TRAIN_FIELDS = (
     "loss",
     "fingerprint",
     "model_options",
+    "eval_every",
+    "eval_mu",
+    "eval_loss_bound",
 )
 
 
@@ -446,8 +449,10 @@ def encode_step_requests(
     parameters: NDArray[np.float32],
     full: bool,
     chunk_bytes: int = 0,
+    evaluate: bool = False,
 ) -> Iterator[pb.TrainStepRequest]:
-    """Header, then the parameters in chunks (see above)."""
+    """Header, then the parameters in chunks (see above); ``evaluate``: an evaluation at the
+    sites before step ``step`` instead of the step."""
     values = np.ascontiguousarray(parameters, dtype="<f4").reshape(-1)
     yield pb.TrainStepRequest(
         version=PROTOCOL_VERSION,
@@ -458,6 +463,7 @@ def encode_step_requests(
             full=full,
             parameter_count=values.size,
             chunk_bytes=chunk_bytes,
+            evaluate=evaluate,
         ),
     )
     per = DEFAULT_CHUNK_BYTES // 4
@@ -554,6 +560,7 @@ def _dataset_from_pb(msg: pb.DatasetInfo) -> DatasetInfo:
         max_rows_per_unit=int(msg.max_rows_per_unit) or 1,
         max_groups_per_unit=int(msg.max_groups_per_unit) or 1,
         max_parties_per_unit=int(msg.max_parties_per_unit) or 1,
+        evaluation=msg.evaluation,
     )
 
 

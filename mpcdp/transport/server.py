@@ -1060,7 +1060,8 @@ class PartyServicer(pb_grpc.PartyServicer):
         # previous exchange
         with self._lock_proposed:
             since = min(arrived, self._proposed.get(session_id, arrived))
-        upload = trainer.step(
+        run = trainer.evaluate if header.evaluate else trainer.step
+        upload = run(
             session_id=session_id,
             step=header.step,
             keys=keys,
@@ -1074,7 +1075,8 @@ class PartyServicer(pb_grpc.PartyServicer):
         yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
         self._remember(session_id)
         del upload  # sent: free it before the next step's pad is built
-        trainer.step_finished(session_id=session_id)
+        if not header.evaluate:
+            trainer.step_finished(session_id=session_id)
 
 
 def _bind_problem(listen: str) -> str:

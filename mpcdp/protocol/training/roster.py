@@ -53,7 +53,13 @@ from mpcdp.protocol.training.training_session import (
     TrainingSession,
 )
 
-__all__ = ["RosterChange", "RosterExhausted", "RosterStep", "TrainingRoster"]
+__all__ = [
+    "RosterChange",
+    "RosterEvaluation",
+    "RosterExhausted",
+    "RosterStep",
+    "TrainingRoster",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,15 @@ class RosterStep:
     parties: tuple[str, ...]
     #: the step was the first of a new session (each site charged a new block for it)
     new_session: bool = False
+
+
+@dataclass(frozen=True)
+class RosterEvaluation:
+    """The revealed evaluation at the sites before a step (three signed words, integer units:
+    mpcdp.protocol.training.evaluation) and the sites whose held-out split it holds."""
+
+    total: NDArray[np.int64]
+    parties: tuple[str, ...]
 
 
 class RosterExhausted(RoundAborted):
@@ -179,6 +194,8 @@ class TrainingRoster:
         self.uploads: dict[str, int] = dict.fromkeys(self._order, 0)
         #: site -> steps whose revealed sum holds its gradient
         self.contributed: dict[str, int] = dict.fromkeys(self._order, 0)
+        #: site -> evaluations whose upload began to arrive (each site charged them)
+        self.eval_uploads: dict[str, int] = dict.fromkeys(self._order, 0)
         self.changes: list[RosterChange] = []
 
     @property
@@ -224,6 +241,32 @@ class TrainingRoster:
                 self.contributed[p] += 1
                 self._fails.pop(p, None)
             return RosterStep(total=total, parties=roster, new_session=full)
+
+    def evaluate(
+        self, step: int, *, parameters: Callable[[bool], NDArray[np.float32]]
+    ) -> RosterEvaluation | None:
+        """The evaluation at the sites before step ``step`` in the current session, when it
+        has one and ``step`` is one of its evaluation points; else None. A site that fails
+        it is left out as for a step, and the evaluation is skipped, not re-run (None): the
+        next step goes on without that site, and the sites whose upload of it left them paid
+        for it (:attr:`eval_uploads`)."""
+        session = self._session
+        if session is None or step not in session.spec.eval_points:
+            return None
+        full = self._fresh
+        try:
+            total = session.evaluate(parameters=parameters(full), full=full)
+        except SessionFailed as exc:
+            self._count(session)
+            if not (self._tolerate and exc.party_fault and exc.failed):
+                raise
+            self._leave(step, exc.failed)
+            self._drop_session()
+            log.warning("training step %d: the evaluation at the sites is skipped", step)
+            return None
+        self._count(session)
+        self._fresh = False
+        return RosterEvaluation(total=total, parties=tuple(session.spec.parties))
 
     def close(self) -> None:
         self._drop_session()
@@ -277,6 +320,9 @@ class TrainingRoster:
         for p, n in session.uploads.items():
             self.uploads[p] += n
         session.uploads.clear()
+        for p, n in session.eval_uploads.items():
+            self.eval_uploads[p] += n
+        session.eval_uploads.clear()
 
     def _leave(self, step: int, failed: Mapping[str, BaseException]) -> None:
         left = {p: _why(e) for p, e in failed.items() if p in self._present}

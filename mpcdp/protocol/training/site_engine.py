@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -46,6 +46,13 @@ from mpcdp.protocol.session import (
     SessionHost,
     durability_refusal,
     unavailable,
+)
+from mpcdp.protocol.training.evaluation import (
+    EVAL_RING_BITS,
+    EVAL_TENSOR_ID,
+    EVAL_WORDS,
+    eval_event,
+    eval_mechanism,
 )
 from mpcdp.protocol.training.fingerprint import check_architecture
 from mpcdp.protocol.training.source import GradientSource, TrainingTask
@@ -82,6 +89,8 @@ class _SiteSession:
     canaries_in: NDArray[np.bool_] | None = None
     #: white-box audit runs: the coordinates of this site's included gradient canaries
     canary_coordinates: NDArray[np.int64] | None = None
+    #: the step indices before which this session has evaluated (each at most once)
+    evaluated: set[int] = field(default_factory=set)
 
 
 class TrainingEngine(SessionHost):
@@ -184,6 +193,12 @@ class TrainingEngine(SessionHost):
             _check_num_params(spec, trainable)
         else:
             self._check_architecture(spec, task)
+        if spec.eval_every and not task.evaluation:
+            raise PolicyError(
+                f"site {self.party_id!r} declares no held-out split for dataset "
+                f"{spec.dataset!r}, so it cannot evaluate (party.toml: eval_path, or "
+                "eval_data_paths / eval_data_options for a declared Dataset)"
+            )
         # an audit run's included canaries are examples of this site for the session
         self._check_headroom(spec, task.examples + spec.audit_canaries)
         event = run_event(spec)
@@ -394,17 +409,56 @@ class TrainingEngine(SessionHost):
         coordinator gave up (and re-ran it among the other sites) is refused, its session
         ended, and the step never leaves this site, so its block is settled without it."""
         session = self._acquire(session_id, coordinator)
+        return self._running(
+            session_id,
+            session,
+            f"step {step}",
+            lambda: self._step(session_id, session, step, keys, parameters, full, in_time),
+        )
+
+    def evaluate(
+        self,
+        *,
+        session_id: bytes,
+        step: int,
+        keys: Sequence[identity.SignedKey],
+        parameters: NDArray[np.float32],
+        full: bool,
+        coordinator: str,
+        in_time: Callable[[], bool] | None = None,
+    ) -> Contribution:
+        """The session's evaluation before step ``step`` (mpcdp.protocol.training.evaluation):
+        ``parameters`` scored on this site's held-out split, three words of Z_2^64 with the
+        evaluation's noise share and masks. Only at the spec's evaluation points, once each,
+        at the session's current step; reserved before the model is scored, charged once the
+        words are ready, refused (and released) when the coordinator gave up on it first."""
+        session = self._acquire(session_id, coordinator)
+        return self._running(
+            session_id,
+            session,
+            f"the evaluation before step {step}",
+            lambda: self._evaluate(session_id, session, step, keys, parameters, full, in_time),
+        )
+
+    def _running(
+        self,
+        session_id: bytes,
+        session: _SiteSession,
+        what: str,
+        run: Callable[[], Contribution],
+    ) -> Contribution:
+        """Run a step or an evaluation of an acquired session: any failure ends the session
+        (nothing is ever answered twice); a session ended meanwhile is settled after it."""
         try:
-            return self._step(session_id, session, step, keys, parameters, full, in_time)
+            return run()
         except Exception as exc:
-            # any failure ends the session: a step is never answered twice
-            self._end(session_id, f"failed at step {step}: {type(exc).__name__}")
+            self._end(session_id, f"failed at {what}: {type(exc).__name__}")
             raise
         finally:
             with self._lock:
                 session.busy = False
                 ending = session.ended
-            if ending:  # ended while this step ran: the ledger is settled now
+            if ending:  # ended while this ran: the ledger is settled now
                 self._finish(session_id, session)
 
     def _step(
@@ -419,34 +473,15 @@ class TrainingEngine(SessionHost):
     ) -> Contribution:
         spec = session.spec
         if in_time is not None and not in_time():
-            raise SessionError(_LATE.format(step=step, sid=session_id.hex()))
+            raise SessionError(_LATE.format(what=f"step {step}", sid=session_id.hex()))
         if step != session.next_step:
             raise ProtocolError(
                 f"step={step} but session {session_id.hex()} expects step {session.next_step}"
             )
-        if session.pair_keys is None:
-            if not keys:
-                raise ProtocolError("the first step of a session must relay every signed key")
-            if not full:
-                raise ProtocolError("the first step of a session must carry all parameters")
-            session.pair_keys = self._pair_keys(
-                session_id=session_id,
-                parties=spec.parties,
-                keys=keys,
-                own=session.public,
-                private_key=session.private_key,
-                spec_digest=digest(spec),
-            )
-        elif keys:
-            raise ProtocolError("signed keys are relayed on a session's first step only")
-        expected = session.source.total_params if full else session.source.num_params
-        if parameters.shape != (expected,):
-            raise ProtocolError(
-                f"parameters carry {parameters.size} values, expected {expected} "
-                f"({'all' if full else 'trainable'} parameters of {spec.model!r})"
-            )
-        if not np.all(np.isfinite(parameters)):
-            raise ParameterError("parameters", "non-finite", "must be finite float32 values")
+        if step >= spec.end_step:
+            raise ProtocolError(f"the session's {spec.steps} steps are done")
+        self._session_keys(session_id, session, keys, full)
+        self._check_parameters(session, parameters, full)
         block = (step - spec.start_step) // spec.steps_per_charge
         if block > session.charged_block:
             if block > session.reserved_block:
@@ -479,7 +514,7 @@ class TrainingEngine(SessionHost):
         np.add(upload, encoding.to_ring(grad, ring_bits=spec.ring_bits), out=upload)
         with self._lock:  # from here on the step counts as sent (the session's settlement)
             if session.ended or (in_time is not None and not in_time()):
-                raise SessionError(_LATE.format(step=step, sid=session_id.hex()))
+                raise SessionError(_LATE.format(what=f"step {step}", sid=session_id.hex()))
             session.next_step = step + 1
         session.expires = self._clock() + self._ttl
         reveal = b""
@@ -487,7 +522,8 @@ class TrainingEngine(SessionHost):
             if session.canaries_in is not None:
                 # the run's releases are all made: the audit may see which canaries were in
                 reveal = pack_inclusion(session.canaries_in)
-            self._end(session_id, "finished")
+            if not spec.eval_every:  # else the evaluation after the last step ends it
+                self._end(session_id, "finished")
         return Contribution(
             party_id=self.party_id,
             epsilon_spent=session.last_epsilon,
@@ -496,6 +532,159 @@ class TrainingEngine(SessionHost):
             _noisy=upload,
             _mask=None,
             audit_inclusion=reveal,
+        )
+
+    def _session_keys(
+        self,
+        session_id: bytes,
+        session: _SiteSession,
+        keys: Sequence[identity.SignedKey],
+        full: bool,
+    ) -> None:
+        """The session's pairwise keys from the signed keys its first call relays (a step's
+        or an evaluation's: that call also carries all parameters); later calls relay none."""
+        if session.pair_keys is None:
+            if not keys:
+                raise ProtocolError("the first call of a session must relay every signed key")
+            if not full:
+                raise ProtocolError("the first call of a session must carry all parameters")
+            session.pair_keys = self._pair_keys(
+                session_id=session_id,
+                parties=session.spec.parties,
+                keys=keys,
+                own=session.public,
+                private_key=session.private_key,
+                spec_digest=digest(session.spec),
+            )
+        elif keys:
+            raise ProtocolError("signed keys are relayed on a session's first call only")
+
+    @staticmethod
+    def _check_parameters(
+        session: _SiteSession, parameters: NDArray[np.float32], full: bool
+    ) -> None:
+        expected = session.source.total_params if full else session.source.num_params
+        if parameters.shape != (expected,):
+            raise ProtocolError(
+                f"parameters carry {parameters.size} values, expected {expected} "
+                f"({'all' if full else 'trainable'} parameters of {session.spec.model!r})"
+            )
+        if not np.all(np.isfinite(parameters)):
+            raise ParameterError("parameters", "non-finite", "must be finite float32 values")
+
+    def _evaluate(
+        self,
+        session_id: bytes,
+        session: _SiteSession,
+        step: int,
+        keys: Sequence[identity.SignedKey],
+        parameters: NDArray[np.float32],
+        full: bool,
+        in_time: Callable[[], bool] | None,
+    ) -> Contribution:
+        spec = session.spec
+        late = _LATE.format(what=f"the evaluation before step {step}", sid=session_id.hex())
+        if in_time is not None and not in_time():
+            raise SessionError(late)
+        if not spec.eval_every:
+            raise ProtocolError("this session evaluates nothing (its spec's eval_every is 0)")
+        if step != session.next_step:
+            raise ProtocolError(
+                f"an evaluation before step={step}, but session {session_id.hex()} is at step "
+                f"{session.next_step}"
+            )
+        if step not in spec.eval_points:
+            raise ProtocolError(
+                f"step={step} is not an evaluation point of the session (multiples of "
+                f"eval_every={spec.eval_every} from {spec.start_step}, and its end {spec.end_step})"
+            )
+        if step in session.evaluated:
+            raise ProtocolError(
+                f"the session evaluated before step {step} already: an evaluation's masks are "
+                "used once"
+            )
+        self._session_keys(session_id, session, keys, full)
+        self._check_parameters(session, parameters, full)
+        cfg = self.tasks[spec.dataset].config
+        query_id = _eval_id(spec, session_id, step)
+        try:
+            self.ledger.reserve(
+                dataset=spec.dataset,
+                query_id=query_id,
+                coordinator=session.coordinator,
+                event=eval_event(spec.eval_mu),
+                share=cfg.share(session.coordinator),
+                ttl_s=self._ttl,
+                note=f"evaluation of training {spec.run_id} ({spec.model}) before step {step}",
+            )
+        except LedgerWriteError as exc:
+            raise durability_refusal(self.party_id, exc) from None
+        session.evaluated.add(step)  # refused again whatever happens next
+        charged = False
+        try:
+            session.source.load_parameters(parameters, full=full)
+            terms = session.source.evaluation(
+                loss_bound=spec.eval_loss_bound,
+                accuracy=spec.loss == "cross_entropy",
+                rng=self._rng,
+            )
+            assert session.pair_keys is not None
+            upload: np.ndarray = pads.build_pad(
+                size=EVAL_WORDS, ring_bits=EVAL_RING_BITS, honest=spec.honest,
+                noise=self._noise(eval_mechanism(spec.eval_mu)), party=spec.index_of(self.party_id),
+                pair_keys=session.pair_keys, round_id=step, tensor_id=EVAL_TENSOR_ID, rng=self._rng,
+            )  # fmt: skip
+            np.add(upload, encoding.to_ring(terms, ring_bits=EVAL_RING_BITS), out=upload)
+            if in_time is not None and not in_time():
+                raise SessionError(late)
+            try:
+                charge = self.ledger.charge(
+                    dataset=spec.dataset,
+                    query_id=query_id,
+                    coordinator=session.coordinator,
+                    event=eval_event(spec.eval_mu),
+                    share=cfg.share(session.coordinator),
+                    reserved=True,
+                )
+            except LedgerWriteError as exc:
+                raise durability_refusal(self.party_id, exc) from None
+            charged = True
+            if not charge.new:
+                raise LedgerError(f"evaluation {query_id!r} was charged before")
+        finally:
+            if not charged:
+                self.ledger.release(query_id, coordinator=session.coordinator)
+        assert charge.status is not None
+        session.last_status = charge.status.remaining_epsilon
+        session.last_epsilon = f"{charge.status.spent_epsilon:.6g}"
+        with self._lock:
+            # from here on the evaluation counts as sent (a session ended meanwhile keeps
+            # the charge: more than what left, never less)
+            if session.ended:
+                raise SessionError(f"training session {session_id.hex()} ended meanwhile")
+        session.expires = self._clock() + self._ttl
+        if step >= spec.end_step:
+            self._end(session_id, "finished")
+        return Contribution(
+            party_id=self.party_id,
+            epsilon_spent=session.last_epsilon,
+            budget_remaining=session.last_status,
+            length=EVAL_WORDS,
+            _noisy=upload,
+            _mask=None,
+        )
+
+    def _noise(self, noise: Skellam) -> Skellam | None:
+        """``noise`` as this site adds it: divided by the test-only divisor (constructor
+        docstring; inf: none at all)."""
+        if self._noise_divisor == 1.0:
+            return noise
+        if math.isinf(self._noise_divisor):
+            return None
+        return Skellam(
+            mu=noise.mu / self._noise_divisor**2,
+            l1_sensitivity=noise.l1_sensitivity,
+            l2_sensitivity=noise.l2_sensitivity,
         )
 
     def _add_gradient_canaries(
@@ -535,18 +724,7 @@ class TrainingEngine(SessionHost):
         pair_keys = session.pair_keys
         assert pair_keys is not None
         me = spec.index_of(self.party_id)
-        noise: Skellam | None = mechanism(spec)
-        if self._noise_divisor != 1.0:  # TEST ONLY (constructor docstring)
-            assert noise is not None
-            noise = (
-                None
-                if math.isinf(self._noise_divisor)
-                else Skellam(
-                    mu=spec.mu / self._noise_divisor**2,
-                    l1_sensitivity=noise.l1_sensitivity,
-                    l2_sensitivity=noise.l2_sensitivity,
-                )
-            )
+        noise = self._noise(mechanism(spec))  # TEST ONLY divisor: constructor docstring
 
         def build(rng: np.random.Generator, workers: Executor) -> np.ndarray:
             # noise share + masks in one pass, slice by slice on the pool's workers
@@ -618,6 +796,11 @@ def _charge_id(spec: TrainSpec, session_id: bytes, block: int) -> str:
     return f"{spec.run_id}/{session_id.hex()}/{block}"
 
 
+def _eval_id(spec: TrainSpec, session_id: bytes, step: int) -> str:
+    """An evaluation's query id in the ledger (in its coordinator's namespace there)."""
+    return f"{spec.run_id}/{session_id.hex()}/eval-{step}"
+
+
 def _block(spec: TrainSpec, block: int) -> tuple[int, int]:
     """The first step of block ``block`` of a session, and its number of steps."""
     first = spec.start_step + block * spec.steps_per_charge
@@ -626,7 +809,7 @@ def _block(spec: TrainSpec, block: int) -> tuple[int, int]:
 
 #: a step whose coordinator has given up on it
 _LATE = (
-    "step {step} of training session {sid} arrived or finished after its coordinator gave up "
+    "{what} of training session {sid} arrived or finished after its coordinator gave up "
     "on it (past its deadline, cancelled, or this party was suspended); it is not sent and "
     "not charged"
 )

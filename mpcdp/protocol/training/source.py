@@ -48,6 +48,14 @@ class GradientSource(Protocol):
         background; called after a step's upload is sent."""
         ...
 
+    def evaluation(
+        self, *, loss_bound: float, accuracy: bool, rng: np.random.Generator
+    ) -> NDArray[np.int64]:
+        """The site's evaluation terms on its held-out split with the loaded parameters
+        (mpcdp.protocol.training.evaluation): three sums of per-example terms in [0, S],
+        randomized-rounded with ``rng``; ``accuracy``: argmax accuracy (else 0)."""
+        ...
+
     def add_examples(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
         """Append examples to the session's data before its first step (the included input
         canaries of a black-box audit run); they are sampled like every other example."""
@@ -79,3 +87,5 @@ class TrainingTask:
     architecture: Callable[[TrainSpec], tuple[str, ...]] | None = None
     #: the per-example loss the site declared (a run must name the same)
     loss: str = "cross_entropy"
+    #: the site holds a held-out split (party.toml) and evaluates on it when a run asks
+    evaluation: bool = False

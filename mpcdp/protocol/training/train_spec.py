@@ -25,6 +25,7 @@ from mpcdp.errors import (
     ParameterError,
 )
 from mpcdp.protocol.query.query_spec import validate_parties
+from mpcdp.protocol.training.evaluation import check_eval_fields, eval_event, eval_points
 from mpcdp.protocol.training.fingerprint import check_entries
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class TrainSpec:
     #: keys, no spaces; :func:`encode_model_options`); "" for none. A site allows only the
     #: options its party.toml lets a coordinator choose, within their declared ranges.
     model_options: str = ""
+    #: evaluation at the sites (mpcdp.protocol.training.evaluation): before every step that
+    #: is a multiple of ``eval_every`` and after the session's last step (0: never), each
+    #: site scores the model on its held-out split, its losses clipped to
+    #: ``eval_loss_bound``, and the total gets Skellam(``eval_mu``) noise
+    eval_every: int = 0
+    eval_mu: float = 0.0
+    eval_loss_bound: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("run_id", "dataset", "model"):
@@ -104,6 +112,14 @@ class TrainSpec:
         object.__setattr__(self, "architecture", tuple(self.architecture))
         check_entries(self.architecture, self.fingerprint)
         decode_model_options(self.model_options)  # strict: canonical JSON of plain values
+        check_eval_fields(
+            eval_every=self.eval_every, eval_mu=self.eval_mu, eval_loss_bound=self.eval_loss_bound
+        )
+        object.__setattr__(self, "eval_mu", float(self.eval_mu))
+        object.__setattr__(self, "eval_loss_bound", float(self.eval_loss_bound))
+        if self.eval_every and self.audit_canaries:
+            # an audit run's bound is about its steps alone
+            raise ParameterError("eval_every", self.eval_every, "must be 0 in an audit run")
         if self.ring_bits not in (32, 64):
             raise ParameterError("ring_bits", self.ring_bits, "must be 32 or 64")
         _int(self.audit_canaries, "audit_canaries", 0, MAX_CANARIES)
@@ -138,6 +154,13 @@ class TrainSpec:
     def end_step(self) -> int:
         """One past the session's last step."""
         return self.start_step + self.steps
+
+    @property
+    def eval_points(self) -> tuple[int, ...]:
+        """The step indices before which this session evaluates at the sites."""
+        return eval_points(
+            eval_every=self.eval_every, start_step=self.start_step, end_step=self.end_step
+        )
 
     def index_of(self, party: str) -> int:
         try:
@@ -248,9 +271,13 @@ def mechanism(spec: TrainSpec) -> Skellam:
     return Skellam(mu=spec.mu, l1_sensitivity=l1, l2_sensitivity=l2)
 
 
-def run_event(spec: TrainSpec) -> ev.Skellam:
-    """The privacy event of the whole session."""
-    return step_event(spec, steps=spec.steps)
+def run_event(spec: TrainSpec) -> ev.Skellam | ev.Composite:
+    """The privacy event of the whole session: its steps and its evaluations."""
+    steps = step_event(spec, steps=spec.steps)
+    evaluations = len(spec.eval_points)
+    if not evaluations:
+        return steps
+    return ev.Composite(parts=(steps, eval_event(spec.eval_mu, count=evaluations)))
 
 
 def max_batch_size(*, examples: int, sample_rate: float) -> int:

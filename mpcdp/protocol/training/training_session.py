@@ -39,6 +39,7 @@ from mpcdp.protocol.failures import (
 )
 from mpcdp.protocol.query.round_coordinator import ContributionStream, accumulate
 from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
+from mpcdp.protocol.training.evaluation import EVAL_RING_BITS, EVAL_WORDS
 from mpcdp.protocol.training.train_spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,11 @@ class TrainingClient(Protocol):
         full: bool,
         ring_bits: int,
         deadline_s: float | None = None,
-    ) -> ContributionStream: ...
+        evaluate: bool = False,
+    ) -> ContributionStream:
+        """A step, or with ``evaluate`` the evaluation at the sites before step ``step``
+        (mpcdp.protocol.training.evaluation; its words are in Z_2^64)."""
+        ...
 
     def abort(self, *, session_id: bytes, reason: str) -> None: ...
 
@@ -125,7 +130,11 @@ class TrainingSession:
     step_deadline_s: float | None = None
     #: site -> steps of this session whose upload began to arrive (the site charged them)
     uploads: dict[str, int] = field(default_factory=dict)
+    #: site -> evaluations of this session whose upload began to arrive (each charged)
+    eval_uploads: dict[str, int] = field(default_factory=dict)
     _keys: list[identity.SignedKey] = field(default_factory=list)
+    _keys_sent: bool = False
+    _evaluated: set[int] = field(default_factory=set)
     _next: int = -1
     _pool: ThreadPoolExecutor | None = None
     budget_remaining: dict[str, float] = field(default_factory=dict)
@@ -179,6 +188,9 @@ class TrainingSession:
             raise ProtocolError("open the training session first")
         if self._next >= self.spec.end_step:
             raise ProtocolError(f"the session's {self.spec.steps} steps are done")
+        if self._next in self.spec.eval_points and self._next not in self._evaluated:
+            # the sites evaluate before this step or not at all: the evaluation is skipped
+            log.debug("training step %d: its evaluation at the sites is skipped", self._next)
         dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
         if out is None:
             total = np.zeros(self.spec.num_params, dtype=dtype)
@@ -204,15 +216,53 @@ class TrainingSession:
             total = out
             total.fill(0)
         step = self._next
-        first = step == self.spec.start_step
-        # a session's first step also builds each site's model, runs its first-use checks and
+        remaining = self._round(step, parameters=parameters, full=full, total=total, evaluate=False)
+        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
+        self._next = step + 1
+        return encoding.signed_view(total)
+
+    def evaluate(self, *, parameters: NDArray[np.float32], full: bool) -> NDArray[np.int64]:
+        """The evaluation at the sites before the session's next step (an evaluation point
+        of the spec, once): the decoded noisy totals, three signed words in integer units
+        (mpcdp.protocol.training.evaluation.decode_total reads them)."""
+        if self._pool is None or self._next < 0:
+            raise ProtocolError("open the training session first")
+        step = self._next
+        if step not in self.spec.eval_points or step in self._evaluated:
+            raise ProtocolError(
+                f"the session evaluates before steps {list(self.spec.eval_points)}, once each; "
+                f"not before step {step}"
+            )
+        total = np.zeros(EVAL_WORDS, dtype=ring.dtype_for(EVAL_RING_BITS).newbyteorder("="))
+        self._evaluated.add(step)
+        remaining = self._round(step, parameters=parameters, full=full, total=total, evaluate=True)
+        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
+        out: NDArray[np.int64] = total.view(np.int64)  # Z_2^64 words as signed integers
+        return out
+
+    def _round(
+        self,
+        step: int,
+        *,
+        parameters: NDArray[np.float32],
+        full: bool,
+        total: np.ndarray,
+        evaluate: bool,
+    ) -> list[float]:
+        """One call at every site (a step, or an evaluation), summed into ``total``; the
+        sites' remaining budgets. SessionFailed when a site fails (module docstring)."""
+        first = not self._keys_sent
+        # a session's first call also builds each site's model, runs its first-use checks and
         # makes its first pad: it has the clients' own deadline, the later ones the step's
         deadline = None if first else self.step_deadline_s
         keys = self._keys if first else []
         lock = threading.Lock()
         params = np.ascontiguousarray(parameters, dtype=np.float32)
+        ring_bits = EVAL_RING_BITS if evaluate else self.spec.ring_bits
+        what = f"the evaluation before step {step}" if evaluate else f"step {step}"
+        counts = self.eval_uploads if evaluate else self.uploads
 
-        last = step + 1 == self.spec.end_step
+        last = not evaluate and step + 1 == self.spec.end_step
         reveals: dict[str, bytes] = {}
         uploaded: list[str] = []
         gave_up = threading.Event()
@@ -224,21 +274,24 @@ class TrainingSession:
                 keys=keys,
                 parameters=params,
                 full=full,
-                ring_bits=self.spec.ring_bits,
+                ring_bits=ring_bits,
                 deadline_s=deadline,
+                evaluate=evaluate,
             )
             with lock:
                 uploaded.append(client.party_id)  # its header arrived: it charged the step
             reveals[client.party_id] = stream.audit_inclusion
             return accumulate(stream, total, lock, client.party_id, None, gave_up)
 
+        assert self._pool is not None
         futures = [self._pool.submit(one, c) for c in self.clients]
+        self._keys_sent = True
         timeout = None if deadline is None else deadline + _DEADLINE_SLACK_S
         wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
         try:
             failed = self._step_failures(futures, deadline)
             if failed:
-                raise SessionFailed.of(f"{self.spec.run_id} step {step}", failed)
+                raise SessionFailed.of(f"{self.spec.run_id} {what}", failed)
             remaining = [f.result() for f in futures]
             self._check_reveals(reveals, last=last)
         except Exception as exc:
@@ -258,24 +311,17 @@ class TrainingSession:
             )
             with lock:
                 counted = tuple(uploaded)
-            self._count(counted)
+            _count(counts, counted)
             if not isinstance(exc, SessionFailed):
                 failure = SessionFailed(
-                    f"{self.spec.run_id} step {step}", exc, failed={}, party_fault=False
+                    f"{self.spec.run_id} {what}", exc, failed={}, party_fault=False
                 )
                 failure.uploaded = counted
                 raise failure from exc
             exc.uploaded = counted
             raise
-        self._count(uploaded)
-        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
-        self._next = step + 1
-        return encoding.signed_view(total)
-
-    def _count(self, uploaded: Sequence[str]) -> None:
-        """Count one step attempt for each site whose upload of it began to arrive."""
-        for p in uploaded:
-            self.uploads[p] = self.uploads.get(p, 0) + 1
+        _count(counts, uploaded)
+        return remaining
 
     def _step_failures(
         self, futures: Sequence[Future[float]], deadline: float | None
@@ -324,13 +370,22 @@ class TrainingSession:
             reason=reason,
         )
         self._next = self.spec.end_step  # nothing more to run or to abort
+        self._evaluated.add(self.spec.end_step)
 
     def close(self) -> None:
-        """End the session (tells sites to forget it when steps remain). A step still
-        running at a site that missed its deadline is not waited for: its call ends at its
-        own deadline, and its upload is never added."""
+        """End the session (tells sites to forget it when steps, or the evaluation after the
+        last step, remain). A step still running at a site that missed its deadline is not
+        waited for: its call ends at its own deadline, and its upload is never added."""
         if self._pool is not None:
-            if 0 <= self._next < self.spec.end_step:
+            end = self.spec.end_step
+            pending = self.spec.eval_every > 0 and end not in self._evaluated
+            if 0 <= self._next < end or (self._next == end and pending):
                 self._abort("closed by the coordinator")
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def _count(counts: dict[str, int], uploaded: Sequence[str]) -> None:
+    """Count one attempt for each site whose upload of it began to arrive."""
+    for p in uploaded:
+        counts[p] = counts.get(p, 0) + 1
