@@ -205,6 +205,8 @@ class Federation:
 
         options.setdefault("colluders", self.config.colluders)
         options.setdefault("min_parties", self.config.quorum)
+        if options.get("site_eval_every"):
+            self._check_held_out(dataset)
         if options.get("audit_canaries") and options.get("audit_kind") == "black-box":
             # input canaries take the shape and classes every site declares (public)
             shape, classes = self._declared_shape(dataset)
@@ -217,6 +219,22 @@ class Federation:
             examples=self.examples(dataset),
             **options,
         )
+
+    def _check_held_out(self, dataset: str) -> None:
+        """Every site declares a held-out split of ``dataset`` (Describe, public), before
+        any site is asked to train: ParameterError naming ``site_eval_every`` otherwise."""
+        missing = [
+            party
+            for party, resp in self.describe().items()
+            if not any(d.name == dataset and d.evaluation for d in resp.datasets)
+        ]
+        if missing:
+            raise ParameterError(
+                "site_eval_every",
+                "set",
+                f"sites {missing} declare no held-out split for {dataset!r} (party.toml: "
+                "eval_path, or eval_data_paths / eval_data_options); nothing was charged",
+            )
 
     def _declared_shape(self, dataset: str) -> tuple[tuple[int, ...], int]:
         """The feature shape and number of classes every site declares for the example

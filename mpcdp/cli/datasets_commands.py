@@ -32,7 +32,8 @@ def _what(d: Any) -> str:
     if d.kind == "examples":
         shape = "x".join(str(n) for n in d.feature_shape) or "?"
         classes = f", {d.num_classes} classes" if d.num_classes else ", float targets"
-        return f"{d.length} examples of shape {shape}{classes}"
+        held_out = ", a held-out split" if d.evaluation else ""
+        return f"{d.length} examples of shape {shape}{classes}{held_out}"
     if d.kind == "vector":
         return f"vector of {d.length} coordinates, L2 bound {d.l2_bound:g}"
     cols = ", ".join(_column(c) for c in d.columns) or "no public columns"

@@ -174,6 +174,24 @@ def train(
         help="Seconds the run waits, paused, for enough sites to answer again before it "
         "stops (the checkpoint keeps every step done; default 300).",
     ),
+    site_eval_every: int = typer.Option(
+        0,
+        "--site-eval-every",
+        help="Every N epochs (and after the last), each site scores the model on its own "
+        "held-out split (party.toml eval_path) and only the noisy total is revealed; "
+        "charged (0: never).",
+    ),
+    site_eval_epsilon: float | None = typer.Option(
+        None,
+        "--site-eval-epsilon",
+        help="The part of --target-epsilon the evaluations at the sites may spend "
+        "(default a tenth); the steps get the rest.",
+    ),
+    site_eval_loss_bound: float = typer.Option(
+        10.0,
+        "--site-eval-loss-bound",
+        help="Each held-out example's loss is clipped to [0, this] before it is summed.",
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
@@ -202,9 +220,24 @@ def train(
         ("--epochs", epochs),
         ("--step-deadline", 1.0 if step_deadline is None else step_deadline),
         ("--max-pause", 1.0 if max_pause is None else max_pause),
+        ("--site-eval-loss-bound", site_eval_loss_bound),
+        ("--site-eval-epsilon", 1.0 if site_eval_epsilon is None else site_eval_epsilon),
     ):
         if not value > 0 or not math.isfinite(value):
             raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
+    if site_eval_every < 0:
+        raise typer.BadParameter(
+            f"{site_eval_every} must be a number of epochs >= 0", param_hint="--site-eval-every"
+        )
+    if site_eval_every and audit_canaries:
+        raise typer.BadParameter(
+            "an audit run makes no evaluation at the sites (its bound is about its steps)",
+            param_hint="--site-eval-every",
+        )
+    if site_eval_epsilon is not None and not site_eval_every:
+        raise typer.BadParameter(
+            "needs --site-eval-every N (N >= 1)", param_hint="--site-eval-epsilon"
+        )
     if optimizer not in ("sgd", "adam"):
         raise typer.BadParameter(f"{optimizer!r} is not sgd or adam", param_hint="--optimizer")
     from mpcdp.train.planning import CLIPPING_MODES  # torch-free
@@ -273,6 +306,15 @@ def train(
             clipping=clipping,
             bias_only=bias_only,
         )
+        evaluation: dict[str, Any] = (
+            {
+                "site_eval_every": site_eval_every,
+                "site_eval_epsilon": site_eval_epsilon,
+                "site_eval_loss_bound": site_eval_loss_bound,
+            }
+            if site_eval_every
+            else {}
+        )
         # not given: the training loop's own default
         pause: dict[str, Any] = {} if max_pause is None else {"max_pause_s": max_pause}
         try:
@@ -297,6 +339,7 @@ def train(
                         seed=seed,
                         on_step=on_step,
                         on_epoch=on_epoch,
+                        **evaluation,
                     )
                     typer.echo(
                         f"dry run done: {result.steps_done} steps over {len(result.plan.parties)}"
@@ -328,6 +371,7 @@ def train(
                     audit_confidence=audit_confidence,
                     audit_delta=audit_delta,
                     allow_untestable=True,  # checked and printed above (_audit_preflight)
+                    **evaluation,
                 )
         except ParameterError as exc:
             if exc.name != "eval_data":
@@ -362,6 +406,13 @@ def train(
         f" noise multiplier {p.noise_multiplier:.3f}, sample rate {p.sample_rate:.4f},"
         f" {len(p.parties)} sites, t={p.colluders}"
     )
+    if p.eval_every:
+        made = max(result.evaluations_charged.values(), default=0)
+        typer.echo(
+            f"evaluations at the sites: {made} of {p.evaluations} planned, noise multiplier "
+            f"{p.eval_noise_multiplier:.3f} (std {p.eval_noise_multiplier * math.sqrt(3):.1f} "
+            "examples on each total), included in the epsilon above"
+        )
     if save_model is not None:
         typer.echo(
             f"weights: {save_model} (model.load_state_dict(torch.load({str(save_model)!r})))"
@@ -405,6 +456,13 @@ def _epoch_line(r: EpochRecord) -> str:
     acc = f"acc {r.test_accuracy:.4f}" if r.test_accuracy is not None else ""
     loss = f"test loss {r.test_loss:.4f}" if r.test_loss is not None else ""
     metric = f"metric {r.test_metric:.6g}" if r.test_metric is not None else ""
+    at_sites = ""
+    if r.site_loss is not None:
+        site_acc = f"acc {r.site_accuracy:.4f} " if r.site_accuracy is not None else ""
+        at_sites = (
+            f"at the sites: {site_acc}loss {r.site_loss:.4f} on ~{r.site_examples:.0f} "
+            "held-out examples (noisy)"
+        )
     line = "  ".join(
         part
         for part in (
@@ -414,6 +472,7 @@ def _epoch_line(r: EpochRecord) -> str:
             acc,
             loss,
             metric,
+            at_sites,
         )
         if part
     )

@@ -71,16 +71,22 @@ def load_digits_split(
 def write_sites(
     workdir: Path, split: DigitsSplit, *, budget: float, delta: float
 ) -> dict[str, str]:
-    """Save each site's examples as WORKDIR/SITE/digits.npz; return each site's
-    ``[datasets.digits]`` TOML (budget ``budget`` at ``delta``) for localnet.launch."""
+    """Save each site's examples as WORKDIR/SITE/digits.npz, and its held-out split (the
+    test examples dealt round-robin to the sites) as WORKDIR/SITE/digits-test.npz, for
+    evaluation at the sites; return each site's ``[datasets.digits]`` TOML (budget
+    ``budget`` at ``delta``) for localnet.launch."""
     toml = {}
-    for name, (x, y) in split.sites.items():
+    n = len(split.sites)
+    tx, ty = split.test
+    for i, (name, (x, y)) in enumerate(split.sites.items()):
         folder = workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "digits.npz", x=x, y=y)
+        np.savez(folder / "digits-test.npz", x=tx[i::n], y=ty[i::n])
         toml[name] = (
             "[datasets.digits]\n"
             'path = "digits.npz"\n'
+            'eval_path = "digits-test.npz"\n'
             "num_classes = 10\n"
             f"epsilon = {budget!r}\n"
             f"delta = {delta!r}\n"

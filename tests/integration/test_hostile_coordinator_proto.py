@@ -152,6 +152,32 @@ def test_a_training_spec_outside_the_sampler_range_is_refused_before_any_charge(
     assert charged(fed, "alice", "ex") == 0
 
 
+@pytest.mark.parametrize(
+    ("eval_mu", "code", "needle"),
+    [
+        # evaluation noise the samplers cannot draw exactly
+        (4e18, "INVALID_ARGUMENT", "exact range"),
+        # a site that declares no held-out split cannot be asked to evaluate
+        (1e9, "FAILED_PRECONDITION", "held-out split"),
+    ],
+)
+def test_an_evaluation_the_site_cannot_make_is_refused_at_open(
+    fed: LocalFederation, eval_mu: float, code: str, needle: str
+) -> None:
+    spec = pb.TrainSpec(
+        run_id="evil-eval", dataset="ex", model="mlp:8,6,3", parties=list(PARTIES),
+        colluders=1, sample_rate=0.5, steps=4, steps_per_charge=2, max_grad_norm=1.0,
+        clipping="flat", scale_bits=10, mu=1e9, num_params=8 * 6 + 6 + 6 * 3 + 3,
+        ring_bits=32, eval_every=2, eval_loss_bound=5.0, eval_mu=eval_mu,
+    )  # fmt: skip
+    s, ch = stub(fed)
+    with ch:
+        err = refusal(lambda: train_open(s, spec))
+    assert err.code().name == code, err.details()
+    assert needle in err.details()
+    assert charged(fed, "alice", "ex") == 0
+
+
 def test_an_oversized_model_is_refused_before_it_is_built(fed: LocalFederation) -> None:
     """mlp:32768,32768,10 has 1.07e9 parameters: refused from its size on the meta device
     (before: built, 26 s and 4.6 GB, then refused)."""

@@ -67,12 +67,24 @@ def test_train_then_audit_from_the_command_line(digits_net: LocalFederation) -> 
         "--model", "mlp:64,128,10", "--target-epsilon", "3", "--epochs", "4",
         "--batch-size", "64", "--lr", "0.03", "--eval", str(root / "test.npz"),
         "--checkpoint", str(root / "run.pt"), "--metrics", str(root / "metrics.json"),
-        "--plot", str(root / "metrics.png"), "--seed", "1",
+        "--plot", str(root / "metrics.png"), "--seed", "1", "--site-eval-every", "2",
     ]  # fmt: skip
     out = mpcdp(*args)
     assert "done:" in out.stdout and "epsilon" in out.stdout
+    # the sites scored the model on their own held-out splits after epochs 2 and 4
+    assert "evaluations at the sites: 2 of 2 planned" in out.stdout
+    assert out.stdout.count("at the sites: acc") == 2
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["epsilon"] <= 3.0 and metrics["plan"]["parties"] == list(digits_demo.SITES)
+    assert metrics["evaluations_charged"] == dict.fromkeys(digits_demo.SITES, 2)
+    evaluated = [r for r in metrics["history"] if r["site_loss"] is not None]
+    assert [r["epoch"] for r in evaluated] == [2, 4]
+    held_out = sum(len(np.load(root / s / "digits-test.npz")["y"]) for s in digits_demo.SITES)
+    # noise std: the plan's multiplier times sqrt(3) examples; 12 std is below 1e-30
+    std = metrics["plan"]["eval_noise_multiplier"] * 3**0.5
+    for r in evaluated:
+        assert abs(r["site_examples"] - held_out) <= 12 * std
+        assert 0.0 <= r["site_accuracy"] <= 1.0
     assert metrics["final_accuracy"] > 0.5
     assert [r["epoch"] for r in metrics["history"]][:4] == [1, 2, 3, 4]
     assert (root / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -168,6 +168,8 @@ class TrainingEngine(SessionHost):
         self.party.check_parties(parties=spec.parties, colluders=spec.colluders)
         # every parameter that decides this site's noise is in its samplers' exact range
         mechanism(spec).check_range(honest=spec.honest)
+        if spec.eval_every:
+            eval_mechanism(spec.eval_mu).check_range(honest=spec.honest)
         task = self.tasks.get(spec.dataset)
         if task is None:
             raise PolicyError(
