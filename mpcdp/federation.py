@@ -226,7 +226,7 @@ class Federation:
         missing = [
             party
             for party, resp in self.describe().items()
-            if not any(d.name == dataset and d.evaluation for d in resp.datasets)
+            if not any(d.name == dataset and d.held_out for d in resp.datasets)
         ]
         if missing:
             raise ParameterError(

@@ -32,7 +32,7 @@ def _what(d: Any) -> str:
     if d.kind == "examples":
         shape = "x".join(str(n) for n in d.feature_shape) or "?"
         classes = f", {d.num_classes} classes" if d.num_classes else ", float targets"
-        held_out = ", a held-out split" if d.evaluation else ""
+        held_out = f", {d.held_out} held out" if d.held_out else ""
         return f"{d.length} examples of shape {shape}{classes}{held_out}"
     if d.kind == "vector":
         return f"vector of {d.length} coordinates, L2 bound {d.l2_bound:g}"

@@ -36,8 +36,9 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     epsilon = 3.0
     delta = 1e-5                      # training (RDP) needs delta > 0
     eval_path = "digits-test.npz"     # optional held-out split: a run may ask the sites to
-                                      # evaluate on it (charged to this budget; its size
-                                      # is never told)
+                                      # evaluate on it (charged to this budget; its
+                                      # number of examples is public, like the training
+                                      # data's)
     [datasets.digits_wide]            # a second entry over the same data (another model):
     path = "digits.npz"               # it must share the first one's budget, with the
     budget = "digits"                 # same epsilon and delta (budget: default the

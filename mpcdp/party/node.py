@@ -185,7 +185,7 @@ def _task(
         count_params=functools.partial(_count_params, build=build),
         architecture=functools.partial(_architecture, build=build),
         loss=decl.loss,
-        evaluation=held_out is not None,
+        held_out=0 if held_out is None else held_out.count,
     )
 
 
@@ -549,7 +549,7 @@ class PartyNode:
                 delta=task.config.delta,
                 feature_shape=tuple(task.feature_shape),
                 num_classes=task.num_classes,
-                evaluation=task.evaluation,
+                held_out=task.held_out,
             )
             out.append(self._budget(info, task.config, coordinator))
         for name, view in sorted(self.views.items()):

@@ -574,7 +574,7 @@ class DatasetInfo(_message.Message):
     MAX_ROWS_PER_UNIT_FIELD_NUMBER: _builtins.int
     MAX_GROUPS_PER_UNIT_FIELD_NUMBER: _builtins.int
     MAX_PARTIES_PER_UNIT_FIELD_NUMBER: _builtins.int
-    EVALUATION_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """"table" (CSV) or "vector" (.npy)"""
@@ -601,9 +601,10 @@ class DatasetInfo(_message.Message):
     max_groups_per_unit: _builtins.int
     max_parties_per_unit: _builtins.int
     """the least P this party accepts"""
-    evaluation: _builtins.bool
-    """Example datasets: the site holds a held-out split and evaluates a run's model on it
-    when the run asks (TrainSpec.eval_every); the split's size is never told
+    held_out: _builtins.int
+    """Example datasets: the examples of the site's held-out split, on which it evaluates a
+    run's model when the run asks (TrainSpec.eval_every); 0: none. Public on purpose, like
+    length (an evaluation's time grows with it)
     """
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnInfo]: ...
@@ -631,11 +632,11 @@ class DatasetInfo(_message.Message):
         max_rows_per_unit: _builtins.int = ...,
         max_groups_per_unit: _builtins.int = ...,
         max_parties_per_unit: _builtins.int = ...,
-        evaluation: _builtins.bool = ...,
+        held_out: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact", b"allow_exact", "budget_epsilon", b"budget_epsilon", "columns", b"columns", "coordinator_remaining_epsilon", b"coordinator_remaining_epsilon", "coordinator_share", b"coordinator_share", "delta", b"delta", "evaluation", b"evaluation", "feature_shape", b"feature_shape", "kind", b"kind", "l2_bound", b"l2_bound", "length", b"length", "max_groups_per_unit", b"max_groups_per_unit", "max_parties_per_unit", b"max_parties_per_unit", "max_rows_per_unit", b"max_rows_per_unit", "name", b"name", "num_classes", b"num_classes", "privacy_unit", b"privacy_unit", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact", b"allow_exact", "budget_epsilon", b"budget_epsilon", "columns", b"columns", "coordinator_remaining_epsilon", b"coordinator_remaining_epsilon", "coordinator_share", b"coordinator_share", "delta", b"delta", "feature_shape", b"feature_shape", "held_out", b"held_out", "kind", b"kind", "l2_bound", b"l2_bound", "length", b"length", "max_groups_per_unit", b"max_groups_per_unit", "max_parties_per_unit", b"max_parties_per_unit", "max_rows_per_unit", b"max_rows_per_unit", "name", b"name", "num_classes", b"num_classes", "privacy_unit", b"privacy_unit", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -48,9 +48,9 @@ class DatasetInfo:
     max_rows_per_unit: int = 1
     max_groups_per_unit: int = 1
     max_parties_per_unit: int = 1
-    #: example datasets: the site holds a held-out split it evaluates a run's model on
-    #: (its size is never told)
-    evaluation: bool = False
+    #: example datasets: the examples of the held-out split the site evaluates a run's model
+    #: on (0: none); public on purpose, like ``length`` (an evaluation's time grows with it)
+    held_out: int = 0
 
 
 @dataclass(frozen=True)

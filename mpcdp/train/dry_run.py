@@ -15,7 +15,8 @@ all under this noise. What it cannot show is how the sites' own data behave.
 The simulated sites skip what does not change the numbers: the pairwise masks (they cancel in
 the sum) and the key agreement, and their data are the coordinator's. Each holds exactly as
 many examples as the real site declares (drawn with replacement from the given data), so the
-plan, and therefore the noise, is the real run's.
+plan, and therefore the noise, is the real run's. For evaluation at the sites, each also holds
+a held-out split of a fifth as many examples, drawn apart.
 """
 
 from __future__ import annotations

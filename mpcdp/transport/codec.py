@@ -560,7 +560,7 @@ def _dataset_from_pb(msg: pb.DatasetInfo) -> DatasetInfo:
         max_rows_per_unit=int(msg.max_rows_per_unit) or 1,
         max_groups_per_unit=int(msg.max_groups_per_unit) or 1,
         max_parties_per_unit=int(msg.max_parties_per_unit) or 1,
-        evaluation=msg.evaluation,
+        held_out=int(msg.held_out),
     )
 
 

@@ -195,7 +195,7 @@ class TrainingEngine(SessionHost):
             _check_num_params(spec, trainable)
         else:
             self._check_architecture(spec, task)
-        if spec.eval_every and not task.evaluation:
+        if spec.eval_every and not task.held_out:
             raise PolicyError(
                 f"site {self.party_id!r} declares no held-out split for dataset "
                 f"{spec.dataset!r}, so it cannot evaluate (party.toml: eval_path, or "

@@ -87,5 +87,6 @@ class TrainingTask:
     architecture: Callable[[TrainSpec], tuple[str, ...]] | None = None
     #: the per-example loss the site declared (a run must name the same)
     loss: str = "cross_entropy"
-    #: the site holds a held-out split (party.toml) and evaluates on it when a run asks
-    evaluation: bool = False
+    #: the examples of the site's held-out split (party.toml; 0: none), on which it evaluates
+    #: when a run asks (public, like ``examples``)
+    held_out: int = 0

@@ -127,3 +127,14 @@ def test_a_federation_without_held_out_splits_is_refused_before_any_site_is_aske
             assert node.ledger.charges("ex") == []
     finally:
         net.stop()
+
+
+def test_describe_tells_how_many_examples_each_held_out_split_holds(tmp_path: Path) -> None:
+    net = build_net(tmp_path, extra=examples_toml(tmp_path, held_out=HELD_OUT))
+    try:
+        with Federation.from_config(net.federation) as fed:
+            for resp in fed.describe().values():
+                (ex,) = [d for d in resp.datasets if d.name == "ex"]
+                assert (ex.length, ex.held_out) == (40, HELD_OUT)
+    finally:
+        net.stop()
