@@ -311,7 +311,9 @@ def test_regression_with_mse_trains_across_three_sites_and_reports_loss(tmp_path
             "reg",
             f'model = "{MODELS}:regressor"\ndata = "{DATA}:regression"\nloss = "mse"\n'
             "max_physical_batch = 16",
-            tables=f"[datasets.reg.data_options]\nseed = {i}\nn = 120",
+            # a held-out split through the same factory: only its arguments differ
+            tables=f"[datasets.reg.data_options]\nseed = {i}\nn = 120\n"
+            f"[datasets.reg.eval_data_options]\nseed = {100 + i}\nn = 50",
         )
     net = build_net(tmp_path, extra=extra)
     import sys
@@ -335,10 +337,21 @@ def test_regression_with_mse_trains_across_three_sites_and_reports_loss(tmp_path
                 max_grad_norm=5.0,
                 eval_data=test,
                 seed=3,
+                site_eval_every=4,
+                site_eval_epsilon=2.0,
+                site_eval_loss_bound=100.0,
             )
     finally:
         sys.path.remove(str(net.root / "code"))
         net.stop()
+    # the sites scored the model on their declared splits (DataLoader path) after epochs 4, 8
+    evaluated = [r for r in result.history if r.site_loss is not None]
+    assert [r.epoch for r in evaluated] == [4, 8]
+    std = result.plan.eval_noise_multiplier * 3**0.5  # examples, on each total
+    for r in evaluated:
+        assert r.site_accuracy is None  # mse: no accuracy
+        assert r.site_examples is not None and abs(r.site_examples - 150) <= 12 * std
+        assert r.site_loss is not None and 0.0 <= r.site_loss <= 100.0
     losses = [r.test_loss for r in result.history]
     assert all(r.test_accuracy is None for r in result.history)
     assert all(v is not None for v in losses)
