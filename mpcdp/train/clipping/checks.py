@@ -19,7 +19,8 @@ branch on that flag is probed too). The same graph is backpropagated a second ti
 examples' losses weighted by random powers of two ``w_j`` in {1, 2, 4, 8}. A random
 permutation of the batch (from a CSPRNG-seeded generator the model cannot predict) is cut
 into *parts* (three of one example, a random odd size and the rest, :func:`part_sizes`),
-each forwarded again as a batch of its own, and one example is also backpropagated alone.
+each forwarded again as a batch of its own; one of the parts of one example is also
+backpropagated (the step's own forward and backward on that batch of one).
 Then:
 
 * :func:`compare_traces`: the modules called, and the outputs of the trainable layers and of
@@ -60,12 +61,15 @@ model whose outputs differ between two identical passes is refused as random (ot
 through ``nn.Dropout``), since whether its examples interact cannot be checked.
 
 Cost: about two steps (the parts' forwards cover the batch once; one more backward of the
-whole batch; one example's backward). What the probe cannot see (the README lists it with
-magnitudes measured by ``benchmarks/probe_limits.py``): a model that changes its behaviour
-after the first checked batch (a step counter, a branch on a data value the synthetic batch
-does not have, a branch on a batch size that is neither probed nor the largest), forward
-interactions below relative 2^-10 (2^-4 in half precision) that do not reach the backward,
-and a backward scaled by less than 25% depending on the batch size.
+whole batch; one example's backward), and over the parameters one copy, two comparisons with
+it and the single example's gradient (:meth:`.clipper.PerSampleClipper._first_use`).
+
+What the probe cannot see (the README lists it with magnitudes measured by
+``benchmarks/probe_limits.py``): a model that changes its behaviour after the first checked
+batch (a step counter, a branch on a data value the synthetic batch does not have, a branch
+on a batch size that is neither probed nor the largest), forward interactions below relative
+2^-10 (2^-4 in half precision) that do not reach the backward, and a backward scaled by less
+than 25% depending on the batch size.
 
 Nothing happens at import time beyond defining names.
 """
@@ -567,22 +571,37 @@ def compare_sums(
             )
 
 
+#: integer dtypes of the floating dtypes' sizes, to compare stored values bit for bit
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 class StateSnapshot:
     """The values of a module's parameters and buffers, to refuse a forward that changes
-    them (:meth:`check`)."""
+    them (:meth:`check`). ``slots``: parameter name -> a tensor of that parameter's shape and
+    dtype that holds its copy instead of a new one (memory the caller has already touched: on
+    a CPU a fresh model-sized copy costs more in page faults than the copying itself); the
+    caller leaves the slots alone until its last :meth:`check`."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, slots: dict[str, torch.Tensor] | None = None) -> None:
+        slots = slots or {}
         with torch.no_grad():
-            self._params = {n: p.detach().clone() for n, p in module.named_parameters()}
+            self._params = {
+                n: _copy(p.detach(), slots.get(n)) for n, p in module.named_parameters()
+            }
             self._buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
 
     @staticmethod
     def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Bit for bit (a NaN included; one pass over integer views, which compare faster
+        than floats), else equal values (NaN at the same places)."""
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
-        if torch.equal(a, b):  # one pass; False for any NaN, which the slow path allows
+        bits = _BITS.get(a.element_size()) if a.is_floating_point() else None
+        if bits is not None:
+            return torch.equal(a.view(bits), b.view(bits))
+        if torch.equal(a, b):  # False for any NaN, which the slow path allows
             return True
-        if a.is_floating_point():
+        if a.is_floating_point() or a.is_complex():
             return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
         return False
 
@@ -608,6 +627,13 @@ class StateSnapshot:
                     "not aggregated, and a buffer updated from a batch carries that batch's "
                     "data into later steps, so training must not change them",
                 )
+
+
+def _copy(value: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
+    """A copy of ``value``: into ``slot`` where it has ``value``'s shape and dtype."""
+    if slot is None or slot.shape != value.shape or slot.dtype != value.dtype:
+        return value.clone()
+    return slot.copy_(value)
 
 
 def check_deterministic(module: nn.Module, inputs: torch.Tensor, first: Trace) -> None:

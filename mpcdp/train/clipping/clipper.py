@@ -336,7 +336,8 @@ class PerSampleClipper(FirstUseProbe):
         ``out``: a contiguous 1-D float32 tensor of ``num_params`` values on the module's
         device that receives the sum (returned as ``grad_sum``) instead of a new tensor; a
         caller that reuses one buffer per step saves an allocation of the model's size,
-        which on a CPU costs more than the pass that fills it (fresh pages).
+        which on a CPU costs more than the pass that fills it (fresh pages). The first-use
+        checks use it as their scratch, so after a refusal its values are unspecified.
 
         Raises:
             ParameterError: non-finite ``inputs``, ``targets`` of another batch size, a
@@ -374,7 +375,9 @@ class PerSampleClipper(FirstUseProbe):
 
         try:
             if not self._checked and batch >= 2:
-                loss_sum, grads_ok = self._first_use(inputs, targets, loss_fn, batch)
+                if out is None:  # the probe's buffer, then the sum's (its pages touched once)
+                    out = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
+                loss_sum, grads_ok = self._first_use(inputs, targets, loss_fn, batch, flat=out)
             else:
                 loss_sum, grads_ok, _, _ = self._forward_backward(inputs, targets, loss_fn, batch)
             with torch.no_grad(), ieee_float32(self.device):
@@ -430,7 +433,8 @@ class PerSampleClipper(FirstUseProbe):
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
         try:
-            self._first_use(inputs, targets, loss_fn, batch)
+            flat = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
+            self._first_use(inputs, targets, loss_fn, batch, flat=flat)
         finally:
             self._record_frontier = False
             for layer in self._layers:
@@ -635,6 +639,19 @@ class PerSampleClipper(FirstUseProbe):
         if out.device != self.device:
             raise ParameterError("out", str(out.device), f"must be on {self.device}")
 
+    def _write_sums(
+        self, flat: torch.Tensor, finishers: list[tuple[Layer, SumFn]], factors: torch.Tensor
+    ) -> None:
+        """Every layer's sum weighted by ``factors`` into its slots of ``flat``; zeros for
+        the parameters of the layers not in ``finishers``."""
+        filled: set[int] = set()
+        for layer, finish in finishers:
+            finish(factors, {name: self._slot(flat, p) for name, p in layer.params.items()})
+            filled.update(id(p) for p in layer.params.values())
+        for _, p in self._params:
+            if id(p) not in filled:  # a layer not called, or whose output missed the loss
+                self._slot(flat, p).zero_()
+
     def _clip_and_sum(
         self,
         batch: int,
@@ -668,14 +685,7 @@ class PerSampleClipper(FirstUseProbe):
             grad_sum = torch.empty(self._num_params, dtype=torch.float32, device=self.device)
         else:
             grad_sum = out
-        filled: set[int] = set()
-        for layer, finish in finishers:
-            dests = {name: self._slot(grad_sum, p) for name, p in layer.params.items()}
-            finish(scaled, dests)
-            filled.update(id(p) for p in layer.params.values())
-        for _, p in self._params:
-            if id(p) not in filled:  # a layer not called, or whose output missed the loss
-                self._slot(grad_sum, p).zero_()
+        self._write_sums(grad_sum, finishers, scaled)
         n_bad, loss_value, mean_norm = torch.stack(
             [bad.sum().to(dt), loss_sum.to(dt), norms.mean()]
         ).tolist()

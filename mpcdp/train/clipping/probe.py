@@ -9,7 +9,7 @@ exactly what a step computes. Nothing happens at import time beyond defining nam
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import StateSnapshot, Trace
 from mpcdp.train.clipping.precision import finite_rows, ieee_float32
-from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer
+from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer, SumFn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,20 +55,38 @@ class FirstUseProbe:
 
         def _slot(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor: ...
 
+        def _write_sums(
+            self, flat: torch.Tensor, finishers: list[tuple[Layer, SumFn]], factors: torch.Tensor
+        ) -> None: ...
+
         @staticmethod
         def _check_inputs_unmodified(layer: Layer, calls: list[Call]) -> None: ...
 
     def _first_use(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, batch: int
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        batch: int,
+        *,
+        flat: torch.Tensor,
     ) -> tuple[torch.Tensor, bool]:
         """The step's forward and backward on the whole batch, which is also the probe's
         reference, then the probe (:mod:`.checks`). Returns what :meth:`_forward_backward`
         does for the whole batch (loss sum, whether output gradients were computed), with
-        its layers' calls in place for the clipped sum.
+        its layers' calls in place for the clipped sum. ``flat``: a contiguous float32 vector
+        of :attr:`num_params` values that the probe overwrites (the step's ``grad_sum``
+        afterwards): it holds the snapshot of the float32 parameters and then the single
+        example's per-layer sums, so that the probe allocates nothing of the model's size
+        but autograd's gradient of that example (on a CPU a fresh model-sized buffer costs
+        more in page faults than the pass that fills it).
 
         Cost, in passes over the batch: the step's forward and backward, one more backward
-        of the same graph (other weights), the parts' forwards, and one example's forward
-        and backward: about two steps where a step's cost grows with the batch."""
+        of the same graph (other weights), the parts' forwards (the batch once more, as five
+        batches), and one backward of a part of one example: about two steps where a step's
+        cost grows with the batch. Over the model's parameters: one copy (the snapshot), two
+        comparisons with it, and for the single example its gradient, the per-layer sums and
+        their comparison."""
         gen = self._probe_gen
         perm = torch.randperm(batch, generator=gen)
         sizes = checks.part_sizes(batch, gen)
@@ -78,19 +96,28 @@ class FirstUseProbe:
         for idx in torch.split(perm, sizes):
             rows = idx.to(self.device)
             parts.append((rows, inputs[rows], targets[rows]))
-        single = parts[0]  # of one example (checks.part_sizes)
-        # several examples first, so that an interaction is reported as such
+        # several examples first, so that an interaction is reported as such; the part of
+        # one example that is also backpropagated (checks.part_sizes) last
+        single = parts.pop(0)
         parts.sort(key=lambda part: -int(part[0].shape[0]))
+        parts.append(single)
         pristine = inputs.clone()
         # powers of two (1 to 8, not all equal): scaling by one commutes with every rounding,
         # so an honest backward of the same graph gives exactly w_j times its row
         again = torch.exp2(torch.randint(0, 4, (batch,), generator=gen).to(torch.float64))
         again[int(perm[0])] = 2.0 * again[int(perm[1])] if again[int(perm[1])] < 8 else 1.0
         again = again.to(self.device)
+        single_weight = torch.exp2(torch.randint(0, 4, (1,), generator=gen).double())
+        single_weight = single_weight.to(self.device)
         # gradients computed under autocast are rounded to half precision on their way even
         # where the tensors they reach are float32
         autocast = torch.is_autocast_enabled(self.device.type)
-        state = StateSnapshot(self.module)
+        if _shares_memory(flat, self.module):  # an ``out`` in the model's own memory
+            flat = torch.empty_like(flat)
+        state = StateSnapshot(
+            self.module,
+            slots={n: self._slot(flat, p) for n, p in self._params if p.dtype == torch.float32},
+        )
         reference = Trace()
         scratch = checks.Scratch()
         with checks.neutral_dropout(self.module):
@@ -134,15 +161,18 @@ class FirstUseProbe:
                 layer.calls = []
             self._probe_batch = batch
             by_path = {layer.path: layer for layer in self._layers}
+            autograd: list[torch.Tensor | None] | None = None
             try:
-                # 1. the forward and the losses, every part against the whole batch
-                for rows, x, y in parts:
+                # 1. the forward and the losses, every part against the whole batch; the
+                # single example's part also backpropagated (its calls stay for 3.)
+                for part in parts:
+                    rows, x, y = part
                     keep = finite[rows]
                     if not bool(keep.all()):
                         rows, x, y = rows[keep], x[keep], y[keep]
                     if rows.numel() == 0:
                         continue
-                    self._probe_forward(
+                    result = self._probe_forward(
                         rows=rows,
                         inputs=x.clone(),  # a model may change its input in place
                         targets=y,
@@ -154,7 +184,10 @@ class FirstUseProbe:
                         pristine=pristine,
                         layers=by_path,
                         scratch=scratch,
+                        weights=single_weight if part is single else None,
                     )
+                    if part is single:
+                        autograd = result
                 # 2. the backward: linear in the examples' losses, exactly
                 ones = torch.ones(batch, dtype=torch.float64, device=self.device)
                 rows_all = torch.arange(batch, device=self.device)[finite]
@@ -172,21 +205,25 @@ class FirstUseProbe:
                     state.check(self.module)
                     raise
                 del full_again
-                # 3. one example alone: the backward across batch sizes, and the per-layer
-                # sums against autograd's gradient
-                rows, x, y = single
-                if bool(finite[rows].all()):
-                    self._probe_single(
-                        rows=rows,
-                        inputs=x.clone(),
-                        targets=y,
-                        loss_fn=loss_fn,
-                        batch=batch,
-                        full_grads=full_grads,
-                        state=state,
-                        rtol=rtol,
-                    )
+                # 3. one example alone: the backward across batch sizes, and (after the last
+                # look at the snapshot, whose memory they take) the per-layer sums against
+                # autograd's gradient
+                if autograd is not None:
+                    try:
+                        checks.compare_output_grads(
+                            full_grads,
+                            checks.output_grads(self._layers),
+                            single[0],
+                            single_weight,
+                            rtol=rtol,
+                        )
+                    except ParameterError:
+                        state.check(self.module)
+                        raise
                 state.check(self.module)
+                del state
+                if autograd is not None:
+                    self._compare_with_autograd(autograd, flat)
                 self._checked = True
             finally:
                 self._probe_batch = None
@@ -208,13 +245,25 @@ class FirstUseProbe:
         pristine: torch.Tensor,
         layers: dict[str, Layer],
         scratch: checks.Scratch,
-    ) -> None:
-        """One part's forward (grad enabled, as in the step) against the whole batch's."""
+        weights: torch.Tensor | None = None,
+    ) -> list[torch.Tensor | None] | None:
+        """One part's forward (grad enabled, as in the step) against the whole batch's.
+        With ``weights`` (the part of one example that is also backpropagated alone): the
+        step's own forward and backward of the part, its losses weighted, which leaves the
+        output gradients in the layers' calls and returns autograd's gradient of the
+        parameters; otherwise None."""
         size = int(rows.shape[0])
         trace = Trace()
+        autograd: list[torch.Tensor | None] | None = None
+        part_losses: Any
         try:
-            with checks.traced(self.module, set(layers), trace), torch.enable_grad():
-                part_losses = loss_fn(self.module(inputs), targets)
+            if weights is None:
+                with checks.traced(self.module, set(layers), trace), torch.enable_grad():
+                    part_losses = loss_fn(self.module(inputs), targets)
+            else:
+                _, _, part_losses, autograd = self._forward_backward(
+                    inputs, targets, loss_fn, size, trace=trace, weights=weights, param_grads=True
+                )
         except ParameterError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
@@ -247,59 +296,21 @@ class FirstUseProbe:
         except ParameterError:
             state.check(self.module)  # a forward that changed the model is the cause
             raise
+        return autograd
 
-    def _probe_single(
-        self,
-        *,
-        rows: torch.Tensor,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: LossFn,
-        batch: int,
-        full_grads: checks.OutputGrads,
-        state: StateSnapshot,
-        rtol: float,
+    def _compare_with_autograd(
+        self, autograd: list[torch.Tensor | None], flat: torch.Tensor
     ) -> None:
-        """One example alone: its output gradients against the whole batch's row (a
-        backward that depends on the batch's size), and the per-layer sums against
-        autograd's gradient of its loss."""
-        weights = torch.exp2(torch.randint(0, 4, (1,), generator=self._probe_gen).double())
-        weights = weights.to(self.device)
-        try:
-            _, _, _, autograd = self._forward_backward(
-                inputs,
-                targets,
-                loss_fn,
-                1,
-                weights=weights,
-                param_grads=True,
-            )
-        except ParameterError:
-            raise
-        except (RuntimeError, ValueError, IndexError) as exc:
-            raise _fails_on(1, batch, exc) from exc
-        try:
-            checks.compare_output_grads(
-                full_grads, checks.output_grads(self._layers), rows, weights, rtol=rtol
-            )
-        except ParameterError:
-            state.check(self.module)
-            raise
-        self._compare_with_autograd(autograd)
-        for layer in self._layers:
-            layer.calls.clear()
-
-    def _compare_with_autograd(self, autograd: list[torch.Tensor | None]) -> None:
-        """The per-layer rules' sum of the recorded calls (one example, its loss weighted)
-        against autograd's gradient of the same loss."""
+        """The per-layer rules' sum of the recorded calls (one example, its loss weighted),
+        written into ``flat``, against autograd's gradient of the same loss."""
         with torch.no_grad(), ieee_float32(self.device):
-            flat = torch.zeros(self._num_params, dtype=torch.float32, device=self.device)
             ones = torch.ones(1, dtype=self._dtype, device=self.device)
+            finishers = []
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if calls:
-                    _, finish = LAYER_RULES[layer.kind](layer, calls, 1)
-                    finish(ones, {n: self._slot(flat, p) for n, p in layer.params.items()})
+                    finishers.append((layer, LAYER_RULES[layer.kind](layer, calls, 1)[1]))
+            self._write_sums(flat, finishers, ones)
         owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
         checks.compare_sums(
             names=[(owner[id(p)], name) for name, p in self._params],
@@ -307,6 +318,16 @@ class FirstUseProbe:
             autograd=autograd,
             rtol=checks.SUMS_RTOL,
         )
+        for layer in self._layers:
+            layer.calls.clear()
+
+
+def _shares_memory(flat: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``flat`` lies in the storage of one of ``module``'s parameters or buffers
+    (the probe would then overwrite the values it snapshots)."""
+    ptr = flat.untyped_storage().data_ptr()
+    tensors = [*module.parameters(), *module.buffers()]
+    return any(t.untyped_storage().data_ptr() == ptr for t in tensors)
 
 
 def _fails_on(size: int, batch: int, exc: Exception) -> ParameterError:

@@ -260,9 +260,9 @@ def test_independent_examples_pass_once_with_dropout_and_frozen_batchnorm() -> N
     clipper.clipped_grad_sum(inputs=x[:1], targets=y[:1], loss_fn=ce)
     assert model.calls == 1  # a batch of one cannot interact: nothing to check yet
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    # of 16 examples: five parts (three of one, an odd part and the rest), forwarded, and
-    # one single example forwarded again for its backward
-    probe = 5 + 1
+    # of 16 examples: five parts (three of one, an odd part and the rest), forwarded, one of
+    # those of one example also backpropagated (not forwarded again)
+    probe = 5
     assert model.calls == 1 + 1 + probe
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
     assert model.calls == 1 + 1 + probe + 1
@@ -317,10 +317,10 @@ def test_check_model_runs_the_checks_without_private_data_and_only_once() -> Non
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
     synthetic = torch.randn(16, 6)
     clipper.check_model(inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce)
-    assert model.calls == 1 + 5 + 1  # the whole batch, five parts, one example's backward
+    assert model.calls == 1 + 5  # the whole batch and five parts (one also backpropagated)
     x, y = _data()
     clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce)
-    assert model.calls == 8
+    assert model.calls == 7
     with pytest.raises(ParameterError, match="examples interact"):
         PerSampleClipper(Centred(), max_grad_norm=1.0).check_model(
             inputs=synthetic, targets=torch.zeros(16, dtype=torch.long), loss_fn=ce
@@ -634,6 +634,39 @@ def test_each_refusal_names_its_real_cause() -> None:
     norms = torch.linalg.vector_norm(ref, dim=1, keepdim=True)
     want = (ref * (1 / norms).clamp(max=1.0)).sum(0)
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)  # the 2^-12 clipping margin
+
+
+class NudgesWeight(nn.Module):
+    """Moves one weight by one unit in the last place in every forward: too little to change
+    an output beyond the comparisons' tolerance, so only the check of the state sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.lin.weight.data
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+        result: torch.Tensor = self.lin(x)
+        return result
+
+
+@pytest.mark.parametrize("out", ["none", "own", "the weight's memory"])
+def test_a_write_of_one_bit_is_refused_wherever_the_sum_goes(out: str) -> None:
+    """The snapshot of the parameters lives in the step's output buffer: a write of one unit
+    in the last place is refused whether the caller gives that buffer or not, and an ``out``
+    that is the model's own memory (a misuse) does not blind the check."""
+    x, y = _data()
+    model = NudgesWeight()
+    buffers = {
+        "none": None,
+        "own": torch.empty(18),
+        "the weight's memory": model.lin.weight.data.view(-1),
+    }
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    with pytest.raises(ParameterError) as info:
+        clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=ce, out=buffers[out])
+    assert info.value.value == "parameter 'lin.weight'" and ".data" in str(info.value)
 
 
 class SizeScaledBackward(_Body):
