@@ -2,7 +2,8 @@
 spec and that the whole run fits the coordinator's share of the budget, reserves the run's
 first block, builds the gradient source), and per step reserves and charges each block,
 computes the clipped, rounded gradient sum, adds its noise share and masks (see the package
-docstring). Nothing happens at import time.
+docstring). Its evaluations at the sites are in .site_evaluation (a mixin), its sessions'
+ledger book-keeping in .site_session. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from mpcdp.audit.canaries import (
@@ -25,7 +24,7 @@ from mpcdp.audit.canaries import (
     pack_inclusion,
 )
 from mpcdp.dp import accountant
-from mpcdp.dp.ledger import BudgetLedger, LedgerWriteError
+from mpcdp.dp.ledger import LedgerWriteError
 from mpcdp.dp.mechanisms import Skellam
 from mpcdp.errors import (
     DataError,
@@ -48,13 +47,18 @@ from mpcdp.protocol.session import (
     unavailable,
 )
 from mpcdp.protocol.training.evaluation import (
-    EVAL_RING_BITS,
-    EVAL_TENSOR_ID,
-    EVAL_WORDS,
-    eval_event,
     eval_mechanism,
 )
 from mpcdp.protocol.training.fingerprint import check_architecture
+from mpcdp.protocol.training.site_evaluation import SiteEvaluation
+from mpcdp.protocol.training.site_session import (
+    LATE,
+    SiteSession,
+    block_of,
+    charge_id,
+    release_block,
+    settle_block,
+)
 from mpcdp.protocol.training.source import GradientSource, TrainingTask
 from mpcdp.protocol.training.train_spec import (
     TrainSpec,
@@ -68,32 +72,7 @@ from mpcdp.protocol.training.train_spec import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _SiteSession:
-    coordinator: str
-    spec: TrainSpec
-    source: GradientSource
-    private_key: X25519PrivateKey
-    public: identity.SignedKey
-    expires: float
-    next_step: int
-    pair_keys: dict[int, bytes] | None = None
-    charged_block: int = -1
-    reserved_block: int = 0  # the session's latest reserved block (block 0 at open)
-    busy: bool = False
-    #: ended (aborted, expired, failed) while a step ran: that step finishes the ending
-    ended: bool = False
-    last_status: float = 0.0
-    last_epsilon: str = "0"  # the dataset's epsilon spent after the session's last charge
-    #: audit runs: this site's canary inclusion bits (secret until the last step's upload)
-    canaries_in: NDArray[np.bool_] | None = None
-    #: white-box audit runs: the coordinates of this site's included gradient canaries
-    canary_coordinates: NDArray[np.int64] | None = None
-    #: the step indices before which this session has evaluated (each at most once)
-    evaluated: set[int] = field(default_factory=set)
-
-
-class TrainingEngine(SessionHost):
+class TrainingEngine(SiteEvaluation, SessionHost):
     """One site's training sessions (the training twin of PartyEngine, sharing its ledger)."""
 
     def __init__(
@@ -145,7 +124,7 @@ class TrainingEngine(SessionHost):
         self._max_params = max_params
         self._rng = ensure_rng(rng)  # batch sampling: must stay secret
         self._pads = NoisePool(rng=rng, max_entries=2, threads=noise_threads, name="pad")
-        self._sessions: dict[bytes, _SiteSession] = {}
+        self._sessions: dict[bytes, SiteSession] = {}
 
     def max_parameters(self, session_id: bytes) -> int:
         """How many parameter values a step of this open session may carry."""
@@ -217,7 +196,7 @@ class TrainingEngine(SessionHost):
         share = cfg.share(coordinator)
         self.ledger.check(dataset=cfg.name, event=event, coordinator=coordinator, share=share)
         self._reserve_block(spec, session_id, coordinator, 0)
-        first = _charge_id(spec, session_id, 0)
+        first = charge_id(spec, session_id, 0)
         try:
             source = task.make_source(spec)
         except BaseException:
@@ -256,11 +235,11 @@ class TrainingEngine(SessionHost):
     ) -> None:
         """Reserve block ``block`` of the session (its steps' event) within the
         coordinator's share, on disk, for as long as the session may stay idle."""
-        first, n_steps = _block(spec, block)
+        first, n_steps = block_of(spec, block)
         try:
             self.ledger.reserve(
                 dataset=spec.dataset,
-                query_id=_charge_id(spec, session_id, block),
+                query_id=charge_id(spec, session_id, block),
                 coordinator=coordinator,
                 event=step_event(spec, steps=n_steps),
                 share=self.tasks[spec.dataset].config.share(coordinator),
@@ -314,7 +293,7 @@ class TrainingEngine(SessionHost):
         canaries: tuple[NDArray[np.bool_] | None, NDArray[np.int64] | None],
     ) -> Proposal:
         private_key, signed = self._new_key(session_id, digest(spec))
-        session = _SiteSession(
+        session = SiteSession(
             coordinator=coordinator,
             spec=spec,
             source=source,
@@ -373,7 +352,7 @@ class TrainingEngine(SessionHost):
 
     # -- step -------------------------------------------------------------------------------
 
-    def _acquire(self, session_id: bytes, coordinator: str) -> _SiteSession:
+    def _acquire(self, session_id: bytes, coordinator: str) -> SiteSession:
         with self._lock:
             self._expire()
             session = self._sessions.get(session_id)
@@ -418,34 +397,10 @@ class TrainingEngine(SessionHost):
             lambda: self._step(session_id, session, step, keys, parameters, full, in_time),
         )
 
-    def evaluate(
-        self,
-        *,
-        session_id: bytes,
-        step: int,
-        keys: Sequence[identity.SignedKey],
-        parameters: NDArray[np.float32],
-        full: bool,
-        coordinator: str,
-        in_time: Callable[[], bool] | None = None,
-    ) -> Contribution:
-        """The session's evaluation before step ``step`` (mpcdp.protocol.training.evaluation):
-        ``parameters`` scored on this site's held-out split, three words of Z_2^64 with the
-        evaluation's noise share and masks. Only at the spec's evaluation points, once each,
-        at the session's current step; reserved before the model is scored, charged once the
-        words are ready, refused (and released) when the coordinator gave up on it first."""
-        session = self._acquire(session_id, coordinator)
-        return self._running(
-            session_id,
-            session,
-            f"the evaluation before step {step}",
-            lambda: self._evaluate(session_id, session, step, keys, parameters, full, in_time),
-        )
-
     def _running(
         self,
         session_id: bytes,
-        session: _SiteSession,
+        session: SiteSession,
         what: str,
         run: Callable[[], Contribution],
     ) -> Contribution:
@@ -466,7 +421,7 @@ class TrainingEngine(SessionHost):
     def _step(
         self,
         session_id: bytes,
-        session: _SiteSession,
+        session: SiteSession,
         step: int,
         keys: Sequence[identity.SignedKey],
         parameters: NDArray[np.float32],
@@ -475,7 +430,7 @@ class TrainingEngine(SessionHost):
     ) -> Contribution:
         spec = session.spec
         if in_time is not None and not in_time():
-            raise SessionError(_LATE.format(what=f"step {step}", sid=session_id.hex()))
+            raise SessionError(LATE.format(what=f"step {step}", sid=session_id.hex()))
         if step != session.next_step:
             raise ProtocolError(
                 f"step={step} but session {session_id.hex()} expects step {session.next_step}"
@@ -492,9 +447,9 @@ class TrainingEngine(SessionHost):
             try:
                 charge = self.ledger.charge(
                     dataset=spec.dataset,
-                    query_id=_charge_id(spec, session_id, block),
+                    query_id=charge_id(spec, session_id, block),
                     coordinator=session.coordinator,
-                    event=step_event(spec, steps=_block(spec, block)[1]),
+                    event=step_event(spec, steps=block_of(spec, block)[1]),
                     share=self.tasks[spec.dataset].config.share(session.coordinator),
                     reserved=True,
                 )
@@ -516,7 +471,7 @@ class TrainingEngine(SessionHost):
         np.add(upload, encoding.to_ring(grad, ring_bits=spec.ring_bits), out=upload)
         with self._lock:  # from here on the step counts as sent (the session's settlement)
             if session.ended or (in_time is not None and not in_time()):
-                raise SessionError(_LATE.format(what=f"step {step}", sid=session_id.hex()))
+                raise SessionError(LATE.format(what=f"step {step}", sid=session_id.hex()))
             session.next_step = step + 1
         session.expires = self._clock() + self._ttl
         reveal = b""
@@ -539,7 +494,7 @@ class TrainingEngine(SessionHost):
     def _session_keys(
         self,
         session_id: bytes,
-        session: _SiteSession,
+        session: SiteSession,
         keys: Sequence[identity.SignedKey],
         full: bool,
     ) -> None:
@@ -563,7 +518,7 @@ class TrainingEngine(SessionHost):
 
     @staticmethod
     def _check_parameters(
-        session: _SiteSession, parameters: NDArray[np.float32], full: bool
+        session: SiteSession, parameters: NDArray[np.float32], full: bool
     ) -> None:
         expected = session.source.total_params if full else session.source.num_params
         if parameters.shape != (expected,):
@@ -573,108 +528,6 @@ class TrainingEngine(SessionHost):
             )
         if not np.all(np.isfinite(parameters)):
             raise ParameterError("parameters", "non-finite", "must be finite float32 values")
-
-    def _evaluate(
-        self,
-        session_id: bytes,
-        session: _SiteSession,
-        step: int,
-        keys: Sequence[identity.SignedKey],
-        parameters: NDArray[np.float32],
-        full: bool,
-        in_time: Callable[[], bool] | None,
-    ) -> Contribution:
-        spec = session.spec
-        late = _LATE.format(what=f"the evaluation before step {step}", sid=session_id.hex())
-        if in_time is not None and not in_time():
-            raise SessionError(late)
-        if not spec.eval_every:
-            raise ProtocolError("this session evaluates nothing (its spec's eval_every is 0)")
-        if step != session.next_step:
-            raise ProtocolError(
-                f"an evaluation before step={step}, but session {session_id.hex()} is at step "
-                f"{session.next_step}"
-            )
-        if step not in spec.eval_points:
-            raise ProtocolError(
-                f"step={step} is not an evaluation point of the session (multiples of "
-                f"eval_every={spec.eval_every} from {spec.start_step}, and its end {spec.end_step})"
-            )
-        if step in session.evaluated:
-            raise ProtocolError(
-                f"the session evaluated before step {step} already: an evaluation's masks are "
-                "used once"
-            )
-        self._session_keys(session_id, session, keys, full)
-        self._check_parameters(session, parameters, full)
-        cfg = self.tasks[spec.dataset].config
-        query_id = _eval_id(spec, session_id, step)
-        try:
-            self.ledger.reserve(
-                dataset=spec.dataset,
-                query_id=query_id,
-                coordinator=session.coordinator,
-                event=eval_event(spec.eval_mu),
-                share=cfg.share(session.coordinator),
-                ttl_s=self._ttl,
-                note=f"evaluation of training {spec.run_id} ({spec.model}) before step {step}",
-            )
-        except LedgerWriteError as exc:
-            raise durability_refusal(self.party_id, exc) from None
-        session.evaluated.add(step)  # refused again whatever happens next
-        charged = False
-        try:
-            session.source.load_parameters(parameters, full=full)
-            terms = session.source.evaluation(
-                loss_bound=spec.eval_loss_bound,
-                accuracy=spec.loss == "cross_entropy",
-                rng=self._rng,
-            )
-            assert session.pair_keys is not None
-            upload: np.ndarray = pads.build_pad(
-                size=EVAL_WORDS, ring_bits=EVAL_RING_BITS, honest=spec.honest,
-                noise=self._noise(eval_mechanism(spec.eval_mu)), party=spec.index_of(self.party_id),
-                pair_keys=session.pair_keys, round_id=step, tensor_id=EVAL_TENSOR_ID, rng=self._rng,
-            )  # fmt: skip
-            np.add(upload, encoding.to_ring(terms, ring_bits=EVAL_RING_BITS), out=upload)
-            if in_time is not None and not in_time():
-                raise SessionError(late)
-            try:
-                charge = self.ledger.charge(
-                    dataset=spec.dataset,
-                    query_id=query_id,
-                    coordinator=session.coordinator,
-                    event=eval_event(spec.eval_mu),
-                    share=cfg.share(session.coordinator),
-                    reserved=True,
-                )
-            except LedgerWriteError as exc:
-                raise durability_refusal(self.party_id, exc) from None
-            charged = True
-            if not charge.new:
-                raise LedgerError(f"evaluation {query_id!r} was charged before")
-        finally:
-            if not charged:
-                self.ledger.release(query_id, coordinator=session.coordinator)
-        assert charge.status is not None
-        session.last_status = charge.status.remaining_epsilon
-        session.last_epsilon = f"{charge.status.spent_epsilon:.6g}"
-        with self._lock:
-            # from here on the evaluation counts as sent (a session ended meanwhile keeps
-            # the charge: more than what left, never less)
-            if session.ended:
-                raise SessionError(f"training session {session_id.hex()} ended meanwhile")
-        session.expires = self._clock() + self._ttl
-        if step >= spec.end_step:
-            self._end(session_id, "finished")
-        return Contribution(
-            party_id=self.party_id,
-            epsilon_spent=session.last_epsilon,
-            budget_remaining=session.last_status,
-            length=EVAL_WORDS,
-            _noisy=upload,
-            _mask=None,
-        )
 
     def _noise(self, noise: Skellam) -> Skellam | None:
         """``noise`` as this site adds it: divided by the test-only divisor (constructor
@@ -721,7 +574,7 @@ class TrainingEngine(SessionHost):
             nbytes=nbytes,
         )
 
-    def _pad_builder(self, session: _SiteSession, step: int) -> Builder:
+    def _pad_builder(self, session: SiteSession, step: int) -> Builder:
         spec = session.spec
         pair_keys = session.pair_keys
         assert pair_keys is not None
@@ -768,11 +621,11 @@ class TrainingEngine(SessionHost):
                 return  # the running step finishes the ending (see step)
         self._finish(session_id, session)
 
-    def _finish(self, session_id: bytes, session: _SiteSession) -> None:
+    def _finish(self, session_id: bytes, session: SiteSession) -> None:
         """The ledger of an ended session: its uncharged reservation released, its charged
         block settled to the steps that left this site; then its data closed."""
-        _release_block(self.ledger, session, session_id)
-        _settle_block(self.ledger, session, session_id)
+        release_block(self.ledger, session, session_id)
+        settle_block(self.ledger, session, session_id)
         session.source.close()
 
     def _expire(self) -> None:
@@ -790,63 +643,6 @@ def _check_num_params(spec: TrainSpec, trainable: int) -> None:
         raise PolicyError(
             f"num_params={spec.num_params} but model {spec.model!r} has {trainable} trainable "
             "parameters here"
-        )
-
-
-def _charge_id(spec: TrainSpec, session_id: bytes, block: int) -> str:
-    """A block's query id in the ledger (in its coordinator's namespace there)."""
-    return f"{spec.run_id}/{session_id.hex()}/{block}"
-
-
-def _eval_id(spec: TrainSpec, session_id: bytes, step: int) -> str:
-    """An evaluation's query id in the ledger (in its coordinator's namespace there)."""
-    return f"{spec.run_id}/{session_id.hex()}/eval-{step}"
-
-
-def _block(spec: TrainSpec, block: int) -> tuple[int, int]:
-    """The first step of block ``block`` of a session, and its number of steps."""
-    first = spec.start_step + block * spec.steps_per_charge
-    return first, min(spec.steps_per_charge, spec.end_step - first)
-
-
-#: a step whose coordinator has given up on it
-_LATE = (
-    "{what} of training session {sid} arrived or finished after its coordinator gave up "
-    "on it (past its deadline, cancelled, or this party was suspended); it is not sent and "
-    "not charged"
-)
-
-
-def _settle_block(ledger: BudgetLedger, session: _SiteSession, session_id: bytes) -> None:
-    """An ending session's charged block keeps only the steps that left this site (the
-    ledger's settle): a session cut short by a site's failure, the coordinator's abort or a
-    late step does not cost the steps it never sent. Whatever cannot be settled stays
-    charged (safe: more than what left)."""
-    if session.charged_block < 0:
-        return
-    first, steps = _block(session.spec, session.charged_block)
-    sent = max(0, min(steps, session.next_step - first))
-    if sent == steps:
-        return
-    try:
-        ledger.settle(
-            _charge_id(session.spec, session_id, session.charged_block),
-            coordinator=session.coordinator,
-            steps=sent,
-            note=f"settled: {sent} of its {steps} steps left this site",
-        )
-    except (LedgerError, OSError) as exc:
-        log.warning(
-            "training session %s: its block stays charged in full (%s)", session_id.hex(), exc
-        )
-
-
-def _release_block(ledger: BudgetLedger, session: _SiteSession, session_id: bytes) -> None:
-    """An ending session's reserved block that was never charged is free again."""
-    if session.reserved_block > session.charged_block:
-        ledger.release(
-            _charge_id(session.spec, session_id, session.reserved_block),
-            coordinator=session.coordinator,
         )
 
 
