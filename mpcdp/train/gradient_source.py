@@ -21,6 +21,7 @@ DataLoader, only the sampled items, one physical micro-batch at a time (mpcdp.tr
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -173,21 +174,12 @@ class TorchGradientSource:
                 integer_targets=data.integer_targets,
                 integer_features=data.integer_features,
             )
-            self._data = LoaderBatches(
-                data.dataset,
-                device=self._device,
-                num_workers=num_workers,
-                pin_memory=pin_memory,
-                collate=data.collate,
+            loader = functools.partial(
+                LoaderBatches, device=self._device, num_workers=num_workers, pin_memory=pin_memory
             )
+            self._data = loader(data.dataset, collate=data.collate)
             if eval_data is not None:
-                self._eval = LoaderBatches(
-                    eval_data.dataset,
-                    device=self._device,
-                    num_workers=num_workers,
-                    pin_memory=pin_memory,
-                    collate=eval_data.collate,
-                )
+                self._eval = loader(eval_data.dataset, collate=eval_data.collate)
         self._checks_inputs = data is not None  # an .npz was validated when it was loaded
         self._n = self._data.count
         self._q = spec.sample_rate

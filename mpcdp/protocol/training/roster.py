@@ -226,11 +226,7 @@ class TrainingRoster:
             try:
                 total = session.step(parameters=parameters(full), full=full, out=out)
             except SessionFailed as exc:
-                self._count(session)
-                if not (self._tolerate and exc.party_fault and exc.failed):
-                    raise
-                self._leave(step, exc.failed)
-                self._drop_session()
+                self._failed(session, step, exc)
                 continue
             self._count(session)
             self._fresh = False
@@ -257,16 +253,22 @@ class TrainingRoster:
         try:
             total = session.evaluate(parameters=parameters(full), full=full)
         except SessionFailed as exc:
-            self._count(session)
-            if not (self._tolerate and exc.party_fault and exc.failed):
-                raise
-            self._leave(step, exc.failed)
-            self._drop_session()
+            self._failed(session, step, exc)
             log.warning("training step %d: the evaluation at the sites is skipped", step)
             return None
         self._count(session)
         self._fresh = False
         return RosterEvaluation(total=total, parties=tuple(session.spec.parties))
+
+    def _failed(self, session: TrainingSession, step: int, exc: SessionFailed) -> None:
+        """After a failed step or evaluation: its uploads counted; the sites at fault left
+        out and the session dropped, or ``exc`` raised when the run cannot go on without
+        them (not tolerated, or the run's own fault)."""
+        self._count(session)
+        if not (self._tolerate and exc.party_fault and exc.failed):
+            raise exc
+        self._leave(step, exc.failed)
+        self._drop_session()
 
     def close(self) -> None:
         self._drop_session()

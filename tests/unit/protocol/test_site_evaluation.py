@@ -21,7 +21,7 @@ import torch
 
 from mpcdp.dp import accountant
 from mpcdp.errors import ParameterError, PolicyError, ProtocolError, SessionError
-from mpcdp.protocol.training import TrainingSession, TrainSpec, run_event
+from mpcdp.protocol.training import TrainingEngine, TrainingSession, TrainSpec, run_event
 from mpcdp.protocol.training.evaluation import (
     EVAL_SCALE,
     decode_total,
@@ -231,13 +231,20 @@ def test_each_evaluation_is_charged_once_and_the_ledger_composes_it(
 # -- what a coordinator is refused ------------------------------------------------------------
 
 
-def _started(engines: dict, s: TrainSpec) -> tuple[bytes, np.ndarray]:  # type: ignore[type-arg]
+def _started(
+    engines: dict[str, TrainingEngine],
+    s: TrainSpec,
+    *,
+    steps: int = 1,  # type: ignore[type-arg]
+) -> tuple[bytes, np.ndarray]:
+    """A session opened at every engine, and its first ``steps`` steps run."""
     sid = secrets.token_bytes(16)
     keys = [e.open(session_id=sid, spec=s, coordinator="analyst").key for e in engines.values()]
     params = initial(s)
-    for e in engines.values():
-        e.step(session_id=sid, step=0, keys=keys, parameters=params, full=True,
-               coordinator="analyst")  # fmt: skip
+    for step in range(steps):
+        for e in engines.values():
+            e.step(session_id=sid, step=step, keys=[] if step else keys, parameters=params,
+                   full=step == 0, coordinator="analyst")  # fmt: skip
     return sid, params
 
 
@@ -271,10 +278,7 @@ def test_a_second_evaluation_at_one_step_is_refused(sites_with_splits: Net) -> N
     its own noise share: an evaluation's masks are used once."""
     engines = engines_of(sites_with_splits)
     s = _espec()
-    sid, params = _started(engines, s)
-    for e in engines.values():
-        e.step(session_id=sid, step=1, keys=[], parameters=params, full=False,
-               coordinator="analyst")  # fmt: skip
+    sid, params = _started(engines, s, steps=2)
     alice = engines["alice"]
     alice.evaluate(session_id=sid, step=2, keys=[], parameters=params, full=False,
                    coordinator="analyst")  # fmt: skip
@@ -288,10 +292,7 @@ def test_a_second_evaluation_at_one_step_is_refused(sites_with_splits: Net) -> N
 def test_a_late_evaluation_is_neither_sent_nor_charged(sites_with_splits: Net) -> None:
     engines = engines_of(sites_with_splits)
     s = _espec()
-    sid, params = _started(engines, s)
-    for e in engines.values():
-        e.step(session_id=sid, step=1, keys=[], parameters=params, full=False,
-               coordinator="analyst")  # fmt: skip
+    sid, params = _started(engines, s, steps=2)
     alice = engines["alice"]
     charged = alice.ledger.charges("ex")
     answers = iter([True, False])  # in time when asked first, given up once it is ready
