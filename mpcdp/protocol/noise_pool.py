@@ -5,11 +5,12 @@ What a party uploads is ``mask + (noise share + local statistic)``. The noise sh
 only on the query's parameters (and so does the statistic of an in-memory vector dataset,
 which the builder adds too; a table's statistic is added when a round takes the vector, from
 its engine, so it is never stale), so the party keeps at most one ready vector per parameter
-set: a round takes the ready vector (or, on a miss,
-builds one synchronously), and once the round's upload has been sent, :meth:`prepare` builds
-the next one in a background thread, so that a later round with the same parameters
-(a repeated dashboard query, training rounds with a fixed plan) finds it ready and does not
-compete with it for the CPU.
+set: a round takes the ready vector (or, on a miss, builds one synchronously;
+:meth:`take_later` does the same on the pool's own threads, so that a party can answer its
+request while the vector is drawn), and once the round's upload has been sent,
+:meth:`prepare` builds the next one in a background thread, so that a later round with the
+same parameters (a repeated dashboard query, training rounds with a fixed plan) finds it
+ready and does not compete with it for the CPU.
 
 Background builds run at a lower scheduling priority (Linux: nice + 10 for those threads
 only): when the party's cores are busy with a request (a training step's gradients, the
@@ -51,6 +52,9 @@ Builder = Callable[[np.random.Generator, Executor], np.ndarray]
 
 #: How much lower background threads run (Linux nice increment, 0..19).
 BACKGROUND_NICE = 10
+
+#: Threads that run :meth:`NoisePool.take_later` (builds in flight at once; more wait).
+_TAKERS = 2
 
 #: Per-slice CSPRNG keys (AES-128) drawn from the caller's generator.
 _SLICE_KEY_BYTES = 16
@@ -147,6 +151,9 @@ class NoisePool:
         self._executor = background_executor(1, name=f"{name}-bg")
         self._bg_workers = background_executor(n, name=f"{name}-bg-slice")
         self._fg_workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"{name}-slice")
+        # runs :meth:`take` for :meth:`take_later` (a build there maps its slices onto the
+        # foreground workers, so it must not run on one of them)
+        self._takers = ThreadPoolExecutor(max_workers=_TAKERS, thread_name_prefix=f"{name}-take")
         self.hits = 0
         self.misses = 0
 
@@ -163,6 +170,13 @@ class NoisePool:
                 log.exception("background build failed")
         self.misses += 1
         return build(self._rng, self._fg_workers)
+
+    def take_later(self, key: Hashable, build: Builder) -> Future[np.ndarray]:
+        """:meth:`take`, started now on the pool's own threads: the caller goes on (answers
+        its request) while the vector is drawn, and waits for the future when it needs the
+        vector. Cancel the future when the vector is no longer wanted (a build that has not
+        started then never runs)."""
+        return self._takers.submit(self.take, key, build)
 
     def prepare(self, key: Hashable, build: Builder, *, nbytes: int) -> None:
         """Build a vector for ``key`` in the background (no-op when one is ready)."""
@@ -187,6 +201,7 @@ class NoisePool:
             for _, fut in self._ready.values():
                 fut.cancel()
             self._ready.clear()
+        self._takers.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._bg_workers.shutdown(wait=True, cancel_futures=True)
         self._fg_workers.shutdown(wait=True, cancel_futures=True)

@@ -559,3 +559,85 @@ def test_expired_and_failed_sessions_release_their_reservation(
         alice.contribute(session_id=sid2, keys=[], coordinator="analyst")
     assert alice.ledger.reserved_epsilon("raises") == pytest.approx(1.0)
     assert alice.ledger.status("raises").queries == 0
+
+
+def _vector_net(tmp_path: Path) -> Net:
+    extra = vector_datasets(tmp_path, "b", dict.fromkeys(PARTIES, np.full(64, 0.01)))
+    return build_net(tmp_path, start=False, extra=extra)
+
+
+def _vector_spec() -> QuerySpec:
+    return spec(dataset="b", column="", mechanism="skellam", epsilon="1", delta=1e-6,
+                l2_bound=1.0, lower=0, upper=0)  # fmt: skip
+
+
+def test_a_vector_draw_that_fails_refuses_the_contribute_and_charges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vector dataset's noisy vector is drawn while the round goes on; a draw that fails
+    refuses the Contribute before the charge: nothing charged, the reservation and the
+    slot given back."""
+    from mpcdp.protocol.query import party_engine
+
+    n = _vector_net(tmp_path)
+    try:
+        engines = {p: node.engine for p, node in n.nodes.items()}
+        alice = engines["alice"]
+
+        def failing(*args: object) -> object:
+            def build(*_: object) -> np.ndarray:
+                raise MemoryError("no room for the vector")
+
+            return build
+
+        monkeypatch.setattr(party_engine, "noisy_builder", failing)
+        s, sid = _vector_spec(), secrets.token_bytes(16)
+        keys = _propose_all(engines, s, sid)  # each party answers before its draw ends
+        assert alice.ledger.reserved_epsilon("b") > 0
+        with pytest.raises(MemoryError, match="no room"):
+            alice.contribute(session_id=sid, keys=keys, coordinator="analyst")
+        assert alice.ledger.status("b").queries == 0
+        assert alice.ledger.reserved_epsilon("b") == 0
+        assert alice.uploads_running == 0
+        with pytest.raises(SessionError, match="already used"):
+            alice.contribute(session_id=sid, keys=keys, coordinator="analyst")
+    finally:
+        n.stop()
+
+
+def test_an_aborted_session_cancels_a_draw_that_has_not_started(tmp_path: Path) -> None:
+    """Abort (and expiry) drop a session's vector: a draw still waiting never runs."""
+    from concurrent.futures import Future
+
+    n = _vector_net(tmp_path)
+    try:
+        alice = n.nodes["alice"].engine
+        waiting: list[Future[np.ndarray]] = []
+
+        def later(*_: object) -> Future[np.ndarray]:
+            waiting.append(Future())
+            return waiting[-1]
+
+        alice._noise.take_later = later  # type: ignore[method-assign]
+        sid = secrets.token_bytes(16)
+        alice.propose(session_id=sid, spec=_vector_spec(), coordinator="analyst")
+        alice.abort(session_id=sid, coordinator="analyst")
+        assert waiting[0].cancelled()
+        assert alice.ledger.reserved_epsilon("b") == 0
+    finally:
+        n.stop()
+
+
+def test_vector_rounds_sum_exactly_with_the_draw_under_way(tmp_path: Path) -> None:
+    """Cold rounds of a vector dataset (vector drawn while the round goes on) sum exactly:
+    an exact round and a noisy one, each party charged once."""
+    n = _vector_net(tmp_path)
+    try:
+        clients = [Direct(node.engine) for node in n.nodes.values()]
+        exact = dataclasses.replace(_vector_spec(), mechanism="none", epsilon="0", delta=0.0)
+        out = run_round(spec=exact, clients=clients)
+        assert np.allclose(out.tensors["vector"], 0.03, atol=3 * 2.0**-9)
+        run_round(spec=_vector_spec(), clients=clients)
+        assert [node.engine.ledger.status("b").queries for node in n.nodes.values()] == [2] * 3
+    finally:
+        n.stop()
