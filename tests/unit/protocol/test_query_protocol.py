@@ -618,7 +618,7 @@ def test_an_aborted_session_cancels_a_draw_that_has_not_started(tmp_path: Path) 
             waiting.append(Future())
             return waiting[-1]
 
-        alice._noise.take_later = later  # type: ignore[method-assign]
+        alice._noise.take_later = later  # type: ignore[method-assign, assignment]
         sid = secrets.token_bytes(16)
         alice.propose(session_id=sid, spec=_vector_spec(), coordinator="analyst")
         alice.abort(session_id=sid, coordinator="analyst")
