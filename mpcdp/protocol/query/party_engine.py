@@ -104,11 +104,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: coordinates per slice of a query's noise share: 256K (a slice's CSPRNG, cipher contexts
-#: and word buffers are set up once per slice; 64K slices took 13% more time per coordinate
-#: at 1e6 and 1e7 here), which still gives every worker a slice from 1e6 coordinates on
-_NOISE_SLICE = 1 << 18
-
 
 @dataclass(frozen=True)
 class DatasetView:
@@ -149,7 +144,7 @@ def noisy_builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
             # i.i.d. coordinates: any slicing gives the same law
             pads.fill_noise(
                 noisy[offset : offset + t.length], noise=t.mechanism, honest=spec.honest,
-                rng=rng, workers=workers, slice_size=_NOISE_SLICE,
+                rng=rng, workers=workers,
             )  # fmt: skip
             offset += t.length
         if isinstance(data, Vector):
