@@ -592,13 +592,16 @@ class StateSnapshot:
 
     @staticmethod
     def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Bit for bit (a NaN included; one pass over integer views, which compare faster
-        than floats), else equal values (NaN at the same places)."""
+        """Floats bit for bit (a zero's sign and a NaN's payload included: a forward could
+        carry data in them), in one pass over integer views; other dtypes by value."""
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
-        bits = _BITS.get(a.element_size()) if a.is_floating_point() else None
-        if bits is not None:
-            return torch.equal(a.view(bits), b.view(bits))
+        if a.is_floating_point() and a.element_size() in _BITS:
+            wa, wb = _words(a), _words(b)
+            if wa is None or wb is None:
+                bits = _BITS[a.element_size()]
+                return torch.equal(a.view(bits), b.view(bits))
+            return torch.equal(wa, wb)
         if torch.equal(a, b):  # False for any NaN, which the slow path allows
             return True
         if a.is_floating_point() or a.is_complex():
@@ -627,6 +630,15 @@ class StateSnapshot:
                     "not aggregated, and a buffer updated from a batch carries that batch's "
                     "data into later steps, so training must not change them",
                 )
+
+
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous ``t``'s bytes as int64 (the fastest dtype for :func:`torch.equal`), or
+    None where its size or offset is not a multiple of 8 bytes."""
+    size = t.element_size()
+    if not t.is_contiguous() or (t.numel() * size) % 8 or (t.storage_offset() * size) % 8:
+        return None
+    return t.reshape(-1).view(torch.int64)
 
 
 def _copy(value: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:

@@ -669,6 +669,31 @@ def test_a_write_of_one_bit_is_refused_wherever_the_sum_goes(out: str) -> None:
     assert info.value.value == "parameter 'lin.weight'" and ".data" in str(info.value)
 
 
+class SignsOfZeros(_Body):
+    """Carries one bit per example into later steps in the signs of a buffer of zeros: equal
+    values before and after, other bits."""
+
+    bits: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("bits", torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            n = x.shape[0]
+            self.bits[:n] = torch.where(x[:, 0] > 0, 0.0, -0.0)
+        result: torch.Tensor = self.head(torch.tanh(self.body(x)))
+        return result
+
+
+def test_a_buffer_that_changes_only_the_signs_of_zeros_is_refused() -> None:
+    x, y = _data()
+    x[:, 0] = -1.0
+    for err in _refused_by_every_probe(SignsOfZeros, x, y):
+        assert err.value == "buffer 'bits'" and "changed in a forward pass" in str(err)
+
+
 class SizeScaledBackward(_Body):
     """No mixing, but every row of the backward is scaled by the batch size."""
 
