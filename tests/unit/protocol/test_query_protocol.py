@@ -641,3 +641,23 @@ def test_vector_rounds_sum_exactly_with_the_draw_under_way(tmp_path: Path) -> No
         assert [node.engine.ledger.status("b").queries for node in n.nodes.values()] == [2] * 3
     finally:
         n.stop()
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_vector_is_encoded_and_added_in_one_wrapping_pass(bits: int) -> None:
+    """The compiled encoder adds rint(x * scale) to every ring word mod 2^bits, as numpy's
+    round-half-to-even, int64 cast and wrapping add do: ties, signs, words at the ring's
+    edges (test data only: fixed values, no noise)."""
+    from mpcdp.protocol.query.local_statistic import _encoder
+
+    gen = np.random.default_rng(3)
+    x = gen.uniform(-1, 1, 5000)
+    x[:8] = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.0, -0.0]
+    dtype = np.uint32 if bits == 32 else np.uint64
+    top = (1 << bits) - 1
+    for scale in (1.0, 2.0**20, 2.0 ** (bits - 4)):
+        words = gen.integers(0, top, x.size, dtype=dtype, endpoint=True)
+        words[:4] = [0, 1, top, 1 << (bits - 1)]
+        expect = words + np.rint(x * scale).astype(np.int64).astype(dtype)
+        _encoder()(encoding.signed_view(words), x, scale)
+        assert np.array_equal(words, expect)
