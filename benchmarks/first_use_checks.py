@@ -2,7 +2,7 @@
 
 Run:  python -m benchmarks.first_use_checks [--models mlp cnn transformer] [--batch-size B]
                                             [--repeat 5] [--device cpu|cuda] [--threads N]
-                                            [--autocast none|bf16]
+                                            [--autocast none|bf16] [--before DIR] [--rounds R]
 
 On its first batch of two or more examples, :class:`mpcdp.train.clipping.PerSampleClipper`
 probes the model: its step on the whole batch is the reference, and random parts of the
@@ -13,23 +13,38 @@ this once per training session. For each model of ``benchmarks.dp_step`` (same d
 and defaults), in the same run: a new clipper's first ``clipped_grad_sum`` and the same
 clipper's second one on the same batch, best of ``--repeat`` rounds. Printed: both times,
 and a plain non-private step of the same model and batch (forward, mean loss, backward),
-with the ratios first / next and first / plain. Absolute times are for this
+with the ratios first / next and first / plain, and the median and range of first / plain
+over the rounds (each round's plain step runs just before its first step, so a machine
+shared with other work moves both alike). Absolute times are for this
 machine only; the ratio is what carries over. ``--autocast bf16`` runs every call under bf16
 autocast: on a GPU this is also the check that honest models pass the comparison at
 half-precision tolerance (a refusal would stop the run with its message).
+
+``--before DIR`` (a copy of the repository, e.g. ``git archive``) measures that tree too, in
+worker processes that alternate with this tree's ``--rounds`` times, so both see the same
+load; every time printed is then the best of all the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.dp_step import CLASSES, MODEL_NAMES, build
 from mpcdp.train.clipping import PerSampleClipper
+
+#: per measure ("first", "next", "plain"): seconds, one per round
+Times = dict[str, list[float]]
 
 
 def _ce(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,14 +62,12 @@ def _autocast(kind: str, device: torch.device) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def measure(
-    name: str, args: argparse.Namespace, device: torch.device
-) -> tuple[float, float, float]:
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> Times:
     model, inputs = build(name, args)
     model = model.to(device)
     x = inputs(args.batch_size).to(device)
     y = torch.randint(0, CLASSES, (args.batch_size,), device=device)
-    first, after, plain = [], [], []
+    times: Times = {"first": [], "next": [], "plain": []}
     for _ in range(args.repeat):
         # a plain (non-private) step: forward, mean loss, backward into .grad
         _sync(device)
@@ -63,20 +76,28 @@ def measure(
             model.zero_grad(set_to_none=True)
             _ce(model(x), y).mean().backward()  # type: ignore[no-untyped-call]
         _sync(device)
-        plain.append(time.perf_counter() - t0)
+        times["plain"].append(time.perf_counter() - t0)
         clipper = PerSampleClipper(model, max_grad_norm=1.0)
-        times = []
-        for _ in range(2):
+        for key in ("first", "next"):
             _sync(device)
             t0 = time.perf_counter()
             with _autocast(args.autocast, device):
                 clipper.clipped_grad_sum(inputs=x, targets=y, loss_fn=_ce)
             _sync(device)
-            times.append(time.perf_counter() - t0)
-        first.append(times[0])
-        after.append(times[1])
+            times[key].append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    return min(first), min(after), min(plain)
+    return times
+
+
+def _in_worker(tree: Path, argv: list[str]) -> dict[str, Times]:
+    """This script's measures of ``tree``'s package (its ``mpcdp`` and ``benchmarks``
+    first on the path) in a process of its own."""
+    here = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys([str(tree), str(here)])))
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker"]
+    out = subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True, text=True)
+    result: dict[str, Times] = json.loads(out.stdout.splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -87,6 +108,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    parser.add_argument("--before", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # the model sizes of benchmarks.dp_step's defaults
     args.mlp_widths, args.vocab, args.seq_len, args.dim, args.layers = (
@@ -101,19 +125,43 @@ def main() -> None:
         args.batch_size = 256 if device.type == "cuda" else 64
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps({name: measure(name, args, device) for name in args.models}))
+        return
+    here = Path(__file__).resolve().parent.parent
+    trees = {"this": here} if args.before is None else {"before": args.before, "this": here}
+    results: dict[str, dict[str, Times]] = {tree: {} for tree in trees}
+    if args.before is None and args.rounds == 1:
+        results["this"] = {name: measure(name, args, device) for name in args.models}
+    else:
+        argv = ["--models", *args.models, "--device", args.device]
+        argv += ["--batch-size", str(args.batch_size), "--repeat", str(args.repeat)]
+        argv += ["--autocast", args.autocast]
+        argv += ["--threads", str(args.threads)] if args.threads is not None else []
+        for _ in range(args.rounds):
+            for tree, path in trees.items():
+                for name, times in _in_worker(path.resolve(), argv).items():
+                    kept = results[tree].setdefault(name, {"first": [], "next": [], "plain": []})
+                    for key, values in times.items():
+                        kept[key] += values
+    rounds = args.repeat * args.rounds
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"device {device}, batch {args.batch_size}, best of {rounds}, autocast", end=" ")
+    print(f"{args.autocast}{load}")
     print(
-        f"device {device}, batch {args.batch_size}, best of {args.repeat}, autocast {args.autocast}"
-    )
-    print(
-        f"{'model':<12} {'first ms':>9} {'next ms':>9} {'plain ms':>9} {'first/next':>11} "
-        f"{'first/plain':>12}"
+        f"{'model':<18} {'tree':<6} {'first ms':>9} {'next ms':>9} {'plain ms':>9} "
+        f"{'first/next':>11} {'first/plain':>12}  per round: median [min, max]"
     )
     for name in args.models:
-        first, after, plain = measure(name, args, device)
-        print(
-            f"{name:<12} {first * 1e3:>9.1f} {after * 1e3:>9.1f} {plain * 1e3:>9.1f} "
-            f"{first / after:>11.2f} {first / plain:>12.2f}"
-        )
+        for tree in trees:
+            t = results[tree][name]
+            first, after, plain = min(t["first"]), min(t["next"]), min(t["plain"])
+            ratios = [f / p for f, p in zip(t["first"], t["plain"], strict=True)]
+            print(
+                f"{name:<18} {tree:<6} {first * 1e3:>9.1f} {after * 1e3:>9.1f} "
+                f"{plain * 1e3:>9.1f} {first / after:>11.2f} {first / plain:>12.2f}  "
+                f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+            )
 
 
 if __name__ == "__main__":
