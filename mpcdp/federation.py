@@ -206,7 +206,7 @@ class Federation:
         options.setdefault("colluders", self.config.colluders)
         options.setdefault("min_parties", self.config.quorum)
         if options.get("site_eval_every"):
-            self._check_held_out(dataset)
+            options.setdefault("held_out", self._held_out(dataset))
         if options.get("audit_canaries") and options.get("audit_kind") == "black-box":
             # input canaries take the shape and classes every site declares (public)
             shape, classes = self._declared_shape(dataset)
@@ -220,14 +220,14 @@ class Federation:
             **options,
         )
 
-    def _check_held_out(self, dataset: str) -> None:
-        """Every site declares a held-out split of ``dataset`` (Describe, public), before
-        any site is asked to train: ParameterError naming ``site_eval_every`` otherwise."""
-        missing = [
-            party
+    def _held_out(self, dataset: str) -> dict[str, int]:
+        """Each site's held-out examples of ``dataset`` (Describe, public), before any site
+        is asked to train: ParameterError naming ``site_eval_every`` when one has none."""
+        counts = {
+            party: max([d.held_out for d in resp.datasets if d.name == dataset], default=0)
             for party, resp in self.describe().items()
-            if not any(d.name == dataset and d.held_out for d in resp.datasets)
-        ]
+        }
+        missing = [party for party, n in counts.items() if n == 0]
         if missing:
             raise ParameterError(
                 "site_eval_every",
@@ -235,6 +235,7 @@ class Federation:
                 f"sites {missing} declare no held-out split for {dataset!r} (party.toml: "
                 "eval_path, or eval_data_paths / eval_data_options); nothing was charged",
             )
+        return counts
 
     def _declared_shape(self, dataset: str) -> tuple[tuple[int, ...], int]:
         """The feature shape and number of classes every site declares for the example

@@ -1,10 +1,12 @@
 """Write this demo's data once: scikit-learn's bundled digits as PNG files, split across three
-sites, plus a held-out test set for the coordinator.
+sites, plus a held-out test set.
 
 Run from this folder:  python prepare.py
 
-Each site gets ``site-X/images/<class>/NNNN.png`` (its own third of the training images);
-the coordinator gets ``test.npz`` (arrays x: N x 1 x 8 x 8 in [0, 1], y: labels).
+Each site gets ``site-X/images/<class>/NNNN.png`` (its own third of the training images) and
+``site-X/test-images/<class>/NNNN.png`` (its third of the test images: its held-out split,
+for evaluation at the sites); the coordinator gets the same test images as ``test.npz``
+(arrays x: N x 1 x 8 x 8 in [0, 1], y: labels), to compare the two evaluations.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ def main() -> None:
     test, train = order[:360], order[360:]
     np.savez(here / "test.npz", x=x[test][:, None], y=y[test])
     for k, site in enumerate(SITES):
-        for i in train[k :: len(SITES)]:
-            folder = here / site / "images" / str(y[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((x[i] * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
-        count = len(train[k :: len(SITES)])
-        print(f"{site}: {count} images")
+        for part, indices in (("images", train), ("test-images", test)):
+            for i in indices[k :: len(SITES)]:
+                folder = here / site / part / str(y[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                image = Image.fromarray((x[i] * 255).round().astype(np.uint8))
+                image.save(folder / f"{i:04d}.png")
+        count, held = len(train[k :: len(SITES)]), len(test[k :: len(SITES)])
+        print(f"{site}: {count} images, {held} held out")
     print(f"test.npz: {len(test)} images")
 
 

@@ -188,9 +188,10 @@ def train(
         "(default a tenth); the steps get the rest.",
     ),
     site_eval_loss_bound: float = typer.Option(
-        10.0,
+        4.0,
         "--site-eval-loss-bound",
-        help="Each held-out example's loss is clipped to [0, this] before it is summed.",
+        help="Each held-out example's loss is clipped to [0, this] before it is summed "
+        "(larger: less clipping, more noise on the loss).",
     ),
     dry_run: bool = typer.Option(
         False,
@@ -410,8 +411,9 @@ def train(
         made = max(result.evaluations_charged.values(), default=0)
         typer.echo(
             f"evaluations at the sites: {made} of {p.evaluations} planned, noise multiplier "
-            f"{p.eval_noise_multiplier:.3f} (std {p.eval_noise_multiplier * math.sqrt(3):.1f} "
-            "examples on each total), included in the epsilon above"
+            f"{p.eval_noise_multiplier:.3f} (std "
+            f"{p.eval_noise_multiplier * math.sqrt(p.eval_words):.1f} examples on each sum), "
+            "included in the epsilon above"
         )
     if save_model is not None:
         typer.echo(
@@ -460,8 +462,8 @@ def _epoch_line(r: EpochRecord) -> str:
     if r.site_loss is not None:
         site_acc = f"acc {r.site_accuracy:.4f} " if r.site_accuracy is not None else ""
         at_sites = (
-            f"at the sites: {site_acc}loss {r.site_loss:.4f} on ~{r.site_examples:.0f} "
-            "held-out examples (noisy)"
+            f"at the sites: {site_acc}loss {r.site_loss:.4f} on {r.site_examples} held-out "
+            "examples (noisy)"
         )
     line = "  ".join(
         part

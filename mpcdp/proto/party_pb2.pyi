@@ -801,8 +801,9 @@ class TrainSpec(_message.Message):
     eval_every: _builtins.int
     """Evaluation at the sites (mpcdp.protocol.training.evaluation): before every step that is
     a multiple of eval_every and after the session's last step (0: never), each site scores
-    the model on its held-out split, losses clipped to eval_loss_bound, and the total of
-    (accuracy, examples, clipped loss) gets Skellam(eval_mu) noise; all three 0 when unused
+    the model on its held-out split, losses clipped to eval_loss_bound, and the sums of
+    (accuracy, clipped loss), or of the clipped loss alone for a loss other than
+    cross-entropy, get Skellam(eval_mu) noise; all three 0 when unused
     """
     eval_mu: _builtins.float
     eval_loss_bound: _builtins.float
@@ -901,7 +902,8 @@ class TrainStepHeader(_message.Message):
     """0: the site's default"""
     evaluate: _builtins.bool
     """An evaluation before step `step` rather than the step: the site scores these parameters
-    on its held-out split and answers with 3 words in Z_2^64; the session stays at `step`
+    on its held-out split and answers with 2 words in Z_2^64 (1 for a loss other than
+    cross-entropy); the session stays at `step`
     """
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProposeResponse]:

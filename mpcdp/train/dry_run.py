@@ -38,7 +38,7 @@ from mpcdp.protocol import identity
 from mpcdp.protocol.query.round_coordinator import ContributionStream
 from mpcdp.protocol.session import Proposal
 from mpcdp.protocol.training import TrainSpec, mechanism
-from mpcdp.protocol.training.evaluation import EVAL_WORDS, eval_mechanism
+from mpcdp.protocol.training.evaluation import eval_mechanism, eval_words, reports_accuracy
 from mpcdp.train.gradient_source import TorchGradientSource
 from mpcdp.train.results import TrainingResult
 from mpcdp.train.run_model import model_factory_for, python_folders
@@ -108,11 +108,12 @@ class _SimulatedSite:
         if evaluate:  # a real site's terms and noise share, on the simulated split
             terms = source.evaluation(
                 loss_bound=spec.eval_loss_bound,
-                accuracy=spec.loss == "cross_entropy",
+                accuracy=reports_accuracy(spec.loss),
                 rng=self._rng,
             )
-            share = eval_mechanism(spec.eval_mu).share(
-                size=EVAL_WORDS, honest=spec.honest, rng=self._rng
+            words = eval_words(spec.loss)
+            share = eval_mechanism(spec.eval_mu, words=words).share(
+                size=words, honest=spec.honest, rng=self._rng
             )
             words = encoding.to_ring(terms, ring_bits=ring_bits) + encoding.to_ring(
                 share, ring_bits=ring_bits
@@ -244,6 +245,7 @@ def dry_run(
             loss=loss,
             seed=seed,
             min_parties=len(sites),
+            held_out={p: max(1, n // 5) for p, n in examples.items()},
             **options,
         )
     finally:

@@ -224,7 +224,8 @@ def train(
     on_roster_change: Callable[[RosterChange], None] | None = None,
     site_eval_every: int = 0,
     site_eval_epsilon: float | None = None,
-    site_eval_loss_bound: float = 10.0,
+    site_eval_loss_bound: float = 4.0,
+    held_out: Mapping[str, int] | None = None,
 ) -> TrainingResult:
     """Train ``model`` on every site's ``dataset`` with federated DP-SGD.
 
@@ -280,8 +281,10 @@ def train(
     .evaluation): the noisy totals of all sites that take part (accuracy for cross-entropy,
     the mean loss clipped to ``site_eval_loss_bound``, the number of examples) land in the
     epoch records. The evaluations spend at most ``site_eval_epsilon`` (default a tenth of
-    the target) and the steps the rest (:func:`plan_training`). An evaluation that a site
-    fails is skipped, not re-run.
+    the target) and the steps the rest (:func:`plan_training`). ``held_out`` maps each site
+    to the examples of its held-out split (public, from Describe; Federation.train fills it
+    in): the noisy sums are divided by the exact total of the sites that took part. An
+    evaluation that a site fails is skipped, not re-run.
     """
     parties = tuple(examples)
     _check_audit(
@@ -331,7 +334,10 @@ def train(
         site_eval_every=site_eval_every,
         site_eval_epsilon=site_eval_epsilon,
         site_eval_loss_bound=site_eval_loss_bound,
+        loss=loss,
     )
+    if plan.eval_every:
+        held_out = _held_out_counts(held_out, parties)
     if audit_canaries and not allow_untestable:  # before any site is asked or charged
         check = preflight(plan=plan, delta=audit_delta, confidence=audit_confidence)
         if not check.testable:
@@ -536,7 +542,7 @@ def train(
                         ),
                         participation={p: roster.contributed[p] - epoch_start[p] for p in parties},
                         site_epsilon=per_site,
-                        **_site_evaluation(at_sites, plan=plan, loss=loss),
+                        **_site_evaluation(at_sites, plan=plan, loss=loss, held_out=held_out),
                     )
                     if history and history[-1].step == done:
                         history[-1] = rec
@@ -602,17 +608,42 @@ def train(
     )
 
 
+def _held_out_counts(held_out: Mapping[str, int] | None, parties: Sequence[str]) -> dict[str, int]:
+    """Every site's held-out count (public), checked: ParameterError naming ``held_out``."""
+    if held_out is None or set(held_out) != set(parties):
+        raise ParameterError(
+            "held_out",
+            None if held_out is None else dict(held_out),
+            f"evaluation at the sites needs the held-out count of every site {list(parties)} "
+            "(Describe; Federation.train fills it in)",
+        )
+    bad = {p: n for p, n in held_out.items() if isinstance(n, bool) or not isinstance(n, int)
+           or n < 1}  # fmt: skip
+    if bad:
+        raise ParameterError(
+            "held_out", bad, "must be >= 1 at every site (a site without a split cannot evaluate)"
+        )
+    return dict(held_out)
+
+
 def _site_evaluation(
-    outcome: RosterEvaluation | None, *, plan: TrainingPlan, loss: str
+    outcome: RosterEvaluation | None,
+    *,
+    plan: TrainingPlan,
+    loss: str,
+    held_out: Mapping[str, int] | None,
 ) -> dict[str, Any]:
     """An epoch record's fields for the evaluation at the sites (none: no fields)."""
-    if outcome is None:
+    if outcome is None or held_out is None:
         return {}
-    totals = decode_total(outcome.total, eval_loss_bound=plan.eval_loss_bound)
+    examples = sum(held_out[p] for p in outcome.parties)
+    totals = decode_total(
+        outcome.total, eval_loss_bound=plan.eval_loss_bound, loss=loss, examples=examples
+    )
     return {
-        "site_accuracy": totals.accuracy() if loss == "cross_entropy" else None,
+        "site_accuracy": totals.accuracy(),
         "site_loss": totals.mean_loss(bound=plan.eval_loss_bound),
-        "site_examples": totals.examples,
+        "site_examples": examples,
         "site_eval_parties": outcome.parties,
     }
 

@@ -39,7 +39,7 @@ from mpcdp.config.datasets import Examples
 from mpcdp.errors import DataError, ParameterError, RankFailure
 from mpcdp.protocol.noise_pool import background_executor
 from mpcdp.protocol.training import TrainSpec, max_batch_size
-from mpcdp.protocol.training.evaluation import EVAL_SCALE, EVAL_WORDS
+from mpcdp.protocol.training.evaluation import EVAL_SCALE
 from mpcdp.train.clipping import PerSampleClipper
 from mpcdp.train.data import LoaderBatches, TensorBatches, poisson_indices
 from mpcdp.train.declared import DeclaredData
@@ -346,12 +346,13 @@ class TorchGradientSource:
     def evaluation(
         self, *, loss_bound: float, accuracy: bool, rng: np.random.Generator
     ) -> NDArray[np.int64]:
-        """The evaluation terms of the held-out split (mpcdp.protocol.training.evaluation):
-        the model in eval mode without gradients, per example an accuracy in [0, 1] (argmax
-        over dimension 1 against the target, averaged over any further positions; 0 without
-        ``accuracy``), a count of 1 and the loss clipped to [0, loss_bound] over loss_bound
-        (NaN and inf count as the bound), each times S and randomized-rounded with ``rng``;
-        summed in int64. Every example's terms are in [0, S], whatever the model does."""
+        """The evaluation words of the held-out split (mpcdp.protocol.training.evaluation):
+        the model in eval mode without gradients; per example, with ``accuracy``, its
+        accuracy in [0, 1] (argmax over dimension 1 against the target, averaged over any
+        further positions; 0 for float targets), and its loss clipped to [0, loss_bound] over
+        loss_bound (NaN and inf count as the bound), each times S and randomized-rounded with
+        ``rng``; summed in int64. Every example's terms are in [0, S], whatever the model
+        does."""
         if self._eval is None:
             raise ParameterError("evaluation", "asked", "this site holds no held-out split")
         if not math.isfinite(loss_bound) or not loss_bound > 0:
@@ -370,19 +371,18 @@ class TorchGradientSource:
                             "loss", f"{losses.shape[0]} values", "must give one loss per example"
                         )
                     losses = torch.nan_to_num(losses, nan=loss_bound, posinf=loss_bound)
-                    clipped = losses.clamp(0.0, loss_bound) / loss_bound
-                    if accuracy and out.dim() >= 2 and not targets.is_floating_point():
-                        hits = (out.argmax(dim=1) == targets).double()
-                        right = hits.reshape(hits.shape[0], -1).mean(dim=1)
-                    else:
-                        right = torch.zeros_like(clipped)
-                    ones = torch.ones_like(clipped)
-                    terms = torch.stack([right.clamp(0, 1), ones, clipped], dim=1)
-                    parts.append(terms.cpu().numpy())
+                    terms = [losses.clamp(0.0, loss_bound) / loss_bound]
+                    if accuracy:
+                        right = torch.zeros_like(terms[0])
+                        if out.dim() >= 2 and not targets.is_floating_point():
+                            hits = (out.argmax(dim=1) == targets).double()
+                            right = hits.reshape(hits.shape[0], -1).mean(dim=1).clamp(0, 1)
+                        terms.insert(0, right)
+                    parts.append(torch.stack(terms, dim=1).cpu().numpy())
         finally:
             self.model.train(was)
         if not parts:
-            return np.zeros(EVAL_WORDS, dtype=np.int64)
+            return np.zeros(2 if accuracy else 1, dtype=np.int64)
         scaled = np.concatenate(parts) * EVAL_SCALE
         low = np.floor(scaled)
         rounded = low + (rng.random(scaled.shape) < scaled - low)

@@ -24,6 +24,7 @@ from mpcdp.protocol.training.evaluation import (
     eval_mechanism,
     eval_mu_for,
     eval_points,
+    eval_words,
 )
 
 # CLIPPING_MODES: re-exported for the command line (torch-free; cli/ may not import protocol/)
@@ -61,6 +62,8 @@ class TrainingPlan:
     eval_mu: float = 0.0
     eval_noise_multiplier: float = 0.0
     eval_loss_bound: float = 0.0
+    #: the words of each evaluation (mpcdp.protocol.training.evaluation.eval_words)
+    eval_words: int = 0
 
     @property
     def total_examples(self) -> int:
@@ -120,12 +123,14 @@ class TrainingPlan:
             return 0.0
         ordinary = TrainingPlan(
             **{**asdict(self), "audit_canaries": 0, "audit_kind": "", "eval_every": 0,
-               "eval_mu": 0.0, "eval_loss_bound": 0.0}
+               "eval_mu": 0.0, "eval_loss_bound": 0.0, "eval_words": 0}
         )  # fmt: skip
         event = step_event(ordinary.spec(run_id="plan", start_step=0, steps=1), steps=1)
         total = accountant.rdp_curve(event) * max(steps, 0)
         if evaluations > 0:
-            total = total + accountant.rdp_curve(eval_event(self.eval_mu, count=evaluations))
+            total = total + accountant.rdp_curve(
+                eval_event(self.eval_mu, words=self.eval_words, count=evaluations)
+            )
         at = self.target_delta if delta is None else delta
         eps, _ = rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=total, delta=at)
         return eps
@@ -151,7 +156,8 @@ def plan_training(
     audit_kind: str = "",
     site_eval_every: int = 0,
     site_eval_epsilon: float | None = None,
-    site_eval_loss_bound: float = 10.0,
+    site_eval_loss_bound: float = 4.0,
+    loss: str = "cross_entropy",
 ) -> TrainingPlan:
     """Sampling rate, steps, gradient scale and Skellam mu for a target (eps, delta).
 
@@ -198,16 +204,17 @@ def plan_training(
         steps_per_epoch=steps_per_epoch,
         target_epsilon=target_epsilon,
         target_delta=target_delta,
+        words=eval_words(loss),
     )
     alongside = []
     if evaluation.count:
         try:  # the sites' samplers draw the shares exactly only within their range
-            eval_mechanism(evaluation.mu).check_range(honest=h)
+            eval_mechanism(evaluation.mu, words=evaluation.words).check_range(honest=h)
         except ParameterError as exc:
             raise ParameterError(
                 "site_eval_epsilon", site_eval_epsilon, f"needs too much noise: {exc}"
             ) from None
-        alongside.append(eval_event(evaluation.mu, count=evaluation.count))
+        alongside.append(eval_event(evaluation.mu, words=evaluation.words, count=evaluation.count))
 
     def z_for(k: int) -> float:
         l2, l1 = sensitivities(max_grad_norm=max_grad_norm, scale_bits=k, num_params=num_params)
@@ -279,6 +286,7 @@ def plan_training(
         eval_mu=evaluation.mu,
         eval_noise_multiplier=evaluation.noise_multiplier,
         eval_loss_bound=evaluation.loss_bound,
+        eval_words=evaluation.words,
     )
 
 
@@ -289,6 +297,7 @@ class _Evaluation:
     mu: float = 0.0
     noise_multiplier: float = 0.0
     loss_bound: float = 0.0
+    words: int = 0
 
 
 def _evaluation(
@@ -300,6 +309,7 @@ def _evaluation(
     steps_per_epoch: int,
     target_epsilon: float,
     target_delta: float,
+    words: int,
 ) -> _Evaluation:
     """The evaluations at the sites of a plan: their interval in steps, how many, and their
     noise (the smallest whose epsilon alone is at most ``epsilon``)."""
@@ -324,14 +334,15 @@ def _evaluation(
     count = len(eval_points(eval_every=interval, start_step=0, end_step=steps))
 
     def eps(z: float) -> float:
-        event = eval_event(eval_mu_for(z), count=count)
+        event = eval_event(eval_mu_for(z, words=words), words=words, count=count)
         return accountant.compose([event], delta=target_delta).epsilon
 
     z = accountant.calibrate(eps, target_epsilon=float(share))
     return _Evaluation(
         every=interval,
         count=count,
-        mu=eval_mu_for(z),
+        mu=eval_mu_for(z, words=words),
         noise_multiplier=z,
         loss_bound=float(loss_bound),
+        words=words,
     )

@@ -67,12 +67,12 @@ class EpochRecord:
     #: of the failed attempt left it)
     site_epsilon: dict[str, float] = field(default_factory=dict)
     #: evaluation at the sites after this epoch (None: none made): the noisy accuracy (None
-    #: unless the loss is cross-entropy), mean clipped loss and number of held-out examples
-    #: over every site that took part (``site_eval_parties``), all post-processing of one
-    #: charged release (mpcdp.protocol.training.evaluation)
+    #: unless the loss is cross-entropy) and mean clipped loss over the held-out examples
+    #: of every site that took part (``site_eval_parties``; ``site_examples``, their public
+    #: count), post-processing of one charged release (mpcdp.protocol.training.evaluation)
     site_accuracy: float | None = None
     site_loss: float | None = None
-    site_examples: float | None = None
+    site_examples: int | None = None
     site_eval_parties: tuple[str, ...] = ()
 
 

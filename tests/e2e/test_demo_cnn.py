@@ -40,7 +40,9 @@ def test_the_cnn_demo_runs_as_its_readme_says(tmp_path: Path) -> None:
     import torch
 
     root = tmp_path / "demo"
-    shutil.copytree(DEMO, root, ignore=shutil.ignore_patterns("certs", "images", "*.sqlite*"))
+    shutil.copytree(
+        DEMO, root, ignore=shutil.ignore_patterns("certs", "images", "test-images", "*.sqlite*")
+    )
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     setup, check, train = blocks("sh demo")
@@ -67,6 +69,11 @@ def test_the_cnn_demo_runs_as_its_readme_says(tmp_path: Path) -> None:
     last = [line for line in out.splitlines() if line.startswith("epoch")][-1].split()
     assert last[1] == "20"
     accuracy = float(last[last.index("acc") + 1])
+    # the sites scored the final model on their own held-out images
+    at_sites = [line for line in out.splitlines() if "at the sites: acc" in line]
+    assert [line.split()[1] for line in at_sites] == ["20"]
+    assert "on 360 held-out examples" in at_sites[0]
+    assert "evaluations at the sites: 1 of 1 planned" in out
     # 0.937 +- 0.011 over five runs (README); the noise is fresh every run, so the test only
     # asks for far above chance (0.1): 0.8 is 12 std below the mean
     assert accuracy >= 0.8, (accuracy, seconds)

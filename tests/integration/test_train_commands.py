@@ -80,11 +80,8 @@ def test_train_then_audit_from_the_command_line(digits_net: LocalFederation) -> 
     evaluated = [r for r in metrics["history"] if r["site_loss"] is not None]
     assert [r["epoch"] for r in evaluated] == [2, 4]
     held_out = sum(len(np.load(root / s / "digits-test.npz")["y"]) for s in digits_demo.SITES)
-    # noise std: the plan's multiplier times sqrt(3) examples; 12 std is below 1e-30
-    std = metrics["plan"]["eval_noise_multiplier"] * 3**0.5
-    for r in evaluated:
-        assert abs(r["site_examples"] - held_out) <= 12 * std
-        assert 0.0 <= r["site_accuracy"] <= 1.0
+    for r in evaluated:  # over the sites' public held-out counts
+        assert r["site_examples"] == held_out and 0.0 <= r["site_accuracy"] <= 1.0
     assert metrics["final_accuracy"] > 0.5
     assert [r["epoch"] for r in metrics["history"]][:4] == [1, 2, 3, 4]
     assert (root / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,6 +48,7 @@ from mpcdp.protocol.session import (
 )
 from mpcdp.protocol.training.evaluation import (
     eval_mechanism,
+    eval_words,
 )
 from mpcdp.protocol.training.fingerprint import check_architecture
 from mpcdp.protocol.training.site_evaluation import SiteEvaluation
@@ -148,7 +149,8 @@ class TrainingEngine(SiteEvaluation, SessionHost):
         # every parameter that decides this site's noise is in its samplers' exact range
         mechanism(spec).check_range(honest=spec.honest)
         if spec.eval_every:
-            eval_mechanism(spec.eval_mu).check_range(honest=spec.honest)
+            words = eval_words(spec.loss)
+            eval_mechanism(spec.eval_mu, words=words).check_range(honest=spec.honest)
         task = self.tasks.get(spec.dataset)
         if task is None:
             raise PolicyError(

@@ -1,6 +1,6 @@
 """Evaluation at the sites, the site's half (mpcdp.protocol.training.evaluation):
 :class:`SiteEvaluation` scores the coordinator's model on the site's held-out split at the
-spec's evaluation points, once each, and answers with three masked, noised words of Z_2^64.
+spec's evaluation points, once each, and answers with its masked, noised words of Z_2^64.
 A mixin of :class:`~mpcdp.protocol.training.site_engine.TrainingEngine`, whose session
 handling (acquire, run, keys, parameters, noise) it reuses, so an evaluation goes through the
 same checks as a step. Nothing happens at import time.
@@ -25,9 +25,10 @@ from mpcdp.protocol.session import Contribution, durability_refusal
 from mpcdp.protocol.training.evaluation import (
     EVAL_RING_BITS,
     EVAL_TENSOR_ID,
-    EVAL_WORDS,
     eval_event,
     eval_mechanism,
+    eval_words,
+    reports_accuracy,
 )
 from mpcdp.protocol.training.site_session import LATE, SiteSession, eval_id
 from mpcdp.protocol.training.source import TrainingTask
@@ -90,7 +91,7 @@ class SiteEvaluation:
         in_time: Callable[[], bool] | None = None,
     ) -> Contribution:
         """The session's evaluation before step ``step`` (mpcdp.protocol.training.evaluation):
-        ``parameters`` scored on this site's held-out split, three words of Z_2^64 with the
+        ``parameters`` scored on this site's held-out split, its words of Z_2^64 with the
         evaluation's noise share and masks. Only at the spec's evaluation points, once each,
         at the session's current step; reserved before the model is scored, charged once the
         words are ready, refused (and released) when the coordinator gave up on it first."""
@@ -137,12 +138,13 @@ class SiteEvaluation:
         self._check_parameters(session, parameters, full)
         cfg = self.tasks[spec.dataset].config
         query_id = eval_id(spec, session_id, step)
+        words = eval_words(spec.loss)
         try:
             self.ledger.reserve(
                 dataset=spec.dataset,
                 query_id=query_id,
                 coordinator=session.coordinator,
-                event=eval_event(spec.eval_mu),
+                event=eval_event(spec.eval_mu, words=words),
                 share=cfg.share(session.coordinator),
                 ttl_s=self._ttl,
                 note=f"evaluation of training {spec.run_id} ({spec.model}) before step {step}",
@@ -155,14 +157,15 @@ class SiteEvaluation:
             session.source.load_parameters(parameters, full=full)
             terms = session.source.evaluation(
                 loss_bound=spec.eval_loss_bound,
-                accuracy=spec.loss == "cross_entropy",
+                accuracy=reports_accuracy(spec.loss),
                 rng=self._rng,
             )
             assert session.pair_keys is not None
             upload: np.ndarray = pads.build_pad(
-                size=EVAL_WORDS, ring_bits=EVAL_RING_BITS, honest=spec.honest,
-                noise=self._noise(eval_mechanism(spec.eval_mu)), party=spec.index_of(self.party_id),
-                pair_keys=session.pair_keys, round_id=step, tensor_id=EVAL_TENSOR_ID, rng=self._rng,
+                size=words, ring_bits=EVAL_RING_BITS, honest=spec.honest,
+                noise=self._noise(eval_mechanism(spec.eval_mu, words=words)),
+                party=spec.index_of(self.party_id), pair_keys=session.pair_keys, round_id=step,
+                tensor_id=EVAL_TENSOR_ID, rng=self._rng,
             )  # fmt: skip
             np.add(upload, encoding.to_ring(terms, ring_bits=EVAL_RING_BITS), out=upload)
             if in_time is not None and not in_time():
@@ -172,7 +175,7 @@ class SiteEvaluation:
                     dataset=spec.dataset,
                     query_id=query_id,
                     coordinator=session.coordinator,
-                    event=eval_event(spec.eval_mu),
+                    event=eval_event(spec.eval_mu, words=words),
                     share=cfg.share(session.coordinator),
                     reserved=True,
                 )
@@ -199,7 +202,7 @@ class SiteEvaluation:
             party_id=self.party_id,
             epsilon_spent=session.last_epsilon,
             budget_remaining=session.last_status,
-            length=EVAL_WORDS,
+            length=words,
             _noisy=upload,
             _mask=None,
         )

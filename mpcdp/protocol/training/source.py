@@ -51,9 +51,10 @@ class GradientSource(Protocol):
     def evaluation(
         self, *, loss_bound: float, accuracy: bool, rng: np.random.Generator
     ) -> NDArray[np.int64]:
-        """The site's evaluation terms on its held-out split with the loaded parameters
-        (mpcdp.protocol.training.evaluation): three sums of per-example terms in [0, S],
-        randomized-rounded with ``rng``; ``accuracy``: argmax accuracy (else 0)."""
+        """The site's evaluation words on its held-out split with the loaded parameters
+        (mpcdp.protocol.training.evaluation): sums of per-example terms in [0, S],
+        randomized-rounded with ``rng``: the argmax accuracy (with ``accuracy``), then the
+        clipped loss."""
         ...
 
     def add_examples(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:

@@ -25,7 +25,12 @@ from mpcdp.errors import (
     ParameterError,
 )
 from mpcdp.protocol.query.query_spec import validate_parties
-from mpcdp.protocol.training.evaluation import check_eval_fields, eval_event, eval_points
+from mpcdp.protocol.training.evaluation import (
+    check_eval_fields,
+    eval_event,
+    eval_points,
+    eval_words,
+)
 from mpcdp.protocol.training.fingerprint import check_entries
 
 log = logging.getLogger(__name__)
@@ -277,7 +282,8 @@ def run_event(spec: TrainSpec) -> ev.Skellam | ev.Composite:
     evaluations = len(spec.eval_points)
     if not evaluations:
         return steps
-    return ev.Composite(parts=(steps, eval_event(spec.eval_mu, count=evaluations)))
+    words = eval_words(spec.loss)
+    return ev.Composite(parts=(steps, eval_event(spec.eval_mu, words=words, count=evaluations)))
 
 
 def max_batch_size(*, examples: int, sample_rate: float) -> int:

@@ -39,7 +39,7 @@ from mpcdp.protocol.failures import (
 )
 from mpcdp.protocol.query.round_coordinator import ContributionStream, accumulate
 from mpcdp.protocol.session import SESSION_ID_BYTES, Proposal
-from mpcdp.protocol.training.evaluation import EVAL_RING_BITS, EVAL_WORDS
+from mpcdp.protocol.training.evaluation import EVAL_RING_BITS, eval_words
 from mpcdp.protocol.training.train_spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class TrainingSession:
 
     def evaluate(self, *, parameters: NDArray[np.float32], full: bool) -> NDArray[np.int64]:
         """The evaluation at the sites before the session's next step (an evaluation point
-        of the spec, once): the decoded noisy totals, three signed words in integer units
+        of the spec, once): the decoded noisy sums, signed words in integer units
         (mpcdp.protocol.training.evaluation.decode_total reads them)."""
         if self._pool is None or self._next < 0:
             raise ProtocolError("open the training session first")
@@ -233,7 +233,9 @@ class TrainingSession:
                 f"the session evaluates before steps {list(self.spec.eval_points)}, once each; "
                 f"not before step {step}"
             )
-        total = np.zeros(EVAL_WORDS, dtype=ring.dtype_for(EVAL_RING_BITS).newbyteorder("="))
+        total = np.zeros(
+            eval_words(self.spec.loss), dtype=ring.dtype_for(EVAL_RING_BITS).newbyteorder("=")
+        )
         self._evaluated.add(step)
         remaining = self._round(step, parameters=parameters, full=full, total=total, evaluate=True)
         self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))

@@ -49,7 +49,11 @@ HELD_OUT = 20
 
 def _espec(**kw: object) -> TrainSpec:
     base: dict[str, object] = dict(
-        eval_every=2, eval_mu=eval_mu_for(0.5), eval_loss_bound=5.0, steps=4, sample_rate=1.0
+        eval_every=2,
+        eval_mu=eval_mu_for(0.5, words=2),
+        eval_loss_bound=5.0,
+        steps=4,
+        sample_rate=1.0,
     )
     base.update(kw)
     return tspec(**base)
@@ -128,7 +132,7 @@ def test_the_session_event_counts_its_evaluations_and_the_wire_carries_them() ->
                                     delta=1e-5).epsilon  # fmt: skip
     with_three = accountant.compose(
         [run_event(dataclasses.replace(s, eval_every=0, eval_mu=0.0, eval_loss_bound=0.0)),
-         eval_event(s.eval_mu, count=3)],
+         eval_event(s.eval_mu, words=2, count=3)],
         delta=1e-5,
     ).epsilon  # fmt: skip
     assert composed == pytest.approx(with_three) and composed > steps_only
@@ -142,11 +146,17 @@ def test_the_session_event_counts_its_evaluations_and_the_wire_carries_them() ->
     assert header.evaluate and header.step == 2
 
 
-def test_decoding_clamps_what_noise_pushes_out_of_range() -> None:
-    total = np.array([-3 * EVAL_SCALE, 10 * EVAL_SCALE, 40 * EVAL_SCALE], dtype=np.int64)
-    t = decode_total(total, eval_loss_bound=2.0)
-    assert (t.correct, t.examples, t.loss_sum) == (-3.0, 10.0, 80.0)
+def test_decoding_divides_by_the_public_count_and_clamps_what_noise_pushes_out() -> None:
+    total = np.array([-3 * EVAL_SCALE, 40 * EVAL_SCALE], dtype=np.int64)
+    t = decode_total(total, eval_loss_bound=2.0, loss="cross_entropy", examples=10)
+    assert (t.correct, t.loss_sum, t.examples) == (-3.0, 80.0, 10)
     assert t.accuracy() == 0.0 and t.mean_loss(bound=2.0) == 2.0
+    one = decode_total(
+        np.array([5 * EVAL_SCALE], dtype=np.int64), eval_loss_bound=2.0, loss="mse", examples=20
+    )
+    assert one.accuracy() is None and one.mean_loss(bound=2.0) == 0.5
+    with pytest.raises(ParameterError, match="total"):
+        decode_total(total, eval_loss_bound=2.0, loss="mse", examples=10)
 
 
 # -- the sites' totals ---------------------------------------------------------------------------
@@ -163,9 +173,11 @@ def test_without_noise_the_sites_totals_are_exact(tmp_path: Path) -> None:
         session.step(parameters=params, full=True)
         session.step(parameters=params, full=False)
         total = session.evaluate(parameters=params, full=False)
-        t = decode_total(total, eval_loss_bound=s.eval_loss_bound)
+        assert total.shape == (2,)  # accuracy and loss: the count is public, not released
+        t = decode_total(
+            total, eval_loss_bound=s.eval_loss_bound, loss=s.loss, examples=3 * HELD_OUT
+        )
         correct, loss = _truth(params, s.eval_loss_bound)
-        assert t.examples == 3 * HELD_OUT  # S per example: exact
         assert t.correct == correct  # S * 0 or S * 1: exact
         # the loss terms are rounded up or down by one unit each
         assert abs(t.loss_sum - loss) <= 3 * HELD_OUT * s.eval_loss_bound / EVAL_SCALE
@@ -185,16 +197,19 @@ def test_with_noise_the_totals_are_within_it_and_one_site_upload_hides_its_terms
     params = initial(s)
     session.step(parameters=params, full=True)
     session.step(parameters=params, full=False)
-    assert session.evaluate(parameters=params, full=False).shape == (3,)  # the final one
-    summed = np.zeros(3, dtype=np.uint64)
+    assert session.evaluate(parameters=params, full=False).shape == (2,)  # the final one
+    summed = np.zeros(2, dtype=np.uint64)
     for c in clients:
         summed += c.uploads[-1]
-    total = decode_total(summed.view(np.int64), eval_loss_bound=s.eval_loss_bound)
-    # Skellam(eval_mu) in all: std 0.5 sqrt(3) ~ 0.87 examples; 12 std is below 1e-30
+    total = decode_total(
+        summed.view(np.int64), eval_loss_bound=s.eval_loss_bound, loss=s.loss,
+        examples=3 * HELD_OUT,
+    )  # fmt: skip
+    # Skellam(eval_mu) in all: std 0.5 sqrt(2) ~ 0.71 examples; 12 std is below 1e-30
     std = math.sqrt(s.eval_mu) / EVAL_SCALE
-    assert abs(total.examples - 3 * HELD_OUT) <= 12 * std
-    correct, _ = _truth(params, s.eval_loss_bound)
-    assert abs(total.correct - correct) <= 12 * std
+    correct, loss = _truth(params, s.eval_loss_bound)
+    assert total.correct is not None and abs(total.correct - correct) <= 12 * std
+    assert abs(total.loss_sum - loss) <= (12 * std + 3 * HELD_OUT / EVAL_SCALE) * 5.0
     for c in clients:  # each upload is masked: far from any count of 20 examples
         words = c.uploads[-1].view(np.int64)
         assert words.dtype == np.int64 and np.abs(words).max() > 2**40
@@ -216,7 +231,8 @@ def test_each_evaluation_is_charged_once_and_the_ledger_composes_it(
     session.evaluate(parameters=params, full=False)
     charges = ledger.charges("ex")
     assert len(charges) == before + 1
-    assert charges[-1].event == eval_event(s.eval_mu) and "evaluation" in charges[-1].note
+    assert charges[-1].event == eval_event(s.eval_mu, words=2)
+    assert "evaluation" in charges[-1].note
     session.step(parameters=params, full=False)
     session.evaluate(parameters=params, full=False)  # after the last step: ends the session
     events = [c.event for c in ledger.charges("ex")]
@@ -312,7 +328,7 @@ def test_a_site_without_a_held_out_split_refuses_at_open(sites: Net) -> None:
 
 
 def test_the_cap_per_query_counts_the_evaluations(tmp_path: Path) -> None:
-    s = _espec(steps=4, eval_every=1, eval_mu=eval_mu_for(0.3))
+    s = _espec(steps=4, eval_every=1, eval_mu=eval_mu_for(0.3, words=2))
     steps_only = accountant.compose(
         [run_event(dataclasses.replace(s, eval_every=0, eval_mu=0.0, eval_loss_bound=0.0))],
         delta=1e-5,

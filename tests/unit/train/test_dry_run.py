@@ -50,6 +50,18 @@ def test_a_dry_run_follows_the_real_runs_plan_and_learns() -> None:
     assert result.final_accuracy is not None and result.final_accuracy > 0.6  # chance: 1/3
 
 
+def test_a_dry_run_shows_how_noisy_the_evaluations_at_the_sites_will_be() -> None:
+    result = dry_run(
+        data=PUBLIC, examples=SITES, model=MODEL, learning_rate=0.05, seed=2,
+        site_eval_every=2, site_eval_epsilon=2.0, **OPTIONS,
+    )  # fmt: skip
+    evaluated = [r for r in result.history if r.site_loss is not None]
+    assert [r.epoch for r in evaluated] == [2, 4]
+    for r in evaluated:  # each simulated site holds a fifth of its examples' number
+        assert r.site_examples == 3 * 8 and r.site_accuracy is not None
+    assert result.evaluations_charged == dict.fromkeys(SITES, 2)
+
+
 def test_a_diverging_learning_rate_shows_before_any_budget_is_spent() -> None:
     good = dry_run(
         data=PUBLIC, examples=SITES, model=MODEL, eval_data=EVAL, learning_rate=0.05, seed=2,
