@@ -117,11 +117,10 @@ class Federation:
         answers = self._pool.map(lambda c: c.describe(), self._clients)  # in parallel
         return dict(zip(self.parties, answers, strict=True))
 
-    def _live(self, query_id: str) -> tuple[dict[str, PartyDescription], dict[str, PartyError]]:
+    def describe_each(self) -> tuple[dict[str, PartyDescription], dict[str, PartyError]]:
         """Every party's Describe answer, in parallel, and the parties that failed it with a
         party failure (round_coordinator.FAILURES: unreachable, stopped, busy), each with
-        its error: query ``query_id`` leaves them out from its first round. Any other
-        failure is raised, and so is QueryFailed when no party answered."""
+        its error; any other failure is raised."""
 
         def one(c: GrpcPartyClient) -> PartyDescription | PartyError:
             try:
@@ -138,6 +137,12 @@ class Federation:
                 failed[party] = got
             else:
                 answers[party] = got
+        return answers, failed
+
+    def _live(self, query_id: str) -> tuple[dict[str, PartyDescription], dict[str, PartyError]]:
+        """:meth:`describe_each`, for query ``query_id``: the parties that failed are left
+        out from its first round; QueryFailed when no party answered."""
+        answers, failed = self.describe_each()
         if not answers:
             check_roster(query_id, (), quorum=self.config.quorum, colluders=0, left_out=failed)
         return answers, failed

@@ -55,19 +55,27 @@ def datasets(
 ) -> None:
     """List every party's datasets: kind, public columns (bounds or categories) or
     training shape, and the budget this coordinator may still spend. Runs no query and
-    charges nothing."""
+    charges nothing. A party that does not answer is listed as such; the command fails
+    only when none answers."""
     from mpcdp.federation import Federation
 
     try:
         with Federation.from_config(federation) as fed:
-            answers = fed.describe()
+            answers, failed = fed.describe_each()
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if as_json:
-        typer.echo(json.dumps({p: [asdict(d) for d in a.datasets] for p, a in answers.items()}))
-        return
-    typer.echo("\n".join(describe_text(answers)))
+        obj: dict[str, Any] = {p: [asdict(d) for d in a.datasets] for p, a in answers.items()}
+        obj.update({p: {"error": f"{e.outcome} ({e.code})"} for p, e in failed.items()})
+        typer.echo(json.dumps(obj))
+    else:
+        lines = describe_text(answers)
+        lines += [f"{p}: did not answer: {e.outcome} ({e.code})" for p, e in failed.items()]
+        typer.echo("\n".join(lines))
+    if not answers:
+        typer.echo("error: no party answered", err=True)
+        raise typer.Exit(1)
 
 
 def describe_text(answers: dict[str, Any]) -> list[str]:

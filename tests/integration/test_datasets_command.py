@@ -37,6 +37,17 @@ def test_datasets_lists_kinds_and_public_columns_per_party(tmp_path: Path) -> No
         out = CliRunner().invoke(app, ["datasets", "--federation", f])
         assert out.exit_code == 0, out.output
         obj = json.loads(CliRunner().invoke(app, ["datasets", "--federation", f, "--json"]).stdout)
+        # a party that does not answer is listed as such; the others still are
+        net.processes["carlos"].kill()
+        net.processes["carlos"].wait(timeout=30)
+        down = CliRunner().invoke(app, ["datasets", "--federation", f])
+        down_json = json.loads(
+            CliRunner().invoke(app, ["datasets", "--federation", f, "--json"]).stdout
+        )
+    assert down.exit_code == 0, down.output
+    assert down.stdout.splitlines()[0] == "alice:"
+    assert down.stdout.splitlines()[-1].startswith("carlos: did not answer: ")
+    assert "error" in down_json["carlos"] and len(down_json["alice"]) == 2
     lines = out.stdout.splitlines()
     assert [li for li in lines if not li.startswith(" ")][:3] == ["alice:", "bob:", "carlos:"]
     assert (
