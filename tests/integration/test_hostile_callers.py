@@ -30,7 +30,7 @@ from mpcdp.errors import PartyError
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.proto import party_pb2 as pb
 from mpcdp.proto import party_pb2_grpc as pb_grpc
-from mpcdp.transport import codec, tls
+from mpcdp.transport import call_guard, codec, tls
 from mpcdp.transport import server as srv
 from mpcdp.transport.client import GrpcPartyClient
 from tests.conftest import coordinator_creds, exact_vector_spec, localnet_vectors, unread_channel
@@ -283,7 +283,7 @@ def test_malformed_requests_are_invalid_argument_with_one_short_log_line(
         # and one larger than its method's cap is refused before it is parsed
         err = _raw_call(ch, "/mpcdp.proto.Party/Describe", "unary", b"\x00" * (3 << 20))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-        limit = srv.MAX_REQUEST_BYTES["Describe"]
+        limit = call_guard.MAX_REQUEST_BYTES["Describe"]
         assert f"a request message of {3 << 20} bytes; the limit is {limit}" in err.details()
     finally:
         ch.close()
@@ -307,7 +307,7 @@ def test_a_stranger_is_refused_before_its_request_is_read(tmp_path: Path) -> Non
             assert "not a configured coordinator" in (info.value.details() or "")
         added = _log_since(net, "alice", start)
         assert "Traceback" not in added
-        assert len(added.splitlines()) <= srv.REFUSAL_LOG_BURST, added
+        assert len(added.splitlines()) <= call_guard.REFUSAL_LOG_BURST, added
         assert len(added) < 4000, len(added)
         # large requests: refused without being read
         before = _rss_peak_mb(pid)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mpcdp.errors import SessionError
+from mpcdp.transport import call_guard
 from mpcdp.transport import server as srv
 from tests.conftest import Net, build_net
 from tests.unit.protocol.test_query_protocol import spec
@@ -33,9 +34,9 @@ class _Context:
         return self.left
 
 
-def _quiet_suspensions(stalls: list[tuple[float, float]]) -> srv._Suspensions:
+def _quiet_suspensions(stalls: list[tuple[float, float]]) -> call_guard.Suspensions:
     """A watcher with the given stalls (end, length) and no thread of its own."""
-    watcher = object.__new__(srv._Suspensions)
+    watcher = object.__new__(call_guard.Suspensions)
     watcher._lock = threading.Lock()
     watcher._last_tick = time.monotonic()
     watcher._stalls = deque(stalls)
