@@ -44,6 +44,7 @@ __all__ = [
     "seconds",
 ]
 
+#: the server's logger: an operator's log configuration for the node covers these lines too
 log = logging.getLogger("mpcdp.transport.server")
 
 #: Refusal log lines per caller and window.
