@@ -118,6 +118,7 @@ def budget(
                 report(status=ledger.status(name), charges=ledger.charges(name))
                 for name in ledger.datasets()
             ]
+            together = ledger.total()
     except MpcdpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -132,7 +133,18 @@ def budget(
             )
         reports = [r for r in reports if dataset in {r.dataset, *users.get(r.dataset, [])}]
     if as_json:
-        typer.echo(json.dumps(_to_json(cfg.id, str(cfg.ledger), reports, users, since_t)))
+        obj = _to_json(cfg.id, str(cfg.ledger), reports, users, since_t)
+        obj["total_budget"] = (
+            None
+            if together is None
+            else {
+                "budget_epsilon": _num(float(together.budget_epsilon)),
+                "delta": together.delta,
+                "spent_epsilon": _num(together.spent_epsilon),
+                "remaining_epsilon": _num(together.remaining_epsilon),
+            }
+        )
+        typer.echo(json.dumps(obj))
         return
     typer.echo(f"party {cfg.id}, ledger {cfg.ledger}")
     for r in reports:
@@ -159,6 +171,12 @@ def budget(
             typer.echo(f"    since {_utc(since_t)}: {len(shown)} of {len(lines)}")
         for li in shown:
             typer.echo(_line_text(li))
+    if together is not None:
+        typer.echo(
+            f"  all datasets together (total_budget): spent {together.spent_epsilon:.6g} of "
+            f"{exact_decimal(together.budget_epsilon)} (left {together.remaining_epsilon:.6g}"
+            f" at delta {together.delta:g})"
+        )
     typer.echo(f"  total: {TOTAL_NOTE}")
 
 

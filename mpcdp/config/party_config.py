@@ -18,6 +18,9 @@ party.toml (one per party; relative paths resolve against the file's folder)::
     key = "certs/alice.key"
     coordinators = ["analyst"]        # who may query this party
     peers = ["bob", "carlos"]         # whose signed keys this party accepts in a round
+    [total_budget]                    # optional: what all this party's datasets together
+    epsilon = 8.0                     # may spend, composed at this delta (each dataset
+    delta = 1e-5                      # still has its own budget too)
     [coordinator_shares]              # optional: each coordinator's share, in (0, 1], of
     analyst = 0.5                     # every dataset's budget: what it may spend and hold
                                       # reserved (without a share: whatever the others leave)
@@ -379,6 +382,9 @@ class PartyConfig:
     limits: LimitsConfig = LimitsConfig()
     #: how the SQL engines of its table datasets may use the machine (``[engines]``)
     engines: EngineOptions = EngineOptions()
+    #: what all its datasets together may spend, (epsilon, delta) (``[total_budget]``;
+    #: None: each dataset's budget alone)
+    total_budget: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -859,6 +865,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
             "limits",
             "engines",
             "coordinator_shares",
+            "total_budget",
         }
     )
     tls = r.table("tls")
@@ -884,7 +891,18 @@ def load_party_config(path: str | Path) -> PartyConfig:
         max_model_params=_max_model_params(r),
         limits=_limits(r.table("limits")) if "limits" in r.data else LimitsConfig(),
         engines=_engines(r.table("engines")) if "engines" in r.data else EngineOptions(),
+        total_budget=_total_budget(r.table("total_budget")) if "total_budget" in r.data else None,
     )
+
+
+def _total_budget(r: Reader) -> tuple[float, float]:
+    """``[total_budget]``: epsilon > 0 and delta in [0, 1) for all datasets together."""
+    r.unknown({"epsilon", "delta"})
+    eps = r.positive("epsilon")
+    delta = r.number("delta", 0.0)
+    if not 0 <= delta < 1:
+        raise r.error("delta", f"must be in [0, 1), got {delta}")
+    return float(eps), float(delta)
 
 
 def _device(r: Reader) -> str:

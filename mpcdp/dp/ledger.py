@@ -51,6 +51,11 @@ charged query. The rules:
   shared row, and :meth:`merge_budget` moves an entry's charges from a budget of its own
   onto the shared one (nothing spent is dropped). A budget's row keeps its name: ledgers
   whose entries each have their own budget are unchanged.
+- a total across all the party's data: :meth:`set_total` (party.toml ``[total_budget]``) caps
+  what every dataset together may spend, composed at the total's delta (pure epsilons add,
+  RDP curves add): a reservation or charge on any dataset must fit its own budget and the
+  total, every other dataset's charges and live reservations counted. It is kept in
+  ``meta`` (``total_epsilon``, ``total_delta``), so older ledgers need no new table.
 - backups: :meth:`backup` copies the ledger with SQLite's online backup API (consistent even
   while the node charges), and checks the copy like any ledger it opens.
 
@@ -95,11 +100,13 @@ from mpcdp.dp import rdp
 from mpcdp.dp.accountant import compose, rdp_curve
 from mpcdp.errors import BudgetExceededError, LedgerError, MpcdpError, ParameterError
 
-__all__ = ["RESTORE_HINT", "BudgetLedger", "BudgetStatus", "Charge", "LedgerWriteError"]
+__all__ = ["RESTORE_HINT", "TOTAL", "BudgetLedger", "BudgetStatus", "Charge", "LedgerWriteError"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "3"
+#: the name the party's total budget goes by in statuses and refusals
+TOTAL = "(all datasets)"
 _MAX_ID_LEN = 256
 CHARGED = "charged"
 RESERVED = "reserved"
@@ -435,6 +442,16 @@ class BudgetLedger:
         if check != ["ok"]:
             out.append(f"SQLite quick_check: {check[0]}")
             return out
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if "total_epsilon" in meta and not _is_fraction(meta["total_epsilon"], positive=True):
+            out.append(f"meta total_epsilon={meta['total_epsilon']!r} is not a number > 0")
+        if "total_delta" in meta:
+            try:
+                ok = 0 <= float(meta["total_delta"]) < 1
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                out.append(f"meta total_delta={meta['total_delta']!r} is not a number in [0, 1)")
         budgets: dict[str, tuple[object, object, object]] = {}
         for dataset, eps, delta, pure, queries, exact in db.execute(
             "SELECT dataset, epsilon, delta, pure_spent, queries, exact_releases FROM budgets"
@@ -666,6 +683,94 @@ class BudgetLedger:
         )
         return int(moved)
 
+    def set_total(self, *, epsilon: float | Fraction | str | None, delta: float = 0.0) -> None:
+        """Cap what all datasets together may spend at (``epsilon``, ``delta``) (the party
+        owner's decision; None: no cap). Charges already made count against it."""
+        with self._lock, self._writing("the party's total budget"):
+            if epsilon is None:
+                self._conn.execute("DELETE FROM meta WHERE key IN ('total_epsilon', 'total_delta')")
+                return
+            eps = ev.exact_epsilon(epsilon, name="epsilon")
+            d = _delta(delta)
+            self._conn.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [("total_epsilon", str(eps)), ("total_delta", repr(d))],
+            )
+
+    def total(self) -> BudgetStatus | None:
+        """The party's total budget across all its datasets and what they spent together
+        (charges only), or None when it has none."""
+        with self._lock:
+            return self._total_status(())
+
+    def _total_row(self) -> tuple[Fraction, float] | None:
+        rows = dict(
+            self._conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('total_epsilon', 'total_delta')"
+            ).fetchall()
+        )
+        if "total_epsilon" not in rows:
+            return None
+        return Fraction(rows["total_epsilon"]), float(rows.get("total_delta", "0"))
+
+    def _total_status(self, extra: Sequence[ev.Event]) -> BudgetStatus | None:
+        """What every dataset has charged, plus the ``extra`` events, against the total."""
+        total = self._total_row()
+        if total is None:
+            return None
+        budget, delta = total
+        pure, queries, exact = Fraction(0), 0, 0
+        curve, count = np.zeros(len(rdp.DEFAULT_ORDERS)), 0
+        names = [r[0] for r in self._conn.execute("SELECT dataset FROM budgets").fetchall()]
+        for name in names:
+            _, _, spent_pure, n, n_exact = self._budget_row(name)
+            spend = self._spend(name, None)
+            pure, queries, exact = pure + spent_pure, queries + n, exact + n_exact
+            curve, count = curve + spend.curve, count + spend.rdp_parts
+        for event in extra:
+            queries += 1
+            pure, curve, count, exact = _add(event, pure, curve, count, exact)
+        rdp_eps = 0.0
+        if count:
+            rdp_eps = (
+                rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=curve, delta=delta)[0]
+                if delta > 0
+                else math.inf
+            )
+        return BudgetStatus(
+            dataset=TOTAL,
+            budget_epsilon=budget,
+            delta=delta,
+            spent_epsilon=float(pure) + rdp_eps,
+            pure_epsilon_spent=pure,
+            rdp_epsilon_spent=rdp_eps,
+            queries=queries,
+            exact_releases=exact,
+        )
+
+    def _require_total(self, event: ev.Event, *, exclude: str | None) -> None:
+        """BudgetExceededError when ``event``, with every live reservation on any dataset
+        but ``exclude``, would overdraw the party's total budget."""
+        held = [r.event for k, r in self._live().items() if k != exclude]
+        after = self._total_status([*held, event])
+        if after is None or self._within(after):
+            return
+        before = self._total_status(())
+        assert before is not None
+        reserved = self._total_status(held)
+        assert reserved is not None
+        spent = f"{before.spent_epsilon:.6g} by all its datasets together"
+        if held:
+            spent += f" (+{reserved.spent_epsilon - before.spent_epsilon:.6g} reserved)"
+        raise BudgetExceededError(
+            dataset=TOTAL,
+            requested=_describe(event, before.delta),
+            spent=spent,
+            budget=f"{before.budget_epsilon} (the party's total_budget)",
+            delta=before.delta,
+        )
+
     def _budget_of(self, dataset: str) -> str:
         """The budget row a dataset entry draws on (its own name unless shared)."""
         _check_name("dataset", dataset)
@@ -844,6 +949,7 @@ class BudgetLedger:
                 budget=str(before.budget_epsilon),
                 delta=before.delta,
             )
+        self._require_total(event, exclude=exclude)
         return self._status(dataset, [event])
 
     @staticmethod

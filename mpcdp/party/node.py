@@ -408,6 +408,10 @@ def set_budgets(ledger: BudgetLedger, cfg: PartyConfig) -> None:
         if ds.name not in budgets and ds.name in ledger.datasets():
             ledger.merge_budget(ds.name, into=ds.budget)
     ledger.share_budgets({ds.name: ds.budget for ds in cfg.datasets.values()})
+    if cfg.total_budget is None:
+        ledger.set_total(epsilon=None)
+    else:
+        ledger.set_total(epsilon=cfg.total_budget[0], delta=cfg.total_budget[1])
 
 
 def check_ledger(cfg: PartyConfig) -> str:
