@@ -509,19 +509,24 @@ class PartyServicer(pb_grpc.PartyServicer):
 
     def _check_in_time(
         self, context: grpc.ServicerContext, method: str, *, session_id: bytes, caller: str
-    ) -> None:
+    ) -> Callable[[], bool]:
         """Refuse a call that its coordinator has given up (cancelled, or past its deadline,
         or so close to it that the answer could not arrive), before anything is reserved or
         charged: a Contribute that arrives late, e.g. at a party resumed after a SIGSTOP,
         must not charge a round the coordinator has re-run without this party. Its session
-        is closed (and its reservation released) as by an Abort."""
+        is closed (and its reservation released) as by an Abort. Returns the same check, to
+        ask again right before the charge (a process stopped after this first check, e.g.
+        by a SIGSTOP that reached its threads late, is then refused too)."""
         now = time.monotonic()
         with self._lock_proposed:
             proposed = self._proposed.pop(session_id, None)
         # a Contribute is late after a stall longer than its time left since its session's
         # Propose; a Propose (or a session not remembered) only during such a stall
-        if self._in_time(context, since=now if proposed is None else proposed):
-            return
+        check = functools.partial(
+            self._in_time, context, since=now if proposed is None else proposed
+        )
+        if check():
+            return check
         self._engine.abort(session_id=session_id, coordinator=caller)
         log.info(
             "%s of session %s from %s arrived after its caller gave up; refused, nothing charged",
@@ -581,14 +586,15 @@ class PartyServicer(pb_grpc.PartyServicer):
         prekeys = codec.prekeys_from_pb(request.prekeys)
         spec = codec.spec_from_pb(request.spec) if warm else None
         chunk = codec.check_chunk_bytes(request.chunk_bytes)  # before the ledger is charged
-        self._check_in_time(context, "Contribute", session_id=session_id, caller=caller)
+        in_time = self._check_in_time(context, "Contribute", session_id=session_id, caller=caller)
         if spec is not None:  # one round trip: the party checks and reserves here
             contribution = self._engine.contribute_warm(
-                session_id=session_id, spec=spec, keys=prekeys, coordinator=caller
-            )
+                session_id=session_id, spec=spec, keys=prekeys, coordinator=caller,
+                in_time=in_time,
+            )  # fmt: skip
         else:
             contribution = self._engine.contribute(
-                session_id=session_id, keys=keys, coordinator=caller
+                session_id=session_id, keys=keys, coordinator=caller, in_time=in_time
             )
         # the session holds its slot until the upload ends, however it ends: sent, failed,
         # cancelled by the watchdog, or the coordinator gone (gRPC may drop this generator

@@ -502,8 +502,17 @@ class PartyEngine(SessionHost):
             return len(self._uploading)
 
     def contribute(
-        self, *, session_id: bytes, keys: Sequence[identity.SignedKey], coordinator: str
+        self,
+        *,
+        session_id: bytes,
+        keys: Sequence[identity.SignedKey],
+        coordinator: str,
+        in_time: Callable[[], bool] | None = None,
     ) -> Contribution:
+        """Charge and hand out this party's masked upload. ``in_time``: is the coordinator
+        still waiting for it? Asked right before the charge (after the noisy vector is
+        ready): a party stalled or slowed past the call's deadline refuses, charging
+        nothing."""
         session = self._take(session_id, coordinator)
         spec = session.spec
         try:
@@ -523,8 +532,9 @@ class PartyEngine(SessionHost):
             self.ledger.release(spec.query_id, coordinator=session.coordinator)
             raise
         return self._charge_and_mask(
-            session_id, spec, session.plan, noisy, pair_keys, session.coordinator
-        )
+            session_id, spec, session.plan, noisy, pair_keys, session.coordinator,
+            in_time=in_time,
+        )  # fmt: skip
 
     def publish_keys(
         self, *, coordinator: str, batch_id: bytes, count: int, ttl_s: float
@@ -542,12 +552,13 @@ class PartyEngine(SessionHost):
         spec: QuerySpec,
         keys: Sequence[identity.Prekey],
         coordinator: str,
+        in_time: Callable[[], bool] | None = None,
     ) -> Contribution:
         """A whole round in one call, on pre-published keys (module docstring): refused,
         with nothing reserved or charged, unless propose would accept ``spec`` and ``keys``
         are one valid unused key per party of one round, this party's taken from its store
         now (a key serves one round: a replayed, unknown, expired or foreign one is
-        refused)."""
+        refused), and, right before the charge, ``in_time`` (as :meth:`contribute`)."""
         start = self._clock()
         try:
             with self._claiming(session_id, coordinator):
@@ -600,8 +611,9 @@ class PartyEngine(SessionHost):
             spec.statistic.value,
         )
         return self._charge_and_mask(
-            session_id, spec, release, noisy, pair_keys, coordinator, reserved=False
-        )
+            session_id, spec, release, noisy, pair_keys, coordinator, reserved=False,
+            in_time=in_time,
+        )  # fmt: skip
 
     def _charge_and_mask(
         self,
@@ -613,11 +625,22 @@ class PartyEngine(SessionHost):
         coordinator: str,
         *,
         reserved: bool = True,
+        in_time: Callable[[], bool] | None = None,
     ) -> Contribution:
         """Charge (charge before release) and hand out the masked upload. ``reserved``: the
         charge turns the query's reservation into the charge; else (a warm round) it checks
         the budget, within the coordinator's share, and charges in one durable write. The
-        session's slot is held by the upload (``_uploading``) on entry."""
+        session's slot is held by the upload (``_uploading``) on entry. ``in_time`` false
+        right before the charge (the coordinator gave up meanwhile, e.g. while this process
+        was stopped): refused, the reservation released, nothing charged."""
+        if in_time is not None and not in_time():
+            self.upload_ended(session_id=session_id)
+            if reserved:
+                self.ledger.release(spec.query_id, coordinator=coordinator)
+            raise SessionError(
+                f"Contribute of session {session_id.hex()} outlived its deadline before its "
+                "charge (this party was stopped or slowed); nothing was charged"
+            )
         try:
             charge = self.ledger.charge(
                 dataset=spec.dataset,

@@ -92,6 +92,33 @@ def test_a_late_contribute_is_refused_and_charges_nothing(
         node.engine.contribute(session_id=sid, keys=[], coordinator="analyst")
 
 
+def test_a_contribute_stopped_between_its_check_and_its_charge_charges_nothing(
+    net: Net,
+) -> None:
+    """Under load a SIGSTOP reaches a multi-threaded party late: its gRPC threads may read a
+    Contribute and pass the first check before the process stops. The check is asked again
+    right before the charge: a party resumed past the call's deadline refuses then."""
+    node = net.nodes["alice"]
+    servicer = srv.PartyServicer(
+        node.engine, coordinators=frozenset({"analyst"}), describe=node.describe
+    )
+    sid = secrets.token_bytes(16)
+    query = spec()
+    keys = [
+        net.nodes[p].engine.propose(session_id=sid, spec=query, coordinator="analyst").key
+        for p in query.parties
+    ]
+    servicer._proposed[sid] = time.monotonic()
+    servicer._suspensions = _quiet_suspensions([])
+    context = _Context(left=2.0)
+    in_time = servicer._check_in_time(context, "Contribute", session_id=sid, caller="analyst")  # type: ignore[arg-type]
+    # then the process is stopped for longer than the call had left, and resumed
+    servicer._suspensions = _quiet_suspensions([(time.monotonic() + 1, 3.2)])
+    with pytest.raises(SessionError, match="before its charge"):
+        node.engine.contribute(session_id=sid, keys=keys, coordinator="analyst", in_time=in_time)
+    assert node.ledger.charges("raises") == [] and node.ledger.reserved_epsilon("raises") == 0
+
+
 @pytest.mark.parametrize(
     ("stall_end_s", "stall_s", "late"),
     [
