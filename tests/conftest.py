@@ -260,6 +260,31 @@ def with_default_sigint(cmd: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *cmd]
 
 
+def stop_process(proc: Any, *, timeout_s: float = 10.0) -> None:
+    """SIGSTOP ``proc`` (a Popen) and wait until every one of its threads is stopped. The
+    signal alone is not enough: it stops a multi-threaded process only once one of its
+    threads takes it, and under load the others may run on for tens of milliseconds (and,
+    say, read a request sent after the signal)."""
+    import signal
+    import time
+
+    proc.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{proc.pid}/task")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for task in tasks.iterdir():
+            try:  # "pid (comm) S ...": the state follows the last ')'
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue  # a thread that ended meanwhile
+        if states and all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {proc.pid} not stopped after {timeout_s} s: {states}")
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[Net]:
     """Three training sites' nodes, not serving (their engines are called in-process), each

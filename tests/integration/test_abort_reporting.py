@@ -20,7 +20,7 @@ from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream, abort_all, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import DEFAULT_ABORT_DEADLINE_S, GrpcPartyClient
-from tests.conftest import PARTIES, Net, build_net
+from tests.conftest import PARTIES, Net, build_net, stop_process
 
 
 def _spec(query_id: str = "q-1") -> QuerySpec:
@@ -134,7 +134,7 @@ def test_parties_that_never_answer_cost_one_deadline_not_two(table_net: LocalFed
     deadline = 4.0
     stopped = ("bob", "carlos")
     for p in stopped:
-        table_net.processes[p].send_signal(signal.SIGSTOP)  # alive, but never answers
+        stop_process(table_net.processes[p])  # alive, but never answers
     try:
         clients = _clients(table_net.federation_config, deadline_s=deadline, abort_deadline_s=1.0)
         t0 = time.monotonic()

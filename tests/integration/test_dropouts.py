@@ -24,6 +24,7 @@ from mpcdp.protocol.query.query_spec import QuerySpec
 from mpcdp.protocol.query.round_coordinator import ContributionStream, QueryFailed
 from mpcdp.protocol.session import Proposal
 from mpcdp.transport.client import GrpcPartyClient
+from tests.conftest import stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +182,7 @@ def test_a_stopped_party_is_left_out_and_its_late_contribute_refused(
 
     class StopBeforeContribute(GrpcPartyClient):
         def contribute(self, **kw: object) -> ContributionStream:
-            net.processes["carlos"].send_signal(signal.SIGSTOP)  # alive, but answers no more
+            stop_process(net.processes["carlos"])  # alive, but answers no more
             return super().contribute(**kw)  # type: ignore[arg-type]
 
     with federation(net, min_parties=2) as fed:

@@ -22,6 +22,7 @@ from mpcdp.protocol.query.query_spec import QuerySpec, Statistic
 from mpcdp.protocol.query.round_coordinator import ContributionStream, run_round
 from mpcdp.transport import tls
 from mpcdp.transport.client import GrpcPartyClient
+from tests.conftest import stop_process
 from tests.stats import assert_uniform_words
 
 pytestmark = pytest.mark.slow
@@ -149,7 +150,7 @@ def test_party_killed_during_contribute_reveals_nothing(tmp_path: Path) -> None:
 
 
 def test_party_that_never_answers_hits_the_deadline(table_net: LocalFederation) -> None:
-    table_net.processes["carlos"].send_signal(signal.SIGSTOP)  # alive, but never answers
+    stop_process(table_net.processes["carlos"])  # alive, but never answers
     try:
         t0 = time.monotonic()
         with pytest.raises(RoundAborted) as info:

@@ -30,6 +30,7 @@ from mpcdp.federation import Federation
 from mpcdp.local.localnet import LocalFederation, launch
 from mpcdp.protocol.training.roster import RosterChange
 from mpcdp.train.federated import StepInfo, TrainingResult
+from tests.conftest import stop_process
 from tests.integration.test_dropouts import all_up, federation
 from tests.training_support import MODEL, example_data
 
@@ -121,7 +122,7 @@ def test_stopped_and_restarted_sites_are_left_out_and_rejoin(net: LocalFederatio
 
     def on_step(info: StepInfo) -> None:
         if info.step == 4:
-            carlos.send_signal(signal.SIGSTOP)  # it misses step 4's deadline
+            stop_process(carlos)  # it misses step 4's deadline
         elif info.step == 8:
             carlos.send_signal(signal.SIGCONT)
         elif info.step == 24:
