@@ -15,11 +15,7 @@ ready and does not compete with it for the CPU.
 Background builds run at a lower scheduling priority (Linux: nice + 10 for those threads
 only): when the party's cores are busy with a request (a training step's gradients, the
 coordinator's update on a shared machine), the request runs first and the noise fills the
-idle time. A build in the foreground (a miss) runs at normal priority on its own workers, and
-so does the rest of a background build that a round needs before it is done: its slices not
-yet started are handed to the normal-priority workers too (each runs once, wherever it starts
-first), so a round never waits on threads at nice + 10 while other work holds the cores
-(back-to-back training steps on a shared machine did).
+idle time. A build in the foreground (a miss) runs at normal priority on its own workers.
 
 Each vector holds a fresh noise share, is handed to exactly one round and is never kept or
 reused after that. Memory is bounded by ``max_entries`` and ``max_bytes``; the least
@@ -35,7 +31,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
@@ -131,61 +126,6 @@ def fill_in_slices(
         list(workers.map(one, range(len(bounds))))
 
 
-class _Slice:
-    """One slice of a background build: run once, by whichever pool starts it first."""
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], out: Future[Any]) -> None:
-        self._fn, self._args, self.out = fn, args, out
-        self._lock = threading.Lock()
-        self.started = False
-
-    def run(self) -> None:
-        with self._lock:
-            if self.started:
-                return
-            self.started = True
-        if not self.out.set_running_or_notify_cancel():
-            return
-        try:
-            self.out.set_result(self._fn(*self._args))
-        except BaseException as exc:
-            self.out.set_exception(exc)
-
-
-class _Hastened(Executor):
-    """The workers of one background build: its slices run on the low-priority pool until
-    :meth:`hasten` (a round needs the vector now), after which every slice not yet started is
-    also offered to the normal-priority pool, and runs on whichever starts it first. Without
-    it a round that finds its vector still being built waits for threads at nice + 10 while
-    other requests keep the cores busy (on a shared machine: other parties' gradients)."""
-
-    def __init__(self, background: Executor, foreground: Executor) -> None:
-        self._bg, self._fg = background, foreground
-        self._lock = threading.Lock()
-        self._slices: list[_Slice] = []
-        self._hastened = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        if kwargs:  # fill_in_slices passes none
-            raise TypeError("keyword arguments are not supported")
-        one = _Slice(fn, args, Future())
-        with self._lock:
-            self._slices = [s for s in self._slices if not s.started]
-            self._slices.append(one)
-            hastened = self._hastened
-        self._bg.submit(one.run)
-        if hastened:
-            self._fg.submit(one.run)
-        return one.out
-
-    def hasten(self) -> None:
-        with self._lock:
-            self._hastened = True
-            waiting = [s for s in self._slices if not s.started]
-        for one in waiting:
-            self._fg.submit(one.run)
-
-
 class NoisePool:
     """Ready vectors per key (module docstring). ``threads`` workers draw the slices of a
     build: one pool at normal priority for foreground builds, one at low priority for
@@ -205,9 +145,7 @@ class NoisePool:
         self._bg_rng = csprng() if rng is None else ensure_rng(rng)
         self._max_entries = max_entries
         self._max_bytes = max_bytes
-        self._ready: OrderedDict[Hashable, tuple[int, Future[np.ndarray], _Hastened]] = (
-            OrderedDict()
-        )
+        self._ready: OrderedDict[Hashable, tuple[int, Future[np.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
         n = threads or default_noise_threads()
         self._executor = background_executor(1, name=f"{name}-bg")
@@ -224,17 +162,12 @@ class NoisePool:
         with self._lock:
             entry = self._ready.pop(key, None)
         if entry is not None:
-            _, ready, workers = entry
-            # needed now: the slices not yet started run at normal priority too, and a build
-            # that has not started at all is made here instead
-            workers.hasten()
-            if not ready.cancel():
-                try:
-                    vec = ready.result()
-                    self.hits += 1
-                    return vec
-                except Exception:  # a failed background build: build in the foreground
-                    log.exception("background build failed")
+            try:
+                vec = entry[1].result()
+                self.hits += 1
+                return vec
+            except Exception:  # a failed background build: build in the foreground instead
+                log.exception("background build failed")
         self.misses += 1
         return build(self._rng, self._fg_workers)
 
@@ -253,21 +186,19 @@ class NoisePool:
             if key in self._ready:
                 self._ready.move_to_end(key)
                 return
-            workers = _Hastened(self._bg_workers, self._fg_workers)
             self._ready[key] = (
                 nbytes,
-                self._executor.submit(build, self._bg_rng, workers),
-                workers,
+                self._executor.submit(build, self._bg_rng, self._bg_workers),
             )
             while len(self._ready) > self._max_entries or (
-                sum(n for n, _, _ in self._ready.values()) > self._max_bytes
+                sum(n for n, _ in self._ready.values()) > self._max_bytes
             ):
-                _, (_, fut, _) = self._ready.popitem(last=False)
+                _, (_, fut) = self._ready.popitem(last=False)
                 fut.cancel()
 
     def close(self) -> None:
         with self._lock:
-            for _, fut, _ in self._ready.values():
+            for _, fut in self._ready.values():
                 fut.cancel()
             self._ready.clear()
         self._takers.shutdown(wait=True, cancel_futures=True)

@@ -231,7 +231,6 @@ def test_background_builds_run_at_lower_priority_and_misses_do_not() -> None:
     pool = NoisePool(rng=rng(1), threads=2)
     try:
         pool.prepare("k", builder("bg"), nbytes=32)  # type: ignore[arg-type]
-        pool._ready["k"][1].result()  # built ahead, all of it in the background
         assert pool.take("k", builder("unused")).size == 4  # type: ignore[arg-type]
         assert pool.take("other", builder("fg")).size == 4  # type: ignore[arg-type]
     finally:
@@ -239,75 +238,3 @@ def test_background_builds_run_at_lower_priority_and_misses_do_not() -> None:
     assert pool.hits == 1 and pool.misses == 1
     assert seen["bg"] == [min(19, base + BACKGROUND_NICE)] * 5
     assert seen["fg"] == [base] * 5
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
-def test_a_build_needed_now_runs_its_remaining_slices_at_normal_priority() -> None:
-    """A round that finds its vector still being built in the background does not wait on
-    threads at nice + 10: the slices not yet started run on the normal-priority workers
-    (each slice once), and the background build's vector is the one handed out; a build
-    that has not started is made in the foreground instead."""
-    import os
-    import threading
-    import time
-    from concurrent.futures import Executor
-
-    from mpcdp.protocol.noise_pool import NoisePool
-
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    base = nice()
-    gate, lock = threading.Event(), threading.Lock()
-    started: list[int] = []
-    ran: dict[int, int] = {}
-
-    def one(i: int) -> int:
-        with lock:
-            started.append(i)
-        if i < 2:  # holds both background workers
-            assert gate.wait(30)
-        with lock:
-            assert i not in ran  # each slice runs once
-            ran[i] = nice()
-        return i
-
-    def build(g: np.random.Generator, workers: Executor) -> np.ndarray:
-        return np.array(list(workers.map(one, range(6))), dtype=np.uint64)
-
-    pool = NoisePool(rng=rng(1), threads=2)
-    try:
-        pool.prepare("k", build, nbytes=48)
-        deadline = time.monotonic() + 30
-        while len(started) < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        got: list[np.ndarray] = []
-        taker = threading.Thread(target=lambda: got.append(pool.take("k", build)))
-        taker.start()
-        while len(ran) < 4 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert sorted(ran) == [2, 3, 4, 5]  # while the background workers are held
-        assert set(ran.values()) == {base}
-        gate.set()
-        taker.join(30)
-        assert got and got[0].tolist() == list(range(6))
-        assert pool.hits == 1 and pool.misses == 0
-        # a build queued behind another one has not started: it is made now instead
-        held = threading.Event()
-
-        def hold(g: np.random.Generator, workers: Executor) -> np.ndarray:
-            held.set()
-            assert gate.wait(30)
-            return np.zeros(6, dtype=np.uint64)
-
-        gate.clear()
-        pool.prepare("a", hold, nbytes=48)
-        pool.prepare("b", hold, nbytes=48)  # waits for "a", which waits for the gate
-        assert held.wait(30)
-        b = pool._ready["b"][1]
-        now = pool.take("b", lambda g, w: np.arange(6, dtype=np.uint64))
-        assert now.tolist() == list(range(6))
-        assert b.cancelled() and pool.misses == 1
-    finally:
-        gate.set()
-        pool.close()
