@@ -728,25 +728,8 @@ class BudgetLedger:
             spend = self._spend(name, None)
             pure, queries, exact = pure + spent_pure, queries + n, exact + n_exact
             curve, count = curve + spend.curve, count + spend.rdp_parts
-        for event in extra:
-            queries += 1
-            pure, curve, count, exact = _add(event, pure, curve, count, exact)
-        rdp_eps = 0.0
-        if count:
-            rdp_eps = (
-                rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=curve, delta=delta)[0]
-                if delta > 0
-                else math.inf
-            )
-        return BudgetStatus(
-            dataset=TOTAL,
-            budget_epsilon=budget,
-            delta=delta,
-            spent_epsilon=float(pure) + rdp_eps,
-            pure_epsilon_spent=pure,
-            rdp_epsilon_spent=rdp_eps,
-            queries=queries,
-            exact_releases=exact,
+        return _with_events(
+            TOTAL, budget, delta, _Spend(0, queries, pure, curve, count, exact), extra
         )
 
     def _require_total(self, event: ev.Event, *, exclude: str | None) -> None:
@@ -849,27 +832,12 @@ class BudgetLedger:
             spend = self._spend(dataset, coordinator)
             budget = budget * (share if share is not None else 1)
             pure, queries, exact = spend.pure, spend.rows, spend.exact
-        curve, count = spend.curve, spend.rdp_parts
-        for event in extra:
-            queries += 1
-            pure, curve, count, exact = _add(event, pure, curve, count, exact)
-        rdp_eps = 0.0
-        if count:
-            # An RDP release needs delta > 0; a pure-eps-only budget can never pay for it.
-            rdp_eps = (
-                rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=curve, delta=delta)[0]
-                if delta > 0
-                else math.inf
-            )
-        return BudgetStatus(
-            dataset=dataset,
-            budget_epsilon=budget,
-            delta=delta,
-            spent_epsilon=float(pure) + rdp_eps,
-            pure_epsilon_spent=pure,
-            rdp_epsilon_spent=rdp_eps,
-            queries=queries,
-            exact_releases=exact,
+        return _with_events(
+            dataset,
+            budget,
+            delta,
+            _Spend(0, queries, pure, spend.curve, spend.rdp_parts, exact),
+            extra,
         )
 
     def _live(self) -> dict[str, _Reservation]:
@@ -1315,6 +1283,36 @@ class BudgetLedger:
                     (dataset, CHARGED),
                 )
             ]
+
+
+def _with_events(
+    name: str, budget: Fraction, delta: float, spent: _Spend, extra: Sequence[ev.Event]
+) -> BudgetStatus:
+    """The status of budget ``name`` (``budget`` at ``delta``) after ``spent`` (its rows:
+    the releases counted) and the ``extra`` events."""
+    pure, curve, count, exact = spent.pure, spent.curve, spent.rdp_parts, spent.exact
+    queries = spent.rows
+    for event in extra:
+        queries += 1
+        pure, curve, count, exact = _add(event, pure, curve, count, exact)
+    rdp_eps = 0.0
+    if count:
+        # An RDP release needs delta > 0; a pure-eps-only budget can never pay for it.
+        rdp_eps = (
+            rdp.to_epsilon(orders=rdp.DEFAULT_ORDERS, rdp=curve, delta=delta)[0]
+            if delta > 0
+            else math.inf
+        )
+    return BudgetStatus(
+        dataset=name,
+        budget_epsilon=budget,
+        delta=delta,
+        spent_epsilon=float(pure) + rdp_eps,
+        pure_epsilon_spent=pure,
+        rdp_epsilon_spent=rdp_eps,
+        queries=queries,
+        exact_releases=exact,
+    )
 
 
 def _add(
