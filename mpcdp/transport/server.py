@@ -514,19 +514,15 @@ class PartyServicer(pb_grpc.PartyServicer):
         or so close to it that the answer could not arrive), before anything is reserved or
         charged: a Contribute that arrives late, e.g. at a party resumed after a SIGSTOP,
         must not charge a round the coordinator has re-run without this party. Its session
-        is closed (and its reservation released) as by an Abort. Returns the same check, to
-        ask again right before the charge (a process stopped after this first check, e.g.
-        by a SIGSTOP that reached its threads late, is then refused too)."""
+        is closed (and its reservation released) as by an Abort. Returns the check to ask
+        again right before the charge: :meth:`_unstalled`, from now."""
         now = time.monotonic()
         with self._lock_proposed:
             proposed = self._proposed.pop(session_id, None)
         # a Contribute is late after a stall longer than its time left since its session's
         # Propose; a Propose (or a session not remembered) only during such a stall
-        check = functools.partial(
-            self._in_time, context, since=now if proposed is None else proposed
-        )
-        if check():
-            return check
+        if self._in_time(context, since=now if proposed is None else proposed):
+            return self._unstalled(context)
         self._engine.abort(session_id=session_id, coordinator=caller)
         log.info(
             "%s of session %s from %s arrived after its caller gave up; refused, nothing charged",
@@ -547,6 +543,21 @@ class PartyServicer(pb_grpc.PartyServicer):
             self._proposed.move_to_end(session_id)
             while len(self._proposed) > _MAX_PROPOSED:
                 self._proposed.popitem(last=False)
+
+    def _unstalled(self, context: grpc.ServicerContext) -> Callable[[], bool]:
+        """The check a party asks again after working on private data, right before it
+        charges: false only when this process has stalled since now (a SIGSTOP, which
+        under load can reach a party's threads after one of them read the call; a frozen
+        VM) for longer than the call has left now. Never false because the deadline passed
+        or the call was cancelled while the party worked: that would be a refusal, free of
+        charge, whose moment tells the coordinator how long the work on private data took
+        (the upload then goes into a call nobody reads: an overcharge, never an
+        undercharge)."""
+        left = context.time_remaining()
+        if left is None:
+            return lambda: True
+        since = time.monotonic()
+        return lambda: not self._suspensions.longer_than(left, since=since)
 
     def _in_time(self, context: grpc.ServicerContext, *, since: float) -> bool:
         """Is the caller still waiting for this call's answer? Not cancelled, not past (or
@@ -680,8 +691,9 @@ class PartyServicer(pb_grpc.PartyServicer):
             full=header.full,
             coordinator=caller,
             # a step its coordinator gave up on (and re-ran among the other sites) is
-            # refused before it is charged, or before its upload leaves
+            # refused before it is charged; after its private work, only a stall refuses
             in_time=functools.partial(self._in_time, context, since=since),
+            unstalled=self._unstalled(context),
         )
         yield from codec.encode_chunks(session_id, upload, chunk_bytes=chunk)
         self._remember(session_id)

@@ -509,9 +509,9 @@ class PartyEngine(SessionHost):
         coordinator: str,
         in_time: Callable[[], bool] | None = None,
     ) -> Contribution:
-        """Charge and hand out this party's masked upload. ``in_time``: is the coordinator
-        still waiting for it? Asked right before the charge (after the noisy vector is
-        ready): a party stalled or slowed past the call's deadline refuses, charging
+        """Charge and hand out this party's masked upload. ``in_time``: asked right before
+        the charge (after the noisy vector is ready); false (the servicer's: this process
+        stalled past the call's deadline since the call's first check) refuses, charging
         nothing."""
         session = self._take(session_id, coordinator)
         spec = session.spec
@@ -631,8 +631,8 @@ class PartyEngine(SessionHost):
         charge turns the query's reservation into the charge; else (a warm round) it checks
         the budget, within the coordinator's share, and charges in one durable write. The
         session's slot is held by the upload (``_uploading``) on entry. ``in_time`` false
-        right before the charge (the coordinator gave up meanwhile, e.g. while this process
-        was stopped): refused, the reservation released, nothing charged."""
+        right before the charge (this process was stopped past the call's deadline):
+        refused, the reservation released, nothing charged."""
         if in_time is not None and not in_time():
             self.upload_ended(session_id=session_id)
             if reserved:

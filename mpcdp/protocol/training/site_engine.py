@@ -383,20 +383,26 @@ class TrainingEngine(SiteEvaluation, SessionHost):
         full: bool,
         coordinator: str,
         in_time: Callable[[], bool] | None = None,
+        unstalled: Callable[[], bool] | None = None,
     ) -> Contribution:
         """Run step ``step`` of the session: the masked noisy quantized gradient sum.
 
         ``in_time``: is the coordinator still waiting for this step? (the servicer's view of
         the call: not cancelled, not past its deadline, this process not suspended past it).
-        Asked before anything is charged and again once the upload is ready: a step whose
-        coordinator gave up (and re-ran it among the other sites) is refused, its session
-        ended, and the step never leaves this site, so its block is settled without it."""
+        Asked before anything is charged: a step whose coordinator gave up (and re-ran it
+        among the other sites) is refused, its session ended, and the step never leaves
+        this site, so its block is settled without it. ``unstalled`` (default ``in_time``)
+        is asked again once the upload is ready, after the work on private data (a batch
+        whose size is secret): the servicer's refuses only when this process was stopped
+        past the call's time left, never because the deadline passed while it worked, which
+        would tell the coordinator, free of charge, how long that work took."""
         session = self._acquire(session_id, coordinator)
+        again = unstalled if unstalled is not None else in_time
         return self._running(
             session_id,
             session,
             f"step {step}",
-            lambda: self._step(session_id, session, step, keys, parameters, full, in_time),
+            lambda: self._step(session_id, session, step, keys, parameters, full, in_time, again),
         )
 
     def _running(
@@ -429,6 +435,7 @@ class TrainingEngine(SiteEvaluation, SessionHost):
         parameters: NDArray[np.float32],
         full: bool,
         in_time: Callable[[], bool] | None,
+        again: Callable[[], bool] | None,
     ) -> Contribution:
         spec = session.spec
         if in_time is not None and not in_time():
@@ -472,7 +479,7 @@ class TrainingEngine(SiteEvaluation, SessionHost):
         upload = self._pads.take((session_id, step), self._pad_builder(session, step))
         np.add(upload, encoding.to_ring(grad, ring_bits=spec.ring_bits), out=upload)
         with self._lock:  # from here on the step counts as sent (the session's settlement)
-            if session.ended or (in_time is not None and not in_time()):
+            if session.ended or (again is not None and not again()):
                 raise SessionError(LATE.format(what=f"step {step}", sid=session_id.hex()))
             session.next_step = step + 1
         session.expires = self._clock() + self._ttl

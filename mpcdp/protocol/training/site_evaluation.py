@@ -89,18 +89,23 @@ class SiteEvaluation:
         full: bool,
         coordinator: str,
         in_time: Callable[[], bool] | None = None,
+        unstalled: Callable[[], bool] | None = None,
     ) -> Contribution:
         """The session's evaluation before step ``step`` (mpcdp.protocol.training.evaluation):
         ``parameters`` scored on this site's held-out split, its words of Z_2^64 with the
         evaluation's noise share and masks. Only at the spec's evaluation points, once each,
         at the session's current step; reserved before the model is scored, charged once the
-        words are ready, refused (and released) when the coordinator gave up on it first."""
+        words are ready. Refused (and released) when ``in_time`` is false before the
+        scoring, or ``unstalled`` (default ``in_time``) after it (see :meth:`step`)."""
         session = self._acquire(session_id, coordinator)
+        again = unstalled if unstalled is not None else in_time
         return self._running(
             session_id,
             session,
             f"the evaluation before step {step}",
-            lambda: self._evaluate(session_id, session, step, keys, parameters, full, in_time),
+            lambda: self._evaluate(
+                session_id, session, step, keys, parameters, full, in_time, again
+            ),
         )
 
     def _evaluate(
@@ -112,6 +117,7 @@ class SiteEvaluation:
         parameters: NDArray[np.float32],
         full: bool,
         in_time: Callable[[], bool] | None,
+        again: Callable[[], bool] | None,
     ) -> Contribution:
         spec = session.spec
         late = LATE.format(what=f"the evaluation before step {step}", sid=session_id.hex())
@@ -124,7 +130,7 @@ class SiteEvaluation:
                 f"an evaluation before step={step}, but session {session_id.hex()} is at step "
                 f"{session.next_step}"
             )
-        if step not in spec.eval_points:
+        if not spec.is_eval_point(step):
             raise ProtocolError(
                 f"step={step} is not an evaluation point of the session (multiples of "
                 f"eval_every={spec.eval_every} from {spec.start_step}, and its end {spec.end_step})"
@@ -168,7 +174,7 @@ class SiteEvaluation:
                 tensor_id=EVAL_TENSOR_ID, rng=self._rng,
             )  # fmt: skip
             np.add(upload, encoding.to_ring(terms, ring_bits=EVAL_RING_BITS), out=upload)
-            if in_time is not None and not in_time():
+            if again is not None and not again():
                 raise SessionError(late)
             try:
                 charge = self.ledger.charge(

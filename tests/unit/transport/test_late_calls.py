@@ -119,6 +119,27 @@ def test_a_contribute_stopped_between_its_check_and_its_charge_charges_nothing(
     assert node.ledger.charges("raises") == [] and node.ledger.reserved_epsilon("raises") == 0
 
 
+def test_after_private_work_only_a_stall_refuses_never_the_deadline(net: Net) -> None:
+    """The check asked again after the party worked on private data must not refuse because
+    the deadline passed or the call was cancelled meanwhile: that free refusal's moment would
+    tell the coordinator how long the work took (a timing oracle on the data). Only a stall
+    of this process longer than the time the call had left refuses."""
+    node = net.nodes["alice"]
+    servicer = srv.PartyServicer(
+        node.engine, coordinators=frozenset({"analyst"}), describe=node.describe
+    )
+    sid = _proposed(net, servicer)
+    servicer._suspensions = _quiet_suspensions([])
+    context = _Context(left=2.0)
+    again = servicer._check_in_time(context, "Contribute", session_id=sid, caller="analyst")  # type: ignore[arg-type]
+    context.active, context.left = False, -1.0  # cancelled, past its deadline: still asked
+    assert again()
+    servicer._suspensions = _quiet_suspensions([(time.monotonic() + 1, 1.5)])
+    assert again()  # a stall shorter than the 2 s the call had
+    servicer._suspensions = _quiet_suspensions([(time.monotonic() + 1, 2.5)])
+    assert not again()
+
+
 @pytest.mark.parametrize(
     ("stall_end_s", "stall_s", "late"),
     [
