@@ -20,10 +20,10 @@ from mpcdp.protocol.training import (
     step_event,
 )
 from mpcdp.protocol.training.evaluation import (
+    eval_count,
     eval_event,
     eval_mechanism,
     eval_mu_for,
-    eval_points,
     eval_words,
 )
 
@@ -112,7 +112,7 @@ class TrainingPlan:
     def evaluations(self) -> int:
         """The evaluations at the sites the run makes (after every eval_every steps and
         after the last)."""
-        return len(eval_points(eval_every=self.eval_every, start_step=0, end_step=self.steps))
+        return eval_count(eval_every=self.eval_every, start_step=0, end_step=self.steps)
 
     def epsilon_after(
         self, steps: int, *, evaluations: int = 0, delta: float | None = None
@@ -331,7 +331,7 @@ def _evaluation(
             "site_eval_epsilon", share, f"must be in (0, target_epsilon={target_epsilon:g})"
         )
     interval = every * steps_per_epoch
-    count = len(eval_points(eval_every=interval, start_step=0, end_step=steps))
+    count = eval_count(eval_every=interval, start_step=0, end_step=steps)
 
     def eps(z: float) -> float:
         event = eval_event(eval_mu_for(z, words=words), words=words, count=count)

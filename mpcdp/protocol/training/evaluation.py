@@ -62,6 +62,7 @@ __all__ = [
     "EvaluationTotal",
     "check_eval_fields",
     "decode_total",
+    "eval_count",
     "eval_event",
     "eval_mechanism",
     "eval_mu_for",
@@ -140,6 +141,15 @@ def eval_points(*, eval_every: int, start_step: int, end_step: int) -> tuple[int
     if not points or points[-1] != end_step:
         points.append(end_step)
     return tuple(points)
+
+
+def eval_count(*, eval_every: int, start_step: int, end_step: int) -> int:
+    """How many points :func:`eval_points` lists, counted without listing them (a spec's
+    steps may be up to 2^40)."""
+    if eval_every == 0 or end_step <= start_step:
+        return 0
+    multiples = end_step // eval_every - start_step // eval_every
+    return multiples + (0 if end_step % eval_every == 0 else 1)
 
 
 def is_eval_point(*, eval_every: int, start_step: int, end_step: int, step: int) -> bool:

@@ -247,7 +247,7 @@ class TrainingRoster:
         next step goes on without that site, and the sites whose upload of it left them paid
         for it (:attr:`eval_uploads`)."""
         session = self._session
-        if session is None or step not in session.spec.eval_points:
+        if session is None or not session.spec.is_eval_point(step):
             return None
         full = self._fresh
         try:

@@ -27,9 +27,10 @@ from mpcdp.errors import (
 from mpcdp.protocol.query.query_spec import validate_parties
 from mpcdp.protocol.training.evaluation import (
     check_eval_fields,
+    eval_count,
     eval_event,
-    eval_points,
     eval_words,
+    is_eval_point,
 )
 from mpcdp.protocol.training.fingerprint import check_entries
 
@@ -161,10 +162,19 @@ class TrainSpec:
         return self.start_step + self.steps
 
     @property
-    def eval_points(self) -> tuple[int, ...]:
-        """The step indices before which this session evaluates at the sites."""
-        return eval_points(
+    def evaluations(self) -> int:
+        """How many evaluations at the sites this session makes (counted, not listed)."""
+        return eval_count(
             eval_every=self.eval_every, start_step=self.start_step, end_step=self.end_step
+        )
+
+    def is_eval_point(self, step: int) -> bool:
+        """Whether this session evaluates at the sites before step ``step``."""
+        return is_eval_point(
+            eval_every=self.eval_every,
+            start_step=self.start_step,
+            end_step=self.end_step,
+            step=step,
         )
 
     def index_of(self, party: str) -> int:
@@ -279,7 +289,7 @@ def mechanism(spec: TrainSpec) -> Skellam:
 def run_event(spec: TrainSpec) -> ev.Skellam | ev.Composite:
     """The privacy event of the whole session: its steps and its evaluations."""
     steps = step_event(spec, steps=spec.steps)
-    evaluations = len(spec.eval_points)
+    evaluations = spec.evaluations
     if not evaluations:
         return steps
     words = eval_words(spec.loss)

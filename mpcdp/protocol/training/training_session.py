@@ -188,7 +188,7 @@ class TrainingSession:
             raise ProtocolError("open the training session first")
         if self._next >= self.spec.end_step:
             raise ProtocolError(f"the session's {self.spec.steps} steps are done")
-        if self._next in self.spec.eval_points and self._next not in self._evaluated:
+        if self.spec.is_eval_point(self._next) and self._next not in self._evaluated:
             # the sites evaluate before this step or not at all: the evaluation is skipped
             log.debug("training step %d: its evaluation at the sites is skipped", self._next)
         dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
@@ -228,9 +228,10 @@ class TrainingSession:
         if self._pool is None or self._next < 0:
             raise ProtocolError("open the training session first")
         step = self._next
-        if step not in self.spec.eval_points or step in self._evaluated:
+        if not self.spec.is_eval_point(step) or step in self._evaluated:
             raise ProtocolError(
-                f"the session evaluates before steps {list(self.spec.eval_points)}, once each; "
+                f"the session evaluates before every {self.spec.eval_every} steps after step "
+                f"{self.spec.start_step} and after its last, once each; "
                 f"not before step {step}"
             )
         total = np.zeros(

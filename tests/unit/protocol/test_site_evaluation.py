@@ -25,6 +25,7 @@ from mpcdp.protocol.training import TrainingEngine, TrainingSession, TrainSpec, 
 from mpcdp.protocol.training.evaluation import (
     EVAL_SCALE,
     decode_total,
+    eval_count,
     eval_event,
     eval_mu_for,
     eval_points,
@@ -97,6 +98,7 @@ def test_evaluation_points() -> None:
             for end in range(start + 1, 12):
                 points = eval_points(eval_every=every, start_step=start, end_step=end)
                 assert start not in points and end in points
+                assert eval_count(eval_every=every, start_step=start, end_step=end) == len(points)
                 for s in range(0, 14):
                     assert is_eval_point(
                         eval_every=every, start_step=start, end_step=end, step=s
@@ -125,7 +127,10 @@ def test_spec_refuses_bad_evaluation_fields(fields: dict[str, object], name: str
 
 def test_the_session_event_counts_its_evaluations_and_the_wire_carries_them() -> None:
     s = _espec(steps=5)
-    assert s.eval_points == (2, 4, 5)
+    assert s.evaluations == 3 and [t for t in range(8) if s.is_eval_point(t)] == [2, 4, 5]
+    # counted, never listed: a signed spec of 2^40 steps, one evaluation each, costs nothing
+    huge = _espec(steps=2**40, eval_every=1, eval_mu=eval_mu_for(50.0, words=2))
+    assert huge.evaluations == 2**40 and huge.is_eval_point(2**39)
     composed = accountant.compose([run_event(s)], delta=1e-5).epsilon
     steps_only = accountant.compose([run_event(_espec(steps=5, eval_every=0, eval_mu=0.0,
                                                       eval_loss_bound=0.0))],
