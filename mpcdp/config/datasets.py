@@ -178,7 +178,9 @@ class Examples:
 
     @property
     def count(self) -> int:
-        return int(self.y.size)
+        """The examples (rows), whatever the targets' shape: a regression target of shape
+        (N, k) is N examples, not N * k."""
+        return int(self.x.shape[0])
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

@@ -891,17 +891,30 @@ def load_party_config(path: str | Path) -> PartyConfig:
         max_model_params=_max_model_params(r),
         limits=_limits(r.table("limits")) if "limits" in r.data else LimitsConfig(),
         engines=_engines(r.table("engines")) if "engines" in r.data else EngineOptions(),
-        total_budget=_total_budget(r.table("total_budget")) if "total_budget" in r.data else None,
+        total_budget=(
+            _total_budget(r.table("total_budget"), datasets) if "total_budget" in r.data else None
+        ),
     )
 
 
-def _total_budget(r: Reader) -> tuple[float, float]:
-    """``[total_budget]``: epsilon > 0 and delta in [0, 1) for all datasets together."""
+def _total_budget(r: Reader, datasets: dict[str, DatasetConfig]) -> tuple[float, float]:
+    """``[total_budget]``: epsilon > 0 and delta in [0, 1) for all datasets together; delta
+    is required, and > 0 when a dataset allows RDP releases (delta > 0): at delta 0 every
+    training run and Skellam or Gaussian query would be refused."""
     r.unknown({"epsilon", "delta"})
     eps = r.positive("epsilon")
-    delta = r.number("delta", 0.0)
+    if "delta" not in r.data:
+        raise r.error("delta", "is required (the delta at which all datasets' releases compose)")
+    delta = r.number("delta")
     if not 0 <= delta < 1:
         raise r.error("delta", f"must be in [0, 1), got {delta}")
+    needing = sorted(name for name, ds in datasets.items() if ds.delta > 0)
+    if delta == 0 and needing:
+        raise r.error(
+            "delta",
+            f"is 0, but datasets {needing} declare delta > 0: at delta 0 the total would refuse "
+            "every RDP release (training runs, Skellam and Gaussian queries); give delta > 0",
+        )
     return float(eps), float(delta)
 
 

@@ -732,20 +732,29 @@ class BudgetLedger:
             TOTAL, budget, delta, _Spend(0, queries, pure, curve, count, exact), extra
         )
 
-    def _require_total(self, event: ev.Event, *, exclude: str | None) -> None:
+    def _require_total(self, event: ev.Event, *, coordinator: str, exclude: str | None) -> None:
         """BudgetExceededError when ``event``, with every live reservation on any dataset
-        but ``exclude``, would overdraw the party's total budget."""
-        held = [r.event for k, r in self._live().items() if k != exclude]
-        after = self._total_status([*held, event])
+        but ``exclude``, would overdraw the party's total budget. The refusal counts the
+        asking coordinator's own reservations, never the others' (it only says that theirs,
+        released when their rounds end, are in the way)."""
+        held = {k: r for k, r in self._live().items() if k != exclude}
+        after = self._total_status([*(r.event for r in held.values()), event])
         if after is None or self._within(after):
             return
         before = self._total_status(())
         assert before is not None
-        reserved = self._total_status(held)
-        assert reserved is not None
+        mine = [r.event for r in held.values() if r.coordinator == coordinator]
         spent = f"{before.spent_epsilon:.6g} by all its datasets together"
-        if held:
-            spent += f" (+{reserved.spent_epsilon - before.spent_epsilon:.6g} reserved)"
+        if mine:
+            own = self._total_status(mine)
+            assert own is not None
+            spent += f" (+{own.spent_epsilon - before.spent_epsilon:.6g} reserved by your rounds)"
+        alone = self._total_status([*mine, event])
+        if alone is not None and self._within(alone):
+            spent += (
+                "; it is refused because of other coordinators' reservations, released when "
+                "their rounds end: retry then"
+            )
         raise BudgetExceededError(
             dataset=TOTAL,
             requested=_describe(event, before.delta),
@@ -917,7 +926,7 @@ class BudgetLedger:
                 budget=str(before.budget_epsilon),
                 delta=before.delta,
             )
-        self._require_total(event, exclude=exclude)
+        self._require_total(event, coordinator=coordinator, exclude=exclude)
         return self._status(dataset, [event])
 
     @staticmethod

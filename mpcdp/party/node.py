@@ -208,6 +208,14 @@ def _check_held_out(held_out: Any, data: Any, *, where: str) -> None:
             f"{where}: the held-out split's features are {e_kind}, the training data's {x_kind} "
             "(both integer token ids, or both numbers)"
         )
+    # a declared Dataset: what its probed items show (an .npz has no such fields)
+    for name in ("integer_features", "target_shape", "integer_targets"):
+        mine, theirs = getattr(held_out, name, None), getattr(data, name, None)
+        if mine != theirs:
+            raise DataError(
+                f"{where}: the held-out split's items have {name}={mine!r}, the training "
+                f"data's {name}={theirs!r}"
+            )
 
 
 def _train_modules() -> tuple[ModuleType, ModuleType, ModuleType]:

@@ -129,3 +129,39 @@ def test_a_split_over_another_entry_s_training_data_must_share_its_budget(
     shared = 'eval_path = "ex-test.npz"\n' + other + 'budget = "ex"\n'
     config = load_party_config(_npz_site(tmp_path / "b", shared))
     assert config.datasets["ex2"].budget == "ex"
+
+
+def test_examples_count_rows_whatever_the_targets_shape(tmp_path: Path) -> None:
+    """Describe publishes these counts, and the sites' evaluation is divided by them: a
+    regression target of shape (N, k) is N examples (it was counted N * k)."""
+    from mpcdp.config.datasets import load_examples
+
+    np.savez(tmp_path / "r.npz", x=np.ones((10, 4), np.float32), y=np.ones((10, 3), np.float32))
+    assert load_examples(tmp_path / "r.npz", num_classes=0, regression=True).count == 10
+
+
+def test_a_declared_split_whose_items_are_of_another_kind_is_unavailable(tmp_path: Path) -> None:
+    """Integer features (token ids) in the split, floats in the training data: found at
+    start, not at the first evaluation after steps were charged."""
+    pytest.importorskip("torch")
+    from mpcdp.party.node import check_datasets
+
+    cfg = _site(
+        tmp_path,
+        '[datasets.ex.data_paths]\nroot = "data/ex.npz"\n[datasets.ex.eval_data_options]\n'
+        "tokens = true\n",
+    )
+    (cfg.parent / "code" / "fromfile.py").write_text(
+        "import numpy as np\nfrom torch.utils.data import Dataset\n\n\n"
+        "class Items(Dataset):\n"
+        "    def __init__(self, root, tokens):\n"
+        "        with np.load(root) as npz:\n"
+        "            self.x, self.y, self.tokens = npz['x'], npz['y'], tokens\n\n"
+        "    def __len__(self):\n        return len(self.y)\n\n"
+        "    def __getitem__(self, i):\n"
+        "        x = self.x[i].astype(np.int64 if self.tokens else np.float32)\n"
+        "        return x, int(self.y[i])\n\n\n"
+        "def make(root, tokens=False):\n    return Items(root, tokens)\n"
+    )
+    problem = check_datasets(load_party_config(cfg))["ex"]
+    assert problem is not None and "held-out split's items have integer_features=True" in problem

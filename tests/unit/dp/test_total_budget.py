@@ -67,8 +67,16 @@ def test_live_reservations_on_other_datasets_count(tmp_path: Path) -> None:
     with _ledger(tmp_path) as led:
         led.set_total(epsilon=1, delta=1e-6)
         led.reserve(dataset="a", query_id="r1", event=PURE(epsilon=Fraction("0.75")), ttl_s=60)
-        with pytest.raises(BudgetExceededError, match=r"reserved"):
+        with pytest.raises(BudgetExceededError, match=r"reserved by your rounds") as mine:
             led.reserve(dataset="b", query_id="r2", event=PURE(epsilon=Fraction("0.5")), ttl_s=60)
+        assert "other coordinators" not in str(mine.value)
+        # another coordinator is told that others' reservations are in the way, not how much
+        with pytest.raises(BudgetExceededError, match=r"other coordinators' reservations") as x:
+            led.reserve(
+                dataset="b", query_id="r3", coordinator="x",
+                event=PURE(epsilon=Fraction("0.5")), ttl_s=60,
+            )  # fmt: skip
+        assert "0.75" not in str(x.value) and "reserved by your rounds" not in str(x.value)
         # the reservation's own charge is not counted twice
         led.charge(dataset="a", query_id="r1", event=PURE(epsilon=Fraction("0.75")), reserved=True)
         led.release("r1")
@@ -98,6 +106,10 @@ def test_the_total_survives_reopening_and_a_corrupt_one_is_refused(tmp_path: Pat
         ("epsilon = 1\ndelta = 1", r"total_budget\.delta: must be in \[0, 1\)"),
         ("epsilon = 1\nwhatever = 1", r"total_budget.*whatever"),
         ("delta = 1e-6", r"total_budget\.epsilon"),
+        # without delta, or delta 0 with a dataset allowing RDP releases: every training run
+        # and Skellam query would be refused
+        ("epsilon = 1", r"total_budget\.delta: is required"),
+        ("epsilon = 1\ndelta = 0", r"total_budget\.delta: is 0, but datasets \['raises'\]"),
     ],
 )
 def test_bad_total_budgets_are_refused_naming_the_key(
