@@ -151,7 +151,9 @@ def test_a_declared_split_whose_items_are_of_another_kind_is_unavailable(tmp_pat
         '[datasets.ex.data_paths]\nroot = "data/ex.npz"\n[datasets.ex.eval_data_options]\n'
         "tokens = true\n",
     )
-    (cfg.parent / "code" / "fromfile.py").write_text(
+    # a module of its own: another test may have imported fromfile in this process already
+    cfg.write_text(cfg.read_text().replace("fromfile:make", "heldout_kinds:make"))
+    (cfg.parent / "code" / "heldout_kinds.py").write_text(
         "import numpy as np\nfrom torch.utils.data import Dataset\n\n\n"
         "class Items(Dataset):\n"
         "    def __init__(self, root, tokens):\n"
