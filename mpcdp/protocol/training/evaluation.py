@@ -8,15 +8,15 @@ that split), is :func:`eval_words` integers in units of 1/S (S = :data:`EVAL_SCA
 
     ( sum_i R(S * c_i),  sum_i R(S * min(max(l_i, 0), B) / B) )
 
-for a run trained with cross-entropy, and the second word alone for any other loss: c_i in
-[0, 1] is the example's accuracy (argmax of the output == its label; an output with further
+for a run trained with cross-entropy, and the second word alone for any other loss: c_i in [0,
+1] is the example's accuracy (argmax of the output == its label; an output with further
 positions averages them, in [0, 1] still), l_i its per-example loss under the run's declared
-loss (NaN counts as B), B the run's ``eval_loss_bound`` and R the unbiased randomized
-rounding floor(x) + [u < frac(x)]. Every term of one example lies in [0, S], so adding or
-removing one example changes the vector by at most S per word: Delta_2 = sqrt(w) S and
-Delta_1 = w S for w words, the sensitivities of the Skellam mechanism's RDP bound (Agarwal,
-Kairouz and Liu 2021, as for a training step: see the package docstring) with the run's
-``eval_mu``, without subsampling (every held-out example counts at every evaluation). The h = n - t honest sites'
+loss (NaN counts as B), B the run's ``eval_loss_bound`` and R the unbiased randomized rounding
+floor(x) + [u < frac(x)]. Every term of one example lies in [0, S], so adding or removing one
+example changes the vector by at most S per word: Delta_2 = sqrt(w) S and Delta_1 = w S for w
+words, the sensitivities of the Skellam mechanism's RDP bound (Agarwal, Kairouz and Liu 2021,
+as for a training step: see the package docstring) with the run's ``eval_mu``, without
+subsampling (every held-out example counts at every evaluation). The h = n - t honest sites'
 shares add up to Skellam(eval_mu), as for a step.
 
 The number of examples is not released: each site's held-out count is public (Describe, as
