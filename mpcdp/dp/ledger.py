@@ -722,11 +722,12 @@ class BudgetLedger:
         budget, delta = total
         pure, queries, exact = Fraction(0), 0, 0
         curve, count = np.zeros(len(rdp.DEFAULT_ORDERS)), 0
-        names = [r[0] for r in self._conn.execute("SELECT dataset FROM budgets").fetchall()]
-        for name in names:
-            _, _, spent_pure, n, n_exact = self._budget_row(name)
+        rows = self._conn.execute(
+            "SELECT dataset, pure_spent, queries, exact_releases FROM budgets"
+        ).fetchall()  # one read of every budget's running totals, not one per budget
+        for name, spent_pure, n, n_exact in rows:
             spend = self._spend(name, None)
-            pure, queries, exact = pure + spent_pure, queries + n, exact + n_exact
+            pure, queries, exact = pure + Fraction(spent_pure), queries + n, exact + n_exact
             curve, count = curve + spend.curve, count + spend.rdp_parts
         return _with_events(
             TOTAL, budget, delta, _Spend(0, queries, pure, curve, count, exact), extra
