@@ -145,12 +145,13 @@ class SiteEvaluation:
         cfg = self.tasks[spec.dataset].config
         query_id = eval_id(spec, session_id, step)
         words = eval_words(spec.loss)
+        event = eval_event(spec.eval_mu, words=words)
         try:
             self.ledger.reserve(
                 dataset=spec.dataset,
                 query_id=query_id,
                 coordinator=session.coordinator,
-                event=eval_event(spec.eval_mu, words=words),
+                event=event,
                 share=cfg.share(session.coordinator),
                 ttl_s=self._ttl,
                 note=f"evaluation of training {spec.run_id} ({spec.model}) before step {step}",
@@ -181,7 +182,7 @@ class SiteEvaluation:
                     dataset=spec.dataset,
                     query_id=query_id,
                     coordinator=session.coordinator,
-                    event=eval_event(spec.eval_mu, words=words),
+                    event=event,
                     share=cfg.share(session.coordinator),
                     reserved=True,
                 )

@@ -188,9 +188,6 @@ class TrainingSession:
             raise ProtocolError("open the training session first")
         if self._next >= self.spec.end_step:
             raise ProtocolError(f"the session's {self.spec.steps} steps are done")
-        if self.spec.is_eval_point(self._next) and self._next not in self._evaluated:
-            # the sites evaluate before this step or not at all: the evaluation is skipped
-            log.debug("training step %d: its evaluation at the sites is skipped", self._next)
         dtype = ring.dtype_for(self.spec.ring_bits).newbyteorder("=")
         if out is None:
             total = np.zeros(self.spec.num_params, dtype=dtype)
@@ -216,8 +213,7 @@ class TrainingSession:
             total = out
             total.fill(0)
         step = self._next
-        remaining = self._round(step, parameters=parameters, full=full, total=total, evaluate=False)
-        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
+        self._round(step, parameters=parameters, full=full, total=total, evaluate=False)
         self._next = step + 1
         return encoding.signed_view(total)
 
@@ -238,8 +234,7 @@ class TrainingSession:
             eval_words(self.spec.loss), dtype=ring.dtype_for(EVAL_RING_BITS).newbyteorder("=")
         )
         self._evaluated.add(step)
-        remaining = self._round(step, parameters=parameters, full=full, total=total, evaluate=True)
-        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
+        self._round(step, parameters=parameters, full=full, total=total, evaluate=True)
         out: NDArray[np.int64] = total.view(np.int64)  # Z_2^64 words as signed integers
         return out
 
@@ -251,9 +246,10 @@ class TrainingSession:
         full: bool,
         total: np.ndarray,
         evaluate: bool,
-    ) -> list[float]:
+    ) -> None:
         """One call at every site (a step, or an evaluation), summed into ``total``; the
-        sites' remaining budgets. SessionFailed when a site fails (module docstring)."""
+        sites' remaining budgets kept in ``budget_remaining``. SessionFailed when a site
+        fails (module docstring)."""
         first = not self._keys_sent
         # a session's first call also builds each site's model, runs its first-use checks and
         # makes its first pad: it has the clients' own deadline, the later ones the step's
@@ -324,7 +320,7 @@ class TrainingSession:
             exc.uploaded = counted
             raise
         _count(counts, uploaded)
-        return remaining
+        self.budget_remaining = dict(zip(self.spec.parties, remaining, strict=True))
 
     def _step_failures(
         self, futures: Sequence[Future[float]], deadline: float | None
