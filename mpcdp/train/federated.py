@@ -510,7 +510,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 done = step + 1
                 at_sites = None
-                if plan.eval_every and (done % plan.eval_every == 0 or done == plan.steps):
+                if plan.eval_every:  # the session's spec says where (None elsewhere)
                     at_sites = roster.evaluate(done, parameters=parameters)
                 if on_step is not None:
                     on_step(
