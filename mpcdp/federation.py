@@ -30,7 +30,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpcdp.config.party_config import FederationConfig, load_federation_config
+from mpcdp.config.federation_config import FederationConfig, load_federation_config
 from mpcdp.errors import ParameterError, PartyError, valid_names
 from mpcdp.protocol.catalog import ColumnInfo, DatasetInfo, PartyDescription
 from mpcdp.protocol.query.plan import ReleasePlan, fit

@@ -19,7 +19,7 @@ def health(
 
     Prints SERVING (exit 0), or what went wrong and what to check (exit 1): nothing listening,
     a TLS handshake refused by either side, a certificate for another name, no answer."""
-    from mpcdp.config.party_config import TlsConfig
+    from mpcdp.config.tls_config import TlsConfig
     from mpcdp.errors import MpcdpError
     from mpcdp.transport import tls
     from mpcdp.transport.client import check_health

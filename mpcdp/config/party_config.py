@@ -1,4 +1,4 @@
-"""Party and federation configuration files (TOML).
+"""A party's configuration file, party.toml (TOML; docs/deploy.md).
 
 party.toml (one per party; relative paths resolve against the file's folder)::
 
@@ -134,23 +134,8 @@ party.toml (one per party; relative paths resolve against the file's folder)::
                                       # arrives (0: when ready); above the engine's slowest
                                       # query, its timing says nothing about the data
 
-federation.toml (the analyst's)::
-
-    coordinator = "analyst"
-    colluders = 1
-    deadline_s = 30                   # per call, at most a week
-    [tls]
-    ca = "certs/ca.pem"
-    cert = "certs/analyst.pem"
-    key = "certs/analyst.key"
-    max_parties_per_unit = 1          # optional: parties that may hold one person's rows
-                                      # (>= 1); a party refuses a value below its own
-    [[parties]]
-    id = "alice"
-    address = "127.0.0.1:50051"       # HOST:PORT as for listen, PORT 1..65535
-
-Numbers must be finite (TOML's nan and inf are refused), and epsilon, max_epsilon_per_query
-and deadline_s > 0; paths may not hold a NUL character; every error names the file, the key
+Numbers must be finite (TOML's nan and inf are refused), and epsilon and
+max_epsilon_per_query > 0; paths may not hold a NUL character; every error names the file, the key
 and the value (a url's password shown as ``***``).
 
 A table dataset names its data in exactly one way: ``path`` (DuckDB, the default engine;
@@ -164,28 +149,37 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mpcdp.config.datasets import ColumnSpec
-from mpcdp.config.reader import Reader
+from mpcdp.config.federation_config import FederationConfig, PartyAddress, load_federation_config
+from mpcdp.config.party_limits import EngineOptions, LimitsConfig, read_engines, read_limits
+from mpcdp.config.reader import Reader, load_toml
+from mpcdp.config.table_sources import (
+    GLOB,
+    SOURCE_KEYS,
+    TABLE_SUFFIXES,
+    UNIT_KEYS,
+    SourceKind,
+    read_engine_source,
+    read_unit,
+    redact_url,
+    refuse_table_keys,
+)
+from mpcdp.config.tls_config import TlsConfig, read_tls
 from mpcdp.config.training_config import (
     TRAINING_KEYS,
     TrainingDeclaration,
     is_import_path,
     read_training,
 )
-from mpcdp.errors import ConfigError, ParameterError
+from mpcdp.errors import ParameterError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+# FederationConfig, load_federation_config, TlsConfig, LimitsConfig, EngineOptions, SourceKind,
+# TABLE_SUFFIXES and redact_url are defined in the modules imported above; named here too,
+# since callers have always found them in this module
 __all__ = [
     "TABLE_SUFFIXES",
     "DatasetConfig",
@@ -202,19 +196,6 @@ __all__ = [
     "load_party_config",
     "redact_url",
 ]
-
-#: the engine that runs a table dataset's SQL (mpcdp.data): DuckDB for files, PostgreSQL,
-#: Spark
-SourceKind = Literal["duckdb", "postgres", "spark"]
-#: the file suffixes of a table that DuckDB reads
-TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    ca: Path
-    cert: Path
-    key: Path
 
 
 @dataclass(frozen=True)
@@ -282,87 +263,6 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
-class LimitsConfig:
-    """How much of a party one coordinator, and all of them together, may hold at once
-    (party.toml ``[limits]``; see mpcdp.transport.server and mpcdp.protocol.query.party_engine)."""
-
-    pending_sessions: int = 32
-    pending_sessions_per_coordinator: int = 16
-    training_sessions: int = 8
-    training_sessions_per_coordinator: int = 4
-    setup_calls: int = 16
-    setup_calls_per_coordinator: int = 8
-    long_calls: int = 8
-    long_calls_per_coordinator: int = 4
-    stream_silence_s: float = 30.0
-    #: how long any call may last (the servicer's ``max_call_s``)
-    call_s: float = 3600.0
-    #: Describe, Abort and health checks one caller runs at once
-    short_calls_per_caller: int = 16
-    #: how long a query session, and the budget it reserved, waits for its Contribute
-    session_ttl_s: float = 30.0
-    #: connections open at once (never more than half of the node's file descriptors)
-    connections: int = 1024
-    #: how long a connection may take for its TLS handshake
-    handshake_timeout_s: float = 10.0
-    #: a query's Propose is answered no sooner than this after it arrives (0: when ready):
-    #: set above the engine's slowest query, the answer's timing does not depend on the data
-    propose_floor_s: float = 0.0
-
-
-#: DuckDB's memory limit: a number and a unit
-_MEMORY = r"[1-9][0-9]{0,5}(\.[0-9]+)?\s?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)"
-#: the longest statement or connect timeout (seconds)
-_MAX_TIMEOUT_S = 7 * 24 * 3600
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How much of the party's machine the SQL engines (mpcdp.data) may use, and how long a
-    query may run (party.toml ``[engines]``)."""
-
-    #: DuckDB's memory limit (it spills to disk past it), e.g. "512MB", "4GB"
-    memory_limit: str = "2GB"
-    #: DuckDB's worker threads
-    threads: int = 2
-    #: PostgreSQL: a query (and a schema query) is cancelled by the server after this long
-    statement_timeout_s: float = 300.0
-    #: PostgreSQL: give up connecting after this long
-    connect_timeout_s: float = 10.0
-    #: Spark: spark.sql.shuffle.partitions (small: the aggregates are small)
-    shuffle_partitions: int = 4
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.memory_limit, str) or not re.fullmatch(_MEMORY, self.memory_limit):
-            raise ParameterError("memory_limit", self.memory_limit, "must be like '512MB' or '4GB'")
-        for name in ("threads", "shuffle_partitions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
-                raise ParameterError(name, value, "must be an integer in [1, 1024]")
-        for name in ("statement_timeout_s", "connect_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not 0 < value <= _MAX_TIMEOUT_S:
-                raise ParameterError(name, value, f"must be in (0, {_MAX_TIMEOUT_S}] seconds")
-
-
-def _engines(r: Reader) -> EngineOptions:
-    """party.toml ``[engines]``: each key of :class:`EngineOptions`, optional."""
-    kinds: dict[str, Any] = {
-        "memory_limit": str,
-        "threads": int,
-        "shuffle_partitions": int,
-        "statement_timeout_s": (int, float),
-        "connect_timeout_s": (int, float),
-    }
-    r.unknown(set(kinds))
-    values = {k: r.get(k, kind) for k, kind in kinds.items() if k in r.data}
-    try:
-        return EngineOptions(**values)
-    except ParameterError as exc:
-        raise r.error(exc.name, f"{exc.value!r} {exc.reason}") from None
-
-
-@dataclass(frozen=True)
 class PartyConfig:
     path: Path
     id: str
@@ -379,60 +279,12 @@ class PartyConfig:
     device: str = "auto"
     #: the largest model (parameters) a site agrees to train; checked before it is built
     max_model_params: int = 100_000_000
-    limits: LimitsConfig = LimitsConfig()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: how the SQL engines of its table datasets may use the machine (``[engines]``)
-    engines: EngineOptions = EngineOptions()
+    engines: EngineOptions = field(default_factory=EngineOptions)
     #: what all its datasets together may spend, (epsilon, delta) (``[total_budget]``;
     #: None: each dataset's budget alone)
     total_budget: tuple[float, float] | None = None
-
-
-@dataclass(frozen=True)
-class PartyAddress:
-    id: str
-    address: str
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    path: Path
-    coordinator: str
-    tls: TlsConfig
-    parties: tuple[PartyAddress, ...]
-    colluders: int = 1
-    deadline_s: float = 30.0
-    #: how many parties may hold rows of one person: the sensitivity of a SQL query is
-    #: multiplied by it (each party refuses a value below its own dataset's)
-    max_parties_per_unit: int = 1
-    #: the fewest parties a query may be answered by when others fail (None: all of them);
-    #: a query re-run without the parties that failed needs at least this many, and
-    #: n' - colluders >= 1 (docs/queries.md, "When a party fails")
-    min_parties: int | None = None
-
-    @property
-    def quorum(self) -> int:
-        """:attr:`min_parties`, or every party when it is not set."""
-        return len(self.parties) if self.min_parties is None else self.min_parties
-
-
-#: the longest per-call deadline federation.toml accepts (seconds)
-_MAX_DEADLINE_S = 7 * 24 * 3600
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            data: dict[str, Any] = tomllib.load(fh)
-            return data
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
-def _tls(r: Reader) -> TlsConfig:
-    t = r.table("tls")
-    return TlsConfig(ca=t.path_of("ca"), cert=t.path_of("cert"), key=t.path_of("key"))
 
 
 def _column(r: Reader, name: str) -> ColumnSpec:
@@ -499,8 +351,8 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
             "coordinator_shares",
             "budget",
             *TRAINING_KEYS,
-            *_SOURCE_KEYS,
-            *_UNIT_KEYS,
+            *SOURCE_KEYS,
+            *UNIT_KEYS,
         }
     )
     eps = r.positive("epsilon")
@@ -511,8 +363,8 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
     columns = tuple(_column(cols.table(c), c) for c in cols.data)
     training = read_training(r)
     if training is not None:
-        _refuse_table_keys(r, "a training dataset")
-    if any(k in r.data for k in _SOURCE_KEYS):
+        refuse_table_keys(r, "a training dataset")
+    if any(k in r.data for k in SOURCE_KEYS):
         return _engine_table(r, name, shares, float(eps), float(delta), columns)
     if training is not None and training.data:
         if "path" in r.data:
@@ -550,8 +402,8 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
         )
     table = path.suffix in TABLE_SUFFIXES
     if not table:
-        _refuse_table_keys(r, f"{path.name!r} (not a table)")
-    elif _GLOB.search(str(path)):
+        refuse_table_keys(r, f"{path.name!r} (not a table)")
+    elif GLOB.search(str(path)):
         raise r.error("path", f"{str(path)!r} holds a glob character (*, ? or [): rename the file")
     num_classes = r.get("num_classes", int, 0)
     if num_classes < 0:
@@ -585,141 +437,15 @@ def _dataset(r: Reader, name: str, shares: _Shares = ({}, ())) -> DatasetConfig:
         num_classes=num_classes,
         training=training,
         coordinator_shares=_shares(r, shares),
-        **(_unit(r) if table else {}),
+        **(read_unit(r) if table else {}),
     )
-
-
-#: keys that say where a table dataset's data is, other than path
-_SOURCE_KEYS = ("url", "table", "spark_master")
-#: keys of a table dataset's privacy unit and its contribution bounds
-_UNIT_KEYS = ("privacy_unit", "max_rows_per_unit", "max_groups_per_unit", "max_parties_per_unit")
-#: the largest contribution bound (engines count in 32-bit integers)
-_MAX_PER_UNIT = 2**31 - 1
-#: characters DuckDB's file readers take for a glob pattern
-_GLOB = re.compile(r"[*?\[]")
-#: one part of a PostgreSQL or Spark table name (quoted as written: case matters)
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_SPARK_MASTER = re.compile(
-    r"local(\[(\*|[1-9][0-9]{0,3})(,[1-9][0-9]{0,3})?\])?|yarn|(spark|k8s)://\S+"
-)
-
-
-def _refuse_table_keys(r: Reader, what: str) -> None:
-    for key in (*_SOURCE_KEYS, *_UNIT_KEYS):
-        if key in r.data:
-            raise r.error(key, f"applies to table datasets, not to {what}")
-
-
-def _unit(r: Reader) -> dict[str, Any]:
-    """privacy_unit and the contribution bounds of a table dataset."""
-    unit = r.get("privacy_unit", str, None)
-    if unit is not None and not re.fullmatch(r"[^\x00-\x1f\x7f\"`]{1,128}", unit):
-        raise r.error(
-            "privacy_unit",
-            f"{unit!r} is not a usable column name (1 to 128 characters, no control "
-            "character, double quote or backtick)",
-        )
-    out: dict[str, Any] = {"privacy_unit": unit}
-    for key in _UNIT_KEYS[1:]:
-        n = r.get(key, int, 1)
-        if not 1 <= n <= _MAX_PER_UNIT:
-            raise r.error(key, f"must be an integer in [1, {_MAX_PER_UNIT}], got {n!r}")
-        if unit is None and n != 1 and key != "max_parties_per_unit":
-            raise r.error(key, f"is {n} but needs privacy_unit (without it one row is one person)")
-        out[key] = int(n)
-    return out
-
-
-def _table_name(r: Reader, *, parts: tuple[int, int], form: str) -> str:
-    name = r.get("table", str)
-    pieces = name.split(".")
-    if not (parts[0] <= len(pieces) <= parts[1] and all(_IDENT.fullmatch(p) for p in pieces)):
-        raise r.error(
-            "table",
-            f"{name!r} is not {form}, each part a letter or _ then letters, digits or _ "
-            "(at most 63)",
-        )
-    return str(name)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (in the user part or the query) shown as ``***``: what an
-    error message or a log line may carry."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.partition(':')[0]}:***@{host}"
-        query = parts.query
-        if "password" in query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "<a url that does not parse>"
-
-
-def _postgres_url(r: Reader) -> str:
-    url = r.get("url", str)
-    shown = redact_url(url)
-    if not re.fullmatch(r"postgres(ql)?://[^\x00-\x20\x7f]*", url):
-        raise r.error(
-            "url",
-            f"{shown!r} is not a PostgreSQL URL (postgresql://USER@HOST:PORT/DB, no spaces)",
-        )
-    try:
-        _ = urlsplit(url).port  # a port out of range raises
-    except ValueError as exc:
-        raise r.error("url", f"{shown!r} does not parse: {exc}") from None
-    return str(url)
 
 
 def _engine_table(
     r: Reader, name: str, shares: _Shares, eps: float, delta: float, columns: tuple[ColumnSpec, ...]
 ) -> DatasetConfig:
-    """A table dataset read by PostgreSQL (url, table) or Spark (spark_master, path or
-    table): exactly one of path, url and spark_master says where the data is."""
-    given = [k for k in ("path", "url", "spark_master") if k in r.data]
-    if "url" in given and len(given) > 1:  # path goes with spark_master, not with url
-        raise r.error(
-            given[1],
-            f"give one of path (a file for DuckDB), url (PostgreSQL) or spark_master (Spark), "
-            f"not {' and '.join(given)}",
-        )
-    for key in ("l2_bound", "num_classes"):
-        if key in r.data:
-            raise r.error(key, "applies to .npy and .npz datasets, not to a table")
-    path = r.path.parent
-    url = master = None
-    source: SourceKind
-    if "url" in r.data:
-        source, url = "postgres", _postgres_url(r)
-        table: str | None = _table_name(r, parts=(2, 2), form="schema.name")
-    elif "spark_master" in r.data:
-        source, master = "spark", r.get("spark_master", str)
-        if not _SPARK_MASTER.fullmatch(master):
-            raise r.error(
-                "spark_master",
-                f"{master!r} is not a Spark master (local, local[N], local[*], yarn, "
-                "spark://HOST:PORT or k8s://...)",
-            )
-        if ("path" in r.data) == ("table" in r.data):
-            raise r.error(
-                "spark_master",
-                "needs exactly one of path (a Parquet file or folder) or table (a catalog table)",
-            )
-        table = None
-        if "path" in r.data:
-            path = r.path_of("path")
-            if path.suffix in (".csv", ".jsonl", ".ndjson", ".npy", ".npz"):
-                raise r.error("path", f"Spark reads Parquet here, got {path.name!r}")
-        else:
-            table = _table_name(r, parts=(1, 3), form="name, db.name or catalog.db.name")
-    else:
-        raise r.error(
-            "table", "needs url (PostgreSQL) or spark_master (Spark); a file is declared by path"
-        )
+    """A table dataset read by PostgreSQL or Spark (:func:`.read_engine_source`)."""
+    source, path, url, table, master = read_engine_source(r)
     if not columns:
         raise r.error("columns", "a table dataset needs at least one declared column")
     return DatasetConfig(
@@ -735,7 +461,7 @@ def _engine_table(
         url=url,
         table=table,
         spark_master=master,
-        **_unit(r),
+        **read_unit(r),
     )
 
 
@@ -851,7 +577,7 @@ def _shared_budgets(r: Reader, datasets: dict[str, DatasetConfig]) -> dict[str, 
 
 def load_party_config(path: str | Path) -> PartyConfig:
     p = Path(path).resolve()
-    r = Reader(p, _load(p))
+    r = Reader(p, load_toml(p))
     r.unknown(
         {
             "id",
@@ -882,15 +608,15 @@ def load_party_config(path: str | Path) -> PartyConfig:
         id=r.identity("id"),
         listen=r.address("listen", any_port=True),
         ledger=r.file_path("ledger"),
-        tls=_tls(r),
+        tls=read_tls(r),
         coordinators=coordinators,
         peers=tls.identities("peers"),
         datasets=datasets,
         min_colluders=_min_colluders(r),
         device=_device(r),
         max_model_params=_max_model_params(r),
-        limits=_limits(r.table("limits")) if "limits" in r.data else LimitsConfig(),
-        engines=_engines(r.table("engines")) if "engines" in r.data else EngineOptions(),
+        limits=read_limits(r.table("limits")) if "limits" in r.data else LimitsConfig(),
+        engines=read_engines(r.table("engines")) if "engines" in r.data else EngineOptions(),
         total_budget=(
             _total_budget(r.table("total_budget"), datasets) if "total_budget" in r.data else None
         ),
@@ -925,58 +651,6 @@ def _device(r: Reader) -> str:
     return str(value)
 
 
-#: [limits] keys in seconds, and the largest value each accepts
-_SECONDS_LIMITS = {
-    "stream_silence_s": 3600,
-    "session_ttl_s": 3600,
-    "call_s": 7 * 24 * 3600,
-    "handshake_timeout_s": 300,
-}
-#: the longest propose_floor_s (a floor above a session's time to live would expire it)
-_MAX_PROPOSE_FLOOR_S = 60
-#: [limits] counts whose largest value is not 4096
-_COUNT_LIMITS = {"connections": 1 << 20}
-
-
-def _limits(r: Reader) -> LimitsConfig:
-    defaults = LimitsConfig()
-    names = [f.name for f in dataclasses.fields(LimitsConfig)]
-    r.unknown(set(names))
-    values: dict[str, Any] = {}
-    for name in names:
-        if name == "propose_floor_s":
-            v = r.number(name, 0.0)
-            if not 0 <= v <= _MAX_PROPOSE_FLOOR_S:
-                raise r.error(name, f"must be in [0, {_MAX_PROPOSE_FLOOR_S}] seconds, got {v!r}")
-            values[name] = float(v)
-            continue
-        if name in _SECONDS_LIMITS:
-            most = _SECONDS_LIMITS[name]
-            v = r.number(name, getattr(defaults, name))
-            if not 0 < v <= most:
-                raise r.error(name, f"must be in (0, {most}] seconds, got {v!r}")
-            values[name] = float(v)
-            continue
-        most = _COUNT_LIMITS.get(name, 4096)
-        n = r.get(name, int, getattr(defaults, name))
-        if not 1 <= n <= most:
-            raise r.error(name, f"must be an integer in [1, {most}], got {n!r}")
-        values[name] = int(n)
-    if values["propose_floor_s"] >= values["session_ttl_s"]:
-        raise r.error(
-            "propose_floor_s",
-            f"{values['propose_floor_s']!r} must be below session_ttl_s="
-            f"{values['session_ttl_s']!r}",
-        )
-    for total in ("pending_sessions", "training_sessions", "setup_calls", "long_calls"):
-        if values[f"{total}_per_coordinator"] > values[total]:
-            raise r.error(
-                f"{total}_per_coordinator",
-                f"{values[f'{total}_per_coordinator']} is more than {total}={values[total]}",
-            )
-    return LimitsConfig(**values)
-
-
 def _max_model_params(r: Reader) -> int:
     n = r.get("max_model_params", int, 100_000_000)
     if not 1 <= n <= 1 << 40:
@@ -989,59 +663,3 @@ def _min_colluders(r: Reader) -> int:
     if t < 0:
         raise r.error("min_colluders", f"must be >= 0, got {t}")
     return int(t)
-
-
-def load_federation_config(path: str | Path) -> FederationConfig:
-    p = Path(path).resolve()
-    r = Reader(p, _load(p))
-    r.unknown(
-        {
-            "coordinator",
-            "colluders",
-            "deadline_s",
-            "tls",
-            "parties",
-            "max_parties_per_unit",
-            "min_parties",
-        }
-    )
-    entries = r.get("parties", list)
-    parties = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise r.error(f"parties[{i}]", "must be a table with id and address")
-        pr = Reader(p, e, f"parties[{i}].")
-        pr.unknown({"id", "address"})
-        parties.append(
-            PartyAddress(id=pr.identity("id"), address=pr.address("address", any_port=False))
-        )
-    ids = [q.id for q in parties]
-    if len(ids) < 2 or len(set(ids)) != len(ids):
-        raise r.error("parties", f"need >= 2 parties with distinct ids, got {ids}")
-    colluders = r.get("colluders", int, 1)
-    if not 0 <= colluders < len(parties):
-        raise r.error("colluders", f"must be in [0, {len(parties) - 1}], got {colluders}")
-    deadline = r.positive("deadline_s", 30.0)
-    if deadline > _MAX_DEADLINE_S:
-        # gRPC turns a deadline ~1e10 s away into an immediate DEADLINE_EXCEEDED on every call
-        raise r.error("deadline_s", f"must be at most {_MAX_DEADLINE_S} (a week), got {deadline!r}")
-    per_unit = r.get("max_parties_per_unit", int, 1)
-    if not 1 <= per_unit <= len(parties):
-        raise r.error(
-            "max_parties_per_unit", f"must be an integer in [1, {len(parties)}], got {per_unit!r}"
-        )
-    min_parties = r.get("min_parties", int, len(parties))
-    if isinstance(min_parties, bool) or not 2 <= min_parties <= len(parties):
-        raise r.error(
-            "min_parties", f"must be an integer in [2, {len(parties)}], got {min_parties!r}"
-        )
-    return FederationConfig(
-        path=p,
-        coordinator=r.identity("coordinator"),
-        tls=_tls(r),
-        parties=tuple(parties),
-        colluders=colluders,
-        deadline_s=float(deadline),
-        max_parties_per_unit=int(per_unit),
-        min_parties=int(min_parties),
-    )

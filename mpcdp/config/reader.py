@@ -8,13 +8,19 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from mpcdp.config.names import check_identity
 from mpcdp.errors import ConfigError, ParameterError
 
-__all__ = ["Reader", "address_problem"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Reader", "address_problem", "load_toml"]
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
@@ -157,3 +163,16 @@ def address_problem(value: str, *, low_port: int) -> str | None:
     if not re.fullmatch(r"[0-9]{1,5}", port) or not low_port <= int(port) <= 65535:
         return f"has port {port!r}, not a number in {low_port}..65535"
     return None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict; ConfigError naming the file when it cannot be
+    read or parsed."""
+    try:
+        with path.open("rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None

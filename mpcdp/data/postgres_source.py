@@ -31,7 +31,8 @@ import threading
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from mpcdp.config.party_config import DatasetConfig, SourceKind, redact_url
+from mpcdp.config.party_config import DatasetConfig
+from mpcdp.config.table_sources import SourceKind, redact_url
 from mpcdp.data.table_source import EngineOptions, quote_identifier
 from mpcdp.errors import DataError
 from mpcdp.sql.render import EngineQuery

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from mpcdp.config.party_config import DatasetConfig, EngineOptions, SourceKind
+from mpcdp.config.party_config import DatasetConfig
+from mpcdp.config.party_limits import EngineOptions
+from mpcdp.config.table_sources import SourceKind
 from mpcdp.errors import DataError, ParameterError
 from mpcdp.sql.render import EngineQuery
 

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mpcdp.config.party_config import TlsConfig
+from mpcdp.config.tls_config import TlsConfig
 from mpcdp.errors import AuthError, ConfigError
 
 __all__ = ["Credentials", "channel", "load_credentials", "peer_name", "server_credentials"]
