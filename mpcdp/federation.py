@@ -182,8 +182,12 @@ class Federation:
 
     def examples(self, dataset: str) -> dict[str, int]:
         """Each site's number of examples of the example dataset ``dataset`` (public)."""
+        return self._examples(dataset, self.describe())
+
+    @staticmethod
+    def _examples(dataset: str, answers: Mapping[str, PartyDescription]) -> dict[str, int]:
         out: dict[str, int] = {}
-        for party, resp in self.describe().items():
+        for party, resp in answers.items():
             ds = next((d for d in resp.datasets if d.name == dataset), None)
             if ds is None or ds.kind != "examples":
                 offered = (d.name for d in resp.datasets if d.kind == "examples")
@@ -210,27 +214,26 @@ class Federation:
 
         options.setdefault("colluders", self.config.colluders)
         options.setdefault("min_parties", self.config.quorum)
+        answers = self.describe()  # once: every public number below comes from it
+        examples = self._examples(dataset, answers)
         if options.get("site_eval_every"):
-            options.setdefault("held_out", self._held_out(dataset))
+            options.setdefault("held_out", self._held_out(dataset, answers))
         if options.get("audit_canaries") and options.get("audit_kind") == "black-box":
             # input canaries take the shape and classes every site declares (public)
-            shape, classes = self._declared_shape(dataset)
+            shape, classes = self._declared_shape(dataset, answers)
             options.setdefault("feature_shape", shape)
             options.setdefault("num_classes", classes)
         return train(
-            clients=self._clients,
-            dataset=dataset,
-            model=model,
-            examples=self.examples(dataset),
-            **options,
+            clients=self._clients, dataset=dataset, model=model, examples=examples, **options
         )
 
-    def _held_out(self, dataset: str) -> dict[str, int]:
+    @staticmethod
+    def _held_out(dataset: str, answers: Mapping[str, PartyDescription]) -> dict[str, int]:
         """Each site's held-out examples of ``dataset`` (Describe, public), before any site
         is asked to train: ParameterError naming ``site_eval_every`` when one has none."""
         counts = {
             party: max([d.held_out for d in resp.datasets if d.name == dataset], default=0)
-            for party, resp in self.describe().items()
+            for party, resp in answers.items()
         }
         missing = [party for party, n in counts.items() if n == 0]
         if missing:
@@ -242,12 +245,15 @@ class Federation:
             )
         return counts
 
-    def _declared_shape(self, dataset: str) -> tuple[tuple[int, ...], int]:
+    @staticmethod
+    def _declared_shape(
+        dataset: str, answers: Mapping[str, PartyDescription]
+    ) -> tuple[tuple[int, ...], int]:
         """The feature shape and number of classes every site declares for the example
         dataset ``dataset`` (public), refused when they differ."""
         shapes = {
             (tuple(d.feature_shape), int(d.num_classes))
-            for resp in self.describe().values()
+            for resp in answers.values()
             for d in resp.datasets
             if d.name == dataset
         }
@@ -278,10 +284,11 @@ class Federation:
         from mpcdp.mpc.rng import csprng
         from mpcdp.train.dry_run import dry_run, synthetic_data
 
-        examples = self.examples(dataset)
+        answers = self.describe()
+        examples = self._examples(dataset, answers)
         options.setdefault("colluders", self.config.colluders)
         if data is None:
-            shape, classes = self._declared_shape(dataset)
+            shape, classes = self._declared_shape(dataset, answers)
             data = synthetic_data(
                 feature_shape=shape,
                 num_classes=classes,

@@ -154,3 +154,32 @@ def test_describe_tells_how_many_examples_each_held_out_split_holds(tmp_path: Pa
                 assert (ex.length, ex.held_out) == (40, HELD_OUT)
     finally:
         net.stop()
+
+
+def test_a_federation_asks_describe_once_for_all_the_public_numbers_of_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Example counts, held-out counts and the declared shape come from one Describe round."""
+    net = build_net(tmp_path, extra=examples_toml(tmp_path, held_out=HELD_OUT))
+    try:
+        with Federation.from_config(net.federation) as fed:
+            calls: list[int] = []
+            describe = fed.describe
+
+            def counted() -> dict[str, object]:
+                calls.append(1)
+                return describe()  # type: ignore[return-value]
+
+            monkeypatch.setattr(fed, "describe", counted)
+            # refused after Describe, before any site is asked to train: too few canaries
+            with pytest.raises(ParameterError, match="audit_canaries=4"):
+                fed.train(
+                    dataset="ex", model=MODEL, target_epsilon=3.0, target_delta=1e-5,
+                    epochs=1, batch_size=30, site_eval_every=1, audit_canaries=4,
+                    audit_kind="black-box",
+                )  # fmt: skip
+            assert len(calls) == 1
+        for node in net.nodes.values():
+            assert node.ledger.charges("ex") == []
+    finally:
+        net.stop()
