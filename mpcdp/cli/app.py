@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from mpcdp import __version__
 from mpcdp.cli import (
+    audit_commands,
     budget_commands,
     certs_commands,
     check_model_commands,
@@ -52,7 +53,7 @@ app.command("budget")(budget_commands.budget)
 app.command("datasets")(datasets_commands.datasets)
 app.command("health")(health_commands.health)
 app.command("train")(train_commands.train)
-app.command("audit")(train_commands.audit)
+app.command("audit")(audit_commands.audit)
 app.command("check-model")(check_model_commands.check_model)
 app.add_typer(demo_commands.app, name="demo", cls=_Commands)
 

@@ -106,7 +106,7 @@ def digits_cmd(
             f"{clipping!r} is not {' or '.join(CLIPPING_MODES)}", param_hint="--clipping"
         )
     try:
-        from mpcdp.cli.train_commands import audit_report
+        from mpcdp.cli.run_options import audit_report
         from mpcdp.demos import digits_demo
         from mpcdp.train.federated import StepInfo, write_metrics
     except ImportError as exc:

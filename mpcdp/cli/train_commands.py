@@ -1,83 +1,52 @@
-"""``mpcdp train`` and ``mpcdp audit``: federated DP-SGD and its one-run privacy audit.
+"""``mpcdp train``: federated DP-SGD over the sites' declared datasets (docs/training.md).
 
-``mpcdp audit`` runs an audit run (a training run of its own, charged like any other, with
-canaries at every site: mpcdp.train.audit_run) and prints the accountant's epsilon next to the
-audit's lower bound; ``mpcdp train --audit-canaries N`` does the same for a run whose model
-is also wanted. Both need the ``train`` extra (torch); they import it only when they run.
+``mpcdp train --audit-canaries N`` also audits the run, as ``mpcdp audit`` does
+(mpcdp.cli.audit_commands) for a run whose model is not wanted. It needs the ``train`` extra
+(torch), imported only when it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import typer
 
-from mpcdp.cli.messages import refusal_text, said_here, with_valid_names
-from mpcdp.errors import MpcdpError, ParameterError, valid_names
+from mpcdp.cli.messages import refusal_text, said_here
+from mpcdp.cli.run_options import (
+    ALLOW_UNTESTABLE,
+    BATCH_SIZE,
+    DATASET,
+    EPOCHS,
+    FEDERATION,
+    LEARNING_RATE,
+    LOSS,
+    MAX_GRAD_NORM,
+    MODEL,
+    MODEL_OPTION,
+    PYTHON_PATH,
+    TARGET_DELTA,
+    TARGET_EPSILON,
+    PlannedRun,
+    audit_preflight,
+    audit_report,
+    check_audit_options,
+    check_names,
+    model_options,
+    names_from,
+)
+from mpcdp.errors import MpcdpError, ParameterError
 
 if TYPE_CHECKING:
     from mpcdp.train.results import EpochRecord
 
 #: the logger that warns of a roster change: `mpcdp train` prints each change itself
 _ROSTER = "mpcdp.protocol.training.roster"
-
-# the options `mpcdp train` and `mpcdp audit` share (an audit is a training run)
-FEDERATION = typer.Option(..., "--federation", help="The analyst's federation.toml.")
-DATASET = typer.Option(..., "--dataset", help="The training dataset, as every site declares it.")
-MODEL = typer.Option(
-    "mlp:64,128,10",
-    "--model",
-    help="Architecture: mlp:64,128,10 (built in) or the import path of a model factory, "
-    "pkg.module:factory, which every site declares in party.toml.",
-)
-PYTHON_PATH = typer.Option(
-    [], "--python-path", help="Folder searched first for --model/--loss code (repeatable)."
-)
-MODEL_OPTION = typer.Option(
-    [],
-    "--model-option",
-    help="KEY=VALUE passed to the --model factory (repeatable; VALUE read as JSON when it "
-    "parses, else as a string), as the sites' [datasets.NAME.model_options].",
-)
-LOSS = typer.Option(
-    "cross_entropy", "--loss", help="cross_entropy, mse or pkg.module:fn (as the sites)."
-)
-TARGET_EPSILON = typer.Option(3.0, "--target-epsilon", help="Epsilon of the run.")
-TARGET_DELTA = typer.Option(1e-5, "--target-delta", help="delta of the run.")
-EPOCHS = typer.Option(20.0, "--epochs", help="Passes over all sites' examples.")
-MAX_GRAD_NORM = typer.Option(1.0, "--max-grad-norm", help="Per-example clip C.")
-BATCH_SIZE = typer.Option(64, "--batch-size", help="Expected examples per step.")
-LEARNING_RATE = typer.Option(0.03, "--lr", help="Learning rate.")
-
-ALLOW_UNTESTABLE = typer.Option(
-    False,
-    "--allow-untestable",
-    help="Run an audit whose ceiling is at or below the claimed epsilon (it cannot fail).",
-)
-
-
-def model_options(values: list[str]) -> dict[str, Any]:
-    """``--model-option KEY=VALUE`` pairs as a dict (VALUE as JSON when it parses)."""
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise typer.BadParameter(
-                f"{item!r} must look like KEY=VALUE", param_hint="--model-option"
-            )
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 def _npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +174,8 @@ def train(
 
     Every step is a secure aggregation of the sites' clipped, quantized, Skellam-noised
     gradient sums; the noise is calibrated for the target epsilon by the accountant."""
-    _check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
-    _check_names(model=model, loss=loss)
+    check_audit_options(audit_canaries, audit_kind, audit_confidence, audit_delta)
+    check_names(model=model, loss=loss)
     if dry_run:
         for flag, given in (
             ("--audit-canaries", audit_canaries),
@@ -292,7 +261,7 @@ def train(
                 typer.echo("\r\033[K", err=True, nl=False)
             typer.echo(f"roster: {refusal_text(change.text())}", err=True)
 
-        run = _PlannedRun(
+        run = PlannedRun(
             dataset=dataset,
             model=model,
             python_path=python_path,
@@ -319,9 +288,9 @@ def train(
         # not given: the training loop's own default
         pause: dict[str, Any] = {} if max_pause is None else {"max_pause_s": max_pause}
         try:
-            with Federation.from_config(federation) as fed, _names_from(fed), said_here(_ROSTER):
+            with Federation.from_config(federation) as fed, names_from(fed), said_here(_ROSTER):
                 if audit_canaries:
-                    _audit_preflight(
+                    audit_preflight(
                         fed,
                         run,
                         allow_untestable=allow_untestable,
@@ -371,7 +340,7 @@ def train(
                     **pause,
                     audit_confidence=audit_confidence,
                     audit_delta=audit_delta,
-                    allow_untestable=True,  # checked and printed above (_audit_preflight)
+                    allow_untestable=True,  # checked and printed above (audit_preflight)
                     **evaluation,
                 )
         except ParameterError as exc:
@@ -430,28 +399,6 @@ class _RosterChange(Protocol):
     def text(self) -> str: ...
 
 
-@contextlib.contextmanager
-def _names_from(fed: Any) -> Iterator[None]:
-    """An unknown dataset raised inside says which example datasets the sites offer."""
-    try:
-        yield
-    except ParameterError as exc:
-        raise with_valid_names(fed, exc, training=True) from None
-
-
-def _check_names(*, model: str, loss: str) -> None:
-    """--loss before any site is asked: a misspelled built-in loss is told the valid names
-    (an import path is checked when it is imported; --model by mpcdp.train.models)."""
-    from mpcdp.config.training_config import BUILTIN_LOSSES, is_import_path
-
-    if loss not in BUILTIN_LOSSES and not is_import_path(loss):
-        raise typer.BadParameter(
-            f"{loss!r} is neither a built-in loss nor an import path pkg.module:fn; "
-            f"{valid_names(loss, BUILTIN_LOSSES)}",
-            param_hint="--loss",
-        )
-
-
 def _epoch_line(r: EpochRecord) -> str:
     """One epoch: its step, epsilon and test figures, then each site's steps in it and its
     epsilon so far (when the run reports them)."""
@@ -484,191 +431,3 @@ def _epoch_line(r: EpochRecord) -> str:
         eps = f" eps {r.site_epsilon[site]:.3f}" if site in r.site_epsilon else ""
         sites.append(f"{site}{took}{eps}")
     return line + (f"  sites: {', '.join(sites)}" if sites else "")
-
-
-def _check_audit_options(
-    canaries: int,
-    kind: str,
-    confidence: float,
-    delta: float | None,
-    hints: tuple[str, str, str] = ("--audit-canaries", "--audit-kind", "--audit-confidence"),
-) -> None:
-    if canaries < 0:
-        raise typer.BadParameter(f"{canaries!r} must be >= 0", param_hint=hints[0])
-    if kind not in ("white-box", "black-box"):
-        raise typer.BadParameter(f"{kind!r} is not white-box or black-box", param_hint=hints[1])
-    if not 0 < confidence < 1:
-        raise typer.BadParameter(f"{confidence!r} not in (0, 1)", param_hint=hints[2])
-    if delta is not None and not 0 < delta < 1:
-        raise typer.BadParameter(f"{delta!r} not in (0, 1)", param_hint="--audit-delta")
-
-
-@dataclasses.dataclass(frozen=True)
-class _PlannedRun:
-    """The options that fix a run's plan, and so its audit's ceiling: given alike to the
-    preflight's plan (mpcdp.train.audit_run.audit_plan) and to ``Federation.train``, so the
-    ceiling printed before the run is that of the run the sites are asked for."""
-
-    dataset: str
-    model: str
-    python_path: list[Path]
-    model_options: dict[str, Any] | None
-    target_epsilon: float
-    target_delta: float
-    epochs: float
-    batch_size: int
-    max_grad_norm: float
-    audit_canaries: int
-    audit_kind: str
-    clipping: str = "flat"
-    bias_only: bool = False
-
-    def options(self) -> dict[str, Any]:
-        """The fields as keyword arguments (of audit_plan and of Federation.train)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def _audit_preflight(
-    fed: Any,
-    run: _PlannedRun,
-    *,
-    allow_untestable: bool,
-    delta: float | None,
-    confidence: float,
-) -> None:
-    """Before any site is asked: the audit's ceiling against the claim (mpcdp.train.audit_run).
-    Prints it; refuses an untestable audit (exit 2) unless ``allow_untestable``."""
-    from mpcdp.train.audit_run import audit_plan, preflight
-
-    check = preflight(
-        plan=audit_plan(
-            examples=fed.examples(run.dataset), colluders=fed.config.colluders, **run.options()
-        ),
-        delta=delta,
-        confidence=confidence,
-    )
-    typer.echo(check.text(), err=True)
-    if not check.testable and not allow_untestable:
-        typer.echo(
-            "error: refused before the run (nothing was charged); --allow-untestable runs it "
-            "anyway",
-            err=True,
-        )
-        raise typer.Exit(2)
-
-
-def audit_report(result: Any) -> str:
-    """The audit's lines: claimed epsilon, lower bound, fraction, confidence, m, guesses."""
-    a = result.audit
-    fraction = a.fraction_reached
-    return (
-        f"one-run audit ({result.plan.audit_kind}, Steinke-Nasr-Jagielski 2023):\n"
-        f"  claimed epsilon (accountant)  {a.claimed_epsilon:.4f} (delta {a.delta:g})\n"
-        f"  audit lower bound             {a.epsilon_lower_bound:.4f}\n"
-        f"  fraction reached              "
-        f"{'n/a' if fraction is None else f'{fraction:.1%}'}\n"
-        f"  confidence                    {a.confidence:g}\n"
-        f"  canaries m                    {a.m}\n"
-        f"  guesses (in/out), correct     {a.guesses} ({a.k_plus}/{a.k_minus}), {a.correct}\n"
-        f"  ceiling (every guess right)   {a.ceiling:.4f}"
-        + (
-            "\n  UNTESTABLE: the claim is at or above the ceiling; no run, however broken, "
-            "could have put the bound above it (mpcdp audit prints what would)"
-            if a.testable is False
-            else ""
-        )
-    )
-
-
-def audit(
-    federation: Path = FEDERATION,
-    dataset: str = DATASET,
-    model: str = MODEL,
-    python_path: list[Path] = PYTHON_PATH,
-    model_option: list[str] = MODEL_OPTION,
-    loss: str = LOSS,
-    target_epsilon: float = TARGET_EPSILON,
-    target_delta: float = TARGET_DELTA,
-    epochs: float = EPOCHS,
-    max_grad_norm: float = MAX_GRAD_NORM,
-    batch_size: int = BATCH_SIZE,
-    learning_rate: float = LEARNING_RATE,
-    canaries: int = typer.Option(1000, "--canaries", help="Canaries per site (>= 1)."),
-    kind: str = typer.Option("white-box", "--kind", help="white-box or black-box."),
-    confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the bound."),
-    audit_delta: float | None = typer.Option(
-        None, "--audit-delta", help="delta audited (default: --target-delta)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of the model's initialisation."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    allow_untestable: bool = ALLOW_UNTESTABLE,
-) -> None:
-    """One-run privacy audit: an audit run with canaries at every site, and a statistically
-    valid lower bound on its epsilon next to the accountant's.
-
-    The run is declared to every site, checked and charged like any training run. Each site
-    includes each of its canaries with probability 1/2 (its secret until the run ends); the
-    bound holds with the given confidence over those coin flips. A bound above the claimed
-    epsilon means the implementation releases more than it claims. No site data is needed.
-
-    Before the run it prints the audit's ceiling (the bound if every guess were right) and
-    refuses, charging nothing, when the claimed epsilon is at or above it (such an audit
-    cannot fail), saying how many canaries or which --audit-delta would make it testable."""
-    if canaries < 1:
-        raise typer.BadParameter(f"{canaries!r} must be >= 1", param_hint="--canaries")
-    _check_names(model=model, loss=loss)
-    options = model_options(model_option)
-    _check_audit_options(
-        canaries, kind, confidence, audit_delta, ("--canaries", "--kind", "--confidence")
-    )
-    for name, value in (("--target-epsilon", target_epsilon), ("--epochs", epochs)):
-        if not value > 0 or not math.isfinite(value):
-            raise typer.BadParameter(f"{value!r} must be finite and > 0", param_hint=name)
-    try:
-        import mpcdp.train.federated  # noqa: F401
-    except ImportError as exc:
-        typer.echo(f"error: the audit needs the train extra (pip install mpcdp[train]): {exc}")
-        raise typer.Exit(1) from None
-    from mpcdp.federation import Federation
-
-    run = _PlannedRun(
-        dataset=dataset,
-        model=model,
-        python_path=python_path,
-        model_options=options or None,
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        epochs=epochs,
-        batch_size=batch_size,
-        max_grad_norm=max_grad_norm,
-        audit_canaries=canaries,
-        audit_kind=kind,
-    )
-    try:
-        with Federation.from_config(federation) as fed, _names_from(fed):
-            _audit_preflight(
-                fed,
-                run,
-                allow_untestable=allow_untestable,
-                delta=audit_delta,
-                confidence=confidence,
-            )
-            result = fed.train(
-                **run.options(),
-                loss=loss,
-                learning_rate=learning_rate,
-                seed=seed,
-                audit_confidence=confidence,
-                audit_delta=audit_delta,
-                allow_untestable=True,  # checked and printed above (_audit_preflight)
-            )
-    except MpcdpError as exc:
-        typer.echo(f"error: {refusal_text(exc)}", err=True)
-        raise typer.Exit(1) from None
-    if result.audit is None:  # pragma: no cover - a finished audit run always has one
-        typer.echo("error: the audit run revealed no canaries", err=True)
-        raise typer.Exit(1)
-    if as_json:
-        typer.echo(json.dumps(result.to_json()["audit"]))
-        return
-    typer.echo(audit_report(result))

@@ -267,7 +267,7 @@ def test_audit_report_prints_every_number() -> None:
     pytest.importorskip("typer")
     from types import SimpleNamespace
 
-    from mpcdp.cli.train_commands import audit_report
+    from mpcdp.cli.run_options import audit_report
 
     a = bound.OneRunAudit(
         epsilon_lower_bound=0.5, m=300, guesses=40, correct=33, k_plus=20, k_minus=20,

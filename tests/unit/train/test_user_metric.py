@@ -62,7 +62,7 @@ def test_a_metric_by_import_path_is_computed_every_epoch_and_checked_first(
 def test_model_options_on_the_command_line() -> None:
     import typer
 
-    from mpcdp.cli.train_commands import model_options
+    from mpcdp.cli.run_options import model_options
 
     assert model_options(["width=64", "act=relu", "dims=[1, 2]", "on=true"]) == {
         "width": 64,
