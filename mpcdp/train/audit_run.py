@@ -45,6 +45,7 @@ from numpy.typing import NDArray
 
 from mpcdp.audit import bound
 from mpcdp.audit.canaries import (
+    AUDIT_KINDS,
     MAX_CANARIES,
     SCORE_SETS,
     WhiteBoxScorer,
@@ -58,8 +59,10 @@ from mpcdp.train.planning import TrainingPlan
 
 __all__ = [
     "AuditPreflight",
+    "UntestableAuditError",
     "audit_plan",
     "black_box_scores",
+    "check_audit_options",
     "example_losses",
     "finish",
     "preflight",
@@ -161,6 +164,64 @@ def preflight(*, plan: TrainingPlan, delta: float | None, confidence: float) -> 
     if not out.testable:
         logger.warning("one-run audit: %s", advice.text(sites=sites))
     return out
+
+
+class UntestableAuditError(ParameterError):
+    """An audit run whose claim no outcome could refute (the claimed epsilon at or above the
+    audit's ceiling, :func:`preflight`), refused before any site is asked:
+    nothing is charged. ``check`` holds the ceiling, the claim and the advice (how many
+    canaries, or which audited delta, would make the claim testable)."""
+
+    def __init__(self, check: AuditPreflight) -> None:
+        self.check = check
+        super().__init__(
+            "audit_canaries",
+            check.m // max(check.sites, 1),
+            f"the claim cannot be tested: {check.text()}; refused before the run (nothing "
+            "was charged); allow_untestable=True runs it anyway",
+        )
+
+
+def check_audit_options(
+    *,
+    audit_canaries: int,
+    audit_kind: str,
+    audit_confidence: float,
+    audit_delta: float | None,
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    stop_after: int | None,
+    checkpoint: Path | None,
+) -> None:
+    """A run's audit options, checked before anything else (ParameterError naming the
+    option): an audit run is one session, never stopped early nor resumed, and black-box
+    canaries need the sites' declared shape and classes."""
+    if (
+        isinstance(audit_canaries, bool)
+        or not isinstance(audit_canaries, int)
+        or not 0 <= audit_canaries <= MAX_CANARIES
+    ):
+        raise ParameterError(
+            "audit_canaries", audit_canaries, f"must be an int in [0, {MAX_CANARIES}]"
+        )
+    if audit_kind not in AUDIT_KINDS:
+        raise ParameterError("audit_kind", audit_kind, f"must be one of {AUDIT_KINDS}")
+    if not isinstance(audit_confidence, float | int) or not 0 < audit_confidence < 1:
+        raise ParameterError("audit_confidence", audit_confidence, "must be in (0, 1)")
+    if audit_delta is not None and (
+        not isinstance(audit_delta, float | int) or not 0 < audit_delta < 1
+    ):
+        raise ParameterError("audit_delta", audit_delta, "must be in (0, 1)")
+    if audit_canaries == 0:
+        return
+    if stop_after is not None:
+        raise ParameterError("stop_after", stop_after, "an audit run is never stopped early")
+    if checkpoint is not None and checkpoint.exists():
+        raise ParameterError("checkpoint", str(checkpoint), "exists: an audit run is never resumed")
+    if audit_kind == "black-box" and (not feature_shape or num_classes < 2):
+        raise ParameterError(
+            "feature_shape", feature_shape, "and num_classes >= 2 are needed for input canaries"
+        )
 
 
 def audit_plan(

@@ -36,16 +36,15 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
-from mpcdp.audit.canaries import AUDIT_KINDS, MAX_CANARIES
 from mpcdp.errors import ParameterError
 from mpcdp.mpc import ring
 from mpcdp.protocol.training import TrainingClient, TrainSpec
-from mpcdp.protocol.training.evaluation import decode_total
-from mpcdp.protocol.training.roster import RosterChange, RosterEvaluation, TrainingRoster
+from mpcdp.protocol.training.roster import RosterChange, TrainingRoster
 from mpcdp.protocol.training.train_spec import encode_model_options
 from mpcdp.train.audit_run import (
-    AuditPreflight,
+    UntestableAuditError,
     black_box_scores,
+    check_audit_options,
     finish,
     preflight,
     white_box_scorer,
@@ -59,11 +58,13 @@ from mpcdp.train.results import (
     EpochRecord,
     StepInfo,
     TrainingResult,
+    held_out_counts,
     load_checkpoint,
     plan_from,
     read_checkpoint,
     record_from,
     save_checkpoint,
+    site_evaluation_fields,
     write_metrics,
 )
 from mpcdp.train.run_model import (
@@ -92,22 +93,6 @@ log = logging.getLogger(__name__)
 
 
 Arrays = tuple[NDArray[Any], NDArray[Any]]
-
-
-class UntestableAuditError(ParameterError):
-    """An audit run whose claim no outcome could refute (the claimed epsilon at or above the
-    audit's ceiling, :func:`mpcdp.train.audit_run.preflight`), refused before any site is asked:
-    nothing is charged. ``check`` holds the ceiling, the claim and the advice (how many
-    canaries, or which audited delta, would make the claim testable)."""
-
-    def __init__(self, check: AuditPreflight) -> None:
-        self.check = check
-        super().__init__(
-            "audit_canaries",
-            check.m // max(check.sites, 1),
-            f"the claim cannot be tested: {check.text()}; refused before the run (nothing "
-            "was charged); allow_untestable=True runs it anyway",
-        )
 
 
 def set_flat_gradients(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
@@ -287,7 +272,7 @@ def train(
     evaluation that a site fails is skipped, not re-run.
     """
     parties = tuple(examples)
-    _check_audit(
+    check_audit_options(
         audit_canaries=audit_canaries,
         audit_kind=audit_kind,
         audit_confidence=audit_confidence,
@@ -337,7 +322,7 @@ def train(
         loss=loss,
     )
     if plan.eval_every:
-        held_out = _held_out_counts(held_out, parties)
+        held_out = held_out_counts(held_out, parties)
     if audit_canaries and not allow_untestable:  # before any site is asked or charged
         check = preflight(plan=plan, delta=audit_delta, confidence=audit_confidence)
         if not check.testable:
@@ -542,7 +527,7 @@ def train(
                         ),
                         participation={p: roster.contributed[p] - epoch_start[p] for p in parties},
                         site_epsilon=per_site,
-                        **_site_evaluation(at_sites, plan=plan, loss=loss, held_out=held_out),
+                        **site_evaluation_fields(at_sites, plan=plan, loss=loss, held_out=held_out),
                     )
                     if history and history[-1].step == done:
                         history[-1] = rec
@@ -606,82 +591,3 @@ def train(
         roster_changes=(*changes, *roster.changes),
         evaluations_charged=dict(roster.eval_uploads),
     )
-
-
-def _held_out_counts(held_out: Mapping[str, int] | None, parties: Sequence[str]) -> dict[str, int]:
-    """Every site's held-out count (public), checked: ParameterError naming ``held_out``."""
-    if held_out is None or set(held_out) != set(parties):
-        raise ParameterError(
-            "held_out",
-            None if held_out is None else dict(held_out),
-            f"evaluation at the sites needs the held-out count of every site {list(parties)} "
-            "(Describe; Federation.train fills it in)",
-        )
-    bad = {p: n for p, n in held_out.items() if isinstance(n, bool) or not isinstance(n, int)
-           or n < 1}  # fmt: skip
-    if bad:
-        raise ParameterError(
-            "held_out", bad, "must be >= 1 at every site (a site without a split cannot evaluate)"
-        )
-    return dict(held_out)
-
-
-def _site_evaluation(
-    outcome: RosterEvaluation | None,
-    *,
-    plan: TrainingPlan,
-    loss: str,
-    held_out: Mapping[str, int] | None,
-) -> dict[str, Any]:
-    """An epoch record's fields for the evaluation at the sites (none: no fields)."""
-    if outcome is None or held_out is None:
-        return {}
-    examples = sum(held_out[p] for p in outcome.parties)
-    totals = decode_total(
-        outcome.total, eval_loss_bound=plan.eval_loss_bound, loss=loss, examples=examples
-    )
-    return {
-        "site_accuracy": totals.accuracy(),
-        "site_loss": totals.mean_loss(bound=plan.eval_loss_bound),
-        "site_examples": examples,
-        "site_eval_parties": outcome.parties,
-    }
-
-
-def _check_audit(
-    *,
-    audit_canaries: int,
-    audit_kind: str,
-    audit_confidence: float,
-    audit_delta: float | None,
-    feature_shape: tuple[int, ...],
-    num_classes: int,
-    stop_after: int | None,
-    checkpoint: Path | None,
-) -> None:
-    if (
-        isinstance(audit_canaries, bool)
-        or not isinstance(audit_canaries, int)
-        or not 0 <= audit_canaries <= MAX_CANARIES
-    ):
-        raise ParameterError(
-            "audit_canaries", audit_canaries, f"must be an int in [0, {MAX_CANARIES}]"
-        )
-    if audit_kind not in AUDIT_KINDS:
-        raise ParameterError("audit_kind", audit_kind, f"must be one of {AUDIT_KINDS}")
-    if not isinstance(audit_confidence, float | int) or not 0 < audit_confidence < 1:
-        raise ParameterError("audit_confidence", audit_confidence, "must be in (0, 1)")
-    if audit_delta is not None and (
-        not isinstance(audit_delta, float | int) or not 0 < audit_delta < 1
-    ):
-        raise ParameterError("audit_delta", audit_delta, "must be in (0, 1)")
-    if audit_canaries == 0:
-        return
-    if stop_after is not None:
-        raise ParameterError("stop_after", stop_after, "an audit run is never stopped early")
-    if checkpoint is not None and checkpoint.exists():
-        raise ParameterError("checkpoint", str(checkpoint), "exists: an audit run is never resumed")
-    if audit_kind == "black-box" and (not feature_shape or num_classes < 2):
-        raise ParameterError(
-            "feature_shape", feature_shape, "and num_classes >= 2 are needed for input canaries"
-        )

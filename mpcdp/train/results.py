@@ -1,4 +1,5 @@
-"""What a federated DP-SGD run leaves a user: progress records, the result, checkpoints (read
+"""What a federated DP-SGD run leaves a user: progress records (with the sites' noisy
+evaluation decoded into them, over the public held-out counts), the result, checkpoints (read
 with torch's weights-only loader) and the metrics JSON and plot. Nothing happens at import
 time.
 """
@@ -17,7 +18,8 @@ import torch
 
 from mpcdp.audit.bound import OneRunAudit
 from mpcdp.errors import ParameterError
-from mpcdp.protocol.training.roster import RosterChange
+from mpcdp.protocol.training.evaluation import decode_total
+from mpcdp.protocol.training.roster import RosterChange, RosterEvaluation
 from mpcdp.train.models import build_model
 from mpcdp.train.planning import TrainingPlan
 from mpcdp.train.run_model import (
@@ -29,11 +31,13 @@ __all__ = [
     "EpochRecord",
     "StepInfo",
     "TrainingResult",
+    "held_out_counts",
     "load_checkpoint",
     "plan_from",
     "read_checkpoint",
     "record_from",
     "save_checkpoint",
+    "site_evaluation_fields",
     "write_metrics",
 ]
 
@@ -199,3 +203,43 @@ def write_metrics(
         from mpcdp.train.plot import plot_metrics
 
         plot_metrics(result, path=plot_path, metric_name=metric_name)
+
+
+def held_out_counts(held_out: Mapping[str, int] | None, parties: Sequence[str]) -> dict[str, int]:
+    """Every site's held-out count (public), checked: ParameterError naming ``held_out``."""
+    if held_out is None or set(held_out) != set(parties):
+        raise ParameterError(
+            "held_out",
+            None if held_out is None else dict(held_out),
+            f"evaluation at the sites needs the held-out count of every site {list(parties)} "
+            "(Describe; Federation.train fills it in)",
+        )
+    bad = {p: n for p, n in held_out.items() if isinstance(n, bool) or not isinstance(n, int)
+           or n < 1}  # fmt: skip
+    if bad:
+        raise ParameterError(
+            "held_out", bad, "must be >= 1 at every site (a site without a split cannot evaluate)"
+        )
+    return dict(held_out)
+
+
+def site_evaluation_fields(
+    outcome: RosterEvaluation | None,
+    *,
+    plan: TrainingPlan,
+    loss: str,
+    held_out: Mapping[str, int] | None,
+) -> dict[str, Any]:
+    """An epoch record's fields for the evaluation at the sites (none: no fields)."""
+    if outcome is None or held_out is None:
+        return {}
+    examples = sum(held_out[p] for p in outcome.parties)
+    totals = decode_total(
+        outcome.total, eval_loss_bound=plan.eval_loss_bound, loss=loss, examples=examples
+    )
+    return {
+        "site_accuracy": totals.accuracy(),
+        "site_loss": totals.mean_loss(bound=plan.eval_loss_bound),
+        "site_examples": examples,
+        "site_eval_parties": outcome.parties,
+    }
