@@ -534,22 +534,69 @@ def _backward_mix(path: str, size: int, example: int | None) -> ParameterError:
 SUMS_RTOL = 2.0**-4
 
 
-def compare_sums(
+#: one parameter's comparison: (||bookkeeping||^2, ||autograd||^2, <bookkeeping, autograd>)
+SumStats = tuple[float, float, float]
+
+
+def sum_stats(bookkeeping: torch.Tensor | None, autograd: torch.Tensor | None) -> SumStats:
+    """:data:`SumStats` of two tensors of a parameter's size (None: zero), in three
+    reductions and no temporary of the parameter's size (its cancellation in
+    :func:`compare_sum_stats` costs ~sqrt(u) of the norms, far below the tolerance)."""
+    if bookkeeping is None and autograd is None:
+        return (0.0, 0.0, 0.0)
+    if bookkeeping is None or autograd is None:
+        t = bookkeeping if autograd is None else autograd
+        assert t is not None
+        v = t.detach().reshape(-1)
+        sq = float(v.dot(v))
+        return (sq, 0.0, 0.0) if autograd is None else (0.0, sq, 0.0)
+    a = bookkeeping.detach().reshape(-1)
+    b = autograd.detach().reshape(-1).to(a.dtype)
+    aa, bb, ab = torch.stack([a.dot(a), b.dot(b), a.dot(b)]).double().tolist()
+    return (aa, bb, ab)
+
+
+def matmul_sum_stats(
+    grads: torch.Tensor, inputs: torch.Tensor, autograd: torch.Tensor | None
+) -> SumStats:
+    """:data:`SumStats` of the weight sum ``S = G^T X`` of a linear map (``grads`` G:
+    (T, p), the output gradients of one example's T positions; ``inputs`` X: (T, d)) against
+    autograd's (p, d) gradient, without writing ``S``: ``||S||^2 = <G G^T, X X^T>`` (two
+    T x T Gram matrices, float64), ``<S, A> = <G, X A^T>`` (one product that reads ``A``
+    once) and ``||A||^2``. Where T x T exceeds p x d, ``S`` itself is formed. Rounding: the
+    terms of ``<G, X A^T>`` are those of ``<S, A>`` regrouped, so its error is that of the
+    dense comparison, far below :data:`SUMS_RTOL`."""
+    t, p = grads.shape
+    d = inputs.shape[1]
+    work = torch.float64 if torch.float64 in (grads.dtype, inputs.dtype) else torch.float32
+    if autograd is not None and autograd.dtype == torch.float64:
+        work = torch.float64
+    g, x = grads.to(work), inputs.to(work)
+    if t * t > p * d:
+        return sum_stats(g.t().mm(x), autograd)
+    g64, x64 = g.double(), x.double()
+    aa = float(((g64 @ g64.t()) * (x64 @ x64.t())).sum())
+    if autograd is None:
+        return (aa, 0.0, 0.0)
+    a = autograd.detach().reshape(p, d)
+    a = a if a.dtype == work else a.to(work)
+    xa = x.mm(a.t())  # (T, p): reads A once
+    flat_a = a.reshape(-1)
+    bb, ab = torch.stack([flat_a.dot(flat_a).double(), (g64 * xa.double()).sum()]).tolist()
+    return (aa, bb, ab)
+
+
+def compare_sum_stats(
     *,
     names: Sequence[tuple[str, str]],
-    bookkeeping: Sequence[torch.Tensor],
-    autograd: Sequence[torch.Tensor | None],
+    stats: Sequence[SumStats],
     rtol: float = SUMS_RTOL,
 ) -> None:
     """Refuse unless the book-keeping sum of each parameter (``names``: its layer path and
-    full name) equals autograd's gradient of the same weighted loss, to relative ``rtol``."""
+    full name) equals autograd's gradient of the same weighted loss, to relative ``rtol``,
+    given their :data:`SumStats`."""
     rows: list[tuple[str, str, float, float]] = []  # path, name, scale, difference
-    for (path, name), s, t in zip(names, bookkeeping, autograd, strict=True):
-        a = s.detach().reshape(-1)
-        b = torch.zeros_like(a) if t is None else t.detach().reshape(-1).to(a.dtype)
-        # three reductions, no temporary of the parameter's size: ||a - b||^2 from the dot
-        # products (its cancellation costs ~sqrt(u) of the norms, far below the tolerance)
-        aa, bb, ab = torch.stack([a.dot(a), b.dot(b), a.dot(b)]).double().tolist()
+    for (path, name), (aa, bb, ab) in zip(names, stats, strict=True):
         if not all(map(math.isfinite, (aa, bb, ab))):
             continue  # a non-finite gradient: the example contributes 0 and is not compared
         rows.append(
@@ -569,6 +616,18 @@ def compare_sums(
                 "a hook on the parameter's gradient); remove it, or call the module for every "
                 "use of its parameters",
             )
+
+
+def compare_sums(
+    *,
+    names: Sequence[tuple[str, str]],
+    bookkeeping: Sequence[torch.Tensor],
+    autograd: Sequence[torch.Tensor | None],
+    rtol: float = SUMS_RTOL,
+) -> None:
+    """:func:`compare_sum_stats` of dense book-keeping sums (one tensor per parameter)."""
+    stats = [sum_stats(s, t) for s, t in zip(bookkeeping, autograd, strict=True)]
+    compare_sum_stats(names=names, stats=stats, rtol=rtol)
 
 
 #: integer dtypes of the floating dtypes' sizes, to compare stored values bit for bit

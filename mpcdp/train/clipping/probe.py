@@ -17,8 +17,8 @@ from torch import nn
 from mpcdp.errors import ParameterError, UnsupportedModuleError
 from mpcdp.train.clipping import checks
 from mpcdp.train.clipping.checks import StateSnapshot, Trace
-from mpcdp.train.clipping.precision import finite_rows, ieee_float32
-from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer, SumFn
+from mpcdp.train.clipping.precision import cat1, finite_rows, ieee_float32, upcast
+from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,10 +54,6 @@ class FirstUseProbe:
         ) -> tuple[torch.Tensor, bool, torch.Tensor, list[torch.Tensor | None]]: ...
 
         def _slot(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor: ...
-
-        def _write_sums(
-            self, flat: torch.Tensor, finishers: list[tuple[Layer, SumFn]], factors: torch.Tensor
-        ) -> None: ...
 
         @staticmethod
         def _check_inputs_unmodified(layer: Layer, calls: list[Call]) -> None: ...
@@ -301,25 +297,55 @@ class FirstUseProbe:
     def _compare_with_autograd(
         self, autograd: list[torch.Tensor | None], flat: torch.Tensor
     ) -> None:
-        """The per-layer rules' sum of the recorded calls (one example, its loss weighted),
-        written into ``flat``, against autograd's gradient of the same loss."""
+        """The per-layer rules' sum of the recorded calls (one example, its loss weighted)
+        against autograd's gradient of the same loss. A linear layer's sum ``G^T X`` is
+        compared in factored form (:func:`.checks.matmul_sum_stats`: it reads autograd's
+        gradient once and writes nothing of the weight's size); the other layers' rules
+        write their sums into their slots of ``flat``, compared as they are."""
+        index = {id(p): k for k, (_, p) in enumerate(self._params)}
+        stats: dict[int, checks.SumStats] = {}
         with torch.no_grad(), ieee_float32(self.device):
             ones = torch.ones(1, dtype=self._dtype, device=self.device)
-            finishers = []
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
-                if calls:
-                    finishers.append((layer, LAYER_RULES[layer.kind](layer, calls, 1)[1]))
-            self._write_sums(flat, finishers, ones)
+                if not calls:
+                    continue
+                module = layer.module
+                if layer.kind == "linear" and isinstance(module, nn.Linear):
+                    p_out, d_in = module.out_features, module.in_features
+                    g = cat1([upcast(_grad(c)).reshape(-1, p_out) for c in calls], dim=0)
+                    for name, p in layer.params.items():
+                        target = autograd[index[id(p)]]
+                        if name == "weight":
+                            x = cat1([c.inputs[0].reshape(-1, d_in) for c in calls], dim=0)
+                            stats[id(p)] = checks.matmul_sum_stats(g, x, target)
+                        else:
+                            stats[id(p)] = checks.sum_stats(g.sum(dim=0), target)
+                    continue
+                slots = {name: self._slot(flat, p) for name, p in layer.params.items()}
+                LAYER_RULES[layer.kind](layer, calls, 1)[1](ones, slots)
+                for name, p in layer.params.items():
+                    stats[id(p)] = checks.sum_stats(slots[name], autograd[index[id(p)]])
         owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
-        checks.compare_sums(
+        checks.compare_sum_stats(
             names=[(owner[id(p)], name) for name, p in self._params],
-            bookkeeping=[self._slot(flat, p) for _, p in self._params],
-            autograd=autograd,
+            # a layer not called, or whose output missed the loss: its sum is 0
+            stats=[
+                stats[id(p)] if id(p) in stats else checks.sum_stats(None, autograd[k])
+                for k, (_, p) in enumerate(self._params)
+            ],
             rtol=checks.SUMS_RTOL,
         )
         for layer in self._layers:
             layer.calls.clear()
+
+
+def _grad(call: Call) -> torch.Tensor:
+    """A linear layer's recorded output gradient (its one edge)."""
+    g = call.grads[0]
+    if g is None:
+        raise AssertionError("a call without an output gradient")
+    return g
 
 
 def _shares_memory(flat: torch.Tensor, module: nn.Module) -> bool:

@@ -934,3 +934,27 @@ def test_a_refused_module_is_a_typed_error_naming_its_path() -> None:
     assert isinstance(err.value, ParameterError)
     assert err.value.name == "module" and err.value.module_path == err.value.value == "1"
     assert str(err.value).startswith("invalid module='1': ")
+
+
+@pytest.mark.parametrize(("t", "p", "d"), [(1, 5, 7), (6, 5, 7), (9, 2, 3)])
+def test_a_linear_sum_is_compared_in_factored_form(t: int, p: int, d: int) -> None:
+    """The probe compares a linear layer's sum G^T X with autograd's without writing it
+    (Gram matrices, one product with autograd's gradient; S itself where T x T > p x d):
+    the same three numbers as the dense comparison, and a gradient off by a third is
+    refused while the exact one passes."""
+    from mpcdp.errors import UnsupportedModuleError
+    from mpcdp.train.clipping import checks
+
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(t, p, generator=gen)
+    x = torch.randn(t, d, generator=gen)
+    dense = g.t().mm(x)
+    for autograd in (dense, dense * 1.5, None, torch.randn(p, d, generator=gen)):
+        got = checks.matmul_sum_stats(g, x, autograd)
+        want = checks.sum_stats(dense, autograd)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
+    names = [("lin", "lin.weight")]
+    checks.compare_sum_stats(names=names, stats=[checks.matmul_sum_stats(g, x, dense)])
+    with pytest.raises(UnsupportedModuleError, match="differs from autograd's gradient"):
+        off = checks.matmul_sum_stats(g, x, dense * 1.5)
+        checks.compare_sum_stats(names=names, stats=[off])
