@@ -1,5 +1,8 @@
 """Compile an analyst's SQL text into a typed :class:`~mpcdp.sql.typed_plan.SqlQuery`.
 
+The WHERE clause is :mod:`mpcdp.sql.where`'s, the refusals and caps :mod:`mpcdp.sql.refusals`'s
+(both named here too).
+
 The text is parsed by sqlglot (dialect-neutral, one statement) and the syntax tree is walked
 with an ALLOW-list: every node is either one of the constructs below or refused with a
 :class:`SqlRefusal` naming it ("JOIN is not supported", "function LOWER is not supported").
@@ -49,29 +52,35 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 import sqlglot
 from sqlglot import exp
 
 from mpcdp.config.datasets import ColumnSpec
-from mpcdp.errors import ParameterError
+from mpcdp.sql.refusals import (
+    CLAUSES,
+    DEFAULT_BINS,
+    MAX_BINS,
+    MAX_CELLS,
+    MAX_DEPTH,
+    MAX_KEY_LENGTH,
+    MAX_KEYS,
+    MAX_LABEL_LENGTH,
+    MAX_MEASURES,
+    MAX_TEXT_BYTES,
+    MAX_VALUES,
+    SqlRefusal,
+    construct,
+    refuse,
+    unsupported,
+)
 from mpcdp.sql.typed_plan import (
     Aggregate,
     AggregateKind,
-    And,
-    Between,
-    Compare,
-    CompareOp,
-    Constant,
-    InList,
-    IsNull,
-    Not,
-    Or,
-    Predicate,
     SqlQuery,
     TableDecl,
 )
+from mpcdp.sql.where import WhereCompiler, checked_string, numeric_literal, unparen
 
 __all__ = [
     "DEFAULT_BINS",
@@ -87,343 +96,13 @@ __all__ = [
     "compile_sql",
 ]
 
-DEFAULT_BINS = 64
-MAX_BINS = 1000
-MAX_MEASURES = 1600
-MAX_CELLS = 10**6
-MAX_VALUES = 10**7
-MAX_KEYS = 10**5
-MAX_KEY_LENGTH = 256
-MAX_TEXT_BYTES = 64 * 1024
-MAX_DEPTH = 64
-MAX_LABEL_LENGTH = 128
-
-
-class SqlRefusal(ParameterError):
-    """A query outside the supported subset, or a parameter of it outside its domain.
-
-    ``name`` is "sql" for the text (``value``: the offending fragment, ``reason``: what is
-    not supported) or the parameter's name (keys, bins, weights)."""
-
-
-def _refuse(node: exp.Expr | str, reason: str) -> NoReturn:
-    fragment = node if isinstance(node, str) else _fragment(node)
-    raise SqlRefusal("sql", fragment, reason)
-
-
-def _fragment(node: exp.Expr) -> str:
-    try:
-        return node.sql()
-    except Exception:  # a node sqlglot cannot print back still has a name
-        return type(node).__name__
-
-
-# --- naming a construct ------------------------------------------------------------------
-
-_NAMES: dict[type[exp.Expr], str] = {
-    exp.Join: "JOIN",
-    exp.Union: "UNION",
-    exp.Intersect: "INTERSECT",
-    exp.Except: "EXCEPT",
-    exp.With: "WITH (CTE)",
-    exp.CTE: "WITH (CTE)",
-    exp.Subquery: "subquery",
-    exp.Select: "subquery",
-    exp.Exists: "EXISTS (subquery)",
-    exp.Window: "window function",
-    exp.Distinct: "DISTINCT",
-    exp.Having: "HAVING",
-    exp.Order: "ORDER BY",
-    exp.Limit: "LIMIT",
-    exp.Offset: "OFFSET",
-    exp.Star: "`*` outside COUNT(*)",
-    exp.Like: "LIKE",
-    exp.ILike: "ILIKE",
-    exp.Cast: "CAST",
-    exp.Case: "CASE",
-    exp.Filter: "FILTER",
-    exp.Placeholder: "a parameter placeholder",
-    exp.Boolean: "a boolean constant",
-    exp.Null: "NULL outside IS [NOT] NULL",
-    exp.NullSafeEQ: "IS NOT DISTINCT FROM",
-    exp.NullSafeNEQ: "IS DISTINCT FROM",
-    exp.Add: "arithmetic (+)",
-    exp.Sub: "arithmetic (-)",
-    exp.Mul: "arithmetic (*)",
-    exp.Div: "arithmetic (/)",
-    exp.Mod: "arithmetic (%)",
-    exp.DPipe: "string concatenation (||)",
-    exp.Tuple: "a tuple",
-    exp.Literal: "a constant",
-}
-
-#: SELECT clauses, by sqlglot's argument name (with any trailing "_" removed).
-_CLAUSES: dict[str, str] = {
-    "with": "WITH (CTE)",
-    "joins": "JOIN",
-    "laterals": "LATERAL",
-    "having": "HAVING",
-    "order": "ORDER BY",
-    "limit": "LIMIT",
-    "offset": "OFFSET",
-    "distinct": "DISTINCT",
-    "qualify": "QUALIFY",
-    "windows": "WINDOW",
-    "into": "SELECT INTO",
-    "sort": "SORT BY",
-    "cluster": "CLUSTER BY",
-    "distribute": "DISTRIBUTE BY",
-    "locks": "FOR UPDATE",
-    "sample": "TABLESAMPLE",
-    "settings": "SETTINGS",
-    "format": "FORMAT",
-    "prewhere": "PREWHERE",
-    "connect": "CONNECT BY",
-    "match": "MATCH_RECOGNIZE",
-    "pivots": "PIVOT",
-    "kind": "SELECT AS STRUCT/VALUE",
-    "options": "OPTION",
-}
-
-
-def _construct(node: exp.Expr) -> str:
-    for cls in type(node).__mro__:
-        if cls in _NAMES:
-            return _NAMES[cls]
-    if isinstance(node, exp.Anonymous):
-        return f"function {str(node.name).upper()}"
-    if isinstance(node, exp.Func):
-        return f"function {node.sql_name()}"
-    if isinstance(node, exp.Binary):
-        return f"operator {type(node).__name__.upper()}"
-    return type(node).__name__.upper()
-
-
-def _unsupported(node: exp.Expr, where: str = "") -> NoReturn:
-    _refuse(node, f"{_construct(node)} is not supported{where}")
-
-
-# --- the compiler ------------------------------------------------------------------------
-
-
-class _Compiler:
-    def __init__(self, table: TableDecl) -> None:
-        self.table = table
-
-    def column_name(self, node: exp.Expr) -> str:
-        """The declared column that ``node`` names (a plain or table-qualified column)."""
-        if not isinstance(node, exp.Column):
-            _unsupported(node)
-        if isinstance(node.this, exp.Star):
-            _refuse(node, "`*` is only supported in COUNT(*)")
-        if not isinstance(node.this, exp.Identifier):
-            _unsupported(node.this)
-        extra = [k for k, v in node.args.items() if v and k not in ("this", "table")]
-        if extra or node.args.get("db") or node.args.get("catalog"):
-            _refuse(node, "only a column name, optionally qualified by the table, is supported")
-        qualifier = node.args.get("table")
-        if qualifier is not None:
-            if not isinstance(qualifier, exp.Identifier) or qualifier.name != self.table.name:
-                _refuse(node, f"columns may only be qualified by the table {self.table.name!r}")
-        name = str(node.this.name)
-        if self.table.column(name) is None:
-            declared = [c.name for c in self.table.columns]
-            _refuse(
-                node,
-                f"column {name!r} is not declared in table {self.table.name!r} "
-                f"(declared: {declared})",
-            )
-        return name
-
-    def spec(self, name: str) -> ColumnSpec:
-        col = self.table.column(name)
-        assert col is not None  # column_name() checked it
-        return col
-
-    # constants
-
-    def constant(self, node: exp.Expr, column: str) -> Constant:
-        """A constant compared with ``column``: float for numeric, str for categorical."""
-        while isinstance(node, exp.Paren):
-            node = node.this
-        categorical = self.spec(column).categorical
-        if isinstance(node, exp.Literal) and node.is_string:
-            if not categorical:
-                _refuse(
-                    node,
-                    f"comparing numeric column {column!r} with a string is not supported: "
-                    "use a number",
-                )
-            return _string(node, str(node.this))
-        number = _number(node)
-        if number is None:
-            if isinstance(node, exp.Column):
-                _refuse(node, "comparing two columns is not supported: compare with a constant")
-            if isinstance(node, exp.Null):
-                _refuse(node, "comparing with NULL is never true: use IS [NOT] NULL")
-            _unsupported(node, " as a constant")
-        if categorical:
-            _refuse(
-                node,
-                f"comparing categorical column {column!r} with a number is not supported: "
-                "quote it as a string",
-            )
-        return number
-
-    def numeric_constant(self, node: exp.Expr, column: str) -> float:
-        value = self.constant(node, column)
-        assert isinstance(value, float)
-        return value
-
-    # predicates
-
-    def predicate(self, node: exp.Expr, depth: int = 0) -> Predicate:
-        if depth > MAX_DEPTH:
-            _refuse(node, f"the WHERE clause nests deeper than {MAX_DEPTH} levels")
-        if isinstance(node, exp.Paren):
-            return self.predicate(node.this, depth + 1)
-        if isinstance(node, exp.And | exp.Or):  # flattened: AND and OR are associative
-            kind = type(node)
-            parts: list[Predicate] = []
-            for operand in _chain(node, kind):
-                p = self.predicate(operand, depth + 1)
-                same = And if kind is exp.And else Or
-                parts.extend(p.parts if isinstance(p, same) else (p,))
-            return And(tuple(parts)) if kind is exp.And else Or(tuple(parts))
-        if isinstance(node, exp.Not):
-            return Not(self.predicate(node.this, depth + 1))
-        if isinstance(node, exp.EQ | exp.NEQ | exp.GT | exp.GTE | exp.LT | exp.LTE):
-            return self.compare(node)
-        if isinstance(node, exp.In):
-            return self.in_list(node)
-        if isinstance(node, exp.Between):
-            return self.between(node)
-        if isinstance(node, exp.Is):
-            if not isinstance(node.expression, exp.Null):
-                _refuse(node, "only IS NULL and IS NOT NULL are supported")
-            return IsNull(self.column_name(node.this))
-        if isinstance(node, exp.Column):
-            _refuse(node, "a column alone is not a condition: compare it with a constant")
-        _unsupported(node, " in WHERE")
-
-    def compare(self, node: exp.Expr) -> Compare:
-        ops: dict[type[exp.Expr], tuple[CompareOp, CompareOp]] = {
-            exp.EQ: ("=", "="),
-            exp.NEQ: ("<>", "<>"),
-            exp.GT: (">", "<"),
-            exp.GTE: (">=", "<="),
-            exp.LT: ("<", ">"),
-            exp.LTE: ("<=", ">="),
-        }
-        op, flipped = ops[type(node)]
-        left, right = node.this, node.expression
-        if isinstance(_unparen(left), exp.Column):
-            column = self.column_name(_unparen(left))
-            other = right
-        elif isinstance(_unparen(right), exp.Column):
-            column = self.column_name(_unparen(right))
-            other, op = left, flipped
-        else:
-            for side in (left, right):
-                inner = _unparen(side)
-                if not isinstance(inner, exp.Literal | exp.Neg | exp.Null):
-                    _unsupported(inner)
-            _refuse(node, "a comparison needs a declared column on one side")
-        value = self.constant(other, column)
-        if isinstance(value, str) and op not in ("=", "<>"):
-            _refuse(
-                node,
-                f"ordering comparison ({op}) on categorical column {column!r} is not "
-                "supported: use =, <> or IN",
-            )
-        return Compare(column, op, value)
-
-    def in_list(self, node: exp.In) -> InList:
-        for arg in ("query", "unnest", "field"):
-            if node.args.get(arg):
-                _refuse(node, "IN needs a list of constants (a subquery is not supported)")
-        extra = [k for k, v in node.args.items() if v and k not in ("this", "expressions")]
-        if extra:
-            _refuse(node, f"IN with {extra} is not supported")
-        column = self.column_name(_unparen(node.this))
-        items = node.expressions
-        if not 1 <= len(items) <= MAX_KEYS:
-            _refuse(node, f"an IN list needs 1..{MAX_KEYS} constants, got {len(items)}")
-        return InList(column, tuple(self.constant(v, column) for v in items))
-
-    def between(self, node: exp.Between) -> Between:
-        extra = [k for k, v in node.args.items() if v and k not in ("this", "low", "high")]
-        if extra:
-            _refuse(node, f"BETWEEN with {extra} is not supported")
-        column = self.column_name(_unparen(node.this))
-        if self.spec(column).categorical:
-            _refuse(
-                node,
-                f"BETWEEN on categorical column {column!r} is not supported: use IN",
-            )
-        low = self.numeric_constant(node.args["low"], column)
-        high = self.numeric_constant(node.args["high"], column)
-        return Between(column, low, high)
-
-
-def _chain(node: exp.Expr, kind: type[exp.Expr]) -> list[exp.Expr]:
-    """The operands of a chain ``a AND b AND c`` (of one ``kind``), in textual order, without
-    recursion (a long chain is a deep tree: one level per operator)."""
-    out: list[exp.Expr] = []
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if type(n) is kind:
-            stack.extend((n.expression, n.this))
-        else:
-            out.append(n)
-    return out
-
-
-def _unparen(node: exp.Expr) -> exp.Expr:
-    while isinstance(node, exp.Paren):
-        node = node.this
-    return node
-
-
-def _string(node: exp.Expr | str, text: str, *, name: str = "sql") -> str:
-    fragment = node if isinstance(node, str) else _fragment(node)
-    if len(text) > MAX_KEY_LENGTH:
-        raise SqlRefusal(name, fragment, f"strings are limited to {MAX_KEY_LENGTH} characters")
-    if "\x00" in text:
-        raise SqlRefusal(name, fragment, "strings may not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SqlRefusal(name, fragment, "strings must be valid Unicode") from None
-    return text
-
-
-def _number(node: exp.Expr) -> float | None:
-    """The value of a numeric literal (optionally negated, parenthesised), else None."""
-    node = _unparen(node)
-    sign = 1.0
-    while isinstance(node, exp.Neg):
-        sign = -sign
-        node = _unparen(node.this)
-    if not isinstance(node, exp.Literal) or node.is_string:
-        return None
-    try:
-        value = sign * float(str(node.this))
-    except ValueError:
-        _refuse(node, "not a number")
-    if not math.isfinite(value):
-        _refuse(node, "a numeric constant must be finite")
-    return value
-
-
 # --- aggregates --------------------------------------------------------------------------
 
 _QUANTILE_NAMES = ("QUANTILE", "QUANTILE_CONT", "PERCENTILE_CONT")
 
 
 def _aggregate_parts(
-    c: _Compiler, node: exp.Expr
+    c: WhereCompiler, node: exp.Expr
 ) -> tuple[AggregateKind, str | None, float | None, str]:
     """(kind, column, p, default label) of an aggregate expression, or a refusal."""
     if isinstance(node, exp.Count):
@@ -431,17 +110,17 @@ def _aggregate_parts(
         if isinstance(arg, exp.Star):
             return "count", None, None, "count"
         if isinstance(arg, exp.Distinct):
-            _refuse(node, "COUNT(DISTINCT ...) is not supported")
+            refuse(node, "COUNT(DISTINCT ...) is not supported")
         if node.expressions or arg is None:
-            _refuse(node, "COUNT takes * or one column")
-        column = c.column_name(_unparen(arg))
+            refuse(node, "COUNT takes * or one column")
+        column = c.column_name(unparen(arg))
         return "count", column, None, f"count_{column}"
     if isinstance(node, exp.Sum | exp.Avg | exp.Median):
         if node.expressions or node.this is None:
-            _refuse(node, f"{node.sql_name()} takes one column")
+            refuse(node, f"{node.sql_name()} takes one column")
         if isinstance(node.this, exp.Distinct):
-            _refuse(node, f"{node.sql_name()}(DISTINCT ...) is not supported")
-        column = c.column_name(_unparen(node.this))
+            refuse(node, f"{node.sql_name()}(DISTINCT ...) is not supported")
+        column = c.column_name(unparen(node.this))
         if isinstance(node, exp.Median):
             return "quantile", column, 0.5, f"median_{column}"
         kind: AggregateKind = "sum" if isinstance(node, exp.Sum) else "avg"
@@ -455,27 +134,27 @@ def _aggregate_parts(
     elif isinstance(node, exp.Anonymous) and str(node.name).upper() in _QUANTILE_NAMES:
         args = node.expressions
         if len(args) != 2:
-            _refuse(node, f"{str(node.name).upper()} takes a column and a level p")
+            refuse(node, f"{str(node.name).upper()} takes a column and a level p")
         col_node, p_node = args
     elif isinstance(node, exp.WithinGroup) and isinstance(node.this, exp.PercentileCont):
         order = node.expression
         p_node = node.this.this
         items = order.expressions if isinstance(order, exp.Order) else []
         if len(items) != 1 or not isinstance(items[0], exp.Ordered) or items[0].args.get("desc"):
-            _refuse(node, "PERCENTILE_CONT needs WITHIN GROUP (ORDER BY one column ascending)")
+            refuse(node, "PERCENTILE_CONT needs WITHIN GROUP (ORDER BY one column ascending)")
         col_node = items[0].this
     else:
         if isinstance(node, exp.AggFunc | exp.Func):
-            _unsupported(node)
+            unsupported(node)
         if isinstance(node, exp.Column):
-            _refuse(node, "column is neither in GROUP BY nor inside an aggregate")
-        _unsupported(node, " in the SELECT list")
+            refuse(node, "column is neither in GROUP BY nor inside an aggregate")
+        unsupported(node, " in the SELECT list")
     if col_node is None or p_node is None:
-        _refuse(node, "a quantile takes a column and a level p")
-    column = c.column_name(_unparen(col_node))
-    p = _number(p_node)
+        refuse(node, "a quantile takes a column and a level p")
+    column = c.column_name(unparen(col_node))
+    p = numeric_literal(p_node)
     if p is None or not 0.0 < p < 1.0:
-        _refuse(node, "the quantile level p must be a number in (0, 1)")
+        refuse(node, "the quantile level p must be a number in (0, 1)")
     return "quantile", column, p, f"quantile_{column}_{p!r}"
 
 
@@ -553,7 +232,7 @@ def _weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
 
 
 def _keys(
-    group_by: tuple[str, ...], c: _Compiler, keys: Mapping[str, Sequence[str]] | None
+    group_by: tuple[str, ...], c: WhereCompiler, keys: Mapping[str, Sequence[str]] | None
 ) -> tuple[tuple[str, ...], ...]:
     given = dict(keys or {})
     for name in given:
@@ -574,7 +253,7 @@ def _keys(
         for k in ks:
             if not isinstance(k, str) or not k:
                 raise SqlRefusal(f"keys[{name!r}]", k, "each key must be a non-empty string")
-            _string(k, k, name=f"keys[{name!r}]")
+            checked_string(k, k, name=f"keys[{name!r}]")
         if len(set(ks)) != len(ks):
             raise SqlRefusal(f"keys[{name!r}]", list(ks), "keys must be distinct")
         out.append(tuple(ks))
@@ -592,53 +271,53 @@ def _select(text: str) -> exp.Select:
     try:
         statements = [s for s in sqlglot.parse(text) if s is not None]
     except RecursionError:
-        _refuse(text, "the text nests too deeply")
+        refuse(text, "the text nests too deeply")
     except Exception as exc:  # sqlglot's own errors, and any failure of it on hostile text
-        _refuse(text, f"cannot parse: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        refuse(text, f"cannot parse: {str(exc).splitlines()[0] if str(exc) else exc!r}")
     if len(statements) != 1:
-        _refuse(text, f"exactly one statement is supported, got {len(statements)}")
+        refuse(text, f"exactly one statement is supported, got {len(statements)}")
     (stmt,) = statements
     if isinstance(stmt, _SET_OPERATION):
-        _unsupported(stmt)
+        unsupported(stmt)
     if not isinstance(stmt, exp.Select):
-        _refuse(stmt, f"{type(stmt).__name__.upper()} statements are not supported: only SELECT")
+        refuse(stmt, f"{type(stmt).__name__.upper()} statements are not supported: only SELECT")
     for key, value in stmt.args.items():
         if not value or key.rstrip("_") in ("expressions", "from", "where", "group"):
             continue
-        what = _CLAUSES.get(key.rstrip("_"), f"the clause {key.rstrip('_').upper()}")
-        _refuse(stmt, f"{what} is not supported")
+        what = CLAUSES.get(key.rstrip("_"), f"the clause {key.rstrip('_').upper()}")
+        refuse(stmt, f"{what} is not supported")
     return stmt
 
 
 def _table_name(stmt: exp.Select, tables: Mapping[str, TableDecl]) -> TableDecl:
     source = stmt.args.get("from_", stmt.args.get("from"))
     if source is None:
-        _refuse(stmt, "a FROM clause naming one declared table is required")
+        refuse(stmt, "a FROM clause naming one declared table is required")
     if not isinstance(source, exp.From) or source.expressions:
-        _refuse(source, "FROM takes one declared table")
+        refuse(source, "FROM takes one declared table")
     t = source.this
     if isinstance(t, exp.Subquery | exp.Select):
-        _unsupported(t, " in FROM")
+        unsupported(t, " in FROM")
     if not isinstance(t, exp.Table) or not isinstance(t.this, exp.Identifier):
         inner = t.this if isinstance(t, exp.Table) else t
         if isinstance(inner, exp.Func):
-            _refuse(
+            refuse(
                 t,
-                f"table function {_construct(inner).removeprefix('function ')} is not "
+                f"table function {construct(inner).removeprefix('function ')} is not "
                 "supported: name a declared table",
             )
-        _refuse(t, "FROM takes one declared table")
+        refuse(t, "FROM takes one declared table")
     if t.args.get("db") or t.args.get("catalog"):
-        _refuse(t, "a qualified table name is not supported: name a declared table")
+        refuse(t, "a qualified table name is not supported: name a declared table")
     if t.args.get("alias"):
-        _refuse(t, "a table alias is not supported")
+        refuse(t, "a table alias is not supported")
     for key, value in t.args.items():
         if value and key not in ("this",):
-            what = _CLAUSES.get(key.rstrip("_"), key.rstrip("_").upper())
-            _refuse(t, f"{what} is not supported")
+            what = CLAUSES.get(key.rstrip("_"), key.rstrip("_").upper())
+            refuse(t, f"{what} is not supported")
     name = str(t.this.name)
     if name not in tables:
-        _refuse(t, f"table {name!r} is not declared (declared: {sorted(tables)})")
+        refuse(t, f"table {name!r} is not declared (declared: {sorted(tables)})")
     decl = tables[name]
     if decl.name != name:
         raise SqlRefusal("tables", name, f"the declaration is named {decl.name!r}")
@@ -649,7 +328,7 @@ def _label(alias: exp.Expr) -> str:
     ident = alias.args.get("alias")
     name = str(ident.name) if isinstance(ident, exp.Identifier) else ""
     if not name or len(name) > MAX_LABEL_LENGTH or not name.isprintable():
-        _refuse(alias, f"an alias must be 1..{MAX_LABEL_LENGTH} printable characters")
+        refuse(alias, f"an alias must be 1..{MAX_LABEL_LENGTH} printable characters")
     return name
 
 
@@ -668,7 +347,7 @@ def compile_sql(
     _check_bins(bins)
     stmt = _select(text)
     table = _table_name(stmt, tables)
-    c = _Compiler(table)
+    c = WhereCompiler(table)
 
     # GROUP BY
     group_by: list[str] = []
@@ -676,22 +355,22 @@ def compile_sql(
     if group is not None:
         for key, value in group.args.items():
             if value and key != "expressions":
-                _refuse(group, f"GROUP BY {key.upper()} is not supported")
+                refuse(group, f"GROUP BY {key.upper()} is not supported")
         for g in group.expressions:
-            g = _unparen(g)
+            g = unparen(g)
             if isinstance(g, exp.Literal):
-                _refuse(g, "GROUP BY position is not supported: name the column")
+                refuse(g, "GROUP BY position is not supported: name the column")
             if not isinstance(g, exp.Column):
-                _unsupported(g, " in GROUP BY")
+                unsupported(g, " in GROUP BY")
             name = c.column_name(g)
             if not c.spec(name).categorical:
-                _refuse(
+                refuse(
                     g,
                     f"GROUP BY on numeric column {name!r} is not supported: group by a "
                     "categorical column",
                 )
             if name in group_by:
-                _refuse(g, f"column {name!r} appears twice in GROUP BY")
+                refuse(g, f"column {name!r} appears twice in GROUP BY")
             group_by.append(name)
 
     # SELECT list
@@ -700,33 +379,33 @@ def compile_sql(
     for item in stmt.expressions:
         if isinstance(item, exp.Alias):
             inner = item.this
-            if isinstance(_unparen(inner), exp.Column):
-                _refuse(item, "an alias on a group column is not supported")
+            if isinstance(unparen(inner), exp.Column):
+                refuse(item, "an alias on a group column is not supported")
             kind, column, p, _ = _aggregate_parts(c, inner)
             parts.append((kind, column, p, _label(item)))
             continue
         if isinstance(item, exp.Column):
             name = c.column_name(item)
             if name not in group_by:
-                _refuse(
+                refuse(
                     item,
                     f"column {name!r} in the SELECT list must be in GROUP BY or inside an "
                     "aggregate",
                 )
             if name in selected:
-                _refuse(item, f"column {name!r} appears twice in the SELECT list")
+                refuse(item, f"column {name!r} appears twice in the SELECT list")
             selected.append(name)
             continue
         parts.append(_aggregate_parts(c, item))
     missing = [g for g in group_by if g not in selected]
     if missing:
-        _refuse(stmt, f"GROUP BY column(s) {missing} must also be in the SELECT list")
+        refuse(stmt, f"GROUP BY column(s) {missing} must also be in the SELECT list")
     if not parts:
-        _refuse(stmt, "the SELECT list needs at least one aggregate")
+        refuse(stmt, "the SELECT list needs at least one aggregate")
     labels = [label for *_, label in parts] + group_by
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        _refuse(stmt, f"duplicate output column name(s) {dup}: give each aggregate an alias")
+        refuse(stmt, f"duplicate output column name(s) {dup}: give each aggregate an alias")
 
     where_node = stmt.args.get("where")
     where = None if where_node is None else c.predicate(where_node.this)
