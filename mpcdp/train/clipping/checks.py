@@ -240,7 +240,7 @@ def _bad_rows(
     *,
     rows: torch.Tensor | None = None,
     scratch: Scratch | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, bool]:
     """Mask of the rows where ``part`` differs from ``ratio * full[rows]`` (``ratio``: one
     power of two per row, or 1; ``rows``: all by default) beyond ``rtol`` of that row's norm
     (computed in float32 at least: enough for tolerances of 2^-16 and above). Non-finite
@@ -251,7 +251,8 @@ def _bad_rows(
     of ``full`` itself (for a row so small that its squares underflow, the slow path below
     runs). Where every value is finite ``nan_to_num`` changes nothing, and a non-finite
     value makes some norm non-finite, so the slow path (``nan_to_num`` copies of both) runs
-    exactly when it differs."""
+    exactly when it differs. Returns the mask and whether any row is set (the fast path
+    reads the host once)."""
     work = torch.float64 if torch.float64 in (full.dtype, part.dtype) else torch.float32
     p = part.to(work).reshape(part.shape[0], -1)
     if rows is None:
@@ -272,17 +273,24 @@ def _bad_rows(
     diff = torch.linalg.vector_norm(d, dim=1)
     # below this a row's squares underflow, and scaling it may round otherwise
     tiny = torch.finfo(work).tiny / torch.finfo(work).eps
-    if not bool(torch.isfinite(torch.stack([scale.max(), diff.max()])).all()) or (
-        r is not None and bool(((scale > 0) & (scale < tiny)).any())
-    ):
-        f = (full if rows is None else full[rows]).to(work).reshape(p.shape)
-        f = torch.nan_to_num(f if r is None else f * r)
-        p = torch.nan_to_num(p)
-        scale = torch.linalg.vector_norm(f, dim=1)
-        diff = torch.linalg.vector_norm(f - p, dim=1)
+    # one read back to the host: whether the fast path holds, and whether a row is bad
+    top = scale.max()
+    bad: torch.Tensor = diff > rtol * (scale + (top * 1e-6 + 1e-30))
+    flags = [top, diff.max(), bad.any().to(work)]
+    if r is not None:
+        flags.append(((scale > 0) & (scale < tiny)).any().to(work))
+    values = torch.stack(flags).tolist()
+    underflow = r is not None and values[3] != 0.0
+    if math.isfinite(values[0]) and math.isfinite(values[1]) and not underflow:
+        return bad, values[2] != 0.0
+    f = (full if rows is None else full[rows]).to(work).reshape(p.shape)
+    f = torch.nan_to_num(f if r is None else f * r)
+    p = torch.nan_to_num(p)
+    scale = torch.linalg.vector_norm(f, dim=1)
+    diff = torch.linalg.vector_norm(f - p, dim=1)
     floor = 1e-6 * float(scale.max()) + 1e-30
-    bad: torch.Tensor = diff > rtol * (scale + floor)
-    return bad
+    bad = diff > rtol * (scale + floor)
+    return bad, bool(bad.any())
 
 
 def _first_bad_row(
@@ -299,8 +307,8 @@ def _first_bad_row(
     if part.shape[0] == 0 or math.prod(part.shape[1:]) == 0:
         return None
     tol = rtol_for(full.dtype) if rtol is None else rtol
-    bad = _bad_rows(full, part, tol, ratio, rows=rows, scratch=scratch)
-    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+    bad, any_bad = _bad_rows(full, part, tol, ratio, rows=rows, scratch=scratch)
+    return int(bad.nonzero()[0, 0]) if any_bad else None
 
 
 def refuse(path: str, why: str) -> UnsupportedModuleError:
