@@ -133,12 +133,24 @@ def encode_fixed(
     return to_ring(ints, ring_bits=ring_bits)
 
 
-def decode_fixed(v: ring.AnyRingVector, *, frac_bits: int) -> NDArray[np.float64]:
-    """Fixed point words -> float64 (two's complement, so words >= 2^63 are negative)."""
+def decode_fixed(
+    v: ring.AnyRingVector, *, frac_bits: int, out: NDArray[np.float64] | None = None
+) -> NDArray[np.float64]:
+    """Fixed point words -> float64 (two's complement, so words >= 2^63 are negative).
+
+    ``out``: a float64 array of ``v``'s size to write into (one pass, no temporary; the
+    caller decodes a long vector in slices into one array); returned."""
     _check_frac_bits(frac_bits)
     signed = v.reshape(-1).view(np.int32 if ring.bits_of(v) == 32 else np.int64)
-    out = signed.astype(np.float64)
-    out *= 1.0 / float(1 << frac_bits)  # exact: a power of two
+    if out is None:
+        out = np.empty(signed.size, dtype=np.float64)
+    elif out.dtype != np.float64 or out.shape != signed.shape:
+        raise ParameterError(
+            "out", f"{out.dtype} of shape {out.shape}", f"must be float64 of shape {signed.shape}"
+        )
+    # the int -> float64 conversion is exact up to 2^53 and so is the scaling (a power of
+    # two); numpy converts in buffered blocks, so no float64 temporary of the whole size
+    np.multiply(signed, 1.0 / float(1 << frac_bits), out=out)
     return out
 
 

@@ -4,7 +4,9 @@ reveal, and the re-runs without the parties that failed.
 The coordinator is also the aggregator. It talks to parties through :class:`PartyClient`
 objects (gRPC in mpcdp.transport.client, direct calls in tests) and never sees anything but
 signed public keys and masked uploads. Uploads are summed chunk by chunk as they stream in,
-so the coordinator holds one vector, whatever the number of parties.
+so the coordinator holds one vector, whatever the number of parties, and decoded into reals
+behind the slowest upload (the words every party has sent are final), so that little is left
+to decode after the last chunk.
 
 One round (:func:`run_round`): no Contribute is sent before every party's Propose succeeded,
 and every party that has a ``ping`` (the gRPC client's health check) is asked once more that
@@ -41,6 +43,7 @@ is not left out: its keys are forgotten here and the query re-run the two-round-
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -358,10 +361,12 @@ def accumulate(
     expected: str,
     observe: Observer | None,
     gave_up: threading.Event | None = None,
+    advanced: Callable[[int], None] | None = None,
 ) -> float:
     """Add ``stream``'s chunks into ``total`` (strict: length, order, sender). Once
     ``gave_up`` is set, no further chunk is added: the stream is closed (which cancels a
-    gRPC upload) and :class:`GaveUp` raised."""
+    gRPC upload) and :class:`GaveUp` raised. ``advanced(offset)`` is called after each
+    chunk is added (outside ``lock``): this upload's words below ``offset`` are in."""
     if stream.party_id != expected:
         raise ProtocolError(f"contribution from {stream.party_id!r} on the channel of {expected!r}")
     if stream.length != total.size:
@@ -384,6 +389,8 @@ def accumulate(
                 seg = total[offset : offset + n]
                 np.add(seg, chunk, out=seg)
             offset += n
+            if advanced is not None:
+                advanced(offset)
     finally:
         close = getattr(stream.chunks, "close", None)
         if close is not None:
@@ -413,6 +420,53 @@ class _RoundFailed(Exception):
         self.warm = warm
 
 
+#: the sum is decoded in slices of at least this many words (the last one shorter)
+_DECODE_WORDS = 1 << 18
+
+
+class _Reveal:
+    """The sum's words decoded into reals behind the slowest upload: once every party's
+    upload has been added up to word w, the words below w are final, so they are decoded
+    while the rest streams in (each slice once, by the upload thread that moved the mark)
+    instead of in one pass after the last chunk."""
+
+    def __init__(self, release: ReleasePlan, total: ring.AnyRingVector, parties: Sequence[str]):
+        self._total = total
+        self._out = np.empty(total.size, dtype=np.float64)
+        self._tensors: list[tuple[str, int, int, int]] = []  # name, start, stop, frac_bits
+        offset = 0
+        for t in release.tensors:
+            self._tensors.append((t.name, offset, offset + t.length, t.frac_bits))
+            offset += t.length
+        self._at = dict.fromkeys(parties, 0)  # party -> words of its upload added
+        self._claimed = 0  # words below this are decoded or being decoded
+        self._lock = threading.Lock()
+
+    def advanced(self, party: str, offset: int) -> None:
+        """``party``'s words below ``offset`` are in the sum."""
+        with self._lock:
+            self._at[party] = offset
+            mark = min(self._at.values())
+            if mark - self._claimed < _DECODE_WORDS and mark < self._total.size:
+                return
+            start, self._claimed = self._claimed, mark
+        self._decode(start, mark)
+
+    def _decode(self, start: int, stop: int) -> None:
+        for _, a, b, frac_bits in self._tensors:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                encoding.decode_fixed(self._total[lo:hi], frac_bits=frac_bits, out=self._out[lo:hi])
+
+    def tensors(self) -> dict[str, NDArray[np.float64]]:
+        """Every tensor, decoded (call once every upload has been added and every
+        :meth:`advanced` has returned): views of one array."""
+        with self._lock:
+            start, self._claimed = self._claimed, self._total.size
+        self._decode(start, self._total.size)
+        return {name: self._out[a:b] for name, a, b, _ in self._tensors}
+
+
 @dataclass
 class _Sum:
     """A round's plan and running sum, set once the vector's length is known (a cold
@@ -420,13 +474,20 @@ class _Sum:
 
     release: ReleasePlan | None
     total: ring.AnyRingVector | None
+    reveal: _Reveal | None = None
 
-    def start(self, spec: QuerySpec, release_plan: ReleasePlan | None, length: int) -> None:
+    def start(
+        self,
+        spec: QuerySpec,
+        release_plan: ReleasePlan | None,
+        length: int,
+    ) -> None:
         release = release_plan or plan(spec, vector_length=length)
         if release.length != length:
             raise ProtocolError(f"parties announced {length} words, the plan has {release.length}")
         self.release = release
         self.total = np.zeros(length, dtype=ring.dtype_for(spec.ring_bits).newbyteorder("="))
+        self.reveal = _Reveal(release, self.total, spec.parties)
 
 
 def run_round(
@@ -518,8 +579,11 @@ def _round(
                     charged[client.party_id] = stream.epsilon_spent
                     if acc.total is None:  # warm: the first header tells the length
                         acc.start(spec, release_plan, stream.length)
-                    assert acc.total is not None
-                return accumulate(stream, acc.total, lock, client.party_id, observe, gave_up)
+                    assert acc.total is not None and acc.reveal is not None
+                return accumulate(
+                    stream, acc.total, lock, client.party_id, observe, gave_up,
+                    advanced=functools.partial(acc.reveal.advanced, client.party_id),
+                )  # fmt: skip
 
             contributions = [pool.submit(contribute, c) for c in ordered]
             wait(contributions, return_when=FIRST_EXCEPTION)
@@ -565,19 +629,12 @@ def _round(
     finally:
         if executor is None:
             pool.shutdown(wait=True)
-    release, total = acc.release, acc.total
-    assert release is not None and total is not None
-    tensors: dict[str, NDArray[np.float64]] = {}
-    offset = 0
-    for t in release.tensors:
-        tensors[t.name] = encoding.decode_fixed(
-            total[offset : offset + t.length], frac_bits=t.frac_bits
-        )
-        offset += t.length
+    release, reveal = acc.release, acc.reveal
+    assert release is not None and reveal is not None
     return RoundOutcome(
         spec=spec,
         plan=release,
-        tensors=tensors,
+        tensors=reveal.tensors(),
         budget_remaining=dict(zip(spec.parties, remaining, strict=True)),
         session_id=session_id,
     )

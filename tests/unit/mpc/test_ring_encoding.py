@@ -215,3 +215,24 @@ def test_to_ring_takes_int32_and_int64_and_views_when_the_width_matches() -> Non
     assert w64.tolist() == encoding.to_ring(i64, ring_bits=64).tolist()
     assert np.shares_memory(encoding.to_ring(i64, ring_bits=64), i64)
     assert encoding.decode_int(w64).tolist() == i64.tolist()
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_decode_fixed_into_a_given_array_equals_a_new_one(bits: int) -> None:
+    words = csprng(key=bytes(16)).integers(0, 2**bits, 1000, dtype=np.uint64, endpoint=False)
+    words = words.astype(ring.dtype_for(bits))
+    out = np.full(1000, np.nan)
+    got = encoding.decode_fixed(words, frac_bits=12, out=out)
+    assert got is out
+    expected = words.view(np.int32 if bits == 32 else np.int64).astype(np.float64) / 4096.0
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "out",
+    [np.empty(3), np.empty(4, dtype=np.float32), np.empty((2, 2))],
+    ids=["short", "float32", "2d"],
+)
+def test_decode_fixed_refuses_an_output_of_another_shape_or_type(out: np.ndarray) -> None:
+    with pytest.raises(ParameterError, match="out"):
+        encoding.decode_fixed(np.zeros(4, dtype=np.uint64), frac_bits=1, out=out)
