@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -145,27 +145,34 @@ class Contribution:
     #: called once the upload has been read to its end (or its reader closed): the session
     #: gives its slot back (idempotent)
     _done: Callable[[], None] | None = None
+    #: the leading words of ``_noisy`` that are masked already (``_mask`` is positioned
+    #: there: the party masked them while its ledger wrote the charge)
+    _masked_words: int = 0
+    #: set on the first read (single use)
+    _read: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     @property
     def ring_bits(self) -> int:
         return ring.bits_of(self._noisy)
 
     def chunks(self, words_per_chunk: int) -> Iterator[ring.AnyRingVector]:
-        """The masked upload in order; each slice is masked just before it is yielded.
+        """The masked upload in order; each slice is masked just before it is yielded
+        (past the words masked already).
 
         Single use: the mask streams advance as they are read. When the reading ends (the
         last slice, or the iterator closed or dropped), the upload has ended.
         """
         if words_per_chunk < 1:
             raise ParameterError("words_per_chunk", words_per_chunk, "must be >= 1")
-        mask = self._mask
-        if mask is not None and mask.words_done:
+        mask, ahead = self._mask, self._masked_words
+        if self._read.is_set() or (mask is not None and mask.words_done != ahead):
             raise ProtocolError("this contribution was already read")
+        self._read.set()
         try:
             for start in range(0, self.length, words_per_chunk):
                 seg = self._noisy[start : start + words_per_chunk]
-                if mask is not None:
-                    mask.apply(seg)
+                if mask is not None and start + seg.size > ahead:
+                    mask.apply(seg[max(0, ahead - start) :])
                 yield seg
         finally:
             self.close()

@@ -20,7 +20,8 @@ contribute(session, keys) from the same coordinator C:
   ``keys`` holds exactly one valid signed key per spec party, ours unchanged. Then derive the
   pair keys, wait for the noisy vector (a failed draw refuses, charging nothing), charge the
   ledger (the reservation becomes the charge in place: charge before
-  release), mask, and return the upload. The session keeps its coordinator's slot until
+  release), mask, and return the upload. The masking starts on another thread while the
+  ledger writes the charge (a wait on the disk); nothing is handed out before the write. The session keeps its coordinator's slot until
   the upload ends: read to its end, or given up (:meth:`PartyEngine.upload_ended`, which the
   transport calls when the call ends however it ends; it gives the slot back once), so
   a coordinator's pending sessions and running uploads together stay within its limit.
@@ -45,9 +46,10 @@ import functools
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -154,6 +156,41 @@ def noisy_builder(release: ReleasePlan, data: EngineTable | Vector) -> Builder:
     return build
 
 
+#: words masked between two looks at the stop flag of a :class:`_MaskAhead`
+_AHEAD_SLICE_WORDS = 1 << 16
+
+
+class _MaskAhead:
+    """Masks the leading words of an upload on an executor's thread, slice by slice, until
+    :meth:`stop`: the party does this while its ledger writes the charge (a wait on the
+    disk), so that less is left to mask once the charge is written. The words stay in the
+    party's memory until the Contribution that holds them is handed out, after the charge;
+    the mask stream is used by one thread at a time (this one until :meth:`stop` returns)."""
+
+    def __init__(self, executor: Executor, stream: sharing.MaskStream, vec: np.ndarray) -> None:
+        self._stream, self._vec = stream, vec
+        self._halt = threading.Event()
+        self._words = 0
+        self._job = executor.submit(self._run)
+
+    def _run(self) -> None:
+        for start in range(0, self._vec.size, _AHEAD_SLICE_WORDS):
+            if self._halt.is_set():
+                return
+            seg = self._vec[start : start + _AHEAD_SLICE_WORDS]
+            self._stream.apply(seg)
+            self._words = start + seg.size
+
+    def stop(self) -> int:
+        """Stop after the slice under way; the number of leading words masked (the stream
+        is positioned there). Raises what the masking raised."""
+        self._halt.set()
+        if self._job.cancel():  # never started (every thread was busy)
+            return 0
+        self._job.result()
+        return self._words
+
+
 #: the ledger keeps this many characters of a note
 _NOTE_CHARS = 200
 #: a re-run's query id: ``<first round's id>.r<k>`` (mpcdp.protocol.query.round_coordinator)
@@ -235,6 +272,8 @@ class PartyEngine(SessionHost):
             party, max_per_coordinator=max_prekeys_per_coordinator, wall=wall
         )
         self._noise = NoisePool(rng=rng, threads=noise_threads)
+        # mask the leading words of uploads while their charges are written (_MaskAhead)
+        self._maskers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mask-ahead")
         self._sessions: dict[bytes, _Session] = {}
         self._finished: dict[bytes, ReleasePlan] = {}  # contributed, upload maybe in flight
         # session id -> coordinator, for uploads that still hold their session's slot
@@ -641,6 +680,19 @@ class PartyEngine(SessionHost):
                 f"Contribute of session {session_id.hex()} outlived its deadline before its "
                 "charge (this party was stopped or slowed); nothing was charged"
             )
+        me = spec.index_of(self.party_id)
+        try:
+            stream = sharing.MaskStream(
+                party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
+            )
+        except BaseException:
+            self.upload_ended(session_id=session_id)
+            if reserved:
+                self.ledger.release(spec.query_id, coordinator=coordinator)
+            raise
+        # the leading words are masked on another thread while the ledger writes the charge
+        # (a durable write waits on the disk); nothing leaves before the charge is written
+        ahead = _MaskAhead(self._maskers, stream, noisy)
         try:
             charge = self.ledger.charge(
                 dataset=spec.dataset,
@@ -652,11 +704,17 @@ class PartyEngine(SessionHost):
                 note=_note(spec),
             )
         except BaseException as exc:
+            ahead.stop()
             # nothing leaves: the budget is free again, and so is the slot
             self.upload_ended(session_id=session_id)
             self.ledger.release(spec.query_id, coordinator=coordinator)
             if isinstance(exc, LedgerWriteError):
                 raise durability_refusal(self.party_id, exc) from None
+            raise
+        try:
+            masked = ahead.stop()
+        except BaseException:
+            self.upload_ended(session_id=session_id)  # charged; nothing leaves
             raise
         if not charge.new:
             self.upload_ended(session_id=session_id)
@@ -667,14 +725,6 @@ class PartyEngine(SessionHost):
             )
         assert charge.status is not None  # a new charge carries its status
         status = charge.status
-        me = spec.index_of(self.party_id)
-        try:
-            stream = sharing.MaskStream(
-                party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
-            )
-        except BaseException:
-            self.upload_ended(session_id=session_id)
-            raise
         with self._lock:
             self._finished[session_id] = release
             while len(self._finished) > 64:  # uploads that never reported back
@@ -688,6 +738,7 @@ class PartyEngine(SessionHost):
             _noisy=noisy,
             _mask=stream,
             _done=functools.partial(self.upload_ended, session_id=session_id),
+            _masked_words=masked,
         )
 
     def round_finished(self, *, session_id: bytes) -> None:
@@ -705,6 +756,7 @@ class PartyEngine(SessionHost):
     def close(self) -> None:
         """Stop the background noise generation."""
         self._noise.close()
+        self._maskers.shutdown(wait=True, cancel_futures=True)
 
     def abort(self, *, session_id: bytes, coordinator: str) -> None:
         with self._lock:
