@@ -45,7 +45,8 @@ Then:
   (to 25%: across batch sizes kernels round differently, and an ill-conditioned backward
   amplifies that), so a backward that depends on the batch's size shows.
 * :func:`compare_sums`: for that example, the book-keeping sum ``w g`` (the per-layer
-  rules) equals autograd's gradient of ``w l`` with respect to the parameters. A forward
+  rules) equals autograd's gradient of ``w l`` with respect to the parameters (a linear
+  layer's sum ``G^T X`` in factored form, :func:`matmul_sum_stats`). A forward
   hook that changes a layer's output (``o * 3``), a parameter that reaches the loss through
   a tensor derived from it and used outside its module (``self.w = self.weight * 1`` read by
   the parent), or a hook on a parameter's gradient all make the two differ.

@@ -73,7 +73,8 @@ class FirstUseProbe:
         its layers' calls in place for the clipped sum. ``flat``: a contiguous float32 vector
         of :attr:`num_params` values that the probe overwrites (the step's ``grad_sum``
         afterwards): it holds the snapshot of the float32 parameters and then the single
-        example's per-layer sums, so that the probe allocates nothing of the model's size
+        example's per-layer sums of the layers other than linear ones (a linear layer's sum
+        is compared in factored form), so that the probe allocates nothing of the model's size
         but autograd's gradient of that example (on a CPU a fresh model-sized buffer costs
         more in page faults than the pass that fills it).
 
@@ -81,8 +82,9 @@ class FirstUseProbe:
         of the same graph (other weights), the parts' forwards (the batch once more, as five
         batches), and one backward of a part of one example: about two steps where a step's
         cost grows with the batch. Over the model's parameters: one copy (the snapshot), two
-        comparisons with it, and for the single example its gradient, the per-layer sums and
-        their comparison."""
+        comparisons with it, and for the single example its gradient (written by autograd),
+        one or two reads of it for the comparison and, for layers other than linear ones,
+        the per-layer sums."""
         gen = self._probe_gen
         perm = torch.randperm(batch, generator=gen)
         sizes = checks.part_sizes(batch, gen)
