@@ -16,6 +16,12 @@ Background builds run at a lower scheduling priority (Linux: nice + 10 for those
 only): when the party's cores are busy with a request (a training step's gradients, the
 coordinator's update on a shared machine), the request runs first and the noise fills the
 idle time. A build in the foreground (a miss) runs at normal priority on its own workers.
+When a request takes a vector whose background build is still under way, the build is on
+the request path from then on: the request's thread hands the build's slices that have not
+started to the foreground workers (normal priority; a build that has not started at all is
+cancelled and built in the foreground), so that the request does not wait on low-priority
+threads which other work on the machine (another site's gradients, other processes) may
+starve.
 
 Each vector holds a fresh noise share, is handed to exactly one round and is never kept or
 reused after that. Memory is bounded by ``max_entries`` and ``max_bytes``; the least
@@ -24,13 +30,15 @@ recently used parameters are dropped first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -126,6 +134,68 @@ def fill_in_slices(
         list(workers.map(one, range(len(bounds))))
 
 
+class _HelpableWorkers(Executor):
+    """Low-priority threads (:func:`background_executor`) for the slices of background builds,
+    whose queued calls a caller that needs the build now can take over (:meth:`help`): a
+    build that becomes urgent does not wait on threads that normal-priority work starves.
+    Calls are queued in order; each runs once, on whichever thread takes it first."""
+
+    def __init__(self, threads: int, *, name: str) -> None:
+        self._threads = background_executor(threads, name=name)
+        self._queue: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._cond = threading.Condition()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._cond:
+            self._queue.append((fut, functools.partial(fn, **kwargs), args))
+            self._cond.notify_all()
+        self._threads.submit(self._run_next)
+        return fut
+
+    def _next(self) -> tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None:
+        with self._cond:
+            return self._queue.popleft() if self._queue else None
+
+    @staticmethod
+    def _run(item: tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]) -> None:
+        fut, fn, args = item
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # handed to the caller through its future
+            fut.set_exception(exc)
+
+    def _run_next(self) -> None:
+        item = self._next()
+        if item is not None:  # else a helper ran it
+            self._run(item)
+
+    def help(self, workers: Executor, *, until: Future[Any]) -> None:
+        """Run the queued calls on ``workers`` until ``until`` is done (the build that
+        submitted them; calls it submits later are taken as they come)."""
+        running: list[Future[None]] = []
+        while not until.done():
+            item = self._next()
+            if item is not None:
+                running.append(workers.submit(self._run, item))
+                continue
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(timeout=0.005)
+        for f in running:
+            f.result()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if cancel_futures:
+            with self._cond:
+                for fut, _, _ in self._queue:
+                    fut.cancel()
+                self._queue.clear()
+        self._threads.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
 class NoisePool:
     """Ready vectors per key (module docstring). ``threads`` workers draw the slices of a
     build: one pool at normal priority for foreground builds, one at low priority for
@@ -149,7 +219,7 @@ class NoisePool:
         self._lock = threading.Lock()
         n = threads or default_noise_threads()
         self._executor = background_executor(1, name=f"{name}-bg")
-        self._bg_workers = background_executor(n, name=f"{name}-bg-slice")
+        self._bg_workers = _HelpableWorkers(n, name=f"{name}-bg-slice")
         self._fg_workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"{name}-slice")
         # runs :meth:`take` for :meth:`take_later` (a build there maps its slices onto the
         # foreground workers, so it must not run on one of them)
@@ -161,8 +231,12 @@ class NoisePool:
         """A fresh vector for ``key``: the ready one, or one built now."""
         with self._lock:
             entry = self._ready.pop(key, None)
-        if entry is not None:
+        if entry is not None and not entry[1].cancel():  # cancelled: it had not started
             try:
+                # a build under way is now on the request path: its slices not yet started
+                # run on the foreground workers, at normal priority, instead of waiting for
+                # low-priority threads that busier work may starve
+                self._bg_workers.help(self._fg_workers, until=entry[1])
                 vec = entry[1].result()
                 self.hits += 1
                 return vec
