@@ -2,7 +2,7 @@
 
 Run:  python -m benchmarks.secure_sum [--parties 3 5 10] [--sizes 1000 100000 1000000 10000000]
                                       [--repeat 3] [--mpyc-max-work 3000000] [--chunk-bytes 1048576]
-                                      [--json out.json]
+                                      [--interleave 0] [--json out.json]
 
 For each (n, d), in the same run:
 - mpcdp: n party nodes as separate processes (`mpcdp party serve`), real mTLS gRPC on
@@ -28,6 +28,11 @@ mpcdp/plaintext (warm and cold) and MPyC/mpcdp (warm). "propose s" is the Propos
 of the best cold round (until the last party's signed key came back); "warm proposes" counts
 the Propose calls the warm rounds made (0: the round trip is gone). Absolute times are for
 this machine only.
+
+``--interleave K`` adds K pairs of rounds with both kinds of parties running at once: a
+plaintext round, then a warm mpcdp round, back to back (then the parties' noise refill, off
+the clock), so that both rounds of a pair see the same load from other work; reported: the
+median of the K ratios warm / plaintext and their range ("interleaved").
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,9 +182,7 @@ def bench_mpcdp(
     ring = WarmKeys(batch_size=min(64, repeat + 1))
 
     def settle() -> None:
-        # let the parties refill their noise off the clock: each draws d Skellam coordinates
-        # (~120 ns each on one core here), all n of them on this machine's cores
-        time.sleep(min(20.0, 0.5 + 2 * len(parties) * d * 120e-9 / (os.cpu_count() or 1)))
+        _settle(len(parties), d)
 
     def one(spec: QuerySpec, prekeys: WarmKeys | None = None) -> float:
         received.clear()
@@ -249,6 +253,69 @@ def bench_plaintext(
         return m
 
 
+def _settle(n: int, d: int) -> None:
+    """Let the parties refill their noise off the clock: each draws d Skellam coordinates
+    (~120 ns each on one core here), all n of them on this machine's cores."""
+    time.sleep(min(20.0, 0.5 + 2 * n * d * 120e-9 / (os.cpu_count() or 1)))
+
+
+def bench_interleaved(
+    net: LocalFederation, parties: list[str], d: int, pairs: int, chunk_bytes: int
+) -> list[float]:
+    """``pairs`` ratios warm mpcdp round / plaintext round, each pair run back to back with
+    both kinds of parties up (module docstring)."""
+    cfg = load_federation_config(net.federation_config)
+    creds = tls.load_credentials(cfg.tls)
+    clients = [
+        GrpcPartyClient(
+            party_id=p.id, address=p.address, creds=creds, deadline_s=600, chunk_bytes=chunk_bytes
+        )
+        for p in cfg.parties
+    ]
+    pool = ThreadPoolExecutor(len(parties))
+    ratios: list[float] = []
+    with plaintext_party.running(net, parties) as plain:
+        request = pb.ContributeRequest(
+            version=PROTOCOL_VERSION, session_id=b"p" * 16, chunk_bytes=chunk_bytes
+        )
+
+        def plain_one(p: str, total: np.ndarray) -> None:
+            off = 0
+            for msg in plain.stubs[p].Contribute(request, timeout=600):
+                if msg.WhichOneof("body") == "data":
+                    x = np.frombuffer(msg.data, dtype=np.float32)
+                    total[off : off + x.size] += x
+                    off += x.size
+
+        def plain_round() -> float:
+            total = np.zeros(d, dtype=np.float64)
+            t0 = time.perf_counter()
+            list(pool.map(plain_one, parties, [total] * len(parties)))
+            return time.perf_counter() - t0
+
+        # the first mpcdp round (noise for these parameters prepared after it) and one
+        # plaintext round, untimed
+        run_round(spec=_spec(parties, d, 0), clients=clients, executor=pool)
+        plain_round()
+        ring = WarmKeys(batch_size=min(64, pairs + 1))
+        ring.refill(clients)
+        _settle(len(parties), d)
+        for k in range(pairs):
+            plain_s = plain_round()
+            t0 = time.perf_counter()
+            out = run_round(
+                spec=_spec(parties, d, 500 + k), clients=clients, executor=pool, prekeys=ring
+            )
+            warm_s = time.perf_counter() - t0
+            assert out.tensors["vector"].size == d
+            ratios.append(warm_s / plain_s)
+            _settle(len(parties), d)
+    pool.shutdown()
+    for c in clients:
+        c.close()
+    return ratios
+
+
 def bench_mpyc(n: int, d: int, timeout: int) -> dict[str, Any]:
     proc = subprocess.run(
         [
@@ -293,6 +360,12 @@ def main() -> None:
         default=1 << 20,
         help="upload chunk size for both mpcdp and the plaintext baseline (protocol default 4 MiB)",
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="pairs of back-to-back plaintext and warm rounds (module docstring); 0: none",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -313,6 +386,11 @@ def main() -> None:
                 with net:
                     ours = bench_mpcdp(net, parties, d, args.repeat, args.chunk_bytes)
                     plain = bench_plaintext(net, parties, d, args.repeat, args.chunk_bytes)
+                    pairs = (
+                        bench_interleaved(net, parties, d, args.interleave, args.chunk_bytes)
+                        if args.interleave
+                        else []
+                    )
             mp: dict[str, Any] = {"ok": False, "error": "skipped"}
             if n * d <= args.mpyc_max_work:
                 mp = bench_mpyc(n, d, args.mpyc_timeout)
@@ -338,6 +416,7 @@ def main() -> None:
                 "mpyc_s": mp_s,
                 "mpyc": mp,
                 "ratio_mpyc_over_mpcdp": (mp_s / ours.warm_s) if mp_s else None,
+                "interleaved_warm_over_plain": pairs,
             }
             rows.append(row)
             mps = f"{mp_s:8.3f}" if mp_s else f"{'n/a':>8}"
@@ -353,6 +432,12 @@ def main() -> None:
                 f"{ours.propose_s:9.4f} {ours.warm_proposes:13d} | {mps} {mpr}",
                 flush=True,
             )
+            if pairs:
+                print(
+                    f"    interleaved warm/plain over {len(pairs)} pairs: median "
+                    f"{statistics.median(pairs):.2f} (range {min(pairs):.2f}-{max(pairs):.2f})",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
