@@ -16,7 +16,8 @@ clipper's second one on the same batch, best of ``--repeat`` rounds. Printed: bo
 and a plain non-private step of the same model and batch (forward, mean loss, backward),
 with the ratios first / next and first / plain, and the median and range of first / plain
 over the rounds (each round's plain step runs just before its first step, so a machine
-shared with other work moves both alike). Absolute times are for this
+shared with other work moves both alike; its gradients are freed, untimed, before the
+clipper's steps, which run as in a DP session, without them). Absolute times are for this
 machine only; the ratio is what carries over. ``--autocast bf16`` runs every call under bf16
 autocast: on a GPU this is also the check that honest models pass the comparison at
 half-precision tolerance (a refusal would stop the run with its message).
@@ -82,6 +83,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> Times:
             _ce(model(x), y).mean().backward()  # type: ignore[no-untyped-call]
         _sync(device)
         times["plain"].append(clock() - t0)
+        # a DP session has no non-private step's gradients alive (untimed)
+        model.zero_grad(set_to_none=True)
         clipper = PerSampleClipper(model, max_grad_norm=1.0)
         for key in ("first", "next"):
             _sync(device)
