@@ -572,7 +572,8 @@ def matmul_sum_stats(
     (T, p), the output gradients of one example's T positions; ``inputs`` X: (T, d)) against
     autograd's (p, d) gradient, without writing ``S``: ``||S||^2 = <G G^T, X X^T>`` (two
     T x T Gram matrices, float64), ``<S, A> = <G, X A^T>`` (one product that reads ``A``
-    once) and ``||A||^2``. Where T x T exceeds p x d, ``S`` itself is formed. Rounding: the
+    once) and ``||A||^2``. Where the two Gram matrices would be larger than ``S`` (4 T^2 >
+    p d, counting float64 against float32), ``S`` itself is formed. Rounding: the
     terms of ``<G, X A^T>`` are those of ``<S, A>`` regrouped, so its error is that of the
     dense comparison, far below :data:`SUMS_RTOL`."""
     t, p = grads.shape
@@ -581,7 +582,7 @@ def matmul_sum_stats(
     if autograd is not None and autograd.dtype == torch.float64:
         work = torch.float64
     g, x = grads.to(work), inputs.to(work)
-    if t * t > p * d:
+    if 4 * t * t > p * d:
         return sum_stats(g.t().mm(x), autograd)
     g64, x64 = g.double(), x.double()
     aa = float(((g64 @ g64.t()) * (x64 @ x64.t())).sum())

@@ -936,12 +936,12 @@ def test_a_refused_module_is_a_typed_error_naming_its_path() -> None:
     assert str(err.value).startswith("invalid module='1': ")
 
 
-@pytest.mark.parametrize(("t", "p", "d"), [(1, 5, 7), (6, 5, 7), (9, 2, 3)])
+@pytest.mark.parametrize(("t", "p", "d"), [(1, 5, 7), (3, 6, 8), (9, 2, 3)])
 def test_a_linear_sum_is_compared_in_factored_form(t: int, p: int, d: int) -> None:
     """The probe compares a linear layer's sum G^T X with autograd's without writing it
-    (Gram matrices, one product with autograd's gradient; S itself where T x T > p x d):
-    the same three numbers as the dense comparison, and a gradient off by a third is
-    refused while the exact one passes."""
+    (Gram matrices, one product with autograd's gradient; S itself where those would be
+    larger): the same three numbers as the dense comparison, and autograd's gradient scaled
+    by 1.5 is refused while the exact one passes."""
     from mpcdp.errors import UnsupportedModuleError
     from mpcdp.train.clipping import checks
 
