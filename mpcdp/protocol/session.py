@@ -148,8 +148,9 @@ class Contribution:
     #: the leading words of ``_noisy`` that are masked already (``_mask`` is positioned
     #: there: the party masked them while its ledger wrote the charge)
     _masked_words: int = 0
-    #: set on the first read (single use)
-    _read: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    #: taken by the first read, never released (single use: one check-and-set, so two
+    #: readers at once cannot both pass)
+    _read: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def ring_bits(self) -> int:
@@ -165,9 +166,10 @@ class Contribution:
         if words_per_chunk < 1:
             raise ParameterError("words_per_chunk", words_per_chunk, "must be >= 1")
         mask, ahead = self._mask, self._masked_words
-        if self._read.is_set() or (mask is not None and mask.words_done != ahead):
+        if not self._read.acquire(blocking=False) or (
+            mask is not None and mask.words_done != ahead
+        ):
             raise ProtocolError("this contribution was already read")
-        self._read.set()
         try:
             for start in range(0, self.length, words_per_chunk):
                 seg = self._noisy[start : start + words_per_chunk]

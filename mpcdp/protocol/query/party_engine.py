@@ -19,12 +19,13 @@ contribute(session, keys) from the same coordinator C:
   refuse unless the session is pending (not unknown, expired, foreign or already used) and
   ``keys`` holds exactly one valid signed key per spec party, ours unchanged. Then derive the
   pair keys, wait for the noisy vector (a failed draw refuses, charging nothing), charge the
-  ledger (the reservation becomes the charge in place: charge before
-  release), mask, and return the upload. The masking starts on another thread while the
-  ledger writes the charge (a wait on the disk); nothing is handed out before the write. The session keeps its coordinator's slot until
-  the upload ends: read to its end, or given up (:meth:`PartyEngine.upload_ended`, which the
-  transport calls when the call ends however it ends; it gives the slot back once), so
-  a coordinator's pending sessions and running uploads together stay within its limit.
+  ledger (the reservation becomes the charge in place: charge before release), mask, and
+  return the upload. The masking starts on another thread while the ledger writes the
+  charge (a wait on the disk); nothing is handed out before the write. The session keeps its
+  coordinator's slot until the upload ends: read to its end, or given up
+  (:meth:`PartyEngine.upload_ended`, which the transport calls when the call ends however
+  it ends; it gives the slot back once), so a coordinator's pending sessions and running
+  uploads together stay within its limit.
 abort(session): forget the session.
 
 A warm round is one call (docs/queries.md, "Warm queries in one round trip"):
@@ -685,14 +686,15 @@ class PartyEngine(SessionHost):
             stream = sharing.MaskStream(
                 party=me, pair_keys=pair_keys, round_id=0, tensor_id=0, ring_bits=spec.ring_bits
             )
+            # the leading words are masked on another thread while the ledger writes the
+            # charge (a durable write waits on the disk); nothing leaves before it is written.
+            # An engine that is closing takes no more work (RuntimeError): nothing charged
+            ahead = _MaskAhead(self._maskers, stream, noisy)
         except BaseException:
             self.upload_ended(session_id=session_id)
             if reserved:
                 self.ledger.release(spec.query_id, coordinator=coordinator)
             raise
-        # the leading words are masked on another thread while the ledger writes the charge
-        # (a durable write waits on the disk); nothing leaves before the charge is written
-        ahead = _MaskAhead(self._maskers, stream, noisy)
         try:
             charge = self.ledger.charge(
                 dataset=spec.dataset,
@@ -704,7 +706,12 @@ class PartyEngine(SessionHost):
                 note=_note(spec),
             )
         except BaseException as exc:
-            ahead.stop()
+            try:
+                ahead.stop()
+            except Exception as masking:  # the charge's refusal is what the caller needs
+                log.warning(
+                    "session %s: masking ahead failed too: %s", session_id.hex(), type(masking)
+                )
             # nothing leaves: the budget is free again, and so is the slot
             self.upload_ended(session_id=session_id)
             self.ledger.release(spec.query_id, coordinator=coordinator)

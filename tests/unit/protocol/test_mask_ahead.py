@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from mpcdp.errors import ProtocolError
+from mpcdp.dp.ledger import LedgerWriteError
+from mpcdp.errors import PolicyError, ProtocolError
 from mpcdp.mpc import sharing
 from mpcdp.protocol.query import party_engine
+from mpcdp.protocol.query.query_spec import Statistic
 from mpcdp.protocol.session import Contribution
 
 KEYS = {0: bytes(range(32)), 2: bytes(range(1, 33))}
@@ -98,3 +101,97 @@ def test_a_fully_masked_upload_is_still_read_once() -> None:
     expected = _vector(32)
     _stream(32).apply(expected)
     assert np.array_equal(first, expected)
+
+
+def test_two_readers_at_once_get_one_upload() -> None:
+    """The read-once check is one check-and-set: of readers racing for the first slice,
+    exactly one gets the upload and every other is refused."""
+    for _ in range(20):
+        vec, stream = _vector(64), _stream(64)
+        c = _contribution(vec, stream, 0)
+        readers = 8
+        barrier = threading.Barrier(readers)
+        got: list[int] = []
+        refused: list[int] = []
+
+        def read(
+            c: Contribution = c,
+            barrier: threading.Barrier = barrier,
+            got: list[int] = got,
+            refused: list[int] = refused,
+        ) -> None:
+            barrier.wait()
+            try:
+                got.append(sum(s.size for s in c.chunks(1000)))
+            except ProtocolError:
+                refused.append(1)
+
+        threads = [threading.Thread(target=read) for _ in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert got == [LENGTH] and len(refused) == readers - 1
+
+
+class _Engine:
+    """What PartyEngine._charge_and_mask uses of its engine, with a charge that fails."""
+
+    def __init__(self, charge_error: BaseException) -> None:
+        self.party_id = "p1"
+        self.calls: list[str] = []
+        self._maskers = ThreadPoolExecutor(1)
+        self._lock = threading.Lock()
+        self._error = charge_error
+        self.datasets = {"d": SimpleNamespace(config=SimpleNamespace(share=lambda c: None))}
+        self.ledger = SimpleNamespace(charge=self._charge, release=self._release)
+
+    def _charge(self, **_: object) -> None:
+        raise self._error
+
+    def _release(self, query_id: str, *, coordinator: str) -> None:
+        self.calls.append("release")
+
+    def upload_ended(self, *, session_id: bytes) -> None:
+        self.calls.append("upload_ended")
+
+
+_SPEC = SimpleNamespace(
+    index_of=lambda p: 1, ring_bits=64, dataset="d", query_id="q", parties=("p0", "p1", "p2"),
+    statistic=Statistic.SQL, sql="SELECT COUNT(*) FROM t", column="",
+    mechanism="skellam", epsilon=1.0,
+)  # fmt: skip
+
+
+def _charge_and_mask(engine: _Engine) -> None:
+    party_engine.PartyEngine._charge_and_mask(
+        engine,  # type: ignore[arg-type]
+        b"s" * 16,
+        _SPEC,  # type: ignore[arg-type]
+        SimpleNamespace(event=None),  # type: ignore[arg-type]
+        np.zeros(1 << 17, np.uint64),
+        KEYS,
+        "analyst",
+    )
+
+
+def test_an_engine_that_is_closing_charges_nothing_and_frees_the_slot() -> None:
+    engine = _Engine(AssertionError("the charge must not be reached"))
+    engine._maskers.shutdown()  # closing: its maskers take no more work
+    with pytest.raises(RuntimeError):
+        _charge_and_mask(engine)
+    assert engine.calls == ["upload_ended", "release"]
+
+
+def test_a_refused_charge_is_what_the_caller_sees_even_when_masking_failed_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fails(self: sharing.MaskStream, seg: np.ndarray) -> None:
+        raise MemoryError("no memory for the keystream")
+
+    monkeypatch.setattr(sharing.MaskStream, "apply", fails)
+    engine = _Engine(LedgerWriteError("disk full"))
+    with pytest.raises(PolicyError, match="cannot record this in its budget ledger"):
+        _charge_and_mask(engine)
+    assert engine.calls == ["upload_ended", "release"]
+    engine._maskers.shutdown()
