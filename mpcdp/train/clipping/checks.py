@@ -547,10 +547,62 @@ SUMS_RTOL = 2.0**-4
 SumStats = tuple[float, float, float]
 
 
+#: below this, a squared norm taken in float32 may have underflowed (values under ~1e-19
+#: square to 0); it, and any non-finite statistic of finite tensors (a float32 dot above
+#: ~3.4e38 overflows), is recomputed exactly: see :func:`exact_sum_stats`
+_SMALL_STAT = 2.0**-100
+#: values per float64 chunk of :func:`exact_sum_stats` (no float64 copy of a parameter)
+_EXACT_CHUNK = 1 << 20
+
+
+def _trusted(stats: SumStats) -> bool:
+    """Whether statistics computed in the working precision can be used as they are: finite,
+    and the squared norms not small enough to have underflowed (0 included: a tensor of
+    values under ~1e-19 squares to 0 in float32)."""
+    aa, bb, _ = stats
+    return all(map(math.isfinite, stats)) and aa >= _SMALL_STAT and bb >= _SMALL_STAT
+
+
+def exact_sum_stats(bookkeeping: torch.Tensor | None, autograd: torch.Tensor | None) -> SumStats:
+    """:data:`SumStats` without over- or underflow: float32 (or half) values are taken to
+    float64 in chunks, where the product of any two and the sum of up to 2^40 such products
+    are finite and normal (float32's range squared is within float64's); float64 values are
+    first scaled by one power of two, the exponent of their largest magnitude (exact), and
+    the statistics scaled back. Non-finite values give non-finite statistics."""
+    tensors = [t.detach().reshape(-1) for t in (bookkeeping, autograd) if t is not None]
+    if not tensors:
+        return (0.0, 0.0, 0.0)
+    shift = 0
+    if any(t.dtype == torch.float64 for t in tensors):
+        top = max(float(t.abs().max()) if t.numel() else 0.0 for t in tensors)
+        if math.isfinite(top) and top > 0:
+            shift = math.frexp(top)[1]
+    factor = 2.0**-shift  # exact: a power of two within float64's range
+
+    def chunk(t: torch.Tensor | None, start: int) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.detach().reshape(-1)[start : start + _EXACT_CHUNK].double() * factor
+
+    aa = bb = ab = 0.0
+    for start in range(0, tensors[0].numel(), _EXACT_CHUNK):
+        ca, cb = chunk(bookkeeping, start), chunk(autograd, start)
+        if ca is not None:
+            aa += float(ca.dot(ca))
+        if cb is not None:
+            bb += float(cb.dot(cb))
+        if ca is not None and cb is not None:
+            ab += float(ca.dot(cb))
+    scale = 2.0 ** (2 * shift)
+    return (aa * scale, bb * scale, ab * scale)
+
+
 def sum_stats(bookkeeping: torch.Tensor | None, autograd: torch.Tensor | None) -> SumStats:
     """:data:`SumStats` of two tensors of a parameter's size (None: zero), in three
     reductions and no temporary of the parameter's size (its cancellation in
-    :func:`compare_sum_stats` costs ~sqrt(u) of the norms, far below the tolerance)."""
+    :func:`compare_sum_stats` costs ~sqrt(u) of the norms, far below the tolerance).
+    Statistics that over- or underflowed in the working precision are recomputed by
+    :func:`exact_sum_stats` (a crafted scale cannot turn a comparison into a skipped one)."""
     if bookkeeping is None and autograd is None:
         return (0.0, 0.0, 0.0)
     if bookkeeping is None or autograd is None:
@@ -558,11 +610,13 @@ def sum_stats(bookkeeping: torch.Tensor | None, autograd: torch.Tensor | None) -
         assert t is not None
         v = t.detach().reshape(-1)
         sq = float(v.dot(v))
-        return (sq, 0.0, 0.0) if autograd is None else (0.0, sq, 0.0)
-    a = bookkeeping.detach().reshape(-1)
-    b = autograd.detach().reshape(-1).to(a.dtype)
-    aa, bb, ab = torch.stack([a.dot(a), b.dot(b), a.dot(b)]).double().tolist()
-    return (aa, bb, ab)
+        stats = (sq, 0.0, 0.0) if autograd is None else (0.0, sq, 0.0)
+    else:
+        a = bookkeeping.detach().reshape(-1)
+        b = autograd.detach().reshape(-1).to(a.dtype)
+        aa, bb, ab = torch.stack([a.dot(a), b.dot(b), a.dot(b)]).double().tolist()
+        stats = (aa, bb, ab)
+    return stats if _trusted(stats) else exact_sum_stats(bookkeeping, autograd)
 
 
 def matmul_sum_stats(
@@ -587,13 +641,19 @@ def matmul_sum_stats(
     g64, x64 = g.double(), x.double()
     aa = float(((g64 @ g64.t()) * (x64 @ x64.t())).sum())
     if autograd is None:
-        return (aa, 0.0, 0.0)
-    a = autograd.detach().reshape(p, d)
-    a = a if a.dtype == work else a.to(work)
-    xa = x.mm(a.t())  # (T, p): reads A once
-    flat_a = a.reshape(-1)
-    bb, ab = torch.stack([flat_a.dot(flat_a).double(), (g64 * xa.double()).sum()]).tolist()
-    return (aa, bb, ab)
+        stats: SumStats = (aa, 0.0, 0.0)
+    else:
+        a = autograd.detach().reshape(p, d)
+        a = a if a.dtype == work else a.to(work)
+        xa = x.mm(a.t())  # (T, p): reads A once
+        flat_a = a.reshape(-1)
+        bb, ab = torch.stack([flat_a.dot(flat_a).double(), (g64 * xa.double()).sum()]).tolist()
+        stats = (aa, bb, ab)
+    if _trusted(stats) and (autograd is None or math.isfinite(float(xa.abs().max()))):
+        return stats
+    # a product that over- or underflowed in the working precision (X A^T above ~3.4e38
+    # would make <S, A> inf, and the comparison be skipped): S formed in float64, exactly
+    return exact_sum_stats(g64.t().mm(x64), autograd)
 
 
 def compare_sum_stats(
@@ -612,7 +672,11 @@ def compare_sum_stats(
         rows.append(
             (path, name, math.sqrt(aa) + math.sqrt(bb), math.sqrt(max(aa + bb - 2 * ab, 0)))
         )
-    floor = 1e-6 * max((r[2] for r in rows), default=0.0) + 1e-30
+    # the statistics are exact in float64 at any scale (exact_sum_stats), so a gradient of
+    # tiny norm is compared like any other down to float32's smallest normal number, 2^-126
+    # (~1.2e-38): below it autograd's own float32 gradient cannot resolve a difference. What
+    # this lets pass moves an example's clipped contribution by less than 2^-126 in L2
+    floor = 1e-6 * max((r[2] for r in rows), default=0.0) + 2.0**-126
     for path, name, scale, diff in rows:
         if diff > rtol * scale + floor:
             off = diff / max(scale / 2, 1e-30)

@@ -958,3 +958,37 @@ def test_a_linear_sum_is_compared_in_factored_form(t: int, p: int, d: int) -> No
     with pytest.raises(UnsupportedModuleError, match="differs from autograd's gradient"):
         off = checks.matmul_sum_stats(g, x, dense * 1.5)
         checks.compare_sum_stats(names=names, stats=[off])
+
+
+@pytest.mark.parametrize(
+    ("g_value", "x_value"),
+    [(1e-20, 1e32), (1e-13, 1e33), (1e-13, 1e-12), (1e-20, 1e-16)],
+    ids=["product-overflows", "norms-overflow", "squares-underflow", "squares-underflow-deep"],
+)
+def test_sum_statistics_neither_overflow_nor_underflow(g_value: float, x_value: float) -> None:
+    """The probe's comparison statistics at scales where float32 dots and products over- or
+    underflow: the same numbers as an exact float64 reference, and a gradient off by half
+    refused (a skipped or vacuous comparison would accept it)."""
+    from mpcdp.errors import UnsupportedModuleError
+    from mpcdp.train.clipping import checks
+
+    gen = torch.Generator().manual_seed(5)
+    for t, p, d in ((1, 8, 6), (30, 4, 3)):  # the Gram branch, and S formed
+        g = (1 + torch.rand(t, p, generator=gen)) * g_value
+        x = (1 + torch.rand(t, d, generator=gen)) * x_value
+        dense = g.double().t().mm(x.double())
+        for factor in (1.0, 1.5):
+            autograd = (dense * factor).float()
+            got = checks.matmul_sum_stats(g, x, autograd)
+            s64, a64 = dense.reshape(-1), autograd.double().reshape(-1)
+            want = (float(s64 @ s64), float(a64 @ a64), float(s64 @ a64))
+            assert got == pytest.approx(want, rel=1e-5)
+            dense_got = checks.sum_stats(dense.float(), autograd)
+            assert dense_got == pytest.approx(want, rel=1e-5)
+            names = [("lin", "lin.weight")]
+            if factor == 1.0:
+                checks.compare_sum_stats(names=names, stats=[got])
+            else:
+                for stats in (got, dense_got):
+                    with pytest.raises(UnsupportedModuleError, match="differs from autograd"):
+                        checks.compare_sum_stats(names=names, stats=[stats])

@@ -571,10 +571,40 @@ class DerivedTie(nn.Module):
         return result
 
 
+class ScaledOutputAtExtremeScale(nn.Module):
+    """:class:`ScaledOutput` at scales where the probe's float32 statistics over- or
+    underflow while the step's float64 norms do not: inputs of ~1e32 with a weight of
+    ``weight_scale`` (1e-12: X A^T above float32's range; 1e-19: ||S||^2 and ||A||^2 too),
+    so that a comparison computed in float32 alone would be skipped as non-finite."""
+
+    def __init__(self, weight_scale: float, out_scale: float) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8, bias=False)
+        with torch.no_grad():
+            self.body.weight.mul_(weight_scale)
+        self.head = nn.Linear(8, 3)
+        self.out_scale = out_scale
+        self.body.register_forward_hook(lambda m, a, o: o * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.head(torch.tanh(self.body(x * 1e32) * self.out_scale))
+        return result
+
+
 @pytest.mark.parametrize(
     ("build", "where"),
-    [(ScaledOutput, "body"), (DerivedTie, "owner")],
-    ids=["forward-hook-scales-output", "tie-through-derived-tensor"],
+    [
+        (ScaledOutput, "body"),
+        (DerivedTie, "owner"),
+        (lambda: ScaledOutputAtExtremeScale(1e-12, 1e-20), "body"),
+        (lambda: ScaledOutputAtExtremeScale(1e-19, 1e-13), "body"),
+    ],
+    ids=[
+        "forward-hook-scales-output",
+        "tie-through-derived-tensor",
+        "hook-with-a-product-above-float32",
+        "hook-with-norms-above-float32",
+    ],
 )
 def test_gradients_the_layers_cannot_see_are_refused(
     build: Callable[[], nn.Module], where: str
