@@ -90,6 +90,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten
 
 from mpcdp.errors import ParameterError, UnsupportedModuleError
+from mpcdp.train.clipping.precision import sq_norms
 from mpcdp.train.clipping.rules import Layer, module_at
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -281,17 +282,22 @@ def _bad_rows(
     if r is not None:
         flags.append(((scale > 0) & (scale < tiny)).any().to(work))
     values = torch.stack(flags).tolist()
-    underflow = r is not None and values[3] != 0.0
+    # rows whose norms over- or underflowed in the working precision (a float32 norm of
+    # values above ~1.8e19 is inf, one of values below ~1e-19 is 0): compared exactly below
+    underflow = values[0] < tiny or (r is not None and values[3] != 0.0)
     if math.isfinite(values[0]) and math.isfinite(values[1]) and not underflow:
         return bad, values[2] != 0.0
-    f = (full if rows is None else full[rows]).to(work).reshape(p.shape)
-    f = torch.nan_to_num(f if r is None else f * r)
-    p = torch.nan_to_num(p)
-    scale = torch.linalg.vector_norm(f, dim=1)
-    diff = torch.linalg.vector_norm(f - p, dim=1)
-    floor = 1e-6 * float(scale.max()) + 1e-30
-    bad = diff > rtol * (scale + floor)
-    return bad, bool(bad.any())
+    # float64, non-finite values bounded by float32's range (whose squares float64 holds),
+    # norms scaled by powers of two (precision.sq_norms): no scale hides a difference
+    big = float(torch.finfo(torch.float32).max)
+    f64 = (full if rows is None else full[rows]).to(torch.float64).reshape(p.shape)
+    f64 = torch.nan_to_num(f64 if r is None else f64 * r.double(), posinf=big, neginf=-big)
+    p64 = torch.nan_to_num(p.to(torch.float64), posinf=big, neginf=-big)
+    scale64 = sq_norms(f64).sqrt()
+    diff64 = sq_norms(f64 - p64).sqrt()
+    floor = 1e-6 * float(scale64.max())
+    bad = diff64 > rtol * (scale64 + floor)
+    return bad.to(scale.device), bool(bad.any())
 
 
 def _first_bad_row(

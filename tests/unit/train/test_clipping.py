@@ -992,3 +992,21 @@ def test_sum_statistics_neither_overflow_nor_underflow(g_value: float, x_value: 
                 for stats in (got, dense_got):
                     with pytest.raises(UnsupportedModuleError, match="differs from autograd"):
                         checks.compare_sum_stats(names=names, stats=[stats])
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-21, 1.0, 1e20, 1e36])
+@pytest.mark.parametrize("with_ratio", [False, True])
+def test_a_row_that_differs_is_found_at_any_scale(magnitude: float, with_ratio: bool) -> None:
+    """The probe's row comparison at magnitudes whose float32 norms over- or underflow (rows
+    of 1e20 have an infinite float32 norm, rows of 1e-21 a zero one): a row off by half is
+    found, equal rows are not, whatever the scale."""
+    from mpcdp.train.clipping import checks
+
+    gen = torch.Generator().manual_seed(9)
+    full = (1 + torch.rand(6, 40, generator=gen)) * magnitude
+    ratio = torch.full((6,), 2.0) if with_ratio else None
+    same = full * 2.0 if with_ratio else full.clone()
+    assert checks._first_bad_row(full, same, 2.0**-10, ratio) is None
+    off = same.clone()
+    off[4] *= 1.5
+    assert checks._first_bad_row(full, off, 2.0**-10, ratio) == 4
