@@ -158,17 +158,22 @@ class _TimedPropose:
         self._client.abort(session_id=session_id, reason=reason)
 
 
-def bench_mpcdp(
-    net: LocalFederation, parties: list[str], d: int, repeat: int, chunk_bytes: int
-) -> Measure:
+def _clients(net: LocalFederation, chunk_bytes: int) -> list[GrpcPartyClient]:
+    """One mTLS client per party of ``net``, as the coordinator of its federation.toml."""
     cfg = load_federation_config(net.federation_config)
     creds = tls.load_credentials(cfg.tls)
-    clients = [
+    return [
         GrpcPartyClient(
             party_id=p.id, address=p.address, creds=creds, deadline_s=600, chunk_bytes=chunk_bytes
         )
         for p in cfg.parties
     ]
+
+
+def bench_mpcdp(
+    net: LocalFederation, parties: list[str], d: int, repeat: int, chunk_bytes: int
+) -> Measure:
+    clients = _clients(net, chunk_bytes)
     m = Measure()
     m.idle_rss = max(_rss(proc.pid)["VmHWM"] for proc in net.processes.values())
     received: dict[str, int] = {}
@@ -264,14 +269,7 @@ def bench_interleaved(
 ) -> list[float]:
     """``pairs`` ratios warm mpcdp round / plaintext round, each pair run back to back with
     both kinds of parties up (module docstring)."""
-    cfg = load_federation_config(net.federation_config)
-    creds = tls.load_credentials(cfg.tls)
-    clients = [
-        GrpcPartyClient(
-            party_id=p.id, address=p.address, creds=creds, deadline_s=600, chunk_bytes=chunk_bytes
-        )
-        for p in cfg.parties
-    ]
+    clients = _clients(net, chunk_bytes)
     pool = ThreadPoolExecutor(len(parties))
     ratios: list[float] = []
     with plaintext_party.running(net, parties) as plain:
