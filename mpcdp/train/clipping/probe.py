@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mpcdp.errors import ParameterError, UnsupportedModuleError
-from mpcdp.train.clipping import checks
+from mpcdp.train.clipping import autograd_check, checks
 from mpcdp.train.clipping.checks import StateSnapshot, Trace
 from mpcdp.train.clipping.precision import cat1, finite_rows, ieee_float32, upcast
 from mpcdp.train.clipping.rules import LAYER_RULES, Call, Layer
@@ -301,11 +301,11 @@ class FirstUseProbe:
     ) -> None:
         """The per-layer rules' sum of the recorded calls (one example, its loss weighted)
         against autograd's gradient of the same loss. A linear layer's sum ``G^T X`` is
-        compared in factored form (:func:`.checks.matmul_sum_stats`: it reads autograd's
+        compared in factored form (:func:`.autograd_check.matmul_sum_stats`: it reads autograd's
         gradient once and writes nothing of the weight's size); the other layers' rules
         write their sums into their slots of ``flat``, compared as they are."""
         index = {id(p): k for k, (_, p) in enumerate(self._params)}
-        stats: dict[int, checks.SumStats] = {}
+        stats: dict[int, autograd_check.SumStats] = {}
         with torch.no_grad(), ieee_float32(self.device):
             ones = torch.ones(1, dtype=self._dtype, device=self.device)
             for layer in self._layers:
@@ -320,23 +320,23 @@ class FirstUseProbe:
                         target = autograd[index[id(p)]]
                         if name == "weight":
                             x = cat1([c.inputs[0].reshape(-1, d_in) for c in calls], dim=0)
-                            stats[id(p)] = checks.matmul_sum_stats(g, x, target)
+                            stats[id(p)] = autograd_check.matmul_sum_stats(g, x, target)
                         else:
-                            stats[id(p)] = checks.sum_stats(g.sum(dim=0), target)
+                            stats[id(p)] = autograd_check.sum_stats(g.sum(dim=0), target)
                     continue
                 slots = {name: self._slot(flat, p) for name, p in layer.params.items()}
                 LAYER_RULES[layer.kind](layer, calls, 1)[1](ones, slots)
                 for name, p in layer.params.items():
-                    stats[id(p)] = checks.sum_stats(slots[name], autograd[index[id(p)]])
+                    stats[id(p)] = autograd_check.sum_stats(slots[name], autograd[index[id(p)]])
         owner = {id(p): layer.path for layer in self._layers for p in layer.params.values()}
-        checks.compare_sum_stats(
+        autograd_check.compare_sum_stats(
             names=[(owner[id(p)], name) for name, p in self._params],
             # a layer not called, or whose output missed the loss: its sum is 0
             stats=[
-                stats[id(p)] if id(p) in stats else checks.sum_stats(None, autograd[k])
+                stats[id(p)] if id(p) in stats else autograd_check.sum_stats(None, autograd[k])
                 for k, (_, p) in enumerate(self._params)
             ],
-            rtol=checks.SUMS_RTOL,
+            rtol=autograd_check.SUMS_RTOL,
         )
         for layer in self._layers:
             layer.calls.clear()

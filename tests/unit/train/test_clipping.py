@@ -943,21 +943,23 @@ def test_a_linear_sum_is_compared_in_factored_form(t: int, p: int, d: int) -> No
     larger): the same three numbers as the dense comparison, and autograd's gradient scaled
     by 1.5 is refused while the exact one passes."""
     from mpcdp.errors import UnsupportedModuleError
-    from mpcdp.train.clipping import checks
+    from mpcdp.train.clipping import autograd_check
 
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(t, p, generator=gen)
     x = torch.randn(t, d, generator=gen)
     dense = g.t().mm(x)
     for autograd in (dense, dense * 1.5, None, torch.randn(p, d, generator=gen)):
-        got = checks.matmul_sum_stats(g, x, autograd)
-        want = checks.sum_stats(dense, autograd)
+        got = autograd_check.matmul_sum_stats(g, x, autograd)
+        want = autograd_check.sum_stats(dense, autograd)
         assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
     names = [("lin", "lin.weight")]
-    checks.compare_sum_stats(names=names, stats=[checks.matmul_sum_stats(g, x, dense)])
+    autograd_check.compare_sum_stats(
+        names=names, stats=[autograd_check.matmul_sum_stats(g, x, dense)]
+    )
     with pytest.raises(UnsupportedModuleError, match="differs from autograd's gradient"):
-        off = checks.matmul_sum_stats(g, x, dense * 1.5)
-        checks.compare_sum_stats(names=names, stats=[off])
+        off = autograd_check.matmul_sum_stats(g, x, dense * 1.5)
+        autograd_check.compare_sum_stats(names=names, stats=[off])
 
 
 @pytest.mark.parametrize(
@@ -970,7 +972,7 @@ def test_sum_statistics_neither_overflow_nor_underflow(g_value: float, x_value: 
     underflow: the same numbers as an exact float64 reference, and a gradient off by half
     refused (a skipped or vacuous comparison would accept it)."""
     from mpcdp.errors import UnsupportedModuleError
-    from mpcdp.train.clipping import checks
+    from mpcdp.train.clipping import autograd_check
 
     gen = torch.Generator().manual_seed(5)
     for t, p, d in ((1, 8, 6), (30, 4, 3)):  # the Gram branch, and S formed
@@ -979,19 +981,19 @@ def test_sum_statistics_neither_overflow_nor_underflow(g_value: float, x_value: 
         dense = g.double().t().mm(x.double())
         for factor in (1.0, 1.5):
             autograd = (dense * factor).float()
-            got = checks.matmul_sum_stats(g, x, autograd)
+            got = autograd_check.matmul_sum_stats(g, x, autograd)
             s64, a64 = dense.reshape(-1), autograd.double().reshape(-1)
             want = (float(s64 @ s64), float(a64 @ a64), float(s64 @ a64))
             assert got == pytest.approx(want, rel=1e-5)
-            dense_got = checks.sum_stats(dense.float(), autograd)
+            dense_got = autograd_check.sum_stats(dense.float(), autograd)
             assert dense_got == pytest.approx(want, rel=1e-5)
             names = [("lin", "lin.weight")]
             if factor == 1.0:
-                checks.compare_sum_stats(names=names, stats=[got])
+                autograd_check.compare_sum_stats(names=names, stats=[got])
             else:
                 for stats in (got, dense_got):
                     with pytest.raises(UnsupportedModuleError, match="differs from autograd"):
-                        checks.compare_sum_stats(names=names, stats=[stats])
+                        autograd_check.compare_sum_stats(names=names, stats=[stats])
 
 
 @pytest.mark.parametrize("magnitude", [1e-30, 1e-21, 1.0, 1e20, 1e36])
