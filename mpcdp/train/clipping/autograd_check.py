@@ -66,7 +66,9 @@ def exact_sum_stats(bookkeeping: torch.Tensor | None, autograd: torch.Tensor | N
     are finite and normal (float32's range squared is within float64's); float64 values are
     first scaled by one power of two, the exponent of their largest magnitude (exact), and
     the statistics scaled back. Non-finite values give non-finite statistics."""
-    tensors = [t.detach().reshape(-1) for t in (bookkeeping, autograd) if t is not None]
+    a = None if bookkeeping is None else bookkeeping.detach().reshape(-1)
+    b = None if autograd is None else autograd.detach().reshape(-1)
+    tensors = [t for t in (a, b) if t is not None]
     if not tensors:
         return (0.0, 0.0, 0.0)
     shift = 0
@@ -77,13 +79,11 @@ def exact_sum_stats(bookkeeping: torch.Tensor | None, autograd: torch.Tensor | N
     factor = 2.0**-shift  # exact: a power of two within float64's range
 
     def chunk(t: torch.Tensor | None, start: int) -> torch.Tensor | None:
-        if t is None:
-            return None
-        return t.detach().reshape(-1)[start : start + _EXACT_CHUNK].double() * factor
+        return None if t is None else t[start : start + _EXACT_CHUNK].double() * factor
 
     aa = bb = ab = 0.0
     for start in range(0, tensors[0].numel(), _EXACT_CHUNK):
-        ca, cb = chunk(bookkeeping, start), chunk(autograd, start)
+        ca, cb = chunk(a, start), chunk(b, start)
         if ca is not None:
             aa += float(ca.dot(ca))
         if cb is not None:
@@ -146,10 +146,11 @@ def matmul_sum_stats(
         flat_a = a.reshape(-1)
         bb, ab = torch.stack([flat_a.dot(flat_a).double(), (g64 * xa.double()).sum()]).tolist()
         stats = (aa, bb, ab)
-    if _trusted(stats) and (autograd is None or math.isfinite(float(xa.abs().max()))):
+    if _trusted(stats):
         return stats
-    # a product that over- or underflowed in the working precision (X A^T above ~3.4e38
-    # would make <S, A> inf, and the comparison be skipped): S formed in float64, exactly
+    # a product that over- or underflowed in the working precision (an entry of X A^T above
+    # ~3.4e38 makes <S, A> non-finite, and the comparison would be skipped): S formed in
+    # float64, exactly
     return exact_sum_stats(g64.t().mm(x64), autograd)
 
 
