@@ -673,10 +673,15 @@ class PartyEngine(SessionHost):
         session's slot is held by the upload (``_uploading``) on entry. ``in_time`` false
         right before the charge (this process was stopped past the call's deadline):
         refused, the reservation released, nothing charged."""
-        if in_time is not None and not in_time():
+
+        def nothing_charged() -> None:
+            """Before the charge is written: the slot and the budget are free again."""
             self.upload_ended(session_id=session_id)
             if reserved:
                 self.ledger.release(spec.query_id, coordinator=coordinator)
+
+        if in_time is not None and not in_time():
+            nothing_charged()
             raise SessionError(
                 f"Contribute of session {session_id.hex()} outlived its deadline before its "
                 "charge (this party was stopped or slowed); nothing was charged"
@@ -691,9 +696,7 @@ class PartyEngine(SessionHost):
             # An engine that is closing takes no more work (RuntimeError): nothing charged
             ahead = _MaskAhead(self._maskers, stream, noisy)
         except BaseException:
-            self.upload_ended(session_id=session_id)
-            if reserved:
-                self.ledger.release(spec.query_id, coordinator=coordinator)
+            nothing_charged()
             raise
         try:
             charge = self.ledger.charge(
@@ -712,9 +715,7 @@ class PartyEngine(SessionHost):
                 log.warning(
                     "session %s: masking ahead failed too: %s", session_id.hex(), type(masking)
                 )
-            # nothing leaves: the budget is free again, and so is the slot
-            self.upload_ended(session_id=session_id)
-            self.ledger.release(spec.query_id, coordinator=coordinator)
+            nothing_charged()  # nothing leaves
             if isinstance(exc, LedgerWriteError):
                 raise durability_refusal(self.party_id, exc) from None
             raise
