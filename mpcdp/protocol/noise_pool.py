@@ -176,14 +176,20 @@ class _HelpableWorkers(Executor):
         """Run the queued calls on ``workers`` until ``until`` is done (the build that
         submitted them; calls it submits later are taken as they come)."""
         running: list[Future[None]] = []
+
+        def wake(_: Future[Any]) -> None:  # the build is done: stop waiting at once
+            with self._cond:
+                self._cond.notify_all()
+
+        until.add_done_callback(wake)
         while not until.done():
             item = self._next()
             if item is not None:
                 running.append(workers.submit(self._run, item))
                 continue
             with self._cond:
-                if not self._queue:
-                    self._cond.wait(timeout=0.005)
+                if not self._queue and not until.done():
+                    self._cond.wait(timeout=1.0)  # woken by a new call or by the build's end
         for f in running:
             f.result()
 
